@@ -1,0 +1,300 @@
+//! The fleet CA and the certificates it signs.
+//!
+//! `init` makes a self-signed CA (ECDSA P-256) whose URI SAN `spiffe://<trust-domain>`
+//! records the fleet's trust domain. `issue` signs a leaf for one process: URI SAN
+//! `spiffe://<trust-domain>/<role>/<name>`, plus DNS names and IP addresses for the
+//! servers that others dial, usable for both TLS server and client authentication.
+//! Private keys are written with mode 0600.
+
+use std::fs;
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+
+use crate::tls::Role;
+
+/// A PKI operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} already exists; remove it first or pick another name")]
+    Exists { path: PathBuf },
+    #[error("invalid trust domain \"{0}\": use lowercase letters, digits, dots and dashes")]
+    TrustDomain(String),
+    #[error("invalid name \"{0}\": use letters, digits, dots, dashes and underscores")]
+    Name(String),
+    #[error("{path} is not a Bulwark CA certificate: {message}")]
+    NotACa { path: PathBuf, message: String },
+    #[error("certificate generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
+    move |source| PkiError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Checks a trust domain: `bulwark.local`, `prod-eu`.
+pub fn valid_trust_domain(td: &str) -> bool {
+    !td.is_empty()
+        && td.len() <= 255
+        && td
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-')
+}
+
+/// Checks a process or data source name: `node-1`, `host_7.eu`.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_')
+}
+
+/// Writes `path` with mode 0600 (owner read/write only), refusing to overwrite.
+fn write_private(path: &Path, content: &str) -> Result<(), PkiError> {
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            PkiError::Exists {
+                path: path.to_path_buf(),
+            }
+        } else {
+            PkiError::Io {
+                path: path.to_path_buf(),
+                source: e,
+            }
+        }
+    })?;
+    f.write_all(content.as_bytes()).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))
+}
+
+fn write_public(path: &Path, content: &str) -> Result<(), PkiError> {
+    if path.exists() {
+        return Err(PkiError::Exists {
+            path: path.to_path_buf(),
+        });
+    }
+    fs::write(path, content).map_err(io_err(path))
+}
+
+/// Paths of the CA files in a PKI directory.
+pub fn ca_paths(dir: &Path) -> (PathBuf, PathBuf) {
+    (dir.join("ca.crt"), dir.join("ca.key"))
+}
+
+/// Creates `dir/ca.crt` and `dir/ca.key` for a new fleet.
+pub fn init(dir: &Path, trust_domain: &str) -> Result<PathBuf, PkiError> {
+    if !valid_trust_domain(trust_domain) {
+        return Err(PkiError::TrustDomain(trust_domain.to_string()));
+    }
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let (crt, key) = ca_paths(dir);
+    for p in [&crt, &key] {
+        if p.exists() {
+            return Err(PkiError::Exists { path: p.clone() });
+        }
+    }
+    let key_pair = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(
+        DnType::CommonName,
+        format!("Bulwark fleet CA ({trust_domain})"),
+    );
+    dn.push(DnType::OrganizationName, "Bulwark");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.subject_alt_names = vec![SanType::URI(format!("spiffe://{trust_domain}").try_into()?)];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(3650);
+    let cert = params.self_signed(&key_pair)?;
+    write_private(&key, &key_pair.serialize_pem())?;
+    write_public(&crt, &cert.pem())?;
+    Ok(crt)
+}
+
+/// What to put in a leaf certificate.
+#[derive(Debug, Clone)]
+pub struct LeafRequest {
+    pub role: Role,
+    pub name: String,
+    pub dns: Vec<String>,
+    pub ips: Vec<IpAddr>,
+    /// Validity in days from now (may be negative, for tests of expired certificates).
+    pub days: i64,
+}
+
+/// Files written by [`issue`].
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub spiffe_id: String,
+}
+
+/// Reads the trust domain recorded in a CA certificate.
+pub fn trust_domain_of_ca(ca_pem_path: &Path) -> Result<String, PkiError> {
+    let pem = fs::read(ca_pem_path).map_err(io_err(ca_pem_path))?;
+    let ders = crate::tls::parse_certs_pem(&pem).map_err(|m| PkiError::NotACa {
+        path: ca_pem_path.to_path_buf(),
+        message: m,
+    })?;
+    let der = ders.first().ok_or_else(|| PkiError::NotACa {
+        path: ca_pem_path.to_path_buf(),
+        message: "no certificate in file".into(),
+    })?;
+    let uri = crate::tls::spiffe_uri(der.as_ref()).map_err(|m| PkiError::NotACa {
+        path: ca_pem_path.to_path_buf(),
+        message: m,
+    })?;
+    uri.strip_prefix("spiffe://")
+        .map(|s| s.trim_end_matches('/').to_string())
+        .filter(|s| !s.contains('/'))
+        .ok_or_else(|| PkiError::NotACa {
+            path: ca_pem_path.to_path_buf(),
+            message: format!("URI SAN {uri} is not spiffe://<trust-domain>"),
+        })
+}
+
+/// Signs a certificate for one process with the CA in `dir`; writes `dir/N.crt` and
+/// `dir/N.key`.
+pub fn issue(dir: &Path, req: &LeafRequest) -> Result<Issued, PkiError> {
+    if !valid_name(&req.name) {
+        return Err(PkiError::Name(req.name.clone()));
+    }
+    let (ca_crt, ca_key) = ca_paths(dir);
+    let trust_domain = trust_domain_of_ca(&ca_crt)?;
+    let ca_pem = fs::read_to_string(&ca_crt).map_err(io_err(&ca_crt))?;
+    let ca_key_pem = fs::read_to_string(&ca_key).map_err(io_err(&ca_key))?;
+    let ca_key_pair = KeyPair::from_pem(&ca_key_pem)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key_pair)?;
+
+    let cert_path = dir.join(format!("{}.crt", req.name));
+    let key_path = dir.join(format!("{}.key", req.name));
+    for p in [&cert_path, &key_path] {
+        if p.exists() {
+            return Err(PkiError::Exists { path: p.clone() });
+        }
+    }
+    let spiffe_id = format!("spiffe://{trust_domain}/{}/{}", req.role, req.name);
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, format!("{} {}", req.role, req.name));
+    dn.push(DnType::OrganizationName, "Bulwark");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    let mut sans = vec![SanType::URI(spiffe_id.clone().try_into()?)];
+    for d in &req.dns {
+        sans.push(SanType::DnsName(d.clone().try_into()?));
+    }
+    for ip in &req.ips {
+        sans.push(SanType::IpAddress(*ip));
+    }
+    params.subject_alt_names = sans;
+    let now = time::OffsetDateTime::now_utc();
+    if req.days >= 0 {
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::days(req.days);
+    } else {
+        params.not_before = now + time::Duration::days(req.days - 1);
+        params.not_after = now + time::Duration::days(req.days);
+    }
+    let key_pair = KeyPair::generate()?;
+    let cert = params.signed_by(&key_pair, &issuer)?;
+    write_private(&key_path, &key_pair.serialize_pem())?;
+    write_public(&cert_path, &cert.pem())?;
+    Ok(Issued {
+        cert: cert_path,
+        key: key_path,
+        spiffe_id,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::{Identity, parse_certs_pem};
+
+    #[test]
+    fn init_and_issue() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        init(dir.path(), "test.fleet").expect("init");
+        assert!(matches!(
+            init(dir.path(), "test.fleet"),
+            Err(PkiError::Exists { .. })
+        ));
+        assert_eq!(
+            trust_domain_of_ca(&dir.path().join("ca.crt")).expect("td"),
+            "test.fleet"
+        );
+        let issued = issue(
+            dir.path(),
+            &LeafRequest {
+                role: Role::Node,
+                name: "node-1".into(),
+                dns: vec!["localhost".into()],
+                ips: vec!["127.0.0.1".parse().expect("ip")],
+                days: 30,
+            },
+        )
+        .expect("issue");
+        assert_eq!(issued.spiffe_id, "spiffe://test.fleet/node/node-1");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(&issued.key).expect("key").permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let pem = fs::read(&issued.cert).expect("cert");
+        let der = parse_certs_pem(&pem).expect("pem");
+        let id = Identity::from_cert(der[0].as_ref(), "test.fleet").expect("identity");
+        assert_eq!(id.role, Role::Node);
+        assert_eq!(id.name, "node-1");
+        assert!(Identity::from_cert(der[0].as_ref(), "other.fleet").is_err());
+        assert!(matches!(
+            issue(
+                dir.path(),
+                &LeafRequest {
+                    role: Role::Agent,
+                    name: "bad/name".into(),
+                    dns: vec![],
+                    ips: vec![],
+                    days: 1
+                }
+            ),
+            Err(PkiError::Name(_))
+        ));
+    }
+}

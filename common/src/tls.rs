@@ -1,0 +1,637 @@
+//! The fleet's mutual TLS.
+//!
+//! Every Bulwark connection is TLS 1.3 with a client certificate, both signed by the
+//! fleet CA. A process's identity is the URI SAN of its certificate,
+//! `spiffe://<trust-domain>/<role>/<name>`; servers take the caller's role and name from
+//! the peer certificate only (an interceptor puts an [`Identity`] into each request's
+//! extensions) and every handler states the roles it serves with [`require`]. Clients
+//! check the server's certificate chain and host name as usual, and also that the
+//! server has the role they meant to reach (an agent will not send a volume to a
+//! process holding an agent certificate).
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::{Request, Status};
+
+use crate::config::TlsFiles;
+
+/// What a certificate allows its holder to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    Coordinator,
+    Node,
+    Agent,
+    Admin,
+}
+
+impl Role {
+    /// Every role, in the order the docs list them.
+    pub const ALL: [Role; 4] = [Role::Coordinator, Role::Node, Role::Agent, Role::Admin];
+
+    /// The word used in SPIFFE ids and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Coordinator => "coordinator",
+            Role::Node => "node",
+            Role::Agent => "agent",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Role, String> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| format!("unknown role \"{s}\" (use coordinator, node, agent or admin)"))
+    }
+}
+
+/// Who is on the other end of a connection, from its certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub role: Role,
+    pub name: String,
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.role, self.name)
+    }
+}
+
+impl Identity {
+    /// Reads the SPIFFE URI SAN of a DER certificate and checks its trust domain.
+    pub fn from_cert(der: &[u8], trust_domain: &str) -> Result<Identity, String> {
+        let uri = spiffe_uri(der)?;
+        let rest = uri
+            .strip_prefix("spiffe://")
+            .ok_or_else(|| format!("URI SAN {uri} is not a spiffe:// id"))?;
+        let mut parts = rest.split('/');
+        let (td, role, name) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some(td), Some(role), Some(name), None) => (td, role, name),
+            _ => {
+                return Err(format!(
+                    "{uri} is not spiffe://<trust-domain>/<role>/<name>"
+                ));
+            }
+        };
+        if td != trust_domain {
+            return Err(format!(
+                "certificate {uri} belongs to trust domain {td}, not {trust_domain}"
+            ));
+        }
+        let role = role
+            .parse::<Role>()
+            .map_err(|e| format!("certificate {uri}: {e}"))?;
+        if !crate::pki::valid_name(name) {
+            return Err(format!("certificate {uri}: invalid name"));
+        }
+        Ok(Identity {
+            role,
+            name: name.to_string(),
+        })
+    }
+}
+
+/// The URI SAN of a DER certificate (the first one, which Bulwark sets).
+pub fn spiffe_uri(der: &[u8]) -> Result<String, String> {
+    use x509_parser::prelude::*;
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| format!("unreadable certificate: {e}"))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| format!("bad subjectAltName: {e}"))?
+        .ok_or("certificate has no subjectAltName")?;
+    san.value
+        .general_names
+        .iter()
+        .find_map(|n| match n {
+            GeneralName::URI(u) => Some(u.to_string()),
+            _ => None,
+        })
+        .ok_or_else(|| "certificate has no URI SAN".to_string())
+}
+
+/// Not-after of a DER certificate, Unix seconds.
+pub fn not_after(der: &[u8]) -> Result<i64, String> {
+    use x509_parser::prelude::*;
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| format!("unreadable certificate: {e}"))?;
+    Ok(cert.validity().not_after.timestamp())
+}
+
+/// Parses every certificate of a PEM buffer.
+pub fn parse_certs_pem(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Result<Vec<_>, _> = rustls_pemfile::certs(&mut &pem[..]).collect();
+    let certs = certs.map_err(|e| format!("bad PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err("no PEM certificate found".into());
+    }
+    Ok(certs)
+}
+
+/// A TLS set-up that failed: which file, and what was wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {what} {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{what} {path}: {message}")]
+    Invalid {
+        what: &'static str,
+        path: String,
+        message: String,
+    },
+    #[error("TLS configuration: {0}")]
+    Config(String),
+}
+
+/// The fleet CA plus this process's certificate and key, loaded and checked.
+#[derive(Clone)]
+pub struct TlsIdentity {
+    roots: Arc<RootCertStore>,
+    chain: Vec<CertificateDer<'static>>,
+    key: Arc<PrivateKeyDer<'static>>,
+    /// Trust domain of the fleet CA.
+    pub trust_domain: String,
+    /// This process, as its certificate names it.
+    pub me: Identity,
+}
+
+impl fmt::Debug for TlsIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TlsIdentity({} in {})", self.me, self.trust_domain)
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl TlsIdentity {
+    /// Loads the `[tls]` files of a config.
+    pub fn load(files: &TlsFiles) -> Result<TlsIdentity, TlsError> {
+        let read = |what: &'static str, path: &Path| {
+            std::fs::read(path).map_err(|source| TlsError::Read {
+                what,
+                path: path.display().to_string(),
+                source,
+            })
+        };
+        let invalid = |what: &'static str, path: &Path, message: String| TlsError::Invalid {
+            what,
+            path: path.display().to_string(),
+            message,
+        };
+        let ca_pem = read("CA certificate", &files.ca)?;
+        let cert_pem = read("certificate", &files.cert)?;
+        let key_pem = read("private key", &files.key)?;
+        let ca = parse_certs_pem(&ca_pem).map_err(|m| invalid("CA certificate", &files.ca, m))?;
+        let trust_domain = crate::pki::trust_domain_of_ca(&files.ca)
+            .map_err(|e| invalid("CA certificate", &files.ca, e.to_string()))?;
+        let chain =
+            parse_certs_pem(&cert_pem).map_err(|m| invalid("certificate", &files.cert, m))?;
+        let key = rustls_pemfile::private_key(&mut &key_pem[..])
+            .map_err(|e| invalid("private key", &files.key, e.to_string()))?
+            .ok_or_else(|| invalid("private key", &files.key, "no PEM private key found".into()))?;
+        let me = Identity::from_cert(chain[0].as_ref(), &trust_domain)
+            .map_err(|m| invalid("certificate", &files.cert, m))?;
+        let mut roots = RootCertStore::empty();
+        for c in ca {
+            roots
+                .add(c)
+                .map_err(|e| invalid("CA certificate", &files.ca, e.to_string()))?;
+        }
+        let id = TlsIdentity {
+            roots: Arc::new(roots),
+            chain,
+            key: Arc::new(key),
+            trust_domain,
+            me,
+        };
+        // Fail now, naming the files, rather than at the first connection.
+        id.server_config()
+            .map_err(|e| invalid("certificate/key pair", &files.cert, e.to_string()))?;
+        Ok(id)
+    }
+
+    /// The server side: TLS 1.3 only, a client certificate from the fleet CA required.
+    pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
+            .build()
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        let mut cfg = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(cfg))
+    }
+
+    /// The client side: presents this process's certificate and accepts only a server
+    /// whose certificate (chain, host name, expiry) checks out and whose role is
+    /// `server_role`.
+    pub fn client_config(&self, server_role: Role) -> Result<Arc<ClientConfig>, TlsError> {
+        let inner = WebPkiServerVerifier::builder_with_provider(self.roots.clone(), provider())
+            .build()
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        let verifier = Arc::new(RoleVerifier {
+            inner,
+            trust_domain: self.trust_domain.clone(),
+            role: server_role,
+        });
+        let mut cfg = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(cfg))
+    }
+
+    /// Not-after of this process's certificate, Unix seconds.
+    pub fn cert_not_after(&self) -> Option<i64> {
+        not_after(self.chain[0].as_ref()).ok()
+    }
+}
+
+/// WebPKI server verification plus a check of the server's SPIFFE role.
+#[derive(Debug)]
+struct RoleVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    trust_domain: String,
+    role: Role,
+}
+
+impl ServerCertVerifier for RoleVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        let id = Identity::from_cert(end_entity.as_ref(), &self.trust_domain)
+            .map_err(rustls::Error::General)?;
+        if id.role != self.role {
+            return Err(rustls::Error::General(format!(
+                "server is {id}, expected a {} certificate",
+                self.role
+            )));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Accepts TCP connections and completes TLS handshakes, each in its own task so a
+/// slow or hostile client cannot stall the accept loop. Failed handshakes (no client
+/// certificate, another CA, expired) are logged as refusals and dropped.
+pub fn incoming(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    shutdown: CancellationToken,
+) -> impl futures::Stream<Item = Result<tokio_rustls::server::TlsStream<TcpStream>, std::io::Error>>
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let acceptor = TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                a = listener.accept() => a,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(%peer, "refused TLS connection: {e}");
+                    }
+                    Err(_) => tracing::warn!(%peer, "refused TLS connection: handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Applies the HTTP/2 and message-size settings every Bulwark server uses.
+pub fn server_builder() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(8 * 1024 * 1024)
+        .initial_connection_window_size(16 * 1024 * 1024)
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .tcp_nodelay(true)
+}
+
+/// Interceptor that turns the peer certificate into an [`Identity`] in the request's
+/// extensions, or refuses the call as `Unauthenticated`.
+pub fn authenticator(
+    trust_domain: String,
+) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static {
+    move |mut req: Request<()>| {
+        let certs = req.peer_certs().ok_or_else(|| {
+            tracing::warn!("refused call: no client certificate");
+            Status::unauthenticated("no client certificate: every call needs a fleet certificate")
+        })?;
+        let leaf = certs.first().ok_or_else(|| {
+            Status::unauthenticated("no client certificate: every call needs a fleet certificate")
+        })?;
+        let id = Identity::from_cert(leaf.as_ref(), &trust_domain).map_err(|m| {
+            tracing::warn!("refused call: {m}");
+            Status::unauthenticated(m)
+        })?;
+        req.extensions_mut().insert(id);
+        Ok(req)
+    }
+}
+
+/// The caller of `req`, if its role is one of `roles`; otherwise `PermissionDenied`
+/// naming the method's roles (and logged).
+pub fn require<T>(req: &Request<T>, method: &str, roles: &[Role]) -> Result<Identity, Status> {
+    let id = req
+        .extensions()
+        .get::<Identity>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("no client identity"))?;
+    if roles.contains(&id.role) {
+        return Ok(id);
+    }
+    let wanted: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
+    tracing::warn!(caller = %id, method, "refused: wrong role");
+    Err(Status::permission_denied(format!(
+        "{method} is for {} certificates; the caller is {id}",
+        wanted.join(" or ")
+    )))
+}
+
+/// Where to dial: `https://host:port`.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+}
+
+impl Target {
+    /// Parses `https://host:port` (the scheme may be left out).
+    pub fn parse(url: &str) -> Result<Target, String> {
+        let rest = url.strip_prefix("https://").unwrap_or(url);
+        if rest.contains("://") {
+            return Err(format!("{url}: only https:// addresses are supported"));
+        }
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = rest
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{url}: expected https://host:port"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("{url}: \"{port}\" is not a port number"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(format!("{url}: no host"));
+        }
+        Ok(Target {
+            host: host.to_string(),
+            port,
+        })
+    }
+
+    fn server_name(&self) -> Result<ServerName<'static>, String> {
+        if let Ok(ip) = self.host.parse::<IpAddr>() {
+            return Ok(ServerName::IpAddress(ip.into()));
+        }
+        ServerName::try_from(self.host.clone())
+            .map_err(|_| format!("invalid host name {}", self.host))
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "https://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "https://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+fn endpoint(target: &Target) -> Result<Endpoint, String> {
+    // An http:// URI: our connector does TLS itself, and tonic refuses https:// URIs
+    // without its own TLS settings.
+    let host = if target.host.contains(':') {
+        format!("[{}]", target.host)
+    } else {
+        target.host.clone()
+    };
+    Ok(
+        Endpoint::from_shared(format!("http://{host}:{}", target.port))
+            .map_err(|e| format!("{target}: {e}"))?
+            .connect_timeout(Duration::from_secs(10))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true)
+            .initial_stream_window_size(8 * 1024 * 1024)
+            .initial_connection_window_size(16 * 1024 * 1024),
+    )
+}
+
+fn connector(
+    target: &Target,
+    config: Arc<ClientConfig>,
+) -> Result<
+    impl tower::Service<
+        Uri,
+        Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
+        Error = std::io::Error,
+        Future = impl Send,
+    > + Clone
+    + Send
+    + 'static,
+    String,
+> {
+    let server_name = target.server_name()?;
+    let addr = (target.host.clone(), target.port);
+    let tls = TlsConnector::from(config);
+    Ok(tower::service_fn(move |_: Uri| {
+        let addr = addr.clone();
+        let tls = tls.clone();
+        let server_name = server_name.clone();
+        async move {
+            let tcp = TcpStream::connect((addr.0.as_str(), addr.1)).await?;
+            tcp.set_nodelay(true)?;
+            let stream = tls.connect(server_name, tcp).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }
+    }))
+}
+
+/// A channel to `target` that connects on first use and reconnects after failures
+/// (for daemons that keep one channel for their lifetime).
+pub fn channel_lazy(target: &Target, config: Arc<ClientConfig>) -> Result<Channel, String> {
+    Ok(endpoint(target)?.connect_with_connector_lazy(connector(target, config)?))
+}
+
+/// Connects to `target` now; the error says what to check.
+pub async fn channel(target: &Target, config: Arc<ClientConfig>) -> Result<Channel, String> {
+    endpoint(target)?
+        .connect_with_connector(connector(target, config)?)
+        .await
+        .map_err(|e| explain_connect_error(target, &e))
+}
+
+fn explain_connect_error(target: &Target, e: &tonic::transport::Error) -> String {
+    let mut chain = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        chain.push_str(": ");
+        chain.push_str(&s.to_string());
+        src = s.source();
+    }
+    if chain.contains("Connection refused") {
+        format!(
+            "cannot connect to {target}: connection refused (is the server running and listening there?)"
+        )
+    } else if chain.contains("certificate") || chain.contains("expected a") {
+        format!(
+            "TLS with {target} failed: {chain} (check that the server's certificate is signed by your --ca and names this host)"
+        )
+    } else {
+        format!("cannot connect to {target}: {chain}")
+    }
+}
+
+/// Turns the opaque status a TLS 1.3 client sees when the server refused its
+/// certificate during the handshake into a message that says what to check.
+pub fn explain_status(target: &str, status: &Status) -> String {
+    let msg = status.message();
+    if status.code() == tonic::Code::Unknown
+        || status.code() == tonic::Code::Unavailable && msg.contains("transport")
+        || msg.contains("transport error")
+        || msg.contains("connection reset")
+        || msg.contains("broken pipe")
+    {
+        return format!(
+            "{target} closed the connection ({msg}); it most likely refused this client's \
+             certificate: check that --cert/--key (or BULWARK_CERT/BULWARK_KEY) hold a \
+             certificate signed by the fleet CA that is neither expired nor revoked"
+        );
+    }
+    format!("{}: {msg}", code_word(status.code()))
+}
+
+fn code_word(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Unauthenticated => "unauthenticated",
+        PermissionDenied => "permission denied",
+        NotFound => "not found",
+        InvalidArgument => "invalid argument",
+        FailedPrecondition => "failed precondition",
+        AlreadyExists => "already exists",
+        ResourceExhausted => "out of space",
+        Unavailable => "unavailable",
+        DeadlineExceeded => "timed out",
+        Aborted => "aborted",
+        _ => "error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        let t = Target::parse("https://127.0.0.1:7440").expect("valid");
+        assert_eq!((t.host.as_str(), t.port), ("127.0.0.1", 7440));
+        assert_eq!(t.to_string(), "https://127.0.0.1:7440");
+        assert!(Target::parse("http://x:1").is_err());
+        assert!(Target::parse("https://x").is_err());
+        assert!(Target::parse("https://x:port").is_err());
+        let v6 = Target::parse("https://[::1]:7441").expect("v6");
+        assert_eq!(v6.host, "::1");
+        assert_eq!(v6.to_string(), "https://[::1]:7441");
+    }
+
+    #[test]
+    fn roles_round_trip() {
+        for r in Role::ALL {
+            assert_eq!(r.as_str().parse::<Role>(), Ok(r));
+        }
+        assert!("root".parse::<Role>().is_err());
+    }
+}
