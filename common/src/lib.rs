@@ -9,10 +9,12 @@
 //!   agent both make on them.
 //! - [`telemetry`], [`shutdown`], [`failpoint`]: process plumbing.
 
+pub mod alloc;
 pub mod block;
 pub mod config;
 pub mod failpoint;
 pub mod pki;
+pub mod point;
 pub mod shutdown;
 pub mod telemetry;
 pub mod time;

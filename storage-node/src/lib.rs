@@ -1,1 +1,10 @@
-//! placeholder
+//! The Bulwark storage node: keeps, per data source, a replica and a chain of recovery
+//! points in a storage pool, accepts syncs from the source's agent, and streams
+//! points back for restores.
+//!
+//! - [`store`]: the on-disk format and its crash-safe commit.
+//! - [`config`]: `node.toml`.
+//! - [`service`]: the `bulwark.v1.Node` gRPC service (adapters over the store).
+//! - [`server`]: start-up, registration and heartbeats, shutdown.
+
+pub mod store;

@@ -1,0 +1,1139 @@
+//! The storage node's on-disk format: per data source, a replica and a chain of
+//! recovery points, with crash-safe commits.
+//!
+//! # What is on disk
+//!
+//! On the pool disk chosen for a data source, in `<disk>/bulwark/<source>/`:
+//!
+//! - `replica` — a sparse file the size of the volume holding the newest point.
+//! - `digests` — one 32-byte BLAKE3 digest per block of `replica`, in block order.
+//!   All-zero bytes mean "never written, reads as zeros" ([`Digest::UNWRITTEN`]).
+//! - `deltas/<P>.delta` — the reverse delta of point `P`: the before-images of the
+//!   blocks that the sync creating point `P+1` overwrote. Restoring `P` reads, for each
+//!   block, the first delta at or after `P` that holds it, and the replica otherwise.
+//!   The newest point has no delta.
+//!
+//! In `<data_dir>/meta` (sled), each record JSON with a format version `v`:
+//! `sources` (name → [`SourceMeta`]), `points` (name ∖0 id → [`PointMeta`]) and
+//! `pending` (name → the sync being applied).
+//!
+//! A delta file is a sequence of records: a 45-byte header (block index u64 LE, kind
+//! u8: 0 = the block read as zeros, 1 = data follows; length u32 LE; the block's old
+//! digest), an 8-byte check (the first 8 bytes of BLAKE3 of the header), then `length`
+//! bytes when kind is 1. A record is valid when its check matches and its data hashes
+//! to its digest; reading stops at the first invalid record (a torn tail).
+//!
+//! # Order of writes (the crash-safety argument)
+//!
+//! A sync from point `N` to `N+1`:
+//!
+//! 1. `pending[source] = {new_point: N+1, fresh}` is written and flushed before any
+//!    data file changes. `fresh` means the source had no point yet.
+//! 2. For each batch of extents (already checksum-verified): unless fresh, the
+//!    before-image of every block (its old digest, and its bytes unless it read as
+//!    zeros) is appended to `deltas/N.delta` and that file is fdatasync'd. Only then
+//!    are the new bytes written into `replica` and the new digests into `digests`.
+//! 3. Commit: fsync `replica` and `digests`; then one sled transaction inserts point
+//!    `N+1`, records point `N`'s delta, and removes `pending`; then sled is flushed.
+//!    Only after that flush is the sync acknowledged.
+//!
+//! Recovery at open (and abort of a failed sync): for every `pending` record, either
+//! the source was fresh — its files and record are deleted — or every valid record of
+//! `deltas/N.delta` is written back into `replica` and `digests`, both are fsync'd,
+//! the delta is deleted and `pending` removed. Because a block is overwritten only
+//! after its before-image is durable, this returns the source exactly to point `N`.
+//! A crash after step 3's flush leaves `N+1` committed. So a crash at any instant
+//! leaves the previous point or the new one, never a mix.
+//!
+//! # Locking
+//!
+//! The store itself holds no locks across calls; the node service serialises per
+//! source: one sync at a time (write lock), restores and digest reads share a read
+//! lock, so they never see a half-applied sync.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use bulwark_common::block::{DIGEST_LEN, Digest, Geometry, is_zero};
+use bulwark_common::failpoint;
+use bulwark_common::point::{Consistency, PointKind};
+use serde::{Deserialize, Serialize};
+use sled::Transactional;
+
+/// Format version written into every metadata record.
+const FORMAT_VERSION: u32 = 1;
+const HEADER_LEN: usize = 8 + 1 + 4 + DIGEST_LEN;
+const CHECK_LEN: usize = 8;
+
+/// A store operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("metadata store: {0}")]
+    Meta(String),
+    #[error("data source {0} has no recovery point")]
+    NoPoints(String),
+    #[error("data source {source_name} has no point {point}")]
+    NoSuchPoint { source_name: String, point: u64 },
+    #[error(
+        "data source {source_name}: the sync compared against point {base}, but the newest point here is {newest}; fetch the digests again"
+    )]
+    BaseMismatch {
+        source_name: String,
+        base: u64,
+        newest: u64,
+    },
+    #[error(
+        "data source {source_name} is {stored} bytes in blocks of {stored_block}, the sync says {size} bytes in blocks of {block}; resizing a volume is not supported"
+    )]
+    GeometryChanged {
+        source_name: String,
+        stored: u64,
+        stored_block: u32,
+        size: u64,
+        block: u32,
+    },
+    #[error("block {block} was sent twice in one sync")]
+    DuplicateBlock { block: u64 },
+    #[error(
+        "no pool disk has room for data source {source_name}: it needs {need} bytes, the most free on one disk is {free}"
+    )]
+    NoSpace {
+        source_name: String,
+        need: u64,
+        free: u64,
+    },
+    #[error("damaged record in {path} at byte {at}: {message}")]
+    Damaged {
+        path: PathBuf,
+        at: u64,
+        message: String,
+    },
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Meta(e.to_string())
+    }
+}
+
+type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// One disk of the pool: a directory and the bytes Bulwark may allocate in it.
+#[derive(Debug, Clone)]
+pub struct PoolDisk {
+    pub path: PathBuf,
+    pub capacity_bytes: u64,
+}
+
+/// A data source as the node stores it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SourceMeta {
+    pub v: u32,
+    pub name: String,
+    pub size_bytes: u64,
+    pub block_size: u32,
+    /// The pool disk holding the replica and deltas.
+    pub disk: PathBuf,
+    pub replica_alloc_bytes: u64,
+    pub points_alloc_bytes: u64,
+    pub created_ms: i64,
+}
+
+impl SourceMeta {
+    /// The block geometry.
+    pub fn geometry(&self) -> Geometry {
+        Geometry {
+            size_bytes: self.size_bytes,
+            block_size: self.block_size,
+        }
+    }
+    fn dir(&self) -> PathBuf {
+        source_dir(&self.disk, &self.name)
+    }
+}
+
+fn source_dir(disk: &Path, name: &str) -> PathBuf {
+    disk.join("bulwark").join(name)
+}
+
+/// A recovery point as the node records it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PointMeta {
+    pub v: u32,
+    pub id: u64,
+    pub created_ms: i64,
+    pub consistency: Consistency,
+    pub kind: PointKind,
+    pub blocks_changed: u64,
+    pub bytes_changed: u64,
+    /// The reverse delta to the next point; `None` for the newest point.
+    pub delta: Option<DeltaMeta>,
+}
+
+/// Size of a point's reverse delta.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct DeltaMeta {
+    pub records: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Pending {
+    v: u32,
+    new_point: u64,
+    fresh: bool,
+    disk: PathBuf,
+}
+
+/// What a sync is about to write.
+#[derive(Debug, Clone)]
+pub struct SyncSpec {
+    pub source: String,
+    pub geometry: Geometry,
+    /// The point the agent compared against (0 = none).
+    pub base_point: u64,
+    pub consistency: Consistency,
+    pub kind: PointKind,
+}
+
+/// Space used and allocated in the pool.
+#[derive(Debug, Clone, Default)]
+pub struct PoolUsage {
+    pub disks: Vec<DiskUsage>,
+    pub sources: Vec<SourceUsage>,
+}
+
+/// One disk's figures.
+#[derive(Debug, Clone)]
+pub struct DiskUsage {
+    pub path: PathBuf,
+    pub capacity_bytes: u64,
+    pub allocated_bytes: u64,
+    pub used_bytes: u64,
+}
+
+/// One data source's figures.
+#[derive(Debug, Clone)]
+pub struct SourceUsage {
+    pub name: String,
+    pub newest_point: u64,
+    pub points: u64,
+    pub used_bytes: u64,
+    pub allocated_bytes: u64,
+}
+
+/// The node's replicas and recovery points. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    sources: sled::Tree,
+    points: sled::Tree,
+    pending: sled::Tree,
+    disks: std::sync::Arc<Vec<PoolDisk>>,
+}
+
+fn point_key(source: &str, id: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(source.len() + 9);
+    k.extend_from_slice(source.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn point_prefix(source: &str) -> Vec<u8> {
+    let mut k = source.as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(|e| StoreError::Meta(e.to_string()))
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T> {
+    serde_json::from_slice(b).map_err(|e| StoreError::Meta(format!("unreadable record: {e}")))
+}
+
+fn delta_path(dir: &Path, point: u64) -> PathBuf {
+    dir.join("deltas").join(format!("{point:020}.delta"))
+}
+
+fn fsync_dir(path: &Path) -> Result<()> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(io("fsync directory", path))
+}
+
+/// Bytes actually allocated to the files of a directory tree (sparse-aware).
+fn used_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return 0;
+    };
+    for e in entries.flatten() {
+        match e.metadata() {
+            Ok(m) if m.is_dir() => total += used_bytes(&e.path()),
+            Ok(m) => total += m.blocks() * 512,
+            Err(_) => {}
+        }
+    }
+    total
+}
+
+impl Store {
+    /// Opens (or creates) the store and rolls back any sync a crash interrupted.
+    pub fn open(data_dir: &Path, disks: Vec<PoolDisk>) -> Result<Store> {
+        std::fs::create_dir_all(data_dir).map_err(io("create", data_dir))?;
+        for d in &disks {
+            std::fs::create_dir_all(d.path.join("bulwark")).map_err(io("create", &d.path))?;
+        }
+        let meta = data_dir.join("meta");
+        let db = sled::Config::new()
+            .path(&meta)
+            .cache_capacity(16 * 1024 * 1024)
+            .open()
+            .map_err(|e| StoreError::Meta(format!("cannot open {}: {e}", meta.display())))?;
+        let store = Store {
+            sources: db.open_tree("sources")?,
+            points: db.open_tree("points")?,
+            pending: db.open_tree("pending")?,
+            db,
+            disks: std::sync::Arc::new(disks),
+        };
+        for item in store.pending.iter() {
+            let (k, v) = item?;
+            let name = String::from_utf8_lossy(&k).to_string();
+            let pending: Pending = decode(&v)?;
+            tracing::warn!(source = %name, point = pending.new_point,
+                "rolling back a sync that did not commit");
+            store.roll_back(&name, &pending)?;
+        }
+        Ok(store)
+    }
+
+    /// The pool's disks.
+    pub fn disks(&self) -> &[PoolDisk] {
+        &self.disks
+    }
+
+    /// A stored data source.
+    pub fn source(&self, name: &str) -> Result<Option<SourceMeta>> {
+        self.sources.get(name)?.map(|v| decode(&v)).transpose()
+    }
+
+    /// Every stored data source.
+    pub fn all_sources(&self) -> Result<Vec<SourceMeta>> {
+        self.sources.iter().map(|r| decode(&r?.1)).collect()
+    }
+
+    /// Points of a source, oldest first.
+    pub fn points(&self, name: &str) -> Result<Vec<PointMeta>> {
+        self.points
+            .scan_prefix(point_prefix(name))
+            .map(|r| decode(&r?.1))
+            .collect()
+    }
+
+    /// The newest point of a source.
+    pub fn newest_point(&self, name: &str) -> Result<Option<PointMeta>> {
+        match self.points.scan_prefix(point_prefix(name)).next_back() {
+            Some(r) => Ok(Some(decode(&r?.1)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn allocated_on(&self, disk: &Path) -> Result<u64> {
+        Ok(self
+            .all_sources()?
+            .iter()
+            .filter(|s| s.disk == disk)
+            .map(|s| s.replica_alloc_bytes + s.points_alloc_bytes)
+            .sum())
+    }
+
+    /// Space figures for heartbeats and the CLI.
+    pub fn usage(&self) -> Result<PoolUsage> {
+        let sources = self.all_sources()?;
+        let mut usage = PoolUsage::default();
+        for d in self.disks.iter() {
+            usage.disks.push(DiskUsage {
+                path: d.path.clone(),
+                capacity_bytes: d.capacity_bytes,
+                allocated_bytes: sources
+                    .iter()
+                    .filter(|s| s.disk == d.path)
+                    .map(|s| s.replica_alloc_bytes + s.points_alloc_bytes)
+                    .sum(),
+                used_bytes: used_bytes(&d.path.join("bulwark")),
+            });
+        }
+        for s in sources {
+            let points = self.points(&s.name)?;
+            usage.sources.push(SourceUsage {
+                newest_point: points.last().map_or(0, |p| p.id),
+                points: points.len() as u64,
+                used_bytes: used_bytes(&s.dir()),
+                allocated_bytes: s.replica_alloc_bytes + s.points_alloc_bytes,
+                name: s.name,
+            });
+        }
+        Ok(usage)
+    }
+
+    /// Reads `count` digests from block `first` of the newest point, 32 bytes each.
+    pub fn read_digests(&self, name: &str, first: u64, count: u64) -> Result<Vec<u8>> {
+        let meta = self
+            .source(name)?
+            .ok_or_else(|| StoreError::NoPoints(name.to_string()))?;
+        let path = meta.dir().join("digests");
+        let f = File::open(&path).map_err(io("open", &path))?;
+        let total = meta.geometry().block_count();
+        let count = count.min(total.saturating_sub(first));
+        let mut buf = vec![0u8; (count as usize) * DIGEST_LEN];
+        read_at_full(&f, &mut buf, first * DIGEST_LEN as u64, &path)?;
+        Ok(buf)
+    }
+
+    /// Starts a sync. Nothing on disk changes until [`SyncTxn::apply`].
+    pub fn begin_sync(&self, spec: SyncSpec) -> Result<SyncTxn> {
+        // A sync that was dropped without commit or abort is undone first.
+        if let Some(v) = self.pending.get(&spec.source)? {
+            let pending: Pending = decode(&v)?;
+            self.roll_back(&spec.source, &pending)?;
+        }
+        let newest = self.newest_point(&spec.source)?;
+        let newest_id = newest.as_ref().map_or(0, |p| p.id);
+        if spec.base_point != newest_id {
+            return Err(StoreError::BaseMismatch {
+                source_name: spec.source.clone(),
+                base: spec.base_point,
+                newest: newest_id,
+            });
+        }
+        let existing = self.source(&spec.source)?;
+        if let Some(m) = &existing {
+            if m.size_bytes != spec.geometry.size_bytes || m.block_size != spec.geometry.block_size
+            {
+                return Err(StoreError::GeometryChanged {
+                    source_name: spec.source.clone(),
+                    stored: m.size_bytes,
+                    stored_block: m.block_size,
+                    size: spec.geometry.size_bytes,
+                    block: spec.geometry.block_size,
+                });
+            }
+        }
+        let meta = match existing {
+            Some(m) => m,
+            None => self.place(&spec)?,
+        };
+        Ok(SyncTxn {
+            store: self.clone(),
+            fresh: newest.is_none(),
+            new_point: newest_id + 1,
+            spec,
+            meta,
+            files: None,
+            touched: vec![0u64; 0],
+            blocks: 0,
+            bytes: 0,
+            delta_len: 0,
+            delta_records: 0,
+        })
+    }
+
+    fn place(&self, spec: &SyncSpec) -> Result<SourceMeta> {
+        let size = spec.geometry.size_bytes;
+        let replica = bulwark_common::alloc::replica_bytes(size);
+        let points =
+            bulwark_common::alloc::points_bytes(size, bulwark_common::alloc::DEFAULT_RETENTION_DAYS);
+        let need = replica + points;
+        let mut best: Option<(&PoolDisk, u64)> = None;
+        for d in self.disks.iter() {
+            let free = d.capacity_bytes.saturating_sub(self.allocated_on(&d.path)?);
+            if best.is_none_or(|(_, f)| free > f) {
+                best = Some((d, free));
+            }
+        }
+        match best {
+            Some((d, free)) if free >= need => Ok(SourceMeta {
+                v: FORMAT_VERSION,
+                name: spec.source.clone(),
+                size_bytes: size,
+                block_size: spec.geometry.block_size,
+                disk: d.path.clone(),
+                replica_alloc_bytes: replica,
+                points_alloc_bytes: points,
+                created_ms: bulwark_common::time::now_ms(),
+            }),
+            other => Err(StoreError::NoSpace {
+                source_name: spec.source.clone(),
+                need,
+                free: other.map_or(0, |(_, f)| f),
+            }),
+        }
+    }
+
+    /// Undoes an uncommitted sync (see the module docs).
+    fn roll_back(&self, name: &str, pending: &Pending) -> Result<()> {
+        let dir = source_dir(&pending.disk, name);
+        if pending.fresh {
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir).map_err(io("remove", &dir))?;
+            }
+            self.sources.remove(name)?;
+        } else {
+            let old = pending.new_point - 1;
+            let delta = delta_path(&dir, old);
+            let replica_path = dir.join("replica");
+            let digests_path = dir.join("digests");
+            let meta = self
+                .source(name)?
+                .ok_or_else(|| StoreError::Meta(format!("pending sync of unknown source {name}")))?;
+            let replica = OpenOptions::new()
+                .write(true)
+                .open(&replica_path)
+                .map_err(io("open", &replica_path))?;
+            let digests = OpenOptions::new()
+                .write(true)
+                .open(&digests_path)
+                .map_err(io("open", &digests_path))?;
+            let mut restored = 0u64;
+            if delta.exists() {
+                let geometry = meta.geometry();
+                let mut reader = DeltaReader::open(&delta, geometry)?;
+                while let Some(rec) = reader.next_record(true)? {
+                    let offset = geometry.offset_of(rec.block);
+                    let len = geometry.block_len(rec.block) as usize;
+                    match &rec.data {
+                        Some(d) => replica
+                            .write_all_at(d, offset)
+                            .map_err(io("write", &replica_path))?,
+                        None => replica
+                            .write_all_at(&vec![0u8; len], offset)
+                            .map_err(io("write", &replica_path))?,
+                    }
+                    digests
+                        .write_all_at(&rec.digest.0, rec.block * DIGEST_LEN as u64)
+                        .map_err(io("write", &digests_path))?;
+                    restored += 1;
+                }
+            }
+            replica.sync_all().map_err(io("fsync", &replica_path))?;
+            digests.sync_all().map_err(io("fsync", &digests_path))?;
+            if delta.exists() {
+                std::fs::remove_file(&delta).map_err(io("remove", &delta))?;
+            }
+            tracing::info!(source = name, point = old, blocks = restored, "rolled back to point");
+        }
+        self.pending.remove(name)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Plans the restore of `point` (0 = newest) of a source.
+    pub fn restore(&self, name: &str, point: u64) -> Result<RestoreReader> {
+        let meta = self
+            .source(name)?
+            .ok_or_else(|| StoreError::NoPoints(name.to_string()))?;
+        let points = self.points(name)?;
+        let newest = points
+            .last()
+            .ok_or_else(|| StoreError::NoPoints(name.to_string()))?;
+        let wanted = if point == 0 { newest.id } else { point };
+        let target = points
+            .iter()
+            .find(|p| p.id == wanted)
+            .cloned()
+            .ok_or_else(|| StoreError::NoSuchPoint {
+                source_name: name.to_string(),
+                point: wanted,
+            })?;
+        let dir = meta.dir();
+        let deltas = points
+            .iter()
+            .filter(|p| p.id >= wanted && p.delta.is_some())
+            .map(|p| delta_path(&dir, p.id))
+            .collect();
+        RestoreReader::new(meta, target, deltas)
+    }
+}
+
+fn read_at_full(f: &File, buf: &mut [u8], offset: u64, path: &Path) -> Result<()> {
+    f.read_exact_at(buf, offset).map_err(io("read", path))
+}
+
+struct TxnFiles {
+    replica: File,
+    digests: File,
+    delta: Option<File>,
+    dir: PathBuf,
+}
+
+/// A sync being applied. Drop without [`SyncTxn::commit`] leaves the pending record;
+/// call [`SyncTxn::abort`] to roll back at once.
+pub struct SyncTxn {
+    store: Store,
+    spec: SyncSpec,
+    meta: SourceMeta,
+    fresh: bool,
+    new_point: u64,
+    files: Option<TxnFiles>,
+    /// One bit per block: already written by this sync.
+    touched: Vec<u64>,
+    blocks: u64,
+    bytes: u64,
+    delta_len: u64,
+    delta_records: u64,
+}
+
+/// One verified extent: its first block, bytes and per-block digests.
+#[derive(Debug)]
+pub struct VerifiedExtent {
+    pub first_block: u64,
+    pub data: Vec<u8>,
+    pub digests: Vec<Digest>,
+}
+
+impl SyncTxn {
+    /// The point this sync will create.
+    pub fn new_point(&self) -> u64 {
+        self.new_point
+    }
+
+    /// Payload bytes applied so far.
+    pub fn applied_bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    fn open_files(&mut self) -> Result<()> {
+        if self.files.is_some() {
+            return Ok(());
+        }
+        let store = &self.store;
+        let name = &self.spec.source;
+        let dir = self.meta.dir();
+        let pending = Pending {
+            v: FORMAT_VERSION,
+            new_point: self.new_point,
+            fresh: self.fresh,
+            disk: self.meta.disk.clone(),
+        };
+        // 1. The pending record (and, for a new source, its meta) is durable before
+        //    any data file changes.
+        let meta_bytes = encode(&self.meta)?;
+        let pending_bytes = encode(&pending)?;
+        (&store.sources, &store.pending)
+            .transaction(|(s, p)| {
+                s.insert(name.as_bytes(), meta_bytes.as_slice())?;
+                p.insert(name.as_bytes(), pending_bytes.as_slice())?;
+                Ok(())
+            })
+            .map_err(|e: sled::transaction::TransactionError<()>| StoreError::Meta(format!("{e:?}")))?;
+        store.db.flush()?;
+
+        std::fs::create_dir_all(dir.join("deltas")).map_err(io("create", &dir))?;
+        let replica_path = dir.join("replica");
+        let digests_path = dir.join("digests");
+        let replica = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&replica_path)
+            .map_err(io("open", &replica_path))?;
+        let digests = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&digests_path)
+            .map_err(io("open", &digests_path))?;
+        let geometry = self.spec.geometry;
+        if self.fresh {
+            replica
+                .set_len(geometry.size_bytes)
+                .map_err(io("size", &replica_path))?;
+            digests
+                .set_len(geometry.block_count() * DIGEST_LEN as u64)
+                .map_err(io("size", &digests_path))?;
+        }
+        let delta = if self.fresh {
+            None
+        } else {
+            let p = delta_path(&dir, self.new_point - 1);
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&p)
+                .map_err(io("create", &p))?;
+            fsync_dir(&dir.join("deltas"))?;
+            Some(f)
+        };
+        fsync_dir(&dir)?;
+        self.touched = vec![0u64; geometry.block_count().div_ceil(64) as usize];
+        self.files = Some(TxnFiles {
+            replica,
+            digests,
+            delta,
+            dir,
+        });
+        Ok(())
+    }
+
+    /// Applies one batch of verified extents (see the module docs for the order of
+    /// writes). Blocking.
+    pub fn apply(&mut self, extents: &[VerifiedExtent]) -> Result<()> {
+        if extents.is_empty() {
+            return Ok(());
+        }
+        self.open_files()?;
+        let geometry = self.spec.geometry;
+        for e in extents {
+            for b in e.first_block..e.first_block + e.digests.len() as u64 {
+                let (w, bit) = ((b / 64) as usize, b % 64);
+                if self.touched[w] & (1 << bit) != 0 {
+                    return Err(StoreError::DuplicateBlock { block: b });
+                }
+                self.touched[w] |= 1 << bit;
+            }
+        }
+        let Some(files) = self.files.as_mut() else {
+            return Err(StoreError::Meta("sync files not open".into()));
+        };
+        let replica_path = files.dir.join("replica");
+        let digests_path = files.dir.join("digests");
+        // 2. Before-images, durable before the replica changes.
+        if let Some(delta) = files.delta.as_mut() {
+            let delta_file_path = delta_path(&files.dir, self.new_point - 1);
+            let mut buf = Vec::new();
+            for e in extents {
+                let n = e.digests.len() as u64;
+                let mut old = vec![0u8; n as usize * DIGEST_LEN];
+                read_at_full(
+                    &files.digests,
+                    &mut old,
+                    e.first_block * DIGEST_LEN as u64,
+                    &digests_path,
+                )?;
+                for (i, d) in old.chunks_exact(DIGEST_LEN).enumerate() {
+                    let block = e.first_block + i as u64;
+                    let digest = Digest::from_slice(d).unwrap_or(Digest::UNWRITTEN);
+                    let len = geometry.block_len(block) as usize;
+                    let data = if digest == Digest::UNWRITTEN {
+                        None
+                    } else {
+                        let mut data = vec![0u8; len];
+                        read_at_full(&files.replica, &mut data, geometry.offset_of(block), &replica_path)?;
+                        if is_zero(&data) { None } else { Some(data) }
+                    };
+                    encode_record(&mut buf, block, digest, data.as_deref(), len);
+                    self.delta_records += 1;
+                }
+            }
+            delta
+                .write_all_at(&buf, self.delta_len)
+                .map_err(io("write", &delta_file_path))?;
+            delta.sync_data().map_err(io("fsync", &delta_file_path))?;
+            self.delta_len += buf.len() as u64;
+        }
+        failpoint::hit("node-before-replica-write");
+        for e in extents {
+            files
+                .replica
+                .write_all_at(&e.data, geometry.offset_of(e.first_block))
+                .map_err(io("write", &replica_path))?;
+            let mut d = Vec::with_capacity(e.digests.len() * DIGEST_LEN);
+            for digest in &e.digests {
+                d.extend_from_slice(&digest.0);
+            }
+            files
+                .digests
+                .write_all_at(&d, e.first_block * DIGEST_LEN as u64)
+                .map_err(io("write", &digests_path))?;
+            self.blocks += e.digests.len() as u64;
+            self.bytes += e.data.len() as u64;
+        }
+        failpoint::hit("node-after-batch");
+        Ok(())
+    }
+
+    /// Makes the sync durable and records the new point. Blocking.
+    pub fn commit(mut self) -> Result<PointMeta> {
+        // A sync that changed nothing still makes a point: the agent asked for one.
+        self.open_files()?;
+        let Some(files) = self.files.take() else {
+            return Err(StoreError::Meta("sync files not open".into()));
+        };
+        failpoint::hit("node-before-commit");
+        let replica_path = files.dir.join("replica");
+        let digests_path = files.dir.join("digests");
+        files.replica.sync_all().map_err(io("fsync", &replica_path))?;
+        files.digests.sync_all().map_err(io("fsync", &digests_path))?;
+        let store = &self.store;
+        let name = self.spec.source.clone();
+        let point = PointMeta {
+            v: FORMAT_VERSION,
+            id: self.new_point,
+            created_ms: bulwark_common::time::now_ms(),
+            consistency: self.spec.consistency,
+            kind: self.spec.kind,
+            blocks_changed: self.blocks,
+            bytes_changed: self.bytes,
+            delta: None,
+        };
+        let previous = if self.fresh {
+            None
+        } else {
+            let mut prev: PointMeta = store
+                .points
+                .get(point_key(&name, self.new_point - 1))?
+                .map(|v| decode(&v))
+                .transpose()?
+                .ok_or_else(|| StoreError::Meta(format!("point {} vanished", self.new_point - 1)))?;
+            prev.delta = Some(DeltaMeta {
+                records: self.delta_records,
+                bytes: self.delta_len,
+            });
+            Some(prev)
+        };
+        let new_bytes = encode(&point)?;
+        let prev_bytes = previous.as_ref().map(encode).transpose()?;
+        // 3. One transaction: the new point, the previous point's delta, no pending.
+        (&store.points, &store.pending)
+            .transaction(|(pts, pend)| {
+                pts.insert(point_key(&name, point.id), new_bytes.as_slice())?;
+                if let (Some(prev), Some(b)) = (&previous, &prev_bytes) {
+                    pts.insert(point_key(&name, prev.id), b.as_slice())?;
+                }
+                pend.remove(name.as_bytes())?;
+                Ok(())
+            })
+            .map_err(|e: sled::transaction::TransactionError<()>| StoreError::Meta(format!("{e:?}")))?;
+        store.db.flush()?;
+        failpoint::hit("node-after-commit");
+        Ok(point)
+    }
+
+    /// Rolls back everything this sync wrote. Blocking.
+    pub fn abort(mut self) -> Result<()> {
+        let Some(files) = self.files.take() else {
+            return Ok(()); // nothing was written
+        };
+        drop(files);
+        let pending = Pending {
+            v: FORMAT_VERSION,
+            new_point: self.new_point,
+            fresh: self.fresh,
+            disk: self.meta.disk.clone(),
+        };
+        self.store.roll_back(&self.spec.source, &pending)
+    }
+}
+
+fn encode_record(buf: &mut Vec<u8>, block: u64, digest: Digest, data: Option<&[u8]>, len: usize) {
+    let start = buf.len();
+    buf.extend_from_slice(&block.to_le_bytes());
+    buf.push(u8::from(data.is_some()));
+    buf.extend_from_slice(&(len as u32).to_le_bytes());
+    buf.extend_from_slice(&digest.0);
+    let check = blake3::hash(&buf[start..start + HEADER_LEN]);
+    buf.extend_from_slice(&check.as_bytes()[..CHECK_LEN]);
+    if let Some(d) = data {
+        buf.extend_from_slice(d);
+    }
+}
+
+/// One before-image read back from a delta file.
+#[derive(Debug)]
+pub struct DeltaRecord {
+    pub block: u64,
+    pub digest: Digest,
+    /// `None` when the block read as zeros.
+    pub data: Option<Vec<u8>>,
+}
+
+/// Reads a delta file's records in order.
+pub struct DeltaReader {
+    reader: BufReader<File>,
+    path: PathBuf,
+    geometry: Geometry,
+    at: u64,
+}
+
+impl DeltaReader {
+    /// Opens a delta file of a volume with `geometry`.
+    pub fn open(path: &Path, geometry: Geometry) -> Result<DeltaReader> {
+        let f = File::open(path).map_err(io("open", path))?;
+        Ok(DeltaReader {
+            reader: BufReader::with_capacity(1 << 20, f),
+            path: path.to_path_buf(),
+            geometry,
+            at: 0,
+        })
+    }
+
+    /// The next valid record. With `tolerate_tail`, a torn or damaged record ends the
+    /// file (recovery after a crash); without, it is an error (restore of a committed
+    /// delta, which must be whole).
+    pub fn next_record(&mut self, tolerate_tail: bool) -> Result<Option<DeltaRecord>> {
+        let mut head = [0u8; HEADER_LEN + CHECK_LEN];
+        match read_full(&mut self.reader, &mut head) {
+            Ok(0) => return Ok(None),
+            Ok(n) if n < head.len() => return self.bad(tolerate_tail, "torn record header"),
+            Ok(_) => {}
+            Err(e) => return Err(io("read", &self.path)(e)),
+        }
+        let check = blake3::hash(&head[..HEADER_LEN]);
+        if check.as_bytes()[..CHECK_LEN] != head[HEADER_LEN..] {
+            return self.bad(tolerate_tail, "record header check failed");
+        }
+        let block = u64::from_le_bytes(head[0..8].try_into().unwrap_or([0; 8]));
+        let kind = head[8];
+        let len = u32::from_le_bytes(head[9..13].try_into().unwrap_or([0; 4])) as u64;
+        let digest = Digest::from_slice(&head[13..HEADER_LEN]).unwrap_or(Digest::UNWRITTEN);
+        if block >= self.geometry.block_count() || len != self.geometry.block_len(block) || kind > 1 {
+            return self.bad(tolerate_tail, "record names a block outside the volume");
+        }
+        let data = if kind == 1 {
+            let mut d = vec![0u8; len as usize];
+            match read_full(&mut self.reader, &mut d) {
+                Ok(n) if n == d.len() => {}
+                Ok(_) => return self.bad(tolerate_tail, "torn record data"),
+                Err(e) => return Err(io("read", &self.path)(e)),
+            }
+            if Digest::of(&d) != digest {
+                return self.bad(tolerate_tail, "record data does not match its checksum");
+            }
+            Some(d)
+        } else {
+            None
+        };
+        self.at += (head.len() + data.as_ref().map_or(0, Vec::len)) as u64;
+        Ok(Some(DeltaRecord {
+            block,
+            digest,
+            data,
+        }))
+    }
+
+    fn bad(&self, tolerate_tail: bool, message: &str) -> Result<Option<DeltaRecord>> {
+        if tolerate_tail {
+            Ok(None)
+        } else {
+            Err(StoreError::Damaged {
+                path: self.path.clone(),
+                at: self.at,
+                message: message.to_string(),
+            })
+        }
+    }
+}
+
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// A piece of a restored volume.
+#[derive(Debug)]
+pub enum RestoreItem {
+    /// Bytes at `offset`, one digest per block.
+    Data {
+        offset: u64,
+        data: Vec<u8>,
+        digests: Vec<Digest>,
+    },
+    /// A run of zeros.
+    Zeros { offset: u64, len: u64 },
+}
+
+/// Streams one point: first the before-images from its deltas (each stored block is
+/// read once: the earliest delta holding a block wins), then the replica's blocks that
+/// no delta covered, coalesced into runs.
+pub struct RestoreReader {
+    meta: SourceMeta,
+    point: PointMeta,
+    deltas: std::vec::IntoIter<PathBuf>,
+    current: Option<DeltaReader>,
+    resolved: Vec<u64>,
+    replica: Option<(File, File)>,
+    next_block: u64,
+    max_batch: usize,
+}
+
+impl RestoreReader {
+    fn new(meta: SourceMeta, point: PointMeta, deltas: Vec<PathBuf>) -> Result<RestoreReader> {
+        let blocks = meta.geometry().block_count();
+        Ok(RestoreReader {
+            resolved: vec![0u64; blocks.div_ceil(64) as usize],
+            meta,
+            point,
+            deltas: deltas.into_iter(),
+            current: None,
+            replica: None,
+            next_block: 0,
+            max_batch: bulwark_common::block::MAX_BATCH_BYTES,
+        })
+    }
+
+    /// The point being restored.
+    pub fn point(&self) -> &PointMeta {
+        &self.point
+    }
+
+    /// The volume's geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.meta.geometry()
+    }
+
+    fn is_resolved(&self, b: u64) -> bool {
+        self.resolved[(b / 64) as usize] & (1 << (b % 64)) != 0
+    }
+
+    /// The next piece, or `None` at the end. Blocking.
+    pub fn next_item(&mut self) -> Result<Option<RestoreItem>> {
+        let geometry = self.meta.geometry();
+        // Phase 1: deltas, oldest (the point itself) first.
+        loop {
+            if self.current.is_none() {
+                match self.deltas.next() {
+                    Some(p) => self.current = Some(DeltaReader::open(&p, geometry)?),
+                    None => break,
+                }
+            }
+            let Some(reader) = self.current.as_mut() else { break };
+            match reader.next_record(false)? {
+                None => self.current = None,
+                Some(rec) => {
+                    if self.is_resolved(rec.block) {
+                        continue;
+                    }
+                    self.resolved[(rec.block / 64) as usize] |= 1 << (rec.block % 64);
+                    let offset = geometry.offset_of(rec.block);
+                    return Ok(Some(match rec.data {
+                        Some(data) => RestoreItem::Data {
+                            offset,
+                            data,
+                            digests: vec![rec.digest],
+                        },
+                        None => RestoreItem::Zeros {
+                            offset,
+                            len: geometry.block_len(rec.block),
+                        },
+                    }));
+                }
+            }
+        }
+        // Phase 2: the replica.
+        if self.replica.is_none() {
+            let dir = self.meta.dir();
+            let r = dir.join("replica");
+            let d = dir.join("digests");
+            self.replica = Some((
+                File::open(&r).map_err(io("open", &r))?,
+                File::open(&d).map_err(io("open", &d))?,
+            ));
+        }
+        let total = geometry.block_count();
+        while self.next_block < total && self.is_resolved(self.next_block) {
+            self.next_block += 1;
+        }
+        if self.next_block >= total {
+            return Ok(None);
+        }
+        let first = self.next_block;
+        let max_blocks = (self.max_batch / geometry.block_size as usize).max(1) as u64;
+        let mut end = first;
+        while end < total && end - first < max_blocks && !self.is_resolved(end) {
+            end += 1;
+        }
+        let Some((replica, digests)) = self.replica.as_ref() else {
+            return Ok(None);
+        };
+        let dir = self.meta.dir();
+        let mut dbuf = vec![0u8; ((end - first) as usize) * DIGEST_LEN];
+        read_at_full(digests, &mut dbuf, first * DIGEST_LEN as u64, &dir.join("digests"))?;
+        let ds: Vec<Digest> = dbuf
+            .chunks_exact(DIGEST_LEN)
+            .map(|c| Digest::from_slice(c).unwrap_or(Digest::UNWRITTEN))
+            .collect();
+        // Cut the run where written and unwritten blocks alternate.
+        let unwritten = ds[0] == Digest::UNWRITTEN;
+        let run = ds
+            .iter()
+            .take_while(|d| (**d == Digest::UNWRITTEN) == unwritten)
+            .count() as u64;
+        let end = first + run;
+        self.next_block = end;
+        let offset = geometry.offset_of(first);
+        let len: u64 = (first..end).map(|b| geometry.block_len(b)).sum();
+        if unwritten {
+            return Ok(Some(RestoreItem::Zeros { offset, len }));
+        }
+        let mut data = vec![0u8; len as usize];
+        read_at_full(replica, &mut data, offset, &dir.join("replica"))?;
+        Ok(Some(RestoreItem::Data {
+            offset,
+            data,
+            digests: ds[..run as usize].to_vec(),
+        }))
+    }
+}
+
+/// For tests and tools: the blocks of a point as one buffer.
+pub fn read_point_to_vec(store: &Store, name: &str, point: u64) -> Result<Vec<u8>> {
+    let mut r = store.restore(name, point)?;
+    let mut out = vec![0u8; r.geometry().size_bytes as usize];
+    while let Some(item) = r.next_item()? {
+        if let RestoreItem::Data { offset, data, .. } = item {
+            out[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+        }
+    }
+    Ok(out)
+}
+
+/// Per-source locks: one sync at a time, reads shared.
+#[derive(Default)]
+pub struct SourceLocks {
+    locks: std::sync::Mutex<HashMap<String, std::sync::Arc<tokio::sync::RwLock<()>>>>,
+}
+
+impl SourceLocks {
+    /// The lock of one source.
+    pub fn get(&self, name: &str) -> std::sync::Arc<tokio::sync::RwLock<()>> {
+        let mut map = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(name.to_string()).or_default().clone()
+    }
+}
+
+#[cfg(test)]
+mod tests;
