@@ -272,13 +272,19 @@ pub struct TlsFiles {
 impl TlsFiles {
     /// Resolves relative paths against the directory of the config file.
     pub fn relative_to(mut self, config: &Path) -> Self {
-        let base = config.parent().unwrap_or(Path::new("."));
         for p in [&mut self.ca, &mut self.cert, &mut self.key] {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
+            *p = resolve(config, p);
         }
         self
+    }
+}
+
+/// A path from a config file: relative paths are relative to the file's directory.
+pub fn resolve(config: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        config.parent().unwrap_or(Path::new(".")).join(p)
     }
 }
 

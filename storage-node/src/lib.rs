@@ -7,4 +7,7 @@
 //! - [`service`]: the `bulwark.v1.Node` gRPC service (adapters over the store).
 //! - [`server`]: start-up, registration and heartbeats, shutdown.
 
+pub mod config;
+pub mod server;
+pub mod service;
 pub mod store;

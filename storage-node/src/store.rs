@@ -329,6 +329,17 @@ impl Store {
         Ok(store)
     }
 
+    /// Another metadata tree in the same database (the node's assignment cache).
+    pub fn tree(&self, name: &str) -> Result<sled::Tree> {
+        Ok(self.db.open_tree(name)?)
+    }
+
+    /// Makes every metadata write so far durable.
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
     /// The pool's disks.
     pub fn disks(&self) -> &[PoolDisk] {
         &self.disks
@@ -463,8 +474,10 @@ impl Store {
     fn place(&self, spec: &SyncSpec) -> Result<SourceMeta> {
         let size = spec.geometry.size_bytes;
         let replica = bulwark_common::alloc::replica_bytes(size);
-        let points =
-            bulwark_common::alloc::points_bytes(size, bulwark_common::alloc::DEFAULT_RETENTION_DAYS);
+        let points = bulwark_common::alloc::points_bytes(
+            size,
+            bulwark_common::alloc::DEFAULT_RETENTION_DAYS,
+        );
         let need = replica + points;
         let mut best: Option<(&PoolDisk, u64)> = None;
         for d in self.disks.iter() {
@@ -505,9 +518,9 @@ impl Store {
             let delta = delta_path(&dir, old);
             let replica_path = dir.join("replica");
             let digests_path = dir.join("digests");
-            let meta = self
-                .source(name)?
-                .ok_or_else(|| StoreError::Meta(format!("pending sync of unknown source {name}")))?;
+            let meta = self.source(name)?.ok_or_else(|| {
+                StoreError::Meta(format!("pending sync of unknown source {name}"))
+            })?;
             let replica = OpenOptions::new()
                 .write(true)
                 .open(&replica_path)
@@ -542,7 +555,12 @@ impl Store {
             if delta.exists() {
                 std::fs::remove_file(&delta).map_err(io("remove", &delta))?;
             }
-            tracing::info!(source = name, point = old, blocks = restored, "rolled back to point");
+            tracing::info!(
+                source = name,
+                point = old,
+                blocks = restored,
+                "rolled back to point"
+            );
         }
         self.pending.remove(name)?;
         self.db.flush()?;
@@ -647,7 +665,9 @@ impl SyncTxn {
                 p.insert(name.as_bytes(), pending_bytes.as_slice())?;
                 Ok(())
             })
-            .map_err(|e: sled::transaction::TransactionError<()>| StoreError::Meta(format!("{e:?}")))?;
+            .map_err(|e: sled::transaction::TransactionError<()>| {
+                StoreError::Meta(format!("{e:?}"))
+            })?;
         store.db.flush()?;
 
         std::fs::create_dir_all(dir.join("deltas")).map_err(io("create", &dir))?;
@@ -744,7 +764,12 @@ impl SyncTxn {
                         None
                     } else {
                         let mut data = vec![0u8; len];
-                        read_at_full(&files.replica, &mut data, geometry.offset_of(block), &replica_path)?;
+                        read_at_full(
+                            &files.replica,
+                            &mut data,
+                            geometry.offset_of(block),
+                            &replica_path,
+                        )?;
                         if is_zero(&data) { None } else { Some(data) }
                     };
                     encode_record(&mut buf, block, digest, data.as_deref(), len);
@@ -788,8 +813,14 @@ impl SyncTxn {
         failpoint::hit("node-before-commit");
         let replica_path = files.dir.join("replica");
         let digests_path = files.dir.join("digests");
-        files.replica.sync_all().map_err(io("fsync", &replica_path))?;
-        files.digests.sync_all().map_err(io("fsync", &digests_path))?;
+        files
+            .replica
+            .sync_all()
+            .map_err(io("fsync", &replica_path))?;
+        files
+            .digests
+            .sync_all()
+            .map_err(io("fsync", &digests_path))?;
         let store = &self.store;
         let name = self.spec.source.clone();
         let point = PointMeta {
@@ -810,7 +841,9 @@ impl SyncTxn {
                 .get(point_key(&name, self.new_point - 1))?
                 .map(|v| decode(&v))
                 .transpose()?
-                .ok_or_else(|| StoreError::Meta(format!("point {} vanished", self.new_point - 1)))?;
+                .ok_or_else(|| {
+                    StoreError::Meta(format!("point {} vanished", self.new_point - 1))
+                })?;
             prev.delta = Some(DeltaMeta {
                 records: self.delta_records,
                 bytes: self.delta_len,
@@ -829,7 +862,9 @@ impl SyncTxn {
                 pend.remove(name.as_bytes())?;
                 Ok(())
             })
-            .map_err(|e: sled::transaction::TransactionError<()>| StoreError::Meta(format!("{e:?}")))?;
+            .map_err(|e: sled::transaction::TransactionError<()>| {
+                StoreError::Meta(format!("{e:?}"))
+            })?;
         store.db.flush()?;
         failpoint::hit("node-after-commit");
         Ok(point)
@@ -912,7 +947,8 @@ impl DeltaReader {
         let kind = head[8];
         let len = u32::from_le_bytes(head[9..13].try_into().unwrap_or([0; 4])) as u64;
         let digest = Digest::from_slice(&head[13..HEADER_LEN]).unwrap_or(Digest::UNWRITTEN);
-        if block >= self.geometry.block_count() || len != self.geometry.block_len(block) || kind > 1 {
+        if block >= self.geometry.block_count() || len != self.geometry.block_len(block) || kind > 1
+        {
             return self.bad(tolerate_tail, "record names a block outside the volume");
         }
         let data = if kind == 1 {
@@ -1030,7 +1066,9 @@ impl RestoreReader {
                     None => break,
                 }
             }
-            let Some(reader) = self.current.as_mut() else { break };
+            let Some(reader) = self.current.as_mut() else {
+                break;
+            };
             match reader.next_record(false)? {
                 None => self.current = None,
                 Some(rec) => {
@@ -1081,7 +1119,12 @@ impl RestoreReader {
         };
         let dir = self.meta.dir();
         let mut dbuf = vec![0u8; ((end - first) as usize) * DIGEST_LEN];
-        read_at_full(digests, &mut dbuf, first * DIGEST_LEN as u64, &dir.join("digests"))?;
+        read_at_full(
+            digests,
+            &mut dbuf,
+            first * DIGEST_LEN as u64,
+            &dir.join("digests"),
+        )?;
         let ds: Vec<Digest> = dbuf
             .chunks_exact(DIGEST_LEN)
             .map(|c| Digest::from_slice(c).unwrap_or(Digest::UNWRITTEN))

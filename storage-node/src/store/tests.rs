@@ -23,7 +23,11 @@ fn spec(size: u64, base: u64) -> SyncSpec {
         geometry: Geometry::new(size, BS).expect("geometry"),
         base_point: base,
         consistency: Consistency::Crash,
-        kind: if base == 0 { PointKind::Full } else { PointKind::Incremental },
+        kind: if base == 0 {
+            PointKind::Full
+        } else {
+            PointKind::Incremental
+        },
     }
 }
 
@@ -53,7 +57,9 @@ fn diff_extents(old: &[u8], image: &[u8]) -> Vec<VerifiedExtent> {
 }
 
 fn sync(store: &Store, old: &[u8], image: &[u8], base: u64) -> PointMeta {
-    let mut txn = store.begin_sync(spec(image.len() as u64, base)).expect("begin");
+    let mut txn = store
+        .begin_sync(spec(image.len() as u64, base))
+        .expect("begin");
     for chunk in diff_extents(old, image).chunks(3) {
         txn.apply(chunk).expect("apply");
     }
@@ -101,7 +107,10 @@ fn syncs_and_restores_every_point() {
         assert!(got == images[p.id as usize], "point {} differs", p.id);
     }
     assert!(read_point_to_vec(&store, "vol", 0).expect("newest") == images[6]);
-    assert!(matches!(store.restore("vol", 99), Err(StoreError::NoSuchPoint { .. })));
+    assert!(matches!(
+        store.restore("vol", 99),
+        Err(StoreError::NoSuchPoint { .. })
+    ));
 
     // Everything survives a reopen.
     drop(store);
@@ -119,15 +128,28 @@ fn base_mismatch_and_duplicates_are_refused() {
     let zero = vec![0u8; size as usize];
     let img = vec![5u8; size as usize];
     sync(&store, &zero, &img, 0);
-    assert!(matches!(store.begin_sync(spec(size, 0)), Err(StoreError::BaseMismatch { .. })));
-    assert!(matches!(store.begin_sync(spec(size * 2, 1)), Err(StoreError::GeometryChanged { .. })));
+    assert!(matches!(
+        store.begin_sync(spec(size, 0)),
+        Err(StoreError::BaseMismatch { .. })
+    ));
+    assert!(matches!(
+        store.begin_sync(spec(size * 2, 1)),
+        Err(StoreError::GeometryChanged { .. })
+    ));
     let mut txn = store.begin_sync(spec(size, 1)).expect("begin");
     let mut next = img.clone();
     next[..BS as usize].fill(9);
     let e = diff_extents(&img, &next);
     txn.apply(&e).expect("first");
-    let again = VerifiedExtent { first_block: 0, data: next[..BS as usize].to_vec(), digests: vec![Digest::of(&next[..BS as usize])] };
-    assert!(matches!(txn.apply(&[again]), Err(StoreError::DuplicateBlock { block: 0 })));
+    let again = VerifiedExtent {
+        first_block: 0,
+        data: next[..BS as usize].to_vec(),
+        digests: vec![Digest::of(&next[..BS as usize])],
+    };
+    assert!(matches!(
+        txn.apply(&[again]),
+        Err(StoreError::DuplicateBlock { block: 0 })
+    ));
     txn.abort().expect("abort");
     assert_eq!(store.points("vol").expect("points").len(), 1);
     assert!(read_point_to_vec(&store, "vol", 1).expect("restore") == img);
@@ -140,11 +162,15 @@ fn abort_of_a_first_sync_leaves_nothing() {
     let size = 8 * BS as u64;
     let mut txn = store.begin_sync(spec(size, 0)).expect("begin");
     let img = vec![1u8; size as usize];
-    txn.apply(&diff_extents(&vec![0; size as usize], &img)).expect("apply");
+    txn.apply(&diff_extents(&vec![0; size as usize], &img))
+        .expect("apply");
     txn.abort().expect("abort");
     assert!(store.source("vol").expect("meta").is_none());
     assert!(!dir.path().join("disk1/bulwark/vol").exists());
-    assert!(matches!(store.restore("vol", 0), Err(StoreError::NoPoints(_))));
+    assert!(matches!(
+        store.restore("vol", 0),
+        Err(StoreError::NoPoints(_))
+    ));
 }
 
 #[test]
@@ -152,7 +178,10 @@ fn refuses_a_source_no_disk_can_hold() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(
         &dir.path().join("data"),
-        vec![PoolDisk { path: dir.path().join("d"), capacity_bytes: 1 << 30 }],
+        vec![PoolDisk {
+            path: dir.path().join("d"),
+            capacity_bytes: 1 << 30,
+        }],
     )
     .expect("open");
     let e = store.begin_sync(spec(1 << 30, 0)).err().expect("refused");

@@ -1,0 +1,125 @@
+//! `node.toml`: what an operator writes, and its checked runtime form.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bulwark_common::config::{ByteSize, ConfigError, HumanDuration, TlsFiles, resolve};
+use bulwark_common::tls::Target;
+use serde::Deserialize;
+
+/// The file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeToml {
+    /// Name of this node in the fleet; must match its certificate.
+    pub name: String,
+    /// Address to listen on for agents and the coordinator (`127.0.0.1:7441`).
+    pub listen: String,
+    /// `https://host:port` agents dial, when it differs from `listen`.
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// `https://host:port` of the coordinator.
+    pub coordinator: String,
+    /// Where the node keeps its metadata (sled).
+    pub data_dir: PathBuf,
+    /// How often the node reports to the coordinator.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_interval: HumanDuration,
+    /// The storage pool.
+    pub pool: PoolToml,
+    /// The fleet CA and this node's certificate.
+    pub tls: TlsFiles,
+}
+
+fn default_heartbeat() -> HumanDuration {
+    HumanDuration(Duration::from_secs(5))
+}
+
+/// `[pool]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolToml {
+    /// `[[pool.disks]]`: directories with a capacity.
+    pub disks: Vec<DiskToml>,
+}
+
+/// One `[[pool.disks]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskToml {
+    /// A directory on the disk.
+    pub path: PathBuf,
+    /// Bytes Bulwark may allocate there (`500GiB`).
+    pub capacity: ByteSize,
+}
+
+/// Checked configuration.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub advertise: Option<Target>,
+    pub coordinator: Target,
+    pub data_dir: PathBuf,
+    pub heartbeat_interval: Duration,
+    pub disks: Vec<crate::store::PoolDisk>,
+    pub tls: TlsFiles,
+}
+
+impl NodeConfig {
+    /// Loads and checks `path`.
+    pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
+        let t: NodeToml = bulwark_common::config::load(path)?;
+        let bad = |key: &str, msg: String| ConfigError::invalid(path, key, msg);
+        if !bulwark_common::pki::valid_name(&t.name) {
+            return Err(bad("name", format!("\"{}\" is not a valid name", t.name)));
+        }
+        let listen: SocketAddr = t
+            .listen
+            .parse()
+            .map_err(|_| bad("listen", format!("\"{}\" is not host:port", t.listen)))?;
+        let coordinator = Target::parse(&t.coordinator).map_err(|m| bad("coordinator", m))?;
+        let advertise = t
+            .advertise
+            .as_deref()
+            .map(Target::parse)
+            .transpose()
+            .map_err(|m| bad("advertise", m))?;
+        if t.pool.disks.is_empty() {
+            return Err(bad("pool.disks", "at least one disk is needed".into()));
+        }
+        let mut disks = Vec::new();
+        for (i, d) in t.pool.disks.iter().enumerate() {
+            if d.capacity.0 == 0 {
+                return Err(bad(
+                    &format!("pool.disks[{i}].capacity"),
+                    "must be more than 0".into(),
+                ));
+            }
+            if disks
+                .iter()
+                .any(|x: &crate::store::PoolDisk| x.path == d.path)
+            {
+                return Err(bad(&format!("pool.disks[{i}].path"), "listed twice".into()));
+            }
+            disks.push(crate::store::PoolDisk {
+                path: resolve(path, &d.path),
+                capacity_bytes: d.capacity.0,
+            });
+        }
+        if t.heartbeat_interval.0 < Duration::from_millis(100) {
+            return Err(bad("heartbeat_interval", "must be at least 100ms".into()));
+        }
+        Ok(NodeConfig {
+            name: t.name,
+            listen,
+            advertise,
+            coordinator,
+            data_dir: resolve(path, &t.data_dir),
+            heartbeat_interval: t.heartbeat_interval.0,
+            disks,
+            tls: t.tls.relative_to(path),
+        })
+    }
+}

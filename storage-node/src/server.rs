@@ -1,0 +1,182 @@
+//! Lifecycle of a storage node, in order: load the identity, open (and recover) the
+//! store, serve the Node service over mTLS, register with the coordinator and send
+//! heartbeats, and on shutdown stop accepting, let running streams end, flush.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bulwark_common::tls::{self, Role, Target, TlsIdentity};
+use bulwark_proto as pb;
+use bulwark_proto::coordinator_client::CoordinatorClient;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::config::NodeConfig;
+use crate::service::{NodeApi, NodeService};
+use crate::store::Store;
+
+/// Runs the node on `listener` until `shutdown` is cancelled.
+pub async fn run(
+    cfg: NodeConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let identity = TlsIdentity::load(&cfg.tls)?;
+    if identity.me.role != Role::Node || identity.me.name != cfg.name {
+        bail!(
+            "certificate {} is for {}, but this node is configured as node {}; issue one with `bulwark pki issue --role node --name {}`",
+            cfg.tls.cert.display(),
+            identity.me,
+            cfg.name,
+            cfg.name
+        );
+    }
+    let (data_dir, disks) = (cfg.data_dir.clone(), cfg.disks.clone());
+    let store = tokio::task::spawn_blocking(move || Store::open(&data_dir, disks))
+        .await?
+        .context("cannot open the node's store")?;
+    let local = listener.local_addr()?;
+    let advertise = cfg.advertise.clone().unwrap_or(Target {
+        host: local.ip().to_string(),
+        port: local.port(),
+    });
+    let channel = tls::channel_lazy(&cfg.coordinator, identity.client_config(Role::Coordinator)?)
+        .map_err(anyhow::Error::msg)?;
+    let coordinator = CoordinatorClient::new(channel)
+        .max_decoding_message_size(bulwark_common::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(bulwark_common::MAX_MESSAGE_BYTES);
+    let svc = Arc::new(NodeService::new(
+        cfg.name.clone(),
+        store.clone(),
+        coordinator.clone(),
+    )?);
+
+    let heartbeats = tokio::spawn(heartbeat_loop(
+        svc.clone(),
+        store.clone(),
+        coordinator,
+        advertise.to_string(),
+        cfg.heartbeat_interval,
+        shutdown.clone(),
+    ));
+
+    tracing::info!(node = %cfg.name, %local, advertise = %advertise, "storage node listening");
+    let incoming = tls::incoming(listener, identity.server_config()?, shutdown.clone());
+    tls::server_builder()
+        .layer(tonic::service::InterceptorLayer::new(tls::authenticator(
+            identity.trust_domain.clone(),
+        )))
+        .add_service(
+            pb::node_server::NodeServer::new(NodeApi(svc))
+                .max_decoding_message_size(bulwark_common::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(bulwark_common::MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
+        .await
+        .context("node server failed")?;
+    heartbeats.abort();
+    store.flush()?;
+    tracing::info!("storage node stopped");
+    Ok(())
+}
+
+async fn usage_report(
+    svc: &NodeService,
+    store: &Store,
+) -> anyhow::Result<(pb::NodeHeartbeatRequest, Vec<pb::NodeDisk>)> {
+    let s = store.clone();
+    let usage = tokio::task::spawn_blocking(move || s.usage()).await??;
+    let disks: Vec<pb::NodeDisk> = usage
+        .disks
+        .iter()
+        .map(|d| pb::NodeDisk {
+            path: d.path.display().to_string(),
+            capacity_bytes: d.capacity_bytes,
+            used_bytes: d.used_bytes,
+        })
+        .collect();
+    let req = pb::NodeHeartbeatRequest {
+        capacity_bytes: usage.disks.iter().map(|d| d.capacity_bytes).sum(),
+        allocated_bytes: usage.disks.iter().map(|d| d.allocated_bytes).sum(),
+        used_bytes: usage.disks.iter().map(|d| d.used_bytes).sum(),
+        live_streams: svc.live_streams(),
+        sources: usage
+            .sources
+            .iter()
+            .map(|s| pb::SourceUsage {
+                source: s.name.clone(),
+                newest_point: s.newest_point,
+                points: s.points,
+                used_bytes: s.used_bytes,
+                allocated_bytes: s.allocated_bytes,
+            })
+            .collect(),
+        disks: disks.clone(),
+    };
+    Ok((req, disks))
+}
+
+/// Registers, then reports every `interval`; reconnects with backoff.
+async fn heartbeat_loop(
+    svc: Arc<NodeService>,
+    store: Store,
+    mut client: CoordinatorClient<Channel>,
+    address: String,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut registered = false;
+    let mut failures = 0u32;
+    loop {
+        let result: anyhow::Result<()> = async {
+            let (report, disks) = usage_report(&svc, &store).await?;
+            if !registered {
+                let r = client
+                    .register_node(pb::RegisterNodeRequest {
+                        address: address.clone(),
+                        capacity_bytes: report.capacity_bytes,
+                        disks,
+                        version: bulwark_common::VERSION.to_string(),
+                    })
+                    .await?
+                    .into_inner();
+                svc.remember(&r.assignments);
+                registered = true;
+                tracing::info!("registered with the coordinator");
+            }
+            match client.node_heartbeat(report).await {
+                Ok(r) => svc.remember(&r.into_inner().assignments),
+                Err(s) if s.code() == tonic::Code::NotFound => {
+                    registered = false;
+                    return Err(s.into());
+                }
+                Err(s) => return Err(s.into()),
+            }
+            Ok(())
+        }
+        .await;
+        let wait = match result {
+            Ok(()) => {
+                if failures > 0 {
+                    tracing::info!("coordinator reachable again");
+                }
+                failures = 0;
+                interval
+            }
+            Err(e) => {
+                failures += 1;
+                if failures == 1 || failures % 10 == 0 {
+                    tracing::warn!("cannot report to the coordinator (attempt {failures}): {e}");
+                }
+                Duration::from_millis(500 * u64::from(failures.min(20)))
+                    .min(Duration::from_secs(10))
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}

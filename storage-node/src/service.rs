@@ -1,0 +1,568 @@
+//! The `bulwark.v1.Node` gRPC service: adapters between the wire and the [`Store`].
+//!
+//! Every call states its roles; a sync or digest read is accepted only from the agent
+//! that owns the data source, for a source assigned to this node, at the current
+//! assignment epoch (asked of the coordinator, with the last answer cached in sled
+//! for when the coordinator is unreachable). Restores are also allowed to an agent
+//! the coordinator granted them to.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use bulwark_common::block::{DIGEST_LEN, Geometry};
+use bulwark_common::point::{Consistency, PointKind};
+use bulwark_common::tls::{Identity, Role, require};
+use bulwark_proto as pb;
+use bulwark_proto::coordinator_client::CoordinatorClient;
+use futures::Stream;
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use crate::store::{
+    PointMeta, RestoreItem, SourceLocks, Store, StoreError, SyncSpec, SyncTxn, VerifiedExtent,
+};
+
+/// Maps store errors to gRPC codes.
+impl From<StoreError> for Status {
+    fn from(e: StoreError) -> Status {
+        match &e {
+            StoreError::BaseMismatch { .. } => Status::failed_precondition(e.to_string()),
+            StoreError::GeometryChanged { .. } | StoreError::DuplicateBlock { .. } => {
+                Status::invalid_argument(e.to_string())
+            }
+            StoreError::NoSpace { .. } => Status::resource_exhausted(e.to_string()),
+            StoreError::NoPoints(_) | StoreError::NoSuchPoint { .. } => {
+                Status::not_found(e.to_string())
+            }
+            StoreError::Io { .. } | StoreError::Meta(_) | StoreError::Damaged { .. } => {
+                tracing::error!("store error: {e}");
+                Status::internal(e.to_string())
+            }
+        }
+    }
+}
+
+/// Converts a stored point for the wire.
+pub fn point_to_proto(p: &PointMeta) -> pb::Point {
+    pb::Point {
+        id: p.id,
+        created_at_ms: p.created_ms,
+        consistency: p.consistency.to_proto(),
+        kind: p.kind.to_proto(),
+        blocks_changed: p.blocks_changed,
+        bytes_changed: p.bytes_changed,
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("worker task failed: {e}")))
+}
+
+/// Shared state of the node's service.
+pub struct NodeService {
+    name: String,
+    store: Store,
+    locks: SourceLocks,
+    coordinator: CoordinatorClient<Channel>,
+    assignments: sled::Tree,
+    grants: std::sync::Mutex<HashMap<(String, String), i64>>,
+    live_streams: Arc<AtomicU32>,
+}
+
+/// Counts a live stream while it exists.
+struct StreamGuard(Arc<AtomicU32>);
+impl StreamGuard {
+    fn new(c: &Arc<AtomicU32>) -> StreamGuard {
+        c.fetch_add(1, Ordering::Relaxed);
+        StreamGuard(c.clone())
+    }
+}
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl NodeService {
+    /// A service over `store`, asking `coordinator` about assignments.
+    pub fn new(
+        name: String,
+        store: Store,
+        coordinator: CoordinatorClient<Channel>,
+    ) -> Result<NodeService, StoreError> {
+        Ok(NodeService {
+            name,
+            assignments: store.tree("assignments")?,
+            store,
+            locks: SourceLocks::default(),
+            coordinator,
+            grants: Default::default(),
+            live_streams: Arc::new(AtomicU32::new(0)),
+        })
+    }
+
+    /// Syncs and restores in progress.
+    pub fn live_streams(&self) -> u32 {
+        self.live_streams.load(Ordering::Relaxed)
+    }
+
+    /// Remembers assignments the coordinator sent (heartbeat replies).
+    pub fn remember(&self, list: &[pb::Assignment]) {
+        for a in list {
+            let _ = self
+                .assignments
+                .insert(a.source.as_bytes(), a.encode_to_vec());
+        }
+    }
+
+    /// The current assignment of `source`: the coordinator's answer, or the cached
+    /// one when the coordinator cannot be reached.
+    async fn assignment(&self, source: &str) -> Result<pb::Assignment, Status> {
+        let mut client = self.coordinator.clone();
+        match client
+            .get_assignment(pb::GetAssignmentRequest {
+                source: source.to_string(),
+            })
+            .await
+        {
+            Ok(r) => {
+                let a = r.into_inner();
+                self.remember(std::slice::from_ref(&a));
+                Ok(a)
+            }
+            Err(s) if s.code() == tonic::Code::NotFound => Err(Status::permission_denied(format!(
+                "data source {source} is not known to the coordinator"
+            ))),
+            Err(s) => {
+                let cached = self
+                    .assignments
+                    .get(source.as_bytes())
+                    .ok()
+                    .flatten()
+                    .and_then(|v| pb::Assignment::decode(v.as_ref()).ok());
+                match cached {
+                    Some(a) => {
+                        tracing::warn!(
+                            source,
+                            "coordinator unreachable ({}); using the cached assignment",
+                            s.message()
+                        );
+                        Ok(a)
+                    }
+                    None => Err(Status::unavailable(format!(
+                        "cannot check the assignment of {source}: coordinator unreachable ({})",
+                        s.message()
+                    ))),
+                }
+            }
+        }
+    }
+
+    /// Checks that `caller` owns `source`, that it is assigned here, and the epoch.
+    async fn authorize(
+        &self,
+        caller: &Identity,
+        source: &str,
+        epoch: Option<u64>,
+    ) -> Result<pb::Assignment, Status> {
+        if !bulwark_common::pki::valid_name(source) {
+            return Err(Status::invalid_argument(format!(
+                "invalid data source name \"{source}\""
+            )));
+        }
+        let a = self.assignment(source).await?;
+        if a.node != self.name {
+            tracing::warn!(%caller, source, "refused: source assigned to node {}", a.node);
+            return Err(Status::permission_denied(format!(
+                "data source {source} is assigned to node {}, not to this node ({})",
+                a.node, self.name
+            )));
+        }
+        if a.agent != caller.name {
+            tracing::warn!(%caller, source, "refused: not the owner");
+            return Err(Status::permission_denied(format!(
+                "data source {source} belongs to agent {}; {caller} may not write or read it",
+                a.agent
+            )));
+        }
+        if let Some(e) = epoch {
+            if e != a.epoch {
+                tracing::warn!(%caller, source, epoch = e, current = a.epoch, "refused: stale epoch");
+                return Err(Status::failed_precondition(format!(
+                    "stale assignment epoch {e} for data source {source}: the current epoch is {}",
+                    a.epoch
+                )));
+            }
+        }
+        Ok(a)
+    }
+
+    fn granted(&self, source: &str, agent: &str) -> bool {
+        let grants = self.grants.lock().unwrap_or_else(|e| e.into_inner());
+        grants
+            .get(&(source.to_string(), agent.to_string()))
+            .is_some_and(|exp| *exp > bulwark_common::time::now_ms())
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+fn verify_batch(
+    batch: pb::ExtentBatch,
+    geometry: Geometry,
+    source: &str,
+) -> Result<Vec<VerifiedExtent>, Status> {
+    batch
+        .extents
+        .into_iter()
+        .map(|e| {
+            let (first_block, digests) = geometry
+                .verify_extent(e.offset, &e.data, &e.checksums)
+                .map_err(|err| {
+                    tracing::warn!(source, "refused extent: {err}");
+                    Status::invalid_argument(format!("data source {source}: {err}"))
+                })?;
+            Ok(VerifiedExtent {
+                first_block,
+                data: e.data,
+                digests,
+            })
+        })
+        .collect()
+}
+
+async fn abort(txn: SyncTxn) {
+    let source_point = txn.new_point();
+    match blocking(move || txn.abort()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(
+            point = source_point,
+            "rollback of a failed sync failed: {e}"
+        ),
+        Err(e) => tracing::error!("rollback task failed: {e}"),
+    }
+}
+
+/// Receives extent batches until Commit; any failure rolls the sync back.
+async fn run_sync(
+    mut txn: SyncTxn,
+    mut inbound: Streaming<pb::SyncMessage>,
+    geometry: Geometry,
+    source: String,
+    tx: &mpsc::Sender<Result<pb::SyncReply, Status>>,
+) -> Result<(), Status> {
+    use pb::sync_message::Msg;
+    loop {
+        let msg = match inbound.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                abort(txn).await;
+                return Err(Status::aborted(
+                    "the sync stream ended before SyncCommit; nothing was kept",
+                ));
+            }
+            Err(s) => {
+                tracing::warn!(%source, "sync stream broke: {}", s.message());
+                abort(txn).await;
+                return Err(s);
+            }
+        };
+        match msg.msg {
+            Some(Msg::Extents(batch)) => {
+                let src = source.clone();
+                let (back, res) = blocking(move || {
+                    let res = verify_batch(batch, geometry, &src)
+                        .and_then(|exts| txn.apply(&exts).map_err(Status::from));
+                    (txn, res)
+                })
+                .await?;
+                txn = back;
+                if let Err(s) = res {
+                    abort(txn).await;
+                    return Err(s);
+                }
+                let progress = pb::SyncReply {
+                    msg: Some(pb::sync_reply::Msg::Progress(pb::SyncProgress {
+                        applied_bytes: txn.applied_bytes(),
+                    })),
+                };
+                if tx.send(Ok(progress)).await.is_err() {
+                    abort(txn).await;
+                    return Err(Status::cancelled("the agent went away"));
+                }
+            }
+            Some(Msg::Commit(_)) => {
+                let point = blocking(move || txn.commit()).await??;
+                tracing::info!(%source, point = point.id, blocks = point.blocks_changed, bytes = point.bytes_changed, "recovery point committed");
+                let _ = tx
+                    .send(Ok(pb::SyncReply {
+                        msg: Some(pb::sync_reply::Msg::Committed(pb::SyncCommitted {
+                            point: Some(point_to_proto(&point)),
+                        })),
+                    }))
+                    .await;
+                return Ok(());
+            }
+            Some(Msg::Begin(_)) | None => {
+                abort(txn).await;
+                return Err(Status::invalid_argument(
+                    "unexpected message in a sync: only ExtentBatch or SyncCommit may follow SyncBegin",
+                ));
+            }
+        }
+    }
+}
+
+/// The service handle tonic serves (the state is shared with the heartbeat loop).
+#[derive(Clone)]
+pub struct NodeApi(pub Arc<NodeService>);
+
+#[tonic::async_trait]
+impl pb::node_server::Node for NodeApi {
+    type SyncStream = BoxStream<pb::SyncReply>;
+    type GetDigestsStream = BoxStream<pb::DigestChunk>;
+    type RestoreStream = BoxStream<pb::RestoreChunk>;
+
+    async fn sync(
+        &self,
+        req: Request<Streaming<pb::SyncMessage>>,
+    ) -> Result<Response<Self::SyncStream>, Status> {
+        let caller = require(&req, "Sync", &[Role::Agent])?;
+        let mut inbound = req.into_inner();
+        let begin = match inbound.message().await? {
+            Some(pb::SyncMessage {
+                msg: Some(pb::sync_message::Msg::Begin(b)),
+            }) => b,
+            _ => return Err(Status::invalid_argument("a sync must start with SyncBegin")),
+        };
+        let geometry = Geometry::new(begin.size_bytes, begin.block_size)
+            .map_err(|e| Status::invalid_argument(format!("data source {}: {e}", begin.source)))?;
+        let svc = self.0.clone();
+        let a = svc
+            .authorize(&caller, &begin.source, Some(begin.epoch))
+            .await?;
+        if a.size_bytes != begin.size_bytes || a.block_size != begin.block_size {
+            return Err(Status::invalid_argument(format!(
+                "data source {} is registered as {} bytes in blocks of {}, the sync says {} bytes in blocks of {}",
+                begin.source, a.size_bytes, a.block_size, begin.size_bytes, begin.block_size
+            )));
+        }
+        let lock = svc
+            .locks
+            .get(&begin.source)
+            .try_write_owned()
+            .map_err(|_| {
+                Status::aborted(format!(
+                    "a sync or restore of {} is already running",
+                    begin.source
+                ))
+            })?;
+        let kind = PointKind::from_proto(begin.kind).unwrap_or(if begin.base_point == 0 {
+            PointKind::Full
+        } else {
+            PointKind::Incremental
+        });
+        let spec = SyncSpec {
+            source: begin.source.clone(),
+            geometry,
+            base_point: begin.base_point,
+            consistency: Consistency::from_proto(begin.consistency),
+            kind,
+        };
+        let store = svc.store.clone();
+        let txn = blocking(move || store.begin_sync(spec)).await??;
+        let (tx, rx) = mpsc::channel(8);
+        let _ = tx
+            .send(Ok(pb::SyncReply {
+                msg: Some(pb::sync_reply::Msg::Ready(pb::SyncReady {
+                    base_point: begin.base_point,
+                })),
+            }))
+            .await;
+        let span = tracing::info_span!("sync", source = %begin.source, point = txn.new_point(), agent = %caller.name);
+        let guard = StreamGuard::new(&svc.live_streams);
+        tokio::spawn(
+            async move {
+                let _lock = lock;
+                let _guard = guard;
+                if let Err(status) = run_sync(txn, inbound, geometry, begin.source, &tx).await {
+                    tracing::warn!("sync failed: {}", status.message());
+                    let _ = tx.send(Err(status)).await;
+                }
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_digests(
+        &self,
+        req: Request<pb::GetDigestsRequest>,
+    ) -> Result<Response<Self::GetDigestsStream>, Status> {
+        let caller = require(&req, "GetDigests", &[Role::Agent])?;
+        let r = req.into_inner();
+        let svc = self.0.clone();
+        let a = svc.authorize(&caller, &r.source, Some(r.epoch)).await?;
+        let lock = svc.locks.get(&r.source).read_owned().await;
+        let store = svc.store.clone();
+        let (tx, rx) = mpsc::channel(4);
+        let source = r.source.clone();
+        tokio::task::spawn_blocking(move || {
+            let _lock = lock;
+            let send = |c: Result<pb::DigestChunk, Status>| tx.blocking_send(c).is_ok();
+            let newest = match store.newest_point(&source) {
+                Ok(p) => p,
+                Err(e) => {
+                    send(Err(e.into()));
+                    return;
+                }
+            };
+            let Some(newest) = newest else {
+                send(Ok(pb::DigestChunk {
+                    newest_point: 0,
+                    size_bytes: a.size_bytes,
+                    block_size: a.block_size,
+                    first_block: 0,
+                    digests: Vec::new(),
+                }));
+                return;
+            };
+            let meta = match store.source(&source) {
+                Ok(Some(m)) => m,
+                Ok(None) => {
+                    send(Err(Status::internal(format!(
+                        "data source {source} has points but no record"
+                    ))));
+                    return;
+                }
+                Err(e) => {
+                    send(Err(e.into()));
+                    return;
+                }
+            };
+            let total = meta.geometry().block_count();
+            const PER_CHUNK: u64 = (1 << 19) / DIGEST_LEN as u64;
+            let mut first = 0;
+            loop {
+                let count = PER_CHUNK.min(total - first);
+                let digests = match store.read_digests(&source, first, count) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        send(Err(e.into()));
+                        return;
+                    }
+                };
+                let chunk = pb::DigestChunk {
+                    newest_point: newest.id,
+                    size_bytes: meta.size_bytes,
+                    block_size: meta.block_size,
+                    first_block: first,
+                    digests,
+                };
+                if !send(Ok(chunk)) {
+                    return;
+                }
+                first += count;
+                if first >= total {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn restore(
+        &self,
+        req: Request<pb::NodeRestoreRequest>,
+    ) -> Result<Response<Self::RestoreStream>, Status> {
+        let caller = require(&req, "Restore", &[Role::Agent])?;
+        let r = req.into_inner();
+        let svc = self.0.clone();
+        if !svc.granted(&r.source, &caller.name) {
+            svc.authorize(&caller, &r.source, None).await?;
+        }
+        let lock = svc.locks.get(&r.source).read_owned().await;
+        let store = svc.store.clone();
+        let source = r.source.clone();
+        let mut reader = blocking(move || store.restore(&source, r.point)).await??;
+        let (tx, rx) = mpsc::channel(4);
+        let guard = StreamGuard::new(&svc.live_streams);
+        let header = pb::RestoreChunk {
+            msg: Some(pb::restore_chunk::Msg::Header(pb::RestoreHeader {
+                point: Some(point_to_proto(reader.point())),
+                size_bytes: reader.geometry().size_bytes,
+                block_size: reader.geometry().block_size,
+            })),
+        };
+        tracing::info!(source = %r.source, point = reader.point().id, agent = %caller.name, "restore started");
+        tokio::task::spawn_blocking(move || {
+            let _lock = lock;
+            let _guard = guard;
+            if tx.blocking_send(Ok(header)).is_err() {
+                return;
+            }
+            loop {
+                let msg = match reader.next_item() {
+                    Ok(None) => return,
+                    Ok(Some(RestoreItem::Data {
+                        offset,
+                        data,
+                        digests,
+                    })) => pb::restore_chunk::Msg::Extent(pb::Extent {
+                        offset,
+                        data,
+                        checksums: digests.iter().map(|d| d.0.to_vec()).collect(),
+                    }),
+                    Ok(Some(RestoreItem::Zeros { offset, len })) => {
+                        pb::restore_chunk::Msg::Zeros(pb::ZeroRun { offset, len })
+                    }
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(e.into()));
+                        return;
+                    }
+                };
+                if tx
+                    .blocking_send(Ok(pb::RestoreChunk { msg: Some(msg) }))
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_points(
+        &self,
+        req: Request<pb::ListPointsRequest>,
+    ) -> Result<Response<pb::ListPointsResponse>, Status> {
+        require(&req, "ListPoints", &[Role::Coordinator])?;
+        let source = req.into_inner().source;
+        let store = self.0.store.clone();
+        let points = blocking(move || store.points(&source)).await??;
+        Ok(Response::new(pb::ListPointsResponse {
+            points: points.iter().map(point_to_proto).collect(),
+        }))
+    }
+
+    async fn grant_restore(
+        &self,
+        req: Request<pb::GrantRestoreRequest>,
+    ) -> Result<Response<pb::GrantRestoreResponse>, Status> {
+        require(&req, "GrantRestore", &[Role::Coordinator])?;
+        let g = req.into_inner();
+        tracing::info!(source = %g.source, agent = %g.agent, "restore granted by the coordinator");
+        let mut grants = self.0.grants.lock().unwrap_or_else(|e| e.into_inner());
+        grants.retain(|_, exp| *exp > bulwark_common::time::now_ms());
+        grants.insert((g.source, g.agent), g.expires_at_ms);
+        Ok(Response::new(pb::GrantRestoreResponse {}))
+    }
+}
