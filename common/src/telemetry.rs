@@ -11,9 +11,11 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber; logs go to stderr.
-pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// Installs the global subscriber; logs go to stderr. `default_level` applies when
+/// `RUST_LOG` is not set (`info` for daemons, `warn` for the CLI).
+pub fn init(format: LogFormat, default_level: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

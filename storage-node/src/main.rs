@@ -22,7 +22,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    telemetry::init(args.log_format);
+    telemetry::init(args.log_format, "info");
     let cfg = match NodeConfig::load(&args.config) {
         Ok(c) => c,
         Err(e) => {

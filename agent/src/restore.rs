@@ -1,0 +1,244 @@
+//! Restore of one recovery point to a path on this host.
+//!
+//! A new file is written as `PATH.bulwark-partial`, checked block by block against
+//! the node's digests and for full coverage, fsync'd, and only then renamed to
+//! `PATH`: a failed restore leaves no file that looks finished. An existing block
+//! device is written in place (zeros written out, since it is not sparse). An
+//! existing regular file is never overwritten.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use bulwark_common::block::{Geometry, MAX_BATCH_BYTES};
+use bulwark_proto as pb;
+use bulwark_proto::node_client::NodeClient;
+use tonic::transport::Channel;
+
+/// What a finished restore did.
+#[derive(Debug, Clone)]
+pub struct RestoreOutcome {
+    pub point: u64,
+    pub path: PathBuf,
+    pub bytes_written: u64,
+    pub duration_ms: u64,
+}
+
+struct Target {
+    file: File,
+    path: PathBuf,
+    partial: Option<PathBuf>,
+    is_device: bool,
+}
+
+fn open_target(path: &Path, size: u64) -> Result<Target, String> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.file_type().is_block_device() => {
+            let file = OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+            let dev_size = crate::volume::Volume::open(path)
+                .map_err(|e| format!("cannot size {}: {e}", path.display()))?
+                .size_bytes();
+            if dev_size < size {
+                return Err(format!(
+                    "block device {} holds {dev_size} bytes, the point needs {size}",
+                    path.display()
+                ));
+            }
+            Ok(Target {
+                file,
+                path: path.to_path_buf(),
+                partial: None,
+                is_device: true,
+            })
+        }
+        Ok(_) => Err(format!(
+            "{} already exists; restore to a new path (or to a block device)",
+            path.display()
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut name = path.as_os_str().to_owned();
+            name.push(".bulwark-partial");
+            let partial = PathBuf::from(name);
+            let _ = std::fs::remove_file(&partial);
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&partial)
+                .map_err(|e| format!("cannot create {}: {e}", partial.display()))?;
+            file.set_len(size)
+                .map_err(|e| format!("cannot size {}: {e}", partial.display()))?;
+            Ok(Target {
+                file,
+                path: path.to_path_buf(),
+                partial: Some(partial),
+                is_device: false,
+            })
+        }
+        Err(e) => Err(format!("cannot use {}: {e}", path.display())),
+    }
+}
+
+/// Marks the blocks a restore has written; each exactly once.
+struct Coverage {
+    bits: Vec<u64>,
+    geometry: Geometry,
+    covered: u64,
+}
+
+impl Coverage {
+    fn mark(&mut self, offset: u64, len: u64) -> Result<(), String> {
+        let (first, count) = self
+            .geometry
+            .check_extent(offset, len)
+            .map_err(|e| e.to_string())?;
+        for b in first..first + count {
+            let (w, bit) = ((b / 64) as usize, b % 64);
+            if self.bits[w] & (1 << bit) != 0 {
+                return Err(format!("block {b} arrived twice"));
+            }
+            self.bits[w] |= 1 << bit;
+        }
+        self.covered += count;
+        Ok(())
+    }
+}
+
+/// Restores `point` (0 = newest) of `source` into `path`.
+pub async fn restore_point(
+    source: &str,
+    point: u64,
+    path: &Path,
+    mut node: NodeClient<Channel>,
+) -> Result<RestoreOutcome, String> {
+    let started = Instant::now();
+    let mut stream = node
+        .restore(pb::NodeRestoreRequest {
+            source: source.to_string(),
+            point,
+        })
+        .await
+        .map_err(|s| format!("node refused the restore: {}", s.message()))?
+        .into_inner();
+    let header = match stream
+        .message()
+        .await
+        .map_err(|s| s.message().to_string())?
+    {
+        Some(pb::RestoreChunk {
+            msg: Some(pb::restore_chunk::Msg::Header(h)),
+        }) => h,
+        _ => return Err("the node's restore stream did not start with a header".into()),
+    };
+    let geometry =
+        Geometry::new(header.size_bytes, header.block_size).map_err(|e| e.to_string())?;
+    let point_id = header.point.map_or(point, |p| p.id);
+    let p = path.to_path_buf();
+    let size = geometry.size_bytes;
+    let target = tokio::task::spawn_blocking(move || open_target(&p, size))
+        .await
+        .map_err(|e| e.to_string())??;
+    let target = std::sync::Arc::new(target);
+    let mut coverage = Coverage {
+        bits: vec![0u64; geometry.block_count().div_ceil(64) as usize],
+        geometry,
+        covered: 0,
+    };
+    let mut written = 0u64;
+    let result: Result<(), String> = async {
+        while let Some(chunk) = stream
+            .message()
+            .await
+            .map_err(|s| format!("restore stream broke: {}", s.message()))?
+        {
+            match chunk.msg {
+                Some(pb::restore_chunk::Msg::Extent(e)) => {
+                    geometry
+                        .verify_extent(e.offset, &e.data, &e.checksums)
+                        .map_err(|err| format!("restored data failed its check: {err}"))?;
+                    coverage.mark(e.offset, e.data.len() as u64)?;
+                    written += e.data.len() as u64;
+                    let t = target.clone();
+                    tokio::task::spawn_blocking(move || t.file.write_all_at(&e.data, e.offset))
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| format!("cannot write {}: {e}", target.path.display()))?;
+                }
+                Some(pb::restore_chunk::Msg::Zeros(z)) => {
+                    coverage.mark(z.offset, z.len)?;
+                    written += z.len;
+                    if target.is_device {
+                        let t = target.clone();
+                        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                            let zeros = vec![0u8; MAX_BATCH_BYTES.min(z.len as usize)];
+                            let mut at = z.offset;
+                            let end = z.offset + z.len;
+                            while at < end {
+                                let n = zeros.len().min((end - at) as usize);
+                                t.file.write_all_at(&zeros[..n], at)?;
+                                at += n as u64;
+                            }
+                            Ok(())
+                        })
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| format!("cannot write {}: {e}", target.path.display()))?;
+                    }
+                }
+                _ => return Err("unexpected message in the restore stream".into()),
+            }
+        }
+        if coverage.covered != geometry.block_count() {
+            return Err(format!(
+                "the restore stream ended after {} of {} blocks",
+                coverage.covered,
+                geometry.block_count()
+            ));
+        }
+        let t = target.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), String> {
+            t.file
+                .sync_all()
+                .map_err(|e| format!("cannot fsync: {e}"))?;
+            if let Some(partial) = &t.partial {
+                std::fs::rename(partial, &t.path).map_err(|e| {
+                    format!(
+                        "cannot rename {} to {}: {e}",
+                        partial.display(),
+                        t.path.display()
+                    )
+                })?;
+                if let Some(dir) = t.path.parent() {
+                    let dir = if dir.as_os_str().is_empty() {
+                        Path::new(".")
+                    } else {
+                        dir
+                    };
+                    File::open(dir)
+                        .and_then(|d| d.sync_all())
+                        .map_err(|e| format!("cannot fsync {}: {e}", dir.display()))?;
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+    .await;
+    if let Err(e) = result {
+        if let Some(partial) = &target.partial {
+            let _ = std::fs::remove_file(partial);
+        }
+        return Err(e);
+    }
+    Ok(RestoreOutcome {
+        point: point_id,
+        path: path.to_path_buf(),
+        bytes_written: written,
+        duration_ms: started.elapsed().as_millis() as u64,
+    })
+}

@@ -1,0 +1,394 @@
+//! Lifecycle of an agent, in order: load the identity, lock the state directory,
+//! measure the volumes, open the control stream to the coordinator (reconnecting
+//! with backoff), run scheduled syncs and the commands the coordinator relays, and on
+//! shutdown let running work stop.
+//!
+//! The agent dials out only: a protected host listens on no port.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bulwark_common::tls::{self, Role, Target, TlsIdentity};
+use bulwark_proto as pb;
+use bulwark_proto::coordinator_client::CoordinatorClient;
+use bulwark_proto::node_client::NodeClient;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tracing::Instrument;
+
+use crate::config::{AgentConfig, SourceConfig};
+use crate::restore::restore_point;
+use crate::sync::{SyncError, SyncOutcome, sync_volume};
+use crate::volume::Volume;
+
+/// Shared state of a running agent.
+pub struct Agent {
+    cfg: AgentConfig,
+    coordinator: CoordinatorClient<Channel>,
+    node_tls: Arc<rustls::ClientConfig>,
+    node_channels: Mutex<HashMap<String, Channel>>,
+    assignments: Mutex<HashMap<String, pb::Assignment>>,
+    running: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    control_tx: Mutex<Option<mpsc::Sender<pb::AgentMessage>>>,
+    sizes: HashMap<String, u64>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Agent {
+    fn source(&self, name: &str) -> Option<&SourceConfig> {
+        self.cfg.sources.iter().find(|s| s.name == name)
+    }
+
+    fn node_client(&self, address: &str) -> Result<NodeClient<Channel>, String> {
+        let mut map = lock(&self.node_channels);
+        let ch = match map.get(address) {
+            Some(c) => c.clone(),
+            None => {
+                let target = Target::parse(address)?;
+                let c = tls::channel_lazy(&target, self.node_tls.clone())?;
+                map.insert(address.to_string(), c.clone());
+                c
+            }
+        };
+        Ok(NodeClient::new(ch)
+            .max_decoding_message_size(bulwark_common::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(bulwark_common::MAX_MESSAGE_BYTES))
+    }
+
+    /// The current assignment, from the coordinator when it answers.
+    async fn assignment(&self, source: &str) -> Result<pb::Assignment, String> {
+        let mut c = self.coordinator.clone();
+        match c
+            .get_assignment(pb::GetAssignmentRequest {
+                source: source.to_string(),
+            })
+            .await
+        {
+            Ok(r) => {
+                let a = r.into_inner();
+                lock(&self.assignments).insert(source.to_string(), a.clone());
+                Ok(a)
+            }
+            Err(s) if s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::Unknown => {
+                lock(&self.assignments).get(source).cloned().ok_or_else(|| {
+                    format!(
+                        "coordinator unreachable and no assignment known for {source}: {}",
+                        s.message()
+                    )
+                })
+            }
+            Err(s) => Err(format!("coordinator: {}", s.message())),
+        }
+    }
+
+    fn report(&self, msg: pb::agent_message::Msg) {
+        let tx = lock(&self.control_tx).clone();
+        if let Some(tx) = tx {
+            let _ = tx.try_send(pb::AgentMessage { msg: Some(msg) });
+        }
+    }
+
+    /// Runs one sync of `name`, unless one is already running. Retries once when the
+    /// node's newest point moved between the digest read and the sync.
+    pub async fn sync(&self, name: &str) -> Result<SyncOutcome, String> {
+        let source = self
+            .source(name)
+            .ok_or_else(|| format!("this agent does not protect {name}"))?
+            .clone();
+        let gate = lock(&self.running)
+            .entry(name.to_string())
+            .or_default()
+            .clone();
+        let _running = gate
+            .try_lock()
+            .map_err(|_| format!("a sync or restore of {name} is already running"))?;
+        self.report(pb::agent_message::Msg::Report(pb::SyncReport {
+            source: name.to_string(),
+            result: None,
+            error: String::new(),
+        }));
+        let span = tracing::info_span!("sync", source = %name);
+        let result = async {
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let a = self.assignment(name).await?;
+                let node = self.node_client(&a.node_address)?;
+                tracing::info!(node = %a.node, epoch = a.epoch, "sync started");
+                match sync_volume(&source, &a, node).await {
+                    Ok(o) => return Ok(o),
+                    Err(SyncError::Node {
+                        base_mismatch: true,
+                        ..
+                    }) if attempt < 3 => {
+                        tracing::warn!(
+                            "the node's newest point changed under the sync; starting again"
+                        );
+                    }
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+        }
+        .instrument(span.clone())
+        .await;
+        let _e = span.enter();
+        match &result {
+            Ok(o) => tracing::info!(
+                point = o.point.id,
+                blocks_sent = o.blocks_sent,
+                blocks_scanned = o.blocks_scanned,
+                bytes_sent = o.bytes_sent,
+                duration_ms = o.duration_ms,
+                "sync committed"
+            ),
+            Err(e) => tracing::warn!("sync failed: {e}"),
+        }
+        self.report(pb::agent_message::Msg::Report(pb::SyncReport {
+            source: name.to_string(),
+            result: result.as_ref().ok().map(|o| sync_result(name, o)),
+            error: result.as_ref().err().cloned().unwrap_or_default(),
+        }));
+        result
+    }
+
+    async fn restore(&self, cmd: &pb::RestoreCommand) -> Result<pb::RestoreResult, String> {
+        let a = cmd
+            .assignment
+            .as_ref()
+            .ok_or("the restore command carries no assignment")?;
+        let node = self.node_client(&a.node_address)?;
+        let path = std::path::PathBuf::from(&cmd.path);
+        if !path.is_absolute() {
+            return Err(format!("restore path {} must be absolute", cmd.path));
+        }
+        let span = tracing::info_span!("restore", source = %cmd.source, point = cmd.point, path = %cmd.path);
+        let o = restore_point(&cmd.source, cmd.point, &path, node)
+            .instrument(span)
+            .await?;
+        tracing::info!(source = %cmd.source, point = o.point, path = %o.path.display(), bytes = o.bytes_written, "restore finished");
+        Ok(pb::RestoreResult {
+            source: cmd.source.clone(),
+            point: o.point,
+            path: o.path.display().to_string(),
+            bytes_written: o.bytes_written,
+            duration_ms: o.duration_ms,
+            agent: self.cfg.name.clone(),
+        })
+    }
+
+    fn hello(&self) -> pb::Hello {
+        pb::Hello {
+            sources: self
+                .cfg
+                .sources
+                .iter()
+                .map(|s| pb::SourceSpec {
+                    name: s.name.clone(),
+                    kind: pb::SourceKind::Volume as i32,
+                    size_bytes: self.sizes.get(&s.name).copied().unwrap_or(0),
+                    block_size: s.block_size,
+                    tracker: s.tracker.clone(),
+                })
+                .collect(),
+            version: bulwark_common::VERSION.to_string(),
+        }
+    }
+}
+
+fn sync_result(name: &str, o: &SyncOutcome) -> pb::SyncResult {
+    pb::SyncResult {
+        source: name.to_string(),
+        point: o.point.id,
+        bytes_sent: o.bytes_sent,
+        blocks_sent: o.blocks_sent,
+        blocks_scanned: o.blocks_scanned,
+        duration_ms: o.duration_ms,
+        kind: o.point.kind,
+    }
+}
+
+/// Holds the state directory for one agent process.
+fn lock_state_dir(cfg: &AgentConfig) -> anyhow::Result<File> {
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("cannot create state_dir {}", cfg.state_dir.display()))?;
+    let path = cfg.state_dir.join("agent.lock");
+    let f = File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
+    f.try_lock().map_err(|_| {
+        anyhow::anyhow!(
+            "another bulwark-agent holds {}; only one agent may use a state_dir",
+            path.display()
+        )
+    })?;
+    Ok(f)
+}
+
+/// Runs the agent until `shutdown` is cancelled.
+pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let identity = TlsIdentity::load(&cfg.tls)?;
+    if identity.me.role != Role::Agent || identity.me.name != cfg.name {
+        bail!(
+            "certificate {} is for {}, but this agent is configured as agent {}; issue one with `bulwark pki issue --role agent --name {}`",
+            cfg.tls.cert.display(),
+            identity.me,
+            cfg.name,
+            cfg.name
+        );
+    }
+    let _state_lock = lock_state_dir(&cfg)?;
+    let mut sizes = HashMap::new();
+    for s in &cfg.sources {
+        let v = Volume::open(&s.path)
+            .with_context(|| format!("data source {}: cannot open {}", s.name, s.path.display()))?;
+        sizes.insert(s.name.clone(), v.size_bytes());
+    }
+    let channel = tls::channel_lazy(&cfg.coordinator, identity.client_config(Role::Coordinator)?)
+        .map_err(anyhow::Error::msg)?;
+    let agent = Arc::new(Agent {
+        coordinator: CoordinatorClient::new(channel),
+        node_tls: identity.client_config(Role::Node)?,
+        node_channels: Mutex::new(HashMap::new()),
+        assignments: Mutex::new(HashMap::new()),
+        running: Mutex::new(HashMap::new()),
+        control_tx: Mutex::new(None),
+        sizes,
+        cfg,
+    });
+    tracing::info!(agent = %agent.cfg.name, sources = agent.cfg.sources.len(), "agent started");
+    for s in agent.cfg.sources.clone() {
+        let (a, stop) = (agent.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(
+                tokio::time::Instant::now() + s.sync_interval,
+                s.sync_interval,
+            );
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {
+                        tracing::info!(source = %s.name, "scheduled sync");
+                        let _ = a.sync(&s.name).await;
+                    }
+                }
+            }
+        });
+    }
+    control_loop(agent, shutdown).await;
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+/// Keeps the control stream open: Hello, then commands; reconnects with backoff.
+async fn control_loop(agent: Arc<Agent>, shutdown: CancellationToken) {
+    let mut failures = 0u32;
+    loop {
+        let session = control_session(agent.clone(), &shutdown);
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = session => r,
+        };
+        *lock(&agent.control_tx) = None;
+        match result {
+            Ok(()) => failures = 0,
+            Err(e) => {
+                failures += 1;
+                if failures == 1 || failures % 10 == 0 {
+                    tracing::warn!(
+                        "control stream to the coordinator failed (attempt {failures}): {e}"
+                    );
+                }
+            }
+        }
+        let wait = Duration::from_millis(500 * u64::from(failures.clamp(1, 20)))
+            .min(Duration::from_secs(10));
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+async fn control_session(agent: Arc<Agent>, shutdown: &CancellationToken) -> Result<(), String> {
+    let (tx, rx) = mpsc::channel::<pb::AgentMessage>(32);
+    tx.send(pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Hello(agent.hello())),
+    })
+    .await
+    .map_err(|_| "control channel closed")?;
+    let mut client = agent.coordinator.clone();
+    let mut commands = client
+        .control(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| tls::explain_status(&agent.cfg.coordinator.to_string(), &s))?
+        .into_inner();
+    *lock(&agent.control_tx) = Some(tx.clone());
+    loop {
+        let cmd = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            c = commands.message() => c.map_err(|s| s.message().to_string())?,
+        };
+        let Some(cmd) = cmd else {
+            return Err("the coordinator closed the control stream".into());
+        };
+        match cmd.cmd {
+            Some(pb::coordinator_command::Cmd::Welcome(w)) => {
+                tracing::info!("connected to the coordinator");
+                for r in w.sources {
+                    match r.assignment {
+                        Some(a) => {
+                            tracing::info!(source = %r.source, node = %a.node, epoch = a.epoch, "assignment");
+                            lock(&agent.assignments).insert(r.source, a);
+                        }
+                        None => tracing::warn!(source = %r.source, "not assigned yet: {}", r.error),
+                    }
+                }
+            }
+            Some(pb::coordinator_command::Cmd::Sync(s)) => {
+                let (a, tx) = (agent.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let outcome = match a.sync(&s.source).await {
+                        Ok(o) => pb::command_result::Outcome::Sync(sync_result(&s.source, &o)),
+                        Err(e) => pb::command_result::Outcome::Error(e),
+                    };
+                    let _ = tx
+                        .send(pb::AgentMessage {
+                            msg: Some(pb::agent_message::Msg::Result(pb::CommandResult {
+                                command_id: s.command_id,
+                                outcome: Some(outcome),
+                            })),
+                        })
+                        .await;
+                });
+            }
+            Some(pb::coordinator_command::Cmd::Restore(r)) => {
+                let (a, tx) = (agent.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let outcome = match a.restore(&r).await {
+                        Ok(res) => pb::command_result::Outcome::Restore(res),
+                        Err(e) => {
+                            tracing::warn!(source = %r.source, "restore failed: {e}");
+                            pb::command_result::Outcome::Error(e)
+                        }
+                    };
+                    let _ = tx
+                        .send(pb::AgentMessage {
+                            msg: Some(pb::agent_message::Msg::Result(pb::CommandResult {
+                                command_id: r.command_id,
+                                outcome: Some(outcome),
+                            })),
+                        })
+                        .await;
+                });
+            }
+            None => {}
+        }
+    }
+}

@@ -1,0 +1,656 @@
+//! The admin CLI, `bulwark`: fleet PKI, listings, and syncs and restores relayed by
+//! the coordinator. Every listing takes `--json`; the exit code is 0 only on success.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, anyhow, bail};
+use bulwark_common::config::{TlsFiles, format_size};
+use bulwark_common::point::{Consistency, PointKind};
+use bulwark_common::time::rfc3339_ms;
+use bulwark_common::tls::{self, Role, Target, TlsIdentity};
+use bulwark_proto as pb;
+use bulwark_proto::coordinator_client::CoordinatorClient;
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Value, json};
+use tonic::transport::Channel;
+
+/// Bulwark admin CLI: manage the fleet's certificates, look at nodes, agents, data
+/// sources and recovery points, and run syncs and restores.
+///
+/// Connection to the coordinator comes from --coordinator/--ca/--cert/--key or the
+/// BULWARK_COORDINATOR/BULWARK_CA/BULWARK_CERT/BULWARK_KEY variables; the
+/// certificate must have the admin role (`bulwark pki issue --role admin`).
+#[derive(Parser, Debug)]
+#[command(name = "bulwark", version, about, long_about)]
+pub struct Cli {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How to reach the coordinator.
+#[derive(Args, Debug, Clone)]
+pub struct ConnArgs {
+    /// Coordinator address, https://host:port.
+    #[arg(long, env = "BULWARK_COORDINATOR", global = true)]
+    pub coordinator: Option<String>,
+    /// Fleet CA certificate (PEM).
+    #[arg(long, env = "BULWARK_CA", global = true)]
+    pub ca: Option<PathBuf>,
+    /// Admin certificate (PEM).
+    #[arg(long, env = "BULWARK_CERT", global = true)]
+    pub cert: Option<PathBuf>,
+    /// Private key of the admin certificate (PEM).
+    #[arg(long, env = "BULWARK_KEY", global = true)]
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Make the fleet CA and sign certificates.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+    /// List storage nodes with their space.
+    Nodes(ListArgs),
+    /// List agents and whether they are connected.
+    Agents(ListArgs),
+    /// List data sources, where they live and their newest point.
+    Sources(ListArgs),
+    /// Sync a data source now.
+    Sync {
+        /// Data source name.
+        source: String,
+        /// Wait until the sync has made its recovery point.
+        #[arg(long)]
+        wait: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the recovery points of a data source, oldest first.
+    Points {
+        /// Data source name.
+        source: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a recovery point to a path on an agent's host.
+    Restore {
+        /// Data source name.
+        source: String,
+        /// Point id (default: the newest).
+        #[arg(long)]
+        point: Option<u64>,
+        /// Absolute path on the agent's host: a new file, or a block device.
+        #[arg(long)]
+        to: PathBuf,
+        /// Agent that writes the restore (default: the source's own agent).
+        #[arg(long)]
+        agent: Option<String>,
+        /// Wait until the restore is written and checked.
+        #[arg(long)]
+        wait: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a whole fleet on this machine, protect a sample volume, restore it, and
+    /// clean up.
+    Demo {
+        /// Keep the demo's directory instead of deleting it.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PkiCommand {
+    /// Create a fleet CA (ca.crt, ca.key) in DIR.
+    Init {
+        /// Directory for the CA files.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Trust domain of the fleet (in every SPIFFE id).
+        #[arg(long, default_value = "bulwark.local")]
+        trust_domain: String,
+    },
+    /// Sign a certificate for one process: writes DIR/NAME.crt and DIR/NAME.key.
+    Issue {
+        /// Directory holding ca.crt and ca.key.
+        #[arg(long)]
+        dir: PathBuf,
+        /// coordinator, node, agent or admin.
+        #[arg(long, value_parser = |s: &str| s.parse::<Role>())]
+        role: Role,
+        /// Name of the process (node name, agent name, ...).
+        #[arg(long)]
+        name: String,
+        /// DNS name others dial this server by (repeatable).
+        #[arg(long)]
+        dns: Vec<String>,
+        /// IP address others dial this server by (repeatable).
+        #[arg(long)]
+        ip: Vec<IpAddr>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365, allow_negative_numbers = true)]
+        days: i64,
+    },
+}
+
+/// A connected admin client.
+pub struct Admin {
+    pub client: CoordinatorClient<Channel>,
+    pub target: String,
+}
+
+impl Admin {
+    /// Connects with the given files.
+    pub async fn connect(coordinator: &str, files: &TlsFiles) -> anyhow::Result<Admin> {
+        let identity = TlsIdentity::load(files)?;
+        let target = Target::parse(coordinator).map_err(|m| anyhow!("--coordinator: {m}"))?;
+        let channel = tls::channel(&target, identity.client_config(Role::Coordinator)?)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        Ok(Admin {
+            client: CoordinatorClient::new(channel)
+                .max_decoding_message_size(bulwark_common::MAX_MESSAGE_BYTES),
+            target: target.to_string(),
+        })
+    }
+
+    fn err(&self, s: tonic::Status) -> anyhow::Error {
+        anyhow!(tls::explain_status(
+            &format!("coordinator {}", self.target),
+            &s
+        ))
+    }
+
+    /// Runs a sync and waits for its result.
+    pub async fn sync_wait(&mut self, source: &str) -> anyhow::Result<pb::SyncResult> {
+        let r = self
+            .client
+            .sync(pb::SyncRequest {
+                source: source.into(),
+                wait: true,
+            })
+            .await
+            .map_err(|s| self.err(s))?
+            .into_inner();
+        r.result
+            .ok_or_else(|| anyhow!("the coordinator returned no sync result"))
+    }
+
+    /// Runs a restore and waits for its result.
+    pub async fn restore_wait(
+        &mut self,
+        source: &str,
+        point: u64,
+        to: &Path,
+        agent: Option<&str>,
+    ) -> anyhow::Result<pb::RestoreResult> {
+        let r = self
+            .client
+            .restore(pb::RestoreRequest {
+                source: source.into(),
+                point,
+                path: to.display().to_string(),
+                agent: agent.unwrap_or_default().to_string(),
+                wait: true,
+            })
+            .await
+            .map_err(|s| self.err(s))?
+            .into_inner();
+        r.result
+            .ok_or_else(|| anyhow!("the coordinator returned no restore result"))
+    }
+
+    /// Points of a source, oldest first.
+    pub async fn points(&mut self, source: &str) -> anyhow::Result<Vec<pb::Point>> {
+        Ok(self
+            .client
+            .list_points(pb::ListPointsRequest {
+                source: source.into(),
+            })
+            .await
+            .map_err(|s| self.err(s))?
+            .into_inner()
+            .points)
+    }
+}
+
+fn conn_files(c: &ConnArgs) -> anyhow::Result<(String, TlsFiles)> {
+    let missing =
+        |what: &str, flag: &str, var: &str| anyhow!("no {what}: pass {flag} or set {var}");
+    let coordinator = c.coordinator.clone().ok_or_else(|| {
+        missing(
+            "coordinator address",
+            "--coordinator",
+            "BULWARK_COORDINATOR",
+        )
+    })?;
+    let files = TlsFiles {
+        ca: c
+            .ca
+            .clone()
+            .ok_or_else(|| missing("CA certificate", "--ca", "BULWARK_CA"))?,
+        cert: c
+            .cert
+            .clone()
+            .ok_or_else(|| missing("admin certificate", "--cert", "BULWARK_CERT"))?,
+        key: c
+            .key
+            .clone()
+            .ok_or_else(|| missing("admin key", "--key", "BULWARK_KEY"))?,
+    };
+    Ok((coordinator, files))
+}
+
+/// Prints rows as aligned columns under a header.
+fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{:<w$}", c, w = widths[i]))
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+fn print_json(v: &Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn kind_word(kind: i32) -> &'static str {
+    PointKind::from_proto(kind).map_or("unknown", PointKind::as_str)
+}
+
+/// JSON of a point, as `bulwark points --json` prints it.
+pub fn point_json(p: &pb::Point) -> Value {
+    json!({
+        "id": p.id,
+        "created_at": rfc3339_ms(p.created_at_ms),
+        "consistency": Consistency::from_proto(p.consistency).as_str(),
+        "kind": kind_word(p.kind),
+        "blocks_changed": p.blocks_changed,
+        "bytes_changed": p.bytes_changed,
+    })
+}
+
+/// JSON of a sync result, as `bulwark sync --wait --json` prints it.
+pub fn sync_json(r: &pb::SyncResult, agent: &str) -> Value {
+    json!({
+        "source": r.source,
+        "agent": agent,
+        "point": r.point,
+        "kind": kind_word(r.kind),
+        "bytes_sent": r.bytes_sent,
+        "blocks_sent": r.blocks_sent,
+        "blocks_scanned": r.blocks_scanned,
+        "duration_ms": r.duration_ms,
+    })
+}
+
+/// One line about a finished sync, for people.
+pub fn sync_line(r: &pb::SyncResult) -> String {
+    format!(
+        "{}: point {} ({}): {} of {} blocks sent ({}) in {:.1} s",
+        r.source,
+        r.point,
+        kind_word(r.kind),
+        r.blocks_sent,
+        r.blocks_scanned,
+        format_size(r.bytes_sent),
+        r.duration_ms as f64 / 1000.0
+    )
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Pki(p) => return pki(p),
+        Command::Demo { keep } => return crate::demo::run(keep).await,
+        _ => {}
+    }
+    let (coordinator, files) = conn_files(&cli.conn)?;
+    let mut admin = Admin::connect(&coordinator, &files).await?;
+    match cli.command {
+        Command::Nodes(a) => {
+            let nodes = admin
+                .client
+                .list_nodes(pb::ListNodesRequest {})
+                .await
+                .map_err(|s| admin.err(s))?
+                .into_inner()
+                .nodes;
+            if a.json {
+                print_json(&Value::Array(
+                    nodes
+                        .iter()
+                        .map(|n| {
+                            json!({
+                                "name": n.name, "address": n.address, "state": n.state,
+                                "capacity_bytes": n.capacity_bytes, "allocated_bytes": n.allocated_bytes,
+                                "used_bytes": n.used_bytes, "sources": n.sources,
+                                "live_streams": n.live_streams, "last_seen": rfc3339_ms(n.last_seen_ms),
+                            })
+                        })
+                        .collect(),
+                ))?;
+            } else {
+                let rows: Vec<Vec<String>> = nodes
+                    .iter()
+                    .map(|n| {
+                        vec![
+                            n.name.clone(),
+                            n.address.clone(),
+                            n.state.clone(),
+                            format_size(n.capacity_bytes),
+                            format_size(n.allocated_bytes),
+                            format_size(n.used_bytes),
+                            n.sources.to_string(),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &[
+                        "NAME",
+                        "ADDRESS",
+                        "STATE",
+                        "CAPACITY",
+                        "ALLOCATED",
+                        "USED",
+                        "SOURCES",
+                    ],
+                    &rows,
+                );
+            }
+        }
+        Command::Agents(a) => {
+            let agents = admin
+                .client
+                .list_agents(pb::ListAgentsRequest {})
+                .await
+                .map_err(|s| admin.err(s))?
+                .into_inner()
+                .agents;
+            if a.json {
+                print_json(&Value::Array(
+                    agents
+                        .iter()
+                        .map(|g| {
+                            json!({
+                                "name": g.name, "connected": g.connected, "sources": g.sources,
+                                "last_seen": rfc3339_ms(g.last_seen_ms), "version": g.version,
+                            })
+                        })
+                        .collect(),
+                ))?;
+            } else {
+                let rows: Vec<Vec<String>> = agents
+                    .iter()
+                    .map(|g| {
+                        vec![
+                            g.name.clone(),
+                            if g.connected {
+                                "connected"
+                            } else {
+                                "disconnected"
+                            }
+                            .into(),
+                            g.sources.join(","),
+                            rfc3339_ms(g.last_seen_ms),
+                        ]
+                    })
+                    .collect();
+                table(&["NAME", "STATE", "SOURCES", "LAST SEEN"], &rows);
+            }
+        }
+        Command::Sources(a) => {
+            let sources = admin
+                .client
+                .list_sources(pb::ListSourcesRequest {})
+                .await
+                .map_err(|s| admin.err(s))?
+                .into_inner()
+                .sources;
+            if a.json {
+                print_json(&Value::Array(
+                    sources
+                        .iter()
+                        .map(|s| {
+                            json!({
+                                "name": s.name, "agent": s.agent, "node": s.node,
+                                "kind": if s.kind == pb::SourceKind::Log as i32 { "log" } else { "volume" },
+                                "state": s.state, "size_bytes": s.size_bytes, "last_point": s.last_point,
+                                "epoch": s.epoch, "block_size": s.block_size,
+                                "last_sync": rfc3339_ms(s.last_sync_ms), "error": s.error,
+                                "allocated_bytes": s.allocated_bytes,
+                            })
+                        })
+                        .collect(),
+                ))?;
+            } else {
+                let rows: Vec<Vec<String>> = sources
+                    .iter()
+                    .map(|s| {
+                        vec![
+                            s.name.clone(),
+                            s.agent.clone(),
+                            if s.node.is_empty() {
+                                "-".into()
+                            } else {
+                                s.node.clone()
+                            },
+                            s.state.clone(),
+                            format_size(s.size_bytes),
+                            if s.last_point == 0 {
+                                "-".into()
+                            } else {
+                                s.last_point.to_string()
+                            },
+                            s.error.clone(),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &[
+                        "NAME",
+                        "AGENT",
+                        "NODE",
+                        "STATE",
+                        "SIZE",
+                        "LAST POINT",
+                        "ERROR",
+                    ],
+                    &rows,
+                );
+            }
+        }
+        Command::Sync { source, wait, json } => {
+            if wait {
+                let agent = admin
+                    .client
+                    .list_sources(pb::ListSourcesRequest {})
+                    .await
+                    .ok()
+                    .and_then(|r| {
+                        r.into_inner()
+                            .sources
+                            .into_iter()
+                            .find(|s| s.name == source)
+                            .map(|s| s.agent)
+                    })
+                    .unwrap_or_default();
+                let r = admin.sync_wait(&source).await?;
+                if json {
+                    print_json(&sync_json(&r, &agent))?;
+                } else {
+                    println!("{}", sync_line(&r));
+                }
+            } else {
+                let r = admin
+                    .client
+                    .sync(pb::SyncRequest {
+                        source: source.clone(),
+                        wait: false,
+                    })
+                    .await
+                    .map_err(|s| admin.err(s))?
+                    .into_inner();
+                if json {
+                    print_json(&json!({"source": source, "agent": r.agent, "started": true}))?;
+                } else {
+                    println!("sync of {source} started on agent {}", r.agent);
+                }
+            }
+        }
+        Command::Points { source, json } => {
+            let points = admin.points(&source).await?;
+            if json {
+                print_json(&Value::Array(points.iter().map(point_json).collect()))?;
+            } else {
+                let rows: Vec<Vec<String>> = points
+                    .iter()
+                    .map(|p| {
+                        vec![
+                            p.id.to_string(),
+                            rfc3339_ms(p.created_at_ms),
+                            Consistency::from_proto(p.consistency).as_str().into(),
+                            kind_word(p.kind).into(),
+                            p.blocks_changed.to_string(),
+                            format_size(p.bytes_changed),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &["ID", "CREATED", "CONSISTENCY", "KIND", "BLOCKS", "CHANGED"],
+                    &rows,
+                );
+            }
+        }
+        Command::Restore {
+            source,
+            point,
+            to,
+            agent,
+            wait,
+            json,
+        } => {
+            if !to.is_absolute() {
+                bail!(
+                    "--to {} must be an absolute path on the agent's host",
+                    to.display()
+                );
+            }
+            if wait {
+                let r = admin
+                    .restore_wait(&source, point.unwrap_or(0), &to, agent.as_deref())
+                    .await?;
+                if json {
+                    print_json(&json!({
+                        "source": r.source, "point": r.point, "path": r.path, "agent": r.agent,
+                        "bytes_written": r.bytes_written, "duration_ms": r.duration_ms,
+                    }))?;
+                } else {
+                    println!(
+                        "{}: point {} restored to {} on agent {} ({} in {:.1} s), every block checked",
+                        r.source,
+                        r.point,
+                        r.path,
+                        r.agent,
+                        format_size(r.bytes_written),
+                        r.duration_ms as f64 / 1000.0
+                    );
+                }
+            } else {
+                let r = admin
+                    .client
+                    .restore(pb::RestoreRequest {
+                        source: source.clone(),
+                        point: point.unwrap_or(0),
+                        path: to.display().to_string(),
+                        agent: agent.unwrap_or_default(),
+                        wait: false,
+                    })
+                    .await
+                    .map_err(|s| admin.err(s))?
+                    .into_inner();
+                if json {
+                    print_json(&json!({"source": source, "agent": r.agent, "started": true}))?;
+                } else {
+                    println!("restore of {source} started on agent {}", r.agent);
+                }
+            }
+        }
+        Command::Pki(_) | Command::Demo { .. } => {}
+    }
+    Ok(())
+}
+
+fn pki(cmd: PkiCommand) -> anyhow::Result<()> {
+    match cmd {
+        PkiCommand::Init { dir, trust_domain } => {
+            let crt = bulwark_common::pki::init(&dir, &trust_domain)?;
+            println!(
+                "fleet CA for trust domain {trust_domain} written to {} (key: {})",
+                crt.display(),
+                dir.join("ca.key").display()
+            );
+            println!("keep ca.key offline; copy only ca.crt to the fleet's hosts");
+        }
+        PkiCommand::Issue {
+            dir,
+            role,
+            name,
+            dns,
+            ip,
+            days,
+        } => {
+            let issued = bulwark_common::pki::issue(
+                &dir,
+                &bulwark_common::pki::LeafRequest {
+                    role,
+                    name,
+                    dns,
+                    ips: ip,
+                    days,
+                },
+            )
+            .with_context(|| {
+                format!(
+                    "cannot issue a certificate with the CA in {}",
+                    dir.display()
+                )
+            })?;
+            println!(
+                "{} signed: {} (key {})",
+                issued.spiffe_id,
+                issued.cert.display(),
+                issued.key.display()
+            );
+        }
+    }
+    Ok(())
+}

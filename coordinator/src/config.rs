@@ -1,0 +1,52 @@
+//! `coordinator.toml`: what an operator writes, and its checked runtime form.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bulwark_common::config::{ConfigError, HumanDuration, TlsFiles, resolve};
+use serde::Deserialize;
+
+/// The file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorToml {
+    /// Address to listen on for nodes, agents and the CLI (`127.0.0.1:7440`).
+    pub listen: String,
+    /// Where the registry (sled) lives.
+    pub data_dir: PathBuf,
+    /// A node that has not reported for this long is `down` and gets no new sources.
+    #[serde(default = "default_node_timeout")]
+    pub node_timeout: HumanDuration,
+    /// The fleet CA and the coordinator's certificate.
+    pub tls: TlsFiles,
+}
+
+fn default_node_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+
+/// Checked configuration.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub node_timeout: Duration,
+    pub tls: TlsFiles,
+}
+
+impl CoordinatorConfig {
+    /// Loads and checks `path`.
+    pub fn load(path: &Path) -> Result<CoordinatorConfig, ConfigError> {
+        let t: CoordinatorToml = bulwark_common::config::load(path)?;
+        let listen: SocketAddr = t.listen.parse().map_err(|_| {
+            ConfigError::invalid(path, "listen", format!("\"{}\" is not host:port", t.listen))
+        })?;
+        Ok(CoordinatorConfig {
+            listen,
+            data_dir: resolve(path, &t.data_dir),
+            node_timeout: t.node_timeout.0,
+            tls: t.tls.relative_to(path),
+        })
+    }
+}

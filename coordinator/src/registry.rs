@@ -1,0 +1,700 @@
+//! The coordinator's registry: nodes, agents and data sources in sled, placement of
+//! new data sources, and the live control streams of connected agents.
+//!
+//! Records are JSON with a format version `v`. Every change that placement depends
+//! on happens under one mutex, so two sources registered at once cannot both take the
+//! last free space of a node.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bulwark_common::time::now_ms;
+use bulwark_proto as pb;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tonic::Status;
+
+const FORMAT_VERSION: u32 = 1;
+
+/// A registry operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("registry store: {0}")]
+    Store(String),
+    #[error("no data source named {0}")]
+    UnknownSource(String),
+    #[error("data source {source_name} belongs to agent {owner}, not {agent}")]
+    NotOwner {
+        source_name: String,
+        owner: String,
+        agent: String,
+    },
+    #[error("data source {0} has no storage node yet: {1}")]
+    Unassigned(String, String),
+    #[error("no storage node named {0}")]
+    UnknownNode(String),
+    #[error("agent {0} is not connected")]
+    AgentOffline(String),
+    #[error("invalid data source {0}: {1}")]
+    InvalidSource(String, String),
+}
+
+impl From<sled::Error> for RegistryError {
+    fn from(e: sled::Error) -> Self {
+        RegistryError::Store(e.to_string())
+    }
+}
+
+impl From<RegistryError> for Status {
+    fn from(e: RegistryError) -> Status {
+        match &e {
+            RegistryError::Store(_) => {
+                tracing::error!("{e}");
+                Status::internal(e.to_string())
+            }
+            RegistryError::UnknownSource(_) | RegistryError::UnknownNode(_) => {
+                Status::not_found(e.to_string())
+            }
+            RegistryError::NotOwner { .. } => Status::permission_denied(e.to_string()),
+            RegistryError::Unassigned(..) | RegistryError::AgentOffline(_) => {
+                Status::failed_precondition(e.to_string())
+            }
+            RegistryError::InvalidSource(..) => Status::invalid_argument(e.to_string()),
+        }
+    }
+}
+
+type Result<T, E = RegistryError> = std::result::Result<T, E>;
+
+/// A storage node as last reported.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub v: u32,
+    pub name: String,
+    pub address: String,
+    pub capacity_bytes: u64,
+    pub allocated_bytes: u64,
+    pub used_bytes: u64,
+    pub live_streams: u32,
+    pub last_seen_ms: i64,
+    pub version: String,
+}
+
+/// An agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentRecord {
+    pub v: u32,
+    pub name: String,
+    pub last_seen_ms: i64,
+    pub version: String,
+    pub sources: Vec<String>,
+}
+
+/// A data source and its assignment.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SourceRecord {
+    pub v: u32,
+    pub name: String,
+    pub agent: String,
+    pub kind: String,
+    pub tracker: String,
+    pub size_bytes: u64,
+    pub block_size: u32,
+    /// The node holding it; `None` until placed.
+    pub node: Option<String>,
+    /// Bumped whenever the assignment changes; the node refuses other epochs.
+    pub epoch: u64,
+    pub allocated_bytes: u64,
+    pub state: String,
+    pub error: String,
+    pub last_point: u64,
+    pub last_sync_ms: i64,
+    pub created_ms: i64,
+}
+
+/// Outcome of a command an agent ran.
+pub type CommandOutcome = std::result::Result<pb::command_result::Outcome, String>;
+
+struct Connection {
+    id: u64,
+    tx: mpsc::Sender<Result<pb::CoordinatorCommand, Status>>,
+}
+
+/// The registry.
+pub struct Registry {
+    db: sled::Db,
+    nodes: sled::Tree,
+    agents: sled::Tree,
+    sources: sled::Tree,
+    node_timeout: Duration,
+    placement: Mutex<()>,
+    connections: Mutex<HashMap<String, Connection>>,
+    pending: Mutex<HashMap<u64, (String, oneshot::Sender<CommandOutcome>)>>,
+    next_id: AtomicU64,
+}
+
+fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(|e| RegistryError::Store(e.to_string()))
+}
+
+fn dec<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T> {
+    serde_json::from_slice(b).map_err(|e| RegistryError::Store(format!("unreadable record: {e}")))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Registry {
+    /// Opens the registry in `data_dir`.
+    pub fn open(data_dir: &std::path::Path, node_timeout: Duration) -> Result<Registry> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| RegistryError::Store(format!("{}: {e}", data_dir.display())))?;
+        let db = sled::Config::new()
+            .path(data_dir.join("registry"))
+            .cache_capacity(16 * 1024 * 1024)
+            .open()
+            .map_err(|e| {
+                RegistryError::Store(format!(
+                    "cannot open {}: {e}",
+                    data_dir.join("registry").display()
+                ))
+            })?;
+        Ok(Registry {
+            nodes: db.open_tree("nodes")?,
+            agents: db.open_tree("agents")?,
+            sources: db.open_tree("sources")?,
+            db,
+            node_timeout,
+            placement: Mutex::new(()),
+            connections: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    /// Makes every write so far durable.
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Whether a node is up (reported within the node timeout).
+    pub fn node_up(&self, n: &NodeRecord) -> bool {
+        now_ms() - n.last_seen_ms <= self.node_timeout.as_millis() as i64
+    }
+
+    /// Every node, by name.
+    pub fn nodes(&self) -> Result<Vec<NodeRecord>> {
+        self.nodes.iter().map(|r| dec(&r?.1)).collect()
+    }
+
+    /// One node.
+    pub fn node(&self, name: &str) -> Result<Option<NodeRecord>> {
+        self.nodes.get(name)?.map(|v| dec(&v)).transpose()
+    }
+
+    /// Every agent, by name.
+    pub fn agents(&self) -> Result<Vec<AgentRecord>> {
+        self.agents.iter().map(|r| dec(&r?.1)).collect()
+    }
+
+    /// Every data source, by name.
+    pub fn sources(&self) -> Result<Vec<SourceRecord>> {
+        self.sources.iter().map(|r| dec(&r?.1)).collect()
+    }
+
+    /// One data source.
+    pub fn source(&self, name: &str) -> Result<SourceRecord> {
+        self.sources
+            .get(name)?
+            .map(|v| dec(&v))
+            .transpose()?
+            .ok_or_else(|| RegistryError::UnknownSource(name.to_string()))
+    }
+
+    fn put_source(&self, s: &SourceRecord) -> Result<()> {
+        self.sources.insert(s.name.as_bytes(), enc(s)?)?;
+        Ok(())
+    }
+
+    /// Records a node's registration.
+    pub fn register_node(&self, name: &str, req: &pb::RegisterNodeRequest) -> Result<()> {
+        let _g = lock(&self.placement);
+        let mut rec = self.node(name)?.unwrap_or(NodeRecord {
+            v: FORMAT_VERSION,
+            name: name.to_string(),
+            address: String::new(),
+            capacity_bytes: 0,
+            allocated_bytes: 0,
+            used_bytes: 0,
+            live_streams: 0,
+            last_seen_ms: 0,
+            version: String::new(),
+        });
+        rec.address = req.address.clone();
+        rec.capacity_bytes = req.capacity_bytes;
+        rec.version = req.version.clone();
+        rec.last_seen_ms = now_ms();
+        self.nodes.insert(name.as_bytes(), enc(&rec)?)?;
+        self.db.flush()?;
+        tracing::info!(node = name, address = %req.address, capacity = req.capacity_bytes, "node registered");
+        Ok(())
+    }
+
+    /// Records a heartbeat; `None` if the node never registered.
+    pub fn heartbeat(&self, name: &str, hb: &pb::NodeHeartbeatRequest) -> Result<Option<()>> {
+        let _g = lock(&self.placement);
+        let Some(mut rec) = self.node(name)? else {
+            return Ok(None);
+        };
+        if !self.node_up(&rec) {
+            tracing::info!(node = name, "node is up again");
+        }
+        rec.capacity_bytes = hb.capacity_bytes;
+        rec.allocated_bytes = hb.allocated_bytes;
+        rec.used_bytes = hb.used_bytes;
+        rec.live_streams = hb.live_streams;
+        rec.last_seen_ms = now_ms();
+        self.nodes.insert(name.as_bytes(), enc(&rec)?)?;
+        for u in &hb.sources {
+            if let Ok(mut s) = self.source(&u.source) {
+                if s.node.as_deref() == Some(name) && s.last_point != u.newest_point {
+                    s.last_point = u.newest_point;
+                    self.put_source(&s)?;
+                }
+            }
+        }
+        Ok(Some(()))
+    }
+
+    /// Assignments of the sources on `node`.
+    pub fn assignments_of(&self, node: &str) -> Result<Vec<pb::Assignment>> {
+        let addr = self.node(node)?.map(|n| n.address).unwrap_or_default();
+        Ok(self
+            .sources()?
+            .into_iter()
+            .filter(|s| s.node.as_deref() == Some(node))
+            .map(|s| assignment(&s, node, &addr))
+            .collect())
+    }
+
+    /// Sum of what the coordinator has allocated on each node.
+    fn allocated_by_node(&self) -> Result<HashMap<String, u64>> {
+        let mut m = HashMap::new();
+        for s in self.sources()? {
+            if let Some(n) = s.node {
+                *m.entry(n).or_insert(0) += s.allocated_bytes;
+            }
+        }
+        Ok(m)
+    }
+
+    /// Picks a node for a source that needs `need` bytes: among the up nodes it fits
+    /// on, the one with the most free space (ties by name). Call under `placement`.
+    fn choose_node(&self, need: u64) -> Result<std::result::Result<NodeRecord, String>> {
+        let nodes = self.nodes()?;
+        if nodes.is_empty() {
+            return Ok(Err("no storage node has registered".into()));
+        }
+        let allocated = self.allocated_by_node()?;
+        let mut best: Option<(u64, NodeRecord)> = None;
+        let mut largest_free = 0;
+        for n in nodes.into_iter().filter(|n| self.node_up(n)) {
+            let used = allocated
+                .get(&n.name)
+                .copied()
+                .unwrap_or(0)
+                .max(n.allocated_bytes);
+            let free = n.capacity_bytes.saturating_sub(used);
+            largest_free = largest_free.max(free);
+            if free >= need && best.as_ref().is_none_or(|(f, _)| free > *f) {
+                best = Some((free, n));
+            }
+        }
+        Ok(match best {
+            Some((_, n)) => Ok(n),
+            None => Err(format!(
+                "no up storage node has room: it needs {} and the most free on one node is {}",
+                bulwark_common::config::format_size(need),
+                bulwark_common::config::format_size(largest_free)
+            )),
+        })
+    }
+
+    /// Registers an agent's data sources (its Hello) and places the new ones.
+    pub fn hello(&self, agent: &str, hello: &pb::Hello) -> Result<Vec<pb::SourceRegistration>> {
+        let _g = lock(&self.placement);
+        let mut out = Vec::new();
+        let mut names = Vec::new();
+        for spec in &hello.sources {
+            let reg = match self.register_source(agent, spec) {
+                Ok(a) => {
+                    names.push(spec.name.clone());
+                    let error = match &a {
+                        Some(_) => String::new(),
+                        None => self.source(&spec.name).map(|s| s.error).unwrap_or_default(),
+                    };
+                    pb::SourceRegistration {
+                        source: spec.name.clone(),
+                        assignment: a,
+                        error,
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(agent, source = %spec.name, "source not registered: {e}");
+                    pb::SourceRegistration {
+                        source: spec.name.clone(),
+                        assignment: None,
+                        error: e.to_string(),
+                    }
+                }
+            };
+            out.push(reg);
+        }
+        let rec = AgentRecord {
+            v: FORMAT_VERSION,
+            name: agent.to_string(),
+            last_seen_ms: now_ms(),
+            version: hello.version.clone(),
+            sources: names,
+        };
+        self.agents.insert(agent.as_bytes(), enc(&rec)?)?;
+        self.db.flush()?;
+        Ok(out)
+    }
+
+    fn register_source(
+        &self,
+        agent: &str,
+        spec: &pb::SourceSpec,
+    ) -> Result<Option<pb::Assignment>> {
+        if !bulwark_common::pki::valid_name(&spec.name) {
+            return Err(RegistryError::InvalidSource(
+                spec.name.clone(),
+                "invalid name".into(),
+            ));
+        }
+        if let Err(e) = bulwark_common::block::Geometry::new(spec.size_bytes, spec.block_size) {
+            return Err(RegistryError::InvalidSource(
+                spec.name.clone(),
+                e.to_string(),
+            ));
+        }
+        let kind = match pb::SourceKind::try_from(spec.kind) {
+            Ok(pb::SourceKind::Volume) => "volume",
+            Ok(pb::SourceKind::Log) => "log",
+            _ => {
+                return Err(RegistryError::InvalidSource(
+                    spec.name.clone(),
+                    "unknown kind".into(),
+                ));
+            }
+        };
+        let mut rec = match self.source(&spec.name) {
+            Ok(existing) => {
+                if existing.agent != agent {
+                    return Err(RegistryError::NotOwner {
+                        source_name: spec.name.clone(),
+                        owner: existing.agent,
+                        agent: agent.to_string(),
+                    });
+                }
+                if existing.size_bytes != spec.size_bytes || existing.block_size != spec.block_size
+                {
+                    return Err(RegistryError::InvalidSource(
+                        spec.name.clone(),
+                        format!(
+                            "it was registered as {} bytes in blocks of {}, now it is {} bytes in blocks of {}; resizing is not supported",
+                            existing.size_bytes,
+                            existing.block_size,
+                            spec.size_bytes,
+                            spec.block_size
+                        ),
+                    ));
+                }
+                existing
+            }
+            Err(RegistryError::UnknownSource(_)) => SourceRecord {
+                v: FORMAT_VERSION,
+                name: spec.name.clone(),
+                agent: agent.to_string(),
+                kind: kind.to_string(),
+                tracker: spec.tracker.clone(),
+                size_bytes: spec.size_bytes,
+                block_size: spec.block_size,
+                node: None,
+                epoch: 0,
+                allocated_bytes: bulwark_common::alloc::default_total(spec.size_bytes),
+                state: "ok".into(),
+                error: String::new(),
+                last_point: 0,
+                last_sync_ms: 0,
+                created_ms: now_ms(),
+            },
+            Err(e) => return Err(e),
+        };
+        rec.tracker = spec.tracker.clone();
+        let assignment = self.place_locked(&mut rec)?;
+        self.put_source(&rec)?;
+        Ok(assignment)
+    }
+
+    /// Places `rec` if it has no node; returns its assignment if it has one.
+    fn place_locked(&self, rec: &mut SourceRecord) -> Result<Option<pb::Assignment>> {
+        if rec.node.is_none() {
+            match self.choose_node(rec.allocated_bytes)? {
+                Ok(n) => {
+                    tracing::info!(source = %rec.name, node = %n.name, "data source placed");
+                    rec.node = Some(n.name.clone());
+                    rec.epoch += 1;
+                    if rec.state == "error" {
+                        rec.state = "ok".into();
+                    }
+                    rec.error.clear();
+                }
+                Err(why) => {
+                    rec.state = "error".into();
+                    rec.error = why;
+                    return Ok(None);
+                }
+            }
+        }
+        let node = rec.node.clone().unwrap_or_default();
+        let addr = self.node(&node)?.map(|n| n.address).unwrap_or_default();
+        Ok(Some(assignment(rec, &node, &addr)))
+    }
+
+    /// The assignment of `source`, placing it now if needed.
+    pub fn assignment(&self, source: &str) -> Result<pb::Assignment> {
+        let _g = lock(&self.placement);
+        let mut rec = self.source(source)?;
+        let a = self.place_locked(&mut rec)?;
+        self.put_source(&rec)?;
+        a.ok_or_else(|| RegistryError::Unassigned(source.to_string(), rec.error.clone()))
+    }
+
+    /// Records what an agent said about a sync.
+    pub fn sync_report(&self, agent: &str, r: &pb::SyncReport) -> Result<()> {
+        let _g = lock(&self.placement);
+        let mut s = self.source(&r.source)?;
+        if s.agent != agent {
+            return Err(RegistryError::NotOwner {
+                source_name: r.source.clone(),
+                owner: s.agent,
+                agent: agent.to_string(),
+            });
+        }
+        match (&r.result, r.error.is_empty()) {
+            (Some(res), _) => {
+                s.state = "ok".into();
+                s.error.clear();
+                s.last_point = res.point;
+                s.last_sync_ms = now_ms();
+            }
+            (None, false) => {
+                s.state = "error".into();
+                s.error = r.error.clone();
+            }
+            (None, true) => s.state = "syncing".into(),
+        }
+        self.put_source(&s)?;
+        Ok(())
+    }
+
+    /// Attaches an agent's control stream; returns its connection id.
+    pub fn connect(
+        &self,
+        agent: &str,
+        tx: mpsc::Sender<Result<pb::CoordinatorCommand, Status>>,
+    ) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        lock(&self.connections).insert(agent.to_string(), Connection { id, tx });
+        id
+    }
+
+    /// Detaches a control stream (if it is still the current one) and fails the
+    /// commands that were waiting on it.
+    pub fn disconnect(&self, agent: &str, id: u64) {
+        let mut conns = lock(&self.connections);
+        if conns.get(agent).is_some_and(|c| c.id == id) {
+            conns.remove(agent);
+            drop(conns);
+            let mut pending = lock(&self.pending);
+            let ids: Vec<u64> = pending
+                .iter()
+                .filter(|(_, (a, _))| a == agent)
+                .map(|(k, _)| *k)
+                .collect();
+            for k in ids {
+                if let Some((_, tx)) = pending.remove(&k) {
+                    let _ = tx.send(Err(format!("agent {agent} disconnected before finishing")));
+                }
+            }
+            if let Ok(Some(v)) = self.agents.get(agent) {
+                if let Ok(mut rec) = dec::<AgentRecord>(&v) {
+                    rec.last_seen_ms = now_ms();
+                    let _ = enc(&rec).map(|b| self.agents.insert(agent.as_bytes(), b));
+                }
+            }
+        }
+    }
+
+    /// Whether an agent has a live control stream.
+    pub fn connected(&self, agent: &str) -> bool {
+        lock(&self.connections).contains_key(agent)
+    }
+
+    /// Sends a command to an agent; the receiver gets its outcome.
+    pub async fn dispatch(
+        &self,
+        agent: &str,
+        make: impl FnOnce(u64) -> pb::coordinator_command::Cmd,
+    ) -> Result<oneshot::Receiver<CommandOutcome>> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let tx = lock(&self.connections)
+            .get(agent)
+            .map(|c| c.tx.clone())
+            .ok_or_else(|| RegistryError::AgentOffline(agent.to_string()))?;
+        let (otx, orx) = oneshot::channel();
+        lock(&self.pending).insert(id, (agent.to_string(), otx));
+        let cmd = pb::CoordinatorCommand {
+            cmd: Some(make(id)),
+        };
+        if tx.send(Ok(cmd)).await.is_err() {
+            lock(&self.pending).remove(&id);
+            return Err(RegistryError::AgentOffline(agent.to_string()));
+        }
+        Ok(orx)
+    }
+
+    /// Delivers a command result from `agent`.
+    pub fn complete(&self, agent: &str, r: pb::CommandResult) {
+        let mut pending = lock(&self.pending);
+        match pending.get(&r.command_id) {
+            Some((a, _)) if a == agent => {}
+            _ => {
+                tracing::warn!(
+                    agent,
+                    command = r.command_id,
+                    "result for an unknown command ignored"
+                );
+                return;
+            }
+        }
+        if let Some((_, tx)) = pending.remove(&r.command_id) {
+            let outcome = match r.outcome {
+                Some(pb::command_result::Outcome::Error(e)) => Err(e),
+                Some(o) => Ok(o),
+                None => Err("the agent sent an empty result".into()),
+            };
+            let _ = tx.send(outcome);
+        }
+    }
+}
+
+fn assignment(s: &SourceRecord, node: &str, addr: &str) -> pb::Assignment {
+    pb::Assignment {
+        source: s.name.clone(),
+        agent: s.agent.clone(),
+        node: node.to_string(),
+        node_address: addr.to_string(),
+        epoch: s.epoch,
+        size_bytes: s.size_bytes,
+        block_size: s.block_size,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(reg: &Registry, name: &str, cap: u64) {
+        reg.register_node(
+            name,
+            &pb::RegisterNodeRequest {
+                address: format!("https://127.0.0.1:1/{name}"),
+                capacity_bytes: cap,
+                disks: vec![],
+                version: "t".into(),
+            },
+        )
+        .expect("register");
+    }
+
+    fn spec(name: &str, size: u64) -> pb::SourceSpec {
+        pb::SourceSpec {
+            name: name.into(),
+            kind: pb::SourceKind::Volume as i32,
+            size_bytes: size,
+            block_size: 65536,
+            tracker: "fingerprint".into(),
+        }
+    }
+
+    #[test]
+    fn places_on_the_node_with_most_free_space_and_keeps_owners() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reg = Registry::open(dir.path(), Duration::from_secs(60)).expect("open");
+        let gib = 1u64 << 30;
+        let hello = pb::Hello {
+            sources: vec![spec("a", gib)],
+            version: "t".into(),
+        };
+        // No node yet: registered, not placed, with a reason.
+        let r = reg.hello("host-1", &hello).expect("hello");
+        assert!(r[0].assignment.is_none());
+        assert!(
+            r[0].error.contains("no storage node has registered"),
+            "{}",
+            r[0].error
+        );
+        assert_eq!(reg.source("a").expect("a").state, "error");
+
+        node(&reg, "n1", 100 * gib);
+        node(&reg, "n2", 100 * gib);
+        let a = reg.assignment("a").expect("placed");
+        assert_eq!((a.node.as_str(), a.epoch), ("n1", 1));
+        let r = reg
+            .hello(
+                "host-2",
+                &pb::Hello {
+                    sources: vec![spec("b", gib)],
+                    version: "t".into(),
+                },
+            )
+            .expect("hello");
+        assert_eq!(
+            r[0].assignment.as_ref().map(|a| a.node.as_str()),
+            Some("n2")
+        );
+
+        // Another agent cannot claim a source, and nothing fits a 1 PiB volume.
+        let r = reg
+            .hello(
+                "host-2",
+                &pb::Hello {
+                    sources: vec![spec("a", gib), spec("huge", 1 << 50)],
+                    version: "t".into(),
+                },
+            )
+            .expect("hello");
+        assert!(
+            r[0].error.contains("belongs to agent host-1"),
+            "{}",
+            r[0].error
+        );
+        assert!(r[1].assignment.is_none());
+        assert!(
+            reg.source("huge")
+                .expect("huge")
+                .error
+                .contains("no up storage node has room")
+        );
+        drop(reg);
+        let reg = Registry::open(dir.path(), Duration::from_secs(60)).expect("reopen");
+        assert_eq!(reg.source("b").expect("b").node.as_deref(), Some("n2"));
+    }
+}

@@ -1,0 +1,413 @@
+//! The `bulwark.v1.Coordinator` gRPC service: adapters over the [`Registry`], the
+//! relay of admin commands down agents' control streams, and the few calls the
+//! coordinator makes to nodes (listing points, granting restores).
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use bulwark_common::tls::{self, Identity, Role, Target, require};
+use bulwark_proto as pb;
+use bulwark_proto::node_client::NodeClient;
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::registry::{Registry, RegistryError};
+
+/// The coordinator's service state.
+pub struct CoordinatorService {
+    registry: Arc<Registry>,
+    node_tls: Arc<rustls::ClientConfig>,
+    node_channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl CoordinatorService {
+    /// A service over `registry`; `node_tls` dials nodes with the coordinator's
+    /// certificate.
+    pub fn new(registry: Arc<Registry>, node_tls: Arc<rustls::ClientConfig>) -> CoordinatorService {
+        CoordinatorService {
+            registry,
+            node_tls,
+            node_channels: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn node_client(&self, node: &str) -> Result<NodeClient<Channel>, Status> {
+        let rec = self
+            .registry
+            .node(node)?
+            .ok_or_else(|| Status::not_found(format!("no storage node named {node}")))?;
+        let mut map = self.node_channels.lock().unwrap_or_else(|e| e.into_inner());
+        let ch = match map.get(&rec.address) {
+            Some(c) => c.clone(),
+            None => {
+                let target = Target::parse(&rec.address)
+                    .map_err(|m| Status::internal(format!("node {node} has a bad address: {m}")))?;
+                let c =
+                    tls::channel_lazy(&target, self.node_tls.clone()).map_err(Status::internal)?;
+                map.insert(rec.address.clone(), c.clone());
+                c
+            }
+        };
+        Ok(NodeClient::new(ch)
+            .max_decoding_message_size(bulwark_common::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(bulwark_common::MAX_MESSAGE_BYTES))
+    }
+
+    fn node_of(&self, source: &str) -> Result<String, Status> {
+        let s = self.registry.source(source)?;
+        s.node
+            .ok_or_else(|| RegistryError::Unassigned(source.to_string(), s.error).into())
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+async fn control_loop(
+    registry: Arc<Registry>,
+    agent: Identity,
+    conn: u64,
+    mut inbound: Streaming<pb::AgentMessage>,
+) {
+    use pb::agent_message::Msg;
+    loop {
+        match inbound.message().await {
+            Ok(Some(pb::AgentMessage {
+                msg: Some(Msg::Result(r)),
+            })) => registry.complete(&agent.name, r),
+            Ok(Some(pb::AgentMessage {
+                msg: Some(Msg::Report(r)),
+            })) => {
+                if let Err(e) = registry.sync_report(&agent.name, &r) {
+                    tracing::warn!(agent = %agent.name, "sync report refused: {e}");
+                }
+            }
+            Ok(Some(_)) => {
+                tracing::warn!(agent = %agent.name, "unexpected message on the control stream ignored")
+            }
+            Ok(None) => break,
+            Err(s) => {
+                tracing::info!(agent = %agent.name, "control stream broke: {}", s.message());
+                break;
+            }
+        }
+    }
+    tracing::info!(agent = %agent.name, "agent disconnected");
+    registry.disconnect(&agent.name, conn);
+}
+
+/// The handle tonic serves.
+#[derive(Clone)]
+pub struct CoordinatorApi(pub Arc<CoordinatorService>);
+
+#[tonic::async_trait]
+impl pb::coordinator_server::Coordinator for CoordinatorApi {
+    type ControlStream = BoxStream<pb::CoordinatorCommand>;
+
+    async fn register_node(
+        &self,
+        req: Request<pb::RegisterNodeRequest>,
+    ) -> Result<Response<pb::RegisterNodeResponse>, Status> {
+        let node = require(&req, "RegisterNode", &[Role::Node])?;
+        let r = req.into_inner();
+        Target::parse(&r.address).map_err(Status::invalid_argument)?;
+        self.0.registry.register_node(&node.name, &r)?;
+        Ok(Response::new(pb::RegisterNodeResponse {
+            assignments: self.0.registry.assignments_of(&node.name)?,
+        }))
+    }
+
+    async fn node_heartbeat(
+        &self,
+        req: Request<pb::NodeHeartbeatRequest>,
+    ) -> Result<Response<pb::NodeHeartbeatResponse>, Status> {
+        let node = require(&req, "NodeHeartbeat", &[Role::Node])?;
+        let hb = req.into_inner();
+        match self.0.registry.heartbeat(&node.name, &hb)? {
+            Some(()) => Ok(Response::new(pb::NodeHeartbeatResponse {
+                assignments: self.0.registry.assignments_of(&node.name)?,
+            })),
+            None => Err(Status::not_found(format!(
+                "node {} is not registered; register first",
+                node.name
+            ))),
+        }
+    }
+
+    async fn get_assignment(
+        &self,
+        req: Request<pb::GetAssignmentRequest>,
+    ) -> Result<Response<pb::Assignment>, Status> {
+        let caller = require(&req, "GetAssignment", &[Role::Node, Role::Agent])?;
+        let source = req.into_inner().source;
+        if caller.role == Role::Agent {
+            let s = self.0.registry.source(&source)?;
+            if s.agent != caller.name {
+                tracing::warn!(%caller, source, "refused: not the owner");
+                return Err(Status::permission_denied(format!(
+                    "data source {source} belongs to agent {}, not {}",
+                    s.agent, caller.name
+                )));
+            }
+        }
+        Ok(Response::new(self.0.registry.assignment(&source)?))
+    }
+
+    async fn control(
+        &self,
+        req: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::ControlStream>, Status> {
+        let agent = require(&req, "Control", &[Role::Agent])?;
+        let mut inbound = req.into_inner();
+        let hello = match inbound.message().await? {
+            Some(pb::AgentMessage {
+                msg: Some(pb::agent_message::Msg::Hello(h)),
+            }) => h,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the control stream must start with Hello",
+                ));
+            }
+        };
+        let registry = self.0.registry.clone();
+        let sources = registry.hello(&agent.name, &hello)?;
+        let (tx, rx) = mpsc::channel(16);
+        let welcome = pb::CoordinatorCommand {
+            cmd: Some(pb::coordinator_command::Cmd::Welcome(pb::Welcome {
+                sources,
+            })),
+        };
+        let _ = tx.send(Ok(welcome)).await;
+        let conn = registry.connect(&agent.name, tx);
+        tracing::info!(agent = %agent.name, sources = hello.sources.len(), "agent connected");
+        tokio::spawn(control_loop(registry, agent, conn, inbound));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_nodes(
+        &self,
+        req: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        require(&req, "ListNodes", &[Role::Admin])?;
+        let reg = &self.0.registry;
+        let sources = reg.sources()?;
+        let nodes = reg
+            .nodes()?
+            .into_iter()
+            .map(|n| {
+                let count = sources
+                    .iter()
+                    .filter(|s| s.node.as_deref() == Some(&n.name))
+                    .count();
+                let allocated: u64 = sources
+                    .iter()
+                    .filter(|s| s.node.as_deref() == Some(&n.name))
+                    .map(|s| s.allocated_bytes)
+                    .sum();
+                pb::NodeInfo {
+                    state: if reg.node_up(&n) { "up" } else { "down" }.into(),
+                    name: n.name,
+                    address: n.address,
+                    capacity_bytes: n.capacity_bytes,
+                    allocated_bytes: allocated.max(n.allocated_bytes),
+                    used_bytes: n.used_bytes,
+                    sources: count as u32,
+                    last_seen_ms: n.last_seen_ms,
+                    live_streams: n.live_streams,
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ListNodesResponse { nodes }))
+    }
+
+    async fn list_agents(
+        &self,
+        req: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        require(&req, "ListAgents", &[Role::Admin])?;
+        let reg = &self.0.registry;
+        let agents = reg
+            .agents()?
+            .into_iter()
+            .map(|a| pb::AgentInfo {
+                connected: reg.connected(&a.name),
+                name: a.name,
+                last_seen_ms: a.last_seen_ms,
+                sources: a.sources,
+                version: a.version,
+            })
+            .collect();
+        Ok(Response::new(pb::ListAgentsResponse { agents }))
+    }
+
+    async fn list_sources(
+        &self,
+        req: Request<pb::ListSourcesRequest>,
+    ) -> Result<Response<pb::ListSourcesResponse>, Status> {
+        require(&req, "ListSources", &[Role::Admin])?;
+        let sources = self
+            .0
+            .registry
+            .sources()?
+            .into_iter()
+            .map(|s| pb::SourceInfo {
+                kind: if s.kind == "log" {
+                    pb::SourceKind::Log
+                } else {
+                    pb::SourceKind::Volume
+                } as i32,
+                name: s.name,
+                agent: s.agent,
+                node: s.node.unwrap_or_default(),
+                state: s.state,
+                size_bytes: s.size_bytes,
+                last_point: s.last_point,
+                epoch: s.epoch,
+                block_size: s.block_size,
+                last_sync_ms: s.last_sync_ms,
+                error: s.error,
+                allocated_bytes: s.allocated_bytes,
+            })
+            .collect();
+        Ok(Response::new(pb::ListSourcesResponse { sources }))
+    }
+
+    async fn list_points(
+        &self,
+        req: Request<pb::ListPointsRequest>,
+    ) -> Result<Response<pb::ListPointsResponse>, Status> {
+        require(&req, "ListPoints", &[Role::Admin])?;
+        let r = req.into_inner();
+        let node = self.0.node_of(&r.source)?;
+        let mut client = self.0.node_client(&node)?;
+        let resp = client
+            .list_points(r)
+            .await
+            .map_err(|s| Status::new(s.code(), format!("node {node}: {}", s.message())))?;
+        Ok(resp)
+    }
+
+    async fn sync(
+        &self,
+        req: Request<pb::SyncRequest>,
+    ) -> Result<Response<pb::SyncResponse>, Status> {
+        let admin = require(&req, "Sync", &[Role::Admin])?;
+        let r = req.into_inner();
+        let s = self.0.registry.source(&r.source)?;
+        tracing::info!(%admin, source = %r.source, agent = %s.agent, "sync requested");
+        let source = r.source.clone();
+        let rx = self
+            .0
+            .registry
+            .dispatch(&s.agent, |id| {
+                pb::coordinator_command::Cmd::Sync(pb::SyncCommand {
+                    command_id: id,
+                    source,
+                })
+            })
+            .await?;
+        if !r.wait {
+            return Ok(Response::new(pb::SyncResponse {
+                result: None,
+                agent: s.agent,
+            }));
+        }
+        match rx.await {
+            Ok(Ok(pb::command_result::Outcome::Sync(res))) => Ok(Response::new(pb::SyncResponse {
+                result: Some(res),
+                agent: s.agent,
+            })),
+            Ok(Ok(_)) => Err(Status::internal(
+                "the agent answered a sync with another result",
+            )),
+            Ok(Err(e)) => Err(Status::aborted(format!(
+                "sync of {} on agent {} failed: {e}",
+                r.source, s.agent
+            ))),
+            Err(_) => Err(Status::unavailable(format!(
+                "agent {} went away during the sync",
+                s.agent
+            ))),
+        }
+    }
+
+    async fn restore(
+        &self,
+        req: Request<pb::RestoreRequest>,
+    ) -> Result<Response<pb::RestoreResponse>, Status> {
+        let admin = require(&req, "Restore", &[Role::Admin])?;
+        let r = req.into_inner();
+        if r.path.is_empty() {
+            return Err(Status::invalid_argument(
+                "a restore needs a target path (--to)",
+            ));
+        }
+        let s = self.0.registry.source(&r.source)?;
+        let agent = if r.agent.is_empty() {
+            s.agent.clone()
+        } else {
+            r.agent.clone()
+        };
+        let assignment = self.0.registry.assignment(&r.source)?;
+        if !self.0.registry.connected(&agent) {
+            return Err(RegistryError::AgentOffline(agent).into());
+        }
+        if agent != s.agent {
+            let mut node = self.0.node_client(&assignment.node)?;
+            node.grant_restore(pb::GrantRestoreRequest {
+                source: r.source.clone(),
+                agent: agent.clone(),
+                expires_at_ms: bulwark_common::time::now_ms() + 3_600_000,
+            })
+            .await
+            .map_err(|s| {
+                Status::new(
+                    s.code(),
+                    format!("node {}: {}", assignment.node, s.message()),
+                )
+            })?;
+        }
+        tracing::info!(%admin, source = %r.source, point = r.point, %agent, path = %r.path, "restore requested");
+        let (source, point, path) = (r.source.clone(), r.point, r.path.clone());
+        let rx = self
+            .0
+            .registry
+            .dispatch(&agent, |id| {
+                pb::coordinator_command::Cmd::Restore(pb::RestoreCommand {
+                    command_id: id,
+                    source,
+                    point,
+                    path,
+                    assignment: Some(assignment),
+                })
+            })
+            .await?;
+        if !r.wait {
+            return Ok(Response::new(pb::RestoreResponse {
+                result: None,
+                agent,
+            }));
+        }
+        match rx.await {
+            Ok(Ok(pb::command_result::Outcome::Restore(res))) => {
+                Ok(Response::new(pb::RestoreResponse {
+                    result: Some(res),
+                    agent,
+                }))
+            }
+            Ok(Ok(_)) => Err(Status::internal(
+                "the agent answered a restore with another result",
+            )),
+            Ok(Err(e)) => Err(Status::aborted(format!(
+                "restore of {} on agent {agent} failed: {e}",
+                r.source
+            ))),
+            Err(_) => Err(Status::unavailable(format!(
+                "agent {agent} went away during the restore"
+            ))),
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! Every daemon refuses a bad config file at start-up with a message that names the
+//! file and the key, and exits non-zero.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use bulwark_tests::bins::{self, AGENT, COORDINATOR, NODE};
+use bulwark_tests::fleet::{agent_toml, coordinator_toml, node_toml};
+use bulwark_tests::process::{describe, run, scrub_env, show_output};
+use bulwark_tests::{Pki, free_port};
+
+/// A directory with a CA, certificates and a valid config for each daemon.
+struct Setup {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    /// (binary, valid config text)
+    configs: Vec<(&'static str, String)>,
+}
+
+fn setup() -> Setup {
+    let tmp = tempfile::Builder::new()
+        .prefix("bulwark-e2e-config-")
+        .tempdir()
+        .expect("cannot create a temporary directory");
+    let dir = tmp.path().to_path_buf();
+    let pki = Pki::init(&dir.join("pki"));
+    let coordinator_url = format!("https://127.0.0.1:{}", free_port());
+    let volume = dir.join("vol.img");
+    std::fs::write(&volume, vec![0u8; 1 << 20]).expect("cannot write the volume");
+    let configs = vec![
+        (
+            COORDINATOR,
+            coordinator_toml(
+                free_port(),
+                &dir.join("coordinator"),
+                &pki.issue("coordinator", "coordinator"),
+            ),
+        ),
+        (
+            NODE,
+            node_toml(
+                "node-1",
+                free_port(),
+                &coordinator_url,
+                &dir.join("node-1"),
+                &dir.join("node-1").join("disk1"),
+                "100GiB",
+                &pki.issue("node", "node-1"),
+            ),
+        ),
+        (
+            AGENT,
+            agent_toml(
+                "host-1",
+                &coordinator_url,
+                &dir.join("host-1"),
+                &[("host-1-data", volume.as_path())],
+                &pki.issue("agent", "host-1"),
+            ),
+        ),
+    ];
+    Setup {
+        _tmp: tmp,
+        dir,
+        configs,
+    }
+}
+
+/// Runs `<binary> --config <path>`, which must exit (not keep running) and exit
+/// non-zero; returns its output.
+fn run_expect_failure(binary: &str, config: &Path) -> Output {
+    let mut cmd = Command::new(bins::bin(binary));
+    scrub_env(&mut cmd);
+    cmd.arg("--config").arg(config);
+    let described = describe(&cmd);
+    let out = run(cmd, Duration::from_secs(30));
+    match out.status.code() {
+        Some(0) => panic!(
+            "{binary} exited 0 with a bad config\n{}",
+            show_output(&described, &out)
+        ),
+        Some(_) => out,
+        None => panic!(
+            "{binary} was killed by a signal\n{}",
+            show_output(&described, &out)
+        ),
+    }
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn write_config(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap_or_else(|e| panic!("cannot write {}: {e}", p.display()));
+    p
+}
+
+#[test]
+fn missing_config_file_is_named() {
+    let s = setup();
+    for (binary, _) in &s.configs {
+        let path = s.dir.join(format!("missing-{binary}.toml"));
+        let out = run_expect_failure(binary, &path);
+        let err = stderr(&out);
+        assert!(
+            err.contains(&*path.to_string_lossy()),
+            "{binary}: stderr does not name the missing file {}:\n{err}",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn unknown_key_is_named() {
+    let s = setup();
+    for (binary, text) in &s.configs {
+        // Top-level keys go before the first table.
+        let bad = format!("colour = \"blue\"\n{text}");
+        let path = write_config(&s.dir, &format!("{binary}-unknown-key.toml"), &bad);
+        let out = run_expect_failure(binary, &path);
+        let err = stderr(&out);
+        assert!(
+            err.contains(&*path.to_string_lossy()) && err.contains("colour"),
+            "{binary}: stderr does not name the file {} and the key `colour`:\n{err}",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn bad_size_names_the_key_and_value() {
+    let s = setup();
+    let cases = [
+        (
+            NODE,
+            "capacity = \"100GiB\"",
+            "capacity = \"12XB\"",
+            "capacity",
+        ),
+        (
+            AGENT,
+            "block_size = \"64KiB\"",
+            "block_size = \"12XB\"",
+            "block_size",
+        ),
+    ];
+    for (binary, good, bad, key) in cases {
+        let text = &s
+            .configs
+            .iter()
+            .find(|(b, _)| *b == binary)
+            .expect("a config for every daemon")
+            .1;
+        assert!(
+            text.contains(good),
+            "the {binary} config has no `{good}`:\n{text}"
+        );
+        let path = write_config(
+            &s.dir,
+            &format!("{binary}-bad-size.toml"),
+            &text.replace(good, bad),
+        );
+        let out = run_expect_failure(binary, &path);
+        let err = stderr(&out);
+        assert!(
+            err.contains(&*path.to_string_lossy()) && err.contains(key) && err.contains("12XB"),
+            "{binary}: stderr does not name the file {}, the key `{key}` and the value 12XB:\n{err}",
+            path.display()
+        );
+    }
+}

@@ -1,0 +1,75 @@
+//! kill -9 of the storage node in the middle of applying a sync: the data source stays
+//! at its last recovery point, and the next sync works.
+
+use std::time::Duration;
+
+use bulwark_tests::{Fleet, MIB, assert_same_file, json_u64, rewrite_random_blocks};
+
+const SIZE: u64 = 64 * MIB;
+const SOURCE: &str = "host-1-data";
+
+#[test]
+fn node_kill9_mid_sync_keeps_last_point() {
+    let mut fleet = Fleet::builder()
+        .node("node-1")
+        .agent("host-1", SOURCE, SIZE)
+        .start();
+
+    let r = fleet.sync(SOURCE);
+    assert_eq!(json_u64(&r, "point"), 1, "first sync: {r}");
+    let point1 = fleet.save_volume(SOURCE, "p1.img");
+
+    // ~19 MiB of changes: several batches of at most 4 MiB.
+    let touched = rewrite_random_blocks(&fleet.volume(SOURCE), 300);
+    assert_eq!(touched, 300);
+
+    // Pause the node after its second applied batch, then kill it there.
+    let status = fleet
+        .node("node-1")
+        .restart_with_env(&[("BULWARK_FAILPOINTS", "node-after-batch=pause@2")]);
+    assert!(
+        status.success(),
+        "node-1 did not stop cleanly on SIGTERM: {status}"
+    );
+    fleet.wait_ready();
+
+    let sync = fleet.cli_spawn(&["sync", SOURCE, "--wait", "--json"]);
+    fleet.node("node-1").wait_for_log(
+        "failpoint node-after-batch reached",
+        Duration::from_secs(120),
+    );
+    fleet.node("node-1").kill9();
+
+    let out = sync
+        .wait(Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("the sync did not end after the node was killed: {e}"));
+    assert!(
+        !out.status.success(),
+        "`sync --wait` succeeded although the node was killed mid-sync\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Restart without fault points: the interrupted sync left nothing behind.
+    fleet.node("node-1").start();
+    fleet.wait_ready();
+    assert_eq!(
+        fleet.point_ids(SOURCE),
+        vec![1],
+        "points after a node crash mid-sync"
+    );
+    let restored1 = fleet.scratch("p1-after-crash.img");
+    fleet.restore(SOURCE, Some(1), &restored1, None);
+    assert_same_file(&restored1, &point1, "restore of point 1 after the crash");
+
+    // The next sync completes and point 2 is the current volume.
+    let r = fleet.sync(SOURCE);
+    assert_eq!(json_u64(&r, "point"), 2, "sync after the crash: {r}");
+    assert_eq!(fleet.point_ids(SOURCE), vec![1, 2]);
+    let restored2 = fleet.scratch("p2.img");
+    fleet.restore(SOURCE, Some(2), &restored2, None);
+    assert_same_file(&restored2, &fleet.volume(SOURCE), "restore of point 2");
+    let restored1 = fleet.scratch("p1-after-sync.img");
+    fleet.restore(SOURCE, Some(1), &restored1, None);
+    assert_same_file(&restored1, &point1, "restore of point 1 after point 2");
+}
