@@ -300,7 +300,7 @@ async fn control_loop(agent: Arc<Agent>, shutdown: CancellationToken) {
             Ok(()) => failures = 0,
             Err(e) => {
                 failures += 1;
-                if failures == 1 || failures % 10 == 0 {
+                if failures == 1 || failures.is_multiple_of(10) {
                     tracing::warn!(
                         "control stream to the coordinator failed (attempt {failures}): {e}"
                     );

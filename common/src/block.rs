@@ -143,7 +143,7 @@ impl Geometry {
         if len == 0 {
             return Err(ExtentError::Empty { offset });
         }
-        if offset % bs != 0 {
+        if !offset.is_multiple_of(bs) {
             return Err(ExtentError::Unaligned {
                 offset,
                 block_size: self.block_size,
@@ -161,7 +161,7 @@ impl Geometry {
                 size_bytes: self.size_bytes,
             });
         }
-        if end % bs != 0 && end != self.size_bytes {
+        if !end.is_multiple_of(bs) && end != self.size_bytes {
             return Err(ExtentError::PartialBlock { offset, len });
         }
         Ok((offset / bs, len.div_ceil(bs)))

@@ -323,15 +323,15 @@ mod tests {
 
     #[derive(Debug, Deserialize)]
     #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
     struct Sample {
-        #[allow(dead_code)]
         name: String,
         disks: Vec<Disk>,
     }
     #[derive(Debug, Deserialize)]
     #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
     struct Disk {
-        #[allow(dead_code)]
         capacity: ByteSize,
     }
 

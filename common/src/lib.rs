@@ -1,13 +1,13 @@
 //! Code that two or more Bulwark binaries share, and nothing else.
 //!
-//! - [`tls`]: the fleet's mutual TLS: server and client configurations, the peer
+//! - [`tls`] — the fleet's mutual TLS: server and client configurations, the peer
 //!   identity taken from a certificate's SPIFFE URI SAN, and role checks.
-//! - [`pki`]: the fleet CA and the certificates it signs (`bulwark pki`).
-//! - [`config`]: TOML loading with errors that name the file and key; sizes and
+//! - [`pki`] — the fleet CA and the certificates it signs (`bulwark pki`).
+//! - [`config`] — TOML loading with errors that name the file and key; sizes and
 //!   durations as operators write them.
-//! - [`block`]: blocks, extents and BLAKE3 checksums, and the checks the node and the
+//! - [`block`] — blocks, extents and BLAKE3 checksums, and the checks the node and the
 //!   agent both make on them.
-//! - [`telemetry`], [`shutdown`], [`failpoint`]: process plumbing.
+//! - [`telemetry`], [`shutdown`], [`failpoint`] — process plumbing.
 
 pub mod alloc;
 pub mod block;

@@ -1,10 +1,10 @@
 //! The Bulwark coordinator and the admin CLI.
 //!
-//! - [`registry`]: nodes, agents, data sources and assignments in sled; placement.
-//! - [`service`]: the `bulwark.v1.Coordinator` gRPC service.
-//! - [`server`]: the daemon's lifecycle.
-//! - [`config`]: `coordinator.toml`.
-//! - [`cli`]: the `bulwark` admin commands; [`demo`]: a whole fleet in one process.
+//! - [`registry`] — nodes, agents, data sources and assignments in sled; placement.
+//! - [`service`] — the `bulwark.v1.Coordinator` gRPC service.
+//! - [`server`] — the daemon's lifecycle.
+//! - [`config`] — `coordinator.toml`.
+//! - [`cli`]: the `bulwark` admin commands; [`demo`] — a whole fleet in one process.
 
 pub mod cli;
 pub mod config;

@@ -260,11 +260,12 @@ impl Registry {
         rec.last_seen_ms = now_ms();
         self.nodes.insert(name.as_bytes(), enc(&rec)?)?;
         for u in &hb.sources {
-            if let Ok(mut s) = self.source(&u.source) {
-                if s.node.as_deref() == Some(name) && s.last_point != u.newest_point {
-                    s.last_point = u.newest_point;
-                    self.put_source(&s)?;
-                }
+            if let Ok(mut s) = self.source(&u.source)
+                && s.node.as_deref() == Some(name)
+                && s.last_point != u.newest_point
+            {
+                s.last_point = u.newest_point;
+                self.put_source(&s)?;
             }
         }
         Ok(Some(()))
@@ -533,11 +534,11 @@ impl Registry {
                     let _ = tx.send(Err(format!("agent {agent} disconnected before finishing")));
                 }
             }
-            if let Ok(Some(v)) = self.agents.get(agent) {
-                if let Ok(mut rec) = dec::<AgentRecord>(&v) {
-                    rec.last_seen_ms = now_ms();
-                    let _ = enc(&rec).map(|b| self.agents.insert(agent.as_bytes(), b));
-                }
+            if let Ok(Some(v)) = self.agents.get(agent)
+                && let Ok(mut rec) = dec::<AgentRecord>(&v)
+            {
+                rec.last_seen_ms = now_ms();
+                let _ = enc(&rec).map(|b| self.agents.insert(agent.as_bytes(), b));
             }
         }
     }

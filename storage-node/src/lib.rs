@@ -2,10 +2,10 @@
 //! points in a storage pool, accepts syncs from the source's agent, and streams
 //! points back for restores.
 //!
-//! - [`store`]: the on-disk format and its crash-safe commit.
-//! - [`config`]: `node.toml`.
-//! - [`service`]: the `bulwark.v1.Node` gRPC service (adapters over the store).
-//! - [`server`]: start-up, registration and heartbeats, shutdown.
+//! - [`store`] — the on-disk format and its crash-safe commit.
+//! - [`config`] — `node.toml`.
+//! - [`service`] — the `bulwark.v1.Node` gRPC service (adapters over the store).
+//! - [`server`] — start-up, registration and heartbeats, shutdown.
 
 pub mod config;
 pub mod server;

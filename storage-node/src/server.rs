@@ -167,7 +167,7 @@ async fn heartbeat_loop(
             }
             Err(e) => {
                 failures += 1;
-                if failures == 1 || failures % 10 == 0 {
+                if failures == 1 || failures.is_multiple_of(10) {
                     tracing::warn!("cannot report to the coordinator (attempt {failures}): {e}");
                 }
                 Duration::from_millis(500 * u64::from(failures.min(20)))

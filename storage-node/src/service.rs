@@ -193,14 +193,14 @@ impl NodeService {
                 a.agent
             )));
         }
-        if let Some(e) = epoch {
-            if e != a.epoch {
-                tracing::warn!(%caller, source, epoch = e, current = a.epoch, "refused: stale epoch");
-                return Err(Status::failed_precondition(format!(
-                    "stale assignment epoch {e} for data source {source}: the current epoch is {}",
-                    a.epoch
-                )));
-            }
+        if let Some(e) = epoch
+            && e != a.epoch
+        {
+            tracing::warn!(%caller, source, epoch = e, current = a.epoch, "refused: stale epoch");
+            return Err(Status::failed_precondition(format!(
+                "stale assignment epoch {e} for data source {source}: the current epoch is {}",
+                a.epoch
+            )));
         }
         Ok(a)
     }

@@ -440,17 +440,17 @@ impl Store {
             });
         }
         let existing = self.source(&spec.source)?;
-        if let Some(m) = &existing {
-            if m.size_bytes != spec.geometry.size_bytes || m.block_size != spec.geometry.block_size
-            {
-                return Err(StoreError::GeometryChanged {
-                    source_name: spec.source.clone(),
-                    stored: m.size_bytes,
-                    stored_block: m.block_size,
-                    size: spec.geometry.size_bytes,
-                    block: spec.geometry.block_size,
-                });
-            }
+        if let Some(m) = &existing
+            && (m.size_bytes != spec.geometry.size_bytes
+                || m.block_size != spec.geometry.block_size)
+        {
+            return Err(StoreError::GeometryChanged {
+                source_name: spec.source.clone(),
+                stored: m.size_bytes,
+                stored_block: m.block_size,
+                size: spec.geometry.size_bytes,
+                block: spec.geometry.block_size,
+            });
         }
         let meta = match existing {
             Some(m) => m,
