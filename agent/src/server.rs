@@ -23,7 +23,7 @@ use tracing::Instrument;
 
 use crate::config::{AgentConfig, SourceConfig};
 use crate::restore::restore_point;
-use crate::sync::{SyncError, SyncOutcome, sync_volume};
+use crate::sync::{SyncOutcome, sync_volume};
 use crate::volume::Volume;
 
 /// Shared state of a running agent.
@@ -96,8 +96,7 @@ impl Agent {
         }
     }
 
-    /// Runs one sync of `name`, unless one is already running. Retries once when the
-    /// node's newest point moved between the digest read and the sync.
+    /// Runs one sync of `name`, unless one is already running.
     pub async fn sync(&self, name: &str) -> Result<SyncOutcome, String> {
         let source = self
             .source(name)
@@ -117,25 +116,12 @@ impl Agent {
         }));
         let span = tracing::info_span!("sync", source = %name);
         let result = async {
-            let mut attempt = 0;
-            loop {
-                attempt += 1;
-                let a = self.assignment(name).await?;
-                let node = self.node_client(&a.node_address)?;
-                tracing::info!(node = %a.node, epoch = a.epoch, "sync started");
-                match sync_volume(&source, &a, node).await {
-                    Ok(o) => return Ok(o),
-                    Err(SyncError::Node {
-                        base_mismatch: true,
-                        ..
-                    }) if attempt < 3 => {
-                        tracing::warn!(
-                            "the node's newest point changed under the sync; starting again"
-                        );
-                    }
-                    Err(e) => return Err(e.to_string()),
-                }
-            }
+            let a = self.assignment(name).await?;
+            let node = self.node_client(&a.node_address)?;
+            tracing::info!(node = %a.node, epoch = a.epoch, "sync started");
+            sync_volume(&source, &a, node)
+                .await
+                .map_err(|e| e.to_string())
         }
         .instrument(span.clone())
         .await;

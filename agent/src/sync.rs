@@ -1,23 +1,24 @@
 //! One sync of a volume with the `fingerprint` tracker.
 //!
-//! The node keeps the BLAKE3 digest of every block of the newest point; the agent
-//! streams those digests in block order while it reads the volume in the same order,
-//! hashes each block, and sends only the blocks whose digest differs. The host keeps
-//! no change log and no local digest file that could drift from the replica: the
-//! comparison is always against what the node holds, so a lost or interrupted sync
-//! never makes the next one skip a block. The sync names the point it compared
-//! against (`base_point`), and the node refuses it if its newest point is another.
+//! The node keeps the BLAKE3 digest of every block of the newest point. Within the
+//! sync stream (which holds the source's lock on the node from start to end) the node
+//! sends those digests in block order while the agent reads the volume in the same
+//! order, hashes each block, and sends only the blocks whose digest differs. The host
+//! keeps no change log and no local digest file that could drift from the replica:
+//! the comparison is always against what the node holds, so a lost acknowledgement or
+//! an interrupted sync never makes the next one skip a block.
 //!
 //! Flow: a blocking scanner thread (read, hash, compare, batch ≤ 4 MiB) feeds a
-//! bounded channel into the gRPC request stream; an async task drains the node's
-//! progress replies. Memory stays at a few batches whatever the volume size.
+//! bounded channel into the gRPC request stream; one async task reads every reply
+//! (digests for the scanner, progress, the commit). Memory stays at a few batches
+//! whatever the volume size.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use bulwark_common::block::{DIGEST_LEN, Digest, Geometry, MAX_BATCH_BYTES, is_zero};
-use bulwark_common::point::{Consistency, PointKind};
+use bulwark_common::point::Consistency;
 use bulwark_proto as pb;
 use bulwark_proto::node_client::NodeClient;
 use tokio::sync::mpsc;
@@ -40,11 +41,8 @@ pub struct SyncOutcome {
 /// A sync that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
-    #[error("cannot read {path}: {source}")]
-    Volume {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("cannot read {path}: {error}")]
+    Volume { path: String, error: std::io::Error },
     #[error(
         "volume {path} is {now} bytes but data source {name} was registered with {registered}; resizing is not supported"
     )]
@@ -75,16 +73,22 @@ impl SyncError {
     }
 }
 
-/// Streams the node's digests of the newest point to the scanner.
+/// The node's digests of its newest point, in block order, for the scanner.
 struct DigestFeed {
     rx: mpsc::Receiver<Result<Vec<u8>, String>>,
+    /// Digests still to come; none at all when the source has no point yet.
+    remaining: u64,
     buf: Vec<u8>,
     pos: usize,
 }
 
 impl DigestFeed {
-    /// The stored digest of the next block; `UNWRITTEN` past what the node sent.
+    /// The stored digest of the next block (`UNWRITTEN` when the node has none).
     fn next(&mut self) -> Result<Digest, String> {
+        if self.remaining == 0 {
+            return Ok(Digest::UNWRITTEN);
+        }
+        self.remaining -= 1;
         while self.pos + DIGEST_LEN > self.buf.len() {
             match self.rx.blocking_recv() {
                 Some(Ok(chunk)) => {
@@ -92,7 +96,7 @@ impl DigestFeed {
                     self.pos = 0;
                 }
                 Some(Err(e)) => return Err(e),
-                None => return Ok(Digest::UNWRITTEN),
+                None => return Err("the node's digests ended early".into()),
             }
         }
         let d = Digest::from_slice(&self.buf[self.pos..self.pos + DIGEST_LEN])
@@ -129,7 +133,7 @@ fn scan(
     };
     let read_err = |e| SyncError::Volume {
         path: volume.path().display().to_string(),
-        source: e,
+        error: e,
     };
     let flush = |batch: &mut Vec<pb::Extent>, batch_bytes: &mut usize| -> Result<(), SyncError> {
         if batch.is_empty() {
@@ -202,7 +206,7 @@ pub async fn sync_volume(
         .map_err(|e| SyncError::Protocol(e.to_string()))?
         .map_err(|e| SyncError::Volume {
             path: source.path.display().to_string(),
-            source: e,
+            error: e,
         })?;
     if volume.size_bytes() != assignment.size_bytes {
         return Err(SyncError::SizeChanged {
@@ -216,57 +220,7 @@ pub async fn sync_volume(
         .map_err(|e| SyncError::Protocol(e.to_string()))?;
     let node_name = assignment.node.clone();
 
-    // The node's digests of its newest point.
-    let mut digest_stream = node
-        .get_digests(pb::GetDigestsRequest {
-            source: source.name.clone(),
-            epoch: assignment.epoch,
-        })
-        .await
-        .map_err(|s| SyncError::node(&node_name, s))?
-        .into_inner();
-    let first = digest_stream
-        .message()
-        .await
-        .map_err(|s| SyncError::node(&node_name, s))?
-        .ok_or_else(|| SyncError::Protocol("the node sent no digests".into()))?;
-    if first.size_bytes != geometry.size_bytes || first.block_size != geometry.block_size {
-        return Err(SyncError::Protocol(format!(
-            "the node holds {} as {} bytes in blocks of {}, this volume is {} bytes in blocks of {}",
-            source.name,
-            first.size_bytes,
-            first.block_size,
-            geometry.size_bytes,
-            geometry.block_size
-        )));
-    }
-    let base_point = first.newest_point;
-    let (dtx, drx) = mpsc::channel::<Result<Vec<u8>, String>>(4);
-    let _ = dtx.send(Ok(first.digests)).await;
-    let n = node_name.clone();
-    let digest_task = tokio::spawn(async move {
-        loop {
-            match digest_stream.message().await {
-                Ok(Some(c)) => {
-                    if dtx.send(Ok(c.digests)).await.is_err() {
-                        return;
-                    }
-                }
-                Ok(None) => return,
-                Err(s) => {
-                    let _ = dtx
-                        .send(Err(format!(
-                            "node {n}: digest stream broke: {}",
-                            s.message()
-                        )))
-                        .await;
-                    return;
-                }
-            }
-        }
-    });
-
-    // The sync stream.
+    // The sync stream: Begin asks for the node's digests of its newest point.
     let (tx, rx) = mpsc::channel::<pb::SyncMessage>(4);
     let begin = pb::SyncMessage {
         msg: Some(pb::sync_message::Msg::Begin(pb::SyncBegin {
@@ -274,14 +228,10 @@ pub async fn sync_volume(
             epoch: assignment.epoch,
             size_bytes: geometry.size_bytes,
             block_size: geometry.block_size,
-            base_point,
+            base_point: 0,
             consistency: Consistency::Crash.to_proto(),
-            kind: if base_point == 0 {
-                PointKind::Full
-            } else {
-                PointKind::Incremental
-            }
-            .to_proto(),
+            kind: 0,
+            want_digests: true,
         })),
     };
     let _ = tx.send(begin).await;
@@ -290,22 +240,31 @@ pub async fn sync_volume(
         .await
         .map_err(|s| SyncError::node(&node_name, s))?
         .into_inner();
-    match replies
+    let ready = match replies
         .message()
         .await
         .map_err(|s| SyncError::node(&node_name, s))?
     {
         Some(pb::SyncReply {
-            msg: Some(pb::sync_reply::Msg::Ready(_)),
-        }) => {}
+            msg: Some(pb::sync_reply::Msg::Ready(r)),
+        }) => r,
         _ => {
             return Err(SyncError::Protocol(
                 "the node did not accept the sync".into(),
             ));
         }
+    };
+    if ready.digest_count != 0 && ready.digest_count != geometry.block_count() {
+        return Err(SyncError::Protocol(format!(
+            "the node offers {} digests for a volume of {} blocks",
+            ready.digest_count,
+            geometry.block_count()
+        )));
     }
 
-    // Drain replies while the scanner runs, so the node never blocks on progress.
+    // One task reads every reply: digests go to the scanner; progress is noted; the
+    // commit (or an error) ends it. Reading continuously means the node never blocks.
+    let (dtx, drx) = mpsc::channel::<Result<Vec<u8>, String>>(4);
     let stop = Arc::new(AtomicBool::new(false));
     let stop_r = stop.clone();
     let n = node_name.clone();
@@ -319,23 +278,30 @@ pub async fn sync_volume(
                         .point
                         .ok_or_else(|| SyncError::Protocol("commit without a point".into()));
                 }
+                Ok(Some(pb::SyncReply {
+                    msg: Some(pb::sync_reply::Msg::Digests(d)),
+                })) => {
+                    let _ = dtx.send(Ok(d.digests)).await;
+                }
                 Ok(Some(_)) => {}
                 Ok(None) => {
                     stop_r.store(true, Ordering::Relaxed);
+                    let _ = dtx.send(Err("the sync stream ended".into())).await;
                     return Err(SyncError::Protocol(format!(
                         "node {n} ended the sync without committing"
                     )));
                 }
                 Err(s) => {
                     stop_r.store(true, Ordering::Relaxed);
+                    let _ = dtx.send(Err(format!("node {n}: {}", s.message()))).await;
                     return Err(SyncError::node(&n, s));
                 }
             }
         }
     });
-
     let feed = DigestFeed {
         rx: drx,
+        remaining: ready.digest_count,
         buf: Vec::new(),
         pos: 0,
     };
@@ -345,12 +311,18 @@ pub async fn sync_volume(
         tokio::task::spawn_blocking(move || scan(&volume, geometry, feed, &scan_tx, &stop_s))
             .await
             .map_err(|e| SyncError::Protocol(e.to_string()));
-    digest_task.abort();
     let stats = match scanned.and_then(|r| r) {
         Ok(s) => s,
+        Err(e @ SyncError::Volume { .. }) => {
+            // Closing the stream without a commit makes the node roll back.
+            drop(tx);
+            reply_task.abort();
+            return Err(e);
+        }
         Err(e) => {
             drop(tx);
-            // The node's own error explains more than "stream closed".
+            // The scanner stopped because the node ended the sync: its reason is the
+            // one to report.
             return match reply_task.await {
                 Ok(Err(node_err)) => Err(node_err),
                 _ => Err(e),

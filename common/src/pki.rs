@@ -21,10 +21,10 @@ use crate::tls::Role;
 /// A PKI operation that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path} already exists; remove it first or pick another name")]
     Exists { path: PathBuf },
@@ -39,9 +39,9 @@ pub enum PkiError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
-    move |source| PkiError::Io {
+    move |error| PkiError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 
@@ -80,7 +80,7 @@ fn write_private(path: &Path, content: &str) -> Result<(), PkiError> {
         } else {
             PkiError::Io {
                 path: path.to_path_buf(),
-                source: e,
+                error: e,
             }
         }
     })?;

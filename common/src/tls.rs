@@ -156,11 +156,11 @@ pub fn parse_certs_pem(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, Strin
 /// A TLS set-up that failed: which file, and what was wrong with it.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {what} {path}: {source}")]
+    #[error("cannot read {what} {path}: {error}")]
     Read {
         what: &'static str,
         path: String,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{what} {path}: {message}")]
     Invalid {
@@ -198,10 +198,10 @@ impl TlsIdentity {
     /// Loads the `[tls]` files of a config.
     pub fn load(files: &TlsFiles) -> Result<TlsIdentity, TlsError> {
         let read = |what: &'static str, path: &Path| {
-            std::fs::read(path).map_err(|source| TlsError::Read {
+            std::fs::read(path).map_err(|error| TlsError::Read {
                 what,
                 path: path.display().to_string(),
-                source,
+                error,
             })
         };
         let invalid = |what: &'static str, path: &Path, message: String| TlsError::Invalid {

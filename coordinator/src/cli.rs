@@ -312,17 +312,26 @@ pub fn sync_json(r: &pb::SyncResult, agent: &str) -> Value {
     })
 }
 
+/// A duration for people: `850 ms`, `12.3 s`.
+pub fn format_ms(ms: u64) -> String {
+    if ms < 1000 {
+        format!("{ms} ms")
+    } else {
+        format!("{:.1} s", ms as f64 / 1000.0)
+    }
+}
+
 /// One line about a finished sync, for people.
 pub fn sync_line(r: &pb::SyncResult) -> String {
     format!(
-        "{}: point {} ({}): {} of {} blocks sent ({}) in {:.1} s",
+        "{}: point {} ({}): {} of {} blocks sent ({}) in {}",
         r.source,
         r.point,
         kind_word(r.kind),
         r.blocks_sent,
         r.blocks_scanned,
         format_size(r.bytes_sent),
-        r.duration_ms as f64 / 1000.0
+        format_ms(r.duration_ms)
     )
 }
 

@@ -15,7 +15,7 @@ use rand::{Rng, SeedableRng};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{Admin, sync_line};
+use crate::cli::{Admin, format_ms, sync_line};
 
 const VOLUME_BYTES: usize = 64 << 20;
 const BLOCK: usize = 64 << 10;
@@ -251,7 +251,7 @@ async fn demo(dir: &Path) -> anyhow::Result<()> {
     ));
 
     // Restore both points and check them.
-    for (point, want) in [(r1.point, hash1), (r2.point, hash2)] {
+    for (step, point, want) in [(8, r1.point, hash1), (9, r2.point, hash2)] {
         let to: PathBuf = dir.join(format!("restored-point-{point}.img"));
         let r = admin.restore_wait("demo-data", point, &to, None).await?;
         let got = hash_file(&to)?;
@@ -261,15 +261,15 @@ async fn demo(dir: &Path) -> anyhow::Result<()> {
             );
         }
         say(format!(
-            "8. Restored point {point} to {} ({} in {:.1} s): BLAKE3 {} matches the volume at that point.",
+            "{step}. Restored point {point} to {} ({} in {}): BLAKE3 {} matches the volume at that point.",
             to.display(),
             format_size(r.bytes_written),
-            r.duration_ms as f64 / 1000.0,
+            format_ms(r.duration_ms),
             &got.to_hex()[..16]
         ));
     }
 
-    say("9. Stopping the fleet.");
+    say("10. Stopping the fleet.");
     shutdown.cancel();
     for t in tasks {
         match tokio::time::timeout(Duration::from_secs(10), t).await {

@@ -251,6 +251,36 @@ async fn abort(txn: SyncTxn) {
     }
 }
 
+/// Streams the digests of the newest point, in block order, into a sync's replies.
+fn send_digests(
+    store: Store,
+    source: String,
+    total: u64,
+    tx: mpsc::Sender<Result<pb::SyncReply, Status>>,
+) {
+    const PER_CHUNK: u64 = (1 << 19) / DIGEST_LEN as u64;
+    tokio::task::spawn_blocking(move || {
+        let mut first = 0;
+        while first < total {
+            let count = PER_CHUNK.min(total - first);
+            let msg = match store.read_digests(&source, first, count) {
+                Ok(digests) => Ok(pb::SyncReply {
+                    msg: Some(pb::sync_reply::Msg::Digests(pb::DigestChunk {
+                        first_block: first,
+                        digests,
+                    })),
+                }),
+                Err(e) => Err(Status::from(e)),
+            };
+            let failed = msg.is_err();
+            if tx.blocking_send(msg).is_err() || failed {
+                return;
+            }
+            first += count;
+        }
+    });
+}
+
 /// Receives extent batches until Commit; any failure rolls the sync back.
 async fn run_sync(
     mut txn: SyncTxn,
@@ -258,6 +288,7 @@ async fn run_sync(
     geometry: Geometry,
     source: String,
     tx: &mpsc::Sender<Result<pb::SyncReply, Status>>,
+    lock: tokio::sync::OwnedRwLockWriteGuard<()>,
 ) -> Result<(), Status> {
     use pb::sync_message::Msg;
     loop {
@@ -301,6 +332,9 @@ async fn run_sync(
             }
             Some(Msg::Commit(_)) => {
                 let point = blocking(move || txn.commit()).await??;
+                // Free the source before the agent hears of the commit, so its next
+                // sync never finds the source still locked.
+                drop(lock);
                 tracing::info!(%source, point = point.id, blocks = point.blocks_changed, bytes = point.bytes_changed, "recovery point committed");
                 let _ = tx
                     .send(Ok(pb::SyncReply {
@@ -328,7 +362,6 @@ pub struct NodeApi(pub Arc<NodeService>);
 #[tonic::async_trait]
 impl pb::node_server::Node for NodeApi {
     type SyncStream = BoxStream<pb::SyncReply>;
-    type GetDigestsStream = BoxStream<pb::DigestChunk>;
     type RestoreStream = BoxStream<pb::RestoreChunk>;
 
     async fn sync(
@@ -355,17 +388,19 @@ impl pb::node_server::Node for NodeApi {
                 begin.source, a.size_bytes, a.block_size, begin.size_bytes, begin.block_size
             )));
         }
-        let lock = svc
-            .locks
-            .get(&begin.source)
-            .try_write_owned()
-            .map_err(|_| {
-                Status::aborted(format!(
-                    "a sync or restore of {} is already running",
-                    begin.source
-                ))
-            })?;
-        let kind = PointKind::from_proto(begin.kind).unwrap_or(if begin.base_point == 0 {
+        // One sync at a time per source; a restore in progress is waited for.
+        let lock = svc.locks.get(&begin.source).write_owned().await;
+        let store = svc.store.clone();
+        let name = begin.source.clone();
+        let newest = blocking(move || store.newest_point(&name))
+            .await??
+            .map_or(0, |p| p.id);
+        let base_point = if begin.want_digests {
+            newest
+        } else {
+            begin.base_point
+        };
+        let kind = PointKind::from_proto(begin.kind).unwrap_or(if base_point == 0 {
             PointKind::Full
         } else {
             PointKind::Incremental
@@ -373,109 +408,50 @@ impl pb::node_server::Node for NodeApi {
         let spec = SyncSpec {
             source: begin.source.clone(),
             geometry,
-            base_point: begin.base_point,
+            base_point,
             consistency: Consistency::from_proto(begin.consistency),
             kind,
         };
         let store = svc.store.clone();
         let txn = blocking(move || store.begin_sync(spec)).await??;
+        let digest_count = if begin.want_digests && newest > 0 {
+            geometry.block_count()
+        } else {
+            0
+        };
         let (tx, rx) = mpsc::channel(8);
         let _ = tx
             .send(Ok(pb::SyncReply {
                 msg: Some(pb::sync_reply::Msg::Ready(pb::SyncReady {
-                    base_point: begin.base_point,
+                    base_point,
+                    digest_count,
                 })),
             }))
             .await;
+        if digest_count > 0 {
+            // Runs beside the apply loop: the agent decides on a block only after
+            // reading its digest, so every digest is read before that block can be
+            // rewritten, and the agent never waits on extents the node is not reading.
+            send_digests(
+                svc.store.clone(),
+                begin.source.clone(),
+                digest_count,
+                tx.clone(),
+            );
+        }
         let span = tracing::info_span!("sync", source = %begin.source, point = txn.new_point(), agent = %caller.name);
         let guard = StreamGuard::new(&svc.live_streams);
         tokio::spawn(
             async move {
-                let _lock = lock;
                 let _guard = guard;
-                if let Err(status) = run_sync(txn, inbound, geometry, begin.source, &tx).await {
+                if let Err(status) = run_sync(txn, inbound, geometry, begin.source, &tx, lock).await
+                {
                     tracing::warn!("sync failed: {}", status.message());
                     let _ = tx.send(Err(status)).await;
                 }
             }
             .instrument(span),
         );
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-    }
-
-    async fn get_digests(
-        &self,
-        req: Request<pb::GetDigestsRequest>,
-    ) -> Result<Response<Self::GetDigestsStream>, Status> {
-        let caller = require(&req, "GetDigests", &[Role::Agent])?;
-        let r = req.into_inner();
-        let svc = self.0.clone();
-        let a = svc.authorize(&caller, &r.source, Some(r.epoch)).await?;
-        let lock = svc.locks.get(&r.source).read_owned().await;
-        let store = svc.store.clone();
-        let (tx, rx) = mpsc::channel(4);
-        let source = r.source.clone();
-        tokio::task::spawn_blocking(move || {
-            let _lock = lock;
-            let send = |c: Result<pb::DigestChunk, Status>| tx.blocking_send(c).is_ok();
-            let newest = match store.newest_point(&source) {
-                Ok(p) => p,
-                Err(e) => {
-                    send(Err(e.into()));
-                    return;
-                }
-            };
-            let Some(newest) = newest else {
-                send(Ok(pb::DigestChunk {
-                    newest_point: 0,
-                    size_bytes: a.size_bytes,
-                    block_size: a.block_size,
-                    first_block: 0,
-                    digests: Vec::new(),
-                }));
-                return;
-            };
-            let meta = match store.source(&source) {
-                Ok(Some(m)) => m,
-                Ok(None) => {
-                    send(Err(Status::internal(format!(
-                        "data source {source} has points but no record"
-                    ))));
-                    return;
-                }
-                Err(e) => {
-                    send(Err(e.into()));
-                    return;
-                }
-            };
-            let total = meta.geometry().block_count();
-            const PER_CHUNK: u64 = (1 << 19) / DIGEST_LEN as u64;
-            let mut first = 0;
-            loop {
-                let count = PER_CHUNK.min(total - first);
-                let digests = match store.read_digests(&source, first, count) {
-                    Ok(d) => d,
-                    Err(e) => {
-                        send(Err(e.into()));
-                        return;
-                    }
-                };
-                let chunk = pb::DigestChunk {
-                    newest_point: newest.id,
-                    size_bytes: meta.size_bytes,
-                    block_size: meta.block_size,
-                    first_block: first,
-                    digests,
-                };
-                if !send(Ok(chunk)) {
-                    return;
-                }
-                first += count;
-                if first >= total {
-                    return;
-                }
-            }
-        });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

@@ -71,11 +71,11 @@ const CHECK_LEN: usize = 8;
 /// A store operation that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}: {error}")]
     Io {
         op: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("metadata store: {0}")]
     Meta(String),
@@ -128,10 +128,10 @@ impl From<sled::Error> for StoreError {
 type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
-    move |source| StoreError::Io {
+    move |error| StoreError::Io {
         op,
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 

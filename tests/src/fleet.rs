@@ -258,6 +258,7 @@ impl FleetBuilder {
             .tempdir()
             .expect("cannot create a temporary directory");
         let root = tmp.path().to_path_buf();
+        eprintln!("bulwark fleet in {}", root.display());
         let logs = root.join("logs");
         std::fs::create_dir_all(&logs).expect("cannot create logs/");
         std::fs::create_dir_all(root.join("scratch")).expect("cannot create scratch/");

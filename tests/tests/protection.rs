@@ -4,9 +4,11 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use bulwark_tests::{
-    BLOCK_SIZE, Fleet, MIB, Value, assert_same_file, json_str, json_u64, rewrite_random_blocks,
+    BLOCK_SIZE, Fleet, MIB, Value, assert_same_file, json_str, json_u64, poll,
+    rewrite_random_blocks,
 };
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -133,8 +135,26 @@ fn full_and_incremental_syncs_restore_every_point() {
         );
     }
 
-    // Placement spread the two sources over the two nodes.
-    let sources = fleet.sources();
+    // Placement spread the two sources over the two nodes; the listing shows the
+    // newest points (polled: the listing may trail the sync result briefly).
+    let sources = poll(
+        "`sources --json` to show point 2 of both sources",
+        Duration::from_secs(10),
+        || {
+            let all = fleet.sources();
+            for (_, source, _) in SOURCES {
+                let last = all
+                    .iter()
+                    .find(|s| s.get("name").and_then(Value::as_str) == Some(source))
+                    .and_then(|s| s.get("last_point"))
+                    .and_then(Value::as_u64);
+                if last != Some(2) {
+                    return Err(format!("last_point of {source} is {last:?} in {all:?}"));
+                }
+            }
+            Ok(all)
+        },
+    );
     let mut nodes = Vec::new();
     for (agent, source, _) in SOURCES {
         let s = sources
