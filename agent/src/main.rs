@@ -33,10 +33,10 @@ fn main() -> ExitCode {
     let result = tokio::runtime::Runtime::new()
         .map_err(anyhow::Error::from)
         .and_then(|rt| {
-            rt.block_on(bulwark_agent::server::run(
-                cfg,
-                bulwark_common::shutdown::on_signal(),
-            ))
+            // on_signal spawns a task: it must run inside the runtime.
+            rt.block_on(async {
+                bulwark_agent::server::run(cfg, bulwark_common::shutdown::on_signal()).await
+            })
         });
     match result {
         Ok(()) => ExitCode::SUCCESS,

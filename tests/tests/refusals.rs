@@ -126,6 +126,7 @@ fn begin_for(fleet: &Fleet, source: &str) -> (SyncBegin, String) {
         base_point: newest,
         consistency: Consistency::Crash as i32,
         kind: PointKind::Incremental as i32,
+        want_digests: false,
     };
     assert_eq!(begin.size_bytes, SIZE, "size of {source} in {info}");
     (begin, address)
