@@ -36,6 +36,7 @@ pub async fn run(
     let svc = Arc::new(CoordinatorService::new(
         registry.clone(),
         identity.client_config(Role::Node)?,
+        shutdown.clone(),
     ));
     tracing::info!(listen = %listener.local_addr()?, "coordinator listening");
     let incoming = tls::incoming(listener, identity.server_config()?, shutdown.clone());

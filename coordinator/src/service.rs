@@ -9,9 +9,10 @@ use std::sync::{Arc, Mutex};
 use bulwark_common::tls::{self, Identity, Role, Target, require};
 use bulwark_proto as pb;
 use bulwark_proto::node_client::NodeClient;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -20,6 +21,9 @@ use crate::registry::{Registry, RegistryError};
 /// The coordinator's service state.
 pub struct CoordinatorService {
     registry: Arc<Registry>,
+    /// Ends the agents' control streams, which would otherwise hold a graceful
+    /// shutdown open for ever.
+    shutdown: CancellationToken,
     node_tls: Arc<rustls::ClientConfig>,
     node_channels: Mutex<HashMap<String, Channel>>,
 }
@@ -27,9 +31,14 @@ pub struct CoordinatorService {
 impl CoordinatorService {
     /// A service over `registry`; `node_tls` dials nodes with the coordinator's
     /// certificate.
-    pub fn new(registry: Arc<Registry>, node_tls: Arc<rustls::ClientConfig>) -> CoordinatorService {
+    pub fn new(
+        registry: Arc<Registry>,
+        node_tls: Arc<rustls::ClientConfig>,
+        shutdown: CancellationToken,
+    ) -> CoordinatorService {
         CoordinatorService {
             registry,
+            shutdown,
             node_tls,
             node_channels: Mutex::new(HashMap::new()),
         }
@@ -184,7 +193,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
         let conn = registry.connect(&agent.name, tx);
         tracing::info!(agent = %agent.name, sources = hello.sources.len(), "agent connected");
         tokio::spawn(control_loop(registry, agent, conn, inbound));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let commands = ReceiverStream::new(rx).take_until(self.0.shutdown.clone().cancelled_owned());
+        Ok(Response::new(Box::pin(commands)))
     }
 
     async fn list_nodes(

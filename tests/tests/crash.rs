@@ -50,8 +50,12 @@ fn node_kill9_mid_sync_keeps_last_point() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    // Restart without fault points: the interrupted sync left nothing behind.
+    // Restart without fault points: the interrupted sync is rolled back at start-up.
     fleet.node("node-1").start();
+    fleet.node("node-1").wait_for_log(
+        "rolling back a sync that did not commit",
+        Duration::from_secs(30),
+    );
     fleet.wait_ready();
     assert_eq!(
         fleet.point_ids(SOURCE),
@@ -72,4 +76,24 @@ fn node_kill9_mid_sync_keeps_last_point() {
     let restored1 = fleet.scratch("p1-after-sync.img");
     fleet.restore(SOURCE, Some(1), &restored1, None);
     assert_same_file(&restored1, &point1, "restore of point 1 after point 2");
+}
+
+/// A coordinator with agents connected stops promptly on SIGTERM (their control
+/// streams must not hold the graceful shutdown open), and the agents reconnect by
+/// themselves once it is back.
+#[test]
+fn coordinator_restart_with_agents_connected() {
+    let mut fleet = Fleet::builder()
+        .node("node-1")
+        .agent("host-1", SOURCE, 4 * MIB)
+        .start();
+    let status = fleet.coordinator().stop();
+    assert!(
+        status.success(),
+        "the coordinator did not exit cleanly on SIGTERM with an agent connected: {status}"
+    );
+    fleet.coordinator().start();
+    fleet.wait_ready();
+    let r = fleet.sync(SOURCE);
+    assert_eq!(json_u64(&r, "point"), 1, "sync after the coordinator restart: {r}");
 }
