@@ -98,6 +98,21 @@ fn build(profile_dir: &Path) {
 
     let mut cmd = Command::new(env!("CARGO"));
     cmd.current_dir(workspace_root()).args(["build", "--bins"]);
+    // Cargo gives this test process CARGO_MANIFEST_DIR, CARGO_PKG_* and the like. Build
+    // scripts that read them (ring's does) would see another value than in a plain
+    // `cargo build`, and every dependency above them would be rebuilt each time.
+    for (key, _) in std::env::vars_os() {
+        if let Some(k) = key.to_str()
+            && k.starts_with("CARGO_")
+            && k != "CARGO_HOME"
+            && !k.starts_with("CARGO_BUILD_")
+            && !k.starts_with("CARGO_PROFILE_")
+            && !k.starts_with("CARGO_REGISTRIES_")
+            && !k.starts_with("CARGO_NET_")
+        {
+            cmd.env_remove(k);
+        }
+    }
     for p in PACKAGES {
         cmd.args(["-p", p]);
     }
