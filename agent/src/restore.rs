@@ -3,11 +3,12 @@
 //! A new file is written as `PATH.bulwark-partial`, checked block by block against
 //! the node's digests and for full coverage, fsync'd, and only then renamed to
 //! `PATH`: a failed restore leaves no file that looks finished. An existing block
-//! device is written in place (zeros written out, since it is not sparse). An
-//! existing regular file is never overwritten.
+//! device is written in place (zeros written out, since it is not sparse) unless it is
+//! mounted. An existing regular file, and any volume this agent protects, is never
+//! overwritten. New files are owner-only (0600): they hold the source's data.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -32,9 +33,46 @@ struct Target {
     is_device: bool,
 }
 
-fn open_target(path: &Path, size: u64) -> Result<Target, String> {
+/// Whether the block device `dev` (or a partition of it) is mounted.
+fn mounted(dev: &Path) -> bool {
+    let Ok(canon) = std::fs::canonicalize(dev) else {
+        return false;
+    };
+    let dev = canon.to_string_lossy().to_string();
+    std::fs::read_to_string("/proc/self/mounts")
+        .map(|m| {
+            m.lines()
+                .filter_map(|l| l.split_whitespace().next())
+                .any(|src| {
+                    std::fs::canonicalize(src)
+                        .map(|c| c.to_string_lossy().starts_with(&dev))
+                        .unwrap_or(false)
+                })
+        })
+        .unwrap_or(false)
+}
+
+fn open_target(path: &Path, size: u64, protected: &[PathBuf]) -> Result<Target, String> {
+    let canon = std::fs::canonicalize(path).ok();
+    if let Some(live) = protected.iter().find(|p| {
+        std::fs::canonicalize(p)
+            .ok()
+            .is_some_and(|c| Some(c) == canon)
+    }) {
+        return Err(format!(
+            "{} is a volume this agent protects ({}); restore to another path, then swap",
+            path.display(),
+            live.display()
+        ));
+    }
     match std::fs::metadata(path) {
         Ok(m) if m.file_type().is_block_device() => {
+            if mounted(path) {
+                return Err(format!(
+                    "block device {} (or a partition of it) is mounted; unmount it before restoring onto it",
+                    path.display()
+                ));
+            }
             let file = OpenOptions::new()
                 .write(true)
                 .open(path)
@@ -64,10 +102,12 @@ fn open_target(path: &Path, size: u64) -> Result<Target, String> {
             name.push(".bulwark-partial");
             let partial = PathBuf::from(name);
             let _ = std::fs::remove_file(&partial);
+            // A restored volume holds whatever the source held: owner-only.
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create_new(true)
+                .mode(0o600)
                 .open(&partial)
                 .map_err(|e| format!("cannot create {}: {e}", partial.display()))?;
             file.set_len(size)
@@ -108,11 +148,13 @@ impl Coverage {
     }
 }
 
-/// Restores `point` (0 = newest) of `source` into `path`.
+/// Restores `point` (0 = newest) of `source` into `path`. `protected` are the live
+/// volumes of this agent, which a restore never overwrites.
 pub async fn restore_point(
     source: &str,
     point: u64,
     path: &Path,
+    protected: Vec<PathBuf>,
     mut node: NodeClient<Channel>,
 ) -> Result<RestoreOutcome, String> {
     let started = Instant::now();
@@ -139,7 +181,7 @@ pub async fn restore_point(
     let point_id = header.point.map_or(point, |p| p.id);
     let p = path.to_path_buf();
     let size = geometry.size_bytes;
-    let target = tokio::task::spawn_blocking(move || open_target(&p, size))
+    let target = tokio::task::spawn_blocking(move || open_target(&p, size, &protected))
         .await
         .map_err(|e| e.to_string())??;
     let target = std::sync::Arc::new(target);

@@ -156,7 +156,8 @@ impl Agent {
             return Err(format!("restore path {} must be absolute", cmd.path));
         }
         let span = tracing::info_span!("restore", source = %cmd.source, point = cmd.point, path = %cmd.path);
-        let o = restore_point(&cmd.source, cmd.point, &path, node)
+        let protected = self.cfg.sources.iter().map(|s| s.path.clone()).collect();
+        let o = restore_point(&cmd.source, cmd.point, &path, protected, node)
             .instrument(span)
             .await?;
         tracing::info!(source = %cmd.source, point = o.point, path = %o.path.display(), bytes = o.bytes_written, "restore finished");

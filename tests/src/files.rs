@@ -49,10 +49,9 @@ pub fn rewrite_random_blocks_sized(path: &Path, count: usize, block_size: u64) -
         .write(true)
         .open(path)
         .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
-    let size = f
-        .metadata()
-        .unwrap_or_else(|e| panic!("cannot stat {}: {e}", path.display()))
-        .len();
+    // Seeking to the end sizes block devices too (their metadata length is 0).
+    let size = std::io::Seek::seek(&mut &f, std::io::SeekFrom::End(0))
+        .unwrap_or_else(|e| panic!("cannot size {}: {e}", path.display()));
     let blocks = usize::try_from(size.div_ceil(block_size)).expect("block count fits usize");
     assert!(
         count <= blocks,

@@ -214,7 +214,9 @@ fn write_file(path: &Path, text: &str) {
 pub struct FleetBuilder {
     nodes: Vec<String>,
     node_capacity: String,
-    agents: Vec<(String, Vec<(String, u64)>)>,
+    /// Per agent: its sources as (name, size, an existing volume to use instead of a
+    /// new random file).
+    agents: Vec<(String, Vec<(String, u64, Option<PathBuf>)>)>,
 }
 
 impl Default for FleetBuilder {
@@ -242,8 +244,20 @@ impl FleetBuilder {
 
     /// Adds a volume data source `source` of `size_bytes` random bytes to agent
     /// `agent` (adding the agent if it is new).
-    pub fn agent(mut self, agent: &str, source: &str, size_bytes: u64) -> Self {
-        let entry = (source.to_string(), size_bytes);
+    pub fn agent(self, agent: &str, source: &str, size_bytes: u64) -> Self {
+        self.add_source(agent, (source.to_string(), size_bytes, None))
+    }
+
+    /// Adds a data source whose volume already exists (a block device, say) of
+    /// `size_bytes` to agent `agent`. Its content is the test's business.
+    pub fn agent_volume(self, agent: &str, source: &str, path: &Path, size_bytes: u64) -> Self {
+        self.add_source(
+            agent,
+            (source.to_string(), size_bytes, Some(path.to_path_buf())),
+        )
+    }
+
+    fn add_source(mut self, agent: &str, entry: (String, u64, Option<PathBuf>)) -> Self {
         match self.agents.iter_mut().find(|(a, _)| a == agent) {
             Some((_, sources)) => sources.push(entry),
             None => self.agents.push((agent.to_string(), vec![entry])),
@@ -320,13 +334,19 @@ impl FleetBuilder {
             let state = dir.join("state");
             std::fs::create_dir_all(&state).expect("cannot create the agent's state dir");
             let mut list = Vec::new();
-            for (source, size) in srcs {
+            for (source, size, existing) in srcs {
                 assert!(
                     !sources.iter().any(|s: &SourceEntry| &s.name == source),
                     "source {source} is listed twice"
                 );
-                let path = dir.join(format!("{source}.img"));
-                crate::files::write_random_file(&path, *size);
+                let path = match existing {
+                    Some(p) => p.clone(),
+                    None => {
+                        let path = dir.join(format!("{source}.img"));
+                        crate::files::write_random_file(&path, *size);
+                        path
+                    }
+                };
                 sources.push(SourceEntry {
                     name: source.clone(),
                     agent: name.clone(),
@@ -931,8 +951,8 @@ impl Fleet {
             );
         }
         assert!(
-            to.is_file(),
-            "restore reported {v} but {} is not a file",
+            to.exists(),
+            "restore reported {v} but {} does not exist",
             to.display()
         );
         v

@@ -95,5 +95,9 @@ fn coordinator_restart_with_agents_connected() {
     fleet.coordinator().start();
     fleet.wait_ready();
     let r = fleet.sync(SOURCE);
-    assert_eq!(json_u64(&r, "point"), 1, "sync after the coordinator restart: {r}");
+    assert_eq!(
+        json_u64(&r, "point"),
+        1,
+        "sync after the coordinator restart: {r}"
+    );
 }
