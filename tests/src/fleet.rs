@@ -216,7 +216,7 @@ pub struct FleetBuilder {
     node_capacity: String,
     /// Per agent: its sources as (name, size, an existing volume to use instead of a
     /// new random file).
-    agents: Vec<(String, Vec<(String, u64, Option<PathBuf>)>)>,
+    agents: Vec<(String, Vec<PlannedSource>)>,
 }
 
 impl Default for FleetBuilder {
@@ -228,6 +228,10 @@ impl Default for FleetBuilder {
         }
     }
 }
+
+/// A source to be set up: name, size, and an existing volume to use instead of a new
+/// random file.
+type PlannedSource = (String, u64, Option<PathBuf>);
 
 impl FleetBuilder {
     /// Adds a storage node (one pool disk, `disk1`).
@@ -257,7 +261,7 @@ impl FleetBuilder {
         )
     }
 
-    fn add_source(mut self, agent: &str, entry: (String, u64, Option<PathBuf>)) -> Self {
+    fn add_source(mut self, agent: &str, entry: PlannedSource) -> Self {
         match self.agents.iter_mut().find(|(a, _)| a == agent) {
             Some((_, sources)) => sources.push(entry),
             None => self.agents.push((agent.to_string(), vec![entry])),
