@@ -106,7 +106,7 @@ fn block_device_source_and_restore_target() {
         dev.sync_all().expect("fsync target device");
     }
 
-    let mut fleet = Fleet::builder()
+    let fleet = Fleet::builder()
         .node("node-1")
         .agent_volume("host-1", SOURCE, &source.dev, SIZE)
         .start();
