@@ -1,10 +1,9 @@
 //! `bulwark-agent`: the daemon on each protected host.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use bulwark_agent::config::AgentConfig;
-use bulwark_common::telemetry::{self, LogFormat};
+use bulwark_common::daemon::{self, DaemonArgs};
 use clap::Parser;
 
 /// Bulwark agent: protects this host's volumes by sending their changed blocks to a
@@ -12,37 +11,16 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
 struct Args {
-    /// Path of agent.toml (see deploy/examples/agent.toml).
-    #[arg(long, short)]
-    config: PathBuf,
-    /// Log line format.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
+    #[command(flatten)]
+    daemon: DaemonArgs,
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    telemetry::init(args.log_format, "info");
-    let cfg = match AgentConfig::load(&args.config) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("bulwark-agent: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let result = tokio::runtime::Runtime::new()
-        .map_err(anyhow::Error::from)
-        .and_then(|rt| {
-            // on_signal spawns a task: it must run inside the runtime.
-            rt.block_on(async {
-                bulwark_agent::server::run(cfg, bulwark_common::shutdown::on_signal()).await
-            })
-        });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("bulwark-agent: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    let args = Args::parse().daemon;
+    daemon::main(
+        "bulwark-agent",
+        args,
+        AgentConfig::load,
+        bulwark_agent::server::run,
+    )
 }

@@ -10,7 +10,7 @@ use std::fs::File;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use bulwark_common::tls::{self, Role, Target, TlsIdentity};
 use bulwark_proto as pb;
 use bulwark_proto::coordinator_client::CoordinatorClient;
@@ -219,16 +219,7 @@ fn lock_state_dir(cfg: &AgentConfig) -> anyhow::Result<File> {
 
 /// Runs the agent until `shutdown` is cancelled.
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let identity = TlsIdentity::load(&cfg.tls)?;
-    if identity.me.role != Role::Agent || identity.me.name != cfg.name {
-        bail!(
-            "certificate {} is for {}, but this agent is configured as agent {}; issue one with `bulwark pki issue --role agent --name {}`",
-            cfg.tls.cert.display(),
-            identity.me,
-            cfg.name,
-            cfg.name
-        );
-    }
+    let identity = TlsIdentity::load_as(&cfg.tls, Role::Agent, Some(&cfg.name))?;
     let _state_lock = lock_state_dir(&cfg)?;
     let mut sizes = HashMap::new();
     for s in &cfg.sources {

@@ -12,6 +12,7 @@
 pub mod alloc;
 pub mod block;
 pub mod config;
+pub mod daemon;
 pub mod failpoint;
 pub mod pki;
 pub mod point;

@@ -241,6 +241,29 @@ impl TlsIdentity {
         Ok(id)
     }
 
+    /// Loads the `[tls]` files of a daemon that must hold a `role` certificate (named
+    /// `name`, when given): a certificate of another role or name is refused now,
+    /// with the command that makes the right one.
+    pub fn load_as(
+        files: &TlsFiles,
+        role: Role,
+        name: Option<&str>,
+    ) -> Result<TlsIdentity, TlsError> {
+        let id = TlsIdentity::load(files)?;
+        if id.me.role != role || name.is_some_and(|n| n != id.me.name) {
+            let want = name.unwrap_or("NAME");
+            return Err(TlsError::Invalid {
+                what: "certificate",
+                path: files.cert.display().to_string(),
+                message: format!(
+                    "it is for {}, but this process is {role} {want}; issue one with `bulwark pki issue --role {role} --name {want}`",
+                    id.me
+                ),
+            });
+        }
+        Ok(id)
+    }
+
     /// The server side: TLS 1.3 only, a client certificate from the fleet CA required.
     pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
         let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use bulwark_common::tls::{self, Role, TlsIdentity};
 use bulwark_proto as pb;
 use tokio::net::TcpListener;
@@ -19,14 +19,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let identity = TlsIdentity::load(&cfg.tls)?;
-    if identity.me.role != Role::Coordinator {
-        bail!(
-            "certificate {} is for {}, not a coordinator; issue one with `bulwark pki issue --role coordinator --name NAME`",
-            cfg.tls.cert.display(),
-            identity.me
-        );
-    }
+    let identity = TlsIdentity::load_as(&cfg.tls, Role::Coordinator, None)?;
     let (dir, timeout) = (cfg.data_dir.clone(), cfg.node_timeout);
     let registry = Arc::new(
         tokio::task::spawn_blocking(move || Registry::open(&dir, timeout))

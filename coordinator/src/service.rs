@@ -193,7 +193,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
         let conn = registry.connect(&agent.name, tx);
         tracing::info!(agent = %agent.name, sources = hello.sources.len(), "agent connected");
         tokio::spawn(control_loop(registry, agent, conn, inbound));
-        let commands = ReceiverStream::new(rx).take_until(self.0.shutdown.clone().cancelled_owned());
+        let commands =
+            ReceiverStream::new(rx).take_until(self.0.shutdown.clone().cancelled_owned());
         Ok(Response::new(Box::pin(commands)))
     }
 

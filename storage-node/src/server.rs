@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use bulwark_common::tls::{self, Role, Target, TlsIdentity};
 use bulwark_proto as pb;
 use bulwark_proto::coordinator_client::CoordinatorClient;
@@ -23,16 +23,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let identity = TlsIdentity::load(&cfg.tls)?;
-    if identity.me.role != Role::Node || identity.me.name != cfg.name {
-        bail!(
-            "certificate {} is for {}, but this node is configured as node {}; issue one with `bulwark pki issue --role node --name {}`",
-            cfg.tls.cert.display(),
-            identity.me,
-            cfg.name,
-            cfg.name
-        );
-    }
+    let identity = TlsIdentity::load_as(&cfg.tls, Role::Node, Some(&cfg.name))?;
     let (data_dir, disks) = (cfg.data_dir.clone(), cfg.disks.clone());
     let store = tokio::task::spawn_blocking(move || Store::open(&data_dir, disks))
         .await?
