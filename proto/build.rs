@@ -11,6 +11,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("bulwark_descriptor.bin"),
         prost::Message::encode_to_vec(&fds),
     )?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // `bytes` fields decode as `bytes::Bytes`: a slice of the received buffer, not a
+    // copy. Extent data is most of what crosses the wire.
+    tonic_prost_build::configure().bytes(".").compile_fds(fds)?;
     Ok(())
 }

@@ -21,6 +21,7 @@ use bulwark_common::block::{DIGEST_LEN, Digest, Geometry, MAX_BATCH_BYTES, is_ze
 use bulwark_common::point::Consistency;
 use bulwark_proto as pb;
 use bulwark_proto::node_client::NodeClient;
+use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -75,10 +76,10 @@ impl SyncError {
 
 /// The node's digests of its newest point, in block order, for the scanner.
 struct DigestFeed {
-    rx: mpsc::Receiver<Result<Vec<u8>, String>>,
+    rx: mpsc::Receiver<Result<Bytes, String>>,
     /// Digests still to come; none at all when the source has no point yet.
     remaining: u64,
-    buf: Vec<u8>,
+    buf: Bytes,
     pos: usize,
 }
 
@@ -112,6 +113,91 @@ struct ScanStats {
     bytes_sent: u64,
 }
 
+/// Collects changed blocks into batches of at most [`MAX_BATCH_BYTES`] of payload.
+/// Scattered blocks are copied into the batch; a read chunk that changed entirely is
+/// sent as it is (a full sync copies nothing).
+struct BatchBuilder<'a> {
+    extents: Vec<pb::Extent>,
+    /// Open run of copied blocks: offset, bytes, digests.
+    run: Option<(u64, BytesMut, Vec<Bytes>)>,
+    bytes: usize,
+    tx: &'a mpsc::Sender<pb::SyncMessage>,
+}
+
+impl BatchBuilder<'_> {
+    fn close_run(&mut self) {
+        if let Some((offset, data, checksums)) = self.run.take() {
+            self.extents.push(pb::Extent {
+                offset,
+                data: data.freeze(),
+                checksums,
+            });
+        }
+    }
+
+    /// Adds a copy of one changed block.
+    fn copy_block(&mut self, offset: u64, data: &[u8], digest: Digest) -> Result<(), SyncError> {
+        match &mut self.run {
+            Some((start, buf, sums)) if *start + buf.len() as u64 == offset => {
+                buf.extend_from_slice(data);
+                sums.push(Bytes::copy_from_slice(&digest.0));
+            }
+            _ => {
+                self.close_run();
+                let mut buf = BytesMut::with_capacity(
+                    MAX_BATCH_BYTES.saturating_sub(self.bytes).max(data.len()),
+                );
+                buf.extend_from_slice(data);
+                self.run = Some((offset, buf, vec![Bytes::copy_from_slice(&digest.0)]));
+            }
+        }
+        self.bytes += data.len();
+        if self.bytes >= MAX_BATCH_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Adds a whole chunk without copying it.
+    fn whole_chunk(
+        &mut self,
+        offset: u64,
+        data: Bytes,
+        digests: Vec<Bytes>,
+    ) -> Result<(), SyncError> {
+        if self.bytes + data.len() > MAX_BATCH_BYTES {
+            self.flush()?;
+        }
+        self.close_run();
+        self.bytes += data.len();
+        self.extents.push(pb::Extent {
+            offset,
+            data,
+            checksums: digests,
+        });
+        if self.bytes >= MAX_BATCH_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), SyncError> {
+        self.close_run();
+        if self.extents.is_empty() {
+            return Ok(());
+        }
+        let msg = pb::SyncMessage {
+            msg: Some(pb::sync_message::Msg::Extents(pb::ExtentBatch {
+                extents: std::mem::take(&mut self.extents),
+            })),
+        };
+        self.bytes = 0;
+        self.tx
+            .blocking_send(msg)
+            .map_err(|_| SyncError::Protocol("the node closed the sync stream".into()))
+    }
+}
+
 /// Reads the volume in order, compares, and sends the changed blocks as batches.
 fn scan(
     volume: &Volume,
@@ -123,9 +209,12 @@ fn scan(
     let bs = geometry.block_size as usize;
     let blocks_per_read = (MAX_BATCH_BYTES / bs).max(1) as u64;
     let total = geometry.block_count();
-    let mut buf = vec![0u8; blocks_per_read as usize * bs];
-    let mut batch: Vec<pb::Extent> = Vec::new();
-    let mut batch_bytes = 0usize;
+    let mut batch = BatchBuilder {
+        extents: Vec::new(),
+        run: None,
+        bytes: 0,
+        tx,
+    };
     let mut stats = ScanStats {
         blocks_scanned: 0,
         blocks_sent: 0,
@@ -135,61 +224,43 @@ fn scan(
         path: volume.path().display().to_string(),
         error: e,
     };
-    let flush = |batch: &mut Vec<pb::Extent>, batch_bytes: &mut usize| -> Result<(), SyncError> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let msg = pb::SyncMessage {
-            msg: Some(pb::sync_message::Msg::Extents(pb::ExtentBatch {
-                extents: std::mem::take(batch),
-            })),
-        };
-        *batch_bytes = 0;
-        tx.blocking_send(msg)
-            .map_err(|_| SyncError::Protocol("the node closed the sync stream".into()))
-    };
     let mut first = 0u64;
+    let mut changed: Vec<(usize, Digest)> = Vec::with_capacity(blocks_per_read as usize);
     while first < total {
         if stop.load(Ordering::Relaxed) {
             return Err(SyncError::Protocol("sync stopped".into()));
         }
         let count = blocks_per_read.min(total - first);
         let start = geometry.offset_of(first);
-        let len: u64 = geometry.offset_of(first + count).min(geometry.size_bytes) - start;
-        let chunk = &mut buf[..len as usize];
-        volume.read_at(chunk, start).map_err(read_err)?;
-        for i in 0..count {
-            let block = first + i;
-            let off = (i as usize) * bs;
-            let data = &chunk[off..(off + bs).min(chunk.len())];
+        let len = (geometry.offset_of(first + count).min(geometry.size_bytes) - start) as usize;
+        let chunk = volume.read_chunk(start, len).map_err(read_err)?;
+        changed.clear();
+        for i in 0..count as usize {
+            let data = &chunk[i * bs..((i + 1) * bs).min(len)];
             let stored = digests.next().map_err(SyncError::Protocol)?;
             let digest = Digest::of(data);
-            stats.blocks_scanned += 1;
-            if stored.matches(digest, stored == Digest::UNWRITTEN && is_zero(data)) {
-                continue;
+            if !stored.matches(digest, stored == Digest::UNWRITTEN && is_zero(data)) {
+                changed.push((i, digest));
+                stats.bytes_sent += data.len() as u64;
             }
-            stats.blocks_sent += 1;
-            stats.bytes_sent += data.len() as u64;
-            let offset = geometry.offset_of(block);
-            match batch.last_mut() {
-                Some(e) if e.offset + e.data.len() as u64 == offset => {
-                    e.data.extend_from_slice(data);
-                    e.checksums.push(digest.0.to_vec());
-                }
-                _ => batch.push(pb::Extent {
-                    offset,
-                    data: data.to_vec(),
-                    checksums: vec![digest.0.to_vec()],
-                }),
-            }
-            batch_bytes += data.len();
-            if batch_bytes >= MAX_BATCH_BYTES {
-                flush(&mut batch, &mut batch_bytes)?;
+        }
+        stats.blocks_scanned += count;
+        stats.blocks_sent += changed.len() as u64;
+        if changed.len() as u64 == count {
+            let sums = changed
+                .iter()
+                .map(|(_, d)| Bytes::copy_from_slice(&d.0))
+                .collect();
+            batch.whole_chunk(start, chunk, sums)?;
+        } else {
+            for &(i, digest) in &changed {
+                let data = &chunk[i * bs..((i + 1) * bs).min(len)];
+                batch.copy_block(start + (i * bs) as u64, data, digest)?;
             }
         }
         first += count;
     }
-    flush(&mut batch, &mut batch_bytes)?;
+    batch.flush()?;
     Ok(stats)
 }
 
@@ -264,7 +335,7 @@ pub async fn sync_volume(
 
     // One task reads every reply: digests go to the scanner; progress is noted; the
     // commit (or an error) ends it. Reading continuously means the node never blocks.
-    let (dtx, drx) = mpsc::channel::<Result<Vec<u8>, String>>(4);
+    let (dtx, drx) = mpsc::channel::<Result<Bytes, String>>(4);
     let stop = Arc::new(AtomicBool::new(false));
     let stop_r = stop.clone();
     let n = node_name.clone();
@@ -302,7 +373,7 @@ pub async fn sync_volume(
     let feed = DigestFeed {
         rx: drx,
         remaining: ready.digest_count,
-        buf: Vec::new(),
+        buf: Bytes::new(),
         pos: 0,
     };
     let scan_tx = tx.clone();

@@ -13,8 +13,20 @@ pub const DEFAULT_BLOCK_SIZE: u32 = 64 * 1024;
 pub const MIN_BLOCK_SIZE: u32 = 4096;
 /// Largest block size a data source may use.
 pub const MAX_BLOCK_SIZE: u32 = 4 * 1024 * 1024;
-/// Payload bytes an agent puts in one extent batch (one gRPC message).
-pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Payload bytes an agent puts in one extent batch (one gRPC message). Larger batches
+/// gain nothing on the wire and cost memory on both ends.
+pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
+/// Alignment of direct-I/O (`O_DIRECT`) buffers, offsets and lengths.
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// A zeroed buffer of `len` bytes whose start is aligned for direct I/O.
+pub fn aligned_buffer(len: usize) -> bytes::BytesMut {
+    let mut raw = bytes::BytesMut::zeroed(len + DIRECT_ALIGN);
+    let pad = raw.as_ptr().align_offset(DIRECT_ALIGN);
+    let mut buf = raw.split_off(pad);
+    buf.truncate(len);
+    buf
+}
 /// Length of a block digest.
 pub const DIGEST_LEN: usize = 32;
 
@@ -172,7 +184,7 @@ impl Geometry {
         &self,
         offset: u64,
         data: &[u8],
-        checksums: &[Vec<u8>],
+        checksums: &[impl AsRef<[u8]>],
     ) -> Result<(u64, Vec<Digest>), ExtentError> {
         let (first, count) = self.check_extent(offset, data.len() as u64)?;
         if checksums.len() as u64 != count {
@@ -189,7 +201,7 @@ impl Geometry {
             .enumerate()
         {
             let block = first + i as u64;
-            let want = Digest::from_slice(sum).ok_or(ExtentError::ChecksumLength {
+            let want = Digest::from_slice(sum.as_ref()).ok_or(ExtentError::ChecksumLength {
                 block,
                 offset: self.offset_of(block),
             })?;

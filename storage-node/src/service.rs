@@ -267,7 +267,7 @@ fn send_digests(
                 Ok(digests) => Ok(pb::SyncReply {
                     msg: Some(pb::sync_reply::Msg::Digests(pb::DigestChunk {
                         first_block: first,
-                        digests,
+                        digests: digests.into(),
                     })),
                 }),
                 Err(e) => Err(Status::from(e)),
@@ -494,8 +494,11 @@ impl pb::node_server::Node for NodeApi {
                         digests,
                     })) => pb::restore_chunk::Msg::Extent(pb::Extent {
                         offset,
-                        data,
-                        checksums: digests.iter().map(|d| d.0.to_vec()).collect(),
+                        data: data.into(),
+                        checksums: digests
+                            .iter()
+                            .map(|d| bytes::Bytes::copy_from_slice(&d.0))
+                            .collect(),
                     }),
                     Ok(Some(RestoreItem::Zeros { offset, len })) => {
                         pb::restore_chunk::Msg::Zeros(pb::ZeroRun { offset, len })

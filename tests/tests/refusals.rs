@@ -95,8 +95,8 @@ fn batch(offset: u64, data: Vec<u8>, checksum: Vec<u8>) -> SyncMessage {
         msg: Some(sync_message::Msg::Extents(ExtentBatch {
             extents: vec![Extent {
                 offset,
-                data,
-                checksums: vec![checksum],
+                data: data.into(),
+                checksums: vec![checksum.into()],
             }],
         })),
     }

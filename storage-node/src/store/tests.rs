@@ -34,26 +34,28 @@ fn spec(size: u64, base: u64) -> SyncSpec {
 /// The extents of the blocks of `image` that differ from `old`, one extent per run.
 fn diff_extents(old: &[u8], image: &[u8]) -> Vec<VerifiedExtent> {
     let g = Geometry::new(image.len() as u64, BS).expect("geometry");
-    let mut out: Vec<VerifiedExtent> = Vec::new();
+    let mut runs: Vec<(u64, Vec<u8>, Vec<Digest>)> = Vec::new();
     for b in 0..g.block_count() {
         let (o, l) = (g.offset_of(b) as usize, g.block_len(b) as usize);
         let new = &image[o..o + l];
         if &old[o..o + l] == new {
             continue;
         }
-        match out.last_mut() {
-            Some(e) if e.first_block + e.digests.len() as u64 == b => {
-                e.data.extend_from_slice(new);
-                e.digests.push(Digest::of(new));
+        match runs.last_mut() {
+            Some((first, data, digests)) if *first + digests.len() as u64 == b => {
+                data.extend_from_slice(new);
+                digests.push(Digest::of(new));
             }
-            _ => out.push(VerifiedExtent {
-                first_block: b,
-                data: new.to_vec(),
-                digests: vec![Digest::of(new)],
-            }),
+            _ => runs.push((b, new.to_vec(), vec![Digest::of(new)])),
         }
     }
-    out
+    runs.into_iter()
+        .map(|(first_block, data, digests)| VerifiedExtent {
+            first_block,
+            data: data.into(),
+            digests,
+        })
+        .collect()
 }
 
 fn sync(store: &Store, old: &[u8], image: &[u8], base: u64) -> PointMeta {
@@ -143,7 +145,7 @@ fn base_mismatch_and_duplicates_are_refused() {
     txn.apply(&e).expect("first");
     let again = VerifiedExtent {
         first_block: 0,
-        data: next[..BS as usize].to_vec(),
+        data: next[..BS as usize].to_vec().into(),
         digests: vec![Digest::of(&next[..BS as usize])],
     };
     assert!(matches!(
