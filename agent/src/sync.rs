@@ -224,42 +224,70 @@ fn scan(
         path: volume.path().display().to_string(),
         error: e,
     };
-    let mut first = 0u64;
-    let mut changed: Vec<(usize, Digest)> = Vec::with_capacity(blocks_per_read as usize);
-    while first < total {
-        if stop.load(Ordering::Relaxed) {
-            return Err(SyncError::Protocol("sync stopped".into()));
-        }
-        let count = blocks_per_read.min(total - first);
-        let start = geometry.offset_of(first);
-        let len = (geometry.offset_of(first + count).min(geometry.size_bytes) - start) as usize;
-        let chunk = volume.read_chunk(start, len).map_err(read_err)?;
-        changed.clear();
-        for i in 0..count as usize {
-            let data = &chunk[i * bs..((i + 1) * bs).min(len)];
-            let stored = digests.next().map_err(SyncError::Protocol)?;
-            let digest = Digest::of(data);
-            if !stored.matches(digest, stored == Digest::UNWRITTEN && is_zero(data)) {
-                changed.push((i, digest));
-                stats.bytes_sent += data.len() as u64;
+    // A reader thread keeps a few chunks ahead, so the disk (direct reads wait on
+    // it) and the hashing below overlap.
+    let (chunks_tx, chunks_rx) =
+        std::sync::mpsc::sync_channel::<std::io::Result<(u64, u64, Bytes)>>(3);
+    std::thread::scope(|scope| -> Result<(), SyncError> {
+        scope.spawn(move || {
+            let mut first = 0u64;
+            while first < total && !stop.load(Ordering::Relaxed) {
+                let count = blocks_per_read.min(total - first);
+                let start = geometry.offset_of(first);
+                let len =
+                    (geometry.offset_of(first + count).min(geometry.size_bytes) - start) as usize;
+                let chunk = volume.read_chunk(start, len).map(|c| (first, count, c));
+                let failed = chunk.is_err();
+                if chunks_tx.send(chunk).is_err() || failed {
+                    return;
+                }
+                first += count;
             }
-        }
-        stats.blocks_scanned += count;
-        stats.blocks_sent += changed.len() as u64;
-        if changed.len() as u64 == count {
-            let sums = changed
-                .iter()
-                .map(|(_, d)| Bytes::copy_from_slice(&d.0))
-                .collect();
-            batch.whole_chunk(start, chunk, sums)?;
-        } else {
-            for &(i, digest) in &changed {
+        });
+        // Owned here, so that an early return drops it and a reader blocked on a full
+        // channel wakes up before the scope waits for it.
+        let chunks_rx = chunks_rx;
+        let mut changed: Vec<(usize, Digest)> = Vec::with_capacity(blocks_per_read as usize);
+        let mut expected = 0u64;
+        while expected < total {
+            if stop.load(Ordering::Relaxed) {
+                return Err(SyncError::Protocol("sync stopped".into()));
+            }
+            let (first, count, chunk) = match chunks_rx.recv() {
+                Ok(r) => r.map_err(read_err)?,
+                Err(_) => return Err(SyncError::Protocol("the volume reader stopped".into())),
+            };
+            debug_assert_eq!(first, expected);
+            let start = geometry.offset_of(first);
+            let len = chunk.len();
+            changed.clear();
+            for i in 0..count as usize {
                 let data = &chunk[i * bs..((i + 1) * bs).min(len)];
-                batch.copy_block(start + (i * bs) as u64, data, digest)?;
+                let stored = digests.next().map_err(SyncError::Protocol)?;
+                let digest = Digest::of(data);
+                if !stored.matches(digest, stored == Digest::UNWRITTEN && is_zero(data)) {
+                    changed.push((i, digest));
+                    stats.bytes_sent += data.len() as u64;
+                }
             }
+            stats.blocks_scanned += count;
+            stats.blocks_sent += changed.len() as u64;
+            if changed.len() as u64 == count {
+                let sums = changed
+                    .iter()
+                    .map(|(_, d)| Bytes::copy_from_slice(&d.0))
+                    .collect();
+                batch.whole_chunk(start, chunk, sums)?;
+            } else {
+                for &(i, digest) in &changed {
+                    let data = &chunk[i * bs..((i + 1) * bs).min(len)];
+                    batch.copy_block(start + (i * bs) as u64, data, digest)?;
+                }
+            }
+            expected = first + count;
         }
-        first += count;
-    }
+        Ok(())
+    })?;
     batch.flush()?;
     Ok(stats)
 }

@@ -10,16 +10,23 @@ use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bulwark_common::block::{DIRECT_ALIGN, aligned_buffer};
 use bytes::{Bytes, BytesMut};
+
+/// Read buffers kept for reuse: a chunk handed out comes back once every clone of it
+/// (batches, the gRPC encoder) is dropped, so a scan does not allocate, zero and fault
+/// in a fresh buffer per chunk.
+const POOL_BUFFERS: usize = 8;
 
 /// A volume opened for reading.
 pub struct Volume {
     file: File,
     direct: Option<File>,
     direct_ok: AtomicBool,
+    pool: Mutex<Vec<Bytes>>,
     path: PathBuf,
     size_bytes: u64,
 }
@@ -47,6 +54,7 @@ impl Volume {
             .ok();
         Ok(Volume {
             file,
+            pool: Mutex::new(Vec::new()),
             direct_ok: AtomicBool::new(direct.is_some()),
             direct,
             path: path.to_path_buf(),
@@ -75,8 +83,9 @@ impl Volume {
             && self.is_direct()
             && offset.is_multiple_of(DIRECT_ALIGN as u64)
         {
-            match read_direct(direct, offset, len) {
-                Ok(b) => return Ok(b),
+            let buf = self.buffer(len.next_multiple_of(DIRECT_ALIGN));
+            match read_direct(direct, buf, offset, len) {
+                Ok(b) => return Ok(self.keep(b)),
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                     tracing::info!(path = %self.path.display(), "direct I/O refused; reading through the page cache");
                     self.direct_ok.store(false, Ordering::Relaxed);
@@ -84,16 +93,47 @@ impl Volume {
                 Err(e) => return Err(e),
             }
         }
-        let mut buf = BytesMut::zeroed(len);
+        let mut buf = self.buffer(len);
+        buf.truncate(len);
         self.file.read_exact_at(&mut buf, offset)?;
-        Ok(buf.freeze())
+        Ok(self.keep(buf.freeze()))
+    }
+
+    /// An aligned buffer of `len` bytes (holding old contents), from the pool when
+    /// one is free again.
+    fn buffer(&self, len: usize) -> BytesMut {
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        for _ in 0..pool.len() {
+            let Some(candidate) = pool.pop() else { break };
+            if candidate.len() >= len {
+                match candidate.try_into_mut() {
+                    Ok(mut b) => {
+                        b.truncate(len);
+                        return b;
+                    }
+                    Err(in_use) => pool.insert(0, in_use),
+                }
+            } else {
+                pool.insert(0, candidate);
+            }
+        }
+        drop(pool);
+        aligned_buffer(len)
+    }
+
+    /// Remembers a chunk so that its buffer can be reused once it is released.
+    fn keep(&self, chunk: Bytes) -> Bytes {
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() < POOL_BUFFERS {
+            pool.push(chunk.clone());
+        }
+        chunk
     }
 }
 
-fn read_direct(f: &File, offset: u64, len: usize) -> std::io::Result<Bytes> {
+fn read_direct(f: &File, mut buf: BytesMut, offset: u64, len: usize) -> std::io::Result<Bytes> {
     // Whole aligned units are read; at the end of the volume the read comes up short.
     let want = len.next_multiple_of(DIRECT_ALIGN);
-    let mut buf = aligned_buffer(want);
     let mut got = 0;
     while got < len {
         let n = f.read_at(&mut buf[got..want], offset + got as u64)?;

@@ -281,9 +281,38 @@ fn send_digests(
     });
 }
 
-/// Receives extent batches until Commit; any failure rolls the sync back.
-async fn run_sync(
+/// Applies verified batches in order on a blocking thread, reporting progress after
+/// each; hands the transaction back when its input ends or a batch fails.
+fn spawn_applier(
     mut txn: SyncTxn,
+    mut batches: mpsc::Receiver<Vec<VerifiedExtent>>,
+    tx: mpsc::Sender<Result<pb::SyncReply, Status>>,
+) -> tokio::task::JoinHandle<(SyncTxn, Result<(), Status>)> {
+    tokio::task::spawn_blocking(move || {
+        while let Some(batch) = batches.blocking_recv() {
+            if let Err(e) = txn.apply(&batch) {
+                return (txn, Err(Status::from(e)));
+            }
+            let progress = pb::SyncReply {
+                msg: Some(pb::sync_reply::Msg::Progress(pb::SyncProgress {
+                    applied_bytes: txn.applied_bytes(),
+                })),
+            };
+            if tx.blocking_send(Ok(progress)).is_err() {
+                return (txn, Err(Status::cancelled("the agent went away")));
+            }
+        }
+        (txn, Ok(()))
+    })
+}
+
+/// Receives extent batches until Commit; any failure rolls the sync back.
+///
+/// Three stages overlap: this task receives, a blocking task verifies each batch's
+/// checksums, and the applier writes the previous batches (its direct writes wait on
+/// the disk, which the other stages need not do).
+async fn run_sync(
+    txn: SyncTxn,
     mut inbound: Streaming<pb::SyncMessage>,
     geometry: Geometry,
     source: String,
@@ -291,46 +320,58 @@ async fn run_sync(
     lock: tokio::sync::OwnedRwLockWriteGuard<()>,
 ) -> Result<(), Status> {
     use pb::sync_message::Msg;
+    let (btx, brx) = mpsc::channel::<Vec<VerifiedExtent>>(2);
+    let applier = spawn_applier(txn, brx, tx.clone());
+    // Stops the applier and rolls back; the applier's own error, if any, wins.
+    async fn fail(
+        btx: mpsc::Sender<Vec<VerifiedExtent>>,
+        applier: tokio::task::JoinHandle<(SyncTxn, Result<(), Status>)>,
+        why: Status,
+    ) -> Status {
+        drop(btx);
+        match applier.await {
+            Ok((txn, res)) => {
+                abort(txn).await;
+                res.err().unwrap_or(why)
+            }
+            Err(e) => Status::internal(format!("sync applier failed: {e}")),
+        }
+    }
     loop {
         let msg = match inbound.message().await {
             Ok(Some(m)) => m,
             Ok(None) => {
-                abort(txn).await;
-                return Err(Status::aborted(
-                    "the sync stream ended before SyncCommit; nothing was kept",
-                ));
+                let why =
+                    Status::aborted("the sync stream ended before SyncCommit; nothing was kept");
+                return Err(fail(btx, applier, why).await);
             }
             Err(s) => {
                 tracing::warn!(%source, "sync stream broke: {}", s.message());
-                abort(txn).await;
-                return Err(s);
+                return Err(fail(btx, applier, s).await);
             }
         };
         match msg.msg {
             Some(Msg::Extents(batch)) => {
                 let src = source.clone();
-                let (back, res) = blocking(move || {
-                    let res = verify_batch(batch, geometry, &src)
-                        .and_then(|exts| txn.apply(&exts).map_err(Status::from));
-                    (txn, res)
-                })
-                .await?;
-                txn = back;
-                if let Err(s) = res {
-                    abort(txn).await;
-                    return Err(s);
-                }
-                let progress = pb::SyncReply {
-                    msg: Some(pb::sync_reply::Msg::Progress(pb::SyncProgress {
-                        applied_bytes: txn.applied_bytes(),
-                    })),
+                let verified = match blocking(move || verify_batch(batch, geometry, &src)).await {
+                    Ok(Ok(v)) => v,
+                    Ok(Err(s)) | Err(s) => return Err(fail(btx, applier, s).await),
                 };
-                if tx.send(Ok(progress)).await.is_err() {
-                    abort(txn).await;
-                    return Err(Status::cancelled("the agent went away"));
+                if btx.send(verified).await.is_err() {
+                    // The applier stopped: its error explains why.
+                    let why = Status::internal("the sync applier stopped");
+                    return Err(fail(btx, applier, why).await);
                 }
             }
             Some(Msg::Commit(_)) => {
+                drop(btx);
+                let (txn, applied) = applier
+                    .await
+                    .map_err(|e| Status::internal(format!("sync applier failed: {e}")))?;
+                if let Err(s) = applied {
+                    abort(txn).await;
+                    return Err(s);
+                }
                 let point = blocking(move || txn.commit()).await??;
                 // Free the source before the agent hears of the commit, so its next
                 // sync never finds the source still locked.
@@ -346,10 +387,10 @@ async fn run_sync(
                 return Ok(());
             }
             Some(Msg::Begin(_)) | None => {
-                abort(txn).await;
-                return Err(Status::invalid_argument(
+                let why = Status::invalid_argument(
                     "unexpected message in a sync: only ExtentBatch or SyncCommit may follow SyncBegin",
-                ));
+                );
+                return Err(fail(btx, applier, why).await);
             }
         }
     }
