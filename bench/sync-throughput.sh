@@ -189,6 +189,7 @@ tls() {
     echo "data_dir = \"$WORK/coordinator\""
     tls coordinator
 } >"$WORK/coordinator.toml"
+mkdir -p "$WORK/node/disk1"
 {
     echo "name = \"$NODE\""
     echo "listen = \"127.0.0.1:$NPORT\""

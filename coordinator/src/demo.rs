@@ -131,6 +131,7 @@ async fn demo(dir: &Path) -> anyhow::Result<()> {
     for name in ["node-1", "node-2"] {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
+        std::fs::create_dir_all(dir.join(name).join("disk1"))?;
         let path = dir.join(format!("{name}.toml"));
         std::fs::write(
             &path,

@@ -305,6 +305,15 @@ impl Store {
     pub fn open(data_dir: &Path, disks: Vec<PoolDisk>) -> Result<Store> {
         std::fs::create_dir_all(data_dir).map_err(io("create", data_dir))?;
         for d in &disks {
+            // A pool disk must exist already: creating a missing mount point would
+            // quietly fill whatever file system lies beneath it.
+            if !d.path.is_dir() {
+                return Err(StoreError::Io {
+                    op: "pool disk (create or mount it first)",
+                    path: d.path.clone(),
+                    error: std::io::Error::from(std::io::ErrorKind::NotFound),
+                });
+            }
             std::fs::create_dir_all(d.path.join("bulwark")).map_err(io("create", &d.path))?;
         }
         let meta = data_dir.join("meta");

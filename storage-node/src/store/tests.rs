@@ -7,6 +7,7 @@ use rand::{Rng, SeedableRng};
 const BS: u32 = 4096;
 
 fn open(dir: &Path) -> Store {
+    std::fs::create_dir_all(dir.join("disk1")).expect("disk dir");
     Store::open(
         &dir.join("data"),
         vec![PoolDisk {
@@ -178,14 +179,17 @@ fn abort_of_a_first_sync_leaves_nothing() {
 #[test]
 fn refuses_a_source_no_disk_can_hold() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(
-        &dir.path().join("data"),
+    let disks = || {
         vec![PoolDisk {
             path: dir.path().join("d"),
             capacity_bytes: 1 << 30,
-        }],
-    )
-    .expect("open");
+        }]
+    };
+    let missing = Store::open(&dir.path().join("data"), disks());
+    let e = missing.err().expect("a missing pool disk is refused");
+    assert!(e.to_string().contains("mount it first"), "{e}");
+    std::fs::create_dir_all(dir.path().join("d")).expect("disk dir");
+    let store = Store::open(&dir.path().join("data"), disks()).expect("open");
     let e = store.begin_sync(spec(1 << 30, 0)).err().expect("refused");
     assert!(matches!(e, StoreError::NoSpace { .. }), "{e}");
 }
