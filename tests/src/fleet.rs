@@ -185,6 +185,7 @@ pub fn agent_toml(
     coordinator_url: &str,
     state_dir: &Path,
     sources: &[(&str, &Path)],
+    sync_interval: &str,
     tls: &TlsFiles,
 ) -> String {
     let mut s = format!(
@@ -194,7 +195,7 @@ pub fn agent_toml(
     for (source, path) in sources {
         s.push_str(&format!(
             "[[sources]]\nname = \"{source}\"\nkind = \"volume\"\npath = {}\n\
-             tracker = \"fingerprint\"\nblock_size = \"64KiB\"\nsync_interval = \"1h\"\n\n",
+             tracker = \"fingerprint\"\nblock_size = \"64KiB\"\nsync_interval = \"{sync_interval}\"\n\n",
             toml_path(path)
         ));
     }
@@ -214,6 +215,8 @@ fn write_file(path: &Path, text: &str) {
 pub struct FleetBuilder {
     nodes: Vec<String>,
     node_capacity: String,
+    /// `sync_interval` of every data source (default `1h`: tests sync on command).
+    sync_interval: String,
     /// Per agent: its sources as (name, size, an existing volume to use instead of a
     /// new random file).
     agents: Vec<(String, Vec<PlannedSource>)>,
@@ -224,6 +227,7 @@ impl Default for FleetBuilder {
         FleetBuilder {
             nodes: Vec::new(),
             node_capacity: "100GiB".into(),
+            sync_interval: "1h".into(),
             agents: Vec::new(),
         }
     }
@@ -237,6 +241,12 @@ impl FleetBuilder {
     /// Adds a storage node (one pool disk, `disk1`).
     pub fn node(mut self, name: &str) -> Self {
         self.nodes.push(name.to_string());
+        self
+    }
+
+    /// The `sync_interval` of every data source (default `1h`).
+    pub fn sync_interval(mut self, interval: &str) -> Self {
+        self.sync_interval = interval.to_string();
         self
     }
 
@@ -366,7 +376,14 @@ impl FleetBuilder {
             let config = dir.join("agent.toml");
             write_file(
                 &config,
-                &agent_toml(name, &coordinator_url, &state, &refs, &tls),
+                &agent_toml(
+                    name,
+                    &coordinator_url,
+                    &state,
+                    &refs,
+                    &self.sync_interval,
+                    &tls,
+                ),
             );
             agents.push(Daemon::new(
                 name,

@@ -56,6 +56,7 @@ fn setup() -> Setup {
                 &coordinator_url,
                 &dir.join("host-1"),
                 &[("host-1-data", volume.as_path())],
+                "1h",
                 &pki.issue("agent", "host-1"),
             ),
         ),

@@ -231,3 +231,34 @@ fn full_and_incremental_syncs_restore_every_point() {
         "restore of host-1-data written by host-2",
     );
 }
+
+/// With no command at all, each data source syncs every `sync_interval`, and the
+/// scheduled points are listed and restore like any other.
+#[test]
+fn scheduled_syncs_run_on_their_interval() {
+    let fleet = Fleet::builder()
+        .node("node-1")
+        .sync_interval("2s")
+        .agent("host-1", "host-1-data", 4 * MIB)
+        .start();
+    let ids = poll(
+        "two scheduled syncs of host-1-data",
+        Duration::from_secs(30),
+        || {
+            let ids = fleet.point_ids("host-1-data");
+            if ids.len() >= 2 {
+                Ok(ids)
+            } else {
+                Err(format!("points so far: {ids:?}"))
+            }
+        },
+    );
+    assert_eq!(&ids[..2], &[1, 2], "scheduled points");
+    let to = fleet.scratch("scheduled.img");
+    fleet.restore("host-1-data", Some(ids[0]), &to, None);
+    assert_same_file(
+        &to,
+        &fleet.volume("host-1-data"),
+        "restore of a scheduled point",
+    );
+}
