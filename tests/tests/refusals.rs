@@ -285,3 +285,32 @@ fn refuses_an_extent_past_the_volume_end() {
     );
     assert_unchanged(&fleet, &base, "an extent past the end");
 }
+
+#[test]
+fn refuses_an_expired_certificate() {
+    let (fleet, base) = setup();
+    let expired = fleet
+        .pki()
+        .issue_with("admin", "expired-admin", &["--days", "-1"]);
+    let (_, stderr) = fleet.cli_expect_fail_as(&expired, &["nodes", "--json"]);
+    assert!(
+        stderr.contains("certificate"),
+        "the refusal of an expired certificate should say to check it: {stderr}"
+    );
+    assert_unchanged(&fleet, &base, "an expired admin certificate");
+}
+
+#[test]
+fn refuses_a_node_certificate_for_admin_commands() {
+    let (fleet, base) = setup();
+    let (_, stderr) = fleet.cli_expect_fail_as(
+        &fleet.identity("node-1"),
+        &["sync", "host-1-data", "--wait"],
+    );
+    let lower = stderr.to_lowercase();
+    assert!(
+        lower.contains("permission denied") && lower.contains("admin"),
+        "expected a permission denied that names the admin role: {stderr}"
+    );
+    assert_unchanged(&fleet, &base, "a node certificate calling admin RPCs");
+}
