@@ -311,7 +311,7 @@ impl Store {
                 return Err(StoreError::Io {
                     op: "pool disk (create or mount it first)",
                     path: d.path.clone(),
-                    error: std::io::Error::from(std::io::ErrorKind::NotFound),
+                    error: std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory"),
                 });
             }
             std::fs::create_dir_all(d.path.join("bulwark")).map_err(io("create", &d.path))?;
