@@ -277,6 +277,30 @@ fn table(header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
+/// Prints a listing: a JSON array with `--json`, else a table.
+fn listing<T>(
+    items: &[T],
+    json: bool,
+    header: &[&str],
+    to_json: impl Fn(&T) -> Value,
+    to_row: impl Fn(&T) -> Vec<String>,
+) -> anyhow::Result<()> {
+    if json {
+        print_json(&Value::Array(items.iter().map(to_json).collect()))
+    } else {
+        table(header, &items.iter().map(to_row).collect::<Vec<_>>());
+        Ok(())
+    }
+}
+
+fn dash_if_empty(s: &str) -> String {
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s.to_string()
+    }
+}
+
 fn print_json(v: &Value) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
@@ -353,48 +377,38 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map_err(|s| admin.err(s))?
                 .into_inner()
                 .nodes;
-            if a.json {
-                print_json(&Value::Array(
-                    nodes
-                        .iter()
-                        .map(|n| {
-                            json!({
-                                "name": n.name, "address": n.address, "state": n.state,
-                                "capacity_bytes": n.capacity_bytes, "allocated_bytes": n.allocated_bytes,
-                                "used_bytes": n.used_bytes, "sources": n.sources,
-                                "live_streams": n.live_streams, "last_seen": rfc3339_ms(n.last_seen_ms),
-                            })
-                        })
-                        .collect(),
-                ))?;
-            } else {
-                let rows: Vec<Vec<String>> = nodes
-                    .iter()
-                    .map(|n| {
-                        vec![
-                            n.name.clone(),
-                            n.address.clone(),
-                            n.state.clone(),
-                            format_size(n.capacity_bytes),
-                            format_size(n.allocated_bytes),
-                            format_size(n.used_bytes),
-                            n.sources.to_string(),
-                        ]
+            listing(
+                &nodes,
+                a.json,
+                &[
+                    "NAME",
+                    "ADDRESS",
+                    "STATE",
+                    "CAPACITY",
+                    "ALLOCATED",
+                    "USED",
+                    "SOURCES",
+                ],
+                |n| {
+                    json!({
+                        "name": n.name, "address": n.address, "state": n.state,
+                        "capacity_bytes": n.capacity_bytes, "allocated_bytes": n.allocated_bytes,
+                        "used_bytes": n.used_bytes, "sources": n.sources,
+                        "live_streams": n.live_streams, "last_seen": rfc3339_ms(n.last_seen_ms),
                     })
-                    .collect();
-                table(
-                    &[
-                        "NAME",
-                        "ADDRESS",
-                        "STATE",
-                        "CAPACITY",
-                        "ALLOCATED",
-                        "USED",
-                        "SOURCES",
-                    ],
-                    &rows,
-                );
-            }
+                },
+                |n| {
+                    vec![
+                        n.name.clone(),
+                        n.address.clone(),
+                        n.state.clone(),
+                        format_size(n.capacity_bytes),
+                        format_size(n.allocated_bytes),
+                        format_size(n.used_bytes),
+                        n.sources.to_string(),
+                    ]
+                },
+            )?;
         }
         Command::Agents(a) => {
             let agents = admin
@@ -404,37 +418,30 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map_err(|s| admin.err(s))?
                 .into_inner()
                 .agents;
-            if a.json {
-                print_json(&Value::Array(
-                    agents
-                        .iter()
-                        .map(|g| {
-                            json!({
-                                "name": g.name, "connected": g.connected, "sources": g.sources,
-                                "last_seen": rfc3339_ms(g.last_seen_ms), "version": g.version,
-                            })
-                        })
-                        .collect(),
-                ))?;
-            } else {
-                let rows: Vec<Vec<String>> = agents
-                    .iter()
-                    .map(|g| {
-                        vec![
-                            g.name.clone(),
-                            if g.connected {
-                                "connected"
-                            } else {
-                                "disconnected"
-                            }
-                            .into(),
-                            g.sources.join(","),
-                            rfc3339_ms(g.last_seen_ms),
-                        ]
+            listing(
+                &agents,
+                a.json,
+                &["NAME", "STATE", "SOURCES", "LAST SEEN"],
+                |g| {
+                    json!({
+                        "name": g.name, "connected": g.connected, "sources": g.sources,
+                        "last_seen": rfc3339_ms(g.last_seen_ms), "version": g.version,
                     })
-                    .collect();
-                table(&["NAME", "STATE", "SOURCES", "LAST SEEN"], &rows);
-            }
+                },
+                |g| {
+                    vec![
+                        g.name.clone(),
+                        if g.connected {
+                            "connected"
+                        } else {
+                            "disconnected"
+                        }
+                        .into(),
+                        g.sources.join(","),
+                        rfc3339_ms(g.last_seen_ms),
+                    ]
+                },
+            )?;
         }
         Command::Sources(a) => {
             let sources = admin
@@ -444,58 +451,44 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map_err(|s| admin.err(s))?
                 .into_inner()
                 .sources;
-            if a.json {
-                print_json(&Value::Array(
-                    sources
-                        .iter()
-                        .map(|s| {
-                            json!({
-                                "name": s.name, "agent": s.agent, "node": s.node,
-                                "kind": if s.kind == pb::SourceKind::Log as i32 { "log" } else { "volume" },
-                                "state": s.state, "size_bytes": s.size_bytes, "last_point": s.last_point,
-                                "epoch": s.epoch, "block_size": s.block_size,
-                                "last_sync": rfc3339_ms(s.last_sync_ms), "error": s.error,
-                                "allocated_bytes": s.allocated_bytes,
-                            })
-                        })
-                        .collect(),
-                ))?;
-            } else {
-                let rows: Vec<Vec<String>> = sources
-                    .iter()
-                    .map(|s| {
-                        vec![
-                            s.name.clone(),
-                            s.agent.clone(),
-                            if s.node.is_empty() {
-                                "-".into()
-                            } else {
-                                s.node.clone()
-                            },
-                            s.state.clone(),
-                            format_size(s.size_bytes),
-                            if s.last_point == 0 {
-                                "-".into()
-                            } else {
-                                s.last_point.to_string()
-                            },
-                            s.error.clone(),
-                        ]
+            listing(
+                &sources,
+                a.json,
+                &[
+                    "NAME",
+                    "AGENT",
+                    "NODE",
+                    "STATE",
+                    "SIZE",
+                    "LAST POINT",
+                    "ERROR",
+                ],
+                |s| {
+                    json!({
+                        "name": s.name, "agent": s.agent, "node": s.node,
+                        "kind": if s.kind == pb::SourceKind::Log as i32 { "log" } else { "volume" },
+                        "state": s.state, "size_bytes": s.size_bytes, "last_point": s.last_point,
+                        "epoch": s.epoch, "block_size": s.block_size,
+                        "last_sync": rfc3339_ms(s.last_sync_ms), "error": s.error,
+                        "allocated_bytes": s.allocated_bytes,
                     })
-                    .collect();
-                table(
-                    &[
-                        "NAME",
-                        "AGENT",
-                        "NODE",
-                        "STATE",
-                        "SIZE",
-                        "LAST POINT",
-                        "ERROR",
-                    ],
-                    &rows,
-                );
-            }
+                },
+                |s| {
+                    vec![
+                        s.name.clone(),
+                        s.agent.clone(),
+                        dash_if_empty(&s.node),
+                        s.state.clone(),
+                        format_size(s.size_bytes),
+                        if s.last_point == 0 {
+                            "-".into()
+                        } else {
+                            s.last_point.to_string()
+                        },
+                        s.error.clone(),
+                    ]
+                },
+            )?;
         }
         Command::Sync { source, wait, json } => {
             if wait {
@@ -537,27 +530,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Points { source, json } => {
             let points = admin.points(&source).await?;
-            if json {
-                print_json(&Value::Array(points.iter().map(point_json).collect()))?;
-            } else {
-                let rows: Vec<Vec<String>> = points
-                    .iter()
-                    .map(|p| {
-                        vec![
-                            p.id.to_string(),
-                            rfc3339_ms(p.created_at_ms),
-                            Consistency::from_proto(p.consistency).as_str().into(),
-                            kind_word(p.kind).into(),
-                            p.blocks_changed.to_string(),
-                            format_size(p.bytes_changed),
-                        ]
-                    })
-                    .collect();
-                table(
-                    &["ID", "CREATED", "CONSISTENCY", "KIND", "BLOCKS", "CHANGED"],
-                    &rows,
-                );
-            }
+            listing(
+                &points,
+                json,
+                &["ID", "CREATED", "CONSISTENCY", "KIND", "BLOCKS", "CHANGED"],
+                point_json,
+                |p| {
+                    vec![
+                        p.id.to_string(),
+                        rfc3339_ms(p.created_at_ms),
+                        Consistency::from_proto(p.consistency).as_str().into(),
+                        kind_word(p.kind).into(),
+                        p.blocks_changed.to_string(),
+                        format_size(p.bytes_changed),
+                    ]
+                },
+            )?;
         }
         Command::Restore {
             source,

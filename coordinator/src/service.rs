@@ -75,6 +75,24 @@ impl CoordinatorService {
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
+/// Waits for the result of a command relayed to `agent`.
+async fn command_outcome(
+    rx: tokio::sync::oneshot::Receiver<crate::registry::CommandOutcome>,
+    what: &str,
+    source: &str,
+    agent: &str,
+) -> Result<pb::command_result::Outcome, Status> {
+    match rx.await {
+        Ok(Ok(outcome)) => Ok(outcome),
+        Ok(Err(e)) => Err(Status::aborted(format!(
+            "{what} of {source} on agent {agent} failed: {e}"
+        ))),
+        Err(_) => Err(Status::unavailable(format!(
+            "agent {agent} went away during the {what}"
+        ))),
+    }
+}
+
 async fn control_loop(
     registry: Arc<Registry>,
     agent: Identity,
@@ -326,22 +344,15 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
                 agent: s.agent,
             }));
         }
-        match rx.await {
-            Ok(Ok(pb::command_result::Outcome::Sync(res))) => Ok(Response::new(pb::SyncResponse {
+        let outcome = command_outcome(rx, "sync", &r.source, &s.agent).await?;
+        match outcome {
+            pb::command_result::Outcome::Sync(res) => Ok(Response::new(pb::SyncResponse {
                 result: Some(res),
                 agent: s.agent,
             })),
-            Ok(Ok(_)) => Err(Status::internal(
+            _ => Err(Status::internal(
                 "the agent answered a sync with another result",
             )),
-            Ok(Err(e)) => Err(Status::aborted(format!(
-                "sync of {} on agent {} failed: {e}",
-                r.source, s.agent
-            ))),
-            Err(_) => Err(Status::unavailable(format!(
-                "agent {} went away during the sync",
-                s.agent
-            ))),
         }
     }
 
@@ -402,23 +413,15 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
                 agent,
             }));
         }
-        match rx.await {
-            Ok(Ok(pb::command_result::Outcome::Restore(res))) => {
-                Ok(Response::new(pb::RestoreResponse {
-                    result: Some(res),
-                    agent,
-                }))
-            }
-            Ok(Ok(_)) => Err(Status::internal(
+        let outcome = command_outcome(rx, "restore", &r.source, &agent).await?;
+        match outcome {
+            pb::command_result::Outcome::Restore(res) => Ok(Response::new(pb::RestoreResponse {
+                result: Some(res),
+                agent,
+            })),
+            _ => Err(Status::internal(
                 "the agent answered a restore with another result",
             )),
-            Ok(Err(e)) => Err(Status::aborted(format!(
-                "restore of {} on agent {agent} failed: {e}",
-                r.source
-            ))),
-            Err(_) => Err(Status::unavailable(format!(
-                "agent {agent} went away during the restore"
-            ))),
         }
     }
 }
