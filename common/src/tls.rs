@@ -584,7 +584,9 @@ fn explain_connect_error(target: &Target, e: &tonic::transport::Error) -> String
         chain.push_str(&s.to_string());
         src = s.source();
     }
-    if chain.contains("Connection refused") {
+    if let Some(alert) = refused_by_alert(&chain) {
+        format!("{target} refused this client's certificate (TLS alert {alert}): {CHECK_CERT}")
+    } else if chain.contains("Connection refused") {
         format!(
             "cannot connect to {target}: connection refused (is the server running and listening there?)"
         )
@@ -597,20 +599,46 @@ fn explain_connect_error(target: &Target, e: &tonic::transport::Error) -> String
     }
 }
 
+const CHECK_CERT: &str = "check that --cert/--key (or BULWARK_CERT/BULWARK_KEY) hold a \
+     certificate signed by the fleet CA that is neither expired nor revoked";
+
+/// The alert in "received fatal alert: UnknownCA": the server refused the handshake.
+fn refused_by_alert(chain: &str) -> Option<&str> {
+    let at = chain.find("received fatal alert: ")? + "received fatal alert: ".len();
+    Some(
+        chain[at..]
+            .split(|c: char| !c.is_alphanumeric())
+            .next()
+            .unwrap_or(""),
+    )
+}
+
 /// Turns the opaque status a TLS 1.3 client sees when the server refused its
 /// certificate during the handshake into a message that says what to check.
 pub fn explain_status(target: &str, status: &Status) -> String {
     let msg = status.message();
-    if status.code() == tonic::Code::Unknown
-        || status.code() == tonic::Code::Unavailable && msg.contains("transport")
-        || msg.contains("transport error")
-        || msg.contains("connection reset")
-        || msg.contains("broken pipe")
-    {
+    if let Some(alert) = refused_by_alert(msg) {
+        return format!(
+            "{target} refused this client's certificate (TLS alert {alert}): {CHECK_CERT}"
+        );
+    }
+    // How a refused handshake reaches a TLS 1.3 client, depending on timing: an
+    // unknown transport error, a cancelled call, or a reset or closed connection.
+    let transport = status.code() == tonic::Code::Unknown
+        || status.code() == tonic::Code::Cancelled
+        || [
+            "transport error",
+            "connection reset",
+            "broken pipe",
+            "operation was canceled",
+            "connection closed",
+        ]
+        .iter()
+        .any(|m| msg.contains(m));
+    if transport {
         return format!(
             "{target} closed the connection ({msg}); it most likely refused this client's \
-             certificate: check that --cert/--key (or BULWARK_CERT/BULWARK_KEY) hold a \
-             certificate signed by the fleet CA that is neither expired nor revoked"
+             certificate: {CHECK_CERT}"
         );
     }
     format!("{}: {msg}", code_word(status.code()))
@@ -648,6 +676,21 @@ mod tests {
         let v6 = Target::parse("https://[::1]:7441").expect("v6");
         assert_eq!(v6.host, "::1");
         assert_eq!(v6.to_string(), "https://[::1]:7441");
+    }
+
+    #[test]
+    fn refusals_by_alert_are_explained() {
+        assert_eq!(
+            refused_by_alert("tls: received fatal alert: UnknownCA"),
+            Some("UnknownCA")
+        );
+        assert_eq!(refused_by_alert("connection reset"), None);
+        let s = Status::unknown("transport error: received fatal alert: CertificateExpired");
+        let m = explain_status("coordinator x", &s);
+        assert!(
+            m.contains("CertificateExpired") && m.contains("certificate signed by the fleet CA"),
+            "{m}"
+        );
     }
 
     #[test]
