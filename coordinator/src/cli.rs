@@ -175,8 +175,8 @@ impl Admin {
         ))
     }
 
-    /// Runs a sync and waits for its result.
-    pub async fn sync_wait(&mut self, source: &str) -> anyhow::Result<pb::SyncResult> {
+    /// Runs a sync and waits for its result; also returns the agent that ran it.
+    pub async fn sync_wait(&mut self, source: &str) -> anyhow::Result<(pb::SyncResult, String)> {
         let r = self
             .client
             .sync(pb::SyncRequest {
@@ -186,8 +186,10 @@ impl Admin {
             .await
             .map_err(|s| self.err(s))?
             .into_inner();
-        r.result
-            .ok_or_else(|| anyhow!("the coordinator returned no sync result"))
+        let result = r
+            .result
+            .ok_or_else(|| anyhow!("the coordinator returned no sync result"))?;
+        Ok((result, r.agent))
     }
 
     /// Runs a restore and waits for its result.
@@ -492,20 +494,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Sync { source, wait, json } => {
             if wait {
-                let agent = admin
-                    .client
-                    .list_sources(pb::ListSourcesRequest {})
-                    .await
-                    .ok()
-                    .and_then(|r| {
-                        r.into_inner()
-                            .sources
-                            .into_iter()
-                            .find(|s| s.name == source)
-                            .map(|s| s.agent)
-                    })
-                    .unwrap_or_default();
-                let r = admin.sync_wait(&source).await?;
+                let (r, agent) = admin.sync_wait(&source).await?;
                 if json {
                     print_json(&sync_json(&r, &agent))?;
                 } else {

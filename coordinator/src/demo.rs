@@ -217,7 +217,7 @@ async fn demo(dir: &Path) -> anyhow::Result<()> {
     ));
 
     // Full sync.
-    let r1 = admin.sync_wait("demo-data").await?;
+    let (r1, _) = admin.sync_wait("demo-data").await?;
     let hash1 = blake3::hash(&image);
     say(format!("4. Full sync: {}", sync_line(&r1)));
     say("   (the unwritten quarter of the volume was recognised as zeros and not sent)");
@@ -236,7 +236,7 @@ async fn demo(dir: &Path) -> anyhow::Result<()> {
     say(format!(
         "5. Rewrote {REWRITES} scattered 64 KiB blocks of the volume."
     ));
-    let r2 = admin.sync_wait("demo-data").await?;
+    let (r2, _) = admin.sync_wait("demo-data").await?;
     say(format!("6. Incremental sync: {}", sync_line(&r2)));
     if r2.blocks_sent != REWRITES as u64 {
         bail!(
