@@ -262,3 +262,44 @@ fn scheduled_syncs_run_on_their_interval() {
         "restore of a scheduled point",
     );
 }
+
+/// Restores that cannot be done say why and write nothing: a point that does not
+/// exist, a target file that already exists, a relative path.
+#[test]
+fn impossible_restores_are_refused_clearly() {
+    let fleet = Fleet::builder()
+        .node("node-1")
+        .agent("host-1", "host-1-data", 4 * MIB)
+        .start();
+    fleet.sync("host-1-data");
+
+    let to = fleet.scratch("never.img");
+    let to_s = to.to_string_lossy().into_owned();
+    let (_, stderr) = fleet.cli_expect_fail(&[
+        "restore",
+        "host-1-data",
+        "--point",
+        "99",
+        "--to",
+        &to_s,
+        "--wait",
+    ]);
+    assert!(stderr.contains("no point 99"), "stderr: {stderr}");
+    assert!(!to.exists(), "a refused restore left {}", to.display());
+
+    let existing = fleet.save_volume("host-1-data", "existing.img");
+    let before = std::fs::read(&existing).expect("read");
+    let existing_s = existing.to_string_lossy().into_owned();
+    let (_, stderr) =
+        fleet.cli_expect_fail(&["restore", "host-1-data", "--to", &existing_s, "--wait"]);
+    assert!(stderr.contains("already exists"), "stderr: {stderr}");
+    assert!(
+        std::fs::read(&existing).expect("read") == before,
+        "a refused restore changed {}",
+        existing.display()
+    );
+
+    let (_, stderr) =
+        fleet.cli_expect_fail(&["restore", "host-1-data", "--to", "relative.img", "--wait"]);
+    assert!(stderr.contains("absolute path"), "stderr: {stderr}");
+}
