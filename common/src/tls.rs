@@ -135,14 +135,6 @@ pub fn spiffe_uri(der: &[u8]) -> Result<String, String> {
         .ok_or_else(|| "certificate has no URI SAN".to_string())
 }
 
-/// Not-after of a DER certificate, Unix seconds.
-pub fn not_after(der: &[u8]) -> Result<i64, String> {
-    use x509_parser::prelude::*;
-    let (_, cert) =
-        X509Certificate::from_der(der).map_err(|e| format!("unreadable certificate: {e}"))?;
-    Ok(cert.validity().not_after.timestamp())
-}
-
 /// Parses every certificate of a PEM buffer.
 pub fn parse_certs_pem(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs: Result<Vec<_>, _> = rustls_pemfile::certs(&mut &pem[..]).collect();
@@ -300,11 +292,6 @@ impl TlsIdentity {
             .map_err(|e| TlsError::Config(e.to_string()))?;
         cfg.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Arc::new(cfg))
-    }
-
-    /// Not-after of this process's certificate, Unix seconds.
-    pub fn cert_not_after(&self) -> Option<i64> {
-        not_after(self.chain[0].as_ref()).ok()
     }
 }
 

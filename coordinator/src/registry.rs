@@ -82,6 +82,13 @@ pub struct NodeRecord {
     pub version: String,
 }
 
+/// What the sources placed on one node add up to.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NodeLoad {
+    pub sources: u32,
+    pub allocated_bytes: u64,
+}
+
 /// An agent.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentRecord {
@@ -282,13 +289,20 @@ impl Registry {
             .collect())
     }
 
-    /// Sum of what the coordinator has allocated on each node.
-    fn allocated_by_node(&self) -> Result<HashMap<String, u64>> {
-        let mut m = HashMap::new();
+    /// Per node: how many sources it holds and the bytes allocated to them. The
+    /// allocation is the larger of the coordinator's sum and the node's own report.
+    pub fn node_loads(&self) -> Result<HashMap<String, NodeLoad>> {
+        let mut m: HashMap<String, NodeLoad> = HashMap::new();
         for s in self.sources()? {
             if let Some(n) = s.node {
-                *m.entry(n).or_insert(0) += s.allocated_bytes;
+                let load = m.entry(n).or_default();
+                load.sources += 1;
+                load.allocated_bytes += s.allocated_bytes;
             }
+        }
+        for n in self.nodes()? {
+            let load = m.entry(n.name).or_default();
+            load.allocated_bytes = load.allocated_bytes.max(n.allocated_bytes);
         }
         Ok(m)
     }
@@ -300,15 +314,11 @@ impl Registry {
         if nodes.is_empty() {
             return Ok(Err("no storage node has registered".into()));
         }
-        let allocated = self.allocated_by_node()?;
+        let loads = self.node_loads()?;
         let mut best: Option<(u64, NodeRecord)> = None;
         let mut largest_free = 0;
         for n in nodes.into_iter().filter(|n| self.node_up(n)) {
-            let used = allocated
-                .get(&n.name)
-                .copied()
-                .unwrap_or(0)
-                .max(n.allocated_bytes);
+            let used = loads.get(&n.name).map_or(0, |l| l.allocated_bytes);
             let free = n.capacity_bytes.saturating_sub(used);
             largest_free = largest_free.max(free);
             if free >= need && best.as_ref().is_none_or(|(f, _)| free > *f) {

@@ -222,28 +222,20 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
         require(&req, "ListNodes", &[Role::Admin])?;
         let reg = &self.0.registry;
-        let sources = reg.sources()?;
+        let loads = reg.node_loads()?;
         let nodes = reg
             .nodes()?
             .into_iter()
             .map(|n| {
-                let count = sources
-                    .iter()
-                    .filter(|s| s.node.as_deref() == Some(&n.name))
-                    .count();
-                let allocated: u64 = sources
-                    .iter()
-                    .filter(|s| s.node.as_deref() == Some(&n.name))
-                    .map(|s| s.allocated_bytes)
-                    .sum();
+                let load = loads.get(&n.name).copied().unwrap_or_default();
                 pb::NodeInfo {
                     state: if reg.node_up(&n) { "up" } else { "down" }.into(),
                     name: n.name,
                     address: n.address,
                     capacity_bytes: n.capacity_bytes,
-                    allocated_bytes: allocated.max(n.allocated_bytes),
+                    allocated_bytes: load.allocated_bytes,
                     used_bytes: n.used_bytes,
-                    sources: count as u32,
+                    sources: load.sources,
                     last_seen_ms: n.last_seen_ms,
                     live_streams: n.live_streams,
                 }

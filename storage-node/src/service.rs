@@ -40,7 +40,10 @@ impl From<StoreError> for Status {
             StoreError::NoPoints(_) | StoreError::NoSuchPoint { .. } => {
                 Status::not_found(e.to_string())
             }
-            StoreError::Io { .. } | StoreError::Meta(_) | StoreError::Damaged { .. } => {
+            StoreError::Io { .. }
+            | StoreError::Meta(_)
+            | StoreError::Damaged { .. }
+            | StoreError::MissingDisk(_) => {
                 tracing::error!("store error: {e}");
                 Status::internal(e.to_string())
             }

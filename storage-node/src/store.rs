@@ -81,6 +81,8 @@ pub enum StoreError {
     },
     #[error("metadata store: {0}")]
     Meta(String),
+    #[error("pool disk {0} is not a directory: create or mount it first")]
+    MissingDisk(PathBuf),
     #[error("data source {0} has no recovery point")]
     NoPoints(String),
     #[error("data source {source_name} has no point {point}")]
@@ -166,6 +168,11 @@ impl SourceMeta {
             block_size: self.block_size,
         }
     }
+    /// Replica plus recovery-point space allocated to it.
+    pub fn allocated_bytes(&self) -> u64 {
+        self.replica_alloc_bytes + self.points_alloc_bytes
+    }
+
     fn dir(&self) -> PathBuf {
         source_dir(&self.disk, &self.name)
     }
@@ -308,11 +315,7 @@ impl Store {
             // A pool disk must exist already: creating a missing mount point would
             // quietly fill whatever file system lies beneath it.
             if !d.path.is_dir() {
-                return Err(StoreError::Io {
-                    op: "pool disk (create or mount it first)",
-                    path: d.path.clone(),
-                    error: std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory"),
-                });
+                return Err(StoreError::MissingDisk(d.path.clone()));
             }
             std::fs::create_dir_all(d.path.join("bulwark")).map_err(io("create", &d.path))?;
         }
@@ -382,38 +385,34 @@ impl Store {
         }
     }
 
-    fn allocated_on(&self, disk: &Path) -> Result<u64> {
-        Ok(self
-            .all_sources()?
-            .iter()
-            .filter(|s| s.disk == disk)
-            .map(|s| s.replica_alloc_bytes + s.points_alloc_bytes)
-            .sum())
-    }
-
-    /// Space figures for heartbeats and the CLI.
+    /// Space figures for heartbeats and the CLI. Each source directory is walked
+    /// once; a disk's figures are the sums over its sources.
     pub fn usage(&self) -> Result<PoolUsage> {
-        let sources = self.all_sources()?;
-        let mut usage = PoolUsage::default();
-        for d in self.disks.iter() {
-            usage.disks.push(DiskUsage {
-                path: d.path.clone(),
-                capacity_bytes: d.capacity_bytes,
-                allocated_bytes: sources
-                    .iter()
-                    .filter(|s| s.disk == d.path)
-                    .map(|s| s.replica_alloc_bytes + s.points_alloc_bytes)
-                    .sum(),
-                used_bytes: used_bytes(&d.path.join("bulwark")),
-            });
-        }
-        for s in sources {
+        let mut usage = PoolUsage {
+            disks: self
+                .disks
+                .iter()
+                .map(|d| DiskUsage {
+                    path: d.path.clone(),
+                    capacity_bytes: d.capacity_bytes,
+                    allocated_bytes: 0,
+                    used_bytes: 0,
+                })
+                .collect(),
+            sources: Vec::new(),
+        };
+        for s in self.all_sources()? {
             let points = self.points(&s.name)?;
+            let used = used_bytes(&s.dir());
+            if let Some(d) = usage.disks.iter_mut().find(|d| d.path == s.disk) {
+                d.allocated_bytes += s.allocated_bytes();
+                d.used_bytes += used;
+            }
             usage.sources.push(SourceUsage {
                 newest_point: points.last().map_or(0, |p| p.id),
                 points: points.len() as u64,
-                used_bytes: used_bytes(&s.dir()),
-                allocated_bytes: s.replica_alloc_bytes + s.points_alloc_bytes,
+                used_bytes: used,
+                allocated_bytes: s.allocated_bytes(),
                 name: s.name,
             });
         }
@@ -490,9 +489,15 @@ impl Store {
             bulwark_common::alloc::DEFAULT_RETENTION_DAYS,
         );
         let need = replica + points;
+        let sources = self.all_sources()?;
         let mut best: Option<(&PoolDisk, u64)> = None;
         for d in self.disks.iter() {
-            let free = d.capacity_bytes.saturating_sub(self.allocated_on(&d.path)?);
+            let allocated: u64 = sources
+                .iter()
+                .filter(|s| s.disk == d.path)
+                .map(SourceMeta::allocated_bytes)
+                .sum();
+            let free = d.capacity_bytes.saturating_sub(allocated);
             if best.is_none_or(|(_, f)| free > f) {
                 best = Some((d, free));
             }
@@ -1210,18 +1215,6 @@ impl RestoreReader {
             digests: ds[..run as usize].to_vec(),
         }))
     }
-}
-
-/// For tests and tools: the blocks of a point as one buffer.
-pub fn read_point_to_vec(store: &Store, name: &str, point: u64) -> Result<Vec<u8>> {
-    let mut r = store.restore(name, point)?;
-    let mut out = vec![0u8; r.geometry().size_bytes as usize];
-    while let Some(item) = r.next_item()? {
-        if let RestoreItem::Data { offset, data, .. } = item {
-            out[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
-        }
-    }
-    Ok(out)
 }
 
 /// Per-source locks: one sync at a time, reads shared.

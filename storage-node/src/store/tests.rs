@@ -6,6 +6,18 @@ use rand::{Rng, SeedableRng};
 
 const BS: u32 = 4096;
 
+/// The blocks of a point as one buffer.
+fn read_point_to_vec(store: &Store, name: &str, point: u64) -> Result<Vec<u8>> {
+    let mut r = store.restore(name, point)?;
+    let mut out = vec![0u8; r.geometry().size_bytes as usize];
+    while let Some(item) = r.next_item()? {
+        if let RestoreItem::Data { offset, data, .. } = item {
+            out[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+        }
+    }
+    Ok(out)
+}
+
 fn open(dir: &Path) -> Store {
     std::fs::create_dir_all(dir.join("disk1")).expect("disk dir");
     Store::open(
