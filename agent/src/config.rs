@@ -8,6 +8,8 @@ use bulwark_common::config::{ByteSize, ConfigError, HumanDuration, TlsFiles, res
 use bulwark_common::tls::Target;
 use serde::Deserialize;
 
+use crate::quiesce::QuiesceConfig;
+
 /// The file as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -35,7 +37,7 @@ pub struct SourceToml {
     pub kind: String,
     /// The block device, image file or log directory.
     pub path: PathBuf,
-    /// How changed blocks are found: `fingerprint` (more trackers are planned).
+    /// How changed blocks are found: `fingerprint`, `nbd-filter` or `qcow2-bitmap`.
     #[serde(default = "default_tracker")]
     pub tracker: String,
     /// Tracking unit (`64KiB`); a power of two from 4 KiB to 4 MiB.
@@ -44,9 +46,35 @@ pub struct SourceToml {
     /// Time between scheduled syncs (`15m`).
     #[serde(default = "default_interval")]
     pub sync_interval: HumanDuration,
-    /// For the `nbd-filter` tracker: the NBD socket the host writes through.
+    /// For the `nbd-filter` tracker: the unix socket of the NBD export the host
+    /// writes through.
     #[serde(default)]
     pub nbd_socket: Option<PathBuf>,
+    /// For the `nbd-filter` tracker, instead of `nbd_socket`: a loopback address
+    /// (`127.0.0.1:10809`) for the export.
+    #[serde(default)]
+    pub nbd_listen: Option<String>,
+    /// Command run before the point is taken (quiesce the application).
+    #[serde(default)]
+    pub pre_snapshot: Option<String>,
+    /// Command run after the point is taken (release the application).
+    #[serde(default)]
+    pub post_snapshot: Option<String>,
+    /// Longest a hook (or a freeze) may take (`60s`).
+    #[serde(default = "default_hook_timeout")]
+    pub hook_timeout: HumanDuration,
+    /// Mount point of a file system on the volume to freeze while the point is taken.
+    #[serde(default)]
+    pub fsfreeze: Option<PathBuf>,
+    /// Command that makes a point-in-time view to read instead of the live volume.
+    #[serde(default)]
+    pub snapshot_command: Option<String>,
+    /// Command that removes the view afterwards.
+    #[serde(default)]
+    pub snapshot_cleanup: Option<String>,
+    /// Fail the sync rather than take a crash-consistent point when quiescing fails.
+    #[serde(default)]
+    pub require_app_consistent: bool,
     /// For `log` sources: which files of the directory are logs.
     #[serde(default)]
     pub glob: Option<String>,
@@ -58,8 +86,27 @@ fn default_tracker() -> String {
 fn default_block_size() -> ByteSize {
     ByteSize(u64::from(DEFAULT_BLOCK_SIZE))
 }
+fn default_hook_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
 fn default_interval() -> HumanDuration {
     HumanDuration(Duration::from_secs(15 * 60))
+}
+
+/// Where an `nbd-filter` export listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NbdEndpoint {
+    Unix(PathBuf),
+    Tcp(std::net::SocketAddr),
+}
+
+impl std::fmt::Display for NbdEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NbdEndpoint::Unix(p) => write!(f, "nbd+unix:///?socket={}", p.display()),
+            NbdEndpoint::Tcp(a) => write!(f, "nbd://{a}/"),
+        }
+    }
 }
 
 /// A checked data source.
@@ -70,6 +117,9 @@ pub struct SourceConfig {
     pub tracker: String,
     pub block_size: u32,
     pub sync_interval: Duration,
+    /// The export of an `nbd-filter` source.
+    pub nbd: Option<NbdEndpoint>,
+    pub quiesce: QuiesceConfig,
 }
 
 /// Checked configuration.
@@ -127,14 +177,16 @@ impl AgentConfig {
                 }
             }
             match s.tracker.as_str() {
-                "fingerprint" => {}
-                "qcow2-bitmap" | "nbd-filter" | "dm-era" => {
+                "fingerprint" | "qcow2-bitmap" | "nbd-filter" => {}
+                "dm-era" => {
+                    let why = if Path::new("/dev/mapper/control").exists() {
+                        "is not built yet"
+                    } else {
+                        "is not built yet, and this host has no device-mapper (/dev/mapper/control is missing)"
+                    };
                     return Err(bad(
                         key("tracker"),
-                        format!(
-                            "tracker \"{}\" is not available in this version yet; use \"fingerprint\"",
-                            s.tracker
-                        ),
+                        format!("tracker \"dm-era\" {why}; use \"nbd-filter\" or \"fingerprint\""),
                     ));
                 }
                 other => {
@@ -146,10 +198,92 @@ impl AgentConfig {
                     ));
                 }
             }
-            if s.nbd_socket.is_some() {
+            let nbd = match (&s.nbd_socket, &s.nbd_listen, s.tracker.as_str()) {
+                (Some(_), Some(_), _) => {
+                    return Err(bad(
+                        key("nbd_listen"),
+                        "set nbd_socket or nbd_listen, not both".into(),
+                    ));
+                }
+                (Some(p), None, "nbd-filter") => Some(NbdEndpoint::Unix(resolve(path, p))),
+                (None, Some(a), "nbd-filter") => {
+                    let addr: std::net::SocketAddr = a.parse().map_err(|_| {
+                        bad(key("nbd_listen"), format!("\"{a}\" is not an address:port"))
+                    })?;
+                    if !addr.ip().is_loopback() {
+                        return Err(bad(
+                            key("nbd_listen"),
+                            format!(
+                                "{a} is not a loopback address; a protected host listens on no network port"
+                            ),
+                        ));
+                    }
+                    Some(NbdEndpoint::Tcp(addr))
+                }
+                (None, None, "nbd-filter") => {
+                    return Err(bad(
+                        key("nbd_socket"),
+                        "tracker = \"nbd-filter\" needs nbd_socket (or nbd_listen): the export the host writes through".into(),
+                    ));
+                }
+                (Some(_), _, _) => {
+                    return Err(bad(
+                        key("nbd_socket"),
+                        "only used with tracker = \"nbd-filter\"".into(),
+                    ));
+                }
+                (_, Some(_), _) => {
+                    return Err(bad(
+                        key("nbd_listen"),
+                        "only used with tracker = \"nbd-filter\"".into(),
+                    ));
+                }
+                (None, None, _) => None,
+            };
+            if let Some(NbdEndpoint::Unix(p)) = &nbd
+                && sources
+                    .iter()
+                    .any(|x| x.nbd.as_ref() == Some(&NbdEndpoint::Unix(p.clone())))
+            {
                 return Err(bad(
                     key("nbd_socket"),
-                    "only used with tracker = \"nbd-filter\"".into(),
+                    format!(
+                        "{} is already the socket of another data source",
+                        p.display()
+                    ),
+                ));
+            }
+            let fsfreeze = s.fsfreeze.as_ref().map(|p| resolve(path, p));
+            if let Some(m) = &fsfreeze
+                && m == Path::new("/")
+            {
+                return Err(bad(
+                    key("fsfreeze"),
+                    "freezing / would stop this host; name the mount point of a file system on the volume".into(),
+                ));
+            }
+            if s.snapshot_command.is_some() && s.tracker == "qcow2-bitmap" {
+                return Err(bad(
+                    key("snapshot_command"),
+                    "not supported with tracker = \"qcow2-bitmap\" (the tracker reads the image through qemu-nbd)".into(),
+                ));
+            }
+            if s.hook_timeout.0 < Duration::from_secs(1) {
+                return Err(bad(key("hook_timeout"), "must be at least 1s".into()));
+            }
+            let quiesce = QuiesceConfig {
+                pre_snapshot: s.pre_snapshot,
+                post_snapshot: s.post_snapshot,
+                snapshot_command: s.snapshot_command,
+                snapshot_cleanup: s.snapshot_cleanup,
+                fsfreeze,
+                hook_timeout: s.hook_timeout.0,
+                require_app_consistent: s.require_app_consistent,
+            };
+            if quiesce.require_app_consistent && quiesce.is_empty() {
+                return Err(bad(
+                    key("require_app_consistent"),
+                    "set, but no pre_snapshot, fsfreeze or snapshot_command makes a point app-consistent".into(),
                 ));
             }
             if s.glob.is_some() {
@@ -176,6 +310,8 @@ impl AgentConfig {
                 tracker: s.tracker,
                 block_size,
                 sync_interval: s.sync_interval.0,
+                nbd,
+                quiesce,
             });
         }
         Ok(AgentConfig {

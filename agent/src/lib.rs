@@ -4,12 +4,17 @@
 //!
 //! - [`config`] — `agent.toml`.
 //! - [`volume`] — reading a regular file or block device.
-//! - [`sync`] — one sync with the `fingerprint` tracker.
+//! - [`tracker`] — how changed blocks are found (fingerprint, nbd-filter,
+//!   qcow2-bitmap).
+//! - [`quiesce`] — hooks, fsfreeze and snapshots for app-consistent points.
+//! - [`sync`] — one sync or consistency check.
 //! - [`restore`] — one restore to a path.
 //! - [`server`] — lifecycle, the control stream to the coordinator, schedules.
 
 pub mod config;
+pub mod quiesce;
 pub mod restore;
 pub mod server;
 pub mod sync;
+pub mod tracker;
 pub mod volume;

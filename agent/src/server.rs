@@ -21,10 +21,14 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tracing::Instrument;
 
-use crate::config::{AgentConfig, SourceConfig};
+use crate::config::{AgentConfig, NbdEndpoint, SourceConfig};
 use crate::restore::restore_point;
-use crate::sync::{SyncOutcome, sync_volume};
+use crate::sync::{SyncOptions, SyncOutcome, sync_source};
+use crate::tracker::filter::FilterTracker;
+use crate::tracker::qcow2::{self, Qcow2Tracker};
+use crate::tracker::{FingerprintTracker, Tracker};
 use crate::volume::Volume;
+use bulwark_common::block::Geometry;
 
 /// Shared state of a running agent.
 pub struct Agent {
@@ -35,7 +39,7 @@ pub struct Agent {
     assignments: Mutex<HashMap<String, pb::Assignment>>,
     running: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     control_tx: Mutex<Option<mpsc::Sender<pb::AgentMessage>>>,
-    sizes: HashMap<String, u64>,
+    trackers: HashMap<String, Arc<dyn Tracker>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -96,12 +100,24 @@ impl Agent {
         }
     }
 
-    /// Runs one sync of `name`, unless one is already running.
-    pub async fn sync(&self, name: &str) -> Result<SyncOutcome, String> {
+    fn tracker(&self, name: &str) -> Result<Arc<dyn Tracker>, String> {
+        self.trackers
+            .get(name)
+            .cloned()
+            .ok_or_else(|| format!("this agent does not protect {name}"))
+    }
+
+    fn inconsistent(&self, name: &str) -> bool {
+        self.trackers.get(name).is_some_and(|t| !t.consistent())
+    }
+
+    /// Runs one sync (or check) of `name`, unless one is already running.
+    pub async fn sync(&self, name: &str, opts: SyncOptions) -> Result<SyncOutcome, String> {
         let source = self
             .source(name)
             .ok_or_else(|| format!("this agent does not protect {name}"))?
             .clone();
+        let tracker = self.tracker(name)?;
         let gate = lock(&self.running)
             .entry(name.to_string())
             .or_default()
@@ -113,13 +129,18 @@ impl Agent {
             source: name.to_string(),
             result: None,
             error: String::new(),
+            inconsistent: self.inconsistent(name),
         }));
-        let span = tracing::info_span!("sync", source = %name);
+        let span = if opts.check {
+            tracing::info_span!("check", source = %name, deep = opts.deep)
+        } else {
+            tracing::info_span!("sync", source = %name)
+        };
         let result = async {
             let a = self.assignment(name).await?;
             let node = self.node_client(&a.node_address)?;
             tracing::info!(node = %a.node, epoch = a.epoch, "sync started");
-            sync_volume(&source, &a, node)
+            sync_source(&source, tracker, &self.cfg.state_dir, &a, node, opts)
                 .await
                 .map_err(|e| e.to_string())
         }
@@ -133,6 +154,8 @@ impl Agent {
                 blocks_scanned = o.blocks_scanned,
                 bytes_sent = o.bytes_sent,
                 duration_ms = o.duration_ms,
+                damaged_blocks = o.damaged_blocks,
+                consistency = o.consistency.as_str(),
                 "sync committed"
             ),
             Err(e) => tracing::warn!("sync failed: {e}"),
@@ -141,6 +164,7 @@ impl Agent {
             source: name.to_string(),
             result: result.as_ref().ok().map(|o| sync_result(name, o)),
             error: result.as_ref().err().cloned().unwrap_or_default(),
+            inconsistent: self.inconsistent(name),
         }));
         result
     }
@@ -180,9 +204,10 @@ impl Agent {
                 .map(|s| pb::SourceSpec {
                     name: s.name.clone(),
                     kind: pb::SourceKind::Volume as i32,
-                    size_bytes: self.sizes.get(&s.name).copied().unwrap_or(0),
+                    size_bytes: self.trackers.get(&s.name).map_or(0, |t| t.size_bytes()),
                     block_size: s.block_size,
                     tracker: s.tracker.clone(),
+                    inconsistent: self.inconsistent(&s.name),
                 })
                 .collect(),
             version: bulwark_common::VERSION.to_string(),
@@ -199,6 +224,115 @@ fn sync_result(name: &str, o: &SyncOutcome) -> pb::SyncResult {
         blocks_scanned: o.blocks_scanned,
         duration_ms: o.duration_ms,
         kind: o.point.kind,
+        consistency: o.consistency.to_proto(),
+        damaged_blocks: o.damaged_blocks,
+        warnings: o.warnings.clone(),
+        blocks_read: o.blocks_scanned,
+    }
+}
+
+/// Makes the tracker of each data source (and starts the NBD exports of
+/// `nbd-filter` sources, which must be up before the host can use its volumes).
+async fn open_trackers(
+    cfg: &AgentConfig,
+    exports: &mut tokio::task::JoinSet<()>,
+    stop_exports: &CancellationToken,
+) -> anyhow::Result<HashMap<String, Arc<dyn Tracker>>> {
+    let mut trackers: HashMap<String, Arc<dyn Tracker>> = HashMap::new();
+    for s in &cfg.sources {
+        let cannot_open = || format!("data source {}: cannot open {}", s.name, s.path.display());
+        let tracker: Arc<dyn Tracker> = match s.tracker.as_str() {
+            "qcow2-bitmap" => {
+                let size = qcow2::virtual_size(&s.path)
+                    .map_err(anyhow::Error::msg)
+                    .with_context(cannot_open)?;
+                let g = Geometry::new(size, s.block_size)
+                    .map_err(|e| anyhow::anyhow!("data source {}: {e}", s.name))?;
+                Arc::new(Qcow2Tracker::new(&s.name, &s.path, g))
+            }
+            "nbd-filter" => {
+                let size = Volume::open(&s.path)
+                    .with_context(cannot_open)?
+                    .size_bytes();
+                let g = Geometry::new(size, s.block_size)
+                    .map_err(|e| anyhow::anyhow!("data source {}: {e}", s.name))?;
+                let f = Arc::new(FilterTracker::open(&s.name, &s.path, g, &cfg.state_dir));
+                let endpoint = s.nbd.clone().ok_or_else(|| {
+                    anyhow::anyhow!("data source {}: no NBD export configured", s.name)
+                })?;
+                let backend = f.backend().with_context(cannot_open)?;
+                start_export(&s.name, endpoint, backend, exports, stop_exports.clone()).await?;
+                tracing::info!(source = %s.name, bitmap_bytes = f.memory_bytes(), "nbd-filter tracking");
+                f
+            }
+            _ => {
+                let size = Volume::open(&s.path)
+                    .with_context(cannot_open)?
+                    .size_bytes();
+                Arc::new(FingerprintTracker::new(&s.path, size))
+            }
+        };
+        trackers.insert(s.name.clone(), tracker);
+    }
+    Ok(trackers)
+}
+
+/// Listens on an `nbd-filter` export and serves it until `stop`.
+async fn start_export(
+    source: &str,
+    endpoint: NbdEndpoint,
+    backend: Arc<dyn bulwark_common::nbd::server::Backend>,
+    exports: &mut tokio::task::JoinSet<()>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    use bulwark_common::nbd::server::{ServerOptions, serve_tcp, serve_unix};
+    let opts = Arc::new(ServerOptions::default());
+    match &endpoint {
+        NbdEndpoint::Unix(path) => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).with_context(|| {
+                    format!("data source {source}: cannot create {}", dir.display())
+                })?;
+            }
+            remove_stale_socket(path)
+                .with_context(|| format!("data source {source}: nbd_socket {}", path.display()))?;
+            let listener = tokio::net::UnixListener::bind(path).with_context(|| {
+                format!("data source {source}: cannot listen on {}", path.display())
+            })?;
+            let path = path.clone();
+            exports.spawn(async move {
+                serve_unix(listener, backend, opts, stop).await;
+                let _ = std::fs::remove_file(&path);
+            });
+        }
+        NbdEndpoint::Tcp(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("data source {source}: cannot listen on {addr}"))?;
+            exports.spawn(serve_tcp(listener, backend, opts, stop));
+        }
+    }
+    tracing::info!(source, export = %endpoint, "NBD export ready");
+    Ok(())
+}
+
+/// Removes a socket file left by an agent that did not stop cleanly; refuses one
+/// that something still listens on, or a path that is not a socket.
+fn remove_stale_socket(path: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e.into()),
+        Ok(m) if !m.file_type().is_socket() => {
+            anyhow::bail!("exists and is not a socket; refusing to replace it")
+        }
+        Ok(_) => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                anyhow::bail!("another process is serving on it")
+            }
+            std::fs::remove_file(path)?;
+            Ok(())
+        }
     }
 }
 
@@ -221,12 +355,16 @@ fn lock_state_dir(cfg: &AgentConfig) -> anyhow::Result<File> {
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let identity = TlsIdentity::load_as(&cfg.tls, Role::Agent, Some(&cfg.name))?;
     let _state_lock = lock_state_dir(&cfg)?;
-    let mut sizes = HashMap::new();
-    for s in &cfg.sources {
-        let v = Volume::open(&s.path)
-            .with_context(|| format!("data source {}: cannot open {}", s.name, s.path.display()))?;
-        sizes.insert(s.name.clone(), v.size_bytes());
-    }
+    let mut exports = tokio::task::JoinSet::new();
+    let stop_exports = CancellationToken::new();
+    let trackers = match open_trackers(&cfg, &mut exports, &stop_exports).await {
+        Ok(t) => t,
+        Err(e) => {
+            stop_exports.cancel();
+            while exports.join_next().await.is_some() {}
+            return Err(e);
+        }
+    };
     let channel = tls::channel_lazy(&cfg.coordinator, identity.client_config(Role::Coordinator)?)
         .map_err(anyhow::Error::msg)?;
     let agent = Arc::new(Agent {
@@ -236,7 +374,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         assignments: Mutex::new(HashMap::new()),
         running: Mutex::new(HashMap::new()),
         control_tx: Mutex::new(None),
-        sizes,
+        trackers,
         cfg,
     });
     tracing::info!(agent = %agent.cfg.name, sources = agent.cfg.sources.len(), "agent started");
@@ -253,13 +391,23 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
                     _ = stop.cancelled() => return,
                     _ = tick.tick() => {
                         tracing::info!(source = %s.name, "scheduled sync");
-                        let _ = a.sync(&s.name).await;
+                        let _ = a.sync(&s.name, SyncOptions::default()).await;
                     }
                 }
             }
         });
     }
-    control_loop(agent, shutdown).await;
+    control_loop(agent.clone(), shutdown).await;
+    // The exports stop first, so no write lands after the record is saved.
+    stop_exports.cancel();
+    while exports.join_next().await.is_some() {}
+    let trackers: Vec<_> = agent.trackers.values().cloned().collect();
+    let _ = tokio::task::spawn_blocking(move || {
+        for t in trackers {
+            t.shutdown();
+        }
+    })
+    .await;
     tracing::info!("agent stopped");
     Ok(())
 }
@@ -331,8 +479,12 @@ async fn control_session(agent: Arc<Agent>, shutdown: &CancellationToken) -> Res
             }
             Some(pb::coordinator_command::Cmd::Sync(s)) => {
                 let (a, tx) = (agent.clone(), tx.clone());
+                let opts = SyncOptions {
+                    check: s.check,
+                    deep: s.deep,
+                };
                 tokio::spawn(async move {
-                    let outcome = match a.sync(&s.source).await {
+                    let outcome = match a.sync(&s.source, opts).await {
                         Ok(o) => pb::command_result::Outcome::Sync(sync_result(&s.source, &o)),
                         Err(e) => pb::command_result::Outcome::Error(e),
                     };

@@ -1,24 +1,31 @@
-//! One sync of a volume with the `fingerprint` tracker.
+//! One sync of a volume: quiesce, freeze the tracker's changes, read and send, commit.
 //!
-//! The node keeps the BLAKE3 digest of every block of the newest point. Within the
-//! sync stream (which holds the source's lock on the node from start to end) the node
-//! sends those digests in block order while the agent reads the volume in the same
-//! order, hashes each block, and sends only the blocks whose digest differs. The host
-//! keeps no change log and no local digest file that could drift from the replica:
-//! the comparison is always against what the node holds, so a lost acknowledgement or
-//! an interrupted sync never makes the next one skip a block.
+//! What is read depends on the tracker's [`Plan`]:
 //!
-//! Flow: a blocking scanner thread (read, hash, compare, batch ≤ 4 MiB) feeds a
-//! bounded channel into the gRPC request stream; one async task reads every reply
-//! (digests for the scanner, progress, the commit). Memory stays at a few batches
-//! whatever the volume size.
+//! - **Scan** (the `fingerprint` tracker, every consistency check, and the first sync
+//!   of any tracker): the node keeps the BLAKE3 digest of every block of the newest
+//!   point. Within the sync stream (which holds the source's lock on the node from
+//!   start to end) the node sends those digests in block order — stored, or with
+//!   `deep` recomputed from the replica's bytes — while the agent reads the volume in
+//!   the same order, hashes each block, and sends only the blocks whose digest
+//!   differs. The comparison is always against what the node holds, so a lost
+//!   acknowledgement or an interrupted sync never makes the next one skip a block.
+//! - **Dirty** (the bitmap trackers): only the blocks the tracker recorded are read
+//!   and all are sent, relative to the point the record started from; the node
+//!   refuses if that is not its newest point, and the agent then runs a consistency
+//!   check instead.
+//!
+//! Flow: a reader thread keeps a few chunks ahead; a blocking sender (hash, compare,
+//! batch ≤ 1 MiB) feeds a bounded channel into the gRPC request stream; one async task
+//! reads every reply (digests for the sender, progress, the commit). Memory stays at
+//! a few batches whatever the volume size.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use bulwark_common::block::{DIGEST_LEN, Digest, Geometry, MAX_BATCH_BYTES, is_zero};
-use bulwark_common::point::Consistency;
+use bulwark_common::point::{Consistency, PointKind};
 use bulwark_proto as pb;
 use bulwark_proto::node_client::NodeClient;
 use bytes::{Bytes, BytesMut};
@@ -27,7 +34,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 use crate::config::SourceConfig;
-use crate::volume::Volume;
+use crate::quiesce::Quiesced;
+use crate::tracker::{BlockSource, Plan, Tracker};
 
 /// What a finished sync did.
 #[derive(Debug, Clone)]
@@ -37,6 +45,19 @@ pub struct SyncOutcome {
     pub blocks_sent: u64,
     pub blocks_scanned: u64,
     pub duration_ms: u64,
+    /// Deep check: replica blocks the node found damaged (and this sync repaired).
+    pub damaged_blocks: u64,
+    pub consistency: Consistency,
+    pub warnings: Vec<String>,
+}
+
+/// What kind of sync to run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SyncOptions {
+    /// A consistency check: read and compare every block.
+    pub check: bool,
+    /// With check: the node recomputes its digests from the replica.
+    pub deep: bool,
 }
 
 /// A sync that failed.
@@ -61,6 +82,10 @@ pub enum SyncError {
     },
     #[error("{0}")]
     Protocol(String),
+    #[error("{0}")]
+    Tracker(String),
+    #[error("{0}")]
+    Quiesce(String),
 }
 
 impl SyncError {
@@ -198,17 +223,19 @@ impl BatchBuilder<'_> {
     }
 }
 
-/// Reads the volume in order, compares, and sends the changed blocks as batches.
-fn scan(
-    volume: &Volume,
+/// Reads `ranges` (runs of blocks, in increasing order) and sends the blocks to send
+/// as batches: with `digests`, those whose digest differs from the node's (the ranges
+/// then cover the whole volume); without, all of them.
+fn send_blocks(
+    volume: &dyn BlockSource,
     geometry: Geometry,
-    mut digests: DigestFeed,
+    ranges: Vec<(u64, u64)>,
+    mut digests: Option<DigestFeed>,
     tx: &mpsc::Sender<pb::SyncMessage>,
     stop: &AtomicBool,
 ) -> Result<ScanStats, SyncError> {
     let bs = geometry.block_size as usize;
     let blocks_per_read = (MAX_BATCH_BYTES / bs).max(1) as u64;
-    let total = geometry.block_count();
     let mut batch = BatchBuilder {
         extents: Vec::new(),
         run: None,
@@ -221,18 +248,30 @@ fn scan(
         bytes_sent: 0,
     };
     let read_err = |e| SyncError::Volume {
-        path: volume.path().display().to_string(),
+        path: volume.describe(),
         error: e,
     };
+    // Reads of at most one batch each.
+    let reads: Vec<(u64, u64)> = ranges
+        .into_iter()
+        .flat_map(|(first, count)| {
+            (0..count.div_ceil(blocks_per_read)).map(move |i| {
+                let f = first + i * blocks_per_read;
+                (f, blocks_per_read.min(first + count - f))
+            })
+        })
+        .collect();
     // A reader thread keeps a few chunks ahead, so the disk (direct reads wait on
     // it) and the hashing below overlap.
     let (chunks_tx, chunks_rx) =
         std::sync::mpsc::sync_channel::<std::io::Result<(u64, u64, Bytes)>>(3);
     std::thread::scope(|scope| -> Result<(), SyncError> {
+        let reads_r = &reads;
         scope.spawn(move || {
-            let mut first = 0u64;
-            while first < total && !stop.load(Ordering::Relaxed) {
-                let count = blocks_per_read.min(total - first);
+            for &(first, count) in reads_r {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
                 let start = geometry.offset_of(first);
                 let len =
                     (geometry.offset_of(first + count).min(geometry.size_bytes) - start) as usize;
@@ -241,15 +280,13 @@ fn scan(
                 if chunks_tx.send(chunk).is_err() || failed {
                     return;
                 }
-                first += count;
             }
         });
         // Owned here, so that an early return drops it and a reader blocked on a full
         // channel wakes up before the scope waits for it.
         let chunks_rx = chunks_rx;
         let mut changed: Vec<(usize, Digest)> = Vec::with_capacity(blocks_per_read as usize);
-        let mut expected = 0u64;
-        while expected < total {
+        for _ in 0..reads.len() {
             if stop.load(Ordering::Relaxed) {
                 return Err(SyncError::Protocol("sync stopped".into()));
             }
@@ -257,15 +294,20 @@ fn scan(
                 Ok(r) => r.map_err(read_err)?,
                 Err(_) => return Err(SyncError::Protocol("the volume reader stopped".into())),
             };
-            debug_assert_eq!(first, expected);
             let start = geometry.offset_of(first);
             let len = chunk.len();
             changed.clear();
             for i in 0..count as usize {
                 let data = &chunk[i * bs..((i + 1) * bs).min(len)];
-                let stored = digests.next().map_err(SyncError::Protocol)?;
                 let digest = Digest::of(data);
-                if !stored.matches(digest, stored == Digest::UNWRITTEN && is_zero(data)) {
+                let send = match digests.as_mut() {
+                    Some(feed) => {
+                        let stored = feed.next().map_err(SyncError::Protocol)?;
+                        !stored.matches(digest, stored == Digest::UNWRITTEN && is_zero(data))
+                    }
+                    None => true,
+                };
+                if send {
                     changed.push((i, digest));
                     stats.bytes_sent += data.len() as u64;
                 }
@@ -284,7 +326,6 @@ fn scan(
                     batch.copy_block(start + (i * bs) as u64, data, digest)?;
                 }
             }
-            expected = first + count;
         }
         Ok(())
     })?;
@@ -292,24 +333,92 @@ fn scan(
     Ok(stats)
 }
 
-/// Runs one sync of `source` to the node of `assignment`.
-pub async fn sync_volume(
+/// Runs one sync (or consistency check) of `source` to the node of `assignment`:
+/// quiesce, freeze the tracker's changes, send, commit, release.
+pub async fn sync_source(
     source: &SourceConfig,
+    tracker: Arc<dyn Tracker>,
+    state_dir: &std::path::Path,
     assignment: &pb::Assignment,
-    mut node: NodeClient<Channel>,
+    node: NodeClient<Channel>,
+    opts: SyncOptions,
 ) -> Result<SyncOutcome, SyncError> {
     let started = Instant::now();
-    let path = source.path.clone();
-    let volume = tokio::task::spawn_blocking(move || Volume::open(&path))
+    let mut q = Quiesced::begin(&source.quiesce, &source.name, &source.path, state_dir)
         .await
-        .map_err(|e| SyncError::Protocol(e.to_string()))?
-        .map_err(|e| SyncError::Volume {
-            path: source.path.display().to_string(),
-            error: e,
-        })?;
+        .map_err(SyncError::Quiesce)?;
+    let mut result = attempt(source, &tracker, &mut q, assignment, node.clone(), opts).await;
+    if let Err(SyncError::Node {
+        base_mismatch: true,
+        status,
+        ..
+    }) = &result
+    {
+        // The record is relative to a point the node no longer has as its newest:
+        // compare everything instead.
+        tracker.mark_inconsistent(&format!(
+            "the node refused the record's base point ({status})"
+        ));
+        result = attempt(source, &tracker, &mut q, assignment, node, opts).await;
+    }
+    q.finish().await;
+    let mut o = result?;
+    o.duration_ms = started.elapsed().as_millis() as u64;
+    o.warnings = std::mem::take(&mut q.warnings);
+    Ok(o)
+}
+
+/// One try: freeze, stream, commit; the tracker hears how it ended.
+async fn attempt(
+    source: &SourceConfig,
+    tracker: &Arc<dyn Tracker>,
+    q: &mut Quiesced,
+    assignment: &pb::Assignment,
+    node: NodeClient<Channel>,
+    opts: SyncOptions,
+) -> Result<SyncOutcome, SyncError> {
+    let check = opts.check || !tracker.consistent();
+    let t = tracker.clone();
+    let snapshot = q.snapshot.clone();
+    let frozen = tokio::task::spawn_blocking(move || t.begin(check, snapshot.as_deref()))
+        .await
+        .map_err(|e| SyncError::Tracker(e.to_string()))?
+        .map_err(SyncError::Tracker)?;
+    let r = stream_sync(
+        source,
+        frozen.plan,
+        frozen.reader,
+        q,
+        assignment,
+        node,
+        opts.deep && check,
+        check,
+    )
+    .await;
+    let t = tracker.clone();
+    let point = r.as_ref().ok().map(|o| o.point.id);
+    let _ = tokio::task::spawn_blocking(move || match point {
+        Some(p) => t.committed(p),
+        None => t.failed(),
+    })
+    .await;
+    r
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn stream_sync(
+    source: &SourceConfig,
+    plan: Plan,
+    volume: Arc<dyn BlockSource>,
+    q: &mut Quiesced,
+    assignment: &pb::Assignment,
+    mut node: NodeClient<Channel>,
+    deep: bool,
+    check: bool,
+) -> Result<SyncOutcome, SyncError> {
     if volume.size_bytes() != assignment.size_bytes {
         return Err(SyncError::SizeChanged {
-            path: source.path.display().to_string(),
+            path: volume.describe(),
             name: source.name.clone(),
             now: volume.size_bytes(),
             registered: assignment.size_bytes,
@@ -318,8 +427,18 @@ pub async fn sync_volume(
     let geometry = Geometry::new(volume.size_bytes(), source.block_size)
         .map_err(|e| SyncError::Protocol(e.to_string()))?;
     let node_name = assignment.node.clone();
+    let (want_digests, base_point) = match &plan {
+        Plan::Scan => (true, 0),
+        Plan::Dirty { base, .. } => (false, *base),
+    };
+    let kind = if check {
+        PointKind::Check.to_proto()
+    } else {
+        0
+    };
 
-    // The sync stream: Begin asks for the node's digests of its newest point.
+    // The sync stream: Begin asks for the node's digests of its newest point when
+    // every block is to be compared.
     let (tx, rx) = mpsc::channel::<pb::SyncMessage>(4);
     let begin = pb::SyncMessage {
         msg: Some(pb::sync_message::Msg::Begin(pb::SyncBegin {
@@ -327,10 +446,11 @@ pub async fn sync_volume(
             epoch: assignment.epoch,
             size_bytes: geometry.size_bytes,
             block_size: geometry.block_size,
-            base_point: 0,
-            consistency: Consistency::Crash.to_proto(),
-            kind: 0,
-            want_digests: true,
+            base_point,
+            consistency: q.consistency.to_proto(),
+            kind,
+            want_digests,
+            deep,
         })),
     };
     let _ = tx.send(begin).await;
@@ -361,7 +481,7 @@ pub async fn sync_volume(
         )));
     }
 
-    // One task reads every reply: digests go to the scanner; progress is noted; the
+    // One task reads every reply: digests go to the sender; progress is noted; the
     // commit (or an error) ends it. Reading continuously means the node never blocks.
     let (dtx, drx) = mpsc::channel::<Result<Bytes, String>>(4);
     let stop = Arc::new(AtomicBool::new(false));
@@ -373,8 +493,10 @@ pub async fn sync_volume(
                 Ok(Some(pb::SyncReply {
                     msg: Some(pb::sync_reply::Msg::Committed(c)),
                 })) => {
+                    let damaged = c.damaged_blocks;
                     return c
                         .point
+                        .map(|p| (p, damaged))
                         .ok_or_else(|| SyncError::Protocol("commit without a point".into()));
                 }
                 Ok(Some(pb::SyncReply {
@@ -398,19 +520,26 @@ pub async fn sync_volume(
             }
         }
     });
-    let feed = DigestFeed {
-        rx: drx,
-        remaining: ready.digest_count,
-        buf: Bytes::new(),
-        pos: 0,
+    let (ranges, feed) = match plan {
+        Plan::Scan => (
+            vec![(0, geometry.block_count())],
+            Some(DigestFeed {
+                rx: drx,
+                remaining: ready.digest_count,
+                buf: Bytes::new(),
+                pos: 0,
+            }),
+        ),
+        Plan::Dirty { blocks, .. } => (blocks.runs().collect(), None),
     };
     let scan_tx = tx.clone();
     let stop_s = stop.clone();
-    let scanned =
-        tokio::task::spawn_blocking(move || scan(&volume, geometry, feed, &scan_tx, &stop_s))
-            .await
-            .map_err(|e| SyncError::Protocol(e.to_string()));
-    let stats = match scanned.and_then(|r| r) {
+    let sent = tokio::task::spawn_blocking(move || {
+        send_blocks(volume.as_ref(), geometry, ranges, feed, &scan_tx, &stop_s)
+    })
+    .await
+    .map_err(|e| SyncError::Protocol(e.to_string()));
+    let stats = match sent.and_then(|r| r) {
         Ok(s) => s,
         Err(e @ SyncError::Volume { .. }) => {
             // Closing the stream without a commit makes the node roll back.
@@ -420,7 +549,7 @@ pub async fn sync_volume(
         }
         Err(e) => {
             drop(tx);
-            // The scanner stopped because the node ended the sync: its reason is the
+            // The sender stopped because the node ended the sync: its reason is the
             // one to report.
             return match reply_task.await {
                 Ok(Err(node_err)) => Err(node_err),
@@ -428,23 +557,29 @@ pub async fn sync_volume(
             };
         }
     };
+    // Everything is read: the application may go on (a snapshot released it already).
+    q.release().await;
     let commit = pb::SyncMessage {
         msg: Some(pb::sync_message::Msg::Commit(pb::SyncCommit {
             blocks_scanned: stats.blocks_scanned,
             blocks_sent: stats.blocks_sent,
             bytes_sent: stats.bytes_sent,
+            consistency: q.consistency.to_proto(),
         })),
     };
     let _ = tx.send(commit).await;
-    let point = reply_task
+    let (point, damaged_blocks) = reply_task
         .await
         .map_err(|e| SyncError::Protocol(e.to_string()))??;
     drop(tx);
     Ok(SyncOutcome {
+        consistency: Consistency::from_proto(point.consistency),
         point,
         bytes_sent: stats.bytes_sent,
         blocks_sent: stats.blocks_sent,
         blocks_scanned: stats.blocks_scanned,
-        duration_ms: started.elapsed().as_millis() as u64,
+        duration_ms: 0,
+        damaged_blocks,
+        warnings: Vec::new(),
     })
 }

@@ -7,6 +7,8 @@
 //!   durations as operators write them.
 //! - [`block`] — blocks, extents and BLAKE3 checksums, and the checks the node and the
 //!   agent both make on them.
+//! - [`nbd`] — the NBD protocol: a server exporting a file or block device, and a
+//!   blocking client that reads exports and qemu dirty bitmaps.
 //! - [`telemetry`], [`shutdown`], [`failpoint`] — process plumbing.
 
 pub mod alloc;
@@ -14,6 +16,7 @@ pub mod block;
 pub mod config;
 pub mod daemon;
 pub mod failpoint;
+pub mod nbd;
 pub mod pki;
 pub mod point;
 pub mod shutdown;

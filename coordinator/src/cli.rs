@@ -69,6 +69,22 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run a consistency check: compare every block of the source with the node's
+    /// checksums, send only the blocks that differ, and make a new point.
+    Check {
+        /// Data source name.
+        source: String,
+        /// Recompute the node's checksums from the replica's bytes (finds and repairs
+        /// damage inside the replica; reads the whole replica on the node).
+        #[arg(long)]
+        deep: bool,
+        /// Wait until the check has made its recovery point.
+        #[arg(long)]
+        wait: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the recovery points of a data source, oldest first.
     Points {
         /// Data source name.
@@ -177,19 +193,42 @@ impl Admin {
 
     /// Runs a sync and waits for its result; also returns the agent that ran it.
     pub async fn sync_wait(&mut self, source: &str) -> anyhow::Result<(pb::SyncResult, String)> {
+        self.sync_request(source, true, false, false)
+            .await?
+            .ok_or_else(|| anyhow!("the coordinator returned no sync result"))
+    }
+
+    /// Asks for a sync or check; with `wait`, returns its result and agent.
+    pub async fn sync_request(
+        &mut self,
+        source: &str,
+        wait: bool,
+        check: bool,
+        deep: bool,
+    ) -> anyhow::Result<Option<(pb::SyncResult, String)>> {
         let r = self
             .client
             .sync(pb::SyncRequest {
                 source: source.into(),
-                wait: true,
+                wait,
+                check,
+                deep,
             })
             .await
             .map_err(|s| self.err(s))?
             .into_inner();
+        if !wait {
+            println!(
+                "{} of {source} started on agent {}",
+                if check { "check" } else { "sync" },
+                r.agent
+            );
+            return Ok(None);
+        }
         let result = r
             .result
             .ok_or_else(|| anyhow!("the coordinator returned no sync result"))?;
-        Ok((result, r.agent))
+        Ok(Some((result, r.agent)))
     }
 
     /// Runs a restore and waits for its result.
@@ -334,7 +373,11 @@ pub fn sync_json(r: &pb::SyncResult, agent: &str) -> Value {
         "bytes_sent": r.bytes_sent,
         "blocks_sent": r.blocks_sent,
         "blocks_scanned": r.blocks_scanned,
+        "blocks_read": r.blocks_read,
         "duration_ms": r.duration_ms,
+        "consistency": Consistency::from_proto(r.consistency).as_str(),
+        "damaged_blocks": r.damaged_blocks,
+        "warnings": r.warnings,
     })
 }
 
@@ -349,16 +392,76 @@ pub fn format_ms(ms: u64) -> String {
 
 /// One line about a finished sync, for people.
 pub fn sync_line(r: &pb::SyncResult) -> String {
-    format!(
-        "{}: point {} ({}): {} of {} blocks sent ({}) in {}",
-        r.source,
-        r.point,
-        kind_word(r.kind),
-        r.blocks_sent,
-        r.blocks_scanned,
-        format_size(r.bytes_sent),
-        format_ms(r.duration_ms)
-    )
+    let mut line = if PointKind::from_proto(r.kind) == Some(PointKind::Check) {
+        format!(
+            "{}: point {} (check, {}): {} blocks compared, {} differed and were sent ({}) in {}",
+            r.source,
+            r.point,
+            Consistency::from_proto(r.consistency).as_str(),
+            r.blocks_scanned,
+            r.blocks_sent,
+            format_size(r.bytes_sent),
+            format_ms(r.duration_ms)
+        )
+    } else {
+        format!(
+            "{}: point {} ({}, {}): {} of {} blocks sent ({}) in {}",
+            r.source,
+            r.point,
+            kind_word(r.kind),
+            Consistency::from_proto(r.consistency).as_str(),
+            r.blocks_sent,
+            r.blocks_scanned,
+            format_size(r.bytes_sent),
+            format_ms(r.duration_ms)
+        )
+    };
+    if r.damaged_blocks > 0 {
+        line.push_str(&format!(
+            "; {} damaged replica blocks repaired",
+            r.damaged_blocks
+        ));
+    }
+    for w in &r.warnings {
+        line.push_str(&format!("\n  warning: {w}"));
+    }
+    line
+}
+
+/// `bulwark sync` and `bulwark check`.
+async fn sync_command(
+    admin: &mut Admin,
+    source: &str,
+    wait: bool,
+    check: bool,
+    deep: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    if deep && !check {
+        bail!("--deep is only for check");
+    }
+    if !wait && json {
+        let r = admin
+            .client
+            .sync(pb::SyncRequest {
+                source: source.into(),
+                wait: false,
+                check,
+                deep,
+            })
+            .await
+            .map_err(|s| admin.err(s))?
+            .into_inner();
+        return print_json(&json!({"source": source, "agent": r.agent, "started": true}));
+    }
+    if let Some((r, agent)) = admin.sync_request(source, wait, check, deep).await? {
+        if json {
+            print_json(&sync_json(&r, &agent))?;
+        } else {
+            println!("{}", sync_line(&r));
+        }
+    }
+    Ok(())
 }
 
 /// Runs a parsed command line.
@@ -461,6 +564,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     "AGENT",
                     "NODE",
                     "STATE",
+                    "TRACKER",
                     "SIZE",
                     "LAST POINT",
                     "ERROR",
@@ -473,6 +577,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         "epoch": s.epoch, "block_size": s.block_size,
                         "last_sync": rfc3339_ms(s.last_sync_ms), "error": s.error,
                         "allocated_bytes": s.allocated_bytes,
+                        "tracker": s.tracker, "warning": s.warning,
                     })
                 },
                 |s| {
@@ -481,41 +586,32 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         s.agent.clone(),
                         dash_if_empty(&s.node),
                         s.state.clone(),
+                        s.tracker.clone(),
                         format_size(s.size_bytes),
                         if s.last_point == 0 {
                             "-".into()
                         } else {
                             s.last_point.to_string()
                         },
-                        s.error.clone(),
+                        if s.error.is_empty() {
+                            s.warning.clone()
+                        } else {
+                            s.error.clone()
+                        },
                     ]
                 },
             )?;
         }
         Command::Sync { source, wait, json } => {
-            if wait {
-                let (r, agent) = admin.sync_wait(&source).await?;
-                if json {
-                    print_json(&sync_json(&r, &agent))?;
-                } else {
-                    println!("{}", sync_line(&r));
-                }
-            } else {
-                let r = admin
-                    .client
-                    .sync(pb::SyncRequest {
-                        source: source.clone(),
-                        wait: false,
-                    })
-                    .await
-                    .map_err(|s| admin.err(s))?
-                    .into_inner();
-                if json {
-                    print_json(&json!({"source": source, "agent": r.agent, "started": true}))?;
-                } else {
-                    println!("sync of {source} started on agent {}", r.agent);
-                }
-            }
+            sync_command(&mut admin, &source, wait, false, false, json).await?;
+        }
+        Command::Check {
+            source,
+            deep,
+            wait,
+            json,
+        } => {
+            sync_command(&mut admin, &source, wait, true, deep, json).await?;
         }
         Command::Points { source, json } => {
             let points = admin.points(&source).await?;

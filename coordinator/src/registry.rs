@@ -119,6 +119,12 @@ pub struct SourceRecord {
     pub last_point: u64,
     pub last_sync_ms: i64,
     pub created_ms: i64,
+    /// The agent said its tracker's record cannot be trusted (a check is due).
+    #[serde(default)]
+    pub inconsistent: bool,
+    /// The newest warning of a sync (a failed quiesce hook, ...); cleared by a clean one.
+    #[serde(default)]
+    pub warning: String,
 }
 
 /// Outcome of a command an agent ran.
@@ -444,10 +450,13 @@ impl Registry {
                 last_point: 0,
                 last_sync_ms: 0,
                 created_ms: now_ms(),
+                inconsistent: false,
+                warning: String::new(),
             },
             Err(e) => return Err(e),
         };
         rec.tracker = spec.tracker.clone();
+        rec.inconsistent = spec.inconsistent;
         let assignment = self.place_locked(&mut rec)?;
         self.put_source(&rec)?;
         Ok(assignment)
@@ -498,12 +507,17 @@ impl Registry {
                 agent: agent.to_string(),
             });
         }
+        s.inconsistent = r.inconsistent;
         match (&r.result, r.error.is_empty()) {
             (Some(res), _) => {
                 s.state = "ok".into();
                 s.error.clear();
                 s.last_point = res.point;
                 s.last_sync_ms = now_ms();
+                s.warning = res.warnings.join("; ");
+                if !s.warning.is_empty() {
+                    tracing::warn!(source = %s.name, point = res.point, "sync warning: {}", s.warning);
+                }
             }
             (None, false) => {
                 s.state = "error".into();
@@ -642,6 +656,7 @@ mod tests {
             size_bytes: size,
             block_size: 65536,
             tracker: "fingerprint".into(),
+            inconsistent: false,
         }
     }
 

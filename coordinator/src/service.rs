@@ -283,7 +283,14 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
                 name: s.name,
                 agent: s.agent,
                 node: s.node.unwrap_or_default(),
-                state: s.state,
+                // A source with no point yet has nothing to be inconsistent with.
+                state: if s.inconsistent && s.state == "ok" && s.last_point > 0 {
+                    "inconsistent".into()
+                } else {
+                    s.state
+                },
+                tracker: s.tracker,
+                warning: s.warning,
                 size_bytes: s.size_bytes,
                 last_point: s.last_point,
                 epoch: s.epoch,
@@ -318,8 +325,12 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
         let admin = require(&req, "Sync", &[Role::Admin])?;
         let r = req.into_inner();
         let s = self.0.registry.source(&r.source)?;
-        tracing::info!(%admin, source = %r.source, agent = %s.agent, "sync requested");
+        if r.deep && !r.check {
+            return Err(Status::invalid_argument("deep is only for a check"));
+        }
+        tracing::info!(%admin, source = %r.source, agent = %s.agent, check = r.check, deep = r.deep, "sync requested");
         let source = r.source.clone();
+        let (check, deep) = (r.check, r.deep);
         let rx = self
             .0
             .registry
@@ -327,6 +338,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
                 pb::coordinator_command::Cmd::Sync(pb::SyncCommand {
                     command_id: id,
                     source,
+                    check,
+                    deep,
                 })
             })
             .await?;

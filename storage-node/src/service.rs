@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use bulwark_common::block::{DIGEST_LEN, Geometry};
 use bulwark_common::point::{Consistency, PointKind};
@@ -254,19 +254,38 @@ async fn abort(txn: SyncTxn) {
     }
 }
 
-/// Streams the digests of the newest point, in block order, into a sync's replies.
+/// Streams the digests of the newest point, in block order, into a sync's replies:
+/// the stored ones, or with `deep` ones recomputed from the replica (counting the
+/// blocks whose bytes no longer match into `damaged`).
 fn send_digests(
     store: Store,
     source: String,
     total: u64,
+    deep: Option<Arc<AtomicU64>>,
     tx: mpsc::Sender<Result<pb::SyncReply, Status>>,
 ) {
     const PER_CHUNK: u64 = (1 << 19) / DIGEST_LEN as u64;
+    // A deep check reads the replica: 16 MiB at a time at most.
+    const PER_DEEP_CHUNK: u64 = 256;
     tokio::task::spawn_blocking(move || {
         let mut first = 0;
         while first < total {
-            let count = PER_CHUNK.min(total - first);
-            let msg = match store.read_digests(&source, first, count) {
+            let count = if deep.is_some() {
+                PER_DEEP_CHUNK.min(total - first)
+            } else {
+                PER_CHUNK.min(total - first)
+            };
+            let digests = match &deep {
+                Some(damaged) => store.recompute_digests(&source, first, count).map(|(d, n)| {
+                    if n > 0 {
+                        tracing::warn!(%source, first_block = first, blocks = n, "replica blocks do not match their checksums; the check repairs them");
+                    }
+                    damaged.fetch_add(n, Ordering::Relaxed);
+                    d
+                }),
+                None => store.read_digests(&source, first, count),
+            };
+            let msg = match digests {
                 Ok(digests) => Ok(pb::SyncReply {
                     msg: Some(pb::sync_reply::Msg::Digests(pb::DigestChunk {
                         first_block: first,
@@ -321,6 +340,7 @@ async fn run_sync(
     source: String,
     tx: &mpsc::Sender<Result<pb::SyncReply, Status>>,
     lock: tokio::sync::OwnedRwLockWriteGuard<()>,
+    damaged: Arc<AtomicU64>,
 ) -> Result<(), Status> {
     use pb::sync_message::Msg;
     let (btx, brx) = mpsc::channel::<Vec<VerifiedExtent>>(2);
@@ -366,14 +386,17 @@ async fn run_sync(
                     return Err(fail(btx, applier, why).await);
                 }
             }
-            Some(Msg::Commit(_)) => {
+            Some(Msg::Commit(commit)) => {
                 drop(btx);
-                let (txn, applied) = applier
+                let (mut txn, applied) = applier
                     .await
                     .map_err(|e| Status::internal(format!("sync applier failed: {e}")))?;
                 if let Err(s) = applied {
                     abort(txn).await;
                     return Err(s);
+                }
+                if commit.consistency != 0 {
+                    txn.set_consistency(Consistency::from_proto(commit.consistency));
                 }
                 let point = blocking(move || txn.commit()).await??;
                 // Free the source before the agent hears of the commit, so its next
@@ -384,6 +407,7 @@ async fn run_sync(
                     .send(Ok(pb::SyncReply {
                         msg: Some(pb::sync_reply::Msg::Committed(pb::SyncCommitted {
                             point: Some(point_to_proto(&point)),
+                            damaged_blocks: damaged.load(Ordering::Relaxed),
                         })),
                     }))
                     .await;
@@ -422,6 +446,11 @@ impl pb::node_server::Node for NodeApi {
         };
         let geometry = Geometry::new(begin.size_bytes, begin.block_size)
             .map_err(|e| Status::invalid_argument(format!("data source {}: {e}", begin.source)))?;
+        if begin.deep && !begin.want_digests {
+            return Err(Status::invalid_argument(
+                "a deep check (deep) needs want_digests",
+            ));
+        }
         let svc = self.0.clone();
         let a = svc
             .authorize(&caller, &begin.source, Some(begin.epoch))
@@ -444,11 +473,12 @@ impl pb::node_server::Node for NodeApi {
         } else {
             begin.base_point
         };
-        let kind = PointKind::from_proto(begin.kind).unwrap_or(if base_point == 0 {
-            PointKind::Full
-        } else {
-            PointKind::Incremental
-        });
+        let kind = match PointKind::from_proto(begin.kind) {
+            // A check of a source with no point yet copies everything: a full point.
+            _ if base_point == 0 => PointKind::Full,
+            Some(k) => k,
+            None => PointKind::Incremental,
+        };
         let spec = SyncSpec {
             source: begin.source.clone(),
             geometry,
@@ -472,6 +502,7 @@ impl pb::node_server::Node for NodeApi {
                 })),
             }))
             .await;
+        let damaged = Arc::new(AtomicU64::new(0));
         if digest_count > 0 {
             // Runs beside the apply loop: the agent decides on a block only after
             // reading its digest, so every digest is read before that block can be
@@ -480,6 +511,7 @@ impl pb::node_server::Node for NodeApi {
                 svc.store.clone(),
                 begin.source.clone(),
                 digest_count,
+                begin.deep.then(|| damaged.clone()),
                 tx.clone(),
             );
         }
@@ -488,7 +520,8 @@ impl pb::node_server::Node for NodeApi {
         tokio::spawn(
             async move {
                 let _guard = guard;
-                if let Err(status) = run_sync(txn, inbound, geometry, begin.source, &tx, lock).await
+                if let Err(status) =
+                    run_sync(txn, inbound, geometry, begin.source, &tx, lock, damaged).await
                 {
                     tracing::warn!("sync failed: {}", status.message());
                     let _ = tx.send(Err(status)).await;

@@ -433,6 +433,43 @@ impl Store {
         Ok(buf)
     }
 
+    /// Recomputes `count` digests from block `first` of the replica's bytes (a deep
+    /// consistency check), 32 bytes each, and counts the blocks whose bytes no longer
+    /// match the stored digest. A block that was never written and still reads as
+    /// zeros keeps the [`Digest::UNWRITTEN`] marker.
+    pub fn recompute_digests(&self, name: &str, first: u64, count: u64) -> Result<(Vec<u8>, u64)> {
+        let meta = self
+            .source(name)?
+            .ok_or_else(|| StoreError::NoPoints(name.to_string()))?;
+        let geometry = meta.geometry();
+        let stored = self.read_digests(name, first, count)?;
+        let count = (stored.len() / DIGEST_LEN) as u64;
+        let path = meta.dir().join("replica");
+        let f = File::open(&path).map_err(io("open", &path))?;
+        let start = geometry.offset_of(first);
+        let end = geometry.offset_of(first + count).min(geometry.size_bytes);
+        let mut data = vec![0u8; (end - start) as usize];
+        read_at_full(&f, &mut data, start, &path)?;
+        let mut out = Vec::with_capacity(stored.len());
+        let mut damaged = 0;
+        let bs = geometry.block_size as usize;
+        for (i, old) in stored.chunks_exact(DIGEST_LEN).enumerate() {
+            let block = &data[i * bs..((i + 1) * bs).min(data.len())];
+            let old = Digest::from_slice(old).unwrap_or(Digest::UNWRITTEN);
+            let zero = is_zero(block);
+            let now = if old == Digest::UNWRITTEN && zero {
+                Digest::UNWRITTEN
+            } else {
+                Digest::of(block)
+            };
+            if !old.matches(now, zero) {
+                damaged += 1;
+            }
+            out.extend_from_slice(&now.0);
+        }
+        Ok((out, damaged))
+    }
+
     /// Starts a sync. Nothing on disk changes until [`SyncTxn::apply`].
     pub fn begin_sync(&self, spec: SyncSpec) -> Result<SyncTxn> {
         // A sync that was dropped without commit or abort is undone first.
@@ -658,6 +695,11 @@ impl SyncTxn {
         self.new_point
     }
 
+    /// Sets the consistency the new point records (the agent's final word).
+    pub fn set_consistency(&mut self, c: Consistency) {
+        self.spec.consistency = c;
+    }
+
     /// Payload bytes applied so far.
     pub fn applied_bytes(&self) -> u64 {
         self.bytes
@@ -787,6 +829,13 @@ impl SyncTxn {
                 for (i, d) in old.chunks_exact(DIGEST_LEN).enumerate() {
                     let block = e.first_block + i as u64;
                     let digest = Digest::from_slice(d).unwrap_or(Digest::UNWRITTEN);
+                    if digest != Digest::UNWRITTEN && e.digests.get(i) == Some(&digest) {
+                        // The block keeps its content (a consistency check repairing
+                        // a damaged replica block, or a rewrite with the same bytes):
+                        // the previous point reads the same bytes from the replica,
+                        // so no before-image is kept, and a damaged one never is.
+                        continue;
+                    }
                     let len = geometry.block_len(block) as usize;
                     let data = if digest == Digest::UNWRITTEN {
                         None

@@ -188,14 +188,33 @@ pub fn agent_toml(
     sync_interval: &str,
     tls: &TlsFiles,
 ) -> String {
+    let with: Vec<(&str, &Path, &str)> = sources.iter().map(|(s, p)| (*s, *p, "")).collect();
+    agent_toml_with(name, coordinator_url, state_dir, &with, sync_interval, tls)
+}
+
+/// [`agent_toml`] with extra lines per source; when they set `tracker`, the default
+/// `fingerprint` line is left out.
+pub fn agent_toml_with(
+    name: &str,
+    coordinator_url: &str,
+    state_dir: &Path,
+    sources: &[(&str, &Path, &str)],
+    sync_interval: &str,
+    tls: &TlsFiles,
+) -> String {
     let mut s = format!(
         "name = \"{name}\"\ncoordinator = \"{coordinator_url}\"\nstate_dir = {}\n\n",
         toml_path(state_dir)
     );
-    for (source, path) in sources {
+    for (source, path, extra) in sources {
+        let tracker = if extra.contains("tracker") {
+            ""
+        } else {
+            "tracker = \"fingerprint\"\n"
+        };
         s.push_str(&format!(
             "[[sources]]\nname = \"{source}\"\nkind = \"volume\"\npath = {}\n\
-             tracker = \"fingerprint\"\nblock_size = \"64KiB\"\nsync_interval = \"{sync_interval}\"\n\n",
+             {tracker}block_size = \"64KiB\"\nsync_interval = \"{sync_interval}\"\n{extra}\n\n",
             toml_path(path)
         ));
     }
@@ -233,9 +252,9 @@ impl Default for FleetBuilder {
     }
 }
 
-/// A source to be set up: name, size, and an existing volume to use instead of a new
-/// random file.
-type PlannedSource = (String, u64, Option<PathBuf>);
+/// A source to be set up: name, size, an existing volume to use instead of a new
+/// random file, and extra lines of its `[[sources]]` table.
+type PlannedSource = (String, u64, Option<PathBuf>, String);
 
 impl FleetBuilder {
     /// Adds a storage node (one pool disk, `disk1`).
@@ -259,7 +278,29 @@ impl FleetBuilder {
     /// Adds a volume data source `source` of `size_bytes` random bytes to agent
     /// `agent` (adding the agent if it is new).
     pub fn agent(self, agent: &str, source: &str, size_bytes: u64) -> Self {
-        self.add_source(agent, (source.to_string(), size_bytes, None))
+        self.add_source(agent, (source.to_string(), size_bytes, None, String::new()))
+    }
+
+    /// Adds a data source with extra lines in its `[[sources]]` table (a tracker and
+    /// its keys, quiesce hooks); `path` is an existing volume, or `None` for a new
+    /// random file of `size_bytes`. `{root}` in `extra` becomes the fleet's directory.
+    pub fn agent_source(
+        self,
+        agent: &str,
+        source: &str,
+        path: Option<&Path>,
+        size_bytes: u64,
+        extra: &str,
+    ) -> Self {
+        self.add_source(
+            agent,
+            (
+                source.to_string(),
+                size_bytes,
+                path.map(Path::to_path_buf),
+                extra.to_string(),
+            ),
+        )
     }
 
     /// Adds a data source whose volume already exists (a block device, say) of
@@ -267,7 +308,12 @@ impl FleetBuilder {
     pub fn agent_volume(self, agent: &str, source: &str, path: &Path, size_bytes: u64) -> Self {
         self.add_source(
             agent,
-            (source.to_string(), size_bytes, Some(path.to_path_buf())),
+            (
+                source.to_string(),
+                size_bytes,
+                Some(path.to_path_buf()),
+                String::new(),
+            ),
         )
     }
 
@@ -348,7 +394,7 @@ impl FleetBuilder {
             let state = dir.join("state");
             std::fs::create_dir_all(&state).expect("cannot create the agent's state dir");
             let mut list = Vec::new();
-            for (source, size, existing) in srcs {
+            for (source, size, existing, extra) in srcs {
                 assert!(
                     !sources.iter().any(|s: &SourceEntry| &s.name == source),
                     "source {source} is listed twice"
@@ -367,16 +413,17 @@ impl FleetBuilder {
                     path: path.clone(),
                     size: *size,
                 });
-                list.push((source.clone(), path));
+                let extra = extra.replace("{root}", &root.display().to_string());
+                list.push((source.clone(), path, extra));
             }
-            let refs: Vec<(&str, &Path)> = list
+            let refs: Vec<(&str, &Path, &str)> = list
                 .iter()
-                .map(|(s, p)| (s.as_str(), p.as_path()))
+                .map(|(s, p, e)| (s.as_str(), p.as_path(), e.as_str()))
                 .collect();
             let config = dir.join("agent.toml");
             write_file(
                 &config,
-                &agent_toml(
+                &agent_toml_with(
                     name,
                     &coordinator_url,
                     &state,

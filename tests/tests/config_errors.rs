@@ -173,3 +173,64 @@ fn bad_size_names_the_key_and_value() {
         );
     }
 }
+
+#[test]
+fn tracker_and_quiesce_mistakes_name_the_key() {
+    let s = setup();
+    let text = &s
+        .configs
+        .iter()
+        .find(|(b, _)| *b == AGENT)
+        .expect("an agent config")
+        .1;
+    let tracker = "tracker = \"fingerprint\"";
+    assert!(text.contains(tracker), "{text}");
+    let cases = [
+        (
+            "tracker = \"nbd-filter\"".to_string(),
+            "nbd_socket",
+            "needs nbd_socket",
+        ),
+        (
+            "tracker = \"nbd-filter\"\nnbd_listen = \"0.0.0.0:10809\"".to_string(),
+            "nbd_listen",
+            "not a loopback address",
+        ),
+        (
+            format!("{tracker}\nnbd_socket = \"/tmp/x.sock\""),
+            "nbd_socket",
+            "only used with tracker = \"nbd-filter\"",
+        ),
+        ("tracker = \"dm-era\"".to_string(), "tracker", "dm-era"),
+        (
+            format!("{tracker}\nfsfreeze = \"/\""),
+            "fsfreeze",
+            "would stop this host",
+        ),
+        (
+            format!("{tracker}\nrequire_app_consistent = true"),
+            "require_app_consistent",
+            "no pre_snapshot",
+        ),
+        (
+            "tracker = \"qcow2-bitmap\"\nsnapshot_command = \"true\"".to_string(),
+            "snapshot_command",
+            "not supported",
+        ),
+    ];
+    for (i, (replacement, key, why)) in cases.iter().enumerate() {
+        let path = write_config(
+            &s.dir,
+            &format!("agent-tracker-{i}.toml"),
+            &text.replace(tracker, replacement),
+        );
+        let out = run_expect_failure(AGENT, &path);
+        let err = stderr(&out);
+        assert!(
+            err.contains(&*path.to_string_lossy())
+                && err.contains(&format!("sources[0].{key}"))
+                && err.contains(why),
+            "case {i} ({replacement}): stderr does not name the file, sources[0].{key} and say \"{why}\":\n{err}"
+        );
+    }
+}

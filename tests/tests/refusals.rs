@@ -108,6 +108,7 @@ fn commit() -> SyncMessage {
             blocks_scanned: SIZE / BLOCK_SIZE,
             blocks_sent: 1,
             bytes_sent: BLOCK_SIZE,
+            consistency: 0,
         })),
     }
 }
@@ -127,6 +128,7 @@ fn begin_for(fleet: &Fleet, source: &str) -> (SyncBegin, String) {
         consistency: Consistency::Crash as i32,
         kind: PointKind::Incremental as i32,
         want_digests: false,
+        deep: false,
     };
     assert_eq!(begin.size_bytes, SIZE, "size of {source} in {info}");
     (begin, address)

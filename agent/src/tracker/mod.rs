@@ -1,0 +1,140 @@
+//! Trackers: how an agent learns which blocks of a volume changed since the last
+//! acknowledged sync, without a change log on the protected host's disk.
+//!
+//! One trait, [`Tracker`], with a backend per `tracker` key of a data source:
+//!
+//! - `fingerprint` ([`FingerprintTracker`]) keeps nothing: every sync reads the whole
+//!   volume and compares each block with the node's digests. It is also the engine of
+//!   every consistency check.
+//! - `nbd-filter` ([`filter::FilterTracker`]) serves the volume as an NBD export and
+//!   sets one bit per block in memory for every write that passes through it.
+//! - `qcow2-bitmap` ([`qcow2::Qcow2Tracker`]) uses QEMU's persistent dirty bitmaps
+//!   inside the image and reads the image through `qemu-nbd`.
+//!
+//! A sync calls [`Tracker::begin`], which freezes the changes so far (writes from then
+//! on belong to the next sync) and says what to read ([`Plan`]); then exactly one of
+//! [`Tracker::committed`] (the node acknowledged the point) or [`Tracker::failed`]
+//! (the changes go back, to be sent next time). A tracker that cannot vouch for its
+//! record — after an unclean stop, a lost bitmap, a node whose newest point is not the
+//! one the record is relative to — is *inconsistent*: its next sync reads everything
+//! and compares (a consistency check) instead of trusting the record.
+
+pub mod bitmap;
+pub mod filter;
+pub mod qcow2;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+pub use bitmap::Bitmap;
+
+use crate::volume::Volume;
+
+/// Readable block data: the live volume, a point-in-time snapshot of it, or an image
+/// read through `qemu-nbd`.
+pub trait BlockSource: Send + Sync {
+    /// Size in bytes.
+    fn size_bytes(&self) -> u64;
+    /// Reads `len` bytes at `offset`.
+    fn read_chunk(&self, offset: u64, len: usize) -> std::io::Result<Bytes>;
+    /// What is read, for messages.
+    fn describe(&self) -> String;
+}
+
+impl BlockSource for Volume {
+    fn size_bytes(&self) -> u64 {
+        Volume::size_bytes(self)
+    }
+    fn read_chunk(&self, offset: u64, len: usize) -> std::io::Result<Bytes> {
+        Volume::read_chunk(self, offset, len)
+    }
+    fn describe(&self) -> String {
+        self.path().display().to_string()
+    }
+}
+
+/// What a sync must read and send.
+#[derive(Debug, Clone)]
+pub enum Plan {
+    /// Read every block and send those whose digest differs from the node's.
+    Scan,
+    /// Only these blocks changed since point `base`; send them all.
+    Dirty { base: u64, blocks: Arc<Bitmap> },
+}
+
+/// A sync's frozen view: what to read, and from where.
+pub struct Frozen {
+    pub plan: Plan,
+    pub reader: Arc<dyn BlockSource>,
+}
+
+/// How an agent learns what changed. Methods block (call them off the async runtime);
+/// the agent runs one sync per source at a time.
+pub trait Tracker: Send + Sync {
+    /// The `tracker` name of the config.
+    fn name(&self) -> &'static str;
+    /// The volume's size in bytes.
+    fn size_bytes(&self) -> u64;
+    /// Whether the record of changes can be trusted; when not, the next sync is a
+    /// consistency check.
+    fn consistent(&self) -> bool;
+    /// Forgets the record: the next sync is a consistency check.
+    fn mark_inconsistent(&self, why: &str);
+    /// Freezes the changes so far and opens the data for reading. With `scan`, every
+    /// block is read and compared (a consistency check). `read_from` is a
+    /// point-in-time snapshot to read instead of the live volume.
+    fn begin(&self, scan: bool, read_from: Option<&Path>) -> Result<Frozen, String>;
+    /// The node acknowledged point `point`: the frozen changes are sent.
+    fn committed(&self, point: u64);
+    /// The sync failed: the frozen changes go back to be sent next time.
+    fn failed(&self);
+    /// Clean shutdown: keeps the record for the next start where the backend can.
+    fn shutdown(&self);
+}
+
+/// Opens the volume (or its snapshot) for reading.
+pub fn open_volume(path: &Path) -> Result<Arc<dyn BlockSource>, String> {
+    Volume::open(path)
+        .map(|v| Arc::new(v) as Arc<dyn BlockSource>)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
+/// The `fingerprint` tracker: no record at all, every sync compares every block.
+pub struct FingerprintTracker {
+    path: std::path::PathBuf,
+    size_bytes: u64,
+}
+
+impl FingerprintTracker {
+    /// A tracker for the volume at `path`, of `size_bytes`.
+    pub fn new(path: &Path, size_bytes: u64) -> FingerprintTracker {
+        FingerprintTracker {
+            path: path.to_path_buf(),
+            size_bytes,
+        }
+    }
+}
+
+impl Tracker for FingerprintTracker {
+    fn name(&self) -> &'static str {
+        "fingerprint"
+    }
+    fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+    fn consistent(&self) -> bool {
+        true
+    }
+    fn mark_inconsistent(&self, _why: &str) {}
+    fn begin(&self, _scan: bool, read_from: Option<&Path>) -> Result<Frozen, String> {
+        Ok(Frozen {
+            plan: Plan::Scan,
+            reader: open_volume(read_from.unwrap_or(&self.path))?,
+        })
+    }
+    fn committed(&self, _point: u64) {}
+    fn failed(&self) {}
+    fn shutdown(&self) {}
+}

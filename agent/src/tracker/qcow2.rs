@@ -1,0 +1,511 @@
+//! The `qcow2-bitmap` tracker: QEMU persistent dirty bitmaps inside a qcow2 image,
+//! the route libvirt and oVirt incremental backups take.
+//!
+//! Bitmaps the agent keeps in the image (all persistent and enabled, so QEMU, qemu-io
+//! or anything else that opens the image records writes into them):
+//!
+//! - `bulwark-p<N>` — every write since point `N` was taken.
+//! - `bulwark-next` — every write since the running sync froze its changes.
+//!
+//! A sync (the image must not be open elsewhere: QEMU locks it):
+//!
+//! 1. Tidy up after any crash: a leftover `bulwark-next` is merged into the newest
+//!    `bulwark-p<N>` (a superset is safe), older `bulwark-p*` are removed. A bitmap
+//!    flagged `in-use` (QEMU did not close the image cleanly) cannot be trusted: the
+//!    sync becomes a consistency check.
+//! 2. Add `bulwark-next`: from here on writes belong to the next sync.
+//! 3. Start `qemu-nbd --read-only` on a private unix socket, exporting the image and
+//!    (for an incremental sync) the bitmap `bulwark-p<N>` as the metadata context
+//!    `qemu:dirty-bitmap:bulwark-p<N>`; ask for block status over the whole disk and
+//!    read only the dirty extents. The node refuses the sync if its newest point is
+//!    not `N`, and the agent falls back to a consistency check.
+//! 4. Committed as point `P`: stop `qemu-nbd`, add `bulwark-p<P>` merged from
+//!    `bulwark-next`, remove `bulwark-next` and `bulwark-p<N>`. Failed: stop
+//!    `qemu-nbd`, merge `bulwark-next` back into `bulwark-p<N>` and remove it.
+//!
+//! The agent holds the image open only during a sync. A VM running on the image (where
+//! the image is locked) would be reached through its QMP socket; that is not built
+//! yet, and such a sync fails with a message that says so.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bulwark_common::block::Geometry;
+use bulwark_common::nbd::client::Client;
+use bytes::Bytes;
+use serde::Deserialize;
+
+use super::bitmap::Bitmap;
+use super::{BlockSource, Frozen, Plan, Tracker};
+
+const PREFIX: &str = "bulwark-p";
+const NEXT: &str = "bulwark-next";
+
+#[derive(Debug, Deserialize)]
+struct ImageInfo {
+    format: String,
+    #[serde(rename = "virtual-size")]
+    virtual_size: u64,
+    #[serde(rename = "format-specific")]
+    format_specific: Option<FormatSpecific>,
+}
+
+#[derive(Debug, Deserialize)]
+struct FormatSpecific {
+    data: Option<FormatData>,
+}
+
+#[derive(Debug, Deserialize)]
+struct FormatData {
+    #[serde(default)]
+    bitmaps: Vec<BitmapInfo>,
+}
+
+#[derive(Debug, Deserialize)]
+struct BitmapInfo {
+    name: String,
+    #[serde(default)]
+    flags: Vec<String>,
+}
+
+/// Runs a qemu tool and returns its stdout, or an error with its stderr.
+fn run(tool: &str, args: &[&str]) -> Result<Vec<u8>, String> {
+    let out = Command::new(tool)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {tool} (is qemu-utils installed?): {e}"))?;
+    if out.status.success() {
+        Ok(out.stdout)
+    } else {
+        Err(format!(
+            "{tool} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn info(path: &Path, shared: bool) -> Result<ImageInfo, String> {
+    let p = path.to_string_lossy();
+    let mut args = vec!["info", "--output=json", "-f", "qcow2"];
+    if shared {
+        args.push("-U");
+    }
+    args.push(&p);
+    let out = run("qemu-img", &args).map_err(|e| {
+        if e.contains("lock") {
+            format!(
+                "{e} (the image is open elsewhere, e.g. by a running VM; the qcow2-bitmap tracker needs it closed during a sync)"
+            )
+        } else {
+            e
+        }
+    })?;
+    let i: ImageInfo = serde_json::from_slice(&out).map_err(|e| {
+        format!(
+            "qemu-img info of {}: unexpected output: {e}",
+            path.display()
+        )
+    })?;
+    if i.format != "qcow2" {
+        return Err(format!("{} is {}, not qcow2", path.display(), i.format));
+    }
+    Ok(i)
+}
+
+/// The virtual size of the qcow2 image at `path` (may be in use).
+pub fn virtual_size(path: &Path) -> Result<u64, String> {
+    info(path, true).map(|i| i.virtual_size)
+}
+
+fn bitmap_op(path: &Path, ops: &[&str], name: &str) -> Result<(), String> {
+    let p = path.to_string_lossy();
+    let mut args = vec!["bitmap"];
+    args.extend_from_slice(ops);
+    args.extend_from_slice(&["-f", "qcow2", &p, name]);
+    run("qemu-img", &args).map(|_| ())
+}
+
+/// A running `qemu-nbd` and our connection to it.
+struct Session {
+    child: Child,
+    dir: tempfile::TempDir,
+    client: Arc<Mutex<Client>>,
+    /// The point of the image's `bulwark-p<N>` bitmap when the sync began.
+    base: Option<u64>,
+}
+
+impl Session {
+    fn stop(mut self) {
+        if let Ok(c) = Arc::try_unwrap(self.client) {
+            let c = c.into_inner().unwrap_or_else(|e| e.into_inner());
+            let _ = c.disconnect();
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        drop(self.dir);
+    }
+}
+
+/// Reads the image through qemu-nbd.
+struct NbdReader {
+    client: Arc<Mutex<Client>>,
+    size: u64,
+    what: String,
+}
+
+impl BlockSource for NbdReader {
+    fn size_bytes(&self) -> u64 {
+        self.size
+    }
+    fn read_chunk(&self, offset: u64, len: usize) -> std::io::Result<Bytes> {
+        let mut buf = vec![0u8; len];
+        let mut c = self.client.lock().unwrap_or_else(|e| e.into_inner());
+        c.read(offset, &mut buf)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        Ok(Bytes::from(buf))
+    }
+    fn describe(&self) -> String {
+        self.what.clone()
+    }
+}
+
+struct State {
+    inconsistent: Option<String>,
+    session: Option<Session>,
+}
+
+/// See the module docs.
+pub struct Qcow2Tracker {
+    source: String,
+    path: PathBuf,
+    geometry: Geometry,
+    state: Mutex<State>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Qcow2Tracker {
+    /// A tracker for the image at `path`.
+    pub fn new(source: &str, path: &Path, geometry: Geometry) -> Qcow2Tracker {
+        Qcow2Tracker {
+            source: source.to_string(),
+            path: path.to_path_buf(),
+            geometry,
+            state: Mutex::new(State {
+                inconsistent: None,
+                session: None,
+            }),
+        }
+    }
+
+    /// Tidies the image's bitmaps; returns the base point of a usable record.
+    fn prepare(&self, st: &mut State) -> Result<Option<u64>, String> {
+        let i = info(&self.path, false)?;
+        if i.virtual_size != self.geometry.size_bytes {
+            return Err(format!(
+                "{} is now {} bytes, it was registered with {}; resizing is not supported",
+                self.path.display(),
+                i.virtual_size,
+                self.geometry.size_bytes
+            ));
+        }
+        let bitmaps = i
+            .format_specific
+            .and_then(|f| f.data)
+            .map(|d| d.bitmaps)
+            .unwrap_or_default();
+        let mut points: Vec<(u64, &BitmapInfo)> = bitmaps
+            .iter()
+            .filter_map(|b| {
+                b.name
+                    .strip_prefix(PREFIX)
+                    .and_then(|n| n.parse().ok())
+                    .map(|n| (n, b))
+            })
+            .collect();
+        points.sort_by_key(|(n, _)| *n);
+        let newest = points.last().map(|(n, _)| *n);
+        let has_next = bitmaps.iter().any(|b| b.name == NEXT);
+        let untrusted = bitmaps
+            .iter()
+            .filter(|b| b.name == NEXT || b.name.starts_with(PREFIX))
+            .find(|b| {
+                b.flags.iter().any(|f| f == "in-use") || !b.flags.iter().any(|f| f == "auto")
+            });
+        if let Some(b) = untrusted {
+            let why = format!(
+                "bitmap {} of {} is flagged {:?} (the image was not closed cleanly, or the bitmap was disabled)",
+                b.name,
+                self.path.display(),
+                b.flags
+            );
+            for b in bitmaps
+                .iter()
+                .filter(|b| b.name == NEXT || b.name.starts_with(PREFIX))
+            {
+                bitmap_op(&self.path, &["--remove"], &b.name)?;
+            }
+            tracing::warn!(source = %self.source, "{why}; this sync is a consistency check");
+            st.inconsistent = Some(why);
+            return Ok(None);
+        }
+        if has_next {
+            if let Some(n) = newest {
+                bitmap_op(&self.path, &["--merge", NEXT], &format!("{PREFIX}{n}"))?;
+            }
+            bitmap_op(&self.path, &["--remove"], NEXT)?;
+        }
+        for (n, _) in &points {
+            if Some(*n) != newest {
+                bitmap_op(&self.path, &["--remove"], &format!("{PREFIX}{n}"))?;
+            }
+        }
+        Ok(newest)
+    }
+
+    fn start_nbd(&self, export_bitmap: Option<&str>) -> Result<Session, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("bulwark-qemu-nbd")
+            .tempdir()
+            .map_err(|e| format!("cannot make a socket directory: {e}"))?;
+        let sock = dir.path().join("nbd.sock");
+        let mut cmd = Command::new("qemu-nbd");
+        cmd.arg("--read-only")
+            .arg("--format=qcow2")
+            .arg("--cache=none")
+            .arg("--aio=threads")
+            .arg(format!("--socket={}", sock.display()));
+        if let Some(b) = export_bitmap {
+            cmd.arg(format!("--bitmap={b}"));
+        }
+        cmd.arg(&self.path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start qemu-nbd (is qemu-utils installed?): {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !sock.exists() {
+            if let Ok(Some(status)) = child.try_wait() {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    use std::io::Read;
+                    let _ = e.read_to_string(&mut err);
+                }
+                return Err(format!(
+                    "qemu-nbd for {} exited ({status}): {}",
+                    self.path.display(),
+                    err.trim()
+                ));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "qemu-nbd for {} did not open its socket within 20 s",
+                    self.path.display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let contexts: Vec<String> = export_bitmap
+            .map(|b| vec![format!("qemu:dirty-bitmap:{b}")])
+            .unwrap_or_default();
+        let ctx_refs: Vec<&str> = contexts.iter().map(String::as_str).collect();
+        let client = match Client::connect_unix(&sock, "", &ctx_refs) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("qemu-nbd for {}: {e}", self.path.display()));
+            }
+        };
+        if client.size() != self.geometry.size_bytes {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "qemu-nbd exports {} bytes of {}, expected {}",
+                client.size(),
+                self.path.display(),
+                self.geometry.size_bytes
+            ));
+        }
+        Ok(Session {
+            child,
+            dir,
+            client: Arc::new(Mutex::new(client)),
+            base: None,
+        })
+    }
+
+    /// The dirty blocks of the exported bitmap, from block status over the disk.
+    fn dirty_blocks(&self, session: &Session, bitmap: &str) -> Result<Bitmap, String> {
+        let context = format!("qemu:dirty-bitmap:{bitmap}");
+        let g = self.geometry;
+        let bs = u64::from(g.block_size);
+        let mut out = Bitmap::new(g.block_count());
+        let mut c = session.client.lock().unwrap_or_else(|e| e.into_inner());
+        let mut offset = 0u64;
+        while offset < g.size_bytes {
+            let want = (g.size_bytes - offset).min(1 << 30);
+            let extents = c
+                .block_status(offset, want, &context)
+                .map_err(|e| format!("block status of {}: {e}", self.path.display()))?;
+            if extents.is_empty() {
+                return Err(format!(
+                    "qemu-nbd returned no block status at byte {offset} of {}",
+                    self.path.display()
+                ));
+            }
+            for (len, flags) in extents {
+                let len = len.min(g.size_bytes - offset);
+                if len == 0 {
+                    break;
+                }
+                if flags & 1 != 0 {
+                    let first = offset / bs;
+                    let last = (offset + len - 1) / bs;
+                    out.set_range(first, last - first + 1);
+                }
+                offset += len;
+                if offset >= g.size_bytes {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn begin_locked(&self, st: &mut State, scan: bool) -> Result<Frozen, String> {
+        // `kept`: the bitmap the image has (removed at commit, merged back into on
+        // failure); `base`: the one this sync trusts (none for a scan).
+        let kept = self.prepare(st)?;
+        let base = if scan || st.inconsistent.is_some() {
+            None
+        } else {
+            kept
+        };
+        // From here on, writes are recorded for the next sync.
+        let granularity = self.granularity();
+        bitmap_op(&self.path, &["--add", "--granularity", &granularity], NEXT)?;
+        let exported = base.map(|b| format!("{PREFIX}{b}"));
+        let mut session = match self.start_nbd(exported.as_deref()) {
+            Ok(s) => s,
+            Err(e) => {
+                self.undo_next(kept);
+                return Err(e);
+            }
+        };
+        session.base = kept;
+        let plan = match (&exported, base) {
+            (Some(name), Some(b)) => match self.dirty_blocks(&session, name) {
+                Ok(blocks) => Plan::Dirty {
+                    base: b,
+                    blocks: Arc::new(blocks),
+                },
+                Err(e) => {
+                    session.stop();
+                    self.undo_next(kept);
+                    return Err(e);
+                }
+            },
+            _ => Plan::Scan,
+        };
+        let reader = Arc::new(NbdReader {
+            client: session.client.clone(),
+            size: self.geometry.size_bytes,
+            what: format!("{} (through qemu-nbd)", self.path.display()),
+        });
+        st.session = Some(session);
+        Ok(Frozen { plan, reader })
+    }
+
+    /// Bitmap granularity: the block size, so a bit is exactly a block.
+    fn granularity(&self) -> String {
+        self.geometry.block_size.clamp(512, 1 << 26).to_string()
+    }
+
+    /// Puts `bulwark-next` back into the base bitmap (or drops it).
+    fn undo_next(&self, base: Option<u64>) {
+        let r = match base {
+            Some(b) => bitmap_op(&self.path, &["--merge", NEXT], &format!("{PREFIX}{b}"))
+                .and_then(|()| bitmap_op(&self.path, &["--remove"], NEXT)),
+            None => bitmap_op(&self.path, &["--remove"], NEXT),
+        };
+        if let Err(e) = r {
+            // The next sync's tidy-up merges it.
+            tracing::warn!(source = %self.source, "{e}");
+        }
+    }
+}
+
+impl Tracker for Qcow2Tracker {
+    fn name(&self) -> &'static str {
+        "qcow2-bitmap"
+    }
+    fn size_bytes(&self) -> u64 {
+        self.geometry.size_bytes
+    }
+    fn consistent(&self) -> bool {
+        lock(&self.state).inconsistent.is_none()
+    }
+    fn mark_inconsistent(&self, why: &str) {
+        tracing::warn!(source = %self.source, "{why}; the next sync is a consistency check");
+        lock(&self.state).inconsistent = Some(why.to_string());
+    }
+    fn begin(&self, scan: bool, read_from: Option<&Path>) -> Result<Frozen, String> {
+        if read_from.is_some() {
+            return Err("the qcow2-bitmap tracker reads the image itself; snapshot_command is not supported with it".into());
+        }
+        let mut st = lock(&self.state);
+        if let Some(old) = st.session.take() {
+            let base = old.base;
+            old.stop();
+            self.undo_next(base);
+        }
+        self.begin_locked(&mut st, scan)
+    }
+    fn committed(&self, point: u64) {
+        let mut st = lock(&self.state);
+        let Some(session) = st.session.take() else {
+            return;
+        };
+        let base = session.base;
+        session.stop();
+        st.inconsistent = None;
+        let granularity = self.granularity();
+        let r = bitmap_op(
+            &self.path,
+            &["--add", "--granularity", &granularity, "--merge", NEXT],
+            &format!("{PREFIX}{point}"),
+        )
+        .and_then(|()| bitmap_op(&self.path, &["--remove"], NEXT))
+        .and_then(|()| match base {
+            Some(b) if b != point => bitmap_op(&self.path, &["--remove"], &format!("{PREFIX}{b}")),
+            _ => Ok(()),
+        });
+        if let Err(e) = r {
+            // The next sync's tidy-up sees leftover bitmaps and, at worst, falls back
+            // to a consistency check.
+            tracing::warn!(source = %self.source, point, "updating the image's bitmaps: {e}");
+        }
+    }
+    fn failed(&self) {
+        let mut st = lock(&self.state);
+        if let Some(session) = st.session.take() {
+            let base = session.base;
+            session.stop();
+            self.undo_next(base);
+        }
+    }
+    fn shutdown(&self) {
+        self.failed();
+    }
+}

@@ -1,0 +1,2176 @@
+//! The NBD server: exports one [`Backend`] to any number of clients.
+//!
+//! A connection goes through the fixed newstyle handshake (`negotiate`) and then
+//! the transmission phase, where many requests are in flight at once:
+//!
+//! - the connection's task reads requests in order and checks each one; a write's
+//!   payload is read into a pooled buffer first, because the next request header
+//!   follows it on the wire;
+//! - each request then runs on one of the connection's I/O threads (`pread`,
+//!   `pwrite`, `fdatasync`...; see `Workers`), so one slow flush does not hold up
+//!   the reads queued behind it, and no tokio worker ever blocks on the disk;
+//! - the thread that ran a request also sends its reply (`Replies`): replies go
+//!   out in the order requests complete (the cookie tells the client which is
+//!   which), replies that complete together share one `write`, and a large read's
+//!   header and data go out with one vectored write.
+//!
+//! Memory is bounded per connection: every request takes permits from a semaphore
+//! worth [`ServerOptions::max_in_flight_bytes`] (its payload plus a fixed overhead)
+//! and gives them back once its reply is written, so a client that sends requests
+//! without reading replies stalls itself, not the server.
+//!
+//! Bad input never takes the process down: a broken rule of the protocol that leaves
+//! the stream out of sync (bad magic, an oversized option or write) closes that one
+//! connection with a warning; a bad but well-framed request gets an error reply.
+//!
+//! Not implemented: TLS (`NBD_OPT_STARTTLS` gets `NBD_REP_ERR_POLICY`), extended
+//! headers, `NBD_CMD_CACHE`, `NBD_CMD_RESIZE`, `NBD_CMD_FLAG_FAST_ZERO` and
+//! `NBD_CMD_FLAG_DF` (none of them advertised).
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, IoSlice, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::panic::AssertUnwindSafe;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::NbdError;
+use super::proto::{self, Errno, Request};
+
+/// Storage behind an export. Methods are called from blocking threads, several at a
+/// time for the same connection and across connections; offsets and lengths are
+/// checked against [`Backend::size`] before any call.
+pub trait Backend: Send + Sync + 'static {
+    /// Export size in bytes, fixed for the life of a connection.
+    fn size(&self) -> u64;
+    /// Whether writes are refused (the export is advertised read-only).
+    fn read_only(&self) -> bool;
+    /// Fills `buf` from `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes `data` at `offset`; with `fua`, returns only once it is durable.
+    fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> io::Result<()>;
+    /// Makes every completed write durable.
+    fn flush(&self) -> io::Result<()>;
+    /// Discards a range (advisory: afterwards its contents are unspecified).
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()>;
+    /// Makes a range read as zeroes; `may_trim` allows deallocating it to do so.
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool, may_trim: bool) -> io::Result<()>;
+
+    /// Allocation status for the `base:allocation` context: consecutive
+    /// `(length, STATE_HOLE | STATE_ZERO flags)` extents starting at `offset`. They
+    /// may cover less than `len` (at least one byte) or run past it (cut off). The
+    /// default says "allocated, contents unknown", which is always correct.
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, u32)>> {
+        let _ = offset;
+        Ok(vec![(len, 0)])
+    }
+
+    /// Whether a flush or FUA on one connection also persists writes completed on
+    /// every other connection (`NBD_FLAG_CAN_MULTI_CONN`). Only say yes when all
+    /// connections share one cache, e.g. one file and `fdatasync`.
+    fn can_multi_conn(&self) -> bool {
+        false
+    }
+}
+
+/// A [`Backend`] over a regular file or a block device: `pread`/`pwrite`,
+/// `fdatasync` for flush, a second `O_DSYNC` descriptor for FUA writes, and
+/// `fallocate` (or `BLKDISCARD`) for trim and write-zeroes.
+#[derive(Debug)]
+pub struct FileBackend {
+    file: File,
+    /// The same open file reopened with `O_DSYNC`; `None` when read-only.
+    dsync: Option<File>,
+    size: u64,
+    read_only: bool,
+    block_device: bool,
+}
+
+/// Zeroes written when the file system cannot zero a range itself.
+static ZEROES: [u8; 1 << 20] = [0; 1 << 20];
+
+impl FileBackend {
+    /// Opens a regular file or block device; its current size is the export size.
+    pub fn open(path: &Path, read_only: bool) -> io::Result<FileBackend> {
+        let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
+        let meta = file.metadata()?;
+        let block_device = meta.file_type().is_block_device();
+        if !meta.is_file() && !block_device {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} is neither a regular file nor a block device",
+                    path.display()
+                ),
+            ));
+        }
+        let size = if block_device {
+            (&file).seek(SeekFrom::End(0))?
+        } else {
+            meta.len()
+        };
+        // Reopen through /proc so both descriptors are the same file even if the
+        // path is renamed or replaced in between.
+        let dsync = if read_only {
+            None
+        } else {
+            Some(
+                OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_DSYNC)
+                    .open(format!("/proc/self/fd/{}", file.as_raw_fd()))?,
+            )
+        };
+        Ok(FileBackend {
+            file,
+            dsync,
+            size,
+            read_only,
+            block_device,
+        })
+    }
+
+    fn writable(&self) -> io::Result<()> {
+        if self.read_only {
+            Err(io::Error::from_raw_os_error(libc::EPERM))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn write_zero_buffers(&self, mut offset: u64, len: u64) -> io::Result<()> {
+        let end = offset + len;
+        while offset < end {
+            let n = (end - offset).min(ZEROES.len() as u64) as usize;
+            self.file.write_all_at(&ZEROES[..n], offset)?;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Errors that mean "this file system or device cannot do that", after which a
+/// slower, always-available way is used instead.
+fn unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::ENOTTY | libc::EINVAL)
+    )
+}
+
+impl Backend for FileBackend {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        self.writable()?;
+        match (&self.dsync, fua) {
+            (Some(dsync), true) => dsync.write_all_at(data, offset),
+            _ => self.file.write_all_at(data, offset),
+        }
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        self.writable()?;
+        let r = if self.block_device {
+            // BLKDISCARD wants whole sectors; shrink the range inward to 4 KiB, which
+            // is a multiple of every logical sector size.
+            let start = offset.next_multiple_of(4096);
+            let end = (offset + len) / 4096 * 4096;
+            if end > start {
+                sys::discard(&self.file, start, end - start)
+            } else {
+                Ok(())
+            }
+        } else {
+            sys::fallocate(
+                &self.file,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            )
+        };
+        match r {
+            Ok(()) => {}
+            // Trim is a hint; a device or file system that cannot discard ignores it.
+            Err(e) if unsupported(&e) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        if fua {
+            self.file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool, may_trim: bool) -> io::Result<()> {
+        self.writable()?;
+        if len == 0 {
+            return Ok(());
+        }
+        let mut done = false;
+        if may_trim {
+            // Punching reads back as zeroes on files and on block devices alike.
+            match sys::fallocate(
+                &self.file,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            ) {
+                Ok(()) => done = true,
+                Err(e) if unsupported(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if !done {
+            match sys::fallocate(
+                &self.file,
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            ) {
+                Ok(()) => {}
+                Err(e) if unsupported(&e) => self.write_zero_buffers(offset, len)?,
+                Err(e) => return Err(e),
+            }
+        }
+        if fua {
+            self.file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, u32)>> {
+        if self.block_device {
+            return Ok(vec![(len, 0)]);
+        }
+        let end = offset.saturating_add(len);
+        let mut extents = Vec::new();
+        let mut pos = offset;
+        while pos < end && extents.len() < MAX_EXTENTS {
+            let data = match sys::seek_data(&self.file, pos) {
+                Ok(Some(d)) => d,
+                // No data from here to the end of the file.
+                Ok(None) => {
+                    extents.push((end - pos, proto::STATE_HOLE | proto::STATE_ZERO));
+                    break;
+                }
+                // No SEEK_DATA on this file system: everything is data.
+                Err(e) if unsupported(&e) => {
+                    extents.push((end - pos, 0));
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
+            if data > pos {
+                let hole_end = data.min(end);
+                extents.push((hole_end - pos, proto::STATE_HOLE | proto::STATE_ZERO));
+                pos = hole_end;
+                continue;
+            }
+            let hole = sys::seek_hole(&self.file, pos)?.unwrap_or(end).min(end);
+            // SEEK_HOLE never returns a position before `pos` when `pos` is in data;
+            // treat anything else as "the rest is data" rather than loop forever.
+            let data_end = if hole > pos { hole } else { end };
+            extents.push((data_end - pos, 0));
+            pos = data_end;
+        }
+        Ok(extents)
+    }
+
+    fn can_multi_conn(&self) -> bool {
+        // One file, one page cache, and flush is fdatasync of that file: a flush on
+        // any connection covers writes completed on all of them.
+        true
+    }
+}
+
+/// The few system calls std does not wrap.
+#[allow(unsafe_code)]
+mod sys {
+    use std::fs::File;
+    use std::io;
+    use std::os::fd::AsRawFd;
+
+    /// `_IO(0x12, 119)` from `<linux/fs.h>`.
+    const BLKDISCARD: u64 = 0x1277;
+
+    fn off(v: u64) -> io::Result<libc::off_t> {
+        libc::off_t::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+    }
+
+    pub fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        let (offset, len) = (off(offset)?, off(len)?);
+        loop {
+            // SAFETY: the descriptor stays open for the borrow of `file`; fallocate
+            // takes no pointers.
+            let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) };
+            if rc == 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+
+    pub fn discard(file: &File, offset: u64, len: u64) -> io::Result<()> {
+        let range: [u64; 2] = [offset, len];
+        // SAFETY: BLKDISCARD reads two u64 (start, length) through the pointer, which
+        // points at `range`, alive for the whole call.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKDISCARD as _, range.as_ptr()) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    fn lseek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+        let offset = off(offset)?;
+        // SAFETY: plain syscall on a descriptor that stays open for the borrow. The
+        // file position it moves is never used: all I/O is pread/pwrite.
+        let rc = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
+        if rc >= 0 {
+            return Ok(Some(rc as u64));
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(e)
+        }
+    }
+
+    /// Start of the next data at or after `offset`; `None` if only a hole follows.
+    pub fn seek_data(file: &File, offset: u64) -> io::Result<Option<u64>> {
+        lseek(file, offset, libc::SEEK_DATA)
+    }
+
+    /// Start of the next hole at or after `offset` (end of file counts as a hole).
+    pub fn seek_hole(file: &File, offset: u64) -> io::Result<Option<u64>> {
+        lseek(file, offset, libc::SEEK_HOLE)
+    }
+}
+
+/// How the server runs; one value is shared by all connections.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Name the export answers to, besides the default (empty) name.
+    pub export_name: String,
+    /// Bytes of requests one connection may have in flight (payload plus a fixed
+    /// overhead per request); the server stops reading the socket beyond it. Raised
+    /// to at least one maximum-size request.
+    pub max_in_flight_bytes: usize,
+    /// How long `serve_unix`/`serve_tcp` wait after shutdown for connections to
+    /// finish their in-flight requests before dropping them.
+    pub shutdown_grace: Duration,
+    /// Most threads running one connection's requests at once (started on demand).
+    /// 16 matches qemu's usual queue depth and nbdkit's default.
+    pub threads_per_connection: usize,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            export_name: String::new(),
+            max_in_flight_bytes: 64 * 1024 * 1024,
+            shutdown_grace: Duration::from_secs(30),
+            threads_per_connection: 16,
+        }
+    }
+}
+
+impl ServerOptions {
+    fn accepts(&self, name: &str) -> bool {
+        name.is_empty() || name == self.export_name
+    }
+}
+
+/// Context id of `base:allocation` once selected.
+const BASE_ALLOCATION_ID: u32 = 1;
+/// Budget charged per request on top of its payload, so that many small requests
+/// are bounded too.
+const REQUEST_OVERHEAD: usize = 16 * 1024;
+/// Most extents sent in one block status reply.
+const MAX_EXTENTS: usize = 1024;
+/// Most options one client may send before it is considered abusive.
+const MAX_OPTIONS: usize = 1024;
+/// Socket read buffer.
+const READ_BUFFER: usize = 256 * 1024;
+/// Read payloads up to this size are copied into the reply batch; larger ones go
+/// out with a vectored write.
+const INLINE_PAYLOAD: usize = 64 * 1024;
+/// Encoded replies are written out once this much has collected.
+const WRITE_BATCH: usize = 256 * 1024;
+/// Pooled buffers kept per connection, and the largest kept.
+const POOLED_BUFFERS: usize = 16;
+const POOLED_BUFFER_MAX: usize = 2 * 1024 * 1024;
+
+/// Serves one connection until the client disconnects.
+///
+/// Generic over the stream so that a TLS stream can be passed in later. Runs on the
+/// current tokio runtime, which the connection's I/O threads also use to write
+/// replies. Returns an error when the client broke the protocol or the socket
+/// failed; the caller logs it.
+pub async fn serve<S>(
+    stream: S,
+    backend: Arc<dyn Backend>,
+    opts: Arc<ServerOptions>,
+) -> Result<(), NbdError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    serve_until(stream, backend, opts, CancellationToken::new()).await
+}
+
+/// [`serve`], but once `shutdown` is cancelled no further requests are read: those
+/// in flight are answered and the connection is closed.
+pub async fn serve_until<S>(
+    stream: S,
+    backend: Arc<dyn Backend>,
+    opts: Arc<ServerOptions>,
+    shutdown: CancellationToken,
+) -> Result<(), NbdError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (rd, mut wr) = tokio::io::split(stream);
+    let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
+    let export = Export {
+        size: backend.size(),
+        read_only: backend.read_only(),
+        flags: transmission_flags(&*backend),
+    };
+    let Some(negotiated) = negotiate(&mut rd, &mut wr, &export, &opts, &shutdown).await? else {
+        return Ok(());
+    };
+    tracing::debug!(
+        size = export.size,
+        read_only = export.read_only,
+        structured = negotiated.structured,
+        base_allocation = negotiated.base_allocation.is_some(),
+        "NBD handshake done"
+    );
+    let conn = Arc::new(Conn {
+        backend,
+        size: export.size,
+        read_only: export.read_only,
+        base_allocation: negotiated.base_allocation,
+    });
+    transmit(rd, wr, conn, negotiated.structured, &opts, shutdown).await
+}
+
+/// Accepts connections on a Unix socket until `shutdown` is cancelled, then waits
+/// (up to [`ServerOptions::shutdown_grace`]) for open connections to finish. The
+/// socket file is left for the caller to remove.
+pub async fn serve_unix(
+    listener: UnixListener,
+    backend: Arc<dyn Backend>,
+    opts: Arc<ServerOptions>,
+    shutdown: CancellationToken,
+) {
+    let mut conns = Connections::new(backend, opts, shutdown.clone());
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((stream, _)) => conns.spawn(stream, "unix".to_string()),
+                Err(e) => accept_failed(e).await,
+            },
+            Some(done) = conns.set.join_next(), if !conns.set.is_empty() => finished(done),
+        }
+    }
+    conns.drain().await;
+}
+
+/// Accepts TCP connections until `shutdown` is cancelled, then waits (up to
+/// [`ServerOptions::shutdown_grace`]) for open connections to finish.
+pub async fn serve_tcp(
+    listener: TcpListener,
+    backend: Arc<dyn Backend>,
+    opts: Arc<ServerOptions>,
+    shutdown: CancellationToken,
+) {
+    let mut conns = Connections::new(backend, opts, shutdown.clone());
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => {
+                    // Replies are small and latency-bound; never wait for Nagle.
+                    if let Err(e) = stream.set_nodelay(true) {
+                        tracing::warn!(%peer, "cannot set TCP_NODELAY: {e}");
+                    }
+                    conns.spawn(stream, peer.to_string());
+                }
+                Err(e) => accept_failed(e).await,
+            },
+            Some(done) = conns.set.join_next(), if !conns.set.is_empty() => finished(done),
+        }
+    }
+    conns.drain().await;
+}
+
+async fn accept_failed(e: io::Error) {
+    // Usually EMFILE or a connection aborted before accept; back off briefly so a
+    // descriptor shortage does not spin.
+    tracing::warn!("NBD accept failed: {e}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+fn finished(r: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = r
+        && e.is_panic()
+    {
+        tracing::error!("NBD connection task panicked: {e}");
+    }
+}
+
+/// The connections of one listener.
+struct Connections {
+    set: JoinSet<()>,
+    backend: Arc<dyn Backend>,
+    opts: Arc<ServerOptions>,
+    shutdown: CancellationToken,
+}
+
+static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
+
+impl Connections {
+    fn new(
+        backend: Arc<dyn Backend>,
+        opts: Arc<ServerOptions>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Connections {
+            set: JoinSet::new(),
+            backend,
+            opts,
+            shutdown,
+        }
+    }
+
+    fn spawn<S>(&mut self, stream: S, peer: String)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let id = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
+        let span = tracing::info_span!("nbd", conn = id, peer = %peer);
+        let open = self.set.len() + 1;
+        let (backend, opts, shutdown) = (
+            Arc::clone(&self.backend),
+            Arc::clone(&self.opts),
+            self.shutdown.clone(),
+        );
+        self.set.spawn(
+            async move {
+                tracing::debug!(open, "NBD connection accepted");
+                match serve_until(stream, backend, opts, shutdown).await {
+                    Ok(()) => tracing::debug!("NBD connection closed"),
+                    Err(e) => tracing::warn!("NBD connection closed: {e}"),
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    async fn drain(mut self) {
+        if self.set.is_empty() {
+            return;
+        }
+        tracing::info!(
+            open = self.set.len(),
+            "NBD server stopping; waiting for connections"
+        );
+        let grace = self.opts.shutdown_grace;
+        let wait = async {
+            while let Some(done) = self.set.join_next().await {
+                finished(done);
+            }
+        };
+        if tokio::time::timeout(grace, wait).await.is_err() {
+            tracing::warn!(
+                open = self.set.len(),
+                "NBD connections still open after {grace:?}; dropping them"
+            );
+            self.set.shutdown().await;
+        }
+    }
+}
+
+/// What the handshake tells the client about the export.
+struct Export {
+    size: u64,
+    read_only: bool,
+    flags: u16,
+}
+
+fn transmission_flags(backend: &dyn Backend) -> u16 {
+    let mut flags = proto::FLAG_HAS_FLAGS | proto::FLAG_SEND_FLUSH;
+    if backend.read_only() {
+        flags |= proto::FLAG_READ_ONLY;
+    } else {
+        flags |= proto::FLAG_SEND_FUA | proto::FLAG_SEND_TRIM | proto::FLAG_SEND_WRITE_ZEROES;
+    }
+    if backend.can_multi_conn() {
+        flags |= proto::FLAG_CAN_MULTI_CONN;
+    }
+    flags
+}
+
+/// What option haggling settled.
+#[derive(Debug, Default)]
+struct Negotiated {
+    structured: bool,
+    base_allocation: Option<u32>,
+}
+
+/// Fixed newstyle handshake and option haggling. `None` when the client ended the
+/// session (`NBD_OPT_ABORT`, or closing between options) or the server is stopping.
+async fn negotiate<R, W>(
+    rd: &mut BufReader<R>,
+    wr: &mut W,
+    export: &Export,
+    opts: &ServerOptions,
+    shutdown: &CancellationToken,
+) -> Result<Option<Negotiated>, NbdError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(&proto::NBD_MAGIC.to_be_bytes());
+    out.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+    out.extend_from_slice(&(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES).to_be_bytes());
+    send(wr, &out).await?;
+
+    let client_flags = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(None),
+        r = rd.read_u32() => match r {
+            Ok(f) => f,
+            // Port probes and health checks connect and leave.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                tracing::debug!("client closed the connection after the greeting");
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        },
+    };
+    let known = proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES;
+    if client_flags & !known != 0 {
+        return Err(NbdError::Protocol(format!(
+            "client sent unknown client flags {client_flags:#x}"
+        )));
+    }
+    let no_zeroes = client_flags & proto::FLAG_C_NO_ZEROES != 0;
+    let mut st = Negotiated::default();
+
+    for _ in 0..MAX_OPTIONS {
+        let mut hdr = [0u8; 16];
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            r = rd.read_exact(&mut hdr) => match r {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    tracing::debug!("client closed the connection during option haggling");
+                    return Ok(None);
+                }
+                Err(e) => return Err(e.into()),
+            },
+        }
+        let magic = proto::be_u64(&hdr[0..8]);
+        let option = proto::be_u32(&hdr[8..12]);
+        let len = proto::be_u32(&hdr[12..16]);
+        if magic != proto::IHAVEOPT {
+            return Err(NbdError::Protocol(format!(
+                "option magic is {magic:#018x}, expected IHAVEOPT"
+            )));
+        }
+        if len > proto::MAX_OPTION_DATA {
+            return Err(NbdError::Protocol(format!(
+                "{} carries {len} bytes of data, more than the {} accepted",
+                proto::option_name(option),
+                proto::MAX_OPTION_DATA
+            )));
+        }
+        let mut data = vec![0u8; len as usize];
+        rd.read_exact(&mut data).await?;
+        out.clear();
+
+        match option {
+            proto::OPT_EXPORT_NAME => {
+                let name = String::from_utf8_lossy(&data);
+                if !opts.accepts(&name) {
+                    // This option cannot carry an error; the protocol says to close.
+                    return Err(NbdError::Negotiation(format!(
+                        "client asked for unknown export {name:?} with NBD_OPT_EXPORT_NAME"
+                    )));
+                }
+                out.extend_from_slice(&export.size.to_be_bytes());
+                out.extend_from_slice(&export.flags.to_be_bytes());
+                if !no_zeroes {
+                    out.extend_from_slice(&[0u8; 124]);
+                }
+                send(wr, &out).await?;
+                return Ok(Some(st));
+            }
+            proto::OPT_ABORT => {
+                proto::put_option_reply(&mut out, option, proto::REP_ACK, &[]);
+                // The client may already have gone; that is fine.
+                let _ = send(wr, &out).await;
+                return Ok(None);
+            }
+            proto::OPT_LIST => {
+                if len != 0 {
+                    option_error(
+                        &mut out,
+                        option,
+                        proto::REP_ERR_INVALID,
+                        "NBD_OPT_LIST takes no data",
+                    );
+                } else {
+                    let mut d = Vec::new();
+                    proto::put_string32(&mut d, &opts.export_name);
+                    proto::put_option_reply(&mut out, option, proto::REP_SERVER, &d);
+                    proto::put_option_reply(&mut out, option, proto::REP_ACK, &[]);
+                }
+            }
+            proto::OPT_STARTTLS => {
+                if len != 0 {
+                    option_error(
+                        &mut out,
+                        option,
+                        proto::REP_ERR_INVALID,
+                        "NBD_OPT_STARTTLS takes no data",
+                    );
+                } else {
+                    option_error(
+                        &mut out,
+                        option,
+                        proto::REP_ERR_POLICY,
+                        "TLS is not offered by this server",
+                    );
+                }
+            }
+            proto::OPT_INFO | proto::OPT_GO => match proto::InfoRequest::decode(&data) {
+                Err(e) => option_error(&mut out, option, proto::REP_ERR_INVALID, &e),
+                Ok(req) if !opts.accepts(&req.name) => {
+                    let msg = format!("no export named {:?}", req.name);
+                    option_error(&mut out, option, proto::REP_ERR_UNKNOWN, &msg);
+                }
+                Ok(req) => {
+                    let mut d = Vec::with_capacity(16);
+                    d.extend_from_slice(&proto::INFO_EXPORT.to_be_bytes());
+                    d.extend_from_slice(&export.size.to_be_bytes());
+                    d.extend_from_slice(&export.flags.to_be_bytes());
+                    proto::put_option_reply(&mut out, option, proto::REP_INFO, &d);
+                    if req.requests.contains(&proto::INFO_NAME) {
+                        let mut d = proto::INFO_NAME.to_be_bytes().to_vec();
+                        d.extend_from_slice(opts.export_name.as_bytes());
+                        proto::put_option_reply(&mut out, option, proto::REP_INFO, &d);
+                    }
+                    // Sent whether asked or not, as the protocol allows: any
+                    // alignment works, 4 KiB is best, 32 MiB is the most per request.
+                    let mut d = proto::INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+                    d.extend_from_slice(&1u32.to_be_bytes());
+                    d.extend_from_slice(&proto::PREFERRED_BLOCK.to_be_bytes());
+                    d.extend_from_slice(&proto::MAX_PAYLOAD.to_be_bytes());
+                    proto::put_option_reply(&mut out, option, proto::REP_INFO, &d);
+                    proto::put_option_reply(&mut out, option, proto::REP_ACK, &[]);
+                    if option == proto::OPT_GO {
+                        send(wr, &out).await?;
+                        return Ok(Some(st));
+                    }
+                }
+            },
+            proto::OPT_STRUCTURED_REPLY => {
+                if len != 0 {
+                    option_error(
+                        &mut out,
+                        option,
+                        proto::REP_ERR_INVALID,
+                        "NBD_OPT_STRUCTURED_REPLY takes no data",
+                    );
+                } else {
+                    st.structured = true;
+                    proto::put_option_reply(&mut out, option, proto::REP_ACK, &[]);
+                }
+            }
+            proto::OPT_LIST_META_CONTEXT | proto::OPT_SET_META_CONTEXT => {
+                meta_context(&mut out, option, &data, opts, &mut st);
+            }
+            _ => {
+                let msg = format!("{} ({option}) is not supported", proto::option_name(option));
+                option_error(&mut out, option, proto::REP_ERR_UNSUP, &msg);
+            }
+        }
+        send(wr, &out).await?;
+    }
+    Err(NbdError::Protocol(format!(
+        "client sent more than {MAX_OPTIONS} options"
+    )))
+}
+
+/// Answers `NBD_OPT_LIST_META_CONTEXT` / `NBD_OPT_SET_META_CONTEXT`. The only
+/// context is `base:allocation`.
+fn meta_context(
+    out: &mut Vec<u8>,
+    option: u32,
+    data: &[u8],
+    opts: &ServerOptions,
+    st: &mut Negotiated,
+) {
+    let list = option == proto::OPT_LIST_META_CONTEXT;
+    if !st.structured {
+        let msg = "structured replies must be negotiated first";
+        return option_error(out, option, proto::REP_ERR_INVALID, msg);
+    }
+    let req = match proto::MetaContextRequest::decode(data) {
+        Ok(r) => r,
+        Err(e) => return option_error(out, option, proto::REP_ERR_INVALID, &e),
+    };
+    if !opts.accepts(&req.export) {
+        let msg = format!("no export named {:?}", req.export);
+        return option_error(out, option, proto::REP_ERR_UNKNOWN, &msg);
+    }
+    let selected = if list {
+        // Listing: no query means everything; "base:" means the whole namespace.
+        req.queries.is_empty()
+            || req
+                .queries
+                .iter()
+                .any(|q| q == proto::CONTEXT_BASE_ALLOCATION || q == "base:")
+    } else {
+        req.queries
+            .iter()
+            .any(|q| q == proto::CONTEXT_BASE_ALLOCATION)
+    };
+    if !list {
+        // Each SET replaces the previous selection.
+        st.base_allocation = selected.then_some(BASE_ALLOCATION_ID);
+    }
+    if selected {
+        let id = if list { 0 } else { BASE_ALLOCATION_ID };
+        let mut d = id.to_be_bytes().to_vec();
+        d.extend_from_slice(proto::CONTEXT_BASE_ALLOCATION.as_bytes());
+        proto::put_option_reply(out, option, proto::REP_META_CONTEXT, &d);
+    }
+    proto::put_option_reply(out, option, proto::REP_ACK, &[]);
+}
+
+fn option_error(out: &mut Vec<u8>, option: u32, typ: u32, message: &str) {
+    tracing::debug!(
+        "refusing {}: {} {message}",
+        proto::option_name(option),
+        proto::reply_type_name(typ)
+    );
+    let msg = proto::truncate_str(message, proto::MAX_STRING);
+    proto::put_option_reply(out, option, typ, msg.as_bytes());
+}
+
+async fn send<W: AsyncWrite + Unpin>(wr: &mut W, bytes: &[u8]) -> io::Result<()> {
+    wr.write_all(bytes).await?;
+    wr.flush().await
+}
+
+/// What the transmission phase of one connection shares with its blocking tasks.
+struct Conn {
+    backend: Arc<dyn Backend>,
+    size: u64,
+    read_only: bool,
+    base_allocation: Option<u32>,
+}
+
+/// One reply on its way to the writer. Dropping it returns its buffer to the pool
+/// and its budget to the semaphore.
+struct Reply {
+    cookie: u64,
+    body: ReplyBody,
+    _permit: OwnedSemaphorePermit,
+}
+
+enum ReplyBody {
+    /// Success without data.
+    Done,
+    /// Read data for `offset`.
+    Data {
+        offset: u64,
+        buf: PooledBuf,
+    },
+    Error {
+        errno: Errno,
+        message: String,
+    },
+    BlockStatus {
+        context: u32,
+        extents: Vec<(u32, u32)>,
+    },
+}
+
+async fn transmit<R, W>(
+    mut rd: BufReader<R>,
+    wr: W,
+    conn: Arc<Conn>,
+    structured: bool,
+    opts: &ServerOptions,
+    shutdown: CancellationToken,
+) -> Result<(), NbdError>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let budget_bytes = opts.max_in_flight_bytes.clamp(
+        proto::MAX_PAYLOAD as usize + REQUEST_OVERHEAD,
+        u32::MAX as usize,
+    );
+    let closing = CancellationToken::new();
+    // If this future is dropped (the listener gave up waiting at shutdown), threads
+    // blocked writing replies to a client that stopped reading give up too.
+    let _closing_guard = closing.clone().drop_guard();
+    let t = Transmission {
+        conn,
+        pool: Arc::new(BufferPool::default()),
+        replies: Arc::new(Replies::new(wr, structured, closing)),
+        handle: tokio::runtime::Handle::current(),
+        budget: Arc::new(Semaphore::new(budget_bytes)),
+        budget_bytes: budget_bytes as u32,
+        workers: Workers::new(opts.threads_per_connection),
+    };
+    let read = t.read_requests(&mut rd, &shutdown).await;
+    if read.is_err() {
+        // A hard disconnect: replies not yet written are dropped, not waited for
+        // (the client may have stopped reading).
+        t.replies.closing.cancel();
+    }
+    // Every request in flight holds budget until its reply is written (or dropped
+    // because the socket failed): holding the whole budget means all are done.
+    let _all = t.budget.acquire_many(t.budget_bytes).await;
+    let written = t.replies.finish().await;
+    read?;
+    match written {
+        Err(e) if is_disconnect(&e) => {
+            tracing::debug!("client went away before all replies were sent: {e}");
+            Ok(())
+        }
+        r => r.map_err(NbdError::from),
+    }
+}
+
+/// The client closed or reset the connection: a normal way for a session to end.
+fn client_gone(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::UnexpectedEof || is_disconnect(e)
+}
+
+fn is_disconnect(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+    )
+}
+
+/// The transmission phase of one connection.
+struct Transmission<W> {
+    conn: Arc<Conn>,
+    pool: Arc<BufferPool>,
+    replies: Arc<Replies<W>>,
+    handle: tokio::runtime::Handle,
+    budget: Arc<Semaphore>,
+    budget_bytes: u32,
+    workers: Workers,
+}
+
+impl<W: AsyncWrite + Unpin + Send + 'static> Transmission<W> {
+    /// Reads requests until `NBD_CMD_DISC`, end of stream, shutdown or a protocol
+    /// violation, handing each to an I/O thread.
+    async fn read_requests<R: AsyncRead + Unpin>(
+        &self,
+        rd: &mut BufReader<R>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), NbdError> {
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
+        let mut hdr = [0u8; Request::LEN];
+        loop {
+            if self.replies.failed() {
+                // Replies can no longer be sent; reading more requests is pointless.
+                return Ok(());
+            }
+            tokio::select! {
+                biased;
+                _ = &mut cancelled => {
+                    tracing::debug!("server stopping: no further requests read on this connection");
+                    return Ok(());
+                }
+                r = rd.read_exact(&mut hdr) => match r {
+                    Ok(_) => {}
+                    Err(e) if client_gone(&e) => {
+                        tracing::debug!("client went away without NBD_CMD_DISC: {e}");
+                        return Ok(());
+                    }
+                    Err(e) => return Err(e.into()),
+                },
+            }
+            let req = Request::decode(&hdr).map_err(NbdError::Protocol)?;
+            if req.typ == proto::CMD_DISC {
+                tracing::debug!("client sent NBD_CMD_DISC");
+                return Ok(());
+            }
+            if req.typ == proto::CMD_WRITE && req.len > proto::MAX_PAYLOAD {
+                // Reading it would mean buffering up to 4 GiB from a client that
+                // already ignored the advertised maximum.
+                return Err(NbdError::Protocol(format!(
+                    "WRITE of {} bytes exceeds the maximum payload of {} bytes",
+                    req.len,
+                    proto::MAX_PAYLOAD
+                )));
+            }
+            let payload = match req.typ {
+                proto::CMD_WRITE => req.len,
+                proto::CMD_READ => req.len.min(proto::MAX_PAYLOAD),
+                _ => 0,
+            };
+            let cost = (payload + REQUEST_OVERHEAD as u32).min(self.budget_bytes);
+            let permit = Arc::clone(&self.budget)
+                .acquire_many_owned(cost)
+                .await
+                .map_err(|_| NbdError::Protocol("request budget closed".into()))?;
+
+            let data = if req.typ == proto::CMD_WRITE {
+                let mut buf = self.pool.get(req.len as usize);
+                match rd.read_exact(&mut buf).await {
+                    Ok(_) => Some(buf),
+                    Err(e) if client_gone(&e) => {
+                        tracing::debug!("client went away in the middle of a WRITE: {e}");
+                        return Ok(());
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            } else {
+                None
+            };
+
+            let checked = check(&req, &self.conn);
+            if let Err((errno, message)) = &checked {
+                tracing::debug!(
+                    cookie = req.cookie,
+                    "refusing {} at {}+{}: {errno}: {message}",
+                    proto::command_name(req.typ),
+                    req.offset,
+                    req.len
+                );
+            }
+            let (conn, pool) = (Arc::clone(&self.conn), Arc::clone(&self.pool));
+            let (replies, handle) = (Arc::clone(&self.replies), self.handle.clone());
+            let span = tracing::Span::current();
+            self.workers.run(Box::new(move || {
+                let _span = span.enter();
+                let body = match checked {
+                    Err((errno, message)) => ReplyBody::Error { errno, message },
+                    Ok(()) => match std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        execute(&conn, &req, data, &pool)
+                    })) {
+                        Ok(body) => body,
+                        Err(_) => {
+                            tracing::error!("backend panicked on {}", proto::command_name(req.typ));
+                            ReplyBody::Error {
+                                errno: Errno::EIO,
+                                message: "internal server error".into(),
+                            }
+                        }
+                    },
+                };
+                let reply = Reply {
+                    cookie: req.cookie,
+                    body,
+                    _permit: permit,
+                };
+                replies.submit(reply, &handle);
+            }));
+        }
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The threads that run one connection's requests, started as needed up to a
+/// limit. Idle threads take turns waiting on the job queue, so a request goes to a
+/// thread that is already waiting, and a thread that finishes one request picks up
+/// the next queued one without sleeping in between. This costs about half the
+/// context switches per request of tokio's shared blocking pool.
+struct Workers {
+    tx: std::sync::mpsc::Sender<Job>,
+    rx: Arc<Mutex<std::sync::mpsc::Receiver<Job>>>,
+    counts: Arc<WorkerCounts>,
+    /// Threads started; only the connection's reader changes it.
+    spawned: AtomicUsize,
+    max: usize,
+}
+
+#[derive(Default)]
+struct WorkerCounts {
+    /// Threads waiting for a job (or about to).
+    idle: AtomicUsize,
+    /// Jobs sent and not yet taken.
+    queued: AtomicUsize,
+}
+
+impl Workers {
+    fn new(max: usize) -> Workers {
+        let (tx, rx) = std::sync::mpsc::channel();
+        Workers {
+            tx,
+            rx: Arc::new(Mutex::new(rx)),
+            counts: Arc::default(),
+            spawned: AtomicUsize::new(0),
+            max: max.max(1),
+        }
+    }
+
+    /// Queues a job, starting another thread when the jobs already waiting would
+    /// leave no idle thread for it and the limit allows. The counts are read
+    /// racily; at worst a thread starts a little early or late.
+    fn run(&self, job: Job) {
+        let spawned = self.spawned.load(Ordering::Relaxed);
+        let busy =
+            self.counts.queued.load(Ordering::Acquire) >= self.counts.idle.load(Ordering::Acquire);
+        if busy && spawned < self.max {
+            let (rx, counts) = (Arc::clone(&self.rx), Arc::clone(&self.counts));
+            match std::thread::Builder::new()
+                .name("nbd-io".into())
+                .spawn(move || worker(&rx, &counts))
+            {
+                Ok(_) => self.spawned.store(spawned + 1, Ordering::Relaxed),
+                Err(e) if spawned == 0 => {
+                    // No thread of our own: borrow one from tokio's pool.
+                    tracing::warn!("cannot start an NBD I/O thread: {e}");
+                    tokio::task::spawn_blocking(job);
+                    return;
+                }
+                Err(e) => tracing::debug!("cannot start another NBD I/O thread: {e}"),
+            }
+        }
+        self.counts.queued.fetch_add(1, Ordering::AcqRel);
+        // Cannot fail: the receiver lives as long as `self`.
+        let _ = self.tx.send(job);
+    }
+}
+
+/// One I/O thread: runs jobs until the connection drops its sender.
+fn worker(rx: &Mutex<std::sync::mpsc::Receiver<Job>>, counts: &WorkerCounts) {
+    loop {
+        counts.idle.fetch_add(1, Ordering::AcqRel);
+        let job = lock(rx).recv();
+        counts.idle.fetch_sub(1, Ordering::AcqRel);
+        match job {
+            Ok(job) => {
+                counts.queued.fetch_sub(1, Ordering::AcqRel);
+                job();
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// The reply side of a connection. A thread with a reply queues it, and the first
+/// one to find nobody writing becomes the writer and sends everything queued until
+/// the queue is empty (flat combining): replies batch up under load, and no thread
+/// waits for another's write or hands its reply to yet another thread.
+struct Replies<W> {
+    queue: Mutex<Vec<Reply>>,
+    sink: Mutex<Sink<W>>,
+    failed: AtomicBool,
+    structured: bool,
+    /// Cancelled when the connection is torn down: a write blocked on a client that
+    /// does not read gives up.
+    closing: CancellationToken,
+}
+
+struct Sink<W> {
+    /// `None` once the connection is finished.
+    wr: Option<W>,
+    /// Encoded replies waiting to be written together.
+    out: Vec<u8>,
+    /// The replies being written (swapped with the queue, so neither reallocates).
+    batch: Vec<Reply>,
+    /// The first write error; later replies are dropped.
+    error: Option<io::Error>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl<W: AsyncWrite + Unpin> Replies<W> {
+    fn new(wr: W, structured: bool, closing: CancellationToken) -> Self {
+        Replies {
+            queue: Mutex::new(Vec::new()),
+            sink: Mutex::new(Sink {
+                wr: Some(wr),
+                out: Vec::with_capacity(WRITE_BATCH + INLINE_PAYLOAD + 64),
+                batch: Vec::new(),
+                error: None,
+            }),
+            failed: AtomicBool::new(false),
+            structured,
+            closing,
+        }
+    }
+
+    fn failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Queues a reply and writes whatever is queued unless another thread already
+    /// is. Blocks on the socket: call it from a blocking thread.
+    fn submit(&self, reply: Reply, handle: &tokio::runtime::Handle) {
+        lock(&self.queue).push(reply);
+        loop {
+            let mut sink = match self.sink.try_lock() {
+                Ok(sink) => sink,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                // The writer drains the queue before it lets go, or checks again
+                // after letting go (below), so our reply is not stranded.
+                Err(std::sync::TryLockError::WouldBlock) => return,
+            };
+            loop {
+                std::mem::swap(&mut *lock(&self.queue), &mut sink.batch);
+                if sink.batch.is_empty() {
+                    break;
+                }
+                let Sink {
+                    wr,
+                    out,
+                    batch,
+                    error,
+                } = &mut *sink;
+                if let (None, Some(wr)) = (&*error, wr.as_mut()) {
+                    let write = write_batch(wr, out, batch, self.structured);
+                    let r = handle.block_on(async {
+                        tokio::select! {
+                            r = write => r,
+                            _ = self.closing.cancelled() => Err(io::Error::other("connection closed")),
+                        }
+                    });
+                    if let Err(e) = r {
+                        *error = Some(e);
+                        self.failed.store(true, Ordering::Relaxed);
+                    }
+                }
+                // Dropping the replies returns their buffers and budget.
+                batch.clear();
+            }
+            drop(sink);
+            if lock(&self.queue).is_empty() {
+                return;
+            }
+        }
+    }
+
+    /// Closes the write side once every reply is out; the first write error, if any.
+    async fn finish(&self) -> io::Result<()> {
+        let (wr, error) = {
+            let mut sink = lock(&self.sink);
+            (sink.wr.take(), sink.error.take())
+        };
+        if let Some(e) = error {
+            return Err(e);
+        }
+        match wr {
+            Some(mut wr) => wr.shutdown().await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// Checks a well-framed request against the export; `Err` is the error reply.
+fn check(req: &Request, conn: &Conn) -> Result<(), (Errno, String)> {
+    let name = proto::command_name(req.typ);
+    // FUA is valid on every command once advertised (and harmless when read-only).
+    let allowed = proto::CMD_FLAG_FUA
+        | match req.typ {
+            proto::CMD_READ | proto::CMD_WRITE | proto::CMD_FLUSH | proto::CMD_TRIM => 0,
+            proto::CMD_WRITE_ZEROES => proto::CMD_FLAG_NO_HOLE,
+            proto::CMD_BLOCK_STATUS => proto::CMD_FLAG_REQ_ONE,
+            t => {
+                return Err((
+                    Errno::EINVAL,
+                    format!("command {name} ({t}) is not supported"),
+                ));
+            }
+        };
+    if req.flags & !allowed != 0 {
+        return Err((
+            Errno::EINVAL,
+            format!("flags {:#x} are not valid for {name}", req.flags & !allowed),
+        ));
+    }
+    let writes = matches!(
+        req.typ,
+        proto::CMD_WRITE | proto::CMD_TRIM | proto::CMD_WRITE_ZEROES
+    );
+    if writes && conn.read_only {
+        return Err((Errno::EPERM, "the export is read-only".into()));
+    }
+    if req.typ == proto::CMD_FLUSH {
+        return Ok(());
+    }
+    if req.typ == proto::CMD_BLOCK_STATUS {
+        if conn.base_allocation.is_none() {
+            return Err((Errno::EINVAL, "no metadata context was negotiated".into()));
+        }
+        if req.len == 0 {
+            return Err((Errno::EINVAL, "BLOCK_STATUS of zero bytes".into()));
+        }
+    }
+    if req.typ == proto::CMD_READ && req.len > proto::MAX_PAYLOAD {
+        return Err((
+            Errno::EOVERFLOW,
+            format!(
+                "READ of {} bytes exceeds the maximum payload of {} bytes",
+                req.len,
+                proto::MAX_PAYLOAD
+            ),
+        ));
+    }
+    match req.end() {
+        Some(end) if end <= conn.size => Ok(()),
+        _ => {
+            // The protocol asks for ENOSPC when a write runs off the end.
+            let errno = if matches!(req.typ, proto::CMD_WRITE | proto::CMD_WRITE_ZEROES) {
+                Errno::ENOSPC
+            } else {
+                Errno::EINVAL
+            };
+            Err((
+                errno,
+                format!(
+                    "{name} of {} bytes at offset {} is beyond the end of the export ({} bytes)",
+                    req.len, req.offset, conn.size
+                ),
+            ))
+        }
+    }
+}
+
+/// Runs one checked request on the backend (on a blocking thread).
+fn execute(
+    conn: &Conn,
+    req: &Request,
+    data: Option<PooledBuf>,
+    pool: &Arc<BufferPool>,
+) -> ReplyBody {
+    let fua = req.flags & proto::CMD_FLAG_FUA != 0;
+    let (offset, len) = (req.offset, u64::from(req.len));
+    let b = &conn.backend;
+    let result = match req.typ {
+        proto::CMD_READ => {
+            let mut buf = pool.get(req.len as usize);
+            match b.read_at(&mut buf, offset) {
+                Ok(()) => return ReplyBody::Data { offset, buf },
+                Err(e) => Err(e),
+            }
+        }
+        proto::CMD_WRITE => b.write_at(data.as_deref().unwrap_or(&[]), offset, fua),
+        proto::CMD_FLUSH => b.flush(),
+        proto::CMD_TRIM if len == 0 => Ok(()),
+        proto::CMD_TRIM => b.trim(offset, len, fua),
+        proto::CMD_WRITE_ZEROES if len == 0 => Ok(()),
+        proto::CMD_WRITE_ZEROES => {
+            let may_trim = req.flags & proto::CMD_FLAG_NO_HOLE == 0;
+            b.write_zeroes(offset, len, fua, may_trim)
+        }
+        proto::CMD_BLOCK_STATUS => {
+            let context = conn.base_allocation.unwrap_or(BASE_ALLOCATION_ID);
+            match b.block_status(offset, len) {
+                Ok(ext) => {
+                    let req_one = req.flags & proto::CMD_FLAG_REQ_ONE != 0;
+                    let extents = clamp_extents(&ext, len, req_one);
+                    return ReplyBody::BlockStatus { context, extents };
+                }
+                Err(e) => Err(e),
+            }
+        }
+        _ => Err(io::Error::from_raw_os_error(libc::EINVAL)),
+    };
+    match result {
+        Ok(()) => ReplyBody::Done,
+        Err(e) => {
+            let errno = Errno::from_io(&e);
+            let what = proto::command_name(req.typ);
+            tracing::warn!("{what} of {len} bytes at offset {offset} failed: {e}");
+            ReplyBody::Error {
+                errno,
+                message: format!("{what} of {len} bytes at offset {offset} failed: {e}"),
+            }
+        }
+    }
+}
+
+/// Turns backend extents into wire descriptors: drops empty ones, merges neighbours
+/// with equal flags, cuts at `len`, caps the count, and always returns at least one.
+fn clamp_extents(ext: &[(u64, u32)], len: u64, req_one: bool) -> Vec<(u32, u32)> {
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    let mut covered = 0u64;
+    for &(l, flags) in ext {
+        if covered >= len {
+            break;
+        }
+        let l = l.min(len - covered);
+        if l == 0 {
+            continue;
+        }
+        covered += l;
+        // `len` came from a u32 request field, so `l` fits.
+        let l32 = l as u32;
+        match out.last_mut() {
+            Some(last) if last.1 == flags => last.0 += l32,
+            _ => {
+                if out.len() == MAX_EXTENTS || (req_one && !out.is_empty()) {
+                    break;
+                }
+                out.push((l32, flags));
+            }
+        }
+    }
+    if out.is_empty() {
+        out.push((len as u32, 0));
+    }
+    out
+}
+
+/// Encodes and writes a batch of replies: small ones together in one write, a large
+/// read's data with a vectored write instead of a copy.
+async fn write_batch<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    out: &mut Vec<u8>,
+    batch: &[Reply],
+    structured: bool,
+) -> io::Result<()> {
+    out.clear();
+    for reply in batch {
+        let cookie = reply.cookie;
+        match &reply.body {
+            ReplyBody::Done => proto::put_simple_reply(out, Errno(0), cookie),
+            ReplyBody::Error { errno, message } => {
+                if structured {
+                    proto::put_error_chunk(out, cookie, *errno, message);
+                } else {
+                    proto::put_simple_reply(out, *errno, cookie);
+                }
+            }
+            ReplyBody::BlockStatus { context, extents } => {
+                proto::put_block_status_chunk(out, cookie, *context, extents);
+            }
+            ReplyBody::Data { offset, buf } => {
+                let n = buf.len();
+                if !structured {
+                    proto::put_simple_reply(out, Errno(0), cookie);
+                } else if n == 0 {
+                    // A data chunk must carry at least one byte.
+                    proto::put_chunk_header(
+                        out,
+                        proto::REPLY_FLAG_DONE,
+                        proto::REPLY_TYPE_NONE,
+                        cookie,
+                        0,
+                    );
+                } else {
+                    // n <= MAX_PAYLOAD, so 8 + n fits in u32.
+                    proto::put_chunk_header(
+                        out,
+                        proto::REPLY_FLAG_DONE,
+                        proto::REPLY_TYPE_OFFSET_DATA,
+                        cookie,
+                        8 + n as u32,
+                    );
+                    out.extend_from_slice(&offset.to_be_bytes());
+                }
+                if n <= INLINE_PAYLOAD {
+                    out.extend_from_slice(buf);
+                } else {
+                    write_all_vectored(wr, out, buf).await?;
+                    out.clear();
+                }
+            }
+        }
+        if out.len() >= WRITE_BATCH {
+            wr.write_all(out).await?;
+            out.clear();
+        }
+    }
+    if !out.is_empty() {
+        wr.write_all(out).await?;
+        out.clear();
+    }
+    wr.flush().await
+}
+
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    a: &[u8],
+    b: &[u8],
+) -> io::Result<()> {
+    let mut bufs = [IoSlice::new(a), IoSlice::new(b)];
+    let mut slices: &mut [IoSlice<'_>] = &mut bufs;
+    IoSlice::advance_slices(&mut slices, 0);
+    while !slices.is_empty() {
+        let n = wr.write_vectored(slices).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut slices, n);
+    }
+    Ok(())
+}
+
+/// Payload buffers of one connection, reused so that steady traffic allocates
+/// nothing. Buffers stay initialised, so reuse costs no memset either.
+#[derive(Default)]
+struct BufferPool {
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+impl BufferPool {
+    fn get(self: &Arc<Self>, len: usize) -> PooledBuf {
+        let mut buf = self
+            .free
+            .lock()
+            .ok()
+            .and_then(|mut free| free.pop())
+            .unwrap_or_default();
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        PooledBuf {
+            buf,
+            len,
+            pool: Arc::clone(self),
+        }
+    }
+}
+
+/// A buffer of `len` bytes that goes back to its pool when dropped.
+struct PooledBuf {
+    buf: Vec<u8>,
+    len: usize,
+    pool: Arc<BufferPool>,
+}
+
+impl std::ops::Deref for PooledBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl std::ops::DerefMut for PooledBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[..self.len]
+    }
+}
+
+impl Drop for PooledBuf {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        if buf.capacity() == 0 || buf.capacity() > POOLED_BUFFER_MAX {
+            return;
+        }
+        if let Ok(mut free) = self.pool.free.lock()
+            && free.len() < POOLED_BUFFERS
+        {
+            free.push(buf);
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use tokio::io::DuplexStream;
+
+    /// An in-memory backend for byte-exact protocol tests.
+    struct MemBackend {
+        data: Mutex<Vec<u8>>,
+        read_only: bool,
+    }
+
+    impl MemBackend {
+        fn new(size: usize, read_only: bool) -> Arc<Self> {
+            let data = (0..size).map(|i| (i % 251) as u8).collect();
+            Arc::new(MemBackend {
+                data: Mutex::new(data),
+                read_only,
+            })
+        }
+    }
+
+    impl Backend for MemBackend {
+        fn size(&self) -> u64 {
+            self.data.lock().unwrap().len() as u64
+        }
+        fn read_only(&self) -> bool {
+            self.read_only
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            let d = self.data.lock().unwrap();
+            let o = offset as usize;
+            buf.copy_from_slice(&d[o..o + buf.len()]);
+            Ok(())
+        }
+        fn write_at(&self, data: &[u8], offset: u64, _fua: bool) -> io::Result<()> {
+            let mut d = self.data.lock().unwrap();
+            let o = offset as usize;
+            d[o..o + data.len()].copy_from_slice(data);
+            Ok(())
+        }
+        fn flush(&self) -> io::Result<()> {
+            Ok(())
+        }
+        fn trim(&self, _offset: u64, _len: u64, _fua: bool) -> io::Result<()> {
+            Ok(())
+        }
+        fn write_zeroes(
+            &self,
+            offset: u64,
+            len: u64,
+            _fua: bool,
+            _may_trim: bool,
+        ) -> io::Result<()> {
+            let mut d = self.data.lock().unwrap();
+            d[offset as usize..(offset + len) as usize].fill(0);
+            Ok(())
+        }
+    }
+
+    /// A raw client speaking bytes to `serve` over an in-memory pipe.
+    struct Raw {
+        io: DuplexStream,
+        server: tokio::task::JoinHandle<Result<(), NbdError>>,
+    }
+
+    impl Raw {
+        async fn start(backend: Arc<dyn Backend>) -> Raw {
+            Raw::start_until(backend, CancellationToken::new()).await
+        }
+
+        async fn start_until(backend: Arc<dyn Backend>, shutdown: CancellationToken) -> Raw {
+            let (client, server) = tokio::io::duplex(1 << 20);
+            let opts = Arc::new(ServerOptions {
+                export_name: "disk".into(),
+                ..ServerOptions::default()
+            });
+            let server = tokio::spawn(serve_until(server, backend, opts, shutdown));
+            let mut raw = Raw { io: client, server };
+            let mut greet = [0u8; 18];
+            raw.io.read_exact(&mut greet).await.unwrap();
+            assert_eq!(proto::be_u64(&greet[0..8]), proto::NBD_MAGIC);
+            assert_eq!(proto::be_u64(&greet[8..16]), proto::IHAVEOPT);
+            assert_eq!(proto::be_u16(&greet[16..18]), 3);
+            raw
+        }
+
+        async fn send(&mut self, b: &[u8]) {
+            self.io.write_all(b).await.unwrap();
+        }
+
+        async fn option(&mut self, option: u32, data: &[u8]) {
+            let mut b = proto::encode_option_header(option, data.len() as u32).to_vec();
+            b.extend_from_slice(data);
+            self.send(&b).await;
+        }
+
+        async fn option_reply(&mut self) -> (u32, u32, Vec<u8>) {
+            let mut h = [0u8; proto::OptionReplyHeader::LEN];
+            self.io.read_exact(&mut h).await.unwrap();
+            let h = proto::OptionReplyHeader::decode(&h).unwrap();
+            let mut d = vec![0u8; h.len as usize];
+            self.io.read_exact(&mut d).await.unwrap();
+            (h.option, h.typ, d)
+        }
+
+        /// Handshake with NO_ZEROES, optional structured replies and
+        /// base:allocation, then GO. Returns the transmission flags.
+        async fn go(&mut self, structured: bool, base_allocation: bool) -> u16 {
+            self.send(&3u32.to_be_bytes()).await;
+            if structured {
+                self.option(proto::OPT_STRUCTURED_REPLY, &[]).await;
+                assert_eq!(self.option_reply().await.1, proto::REP_ACK);
+            }
+            if base_allocation {
+                let q = proto::MetaContextRequest {
+                    export: String::new(),
+                    queries: vec!["base:allocation".into()],
+                };
+                self.option(proto::OPT_SET_META_CONTEXT, &q.encode()).await;
+                let (_, typ, d) = self.option_reply().await;
+                assert_eq!(typ, proto::REP_META_CONTEXT);
+                assert_eq!(proto::be_u32(&d[0..4]), BASE_ALLOCATION_ID);
+                assert_eq!(&d[4..], b"base:allocation");
+                assert_eq!(self.option_reply().await.1, proto::REP_ACK);
+            }
+            let go = proto::InfoRequest {
+                name: "disk".into(),
+                requests: vec![proto::INFO_BLOCK_SIZE],
+            };
+            self.option(proto::OPT_GO, &go.encode()).await;
+            let mut flags = None;
+            let mut block_size = None;
+            loop {
+                let (opt, typ, d) = self.option_reply().await;
+                assert_eq!(opt, proto::OPT_GO);
+                if typ == proto::REP_ACK {
+                    break;
+                }
+                assert_eq!(typ, proto::REP_INFO);
+                match proto::be_u16(&d[0..2]) {
+                    proto::INFO_EXPORT => {
+                        assert_eq!(proto::be_u64(&d[2..10]), 1 << 20);
+                        flags = Some(proto::be_u16(&d[10..12]));
+                    }
+                    proto::INFO_BLOCK_SIZE => {
+                        block_size = Some((
+                            proto::be_u32(&d[2..6]),
+                            proto::be_u32(&d[6..10]),
+                            proto::be_u32(&d[10..14]),
+                        ));
+                    }
+                    t => panic!("unexpected info {t}"),
+                }
+            }
+            assert_eq!(block_size, Some((1, 4096, 32 << 20)));
+            flags.unwrap()
+        }
+
+        async fn request(&mut self, typ: u16, flags: u16, cookie: u64, offset: u64, len: u32) {
+            let r = Request {
+                flags,
+                typ,
+                cookie,
+                offset,
+                len,
+            };
+            self.send(&r.encode()).await;
+        }
+
+        async fn simple_reply(&mut self) -> (u32, u64) {
+            let mut h = [0u8; 16];
+            self.io.read_exact(&mut h).await.unwrap();
+            assert_eq!(proto::be_u32(&h[0..4]), proto::SIMPLE_REPLY_MAGIC);
+            (proto::be_u32(&h[4..8]), proto::be_u64(&h[8..16]))
+        }
+
+        async fn chunk(&mut self) -> (u16, u16, u64, Vec<u8>) {
+            let mut h = [0u8; 20];
+            self.io.read_exact(&mut h).await.unwrap();
+            assert_eq!(proto::be_u32(&h[0..4]), proto::STRUCTURED_REPLY_MAGIC);
+            let len = proto::be_u32(&h[16..20]);
+            let mut d = vec![0u8; len as usize];
+            self.io.read_exact(&mut d).await.unwrap();
+            (
+                proto::be_u16(&h[4..6]),
+                proto::be_u16(&h[6..8]),
+                proto::be_u64(&h[8..16]),
+                d,
+            )
+        }
+
+        async fn expect_closed(mut self) -> Result<(), NbdError> {
+            let mut b = [0u8; 64];
+            let n = self.io.read(&mut b).await.unwrap_or(0);
+            assert_eq!(n, 0, "server should have closed the connection");
+            self.server.await.unwrap()
+        }
+    }
+
+    fn pattern(offset: usize, len: usize) -> Vec<u8> {
+        (offset..offset + len).map(|i| (i % 251) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn options_are_answered() {
+        let mut c = Raw::start(MemBackend::new(1 << 20, false)).await;
+        c.send(&3u32.to_be_bytes()).await;
+
+        c.option(proto::OPT_STARTTLS, &[]).await;
+        let (opt, typ, msg) = c.option_reply().await;
+        assert_eq!((opt, typ), (proto::OPT_STARTTLS, proto::REP_ERR_POLICY));
+        assert!(String::from_utf8(msg).unwrap().contains("TLS"));
+
+        c.option(4242, b"whatever").await;
+        assert_eq!(c.option_reply().await.1, proto::REP_ERR_UNSUP);
+
+        c.option(proto::OPT_EXTENDED_HEADERS, &[]).await;
+        assert_eq!(c.option_reply().await.1, proto::REP_ERR_UNSUP);
+
+        c.option(proto::OPT_LIST, &[]).await;
+        let (_, typ, d) = c.option_reply().await;
+        assert_eq!(typ, proto::REP_SERVER);
+        assert_eq!(proto::be_u32(&d[0..4]), 4);
+        assert_eq!(&d[4..], b"disk");
+        assert_eq!(c.option_reply().await.1, proto::REP_ACK);
+
+        c.option(proto::OPT_LIST, b"x").await;
+        assert_eq!(c.option_reply().await.1, proto::REP_ERR_INVALID);
+
+        // Meta contexts need structured replies first.
+        let q = proto::MetaContextRequest {
+            export: String::new(),
+            queries: vec![],
+        };
+        c.option(proto::OPT_LIST_META_CONTEXT, &q.encode()).await;
+        assert_eq!(c.option_reply().await.1, proto::REP_ERR_INVALID);
+
+        c.option(proto::OPT_STRUCTURED_REPLY, &[]).await;
+        assert_eq!(c.option_reply().await.1, proto::REP_ACK);
+
+        // Listing everything shows base:allocation with id 0.
+        c.option(proto::OPT_LIST_META_CONTEXT, &q.encode()).await;
+        let (_, typ, d) = c.option_reply().await;
+        assert_eq!(typ, proto::REP_META_CONTEXT);
+        assert_eq!(proto::be_u32(&d[0..4]), 0);
+        assert_eq!(&d[4..], b"base:allocation");
+        assert_eq!(c.option_reply().await.1, proto::REP_ACK);
+
+        // An unknown context selects nothing.
+        let q = proto::MetaContextRequest {
+            export: String::new(),
+            queries: vec!["qemu:dirty-bitmap:b0".into()],
+        };
+        c.option(proto::OPT_SET_META_CONTEXT, &q.encode()).await;
+        assert_eq!(c.option_reply().await.1, proto::REP_ACK);
+
+        // Unknown export for INFO, then a malformed INFO.
+        let info = proto::InfoRequest {
+            name: "nope".into(),
+            requests: vec![],
+        };
+        c.option(proto::OPT_INFO, &info.encode()).await;
+        assert_eq!(c.option_reply().await.1, proto::REP_ERR_UNKNOWN);
+        c.option(proto::OPT_INFO, &[0, 0, 0, 9]).await;
+        assert_eq!(c.option_reply().await.1, proto::REP_ERR_INVALID);
+
+        c.option(proto::OPT_ABORT, &[]).await;
+        assert_eq!(c.option_reply().await.1, proto::REP_ACK);
+        c.expect_closed().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn export_name_with_zeroes() {
+        let mut c = Raw::start(MemBackend::new(1 << 20, true)).await;
+        // Fixed newstyle without NO_ZEROES.
+        c.send(&1u32.to_be_bytes()).await;
+        c.option(proto::OPT_EXPORT_NAME, b"disk").await;
+        let mut b = [0u8; 8 + 2 + 124];
+        c.io.read_exact(&mut b).await.unwrap();
+        assert_eq!(proto::be_u64(&b[0..8]), 1 << 20);
+        let flags = proto::be_u16(&b[8..10]);
+        assert_ne!(flags & proto::FLAG_READ_ONLY, 0);
+        assert_eq!(flags & proto::FLAG_SEND_TRIM, 0);
+        assert!(b[10..].iter().all(|&x| x == 0));
+        // Read-only: writes get EPERM (payload consumed, stream stays in sync).
+        c.request(proto::CMD_WRITE, 0, 1, 0, 4).await;
+        c.send(b"abcd").await;
+        assert_eq!(c.simple_reply().await, (1, 1));
+        c.request(proto::CMD_READ, 0, 2, 0, 4).await;
+        assert_eq!(c.simple_reply().await, (0, 2));
+        let mut d = [0u8; 4];
+        c.io.read_exact(&mut d).await.unwrap();
+        assert_eq!(d.to_vec(), pattern(0, 4));
+        c.request(proto::CMD_DISC, 0, 3, 0, 0).await;
+        c.expect_closed().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn unknown_export_name_closes() {
+        let mut c = Raw::start(MemBackend::new(1 << 20, false)).await;
+        c.send(&3u32.to_be_bytes()).await;
+        c.option(proto::OPT_EXPORT_NAME, b"other").await;
+        let e = c.expect_closed().await.unwrap_err();
+        assert!(e.to_string().contains("unknown export"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn unknown_client_flags_close() {
+        let mut c = Raw::start(MemBackend::new(1 << 20, false)).await;
+        c.send(&0x80u32.to_be_bytes()).await;
+        let e = c.expect_closed().await.unwrap_err();
+        assert!(matches!(e, NbdError::Protocol(_)), "{e}");
+    }
+
+    #[tokio::test]
+    async fn simple_replies() {
+        let mut c = Raw::start(MemBackend::new(1 << 20, false)).await;
+        let flags = c.go(false, false).await;
+        assert_eq!(
+            flags,
+            proto::FLAG_HAS_FLAGS
+                | proto::FLAG_SEND_FLUSH
+                | proto::FLAG_SEND_FUA
+                | proto::FLAG_SEND_TRIM
+                | proto::FLAG_SEND_WRITE_ZEROES
+        );
+        c.request(proto::CMD_WRITE, proto::CMD_FLAG_FUA, 10, 100, 3)
+            .await;
+        c.send(b"xyz").await;
+        assert_eq!(c.simple_reply().await, (0, 10));
+        c.request(proto::CMD_READ, 0, 11, 99, 5).await;
+        assert_eq!(c.simple_reply().await, (0, 11));
+        let mut d = [0u8; 5];
+        c.io.read_exact(&mut d).await.unwrap();
+        assert_eq!(
+            &d,
+            &[pattern(99, 1)[0], b'x', b'y', b'z', pattern(103, 1)[0]]
+        );
+        // Out of range: EINVAL for reads, ENOSPC for writes, no payload either way.
+        c.request(proto::CMD_READ, 0, 12, (1 << 20) - 1, 2).await;
+        assert_eq!(c.simple_reply().await, (22, 12));
+        c.request(proto::CMD_WRITE_ZEROES, 0, 13, u64::MAX, 1).await;
+        assert_eq!(c.simple_reply().await, (28, 13));
+        // Unknown command and unknown flag.
+        c.request(99, 0, 14, 0, 0).await;
+        assert_eq!(c.simple_reply().await, (22, 14));
+        c.request(proto::CMD_READ, proto::CMD_FLAG_DF, 15, 0, 1)
+            .await;
+        assert_eq!(c.simple_reply().await, (22, 15));
+        // Too large a read.
+        c.request(proto::CMD_READ, 0, 16, 0, proto::MAX_PAYLOAD + 1)
+            .await;
+        assert_eq!(c.simple_reply().await, (75, 16));
+        // Block status without a context.
+        c.request(proto::CMD_BLOCK_STATUS, 0, 17, 0, 512).await;
+        assert_eq!(c.simple_reply().await, (22, 17));
+        c.request(proto::CMD_WRITE_ZEROES, proto::CMD_FLAG_NO_HOLE, 18, 101, 1)
+            .await;
+        assert_eq!(c.simple_reply().await, (0, 18));
+        c.request(proto::CMD_FLUSH, 0, 19, 0, 0).await;
+        assert_eq!(c.simple_reply().await, (0, 19));
+        c.request(proto::CMD_READ, 0, 20, 100, 3).await;
+        assert_eq!(c.simple_reply().await, (0, 20));
+        let mut d = [0u8; 3];
+        c.io.read_exact(&mut d).await.unwrap();
+        assert_eq!(&d, b"x\0z");
+        c.request(proto::CMD_DISC, 0, 21, 0, 0).await;
+        c.expect_closed().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn structured_replies() {
+        let mut c = Raw::start(MemBackend::new(1 << 20, false)).await;
+        c.go(true, true).await;
+        c.request(proto::CMD_READ, 0, 1, 4096, 100).await;
+        let (flags, typ, cookie, d) = c.chunk().await;
+        assert_eq!(
+            (flags, typ, cookie),
+            (proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_OFFSET_DATA, 1)
+        );
+        assert_eq!(proto::be_u64(&d[0..8]), 4096);
+        assert_eq!(d[8..].to_vec(), pattern(4096, 100));
+
+        // A large read goes out with a vectored write; same bytes.
+        c.request(proto::CMD_READ, 0, 2, 0, 1 << 20).await;
+        let (_, typ, _, d) = c.chunk().await;
+        assert_eq!(typ, proto::REPLY_TYPE_OFFSET_DATA);
+        assert_eq!(d[8..].to_vec(), pattern(0, 1 << 20));
+
+        // Errors carry a message.
+        c.request(proto::CMD_READ, 0, 3, 1 << 20, 1).await;
+        let (flags, typ, cookie, d) = c.chunk().await;
+        assert_eq!(
+            (flags, typ, cookie),
+            (proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_ERROR, 3)
+        );
+        assert_eq!(proto::be_u32(&d[0..4]), 22);
+        let mlen = usize::from(proto::be_u16(&d[4..6]));
+        let msg = std::str::from_utf8(&d[6..6 + mlen]).unwrap();
+        assert!(msg.contains("beyond the end"), "{msg}");
+
+        // Empty read: a NONE chunk.
+        c.request(proto::CMD_READ, 0, 4, 0, 0).await;
+        let (flags, typ, _, d) = c.chunk().await;
+        assert_eq!(
+            (flags, typ, d.len()),
+            (proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_NONE, 0)
+        );
+
+        // Block status with the default (allocated) answer.
+        c.request(proto::CMD_BLOCK_STATUS, 0, 5, 0, 8192).await;
+        let (flags, typ, _, d) = c.chunk().await;
+        assert_eq!(
+            (flags, typ),
+            (proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_BLOCK_STATUS)
+        );
+        assert_eq!(d.len(), 12);
+        assert_eq!(proto::be_u32(&d[0..4]), BASE_ALLOCATION_ID);
+        assert_eq!(proto::be_u32(&d[4..8]), 8192);
+        assert_eq!(proto::be_u32(&d[8..12]), 0);
+
+        // Writes still get simple replies.
+        c.request(proto::CMD_WRITE, 0, 6, 0, 1).await;
+        c.send(b"!").await;
+        assert_eq!(c.simple_reply().await, (0, 6));
+        c.request(proto::CMD_DISC, 0, 7, 0, 0).await;
+        c.expect_closed().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn many_requests_in_flight() {
+        let mut c = Raw::start(MemBackend::new(1 << 20, false)).await;
+        c.go(true, false).await;
+        // Pipeline 64 writes then 64 reads without waiting.
+        for i in 0..64u64 {
+            c.request(proto::CMD_WRITE, 0, i, i * 4096, 4096).await;
+            c.send(&[i as u8; 4096]).await;
+        }
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..64 {
+            let (err, cookie) = c.simple_reply().await;
+            assert_eq!(err, 0);
+            assert!(seen.insert(cookie));
+        }
+        for i in 0..64u64 {
+            c.request(proto::CMD_READ, 0, 1000 + i, i * 4096, 4096)
+                .await;
+        }
+        for _ in 0..64 {
+            let (_, _, cookie, d) = c.chunk().await;
+            let i = cookie - 1000;
+            assert_eq!(proto::be_u64(&d[0..8]), i * 4096);
+            assert!(d[8..].iter().all(|&b| b == i as u8));
+        }
+        c.request(proto::CMD_DISC, 0, 0, 0, 0).await;
+        c.expect_closed().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn shutdown_closes_idle_connections() {
+        let token = CancellationToken::new();
+        let mut c = Raw::start_until(MemBackend::new(1 << 20, false), token.clone()).await;
+        c.go(true, false).await;
+        c.request(proto::CMD_READ, 0, 1, 0, 16).await;
+        let (_, typ, cookie, d) = c.chunk().await;
+        assert_eq!((typ, cookie), (proto::REPLY_TYPE_OFFSET_DATA, 1));
+        assert_eq!(d[8..].to_vec(), pattern(0, 16));
+        token.cancel();
+        c.expect_closed().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn bad_request_magic_closes() {
+        let mut c = Raw::start(MemBackend::new(1 << 20, false)).await;
+        c.go(false, false).await;
+        c.send(&[0xde; 28]).await;
+        let e = c.expect_closed().await.unwrap_err();
+        assert!(e.to_string().contains("magic"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn oversized_write_closes() {
+        let mut c = Raw::start(MemBackend::new(1 << 20, false)).await;
+        c.go(false, false).await;
+        c.request(proto::CMD_WRITE, 0, 1, 0, u32::MAX).await;
+        let e = c.expect_closed().await.unwrap_err();
+        assert!(e.to_string().contains("maximum payload"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn oversized_option_closes() {
+        let mut c = Raw::start(MemBackend::new(1 << 20, false)).await;
+        c.send(&3u32.to_be_bytes()).await;
+        c.send(&proto::encode_option_header(proto::OPT_GO, u32::MAX))
+            .await;
+        let e = c.expect_closed().await.unwrap_err();
+        assert!(matches!(e, NbdError::Protocol(_)), "{e}");
+    }
+
+    #[test]
+    fn clamp_extents_cases() {
+        let h = proto::STATE_HOLE | proto::STATE_ZERO;
+        // Merge equal neighbours, drop empty ones, cut at len.
+        assert_eq!(
+            clamp_extents(&[(10, 0), (0, h), (5, 0), (20, h), (100, 0)], 40, false),
+            vec![(15, 0), (20, h), (5, 0)]
+        );
+        // REQ_ONE keeps one descriptor.
+        assert_eq!(clamp_extents(&[(10, 0), (20, h)], 30, true), vec![(10, 0)]);
+        // Nothing from the backend still yields one descriptor.
+        assert_eq!(clamp_extents(&[], 512, false), vec![(512, 0)]);
+        // The count is capped.
+        let many: Vec<(u64, u32)> = (0..5000).map(|i| (1, (i % 2) as u32)).collect();
+        assert_eq!(clamp_extents(&many, 5000, false).len(), MAX_EXTENTS);
+    }
+
+    #[test]
+    fn file_backend_zeroes_trim_and_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        let f = File::create(&path).unwrap();
+        f.set_len(8 << 20).unwrap();
+        f.write_all_at(&[0x5a; 1 << 20], 1 << 20).unwrap();
+        drop(f);
+        let b = FileBackend::open(&path, false).unwrap();
+        assert_eq!(b.size(), 8 << 20);
+        assert!(b.can_multi_conn());
+
+        // Block status: hole, data, hole (if the file system reports holes at all).
+        let ext = b.block_status(0, 8 << 20).unwrap();
+        let total: u64 = ext.iter().map(|e| e.0).sum();
+        assert_eq!(total, 8 << 20);
+        let data: Vec<_> = ext.iter().filter(|e| e.1 == 0).collect();
+        if ext.len() > 1 {
+            assert_eq!(data.len(), 1);
+            assert_eq!(ext[0], (1 << 20, proto::STATE_HOLE | proto::STATE_ZERO));
+            assert_eq!(ext[1], (1 << 20, 0));
+        }
+
+        b.write_zeroes((1 << 20) + 10, 100, true, false).unwrap();
+        b.write_zeroes((1 << 20) + 4096, 8192, false, true).unwrap();
+        b.trim((1 << 20) + 65536, 65536, false).unwrap();
+        b.write_at(b"hi", 3, true).unwrap();
+        b.flush().unwrap();
+        let mut got = vec![0u8; 2 << 20];
+        b.read_at(&mut got, 0).unwrap();
+        let mut want = vec![0u8; 2 << 20];
+        want[3..5].copy_from_slice(b"hi");
+        want[1 << 20..2 << 20].fill(0x5a);
+        let m = 1 << 20;
+        want[m + 10..m + 110].fill(0);
+        want[m + 4096..m + 4096 + 8192].fill(0);
+        want[m + 65536..m + 131072].fill(0);
+        assert!(
+            got == want,
+            "file contents differ from the expected pattern"
+        );
+
+        let ro = FileBackend::open(&path, true).unwrap();
+        assert!(ro.read_only());
+        let e = ro.write_at(b"x", 0, false).unwrap_err();
+        assert_eq!(Errno::from_io(&e), Errno::EPERM);
+    }
+}
