@@ -37,7 +37,8 @@ pub struct SourceToml {
     pub kind: String,
     /// The block device, image file or log directory.
     pub path: PathBuf,
-    /// How changed blocks are found: `fingerprint`, `nbd-filter` or `qcow2-bitmap`.
+    /// How changed blocks are found: `fingerprint`, `nbd-filter`, `qcow2-bitmap` or
+    /// `dm-era`.
     #[serde(default = "default_tracker")]
     pub tracker: String,
     /// Tracking unit (`64KiB`); a power of two from 4 KiB to 4 MiB.
@@ -54,6 +55,13 @@ pub struct SourceToml {
     /// (`127.0.0.1:10809`) for the export.
     #[serde(default)]
     pub nbd_listen: Option<String>,
+    /// For the `dm-era` tracker: the device holding the era target's metadata.
+    #[serde(default)]
+    pub era_metadata: Option<PathBuf>,
+    /// For the `dm-era` tracker: the name of the era device under /dev/mapper
+    /// (default `bulwark-<source name>`).
+    #[serde(default)]
+    pub era_device: Option<String>,
     /// Command run before the point is taken (quiesce the application).
     #[serde(default)]
     pub pre_snapshot: Option<String>,
@@ -109,6 +117,15 @@ impl std::fmt::Display for NbdEndpoint {
     }
 }
 
+/// The era target of a `dm-era` source.
+#[derive(Debug, Clone)]
+pub struct EraConfig {
+    /// The metadata device.
+    pub metadata: PathBuf,
+    /// Name under /dev/mapper.
+    pub device: String,
+}
+
 /// A checked data source.
 #[derive(Debug, Clone)]
 pub struct SourceConfig {
@@ -119,6 +136,8 @@ pub struct SourceConfig {
     pub sync_interval: Duration,
     /// The export of an `nbd-filter` source.
     pub nbd: Option<NbdEndpoint>,
+    /// The era target of a `dm-era` source.
+    pub era: Option<EraConfig>,
     pub quiesce: QuiesceConfig,
 }
 
@@ -177,18 +196,7 @@ impl AgentConfig {
                 }
             }
             match s.tracker.as_str() {
-                "fingerprint" | "qcow2-bitmap" | "nbd-filter" => {}
-                "dm-era" => {
-                    let why = if Path::new("/dev/mapper/control").exists() {
-                        "is not built yet"
-                    } else {
-                        "is not built yet, and this host has no device-mapper (/dev/mapper/control is missing)"
-                    };
-                    return Err(bad(
-                        key("tracker"),
-                        format!("tracker \"dm-era\" {why}; use \"nbd-filter\" or \"fingerprint\""),
-                    ));
-                }
+                "fingerprint" | "qcow2-bitmap" | "nbd-filter" | "dm-era" => {}
                 other => {
                     return Err(bad(
                         key("tracker"),
@@ -253,6 +261,40 @@ impl AgentConfig {
                     ),
                 ));
             }
+            let era = match (s.tracker.as_str(), &s.era_metadata, &s.era_device) {
+                ("dm-era", Some(m), d) => {
+                    let device = d.clone().unwrap_or_else(|| format!("bulwark-{}", s.name));
+                    if !bulwark_common::pki::valid_name(&device) {
+                        return Err(bad(
+                            key("era_device"),
+                            format!("\"{device}\" is not a valid device-mapper name"),
+                        ));
+                    }
+                    Some(EraConfig {
+                        metadata: resolve(path, m),
+                        device,
+                    })
+                }
+                ("dm-era", None, _) => {
+                    return Err(bad(
+                        key("era_metadata"),
+                        "tracker = \"dm-era\" needs era_metadata: a (zeroed) device for the era target's metadata".into(),
+                    ));
+                }
+                (_, Some(_), _) => {
+                    return Err(bad(
+                        key("era_metadata"),
+                        "only used with tracker = \"dm-era\"".into(),
+                    ));
+                }
+                (_, _, Some(_)) => {
+                    return Err(bad(
+                        key("era_device"),
+                        "only used with tracker = \"dm-era\"".into(),
+                    ));
+                }
+                _ => None,
+            };
             let fsfreeze = s.fsfreeze.as_ref().map(|p| resolve(path, p));
             if let Some(m) = &fsfreeze
                 && m == Path::new("/")
@@ -311,6 +353,7 @@ impl AgentConfig {
                 block_size,
                 sync_interval: s.sync_interval.0,
                 nbd,
+                era,
                 quiesce,
             });
         }

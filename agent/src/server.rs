@@ -24,6 +24,7 @@ use tracing::Instrument;
 use crate::config::{AgentConfig, NbdEndpoint, SourceConfig};
 use crate::restore::restore_point;
 use crate::sync::{SyncOptions, SyncOutcome, sync_source};
+use crate::tracker::era::EraTracker;
 use crate::tracker::filter::FilterTracker;
 use crate::tracker::qcow2::{self, Qcow2Tracker};
 use crate::tracker::{FingerprintTracker, Tracker};
@@ -264,6 +265,22 @@ async fn open_trackers(
                 start_export(&s.name, endpoint, backend, exports, stop_exports.clone()).await?;
                 tracing::info!(source = %s.name, bitmap_bytes = f.memory_bytes(), "nbd-filter tracking");
                 f
+            }
+            "dm-era" => {
+                let size = Volume::open(&s.path)
+                    .with_context(cannot_open)?
+                    .size_bytes();
+                let g = Geometry::new(size, s.block_size)
+                    .map_err(|e| anyhow::anyhow!("data source {}: {e}", s.name))?;
+                let era = s.era.clone().ok_or_else(|| {
+                    anyhow::anyhow!("data source {}: no era_metadata configured", s.name)
+                })?;
+                let (name, path, state) = (s.name.clone(), s.path.clone(), cfg.state_dir.clone());
+                tokio::task::spawn_blocking(move || {
+                    EraTracker::open(&name, &path, &era.metadata, &era.device, g, &state)
+                })
+                .await?
+                .map_err(|e| anyhow::anyhow!("data source {}: {e}", s.name))?
             }
             _ => {
                 let size = Volume::open(&s.path)

@@ -201,7 +201,11 @@ fn tracker_and_quiesce_mistakes_name_the_key() {
             "nbd_socket",
             "only used with tracker = \"nbd-filter\"",
         ),
-        ("tracker = \"dm-era\"".to_string(), "tracker", "dm-era"),
+        (
+            "tracker = \"dm-era\"".to_string(),
+            "era_metadata",
+            "needs era_metadata",
+        ),
         (
             format!("{tracker}\nfsfreeze = \"/\""),
             "fsfreeze",
@@ -233,4 +237,33 @@ fn tracker_and_quiesce_mistakes_name_the_key() {
             "case {i} ({replacement}): stderr does not name the file, sources[0].{key} and say \"{why}\":\n{err}"
         );
     }
+}
+
+/// dm-era where it cannot work (no device-mapper here, or a plain file as the
+/// origin) stops the agent at start with a message naming the source and why.
+#[test]
+fn dm_era_that_cannot_work_is_refused_at_start() {
+    let s = setup();
+    let text = &s
+        .configs
+        .iter()
+        .find(|(b, _)| *b == AGENT)
+        .expect("an agent config")
+        .1;
+    let meta = s.dir.join("era-meta");
+    std::fs::write(&meta, vec![0u8; 4096]).expect("metadata file");
+    let bad = text.replace(
+        "tracker = \"fingerprint\"",
+        &format!(
+            "tracker = \"dm-era\"\nera_metadata = \"{}\"",
+            meta.display()
+        ),
+    );
+    let path = write_config(&s.dir, "agent-dm-era.toml", &bad);
+    let out = run_expect_failure(AGENT, &path);
+    let err = stderr(&out);
+    assert!(
+        err.contains("data source host-1-data") && err.contains("dm-era"),
+        "stderr does not name the source and the tracker:\n{err}"
+    );
 }

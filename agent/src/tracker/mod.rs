@@ -10,6 +10,8 @@
 //!   sets one bit per block in memory for every write that passes through it.
 //! - `qcow2-bitmap` ([`qcow2::Qcow2Tracker`]) uses QEMU's persistent dirty bitmaps
 //!   inside the image and reads the image through `qemu-nbd`.
+//! - `dm-era` ([`era::EraTracker`]) puts device-mapper's era target in front of a
+//!   block device and asks the kernel's record which blocks were written.
 //!
 //! A sync calls [`Tracker::begin`], which freezes the changes so far (writes from then
 //! on belong to the next sync) and says what to read ([`Plan`]); then exactly one of
@@ -20,6 +22,7 @@
 //! and compares (a consistency check) instead of trusting the record.
 
 pub mod bitmap;
+pub mod era;
 pub mod filter;
 pub mod qcow2;
 
