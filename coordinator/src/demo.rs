@@ -270,7 +270,21 @@ async fn demo(dir: &Path) -> anyhow::Result<()> {
         ));
     }
 
-    say("10. Stopping the fleet.");
+    // A deep consistency check: the node recomputes its checksums from the replica.
+    let (r3, _) = admin
+        .sync_request("demo-data", true, true, true)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the check returned no result"))?;
+    say(format!("10. Deep consistency check: {}", sync_line(&r3)));
+    if r3.blocks_sent != 0 || r3.damaged_blocks != 0 {
+        bail!(
+            "the check found {} differing and {} damaged blocks on an intact replica",
+            r3.blocks_sent,
+            r3.damaged_blocks
+        );
+    }
+
+    say("11. Stopping the fleet.");
     shutdown.cancel();
     for t in tasks {
         match tokio::time::timeout(Duration::from_secs(10), t).await {
