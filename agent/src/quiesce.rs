@@ -405,6 +405,19 @@ impl Quiesced {
         Ok(q)
     }
 
+    /// Whether a read of the live volume from now on would happen after the
+    /// application was released (the point could no longer be `app`).
+    pub fn live_view_released(&self) -> bool {
+        self.released && self.snapshot.is_none() && self.consistency == Consistency::App
+    }
+
+    /// Records that the point cannot be `app`-consistent after all.
+    pub fn downgrade(&mut self, why: String) {
+        tracing::warn!("{why}; this point is crash-consistent only");
+        self.consistency = Consistency::Crash;
+        self.warnings.push(why);
+    }
+
     fn env_with(&self, phase: &str) -> Vec<(&'static str, String)> {
         let mut e = self.env.clone();
         e.push(("BULWARK_PHASE", phase.to_string()));

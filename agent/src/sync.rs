@@ -359,6 +359,12 @@ pub async fn sync_source(
         tracker.mark_inconsistent(&format!(
             "the node refused the record's base point ({status})"
         ));
+        if q.live_view_released() {
+            q.downgrade(
+                "the sync was retried as a consistency check after the application was released"
+                    .into(),
+            );
+        }
         result = attempt(source, &tracker, &mut q, assignment, node, opts).await;
     }
     q.finish().await;

@@ -380,3 +380,54 @@ fn qcow2_bitmap_sends_exactly_the_written_blocks() {
     assert_eq!(json_u64(&r, "blocks_scanned"), SIZE / BLOCK_SIZE, "{r}");
     assert_eq!(image_bitmaps(&img), vec!["bulwark-p3".to_string()]);
 }
+
+/// A record relative to a point the node does not have as its newest (here: a saved
+/// bitmap whose base was altered while the agent was stopped) is refused by the node;
+/// the agent falls back to a consistency check in the same sync, and nothing is lost.
+#[test]
+fn a_record_with_the_wrong_base_falls_back_to_a_check() {
+    if !have("qemu-io") {
+        return;
+    }
+    let source = "rebased-disk";
+    let (mut fleet, socket) = filter_fleet(source);
+    fleet.sync(source);
+    let writes = scattered_writes();
+    qemu_io("raw", &nbd_url(&socket), &write_commands(&writes));
+    let status = fleet.agent(AGENT).stop();
+    assert!(status.success(), "clean stop: {status}");
+
+    // Layout (agent/src/tracker/bitmap.rs): magic, base u64 LE at byte 8, ..., BLAKE3
+    // of everything before the last 32 bytes.
+    let saved = fleet
+        .root()
+        .join(AGENT)
+        .join("state/trackers")
+        .join(format!("{source}.bitmap"));
+    let mut raw = std::fs::read(&saved).expect("the clean stop saved the bitmap");
+    assert_eq!(&raw[..8], b"BWDIRTY1");
+    raw[8..16].copy_from_slice(&7u64.to_le_bytes());
+    let body = raw.len() - 32;
+    let sum = blake3::hash(&raw[..body]);
+    raw[body..].copy_from_slice(sum.as_bytes());
+    std::fs::write(&saved, &raw).expect("rewrite the bitmap");
+
+    fleet.agent(AGENT).start();
+    fleet.wait_ready();
+    let r = fleet.sync(source);
+    assert_eq!(json_str(&r, "kind"), "check", "fell back to a check: {r}");
+    assert_eq!(
+        json_u64(&r, "blocks_sent"),
+        blocks_of(&writes).len() as u64,
+        "{r}"
+    );
+    let out = fleet.scratch("rebased.img");
+    fleet.restore(source, None, &out, None);
+    assert_same_file(&out, &fleet.volume(source), "restore after the fallback");
+    let log = std::fs::read_to_string(fleet.root().join("logs").join(format!("{AGENT}.log")))
+        .expect("agent log");
+    assert!(
+        log.contains("refused the record's base point"),
+        "the agent says why"
+    );
+}
