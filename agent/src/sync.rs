@@ -223,6 +223,11 @@ impl BatchBuilder<'_> {
     }
 }
 
+/// Reader threads of a sync.
+const READERS: usize = 4;
+/// Reads in flight or done but not yet hashed, at most (each ≤ [`MAX_BATCH_BYTES`]).
+const READ_AHEAD: usize = 6;
+
 /// Reads `ranges` (runs of blocks, in increasing order) and sends the blocks to send
 /// as batches: with `digests`, those whose digest differs from the node's (the ranges
 /// then cover the whole volume); without, all of them.
@@ -261,38 +266,56 @@ fn send_blocks(
             })
         })
         .collect();
-    // A reader thread keeps a few chunks ahead, so the disk (direct reads wait on
-    // it) and the hashing below overlap.
-    let (chunks_tx, chunks_rx) =
-        std::sync::mpsc::sync_channel::<std::io::Result<(u64, u64, Bytes)>>(3);
+    // Reader threads keep a few chunks ahead, several reads in flight at once (a
+    // dirty plan's scattered blocks are as many random reads), so the disk and the
+    // hashing below overlap; results are taken in order.
+    type ReadResult = std::io::Result<(u64, u64, Bytes)>;
+    type Job = (u64, u64, std::sync::mpsc::SyncSender<ReadResult>);
+    let (jobs_tx, jobs_rx) = std::sync::mpsc::channel::<Job>();
+    let jobs_rx = std::sync::Mutex::new(jobs_rx);
     std::thread::scope(|scope| -> Result<(), SyncError> {
-        let reads_r = &reads;
-        scope.spawn(move || {
-            for &(first, count) in reads_r {
-                if stop.load(Ordering::Relaxed) {
-                    return;
+        for _ in 0..READERS.min(reads.len()) {
+            let jobs_rx = &jobs_rx;
+            scope.spawn(move || {
+                loop {
+                    let job = jobs_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    let Ok((first, count, reply)) = job else {
+                        return;
+                    };
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let start = geometry.offset_of(first);
+                    let len = (geometry.offset_of(first + count).min(geometry.size_bytes) - start)
+                        as usize;
+                    let _ = reply.send(volume.read_chunk(start, len).map(|c| (first, count, c)));
                 }
-                let start = geometry.offset_of(first);
-                let len =
-                    (geometry.offset_of(first + count).min(geometry.size_bytes) - start) as usize;
-                let chunk = volume.read_chunk(start, len).map(|c| (first, count, c));
-                let failed = chunk.is_err();
-                if chunks_tx.send(chunk).is_err() || failed {
-                    return;
-                }
-            }
-        });
-        // Owned here, so that an early return drops it and a reader blocked on a full
-        // channel wakes up before the scope waits for it.
-        let chunks_rx = chunks_rx;
+            });
+        }
+        // Owned here, so that an early return drops the job queue and the readers end
+        // before the scope waits for them.
+        let jobs_tx = jobs_tx;
+        let mut pending: std::collections::VecDeque<std::sync::mpsc::Receiver<ReadResult>> =
+            std::collections::VecDeque::new();
+        let mut next = 0usize;
         let mut changed: Vec<(usize, Digest)> = Vec::with_capacity(blocks_per_read as usize);
         for _ in 0..reads.len() {
             if stop.load(Ordering::Relaxed) {
                 return Err(SyncError::Protocol("sync stopped".into()));
             }
-            let (first, count, chunk) = match chunks_rx.recv() {
-                Ok(r) => r.map_err(read_err)?,
-                Err(_) => return Err(SyncError::Protocol("the volume reader stopped".into())),
+            while next < reads.len() && pending.len() < READ_AHEAD {
+                let (tx, rx) = std::sync::mpsc::sync_channel(1);
+                let (first, count) = reads[next];
+                if jobs_tx.send((first, count, tx)).is_err() {
+                    return Err(SyncError::Protocol("the volume readers stopped".into()));
+                }
+                pending.push_back(rx);
+                next += 1;
+            }
+            let result = pending.pop_front().map(|rx| rx.recv());
+            let (first, count, chunk) = match result {
+                Some(Ok(r)) => r.map_err(read_err)?,
+                _ => return Err(SyncError::Protocol("the volume reader stopped".into())),
             };
             let start = geometry.offset_of(first);
             let len = chunk.len();

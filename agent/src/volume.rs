@@ -5,6 +5,11 @@
 //! tracker reads the whole volume, and through the page cache that would evict the
 //! protected host's working set (and cost a copy per byte). Where direct I/O is
 //! refused (tmpfs, some network file systems) reads fall back to the page cache.
+//!
+//! Data that is already in the page cache is taken from there first, with a
+//! non-blocking read (`preadv2(RWF_NOWAIT)`), which returns only what is cached and
+//! never reads the disk: a cached volume is read at memory speed, and nothing new
+//! enters the cache. The rest of the chunk is read with `O_DIRECT`.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
@@ -26,6 +31,8 @@ pub struct Volume {
     file: File,
     direct: Option<File>,
     direct_ok: AtomicBool,
+    /// Whether `RWF_NOWAIT` reads work here (cleared on the first refusal).
+    nowait_ok: AtomicBool,
     pool: Mutex<Vec<Bytes>>,
     path: PathBuf,
     size_bytes: u64,
@@ -56,6 +63,7 @@ impl Volume {
             file,
             pool: Mutex::new(Vec::new()),
             direct_ok: AtomicBool::new(direct.is_some()),
+            nowait_ok: AtomicBool::new(true),
             direct,
             path: path.to_path_buf(),
             size_bytes,
@@ -83,8 +91,28 @@ impl Volume {
             && self.is_direct()
             && offset.is_multiple_of(DIRECT_ALIGN as u64)
         {
-            let buf = self.buffer(len.next_multiple_of(DIRECT_ALIGN));
-            match read_direct(direct, buf, offset, len) {
+            let mut buf = self.buffer(len.next_multiple_of(DIRECT_ALIGN));
+            // What the page cache holds already, without touching the disk.
+            let cached = if self.nowait_ok.load(Ordering::Relaxed) {
+                match read_cached(&self.file, &mut buf[..len], offset) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::debug!(path = %self.path.display(), "non-blocking cached reads refused ({e}); reading with O_DIRECT only");
+                        self.nowait_ok.store(false, Ordering::Relaxed);
+                        0
+                    }
+                }
+            } else {
+                0
+            };
+            if cached == len {
+                buf.truncate(len);
+                return Ok(self.keep(buf.freeze()));
+            }
+            // The rest from the disk: from the aligned start of the first page the
+            // cache did not have.
+            let skip = cached / DIRECT_ALIGN * DIRECT_ALIGN;
+            match read_direct(direct, buf, offset, len, skip) {
                 Ok(b) => return Ok(self.keep(b)),
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                     tracing::info!(path = %self.path.display(), "direct I/O refused; reading through the page cache");
@@ -131,10 +159,58 @@ impl Volume {
     }
 }
 
-fn read_direct(f: &File, mut buf: BytesMut, offset: u64, len: usize) -> std::io::Result<Bytes> {
+/// Reads as much of `buf` at `offset` as the page cache holds, without blocking on
+/// the disk: the number of bytes read (0 when none are cached).
+#[allow(unsafe_code)]
+fn read_cached(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let mut got = 0usize;
+    while got < buf.len() {
+        let iov = libc::iovec {
+            iov_base: buf[got..].as_mut_ptr().cast(),
+            iov_len: buf.len() - got,
+        };
+        // SAFETY: the iovec points into `buf`, which is valid and exclusively
+        // borrowed for the duration of the call; the kernel writes at most iov_len
+        // bytes there.
+        let n = unsafe {
+            libc::preadv2(
+                f.as_raw_fd(),
+                &iov,
+                1,
+                (offset + got as u64) as libc::off_t,
+                libc::RWF_NOWAIT,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EAGAIN) => Ok(got),
+                Some(libc::EINTR) => continue,
+                _ => Err(e),
+            };
+        }
+        if n == 0 {
+            // End of file: the caller's direct read reports it.
+            return Ok(got);
+        }
+        got += n as usize;
+    }
+    Ok(got)
+}
+
+/// Reads `len` bytes at `offset` into `buf` with `O_DIRECT`, from byte `skip` on (the
+/// bytes before it are already in `buf`; `skip` is aligned).
+fn read_direct(
+    f: &File,
+    mut buf: BytesMut,
+    offset: u64,
+    len: usize,
+    skip: usize,
+) -> std::io::Result<Bytes> {
     // Whole aligned units are read; at the end of the volume the read comes up short.
     let want = len.next_multiple_of(DIRECT_ALIGN);
-    let mut got = 0;
+    let mut got = skip;
     while got < len {
         let n = f.read_at(&mut buf[got..want], offset + got as u64)?;
         if n == 0 {
@@ -183,6 +259,21 @@ mod tests {
             v.read_chunk(196608, 65536).is_err(),
             "reading past the end must fail"
         );
+        // Half cached, half not: an O_DIRECT write drops its range from the page
+        // cache, so the read below takes the first pages from the cache and the rest
+        // from the disk.
+        if let Ok(w) = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)
+        {
+            let mut block = aligned_buffer(65536);
+            rand::rng().fill_bytes(&mut block);
+            w.write_all_at(&block, 65536).expect("direct write");
+            data[65536..131072].copy_from_slice(&block);
+            let got = v.read_chunk(0, 196608).expect("read");
+            assert_eq!(&got[..], &data[..196608], "a partly cached chunk");
+        }
         let b = aligned_buffer(10_000);
         assert_eq!(b.as_ptr() as usize % DIRECT_ALIGN, 0);
         assert_eq!(b.len(), 10_000);

@@ -816,7 +816,8 @@ impl SyncTxn {
         // 2. Before-images, durable before the replica changes.
         if let Some(delta) = files.delta.as_mut() {
             let delta_file_path = delta_path(&files.dir, self.new_point - 1);
-            let mut buf = Vec::new();
+            // Which blocks need a before-image, and their old digests.
+            let mut recs: Vec<(u64, Digest)> = Vec::new();
             for e in extents {
                 let n = e.digests.len() as u64;
                 let mut old = vec![0u8; n as usize * DIGEST_LEN];
@@ -827,7 +828,6 @@ impl SyncTxn {
                     &digests_path,
                 )?;
                 for (i, d) in old.chunks_exact(DIGEST_LEN).enumerate() {
-                    let block = e.first_block + i as u64;
                     let digest = Digest::from_slice(d).unwrap_or(Digest::UNWRITTEN);
                     if digest != Digest::UNWRITTEN && e.digests.get(i) == Some(&digest) {
                         // The block keeps its content (a consistency check repairing
@@ -836,22 +836,16 @@ impl SyncTxn {
                         // so no before-image is kept, and a damaged one never is.
                         continue;
                     }
-                    let len = geometry.block_len(block) as usize;
-                    let data = if digest == Digest::UNWRITTEN {
-                        None
-                    } else {
-                        let mut data = vec![0u8; len];
-                        read_at_full(
-                            &files.replica,
-                            &mut data,
-                            geometry.offset_of(block),
-                            &replica_path,
-                        )?;
-                        if is_zero(&data) { None } else { Some(data) }
-                    };
-                    encode_record(&mut buf, block, digest, data.as_deref(), len);
-                    self.delta_records += 1;
+                    recs.push((e.first_block + i as u64, digest));
                 }
+            }
+            let old = read_before_images(&files.replica, &replica_path, geometry, &recs)?;
+            let mut buf = Vec::new();
+            for ((block, digest), data) in recs.iter().zip(&old) {
+                let len = geometry.block_len(*block) as usize;
+                let data = data.as_deref().filter(|d| !is_zero(d));
+                encode_record(&mut buf, *block, *digest, data, len);
+                self.delta_records += 1;
             }
             delta
                 .write_all_at(&buf, self.delta_len)
@@ -959,6 +953,69 @@ impl SyncTxn {
         };
         self.store.roll_back(&self.spec.source, &pending)
     }
+}
+
+/// The current bytes of each block of `recs` that was ever written (`None` for one
+/// that reads as zeros because it never was). Runs of consecutive blocks are read
+/// with one read each, and the runs are read by a few threads at once: scattered
+/// blocks are as many random reads, which a disk serves faster in parallel.
+fn read_before_images(
+    replica: &File,
+    path: &Path,
+    geometry: Geometry,
+    recs: &[(u64, Digest)],
+) -> Result<Vec<Option<Vec<u8>>>> {
+    const THREADS: usize = 8;
+    // Runs: (index of the first rec, number of recs), each of written blocks.
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, (block, digest)) in recs.iter().enumerate() {
+        if *digest == Digest::UNWRITTEN {
+            continue;
+        }
+        match runs.last_mut() {
+            Some((first, n)) if *first + *n == i && recs[i - 1].0 + 1 == *block => *n += 1,
+            _ => runs.push((i, 1)),
+        }
+    }
+    let read_run = |&(first, n): &(usize, usize)| -> Result<(usize, Vec<u8>)> {
+        let start = geometry.offset_of(recs[first].0);
+        let end = geometry
+            .offset_of(recs[first + n - 1].0 + 1)
+            .min(geometry.size_bytes);
+        let mut data = vec![0u8; (end - start) as usize];
+        read_at_full(replica, &mut data, start, path)?;
+        Ok((first, data))
+    };
+    let results: Vec<Result<(usize, Vec<u8>)>> = if runs.len() < 2 {
+        runs.iter().map(read_run).collect()
+    } else {
+        let per = runs.len().div_ceil(THREADS);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = runs
+                .chunks(per)
+                .map(|part| scope.spawn(move || part.iter().map(read_run).collect::<Vec<_>>()))
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        vec![Err(StoreError::Meta(
+                            "a before-image reader panicked".into(),
+                        ))]
+                    })
+                })
+                .collect()
+        })
+    };
+    let mut out: Vec<Option<Vec<u8>>> = vec![None; recs.len()];
+    let bs = geometry.block_size as usize;
+    for r in results {
+        let (first, data) = r?;
+        for (k, chunk) in data.chunks(bs).enumerate() {
+            out[first + k] = Some(chunk.to_vec());
+        }
+    }
+    Ok(out)
 }
 
 /// Writes new bytes into the replica: the aligned part directly (through an aligned

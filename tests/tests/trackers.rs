@@ -328,7 +328,7 @@ fn qcow2_bitmap_sends_exactly_the_written_blocks() {
         String::from_utf8_lossy(&out.stderr)
     );
     let source = "vm-qcow2";
-    let fleet = Fleet::builder()
+    let mut fleet = Fleet::builder()
         .node("node-1")
         .agent_source(
             AGENT,
@@ -354,6 +354,18 @@ fn qcow2_bitmap_sends_exactly_the_written_blocks() {
         &write_commands(&writes),
     );
     let want = blocks_of(&writes);
+    // A sync that fails (the node is down) leaves the image's bitmaps as they were.
+    let status = fleet.node("node-1").stop();
+    assert!(status.success(), "node stop: {status}");
+    let (code, err) = fleet.cli_expect_fail(&["sync", source, "--wait", "--json"]);
+    assert_ne!(code, 0, "{err}");
+    assert_eq!(
+        image_bitmaps(&img),
+        vec!["bulwark-p1".to_string()],
+        "after a failed sync"
+    );
+    fleet.node("node-1").start();
+    fleet.wait_ready();
     let r = fleet.sync(source);
     assert_eq!(json_str(&r, "kind"), "incremental", "{r}");
     assert_eq!(

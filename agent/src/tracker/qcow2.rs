@@ -13,15 +13,20 @@
 //!    `bulwark-p<N>` (a superset is safe), older `bulwark-p*` are removed. A bitmap
 //!    flagged `in-use` (QEMU did not close the image cleanly) cannot be trusted: the
 //!    sync becomes a consistency check.
-//! 2. Add `bulwark-next`: from here on writes belong to the next sync.
+//! 2. Add the bitmap for the next sync: `bulwark-p<N+1>` for an incremental (the node
+//!    numbers the new point `N + 1`), `bulwark-next` for a scan. From here on writes
+//!    belong to the next sync.
 //! 3. Start `qemu-nbd --read-only` on a private unix socket, exporting the image and
 //!    (for an incremental sync) the bitmap `bulwark-p<N>` as the metadata context
 //!    `qemu:dirty-bitmap:bulwark-p<N>`; ask for block status over the whole disk and
 //!    read only the dirty extents. The node refuses the sync if its newest point is
 //!    not `N`, and the agent falls back to a consistency check.
-//! 4. Committed as point `P`: stop `qemu-nbd`, add `bulwark-p<P>` merged from
-//!    `bulwark-next`, remove `bulwark-next` and `bulwark-p<N>`. Failed: stop
-//!    `qemu-nbd`, merge `bulwark-next` back into `bulwark-p<N>` and remove it.
+//! 4. Committed as point `P`: stop `qemu-nbd`, remove `bulwark-p<N>` (a scan's
+//!    `bulwark-next` first becomes `bulwark-p<P>` by an add-and-merge). Failed: stop
+//!    `qemu-nbd` and remove the added bitmap: `bulwark-p<N>` is still enabled and has
+//!    recorded every write since point `N`. A crash between 2 and 4 leaves both
+//!    `bulwark-p<N>` and `bulwark-p<N+1>`; the tidy-up keeps the newer, the node
+//!    refuses it as a base, and that sync is a consistency check.
 //!
 //! The agent holds the image open only during a sync. A VM running on the image (where
 //! the image is locked) would be reached through its QMP socket; that is not built
@@ -136,6 +141,8 @@ struct Session {
     client: Arc<Mutex<Client>>,
     /// The point of the image's `bulwark-p<N>` bitmap when the sync began.
     base: Option<u64>,
+    /// The bitmap this sync added for the writes after it froze.
+    next: String,
 }
 
 impl Session {
@@ -342,6 +349,7 @@ impl Qcow2Tracker {
             dir,
             client: Arc::new(Mutex::new(client)),
             base: None,
+            next: String::new(),
         })
     }
 
@@ -392,18 +400,25 @@ impl Qcow2Tracker {
         } else {
             kept
         };
-        // From here on, writes are recorded for the next sync.
+        // From here on, writes are recorded for the next sync: an incremental knows
+        // the point it will make (the node numbers points base + 1) and names the
+        // bitmap after it at once; a scan learns that only later.
+        let next = match base {
+            Some(b) => format!("{PREFIX}{}", b + 1),
+            None => NEXT.to_string(),
+        };
         let granularity = self.granularity();
-        bitmap_op(&self.path, &["--add", "--granularity", &granularity], NEXT)?;
+        bitmap_op(&self.path, &["--add", "--granularity", &granularity], &next)?;
         let exported = base.map(|b| format!("{PREFIX}{b}"));
         let mut session = match self.start_nbd(exported.as_deref()) {
             Ok(s) => s,
             Err(e) => {
-                self.undo_next(kept);
+                self.undo_next(kept, &next);
                 return Err(e);
             }
         };
         session.base = kept;
+        session.next = next.clone();
         let plan = match (&exported, base) {
             (Some(name), Some(b)) => match self.dirty_blocks(&session, name) {
                 Ok(blocks) => Plan::Dirty {
@@ -412,7 +427,7 @@ impl Qcow2Tracker {
                 },
                 Err(e) => {
                     session.stop();
-                    self.undo_next(kept);
+                    self.undo_next(kept, &next);
                     return Err(e);
                 }
             },
@@ -432,12 +447,16 @@ impl Qcow2Tracker {
         self.geometry.block_size.clamp(512, 1 << 26).to_string()
     }
 
-    /// Puts `bulwark-next` back into the base bitmap (or drops it).
-    fn undo_next(&self, base: Option<u64>) {
+    /// A sync failed: drops the bitmap it added (`next`). The base bitmap, still
+    /// enabled, has recorded every write since the base point, so nothing is lost;
+    /// `bulwark-next` (a scan's) is merged into it first to be safe.
+    fn undo_next(&self, base: Option<u64>, next: &str) {
         let r = match base {
-            Some(b) => bitmap_op(&self.path, &["--merge", NEXT], &format!("{PREFIX}{b}"))
-                .and_then(|()| bitmap_op(&self.path, &["--remove"], NEXT)),
-            None => bitmap_op(&self.path, &["--remove"], NEXT),
+            Some(b) if next == NEXT => {
+                bitmap_op(&self.path, &["--merge", NEXT], &format!("{PREFIX}{b}"))
+                    .and_then(|()| bitmap_op(&self.path, &["--remove"], NEXT))
+            }
+            _ => bitmap_op(&self.path, &["--remove"], next),
         };
         if let Err(e) = r {
             // The next sync's tidy-up merges it.
@@ -466,9 +485,9 @@ impl Tracker for Qcow2Tracker {
         }
         let mut st = lock(&self.state);
         if let Some(old) = st.session.take() {
-            let base = old.base;
+            let (base, next) = (old.base, old.next.clone());
             old.stop();
-            self.undo_next(base);
+            self.undo_next(base, &next);
         }
         self.begin_locked(&mut st, scan)
     }
@@ -477,17 +496,22 @@ impl Tracker for Qcow2Tracker {
         let Some(session) = st.session.take() else {
             return;
         };
-        let base = session.base;
+        let (base, next) = (session.base, session.next.clone());
         session.stop();
         st.inconsistent = None;
         let granularity = self.granularity();
-        let r = bitmap_op(
-            &self.path,
-            &["--add", "--granularity", &granularity, "--merge", NEXT],
-            &format!("{PREFIX}{point}"),
-        )
-        .and_then(|()| bitmap_op(&self.path, &["--remove"], NEXT))
-        .and_then(|()| match base {
+        let name = format!("{PREFIX}{point}");
+        let renamed = if next == name {
+            Ok(())
+        } else {
+            bitmap_op(
+                &self.path,
+                &["--add", "--granularity", &granularity, "--merge", &next],
+                &name,
+            )
+            .and_then(|()| bitmap_op(&self.path, &["--remove"], &next))
+        };
+        let r = renamed.and_then(|()| match base {
             Some(b) if b != point => bitmap_op(&self.path, &["--remove"], &format!("{PREFIX}{b}")),
             _ => Ok(()),
         });
@@ -500,9 +524,9 @@ impl Tracker for Qcow2Tracker {
     fn failed(&self) {
         let mut st = lock(&self.state);
         if let Some(session) = st.session.take() {
-            let base = session.base;
+            let (base, next) = (session.base, session.next.clone());
             session.stop();
-            self.undo_next(base);
+            self.undo_next(base, &next);
         }
     }
     fn shutdown(&self) {
