@@ -6,10 +6,11 @@
 //! protected host's working set (and cost a copy per byte). Where direct I/O is
 //! refused (tmpfs, some network file systems) reads fall back to the page cache.
 //!
-//! Data that is already in the page cache is taken from there first, with a
-//! non-blocking read (`preadv2(RWF_NOWAIT)`), which returns only what is cached and
-//! never reads the disk: a cached volume is read at memory speed, and nothing new
-//! enters the cache. The rest of the chunk is read with `O_DIRECT`.
+//! A chunk that is wholly in the page cache already (asked with `cachestat(2)`, which
+//! reads nothing) is copied from there: a cached volume is read at memory speed, and
+//! nothing new enters the cache. Any other chunk is read with `O_DIRECT`. (A
+//! non-blocking `preadv2(RWF_NOWAIT)` was tried and dropped: a miss still starts
+//! readahead into the cache, so cold data was read from the disk twice.)
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
@@ -31,8 +32,8 @@ pub struct Volume {
     file: File,
     direct: Option<File>,
     direct_ok: AtomicBool,
-    /// Whether `RWF_NOWAIT` reads work here (cleared on the first refusal).
-    nowait_ok: AtomicBool,
+    /// Whether `cachestat(2)` works here (cleared on the first refusal).
+    cachestat_ok: AtomicBool,
     pool: Mutex<Vec<Bytes>>,
     path: PathBuf,
     size_bytes: u64,
@@ -63,7 +64,7 @@ impl Volume {
             file,
             pool: Mutex::new(Vec::new()),
             direct_ok: AtomicBool::new(direct.is_some()),
-            nowait_ok: AtomicBool::new(true),
+            cachestat_ok: AtomicBool::new(true),
             direct,
             path: path.to_path_buf(),
             size_bytes,
@@ -91,28 +92,23 @@ impl Volume {
             && self.is_direct()
             && offset.is_multiple_of(DIRECT_ALIGN as u64)
         {
-            let mut buf = self.buffer(len.next_multiple_of(DIRECT_ALIGN));
-            // What the page cache holds already, without touching the disk.
-            let cached = if self.nowait_ok.load(Ordering::Relaxed) {
-                match read_cached(&self.file, &mut buf[..len], offset) {
-                    Ok(n) => n,
+            if self.cachestat_ok.load(Ordering::Relaxed) {
+                match wholly_cached(&self.file, offset, len) {
+                    Ok(true) => {
+                        let mut buf = self.buffer(len);
+                        buf.truncate(len);
+                        self.file.read_exact_at(&mut buf, offset)?;
+                        return Ok(self.keep(buf.freeze()));
+                    }
+                    Ok(false) => {}
                     Err(e) => {
-                        tracing::debug!(path = %self.path.display(), "non-blocking cached reads refused ({e}); reading with O_DIRECT only");
-                        self.nowait_ok.store(false, Ordering::Relaxed);
-                        0
+                        tracing::debug!(path = %self.path.display(), "cachestat refused ({e}); reading with O_DIRECT only");
+                        self.cachestat_ok.store(false, Ordering::Relaxed);
                     }
                 }
-            } else {
-                0
-            };
-            if cached == len {
-                buf.truncate(len);
-                return Ok(self.keep(buf.freeze()));
             }
-            // The rest from the disk: from the aligned start of the first page the
-            // cache did not have.
-            let skip = cached / DIRECT_ALIGN * DIRECT_ALIGN;
-            match read_direct(direct, buf, offset, len, skip) {
+            let buf = self.buffer(len.next_multiple_of(DIRECT_ALIGN));
+            match read_direct(direct, buf, offset, len, 0) {
                 Ok(b) => return Ok(self.keep(b)),
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                     tracing::info!(path = %self.path.display(), "direct I/O refused; reading through the page cache");
@@ -159,44 +155,50 @@ impl Volume {
     }
 }
 
-/// Reads as much of `buf` at `offset` as the page cache holds, without blocking on
-/// the disk: the number of bytes read (0 when none are cached).
+/// Whether every page of `len` bytes at `offset` is in the page cache, asked with
+/// `cachestat(2)` (Linux 6.5), which reads nothing from the disk.
 #[allow(unsafe_code)]
-fn read_cached(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+fn wholly_cached(f: &File, offset: u64, len: usize) -> std::io::Result<bool> {
     use std::os::fd::AsRawFd;
-    let mut got = 0usize;
-    while got < buf.len() {
-        let iov = libc::iovec {
-            iov_base: buf[got..].as_mut_ptr().cast(),
-            iov_len: buf.len() - got,
-        };
-        // SAFETY: the iovec points into `buf`, which is valid and exclusively
-        // borrowed for the duration of the call; the kernel writes at most iov_len
-        // bytes there.
-        let n = unsafe {
-            libc::preadv2(
-                f.as_raw_fd(),
-                &iov,
-                1,
-                (offset + got as u64) as libc::off_t,
-                libc::RWF_NOWAIT,
-            )
-        };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            return match e.raw_os_error() {
-                Some(libc::EAGAIN) => Ok(got),
-                Some(libc::EINTR) => continue,
-                _ => Err(e),
-            };
-        }
-        if n == 0 {
-            // End of file: the caller's direct read reports it.
-            return Ok(got);
-        }
-        got += n as usize;
+    /// The syscall number, the same on every architecture since Linux 6.5.
+    const SYS_CACHESTAT: libc::c_long = 451;
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
     }
-    Ok(got)
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    let range = Range {
+        off: offset,
+        len: len as u64,
+    };
+    let mut stat = Stat::default();
+    // SAFETY: both pointers refer to live, properly laid out #[repr(C)] values for
+    // the duration of the call; the kernel reads `range` and writes `stat` only.
+    let r = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            f.as_raw_fd(),
+            &range as *const Range,
+            &mut stat as *mut Stat,
+            0u32,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let page = 4096u64;
+    let first = offset / page;
+    let last = (offset + len as u64).div_ceil(page);
+    Ok(stat.nr_cache >= last - first)
 }
 
 /// Reads `len` bytes at `offset` into `buf` with `O_DIRECT`, from byte `skip` on (the

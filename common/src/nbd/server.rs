@@ -28,14 +28,15 @@
 //! `NBD_CMD_FLAG_DF` (none of them advertised).
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, IoSlice, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
+use std::io::{self, IoSlice, Read, Seek, SeekFrom};
+use std::net::Shutdown;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener};
@@ -311,11 +312,13 @@ impl Backend for FileBackend {
 #[allow(unsafe_code)]
 mod sys {
     use std::fs::File;
-    use std::io;
-    use std::os::fd::AsRawFd;
+    use std::io::{self, IoSlice};
+    use std::os::fd::{AsRawFd, BorrowedFd};
 
     /// `_IO(0x12, 119)` from `<linux/fs.h>`.
     const BLKDISCARD: u64 = 0x1277;
+    /// Most buffers one `sendmsg` takes (`UIO_MAXIOV`).
+    const IOV_MAX: usize = 1024;
 
     fn off(v: u64) -> io::Result<libc::off_t> {
         libc::off_t::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
@@ -362,6 +365,29 @@ mod sys {
             Ok(None)
         } else {
             Err(e)
+        }
+    }
+
+    /// `sendmsg` of `bufs` on a connected socket, without SIGPIPE (a closed peer is
+    /// `EPIPE`); with `nonblocking`, `EWOULDBLOCK` instead of waiting for room.
+    pub fn send_vectored(
+        sock: BorrowedFd<'_>,
+        bufs: &[IoSlice<'_>],
+        nonblocking: bool,
+    ) -> io::Result<usize> {
+        // SAFETY: all-zero is a valid msghdr (no address, no control data).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        // IoSlice is ABI-compatible with iovec on Unix; sendmsg only reads them.
+        msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = bufs.len().min(IOV_MAX) as _;
+        let flags = libc::MSG_NOSIGNAL | if nonblocking { libc::MSG_DONTWAIT } else { 0 };
+        // SAFETY: `msg` points at `bufs`, alive and unchanged for the whole call, and
+        // the descriptor stays open for the borrow.
+        let rc = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, flags) };
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(rc as usize)
         }
     }
 
@@ -421,11 +447,16 @@ const MAX_EXTENTS: usize = 1024;
 const MAX_OPTIONS: usize = 1024;
 /// Socket read buffer.
 const READ_BUFFER: usize = 256 * 1024;
+/// Read buffer of the handshake of a plain socket (whatever it holds at the end is
+/// handed to the transmission phase).
+const HANDSHAKE_BUFFER: usize = 4096;
 /// Read payloads up to this size are copied into the reply batch; larger ones go
 /// out with a vectored write.
 const INLINE_PAYLOAD: usize = 64 * 1024;
 /// Encoded replies are written out once this much has collected.
 const WRITE_BATCH: usize = 256 * 1024;
+/// Most threads running one connection's writes without FUA (see `Session`).
+const WRITE_THREADS: usize = 2;
 /// Pooled buffers kept per connection, and the largest kept.
 const POOLED_BUFFERS: usize = 16;
 const POOLED_BUFFER_MAX: usize = 2 * 1024 * 1024;
@@ -435,7 +466,8 @@ const POOLED_BUFFER_MAX: usize = 2 * 1024 * 1024;
 /// Generic over the stream so that a TLS stream can be passed in later. Runs on the
 /// current tokio runtime, which the connection's I/O threads also use to write
 /// replies. Returns an error when the client broke the protocol or the socket
-/// failed; the caller logs it.
+/// failed; the caller logs it. [`serve_unix`] and [`serve_tcp`] do not come through
+/// here: a plain socket is served by blocking threads, which is faster.
 pub async fn serve<S>(
     stream: S,
     backend: Arc<dyn Backend>,
@@ -460,28 +492,32 @@ where
 {
     let (rd, mut wr) = tokio::io::split(stream);
     let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
-    let export = Export {
-        size: backend.size(),
-        read_only: backend.read_only(),
-        flags: transmission_flags(&*backend),
-    };
-    let Some(negotiated) = negotiate(&mut rd, &mut wr, &export, &opts, &shutdown).await? else {
+    let Some(conn) = handshake(&mut rd, &mut wr, backend, &opts, &shutdown).await? else {
         return Ok(());
     };
-    tracing::debug!(
-        size = export.size,
-        read_only = export.read_only,
-        structured = negotiated.structured,
-        base_allocation = negotiated.base_allocation.is_some(),
-        "NBD handshake done"
-    );
-    let conn = Arc::new(Conn {
-        backend,
-        size: export.size,
-        read_only: export.read_only,
-        base_allocation: negotiated.base_allocation,
-    });
-    transmit(rd, wr, conn, negotiated.structured, &opts, shutdown).await
+    transmit(rd, wr, Arc::new(conn), &opts, shutdown).await
+}
+
+/// Serves one plain socket: the handshake on tokio, then the transmission phase on
+/// blocking threads (see `transmit_blocking`), with the semantics of
+/// [`serve_until`].
+async fn serve_plain<S: PlainStream>(
+    mut stream: S,
+    backend: Arc<dyn Backend>,
+    opts: Arc<ServerOptions>,
+    shutdown: CancellationToken,
+) -> Result<(), NbdError> {
+    let (conn, early) = {
+        let (rd, mut wr) = tokio::io::split(&mut stream);
+        let mut rd = BufReader::with_capacity(HANDSHAKE_BUFFER, rd);
+        let Some(conn) = handshake(&mut rd, &mut wr, backend, &opts, &shutdown).await? else {
+            return Ok(());
+        };
+        // Requests the client sent right behind its last option.
+        (conn, rd.buffer().to_vec())
+    };
+    let sock = stream.into_blocking()?;
+    transmit_blocking(sock, early, Arc::new(conn), &opts, shutdown).await
 }
 
 /// Accepts connections on a Unix socket until `shutdown` is cancelled, then waits
@@ -574,10 +610,7 @@ impl Connections {
         }
     }
 
-    fn spawn<S>(&mut self, stream: S, peer: String)
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
+    fn spawn<S: PlainStream>(&mut self, stream: S, peer: String) {
         let id = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
         let span = tracing::info_span!("nbd", conn = id, peer = %peer);
         let open = self.set.len() + 1;
@@ -589,7 +622,7 @@ impl Connections {
         self.set.spawn(
             async move {
                 tracing::debug!(open, "NBD connection accepted");
-                match serve_until(stream, backend, opts, shutdown).await {
+                match serve_plain(stream, backend, opts, shutdown).await {
                     Ok(()) => tracing::debug!("NBD connection closed"),
                     Err(e) => tracing::warn!("NBD connection closed: {e}"),
                 }
@@ -897,11 +930,51 @@ async fn send<W: AsyncWrite + Unpin>(wr: &mut W, bytes: &[u8]) -> io::Result<()>
     wr.flush().await
 }
 
-/// What the transmission phase of one connection shares with its blocking tasks.
+/// The handshake of one connection, up to what its transmission phase needs; `None`
+/// when the session ended during it.
+async fn handshake<R, W>(
+    rd: &mut BufReader<R>,
+    wr: &mut W,
+    backend: Arc<dyn Backend>,
+    opts: &ServerOptions,
+    shutdown: &CancellationToken,
+) -> Result<Option<Conn>, NbdError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let export = Export {
+        size: backend.size(),
+        read_only: backend.read_only(),
+        flags: transmission_flags(&*backend),
+    };
+    let Some(negotiated) = negotiate(rd, wr, &export, opts, shutdown).await? else {
+        return Ok(None);
+    };
+    tracing::debug!(
+        size = export.size,
+        read_only = export.read_only,
+        structured = negotiated.structured,
+        base_allocation = negotiated.base_allocation.is_some(),
+        "NBD handshake done"
+    );
+    Ok(Some(Conn {
+        backend,
+        size: export.size,
+        read_only: export.read_only,
+        structured: negotiated.structured,
+        base_allocation: negotiated.base_allocation,
+    }))
+}
+
+/// What the transmission phase of one connection shares with the threads that run
+/// its requests.
 struct Conn {
     backend: Arc<dyn Backend>,
     size: u64,
     read_only: bool,
+    /// Structured replies were negotiated.
+    structured: bool,
     base_allocation: Option<u32>,
 }
 
@@ -931,52 +1004,109 @@ enum ReplyBody {
     },
 }
 
-async fn transmit<R, W>(
-    mut rd: BufReader<R>,
-    wr: W,
-    conn: Arc<Conn>,
-    structured: bool,
-    opts: &ServerOptions,
-    shutdown: CancellationToken,
-) -> Result<(), NbdError>
-where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
-    let budget_bytes = opts.max_in_flight_bytes.clamp(
+/// A request read off the wire with its payload and its share of the budget:
+/// everything an I/O thread needs to answer it.
+struct Incoming {
+    req: Request,
+    /// A write's payload.
+    data: Option<PooledBuf>,
+    /// The error reply of a well-framed but invalid request.
+    checked: Result<(), (Errno, String)>,
+    permit: OwnedSemaphorePermit,
+}
+
+/// Bytes one connection may have in flight: the option, raised to at least one
+/// maximum-size request.
+fn budget_bytes(opts: &ServerOptions) -> u32 {
+    let bytes = opts.max_in_flight_bytes.clamp(
         proto::MAX_PAYLOAD as usize + REQUEST_OVERHEAD,
         u32::MAX as usize,
     );
-    let closing = CancellationToken::new();
-    // If this future is dropped (the listener gave up waiting at shutdown), threads
-    // blocked writing replies to a client that stopped reading give up too.
-    let _closing_guard = closing.clone().drop_guard();
-    let t = Transmission {
-        conn,
-        pool: Arc::new(BufferPool::default()),
-        replies: Arc::new(Replies::new(wr, structured, closing)),
-        handle: tokio::runtime::Handle::current(),
-        budget: Arc::new(Semaphore::new(budget_bytes)),
-        budget_bytes: budget_bytes as u32,
-        workers: Workers::new(opts.threads_per_connection),
-    };
-    let read = t.read_requests(&mut rd, &shutdown).await;
-    if read.is_err() {
-        // A hard disconnect: replies not yet written are dropped, not waited for
-        // (the client may have stopped reading).
-        t.replies.closing.cancel();
+    u32::try_from(bytes).unwrap_or(u32::MAX)
+}
+
+/// Decodes a request header: the request and the budget it takes, `None` for
+/// `NBD_CMD_DISC`, an error for a violation that leaves the stream out of sync.
+fn admit(hdr: &[u8; Request::LEN], budget_bytes: u32) -> Result<Option<(Request, u32)>, NbdError> {
+    let req = Request::decode(hdr).map_err(NbdError::Protocol)?;
+    if req.typ == proto::CMD_DISC {
+        tracing::debug!("client sent NBD_CMD_DISC");
+        return Ok(None);
     }
-    // Every request in flight holds budget until its reply is written (or dropped
-    // because the socket failed): holding the whole budget means all are done.
-    let _all = t.budget.acquire_many(t.budget_bytes).await;
-    let written = t.replies.finish().await;
-    read?;
+    if req.typ == proto::CMD_WRITE && req.len > proto::MAX_PAYLOAD {
+        // Reading it would mean buffering up to 4 GiB from a client that already
+        // ignored the advertised maximum.
+        return Err(NbdError::Protocol(format!(
+            "WRITE of {} bytes exceeds the maximum payload of {} bytes",
+            req.len,
+            proto::MAX_PAYLOAD
+        )));
+    }
+    let payload = match req.typ {
+        proto::CMD_WRITE => req.len,
+        proto::CMD_READ => req.len.min(proto::MAX_PAYLOAD),
+        _ => 0,
+    };
+    let cost = (payload + REQUEST_OVERHEAD as u32).min(budget_bytes);
+    Ok(Some((req, cost)))
+}
+
+/// [`check`], logging a refusal.
+fn vet(req: &Request, conn: &Conn) -> Result<(), (Errno, String)> {
+    let checked = check(req, conn);
+    if let Err((errno, message)) = &checked {
+        tracing::debug!(
+            cookie = req.cookie,
+            "refusing {} at {}+{}: {errno}: {message}",
+            proto::command_name(req.typ),
+            req.offset,
+            req.len
+        );
+    }
+    checked
+}
+
+/// Runs one request on an I/O thread and returns its reply. A panicking backend
+/// costs the client an `EIO`, not the connection.
+fn answer(conn: &Conn, pool: &Arc<BufferPool>, incoming: Incoming) -> Reply {
+    let Incoming {
+        req,
+        data,
+        checked,
+        permit,
+    } = incoming;
+    let body = match checked {
+        Err((errno, message)) => ReplyBody::Error { errno, message },
+        Ok(()) => {
+            match std::panic::catch_unwind(AssertUnwindSafe(|| execute(conn, &req, data, pool))) {
+                Ok(body) => body,
+                Err(_) => {
+                    tracing::error!("backend panicked on {}", proto::command_name(req.typ));
+                    ReplyBody::Error {
+                        errno: Errno::EIO,
+                        message: "internal server error".into(),
+                    }
+                }
+            }
+        }
+    };
+    Reply {
+        cookie: req.cookie,
+        body,
+        _permit: permit,
+    }
+}
+
+/// The end of a connection whose requests were read without error, given how its
+/// replies went: a client that hung up before reading them all is not an error.
+fn replies_outcome(written: Option<io::Error>) -> Result<(), NbdError> {
     match written {
-        Err(e) if is_disconnect(&e) => {
+        None => Ok(()),
+        Some(e) if is_disconnect(&e) => {
             tracing::debug!("client went away before all replies were sent: {e}");
             Ok(())
         }
-        r => r.map_err(NbdError::from),
+        Some(e) => Err(e.into()),
     }
 }
 
@@ -994,226 +1124,777 @@ fn is_disconnect(e: &io::Error) -> bool {
     )
 }
 
-/// The transmission phase of one connection.
-struct Transmission<W> {
+// ---- What both paths share: the session, its I/O threads ----
+
+/// What the transmission phase of one connection shares with its I/O threads.
+struct Session<S> {
     conn: Arc<Conn>,
     pool: Arc<BufferPool>,
-    replies: Arc<Replies<W>>,
-    handle: tokio::runtime::Handle,
+    replies: Replies<S>,
+    /// Every request in flight holds its cost until its reply is written (or
+    /// dropped because the socket failed).
     budget: Arc<Semaphore>,
     budget_bytes: u32,
+    /// Threads for everything but plain writes.
     workers: Workers,
+    /// Threads for writes without FUA, at most [`WRITE_THREADS`]. They only copy
+    /// into the page cache, one file's writes are serialised on its inode lock,
+    /// and requests are read one at a time: more threads would only queue on the
+    /// lock and take CPU time from the reading.
+    writes: Workers,
 }
 
-impl<W: AsyncWrite + Unpin + Send + 'static> Transmission<W> {
-    /// Reads requests until `NBD_CMD_DISC`, end of stream, shutdown or a protocol
-    /// violation, handing each to an I/O thread.
-    async fn read_requests<R: AsyncRead + Unpin>(
-        &self,
-        rd: &mut BufReader<R>,
-        shutdown: &CancellationToken,
-    ) -> Result<(), NbdError> {
-        let cancelled = shutdown.cancelled();
-        tokio::pin!(cancelled);
-        let mut hdr = [0u8; Request::LEN];
-        loop {
-            if self.replies.failed() {
-                // Replies can no longer be sent; reading more requests is pointless.
-                return Ok(());
-            }
-            tokio::select! {
-                biased;
-                _ = &mut cancelled => {
-                    tracing::debug!("server stopping: no further requests read on this connection");
-                    return Ok(());
-                }
-                r = rd.read_exact(&mut hdr) => match r {
-                    Ok(_) => {}
-                    Err(e) if client_gone(&e) => {
-                        tracing::debug!("client went away without NBD_CMD_DISC: {e}");
-                        return Ok(());
-                    }
-                    Err(e) => return Err(e.into()),
-                },
-            }
-            let req = Request::decode(&hdr).map_err(NbdError::Protocol)?;
-            if req.typ == proto::CMD_DISC {
-                tracing::debug!("client sent NBD_CMD_DISC");
-                return Ok(());
-            }
-            if req.typ == proto::CMD_WRITE && req.len > proto::MAX_PAYLOAD {
-                // Reading it would mean buffering up to 4 GiB from a client that
-                // already ignored the advertised maximum.
-                return Err(NbdError::Protocol(format!(
-                    "WRITE of {} bytes exceeds the maximum payload of {} bytes",
-                    req.len,
-                    proto::MAX_PAYLOAD
-                )));
-            }
-            let payload = match req.typ {
-                proto::CMD_WRITE => req.len,
-                proto::CMD_READ => req.len.min(proto::MAX_PAYLOAD),
-                _ => 0,
-            };
-            let cost = (payload + REQUEST_OVERHEAD as u32).min(self.budget_bytes);
-            let permit = Arc::clone(&self.budget)
-                .acquire_many_owned(cost)
-                .await
-                .map_err(|_| NbdError::Protocol("request budget closed".into()))?;
+impl<S: ReplySink + 'static> Session<S> {
+    /// Call from within the runtime.
+    fn new(conn: Arc<Conn>, sink: S, opts: &ServerOptions, max_threads: usize) -> Arc<Self> {
+        let budget_bytes = budget_bytes(opts);
+        Arc::new(Session {
+            replies: Replies::new(sink, conn.structured),
+            conn,
+            pool: Arc::new(BufferPool::default()),
+            budget: Arc::new(Semaphore::new(budget_bytes as usize)),
+            budget_bytes,
+            workers: Workers::new(max_threads),
+            writes: Workers::new(WRITE_THREADS.min(max_threads)),
+        })
+    }
 
-            let data = if req.typ == proto::CMD_WRITE {
-                let mut buf = self.pool.get(req.len as usize);
-                match rd.read_exact(&mut buf).await {
-                    Ok(_) => Some(buf),
-                    Err(e) if client_gone(&e) => {
-                        tracing::debug!("client went away in the middle of a WRITE: {e}");
-                        return Ok(());
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            } else {
-                None
-            };
+    /// Hands a request to an I/O thread, which runs it and sends its reply. Only
+    /// the one reading requests calls this.
+    fn dispatch(self: &Arc<Self>, incoming: Incoming) {
+        let req = &incoming.req;
+        let workers = if req.typ == proto::CMD_WRITE && req.flags & proto::CMD_FLAG_FUA == 0 {
+            &self.writes
+        } else {
+            &self.workers
+        };
+        let session = Arc::clone(self);
+        let span = tracing::Span::current();
+        workers.run(Box::new(move || {
+            let _span = span.enter();
+            let reply = answer(&session.conn, &session.pool, incoming);
+            session.replies.submit(reply, None);
+        }));
+    }
 
-            let checked = check(&req, &self.conn);
-            if let Err((errno, message)) = &checked {
-                tracing::debug!(
-                    cookie = req.cookie,
-                    "refusing {} at {}+{}: {errno}: {message}",
-                    proto::command_name(req.typ),
-                    req.offset,
-                    req.len
-                );
-            }
-            let (conn, pool) = (Arc::clone(&self.conn), Arc::clone(&self.pool));
-            let (replies, handle) = (Arc::clone(&self.replies), self.handle.clone());
-            let span = tracing::Span::current();
-            self.workers.run(Box::new(move || {
-                let _span = span.enter();
-                let body = match checked {
-                    Err((errno, message)) => ReplyBody::Error { errno, message },
-                    Ok(()) => match std::panic::catch_unwind(AssertUnwindSafe(|| {
-                        execute(&conn, &req, data, &pool)
-                    })) {
-                        Ok(body) => body,
-                        Err(_) => {
-                            tracing::error!("backend panicked on {}", proto::command_name(req.typ));
-                            ReplyBody::Error {
-                                errno: Errno::EIO,
-                                message: "internal server error".into(),
-                            }
-                        }
-                    },
-                };
-                let reply = Reply {
-                    cookie: req.cookie,
-                    body,
-                    _permit: permit,
-                };
-                replies.submit(reply, &handle);
-            }));
-        }
+    /// Waits until every request read so far has been answered: holding the whole
+    /// budget means none is in flight.
+    async fn answered(&self) {
+        let _all = self.budget.acquire_many(self.budget_bytes).await;
     }
 }
 
 type Job = Box<dyn FnOnce() + Send>;
 
 /// The threads that run one connection's requests, started as needed up to a
-/// limit. Idle threads take turns waiting on the job queue, so a request goes to a
-/// thread that is already waiting, and a thread that finishes one request picks up
-/// the next queued one without sleeping in between. This costs about half the
-/// context switches per request of tokio's shared blocking pool.
+/// limit. A job goes to a thread already waiting if there is one (one wake-up), and
+/// a thread that finishes a job takes the next queued one without sleeping.
 struct Workers {
-    tx: std::sync::mpsc::Sender<Job>,
-    rx: Arc<Mutex<std::sync::mpsc::Receiver<Job>>>,
-    counts: Arc<WorkerCounts>,
-    /// Threads started; only the connection's reader changes it.
+    queue: Arc<JobQueue>,
+    /// Threads started; only the one reading requests changes it.
     spawned: AtomicUsize,
     max: usize,
+    /// For a job that finds no thread of our own.
+    runtime: tokio::runtime::Handle,
 }
 
 #[derive(Default)]
-struct WorkerCounts {
-    /// Threads waiting for a job (or about to).
-    idle: AtomicUsize,
-    /// Jobs sent and not yet taken.
-    queued: AtomicUsize,
+struct JobQueue {
+    state: Mutex<Jobs>,
+    ready: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct Jobs {
+    queue: std::collections::VecDeque<Job>,
+    /// Threads waiting for a job.
+    idle: usize,
+    /// The connection is finished: threads exit once the queue is empty.
+    closed: bool,
 }
 
 impl Workers {
+    /// Call from within the runtime.
     fn new(max: usize) -> Workers {
-        let (tx, rx) = std::sync::mpsc::channel();
         Workers {
-            tx,
-            rx: Arc::new(Mutex::new(rx)),
-            counts: Arc::default(),
+            queue: Arc::default(),
             spawned: AtomicUsize::new(0),
             max: max.max(1),
+            runtime: tokio::runtime::Handle::current(),
         }
     }
 
-    /// Queues a job, starting another thread when the jobs already waiting would
-    /// leave no idle thread for it and the limit allows. The counts are read
-    /// racily; at worst a thread starts a little early or late.
+    /// Queues a job, starting another thread when no thread is waiting for it and
+    /// the limit allows.
     fn run(&self, job: Job) {
-        let spawned = self.spawned.load(Ordering::Relaxed);
-        let busy =
-            self.counts.queued.load(Ordering::Acquire) >= self.counts.idle.load(Ordering::Acquire);
-        if busy && spawned < self.max {
-            let (rx, counts) = (Arc::clone(&self.rx), Arc::clone(&self.counts));
-            match std::thread::Builder::new()
-                .name("nbd-io".into())
-                .spawn(move || worker(&rx, &counts))
-            {
-                Ok(_) => self.spawned.store(spawned + 1, Ordering::Relaxed),
-                Err(e) if spawned == 0 => {
-                    // No thread of our own: borrow one from tokio's pool.
-                    tracing::warn!("cannot start an NBD I/O thread: {e}");
-                    tokio::task::spawn_blocking(job);
-                    return;
-                }
-                Err(e) => tracing::debug!("cannot start another NBD I/O thread: {e}"),
-            }
+        let mut jobs = lock(&self.queue.state);
+        jobs.queue.push_back(job);
+        if jobs.idle >= jobs.queue.len() {
+            drop(jobs);
+            self.queue.ready.notify_one();
+            return;
         }
-        self.counts.queued.fetch_add(1, Ordering::AcqRel);
-        // Cannot fail: the receiver lives as long as `self`.
-        let _ = self.tx.send(job);
+        let spawned = self.spawned.load(Ordering::Relaxed);
+        if spawned >= self.max {
+            // Every thread is busy; the first one done takes it.
+            return;
+        }
+        drop(jobs);
+        let queue = Arc::clone(&self.queue);
+        match std::thread::Builder::new()
+            .name("nbd-io".into())
+            .spawn(move || worker(&queue))
+        {
+            Ok(_) => self.spawned.store(spawned + 1, Ordering::Relaxed),
+            Err(e) if spawned == 0 => {
+                // No thread of our own: borrow one from tokio's pool.
+                tracing::warn!("cannot start an NBD I/O thread: {e}");
+                if let Some(job) = lock(&self.queue.state).queue.pop_back() {
+                    self.runtime.spawn_blocking(job);
+                }
+            }
+            Err(e) => tracing::debug!("cannot start another NBD I/O thread: {e}"),
+        }
     }
 }
 
-/// One I/O thread: runs jobs until the connection drops its sender.
-fn worker(rx: &Mutex<std::sync::mpsc::Receiver<Job>>, counts: &WorkerCounts) {
+impl Drop for Workers {
+    fn drop(&mut self) {
+        lock(&self.queue.state).closed = true;
+        self.queue.ready.notify_all();
+    }
+}
+
+/// One I/O thread: runs jobs until the connection is finished.
+fn worker(queue: &JobQueue) {
+    let mut jobs = lock(&queue.state);
     loop {
-        counts.idle.fetch_add(1, Ordering::AcqRel);
-        let job = lock(rx).recv();
-        counts.idle.fetch_sub(1, Ordering::AcqRel);
-        match job {
-            Ok(job) => {
-                counts.queued.fetch_sub(1, Ordering::AcqRel);
-                job();
-            }
-            Err(_) => return,
+        if let Some(job) = jobs.queue.pop_front() {
+            drop(jobs);
+            job();
+            jobs = lock(&queue.state);
+        } else if jobs.closed {
+            return;
+        } else {
+            jobs.idle += 1;
+            jobs = queue
+                .ready
+                .wait(jobs)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            jobs.idle -= 1;
         }
     }
+}
+
+// ---- The transmission phase on tokio, for any stream ----
+
+async fn transmit<R, W>(
+    mut rd: BufReader<R>,
+    wr: W,
+    conn: Arc<Conn>,
+    opts: &ServerOptions,
+    shutdown: CancellationToken,
+) -> Result<(), NbdError>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let closing = CancellationToken::new();
+    // If this future is dropped (the listener gave up waiting at shutdown), threads
+    // blocked writing replies to a client that stopped reading give up too.
+    let _closing_guard = closing.clone().drop_guard();
+    let sink = AsyncSink {
+        wr,
+        handle: tokio::runtime::Handle::current(),
+        closing: closing.clone(),
+    };
+    let session = Session::new(conn, sink, opts, opts.threads_per_connection);
+    let read = read_requests(&session, &mut rd, &shutdown).await;
+    if read.is_err() {
+        // A hard disconnect: replies not yet written are dropped, not waited for
+        // (the client may have stopped reading).
+        closing.cancel();
+    }
+    session.answered().await;
+    let (sink, mut written) = session.replies.finish();
+    if let (None, Some(mut sink)) = (&written, sink) {
+        written = sink.wr.shutdown().await.err();
+    }
+    read?;
+    replies_outcome(written)
+}
+
+/// Reads requests until `NBD_CMD_DISC`, end of stream, shutdown or a protocol
+/// violation, handing each to an I/O thread.
+async fn read_requests<R, W>(
+    session: &Arc<Session<AsyncSink<W>>>,
+    rd: &mut BufReader<R>,
+    shutdown: &CancellationToken,
+) -> Result<(), NbdError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
+    let mut hdr = [0u8; Request::LEN];
+    loop {
+        if session.replies.failed() {
+            // Replies can no longer be sent; reading more requests is pointless.
+            return Ok(());
+        }
+        tokio::select! {
+            biased;
+            _ = &mut cancelled => {
+                tracing::debug!("server stopping: no further requests read on this connection");
+                return Ok(());
+            }
+            r = rd.read_exact(&mut hdr) => match r {
+                Ok(_) => {}
+                Err(e) if client_gone(&e) => {
+                    tracing::debug!("client went away without NBD_CMD_DISC: {e}");
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            },
+        }
+        let Some((req, cost)) = admit(&hdr, session.budget_bytes)? else {
+            return Ok(());
+        };
+        let permit = Arc::clone(&session.budget)
+            .acquire_many_owned(cost)
+            .await
+            .map_err(|_| NbdError::Protocol("request budget closed".into()))?;
+        let data = if req.typ == proto::CMD_WRITE {
+            let mut buf = session.pool.get(req.len as usize);
+            match rd.read_exact(&mut buf).await {
+                Ok(_) => Some(buf),
+                Err(e) if client_gone(&e) => {
+                    tracing::debug!("client went away in the middle of a WRITE: {e}");
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            }
+        } else {
+            None
+        };
+        session.dispatch(Incoming {
+            checked: vet(&req, &session.conn),
+            req,
+            data,
+            permit,
+        });
+    }
+}
+
+/// Replies to an async stream, written from the I/O threads through the runtime.
+struct AsyncSink<W> {
+    wr: W,
+    handle: tokio::runtime::Handle,
+    /// Cancelled when the connection is torn down: a write blocked on a client that
+    /// does not read gives up.
+    closing: CancellationToken,
+}
+
+impl<W: AsyncWrite + Unpin + Send> ReplySink for AsyncSink<W> {
+    fn write_all_vectored(
+        &mut self,
+        bufs: &mut [IoSlice<'_>],
+        _on_block: &mut Option<&mut dyn FnMut()>,
+    ) -> io::Result<()> {
+        let AsyncSink {
+            wr,
+            handle,
+            closing,
+        } = self;
+        handle.block_on(async {
+            tokio::select! {
+                r = write_all_vectored(wr, bufs) => r,
+                _ = closing.cancelled() => Err(io::Error::other("connection closed")),
+            }
+        })
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let AsyncSink {
+            wr,
+            handle,
+            closing,
+        } = self;
+        handle.block_on(async {
+            tokio::select! {
+                r = wr.flush() => r,
+                _ = closing.cancelled() => Err(io::Error::other("connection closed")),
+            }
+        })
+    }
+}
+
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    mut bufs: &mut [IoSlice<'_>],
+) -> io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        let n = wr.write_vectored(bufs).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut bufs, n);
+    }
+    Ok(())
+}
+
+// ---- The transmission phase on blocking threads, for plain sockets ----
+
+/// A stream that can leave tokio for blocking threads after the handshake: the
+/// plain sockets that [`serve_unix`] and [`serve_tcp`] accept.
+trait PlainStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// The same socket, deregistered from tokio and in blocking mode.
+    fn into_blocking(self) -> io::Result<PlainSocket>;
+}
+
+impl PlainStream for tokio::net::UnixStream {
+    fn into_blocking(self) -> io::Result<PlainSocket> {
+        let s = self.into_std()?;
+        s.set_nonblocking(false)?;
+        Ok(PlainSocket::Unix(s))
+    }
+}
+
+impl PlainStream for tokio::net::TcpStream {
+    fn into_blocking(self) -> io::Result<PlainSocket> {
+        let s = self.into_std()?;
+        s.set_nonblocking(false)?;
+        Ok(PlainSocket::Tcp(s))
+    }
+}
+
+/// A connected socket in blocking mode, used from several threads at once: one
+/// reads, one writes, any of them may shut it down.
+#[derive(Debug)]
+enum PlainSocket {
+    Unix(std::os::unix::net::UnixStream),
+    Tcp(std::net::TcpStream),
+}
+
+impl PlainSocket {
+    fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            PlainSocket::Unix(s) => Read::read(&mut &*s, buf),
+            PlainSocket::Tcp(s) => Read::read(&mut &*s, buf),
+        }
+    }
+
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            PlainSocket::Unix(s) => s.as_fd(),
+            PlainSocket::Tcp(s) => s.as_fd(),
+        }
+    }
+
+    /// Shuts down one or both directions. This wakes a thread blocked in `recv`
+    /// (which then sees end of stream) or `send` (which fails).
+    fn shutdown(&self, how: Shutdown) {
+        let r = match self {
+            PlainSocket::Unix(s) => s.shutdown(how),
+            PlainSocket::Tcp(s) => s.shutdown(how),
+        };
+        // ENOTCONN once the peer has reset the connection: nothing left to do.
+        if let Err(e) = r
+            && e.kind() != io::ErrorKind::NotConnected
+        {
+            tracing::debug!("shutdown({how:?}) of the NBD socket failed: {e}");
+        }
+    }
+}
+
+/// The read side of a [`PlainSocket`].
+struct SocketReader(Arc<PlainSocket>);
+
+impl Read for SocketReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+/// The write side of a [`PlainSocket`].
+struct SocketSink(Arc<PlainSocket>);
+
+impl ReplySink for SocketSink {
+    fn write_all_vectored(
+        &mut self,
+        mut bufs: &mut [IoSlice<'_>],
+        on_block: &mut Option<&mut dyn FnMut()>,
+    ) -> io::Result<()> {
+        IoSlice::advance_slices(&mut bufs, 0);
+        while !bufs.is_empty() {
+            let nonblocking = on_block.is_some();
+            match sys::send_vectored(self.0.as_fd(), bufs, nonblocking) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && nonblocking => {
+                    if let Some(f) = on_block.take() {
+                        f();
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The transmission phase of a plain socket, entirely on blocking threads: one
+/// reads requests (see [`Reader`]) and the session's I/O threads run them, with no
+/// event loop in between. This task only waits for the reading to end and the
+/// requests read to be answered. At shutdown it shuts the socket down for reading,
+/// which wakes the reader blocked in `recv`; requests already read are answered
+/// before the connection closes.
+async fn transmit_blocking(
+    sock: PlainSocket,
+    early: Vec<u8>,
+    conn: Arc<Conn>,
+    opts: &ServerOptions,
+    shutdown: CancellationToken,
+) -> Result<(), NbdError> {
+    let sock = Arc::new(sock);
+    let stop = CancellationToken::new();
+    // If this future is dropped (the listener gave up waiting at shutdown), the
+    // reader stops, and threads blocked on a client that stopped reading give up.
+    let _teardown = Teardown {
+        sock: Arc::clone(&sock),
+        stop: stop.clone(),
+    };
+    let (ended, mut read_ended) = tokio::sync::oneshot::channel();
+    let rd = Read::chain(io::Cursor::new(early), SocketReader(Arc::clone(&sock)));
+    let reader = Arc::new(Reader {
+        // One thread more than the option: the reader's.
+        session: Session::new(
+            conn,
+            SocketSink(Arc::clone(&sock)),
+            opts,
+            opts.threads_per_connection.saturating_add(1),
+        ),
+        side: Mutex::new(ReadSide {
+            rd: std::io::BufReader::with_capacity(READ_BUFFER, rd),
+            inline: Inline::new(),
+            ended: Some(ended),
+        }),
+        sock: Arc::clone(&sock),
+        stop: stop.clone(),
+        span: tracing::Span::current(),
+    });
+    reader.start();
+    let read = tokio::select! {
+        r = &mut read_ended => r,
+        _ = shutdown.cancelled() => {
+            tracing::debug!("server stopping: no further requests read on this connection");
+            stop.cancel();
+            sock.shutdown(Shutdown::Read);
+            read_ended.await
+        }
+    };
+    let read = read.unwrap_or_else(|_| Err(io::Error::other("the NBD request reader died").into()));
+    reader.session.answered().await;
+    let (_, written) = reader.session.replies.finish();
+    sock.shutdown(Shutdown::Write);
+    read?;
+    replies_outcome(written)
+}
+
+/// Stops a blocking connection when its task ends, however it ends: the reader
+/// stops, and shutting the socket down wakes a thread blocked reading or writing.
+struct Teardown {
+    sock: Arc<PlainSocket>,
+    stop: CancellationToken,
+}
+
+impl Drop for Teardown {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.sock.shutdown(Shutdown::Both);
+    }
+}
+
+/// The reading side of a blocking connection. One thread at a time reads: it runs
+/// small writes itself (see [`Inline`]) and hands everything else to the session's
+/// I/O threads. When it cannot send a reply without blocking (the client is not
+/// reading), reading moves to another I/O thread: how far a client may run ahead
+/// of its replies is left to the budget.
+struct Reader {
+    session: Arc<Session<SocketSink>>,
+    /// Held by the thread reading.
+    side: Mutex<ReadSide>,
+    sock: Arc<PlainSocket>,
+    /// Reading stops: the server is stopping or the connection is torn down.
+    stop: CancellationToken,
+    span: tracing::Span,
+}
+
+struct ReadSide {
+    rd: std::io::BufReader<io::Chain<io::Cursor<Vec<u8>>, SocketReader>>,
+    inline: Inline,
+    /// Where the end of reading is reported; `None` once it has been.
+    ended: Option<tokio::sync::oneshot::Sender<Result<(), NbdError>>>,
+}
+
+impl ReadSide {
+    fn end(&mut self, result: Result<(), NbdError>) {
+        if let Some(ended) = self.ended.take() {
+            let _ = ended.send(result);
+        }
+    }
+}
+
+impl Reader {
+    /// Reading continues on one of the session's I/O threads.
+    fn start(self: &Arc<Self>) {
+        let reader = Arc::clone(self);
+        self.session.workers.run(Box::new(move || reader.run()));
+    }
+
+    fn run(self: &Arc<Self>) {
+        let _span = self.span.enter();
+        let side = lock(&self.side);
+        if side.ended.is_none() {
+            return;
+        }
+        let mut reading = true;
+        let r = std::panic::catch_unwind(AssertUnwindSafe(|| self.read_loop(side, &mut reading)));
+        if r.is_err() && reading {
+            tracing::error!("NBD request reader panicked");
+            self.sock.shutdown(Shutdown::Both);
+            lock(&self.side).end(Err(
+                io::Error::other("the NBD request reader panicked").into()
+            ));
+        }
+    }
+
+    /// Reads requests until reading ends, or until this thread has to wait to
+    /// write a reply (`reading` becomes false) and reading moves to another thread.
+    fn read_loop(
+        self: &Arc<Self>,
+        mut side: std::sync::MutexGuard<'_, ReadSide>,
+        reading: &mut bool,
+    ) {
+        loop {
+            let incoming = match self.read_request(&mut side.rd) {
+                Ok(Some(incoming)) => incoming,
+                Ok(None) => return side.end(Ok(())),
+                Err(e) => {
+                    // The stream is out of sync or broken: close the connection now.
+                    // Replies not yet written are dropped (the client may have
+                    // stopped reading).
+                    self.sock.shutdown(Shutdown::Both);
+                    return side.end(Err(e));
+                }
+            };
+            if !side.inline.wants(&incoming) {
+                self.session.dispatch(incoming);
+                continue;
+            }
+            let req = incoming.req;
+            let started = Instant::now();
+            let reply = answer(&self.session.conn, &self.session.pool, incoming);
+            side.inline.ran(&req, started.elapsed());
+            let mut turn = Some(side);
+            let mut hand_over = || {
+                if let Some(side) = turn.take() {
+                    self.start();
+                    drop(side);
+                }
+            };
+            self.session.replies.submit(reply, Some(&mut hand_over));
+            match turn {
+                Some(kept) => side = kept,
+                None => {
+                    *reading = false;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reads one request; `None` at the end of the session.
+    fn read_request(&self, rd: &mut impl Read) -> Result<Option<Incoming>, NbdError> {
+        if self.stop.is_cancelled() || self.session.replies.failed() {
+            // Stopping, or replies can no longer be sent.
+            return Ok(None);
+        }
+        let mut hdr = [0u8; Request::LEN];
+        if let Err(e) = rd.read_exact(&mut hdr) {
+            return self.read_failed(e, "without NBD_CMD_DISC");
+        }
+        let Some((req, cost)) = admit(&hdr, self.session.budget_bytes)? else {
+            return Ok(None);
+        };
+        let budget = &self.session.budget;
+        let permit = match Arc::clone(budget).try_acquire_many_owned(cost) {
+            Ok(permit) => permit,
+            Err(_) => {
+                // Over budget: wait for replies to go out, or for the server to stop.
+                let wait = async {
+                    tokio::select! {
+                        biased;
+                        _ = self.stop.cancelled() => None,
+                        permit = Arc::clone(budget).acquire_many_owned(cost) => permit.ok(),
+                    }
+                };
+                match futures::executor::block_on(wait) {
+                    Some(permit) => permit,
+                    None => return Ok(None),
+                }
+            }
+        };
+        let data = if req.typ == proto::CMD_WRITE {
+            let mut buf = self.session.pool.get(req.len as usize);
+            if let Err(e) = rd.read_exact(&mut buf) {
+                return self.read_failed(e, "in the middle of a WRITE");
+            }
+            Some(buf)
+        } else {
+            None
+        };
+        Ok(Some(Incoming {
+            checked: vet(&req, &self.session.conn),
+            req,
+            data,
+            permit,
+        }))
+    }
+
+    fn read_failed(&self, e: io::Error, when: &str) -> Result<Option<Incoming>, NbdError> {
+        if self.stop.is_cancelled() {
+            // Our own shutdown(SHUT_RD).
+            Ok(None)
+        } else if client_gone(&e) {
+            tracing::debug!("client went away {when}: {e}");
+            Ok(None)
+        } else {
+            Err(e.into())
+        }
+    }
+}
+
+/// Which requests the reader runs itself instead of handing them to another
+/// thread: small reads and small writes without FUA, which the page cache usually
+/// answers in a few microseconds. A hand-off costs a thread wake-up per request,
+/// more than such a request itself; and buffered writes to one file do not run in
+/// parallel anyway (the file system serialises them on the inode lock).
+///
+/// A request that still takes long (a read from the disk, a throttled write) held
+/// up the requests behind it; after one, requests of its kind are handed off, for
+/// a stretch that doubles with every slow one found at its end. A disk-bound
+/// workload so keeps its parallelism, and pays for one probe in a thousand.
+#[derive(Debug)]
+struct Inline {
+    reads: Probe,
+    writes: Probe,
+}
+
+/// Whether requests of one kind are currently run inline.
+#[derive(Debug)]
+struct Probe {
+    /// Requests still to hand off before one is tried inline again.
+    skip: u32,
+    /// What `skip` becomes after the next slow inline request.
+    backoff: u32,
+}
+
+impl Inline {
+    /// Largest request run inline.
+    const MAX_LEN: u32 = 64 * 1024;
+    /// An inline request that took longer than this probably waited for the disk.
+    const SLOW: Duration = Duration::from_micros(50);
+    const BACKOFF_MIN: u32 = 16;
+    const BACKOFF_MAX: u32 = 1024;
+
+    fn new() -> Inline {
+        let probe = || Probe {
+            skip: 0,
+            backoff: Inline::BACKOFF_MIN,
+        };
+        Inline {
+            reads: probe(),
+            writes: probe(),
+        }
+    }
+
+    fn probe(&mut self, req: &Request) -> Option<&mut Probe> {
+        if req.len > Inline::MAX_LEN {
+            return None;
+        }
+        match req.typ {
+            proto::CMD_READ => Some(&mut self.reads),
+            proto::CMD_WRITE if req.flags & proto::CMD_FLAG_FUA == 0 => Some(&mut self.writes),
+            _ => None,
+        }
+    }
+
+    /// Whether to run this request inline.
+    fn wants(&mut self, incoming: &Incoming) -> bool {
+        if incoming.checked.is_err() {
+            // A refusal does not touch the backend.
+            return true;
+        }
+        match self.probe(&incoming.req) {
+            Some(p) if p.skip > 0 => {
+                p.skip -= 1;
+                false
+            }
+            Some(_) => true,
+            None => false,
+        }
+    }
+
+    /// Records how long a request run inline took.
+    fn ran(&mut self, req: &Request, elapsed: Duration) {
+        let Some(p) = self.probe(req) else {
+            return;
+        };
+        if elapsed > Inline::SLOW {
+            p.skip = p.backoff;
+            p.backoff = (p.backoff * 2).min(Inline::BACKOFF_MAX);
+        } else {
+            p.backoff = Inline::BACKOFF_MIN;
+        }
+    }
+}
+
+// ---- Replies, for both paths ----
+
+/// Where a connection's replies go; written from the I/O threads, which block.
+trait ReplySink: Send {
+    /// Writes all of `bufs`. A sink that can tell calls `on_block` (and clears it)
+    /// before it first blocks.
+    fn write_all_vectored(
+        &mut self,
+        bufs: &mut [IoSlice<'_>],
+        on_block: &mut Option<&mut dyn FnMut()>,
+    ) -> io::Result<()>;
+    fn flush(&mut self) -> io::Result<()>;
 }
 
 /// The reply side of a connection. A thread with a reply queues it, and the first
 /// one to find nobody writing becomes the writer and sends everything queued until
 /// the queue is empty (flat combining): replies batch up under load, and no thread
 /// waits for another's write or hands its reply to yet another thread.
-struct Replies<W> {
+struct Replies<S> {
     queue: Mutex<Vec<Reply>>,
-    sink: Mutex<Sink<W>>,
+    sink: Mutex<Sink<S>>,
     failed: AtomicBool,
     structured: bool,
-    /// Cancelled when the connection is torn down: a write blocked on a client that
-    /// does not read gives up.
-    closing: CancellationToken,
 }
 
-struct Sink<W> {
+struct Sink<S> {
     /// `None` once the connection is finished.
-    wr: Option<W>,
+    wr: Option<S>,
     /// Encoded replies waiting to be written together.
     out: Vec<u8>,
     /// The replies being written (swapped with the queue, so neither reallocates).
@@ -1226,8 +1907,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-impl<W: AsyncWrite + Unpin> Replies<W> {
-    fn new(wr: W, structured: bool, closing: CancellationToken) -> Self {
+impl<S: ReplySink> Replies<S> {
+    fn new(wr: S, structured: bool) -> Self {
         Replies {
             queue: Mutex::new(Vec::new()),
             sink: Mutex::new(Sink {
@@ -1238,7 +1919,6 @@ impl<W: AsyncWrite + Unpin> Replies<W> {
             }),
             failed: AtomicBool::new(false),
             structured,
-            closing,
         }
     }
 
@@ -1247,8 +1927,10 @@ impl<W: AsyncWrite + Unpin> Replies<W> {
     }
 
     /// Queues a reply and writes whatever is queued unless another thread already
-    /// is. Blocks on the socket: call it from a blocking thread.
-    fn submit(&self, reply: Reply, handle: &tokio::runtime::Handle) {
+    /// is. Blocks on the socket: call it from a blocking thread. With `on_block`,
+    /// writes to a plain socket do not block at first: `on_block` is called before
+    /// the first write that would.
+    fn submit(&self, reply: Reply, mut on_block: Option<&mut dyn FnMut()>) {
         lock(&self.queue).push(reply);
         loop {
             let mut sink = match self.sink.try_lock() {
@@ -1269,18 +1951,11 @@ impl<W: AsyncWrite + Unpin> Replies<W> {
                     batch,
                     error,
                 } = &mut *sink;
-                if let (None, Some(wr)) = (&*error, wr.as_mut()) {
-                    let write = write_batch(wr, out, batch, self.structured);
-                    let r = handle.block_on(async {
-                        tokio::select! {
-                            r = write => r,
-                            _ = self.closing.cancelled() => Err(io::Error::other("connection closed")),
-                        }
-                    });
-                    if let Err(e) = r {
-                        *error = Some(e);
-                        self.failed.store(true, Ordering::Relaxed);
-                    }
+                if let (None, Some(wr)) = (&*error, wr.as_mut())
+                    && let Err(e) = write_batch(wr, out, batch, self.structured, &mut on_block)
+                {
+                    *error = Some(e);
+                    self.failed.store(true, Ordering::Relaxed);
                 }
                 // Dropping the replies returns their buffers and budget.
                 batch.clear();
@@ -1292,19 +1967,11 @@ impl<W: AsyncWrite + Unpin> Replies<W> {
         }
     }
 
-    /// Closes the write side once every reply is out; the first write error, if any.
-    async fn finish(&self) -> io::Result<()> {
-        let (wr, error) = {
-            let mut sink = lock(&self.sink);
-            (sink.wr.take(), sink.error.take())
-        };
-        if let Some(e) = error {
-            return Err(e);
-        }
-        match wr {
-            Some(mut wr) => wr.shutdown().await,
-            None => Ok(()),
-        }
+    /// Ends the reply side once every reply is out: the sink to close (unless a
+    /// write failed) and the first write error.
+    fn finish(&self) -> (Option<S>, Option<io::Error>) {
+        let mut sink = lock(&self.sink);
+        (sink.wr.take(), sink.error.take())
     }
 }
 
@@ -1466,11 +2133,12 @@ fn clamp_extents(ext: &[(u64, u32)], len: u64, req_one: bool) -> Vec<(u32, u32)>
 
 /// Encodes and writes a batch of replies: small ones together in one write, a large
 /// read's data with a vectored write instead of a copy.
-async fn write_batch<W: AsyncWrite + Unpin>(
-    wr: &mut W,
+fn write_batch<S: ReplySink>(
+    wr: &mut S,
     out: &mut Vec<u8>,
     batch: &[Reply],
     structured: bool,
+    on_block: &mut Option<&mut dyn FnMut()>,
 ) -> io::Result<()> {
     out.clear();
     for reply in batch {
@@ -1514,39 +2182,21 @@ async fn write_batch<W: AsyncWrite + Unpin>(
                 if n <= INLINE_PAYLOAD {
                     out.extend_from_slice(buf);
                 } else {
-                    write_all_vectored(wr, out, buf).await?;
+                    wr.write_all_vectored(&mut [IoSlice::new(out), IoSlice::new(buf)], on_block)?;
                     out.clear();
                 }
             }
         }
         if out.len() >= WRITE_BATCH {
-            wr.write_all(out).await?;
+            wr.write_all_vectored(&mut [IoSlice::new(out)], on_block)?;
             out.clear();
         }
     }
     if !out.is_empty() {
-        wr.write_all(out).await?;
+        wr.write_all_vectored(&mut [IoSlice::new(out)], on_block)?;
         out.clear();
     }
-    wr.flush().await
-}
-
-async fn write_all_vectored<W: AsyncWrite + Unpin>(
-    wr: &mut W,
-    a: &[u8],
-    b: &[u8],
-) -> io::Result<()> {
-    let mut bufs = [IoSlice::new(a), IoSlice::new(b)];
-    let mut slices: &mut [IoSlice<'_>] = &mut bufs;
-    IoSlice::advance_slices(&mut slices, 0);
-    while !slices.is_empty() {
-        let n = wr.write_vectored(slices).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        IoSlice::advance_slices(&mut slices, n);
-    }
-    Ok(())
+    wr.flush()
 }
 
 /// Payload buffers of one connection, reused so that steady traffic allocates
