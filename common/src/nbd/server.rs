@@ -1,11 +1,11 @@
 //! The NBD server: exports one [`Backend`] to any number of clients.
 //!
-//! A connection goes through the fixed newstyle handshake (`negotiate`) and then
-//! the transmission phase, where many requests are in flight at once:
+//! A connection goes through the fixed newstyle handshake (`negotiate`, on tokio)
+//! and then the transmission phase, where many requests are in flight at once:
 //!
-//! - the connection's task reads requests in order and checks each one; a write's
-//!   payload is read into a pooled buffer first, because the next request header
-//!   follows it on the wire;
+//! - one reader takes requests off the stream in order and checks each one; a
+//!   write's payload is read into a pooled buffer first, because the next request
+//!   header follows it on the wire;
 //! - each request then runs on one of the connection's I/O threads (`pread`,
 //!   `pwrite`, `fdatasync`...; see `Workers`), so one slow flush does not hold up
 //!   the reads queued behind it, and no tokio worker ever blocks on the disk;
@@ -14,10 +14,24 @@
 //!   which), replies that complete together share one `write`, and a large read's
 //!   header and data go out with one vectored write.
 //!
+//! The reader depends on the stream. A plain Unix or TCP socket ([`serve_unix`],
+//! [`serve_tcp`]) leaves tokio after the handshake: its reader is a blocking thread
+//! (`transmit_blocking`), which hands requests straight to the I/O threads and runs
+//! small reads and writes itself while the page cache answers them in microseconds
+//! (`Inline`). A small request so costs no thread hand-off at all, and no request
+//! goes through an event loop; this is what keeps up with nbdkit, which serves a
+//! connection the same way. Any other stream ([`serve`]; TLS, later) is read by a
+//! tokio task (`transmit`). Everything after the reading is shared (`Session`).
+//!
 //! Memory is bounded per connection: every request takes permits from a semaphore
 //! worth [`ServerOptions::max_in_flight_bytes`] (its payload plus a fixed overhead)
 //! and gives them back once its reply is written, so a client that sends requests
 //! without reading replies stalls itself, not the server.
+//!
+//! Shutdown stops the reading (a blocking reader is woken by shutting the socket
+//! down for reading), lets the requests already read finish and be answered, then
+//! closes the connection; a connection still busy after
+//! [`ServerOptions::shutdown_grace`] is torn down.
 //!
 //! Bad input never takes the process down: a broken rule of the protocol that leaves
 //! the stream out of sync (bad magic, an oversized option or write) closes that one
@@ -415,7 +429,9 @@ pub struct ServerOptions {
     /// finish their in-flight requests before dropping them.
     pub shutdown_grace: Duration,
     /// Most threads running one connection's requests at once (started on demand).
-    /// 16 matches qemu's usual queue depth and nbdkit's default.
+    /// 16 matches qemu's usual queue depth and nbdkit's default. Writes without
+    /// FUA have up to two threads of their own instead (more would only queue on
+    /// the file's inode lock), and a plain socket has one more, reading requests.
     pub threads_per_connection: usize,
 }
 
@@ -1187,10 +1203,14 @@ impl<S: ReplySink + 'static> Session<S> {
 type Job = Box<dyn FnOnce() + Send>;
 
 /// The threads that run one connection's requests, started as needed up to a
-/// limit. A job goes to a thread already waiting if there is one (one wake-up), and
-/// a thread that finishes a job takes the next queued one without sleeping.
+/// limit. Idle threads take turns waiting on the job queue, so a request goes to a
+/// thread that is already waiting, and a thread that finishes one request picks up
+/// the next queued one without sleeping in between. This costs about half the
+/// context switches per request of tokio's shared blocking pool.
 struct Workers {
-    queue: Arc<JobQueue>,
+    tx: std::sync::mpsc::Sender<Job>,
+    rx: Arc<Mutex<std::sync::mpsc::Receiver<Job>>>,
+    counts: Arc<WorkerCounts>,
     /// Threads started; only the one reading requests changes it.
     spawned: AtomicUsize,
     max: usize,
@@ -1199,89 +1219,68 @@ struct Workers {
 }
 
 #[derive(Default)]
-struct JobQueue {
-    state: Mutex<Jobs>,
-    ready: std::sync::Condvar,
-}
-
-#[derive(Default)]
-struct Jobs {
-    queue: std::collections::VecDeque<Job>,
-    /// Threads waiting for a job.
-    idle: usize,
-    /// The connection is finished: threads exit once the queue is empty.
-    closed: bool,
+struct WorkerCounts {
+    /// Threads waiting for a job (or about to).
+    idle: AtomicUsize,
+    /// Jobs sent and not yet taken.
+    queued: AtomicUsize,
 }
 
 impl Workers {
     /// Call from within the runtime.
     fn new(max: usize) -> Workers {
+        let (tx, rx) = std::sync::mpsc::channel();
         Workers {
-            queue: Arc::default(),
+            tx,
+            rx: Arc::new(Mutex::new(rx)),
+            counts: Arc::default(),
             spawned: AtomicUsize::new(0),
             max: max.max(1),
             runtime: tokio::runtime::Handle::current(),
         }
     }
 
-    /// Queues a job, starting another thread when no thread is waiting for it and
-    /// the limit allows.
+    /// Queues a job, starting another thread when the jobs already waiting would
+    /// leave no idle thread for it and the limit allows. The counts are read
+    /// racily; at worst a thread starts a little early or late.
     fn run(&self, job: Job) {
-        let mut jobs = lock(&self.queue.state);
-        jobs.queue.push_back(job);
-        if jobs.idle >= jobs.queue.len() {
-            drop(jobs);
-            self.queue.ready.notify_one();
-            return;
-        }
         let spawned = self.spawned.load(Ordering::Relaxed);
-        if spawned >= self.max {
-            // Every thread is busy; the first one done takes it.
-            return;
-        }
-        drop(jobs);
-        let queue = Arc::clone(&self.queue);
-        match std::thread::Builder::new()
-            .name("nbd-io".into())
-            .spawn(move || worker(&queue))
-        {
-            Ok(_) => self.spawned.store(spawned + 1, Ordering::Relaxed),
-            Err(e) if spawned == 0 => {
-                // No thread of our own: borrow one from tokio's pool.
-                tracing::warn!("cannot start an NBD I/O thread: {e}");
-                if let Some(job) = lock(&self.queue.state).queue.pop_back() {
+        let busy =
+            self.counts.queued.load(Ordering::Acquire) >= self.counts.idle.load(Ordering::Acquire);
+        if busy && spawned < self.max {
+            let (rx, counts) = (Arc::clone(&self.rx), Arc::clone(&self.counts));
+            match std::thread::Builder::new()
+                .name("nbd-io".into())
+                .spawn(move || worker(&rx, &counts))
+            {
+                Ok(_) => self.spawned.store(spawned + 1, Ordering::Relaxed),
+                Err(e) if spawned == 0 => {
+                    // No thread of our own: borrow one from tokio's pool.
+                    tracing::warn!("cannot start an NBD I/O thread: {e}");
                     self.runtime.spawn_blocking(job);
+                    return;
                 }
+                Err(e) => tracing::debug!("cannot start another NBD I/O thread: {e}"),
             }
-            Err(e) => tracing::debug!("cannot start another NBD I/O thread: {e}"),
         }
+        self.counts.queued.fetch_add(1, Ordering::AcqRel);
+        // Cannot fail: the receiver lives as long as `self`.
+        let _ = self.tx.send(job);
     }
 }
 
-impl Drop for Workers {
-    fn drop(&mut self) {
-        lock(&self.queue.state).closed = true;
-        self.queue.ready.notify_all();
-    }
-}
-
-/// One I/O thread: runs jobs until the connection is finished.
-fn worker(queue: &JobQueue) {
-    let mut jobs = lock(&queue.state);
+/// One I/O thread: runs jobs until the connection drops its sender.
+fn worker(rx: &Mutex<std::sync::mpsc::Receiver<Job>>, counts: &WorkerCounts) {
     loop {
-        if let Some(job) = jobs.queue.pop_front() {
-            drop(jobs);
-            job();
-            jobs = lock(&queue.state);
-        } else if jobs.closed {
-            return;
-        } else {
-            jobs.idle += 1;
-            jobs = queue
-                .ready
-                .wait(jobs)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            jobs.idle -= 1;
+        counts.idle.fetch_add(1, Ordering::AcqRel);
+        let job = lock(rx).recv();
+        counts.idle.fetch_sub(1, Ordering::AcqRel);
+        match job {
+            Ok(job) => {
+                counts.queued.fetch_sub(1, Ordering::AcqRel);
+                job();
+            }
+            Err(_) => return,
         }
     }
 }
@@ -1623,8 +1622,8 @@ impl Drop for Teardown {
 }
 
 /// The reading side of a blocking connection. One thread at a time reads: it runs
-/// small writes itself (see [`Inline`]) and hands everything else to the session's
-/// I/O threads. When it cannot send a reply without blocking (the client is not
+/// small reads and writes itself (see [`Inline`]) and hands everything else to the
+/// session's I/O threads. When it cannot send a reply without blocking (the client is not
 /// reading), reading moves to another I/O thread: how far a client may run ahead
 /// of its replies is left to the budget.
 struct Reader {
@@ -1695,7 +1694,7 @@ impl Reader {
                     return side.end(Err(e));
                 }
             };
-            if !side.inline.wants(&incoming) {
+            if !side.inline.wants(&incoming.req, incoming.checked.is_err()) {
                 self.session.dispatch(incoming);
                 continue;
             }
@@ -1837,13 +1836,13 @@ impl Inline {
         }
     }
 
-    /// Whether to run this request inline.
-    fn wants(&mut self, incoming: &Incoming) -> bool {
-        if incoming.checked.is_err() {
-            // A refusal does not touch the backend.
+    /// Whether to run this request inline; `refused` when it gets an error reply
+    /// without touching the backend.
+    fn wants(&mut self, req: &Request, refused: bool) -> bool {
+        if refused {
             return true;
         }
-        match self.probe(&incoming.req) {
+        match self.probe(req) {
             Some(p) if p.skip > 0 => {
                 p.skip -= 1;
                 false
@@ -2263,7 +2262,7 @@ impl Drop for PooledBuf {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use tokio::io::DuplexStream;
+    use tokio::net::UnixStream;
 
     /// An in-memory backend for byte-exact protocol tests.
     struct MemBackend {
@@ -2319,25 +2318,65 @@ mod tests {
         }
     }
 
-    /// A raw client speaking bytes to `serve` over an in-memory pipe.
+    /// How the server under test reads requests: the two transmission paths.
+    #[derive(Debug, Clone, Copy)]
+    enum Via {
+        /// A tokio task, as for any stream (`serve_until`).
+        Task,
+        /// A blocking thread, as for the plain sockets of `serve_unix`/`serve_tcp`.
+        Threads,
+    }
+
+    fn test_options() -> ServerOptions {
+        ServerOptions {
+            export_name: "disk".into(),
+            ..ServerOptions::default()
+        }
+    }
+
+    /// Serves one end of a socket pair the way `via` says.
+    fn spawn_server(
+        via: Via,
+        stream: UnixStream,
+        backend: Arc<dyn Backend>,
+        opts: ServerOptions,
+        shutdown: CancellationToken,
+    ) -> tokio::task::JoinHandle<Result<(), NbdError>> {
+        let opts = Arc::new(opts);
+        match via {
+            Via::Task => tokio::spawn(serve_until(stream, backend, opts, shutdown)),
+            Via::Threads => tokio::spawn(serve_plain(stream, backend, opts, shutdown)),
+        }
+    }
+
+    /// A raw client speaking bytes to the server over a Unix socket.
     struct Raw {
-        io: DuplexStream,
-        server: tokio::task::JoinHandle<Result<(), NbdError>>,
+        io: UnixStream,
+        /// The connection's task, when the test started it.
+        server: Option<tokio::task::JoinHandle<Result<(), NbdError>>>,
     }
 
     impl Raw {
-        async fn start(backend: Arc<dyn Backend>) -> Raw {
-            Raw::start_until(backend, CancellationToken::new()).await
+        async fn start(via: Via, backend: Arc<dyn Backend>) -> Raw {
+            Raw::start_with(via, backend, test_options(), CancellationToken::new()).await
         }
 
-        async fn start_until(backend: Arc<dyn Backend>, shutdown: CancellationToken) -> Raw {
-            let (client, server) = tokio::io::duplex(1 << 20);
-            let opts = Arc::new(ServerOptions {
-                export_name: "disk".into(),
-                ..ServerOptions::default()
-            });
-            let server = tokio::spawn(serve_until(server, backend, opts, shutdown));
-            let mut raw = Raw { io: client, server };
+        async fn start_with(
+            via: Via,
+            backend: Arc<dyn Backend>,
+            opts: ServerOptions,
+            shutdown: CancellationToken,
+        ) -> Raw {
+            let (client, server) = UnixStream::pair().unwrap();
+            let server = spawn_server(via, server, backend, opts, shutdown);
+            Raw::greeted(client, Some(server)).await
+        }
+
+        async fn greeted(
+            io: UnixStream,
+            server: Option<tokio::task::JoinHandle<Result<(), NbdError>>>,
+        ) -> Raw {
+            let mut raw = Raw { io, server };
             let mut greet = [0u8; 18];
             raw.io.read_exact(&mut greet).await.unwrap();
             assert_eq!(proto::be_u64(&greet[0..8]), proto::NBD_MAGIC);
@@ -2455,7 +2494,10 @@ mod tests {
             let mut b = [0u8; 64];
             let n = self.io.read(&mut b).await.unwrap_or(0);
             assert_eq!(n, 0, "server should have closed the connection");
-            self.server.await.unwrap()
+            match self.server {
+                Some(server) => server.await.unwrap(),
+                None => Ok(()),
+            }
         }
     }
 
@@ -2463,9 +2505,8 @@ mod tests {
         (offset..offset + len).map(|i| (i % 251) as u8).collect()
     }
 
-    #[tokio::test]
-    async fn options_are_answered() {
-        let mut c = Raw::start(MemBackend::new(1 << 20, false)).await;
+    async fn options_are_answered(via: Via) {
+        let mut c = Raw::start(via, MemBackend::new(1 << 20, false)).await;
         c.send(&3u32.to_be_bytes()).await;
 
         c.option(proto::OPT_STARTTLS, &[]).await;
@@ -2531,9 +2572,8 @@ mod tests {
         c.expect_closed().await.unwrap();
     }
 
-    #[tokio::test]
-    async fn export_name_with_zeroes() {
-        let mut c = Raw::start(MemBackend::new(1 << 20, true)).await;
+    async fn export_name_with_zeroes(via: Via) {
+        let mut c = Raw::start(via, MemBackend::new(1 << 20, true)).await;
         // Fixed newstyle without NO_ZEROES.
         c.send(&1u32.to_be_bytes()).await;
         c.option(proto::OPT_EXPORT_NAME, b"disk").await;
@@ -2557,26 +2597,23 @@ mod tests {
         c.expect_closed().await.unwrap();
     }
 
-    #[tokio::test]
-    async fn unknown_export_name_closes() {
-        let mut c = Raw::start(MemBackend::new(1 << 20, false)).await;
+    async fn unknown_export_name_closes(via: Via) {
+        let mut c = Raw::start(via, MemBackend::new(1 << 20, false)).await;
         c.send(&3u32.to_be_bytes()).await;
         c.option(proto::OPT_EXPORT_NAME, b"other").await;
         let e = c.expect_closed().await.unwrap_err();
         assert!(e.to_string().contains("unknown export"), "{e}");
     }
 
-    #[tokio::test]
-    async fn unknown_client_flags_close() {
-        let mut c = Raw::start(MemBackend::new(1 << 20, false)).await;
+    async fn unknown_client_flags_close(via: Via) {
+        let mut c = Raw::start(via, MemBackend::new(1 << 20, false)).await;
         c.send(&0x80u32.to_be_bytes()).await;
         let e = c.expect_closed().await.unwrap_err();
         assert!(matches!(e, NbdError::Protocol(_)), "{e}");
     }
 
-    #[tokio::test]
-    async fn simple_replies() {
-        let mut c = Raw::start(MemBackend::new(1 << 20, false)).await;
+    async fn simple_replies(via: Via) {
+        let mut c = Raw::start(via, MemBackend::new(1 << 20, false)).await;
         let flags = c.go(false, false).await;
         assert_eq!(
             flags,
@@ -2630,9 +2667,8 @@ mod tests {
         c.expect_closed().await.unwrap();
     }
 
-    #[tokio::test]
-    async fn structured_replies() {
-        let mut c = Raw::start(MemBackend::new(1 << 20, false)).await;
+    async fn structured_replies(via: Via) {
+        let mut c = Raw::start(via, MemBackend::new(1 << 20, false)).await;
         c.go(true, true).await;
         c.request(proto::CMD_READ, 0, 1, 4096, 100).await;
         let (flags, typ, cookie, d) = c.chunk().await;
@@ -2689,9 +2725,8 @@ mod tests {
         c.expect_closed().await.unwrap();
     }
 
-    #[tokio::test]
-    async fn many_requests_in_flight() {
-        let mut c = Raw::start(MemBackend::new(1 << 20, false)).await;
+    async fn many_requests_in_flight(via: Via) {
+        let mut c = Raw::start(via, MemBackend::new(1 << 20, false)).await;
         c.go(true, false).await;
         // Pipeline 64 writes then 64 reads without waiting.
         for i in 0..64u64 {
@@ -2718,10 +2753,15 @@ mod tests {
         c.expect_closed().await.unwrap();
     }
 
-    #[tokio::test]
-    async fn shutdown_closes_idle_connections() {
+    async fn shutdown_closes_idle_connections(via: Via) {
         let token = CancellationToken::new();
-        let mut c = Raw::start_until(MemBackend::new(1 << 20, false), token.clone()).await;
+        let mut c = Raw::start_with(
+            via,
+            MemBackend::new(1 << 20, false),
+            test_options(),
+            token.clone(),
+        )
+        .await;
         c.go(true, false).await;
         c.request(proto::CMD_READ, 0, 1, 0, 16).await;
         let (_, typ, cookie, d) = c.chunk().await;
@@ -2731,32 +2771,280 @@ mod tests {
         c.expect_closed().await.unwrap();
     }
 
-    #[tokio::test]
-    async fn bad_request_magic_closes() {
-        let mut c = Raw::start(MemBackend::new(1 << 20, false)).await;
+    async fn bad_request_magic_closes(via: Via) {
+        let mut c = Raw::start(via, MemBackend::new(1 << 20, false)).await;
         c.go(false, false).await;
         c.send(&[0xde; 28]).await;
         let e = c.expect_closed().await.unwrap_err();
         assert!(e.to_string().contains("magic"), "{e}");
     }
 
-    #[tokio::test]
-    async fn oversized_write_closes() {
-        let mut c = Raw::start(MemBackend::new(1 << 20, false)).await;
+    async fn oversized_write_closes(via: Via) {
+        let mut c = Raw::start(via, MemBackend::new(1 << 20, false)).await;
         c.go(false, false).await;
         c.request(proto::CMD_WRITE, 0, 1, 0, u32::MAX).await;
         let e = c.expect_closed().await.unwrap_err();
         assert!(e.to_string().contains("maximum payload"), "{e}");
     }
 
-    #[tokio::test]
-    async fn oversized_option_closes() {
-        let mut c = Raw::start(MemBackend::new(1 << 20, false)).await;
+    async fn oversized_option_closes(via: Via) {
+        let mut c = Raw::start(via, MemBackend::new(1 << 20, false)).await;
         c.send(&3u32.to_be_bytes()).await;
         c.send(&proto::encode_option_header(proto::OPT_GO, u32::MAX))
             .await;
         let e = c.expect_closed().await.unwrap_err();
         assert!(matches!(e, NbdError::Protocol(_)), "{e}");
+    }
+
+    /// A pipelining client: a request sent right behind the last option, before the
+    /// server answered it, is not lost when the connection leaves tokio.
+    async fn request_right_behind_the_handshake(via: Via) {
+        let mut c = Raw::start(via, MemBackend::new(1 << 20, false)).await;
+        let mut b = 3u32.to_be_bytes().to_vec();
+        b.extend_from_slice(&proto::encode_option_header(proto::OPT_EXPORT_NAME, 4));
+        b.extend_from_slice(b"disk");
+        let read = Request {
+            flags: 0,
+            typ: proto::CMD_READ,
+            cookie: 9,
+            offset: 10,
+            len: 5,
+        };
+        b.extend_from_slice(&read.encode());
+        c.send(&b).await;
+        let answered = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut export = [0u8; 10];
+            c.io.read_exact(&mut export).await.unwrap();
+            assert_eq!(proto::be_u64(&export[0..8]), 1 << 20);
+            assert_eq!(c.simple_reply().await, (0, 9));
+            let mut d = [0u8; 5];
+            c.io.read_exact(&mut d).await.unwrap();
+            d
+        });
+        let d = answered.await.expect("the early READ was not answered");
+        assert_eq!(d.to_vec(), pattern(10, 5));
+        c.request(proto::CMD_DISC, 0, 10, 0, 0).await;
+        c.expect_closed().await.unwrap();
+    }
+
+    /// A client that sends without reading replies runs ahead until its budget
+    /// is spent, not only until the socket's buffer of replies is full: the reader
+    /// never waits to send a reply.
+    async fn reading_goes_on_while_replies_wait(via: Via) {
+        let mut c = Raw::start(via, MemBackend::new(1 << 20, false)).await;
+        c.go(false, false).await;
+        // 3000 small writes take 60 MB of the 64 MiB budget; their replies are far
+        // more than the socket buffers hold.
+        const N: u64 = 3000;
+        let mut b = Vec::new();
+        for i in 0..N {
+            let r = Request {
+                flags: 0,
+                typ: proto::CMD_WRITE,
+                cookie: i,
+                offset: i * 4096 % (1 << 20),
+                len: 4096,
+            };
+            b.extend_from_slice(&r.encode());
+            b.extend_from_slice(&[i as u8; 4096]);
+        }
+        tokio::time::timeout(Duration::from_secs(30), c.io.write_all(&b))
+            .await
+            .expect("the server stopped reading requests")
+            .unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..N {
+            let (err, cookie) = c.simple_reply().await;
+            assert_eq!(err, 0);
+            assert!(seen.insert(cookie));
+        }
+        c.request(proto::CMD_DISC, 0, 0, 0, 0).await;
+        c.expect_closed().await.unwrap();
+    }
+
+    /// Passes everything to a [`MemBackend`], except that a flush waits until the
+    /// test releases it.
+    struct GatedBackend {
+        inner: Arc<MemBackend>,
+        flushing: Arc<tokio::sync::Notify>,
+        release: Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl Backend for GatedBackend {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+            self.inner.write_at(data, offset, fua)
+        }
+        fn flush(&self) -> io::Result<()> {
+            self.flushing.notify_one();
+            self.release.lock().unwrap().recv().unwrap();
+            Ok(())
+        }
+        fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+            self.inner.trim(offset, len, fua)
+        }
+        fn write_zeroes(&self, offset: u64, len: u64, fua: bool, may_trim: bool) -> io::Result<()> {
+            self.inner.write_zeroes(offset, len, fua, may_trim)
+        }
+    }
+
+    /// At shutdown, a request already running is answered before the connection
+    /// closes.
+    async fn shutdown_answers_requests_in_flight(via: Via) {
+        let (release, released) = std::sync::mpsc::channel();
+        let flushing = Arc::new(tokio::sync::Notify::new());
+        let backend = Arc::new(GatedBackend {
+            inner: MemBackend::new(1 << 20, false),
+            flushing: Arc::clone(&flushing),
+            release: Mutex::new(released),
+        });
+        let token = CancellationToken::new();
+        let mut c = Raw::start_with(via, backend, test_options(), token.clone()).await;
+        c.go(false, false).await;
+        c.request(proto::CMD_FLUSH, 0, 7, 0, 0).await;
+        flushing.notified().await;
+        token.cancel();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        release.send(()).unwrap();
+        assert_eq!(c.simple_reply().await, (0, 7));
+        c.expect_closed().await.unwrap();
+    }
+
+    macro_rules! on_both_paths {
+        ($($name:ident),* $(,)?) => {
+            mod via_task {
+                $(#[tokio::test]
+                async fn $name() {
+                    super::$name(super::Via::Task).await
+                })*
+            }
+            mod via_threads {
+                $(#[tokio::test]
+                async fn $name() {
+                    super::$name(super::Via::Threads).await
+                })*
+            }
+        };
+    }
+
+    on_both_paths!(
+        options_are_answered,
+        export_name_with_zeroes,
+        unknown_export_name_closes,
+        unknown_client_flags_close,
+        simple_replies,
+        structured_replies,
+        many_requests_in_flight,
+        shutdown_closes_idle_connections,
+        bad_request_magic_closes,
+        oversized_write_closes,
+        oversized_option_closes,
+        request_right_behind_the_handshake,
+        reading_goes_on_while_replies_wait,
+        shutdown_answers_requests_in_flight,
+    );
+
+    /// `serve_unix` at shutdown: a connection whose client stopped reading replies
+    /// is torn down once the grace period is over, and the server returns.
+    #[tokio::test]
+    async fn stuck_connection_dropped_after_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nbd.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let opts = Arc::new(ServerOptions {
+            shutdown_grace: Duration::from_millis(200),
+            ..test_options()
+        });
+        let token = CancellationToken::new();
+        let server = tokio::spawn(serve_unix(
+            listener,
+            MemBackend::new(1 << 20, false),
+            opts,
+            token.clone(),
+        ));
+        let mut c = Raw::greeted(UnixStream::connect(&path).await.unwrap(), None).await;
+        c.go(true, false).await;
+        // 64 MiB of reads, more than the budget; none of the replies is read.
+        for i in 0..64 {
+            c.request(proto::CMD_READ, 0, i, 0, 1 << 20).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = std::time::Instant::now();
+        token.cancel();
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("serve_unix did not return")
+            .unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        // The client finds the connection closed once it reads what was sent.
+        let mut sink = vec![0u8; 1 << 20];
+        let drained = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match c.io.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        });
+        drained.await.expect("the connection stayed open");
+    }
+
+    #[test]
+    fn inline_backs_off_after_slow_requests() {
+        let req = |typ, flags, len| Request {
+            flags,
+            typ,
+            cookie: 0,
+            offset: 0,
+            len,
+        };
+        let write = req(proto::CMD_WRITE, 0, 4096);
+        let read = req(proto::CMD_READ, 0, 4096);
+        let fast = Duration::from_micros(5);
+        let slow = Duration::from_millis(5);
+        let mut inline = Inline::new();
+        // Only small reads and writes without FUA, and refusals.
+        assert!(inline.wants(&write, false));
+        assert!(inline.wants(&read, false));
+        assert!(!inline.wants(&req(proto::CMD_WRITE, proto::CMD_FLAG_FUA, 4096), false));
+        assert!(!inline.wants(&req(proto::CMD_WRITE, 0, 1 << 20), false));
+        assert!(!inline.wants(&req(proto::CMD_FLUSH, 0, 0), false));
+        assert!(inline.wants(&req(proto::CMD_FLUSH, 0, 0), true));
+        // A slow write: the next 16 writes are handed off, then one is tried again;
+        // reads are not affected.
+        inline.ran(&write, fast);
+        inline.ran(&write, slow);
+        let handed_off = |inline: &mut Inline| {
+            let mut n = 0;
+            while !inline.wants(&write, false) {
+                n += 1;
+            }
+            n
+        };
+        assert_eq!(handed_off(&mut inline), 16);
+        assert!(inline.wants(&read, false));
+        // Slow again: twice as long, up to the maximum.
+        inline.ran(&write, slow);
+        assert_eq!(handed_off(&mut inline), 32);
+        for _ in 0..10 {
+            inline.ran(&write, slow);
+            handed_off(&mut inline);
+        }
+        inline.ran(&write, slow);
+        assert_eq!(handed_off(&mut inline), 1024);
+        // A fast probe starts over.
+        inline.ran(&write, fast);
+        assert!(inline.wants(&write, false));
+        inline.ran(&write, slow);
+        assert_eq!(handed_off(&mut inline), 16);
     }
 
     #[test]
