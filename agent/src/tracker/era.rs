@@ -26,31 +26,18 @@
 //! (its first 4 KiB at least) before its first use, so that the target formats it.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 
 use bulwark_common::block::Geometry;
 use serde::{Deserialize, Serialize};
 
 use super::bitmap::Bitmap;
-use super::{Frozen, Plan, Tracker, open_volume};
+use super::{Frozen, Plan, Tracker, lock, open_volume, run_tool};
 
-/// Runs a tool and returns its stdout, or an error with its stderr.
+/// [`run_tool`] with its output as text.
 fn run(tool: &str, args: &[&str]) -> Result<String, String> {
-    let out = Command::new(tool)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run {tool}: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "{tool} {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    run_tool(tool, args).map(|o| String::from_utf8_lossy(&o).into_owned())
 }
 
 /// Why dm-era cannot work on this host, if it cannot.
@@ -150,10 +137,6 @@ pub struct EraTracker {
     geometry: Geometry,
     bookmark_path: PathBuf,
     state: Mutex<State>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl EraTracker {

@@ -24,7 +24,7 @@ use bulwark_common::block::Geometry;
 use bulwark_common::nbd::server::{Backend, FileBackend};
 
 use super::bitmap::{self, Bitmap, DirtyMap, LoadError};
-use super::{BlockSource, Frozen, Plan, Tracker, open_volume};
+use super::{BlockSource, Frozen, Plan, Tracker, lock, open_volume};
 
 struct State {
     /// The point the record is relative to; `None` while inconsistent.
@@ -41,10 +41,6 @@ pub struct FilterTracker {
     map: Arc<DirtyMap>,
     state: Mutex<State>,
     saved: PathBuf,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl FilterTracker {

@@ -97,6 +97,31 @@ pub trait Tracker: Send + Sync {
     fn shutdown(&self);
 }
 
+/// Locks `m`, taking the value even if another thread panicked holding it (the
+/// trackers' state stays meaningful: each update is a single assignment).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs an external tool (qemu-img, dmsetup, ...) and returns its stdout, or an
+/// error with the command line and its stderr.
+pub(crate) fn run_tool(tool: &str, args: &[&str]) -> Result<Vec<u8>, String> {
+    let out = std::process::Command::new(tool)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {tool}: {e}"))?;
+    if out.status.success() {
+        Ok(out.stdout)
+    } else {
+        Err(format!(
+            "{tool} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
 /// Opens the volume (or its snapshot) for reading.
 pub fn open_volume(path: &Path) -> Result<Arc<dyn BlockSource>, String> {
     Volume::open(path)

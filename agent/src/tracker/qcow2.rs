@@ -43,7 +43,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 
 use super::bitmap::Bitmap;
-use super::{BlockSource, Frozen, Plan, Tracker};
+use super::{BlockSource, Frozen, Plan, Tracker, lock, run_tool};
 
 const PREFIX: &str = "bulwark-p";
 const NEXT: &str = "bulwark-next";
@@ -75,22 +75,15 @@ struct BitmapInfo {
     flags: Vec<String>,
 }
 
-/// Runs a qemu tool and returns its stdout, or an error with its stderr.
+/// [`run_tool`], with a hint when the tool is missing.
 fn run(tool: &str, args: &[&str]) -> Result<Vec<u8>, String> {
-    let out = Command::new(tool)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run {tool} (is qemu-utils installed?): {e}"))?;
-    if out.status.success() {
-        Ok(out.stdout)
-    } else {
-        Err(format!(
-            "{tool} {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    run_tool(tool, args).map_err(|e| {
+        if e.starts_with("cannot run") {
+            format!("{e} (is qemu-utils installed?)")
+        } else {
+            e
+        }
+    })
 }
 
 fn info(path: &Path, shared: bool) -> Result<ImageInfo, String> {
@@ -191,10 +184,6 @@ pub struct Qcow2Tracker {
     path: PathBuf,
     geometry: Geometry,
     state: Mutex<State>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Qcow2Tracker {
