@@ -86,6 +86,33 @@ pub struct SourceToml {
     /// For `log` sources: which files of the directory are logs.
     #[serde(default)]
     pub glob: Option<String>,
+    /// Replica space on the node (default 1.5 × the volume).
+    #[serde(default)]
+    pub replica_space: Option<ByteSize>,
+    /// Recovery-point space on the node (default size × 7 days × 2% + 1.6 GiB).
+    #[serde(default)]
+    pub points_space: Option<ByteSize>,
+    /// `[sources.retention]`: which recovery points the node keeps.
+    #[serde(default)]
+    pub retention: Option<RetentionToml>,
+}
+
+/// `[sources.retention]` (see `bulwark_common::retention`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionToml {
+    #[serde(default)]
+    pub keep: u32,
+    #[serde(default)]
+    pub max_age: Option<HumanDuration>,
+    #[serde(default)]
+    pub hourly: u32,
+    #[serde(default)]
+    pub daily: u32,
+    #[serde(default)]
+    pub weekly: u32,
+    #[serde(default)]
+    pub monthly: u32,
 }
 
 fn default_tracker() -> String {
@@ -139,6 +166,8 @@ pub struct SourceConfig {
     /// The era target of a `dm-era` source.
     pub era: Option<EraConfig>,
     pub quiesce: QuiesceConfig,
+    /// Space and retention asked of the node.
+    pub policy: bulwark_proto::Policy,
 }
 
 /// Checked configuration.
@@ -346,6 +375,19 @@ impl AgentConfig {
             if s.sync_interval.0 < Duration::from_secs(1) {
                 return Err(bad(key("sync_interval"), "must be at least 1s".into()));
             }
+            let r = s.retention.unwrap_or_default();
+            let policy = bulwark_proto::Policy {
+                replica_alloc_bytes: s.replica_space.map_or(0, |b| b.0),
+                points_alloc_bytes: s.points_space.map_or(0, |b| b.0),
+                retention: Some(bulwark_proto::Retention {
+                    keep: r.keep,
+                    max_age_ms: r.max_age.map_or(0, |d| d.0.as_millis() as u64),
+                    hourly: r.hourly,
+                    daily: r.daily,
+                    weekly: r.weekly,
+                    monthly: r.monthly,
+                }),
+            };
             sources.push(SourceConfig {
                 name: s.name,
                 path: resolve(path, &s.path),
@@ -355,6 +397,7 @@ impl AgentConfig {
                 nbd,
                 era,
                 quiesce,
+                policy,
             });
         }
         Ok(AgentConfig {

@@ -149,13 +149,19 @@ impl Coverage {
 }
 
 /// Restores `point` (0 = newest) of `source` into `path`. `protected` are the live
-/// volumes of this agent, which a restore never overwrites.
+/// volumes of this agent, which a restore never overwrites. `progress`, when given,
+/// counts the bytes written so far (for a progress display).
+///
+/// Receiving and writing overlap: this task takes messages off the stream while a
+/// blocking writer checks each extent's checksums and writes it, with a few
+/// messages queued between them.
 pub async fn restore_point(
     source: &str,
     point: u64,
     path: &Path,
     protected: Vec<PathBuf>,
     mut node: NodeClient<Channel>,
+    progress: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 ) -> Result<RestoreOutcome, String> {
     let started = Instant::now();
     let mut stream = node
@@ -185,53 +191,59 @@ pub async fn restore_point(
         .await
         .map_err(|e| e.to_string())??;
     let target = std::sync::Arc::new(target);
-    let mut coverage = Coverage {
-        bits: vec![0u64; geometry.block_count().div_ceil(64) as usize],
-        geometry,
-        covered: 0,
-    };
-    let mut written = 0u64;
-    let result: Result<(), String> = async {
-        while let Some(chunk) = stream
-            .message()
-            .await
-            .map_err(|s| format!("restore stream broke: {}", s.message()))?
-        {
-            match chunk.msg {
-                Some(pb::restore_chunk::Msg::Extent(e)) => {
+    // `None` says the stream ended cleanly: only then is the file finished.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Option<pb::restore_chunk::Msg>>(4);
+    let t = target.clone();
+    let writer = tokio::task::spawn_blocking(move || -> Result<u64, String> {
+        let mut coverage = Coverage {
+            bits: vec![0u64; geometry.block_count().div_ceil(64) as usize],
+            geometry,
+            covered: 0,
+        };
+        let mut written = 0u64;
+        let mut zeros: Vec<u8> = Vec::new();
+        loop {
+            let msg = match rx.blocking_recv() {
+                Some(Some(msg)) => msg,
+                Some(None) => break,
+                None => return Err("the restore stream was cut".into()),
+            };
+            match msg {
+                pb::restore_chunk::Msg::Extent(e) => {
                     geometry
                         .verify_extent(e.offset, &e.data, &e.checksums)
                         .map_err(|err| format!("restored data failed its check: {err}"))?;
                     coverage.mark(e.offset, e.data.len() as u64)?;
+                    t.file
+                        .write_all_at(&e.data, e.offset)
+                        .map_err(|err| format!("cannot write {}: {err}", t.path.display()))?;
                     written += e.data.len() as u64;
-                    let t = target.clone();
-                    tokio::task::spawn_blocking(move || t.file.write_all_at(&e.data, e.offset))
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .map_err(|e| format!("cannot write {}: {e}", target.path.display()))?;
                 }
-                Some(pb::restore_chunk::Msg::Zeros(z)) => {
+                pb::restore_chunk::Msg::Zeros(z) => {
                     coverage.mark(z.offset, z.len)?;
-                    written += z.len;
-                    if target.is_device {
-                        let t = target.clone();
-                        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-                            let zeros = vec![0u8; MAX_BATCH_BYTES.min(z.len as usize)];
-                            let mut at = z.offset;
-                            let end = z.offset + z.len;
-                            while at < end {
-                                let n = zeros.len().min((end - at) as usize);
-                                t.file.write_all_at(&zeros[..n], at)?;
-                                at += n as u64;
-                            }
-                            Ok(())
-                        })
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .map_err(|e| format!("cannot write {}: {e}", target.path.display()))?;
+                    if t.is_device {
+                        // A device is not sparse: its old bytes must go.
+                        if zeros.is_empty() {
+                            zeros = vec![0u8; MAX_BATCH_BYTES];
+                        }
+                        let mut at = z.offset;
+                        let end = z.offset + z.len;
+                        while at < end {
+                            let n = zeros.len().min((end - at) as usize);
+                            t.file.write_all_at(&zeros[..n], at).map_err(|err| {
+                                format!("cannot write {}: {err}", t.path.display())
+                            })?;
+                            at += n as u64;
+                        }
                     }
+                    written += z.len;
                 }
-                _ => return Err("unexpected message in the restore stream".into()),
+                pb::restore_chunk::Msg::Header(_) => {
+                    return Err("a second header in the restore stream".into());
+                }
+            }
+            if let Some(p) = &progress {
+                p.store(written, std::sync::atomic::Ordering::Relaxed);
             }
         }
         if coverage.covered != geometry.block_count() {
@@ -241,46 +253,65 @@ pub async fn restore_point(
                 geometry.block_count()
             ));
         }
-        let t = target.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), String> {
-            t.file
-                .sync_all()
-                .map_err(|e| format!("cannot fsync: {e}"))?;
-            if let Some(partial) = &t.partial {
-                std::fs::rename(partial, &t.path).map_err(|e| {
-                    format!(
-                        "cannot rename {} to {}: {e}",
-                        partial.display(),
-                        t.path.display()
-                    )
-                })?;
-                if let Some(dir) = t.path.parent() {
-                    let dir = if dir.as_os_str().is_empty() {
-                        Path::new(".")
-                    } else {
-                        dir
-                    };
-                    File::open(dir)
-                        .and_then(|d| d.sync_all())
-                        .map_err(|e| format!("cannot fsync {}: {e}", dir.display()))?;
-                }
+        t.file
+            .sync_all()
+            .map_err(|e| format!("cannot fsync: {e}"))?;
+        if let Some(partial) = &t.partial {
+            std::fs::rename(partial, &t.path).map_err(|e| {
+                format!(
+                    "cannot rename {} to {}: {e}",
+                    partial.display(),
+                    t.path.display()
+                )
+            })?;
+            if let Some(dir) = t.path.parent() {
+                let dir = if dir.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    dir
+                };
+                File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| format!("cannot fsync {}: {e}", dir.display()))?;
             }
-            Ok(())
-        })
-        .await
-        .map_err(|e| e.to_string())?
+        }
+        Ok(written)
+    });
+    let received: Result<(), String> = async {
+        while let Some(chunk) = stream
+            .message()
+            .await
+            .map_err(|s| format!("restore stream broke: {}", s.message()))?
+        {
+            let Some(msg) = chunk.msg else {
+                return Err("an empty message in the restore stream".into());
+            };
+            if tx.send(Some(msg)).await.is_err() {
+                return Ok(()); // the writer stopped: its error says why
+            }
+        }
+        let _ = tx.send(None).await;
+        Ok(())
     }
     .await;
-    if let Err(e) = result {
-        if let Some(partial) = &target.partial {
-            let _ = std::fs::remove_file(partial);
+    drop(tx);
+    let written = writer.await.map_err(|e| e.to_string())?;
+    let result = match (received, written) {
+        (Err(e), _) | (Ok(()), Err(e)) => Err(e),
+        (Ok(()), Ok(n)) => Ok(n),
+    };
+    match result {
+        Ok(written) => Ok(RestoreOutcome {
+            point: point_id,
+            path: path.to_path_buf(),
+            bytes_written: written,
+            duration_ms: started.elapsed().as_millis() as u64,
+        }),
+        Err(e) => {
+            if let Some(partial) = &target.partial {
+                let _ = std::fs::remove_file(partial);
+            }
+            Err(e)
         }
-        return Err(e);
     }
-    Ok(RestoreOutcome {
-        point: point_id,
-        path: path.to_path_buf(),
-        bytes_written: written,
-        duration_ms: started.elapsed().as_millis() as u64,
-    })
 }

@@ -182,7 +182,7 @@ impl Agent {
         }
         let span = tracing::info_span!("restore", source = %cmd.source, point = cmd.point, path = %cmd.path);
         let protected = self.cfg.sources.iter().map(|s| s.path.clone()).collect();
-        let o = restore_point(&cmd.source, cmd.point, &path, protected, node)
+        let o = restore_point(&cmd.source, cmd.point, &path, protected, node, None)
             .instrument(span)
             .await?;
         tracing::info!(source = %cmd.source, point = o.point, path = %o.path.display(), bytes = o.bytes_written, "restore finished");
@@ -209,6 +209,7 @@ impl Agent {
                     block_size: s.block_size,
                     tracker: s.tracker.clone(),
                     inconsistent: self.inconsistent(&s.name),
+                    policy: Some(s.policy),
                 })
                 .collect(),
             version: bulwark_common::VERSION.to_string(),

@@ -19,6 +19,7 @@ pub mod failpoint;
 pub mod nbd;
 pub mod pki;
 pub mod point;
+pub mod retention;
 pub mod shutdown;
 pub mod telemetry;
 pub mod time;

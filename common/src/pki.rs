@@ -209,7 +209,12 @@ pub fn issue(dir: &Path, req: &LeafRequest) -> Result<Issued, PkiError> {
     dn.push(DnType::OrganizationName, "Bulwark");
     params.distinguished_name = dn;
     params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    // keyEncipherment too: GnuTLS (qemu's NBD client with tls-creds-x509) refuses a
+    // certificate without it, although TLS 1.3 never enciphers with the key.
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
     params.extended_key_usages = vec![
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,

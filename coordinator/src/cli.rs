@@ -113,6 +113,59 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Set a data source's space on its node: replica space and recovery-point
+    /// space (e.g. `--points 20GiB`). Takes effect at once on the node (and at the
+    /// source's next sync at the latest).
+    Allocate {
+        /// Data source name.
+        source: String,
+        /// Replica space (at least the volume plus its checksums).
+        #[arg(long, value_parser = parse_size)]
+        replica: Option<u64>,
+        /// Recovery-point space.
+        #[arg(long, value_parser = parse_size)]
+        points: Option<u64>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List alerts: open ones, and with --all the resolved ones too.
+    Alerts {
+        /// Also resolved alerts.
+        #[arg(long)]
+        all: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-read a data source's stored data on its node and check every checksum;
+    /// damaged replica blocks are repaired from the agent when it still has them,
+    /// and points that stay damaged are marked. Exits 1 when damage remains.
+    Verify {
+        /// Data source name.
+        source: String,
+        /// Only this point (and the data it depends on); default: every point.
+        #[arg(long)]
+        point: Option<u64>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy a recovery point from its storage node to a local file on this machine,
+    /// checking every block's checksum.
+    Export {
+        /// Data source name.
+        source: String,
+        /// Point id (default: the newest).
+        #[arg(long)]
+        point: Option<u64>,
+        /// A new file.
+        #[arg(long)]
+        to: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a whole fleet on this machine, protect a sample volume, restore it, and
     /// clean up.
     Demo {
@@ -566,20 +619,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     "STATE",
                     "TRACKER",
                     "SIZE",
+                    "POINT SPACE",
                     "LAST POINT",
                     "ERROR",
                 ],
-                |s| {
-                    json!({
-                        "name": s.name, "agent": s.agent, "node": s.node,
-                        "kind": if s.kind == pb::SourceKind::Log as i32 { "log" } else { "volume" },
-                        "state": s.state, "size_bytes": s.size_bytes, "last_point": s.last_point,
-                        "epoch": s.epoch, "block_size": s.block_size,
-                        "last_sync": rfc3339_ms(s.last_sync_ms), "error": s.error,
-                        "allocated_bytes": s.allocated_bytes,
-                        "tracker": s.tracker, "warning": s.warning,
-                    })
-                },
+                source_json,
                 |s| {
                     vec![
                         s.name.clone(),
@@ -588,6 +632,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         s.state.clone(),
                         s.tracker.clone(),
                         format_size(s.size_bytes),
+                        if s.points_alloc_bytes == 0 {
+                            "-".into()
+                        } else {
+                            format!(
+                                "{} of {}",
+                                format_size(s.points_used_bytes),
+                                format_size(s.points_alloc_bytes)
+                            )
+                        },
                         if s.last_point == 0 {
                             "-".into()
                         } else {
@@ -686,9 +739,176 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Allocate {
+            source,
+            replica,
+            points,
+            json,
+        } => {
+            let s = admin
+                .client
+                .allocate(pb::AllocateRequest {
+                    source: source.clone(),
+                    replica_alloc_bytes: replica.unwrap_or(0),
+                    points_alloc_bytes: points.unwrap_or(0),
+                })
+                .await
+                .map_err(|s| admin.err(s))?
+                .into_inner()
+                .source
+                .ok_or_else(|| anyhow!("the coordinator returned no source"))?;
+            if json {
+                print_json(&source_json(&s))?;
+            } else {
+                println!(
+                    "{}: allocation set to {} in all on node {} (the node applies it now, and at the next sync at the latest)",
+                    s.name,
+                    format_size(s.allocated_bytes),
+                    dash_if_empty(&s.node)
+                );
+            }
+        }
+        Command::Alerts { all, json } => {
+            let alerts = admin
+                .client
+                .list_alerts(pb::ListAlertsRequest { all })
+                .await
+                .map_err(|s| admin.err(s))?
+                .into_inner()
+                .alerts;
+            listing(
+                &alerts,
+                json,
+                &["SEVERITY", "SUBJECT", "SINCE", "STATE", "MESSAGE"],
+                |a| {
+                    json!({
+                        "key": a.key, "severity": a.severity, "subject": a.subject,
+                        "message": a.message, "origin": a.origin,
+                        "first_seen": rfc3339_ms(a.first_seen_ms),
+                        "last_seen": rfc3339_ms(a.last_seen_ms),
+                        "resolved": a.resolved,
+                        "resolved_at": if a.resolved { rfc3339_ms(a.resolved_ms) } else { String::new() },
+                    })
+                },
+                |a| {
+                    vec![
+                        a.severity.clone(),
+                        a.subject.clone(),
+                        rfc3339_ms(a.first_seen_ms),
+                        if a.resolved { "resolved" } else { "open" }.into(),
+                        a.message.clone(),
+                    ]
+                },
+            )?;
+        }
+        Command::Verify {
+            source,
+            point,
+            json,
+        } => {
+            let r = admin
+                .client
+                .verify(pb::VerifyRequest {
+                    source: source.clone(),
+                    point: point.unwrap_or(0),
+                })
+                .await
+                .map_err(|s| admin.err(s))?
+                .into_inner()
+                .report
+                .ok_or_else(|| anyhow!("the coordinator returned no report"))?;
+            let left: Vec<u64> = r.damaged_points.iter().map(|p| p.id).collect();
+            if json {
+                print_json(&json!({
+                    "source": r.source, "blocks_checked": r.blocks_checked,
+                    "bytes_read": r.bytes_read, "duration_ms": r.duration_ms,
+                    "damaged_replica_blocks": r.damaged_replica_blocks,
+                    "repaired_blocks": r.repaired_blocks, "repair_error": r.repair_error,
+                    "damaged_points": r.damaged_points.iter().map(|p| json!({
+                        "id": p.id, "damaged_blocks": p.damaged_blocks,
+                    })).collect::<Vec<_>>(),
+                }))?;
+            } else {
+                println!(
+                    "{}: {} blocks checked ({} read in {:.1} s)",
+                    r.source,
+                    r.blocks_checked,
+                    format_size(r.bytes_read),
+                    r.duration_ms as f64 / 1000.0
+                );
+                if !r.damaged_replica_blocks.is_empty() {
+                    println!(
+                        "  {} replica block(s) were damaged; {} re-sent by the agent{}",
+                        r.damaged_replica_blocks.len(),
+                        r.repaired_blocks,
+                        if r.repair_error.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({})", r.repair_error)
+                        }
+                    );
+                }
+                for p in &r.damaged_points {
+                    println!(
+                        "  point {} is damaged: blocks {:?} cannot be restored",
+                        p.id, p.damaged_blocks
+                    );
+                }
+                if left.is_empty() {
+                    println!("  every point is intact");
+                }
+            }
+            if !left.is_empty() {
+                bail!("{source}: points {left:?} are damaged");
+            }
+        }
+        Command::Export {
+            source,
+            point,
+            to,
+            json,
+        } => {
+            let r =
+                crate::export::export(&mut admin, &files, &source, point.unwrap_or(0), &to).await?;
+            if json {
+                print_json(&json!({
+                    "source": source, "point": r.point, "path": r.path,
+                    "bytes_written": r.bytes_written, "duration_ms": r.duration_ms,
+                }))?;
+            } else {
+                println!(
+                    "{source}: point {} exported to {} ({} in {:.1} s), every block checked",
+                    r.point,
+                    r.path.display(),
+                    format_size(r.bytes_written),
+                    r.duration_ms as f64 / 1000.0
+                );
+            }
+        }
         Command::Pki(_) | Command::Demo { .. } => {}
     }
     Ok(())
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    bulwark_common::config::parse_size(s)
+}
+
+/// A source as `bulwark sources --json` prints it.
+fn source_json(s: &pb::SourceInfo) -> Value {
+    json!({
+        "name": s.name, "agent": s.agent, "node": s.node,
+        "kind": if s.kind == pb::SourceKind::Log as i32 { "log" } else { "volume" },
+        "state": s.state, "size_bytes": s.size_bytes, "last_point": s.last_point,
+        "epoch": s.epoch, "block_size": s.block_size,
+        "last_sync": rfc3339_ms(s.last_sync_ms), "error": s.error,
+        "allocated_bytes": s.allocated_bytes,
+        "replica_alloc_bytes": s.replica_alloc_bytes,
+        "points_alloc_bytes": s.points_alloc_bytes,
+        "points_used_bytes": s.points_used_bytes,
+        "used_bytes": s.used_bytes, "points": s.points,
+        "tracker": s.tracker, "warning": s.warning,
+    })
 }
 
 fn pki(cmd: PkiCommand) -> anyhow::Result<()> {

@@ -10,6 +10,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use bulwark_common::retention::Retention;
 use bulwark_common::time::now_ms;
 use bulwark_proto as pb;
 use serde::{Deserialize, Serialize};
@@ -80,6 +81,9 @@ pub struct NodeRecord {
     pub live_streams: u32,
     pub last_seen_ms: i64,
     pub version: String,
+    /// host:port of the node's NBD (TLS) listener; empty = none.
+    #[serde(default)]
+    pub nbd_address: String,
 }
 
 /// What the sources placed on one node add up to.
@@ -125,6 +129,122 @@ pub struct SourceRecord {
     /// The newest warning of a sync (a failed quiesce hook, ...); cleared by a clean one.
     #[serde(default)]
     pub warning: String,
+    /// Space and retention the agent's config asks for (0 = default).
+    #[serde(default)]
+    pub agent_policy: Policy,
+    /// Allocation set with `bulwark allocate` (0 = the agent's, else the default);
+    /// it wins over the agent's config.
+    #[serde(default)]
+    pub admin_replica_alloc: u64,
+    #[serde(default)]
+    pub admin_points_alloc: u64,
+    /// As the node last reported.
+    #[serde(default)]
+    pub usage: Usage,
+}
+
+/// What a source asks of its node; 0 = the default.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Policy {
+    pub replica_alloc_bytes: u64,
+    pub points_alloc_bytes: u64,
+    pub retention: Retention,
+}
+
+/// A source's space as its node reports it.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Usage {
+    pub replica_alloc_bytes: u64,
+    pub points_alloc_bytes: u64,
+    pub points_used_bytes: u64,
+    pub used_bytes: u64,
+    pub points: u64,
+}
+
+impl SourceRecord {
+    /// The policy the node applies: the admin's allocation over the agent's.
+    pub fn policy(&self) -> Policy {
+        let pick = |admin: u64, agent: u64| if admin > 0 { admin } else { agent };
+        Policy {
+            replica_alloc_bytes: pick(
+                self.admin_replica_alloc,
+                self.agent_policy.replica_alloc_bytes,
+            ),
+            points_alloc_bytes: pick(
+                self.admin_points_alloc,
+                self.agent_policy.points_alloc_bytes,
+            ),
+            retention: self.agent_policy.retention,
+        }
+    }
+
+    /// The bytes to plan for on a node before the node has said.
+    fn planned_alloc(&self) -> u64 {
+        let p = self.policy();
+        let replica = match p.replica_alloc_bytes {
+            0 => bulwark_common::alloc::replica_bytes(self.size_bytes),
+            n => n,
+        };
+        let points = match p.points_alloc_bytes {
+            0 => bulwark_common::alloc::points_bytes(
+                self.size_bytes,
+                bulwark_common::alloc::DEFAULT_RETENTION_DAYS,
+            ),
+            n => n,
+        };
+        replica + points
+    }
+}
+
+impl Policy {
+    fn from_proto(p: Option<&pb::Policy>) -> Policy {
+        p.map_or_else(Policy::default, |p| Policy {
+            replica_alloc_bytes: p.replica_alloc_bytes,
+            points_alloc_bytes: p.points_alloc_bytes,
+            retention: Retention::from_proto(p.retention.as_ref()),
+        })
+    }
+
+    fn to_proto(self) -> pb::Policy {
+        pb::Policy {
+            replica_alloc_bytes: self.replica_alloc_bytes,
+            points_alloc_bytes: self.points_alloc_bytes,
+            retention: Some(self.retention.to_proto()),
+        }
+    }
+}
+
+/// An alert as the coordinator keeps it (see `pb::Alert`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AlertRecord {
+    pub v: u32,
+    pub key: String,
+    pub severity: String,
+    pub subject: String,
+    pub message: String,
+    pub origin: String,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+    pub resolved_ms: i64,
+}
+
+impl AlertRecord {
+    /// To the wire.
+    pub fn to_proto(&self) -> pb::Alert {
+        pb::Alert {
+            key: self.key.clone(),
+            severity: self.severity.clone(),
+            subject: self.subject.clone(),
+            message: self.message.clone(),
+            first_seen_ms: self.first_seen_ms,
+            last_seen_ms: self.last_seen_ms,
+            resolved: self.resolved_ms != 0,
+            origin: self.origin.clone(),
+            resolved_ms: self.resolved_ms,
+        }
+    }
 }
 
 /// Outcome of a command an agent ran.
@@ -141,6 +261,7 @@ pub struct Registry {
     nodes: sled::Tree,
     agents: sled::Tree,
     sources: sled::Tree,
+    alerts: sled::Tree,
     node_timeout: Duration,
     placement: Mutex<()>,
     connections: Mutex<HashMap<String, Connection>>,
@@ -179,6 +300,7 @@ impl Registry {
             nodes: db.open_tree("nodes")?,
             agents: db.open_tree("agents")?,
             sources: db.open_tree("sources")?,
+            alerts: db.open_tree("alerts")?,
             db,
             node_timeout,
             placement: Mutex::new(()),
@@ -246,6 +368,7 @@ impl Registry {
             live_streams: 0,
             last_seen_ms: 0,
             version: String::new(),
+            nbd_address: String::new(),
         });
         rec.address = req.address.clone();
         rec.capacity_bytes = req.capacity_bytes;
@@ -271,17 +394,168 @@ impl Registry {
         rec.used_bytes = hb.used_bytes;
         rec.live_streams = hb.live_streams;
         rec.last_seen_ms = now_ms();
+        rec.nbd_address = hb.nbd_address.clone();
         self.nodes.insert(name.as_bytes(), enc(&rec)?)?;
         for u in &hb.sources {
             if let Ok(mut s) = self.source(&u.source)
                 && s.node.as_deref() == Some(name)
-                && s.last_point != u.newest_point
             {
-                s.last_point = u.newest_point;
-                self.put_source(&s)?;
+                let usage = Usage {
+                    replica_alloc_bytes: u.replica_alloc_bytes,
+                    points_alloc_bytes: u.points_alloc_bytes,
+                    points_used_bytes: u.points_used_bytes,
+                    used_bytes: u.used_bytes,
+                    points: u.points,
+                };
+                if s.last_point != u.newest_point
+                    || s.usage != usage
+                    || s.allocated_bytes != u.allocated_bytes
+                {
+                    s.last_point = u.newest_point;
+                    s.usage = usage;
+                    s.allocated_bytes = u.allocated_bytes;
+                    self.put_source(&s)?;
+                }
             }
         }
+        self.report_alerts(name, &hb.alerts)?;
         Ok(Some(()))
+    }
+
+    /// Takes the full list of conditions `origin` raises now: new ones are opened,
+    /// standing ones refreshed, and open ones it no longer lists are resolved.
+    pub fn report_alerts(&self, origin: &str, alerts: &[pb::Alert]) -> Result<()> {
+        let now = now_ms();
+        let mut listed = std::collections::HashSet::new();
+        for a in alerts {
+            listed.insert(a.key.clone());
+            let existing: Option<AlertRecord> =
+                self.alerts.get(&a.key)?.map(|v| dec(&v)).transpose()?;
+            let rec = match existing {
+                Some(mut r) if r.resolved_ms == 0 => {
+                    r.last_seen_ms = now;
+                    r.message = a.message.clone();
+                    r.severity = a.severity.clone();
+                    r
+                }
+                _ => {
+                    tracing::warn!(alert = %a.key, severity = %a.severity, subject = %a.subject, "{}", a.message);
+                    AlertRecord {
+                        v: FORMAT_VERSION,
+                        key: a.key.clone(),
+                        severity: a.severity.clone(),
+                        subject: a.subject.clone(),
+                        message: a.message.clone(),
+                        origin: origin.to_string(),
+                        first_seen_ms: now,
+                        last_seen_ms: now,
+                        resolved_ms: 0,
+                    }
+                }
+            };
+            self.alerts.insert(a.key.as_bytes(), enc(&rec)?)?;
+        }
+        for item in self.alerts.iter() {
+            let (k, v) = item?;
+            let mut r: AlertRecord = dec(&v)?;
+            if r.origin == origin && r.resolved_ms == 0 && !listed.contains(&r.key) {
+                r.resolved_ms = now;
+                tracing::info!(alert = %r.key, "alert resolved");
+                self.alerts.insert(k, enc(&r)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Alerts, open ones first, then (with `all`) resolved ones; newest first.
+    pub fn alerts(&self, all: bool) -> Result<Vec<AlertRecord>> {
+        let mut out: Vec<AlertRecord> = self
+            .alerts
+            .iter()
+            .map(|r| dec(&r?.1))
+            .collect::<Result<Vec<AlertRecord>>>()?
+            .into_iter()
+            .filter(|a| all || a.resolved_ms == 0)
+            .collect();
+        out.sort_by(|a, b| {
+            (a.resolved_ms != 0)
+                .cmp(&(b.resolved_ms != 0))
+                .then(b.last_seen_ms.cmp(&a.last_seen_ms))
+        });
+        Ok(out)
+    }
+
+    /// Sets a source's allocation (`bulwark allocate`); 0 leaves a part as it is.
+    /// Refused when the source's node has no unallocated room for the growth.
+    pub fn allocate(&self, source: &str, replica: u64, points: u64) -> Result<SourceRecord> {
+        let _g = lock(&self.placement);
+        let mut s = self.source(source)?;
+        let geometry_min =
+            s.size_bytes + s.size_bytes.div_ceil(u64::from(s.block_size.max(1))) * 32;
+        if replica > 0 && replica < geometry_min {
+            return Err(RegistryError::InvalidSource(
+                source.to_string(),
+                format!(
+                    "replica space {} is less than the volume and its checksums need ({})",
+                    bulwark_common::config::format_size(replica),
+                    bulwark_common::config::format_size(geometry_min)
+                ),
+            ));
+        }
+        let current = if s.usage.replica_alloc_bytes + s.usage.points_alloc_bytes > 0 {
+            (s.usage.replica_alloc_bytes, s.usage.points_alloc_bytes)
+        } else {
+            let p = s.policy();
+            let planned = s.planned_alloc();
+            let r = if p.replica_alloc_bytes > 0 {
+                p.replica_alloc_bytes
+            } else {
+                bulwark_common::alloc::replica_bytes(s.size_bytes)
+            };
+            (r, planned.saturating_sub(r))
+        };
+        let new_total = if replica > 0 { replica } else { current.0 }
+            + if points > 0 { points } else { current.1 };
+        let old_total = current.0 + current.1;
+        if new_total > old_total
+            && let Some(node) = s
+                .node
+                .as_deref()
+                .map(|n| self.node(n))
+                .transpose()?
+                .flatten()
+        {
+            let loads = self.node_loads()?;
+            let allocated = loads.get(&node.name).map_or(0, |l| l.allocated_bytes);
+            let free = node.capacity_bytes.saturating_sub(allocated);
+            if new_total - old_total > free {
+                return Err(RegistryError::InvalidSource(
+                    source.to_string(),
+                    format!(
+                        "node {} has {} unallocated; growing the allocation by {} does not fit",
+                        node.name,
+                        bulwark_common::config::format_size(free),
+                        bulwark_common::config::format_size(new_total - old_total)
+                    ),
+                ));
+            }
+        }
+        if replica > 0 {
+            s.admin_replica_alloc = replica;
+        }
+        if points > 0 {
+            s.admin_points_alloc = points;
+        }
+        s.allocated_bytes = new_total;
+        self.put_source(&s)?;
+        self.db.flush()?;
+        tracing::info!(
+            source,
+            replica_alloc_bytes = replica,
+            points_alloc_bytes = points,
+            "allocation set"
+        );
+        Ok(s)
     }
 
     /// Assignments of the sources on `node`.
@@ -444,7 +718,7 @@ impl Registry {
                 block_size: spec.block_size,
                 node: None,
                 epoch: 0,
-                allocated_bytes: bulwark_common::alloc::default_total(spec.size_bytes),
+                allocated_bytes: 0,
                 state: "ok".into(),
                 error: String::new(),
                 last_point: 0,
@@ -452,11 +726,19 @@ impl Registry {
                 created_ms: now_ms(),
                 inconsistent: false,
                 warning: String::new(),
+                agent_policy: Policy::default(),
+                admin_replica_alloc: 0,
+                admin_points_alloc: 0,
+                usage: Usage::default(),
             },
             Err(e) => return Err(e),
         };
         rec.tracker = spec.tracker.clone();
         rec.inconsistent = spec.inconsistent;
+        rec.agent_policy = Policy::from_proto(spec.policy.as_ref());
+        if rec.node.is_none() || rec.allocated_bytes == 0 {
+            rec.allocated_bytes = rec.planned_alloc();
+        }
         let assignment = self.place_locked(&mut rec)?;
         self.put_source(&rec)?;
         Ok(assignment)
@@ -629,6 +911,7 @@ fn assignment(s: &SourceRecord, node: &str, addr: &str) -> pb::Assignment {
         epoch: s.epoch,
         size_bytes: s.size_bytes,
         block_size: s.block_size,
+        policy: Some(s.policy().to_proto()),
     }
 }
 
@@ -657,6 +940,7 @@ mod tests {
             block_size: 65536,
             tracker: "fingerprint".into(),
             inconsistent: false,
+            policy: None,
         }
     }
 

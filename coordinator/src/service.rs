@@ -66,6 +66,70 @@ impl CoordinatorService {
             .max_encoding_message_size(bulwark_common::MAX_MESSAGE_BYTES))
     }
 
+    /// Verifies a source's stored data on its node. Replica blocks found damaged
+    /// are repaired from the agent, when it is connected, by a deep consistency
+    /// check (which re-sends exactly the blocks whose bytes no longer match, and
+    /// keeps no before-image of damage), and the data is verified again so that
+    /// the points' damage marks say what is left.
+    pub async fn verify(&self, source: &str, point: u64) -> Result<pb::VerifyReport, Status> {
+        let s = self.registry.source(source)?;
+        let node = self.node_of(source)?;
+        let mut client = self.node_client(&node)?;
+        let at_node = |st: Status| Status::new(st.code(), format!("node {node}: {}", st.message()));
+        let request = pb::NodeVerifyRequest {
+            source: source.to_string(),
+            point,
+        };
+        let first = client
+            .verify(request.clone())
+            .await
+            .map_err(at_node)?
+            .into_inner();
+        if first.damaged_replica_blocks.is_empty() {
+            return Ok(first);
+        }
+        let damaged = first.damaged_replica_blocks.len();
+        if !self.registry.connected(&s.agent) {
+            return Ok(pb::VerifyReport {
+                repair_error: format!(
+                    "{damaged} damaged replica block(s) not repaired: agent {} is not connected; run `bulwark check {source} --deep` when it is",
+                    s.agent
+                ),
+                ..first
+            });
+        }
+        tracing::warn!(source, blocks = damaged, agent = %s.agent, "repairing damaged replica blocks from the agent");
+        let rx = self
+            .registry
+            .dispatch(&s.agent, |id| {
+                pb::coordinator_command::Cmd::Sync(pb::SyncCommand {
+                    command_id: id,
+                    source: source.to_string(),
+                    check: true,
+                    deep: true,
+                })
+            })
+            .await?;
+        let repaired = match command_outcome(rx, "repair", source, &s.agent).await {
+            Ok(pb::command_result::Outcome::Sync(r)) => Ok(r.blocks_sent),
+            Ok(_) => Err("the agent answered with another result".to_string()),
+            Err(st) => Err(st.message().to_string()),
+        };
+        let mut again = client.verify(request).await.map_err(at_node)?.into_inner();
+        // What the first pass read is what the operator asked for; the figures of
+        // the second pass are only for the damage left.
+        again.blocks_checked = first.blocks_checked;
+        again.bytes_read = first.bytes_read;
+        again.duration_ms += first.duration_ms;
+        match repaired {
+            Ok(n) => again.repaired_blocks = n,
+            Err(e) => again.repair_error = format!("repair by a deep check failed: {e}"),
+        }
+        // The damage the first pass found, so the report says what was wrong.
+        again.damaged_replica_blocks = first.damaged_replica_blocks;
+        Ok(again)
+    }
+
     fn node_of(&self, source: &str) -> Result<String, Status> {
         let s = self.registry.source(source)?;
         s.node
@@ -238,6 +302,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
                     sources: load.sources,
                     last_seen_ms: n.last_seen_ms,
                     live_streams: n.live_streams,
+                    nbd_address: n.nbd_address,
                 }
             })
             .collect();
@@ -274,33 +339,81 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
             .registry
             .sources()?
             .into_iter()
-            .map(|s| pb::SourceInfo {
-                kind: if s.kind == "log" {
-                    pb::SourceKind::Log
-                } else {
-                    pb::SourceKind::Volume
-                } as i32,
-                name: s.name,
-                agent: s.agent,
-                node: s.node.unwrap_or_default(),
-                // A source with no point yet has nothing to be inconsistent with.
-                state: if s.inconsistent && s.state == "ok" && s.last_point > 0 {
-                    "inconsistent".into()
-                } else {
-                    s.state
-                },
-                tracker: s.tracker,
-                warning: s.warning,
-                size_bytes: s.size_bytes,
-                last_point: s.last_point,
-                epoch: s.epoch,
-                block_size: s.block_size,
-                last_sync_ms: s.last_sync_ms,
-                error: s.error,
-                allocated_bytes: s.allocated_bytes,
-            })
+            .map(source_info)
             .collect();
         Ok(Response::new(pb::ListSourcesResponse { sources }))
+    }
+
+    async fn allocate(
+        &self,
+        req: Request<pb::AllocateRequest>,
+    ) -> Result<Response<pb::AllocateResponse>, Status> {
+        let admin = require(&req, "Allocate", &[Role::Admin])?;
+        let r = req.into_inner();
+        if r.replica_alloc_bytes == 0 && r.points_alloc_bytes == 0 {
+            return Err(Status::invalid_argument(
+                "say what to allocate: --replica SIZE and/or --points SIZE",
+            ));
+        }
+        tracing::info!(%admin, source = %r.source, replica = r.replica_alloc_bytes, points = r.points_alloc_bytes, "allocation requested");
+        let s = self
+            .0
+            .registry
+            .allocate(&r.source, r.replica_alloc_bytes, r.points_alloc_bytes)?;
+        Ok(Response::new(pb::AllocateResponse {
+            source: Some(source_info(s)),
+        }))
+    }
+
+    async fn list_alerts(
+        &self,
+        req: Request<pb::ListAlertsRequest>,
+    ) -> Result<Response<pb::ListAlertsResponse>, Status> {
+        require(&req, "ListAlerts", &[Role::Admin])?;
+        let all = req.into_inner().all;
+        let alerts = self
+            .0
+            .registry
+            .alerts(all)?
+            .iter()
+            .map(|a| a.to_proto())
+            .collect();
+        Ok(Response::new(pb::ListAlertsResponse { alerts }))
+    }
+
+    async fn locate(
+        &self,
+        req: Request<pb::LocateRequest>,
+    ) -> Result<Response<pb::LocateResponse>, Status> {
+        require(&req, "Locate", &[Role::Admin])?;
+        let source = req.into_inner().source;
+        let s = self.0.registry.source(&source)?;
+        let node = self.0.node_of(&source)?;
+        let n = self
+            .0
+            .registry
+            .node(&node)?
+            .ok_or_else(|| Status::not_found(format!("node {node} is not registered")))?;
+        Ok(Response::new(pb::LocateResponse {
+            node,
+            node_address: n.address,
+            nbd_address: n.nbd_address,
+            size_bytes: s.size_bytes,
+            block_size: s.block_size,
+        }))
+    }
+
+    async fn verify(
+        &self,
+        req: Request<pb::VerifyRequest>,
+    ) -> Result<Response<pb::VerifyResponse>, Status> {
+        let admin = require(&req, "Verify", &[Role::Admin])?;
+        let r = req.into_inner();
+        tracing::info!(%admin, source = %r.source, point = r.point, "verify requested");
+        let report = self.0.verify(&r.source, r.point).await?;
+        Ok(Response::new(pb::VerifyResponse {
+            report: Some(report),
+        }))
     }
 
     async fn list_points(
@@ -428,5 +541,39 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
                 "the agent answered a restore with another result",
             )),
         }
+    }
+}
+
+/// A source for the CLI.
+fn source_info(s: crate::registry::SourceRecord) -> pb::SourceInfo {
+    pb::SourceInfo {
+        kind: if s.kind == "log" {
+            pb::SourceKind::Log
+        } else {
+            pb::SourceKind::Volume
+        } as i32,
+        // A source with no point yet has nothing to be inconsistent with.
+        state: if s.inconsistent && s.state == "ok" && s.last_point > 0 {
+            "inconsistent".into()
+        } else {
+            s.state.clone()
+        },
+        replica_alloc_bytes: s.usage.replica_alloc_bytes,
+        points_alloc_bytes: s.usage.points_alloc_bytes,
+        points_used_bytes: s.usage.points_used_bytes,
+        used_bytes: s.usage.used_bytes,
+        points: s.usage.points,
+        name: s.name,
+        agent: s.agent,
+        node: s.node.unwrap_or_default(),
+        tracker: s.tracker,
+        warning: s.warning,
+        size_bytes: s.size_bytes,
+        last_point: s.last_point,
+        epoch: s.epoch,
+        block_size: s.block_size,
+        last_sync_ms: s.last_sync_ms,
+        error: s.error,
+        allocated_bytes: s.allocated_bytes,
     }
 }

@@ -42,6 +42,14 @@ fn default_heartbeat() -> HumanDuration {
 pub struct PoolToml {
     /// `[[pool.disks]]`: directories with a capacity.
     pub disks: Vec<DiskToml>,
+    /// Grow a full recovery-point allocation by this step from the disk's
+    /// unallocated capacity (`"1GiB"`); absent or 0 = never.
+    #[serde(default)]
+    pub auto_grow: Option<ByteSize>,
+    /// When a sync's before-images do not fit: `"refuse"` (default) or
+    /// `"prune-oldest"`.
+    #[serde(default)]
+    pub on_full: Option<String>,
 }
 
 /// One `[[pool.disks]]`.
@@ -64,6 +72,7 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     pub heartbeat_interval: Duration,
     pub disks: Vec<crate::store::PoolDisk>,
+    pub pool_policy: crate::store::PoolPolicy,
     pub tls: TlsFiles,
 }
 
@@ -108,6 +117,20 @@ impl NodeConfig {
                 capacity_bytes: d.capacity.0,
             });
         }
+        let on_full = match t.pool.on_full.as_deref() {
+            None | Some("refuse") => crate::store::OnFull::Refuse,
+            Some("prune-oldest") => crate::store::OnFull::PruneOldest,
+            Some(other) => {
+                return Err(bad(
+                    "pool.on_full",
+                    format!("\"{other}\" is not one of \"refuse\", \"prune-oldest\""),
+                ));
+            }
+        };
+        let pool_policy = crate::store::PoolPolicy {
+            auto_grow_bytes: t.pool.auto_grow.map_or(0, |b| b.0),
+            on_full,
+        };
         if t.heartbeat_interval.0 < Duration::from_millis(100) {
             return Err(bad("heartbeat_interval", "must be at least 100ms".into()));
         }
@@ -119,6 +142,7 @@ impl NodeConfig {
             data_dir: resolve(path, &t.data_dir),
             heartbeat_interval: t.heartbeat_interval.0,
             disks,
+            pool_policy,
             tls: t.tls.relative_to(path),
         })
     }

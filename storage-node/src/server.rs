@@ -25,7 +25,8 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let identity = TlsIdentity::load_as(&cfg.tls, Role::Node, Some(&cfg.name))?;
     let (data_dir, disks) = (cfg.data_dir.clone(), cfg.disks.clone());
-    let store = tokio::task::spawn_blocking(move || Store::open(&data_dir, disks))
+    let policy = cfg.pool_policy;
+    let store = tokio::task::spawn_blocking(move || Store::open_with(&data_dir, disks, policy))
         .await?
         .context("cannot open the node's store")?;
     let local = listener.local_addr()?;
@@ -49,6 +50,7 @@ pub async fn run(
         store.clone(),
         coordinator,
         advertise.to_string(),
+        None,
         cfg.heartbeat_interval,
         shutdown.clone(),
     ));
@@ -76,6 +78,7 @@ pub async fn run(
 async fn usage_report(
     svc: &NodeService,
     store: &Store,
+    nbd_address: Option<String>,
 ) -> anyhow::Result<(pb::NodeHeartbeatRequest, Vec<pb::NodeDisk>)> {
     let s = store.clone();
     let usage = tokio::task::spawn_blocking(move || s.usage()).await??;
@@ -102,11 +105,76 @@ async fn usage_report(
                 points: s.points,
                 used_bytes: s.used_bytes,
                 allocated_bytes: s.allocated_bytes,
+                replica_alloc_bytes: s.replica_alloc_bytes,
+                points_alloc_bytes: s.points_alloc_bytes,
+                points_used_bytes: s.points_used_bytes,
             })
             .collect(),
         disks: disks.clone(),
+        alerts: alerts(&usage, &svc.space_refusals()),
+        nbd_address: nbd_address.unwrap_or_default(),
     };
     Ok((req, disks))
+}
+
+/// The conditions this node raises now: recovery-point space at 80% and 90% of its
+/// allocation, syncs refused for space, points a verify found damaged.
+fn alerts(
+    usage: &crate::store::PoolUsage,
+    refusals: &std::collections::HashMap<String, String>,
+) -> Vec<pb::Alert> {
+    let alert = |key: String, severity: &str, subject: &str, message: String| pb::Alert {
+        key,
+        severity: severity.into(),
+        subject: subject.into(),
+        message,
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    for s in &usage.sources {
+        if s.points_alloc_bytes > 0 {
+            let pct = s.points_used_bytes as f64 * 100.0 / s.points_alloc_bytes as f64;
+            let message = format!(
+                "recovery-point space of {} is {pct:.0}% used ({} of {} bytes)",
+                s.name, s.points_used_bytes, s.points_alloc_bytes
+            );
+            if pct >= 90.0 {
+                out.push(alert(
+                    format!("allocation-90/{}", s.name),
+                    "critical",
+                    &s.name,
+                    message,
+                ));
+            } else if pct >= 80.0 {
+                out.push(alert(
+                    format!("allocation-80/{}", s.name),
+                    "warning",
+                    &s.name,
+                    message,
+                ));
+            }
+        }
+        if s.damaged_points > 0 {
+            out.push(alert(
+                format!("damaged/{}", s.name),
+                "critical",
+                &s.name,
+                format!(
+                    "{} recovery point(s) of {} are damaged; run `bulwark verify {}`",
+                    s.damaged_points, s.name, s.name
+                ),
+            ));
+        }
+    }
+    for (source, why) in refusals {
+        out.push(alert(
+            format!("allocation-full/{source}"),
+            "critical",
+            source,
+            format!("sync refused: {why}"),
+        ));
+    }
+    out
 }
 
 /// Registers, then reports every `interval`; reconnects with backoff.
@@ -115,6 +183,7 @@ async fn heartbeat_loop(
     store: Store,
     mut client: CoordinatorClient<Channel>,
     address: String,
+    nbd_address: Option<String>,
     interval: Duration,
     shutdown: CancellationToken,
 ) {
@@ -122,7 +191,7 @@ async fn heartbeat_loop(
     let mut failures = 0u32;
     loop {
         let result: anyhow::Result<()> = async {
-            let (report, disks) = usage_report(&svc, &store).await?;
+            let (report, disks) = usage_report(&svc, &store, nbd_address.clone()).await?;
             if !registered {
                 let r = client
                     .register_node(pb::RegisterNodeRequest {
@@ -138,7 +207,11 @@ async fn heartbeat_loop(
                 tracing::info!("registered with the coordinator");
             }
             match client.node_heartbeat(report).await {
-                Ok(r) => svc.remember(&r.into_inner().assignments),
+                Ok(r) => {
+                    let assignments = r.into_inner().assignments;
+                    svc.remember(&assignments);
+                    svc.apply_policies(&assignments).await;
+                }
                 Err(s) if s.code() == tonic::Code::NotFound => {
                     registered = false;
                     return Err(s.into());

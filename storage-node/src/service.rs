@@ -25,8 +25,10 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::store::{
-    PointMeta, RestoreItem, SourceLocks, Store, StoreError, SyncSpec, SyncTxn, VerifiedExtent,
+    PointMeta, RestoreItem, SourceLocks, SourcePolicy, Store, StoreError, SyncSpec, SyncTxn,
+    VerifiedExtent,
 };
+use bulwark_common::retention::Retention;
 
 /// Maps store errors to gRPC codes.
 impl From<StoreError> for Status {
@@ -36,13 +38,18 @@ impl From<StoreError> for Status {
             StoreError::GeometryChanged { .. } | StoreError::DuplicateBlock { .. } => {
                 Status::invalid_argument(e.to_string())
             }
-            StoreError::NoSpace { .. } => Status::resource_exhausted(e.to_string()),
+            StoreError::NoSpace { .. } | StoreError::AllocationFull { .. } => {
+                Status::resource_exhausted(e.to_string())
+            }
+            StoreError::PruneNewest { .. } => Status::failed_precondition(e.to_string()),
+            StoreError::PointDamaged { .. } => Status::data_loss(e.to_string()),
             StoreError::NoPoints(_) | StoreError::NoSuchPoint { .. } => {
                 Status::not_found(e.to_string())
             }
             StoreError::Io { .. }
             | StoreError::Meta(_)
             | StoreError::Damaged { .. }
+            | StoreError::Crashed(_)
             | StoreError::MissingDisk(_) => {
                 tracing::error!("store error: {e}");
                 Status::internal(e.to_string())
@@ -60,6 +67,17 @@ pub fn point_to_proto(p: &PointMeta) -> pb::Point {
         kind: p.kind.to_proto(),
         blocks_changed: p.blocks_changed,
         bytes_changed: p.bytes_changed,
+        stored_bytes: p.stored_bytes(),
+        damaged_blocks: p.damaged.clone(),
+    }
+}
+
+/// The coordinator's policy for a source, for the store.
+pub fn policy_from_proto(p: &pb::Policy) -> SourcePolicy {
+    SourcePolicy {
+        replica_alloc_bytes: p.replica_alloc_bytes,
+        points_alloc_bytes: p.points_alloc_bytes,
+        retention: Retention::from_proto(p.retention.as_ref()),
     }
 }
 
@@ -78,6 +96,9 @@ pub struct NodeService {
     assignments: sled::Tree,
     grants: std::sync::Mutex<HashMap<(String, String), i64>>,
     live_streams: Arc<AtomicU32>,
+    /// Sources whose last sync was refused for space, with the refusal (an alert
+    /// until a sync of the source commits).
+    space_refusals: std::sync::Mutex<HashMap<String, String>>,
 }
 
 /// Counts a live stream while it exists.
@@ -109,7 +130,64 @@ impl NodeService {
             coordinator,
             grants: Default::default(),
             live_streams: Arc::new(AtomicU32::new(0)),
+            space_refusals: Default::default(),
         })
+    }
+
+    /// The refusals for space still standing, by source.
+    pub fn space_refusals(&self) -> HashMap<String, String> {
+        self.space_refusals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn note_refusal(&self, source: &str, refusal: Option<String>) {
+        let mut map = self
+            .space_refusals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match refusal {
+            Some(r) => map.insert(source.to_string(), r),
+            None => map.remove(source),
+        };
+    }
+
+    /// Applies the policies the coordinator sent for stored sources (a changed
+    /// allocation or retention takes effect now, not at the next sync), and prunes
+    /// what retention no longer keeps, including points that aged out. A source
+    /// that is busy syncing is left for its sync to handle.
+    pub async fn apply_policies(&self, list: &[pb::Assignment]) {
+        for a in list {
+            if a.node != self.name {
+                continue;
+            }
+            let Ok(lock) = self.locks.get(&a.source).try_write_owned() else {
+                continue;
+            };
+            let store = self.store.clone();
+            let source = a.source.clone();
+            let policy = a.policy.as_ref().map(policy_from_proto);
+            let r = blocking(move || -> Result<Vec<u64>, StoreError> {
+                let _lock = lock;
+                if store.source(&source)?.is_none() {
+                    return Ok(Vec::new());
+                }
+                let now = bulwark_common::time::now_ms();
+                match policy {
+                    Some(p) => store.set_policy(&source, &p, now),
+                    None => store.apply_retention(&source, now),
+                }
+            })
+            .await;
+            match r {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(source = %a.source, "cannot apply the source's policy: {e}")
+                }
+                Err(e) => tracing::warn!(source = %a.source, "{}", e.message()),
+            }
+        }
     }
 
     /// Syncs and restores in progress.
@@ -276,7 +354,8 @@ fn send_digests(
                 PER_CHUNK.min(total - first)
             };
             let digests = match &deep {
-                Some(damaged) => store.recompute_digests(&source, first, count).map(|(d, n)| {
+                Some(damaged) => store.recompute_digests(&source, first, count).map(|(d, bad)| {
+                    let n = bad.len() as u64;
                     if n > 0 {
                         tracing::warn!(%source, first_block = first, blocks = n, "replica blocks do not match their checksums; the check repairs them");
                     }
@@ -333,7 +412,9 @@ fn spawn_applier(
 /// Three stages overlap: this task receives, a blocking task verifies each batch's
 /// checksums, and the applier writes the previous batches (its direct writes wait on
 /// the disk, which the other stages need not do).
+#[allow(clippy::too_many_arguments)]
 async fn run_sync(
+    svc: &NodeService,
     txn: SyncTxn,
     mut inbound: Streaming<pb::SyncMessage>,
     geometry: Geometry,
@@ -399,6 +480,16 @@ async fn run_sync(
                     txn.set_consistency(Consistency::from_proto(commit.consistency));
                 }
                 let point = blocking(move || txn.commit()).await??;
+                let store = svc.store.clone();
+                let name = source.clone();
+                match blocking(move || store.apply_retention(&name, bulwark_common::time::now_ms()))
+                    .await?
+                {
+                    Ok(_) => {}
+                    // The point is committed; a prune that failed is retried later.
+                    Err(e) => tracing::warn!(%source, "retention after the commit failed: {e}"),
+                }
+                svc.note_refusal(&source, None);
                 // Free the source before the agent hears of the commit, so its next
                 // sync never finds the source still locked.
                 drop(lock);
@@ -485,6 +576,7 @@ impl pb::node_server::Node for NodeApi {
             base_point,
             consistency: Consistency::from_proto(begin.consistency),
             kind,
+            policy: a.policy.as_ref().map(policy_from_proto),
         };
         let store = svc.store.clone();
         let txn = blocking(move || store.begin_sync(spec)).await??;
@@ -520,10 +612,23 @@ impl pb::node_server::Node for NodeApi {
         tokio::spawn(
             async move {
                 let _guard = guard;
-                if let Err(status) =
-                    run_sync(txn, inbound, geometry, begin.source, &tx, lock, damaged).await
+                let source = begin.source.clone();
+                if let Err(status) = run_sync(
+                    &svc,
+                    txn,
+                    inbound,
+                    geometry,
+                    begin.source,
+                    &tx,
+                    lock,
+                    damaged,
+                )
+                .await
                 {
                     tracing::warn!("sync failed: {}", status.message());
+                    if status.code() == tonic::Code::ResourceExhausted {
+                        svc.note_refusal(&source, Some(status.message().to_string()));
+                    }
                     let _ = tx.send(Err(status)).await;
                 }
             }
@@ -536,10 +641,18 @@ impl pb::node_server::Node for NodeApi {
         &self,
         req: Request<pb::NodeRestoreRequest>,
     ) -> Result<Response<Self::RestoreStream>, Status> {
-        let caller = require(&req, "Restore", &[Role::Agent])?;
+        let caller = require(&req, "Restore", &[Role::Agent, Role::Admin])?;
         let r = req.into_inner();
         let svc = self.0.clone();
-        if !svc.granted(&r.source, &caller.name) {
+        if caller.role == Role::Admin {
+            // An operator's export: any source stored here.
+            if !bulwark_common::pki::valid_name(&r.source) {
+                return Err(Status::invalid_argument(format!(
+                    "invalid data source name \"{}\"",
+                    r.source
+                )));
+            }
+        } else if !svc.granted(&r.source, &caller.name) {
             svc.authorize(&caller, &r.source, None).await?;
         }
         let lock = svc.locks.get(&r.source).read_owned().await;
@@ -606,6 +719,46 @@ impl pb::node_server::Node for NodeApi {
         let points = blocking(move || store.points(&source)).await??;
         Ok(Response::new(pb::ListPointsResponse {
             points: points.iter().map(point_to_proto).collect(),
+        }))
+    }
+
+    async fn verify(
+        &self,
+        req: Request<pb::NodeVerifyRequest>,
+    ) -> Result<Response<pb::VerifyReport>, Status> {
+        require(&req, "Verify", &[Role::Coordinator])?;
+        let r = req.into_inner();
+        let lock = self.0.locks.get(&r.source).read_owned().await;
+        let store = self.0.store.clone();
+        let source = r.source.clone();
+        let started = std::time::Instant::now();
+        tracing::info!(%source, point = r.point, "verify started");
+        let out = blocking(move || {
+            let _lock = lock;
+            store.verify(&source, r.point)
+        })
+        .await??;
+        let points = {
+            let store = self.0.store.clone();
+            let source = r.source.clone();
+            blocking(move || store.points(&source)).await??
+        };
+        let damaged_points = points
+            .iter()
+            .filter(|p| out.damaged_points.iter().any(|(id, _)| *id == p.id))
+            .map(point_to_proto)
+            .collect();
+        tracing::info!(source = %r.source, blocks = out.blocks_checked, damaged_replica = out.damaged_replica.len(),
+            damaged_points = out.damaged_points.len(), "verify finished");
+        Ok(Response::new(pb::VerifyReport {
+            source: r.source,
+            blocks_checked: out.blocks_checked,
+            bytes_read: out.bytes_read,
+            damaged_replica_blocks: out.damaged_replica,
+            damaged_points,
+            duration_ms: started.elapsed().as_millis() as u64,
+            repaired_blocks: 0,
+            repair_error: String::new(),
         }))
     }
 

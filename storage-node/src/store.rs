@@ -62,6 +62,7 @@ use bulwark_common::block::{
 };
 use bulwark_common::failpoint;
 use bulwark_common::point::{Consistency, PointKind};
+use bulwark_common::retention::Retention;
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
 
@@ -121,6 +122,103 @@ pub enum StoreError {
         at: u64,
         message: String,
     },
+    #[error(
+        "data source {source_name}: its recovery-point space is full: this sync needs {need} bytes of before-images, the allocation is {allocated} bytes and older points hold {used}; nothing was kept, every earlier point is intact. Grow it with `bulwark allocate {source_name} --points SIZE`, or let retention keep fewer points"
+    )]
+    AllocationFull {
+        source_name: String,
+        need: u64,
+        allocated: u64,
+        used: u64,
+    },
+    #[error("data source {source_name}: point {point} is the newest and cannot be pruned")]
+    PruneNewest { source_name: String, point: u64 },
+    #[error(
+        "data source {source_name}: point {point} is damaged (blocks {blocks:?} failed verification and could not be repaired); restore another point"
+    )]
+    PointDamaged {
+        source_name: String,
+        point: u64,
+        blocks: Vec<u64>,
+    },
+    /// A simulated crash (tests only; see `crash`).
+    #[error("simulated crash at {0}")]
+    Crashed(&'static str),
+}
+
+/// Simulated crashes for the property test: when armed with `n`, the `n`-th write or
+/// fsync boundary after arming fails with [`StoreError::Crashed`], and the test then
+/// drops the store without any cleanup, as a crash would, and reopens it. Compiled to
+/// nothing outside tests.
+pub mod crash {
+    #[cfg(test)]
+    thread_local! {
+        static COUNTDOWN: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+    }
+
+    /// Crash at the `n`-th boundary from now (0 = the next one).
+    #[cfg(test)]
+    pub fn arm(n: u64) {
+        COUNTDOWN.with(|c| c.set(Some(n)));
+    }
+
+    /// No more crashes; whether the armed one happened.
+    #[cfg(test)]
+    pub fn disarm() -> bool {
+        COUNTDOWN.with(|c| c.replace(None)) == Some(u64::MAX)
+    }
+
+    #[cfg(test)]
+    pub(super) fn boundary(what: &'static str) -> super::Result<()> {
+        COUNTDOWN.with(|c| match c.get() {
+            Some(0) => {
+                c.set(Some(u64::MAX));
+                Err(super::StoreError::Crashed(what))
+            }
+            Some(u64::MAX) | None => Ok(()),
+            Some(n) => {
+                c.set(Some(n - 1));
+                Ok(())
+            }
+        })
+    }
+
+    #[cfg(not(test))]
+    #[inline(always)]
+    pub(super) fn boundary(_what: &'static str) -> super::Result<()> {
+        Ok(())
+    }
+}
+
+use crash::boundary;
+
+/// What the node does when a sync's before-images do not fit the source's
+/// recovery-point space.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnFull {
+    /// Refuse the sync (the default): the operator decides what to give up.
+    #[default]
+    Refuse,
+    /// Prune the oldest points (never the newest) until the sync fits.
+    PruneOldest,
+}
+
+/// Pool-wide space policy (`[pool]` in node.toml).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PoolPolicy {
+    /// Grow a full recovery-point allocation by this many bytes (rounded up to fit
+    /// the sync) from the disk's unallocated capacity; 0 = never.
+    pub auto_grow_bytes: u64,
+    pub on_full: OnFull,
+}
+
+/// What the coordinator asks of one source: allocation overrides (0 = default) and
+/// retention.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SourcePolicy {
+    pub replica_alloc_bytes: u64,
+    pub points_alloc_bytes: u64,
+    pub retention: Retention,
 }
 
 impl From<sled::Error> for StoreError {
@@ -158,6 +256,15 @@ pub struct SourceMeta {
     pub replica_alloc_bytes: u64,
     pub points_alloc_bytes: u64,
     pub created_ms: i64,
+    /// Which points are kept.
+    #[serde(default)]
+    pub retention: Retention,
+    /// The allocation overrides last applied from the coordinator (0 = default), so
+    /// that an auto-grown allocation is not undone by the same policy again.
+    #[serde(default)]
+    pub applied_replica_alloc: u64,
+    #[serde(default)]
+    pub applied_points_alloc: u64,
 }
 
 impl SourceMeta {
@@ -175,6 +282,31 @@ impl SourceMeta {
 
     fn dir(&self) -> PathBuf {
         source_dir(&self.disk, &self.name)
+    }
+
+    /// Takes the coordinator's policy: a changed override sets the allocation, and
+    /// the retention is replaced.
+    fn apply_policy(&mut self, p: &SourcePolicy) {
+        if p.replica_alloc_bytes != self.applied_replica_alloc {
+            self.applied_replica_alloc = p.replica_alloc_bytes;
+            self.replica_alloc_bytes = if p.replica_alloc_bytes > 0 {
+                p.replica_alloc_bytes
+            } else {
+                bulwark_common::alloc::replica_bytes(self.size_bytes)
+            };
+        }
+        if p.points_alloc_bytes != self.applied_points_alloc {
+            self.applied_points_alloc = p.points_alloc_bytes;
+            self.points_alloc_bytes = if p.points_alloc_bytes > 0 {
+                p.points_alloc_bytes
+            } else {
+                bulwark_common::alloc::points_bytes(
+                    self.size_bytes,
+                    bulwark_common::alloc::DEFAULT_RETENTION_DAYS,
+                )
+            };
+        }
+        self.retention = p.retention;
     }
 }
 
@@ -194,6 +326,16 @@ pub struct PointMeta {
     pub bytes_changed: u64,
     /// The reverse delta to the next point; `None` for the newest point.
     pub delta: Option<DeltaMeta>,
+    /// Blocks a verify found damaged and nothing could repair.
+    #[serde(default)]
+    pub damaged: Vec<u64>,
+}
+
+impl PointMeta {
+    /// Bytes kept for this point (its delta).
+    pub fn stored_bytes(&self) -> u64 {
+        self.delta.map_or(0, |d| d.bytes)
+    }
 }
 
 /// Size of a point's reverse delta.
@@ -220,6 +362,20 @@ pub struct SyncSpec {
     pub base_point: u64,
     pub consistency: Consistency,
     pub kind: PointKind,
+    /// The coordinator's policy for the source; `None` keeps what the node has.
+    pub policy: Option<SourcePolicy>,
+}
+
+/// What [`Store::verify`] found.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyOutcome {
+    /// Replica blocks and delta records checked, and their bytes.
+    pub blocks_checked: u64,
+    pub bytes_read: u64,
+    /// Replica blocks whose bytes no longer match the newest point's digests.
+    pub damaged_replica: Vec<u64>,
+    /// Points (oldest first) whose restore would read damaged blocks, and which.
+    pub damaged_points: Vec<(u64, Vec<u64>)>,
 }
 
 /// Space used and allocated in the pool.
@@ -246,6 +402,12 @@ pub struct SourceUsage {
     pub points: u64,
     pub used_bytes: u64,
     pub allocated_bytes: u64,
+    pub replica_alloc_bytes: u64,
+    pub points_alloc_bytes: u64,
+    /// Bytes the points' deltas hold.
+    pub points_used_bytes: u64,
+    /// Points a verify found damaged.
+    pub damaged_points: u64,
 }
 
 /// The node's replicas and recovery points. Cheap to clone.
@@ -256,6 +418,7 @@ pub struct Store {
     points: sled::Tree,
     pending: sled::Tree,
     disks: std::sync::Arc<Vec<PoolDisk>>,
+    policy: PoolPolicy,
 }
 
 fn point_key(source: &str, id: u64) -> Vec<u8> {
@@ -310,6 +473,11 @@ fn used_bytes(path: &Path) -> u64 {
 impl Store {
     /// Opens (or creates) the store and rolls back any sync a crash interrupted.
     pub fn open(data_dir: &Path, disks: Vec<PoolDisk>) -> Result<Store> {
+        Store::open_with(data_dir, disks, PoolPolicy::default())
+    }
+
+    /// [`Store::open`] with a pool policy.
+    pub fn open_with(data_dir: &Path, disks: Vec<PoolDisk>, policy: PoolPolicy) -> Result<Store> {
         std::fs::create_dir_all(data_dir).map_err(io("create", data_dir))?;
         for d in &disks {
             // A pool disk must exist already: creating a missing mount point would
@@ -331,6 +499,7 @@ impl Store {
             pending: db.open_tree("pending")?,
             db,
             disks: std::sync::Arc::new(disks),
+            policy,
         };
         for item in store.pending.iter() {
             let (k, v) = item?;
@@ -340,7 +509,40 @@ impl Store {
                 "rolling back a sync that did not commit");
             store.roll_back(&name, &pending)?;
         }
+        for s in store.all_sources()? {
+            store.remove_orphans(&s)?;
+        }
         Ok(store)
+    }
+
+    /// Deletes what an interrupted prune left behind: a merge's temporary file, and
+    /// delta files of points that no longer exist (or of the newest point, which has
+    /// none once no sync is pending).
+    fn remove_orphans(&self, meta: &SourceMeta) -> Result<()> {
+        let dir = meta.dir().join("deltas");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Ok(());
+        };
+        let points = self.points(&meta.name)?;
+        let newest = points.last().map_or(0, |p| p.id);
+        let keep: std::collections::HashSet<String> = points
+            .iter()
+            .filter(|p| p.id != newest)
+            .map(|p| format!("{:020}.delta", p.id))
+            .collect();
+        let mut removed = false;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if !keep.contains(&name) {
+                tracing::info!(source = %meta.name, file = %name, "removing a file an interrupted prune left");
+                std::fs::remove_file(e.path()).map_err(io("remove", &e.path()))?;
+                removed = true;
+            }
+        }
+        if removed {
+            fsync_dir(&dir)?;
+        }
+        Ok(())
     }
 
     /// Another metadata tree in the same database (the node's assignment cache).
@@ -413,6 +615,10 @@ impl Store {
                 points: points.len() as u64,
                 used_bytes: used,
                 allocated_bytes: s.allocated_bytes(),
+                replica_alloc_bytes: s.replica_alloc_bytes,
+                points_alloc_bytes: s.points_alloc_bytes,
+                points_used_bytes: points.iter().map(PointMeta::stored_bytes).sum(),
+                damaged_points: points.iter().filter(|p| !p.damaged.is_empty()).count() as u64,
                 name: s.name,
             });
         }
@@ -436,8 +642,13 @@ impl Store {
     /// Recomputes `count` digests from block `first` of the replica's bytes (a deep
     /// consistency check), 32 bytes each, and counts the blocks whose bytes no longer
     /// match the stored digest. A block that was never written and still reads as
-    /// zeros keeps the [`Digest::UNWRITTEN`] marker.
-    pub fn recompute_digests(&self, name: &str, first: u64, count: u64) -> Result<(Vec<u8>, u64)> {
+    /// zeros keeps the [`Digest::UNWRITTEN`] marker. Also returns the damaged blocks.
+    pub fn recompute_digests(
+        &self,
+        name: &str,
+        first: u64,
+        count: u64,
+    ) -> Result<(Vec<u8>, Vec<u64>)> {
         let meta = self
             .source(name)?
             .ok_or_else(|| StoreError::NoPoints(name.to_string()))?;
@@ -451,7 +662,7 @@ impl Store {
         let mut data = vec![0u8; (end - start) as usize];
         read_at_full(&f, &mut data, start, &path)?;
         let mut out = Vec::with_capacity(stored.len());
-        let mut damaged = 0;
+        let mut damaged = Vec::new();
         let bs = geometry.block_size as usize;
         for (i, old) in stored.chunks_exact(DIGEST_LEN).enumerate() {
             let block = &data[i * bs..((i + 1) * bs).min(data.len())];
@@ -463,11 +674,92 @@ impl Store {
                 Digest::of(block)
             };
             if !old.matches(now, zero) {
-                damaged += 1;
+                damaged.push(first + i as u64);
             }
             out.extend_from_slice(&now.0);
         }
         Ok((out, damaged))
+    }
+
+    /// Re-reads the stored data of a source and checks every checksum: the replica's
+    /// blocks against the digests of the newest point, and every record of the
+    /// deltas of `point` and the points after it (every point when `point` is 0).
+    /// Each checked point's `damaged` list is updated: the blocks a restore of it
+    /// would read from a damaged place. The caller holds the source's read lock
+    /// (nothing changes under a verify; the damage marks are one sled write).
+    pub fn verify(&self, name: &str, point: u64) -> Result<VerifyOutcome> {
+        let meta = self
+            .source(name)?
+            .ok_or_else(|| StoreError::NoPoints(name.to_string()))?;
+        let geometry = meta.geometry();
+        let points = self.points(name)?;
+        if point != 0 && !points.iter().any(|p| p.id == point) {
+            return Err(StoreError::NoSuchPoint {
+                source_name: name.to_string(),
+                point,
+            });
+        }
+        let mut out = VerifyOutcome::default();
+        const CHUNK: u64 = 256;
+        let total = geometry.block_count();
+        let mut first = 0;
+        while first < total {
+            let count = CHUNK.min(total - first);
+            let (_, damaged) = self.recompute_digests(name, first, count)?;
+            out.damaged_replica.extend(damaged);
+            out.blocks_checked += count;
+            out.bytes_read += geometry.offset_of(first + count).min(geometry.size_bytes)
+                - geometry.offset_of(first);
+            first += count;
+        }
+        // Newest first: a point reads each block from the first delta at or after it
+        // that holds it, so walking down the chain, each delta's records override
+        // what the points above it read.
+        let mut bad: std::collections::BTreeSet<u64> =
+            out.damaged_replica.iter().copied().collect();
+        let dir = meta.dir();
+        let mut updates = Vec::new();
+        for p in points.iter().rev() {
+            if p.id < point {
+                break;
+            }
+            if p.delta.is_some() {
+                let path = delta_path(&dir, p.id);
+                let mut r = DeltaReader::open(&path, geometry)?;
+                while let Some(rec) = r.next_record_where(false, &|_| false, true)? {
+                    out.blocks_checked += 1;
+                    out.bytes_read += rec.data.as_ref().map_or(0, |d| d.len() as u64);
+                    if rec.intact {
+                        bad.remove(&rec.block);
+                    } else {
+                        tracing::warn!(
+                            source = name,
+                            point = p.id,
+                            block = rec.block,
+                            "damaged block in a recovery point's delta"
+                        );
+                        bad.insert(rec.block);
+                    }
+                }
+            }
+            let damaged: Vec<u64> = bad.iter().copied().collect();
+            if !damaged.is_empty() {
+                out.damaged_points.push((p.id, damaged.clone()));
+            }
+            if damaged != p.damaged {
+                let mut q = p.clone();
+                q.damaged = damaged;
+                updates.push(q);
+            }
+        }
+        for q in &updates {
+            self.points.insert(point_key(name, q.id), encode(q)?)?;
+        }
+        if !updates.is_empty() {
+            self.db.flush()?;
+        }
+        out.damaged_points.reverse();
+        Ok(out)
     }
 
     /// Starts a sync. Nothing on disk changes until [`SyncTxn::apply`].
@@ -499,10 +791,14 @@ impl Store {
                 block: spec.geometry.block_size,
             });
         }
-        let meta = match existing {
+        let mut meta = match existing {
             Some(m) => m,
             None => self.place(&spec)?,
         };
+        if let Some(p) = &spec.policy {
+            meta.apply_policy(p);
+        }
+        let points_used = self.points_used(&spec.source)?;
         Ok(SyncTxn {
             store: self.clone(),
             fresh: newest.is_none(),
@@ -515,16 +811,177 @@ impl Store {
             bytes: 0,
             delta_len: 0,
             delta_records: 0,
+            points_used,
         })
+    }
+
+    /// Bytes the points of a source keep in deltas.
+    pub fn points_used(&self, name: &str) -> Result<u64> {
+        Ok(self.points(name)?.iter().map(PointMeta::stored_bytes).sum())
+    }
+
+    /// Bytes of a disk not allocated to any source but `except`.
+    fn unallocated(&self, disk: &Path, except: &str) -> Result<u64> {
+        let capacity = self
+            .disks
+            .iter()
+            .find(|d| d.path == disk)
+            .map_or(0, |d| d.capacity_bytes);
+        let allocated: u64 = self
+            .all_sources()?
+            .iter()
+            .filter(|s| s.disk == disk && s.name != except)
+            .map(SourceMeta::allocated_bytes)
+            .sum();
+        Ok(capacity.saturating_sub(allocated))
+    }
+
+    /// Stores a source's record (an allocation change) durably.
+    fn put_meta(&self, meta: &SourceMeta) -> Result<()> {
+        self.sources.insert(meta.name.as_bytes(), encode(meta)?)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Applies the coordinator's policy to a stored source now (rather than at its
+    /// next sync) and prunes what its retention no longer keeps. Returns the pruned
+    /// point ids. The caller holds the source's write lock.
+    pub fn set_policy(&self, name: &str, p: &SourcePolicy, now_ms: i64) -> Result<Vec<u64>> {
+        let Some(mut meta) = self.source(name)? else {
+            return Ok(Vec::new());
+        };
+        let before = meta.clone();
+        meta.apply_policy(p);
+        if meta.replica_alloc_bytes != before.replica_alloc_bytes
+            || meta.points_alloc_bytes != before.points_alloc_bytes
+            || meta.retention != before.retention
+            || meta.applied_points_alloc != before.applied_points_alloc
+            || meta.applied_replica_alloc != before.applied_replica_alloc
+        {
+            self.put_meta(&meta)?;
+        }
+        self.apply_retention(name, now_ms)
+    }
+
+    /// Prunes the points a source's retention no longer keeps, oldest first; returns
+    /// their ids. The caller holds the source's write lock.
+    pub fn apply_retention(&self, name: &str, now_ms: i64) -> Result<Vec<u64>> {
+        let Some(meta) = self.source(name)? else {
+            return Ok(Vec::new());
+        };
+        let points: Vec<(u64, i64)> = self
+            .points(name)?
+            .iter()
+            .map(|p| (p.id, p.created_ms))
+            .collect();
+        let drop = meta.retention.to_drop(&points, now_ms);
+        for id in &drop {
+            let freed = self.prune(name, *id)?;
+            tracing::info!(
+                source = name,
+                point = id,
+                freed_bytes = freed,
+                "recovery point pruned by retention"
+            );
+        }
+        Ok(drop)
+    }
+
+    /// Removes point `id` of a source, which must not be the newest, and returns the
+    /// bytes freed. The oldest point's delta is simply deleted. A middle point's
+    /// delta is first merged into its predecessor's, which then holds the
+    /// before-images of every block changed until the point after `id`: the
+    /// predecessor restores exactly as before.
+    ///
+    /// Crash safety: the merged delta is written to a temporary file, made durable
+    /// and renamed over the predecessor's. A merged delta is correct for the
+    /// predecessor whether `id` still exists or not, so a crash anywhere leaves every
+    /// point restorable; the point record goes in one sled transaction, and a delta
+    /// file left without its point is removed at the next open. The caller holds the
+    /// source's write lock.
+    pub fn prune(&self, name: &str, id: u64) -> Result<u64> {
+        let meta = self
+            .source(name)?
+            .ok_or_else(|| StoreError::NoPoints(name.to_string()))?;
+        let points = self.points(name)?;
+        let idx =
+            points
+                .iter()
+                .position(|p| p.id == id)
+                .ok_or_else(|| StoreError::NoSuchPoint {
+                    source_name: name.to_string(),
+                    point: id,
+                })?;
+        if idx + 1 == points.len() {
+            return Err(StoreError::PruneNewest {
+                source_name: name.to_string(),
+                point: id,
+            });
+        }
+        let dir = meta.dir();
+        let deltas = dir.join("deltas");
+        let victim = &points[idx];
+        let victim_path = delta_path(&dir, id);
+        let freed = victim.stored_bytes();
+        boundary("prune: start")?;
+        let updated_prev = if idx > 0 {
+            let mut prev = points[idx - 1].clone();
+            let merged = merge_deltas(&delta_path(&dir, prev.id), &victim_path, meta.geometry())?;
+            prev.delta = Some(merged);
+            // Damage the victim's delta carried is now the predecessor's.
+            for b in &victim.damaged {
+                if !prev.damaged.contains(b) {
+                    prev.damaged.push(*b);
+                }
+            }
+            Some(prev)
+        } else {
+            None
+        };
+        let prev_bytes = updated_prev.as_ref().map(encode).transpose()?;
+        (&self.points,)
+            .transaction(|(pts,)| {
+                pts.remove(point_key(name, id))?;
+                if let (Some(prev), Some(b)) = (&updated_prev, &prev_bytes) {
+                    pts.insert(point_key(name, prev.id), b.as_slice())?;
+                }
+                Ok(())
+            })
+            .map_err(|e: sled::transaction::TransactionError<()>| {
+                StoreError::Meta(format!("{e:?}"))
+            })?;
+        boundary("prune: point removed, before flush")?;
+        self.db.flush()?;
+        boundary("prune: point removal durable")?;
+        if victim_path.exists() {
+            std::fs::remove_file(&victim_path).map_err(io("remove", &victim_path))?;
+            boundary("prune: delta removed")?;
+            fsync_dir(&deltas)?;
+        }
+        let before = freed
+            + if idx > 0 {
+                points[idx - 1].stored_bytes()
+            } else {
+                0
+            };
+        let after = updated_prev.map_or(0, |p| p.stored_bytes());
+        Ok(before.saturating_sub(after))
     }
 
     fn place(&self, spec: &SyncSpec) -> Result<SourceMeta> {
         let size = spec.geometry.size_bytes;
-        let replica = bulwark_common::alloc::replica_bytes(size);
-        let points = bulwark_common::alloc::points_bytes(
-            size,
-            bulwark_common::alloc::DEFAULT_RETENTION_DAYS,
-        );
+        let policy = spec.policy.unwrap_or_default();
+        let replica = match policy.replica_alloc_bytes {
+            0 => bulwark_common::alloc::replica_bytes(size),
+            n => n,
+        };
+        let points = match policy.points_alloc_bytes {
+            0 => bulwark_common::alloc::points_bytes(
+                size,
+                bulwark_common::alloc::DEFAULT_RETENTION_DAYS,
+            ),
+            n => n,
+        };
         let need = replica + points;
         let sources = self.all_sources()?;
         let mut best: Option<(&PoolDisk, u64)> = None;
@@ -549,6 +1006,9 @@ impl Store {
                 replica_alloc_bytes: replica,
                 points_alloc_bytes: points,
                 created_ms: bulwark_common::time::now_ms(),
+                retention: policy.retention,
+                applied_replica_alloc: policy.replica_alloc_bytes,
+                applied_points_alloc: policy.points_alloc_bytes,
             }),
             other => Err(StoreError::NoSpace {
                 source_name: spec.source.clone(),
@@ -601,13 +1061,16 @@ impl Store {
                         .write_all_at(&rec.digest.0, rec.block * DIGEST_LEN as u64)
                         .map_err(io("write", &digests_path))?;
                     restored += 1;
+                    boundary("rollback: block restored")?;
                 }
             }
             replica.sync_all().map_err(io("fsync", &replica_path))?;
             digests.sync_all().map_err(io("fsync", &digests_path))?;
+            boundary("rollback: replica durable")?;
             if delta.exists() {
                 std::fs::remove_file(&delta).map_err(io("remove", &delta))?;
             }
+            boundary("rollback: delta removed")?;
             tracing::info!(
                 source = name,
                 point = old,
@@ -638,6 +1101,13 @@ impl Store {
                 source_name: name.to_string(),
                 point: wanted,
             })?;
+        if !target.damaged.is_empty() {
+            return Err(StoreError::PointDamaged {
+                source_name: name.to_string(),
+                point: wanted,
+                blocks: target.damaged.clone(),
+            });
+        }
         let dir = meta.dir();
         let deltas = points
             .iter()
@@ -679,6 +1149,8 @@ pub struct SyncTxn {
     bytes: u64,
     delta_len: u64,
     delta_records: u64,
+    /// Bytes the committed points' deltas hold.
+    points_used: u64,
 }
 
 /// One verified extent: its first block, bytes and per-block digests.
@@ -731,7 +1203,9 @@ impl SyncTxn {
             .map_err(|e: sled::transaction::TransactionError<()>| {
                 StoreError::Meta(format!("{e:?}"))
             })?;
+        boundary("sync: pending written")?;
         store.db.flush()?;
+        boundary("sync: pending durable")?;
 
         std::fs::create_dir_all(dir.join("deltas")).map_err(io("create", &dir))?;
         let replica_path = dir.join("replica");
@@ -774,6 +1248,7 @@ impl SyncTxn {
             Some(f)
         };
         fsync_dir(&dir)?;
+        boundary("sync: files created")?;
         self.touched = vec![0u64; geometry.block_count().div_ceil(64) as usize];
         let replica_direct = OpenOptions::new()
             .write(true)
@@ -845,13 +1320,26 @@ impl SyncTxn {
                 let len = geometry.block_len(*block) as usize;
                 let data = data.as_deref().filter(|d| !is_zero(d));
                 encode_record(&mut buf, *block, *digest, data, len);
-                self.delta_records += 1;
+            }
+            let need = self.points_used + self.delta_len + buf.len() as u64;
+            if need > self.meta.points_alloc_bytes {
+                let more = need - self.points_used;
+                make_room(
+                    &self.store,
+                    &mut self.meta,
+                    &mut self.points_used,
+                    more,
+                    self.new_point - 1,
+                )?;
             }
             delta
                 .write_all_at(&buf, self.delta_len)
                 .map_err(io("write", &delta_file_path))?;
+            boundary("sync: before-images written")?;
             delta.sync_data().map_err(io("fsync", &delta_file_path))?;
+            boundary("sync: before-images durable")?;
             self.delta_len += buf.len() as u64;
+            self.delta_records += recs.len() as u64;
         }
         failpoint::hit("node-before-replica-write");
         for e in extents {
@@ -867,6 +1355,7 @@ impl SyncTxn {
                 .map_err(io("write", &digests_path))?;
             self.blocks += e.digests.len() as u64;
             self.bytes += e.data.len() as u64;
+            boundary("sync: replica written")?;
         }
         failpoint::hit("node-after-batch");
         Ok(())
@@ -890,6 +1379,7 @@ impl SyncTxn {
             .digests
             .sync_all()
             .map_err(io("fsync", &digests_path))?;
+        boundary("commit: data durable")?;
         let store = &self.store;
         let name = self.spec.source.clone();
         let point = PointMeta {
@@ -901,6 +1391,7 @@ impl SyncTxn {
             blocks_changed: self.blocks,
             bytes_changed: self.bytes,
             delta: None,
+            damaged: Vec::new(),
         };
         let previous = if self.fresh {
             None
@@ -921,9 +1412,12 @@ impl SyncTxn {
         };
         let new_bytes = encode(&point)?;
         let prev_bytes = previous.as_ref().map(encode).transpose()?;
-        // 3. One transaction: the new point, the previous point's delta, no pending.
-        (&store.points, &store.pending)
-            .transaction(|(pts, pend)| {
+        let meta_bytes = encode(&self.meta)?;
+        // 3. One transaction: the new point, the previous point's delta, no pending,
+        //    and the source's record (its allocation and retention).
+        (&store.points, &store.pending, &store.sources)
+            .transaction(|(pts, pend, srcs)| {
+                srcs.insert(name.as_bytes(), meta_bytes.as_slice())?;
                 pts.insert(point_key(&name, point.id), new_bytes.as_slice())?;
                 if let (Some(prev), Some(b)) = (&previous, &prev_bytes) {
                     pts.insert(point_key(&name, prev.id), b.as_slice())?;
@@ -934,7 +1428,9 @@ impl SyncTxn {
             .map_err(|e: sled::transaction::TransactionError<()>| {
                 StoreError::Meta(format!("{e:?}"))
             })?;
+        boundary("commit: point written")?;
         store.db.flush()?;
+        boundary("commit: point durable")?;
         failpoint::hit("node-after-commit");
         Ok(point)
     }
@@ -953,6 +1449,122 @@ impl SyncTxn {
         };
         self.store.roll_back(&self.spec.source, &pending)
     }
+}
+
+/// Finds room for `more` bytes of before-images beyond what the committed points of
+/// a source use (`points_used`): grows the allocation from the disk's unallocated
+/// capacity when the pool auto-grows, else prunes the oldest points when the pool
+/// says so (never `base`, the newest committed point), else refuses.
+fn make_room(
+    store: &Store,
+    meta: &mut SourceMeta,
+    points_used: &mut u64,
+    more: u64,
+    base: u64,
+) -> Result<()> {
+    let need = *points_used + more;
+    let policy = store.policy;
+    if policy.auto_grow_bytes > 0 {
+        let short = need.saturating_sub(meta.points_alloc_bytes);
+        let grow = short.div_ceil(policy.auto_grow_bytes) * policy.auto_grow_bytes;
+        if grow <= store.unallocated(&meta.disk, &meta.name)? {
+            meta.points_alloc_bytes += grow;
+            store.put_meta(meta)?;
+            tracing::warn!(source = %meta.name, grown_by = grow, points_alloc_bytes = meta.points_alloc_bytes,
+                "recovery-point space was full: allocation grown (pool.auto_grow)");
+            return Ok(());
+        }
+        tracing::warn!(source = %meta.name, "recovery-point space is full and the disk has no unallocated room to grow it");
+    }
+    if policy.on_full == OnFull::PruneOldest {
+        while *points_used + more > meta.points_alloc_bytes {
+            let Some(oldest) = store.points(&meta.name)?.first().map(|p| p.id) else {
+                break;
+            };
+            if oldest >= base {
+                break;
+            }
+            store.prune(&meta.name, oldest)?;
+            tracing::warn!(source = %meta.name, point = oldest,
+                "recovery-point space was full: oldest point pruned (pool.on_full = \"prune-oldest\")");
+            *points_used = store.points_used(&meta.name)?;
+        }
+        if *points_used + more <= meta.points_alloc_bytes {
+            return Ok(());
+        }
+    }
+    Err(StoreError::AllocationFull {
+        source_name: meta.name.clone(),
+        need: more,
+        allocated: meta.points_alloc_bytes,
+        used: *points_used,
+    })
+}
+
+/// Writes the merge of two deltas, `older` (the predecessor's) and `newer` (a
+/// pruned point's), over `older`: every record of `older`, then the records of
+/// `newer` for blocks `older` does not hold. Returns the merged delta's size.
+/// A damaged record is copied as it is, so the merged delta still shows the damage.
+fn merge_deltas(older: &Path, newer: &Path, geometry: Geometry) -> Result<DeltaMeta> {
+    use std::io::Write;
+    let tmp = older.with_extension("merge");
+    let mut held = vec![0u64; geometry.block_count().div_ceil(64) as usize];
+    let out = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(io("create", &tmp))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, out);
+    let mut meta = DeltaMeta {
+        records: 0,
+        bytes: 0,
+    };
+    let mut buf = Vec::new();
+    let mut copy = |rec: DeltaRecord, w: &mut std::io::BufWriter<File>| -> Result<()> {
+        buf.clear();
+        encode_record(
+            &mut buf,
+            rec.block,
+            rec.digest,
+            rec.data.as_deref(),
+            geometry.block_len(rec.block) as usize,
+        );
+        w.write_all(&buf).map_err(io("write", &tmp))?;
+        meta.records += 1;
+        meta.bytes += buf.len() as u64;
+        Ok(())
+    };
+    if older.exists() {
+        let mut r = DeltaReader::open(older, geometry)?;
+        while let Some(rec) = r.next_record_where(false, &|_| false, true)? {
+            held[(rec.block / 64) as usize] |= 1 << (rec.block % 64);
+            copy(rec, &mut w)?;
+        }
+    }
+    if newer.exists() {
+        // A delta holds each block once, so `held` needs no update here.
+        let mut r = DeltaReader::open(newer, geometry)?;
+        let skip = |b: u64| held[(b / 64) as usize] & (1 << (b % 64)) != 0;
+        while let Some(rec) = r.next_record_where(false, &skip, true)? {
+            if !skip(rec.block) {
+                copy(rec, &mut w)?;
+            }
+        }
+    }
+    let out = w
+        .into_inner()
+        .map_err(|e| io("write", &tmp)(e.into_error()))?;
+    boundary("merge: written")?;
+    out.sync_all().map_err(io("fsync", &tmp))?;
+    boundary("merge: durable")?;
+    std::fs::rename(&tmp, older).map_err(io("rename", &tmp))?;
+    boundary("merge: renamed")?;
+    if let Some(parent) = older.parent() {
+        fsync_dir(parent)?;
+    }
+    boundary("merge: rename durable")?;
+    Ok(meta)
 }
 
 /// The current bytes of each block of `recs` that was ever written (`None` for one
@@ -1075,8 +1687,10 @@ fn encode_record(buf: &mut Vec<u8>, block: u64, digest: Digest, data: Option<&[u
 pub struct DeltaRecord {
     pub block: u64,
     pub digest: Digest,
-    /// `None` when the block read as zeros.
+    /// `None` when the block read as zeros (or its data was skipped).
     pub data: Option<Vec<u8>>,
+    /// The data matches the digest (always, unless bad data was asked for).
+    pub intact: bool,
 }
 
 /// Reads a delta file's records in order.
@@ -1103,6 +1717,20 @@ impl DeltaReader {
     /// file (recovery after a crash); without, it is an error (restore of a committed
     /// delta, which must be whole).
     pub fn next_record(&mut self, tolerate_tail: bool) -> Result<Option<DeltaRecord>> {
+        self.next_record_where(tolerate_tail, &|_| false, false)
+    }
+
+    /// [`DeltaReader::next_record`], but the data of a record whose block `skip`
+    /// names is not read (seeked over, so that a restore reads each stored block at
+    /// most once), and with `keep_bad_data` a record whose data does not match its
+    /// digest is returned with `intact: false` instead of failing (a verify, or a
+    /// merge that must carry the damage along).
+    pub fn next_record_where(
+        &mut self,
+        tolerate_tail: bool,
+        skip: &dyn Fn(u64) -> bool,
+        keep_bad_data: bool,
+    ) -> Result<Option<DeltaRecord>> {
         let mut head = [0u8; HEADER_LEN + CHECK_LEN];
         match read_full(&mut self.reader, &mut head) {
             Ok(0) => return Ok(None),
@@ -1122,7 +1750,13 @@ impl DeltaReader {
         {
             return self.bad(tolerate_tail, "record names a block outside the volume");
         }
-        let data = if kind == 1 {
+        let mut intact = true;
+        let data = if kind == 1 && skip(block) {
+            self.reader
+                .seek_relative(len as i64)
+                .map_err(io("seek", &self.path))?;
+            None
+        } else if kind == 1 {
             let mut d = vec![0u8; len as usize];
             match read_full(&mut self.reader, &mut d) {
                 Ok(n) if n == d.len() => {}
@@ -1130,17 +1764,24 @@ impl DeltaReader {
                 Err(e) => return Err(io("read", &self.path)(e)),
             }
             if Digest::of(&d) != digest {
-                return self.bad(tolerate_tail, "record data does not match its checksum");
+                if !keep_bad_data {
+                    return self.bad(
+                        tolerate_tail,
+                        &format!("block {block}: record data does not match its checksum"),
+                    );
+                }
+                intact = false;
             }
             Some(d)
         } else {
             None
         };
-        self.at += (head.len() + data.as_ref().map_or(0, Vec::len)) as u64;
+        self.at += head.len() as u64 + if kind == 1 { len } else { 0 };
         Ok(Some(DeltaRecord {
             block,
             digest,
             data,
+            intact,
         }))
     }
 
@@ -1240,7 +1881,9 @@ impl RestoreReader {
             let Some(reader) = self.current.as_mut() else {
                 break;
             };
-            match reader.next_record(false)? {
+            let resolved = &self.resolved;
+            let skip = |b: u64| resolved[(b / 64) as usize] & (1 << (b % 64)) != 0;
+            match reader.next_record_where(false, &skip, false)? {
                 None => self.current = None,
                 Some(rec) => {
                     if self.is_resolved(rec.block) {

@@ -9,8 +9,9 @@
 //!
 //! What is implemented follows the protocol document (NetworkBlockDevice/nbd,
 //! `doc/proto.md`): fixed newstyle only, structured replies, `base:allocation`
-//! block status, no TLS yet (`NBD_OPT_STARTTLS` is refused with
-//! `NBD_REP_ERR_POLICY`), no extended headers.
+//! block status, TLS required by [`serve_tls_tcp`] (`NBD_OPT_STARTTLS`, with
+//! exports chosen by name through an [`ExportResolver`]) and refused by the other
+//! servers (`NBD_REP_ERR_POLICY`), no extended headers. The client speaks no TLS.
 
 pub mod client;
 pub mod proto;
@@ -18,7 +19,10 @@ pub mod server;
 
 pub use client::Client;
 pub use proto::Errno;
-pub use server::{Backend, FileBackend, ServerOptions, serve, serve_tcp, serve_unix, serve_until};
+pub use server::{
+    Backend, ExportResolver, FileBackend, Refusal, ServerOptions, serve, serve_tcp, serve_tls_tcp,
+    serve_unix, serve_until,
+};
 
 /// Everything that can go wrong on an NBD connection, on either side.
 #[derive(Debug, thiserror::Error)]

@@ -1,7 +1,8 @@
-//! The NBD server: exports one [`Backend`] to any number of clients.
+//! The NBD server: exports one [`Backend`] to any number of clients, or, over TLS,
+//! many exports chosen by name.
 //!
-//! A connection goes through the fixed newstyle handshake (`negotiate`, on tokio)
-//! and then the transmission phase, where many requests are in flight at once:
+//! A connection goes through the fixed newstyle handshake (`greet` and `haggle`, on
+//! tokio) and then the transmission phase, where many requests are in flight at once:
 //!
 //! - one reader takes requests off the stream in order and checks each one; a
 //!   write's payload is read into a pooled buffer first, because the next request
@@ -20,8 +21,19 @@
 //! small reads and writes itself while the page cache answers them in microseconds
 //! (`Inline`). A small request so costs no thread hand-off at all, and no request
 //! goes through an event loop; this is what keeps up with nbdkit, which serves a
-//! connection the same way. Any other stream ([`serve`]; TLS, later) is read by a
+//! connection the same way. Any other stream ([`serve`], and TLS) is read by a
 //! tokio task (`transmit`). Everything after the reading is shared (`Session`).
+//!
+//! Exports: the single-backend servers ([`serve`], [`serve_unix`], [`serve_tcp`])
+//! answer to the empty name and [`ServerOptions::export_name`]. [`serve_tls_tcp`]
+//! requires TLS: before `NBD_OPT_STARTTLS` every option but `NBD_OPT_ABORT` gets
+//! `NBD_REP_ERR_TLS_REQD`; after the ACK the TLS handshake runs on the same socket
+//! (the caller's `rustls::ServerConfig` decides which client certificates pass),
+//! haggling goes on inside TLS, and every option that names an export (`GO`,
+//! `INFO`, `EXPORT_NAME`, `LIST_META_CONTEXT`, `SET_META_CONTEXT`) asks an
+//! [`ExportResolver`], which sees the client's certificates and may refuse
+//! ([`Refusal`]: `NBD_REP_ERR_UNKNOWN` or `NBD_REP_ERR_POLICY`). Both kinds share
+//! one negotiation: the single backend is a trivial resolver (`SingleExport`).
 //!
 //! Memory is bounded per connection: every request takes permits from a semaphore
 //! worth [`ServerOptions::max_in_flight_bytes`] (its payload plus a fixed overhead)
@@ -37,9 +49,10 @@
 //! the stream out of sync (bad magic, an oversized option or write) closes that one
 //! connection with a warning; a bad but well-framed request gets an error reply.
 //!
-//! Not implemented: TLS (`NBD_OPT_STARTTLS` gets `NBD_REP_ERR_POLICY`), extended
-//! headers, `NBD_CMD_CACHE`, `NBD_CMD_RESIZE`, `NBD_CMD_FLAG_FAST_ZERO` and
-//! `NBD_CMD_FLAG_DF` (none of them advertised).
+//! Not implemented: TLS on Unix sockets and optional ("selective") TLS (the
+//! single-backend servers answer `NBD_OPT_STARTTLS` with `NBD_REP_ERR_POLICY`; the
+//! TLS listener requires it), extended headers, `NBD_CMD_CACHE`, `NBD_CMD_RESIZE`,
+//! `NBD_CMD_FLAG_FAST_ZERO` and `NBD_CMD_FLAG_DF` (none of them advertised).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, Read, Seek, SeekFrom};
@@ -52,6 +65,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -419,7 +433,9 @@ mod sys {
 /// How the server runs; one value is shared by all connections.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
-    /// Name the export answers to, besides the default (empty) name.
+    /// Name the export of the single-backend servers ([`serve`], [`serve_unix`],
+    /// [`serve_tcp`]) answers to, besides the default (empty) name. Not used by
+    /// [`serve_tls_tcp`], whose [`ExportResolver`] knows the names.
     pub export_name: String,
     /// Bytes of requests one connection may have in flight (payload plus a fixed
     /// overhead per request); the server stops reading the socket beyond it. Raised
@@ -443,12 +459,6 @@ impl Default for ServerOptions {
             shutdown_grace: Duration::from_secs(30),
             threads_per_connection: 16,
         }
-    }
-}
-
-impl ServerOptions {
-    fn accepts(&self, name: &str) -> bool {
-        name.is_empty() || name == self.export_name
     }
 }
 
@@ -477,13 +487,111 @@ const WRITE_THREADS: usize = 2;
 const POOLED_BUFFERS: usize = 16;
 const POOLED_BUFFER_MAX: usize = 2 * 1024 * 1024;
 
+/// Why an [`ExportResolver`] refused an export. The message goes back to the client
+/// in the option's error reply (and to the log); `NBD_OPT_EXPORT_NAME`, which cannot
+/// carry an error, closes the connection instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// No export has that name: `NBD_REP_ERR_UNKNOWN`.
+    Unknown(String),
+    /// The export exists (or might) but this client may not use it:
+    /// `NBD_REP_ERR_POLICY`.
+    Forbidden(String),
+}
+
+impl Refusal {
+    /// The option reply type that carries this refusal.
+    fn reply_type(&self) -> u32 {
+        match self {
+            Refusal::Unknown(_) => proto::REP_ERR_UNKNOWN,
+            Refusal::Forbidden(_) => proto::REP_ERR_POLICY,
+        }
+    }
+
+    /// The message for the client.
+    pub fn message(&self) -> &str {
+        match self {
+            Refusal::Unknown(m) | Refusal::Forbidden(m) => m,
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Unknown(m) => write!(f, "unknown export: {m}"),
+            Refusal::Forbidden(m) => write!(f, "export forbidden: {m}"),
+        }
+    }
+}
+
+/// Finds the export a client asked for. Used by TLS listeners, where the client's
+/// certificate is known before it names an export.
+///
+/// Called on a blocking thread (it may open files), once for every option that
+/// names an export: `NBD_OPT_GO`, `NBD_OPT_INFO`, `NBD_OPT_EXPORT_NAME`,
+/// `NBD_OPT_LIST_META_CONTEXT` and `NBD_OPT_SET_META_CONTEXT`. The backend returned
+/// for `NBD_OPT_GO` / `NBD_OPT_EXPORT_NAME` is served for the rest of the connection.
+pub trait ExportResolver: Send + Sync + 'static {
+    /// The export `name` for a client that presented `peer_certs` (leaf first; empty
+    /// on a non-TLS connection). `Err` refuses the export: [`Refusal::Unknown`] for a
+    /// name that does not exist, [`Refusal::Forbidden`] for a client that may not
+    /// use it.
+    fn resolve(
+        &self,
+        name: &str,
+        peer_certs: &[CertificateDer<'static>],
+    ) -> Result<Arc<dyn Backend>, Refusal>;
+
+    /// Export names to answer `NBD_OPT_LIST` with. The default lists none (an empty
+    /// list is a valid answer: the client has to know the name).
+    fn list(&self, peer_certs: &[CertificateDer<'static>]) -> Vec<String> {
+        let _ = peer_certs;
+        Vec::new()
+    }
+}
+
+/// The resolver of the single-backend API: one backend, under the empty name and
+/// [`ServerOptions::export_name`].
+struct SingleExport {
+    backend: Arc<dyn Backend>,
+    name: String,
+}
+
+impl SingleExport {
+    fn resolver(backend: Arc<dyn Backend>, opts: &ServerOptions) -> Arc<dyn ExportResolver> {
+        Arc::new(SingleExport {
+            backend,
+            name: opts.export_name.clone(),
+        })
+    }
+}
+
+impl ExportResolver for SingleExport {
+    fn resolve(
+        &self,
+        name: &str,
+        _peer_certs: &[CertificateDer<'static>],
+    ) -> Result<Arc<dyn Backend>, Refusal> {
+        if name.is_empty() || name == self.name {
+            Ok(Arc::clone(&self.backend))
+        } else {
+            Err(Refusal::Unknown(format!("no export named {name:?}")))
+        }
+    }
+
+    fn list(&self, _peer_certs: &[CertificateDer<'static>]) -> Vec<String> {
+        vec![self.name.clone()]
+    }
+}
+
 /// Serves one connection until the client disconnects.
 ///
-/// Generic over the stream so that a TLS stream can be passed in later. Runs on the
-/// current tokio runtime, which the connection's I/O threads also use to write
-/// replies. Returns an error when the client broke the protocol or the socket
-/// failed; the caller logs it. [`serve_unix`] and [`serve_tcp`] do not come through
-/// here: a plain socket is served by blocking threads, which is faster.
+/// Generic over the stream. Runs on the current tokio runtime, which the
+/// connection's I/O threads also use to write replies. Returns an error when the
+/// client broke the protocol or the socket failed; the caller logs it.
+/// [`serve_unix`] and [`serve_tcp`] do not come through here: a plain socket is
+/// served by blocking threads, which is faster.
 pub async fn serve<S>(
     stream: S,
     backend: Arc<dyn Backend>,
@@ -508,7 +616,8 @@ where
 {
     let (rd, mut wr) = tokio::io::split(stream);
     let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
-    let Some(conn) = handshake(&mut rd, &mut wr, backend, &opts, &shutdown).await? else {
+    let client = Client::plain(SingleExport::resolver(backend, &opts));
+    let Some(conn) = handshake(&mut rd, &mut wr, &client, &shutdown).await? else {
         return Ok(());
     };
     transmit(rd, wr, Arc::new(conn), &opts, shutdown).await
@@ -519,14 +628,15 @@ where
 /// [`serve_until`].
 async fn serve_plain<S: PlainStream>(
     mut stream: S,
-    backend: Arc<dyn Backend>,
+    exports: Arc<dyn ExportResolver>,
     opts: Arc<ServerOptions>,
     shutdown: CancellationToken,
 ) -> Result<(), NbdError> {
     let (conn, early) = {
         let (rd, mut wr) = tokio::io::split(&mut stream);
         let mut rd = BufReader::with_capacity(HANDSHAKE_BUFFER, rd);
-        let Some(conn) = handshake(&mut rd, &mut wr, backend, &opts, &shutdown).await? else {
+        let client = Client::plain(exports);
+        let Some(conn) = handshake(&mut rd, &mut wr, &client, &shutdown).await? else {
             return Ok(());
         };
         // Requests the client sent right behind its last option.
@@ -534,6 +644,90 @@ async fn serve_plain<S: PlainStream>(
     };
     let sock = stream.into_blocking()?;
     transmit_blocking(sock, early, Arc::new(conn), &opts, shutdown).await
+}
+
+/// Serves one connection that must start TLS (`NBD_OPT_STARTTLS`) before anything
+/// else: the handshake up to STARTTLS on the plain stream, the TLS handshake, the
+/// rest of option haggling inside TLS with the client's certificates known, then
+/// the transmission phase on tokio (`transmit`). A failed TLS handshake is logged
+/// here (naming `peer`) and ends the connection without an error.
+async fn serve_starttls<S>(
+    mut stream: S,
+    peer: &str,
+    acceptor: tokio_rustls::TlsAcceptor,
+    exports: Arc<dyn ExportResolver>,
+    opts: Arc<ServerOptions>,
+    shutdown: CancellationToken,
+) -> Result<(), NbdError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let no_zeroes = {
+        let (rd, mut wr) = tokio::io::split(&mut stream);
+        let mut rd = BufReader::with_capacity(HANDSHAKE_BUFFER, rd);
+        let Some(no_zeroes) = greet(&mut rd, &mut wr, &shutdown).await? else {
+            return Ok(());
+        };
+        let client = Client {
+            exports: Arc::clone(&exports),
+            certs: Arc::new(Vec::new()),
+            tls: Tls::Required,
+        };
+        match haggle(&mut rd, &mut wr, &client, no_zeroes, &shutdown).await? {
+            Haggled::Ended => return Ok(()),
+            Haggled::Ready(_) => {
+                return Err(NbdError::Negotiation(
+                    "an export was chosen before TLS".into(),
+                ));
+            }
+            Haggled::StartTls => {}
+        }
+        // The client must wait for the ACK before its ClientHello; anything read
+        // past the option would be plaintext smuggled into the TLS session.
+        if !rd.buffer().is_empty() {
+            return Err(NbdError::Protocol(
+                "client sent data right behind NBD_OPT_STARTTLS, before the server's reply".into(),
+            ));
+        }
+        no_zeroes
+    };
+    let tls = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        r = acceptor.accept(stream) => match r {
+            Ok(tls) => tls,
+            Err(e) => {
+                tracing::warn!("NBD TLS handshake with {peer} failed: {e}");
+                return Ok(());
+            }
+        },
+    };
+    let certs = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(<[_]>::to_vec)
+        .unwrap_or_default();
+    if let Some(leaf) = certs.first() {
+        match crate::tls::spiffe_uri(leaf.as_ref()) {
+            Ok(id) => tracing::debug!(client = %id, "NBD TLS established"),
+            Err(e) => tracing::debug!("NBD TLS established; client certificate: {e}"),
+        }
+    }
+    let (rd, mut wr) = tokio::io::split(tls);
+    let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
+    let client = Client {
+        exports,
+        certs: Arc::new(certs),
+        tls: Tls::Active,
+    };
+    let conn = match haggle(&mut rd, &mut wr, &client, no_zeroes, &shutdown).await? {
+        Haggled::Ended => return Ok(()),
+        Haggled::StartTls => {
+            return Err(NbdError::Negotiation("STARTTLS inside TLS".into()));
+        }
+        Haggled::Ready(ready) => ready.into_conn(),
+    };
+    transmit(rd, wr, Arc::new(conn), &opts, shutdown).await
 }
 
 /// Accepts connections on a Unix socket until `shutdown` is cancelled, then waits
@@ -545,12 +739,16 @@ pub async fn serve_unix(
     opts: Arc<ServerOptions>,
     shutdown: CancellationToken,
 ) {
-    let mut conns = Connections::new(backend, opts, shutdown.clone());
+    let exports = SingleExport::resolver(backend, &opts);
+    let mut conns = Connections::new(opts.shutdown_grace);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             r = listener.accept() => match r {
-                Ok((stream, _)) => conns.spawn(stream, "unix".to_string()),
+                Ok((stream, _)) => conns.spawn(
+                    "unix".to_string(),
+                    serve_plain(stream, Arc::clone(&exports), Arc::clone(&opts), shutdown.clone()),
+                ),
                 Err(e) => accept_failed(e).await,
             },
             Some(done) = conns.set.join_next(), if !conns.set.is_empty() => finished(done),
@@ -567,7 +765,61 @@ pub async fn serve_tcp(
     opts: Arc<ServerOptions>,
     shutdown: CancellationToken,
 ) {
-    let mut conns = Connections::new(backend, opts, shutdown.clone());
+    let exports = SingleExport::resolver(backend, &opts);
+    accept_tcp(listener, &opts, &shutdown, |stream, _peer| {
+        serve_plain(
+            stream,
+            Arc::clone(&exports),
+            Arc::clone(&opts),
+            shutdown.clone(),
+        )
+    })
+    .await;
+}
+
+/// Accepts TCP connections that must use TLS, until `shutdown` is cancelled, then
+/// waits (up to [`ServerOptions::shutdown_grace`]) for open connections to finish.
+///
+/// Before `NBD_OPT_STARTTLS` every option except `NBD_OPT_ABORT` is answered
+/// `NBD_REP_ERR_TLS_REQD` (`NBD_OPT_EXPORT_NAME` closes the connection). The TLS
+/// handshake uses `tls` as it is: require and verify client certificates there
+/// (as [`crate::tls::TlsIdentity::server_config`] does; its ALPN `h2` is harmless,
+/// as NBD clients such as qemu offer no ALPN). Exports are then chosen by name
+/// through `exports`, which sees the client's certificates;
+/// [`ServerOptions::export_name`] is not used. The transmission phase runs on tokio.
+/// A failed TLS handshake is logged as a warning and closes only that connection.
+pub async fn serve_tls_tcp(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    exports: Arc<dyn ExportResolver>,
+    opts: Arc<ServerOptions>,
+    shutdown: CancellationToken,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    accept_tcp(listener, &opts, &shutdown, |stream, peer| {
+        let (acceptor, exports, opts, shutdown) = (
+            acceptor.clone(),
+            Arc::clone(&exports),
+            Arc::clone(&opts),
+            shutdown.clone(),
+        );
+        async move { serve_starttls(stream, &peer, acceptor, exports, opts, shutdown).await }
+    })
+    .await;
+}
+
+/// The accept loop of a TCP listener: `start` makes the future that serves one
+/// connection (given the stream and the peer's address).
+async fn accept_tcp<F, Fut>(
+    listener: TcpListener,
+    opts: &ServerOptions,
+    shutdown: &CancellationToken,
+    mut start: F,
+) where
+    F: FnMut(tokio::net::TcpStream, String) -> Fut,
+    Fut: Future<Output = Result<(), NbdError>> + Send + 'static,
+{
+    let mut conns = Connections::new(opts.shutdown_grace);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -577,7 +829,9 @@ pub async fn serve_tcp(
                     if let Err(e) = stream.set_nodelay(true) {
                         tracing::warn!(%peer, "cannot set TCP_NODELAY: {e}");
                     }
-                    conns.spawn(stream, peer.to_string());
+                    let peer = peer.to_string();
+                    let serve = start(stream, peer.clone());
+                    conns.spawn(peer, serve);
                 }
                 Err(e) => accept_failed(e).await,
             },
@@ -605,40 +859,32 @@ fn finished(r: Result<(), tokio::task::JoinError>) {
 /// The connections of one listener.
 struct Connections {
     set: JoinSet<()>,
-    backend: Arc<dyn Backend>,
-    opts: Arc<ServerOptions>,
-    shutdown: CancellationToken,
+    /// [`ServerOptions::shutdown_grace`].
+    grace: Duration,
 }
 
 static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
 
 impl Connections {
-    fn new(
-        backend: Arc<dyn Backend>,
-        opts: Arc<ServerOptions>,
-        shutdown: CancellationToken,
-    ) -> Self {
+    fn new(grace: Duration) -> Self {
         Connections {
             set: JoinSet::new(),
-            backend,
-            opts,
-            shutdown,
+            grace,
         }
     }
 
-    fn spawn<S: PlainStream>(&mut self, stream: S, peer: String) {
+    /// Runs `serve` (one connection) in the set, in a span naming the peer.
+    fn spawn<F>(&mut self, peer: String, serve: F)
+    where
+        F: Future<Output = Result<(), NbdError>> + Send + 'static,
+    {
         let id = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
         let span = tracing::info_span!("nbd", conn = id, peer = %peer);
         let open = self.set.len() + 1;
-        let (backend, opts, shutdown) = (
-            Arc::clone(&self.backend),
-            Arc::clone(&self.opts),
-            self.shutdown.clone(),
-        );
         self.set.spawn(
             async move {
                 tracing::debug!(open, "NBD connection accepted");
-                match serve_plain(stream, backend, opts, shutdown).await {
+                match serve.await {
                     Ok(()) => tracing::debug!("NBD connection closed"),
                     Err(e) => tracing::warn!("NBD connection closed: {e}"),
                 }
@@ -655,7 +901,7 @@ impl Connections {
             open = self.set.len(),
             "NBD server stopping; waiting for connections"
         );
-        let grace = self.opts.shutdown_grace;
+        let grace = self.grace;
         let wait = async {
             while let Some(done) = self.set.join_next().await {
                 finished(done);
@@ -671,11 +917,26 @@ impl Connections {
     }
 }
 
-/// What the handshake tells the client about the export.
+/// An export a client chose, with what the handshake tells the client about it.
 struct Export {
+    /// The name the client asked for.
+    name: String,
+    backend: Arc<dyn Backend>,
     size: u64,
     read_only: bool,
     flags: u16,
+}
+
+impl Export {
+    fn new(name: &str, backend: Arc<dyn Backend>) -> Export {
+        Export {
+            name: name.to_string(),
+            size: backend.size(),
+            read_only: backend.read_only(),
+            flags: transmission_flags(&*backend),
+            backend,
+        }
+    }
 }
 
 fn transmission_flags(backend: &dyn Backend) -> u16 {
@@ -691,27 +952,132 @@ fn transmission_flags(backend: &dyn Backend) -> u16 {
     flags
 }
 
-/// What option haggling settled.
+/// Where a connection stands with TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tls {
+    /// Not offered: `NBD_OPT_STARTTLS` gets `NBD_REP_ERR_POLICY`.
+    Off,
+    /// Required and not started yet: only `NBD_OPT_STARTTLS` and `NBD_OPT_ABORT`.
+    Required,
+    /// Started: a second `NBD_OPT_STARTTLS` gets `NBD_REP_ERR_INVALID`.
+    Active,
+}
+
+/// Who is haggling, and where its exports come from.
+struct Client {
+    exports: Arc<dyn ExportResolver>,
+    /// The client's TLS certificates, leaf first; empty without TLS.
+    certs: Arc<Vec<CertificateDer<'static>>>,
+    tls: Tls,
+}
+
+impl Client {
+    fn plain(exports: Arc<dyn ExportResolver>) -> Client {
+        Client {
+            exports,
+            certs: Arc::new(Vec::new()),
+            tls: Tls::Off,
+        }
+    }
+
+    /// Asks the resolver for export `name`, on a blocking thread.
+    async fn resolve(&self, name: &str) -> Result<Export, Refusal> {
+        let (exports, certs, asked) = (
+            Arc::clone(&self.exports),
+            Arc::clone(&self.certs),
+            name.to_string(),
+        );
+        let found = tokio::task::spawn_blocking(move || exports.resolve(&asked, &certs)).await;
+        let backend = match found {
+            Ok(Ok(backend)) => backend,
+            Ok(Err(refusal)) => {
+                tracing::info!(export = name, "NBD export refused: {refusal}");
+                return Err(refusal);
+            }
+            Err(e) => {
+                tracing::error!(export = name, "NBD export resolver failed: {e}");
+                return Err(Refusal::Unknown("the export could not be looked up".into()));
+            }
+        };
+        // size() and read_only() may touch the disk too.
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || Export::new(&name, backend))
+            .await
+            .map_err(|e| {
+                tracing::error!("NBD export failed: {e}");
+                Refusal::Unknown("the export could not be opened".into())
+            })
+    }
+
+    /// The export names for `NBD_OPT_LIST`, from a blocking thread.
+    async fn list(&self) -> Vec<String> {
+        let (exports, certs) = (Arc::clone(&self.exports), Arc::clone(&self.certs));
+        tokio::task::spawn_blocking(move || exports.list(&certs))
+            .await
+            .unwrap_or_else(|e| {
+                tracing::error!("NBD export resolver failed to list exports: {e}");
+                Vec::new()
+            })
+    }
+}
+
+/// What option haggling settled so far.
 #[derive(Debug, Default)]
 struct Negotiated {
     structured: bool,
     base_allocation: Option<u32>,
 }
 
-/// Fixed newstyle handshake and option haggling. `None` when the client ended the
-/// session (`NBD_OPT_ABORT`, or closing between options) or the server is stopping.
-async fn negotiate<R, W>(
+/// How option haggling ended.
+enum Haggled {
+    /// The client ended the session (`NBD_OPT_ABORT`, or closing between options)
+    /// or the server is stopping.
+    Ended,
+    /// `NBD_OPT_STARTTLS` was acknowledged: the TLS handshake comes next.
+    StartTls,
+    /// An export was chosen: the transmission phase comes next.
+    Ready(Ready),
+}
+
+/// An export chosen and the options negotiated for it.
+struct Ready {
+    export: Export,
+    negotiated: Negotiated,
+}
+
+impl Ready {
+    fn into_conn(self) -> Conn {
+        let Ready { export, negotiated } = self;
+        tracing::debug!(
+            export = export.name,
+            size = export.size,
+            read_only = export.read_only,
+            structured = negotiated.structured,
+            base_allocation = negotiated.base_allocation.is_some(),
+            "NBD handshake done"
+        );
+        Conn {
+            backend: export.backend,
+            size: export.size,
+            read_only: export.read_only,
+            structured: negotiated.structured,
+            base_allocation: negotiated.base_allocation,
+        }
+    }
+}
+
+/// Sends the fixed newstyle greeting and reads the client's flags. `Some(no_zeroes)`
+/// to go on, `None` when the client left or the server is stopping.
+async fn greet<R, W>(
     rd: &mut BufReader<R>,
     wr: &mut W,
-    export: &Export,
-    opts: &ServerOptions,
     shutdown: &CancellationToken,
-) -> Result<Option<Negotiated>, NbdError>
+) -> Result<Option<bool>, NbdError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut out = Vec::with_capacity(256);
+    let mut out = Vec::with_capacity(18);
     out.extend_from_slice(&proto::NBD_MAGIC.to_be_bytes());
     out.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
     out.extend_from_slice(&(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES).to_be_bytes());
@@ -735,18 +1101,36 @@ where
             "client sent unknown client flags {client_flags:#x}"
         )));
     }
-    let no_zeroes = client_flags & proto::FLAG_C_NO_ZEROES != 0;
+    Ok(Some(client_flags & proto::FLAG_C_NO_ZEROES != 0))
+}
+
+/// Option haggling, until an export is chosen, STARTTLS is acknowledged or the
+/// session ends. Each call starts from nothing negotiated (after STARTTLS, nothing
+/// said in the clear carries over).
+async fn haggle<R, W>(
+    rd: &mut BufReader<R>,
+    wr: &mut W,
+    client: &Client,
+    no_zeroes: bool,
+    shutdown: &CancellationToken,
+) -> Result<Haggled, NbdError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut out = Vec::with_capacity(256);
     let mut st = Negotiated::default();
+    let tls_required = client.tls == Tls::Required;
 
     for _ in 0..MAX_OPTIONS {
         let mut hdr = [0u8; 16];
         tokio::select! {
-            _ = shutdown.cancelled() => return Ok(None),
+            _ = shutdown.cancelled() => return Ok(Haggled::Ended),
             r = rd.read_exact(&mut hdr) => match r {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                     tracing::debug!("client closed the connection during option haggling");
-                    return Ok(None);
+                    return Ok(Haggled::Ended);
                 }
                 Err(e) => return Err(e.into()),
             },
@@ -771,27 +1155,61 @@ where
         out.clear();
 
         match option {
+            proto::OPT_ABORT => {
+                proto::put_option_reply(&mut out, option, proto::REP_ACK, &[]);
+                // The client may already have gone; that is fine.
+                let _ = send(wr, &out).await;
+                return Ok(Haggled::Ended);
+            }
+            proto::OPT_STARTTLS => {
+                let (typ, msg) = match client.tls {
+                    _ if len != 0 => (proto::REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data"),
+                    Tls::Off => (proto::REP_ERR_POLICY, "TLS is not offered by this server"),
+                    Tls::Active => (proto::REP_ERR_INVALID, "TLS is already active"),
+                    Tls::Required => {
+                        proto::put_option_reply(&mut out, option, proto::REP_ACK, &[]);
+                        send(wr, &out).await?;
+                        return Ok(Haggled::StartTls);
+                    }
+                };
+                option_error(&mut out, option, typ, msg);
+            }
+            proto::OPT_EXPORT_NAME if tls_required => {
+                // This option cannot carry an error; the protocol says to close.
+                return Err(NbdError::Negotiation(format!(
+                    "client asked for export {:?} with NBD_OPT_EXPORT_NAME without TLS, which \
+                     this server requires",
+                    String::from_utf8_lossy(&data)
+                )));
+            }
+            _ if tls_required => {
+                let msg = format!(
+                    "TLS is required: send NBD_OPT_STARTTLS before {}",
+                    proto::option_name(option)
+                );
+                option_error(&mut out, option, proto::REP_ERR_TLS_REQD, &msg);
+            }
             proto::OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data);
-                if !opts.accepts(&name) {
+                let export = match client.resolve(&name).await {
+                    Ok(e) => e,
                     // This option cannot carry an error; the protocol says to close.
-                    return Err(NbdError::Negotiation(format!(
-                        "client asked for unknown export {name:?} with NBD_OPT_EXPORT_NAME"
-                    )));
-                }
+                    Err(refusal) => {
+                        return Err(NbdError::Negotiation(format!(
+                            "NBD_OPT_EXPORT_NAME for {name:?} refused, {refusal}"
+                        )));
+                    }
+                };
                 out.extend_from_slice(&export.size.to_be_bytes());
                 out.extend_from_slice(&export.flags.to_be_bytes());
                 if !no_zeroes {
                     out.extend_from_slice(&[0u8; 124]);
                 }
                 send(wr, &out).await?;
-                return Ok(Some(st));
-            }
-            proto::OPT_ABORT => {
-                proto::put_option_reply(&mut out, option, proto::REP_ACK, &[]);
-                // The client may already have gone; that is fine.
-                let _ = send(wr, &out).await;
-                return Ok(None);
+                return Ok(Haggled::Ready(Ready {
+                    export,
+                    negotiated: st,
+                }));
             }
             proto::OPT_LIST => {
                 if len != 0 {
@@ -802,59 +1220,31 @@ where
                         "NBD_OPT_LIST takes no data",
                     );
                 } else {
-                    let mut d = Vec::new();
-                    proto::put_string32(&mut d, &opts.export_name);
-                    proto::put_option_reply(&mut out, option, proto::REP_SERVER, &d);
+                    for name in client.list().await {
+                        let mut d = Vec::new();
+                        proto::put_string32(&mut d, &name);
+                        proto::put_option_reply(&mut out, option, proto::REP_SERVER, &d);
+                    }
                     proto::put_option_reply(&mut out, option, proto::REP_ACK, &[]);
-                }
-            }
-            proto::OPT_STARTTLS => {
-                if len != 0 {
-                    option_error(
-                        &mut out,
-                        option,
-                        proto::REP_ERR_INVALID,
-                        "NBD_OPT_STARTTLS takes no data",
-                    );
-                } else {
-                    option_error(
-                        &mut out,
-                        option,
-                        proto::REP_ERR_POLICY,
-                        "TLS is not offered by this server",
-                    );
                 }
             }
             proto::OPT_INFO | proto::OPT_GO => match proto::InfoRequest::decode(&data) {
                 Err(e) => option_error(&mut out, option, proto::REP_ERR_INVALID, &e),
-                Ok(req) if !opts.accepts(&req.name) => {
-                    let msg = format!("no export named {:?}", req.name);
-                    option_error(&mut out, option, proto::REP_ERR_UNKNOWN, &msg);
-                }
-                Ok(req) => {
-                    let mut d = Vec::with_capacity(16);
-                    d.extend_from_slice(&proto::INFO_EXPORT.to_be_bytes());
-                    d.extend_from_slice(&export.size.to_be_bytes());
-                    d.extend_from_slice(&export.flags.to_be_bytes());
-                    proto::put_option_reply(&mut out, option, proto::REP_INFO, &d);
-                    if req.requests.contains(&proto::INFO_NAME) {
-                        let mut d = proto::INFO_NAME.to_be_bytes().to_vec();
-                        d.extend_from_slice(opts.export_name.as_bytes());
-                        proto::put_option_reply(&mut out, option, proto::REP_INFO, &d);
+                Ok(req) => match client.resolve(&req.name).await {
+                    Err(refusal) => {
+                        option_error(&mut out, option, refusal.reply_type(), refusal.message());
                     }
-                    // Sent whether asked or not, as the protocol allows: any
-                    // alignment works, 4 KiB is best, 32 MiB is the most per request.
-                    let mut d = proto::INFO_BLOCK_SIZE.to_be_bytes().to_vec();
-                    d.extend_from_slice(&1u32.to_be_bytes());
-                    d.extend_from_slice(&proto::PREFERRED_BLOCK.to_be_bytes());
-                    d.extend_from_slice(&proto::MAX_PAYLOAD.to_be_bytes());
-                    proto::put_option_reply(&mut out, option, proto::REP_INFO, &d);
-                    proto::put_option_reply(&mut out, option, proto::REP_ACK, &[]);
-                    if option == proto::OPT_GO {
-                        send(wr, &out).await?;
-                        return Ok(Some(st));
+                    Ok(export) => {
+                        put_info(&mut out, option, &req, &export);
+                        if option == proto::OPT_GO {
+                            send(wr, &out).await?;
+                            return Ok(Haggled::Ready(Ready {
+                                export,
+                                negotiated: st,
+                            }));
+                        }
                     }
-                }
+                },
             },
             proto::OPT_STRUCTURED_REPLY => {
                 if len != 0 {
@@ -870,7 +1260,15 @@ where
                 }
             }
             proto::OPT_LIST_META_CONTEXT | proto::OPT_SET_META_CONTEXT => {
-                meta_context(&mut out, option, &data, opts, &mut st);
+                match meta_context_request(option, &data, &st) {
+                    Err((typ, msg)) => option_error(&mut out, option, typ, &msg),
+                    Ok(req) => match client.resolve(&req.export).await {
+                        Err(refusal) => {
+                            option_error(&mut out, option, refusal.reply_type(), refusal.message());
+                        }
+                        Ok(_) => meta_context(&mut out, option, &req, &mut st),
+                    },
+                }
             }
             _ => {
                 let msg = format!("{} ({option}) is not supported", proto::option_name(option));
@@ -884,28 +1282,57 @@ where
     )))
 }
 
-/// Answers `NBD_OPT_LIST_META_CONTEXT` / `NBD_OPT_SET_META_CONTEXT`. The only
-/// context is `base:allocation`.
+/// The `NBD_REP_INFO` replies and the final ACK of `NBD_OPT_INFO` / `NBD_OPT_GO`.
+fn put_info(out: &mut Vec<u8>, option: u32, req: &proto::InfoRequest, export: &Export) {
+    let mut d = Vec::with_capacity(16);
+    d.extend_from_slice(&proto::INFO_EXPORT.to_be_bytes());
+    d.extend_from_slice(&export.size.to_be_bytes());
+    d.extend_from_slice(&export.flags.to_be_bytes());
+    proto::put_option_reply(out, option, proto::REP_INFO, &d);
+    // The name as asked; the default export (empty name) has no other to give.
+    if req.requests.contains(&proto::INFO_NAME) && !export.name.is_empty() {
+        let mut d = proto::INFO_NAME.to_be_bytes().to_vec();
+        d.extend_from_slice(export.name.as_bytes());
+        proto::put_option_reply(out, option, proto::REP_INFO, &d);
+    }
+    // Sent whether asked or not, as the protocol allows: any alignment works, 4 KiB
+    // is best, 32 MiB is the most per request.
+    let mut d = proto::INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+    d.extend_from_slice(&1u32.to_be_bytes());
+    d.extend_from_slice(&proto::PREFERRED_BLOCK.to_be_bytes());
+    d.extend_from_slice(&proto::MAX_PAYLOAD.to_be_bytes());
+    proto::put_option_reply(out, option, proto::REP_INFO, &d);
+    proto::put_option_reply(out, option, proto::REP_ACK, &[]);
+}
+
+/// Checks and decodes `NBD_OPT_LIST_META_CONTEXT` / `NBD_OPT_SET_META_CONTEXT`;
+/// `Err` is the error reply to send.
+fn meta_context_request(
+    option: u32,
+    data: &[u8],
+    st: &Negotiated,
+) -> Result<proto::MetaContextRequest, (u32, String)> {
+    if !st.structured {
+        return Err((
+            proto::REP_ERR_INVALID,
+            format!(
+                "{}: structured replies must be negotiated first",
+                proto::option_name(option)
+            ),
+        ));
+    }
+    proto::MetaContextRequest::decode(data).map_err(|e| (proto::REP_ERR_INVALID, e))
+}
+
+/// Answers `NBD_OPT_LIST_META_CONTEXT` / `NBD_OPT_SET_META_CONTEXT` for an export
+/// that exists. The only context is `base:allocation`.
 fn meta_context(
     out: &mut Vec<u8>,
     option: u32,
-    data: &[u8],
-    opts: &ServerOptions,
+    req: &proto::MetaContextRequest,
     st: &mut Negotiated,
 ) {
     let list = option == proto::OPT_LIST_META_CONTEXT;
-    if !st.structured {
-        let msg = "structured replies must be negotiated first";
-        return option_error(out, option, proto::REP_ERR_INVALID, msg);
-    }
-    let req = match proto::MetaContextRequest::decode(data) {
-        Ok(r) => r,
-        Err(e) => return option_error(out, option, proto::REP_ERR_INVALID, &e),
-    };
-    if !opts.accepts(&req.export) {
-        let msg = format!("no export named {:?}", req.export);
-        return option_error(out, option, proto::REP_ERR_UNKNOWN, &msg);
-    }
     let selected = if list {
         // Listing: no query means everything; "base:" means the whole namespace.
         req.queries.is_empty()
@@ -946,41 +1373,28 @@ async fn send<W: AsyncWrite + Unpin>(wr: &mut W, bytes: &[u8]) -> io::Result<()>
     wr.flush().await
 }
 
-/// The handshake of one connection, up to what its transmission phase needs; `None`
-/// when the session ended during it.
+/// The handshake of one connection without TLS, up to what its transmission phase
+/// needs; `None` when the session ended during it.
 async fn handshake<R, W>(
     rd: &mut BufReader<R>,
     wr: &mut W,
-    backend: Arc<dyn Backend>,
-    opts: &ServerOptions,
+    client: &Client,
     shutdown: &CancellationToken,
 ) -> Result<Option<Conn>, NbdError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let export = Export {
-        size: backend.size(),
-        read_only: backend.read_only(),
-        flags: transmission_flags(&*backend),
-    };
-    let Some(negotiated) = negotiate(rd, wr, &export, opts, shutdown).await? else {
+    let Some(no_zeroes) = greet(rd, wr, shutdown).await? else {
         return Ok(None);
     };
-    tracing::debug!(
-        size = export.size,
-        read_only = export.read_only,
-        structured = negotiated.structured,
-        base_allocation = negotiated.base_allocation.is_some(),
-        "NBD handshake done"
-    );
-    Ok(Some(Conn {
-        backend,
-        size: export.size,
-        read_only: export.read_only,
-        structured: negotiated.structured,
-        base_allocation: negotiated.base_allocation,
-    }))
+    match haggle(rd, wr, client, no_zeroes, shutdown).await? {
+        Haggled::Ended => Ok(None),
+        Haggled::Ready(ready) => Ok(Some(ready.into_conn())),
+        Haggled::StartTls => Err(NbdError::Negotiation(
+            "STARTTLS acknowledged on a server without TLS".into(),
+        )),
+    }
 }
 
 /// What the transmission phase of one connection shares with the threads that run
@@ -2345,7 +2759,10 @@ mod tests {
         let opts = Arc::new(opts);
         match via {
             Via::Task => tokio::spawn(serve_until(stream, backend, opts, shutdown)),
-            Via::Threads => tokio::spawn(serve_plain(stream, backend, opts, shutdown)),
+            Via::Threads => {
+                let exports = SingleExport::resolver(backend, &opts);
+                tokio::spawn(serve_plain(stream, exports, opts, shutdown))
+            }
         }
     }
 

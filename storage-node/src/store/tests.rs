@@ -41,6 +41,7 @@ fn spec(size: u64, base: u64) -> SyncSpec {
         } else {
             PointKind::Incremental
         },
+        policy: None,
     }
 }
 
@@ -291,7 +292,7 @@ fn recomputed_digests_find_damage_and_a_resend_repairs_every_point() {
     let meta = store.source("vol").expect("meta").expect("source");
     let replica = meta.dir().join("replica");
     let (clean, damaged) = store.recompute_digests("vol", 0, 1000).expect("recompute");
-    assert_eq!(damaged, 0);
+    assert!(damaged.is_empty());
     assert_eq!(clean, store.read_digests("vol", 0, 1000).expect("digests"));
 
     // Damage a written block and a never-written one.
@@ -303,7 +304,7 @@ fn recomputed_digests_find_damage_and_a_resend_repairs_every_point() {
     f.write_all_at(b"\x01", 30 * BS as u64).expect("flip");
     drop(f);
     let (_, damaged) = store.recompute_digests("vol", 0, 1000).expect("recompute");
-    assert_eq!(damaged, 2, "both damaged blocks are found");
+    assert_eq!(damaged.len(), 2, "both damaged blocks are found");
 
     // The agent re-sends the source's true bytes of exactly those blocks.
     let mut txn = store.begin_sync(spec(size, 2)).expect("begin");
@@ -323,7 +324,7 @@ fn recomputed_digests_find_damage_and_a_resend_repairs_every_point() {
             .recompute_digests("vol", 0, 1000)
             .expect("recompute")
             .1,
-        0
+        Vec::<u64>::new()
     );
     // Block 5 kept its digest: no before-image for it (the damage is not kept);
     // block 30 was never written, so its zeros are recorded.
