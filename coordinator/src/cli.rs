@@ -166,6 +166,23 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Export a recovery point read-only over NBD (TLS, admin certificate) from its
+    /// storage node, for `qemu-img convert` or the kernel NBD client and `mount -o
+    /// ro`. Prints the URL to use.
+    Mount {
+        /// Data source name.
+        source: String,
+        /// Point id (default: the newest now).
+        #[arg(long)]
+        point: Option<u64>,
+        /// Also lay out this CLI's certificate in DIR the way qemu's
+        /// `tls-creds-x509` wants it (ca-cert.pem, client-cert.pem, client-key.pem).
+        #[arg(long)]
+        tls_dir: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a whole fleet on this machine, protect a sample volume, restore it, and
     /// clean up.
     Demo {
@@ -413,6 +430,8 @@ pub fn point_json(p: &pb::Point) -> Value {
         "kind": kind_word(p.kind),
         "blocks_changed": p.blocks_changed,
         "bytes_changed": p.bytes_changed,
+        "stored_bytes": p.stored_bytes,
+        "damaged_blocks": p.damaged_blocks,
     })
 }
 
@@ -885,8 +904,82 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
+        Command::Mount {
+            source,
+            point,
+            tls_dir,
+            json,
+        } => {
+            let at = admin
+                .client
+                .locate(pb::LocateRequest {
+                    source: source.clone(),
+                })
+                .await
+                .map_err(|s| admin.err(s))?
+                .into_inner();
+            if at.nbd_address.is_empty() {
+                bail!(
+                    "node {} serves no NBD exports: set nbd_listen in its node.toml",
+                    at.node
+                );
+            }
+            let points = admin.points(&source).await?;
+            let id = match point {
+                Some(p) => points
+                    .iter()
+                    .find(|x| x.id == p)
+                    .map(|x| x.id)
+                    .ok_or_else(|| anyhow!("{source} has no point {p}"))?,
+                None => points
+                    .last()
+                    .map(|x| x.id)
+                    .ok_or_else(|| anyhow!("{source} has no recovery point yet"))?,
+            };
+            let url = format!("nbd://{}/{source}@{id}", at.nbd_address);
+            if let Some(dir) = &tls_dir {
+                qemu_tls_dir(&files, dir)?;
+            }
+            if json {
+                print_json(&json!({
+                    "url": url, "source": source, "point": id, "node": at.node,
+                    "size_bytes": at.size_bytes,
+                    "tls_dir": tls_dir.as_ref().map(|d| d.display().to_string()),
+                }))?;
+            } else {
+                let dir = tls_dir
+                    .as_ref()
+                    .map_or("DIR".to_string(), |d| d.display().to_string());
+                println!("{url}");
+                println!(
+                    "read-only, TLS with an admin certificate; for example:\n  qemu-img convert -O raw --object tls-creds-x509,id=tls0,dir={dir},endpoint=client \\\n    --image-opts driver=nbd,server.type=inet,server.host={},server.port={},export={source}@{id},tls-creds=tls0 point.raw",
+                    at.nbd_address.rsplit_once(':').map_or("", |(h, _)| h),
+                    at.nbd_address.rsplit_once(':').map_or("", |(_, p)| p),
+                );
+            }
+        }
         Command::Pki(_) | Command::Demo { .. } => {}
     }
+    Ok(())
+}
+
+/// Copies the CLI's CA, certificate and key into `dir` under the names qemu's
+/// `tls-creds-x509` object reads; the key stays owner-only.
+fn qemu_tls_dir(files: &TlsFiles, dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    for (from, name) in [
+        (&files.ca, "ca-cert.pem"),
+        (&files.cert, "client-cert.pem"),
+        (&files.key, "client-key.pem"),
+    ] {
+        let to = dir.join(name);
+        std::fs::copy(from, &to)
+            .with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))?;
+    }
+    let key = dir.join("client-key.pem");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot make {} owner-only", key.display()))?;
     Ok(())
 }
 

@@ -23,6 +23,10 @@ pub struct NodeToml {
     pub coordinator: String,
     /// Where the node keeps its metadata (sled).
     pub data_dir: PathBuf,
+    /// Where to serve read-only NBD exports of recovery points (TLS only, admin
+    /// certificates), e.g. `127.0.0.1:10809`; absent = no exports.
+    #[serde(default)]
+    pub nbd_listen: Option<String>,
     /// How often the node reports to the coordinator.
     #[serde(default = "default_heartbeat")]
     pub heartbeat_interval: HumanDuration,
@@ -71,6 +75,7 @@ pub struct NodeConfig {
     pub coordinator: Target,
     pub data_dir: PathBuf,
     pub heartbeat_interval: Duration,
+    pub nbd_listen: Option<SocketAddr>,
     pub disks: Vec<crate::store::PoolDisk>,
     pub pool_policy: crate::store::PoolPolicy,
     pub tls: TlsFiles,
@@ -134,7 +139,16 @@ impl NodeConfig {
         if t.heartbeat_interval.0 < Duration::from_millis(100) {
             return Err(bad("heartbeat_interval", "must be at least 100ms".into()));
         }
+        let nbd_listen = t
+            .nbd_listen
+            .as_deref()
+            .map(|a| {
+                a.parse::<SocketAddr>()
+                    .map_err(|_| bad("nbd_listen", format!("\"{a}\" is not host:port")))
+            })
+            .transpose()?;
         Ok(NodeConfig {
+            nbd_listen,
             name: t.name,
             listen,
             advertise,

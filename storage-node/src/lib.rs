@@ -8,6 +8,7 @@
 //! - [`server`] — start-up, registration and heartbeats, shutdown.
 
 pub mod config;
+pub mod mount;
 pub mod server;
 pub mod service;
 pub mod store;

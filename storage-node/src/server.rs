@@ -45,12 +45,47 @@ pub async fn run(
         coordinator.clone(),
     )?);
 
+    let nbd = match cfg.nbd_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for NBD on {addr}"))?;
+            let bound = listener.local_addr()?;
+            // What clients dial: the advertised host when listening on every address.
+            let host = if bound.ip().is_unspecified() {
+                advertise.host.clone()
+            } else {
+                bound.ip().to_string()
+            };
+            let exports = Arc::new(crate::mount::PointExports {
+                store: store.clone(),
+                locks: svc.locks(),
+                trust_domain: identity.trust_domain.clone(),
+            });
+            tracing::info!(%bound, "serving read-only NBD exports of recovery points (TLS, admin certificates)");
+            let task = tokio::spawn(bulwark_common::nbd::serve_tls_tcp(
+                listener,
+                identity.server_config()?,
+                exports,
+                Arc::new(bulwark_common::nbd::ServerOptions {
+                    // A mounted client holds its connection for as long as it
+                    // likes; a stopping node does not wait long for it.
+                    shutdown_grace: std::time::Duration::from_secs(5),
+                    ..Default::default()
+                }),
+                shutdown.clone(),
+            ));
+            Some((format!("{host}:{}", bound.port()), task))
+        }
+        None => None,
+    };
+
     let heartbeats = tokio::spawn(heartbeat_loop(
         svc.clone(),
         store.clone(),
         coordinator,
         advertise.to_string(),
-        None,
+        nbd.as_ref().map(|(a, _)| a.clone()),
         cfg.heartbeat_interval,
         shutdown.clone(),
     ));
@@ -70,6 +105,9 @@ pub async fn run(
         .await
         .context("node server failed")?;
     heartbeats.abort();
+    if let Some((_, task)) = nbd {
+        let _ = task.await;
+    }
     store.flush()?;
     tracing::info!("storage node stopped");
     Ok(())

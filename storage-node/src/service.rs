@@ -91,7 +91,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 pub struct NodeService {
     name: String,
     store: Store,
-    locks: SourceLocks,
+    locks: Arc<SourceLocks>,
     coordinator: CoordinatorClient<Channel>,
     assignments: sled::Tree,
     grants: std::sync::Mutex<HashMap<(String, String), i64>>,
@@ -126,7 +126,7 @@ impl NodeService {
             name,
             assignments: store.tree("assignments")?,
             store,
-            locks: SourceLocks::default(),
+            locks: Arc::new(SourceLocks::default()),
             coordinator,
             grants: Default::default(),
             live_streams: Arc::new(AtomicU32::new(0)),
@@ -188,6 +188,11 @@ impl NodeService {
                 Err(e) => tracing::warn!(source = %a.source, "{}", e.message()),
             }
         }
+    }
+
+    /// The per-source locks (shared with the NBD exports).
+    pub fn locks(&self) -> Arc<SourceLocks> {
+        self.locks.clone()
     }
 
     /// Syncs and restores in progress.

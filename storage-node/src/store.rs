@@ -419,6 +419,10 @@ pub struct Store {
     pending: sled::Tree,
     disks: std::sync::Arc<Vec<PoolDisk>>,
     policy: PoolPolicy,
+    /// Open read-only views of points (NBD exports), by source: a sync tells them
+    /// where the before-images of the blocks it overwrites went, before it
+    /// overwrites them.
+    views: std::sync::Arc<std::sync::Mutex<HashMap<String, Vec<std::sync::Weak<PointView>>>>>,
 }
 
 fn point_key(source: &str, id: u64) -> Vec<u8> {
@@ -500,6 +504,7 @@ impl Store {
             db,
             disks: std::sync::Arc::new(disks),
             policy,
+            views: Default::default(),
         };
         for item in store.pending.iter() {
             let (k, v) = item?;
@@ -760,6 +765,74 @@ impl Store {
         }
         out.damaged_points.reverse();
         Ok(out)
+    }
+
+    /// Opens a read-only view of `point` (0 = newest) that stays exact while later
+    /// syncs and prunes change the store (see [`PointView`]). The caller holds the
+    /// source's read lock while this runs.
+    pub fn open_view(&self, name: &str, point: u64) -> Result<std::sync::Arc<PointView>> {
+        let meta = self
+            .source(name)?
+            .ok_or_else(|| StoreError::NoPoints(name.to_string()))?;
+        let points = self.points(name)?;
+        let newest = points
+            .last()
+            .ok_or_else(|| StoreError::NoPoints(name.to_string()))?;
+        let wanted = if point == 0 { newest.id } else { point };
+        let target =
+            points
+                .iter()
+                .find(|p| p.id == wanted)
+                .ok_or_else(|| StoreError::NoSuchPoint {
+                    source_name: name.to_string(),
+                    point: wanted,
+                })?;
+        if !target.damaged.is_empty() {
+            return Err(StoreError::PointDamaged {
+                source_name: name.to_string(),
+                point: wanted,
+                blocks: target.damaged.clone(),
+            });
+        }
+        let geometry = meta.geometry();
+        let dir = meta.dir();
+        let replica_path = dir.join("replica");
+        let replica = File::open(&replica_path).map_err(io("open", &replica_path))?;
+        let mut state = ViewState::default();
+        for p in points
+            .iter()
+            .filter(|p| p.id >= wanted && p.delta.is_some())
+        {
+            let path = delta_path(&dir, p.id);
+            let file = File::open(&path).map_err(io("open", &path))?;
+            let mut r = DeltaReader::open(&path, geometry)?;
+            let mut recs = Vec::new();
+            while let Some(rec) = r.next_record_where(false, &|_| true, false)? {
+                recs.push((rec.block, rec.data_offset));
+            }
+            state.add(file, &recs);
+        }
+        let view = std::sync::Arc::new(PointView {
+            source: name.to_string(),
+            point: wanted,
+            geometry,
+            replica,
+            state: std::sync::RwLock::new(state),
+        });
+        let mut views = self.views.lock().unwrap_or_else(|e| e.into_inner());
+        let list = views.entry(name.to_string()).or_default();
+        list.retain(|w| w.strong_count() > 0);
+        list.push(std::sync::Arc::downgrade(&view));
+        Ok(view)
+    }
+
+    /// The live views of a source.
+    fn views_of(&self, name: &str) -> Vec<std::sync::Arc<PointView>> {
+        let views = self.views.lock().unwrap_or_else(|e| e.into_inner());
+        views
+            .get(name)
+            .map(|l| l.iter().filter_map(std::sync::Weak::upgrade).collect())
+            .unwrap_or_default()
     }
 
     /// Starts a sync. Nothing on disk changes until [`SyncTxn::apply`].
@@ -1316,9 +1389,15 @@ impl SyncTxn {
             }
             let old = read_before_images(&files.replica, &replica_path, geometry, &recs)?;
             let mut buf = Vec::new();
+            let views = self.store.views_of(&self.spec.source);
+            let mut located = Vec::new();
             for ((block, digest), data) in recs.iter().zip(&old) {
                 let len = geometry.block_len(*block) as usize;
                 let data = data.as_deref().filter(|d| !is_zero(d));
+                if !views.is_empty() {
+                    let at = self.delta_len + (buf.len() + HEADER_LEN + CHECK_LEN) as u64;
+                    located.push((*block, data.is_some().then_some(at)));
+                }
                 encode_record(&mut buf, *block, *digest, data, len);
             }
             let need = self.points_used + self.delta_len + buf.len() as u64;
@@ -1338,6 +1417,12 @@ impl SyncTxn {
             boundary("sync: before-images written")?;
             delta.sync_data().map_err(io("fsync", &delta_file_path))?;
             boundary("sync: before-images durable")?;
+            // Open views learn where these blocks' old bytes are before the replica
+            // changes (each view waits for its in-flight replica reads first).
+            for v in &views {
+                let file = delta.try_clone().map_err(io("reopen", &delta_file_path))?;
+                v.add(file, &located);
+            }
             self.delta_len += buf.len() as u64;
             self.delta_records += recs.len() as u64;
         }
@@ -1691,6 +1776,8 @@ pub struct DeltaRecord {
     pub data: Option<Vec<u8>>,
     /// The data matches the digest (always, unless bad data was asked for).
     pub intact: bool,
+    /// Where the record's data starts in the file (`None`: the block reads as zeros).
+    pub data_offset: Option<u64>,
 }
 
 /// Reads a delta file's records in order.
@@ -1776,12 +1863,14 @@ impl DeltaReader {
         } else {
             None
         };
+        let data_offset = (kind == 1).then_some(self.at + head.len() as u64);
         self.at += head.len() as u64 + if kind == 1 { len } else { 0 };
         Ok(Some(DeltaRecord {
             block,
             digest,
             data,
             intact,
+            data_offset,
         }))
     }
 
@@ -1809,6 +1898,111 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
         }
     }
     Ok(n)
+}
+
+/// A read-only view of one recovery point, for an NBD export. Each block is read
+/// from the first delta at or after the point that holds it, or from the replica.
+///
+/// The view stays exact while the source changes: it holds its delta files open
+/// (a prune that merges or deletes them does not disturb it; their space returns
+/// when the view closes), and a sync, before overwriting replica blocks, adds the
+/// location of their before-images under the view's write lock. Reads hold the
+/// read lock, so a replica read in flight finishes before the sync may overwrite
+/// its blocks.
+pub struct PointView {
+    source: String,
+    point: u64,
+    geometry: Geometry,
+    replica: File,
+    state: std::sync::RwLock<ViewState>,
+}
+
+#[derive(Default)]
+struct ViewState {
+    files: Vec<File>,
+    /// Block → (index in `files`, data offset; `None` = reads as zeros).
+    map: HashMap<u64, (u32, Option<u64>)>,
+}
+
+impl ViewState {
+    fn add(&mut self, file: File, recs: &[(u64, Option<u64>)]) {
+        let idx = self.files.len() as u32;
+        let mut used = false;
+        for (block, at) in recs {
+            if let std::collections::hash_map::Entry::Vacant(e) = self.map.entry(*block) {
+                e.insert((idx, *at));
+                used = true;
+            }
+        }
+        if used {
+            self.files.push(file);
+        }
+    }
+}
+
+impl PointView {
+    /// The source and point shown.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+    pub fn point(&self) -> u64 {
+        self.point
+    }
+    /// The volume's geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    fn add(&self, file: File, recs: &[(u64, Option<u64>)]) {
+        let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
+        st.add(file, recs);
+    }
+
+    /// Fills `buf` with the point's bytes from `offset`. Runs of blocks that come
+    /// from the replica are read with one call.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let st = self.state.read().unwrap_or_else(|e| e.into_inner());
+        let g = self.geometry;
+        let bs = u64::from(g.block_size);
+        let end = offset + buf.len() as u64;
+        let mut at = offset;
+        // A run of replica bytes not yet read: (start offset, start in buf).
+        let mut run: Option<(u64, usize)> = None;
+        let flush =
+            |run: &mut Option<(u64, usize)>, upto: u64, buf: &mut [u8]| -> std::io::Result<()> {
+                if let Some((start, i)) = run.take() {
+                    let n = (upto - start) as usize;
+                    self.replica.read_exact_at(&mut buf[i..i + n], start)?;
+                }
+                Ok(())
+            };
+        while at < end {
+            let block = at / bs;
+            let block_end = ((block + 1) * bs).min(end);
+            let i = (at - offset) as usize;
+            let n = (block_end - at) as usize;
+            match st.map.get(&block) {
+                None => {
+                    if run.is_none() {
+                        run = Some((at, i));
+                    }
+                }
+                Some((file, data)) => {
+                    flush(&mut run, at, buf)?;
+                    match data {
+                        None => buf[i..i + n].fill(0),
+                        Some(d) => {
+                            let within = at - block * bs;
+                            st.files[*file as usize]
+                                .read_exact_at(&mut buf[i..i + n], d + within)?;
+                        }
+                    }
+                }
+            }
+            at = block_end;
+        }
+        flush(&mut run, end, buf)
+    }
 }
 
 /// A piece of a restored volume.

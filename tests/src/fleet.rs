@@ -168,9 +168,34 @@ pub fn node_toml(
     capacity: &str,
     tls: &TlsFiles,
 ) -> String {
+    node_toml_with(
+        name,
+        port,
+        coordinator_url,
+        data_dir,
+        disk,
+        capacity,
+        tls,
+        "",
+    )
+}
+
+/// [`node_toml`] with `extra` lines before the pool's disk: top-level keys
+/// (`nbd_listen`), then optionally a `[pool]` table (`on_full`, `auto_grow`).
+#[allow(clippy::too_many_arguments)]
+pub fn node_toml_with(
+    name: &str,
+    port: u16,
+    coordinator_url: &str,
+    data_dir: &Path,
+    disk: &Path,
+    capacity: &str,
+    tls: &TlsFiles,
+    extra: &str,
+) -> String {
     format!(
         "name = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\ncoordinator = \"{coordinator_url}\"\n\
-         data_dir = {}\nheartbeat_interval = \"1s\"\n\n[[pool.disks]]\npath = {}\n\
+         data_dir = {}\nheartbeat_interval = \"1s\"\n{extra}\n\n[[pool.disks]]\npath = {}\n\
          capacity = \"{capacity}\"\n\n{}",
         toml_path(data_dir),
         toml_path(disk),
@@ -234,6 +259,8 @@ fn write_file(path: &Path, text: &str) {
 pub struct FleetBuilder {
     nodes: Vec<String>,
     node_capacity: String,
+    /// Extra lines of every node's config (see [`node_toml_with`]).
+    node_extra: String,
     /// `sync_interval` of every data source (default `1h`: tests sync on command).
     sync_interval: String,
     /// Per agent: its sources as (name, size, an existing volume to use instead of a
@@ -246,6 +273,7 @@ impl Default for FleetBuilder {
         FleetBuilder {
             nodes: Vec::new(),
             node_capacity: "100GiB".into(),
+            node_extra: String::new(),
             sync_interval: "1h".into(),
             agents: Vec::new(),
         }
@@ -266,6 +294,13 @@ impl FleetBuilder {
     /// The `sync_interval` of every data source (default `1h`).
     pub fn sync_interval(mut self, interval: &str) -> Self {
         self.sync_interval = interval.to_string();
+        self
+    }
+
+    /// Extra lines of every node's config: top-level keys, then optionally a
+    /// `[pool]` table.
+    pub fn node_extra(mut self, extra: &str) -> Self {
+        self.node_extra = extra.to_string();
         self
     }
 
@@ -367,7 +402,7 @@ impl FleetBuilder {
             std::fs::create_dir_all(&disk).expect("cannot create the node's disk");
             write_file(
                 &config,
-                &node_toml(
+                &node_toml_with(
                     name,
                     port,
                     &coordinator_url,
@@ -375,6 +410,7 @@ impl FleetBuilder {
                     &disk,
                     &self.node_capacity,
                     &tls,
+                    &self.node_extra,
                 ),
             );
             nodes.push(Daemon::new(
