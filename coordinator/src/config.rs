@@ -50,3 +50,16 @@ impl CoordinatorConfig {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The commented example in deploy/examples/ is a config this version accepts.
+    #[test]
+    fn the_example_config_loads() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/examples/coordinator.toml");
+        if let Err(e) = super::CoordinatorConfig::load(&path) {
+            panic!("{} does not load: {e}", path.display());
+        }
+    }
+}

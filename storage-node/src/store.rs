@@ -45,11 +45,41 @@
 //! A crash after step 3's flush leaves `N+1` committed. So a crash at any instant
 //! leaves the previous point or the new one, never a mix.
 //!
+//! # Space
+//!
+//! A source's recovery-point space (`points_alloc_bytes`) bounds the bytes its
+//! deltas hold (each point's `delta.bytes`, plus the delta being written). A batch
+//! whose before-images would exceed it first grows the allocation (pool
+//! `auto_grow`, from the disk's unallocated capacity) or prunes the oldest points
+//! (pool `on_full = prune-oldest`, never the sync's base point); failing both, the
+//! sync fails with [`StoreError::AllocationFull`] and is rolled back like any failed
+//! sync. The replica's space is fixed by the volume's size.
+//!
+//! # Pruning
+//!
+//! [`Store::prune`] removes a point that is not the newest. The oldest point's
+//! delta is deleted after its record. A middle point's delta is merged into its
+//! predecessor's: a temporary file gets the predecessor's records and then the
+//! pruned point's records for blocks the predecessor does not hold, is fsync'd and
+//! renamed over the predecessor's delta; then one sled transaction removes the point
+//! and records the merged size; then the pruned delta is deleted. A merged delta is
+//! right for the predecessor whether the pruned point still exists or not, so a
+//! crash at any step leaves every point restorable; files a crash left behind (a
+//! `.merge` file, a delta without its point) are removed at open. Retention
+//! ([`Store::apply_retention`]) prunes with these steps.
+//!
+//! # Views
+//!
+//! A [`PointView`] (an NBD export) maps each block of its point to a delta record or
+//! the replica. It holds its delta files open, so prunes do not disturb it, and a
+//! sync tells every view of its source where the before-images it just made durable
+//! are, before it overwrites the replica (see [`PointView`]).
+//!
 //! # Locking
 //!
 //! The store itself holds no locks across calls; the node service serialises per
-//! source: one sync at a time (write lock), restores and digest reads share a read
-//! lock, so they never see a half-applied sync.
+//! source: one sync or prune at a time (write lock), restores, verifies and digest
+//! reads share a read lock, so they never see a half-applied sync.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
