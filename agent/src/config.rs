@@ -415,8 +415,8 @@ mod tests {
     /// The commented example in deploy/examples/ is a config this version accepts.
     #[test]
     fn the_example_config_loads() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../deploy/examples/agent.toml");
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/agent.toml");
         if let Err(e) = super::AgentConfig::load(&path) {
             panic!("{} does not load: {e}", path.display());
         }

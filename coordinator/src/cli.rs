@@ -1000,6 +1000,8 @@ fn source_json(s: &pb::SourceInfo) -> Value {
         "points_alloc_bytes": s.points_alloc_bytes,
         "points_used_bytes": s.points_used_bytes,
         "used_bytes": s.used_bytes, "points": s.points,
+        "last_verify": if s.last_verify_ms > 0 { rfc3339_ms(s.last_verify_ms) } else { String::new() },
+        "verify_result": s.verify_result,
         "tracker": s.tracker, "warning": s.warning,
     })
 }

@@ -18,8 +18,17 @@ pub struct CoordinatorToml {
     /// A node that has not reported for this long is `down` and gets no new sources.
     #[serde(default = "default_node_timeout")]
     pub node_timeout: HumanDuration,
+    /// How often every data source's stored data is re-read and checked on its node
+    /// (a scrub, as `bulwark verify`, repairing what the agent still has). `"0"`
+    /// turns it off. Optional; default `"7d"`.
+    #[serde(default = "default_scrub_interval")]
+    pub scrub_interval: HumanDuration,
     /// The fleet CA and the coordinator's certificate.
     pub tls: TlsFiles,
+}
+
+fn default_scrub_interval() -> HumanDuration {
+    HumanDuration(Duration::from_secs(7 * 24 * 3600))
 }
 
 fn default_node_timeout() -> HumanDuration {
@@ -32,6 +41,8 @@ pub struct CoordinatorConfig {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub node_timeout: Duration,
+    /// `None`: no scheduled scrub.
+    pub scrub_interval: Option<Duration>,
     pub tls: TlsFiles,
 }
 
@@ -46,6 +57,7 @@ impl CoordinatorConfig {
             listen,
             data_dir: resolve(path, &t.data_dir),
             node_timeout: t.node_timeout.0,
+            scrub_interval: Some(t.scrub_interval.0).filter(|d| !d.is_zero()),
             tls: t.tls.relative_to(path),
         })
     }

@@ -141,6 +141,11 @@ pub struct SourceRecord {
     /// As the node last reported.
     #[serde(default)]
     pub usage: Usage,
+    /// When the scrub last verified the source, and what it found.
+    #[serde(default)]
+    pub last_verify_ms: i64,
+    #[serde(default)]
+    pub verify_result: String,
 }
 
 /// What a source asks of its node; 0 = the default.
@@ -485,6 +490,27 @@ impl Registry {
         Ok(out)
     }
 
+    /// Records what a verify of `source` found.
+    pub fn verified(&self, source: &str, result: String) -> Result<()> {
+        let _g = lock(&self.placement);
+        let mut s = self.source(source)?;
+        s.last_verify_ms = now_ms();
+        s.verify_result = result;
+        self.put_source(&s)
+    }
+
+    /// The source the scrub should verify next: placed, with a point, and not
+    /// verified for `interval`; the longest unverified first.
+    pub fn due_for_scrub(&self, interval: Duration) -> Result<Option<String>> {
+        let cutoff = now_ms() - interval.as_millis() as i64;
+        Ok(self
+            .sources()?
+            .into_iter()
+            .filter(|s| s.node.is_some() && s.last_point > 0 && s.last_verify_ms <= cutoff)
+            .min_by_key(|s| s.last_verify_ms)
+            .map(|s| s.name))
+    }
+
     /// Sets a source's allocation (`bulwark allocate`); 0 leaves a part as it is.
     /// Refused when the source's node has no unallocated room for the growth.
     pub fn allocate(&self, source: &str, replica: u64, points: u64) -> Result<SourceRecord> {
@@ -730,6 +756,8 @@ impl Registry {
                 admin_replica_alloc: 0,
                 admin_points_alloc: 0,
                 usage: Usage::default(),
+                last_verify_ms: 0,
+                verify_result: String::new(),
             },
             Err(e) => return Err(e),
         };

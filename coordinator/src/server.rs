@@ -31,6 +31,9 @@ pub async fn run(
         identity.client_config(Role::Node)?,
         shutdown.clone(),
     ));
+    if let Some(every) = cfg.scrub_interval {
+        tokio::spawn(scrub_loop(svc.clone(), every, shutdown.clone()));
+    }
     tracing::info!(listen = %listener.local_addr()?, "coordinator listening");
     let incoming = tls::incoming(listener, identity.server_config()?, shutdown.clone());
     tls::server_builder()
@@ -48,4 +51,63 @@ pub async fn run(
     registry.flush()?;
     tracing::info!("coordinator stopped");
     Ok(())
+}
+
+/// Verifies every data source once per `every`, one at a time, the longest
+/// unverified first (`bulwark verify`, with its repair). What is found is logged,
+/// kept on the source record, and raised as an alert by the node when points stay
+/// damaged.
+async fn scrub_loop(
+    svc: Arc<CoordinatorService>,
+    every: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    let tick = (every / 10).clamp(
+        std::time::Duration::from_millis(500),
+        std::time::Duration::from_secs(60),
+    );
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(tick) => {}
+        }
+        let registry = svc.registry();
+        let due = match registry.due_for_scrub(every) {
+            Ok(Some(s)) => s,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!("scrub: cannot list sources: {e}");
+                continue;
+            }
+        };
+        let result = match svc.verify(&due, 0).await {
+            Ok(r) => {
+                let left = r.damaged_points.len();
+                let summary = format!(
+                    "{} blocks checked, {} damaged replica blocks ({} repaired), {left} damaged points{}",
+                    r.blocks_checked,
+                    r.damaged_replica_blocks.len(),
+                    r.repaired_blocks,
+                    if r.repair_error.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; {}", r.repair_error)
+                    }
+                );
+                if r.damaged_replica_blocks.is_empty() && left == 0 {
+                    tracing::info!(source = %due, "scrub: {summary}");
+                } else {
+                    tracing::warn!(source = %due, "scrub: {summary}");
+                }
+                summary
+            }
+            Err(s) => {
+                tracing::warn!(source = %due, "scrub failed: {}", s.message());
+                format!("failed: {}", s.message())
+            }
+        };
+        if let Err(e) = registry.verified(&due, result) {
+            tracing::warn!(source = %due, "scrub: cannot record the result: {e}");
+        }
+    }
 }

@@ -66,6 +66,11 @@ impl CoordinatorService {
             .max_encoding_message_size(bulwark_common::MAX_MESSAGE_BYTES))
     }
 
+    /// The registry.
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.clone()
+    }
+
     /// Verifies a source's stored data on its node. Replica blocks found damaged
     /// are repaired from the agent, when it is connected, by a deep consistency
     /// check (which re-sends exactly the blocks whose bytes no longer match, and
@@ -563,6 +568,8 @@ fn source_info(s: crate::registry::SourceRecord) -> pb::SourceInfo {
         points_used_bytes: s.usage.points_used_bytes,
         used_bytes: s.usage.used_bytes,
         points: s.usage.points,
+        last_verify_ms: s.last_verify_ms,
+        verify_result: s.verify_result.clone(),
         name: s.name,
         agent: s.agent,
         node: s.node.unwrap_or_default(),

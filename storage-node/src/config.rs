@@ -167,8 +167,8 @@ mod tests {
     /// The commented example in deploy/examples/ is a config this version accepts.
     #[test]
     fn the_example_config_loads() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../deploy/examples/node.toml");
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/node.toml");
         if let Err(e) = super::NodeConfig::load(&path) {
             panic!("{} does not load: {e}", path.display());
         }

@@ -151,8 +151,13 @@ fn tls_table(tls: &TlsFiles) -> String {
 
 /// `coordinator.toml`.
 pub fn coordinator_toml(port: u16, data_dir: &Path, tls: &TlsFiles) -> String {
+    coordinator_toml_with(port, data_dir, tls, "")
+}
+
+/// [`coordinator_toml`] with `extra` top-level lines.
+pub fn coordinator_toml_with(port: u16, data_dir: &Path, tls: &TlsFiles, extra: &str) -> String {
     format!(
-        "listen = \"127.0.0.1:{port}\"\ndata_dir = {}\n\n{}",
+        "listen = \"127.0.0.1:{port}\"\ndata_dir = {}\n{extra}\n\n{}",
         toml_path(data_dir),
         tls_table(tls)
     )
@@ -261,6 +266,8 @@ pub struct FleetBuilder {
     node_capacity: String,
     /// Extra lines of every node's config (see [`node_toml_with`]).
     node_extra: String,
+    /// Extra top-level lines of the coordinator's config.
+    coordinator_extra: String,
     /// `sync_interval` of every data source (default `1h`: tests sync on command).
     sync_interval: String,
     /// Per agent: its sources as (name, size, an existing volume to use instead of a
@@ -274,6 +281,7 @@ impl Default for FleetBuilder {
             nodes: Vec::new(),
             node_capacity: "100GiB".into(),
             node_extra: String::new(),
+            coordinator_extra: String::new(),
             sync_interval: "1h".into(),
             agents: Vec::new(),
         }
@@ -294,6 +302,12 @@ impl FleetBuilder {
     /// The `sync_interval` of every data source (default `1h`).
     pub fn sync_interval(mut self, interval: &str) -> Self {
         self.sync_interval = interval.to_string();
+        self
+    }
+
+    /// Extra top-level lines of the coordinator's config (`scrub_interval`).
+    pub fn coordinator_extra(mut self, extra: &str) -> Self {
+        self.coordinator_extra = extra.to_string();
         self
     }
 
@@ -382,7 +396,7 @@ impl FleetBuilder {
         let cconfig = cdir.join("coordinator.toml");
         write_file(
             &cconfig,
-            &coordinator_toml(cport, &cdir.join("data"), &ctls),
+            &coordinator_toml_with(cport, &cdir.join("data"), &ctls, &self.coordinator_extra),
         );
         let coordinator = Daemon::new(
             "coordinator",

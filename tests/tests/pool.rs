@@ -492,3 +492,41 @@ fn an_old_point_is_served_read_only_over_nbd_with_tls_to_qemu() {
         "a missing point was not refused: {out}"
     );
 }
+
+#[test]
+fn the_scheduled_scrub_finds_and_repairs_replica_damage() {
+    let fleet = Fleet::builder()
+        .coordinator_extra("scrub_interval = \"2s\"")
+        .node("node-1")
+        .agent("host-1", SOURCE, SIZE)
+        .start();
+    fleet.sync(SOURCE);
+    let p1 = fleet.save_volume(SOURCE, "p1.img");
+    let replica = fleet.node_source_dir("node-1", SOURCE).join("replica");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&replica)
+        .expect("open the replica");
+    f.write_all_at(b"rot", 40 * BLOCK_SIZE + 5)
+        .expect("damage a block");
+    f.sync_all().expect("fsync");
+    // The scrub verifies, finds the block, and repairs it with a deep check: a new
+    // point that restores to the volume as it is.
+    let s = poll(
+        "the scrub to repair the replica",
+        Duration::from_secs(30),
+        || {
+            let s = fleet.source_info(SOURCE);
+            let r = json_str(&s, "verify_result");
+            if r.contains("1 damaged replica blocks (1 repaired)") {
+                Ok(s)
+            } else {
+                Err(format!("verify_result: {r:?}"))
+            }
+        },
+    );
+    assert!(!json_str(&s, "last_verify").is_empty(), "{s}");
+    assert_eq!(fleet.point_ids(SOURCE), vec![1, 2]);
+    restore_all(&fleet, &[(1, &p1), (2, &p1)], "after the scrub");
+}
