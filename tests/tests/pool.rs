@@ -38,11 +38,11 @@ fn restore_all(fleet: &Fleet, expected: &[(u64, &Path)], tag: &str) {
 
 #[test]
 fn a_full_allocation_refuses_cleanly_and_growing_it_lets_the_next_sync_succeed() {
-    // 500 KiB of recovery-point space holds one sync of 6 rewritten 64 KiB blocks,
-    // not two.
+    // 420 KiB of recovery-point space holds one sync of 6 rewritten 64 KiB blocks
+    // (6 × (64 KiB + 53 bytes) = 91.5% of it), not two.
     let fleet = Fleet::builder()
         .node("node-1")
-        .agent_source("host-1", SOURCE, None, SIZE, "points_space = \"500KiB\"")
+        .agent_source("host-1", SOURCE, None, SIZE, "points_space = \"420KiB\"")
         .start();
     let volume = fleet.volume(SOURCE);
     fleet.sync(SOURCE);
@@ -50,6 +50,11 @@ fn a_full_allocation_refuses_cleanly_and_growing_it_lets_the_next_sync_succeed()
     rewrite_random_blocks(&volume, 6);
     fleet.sync(SOURCE);
     let p2 = fleet.save_volume(SOURCE, "p2.img");
+    let alert = poll("the 90% alert", Duration::from_secs(20), || {
+        open_alert(&fleet, &format!("allocation-90/{SOURCE}")).ok_or("not yet".to_string())
+    });
+    assert_eq!(json_str(&alert, "severity"), "critical", "{alert}");
+    assert!(json_str(&alert, "message").contains("92%"), "{alert}");
     let source_dir = fleet.node_source_dir("node-1", SOURCE);
     let replica_before = bulwark_tests::file_hash(&source_dir.join("replica"));
 
@@ -529,4 +534,55 @@ fn the_scheduled_scrub_finds_and_repairs_replica_damage() {
     assert!(!json_str(&s, "last_verify").is_empty(), "{s}");
     assert_eq!(fleet.point_ids(SOURCE), vec![1, 2]);
     restore_all(&fleet, &[(1, &p1), (2, &p1)], "after the scrub");
+}
+
+#[test]
+fn a_pool_that_auto_grows_lets_the_sync_through_and_accounts_for_it() {
+    let fleet = Fleet::builder()
+        .node("node-1")
+        .node_extra("[pool]\nauto_grow = \"1MiB\"")
+        .agent_source("host-1", SOURCE, None, SIZE, "points_space = \"420KiB\"")
+        .start();
+    let volume = fleet.volume(SOURCE);
+    let mut images = Vec::new();
+    for i in 1..=3u64 {
+        if i > 1 {
+            rewrite_random_blocks(&volume, 6);
+        }
+        let r = fleet.sync(SOURCE);
+        assert_eq!(json_u64(&r, "point"), i, "{r}");
+        images.push((i, fleet.save_volume(SOURCE, &format!("p{i}.img"))));
+    }
+    let expected: Vec<(u64, &Path)> = images.iter().map(|(i, p)| (*i, p.as_path())).collect();
+    restore_all(&fleet, &expected, "auto-grow");
+    poll("the grown allocation", Duration::from_secs(20), || {
+        let s = fleet.source_info(SOURCE);
+        match json_u64(&s, "points_alloc_bytes") {
+            n if n == 420 * 1024 + MIB => Ok(()),
+            n => Err(format!("points_alloc_bytes is {n}")),
+        }
+    });
+}
+
+#[test]
+fn a_pool_that_prunes_when_full_keeps_the_newest_points() {
+    let fleet = Fleet::builder()
+        .node("node-1")
+        .node_extra("[pool]\non_full = \"prune-oldest\"")
+        .agent_source("host-1", SOURCE, None, SIZE, "points_space = \"420KiB\"")
+        .start();
+    let volume = fleet.volume(SOURCE);
+    let mut images = Vec::new();
+    for i in 1..=4u64 {
+        if i > 1 {
+            rewrite_random_blocks(&volume, 6);
+        }
+        let r = fleet.sync(SOURCE);
+        assert_eq!(json_u64(&r, "point"), i, "{r}");
+        images.push((i, fleet.save_volume(SOURCE, &format!("p{i}.img"))));
+    }
+    // Room for one point's before-images: each sync pruned the oldest.
+    assert_eq!(fleet.point_ids(SOURCE), vec![3, 4]);
+    let expected: Vec<(u64, &Path)> = images[2..].iter().map(|(i, p)| (*i, p.as_path())).collect();
+    restore_all(&fleet, &expected, "prune-oldest");
 }
