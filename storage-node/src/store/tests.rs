@@ -19,15 +19,7 @@ fn read_point_to_vec(store: &Store, name: &str, point: u64) -> Result<Vec<u8>> {
 }
 
 fn open(dir: &Path) -> Store {
-    std::fs::create_dir_all(dir.join("disk1")).expect("disk dir");
-    Store::open(
-        &dir.join("data"),
-        vec![PoolDisk {
-            path: dir.join("disk1"),
-            capacity_bytes: 1 << 40,
-        }],
-    )
-    .expect("open store")
+    try_open(dir).expect("open store")
 }
 
 fn spec(size: u64, base: u64) -> SyncSpec {
@@ -338,4 +330,744 @@ fn recomputed_digests_find_damage_and_a_resend_repairs_every_point() {
     assert_eq!(read_point_to_vec(&store, "vol", p3.id).expect("p3"), v2);
     assert_eq!(read_point_to_vec(&store, "vol", 2).expect("p2"), v2);
     assert_eq!(read_point_to_vec(&store, "vol", 1).expect("p1"), v1);
+}
+
+// Crash safety of every store operation: random sequences of syncs, prunes (with
+// merges) and retention, each optionally crashed at a write/fsync/rename/flush
+// boundary (`crash::arm`), the store dropped without cleanup and reopened; every
+// surviving point must restore exactly.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use rand::seq::SliceRandom;
+
+const NAME: &str = "vol";
+
+/// The committed points a test expects: id → the volume's bytes at that point.
+type Model = BTreeMap<u64, Vec<u8>>;
+
+/// Opens the store in `dir` (metadata in `dir/data`, one pool disk `dir/disk1`),
+/// returning the error. sled releases
+/// the lock of a dropped database a moment later (its file is closed by a deferred
+/// destructor, spacejam/sled#1234), so an open right after a drop waits for it.
+fn try_open(dir: &Path) -> Result<Store> {
+    try_open_in(dir, "data")
+}
+
+/// [`try_open`] with the metadata in `dir/<data>` (a copy taken at a crash).
+fn try_open_in(dir: &Path, data: &str) -> Result<Store> {
+    std::fs::create_dir_all(dir.join("disk1")).expect("disk dir");
+    let mut tries = 0;
+    loop {
+        let r = Store::open(
+            &dir.join(data),
+            vec![PoolDisk {
+                path: dir.join("disk1"),
+                capacity_bytes: 1 << 40,
+            }],
+        );
+        match r {
+            Err(StoreError::Meta(m)) if m.contains("could not acquire lock") && tries < 500 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Reopens after a crash. Each of `recovery_crashes` in turn crashes the recovery
+/// (the rollback of an interrupted sync) at that boundary, and the open is retried;
+/// once the list is used up, or an open gets through, the store is returned. The
+/// boundaries crashed at are added to `reached`.
+fn reopen(
+    dir: &Path,
+    data: &str,
+    recovery_crashes: impl IntoIterator<Item = u64>,
+    reached: &mut Vec<&'static str>,
+) -> Store {
+    for m in recovery_crashes {
+        crash::arm(m);
+        let r = try_open_in(dir, data);
+        let crashed = crash::disarm();
+        match r {
+            Ok(store) => {
+                assert!(!crashed, "a crash in recovery was swallowed");
+                return store;
+            }
+            Err(StoreError::Crashed(what)) => {
+                assert!(crashed);
+                reached.push(what);
+            }
+            Err(e) => panic!("reopen after a crash failed: {e}"),
+        }
+    }
+    try_open_in(dir, data).expect("reopen after a crash")
+}
+
+/// The crash itself: the store (and any transaction, already dropped) goes without
+/// cleanup. sled writes what it holds when dropped; with `lose_unflushed`, what it
+/// had not flushed is lost instead, as in a real crash: the metadata is copied as it
+/// stands into `dir/<to>` (which the store is reopened from) before the drop.
+fn crash_store(store: Store, dir: &Path, from: &str, to: &str, lose_unflushed: bool) -> String {
+    if !lose_unflushed {
+        drop(store);
+        return from.to_string();
+    }
+    copy_tree(&dir.join(from), &dir.join(to));
+    drop(store);
+    to.to_string()
+}
+
+/// The blocks (index) in which two images differ.
+fn differing_blocks(a: &[u8], b: &[u8]) -> Vec<usize> {
+    a.chunks(BS as usize)
+        .zip(b.chunks(BS as usize))
+        .enumerate()
+        .filter(|(_, (x, y))| x != y)
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// The store holds exactly the model's points, each restores byte-identical, the
+/// newest is what a restore of point 0 gives, and a verify finds nothing damaged.
+fn check_points(store: &Store, model: &Model, ctx: &str) {
+    let ids: Vec<u64> = store
+        .points(NAME)
+        .expect("points")
+        .iter()
+        .map(|p| p.id)
+        .collect();
+    let want: Vec<u64> = model.keys().copied().collect();
+    assert_eq!(ids, want, "{ctx}: the points");
+    let Some((_, newest)) = model.last_key_value() else {
+        assert!(
+            store.source(NAME).expect("source").is_none(),
+            "{ctx}: a source without points"
+        );
+        return;
+    };
+    for (id, image) in model {
+        let got = read_point_to_vec(store, NAME, *id)
+            .unwrap_or_else(|e| panic!("{ctx}: restore of point {id}: {e}"));
+        assert!(
+            got == *image,
+            "{ctx}: point {id} differs in blocks {:?}",
+            differing_blocks(&got, image)
+        );
+    }
+    let got = read_point_to_vec(store, NAME, 0).expect("restore of the newest point");
+    assert!(got == *newest, "{ctx}: point 0 is not the newest point");
+    let v = store.verify(NAME, 0).expect("verify");
+    assert!(
+        v.damaged_replica.is_empty() && v.damaged_points.is_empty(),
+        "{ctx}: verify found damage: replica {:?}, points {:?}",
+        v.damaged_replica,
+        v.damaged_points
+    );
+}
+
+/// No stray files: the source's directory holds the replica, its digests and one
+/// delta per point but the newest (none at all without points).
+fn check_files(dir: &Path, model: &Model, ctx: &str) {
+    let src = dir.join("disk1").join("bulwark").join(NAME);
+    let Some((&newest, _)) = model.last_key_value() else {
+        assert!(!src.exists(), "{ctx}: files of a source without points");
+        return;
+    };
+    let names = |d: &Path| -> BTreeSet<String> {
+        std::fs::read_dir(d)
+            .expect("read dir")
+            .map(|e| {
+                e.expect("dir entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .to_string()
+            })
+            .collect()
+    };
+    let top: BTreeSet<String> = ["deltas", "digests", "replica"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(names(&src), top, "{ctx}: files of the source");
+    let want: BTreeSet<String> = model
+        .keys()
+        .filter(|&&id| id != newest)
+        .map(|id| format!("{id:020}.delta"))
+        .collect();
+    assert_eq!(names(&src.join("deltas")), want, "{ctx}: delta files");
+}
+
+/// The extents sending `blocks` of `image`, one per run of consecutive blocks.
+fn extents_of(image: &[u8], blocks: &BTreeSet<u64>) -> Vec<VerifiedExtent> {
+    let g = Geometry::new(image.len() as u64, BS).expect("geometry");
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &b in blocks {
+        match runs.last_mut() {
+            Some((first, n)) if *first + *n == b => *n += 1,
+            _ => runs.push((b, 1)),
+        }
+    }
+    runs.into_iter()
+        .map(|(first, n)| {
+            let (start, end) = (
+                g.offset_of(first) as usize,
+                (g.offset_of(first + n) as usize).min(image.len()),
+            );
+            let data = &image[start..end];
+            VerifiedExtent {
+                first_block: first,
+                data: data.to_vec().into(),
+                digests: data.chunks(BS as usize).map(Digest::of).collect(),
+            }
+        })
+        .collect()
+}
+
+/// The blocks that differ between `old` and `image`, plus `extra`.
+fn changed_plus(old: &[u8], image: &[u8], extra: &[u64]) -> BTreeSet<u64> {
+    differing_blocks(old, image)
+        .into_iter()
+        .map(|b| b as u64)
+        .chain(extra.iter().copied())
+        .collect()
+}
+
+/// A random sync from `old`: the new image and its extents in batches. Blocks get
+/// new data, a one-byte change, zeros (also where they were zeros or never written),
+/// or are re-sent with their bytes unchanged; half the writes land in the first few
+/// blocks, so that consecutive deltas overlap. Extents go in random order.
+fn plan_sync(seed: u64, old: &[u8]) -> (Vec<u8>, Vec<Vec<VerifiedExtent>>) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let g = Geometry::new(old.len() as u64, BS).expect("geometry");
+    let blocks = g.block_count();
+    let mut image = old.to_vec();
+    let mut send = BTreeSet::new();
+    let writes = rng.random_range(0..=16);
+    for _ in 0..writes {
+        let b = match rng.random_range(0..10) {
+            0..5 => rng.random_range(0..12),
+            5 => blocks - 1, // the last block, short in some volumes
+            _ => rng.random_range(0..blocks),
+        };
+        let (o, l) = (g.offset_of(b) as usize, g.block_len(b) as usize);
+        match rng.random_range(0..10) {
+            0..5 => rng.fill(&mut image[o..o + l]),
+            5 => {
+                let at = rng.random_range(o..o + l);
+                image[at] = image[at].wrapping_add(1);
+            }
+            6 | 7 => image[o..o + l].fill(0),
+            _ => {} // re-sent unchanged
+        }
+        send.insert(b);
+    }
+    let mut extents = extents_of(&image, &send);
+    extents.shuffle(&mut rng);
+    let batches = rng.random_range(1..=3usize);
+    let per = extents.len().div_ceil(batches);
+    (image, into_batches(extents, per))
+}
+
+/// `extents` in batches of `per`.
+fn into_batches(extents: Vec<VerifiedExtent>, per: usize) -> Vec<Vec<VerifiedExtent>> {
+    let mut out = Vec::new();
+    let mut it = extents.into_iter().peekable();
+    while it.peek().is_some() {
+        out.push(it.by_ref().take(per.max(1)).collect());
+    }
+    out
+}
+
+/// One sync as the node runs it; any error leaves the transaction dropped without
+/// abort (a crash).
+fn run_sync(
+    store: &Store,
+    base: u64,
+    size: u64,
+    batches: &[Vec<VerifiedExtent>],
+) -> Result<PointMeta> {
+    let mut txn = store.begin_sync(spec(size, base))?;
+    for b in batches {
+        txn.apply(b)?;
+    }
+    txn.commit()
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Sync {
+        seed: u64,
+    },
+    PruneOldest,
+    /// A point that is neither the oldest nor the newest: its delta is merged.
+    PruneMiddle {
+        pick: usize,
+    },
+    Retention {
+        keep: u32,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Step {
+    op: Op,
+    /// Crash at this boundary of the operation (scaled to the operation's size).
+    crash: Option<u64>,
+    /// Crash the recovery at the reopen after a crash at this boundary.
+    recovery_crash: Option<u64>,
+    /// Reopen the store after the operation even without a crash.
+    reopen: bool,
+    /// At a crash, lose what sled had not flushed (see [`crash_store`]).
+    lose_unflushed: bool,
+}
+
+/// An operation ready to run.
+enum Action {
+    Sync {
+        base: u64,
+        batches: Vec<Vec<VerifiedExtent>>,
+    },
+    Prune {
+        id: u64,
+    },
+    Retention {
+        policy: SourcePolicy,
+        now: i64,
+        drop: Vec<u64>,
+    },
+    Nothing,
+}
+
+/// What an operation was meant to do, to tell the outcomes a crash allows.
+enum Expect {
+    Point { id: u64, image: Vec<u8> },
+    Pruned { id: u64 },
+    Retained { drop: Vec<u64> },
+    Nothing,
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => any::<u64>().prop_map(|seed| Op::Sync { seed }),
+        1 => Just(Op::PruneOldest),
+        3 => any::<usize>().prop_map(|pick| Op::PruneMiddle { pick }),
+        1 => (1u32..4).prop_map(|keep| Op::Retention { keep }),
+    ]
+}
+
+fn step_strategy(op: impl Strategy<Value = Op>) -> impl Strategy<Value = Step> {
+    (
+        op,
+        prop::option::weighted(0.6, 0u64..24),
+        prop::option::weighted(0.3, prop_oneof![0u64..4, 0u64..24]),
+        prop::bool::weighted(0.2),
+        prop::bool::weighted(0.4),
+    )
+        .prop_map(|(op, crash, recovery_crash, reopen, lose_unflushed)| Step {
+            op,
+            crash,
+            recovery_crash,
+            reopen,
+            lose_unflushed,
+        })
+}
+
+/// Runs `steps` on a fresh store of `size` bytes, checking the store against the
+/// model after every step and every reopen.
+fn run_crash_sequence(size: u64, steps: &[Step], reached: &mut Vec<&'static str>) {
+    crash::disarm(); // a failed earlier case on this thread may have left one armed
+    let dir = tempfile::tempdir().expect("tempdir");
+    let zero = vec![0u8; size as usize];
+    let mut model = Model::new();
+    let mut store = Some(try_open(dir.path()).expect("open"));
+    let mut data = "data".to_string();
+    for (i, step) in steps.iter().enumerate() {
+        let ctx = format!("step {i} {step:?}");
+        let s = store.take().expect("store");
+        let newest_before = model.keys().next_back().copied();
+        // What the step does, and how many boundaries its crash is spread over.
+        let (boundaries, expect, action) = match &step.op {
+            Op::Sync { seed } => {
+                let base = newest_before.unwrap_or(0);
+                let (image, batches) = plan_sync(*seed, model.get(&base).unwrap_or(&zero));
+                let id = base + 1;
+                (
+                    u64::MAX,
+                    Expect::Point { id, image },
+                    Action::Sync { base, batches },
+                )
+            }
+            Op::PruneOldest if model.len() >= 2 => {
+                let id = *model.keys().next().expect("a point");
+                (5, Expect::Pruned { id }, Action::Prune { id })
+            }
+            Op::PruneMiddle { pick } if model.len() >= 3 => {
+                let ids: Vec<u64> = model.keys().copied().collect();
+                let middle = &ids[1..ids.len() - 1];
+                let id = middle[pick % middle.len()];
+                (9, Expect::Pruned { id }, Action::Prune { id })
+            }
+            Op::Retention { keep } if !model.is_empty() => {
+                let policy = SourcePolicy {
+                    retention: Retention {
+                        keep: *keep,
+                        ..Retention::default()
+                    },
+                    ..SourcePolicy::default()
+                };
+                let now = bulwark_common::time::now_ms();
+                let points: Vec<(u64, i64)> = s
+                    .points(NAME)
+                    .expect("points")
+                    .iter()
+                    .map(|p| (p.id, p.created_ms))
+                    .collect();
+                let drop = policy.retention.to_drop(&points, now);
+                let action = Action::Retention {
+                    policy,
+                    now,
+                    drop: drop.clone(),
+                };
+                (u64::MAX, Expect::Retained { drop }, action)
+            }
+            _ => (1, Expect::Nothing, Action::Nothing),
+        };
+        if let Some(n) = step.crash {
+            crash::arm(n % boundaries);
+        }
+        let result = match action {
+            Action::Sync { base, batches } => {
+                run_sync(&s, base, size, &batches).map(|p| assert_eq!(p.id, base + 1, "{ctx}"))
+            }
+            Action::Prune { id } => s.prune(NAME, id).map(|_| ()),
+            Action::Retention { policy, now, drop } => s
+                .set_policy(NAME, &policy, now)
+                .map(|dropped| assert_eq!(dropped, drop, "{ctx}: retention")),
+            Action::Nothing => Ok(()),
+        };
+        let armed_crash_happened = crash::disarm();
+        let crashed = match result {
+            Ok(()) => false,
+            Err(StoreError::Crashed(what)) => {
+                reached.push(what);
+                true
+            }
+            Err(e) => panic!("{ctx}: {e}"),
+        };
+        assert_eq!(
+            armed_crash_happened, crashed,
+            "{ctx}: a simulated crash was swallowed"
+        );
+        let s = if crashed {
+            data = crash_store(
+                s,
+                dir.path(),
+                &data,
+                &format!("data-{i}"),
+                step.lose_unflushed,
+            );
+            reopen(dir.path(), &data, step.recovery_crash, reached)
+        } else if step.reopen {
+            drop(s);
+            try_open_in(dir.path(), &data).expect("reopen")
+        } else {
+            s
+        };
+        let ids: BTreeSet<u64> = s
+            .points(NAME)
+            .expect("points")
+            .iter()
+            .map(|p| p.id)
+            .collect();
+        if let Some(newest) = newest_before {
+            assert!(
+                ids.contains(&newest),
+                "{ctx}: the newest point {newest} was lost"
+            );
+        }
+        match expect {
+            Expect::Point { id, image } => {
+                // A crashed sync committed or it did not; either is whole.
+                if !crashed || ids.contains(&id) {
+                    model.insert(id, image);
+                }
+            }
+            Expect::Pruned { id } => {
+                if !crashed || !ids.contains(&id) {
+                    model.remove(&id);
+                }
+            }
+            Expect::Retained { drop } => {
+                let removed: Vec<u64> = model
+                    .keys()
+                    .filter(|id| !ids.contains(id))
+                    .copied()
+                    .collect();
+                if crashed {
+                    // Pruned oldest first: some of them, in order.
+                    assert!(
+                        drop.starts_with(&removed),
+                        "{ctx}: retention removed {removed:?}, it meant {drop:?}"
+                    );
+                } else {
+                    assert_eq!(removed, drop, "{ctx}: retention");
+                }
+                for id in removed {
+                    model.remove(&id);
+                }
+            }
+            Expect::Nothing => {}
+        }
+        check_points(&s, &model, &ctx);
+        check_files(dir.path(), &model, &ctx);
+        store = Some(s);
+    }
+    // A final reopen changes nothing.
+    drop(store);
+    let s = try_open_in(dir.path(), &data).expect("final reopen");
+    check_points(&s, &model, "final reopen");
+    check_files(dir.path(), &model, "final reopen");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+
+    /// Random syncs, prunes, merges and retention, crashed at random boundaries and
+    /// reopened (sometimes crashing the recovery too): the points are always the
+    /// committed ones, a crashed operation happened wholly or not at all, and every
+    /// point restores exactly.
+    #[test]
+    fn crash_anywhere_keeps_every_point(
+        blocks in 64u64..200,
+        short in prop::option::of(1u64..BS as u64),
+        first in step_strategy(any::<u64>().prop_map(|seed| Op::Sync { seed })),
+        rest in prop::collection::vec(step_strategy(op_strategy()), 3..12),
+    ) {
+        let size = blocks * BS as u64 + short.unwrap_or(0);
+        let mut steps = vec![first];
+        steps.extend(rest);
+        run_crash_sequence(size, &steps, &mut Vec::new());
+    }
+}
+
+/// Every crash boundary of the store, by name (from its source, so that a boundary
+/// added later is covered too).
+fn boundaries_in_source() -> BTreeSet<&'static str> {
+    include_str!("../store.rs")
+        .split("boundary(\"")
+        .skip(1)
+        .filter_map(|s| s.split('"').next())
+        .collect()
+}
+
+/// A history of five images whose syncs overlap: each rewrites some of the first
+/// blocks; block 20 goes data, zeros, data, zeros, data; block 40 never written,
+/// data, zeros; block 44 never written until zeros are written into it; block 10
+/// gets a one-byte change; the short last block changes twice. `images[0]` is the
+/// empty volume.
+fn history() -> (u64, Vec<Vec<u8>>) {
+    let size = 48 * BS as u64 + 100;
+    let bs = BS as usize;
+    let blk = |b: usize| b * bs..((b + 1) * bs).min(size as usize);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut v = vec![0u8; size as usize];
+    let mut images = vec![v.clone()];
+    rng.fill(&mut v[..30 * bs]); // 30.. never written
+    images.push(v.clone());
+    for b in 0..6 {
+        rng.fill(&mut v[blk(b)]);
+    }
+    v[blk(20)].fill(0);
+    rng.fill(&mut v[blk(40)]);
+    rng.fill(&mut v[blk(48)]);
+    images.push(v.clone());
+    for b in 2..8 {
+        rng.fill(&mut v[blk(b)]);
+    }
+    rng.fill(&mut v[blk(20)]);
+    v[blk(40)].fill(0);
+    v[10 * bs + 7] ^= 0xff;
+    images.push(v.clone());
+    for b in 0..4 {
+        rng.fill(&mut v[blk(b)]);
+    }
+    v[blk(20)].fill(0);
+    rng.fill(&mut v[blk(10)]);
+    rng.fill(&mut v[blk(48)]);
+    images.push(v.clone());
+    for b in (1..3).chain(9..12) {
+        rng.fill(&mut v[blk(b)]);
+    }
+    rng.fill(&mut v[blk(20)]);
+    images.push(v);
+    (size, images)
+}
+
+/// The sync from `images[i - 1]` to `images[i]`: the changed blocks, plus blocks
+/// 25 and 26 re-sent unchanged and block 44 sent as zeros, in batches of two
+/// extents.
+fn history_batches(images: &[Vec<u8>], i: usize) -> Vec<Vec<VerifiedExtent>> {
+    let send = changed_plus(&images[i - 1], &images[i], &[25, 26, 44]);
+    into_batches(extents_of(&images[i], &send), 2)
+}
+
+/// A store in `dir` holding the first `points` points of [`history`].
+fn build_history(dir: &Path, size: u64, images: &[Vec<u8>], points: usize) -> (Store, Model) {
+    let store = try_open(dir).expect("open");
+    let mut model = Model::new();
+    for i in 1..=points {
+        let p = run_sync(&store, i as u64 - 1, size, &history_batches(images, i)).expect("sync");
+        model.insert(p.id, images[i].clone());
+    }
+    check_points(&store, &model, "history");
+    (store, model)
+}
+
+/// One prune of a middle point (points 2 and 3 of four, whose deltas overlap),
+/// crashed at boundary 0, 1, 2, ... until it completes: after each crash and reopen
+/// the prune happened or it did not, every point restores exactly, no file is left
+/// over, and the prune (and a sync after it) then goes through.
+#[test]
+fn a_crash_at_every_boundary_of_a_middle_prune_keeps_every_point() {
+    let (size, images) = history();
+    let mut reached = BTreeSet::new();
+    for (victim, lose_unflushed) in [(2u64, false), (3, false), (2, true), (3, true)] {
+        for n in 0.. {
+            assert!(n < 100, "the prune never completes");
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (store, mut model) = build_history(dir.path(), size, &images, 4);
+            let ctx = format!(
+                "prune of point {victim} crashed at boundary {n} (unflushed lost: {lose_unflushed})"
+            );
+            crash::arm(n);
+            let r = store.prune(NAME, victim);
+            let happened = crash::disarm();
+            match r {
+                Ok(_) => {
+                    assert!(!happened, "{ctx}: the crash was swallowed");
+                    model.remove(&victim);
+                    check_points(&store, &model, &ctx);
+                    check_files(dir.path(), &model, &ctx);
+                    break;
+                }
+                Err(StoreError::Crashed(what)) => {
+                    assert!(happened);
+                    reached.insert(what);
+                }
+                Err(e) => panic!("{ctx}: {e}"),
+            }
+            let data = crash_store(store, dir.path(), "data", "data-crash", lose_unflushed);
+            let store = try_open_in(dir.path(), &data).expect("reopen");
+            let still = store
+                .points(NAME)
+                .expect("points")
+                .iter()
+                .any(|p| p.id == victim);
+            if !still {
+                model.remove(&victim);
+            }
+            check_points(&store, &model, &ctx);
+            check_files(dir.path(), &model, &ctx);
+            if still {
+                store.prune(NAME, victim).expect("prune after the crash");
+                model.remove(&victim);
+                check_points(&store, &model, &format!("{ctx}, pruned again"));
+                check_files(dir.path(), &model, &format!("{ctx}, pruned again"));
+            }
+            let p = run_sync(&store, 4, size, &history_batches(&images, 5)).expect("sync");
+            model.insert(p.id, images[5].clone());
+            check_points(&store, &model, &format!("{ctx}, then a sync"));
+        }
+    }
+    let want: BTreeSet<&str> = boundaries_in_source()
+        .into_iter()
+        .filter(|b| b.starts_with("prune:") || b.starts_with("merge:"))
+        .collect();
+    assert_eq!(reached, want, "the boundaries of a prune");
+}
+
+/// One sync (a first one, and an incremental one over three points), crashed at
+/// boundary 0, 1, 2, ... until it completes; after each crash the recovery at reopen
+/// is itself crashed at its boundary 0, 1, 2, ... until it completes. Each time the
+/// sync committed wholly or not at all, every point restores exactly, no file is
+/// left over, and the sync then goes through.
+#[test]
+fn a_crash_at_every_boundary_of_a_sync_and_its_recovery_keeps_every_point() {
+    let (size, images) = history();
+    let mut reached = BTreeSet::new();
+    for (base, lose_unflushed) in [(0usize, false), (3, false), (0, true), (3, true)] {
+        let new = base as u64 + 1;
+        for n in 0.. {
+            assert!(n < 100, "the sync never completes");
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (store, mut model) = build_history(dir.path(), size, &images, base);
+            let ctx = format!(
+                "sync of point {new} crashed at boundary {n} (unflushed lost: {lose_unflushed})"
+            );
+            let batches = history_batches(&images, base + 1);
+            crash::arm(n);
+            let r = run_sync(&store, base as u64, size, &batches);
+            let happened = crash::disarm();
+            drop(batches);
+            match r {
+                Ok(p) => {
+                    assert!(!happened, "{ctx}: the crash was swallowed");
+                    model.insert(p.id, images[base + 1].clone());
+                    check_points(&store, &model, &ctx);
+                    check_files(dir.path(), &model, &ctx);
+                    break;
+                }
+                Err(StoreError::Crashed(what)) => {
+                    assert!(happened);
+                    reached.insert(what);
+                }
+                Err(e) => panic!("{ctx}: {e}"),
+            }
+            let data = crash_store(store, dir.path(), "data", "data-crash", lose_unflushed);
+            let mut recovery = Vec::new();
+            let store = reopen(dir.path(), &data, 0.., &mut recovery);
+            reached.extend(recovery);
+            let committed = store
+                .points(NAME)
+                .expect("points")
+                .iter()
+                .any(|p| p.id == new);
+            if committed {
+                model.insert(new, images[base + 1].clone());
+            }
+            check_points(&store, &model, &ctx);
+            check_files(dir.path(), &model, &ctx);
+            if !committed {
+                let again = history_batches(&images, base + 1);
+                run_sync(&store, base as u64, size, &again).expect("sync after the crash");
+                model.insert(new, images[base + 1].clone());
+                check_points(&store, &model, &format!("{ctx}, synced again"));
+                check_files(dir.path(), &model, &format!("{ctx}, synced again"));
+            }
+        }
+    }
+    let want: BTreeSet<&str> = boundaries_in_source()
+        .into_iter()
+        .filter(|b| {
+            b.starts_with("sync:") || b.starts_with("commit:") || b.starts_with("rollback:")
+        })
+        .collect();
+    assert_eq!(reached, want, "the boundaries of a sync and its recovery");
+}
+
+/// Every boundary of the store belongs to an operation the tests above crash.
+#[test]
+fn every_crash_boundary_is_covered_by_a_test() {
+    let all = boundaries_in_source();
+    assert!(all.len() >= 10, "{all:?}");
+    for b in all {
+        assert!(
+            ["sync:", "commit:", "rollback:", "prune:", "merge:"]
+                .iter()
+                .any(|p| b.starts_with(p)),
+            "boundary {b:?} is crashed by no test"
+        );
+    }
 }
