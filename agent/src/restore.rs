@@ -193,7 +193,9 @@ impl DirectWriter {
             match direct.write_all_at(&self.bounce[..n], offset + done as u64) {
                 Ok(()) => done += n,
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    tracing::info!("direct I/O refused for the restore target; writing through the page cache");
+                    tracing::info!(
+                        "direct I/O refused for the restore target; writing through the page cache"
+                    );
                     self.direct = None;
                     return file.write_all_at(&data[done..], offset + done as u64);
                 }

@@ -453,23 +453,27 @@ fn an_old_point_is_served_read_only_over_nbd_with_tls_to_qemu() {
         !ok && out.contains("TLS"),
         "a client without TLS was not refused: {out}"
     );
+    // qemu's credentials directory for a certificate, trusting the fleet CA.
+    let creds_for = |files: &bulwark_tests::TlsFiles, tag: &str| {
+        let dir = fleet.scratch(tag);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        for (from, name) in [
+            (&fleet.pki().ca(), "ca-cert.pem"),
+            (&files.cert, "client-cert.pem"),
+            (&files.key, "client-key.pem"),
+        ] {
+            std::fs::copy(from, dir.join(name)).expect("copy a certificate");
+        }
+        dir.display().to_string()
+    };
     // A fleet certificate of another role (the agent's): refused.
-    let agent = fleet.identity("host-1");
-    let agent_dir = fleet.scratch("agent-tls");
-    std::fs::create_dir_all(&agent_dir).expect("mkdir");
-    for (from, name) in [
-        (&agent.ca, "ca-cert.pem"),
-        (&agent.cert, "client-cert.pem"),
-        (&agent.key, "client-key.pem"),
-    ] {
-        std::fs::copy(from, agent_dir.join(name)).expect("copy the agent's certificate");
-    }
+    let agent_dir = creds_for(&fleet.identity("host-1"), "agent-tls");
     let (ok, out) = qemu(
         "qemu-img",
         &[
             "info",
             "--object",
-            &object(&agent_dir.display().to_string()),
+            &object(&agent_dir),
             "--image-opts",
             &image,
         ],
@@ -478,6 +482,22 @@ fn an_old_point_is_served_read_only_over_nbd_with_tls_to_qemu() {
         !ok && out.contains("admin"),
         "an agent certificate was not refused: {out}"
     );
+    // An admin certificate of another CA: the TLS handshake fails. (qemu first checks
+    // its own certificate against the CA it trusts; sanity-check=off lets it try, so
+    // that it is the node that refuses.)
+    let other = bulwark_tests::Pki::init(&fleet.scratch("other-ca"));
+    let mallory_dir = creds_for(&other.issue("admin", "mallory"), "mallory-tls");
+    let (ok, out) = qemu(
+        "qemu-img",
+        &[
+            "info",
+            "--object",
+            &format!("{},sanity-check=off", object(&mallory_dir)),
+            "--image-opts",
+            &image,
+        ],
+    );
+    assert!(!ok, "a certificate of another CA was not refused: {out}");
     // A point that does not exist.
     let (ok, out) = qemu(
         "qemu-img",
