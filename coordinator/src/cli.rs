@@ -57,7 +57,14 @@ pub enum Command {
     /// List agents and whether they are connected.
     Agents(ListArgs),
     /// List data sources, where they live and their newest point.
-    Sources(ListArgs),
+    Sources {
+        /// Say why one data source lives on its node instead of listing.
+        #[arg(long, value_name = "NAME")]
+        explain: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Sync a data source now.
     Sync {
         /// Data source name.
@@ -572,6 +579,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         "capacity_bytes": n.capacity_bytes, "allocated_bytes": n.allocated_bytes,
                         "used_bytes": n.used_bytes, "sources": n.sources,
                         "live_streams": n.live_streams, "last_seen": rfc3339_ms(n.last_seen_ms),
+                        "ingest_bytes_per_sec": n.ingest_bytes_per_sec, "nbd_address": n.nbd_address,
                     })
                 },
                 |n| {
@@ -620,7 +628,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
             )?;
         }
-        Command::Sources(a) => {
+        Command::Sources { explain, json } => {
             let sources = admin
                 .client
                 .list_sources(pb::ListSourcesRequest {})
@@ -628,9 +636,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map_err(|s| admin.err(s))?
                 .into_inner()
                 .sources;
+            if let Some(name) = explain {
+                let s = sources
+                    .iter()
+                    .find(|s| s.name == name)
+                    .ok_or_else(|| anyhow!("no data source named {name}"))?;
+                let why = if s.placement.is_empty() {
+                    "placed before this coordinator recorded its reasons".to_string()
+                } else {
+                    s.placement.clone()
+                };
+                if json {
+                    print_json(&json!({"name": s.name, "node": s.node, "explain": why}))?;
+                } else {
+                    println!("{}: {}", s.name, why.replace("; ", "\n  "));
+                }
+                return Ok(());
+            }
             listing(
                 &sources,
-                a.json,
+                json,
                 &[
                     "NAME",
                     "AGENT",

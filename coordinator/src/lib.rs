@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod export;
+pub mod placement;
 pub mod registry;
 pub mod server;
 pub mod service;

@@ -84,6 +84,9 @@ pub struct NodeRecord {
     /// host:port of the node's NBD (TLS) listener; empty = none.
     #[serde(default)]
     pub nbd_address: String,
+    /// Bytes per second the node applied recently (its heartbeat's figure).
+    #[serde(default)]
+    pub ingest_bytes_per_sec: u64,
 }
 
 /// What the sources placed on one node add up to.
@@ -141,6 +144,9 @@ pub struct SourceRecord {
     /// As the node last reported.
     #[serde(default)]
     pub usage: Usage,
+    /// Why the source was placed where it is (`bulwark sources --explain`).
+    #[serde(default)]
+    pub placement: String,
     /// When the scrub last verified the source, and what it found.
     #[serde(default)]
     pub last_verify_ms: i64,
@@ -374,6 +380,7 @@ impl Registry {
             last_seen_ms: 0,
             version: String::new(),
             nbd_address: String::new(),
+            ingest_bytes_per_sec: 0,
         });
         rec.address = req.address.clone();
         rec.capacity_bytes = req.capacity_bytes;
@@ -398,6 +405,7 @@ impl Registry {
         rec.allocated_bytes = hb.allocated_bytes;
         rec.used_bytes = hb.used_bytes;
         rec.live_streams = hb.live_streams;
+        rec.ingest_bytes_per_sec = hb.ingest_bytes_per_sec;
         rec.last_seen_ms = now_ms();
         rec.nbd_address = hb.nbd_address.clone();
         self.nodes.insert(name.as_bytes(), enc(&rec)?)?;
@@ -613,32 +621,37 @@ impl Registry {
         Ok(m)
     }
 
-    /// Picks a node for a source that needs `need` bytes: among the up nodes it fits
-    /// on, the one with the most free space (ties by name). Call under `placement`.
-    fn choose_node(&self, need: u64) -> Result<std::result::Result<NodeRecord, String>> {
-        let nodes = self.nodes()?;
-        if nodes.is_empty() {
-            return Ok(Err("no storage node has registered".into()));
-        }
+    /// The nodes as placement sees them (see [`crate::placement`]).
+    pub fn node_figures(&self) -> Result<Vec<crate::placement::NodeFigures>> {
         let loads = self.node_loads()?;
-        let mut best: Option<(u64, NodeRecord)> = None;
-        let mut largest_free = 0;
-        for n in nodes.into_iter().filter(|n| self.node_up(n)) {
-            let used = loads.get(&n.name).map_or(0, |l| l.allocated_bytes);
-            let free = n.capacity_bytes.saturating_sub(used);
-            largest_free = largest_free.max(free);
-            if free >= need && best.as_ref().is_none_or(|(f, _)| free > *f) {
-                best = Some((free, n));
-            }
+        Ok(self
+            .nodes()?
+            .into_iter()
+            .map(|n| {
+                let load = loads.get(&n.name).copied().unwrap_or_default();
+                crate::placement::NodeFigures {
+                    up: self.node_up(&n),
+                    capacity_bytes: n.capacity_bytes,
+                    allocated_bytes: load.allocated_bytes,
+                    sources: load.sources,
+                    live_streams: n.live_streams,
+                    ingest_bytes_per_sec: n.ingest_bytes_per_sec,
+                    name: n.name,
+                }
+            })
+            .collect())
+    }
+
+    /// Picks a node for a source that needs `need` bytes (see [`crate::placement`]);
+    /// returns it or why none fits, and the decision explained. Call under
+    /// `placement`.
+    fn choose_node(&self, need: u64) -> Result<(Option<String>, String)> {
+        let nodes = self.node_figures()?;
+        if nodes.is_empty() {
+            return Ok((None, "no storage node has registered".into()));
         }
-        Ok(match best {
-            Some((_, n)) => Ok(n),
-            None => Err(format!(
-                "no up storage node has room: it needs {} and the most free on one node is {}",
-                bulwark_common::config::format_size(need),
-                bulwark_common::config::format_size(largest_free)
-            )),
-        })
+        let d = crate::placement::choose(&nodes, need, crate::placement::Weights::default());
+        Ok((d.chosen.map(|i| nodes[i].name.clone()), d.explain()))
     }
 
     /// Registers an agent's data sources (its Hello) and places the new ones.
@@ -758,6 +771,7 @@ impl Registry {
                 usage: Usage::default(),
                 last_verify_ms: 0,
                 verify_result: String::new(),
+                placement: String::new(),
             },
             Err(e) => return Err(e),
         };
@@ -775,17 +789,19 @@ impl Registry {
     /// Places `rec` if it has no node; returns its assignment if it has one.
     fn place_locked(&self, rec: &mut SourceRecord) -> Result<Option<pb::Assignment>> {
         if rec.node.is_none() {
-            match self.choose_node(rec.allocated_bytes)? {
-                Ok(n) => {
-                    tracing::info!(source = %rec.name, node = %n.name, "data source placed");
-                    rec.node = Some(n.name.clone());
+            let (chosen, why) = self.choose_node(rec.allocated_bytes)?;
+            rec.placement = why.clone();
+            match chosen {
+                Some(n) => {
+                    tracing::info!(source = %rec.name, node = %n, "data source placed: {why}");
+                    rec.node = Some(n);
                     rec.epoch += 1;
                     if rec.state == "error" {
                         rec.state = "ok".into();
                     }
                     rec.error.clear();
                 }
-                Err(why) => {
+                None => {
                     rec.state = "error".into();
                     rec.error = why;
                     return Ok(None);
@@ -1029,7 +1045,7 @@ mod tests {
             reg.source("huge")
                 .expect("huge")
                 .error
-                .contains("no up storage node has room")
+                .contains("no up node has room")
         );
         drop(reg);
         let reg = Registry::open(dir.path(), Duration::from_secs(60)).expect("reopen");

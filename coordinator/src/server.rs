@@ -31,6 +31,11 @@ pub async fn run(
         identity.client_config(Role::Node)?,
         shutdown.clone(),
     ));
+    tokio::spawn(monitor_loop(
+        registry.clone(),
+        cfg.node_timeout,
+        shutdown.clone(),
+    ));
     if let Some(every) = cfg.scrub_interval {
         tokio::spawn(scrub_loop(svc.clone(), every, shutdown.clone()));
     }
@@ -108,6 +113,52 @@ async fn scrub_loop(
         };
         if let Err(e) = registry.verified(&due, result) {
             tracing::warn!(source = %due, "scrub: cannot record the result: {e}");
+        }
+    }
+}
+
+/// Raises the coordinator's own alerts: a node that has not reported within the node
+/// timeout is `down` (critical), resolved by itself when it reports again.
+async fn monitor_loop(
+    registry: Arc<Registry>,
+    timeout: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    let tick = (timeout / 5).clamp(
+        std::time::Duration::from_millis(200),
+        std::time::Duration::from_secs(5),
+    );
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(tick) => {}
+        }
+        let nodes = match registry.nodes() {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!("monitor: cannot list nodes: {e}");
+                continue;
+            }
+        };
+        let now = bulwark_common::time::now_ms();
+        let alerts: Vec<pb::Alert> = nodes
+            .iter()
+            .filter(|n| !registry.node_up(n))
+            .map(|n| pb::Alert {
+                key: format!("node-down/{}", n.name),
+                severity: "critical".into(),
+                subject: n.name.clone(),
+                message: format!(
+                    "node {} has not reported for {} s (node_timeout {} s); its sources cannot sync",
+                    n.name,
+                    (now - n.last_seen_ms) / 1000,
+                    timeout.as_secs()
+                ),
+                ..Default::default()
+            })
+            .collect();
+        if let Err(e) = registry.report_alerts("coordinator", &alerts) {
+            tracing::warn!("monitor: cannot record alerts: {e}");
         }
     }
 }

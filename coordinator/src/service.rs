@@ -308,6 +308,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
                     last_seen_ms: n.last_seen_ms,
                     live_streams: n.live_streams,
                     nbd_address: n.nbd_address,
+                    ingest_bytes_per_sec: n.ingest_bytes_per_sec,
                 }
             })
             .collect();
@@ -570,6 +571,7 @@ fn source_info(s: crate::registry::SourceRecord) -> pb::SourceInfo {
         points: s.usage.points,
         last_verify_ms: s.last_verify_ms,
         verify_result: s.verify_result.clone(),
+        placement: s.placement.clone(),
         name: s.name,
         agent: s.agent,
         node: s.node.unwrap_or_default(),

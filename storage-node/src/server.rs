@@ -150,6 +150,7 @@ async fn usage_report(
             .collect(),
         disks: disks.clone(),
         alerts: alerts(&usage, &svc.space_refusals()),
+        ingest_bytes_per_sec: 0,
         nbd_address: nbd_address.unwrap_or_default(),
     };
     Ok((req, disks))
@@ -227,9 +228,15 @@ async fn heartbeat_loop(
 ) {
     let mut registered = false;
     let mut failures = 0u32;
+    // Ingest rate: bytes applied since the previous report, per second.
+    let mut last = (std::time::Instant::now(), svc.ingested_bytes());
     loop {
         let result: anyhow::Result<()> = async {
-            let (report, disks) = usage_report(&svc, &store, nbd_address.clone()).await?;
+            let (mut report, disks) = usage_report(&svc, &store, nbd_address.clone()).await?;
+            let now = (std::time::Instant::now(), svc.ingested_bytes());
+            let secs = now.0.duration_since(last.0).as_secs_f64().max(0.001);
+            report.ingest_bytes_per_sec = (now.1.saturating_sub(last.1) as f64 / secs) as u64;
+            last = now;
             if !registered {
                 let r = client
                     .register_node(pb::RegisterNodeRequest {

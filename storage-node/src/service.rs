@@ -96,6 +96,8 @@ pub struct NodeService {
     assignments: sled::Tree,
     grants: std::sync::Mutex<HashMap<(String, String), i64>>,
     live_streams: Arc<AtomicU32>,
+    /// Payload bytes applied by syncs since the node started.
+    ingested: Arc<AtomicU64>,
     /// Sources whose last sync was refused for space, with the refusal (an alert
     /// until a sync of the source commits).
     space_refusals: std::sync::Mutex<HashMap<String, String>>,
@@ -130,6 +132,7 @@ impl NodeService {
             coordinator,
             grants: Default::default(),
             live_streams: Arc::new(AtomicU32::new(0)),
+            ingested: Arc::new(AtomicU64::new(0)),
             space_refusals: Default::default(),
         })
     }
@@ -193,6 +196,11 @@ impl NodeService {
     /// The per-source locks (shared with the NBD exports).
     pub fn locks(&self) -> Arc<SourceLocks> {
         self.locks.clone()
+    }
+
+    /// Payload bytes applied by syncs since the node started.
+    pub fn ingested_bytes(&self) -> u64 {
+        self.ingested.load(Ordering::Relaxed)
     }
 
     /// Syncs and restores in progress.
@@ -393,12 +401,15 @@ fn spawn_applier(
     mut txn: SyncTxn,
     mut batches: mpsc::Receiver<Vec<VerifiedExtent>>,
     tx: mpsc::Sender<Result<pb::SyncReply, Status>>,
+    ingested: Arc<AtomicU64>,
 ) -> tokio::task::JoinHandle<(SyncTxn, Result<(), Status>)> {
     tokio::task::spawn_blocking(move || {
         while let Some(batch) = batches.blocking_recv() {
             if let Err(e) = txn.apply(&batch) {
                 return (txn, Err(Status::from(e)));
             }
+            let bytes: usize = batch.iter().map(|e| e.data.len()).sum();
+            ingested.fetch_add(bytes as u64, Ordering::Relaxed);
             let progress = pb::SyncReply {
                 msg: Some(pb::sync_reply::Msg::Progress(pb::SyncProgress {
                     applied_bytes: txn.applied_bytes(),
@@ -430,7 +441,7 @@ async fn run_sync(
 ) -> Result<(), Status> {
     use pb::sync_message::Msg;
     let (btx, brx) = mpsc::channel::<Vec<VerifiedExtent>>(2);
-    let applier = spawn_applier(txn, brx, tx.clone());
+    let applier = spawn_applier(txn, brx, tx.clone(), svc.ingested.clone());
     // Stops the applier and rolls back; the applier's own error, if any, wins.
     async fn fail(
         btx: mpsc::Sender<Vec<VerifiedExtent>>,
