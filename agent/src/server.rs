@@ -138,7 +138,21 @@ impl Agent {
             tracing::info_span!("sync", source = %name)
         };
         let result = async {
-            let a = self.assignment(name).await?;
+            let mut a = self.assignment(name).await?;
+            // A move in progress: wait for it (the node refuses syncs meanwhile), then
+            // follow the new assignment.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3600);
+            while !a.moving_to.is_empty() {
+                if std::time::Instant::now() > deadline {
+                    return Err(format!(
+                        "data source {name} has been moving to node {} for an hour",
+                        a.moving_to
+                    ));
+                }
+                tracing::info!(to = %a.moving_to, "the source is moving; the sync waits");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                a = self.assignment(name).await?;
+            }
             let node = self.node_client(&a.node_address)?;
             tracing::info!(node = %a.node, epoch = a.epoch, "sync started");
             sync_source(&source, tracker, &self.cfg.state_dir, &a, node, opts)

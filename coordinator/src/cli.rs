@@ -190,6 +190,26 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Move every data source off a node (it gets no new ones from now on); waits
+    /// until the moves are done. Each move copies replica and points node to node,
+    /// verifies every checksum, then switches the source with a new epoch.
+    Drain {
+        /// Node name.
+        node: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move data sources until node fill ratios are within the coordinator's
+    /// rebalance_spread_percent of each other, moving as few bytes as it can.
+    Rebalance {
+        /// Only say what would move.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a whole fleet on this machine, protect a sample volume, restore it, and
     /// clean up.
     Demo {
@@ -983,7 +1003,71 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
+        Command::Drain { node, json } => {
+            let r = admin
+                .client
+                .drain(pb::DrainRequest { node: node.clone() })
+                .await
+                .map_err(|s| admin.err(s))?
+                .into_inner();
+            print_moves(&r, json, &format!("drain of {node}"))?;
+        }
+        Command::Rebalance { dry_run, json } => {
+            let r = admin
+                .client
+                .rebalance(pb::RebalanceRequest { dry_run })
+                .await
+                .map_err(|s| admin.err(s))?
+                .into_inner();
+            print_moves(&r, json, "rebalance")?;
+        }
         Command::Pki(_) | Command::Demo { .. } => {}
+    }
+    Ok(())
+}
+
+/// Prints a drain's or rebalance's moves; fails when one failed.
+fn print_moves(r: &pb::MoveReport, json: bool, what: &str) -> anyhow::Result<()> {
+    if json {
+        print_json(&json!({
+            "dry_run": r.dry_run,
+            "spread_before": r.spread_before, "spread_after": r.spread_after,
+            "lower_bound_bytes": r.lower_bound_bytes,
+            "moves": r.moves.iter().map(|m| json!({
+                "source": m.source, "from": m.from, "to": m.to, "bytes": m.bytes,
+                "points": m.points, "duration_ms": m.duration_ms, "error": m.error,
+            })).collect::<Vec<_>>(),
+        }))?;
+    } else {
+        for m in &r.moves {
+            let verb = if r.dry_run { "would move" } else { "moved" };
+            if m.error.is_empty() {
+                println!(
+                    "{verb} {} from {} to {} ({})",
+                    m.source,
+                    m.from,
+                    m.to,
+                    format_size(m.bytes)
+                );
+            } else {
+                println!("did not move {} from {}: {}", m.source, m.from, m.error);
+            }
+        }
+        println!(
+            "{what}: {} move(s); fill spread {:.1}% -> {:.1}%",
+            r.moves.len(),
+            r.spread_before * 100.0,
+            r.spread_after * 100.0
+        );
+    }
+    let failed: Vec<&str> = r
+        .moves
+        .iter()
+        .filter(|m| !m.error.is_empty())
+        .map(|m| m.source.as_str())
+        .collect();
+    if !failed.is_empty() {
+        bail!("{what}: {} not moved: {}", failed.len(), failed.join(", "));
     }
     Ok(())
 }

@@ -23,8 +23,16 @@ pub struct CoordinatorToml {
     /// turns it off. Optional; default `"7d"`.
     #[serde(default = "default_scrub_interval")]
     pub scrub_interval: HumanDuration,
+    /// `bulwark rebalance` moves data sources until the fill ratios of the up nodes
+    /// are within this many percent of each other. Optional; default 10.
+    #[serde(default = "default_rebalance_spread")]
+    pub rebalance_spread_percent: f64,
     /// The fleet CA and the coordinator's certificate.
     pub tls: TlsFiles,
+}
+
+fn default_rebalance_spread() -> f64 {
+    10.0
 }
 
 fn default_scrub_interval() -> HumanDuration {
@@ -43,6 +51,8 @@ pub struct CoordinatorConfig {
     pub node_timeout: Duration,
     /// `None`: no scheduled scrub.
     pub scrub_interval: Option<Duration>,
+    /// Largest fill spread a rebalance leaves, as a fraction.
+    pub rebalance_spread: f64,
     pub tls: TlsFiles,
 }
 
@@ -58,6 +68,17 @@ impl CoordinatorConfig {
             data_dir: resolve(path, &t.data_dir),
             node_timeout: t.node_timeout.0,
             scrub_interval: Some(t.scrub_interval.0).filter(|d| !d.is_zero()),
+            rebalance_spread: {
+                let p = t.rebalance_spread_percent;
+                if !(0.5..=100.0).contains(&p) {
+                    return Err(ConfigError::invalid(
+                        path,
+                        "rebalance_spread_percent",
+                        format!("{p} is not between 0.5 and 100"),
+                    ));
+                }
+                p / 100.0
+            },
             tls: t.tls.relative_to(path),
         })
     }

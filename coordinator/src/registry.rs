@@ -87,6 +87,9 @@ pub struct NodeRecord {
     /// Bytes per second the node applied recently (its heartbeat's figure).
     #[serde(default)]
     pub ingest_bytes_per_sec: u64,
+    /// Being drained: gets no new sources, and its sources move off.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// What the sources placed on one node add up to.
@@ -147,6 +150,12 @@ pub struct SourceRecord {
     /// Why the source was placed where it is (`bulwark sources --explain`).
     #[serde(default)]
     pub placement: String,
+    /// The node the source is being copied to (a move in progress), else empty.
+    #[serde(default)]
+    pub moving_to: String,
+    /// Nodes that still hold a copy from before a move (dropped when they answer).
+    #[serde(default)]
+    pub stale_copies: Vec<String>,
     /// When the scrub last verified the source, and what it found.
     #[serde(default)]
     pub last_verify_ms: i64,
@@ -381,6 +390,7 @@ impl Registry {
             version: String::new(),
             nbd_address: String::new(),
             ingest_bytes_per_sec: 0,
+            draining: false,
         });
         rec.address = req.address.clone();
         rec.capacity_bytes = req.capacity_bytes;
@@ -496,6 +506,83 @@ impl Registry {
                 .then(b.last_seen_ms.cmp(&a.last_seen_ms))
         });
         Ok(out)
+    }
+
+    /// Marks a node draining (or not).
+    pub fn set_draining(&self, node: &str, draining: bool) -> Result<NodeRecord> {
+        let _g = lock(&self.placement);
+        let mut n = self
+            .node(node)?
+            .ok_or_else(|| RegistryError::UnknownNode(node.to_string()))?;
+        n.draining = draining;
+        self.nodes.insert(node.as_bytes(), enc(&n)?)?;
+        self.db.flush()?;
+        Ok(n)
+    }
+
+    /// Starts a move of `source` to `to`: from now on syncs wait and the node it is
+    /// on lets `to` copy it. Durable before it returns.
+    pub fn begin_move(&self, source: &str, to: &str) -> Result<SourceRecord> {
+        let _g = lock(&self.placement);
+        let mut s = self.source(source)?;
+        if !s.moving_to.is_empty() {
+            return Err(RegistryError::InvalidSource(
+                source.to_string(),
+                format!("it is already moving to {}", s.moving_to),
+            ));
+        }
+        s.moving_to = to.to_string();
+        s.state = "moving".into();
+        self.put_source(&s)?;
+        self.db.flush()?;
+        Ok(s)
+    }
+
+    /// Switches `source` to the node it was copied to, with a new epoch (the old
+    /// node refuses the old one from now on); the old node's copy is to be dropped.
+    pub fn finish_move(&self, source: &str) -> Result<SourceRecord> {
+        let _g = lock(&self.placement);
+        let mut s = self.source(source)?;
+        if s.moving_to.is_empty() {
+            return Err(RegistryError::InvalidSource(
+                source.to_string(),
+                "no move is in progress".into(),
+            ));
+        }
+        if let Some(old) = s.node.take() {
+            s.stale_copies.push(old);
+        }
+        s.node = Some(std::mem::take(&mut s.moving_to));
+        s.epoch += 1;
+        s.state = "ok".into();
+        s.usage = Usage::default();
+        self.put_source(&s)?;
+        self.db.flush()?;
+        Ok(s)
+    }
+
+    /// Ends a move that did not finish: the source stays where it was; returns the
+    /// node that may hold a partial copy.
+    pub fn abort_move(&self, source: &str) -> Result<String> {
+        let _g = lock(&self.placement);
+        let mut s = self.source(source)?;
+        let to = std::mem::take(&mut s.moving_to);
+        if !to.is_empty() && !s.stale_copies.contains(&to) {
+            s.stale_copies.push(to.clone());
+        }
+        s.state = "ok".into();
+        self.put_source(&s)?;
+        self.db.flush()?;
+        Ok(to)
+    }
+
+    /// A node no longer holds a stale copy of `source`.
+    pub fn copy_dropped(&self, source: &str, node: &str) -> Result<()> {
+        let _g = lock(&self.placement);
+        let mut s = self.source(source)?;
+        s.stale_copies.retain(|n| n != node);
+        self.put_source(&s)?;
+        Ok(())
     }
 
     /// Records what a verify of `source` found.
@@ -630,7 +717,9 @@ impl Registry {
             .map(|n| {
                 let load = loads.get(&n.name).copied().unwrap_or_default();
                 crate::placement::NodeFigures {
-                    up: self.node_up(&n),
+                    // A draining node counts as down: nothing new goes there, and a
+                    // rebalance moves its sources off.
+                    up: self.node_up(&n) && !n.draining,
                     capacity_bytes: n.capacity_bytes,
                     allocated_bytes: load.allocated_bytes,
                     sources: load.sources,
@@ -772,6 +861,8 @@ impl Registry {
                 last_verify_ms: 0,
                 verify_result: String::new(),
                 placement: String::new(),
+                moving_to: String::new(),
+                stale_copies: Vec::new(),
             },
             Err(e) => return Err(e),
         };
@@ -956,6 +1047,7 @@ fn assignment(s: &SourceRecord, node: &str, addr: &str) -> pb::Assignment {
         size_bytes: s.size_bytes,
         block_size: s.block_size,
         policy: Some(s.policy().to_proto()),
+        moving_to: s.moving_to.clone(),
     }
 }
 

@@ -26,11 +26,15 @@ pub async fn run(
             .await?
             .context("cannot open the registry")?,
     );
-    let svc = Arc::new(CoordinatorService::new(
-        registry.clone(),
-        identity.client_config(Role::Node)?,
-        shutdown.clone(),
-    ));
+    let svc = Arc::new(
+        CoordinatorService::new(
+            registry.clone(),
+            identity.client_config(Role::Node)?,
+            shutdown.clone(),
+        )
+        .with_rebalance_spread(cfg.rebalance_spread),
+    );
+    tokio::spawn(moves_loop(svc.clone(), shutdown.clone()));
     tokio::spawn(monitor_loop(
         registry.clone(),
         cfg.node_timeout,
@@ -159,6 +163,18 @@ async fn monitor_loop(
             .collect();
         if let Err(e) = registry.report_alerts("coordinator", &alerts) {
             tracing::warn!("monitor: cannot record alerts: {e}");
+        }
+    }
+}
+
+/// Rolls back moves a crash interrupted (at once, then whenever one is found) and
+/// retries dropping stale copies, every few seconds.
+async fn moves_loop(svc: Arc<CoordinatorService>, shutdown: CancellationToken) {
+    loop {
+        svc.tidy_moves().await;
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
         }
     }
 }

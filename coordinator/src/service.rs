@@ -26,6 +26,10 @@ pub struct CoordinatorService {
     shutdown: CancellationToken,
     node_tls: Arc<rustls::ClientConfig>,
     node_channels: Mutex<HashMap<String, Channel>>,
+    /// One move at a time in the fleet: each copies a whole source node to node.
+    moves: tokio::sync::Mutex<()>,
+    /// Largest spread of node fill ratios a rebalance leaves.
+    rebalance_spread: f64,
 }
 
 impl CoordinatorService {
@@ -41,6 +45,137 @@ impl CoordinatorService {
             shutdown,
             node_tls,
             node_channels: Mutex::new(HashMap::new()),
+            moves: tokio::sync::Mutex::new(()),
+            rebalance_spread: 0.10,
+        }
+    }
+
+    /// Sets the largest fill spread a rebalance leaves (a fraction, 0.10 = 10%).
+    pub fn with_rebalance_spread(mut self, spread: f64) -> Self {
+        self.rebalance_spread = spread;
+        self
+    }
+
+    /// Moves `source` to node `to`: marks the move (syncs wait), has `to` copy the
+    /// source from its node and verify every checksum, switches the assignment with
+    /// a new epoch, then has the old node drop its copy. A move that fails leaves
+    /// the source where it was.
+    pub async fn move_source(&self, source: &str, to: &str) -> pb::SourceMove {
+        let _one = self.moves.lock().await;
+        let started = std::time::Instant::now();
+        let mut report = pb::SourceMove {
+            source: source.to_string(),
+            to: to.to_string(),
+            ..Default::default()
+        };
+        let r: Result<(), Status> = async {
+            let s = self.registry.source(source)?;
+            let from = s
+                .node
+                .clone()
+                .ok_or_else(|| RegistryError::Unassigned(source.to_string(), s.error.clone()))?;
+            report.from = from.clone();
+            if from == to {
+                return Err(Status::invalid_argument(format!("{source} is on {to} already")));
+            }
+            let from_rec = self
+                .registry
+                .node(&from)?
+                .ok_or_else(|| Status::not_found(format!("no storage node named {from}")))?;
+            let mut target = self.node_client(to)?;
+            self.registry.begin_move(source, to)?;
+            tracing::info!(source, %from, to, "move started");
+            let imported = target
+                .import(pb::ImportRequest {
+                    source: source.to_string(),
+                    from_node: from.clone(),
+                    from_address: from_rec.address.clone(),
+                })
+                .await;
+            match imported {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    report.bytes = r.bytes;
+                    report.points = r.points;
+                    self.registry.finish_move(source)?;
+                    tracing::info!(source, %from, to, bytes = r.bytes, points = r.points, "move finished: the source is on its new node");
+                    self.drop_copy(source, &from).await;
+                    Ok(())
+                }
+                Err(st) => {
+                    let partial = self.registry.abort_move(source)?;
+                    tracing::warn!(source, %from, to, "move failed, the source stays on {from}: {}", st.message());
+                    self.drop_copy(source, &partial).await;
+                    Err(Status::new(st.code(), format!("node {to}: {}", st.message())))
+                }
+            }
+        }
+        .await;
+        if let Err(st) = r {
+            report.error = st.message().to_string();
+        }
+        report.duration_ms = started.elapsed().as_millis() as u64;
+        report
+    }
+
+    /// Asks `node` to delete its copy of `source` (not assigned there); what fails
+    /// stays listed on the source and is retried by the monitor.
+    pub async fn drop_copy(&self, source: &str, node: &str) {
+        let Ok(mut client) = self.node_client(node) else {
+            return;
+        };
+        match client
+            .drop_source(pb::DropSourceRequest {
+                source: source.to_string(),
+            })
+            .await
+        {
+            Ok(_) => {
+                if let Err(e) = self.registry.copy_dropped(source, node) {
+                    tracing::warn!(source, node, "cannot record a dropped copy: {e}");
+                }
+            }
+            Err(st) => {
+                tracing::warn!(source, node, "stale copy not dropped yet: {}", st.message())
+            }
+        }
+    }
+
+    /// Ends the moves a coordinator crash interrupted (they roll back: the source
+    /// stays on its node; the partial copy is dropped), and retries the drops of
+    /// stale copies.
+    pub async fn tidy_moves(&self) {
+        let Ok(sources) = self.registry.sources() else {
+            return;
+        };
+        for s in sources {
+            if !s.moving_to.is_empty() && self.moves.try_lock().is_ok() {
+                tracing::warn!(source = %s.name, to = %s.moving_to, "rolling back a move the coordinator did not finish");
+                match self.registry.abort_move(&s.name) {
+                    Ok(to) => self.drop_copy(&s.name, &to).await,
+                    Err(e) => tracing::warn!(source = %s.name, "cannot roll back the move: {e}"),
+                }
+            }
+            for n in &s.stale_copies {
+                self.drop_copy(&s.name, n).await;
+            }
+        }
+    }
+
+    /// The report of a list of moves.
+    fn move_report(
+        moves: Vec<pb::SourceMove>,
+        before: f64,
+        after: f64,
+        lower: u64,
+        dry_run: bool,
+    ) -> pb::MoveReport {
+        pb::MoveReport {
+            moves,
+            spread_before: before,
+            spread_after: after,
+            lower_bound_bytes: lower,
+            dry_run,
         }
     }
 
@@ -298,7 +433,14 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
             .map(|n| {
                 let load = loads.get(&n.name).copied().unwrap_or_default();
                 pb::NodeInfo {
-                    state: if reg.node_up(&n) { "up" } else { "down" }.into(),
+                    state: if !reg.node_up(&n) {
+                        "down"
+                    } else if n.draining {
+                        "draining"
+                    } else {
+                        "up"
+                    }
+                    .into(),
                     name: n.name,
                     address: n.address,
                     capacity_bytes: n.capacity_bytes,
@@ -407,6 +549,105 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
             size_bytes: s.size_bytes,
             block_size: s.block_size,
         }))
+    }
+
+    async fn drain(
+        &self,
+        req: Request<pb::DrainRequest>,
+    ) -> Result<Response<pb::MoveReport>, Status> {
+        let admin = require(&req, "Drain", &[Role::Admin])?;
+        let node = req.into_inner().node;
+        let svc = &self.0;
+        svc.registry.set_draining(&node, true)?;
+        tracing::info!(%admin, node, "drain started");
+        let before = crate::placement::spread(&svc.registry.node_figures()?);
+        let mut moves = Vec::new();
+        let mut on_node: Vec<crate::registry::SourceRecord> = svc
+            .registry
+            .sources()?
+            .into_iter()
+            .filter(|s| s.node.as_deref() == Some(node.as_str()))
+            .collect();
+        on_node.sort_by_key(|s| std::cmp::Reverse(s.allocated_bytes));
+        for s in on_node {
+            let figures = svc.registry.node_figures()?;
+            let d = crate::placement::choose(
+                &figures,
+                s.allocated_bytes,
+                crate::placement::Weights::default(),
+            );
+            let m = match d.chosen {
+                Some(i) => svc.move_source(&s.name, &figures[i].name).await,
+                None => pb::SourceMove {
+                    source: s.name.clone(),
+                    from: node.clone(),
+                    bytes: s.allocated_bytes,
+                    error: d.explain(),
+                    ..Default::default()
+                },
+            };
+            moves.push(m);
+        }
+        let after = crate::placement::spread(&svc.registry.node_figures()?);
+        let failed = moves.iter().filter(|m| !m.error.is_empty()).count();
+        tracing::info!(node, moved = moves.len() - failed, failed, "drain finished");
+        Ok(Response::new(CoordinatorService::move_report(
+            moves, before, after, 0, false,
+        )))
+    }
+
+    async fn rebalance(
+        &self,
+        req: Request<pb::RebalanceRequest>,
+    ) -> Result<Response<pb::MoveReport>, Status> {
+        let admin = require(&req, "Rebalance", &[Role::Admin])?;
+        let dry_run = req.into_inner().dry_run;
+        let svc = &self.0;
+        let figures = svc.registry.node_figures()?;
+        let placed: Vec<crate::placement::Placed> = svc
+            .registry
+            .sources()?
+            .into_iter()
+            .filter_map(|s| {
+                let node = figures
+                    .iter()
+                    .position(|n| Some(&n.name) == s.node.as_ref())?;
+                Some(crate::placement::Placed {
+                    name: s.name,
+                    node,
+                    allocated_bytes: s.allocated_bytes,
+                })
+            })
+            .collect();
+        let plan = crate::placement::plan_rebalance(&figures, &placed, svc.rebalance_spread);
+        tracing::info!(%admin, dry_run, moves = plan.moves.len(), bytes = plan.bytes(), "rebalance planned");
+        let mut moves = Vec::new();
+        for m in &plan.moves {
+            let planned = pb::SourceMove {
+                source: m.source.clone(),
+                from: figures[m.from].name.clone(),
+                to: figures[m.to].name.clone(),
+                bytes: m.bytes,
+                ..Default::default()
+            };
+            if dry_run {
+                moves.push(planned);
+            } else {
+                moves.push(svc.move_source(&m.source, &figures[m.to].name).await);
+            }
+        }
+        let after = if dry_run {
+            plan.spread_after
+        } else {
+            crate::placement::spread(&svc.registry.node_figures()?)
+        };
+        Ok(Response::new(CoordinatorService::move_report(
+            moves,
+            plan.spread_before,
+            after,
+            plan.lower_bound_bytes,
+            dry_run,
+        )))
     }
 
     async fn verify(

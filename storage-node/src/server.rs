@@ -43,6 +43,7 @@ pub async fn run(
         cfg.name.clone(),
         store.clone(),
         coordinator.clone(),
+        identity.client_config(Role::Node)?,
     )?);
 
     let nbd = match cfg.nbd_listen {

@@ -98,6 +98,8 @@ pub struct NodeService {
     live_streams: Arc<AtomicU32>,
     /// Payload bytes applied by syncs since the node started.
     ingested: Arc<AtomicU64>,
+    /// Dials other nodes (moves) with this node's certificate.
+    peer_tls: Arc<rustls::ClientConfig>,
     /// Sources whose last sync was refused for space, with the refusal (an alert
     /// until a sync of the source commits).
     space_refusals: std::sync::Mutex<HashMap<String, String>>,
@@ -123,8 +125,10 @@ impl NodeService {
         name: String,
         store: Store,
         coordinator: CoordinatorClient<Channel>,
+        peer_tls: Arc<rustls::ClientConfig>,
     ) -> Result<NodeService, StoreError> {
         Ok(NodeService {
+            peer_tls,
             name,
             assignments: store.tree("assignments")?,
             store,
@@ -538,6 +542,7 @@ pub struct NodeApi(pub Arc<NodeService>);
 impl pb::node_server::Node for NodeApi {
     type SyncStream = BoxStream<pb::SyncReply>;
     type RestoreStream = BoxStream<pb::RestoreChunk>;
+    type ExportStream = BoxStream<pb::ExportChunk>;
 
     async fn sync(
         &self,
@@ -568,8 +573,24 @@ impl pb::node_server::Node for NodeApi {
                 begin.source, a.size_bytes, a.block_size, begin.size_bytes, begin.block_size
             )));
         }
+        if !a.moving_to.is_empty() {
+            return Err(Status::unavailable(format!(
+                "data source {} is moving to node {}; sync again when the move is done",
+                begin.source, a.moving_to
+            )));
+        }
         // One sync at a time per source; a restore in progress is waited for.
         let lock = svc.locks.get(&begin.source).write_owned().await;
+        // The assignment may have changed while this waited (a move began or ended).
+        let a = svc
+            .authorize(&caller, &begin.source, Some(begin.epoch))
+            .await?;
+        if !a.moving_to.is_empty() {
+            return Err(Status::unavailable(format!(
+                "data source {} is moving to node {}; sync again when the move is done",
+                begin.source, a.moving_to
+            )));
+        }
         let store = svc.store.clone();
         let name = begin.source.clone();
         let newest = blocking(move || store.newest_point(&name))
@@ -776,6 +797,194 @@ impl pb::node_server::Node for NodeApi {
             repaired_blocks: 0,
             repair_error: String::new(),
         }))
+    }
+
+    async fn export(
+        &self,
+        req: Request<pb::ExportRequest>,
+    ) -> Result<Response<Self::ExportStream>, Status> {
+        let caller = require(&req, "Export", &[Role::Node])?;
+        let source = req.into_inner().source;
+        let svc = self.0.clone();
+        let a = svc.assignment(&source).await?;
+        if a.node != svc.name || a.moving_to != caller.name {
+            tracing::warn!(%caller, source, "export refused: no move of the source to the caller");
+            return Err(Status::permission_denied(format!(
+                "data source {source} is not moving from {} to {}",
+                svc.name, caller.name
+            )));
+        }
+        let lock = svc.locks.get(&source).read_owned().await;
+        let store = svc.store.clone();
+        let name = source.clone();
+        let (meta, files) = blocking(move || store.export(&name)).await??;
+        let meta = serde_json::to_vec(&meta)
+            .map_err(|e| Status::internal(format!("cannot encode the source's records: {e}")))?;
+        let (tx, rx) = mpsc::channel(4);
+        let guard = StreamGuard::new(&svc.live_streams);
+        tracing::info!(source, to = %caller.name, "export for a move started");
+        tokio::task::spawn_blocking(move || {
+            let _lock = lock;
+            let _guard = guard;
+            let send = |msg: pb::export_chunk::Msg| {
+                tx.blocking_send(Ok(pb::ExportChunk { msg: Some(msg) }))
+                    .is_ok()
+            };
+            if !send(pb::export_chunk::Msg::Meta(meta.into())) {
+                return;
+            }
+            const CHUNK: usize = 1 << 20;
+            for (name, path) in files {
+                let r = (|| -> std::io::Result<bool> {
+                    let f = std::fs::File::open(&path)?;
+                    let len = f.metadata()?.len();
+                    let mut offset = 0u64;
+                    let mut first = true;
+                    while first || offset < len {
+                        let n = CHUNK.min((len - offset) as usize);
+                        let mut buf = vec![0u8; n];
+                        std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, offset)?;
+                        // Holes stay holes: all-zero chunks are not sent (but the
+                        // first chunk always is, so the file is made).
+                        if first || !bulwark_common::block::is_zero(&buf) {
+                            let data = if bulwark_common::block::is_zero(&buf) {
+                                Vec::new()
+                            } else {
+                                buf
+                            };
+                            if !send(pb::export_chunk::Msg::File(pb::FileData {
+                                name: name.clone(),
+                                offset,
+                                data: data.into(),
+                                file_len: len,
+                            })) {
+                                return Ok(false);
+                            }
+                        }
+                        first = false;
+                        offset += n as u64;
+                    }
+                    Ok(true)
+                })();
+                match r {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(Status::internal(format!(
+                            "cannot read {}: {e}",
+                            path.display()
+                        ))));
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn import(
+        &self,
+        req: Request<pb::ImportRequest>,
+    ) -> Result<Response<pb::ImportResponse>, Status> {
+        require(&req, "Import", &[Role::Coordinator])?;
+        let r = req.into_inner();
+        let svc = self.0.clone();
+        if !bulwark_common::pki::valid_name(&r.source) {
+            return Err(Status::invalid_argument("invalid data source name"));
+        }
+        let target = bulwark_common::tls::Target::parse(&r.from_address)
+            .map_err(|m| Status::invalid_argument(format!("from_address: {m}")))?;
+        let channel = bulwark_common::tls::channel(&target, svc.peer_tls.clone())
+            .await
+            .map_err(|m| Status::unavailable(format!("node {}: {m}", r.from_node)))?;
+        let mut peer = pb::node_client::NodeClient::new(channel)
+            .max_decoding_message_size(bulwark_common::MAX_MESSAGE_BYTES);
+        let at_peer =
+            |s: Status| Status::new(s.code(), format!("node {}: {}", r.from_node, s.message()));
+        let mut stream = peer
+            .export(pb::ExportRequest {
+                source: r.source.clone(),
+            })
+            .await
+            .map_err(at_peer)?
+            .into_inner();
+        let _lock = svc.locks.get(&r.source).write_owned().await;
+        let meta = match stream.message().await.map_err(at_peer)? {
+            Some(pb::ExportChunk {
+                msg: Some(pb::export_chunk::Msg::Meta(m)),
+            }) => serde_json::from_slice::<crate::store::ExportMeta>(&m)
+                .map_err(|e| Status::invalid_argument(format!("unreadable source records: {e}")))?,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "an export must start with the records",
+                ));
+            }
+        };
+        if meta.source.name != r.source {
+            return Err(Status::invalid_argument("the export is of another source"));
+        }
+        let points = meta.points.len() as u64;
+        let store = svc.store.clone();
+        let import = blocking(move || store.import(meta)).await??;
+        let (ftx, mut frx) = mpsc::channel::<pb::FileData>(4);
+        let writer =
+            tokio::task::spawn_blocking(move || -> Result<crate::store::Import, StoreError> {
+                let mut import = import;
+                while let Some(f) = frx.blocking_recv() {
+                    import.write(&f.name, f.offset, &f.data, f.file_len)?;
+                }
+                Ok(import)
+            });
+        let received: Result<(), Status> = async {
+            while let Some(chunk) = stream.message().await.map_err(at_peer)? {
+                match chunk.msg {
+                    Some(pb::export_chunk::Msg::File(f)) => {
+                        if ftx.send(f).await.is_err() {
+                            break;
+                        }
+                    }
+                    _ => return Err(Status::invalid_argument("unexpected message in an export")),
+                }
+            }
+            Ok(())
+        }
+        .await;
+        drop(ftx);
+        let import = writer
+            .await
+            .map_err(|e| Status::internal(format!("import writer failed: {e}")))??;
+        received?;
+        let bytes = import.bytes();
+        let verified = blocking(move || import.commit()).await??;
+        tracing::info!(source = %r.source, from = %r.from_node, bytes, points, "data source copied in for a move and verified");
+        Ok(Response::new(pb::ImportResponse {
+            bytes,
+            points,
+            blocks_verified: verified,
+        }))
+    }
+
+    async fn drop_source(
+        &self,
+        req: Request<pb::DropSourceRequest>,
+    ) -> Result<Response<pb::DropSourceResponse>, Status> {
+        require(&req, "DropSource", &[Role::Coordinator])?;
+        let source = req.into_inner().source;
+        let svc = self.0.clone();
+        let a = svc.assignment(&source).await?;
+        if a.node == svc.name {
+            return Err(Status::failed_precondition(format!(
+                "data source {source} is assigned to this node; it is not dropped"
+            )));
+        }
+        let lock = svc.locks.get(&source).write_owned().await;
+        let store = svc.store.clone();
+        let dropped = blocking(move || {
+            let _lock = lock;
+            store.drop_source(&source)
+        })
+        .await??;
+        Ok(Response::new(pb::DropSourceResponse { dropped }))
     }
 
     async fn grant_restore(

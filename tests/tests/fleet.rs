@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use bulwark_tests::{Fleet, MIB, json_str, poll};
+use bulwark_tests::{Fleet, MIB, json_str, json_u64, poll};
 use serde_json::Value;
 
 fn alert(fleet: &Fleet, key: &str, all: bool) -> Option<Value> {
@@ -82,4 +82,131 @@ fn sources_explain_says_why_a_source_is_on_its_node() {
     assert_eq!(json_str(&v, "node"), node);
     let (_, err) = fleet.cli_expect_fail(&["sources", "--explain", "nope"]);
     assert!(err.contains("no data source named nope"), "{err}");
+}
+
+/// A `SyncBegin` for `source` at `epoch` on top of `base`.
+fn begin(source: &str, epoch: u64, base: u64) -> bulwark_proto::SyncBegin {
+    bulwark_proto::SyncBegin {
+        source: source.to_string(),
+        epoch,
+        size_bytes: SIZE,
+        block_size: bulwark_tests::BLOCK_SIZE as u32,
+        base_point: base,
+        consistency: bulwark_proto::Consistency::Crash as i32,
+        kind: bulwark_proto::PointKind::Incremental as i32,
+        want_digests: false,
+        deep: false,
+    }
+}
+
+const SIZE: u64 = 8 * MIB;
+
+#[test]
+fn draining_a_node_while_syncs_run_moves_every_source_and_fences_the_old_node() {
+    let names: Vec<String> = (1..=6).map(|i| format!("host-{i}-data")).collect();
+    let mut b = Fleet::builder()
+        .node("node-1")
+        .node("node-2")
+        .node("node-3");
+    for (i, n) in names.iter().enumerate() {
+        b = b.agent(&format!("host-{}", i + 1), n, SIZE);
+    }
+    let fleet = b.start();
+    let mut images: std::collections::HashMap<String, Vec<std::path::PathBuf>> = Default::default();
+    for n in &names {
+        fleet.sync(n);
+        let p1 = fleet.save_volume(n, &format!("{n}-1.img"));
+        bulwark_tests::rewrite_random_blocks(&fleet.volume(n), 5);
+        fleet.sync(n);
+        let p2 = fleet.save_volume(n, &format!("{n}-2.img"));
+        images.insert(n.clone(), vec![p1, p2]);
+    }
+    // The node holding the first source, and what it holds.
+    let drained = fleet.source_node(&names[0]);
+    let on_it: Vec<String> = names
+        .iter()
+        .filter(|n| fleet.source_node(n) == drained)
+        .cloned()
+        .collect();
+    let before: Vec<(String, u64)> = on_it
+        .iter()
+        .map(|n| (n.clone(), json_u64(&fleet.source_info(n), "epoch")))
+        .collect();
+    let old_address = fleet.node_address(&drained);
+
+    // Syncs of every source run while the drain does.
+    let syncs: Vec<_> = names
+        .iter()
+        .map(|n| fleet.cli_spawn(&["sync", n, "--wait", "--json"]))
+        .collect();
+    let report = fleet.cli_json(&["drain", &drained, "--json"]);
+    let moves = report["moves"].as_array().expect("moves");
+    assert_eq!(moves.len(), on_it.len(), "{report}");
+    for m in moves {
+        assert_eq!(json_str(m, "error"), "", "{m}");
+        assert_ne!(json_str(m, "to"), drained, "{m}");
+    }
+    for s in syncs {
+        let out = s.wait(Duration::from_secs(120)).expect("a sync ended");
+        assert!(
+            out.status.success(),
+            "a sync during the drain failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(json_str(&fleet.node_info(&drained), "state"), "draining");
+    for n in &names {
+        let info = fleet.source_info(n);
+        assert_ne!(json_str(&info, "node"), drained, "{info}");
+        // The sync that ran beside the drain made point 3, of the volume as it was.
+        assert_eq!(fleet.point_ids(n), vec![1, 2, 3], "{n}");
+        let imgs = &images[n];
+        for (id, image) in [(1, &imgs[0]), (2, &imgs[1]), (3, &imgs[1])] {
+            let to = fleet.scratch(&format!("{n}-restore-{id}.img"));
+            fleet.restore(n, Some(id), &to, None);
+            bulwark_tests::assert_same_file(&to, image, &format!("{n} point {id} after the drain"));
+        }
+    }
+    // The old node refuses a write at the old epoch, and dropped its copies.
+    for (n, epoch) in &before {
+        assert!(json_u64(&fleet.source_info(n), "epoch") > *epoch);
+        let agent = fleet.source_agent(n);
+        let ex = bulwark_tests::block_on(async {
+            let mut c =
+                bulwark_tests::grpc::node_client(&old_address, &fleet.identity(&agent)).await;
+            bulwark_tests::grpc::sync_exchange(
+                &mut c,
+                begin(n, *epoch, 3),
+                Vec::new(),
+                Duration::from_secs(30),
+            )
+            .await
+        });
+        assert!(!ex.committed(), "the old node took a sync of {n}: {ex:?}");
+        let st = ex.expect_error("a sync at the stale epoch");
+        assert!(
+            st.message().contains("assigned to node") || st.message().contains("stale"),
+            "{st:?}"
+        );
+        poll(
+            "the old copy to be dropped",
+            Duration::from_secs(20),
+            || {
+                let dir = fleet.node_source_dir(&drained, n);
+                if dir.exists() {
+                    Err(format!("{} exists", dir.display()))
+                } else {
+                    Ok(())
+                }
+            },
+        );
+    }
+    // A node being drained gets no new sources: a fresh rebalance plans nothing onto it.
+    let plan = fleet.cli_json(&["rebalance", "--dry-run", "--json"]);
+    assert!(
+        plan["moves"]
+            .as_array()
+            .is_some_and(|m| m.iter().all(|x| json_str(x, "to") != drained)),
+        "{plan}"
+    );
 }
