@@ -138,26 +138,36 @@ impl Agent {
             tracing::info_span!("sync", source = %name)
         };
         let result = async {
-            let mut a = self.assignment(name).await?;
             // A move in progress: wait for it (the node refuses syncs meanwhile), then
-            // follow the new assignment.
+            // follow the new assignment. A move can also begin between the look-up
+            // and the node's answer: the node's refusal says so, and the sync waits.
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3600);
-            while !a.moving_to.is_empty() {
-                if std::time::Instant::now() > deadline {
-                    return Err(format!(
-                        "data source {name} has been moving to node {} for an hour",
-                        a.moving_to
-                    ));
+            loop {
+                let a = self.assignment(name).await?;
+                if a.moving_to.is_empty() {
+                    let node = self.node_client(&a.node_address)?;
+                    tracing::info!(node = %a.node, epoch = a.epoch, "sync started");
+                    match sync_source(
+                        &source,
+                        tracker.clone(),
+                        &self.cfg.state_dir,
+                        &a,
+                        node,
+                        opts,
+                    )
+                    .await
+                    {
+                        Ok(o) => return Ok(o),
+                        Err(e) if e.to_string().contains("is moving to node") => {}
+                        Err(e) => return Err(e.to_string()),
+                    }
                 }
-                tracing::info!(to = %a.moving_to, "the source is moving; the sync waits");
+                if std::time::Instant::now() > deadline {
+                    return Err(format!("data source {name} has been moving for an hour"));
+                }
+                tracing::info!("the source is moving to another node; the sync waits");
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                a = self.assignment(name).await?;
             }
-            let node = self.node_client(&a.node_address)?;
-            tracing::info!(node = %a.node, epoch = a.epoch, "sync started");
-            sync_source(&source, tracker, &self.cfg.state_dir, &a, node, opts)
-                .await
-                .map_err(|e| e.to_string())
         }
         .instrument(span.clone())
         .await;

@@ -97,6 +97,8 @@ impl CoordinatorService {
                     let r = r.into_inner();
                     report.bytes = r.bytes;
                     report.points = r.points;
+                    // A crash here leaves a whole copy on the target, not switched to.
+                    bulwark_common::failpoint::hit("coordinator-move-copied");
                     self.registry.finish_move(source)?;
                     tracing::info!(source, %from, to, bytes = r.bytes, points = r.points, "move finished: the source is on its new node");
                     self.drop_copy(source, &from).await;

@@ -210,3 +210,99 @@ fn draining_a_node_while_syncs_run_moves_every_source_and_fences_the_old_node() 
         "{plan}"
     );
 }
+
+#[test]
+fn kill9_of_the_coordinator_during_a_drain_rolls_the_move_back_and_loses_nothing() {
+    let mut fleet = Fleet::builder()
+        .node("node-1")
+        .node("node-2")
+        .agent("host-1", "host-1-data", SIZE)
+        .start();
+    let source = "host-1-data";
+    fleet.sync(source);
+    let p1 = fleet.save_volume(source, "p1.img");
+    bulwark_tests::rewrite_random_blocks(&fleet.volume(source), 5);
+    fleet.sync(source);
+    let p2 = fleet.save_volume(source, "p2.img");
+    let from = fleet.source_node(source);
+    let to = if from == "node-1" { "node-2" } else { "node-1" };
+    let epoch = json_u64(&fleet.source_info(source), "epoch");
+
+    // Hold the coordinator once the target has the whole copy, before the switch.
+    let status = fleet
+        .coordinator()
+        .restart_with_env(&[("BULWARK_FAILPOINTS", "coordinator-move-copied=pause")]);
+    assert!(
+        status.success(),
+        "the coordinator did not stop cleanly: {status}"
+    );
+    fleet.wait_ready();
+    let drain = fleet.cli_spawn(&["drain", &from, "--json"]);
+    fleet.coordinator().wait_for_log(
+        "failpoint coordinator-move-copied reached",
+        Duration::from_secs(60),
+    );
+    assert!(
+        fleet.node_source_dir(to, source).exists(),
+        "the target has no copy at the failpoint"
+    );
+    fleet.coordinator().kill9();
+    let out = drain
+        .wait(Duration::from_secs(60))
+        .expect("the drain command ended");
+    assert!(
+        !out.status.success(),
+        "the drain reported success through a crash"
+    );
+
+    // Restart: the move is rolled back, the target's copy dropped, nothing lost.
+    // (The node stays `draining`, as the operator asked, so the harness's "every node
+    // up" wait does not apply.)
+    fleet.coordinator().start();
+    fleet.wait_coordinator();
+    poll(
+        "the move to be rolled back",
+        Duration::from_secs(30),
+        || {
+            let info = fleet.source_info(source);
+            let copy = fleet.node_source_dir(to, source);
+            match (
+                json_str(&info, "node"),
+                json_str(&info, "state"),
+                copy.exists(),
+            ) {
+                (n, s, false) if n == from && s == "ok" => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    );
+    assert_eq!(json_u64(&fleet.source_info(source), "epoch"), epoch);
+    assert_eq!(fleet.point_ids(source), vec![1, 2]);
+    poll(
+        "the agent to reconnect",
+        Duration::from_secs(30),
+        || match fleet
+            .agents()
+            .first()
+            .and_then(|a| a.get("connected"))
+            .and_then(Value::as_bool)
+        {
+            Some(true) => Ok(()),
+            other => Err(format!("connected: {other:?}")),
+        },
+    );
+    for (id, image) in [(1, &p1), (2, &p2)] {
+        let to = fleet.scratch(&format!("after-crash-{id}.img"));
+        fleet.restore(source, Some(id), &to, None);
+        bulwark_tests::assert_same_file(&to, image, &format!("point {id} after the crash"));
+    }
+    // The source still syncs where it is, and a second drain moves it.
+    fleet.sync(source);
+    let report = fleet.cli_json(&["drain", &from, "--json"]);
+    assert_eq!(json_str(&report["moves"][0], "error"), "", "{report}");
+    assert_eq!(fleet.source_node(source), to);
+    assert_eq!(fleet.point_ids(source), vec![1, 2, 3]);
+    let last = fleet.scratch("after-move-3.img");
+    fleet.restore(source, Some(3), &last, None);
+    bulwark_tests::assert_same_file(&last, &p2, "point 3 from the new node");
+}
