@@ -95,6 +95,10 @@ pub struct SourceToml {
     /// `[sources.retention]`: which recovery points the node keeps.
     #[serde(default)]
     pub retention: Option<RetentionToml>,
+    /// A protection group (`bulwark group create`): the coordinator schedules this
+    /// source's syncs and `sync_interval` is not used.
+    #[serde(default)]
+    pub group: Option<String>,
 }
 
 /// `[sources.retention]` (see `bulwark_common::retention`).
@@ -168,6 +172,8 @@ pub struct SourceConfig {
     pub quiesce: QuiesceConfig,
     /// Space and retention asked of the node.
     pub policy: bulwark_proto::Policy,
+    /// Its protection group, if any (the coordinator schedules it).
+    pub group: Option<String>,
 }
 
 /// Checked configuration.
@@ -398,6 +404,12 @@ impl AgentConfig {
                 era,
                 quiesce,
                 policy,
+                group: match s.group {
+                    Some(g) if !bulwark_common::pki::valid_name(&g) => {
+                        return Err(bad(key("group"), format!("\"{g}\" is not a valid name")));
+                    }
+                    g => g,
+                },
             });
         }
         Ok(AgentConfig {

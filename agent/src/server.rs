@@ -234,6 +234,7 @@ impl Agent {
                     tracker: s.tracker.clone(),
                     inconsistent: self.inconsistent(&s.name),
                     policy: Some(s.policy),
+                    group: s.group.clone().unwrap_or_default(),
                 })
                 .collect(),
             version: bulwark_common::VERSION.to_string(),
@@ -421,6 +422,10 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     });
     tracing::info!(agent = %agent.cfg.name, sources = agent.cfg.sources.len(), "agent started");
     for s in agent.cfg.sources.clone() {
+        if let Some(g) = &s.group {
+            tracing::info!(source = %s.name, group = %g, "syncs scheduled by the coordinator (protection group)");
+            continue;
+        }
         let (a, stop) = (agent.clone(), shutdown.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval_at(
@@ -432,6 +437,14 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tick.tick() => {
+                        // Put in a protection group with `bulwark group add`: the
+                        // coordinator schedules it now.
+                        let grouped = lock(&a.assignments)
+                            .get(&s.name)
+                            .is_some_and(|x| !x.group.is_empty());
+                        if grouped {
+                            continue;
+                        }
                         tracing::info!(source = %s.name, "scheduled sync");
                         let _ = a.sync(&s.name, SyncOptions::default()).await;
                     }

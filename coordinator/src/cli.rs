@@ -190,6 +190,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Protection groups: a sync schedule and retention shared by data sources.
+    #[command(subcommand)]
+    Group(GroupCommand),
     /// Move every data source off a node (it gets no new ones from now on); waits
     /// until the moves are done. Each move copies replica and points node to node,
     /// verifies every checksum, then switches the source with a new epoch.
@@ -217,6 +220,48 @@ pub enum Command {
         #[arg(long)]
         keep: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum GroupCommand {
+    /// Create a group, or change one: its sync interval and (optionally) retention,
+    /// which then wins over what agents' configs say.
+    Create {
+        name: String,
+        /// Time between syncs of each source (`15m`); the coordinator spreads the
+        /// sources' start times over it.
+        #[arg(long, value_parser = parse_duration_ms)]
+        interval: u64,
+        /// Keep this many newest points.
+        #[arg(long)]
+        keep: Option<u32>,
+        /// Keep the newest point of this many hours / days / weeks / months.
+        #[arg(long)]
+        hourly: Option<u32>,
+        #[arg(long)]
+        daily: Option<u32>,
+        #[arg(long)]
+        weekly: Option<u32>,
+        #[arg(long)]
+        monthly: Option<u32>,
+        /// Drop points older than this (never the newest).
+        #[arg(long, value_parser = parse_duration_ms)]
+        max_age: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List groups with their sources.
+    List(ListArgs),
+    /// Put data sources in a group.
+    Add { group: String, sources: Vec<String> },
+    /// Take data sources out of their group (back to their agent's schedule).
+    Remove { sources: Vec<String> },
+    /// Delete a group that has no sources.
+    Delete { name: String },
+}
+
+fn parse_duration_ms(s: &str) -> Result<u64, String> {
+    bulwark_common::config::parse_duration(s).map(|d| d.as_millis() as u64)
 }
 
 #[derive(Args, Debug)]
@@ -1003,6 +1048,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
+        Command::Group(g) => group_command(&mut admin, g).await?,
         Command::Drain { node, json } => {
             let r = admin
                 .client
@@ -1022,6 +1068,123 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             print_moves(&r, json, "rebalance")?;
         }
         Command::Pki(_) | Command::Demo { .. } => {}
+    }
+    Ok(())
+}
+
+async fn group_command(admin: &mut Admin, cmd: GroupCommand) -> anyhow::Result<()> {
+    let group_json = |g: &pb::Group| {
+        json!({
+            "name": g.name, "interval_ms": g.interval_ms, "sources": g.sources,
+            "retention": g.retention.as_ref().map(|r| json!({
+                "keep": r.keep, "max_age_ms": r.max_age_ms, "hourly": r.hourly,
+                "daily": r.daily, "weekly": r.weekly, "monthly": r.monthly,
+            })),
+        })
+    };
+    match cmd {
+        GroupCommand::Create {
+            name,
+            interval,
+            keep,
+            hourly,
+            daily,
+            weekly,
+            monthly,
+            max_age,
+            json,
+        } => {
+            let any = keep.is_some()
+                || hourly.is_some()
+                || daily.is_some()
+                || weekly.is_some()
+                || monthly.is_some()
+                || max_age.is_some();
+            let retention = any.then(|| pb::Retention {
+                keep: keep.unwrap_or(0),
+                max_age_ms: max_age.unwrap_or(0),
+                hourly: hourly.unwrap_or(0),
+                daily: daily.unwrap_or(0),
+                weekly: weekly.unwrap_or(0),
+                monthly: monthly.unwrap_or(0),
+            });
+            let g = admin
+                .client
+                .put_group(pb::Group {
+                    name,
+                    interval_ms: interval,
+                    retention,
+                    sources: Vec::new(),
+                })
+                .await
+                .map_err(|s| admin.err(s))?
+                .into_inner();
+            if json {
+                print_json(&group_json(&g))?;
+            } else {
+                println!(
+                    "group {}: a sync every {}, {} source(s)",
+                    g.name,
+                    format_ms(g.interval_ms),
+                    g.sources.len()
+                );
+            }
+        }
+        GroupCommand::List(a) => {
+            let groups = admin
+                .client
+                .list_groups(pb::ListGroupsRequest {})
+                .await
+                .map_err(|s| admin.err(s))?
+                .into_inner()
+                .groups;
+            listing(
+                &groups,
+                a.json,
+                &["NAME", "INTERVAL", "RETENTION", "SOURCES"],
+                group_json,
+                |g| {
+                    vec![
+                        g.name.clone(),
+                        format_ms(g.interval_ms),
+                        g.retention.as_ref().map_or("agents' own".to_string(), |r| {
+                            bulwark_common::retention::Retention::from_proto(Some(r)).describe()
+                        }),
+                        g.sources.join(","),
+                    ]
+                },
+            )?;
+        }
+        GroupCommand::Add { group, sources } => {
+            admin
+                .client
+                .set_group(pb::SetGroupRequest {
+                    group: group.clone(),
+                    sources: sources.clone(),
+                })
+                .await
+                .map_err(|s| admin.err(s))?;
+            println!("{} now in group {group}", sources.join(", "));
+        }
+        GroupCommand::Remove { sources } => {
+            admin
+                .client
+                .set_group(pb::SetGroupRequest {
+                    group: String::new(),
+                    sources: sources.clone(),
+                })
+                .await
+                .map_err(|s| admin.err(s))?;
+            println!("{} in no group now", sources.join(", "));
+        }
+        GroupCommand::Delete { name } => {
+            admin
+                .client
+                .delete_group(pb::DeleteGroupRequest { name: name.clone() })
+                .await
+                .map_err(|s| admin.err(s))?;
+            println!("group {name} deleted");
+        }
     }
     Ok(())
 }
@@ -1111,6 +1274,8 @@ fn source_json(s: &pb::SourceInfo) -> Value {
         "used_bytes": s.used_bytes, "points": s.points,
         "last_verify": if s.last_verify_ms > 0 { rfc3339_ms(s.last_verify_ms) } else { String::new() },
         "verify_result": s.verify_result,
+        "group": s.group,
+        "next_sync": if s.next_sync_ms > 0 { rfc3339_ms(s.next_sync_ms) } else { String::new() },
         "tracker": s.tracker, "warning": s.warning,
     })
 }

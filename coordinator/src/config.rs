@@ -27,8 +27,16 @@ pub struct CoordinatorToml {
     /// are within this many percent of each other. Optional; default 10.
     #[serde(default = "default_rebalance_spread")]
     pub rebalance_spread_percent: f64,
+    /// Most syncs of protection groups one node runs at once; the rest wait their
+    /// turn. Optional; default 4.
+    #[serde(default = "default_max_syncs")]
+    pub max_syncs_per_node: u32,
     /// The fleet CA and the coordinator's certificate.
     pub tls: TlsFiles,
+}
+
+fn default_max_syncs() -> u32 {
+    4
 }
 
 fn default_rebalance_spread() -> f64 {
@@ -53,6 +61,7 @@ pub struct CoordinatorConfig {
     pub scrub_interval: Option<Duration>,
     /// Largest fill spread a rebalance leaves, as a fraction.
     pub rebalance_spread: f64,
+    pub max_syncs_per_node: u32,
     pub tls: TlsFiles,
 }
 
@@ -68,6 +77,15 @@ impl CoordinatorConfig {
             data_dir: resolve(path, &t.data_dir),
             node_timeout: t.node_timeout.0,
             scrub_interval: Some(t.scrub_interval.0).filter(|d| !d.is_zero()),
+            max_syncs_per_node: if t.max_syncs_per_node == 0 {
+                return Err(ConfigError::invalid(
+                    path,
+                    "max_syncs_per_node",
+                    "must be at least 1".to_string(),
+                ));
+            } else {
+                t.max_syncs_per_node
+            },
             rebalance_spread: {
                 let p = t.rebalance_spread_percent;
                 if !(0.5..=100.0).contains(&p) {

@@ -12,5 +12,6 @@ pub mod demo;
 pub mod export;
 pub mod placement;
 pub mod registry;
+pub mod schedule;
 pub mod server;
 pub mod service;

@@ -156,6 +156,18 @@ pub struct SourceRecord {
     /// Nodes that still hold a copy from before a move (dropped when they answer).
     #[serde(default)]
     pub stale_copies: Vec<String>,
+    /// Its protection group (empty = none): the coordinator schedules its syncs.
+    #[serde(default)]
+    pub group: String,
+    /// When its next scheduled sync is due (0 = not yet planned).
+    #[serde(default)]
+    pub next_sync_ms: i64,
+    /// When it joined its group (late and missed syncs count from then).
+    #[serde(default)]
+    pub group_since_ms: i64,
+    /// Its group's retention, which wins over the agent's config.
+    #[serde(default)]
+    pub group_retention: Option<Retention>,
     /// When the scrub last verified the source, and what it found.
     #[serde(default)]
     pub last_verify_ms: i64,
@@ -196,7 +208,7 @@ impl SourceRecord {
                 self.admin_points_alloc,
                 self.agent_policy.points_alloc_bytes,
             ),
-            retention: self.agent_policy.retention,
+            retention: self.group_retention.unwrap_or(self.agent_policy.retention),
         }
     }
 
@@ -234,6 +246,16 @@ impl Policy {
             retention: Some(self.retention.to_proto()),
         }
     }
+}
+
+/// A protection group as the coordinator keeps it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupRecord {
+    pub v: u32,
+    pub name: String,
+    pub interval_ms: u64,
+    /// `None`: sources keep the retention of their agent's config.
+    pub retention: Option<Retention>,
 }
 
 /// An alert as the coordinator keeps it (see `pb::Alert`).
@@ -282,6 +304,7 @@ pub struct Registry {
     agents: sled::Tree,
     sources: sled::Tree,
     alerts: sled::Tree,
+    groups: sled::Tree,
     node_timeout: Duration,
     placement: Mutex<()>,
     connections: Mutex<HashMap<String, Connection>>,
@@ -321,6 +344,7 @@ impl Registry {
             agents: db.open_tree("agents")?,
             sources: db.open_tree("sources")?,
             alerts: db.open_tree("alerts")?,
+            groups: db.open_tree("groups")?,
             db,
             node_timeout,
             placement: Mutex::new(()),
@@ -506,6 +530,102 @@ impl Registry {
                 .then(b.last_seen_ms.cmp(&a.last_seen_ms))
         });
         Ok(out)
+    }
+
+    /// A protection group.
+    pub fn group(&self, name: &str) -> Result<Option<GroupRecord>> {
+        if name.is_empty() {
+            return Ok(None);
+        }
+        self.groups.get(name)?.map(|v| dec(&v)).transpose()
+    }
+
+    /// Every protection group.
+    pub fn groups(&self) -> Result<Vec<GroupRecord>> {
+        self.groups.iter().map(|r| dec(&r?.1)).collect()
+    }
+
+    /// Creates or changes a group; its members take its retention.
+    pub fn put_group(&self, g: GroupRecord) -> Result<GroupRecord> {
+        let _lock = lock(&self.placement);
+        if !bulwark_common::pki::valid_name(&g.name) {
+            return Err(RegistryError::InvalidSource(
+                g.name.clone(),
+                "invalid group name".into(),
+            ));
+        }
+        if g.interval_ms < 1000 {
+            return Err(RegistryError::InvalidSource(
+                g.name.clone(),
+                "a group's interval must be at least 1s".into(),
+            ));
+        }
+        let old = self.group(&g.name)?;
+        self.groups.insert(g.name.as_bytes(), enc(&g)?)?;
+        for mut s in self.sources()?.into_iter().filter(|s| s.group == g.name) {
+            s.group_retention = g.retention;
+            if old.as_ref().is_some_and(|o| o.interval_ms != g.interval_ms) {
+                s.next_sync_ms = 0;
+            }
+            self.put_source(&s)?;
+        }
+        self.db.flush()?;
+        Ok(g)
+    }
+
+    /// Deletes a group with no sources.
+    pub fn delete_group(&self, name: &str) -> Result<()> {
+        let _lock = lock(&self.placement);
+        let members: Vec<String> = self
+            .sources()?
+            .into_iter()
+            .filter(|s| s.group == name)
+            .map(|s| s.name)
+            .collect();
+        if !members.is_empty() {
+            return Err(RegistryError::InvalidSource(
+                name.to_string(),
+                format!("the group still has sources: {}", members.join(", ")),
+            ));
+        }
+        if self.groups.remove(name)?.is_none() {
+            return Err(RegistryError::InvalidSource(
+                name.to_string(),
+                "no such group".into(),
+            ));
+        }
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Puts sources in `group` (empty: out of any group).
+    pub fn set_group(&self, group: &str, sources: &[String]) -> Result<()> {
+        let _lock = lock(&self.placement);
+        let g = if group.is_empty() {
+            None
+        } else {
+            Some(self.group(group)?.ok_or_else(|| {
+                RegistryError::InvalidSource(group.to_string(), "no such group".into())
+            })?)
+        };
+        for name in sources {
+            let mut s = self.source(name)?;
+            s.group = group.to_string();
+            s.group_retention = g.as_ref().and_then(|g| g.retention);
+            s.next_sync_ms = 0;
+            s.group_since_ms = now_ms();
+            self.put_source(&s)?;
+        }
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Sets when a source's next scheduled sync is due.
+    pub fn set_next_sync(&self, source: &str, at_ms: i64) -> Result<()> {
+        let _lock = lock(&self.placement);
+        let mut s = self.source(source)?;
+        s.next_sync_ms = at_ms;
+        self.put_source(&s)
     }
 
     /// Marks a node draining (or not).
@@ -863,12 +983,24 @@ impl Registry {
                 placement: String::new(),
                 moving_to: String::new(),
                 stale_copies: Vec::new(),
+                group: String::new(),
+                next_sync_ms: 0,
+                group_since_ms: 0,
+                group_retention: None,
             },
             Err(e) => return Err(e),
         };
         rec.tracker = spec.tracker.clone();
         rec.inconsistent = spec.inconsistent;
         rec.agent_policy = Policy::from_proto(spec.policy.as_ref());
+        if !spec.group.is_empty() && spec.group != rec.group {
+            rec.group = spec.group.clone();
+            rec.next_sync_ms = 0;
+            rec.group_since_ms = now_ms();
+        }
+        if let Some(g) = self.group(&rec.group)? {
+            rec.group_retention = g.retention;
+        }
         if rec.node.is_none() || rec.allocated_bytes == 0 {
             rec.allocated_bytes = rec.planned_alloc();
         }
@@ -1048,6 +1180,7 @@ fn assignment(s: &SourceRecord, node: &str, addr: &str) -> pb::Assignment {
         block_size: s.block_size,
         policy: Some(s.policy().to_proto()),
         moving_to: s.moving_to.clone(),
+        group: s.group.clone(),
     }
 }
 
@@ -1077,6 +1210,7 @@ mod tests {
             tracker: "fingerprint".into(),
             inconsistent: false,
             policy: None,
+            group: String::new(),
         }
     }
 

@@ -32,8 +32,10 @@ pub async fn run(
             identity.client_config(Role::Node)?,
             shutdown.clone(),
         )
-        .with_rebalance_spread(cfg.rebalance_spread),
+        .with_rebalance_spread(cfg.rebalance_spread)
+        .with_max_syncs_per_node(cfg.max_syncs_per_node),
     );
+    tokio::spawn(schedule_loop(svc.clone(), shutdown.clone()));
     tokio::spawn(moves_loop(svc.clone(), shutdown.clone()));
     tokio::spawn(monitor_loop(
         registry.clone(),
@@ -175,6 +177,19 @@ async fn moves_loop(svc: Arc<CoordinatorService>, shutdown: CancellationToken) {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+        }
+    }
+}
+
+/// Runs the protection groups' schedule twice a second.
+async fn schedule_loop(svc: Arc<CoordinatorService>, shutdown: CancellationToken) {
+    loop {
+        if let Err(e) = svc.schedule_tick().await {
+            tracing::warn!("schedule: {e}");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
         }
     }
 }

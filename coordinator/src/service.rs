@@ -30,6 +30,10 @@ pub struct CoordinatorService {
     moves: tokio::sync::Mutex<()>,
     /// Largest spread of node fill ratios a rebalance leaves.
     rebalance_spread: f64,
+    /// Scheduled syncs running: source → node.
+    scheduled: Arc<Mutex<HashMap<String, String>>>,
+    /// Most scheduled syncs one node runs at once.
+    max_syncs_per_node: u32,
 }
 
 impl CoordinatorService {
@@ -47,7 +51,170 @@ impl CoordinatorService {
             node_channels: Mutex::new(HashMap::new()),
             moves: tokio::sync::Mutex::new(()),
             rebalance_spread: 0.10,
+            scheduled: Arc::new(Mutex::new(HashMap::new())),
+            max_syncs_per_node: 4,
         }
+    }
+
+    /// Sets the most scheduled syncs one node runs at once.
+    pub fn with_max_syncs_per_node(mut self, n: u32) -> Self {
+        self.max_syncs_per_node = n.max(1);
+        self
+    }
+
+    /// One pass of the protection groups' schedule (see [`crate::schedule`]): plans
+    /// each member's next slot, starts the due syncs each node has room for, and
+    /// raises `sync-late` (due for more than half an interval) and `sync-missed`
+    /// (no sync for two intervals) alerts.
+    pub async fn schedule_tick(&self) -> Result<(), RegistryError> {
+        use crate::schedule::{Due, next_slot, to_start};
+        let now = bulwark_common::time::now_ms();
+        let groups: HashMap<String, crate::registry::GroupRecord> = self
+            .registry
+            .groups()?
+            .into_iter()
+            .map(|g| (g.name.clone(), g))
+            .collect();
+        let inflight = self
+            .scheduled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut running: HashMap<String, u32> = HashMap::new();
+        for node in inflight.values() {
+            *running.entry(node.clone()).or_default() += 1;
+        }
+        let mut due = Vec::new();
+        let mut alerts = Vec::new();
+        let mut intervals = HashMap::new();
+        for s in self.registry.sources()? {
+            if s.group.is_empty() {
+                continue;
+            }
+            let Some(g) = groups.get(&s.group) else {
+                alerts.push(pb::Alert {
+                    key: format!("group-missing/{}", s.name),
+                    severity: "warning".into(),
+                    subject: s.name.clone(),
+                    message: format!(
+                        "{} is in group {}, which does not exist: create it with `bulwark group create`",
+                        s.name, s.group
+                    ),
+                    ..Default::default()
+                });
+                continue;
+            };
+            let interval = g.interval_ms as i64;
+            intervals.insert(s.name.clone(), g.interval_ms);
+            if s.next_sync_ms == 0 {
+                self.registry
+                    .set_next_sync(&s.name, next_slot(&s.name, g.interval_ms, now))?;
+                continue;
+            }
+            let since = s.last_sync_ms.max(s.group_since_ms);
+            if now - since > 2 * interval {
+                alerts.push(pb::Alert {
+                    key: format!("sync-missed/{}", s.name),
+                    severity: "critical".into(),
+                    subject: s.name.clone(),
+                    message: format!(
+                        "no sync of {} for {} s; group {} syncs every {} s",
+                        s.name,
+                        (now - since) / 1000,
+                        g.name,
+                        interval / 1000
+                    ),
+                    ..Default::default()
+                });
+            } else if now - s.next_sync_ms > interval / 2 {
+                alerts.push(pb::Alert {
+                    key: format!("sync-late/{}", s.name),
+                    severity: "warning".into(),
+                    subject: s.name.clone(),
+                    message: format!(
+                        "the sync of {} due {} s ago has not started (node busy, agent offline or source moving)",
+                        s.name,
+                        (now - s.next_sync_ms) / 1000
+                    ),
+                    ..Default::default()
+                });
+            }
+            let Some(node) = s.node.clone() else {
+                continue;
+            };
+            if now >= s.next_sync_ms
+                && !inflight.contains_key(&s.name)
+                && s.moving_to.is_empty()
+                && self.registry.connected(&s.agent)
+            {
+                due.push(Due {
+                    source: s.name.clone(),
+                    node,
+                    due_ms: s.next_sync_ms,
+                });
+            }
+        }
+        for d in to_start(due, &running, self.max_syncs_per_node) {
+            let Ok(s) = self.registry.source(&d.source) else {
+                continue;
+            };
+            let interval = intervals.get(&d.source).copied().unwrap_or(60_000) as i64;
+            let mut next = d.due_ms + interval;
+            if next <= now {
+                next = next_slot(&d.source, interval as u64, now);
+            }
+            self.registry.set_next_sync(&d.source, next)?;
+            let source = d.source.clone();
+            let rx = match self
+                .registry
+                .dispatch(&s.agent, |id| {
+                    pb::coordinator_command::Cmd::Sync(pb::SyncCommand {
+                        command_id: id,
+                        source,
+                        check: false,
+                        deep: false,
+                    })
+                })
+                .await
+            {
+                Ok(rx) => rx,
+                Err(e) => {
+                    tracing::warn!(source = %d.source, "scheduled sync not started: {e}");
+                    continue;
+                }
+            };
+            tracing::info!(source = %d.source, node = %d.node, "scheduled sync started");
+            self.scheduled
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(d.source.clone(), d.node.clone());
+            let scheduled = self.scheduled.clone();
+            tokio::spawn(async move {
+                let outcome = rx.await;
+                if let Ok(Err(e)) = &outcome {
+                    tracing::warn!(source = %d.source, "scheduled sync failed: {e}");
+                }
+                scheduled
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&d.source);
+            });
+        }
+        self.registry.report_alerts("coordinator/schedule", &alerts)
+    }
+
+    /// Scheduled syncs running, by node.
+    pub fn scheduled_per_node(&self) -> HashMap<String, u32> {
+        let mut out = HashMap::new();
+        for node in self
+            .scheduled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            *out.entry(node.clone()).or_default() += 1;
+        }
+        out
     }
 
     /// Sets the largest fill spread a rebalance leaves (a fraction, 0.10 = 10%).
@@ -201,6 +368,21 @@ impl CoordinatorService {
         Ok(NodeClient::new(ch)
             .max_decoding_message_size(bulwark_common::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(bulwark_common::MAX_MESSAGE_BYTES))
+    }
+
+    fn group_proto(&self, g: &crate::registry::GroupRecord) -> Result<pb::Group, Status> {
+        Ok(pb::Group {
+            name: g.name.clone(),
+            interval_ms: g.interval_ms,
+            retention: g.retention.map(|r| r.to_proto()),
+            sources: self
+                .registry
+                .sources()?
+                .into_iter()
+                .filter(|s| s.group == g.name)
+                .map(|s| s.name)
+                .collect(),
+        })
     }
 
     /// The registry.
@@ -652,6 +834,60 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
         )))
     }
 
+    async fn put_group(&self, req: Request<pb::Group>) -> Result<Response<pb::Group>, Status> {
+        let admin = require(&req, "PutGroup", &[Role::Admin])?;
+        let g = req.into_inner();
+        let retention = g
+            .retention
+            .as_ref()
+            .map(|r| bulwark_common::retention::Retention::from_proto(Some(r)));
+        let rec = self.0.registry.put_group(crate::registry::GroupRecord {
+            v: 1,
+            name: g.name.clone(),
+            interval_ms: g.interval_ms,
+            retention,
+        })?;
+        tracing::info!(%admin, group = %rec.name, interval_ms = rec.interval_ms, "protection group set");
+        Ok(Response::new(self.0.group_proto(&rec)?))
+    }
+
+    async fn list_groups(
+        &self,
+        req: Request<pb::ListGroupsRequest>,
+    ) -> Result<Response<pb::ListGroupsResponse>, Status> {
+        require(&req, "ListGroups", &[Role::Admin])?;
+        let groups = self
+            .0
+            .registry
+            .groups()?
+            .iter()
+            .map(|g| self.0.group_proto(g))
+            .collect::<Result<_, _>>()?;
+        Ok(Response::new(pb::ListGroupsResponse { groups }))
+    }
+
+    async fn delete_group(
+        &self,
+        req: Request<pb::DeleteGroupRequest>,
+    ) -> Result<Response<pb::DeleteGroupResponse>, Status> {
+        let admin = require(&req, "DeleteGroup", &[Role::Admin])?;
+        let name = req.into_inner().name;
+        self.0.registry.delete_group(&name)?;
+        tracing::info!(%admin, group = %name, "protection group deleted");
+        Ok(Response::new(pb::DeleteGroupResponse {}))
+    }
+
+    async fn set_group(
+        &self,
+        req: Request<pb::SetGroupRequest>,
+    ) -> Result<Response<pb::SetGroupResponse>, Status> {
+        let admin = require(&req, "SetGroup", &[Role::Admin])?;
+        let r = req.into_inner();
+        self.0.registry.set_group(&r.group, &r.sources)?;
+        tracing::info!(%admin, group = %r.group, sources = ?r.sources, "sources put in a group");
+        Ok(Response::new(pb::SetGroupResponse { sources: r.sources }))
+    }
+
     async fn verify(
         &self,
         req: Request<pb::VerifyRequest>,
@@ -815,6 +1051,8 @@ fn source_info(s: crate::registry::SourceRecord) -> pb::SourceInfo {
         last_verify_ms: s.last_verify_ms,
         verify_result: s.verify_result.clone(),
         placement: s.placement.clone(),
+        group: s.group.clone(),
+        next_sync_ms: s.next_sync_ms,
         name: s.name,
         agent: s.agent,
         node: s.node.unwrap_or_default(),

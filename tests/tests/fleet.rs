@@ -306,3 +306,76 @@ fn kill9_of_the_coordinator_during_a_drain_rolls_the_move_back_and_loses_nothing
     fleet.restore(source, Some(3), &last, None);
     bulwark_tests::assert_same_file(&last, &p2, "point 3 from the new node");
 }
+
+#[test]
+fn a_protection_group_runs_the_schedule_keeps_its_retention_and_flags_missed_syncs() {
+    let mut fleet = Fleet::builder()
+        .coordinator_extra("max_syncs_per_node = 1")
+        .node("node-1")
+        .agent("host-1", "s1", 4 * MIB)
+        .agent("host-2", "s2", 4 * MIB)
+        .agent("host-3", "s3", 4 * MIB)
+        .start();
+    let g = fleet.cli_json(&[
+        "group",
+        "create",
+        "g1",
+        "--interval",
+        "2s",
+        "--keep",
+        "3",
+        "--json",
+    ]);
+    assert_eq!(json_u64(&g, "interval_ms"), 2000, "{g}");
+    fleet.cli(&["group", "add", "g1", "s1", "s2", "s3"]);
+    let groups = fleet.cli_json(&["group", "list", "--json"]);
+    assert_eq!(
+        groups[0]["sources"],
+        serde_json::json!(["s1", "s2", "s3"]),
+        "{groups}"
+    );
+    // No sync command: the coordinator's schedule makes the points, and the group's
+    // retention keeps three.
+    for s in ["s1", "s2", "s3"] {
+        poll(
+            &format!("scheduled syncs of {s}"),
+            Duration::from_secs(60),
+            || {
+                let info = fleet.source_info(s);
+                let ids = fleet.point_ids(s);
+                if json_u64(&info, "last_point") >= 4 && ids.len() == 3 {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "last point {}, points {ids:?}",
+                        json_u64(&info, "last_point")
+                    ))
+                }
+            },
+        );
+        assert_eq!(json_str(&fleet.source_info(s), "group"), "g1");
+    }
+    // An agent that is gone misses its syncs: a critical alert, resolved when it is back.
+    fleet.agent("host-2").kill9();
+    let a = poll("the missed-sync alert", Duration::from_secs(30), || {
+        alert(&fleet, "sync-missed/s2", false).ok_or("not yet".to_string())
+    });
+    assert_eq!(json_str(&a, "severity"), "critical", "{a}");
+    fleet.agent("host-2").start();
+    poll(
+        "the alert to resolve",
+        Duration::from_secs(30),
+        || match alert(&fleet, "sync-missed/s2", false) {
+            None => Ok(()),
+            Some(a) => Err(format!("{a}")),
+        },
+    );
+    let (_, err) = fleet.cli_expect_fail(&["group", "delete", "g1"]);
+    assert!(err.contains("still has sources"), "{err}");
+    fleet.cli(&["group", "remove", "s1", "s2", "s3"]);
+    fleet.cli(&["group", "delete", "g1"]);
+    assert_eq!(
+        fleet.cli_json(&["group", "list", "--json"]),
+        serde_json::json!([])
+    );
+}
