@@ -13,6 +13,7 @@
 //! logs/cli.log              every CLI command the harness ran, with its result
 //! ```
 
+use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -264,6 +265,8 @@ fn write_file(path: &Path, text: &str) {
 pub struct FleetBuilder {
     nodes: Vec<String>,
     node_capacity: String,
+    /// Capacities of single nodes, over `node_capacity`.
+    node_capacities: HashMap<String, String>,
     /// Extra lines of every node's config (see [`node_toml_with`]).
     node_extra: String,
     /// Extra top-level lines of the coordinator's config.
@@ -280,6 +283,7 @@ impl Default for FleetBuilder {
         FleetBuilder {
             nodes: Vec::new(),
             node_capacity: "100GiB".into(),
+            node_capacities: HashMap::new(),
             node_extra: String::new(),
             coordinator_extra: String::new(),
             sync_interval: "1h".into(),
@@ -297,6 +301,13 @@ impl FleetBuilder {
     pub fn node(mut self, name: &str) -> Self {
         self.nodes.push(name.to_string());
         self
+    }
+
+    /// Adds a storage node whose disk has its own capacity.
+    pub fn node_sized(mut self, name: &str, capacity: &str) -> Self {
+        self.node_capacities
+            .insert(name.to_string(), capacity.to_string());
+        self.node(name)
     }
 
     /// The `sync_interval` of every data source (default `1h`).
@@ -422,7 +433,9 @@ impl FleetBuilder {
                     &coordinator_url,
                     &dir,
                     &disk,
-                    &self.node_capacity,
+                    self.node_capacities
+                        .get(name)
+                        .unwrap_or(&self.node_capacity),
                     &tls,
                     &self.node_extra,
                 ),

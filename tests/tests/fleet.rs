@@ -379,3 +379,122 @@ fn a_protection_group_runs_the_schedule_keeps_its_retention_and_flags_missed_syn
         serde_json::json!([])
     );
 }
+
+/// `nodes --json` as name → (state, capacity, allocated).
+fn node_fill(fleet: &Fleet) -> Vec<(String, String, u64, u64)> {
+    fleet
+        .nodes()
+        .iter()
+        .map(|n| {
+            (
+                json_str(n, "name"),
+                json_str(n, "state"),
+                json_u64(n, "capacity_bytes"),
+                json_u64(n, "allocated_bytes"),
+            )
+        })
+        .collect()
+}
+
+fn spread(fill: &[(String, String, u64, u64)]) -> f64 {
+    let f: Vec<f64> = fill
+        .iter()
+        .filter(|n| n.1 == "up")
+        .map(|n| n.3 as f64 / n.2 as f64)
+        .collect();
+    f.iter().copied().fold(f64::MIN, f64::max) - f.iter().copied().fold(f64::MAX, f64::min)
+}
+
+#[test]
+fn placement_across_unequal_nodes_stays_within_capacity_and_spread_and_rebalance_fills_a_new_node()
+{
+    let mut b = Fleet::builder()
+        .node_sized("node-1", "30GiB")
+        .node_sized("node-2", "60GiB")
+        .node_sized("node-3", "90GiB");
+    let names: Vec<String> = (1..=12).map(|i| format!("host-{i}-data")).collect();
+    for (i, n) in names.iter().enumerate() {
+        b = b.agent(&format!("host-{}", i + 1), n, (1 + i as u64 % 4) * 2 * MIB);
+    }
+    let mut fleet = b.build();
+    // node-3 joins later: the first twelve sources land on node-1 and node-2.
+    fleet.coordinator().start();
+    fleet.wait_coordinator();
+    fleet.node("node-1").start();
+    fleet.node("node-2").start();
+    poll("two nodes up", Duration::from_secs(30), || {
+        let up = node_fill(&fleet).iter().filter(|n| n.1 == "up").count();
+        if up == 2 {
+            Ok(())
+        } else {
+            Err(format!("{up} up"))
+        }
+    });
+    for i in 1..=12 {
+        fleet.agent(&format!("host-{i}")).start();
+    }
+    poll("every source placed", Duration::from_secs(60), || {
+        let unplaced: Vec<String> = fleet
+            .sources()
+            .iter()
+            .filter(|s| json_str(s, "node").is_empty())
+            .map(|s| json_str(s, "name"))
+            .collect();
+        if fleet.sources().len() == 12 && unplaced.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("unplaced: {unplaced:?}"))
+        }
+    });
+    let fill = node_fill(&fleet);
+    for n in &fill {
+        assert!(n.3 <= n.2, "{} is over capacity: {fill:?}", n.0);
+    }
+    assert!(
+        spread(&fill) <= 0.10,
+        "placement left a spread of {:.3}: {fill:?}",
+        spread(&fill)
+    );
+    let mut images = std::collections::HashMap::new();
+    for n in &names {
+        fleet.sync(n);
+        images.insert(n.clone(), fleet.save_volume(n, &format!("{n}.img")));
+    }
+
+    // node-3 arrives empty: a dry run plans moves onto it, a real rebalance makes them.
+    fleet.node("node-3").start();
+    poll("node-3 up", Duration::from_secs(30), || {
+        match node_fill(&fleet).iter().find(|n| n.0 == "node-3") {
+            Some(n) if n.1 == "up" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    let plan = fleet.cli_json(&["rebalance", "--dry-run", "--json"]);
+    let planned = plan["moves"].as_array().map_or(0, Vec::len);
+    assert!(planned > 0, "{plan}");
+    assert!(
+        plan["moves"]
+            .as_array()
+            .is_some_and(|m| m.iter().all(|x| json_str(x, "to") == "node-3")),
+        "{plan}"
+    );
+    let done = fleet.cli_json(&["rebalance", "--json"]);
+    let moves = done["moves"].as_array().expect("moves");
+    assert_eq!(moves.len(), planned, "{done}");
+    for m in moves {
+        assert_eq!(json_str(m, "error"), "", "{m}");
+    }
+    let fill = node_fill(&fleet);
+    assert!(
+        spread(&fill) <= 0.10,
+        "rebalance left a spread of {:.3}: {fill:?}",
+        spread(&fill)
+    );
+    for m in moves {
+        let n = json_str(m, "source");
+        assert_eq!(fleet.source_node(&n), "node-3");
+        let to = fleet.scratch(&format!("{n}-after.img"));
+        fleet.restore(&n, Some(1), &to, None);
+        bulwark_tests::assert_same_file(&to, &images[&n], &format!("{n} after the rebalance"));
+    }
+}
