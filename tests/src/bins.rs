@@ -36,11 +36,12 @@ pub fn workspace_root() -> PathBuf {
 }
 
 /// `target/<profile>`: the directory the test binary was built for. The test binary
-/// itself lives in `target/<profile>/deps/`.
+/// itself lives in `target/<profile>/deps/` (an example in `.../examples/`).
 pub fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let dir = exe.parent().expect("the test binary is in a directory");
-    if dir.file_name().is_some_and(|n| n == "deps") {
+    // `deps/` for tests, `examples/` for the load test under bench/.
+    if dir.file_name().is_some_and(|n| n == "deps" || n == "examples") {
         dir.parent()
             .expect("deps/ has a parent directory")
             .to_path_buf()
