@@ -12,6 +12,7 @@
 use std::time::Instant;
 
 use bulwark_coordinator::placement::{self, NodeFigures, Placed, Weights};
+use bulwark_coordinator::schedule;
 use rand::{Rng, SeedableRng};
 
 const NODES: usize = 100;
@@ -235,6 +236,24 @@ fn main() {
     }
     // A drain: the fullest node of the Bulwark-placed fleet marked down.
     let o = run(Policy::Bulwark, &capacities, &events, seed);
+    println!();
+    let interval = 15 * 60 * 1000;
+    for (spread, cap) in [(true, 4), (false, 4), (true, usize::MAX)] {
+        let (peak, wait) = schedule_sim(&o, interval, cap, spread, 200e6);
+        println!(
+            "schedule, every 15 min, 1% of each volume changed, 200 MB/s per sync, {}, {}: peak concurrent syncs on a node {peak}, longest wait {wait:.0} s",
+            if spread {
+                "start times spread by source"
+            } else {
+                "every source at :00"
+            },
+            if cap == usize::MAX {
+                "no cap".to_string()
+            } else {
+                format!("at most {cap} per node")
+            }
+        );
+    }
     let mut nodes = o.nodes.clone();
     let fullest = (0..nodes.len())
         .max_by(|&a, &b| nodes[a].allocated_bytes.cmp(&nodes[b].allocated_bytes))
@@ -256,4 +275,63 @@ fn main() {
         plan.spread_after * 100.0,
         t.elapsed().as_secs_f64() * 1e3
     );
+}
+
+/// One interval of a protection group's schedule on every node: each source starts
+/// at its slot (or all at once, `spread = false`), runs for its changed bytes at
+/// `rate` bytes/s, and a node runs at most `cap` at once (the rest wait, oldest
+/// first). Returns (peak concurrent syncs on any node, longest wait in seconds).
+fn schedule_sim(
+    o: &Outcome,
+    interval_ms: u64,
+    cap: usize,
+    spread: bool,
+    rate: f64,
+) -> (usize, f64) {
+    let mut by_node: Vec<Vec<(i64, f64)>> = vec![Vec::new(); o.nodes.len()];
+    for s in &o.sources {
+        let size = s.allocated_bytes as f64 / 1.64;
+        let start = if spread {
+            schedule::phase(&s.name, interval_ms) as i64
+        } else {
+            0
+        };
+        by_node[s.node].push((start, 0.01 * size / rate));
+    }
+    let (mut peak, mut wait) = (0usize, 0f64);
+    for mut list in by_node {
+        list.sort_by(|a, b| a.0.cmp(&b.0));
+        // Running syncs' end times (seconds).
+        let mut running: Vec<f64> = Vec::new();
+        let mut queue: std::collections::VecDeque<(f64, f64)> = Default::default();
+        let mut events = list
+            .into_iter()
+            .map(|(t, d)| (t as f64 / 1000.0, d))
+            .peekable();
+        let mut now = 0f64;
+        loop {
+            running.retain(|&end| end > now);
+            while running.len() < cap {
+                let Some((due, d)) = queue.pop_front() else {
+                    break;
+                };
+                wait = wait.max(now - due);
+                running.push(now + d);
+            }
+            peak = peak.max(running.len());
+            let next_arrival = events.peek().map(|e| e.0);
+            let next_end = running.iter().copied().fold(f64::INFINITY, f64::min);
+            match next_arrival {
+                Some(t) if t <= next_end => {
+                    now = t;
+                    while let Some(e) = events.next_if(|e| e.0 <= now) {
+                        queue.push_back(e);
+                    }
+                }
+                _ if next_end.is_finite() => now = next_end,
+                _ => break,
+            }
+        }
+    }
+    (peak, wait)
 }

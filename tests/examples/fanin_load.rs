@@ -192,7 +192,11 @@ fn main() {
         .collect();
     lat.sort_by(f64::total_cmp);
     let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
-    let pct = |p: usize| lat.get((lat.len() * p / 100).min(lat.len().saturating_sub(1))).copied().unwrap_or(0.0);
+    let pct = |p: usize| {
+        lat.get((lat.len() * p / 100).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0.0)
+    };
     let hwm = vm(node_pid, "VmHWM:");
     let rss_after = vm(node_pid, "VmRSS:");
     println!(

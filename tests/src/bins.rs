@@ -41,7 +41,10 @@ pub fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let dir = exe.parent().expect("the test binary is in a directory");
     // `deps/` for tests, `examples/` for the load test under bench/.
-    if dir.file_name().is_some_and(|n| n == "deps" || n == "examples") {
+    if dir
+        .file_name()
+        .is_some_and(|n| n == "deps" || n == "examples")
+    {
         dir.parent()
             .expect("deps/ has a parent directory")
             .to_path_buf()
