@@ -300,7 +300,7 @@ fn schedule_sim(
     }
     let (mut peak, mut wait) = (0usize, 0f64);
     for mut list in by_node {
-        list.sort_by(|a, b| a.0.cmp(&b.0));
+        list.sort_by_key(|e| e.0);
         // Running syncs' end times (seconds).
         let mut running: Vec<f64> = Vec::new();
         let mut queue: std::collections::VecDeque<(f64, f64)> = Default::default();
