@@ -247,6 +247,9 @@ pub enum GroupCommand {
         /// Drop points older than this (never the newest).
         #[arg(long, value_parser = parse_duration_ms)]
         max_age: Option<u64>,
+        /// Also make a point at this time of day, UTC (`02:00`); repeatable.
+        #[arg(long = "at", value_parser = parse_time_of_day)]
+        at: Vec<u32>,
         #[arg(long)]
         json: bool,
     },
@@ -258,6 +261,16 @@ pub enum GroupCommand {
     Remove { sources: Vec<String> },
     /// Delete a group that has no sources.
     Delete { name: String },
+}
+
+fn parse_time_of_day(s: &str) -> Result<u32, String> {
+    let bad = || format!("invalid time of day {s:?}: expected HH:MM (UTC)");
+    let (h, m) = s.split_once(':').ok_or_else(bad)?;
+    let (h, m): (u32, u32) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+    if h > 23 || m > 59 {
+        return Err(bad());
+    }
+    Ok(h * 60 + m)
 }
 
 fn parse_duration_ms(s: &str) -> Result<u64, String> {
@@ -645,6 +658,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         "used_bytes": n.used_bytes, "sources": n.sources,
                         "live_streams": n.live_streams, "last_seen": rfc3339_ms(n.last_seen_ms),
                         "ingest_bytes_per_sec": n.ingest_bytes_per_sec, "nbd_address": n.nbd_address,
+                        "health": n.health,
                     })
                 },
                 |n| {
@@ -1076,6 +1090,7 @@ async fn group_command(admin: &mut Admin, cmd: GroupCommand) -> anyhow::Result<(
     let group_json = |g: &pb::Group| {
         json!({
             "name": g.name, "interval_ms": g.interval_ms, "sources": g.sources,
+            "point_times": g.point_times.iter().map(|m| format!("{:02}:{:02}", m / 60, m % 60)).collect::<Vec<_>>(),
             "retention": g.retention.as_ref().map(|r| json!({
                 "keep": r.keep, "max_age_ms": r.max_age_ms, "hourly": r.hourly,
                 "daily": r.daily, "weekly": r.weekly, "monthly": r.monthly,
@@ -1092,6 +1107,7 @@ async fn group_command(admin: &mut Admin, cmd: GroupCommand) -> anyhow::Result<(
             weekly,
             monthly,
             max_age,
+            at,
             json,
         } => {
             let any = keep.is_some()
@@ -1115,6 +1131,7 @@ async fn group_command(admin: &mut Admin, cmd: GroupCommand) -> anyhow::Result<(
                     interval_ms: interval,
                     retention,
                     sources: Vec::new(),
+                    point_times: at,
                 })
                 .await
                 .map_err(|s| admin.err(s))?

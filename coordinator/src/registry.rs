@@ -90,6 +90,9 @@ pub struct NodeRecord {
     /// Being drained: gets no new sources, and its sources move off.
     #[serde(default)]
     pub draining: bool,
+    /// The node's own word on its disks ("ok" or what is wrong).
+    #[serde(default)]
+    pub health: String,
 }
 
 /// What the sources placed on one node add up to.
@@ -256,6 +259,9 @@ pub struct GroupRecord {
     pub interval_ms: u64,
     /// `None`: sources keep the retention of their agent's config.
     pub retention: Option<Retention>,
+    /// Recovery-point times: minutes after midnight (UTC) with a sync each day.
+    #[serde(default)]
+    pub point_times: Vec<u32>,
 }
 
 /// An alert as the coordinator keeps it (see `pb::Alert`).
@@ -415,6 +421,7 @@ impl Registry {
             nbd_address: String::new(),
             ingest_bytes_per_sec: 0,
             draining: false,
+            health: String::new(),
         });
         rec.address = req.address.clone();
         rec.capacity_bytes = req.capacity_bytes;
@@ -440,6 +447,7 @@ impl Registry {
         rec.used_bytes = hb.used_bytes;
         rec.live_streams = hb.live_streams;
         rec.ingest_bytes_per_sec = hb.ingest_bytes_per_sec;
+        rec.health = hb.health.clone();
         rec.last_seen_ms = now_ms();
         rec.nbd_address = hb.nbd_address.clone();
         self.nodes.insert(name.as_bytes(), enc(&rec)?)?;

@@ -27,6 +27,25 @@ pub fn next_slot(source: &str, interval_ms: u64, now_ms: i64) -> i64 {
     if base > now_ms { base } else { base + i }
 }
 
+/// The first time after `now_ms` that is one of `times` (minutes after midnight,
+/// UTC), or `None` when there are none.
+pub fn next_time_of_day(times: &[u32], now_ms: i64) -> Option<i64> {
+    const DAY: i64 = 24 * 3600 * 1000;
+    let midnight = now_ms.div_euclid(DAY) * DAY;
+    times
+        .iter()
+        .map(|m| midnight + i64::from(*m % 1440) * 60_000)
+        .map(|t| if t > now_ms { t } else { t + DAY })
+        .min()
+}
+
+/// When a source's next sync is due after `now_ms`: its next interval slot or the
+/// next of the group's recovery-point times, whichever comes first.
+pub fn next_due(source: &str, interval_ms: u64, times: &[u32], now_ms: i64) -> i64 {
+    let slot = next_slot(source, interval_ms, now_ms);
+    next_time_of_day(times, now_ms).map_or(slot, |t| t.min(slot))
+}
+
 /// A sync that is due: its source, node and due time.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Due {
@@ -73,6 +92,21 @@ mod tests {
                 0
             );
         }
+    }
+
+    #[test]
+    fn recovery_point_times_come_before_a_later_slot() {
+        let day = 24 * 3600 * 1000i64;
+        let now = 10 * day + 3600 * 1000; // 01:00
+        assert_eq!(
+            next_time_of_day(&[120], now),
+            Some(10 * day + 2 * 3600 * 1000)
+        );
+        assert_eq!(next_time_of_day(&[30], now), Some(11 * day + 30 * 60_000));
+        assert_eq!(next_time_of_day(&[], now), None);
+        // A daily interval whose slot is later than 02:00 today: the time wins.
+        let due = next_due("s", day as u64, &[120], now);
+        assert!(due <= 10 * day + 2 * 3600 * 1000);
     }
 
     #[test]

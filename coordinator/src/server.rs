@@ -147,6 +147,16 @@ async fn monitor_loop(
             }
         };
         let now = bulwark_common::time::now_ms();
+        let unhealthy = nodes
+            .iter()
+            .filter(|n| registry.node_up(n) && !n.health.is_empty() && n.health != "ok")
+            .map(|n| pb::Alert {
+                key: format!("node-health/{}", n.name),
+                severity: "warning".into(),
+                subject: n.name.clone(),
+                message: format!("node {}: {}", n.name, n.health),
+                ..Default::default()
+            });
         let alerts: Vec<pb::Alert> = nodes
             .iter()
             .filter(|n| !registry.node_up(n))
@@ -162,6 +172,7 @@ async fn monitor_loop(
                 ),
                 ..Default::default()
             })
+            .chain(unhealthy)
             .collect();
         if let Err(e) = registry.report_alerts("coordinator", &alerts) {
             tracing::warn!("monitor: cannot record alerts: {e}");

@@ -67,7 +67,7 @@ impl CoordinatorService {
     /// raises `sync-late` (due for more than half an interval) and `sync-missed`
     /// (no sync for two intervals) alerts.
     pub async fn schedule_tick(&self) -> Result<(), RegistryError> {
-        use crate::schedule::{Due, next_slot, to_start};
+        use crate::schedule::{Due, next_due, next_slot, next_time_of_day, to_start};
         let now = bulwark_common::time::now_ms();
         let groups: HashMap<String, crate::registry::GroupRecord> = self
             .registry
@@ -105,10 +105,12 @@ impl CoordinatorService {
                 continue;
             };
             let interval = g.interval_ms as i64;
-            intervals.insert(s.name.clone(), g.interval_ms);
+            intervals.insert(s.name.clone(), (g.interval_ms, g.point_times.clone()));
             if s.next_sync_ms == 0 {
-                self.registry
-                    .set_next_sync(&s.name, next_slot(&s.name, g.interval_ms, now))?;
+                self.registry.set_next_sync(
+                    &s.name,
+                    next_due(&s.name, g.interval_ms, &g.point_times, now),
+                )?;
                 continue;
             }
             let since = s.last_sync_ms.max(s.group_since_ms);
@@ -158,10 +160,17 @@ impl CoordinatorService {
             let Ok(s) = self.registry.source(&d.source) else {
                 continue;
             };
-            let interval = intervals.get(&d.source).copied().unwrap_or(60_000) as i64;
-            let mut next = d.due_ms + interval;
+            let (interval, times) = intervals
+                .get(&d.source)
+                .cloned()
+                .unwrap_or((60_000, Vec::new()));
+            // The interval's phase is kept; a recovery-point time may come first.
+            let mut next = d.due_ms + interval as i64;
             if next <= now {
-                next = next_slot(&d.source, interval as u64, now);
+                next = next_slot(&d.source, interval, now);
+            }
+            if let Some(t) = next_time_of_day(&times, now) {
+                next = next.min(t);
             }
             self.registry.set_next_sync(&d.source, next)?;
             let source = d.source.clone();
@@ -375,6 +384,7 @@ impl CoordinatorService {
             name: g.name.clone(),
             interval_ms: g.interval_ms,
             retention: g.retention.map(|r| r.to_proto()),
+            point_times: g.point_times.clone(),
             sources: self
                 .registry
                 .sources()?
@@ -635,6 +645,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
                     live_streams: n.live_streams,
                     nbd_address: n.nbd_address,
                     ingest_bytes_per_sec: n.ingest_bytes_per_sec,
+                    health: n.health,
                 }
             })
             .collect();
@@ -846,6 +857,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
             name: g.name.clone(),
             interval_ms: g.interval_ms,
             retention,
+            point_times: g.point_times.clone(),
         })?;
         tracing::info!(%admin, group = %rec.name, interval_ms = rec.interval_ms, "protection group set");
         Ok(Response::new(self.0.group_proto(&rec)?))

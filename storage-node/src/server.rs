@@ -120,7 +120,13 @@ async fn usage_report(
     nbd_address: Option<String>,
 ) -> anyhow::Result<(pb::NodeHeartbeatRequest, Vec<pb::NodeDisk>)> {
     let s = store.clone();
-    let usage = tokio::task::spawn_blocking(move || s.usage()).await??;
+    let (usage, problems) = tokio::task::spawn_blocking(move || {
+        s.usage().map(|u| {
+            let p = s.health(&u);
+            (u, p)
+        })
+    })
+    .await??;
     let disks: Vec<pb::NodeDisk> = usage
         .disks
         .iter()
@@ -152,6 +158,11 @@ async fn usage_report(
         disks: disks.clone(),
         alerts: alerts(&usage, &svc.space_refusals()),
         ingest_bytes_per_sec: 0,
+        health: if problems.is_empty() {
+            "ok".to_string()
+        } else {
+            problems.join("; ")
+        },
         nbd_address: nbd_address.unwrap_or_default(),
     };
     Ok((req, disks))

@@ -662,6 +662,18 @@ fn fsync_dir(path: &Path) -> Result<()> {
         .map_err(io("fsync directory", path))
 }
 
+/// Bytes free for unprivileged writers on the file system holding `path`.
+#[allow(unsafe_code)]
+fn fs_free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs writes into the zeroed struct we own; `c` is a valid C string
+    // that outlives the call.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    (rc == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
+}
+
 /// Bytes actually allocated to the files of a directory tree (sparse-aware).
 fn used_bytes(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
@@ -903,6 +915,32 @@ impl Store {
             Some(r) => Ok(Some(decode(&r?.1)?)),
             None => Ok(None),
         }
+    }
+
+    /// What is wrong with the pool's disks, if anything: a disk whose directory is
+    /// gone or not writable, or whose file system has less room left than the
+    /// allocations on it may still fill.
+    pub fn health(&self, usage: &PoolUsage) -> Vec<String> {
+        let mut problems = Vec::new();
+        for d in &usage.disks {
+            let probe = d.path.join("bulwark").join(".health-probe");
+            if let Err(e) =
+                std::fs::write(&probe, b"ok").and_then(|()| std::fs::remove_file(&probe))
+            {
+                problems.push(format!("disk {} is not writable: {e}", d.path.display()));
+                continue;
+            }
+            if let Some(free) = fs_free_bytes(&d.path) {
+                let promised = d.allocated_bytes.saturating_sub(d.used_bytes);
+                if free < promised {
+                    problems.push(format!(
+                        "disk {} has {free} bytes free on its file system, less than the {promised} its allocations may still use",
+                        d.path.display()
+                    ));
+                }
+            }
+        }
+        problems
     }
 
     /// Space figures for heartbeats and the CLI. Each source directory is walked

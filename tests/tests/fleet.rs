@@ -61,6 +61,32 @@ fn a_silent_node_is_down_with_an_alert_and_comes_back_up_by_itself() {
             other => Err(format!("{other:?}")),
         },
     );
+
+    // A node reports its disks' health: a pool directory that vanished is a warning.
+    assert_eq!(json_str(&fleet.node_info("node-1"), "health"), "ok");
+    let empty = if fleet.source_node("host-1-data") == "node-1" {
+        "node-2"
+    } else {
+        "node-1"
+    };
+    let pool = fleet.node_dir(empty).join("disk1").join("bulwark");
+    let aside = fleet.node_dir(empty).join("disk1").join("moved-away");
+    std::fs::rename(&pool, &aside).expect("move the pool directory away");
+    let key = format!("node-health/{empty}");
+    let a = poll("the node-health alert", Duration::from_secs(20), || {
+        alert(&fleet, &key, false).ok_or("not yet".to_string())
+    });
+    assert!(json_str(&a, "message").contains("not writable"), "{a}");
+    assert_ne!(json_str(&fleet.node_info(empty), "health"), "ok");
+    std::fs::rename(&aside, &pool).expect("put the pool directory back");
+    poll(
+        "the node-health alert to resolve",
+        Duration::from_secs(20),
+        || match alert(&fleet, &key, false) {
+            None => Ok(()),
+            Some(a) => Err(format!("{a}")),
+        },
+    );
 }
 
 #[test]
@@ -316,6 +342,9 @@ fn a_protection_group_runs_the_schedule_keeps_its_retention_and_flags_missed_syn
         .agent("host-2", "s2", 4 * MIB)
         .agent("host-3", "s3", 4 * MIB)
         .start();
+    let (_, err) =
+        fleet.cli_expect_fail(&["group", "create", "g1", "--interval", "2s", "--at", "25:00"]);
+    assert!(err.contains("HH:MM"), "{err}");
     let g = fleet.cli_json(&[
         "group",
         "create",
@@ -324,9 +353,12 @@ fn a_protection_group_runs_the_schedule_keeps_its_retention_and_flags_missed_syn
         "2s",
         "--keep",
         "3",
+        "--at",
+        "02:00",
         "--json",
     ]);
     assert_eq!(json_u64(&g, "interval_ms"), 2000, "{g}");
+    assert_eq!(g["point_times"], serde_json::json!(["02:00"]), "{g}");
     fleet.cli(&["group", "add", "g1", "s1", "s2", "s3"]);
     let groups = fleet.cli_json(&["group", "list", "--json"]);
     assert_eq!(
@@ -484,11 +516,18 @@ fn placement_across_unequal_nodes_stays_within_capacity_and_spread_and_rebalance
     for m in moves {
         assert_eq!(json_str(m, "error"), "", "{m}");
     }
-    let fill = node_fill(&fleet);
-    assert!(
-        spread(&fill) <= 0.10,
-        "rebalance left a spread of {:.3}: {fill:?}",
-        spread(&fill)
+    // The nodes' own reports catch up with the moves at their next heartbeat.
+    poll(
+        "the spread after the rebalance",
+        Duration::from_secs(20),
+        || {
+            let fill = node_fill(&fleet);
+            if spread(&fill) <= 0.10 {
+                Ok(())
+            } else {
+                Err(format!("spread {:.3}: {fill:?}", spread(&fill)))
+            }
+        },
     );
     for m in moves {
         let n = json_str(m, "source");
