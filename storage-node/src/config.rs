@@ -27,6 +27,10 @@ pub struct NodeToml {
     /// certificates), e.g. `127.0.0.1:10809`; absent = no exports.
     #[serde(default)]
     pub nbd_listen: Option<String>,
+    /// Syncs that run at once; more wait (before any data is sent) for a turn.
+    /// Optional; default 64.
+    #[serde(default = "default_max_syncs")]
+    pub max_concurrent_syncs: usize,
     /// How often the node reports to the coordinator.
     #[serde(default = "default_heartbeat")]
     pub heartbeat_interval: HumanDuration,
@@ -34,6 +38,10 @@ pub struct NodeToml {
     pub pool: PoolToml,
     /// The fleet CA and this node's certificate.
     pub tls: TlsFiles,
+}
+
+fn default_max_syncs() -> usize {
+    64
 }
 
 fn default_heartbeat() -> HumanDuration {
@@ -76,6 +84,7 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     pub heartbeat_interval: Duration,
     pub nbd_listen: Option<SocketAddr>,
+    pub max_concurrent_syncs: usize,
     pub disks: Vec<crate::store::PoolDisk>,
     pub pool_policy: crate::store::PoolPolicy,
     pub tls: TlsFiles,
@@ -147,7 +156,11 @@ impl NodeConfig {
                     .map_err(|_| bad("nbd_listen", format!("\"{a}\" is not host:port")))
             })
             .transpose()?;
+        if t.max_concurrent_syncs == 0 {
+            return Err(bad("max_concurrent_syncs", "must be at least 1".into()));
+        }
         Ok(NodeConfig {
+            max_concurrent_syncs: t.max_concurrent_syncs,
             nbd_listen,
             name: t.name,
             listen,

@@ -39,12 +39,15 @@ pub async fn run(
     let coordinator = CoordinatorClient::new(channel)
         .max_decoding_message_size(bulwark_common::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(bulwark_common::MAX_MESSAGE_BYTES);
-    let svc = Arc::new(NodeService::new(
-        cfg.name.clone(),
-        store.clone(),
-        coordinator.clone(),
-        identity.client_config(Role::Node)?,
-    )?);
+    let svc = Arc::new(
+        NodeService::new(
+            cfg.name.clone(),
+            store.clone(),
+            coordinator.clone(),
+            identity.client_config(Role::Node)?,
+        )?
+        .with_max_syncs(cfg.max_concurrent_syncs),
+    );
 
     let nbd = match cfg.nbd_listen {
         Some(addr) => {

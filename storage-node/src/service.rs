@@ -100,6 +100,9 @@ pub struct NodeService {
     ingested: Arc<AtomicU64>,
     /// Dials other nodes (moves) with this node's certificate.
     peer_tls: Arc<rustls::ClientConfig>,
+    /// Syncs that may run at once; the others wait before `Ready`, so a waiting
+    /// agent sends no data and the node's memory stays bounded however many come.
+    sync_slots: Arc<tokio::sync::Semaphore>,
     /// Sources whose last sync was refused for space, with the refusal (an alert
     /// until a sync of the source commits).
     space_refusals: std::sync::Mutex<HashMap<String, String>>,
@@ -129,6 +132,7 @@ impl NodeService {
     ) -> Result<NodeService, StoreError> {
         Ok(NodeService {
             peer_tls,
+            sync_slots: Arc::new(tokio::sync::Semaphore::new(64)),
             name,
             assignments: store.tree("assignments")?,
             store,
@@ -195,6 +199,12 @@ impl NodeService {
                 Err(e) => tracing::warn!(source = %a.source, "{}", e.message()),
             }
         }
+    }
+
+    /// Sets how many syncs may run at once (`max_concurrent_syncs`).
+    pub fn with_max_syncs(mut self, n: usize) -> Self {
+        self.sync_slots = Arc::new(tokio::sync::Semaphore::new(n.max(1)));
+        self
     }
 
     /// The per-source locks (shared with the NBD exports).
@@ -564,6 +574,14 @@ impl pb::node_server::Node for NodeApi {
             ));
         }
         let svc = self.0.clone();
+        // A slot first: past the limit, the agent waits here, before Ready, having
+        // sent nothing but SyncBegin.
+        let slot = svc
+            .sync_slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Status::unavailable("the node is stopping"))?;
         let a = svc
             .authorize(&caller, &begin.source, Some(begin.epoch))
             .await?;
@@ -649,6 +667,7 @@ impl pb::node_server::Node for NodeApi {
         tokio::spawn(
             async move {
                 let _guard = guard;
+                let _slot = slot;
                 let source = begin.source.clone();
                 if let Err(status) = run_sync(
                     &svc,
