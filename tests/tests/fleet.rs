@@ -535,5 +535,57 @@ fn placement_across_unequal_nodes_stays_within_capacity_and_spread_and_rebalance
         let to = fleet.scratch(&format!("{n}-after.img"));
         fleet.restore(&n, Some(1), &to, None);
         bulwark_tests::assert_same_file(&to, &images[&n], &format!("{n} after the rebalance"));
+        std::fs::remove_file(&to).expect("remove the restored file");
+    }
+
+    // Drain the smallest node while every source syncs: its sources go to the other
+    // two, which stay within capacity, and every point restores from its new node.
+    let on_1: Vec<String> = names
+        .iter()
+        .filter(|n| fleet.source_node(n) == "node-1")
+        .cloned()
+        .collect();
+    assert!(!on_1.is_empty(), "node-1 holds nothing to drain");
+    let syncs: Vec<_> = names
+        .iter()
+        .map(|n| fleet.cli_spawn(&["sync", n, "--wait", "--json"]))
+        .collect();
+    let report = fleet.cli_json(&["drain", "node-1", "--json"]);
+    assert_eq!(
+        report["moves"].as_array().map(Vec::len),
+        Some(on_1.len()),
+        "{report}"
+    );
+    for s in syncs {
+        let out = s.wait(Duration::from_secs(120)).expect("a sync ended");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for n in &names {
+        assert_ne!(fleet.source_node(n), "node-1");
+        assert_eq!(fleet.point_ids(n), vec![1, 2], "{n}");
+    }
+    for n in &on_1 {
+        for id in [1, 2] {
+            let to = fleet.scratch(&format!("{n}-drained-{id}.img"));
+            fleet.restore(n, Some(id), &to, None);
+            bulwark_tests::assert_same_file(
+                &to,
+                &images[n],
+                &format!("{n} point {id} after the drain"),
+            );
+            std::fs::remove_file(&to).expect("remove the restored file");
+        }
+    }
+    let fill = node_fill(&fleet);
+    for n in &fill {
+        assert!(
+            n.3 <= n.2,
+            "{} is over capacity after the drain: {fill:?}",
+            n.0
+        );
     }
 }
