@@ -1071,3 +1071,82 @@ fn every_crash_boundary_is_covered_by_a_test() {
         );
     }
 }
+
+/// Reads a whole view, at odd offsets and lengths, into one buffer.
+fn read_view(view: &PointView) -> Vec<u8> {
+    let size = view.geometry().size_bytes as usize;
+    let mut out = vec![0u8; size];
+    let mut at = 0usize;
+    let mut step = 777usize;
+    while at < size {
+        let n = step.min(size - at);
+        view.read_at(&mut out[at..at + n], at as u64)
+            .expect("read the view");
+        at += n;
+        step = step * 3 % 20_000 + 1;
+    }
+    out
+}
+
+#[test]
+fn an_open_view_stays_exact_while_later_syncs_and_prunes_change_the_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let size = 48 * BS as u64 + 333;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut images = vec![vec![0u8; size as usize]];
+    let mut image = images[0].clone();
+    rng.fill(&mut image[..30 * BS as usize]);
+    for base in 0..3u64 {
+        sync(&store, images.last().expect("image"), &image, base);
+        images.push(image.clone());
+        scribble(&mut rng, &mut image, 12);
+    }
+    // Views of point 1 (the oldest) and point 3 (the newest), opened now.
+    let v1 = store.open_view("vol", 1).expect("view of point 1");
+    let v3 = store.open_view("vol", 3).expect("view of point 3");
+    assert_eq!(read_view(&v1), images[1]);
+    assert_eq!(read_view(&v3), images[3]);
+    // Later syncs overwrite replica blocks both views read from the replica.
+    for base in 3..6u64 {
+        sync(&store, images.last().expect("image"), &image, base);
+        images.push(image.clone());
+        scribble(&mut rng, &mut image, 12);
+        assert_eq!(
+            read_view(&v1),
+            images[1],
+            "point 1 after the sync of {}",
+            base + 1
+        );
+        assert_eq!(
+            read_view(&v3),
+            images[3],
+            "point 3 after the sync of {}",
+            base + 1
+        );
+    }
+    // Pruning merges and deletes the deltas the views read: they keep their files.
+    store.prune("vol", 2).expect("prune a middle point");
+    store.prune("vol", 1).expect("prune the oldest point");
+    store
+        .prune("vol", 3)
+        .expect("prune the point of the second view");
+    assert_eq!(read_view(&v1), images[1], "point 1 after the prunes");
+    assert_eq!(read_view(&v3), images[3], "point 3 after the prunes");
+    // A failed sync rolls back under an open view: still exact.
+    let mut txn = store.begin_sync(spec(size, 6)).expect("begin");
+    let mut next = image.clone();
+    scribble(&mut rng, &mut next, 12);
+    for chunk in diff_extents(&image, &next).chunks(2) {
+        txn.apply(chunk).expect("apply");
+    }
+    txn.abort().expect("abort");
+    assert_eq!(
+        read_view(&v3),
+        images[3],
+        "point 3 after a rolled-back sync"
+    );
+    let v6 = store.open_view("vol", 0).expect("view of the newest point");
+    assert_eq!(v6.point(), 6);
+    assert_eq!(read_view(&v6), images[6]);
+}
