@@ -250,6 +250,12 @@ pub enum GroupCommand {
         /// Also make a point at this time of day, UTC (`02:00`); repeatable.
         #[arg(long = "at", value_parser = parse_time_of_day)]
         at: Vec<u32>,
+        /// Replica space of each member (over its agent's config).
+        #[arg(long, value_parser = parse_size)]
+        replica_space: Option<u64>,
+        /// Recovery-point space of each member (over its agent's config).
+        #[arg(long, value_parser = parse_size)]
+        points_space: Option<u64>,
         #[arg(long)]
         json: bool,
     },
@@ -1090,6 +1096,7 @@ async fn group_command(admin: &mut Admin, cmd: GroupCommand) -> anyhow::Result<(
     let group_json = |g: &pb::Group| {
         json!({
             "name": g.name, "interval_ms": g.interval_ms, "sources": g.sources,
+            "replica_alloc_bytes": g.replica_alloc_bytes, "points_alloc_bytes": g.points_alloc_bytes,
             "point_times": g.point_times.iter().map(|m| format!("{:02}:{:02}", m / 60, m % 60)).collect::<Vec<_>>(),
             "retention": g.retention.as_ref().map(|r| json!({
                 "keep": r.keep, "max_age_ms": r.max_age_ms, "hourly": r.hourly,
@@ -1108,6 +1115,8 @@ async fn group_command(admin: &mut Admin, cmd: GroupCommand) -> anyhow::Result<(
             monthly,
             max_age,
             at,
+            replica_space,
+            points_space,
             json,
         } => {
             let any = keep.is_some()
@@ -1132,6 +1141,8 @@ async fn group_command(admin: &mut Admin, cmd: GroupCommand) -> anyhow::Result<(
                     retention,
                     sources: Vec::new(),
                     point_times: at,
+                    replica_alloc_bytes: replica_space.unwrap_or(0),
+                    points_alloc_bytes: points_space.unwrap_or(0),
                 })
                 .await
                 .map_err(|s| admin.err(s))?

@@ -171,6 +171,11 @@ pub struct SourceRecord {
     /// Its group's retention, which wins over the agent's config.
     #[serde(default)]
     pub group_retention: Option<Retention>,
+    /// Its group's allocation (0 = none), between the admin's and the agent's.
+    #[serde(default)]
+    pub group_replica_alloc: u64,
+    #[serde(default)]
+    pub group_points_alloc: u64,
     /// When the scrub last verified the source, and what it found.
     #[serde(default)]
     pub last_verify_ms: i64,
@@ -201,14 +206,22 @@ pub struct Usage {
 impl SourceRecord {
     /// The policy the node applies: the admin's allocation over the agent's.
     pub fn policy(&self) -> Policy {
-        let pick = |admin: u64, agent: u64| if admin > 0 { admin } else { agent };
+        // The admin's `bulwark allocate`, else the group's, else the agent's config.
+        let pick = |admin: u64, group: u64, agent: u64| {
+            [admin, group, agent]
+                .into_iter()
+                .find(|v| *v > 0)
+                .unwrap_or(0)
+        };
         Policy {
             replica_alloc_bytes: pick(
                 self.admin_replica_alloc,
+                self.group_replica_alloc,
                 self.agent_policy.replica_alloc_bytes,
             ),
             points_alloc_bytes: pick(
                 self.admin_points_alloc,
+                self.group_points_alloc,
                 self.agent_policy.points_alloc_bytes,
             ),
             retention: self.group_retention.unwrap_or(self.agent_policy.retention),
@@ -262,6 +275,11 @@ pub struct GroupRecord {
     /// Recovery-point times: minutes after midnight (UTC) with a sync each day.
     #[serde(default)]
     pub point_times: Vec<u32>,
+    /// Allocation of each member (0 = not set by the group).
+    #[serde(default)]
+    pub replica_alloc_bytes: u64,
+    #[serde(default)]
+    pub points_alloc_bytes: u64,
 }
 
 /// An alert as the coordinator keeps it (see `pb::Alert`).
@@ -572,6 +590,8 @@ impl Registry {
         self.groups.insert(g.name.as_bytes(), enc(&g)?)?;
         for mut s in self.sources()?.into_iter().filter(|s| s.group == g.name) {
             s.group_retention = g.retention;
+            s.group_replica_alloc = g.replica_alloc_bytes;
+            s.group_points_alloc = g.points_alloc_bytes;
             if old.as_ref().is_some_and(|o| o.interval_ms != g.interval_ms) {
                 s.next_sync_ms = 0;
             }
@@ -620,6 +640,8 @@ impl Registry {
             let mut s = self.source(name)?;
             s.group = group.to_string();
             s.group_retention = g.as_ref().and_then(|g| g.retention);
+            s.group_replica_alloc = g.as_ref().map_or(0, |g| g.replica_alloc_bytes);
+            s.group_points_alloc = g.as_ref().map_or(0, |g| g.points_alloc_bytes);
             s.next_sync_ms = 0;
             s.group_since_ms = now_ms();
             self.put_source(&s)?;
@@ -995,6 +1017,8 @@ impl Registry {
                 next_sync_ms: 0,
                 group_since_ms: 0,
                 group_retention: None,
+                group_replica_alloc: 0,
+                group_points_alloc: 0,
             },
             Err(e) => return Err(e),
         };
@@ -1008,6 +1032,8 @@ impl Registry {
         }
         if let Some(g) = self.group(&rec.group)? {
             rec.group_retention = g.retention;
+            rec.group_replica_alloc = g.replica_alloc_bytes;
+            rec.group_points_alloc = g.points_alloc_bytes;
         }
         if rec.node.is_none() || rec.allocated_bytes == 0 {
             rec.allocated_bytes = rec.planned_alloc();

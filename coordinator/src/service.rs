@@ -385,6 +385,8 @@ impl CoordinatorService {
             interval_ms: g.interval_ms,
             retention: g.retention.map(|r| r.to_proto()),
             point_times: g.point_times.clone(),
+            replica_alloc_bytes: g.replica_alloc_bytes,
+            points_alloc_bytes: g.points_alloc_bytes,
             sources: self
                 .registry
                 .sources()?
@@ -858,6 +860,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
             interval_ms: g.interval_ms,
             retention,
             point_times: g.point_times.clone(),
+            replica_alloc_bytes: g.replica_alloc_bytes,
+            points_alloc_bytes: g.points_alloc_bytes,
         })?;
         tracing::info!(%admin, group = %rec.name, interval_ms = rec.interval_ms, "protection group set");
         Ok(Response::new(self.0.group_proto(&rec)?))

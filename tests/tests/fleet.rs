@@ -355,6 +355,8 @@ fn a_protection_group_runs_the_schedule_keeps_its_retention_and_flags_missed_syn
         "3",
         "--at",
         "02:00",
+        "--points-space",
+        "3MiB",
         "--json",
     ]);
     assert_eq!(json_u64(&g, "interval_ms"), 2000, "{g}");
@@ -386,6 +388,15 @@ fn a_protection_group_runs_the_schedule_keeps_its_retention_and_flags_missed_syn
             },
         );
         assert_eq!(json_str(&fleet.source_info(s), "group"), "g1");
+        // The group's allocation reaches the node.
+        poll(
+            &format!("the group's allocation of {s}"),
+            Duration::from_secs(20),
+            || match json_u64(&fleet.source_info(s), "points_alloc_bytes") {
+                n if n == 3 * MIB => Ok(()),
+                n => Err(format!("points_alloc_bytes {n}")),
+            },
+        );
     }
     // An agent that is gone misses its syncs: a critical alert, resolved when it is back.
     fleet.agent("host-2").kill9();
