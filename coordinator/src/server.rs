@@ -47,10 +47,16 @@ pub async fn run(
     }
     tracing::info!(listen = %listener.local_addr()?, "coordinator listening");
     let incoming = tls::incoming(listener, identity.server_config()?, shutdown.clone());
+    // The standard gRPC health service (grpc.health.v1), for any fleet certificate.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<pb::coordinator_server::CoordinatorServer<CoordinatorApi>>()
+        .await;
     tls::server_builder()
         .layer(tonic::service::InterceptorLayer::new(tls::authenticator(
             identity.trust_domain.clone(),
         )))
+        .add_service(health_service)
         .add_service(
             pb::coordinator_server::CoordinatorServer::new(CoordinatorApi(svc))
                 .max_decoding_message_size(bulwark_common::MAX_MESSAGE_BYTES)

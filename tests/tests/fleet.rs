@@ -600,3 +600,65 @@ fn placement_across_unequal_nodes_stays_within_capacity_and_spread_and_rebalance
         );
     }
 }
+
+#[test]
+fn every_server_answers_the_grpc_health_check_and_status_sums_up_the_fleet() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let fleet = Fleet::builder()
+        .node("node-1")
+        .agent("host-1", "host-1-data", 4 * MIB)
+        .start();
+    fleet.sync("host-1-data");
+    let targets = [
+        (
+            fleet.coordinator_url().to_string(),
+            bulwark_common::tls::Role::Coordinator,
+            "bulwark.v1.Coordinator",
+        ),
+        (
+            fleet.node_address("node-1"),
+            bulwark_common::tls::Role::Node,
+            "bulwark.v1.Node",
+        ),
+    ];
+    for (url, role, service) in targets {
+        let statuses = bulwark_tests::block_on(async {
+            let ch = bulwark_tests::grpc::channel(&url, fleet.admin(), role)
+                .await
+                .expect("connect");
+            let mut h = HealthClient::new(ch);
+            let mut out = Vec::new();
+            for s in ["", service, "no.such.Service"] {
+                out.push(
+                    h.check(HealthCheckRequest { service: s.into() })
+                        .await
+                        .map(|r| r.into_inner().status),
+                );
+            }
+            out
+        });
+        assert_eq!(
+            statuses[0].as_ref().ok(),
+            Some(&(ServingStatus::Serving as i32)),
+            "{url}"
+        );
+        assert_eq!(
+            statuses[1].as_ref().ok(),
+            Some(&(ServingStatus::Serving as i32)),
+            "{url}"
+        );
+        assert!(
+            statuses[2].is_err(),
+            "{url}: an unknown service is not found"
+        );
+    }
+    let out = fleet.cli(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("nodes        1 up"), "{text}");
+    assert!(text.contains("sources      1 ok"), "{text}");
+    let v = fleet.cli_json(&["status", "--json"]);
+    assert_eq!(v["nodes"]["up"], 1, "{v}");
+    assert_eq!(v["sources"]["ok"], 1, "{v}");
+    assert_eq!(v["sources_never_synced"], 0, "{v}");
+}
