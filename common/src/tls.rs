@@ -135,6 +135,24 @@ pub fn spiffe_uri(der: &[u8]) -> Result<String, String> {
         .ok_or_else(|| "certificate has no URI SAN".to_string())
 }
 
+/// When a DER certificate expires, in Unix milliseconds.
+pub fn not_after_ms(der: &[u8]) -> Result<i64, String> {
+    use x509_parser::prelude::*;
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| format!("unreadable certificate: {e}"))?;
+    Ok(cert.validity().not_after.timestamp() * 1000)
+}
+
+/// When the caller's certificate expires (Unix ms), put in a request's extensions by
+/// [`authenticator`].
+#[derive(Debug, Clone, Copy)]
+pub struct CertExpiry(pub i64);
+
+/// The caller's certificate expiry, if the authenticator recorded it.
+pub fn cert_expiry<T>(req: &Request<T>) -> Option<i64> {
+    req.extensions().get::<CertExpiry>().map(|e| e.0)
+}
+
 /// Parses every certificate of a PEM buffer.
 pub fn parse_certs_pem(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs: Result<Vec<_>, _> = rustls_pemfile::certs(&mut &pem[..]).collect();
@@ -425,6 +443,9 @@ pub fn authenticator(
             Status::unauthenticated(m)
         })?;
         req.extensions_mut().insert(id);
+        if let Ok(t) = not_after_ms(leaf.as_ref()) {
+            req.extensions_mut().insert(CertExpiry(t));
+        }
         Ok(req)
     }
 }

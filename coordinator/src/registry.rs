@@ -93,6 +93,9 @@ pub struct NodeRecord {
     /// The node's own word on its disks ("ok" or what is wrong).
     #[serde(default)]
     pub health: String,
+    /// When the certificate it last reported with expires (0 = unknown).
+    #[serde(default)]
+    pub cert_not_after_ms: i64,
 }
 
 /// What the sources placed on one node add up to.
@@ -110,6 +113,9 @@ pub struct AgentRecord {
     pub last_seen_ms: i64,
     pub version: String,
     pub sources: Vec<String>,
+    /// When the certificate it last connected with expires (0 = unknown).
+    #[serde(default)]
+    pub cert_not_after_ms: i64,
 }
 
 /// A data source and its assignment.
@@ -440,6 +446,7 @@ impl Registry {
             ingest_bytes_per_sec: 0,
             draining: false,
             health: String::new(),
+            cert_not_after_ms: 0,
         });
         rec.address = req.address.clone();
         rec.capacity_bytes = req.capacity_bytes;
@@ -893,6 +900,37 @@ impl Registry {
         Ok((d.chosen.map(|i| nodes[i].name.clone()), d.explain()))
     }
 
+    /// Records when the certificate a node or agent presented expires.
+    pub fn saw_certificate(
+        &self,
+        role: bulwark_common::tls::Role,
+        name: &str,
+        not_after_ms: i64,
+    ) -> Result<()> {
+        let _g = lock(&self.placement);
+        match role {
+            bulwark_common::tls::Role::Node => {
+                if let Some(mut n) = self.node(name)?
+                    && n.cert_not_after_ms != not_after_ms
+                {
+                    n.cert_not_after_ms = not_after_ms;
+                    self.nodes.insert(name.as_bytes(), enc(&n)?)?;
+                }
+            }
+            bulwark_common::tls::Role::Agent => {
+                if let Some(v) = self.agents.get(name)? {
+                    let mut a: AgentRecord = dec(&v)?;
+                    if a.cert_not_after_ms != not_after_ms {
+                        a.cert_not_after_ms = not_after_ms;
+                        self.agents.insert(name.as_bytes(), enc(&a)?)?;
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
     /// Registers an agent's data sources (its Hello) and places the new ones.
     pub fn hello(&self, agent: &str, hello: &pb::Hello) -> Result<Vec<pb::SourceRegistration>> {
         let _g = lock(&self.placement);
@@ -929,6 +967,11 @@ impl Registry {
             last_seen_ms: now_ms(),
             version: hello.version.clone(),
             sources: names,
+            cert_not_after_ms: self
+                .agents
+                .get(agent)?
+                .and_then(|v| dec::<AgentRecord>(&v).ok())
+                .map_or(0, |a| a.cert_not_after_ms),
         };
         self.agents.insert(agent.as_bytes(), enc(&rec)?)?;
         self.db.flush()?;

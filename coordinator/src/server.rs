@@ -37,9 +37,15 @@ pub async fn run(
     );
     tokio::spawn(schedule_loop(svc.clone(), shutdown.clone()));
     tokio::spawn(moves_loop(svc.clone(), shutdown.clone()));
+    let own_expiry = std::fs::read(&cfg.tls.cert)
+        .ok()
+        .and_then(|pem| tls::parse_certs_pem(&pem).ok())
+        .and_then(|c| c.first().and_then(|c| tls::not_after_ms(c.as_ref()).ok()))
+        .unwrap_or(0);
     tokio::spawn(monitor_loop(
         registry.clone(),
         cfg.node_timeout,
+        own_expiry,
         shutdown.clone(),
     ));
     if let Some(every) = cfg.scrub_interval {
@@ -134,6 +140,7 @@ async fn scrub_loop(
 async fn monitor_loop(
     registry: Arc<Registry>,
     timeout: std::time::Duration,
+    own_cert_expiry_ms: i64,
     shutdown: CancellationToken,
 ) {
     let tick = (timeout / 5).clamp(
@@ -179,6 +186,7 @@ async fn monitor_loop(
                 ..Default::default()
             })
             .chain(unhealthy)
+            .chain(expiring_certificates(&registry, &nodes, own_cert_expiry_ms, now))
             .collect();
         if let Err(e) = registry.report_alerts("coordinator", &alerts) {
             tracing::warn!("monitor: cannot record alerts: {e}");
@@ -209,4 +217,52 @@ async fn schedule_loop(svc: Arc<CoordinatorService>, shutdown: CancellationToken
             _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
         }
     }
+}
+
+/// `cert-expiring/<role>/<name>` alerts: a certificate of the coordinator, a node or
+/// an agent (as last presented) that expires within 30 days (critical within 7).
+fn expiring_certificates(
+    registry: &Registry,
+    nodes: &[crate::registry::NodeRecord],
+    own_ms: i64,
+    now: i64,
+) -> Vec<pb::Alert> {
+    const DAY: i64 = 24 * 3600 * 1000;
+    let mut seen: Vec<(&str, String, i64)> = vec![("coordinator", "coordinator".into(), own_ms)];
+    seen.extend(
+        nodes
+            .iter()
+            .map(|n| ("node", n.name.clone(), n.cert_not_after_ms)),
+    );
+    if let Ok(agents) = registry.agents() {
+        seen.extend(
+            agents
+                .into_iter()
+                .map(|a| ("agent", a.name, a.cert_not_after_ms)),
+        );
+    }
+    seen.into_iter()
+        .filter(|(_, _, t)| *t > 0 && *t - now < 30 * DAY)
+        .map(|(role, name, t)| {
+            let days = (t - now) / DAY;
+            pb::Alert {
+                key: format!("cert-expiring/{role}/{name}"),
+                severity: if t - now < 7 * DAY {
+                    "critical"
+                } else {
+                    "warning"
+                }
+                .into(),
+                subject: name.clone(),
+                message: if t <= now {
+                    format!("the {role} certificate of {name} has expired")
+                } else {
+                    format!(
+                        "the {role} certificate of {name} expires in {days} days: issue a new one"
+                    )
+                },
+                ..Default::default()
+            }
+        })
+        .collect()
 }

@@ -552,7 +552,11 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
         req: Request<pb::NodeHeartbeatRequest>,
     ) -> Result<Response<pb::NodeHeartbeatResponse>, Status> {
         let node = require(&req, "NodeHeartbeat", &[Role::Node])?;
+        let expiry = tls::cert_expiry(&req);
         let hb = req.into_inner();
+        if let Some(t) = expiry {
+            self.0.registry.saw_certificate(Role::Node, &node.name, t)?;
+        }
         match self.0.registry.heartbeat(&node.name, &hb)? {
             Some(()) => Ok(Response::new(pb::NodeHeartbeatResponse {
                 assignments: self.0.registry.assignments_of(&node.name)?,
@@ -588,6 +592,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
         req: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::ControlStream>, Status> {
         let agent = require(&req, "Control", &[Role::Agent])?;
+        let expiry = tls::cert_expiry(&req);
         let mut inbound = req.into_inner();
         let hello = match inbound.message().await? {
             Some(pb::AgentMessage {
@@ -601,6 +606,9 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
         };
         let registry = self.0.registry.clone();
         let sources = registry.hello(&agent.name, &hello)?;
+        if let Some(t) = expiry {
+            registry.saw_certificate(Role::Agent, &agent.name, t)?;
+        }
         let (tx, rx) = mpsc::channel(16);
         let welcome = pb::CoordinatorCommand {
             cmd: Some(pb::coordinator_command::Cmd::Welcome(pb::Welcome {

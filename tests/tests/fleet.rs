@@ -662,3 +662,25 @@ fn every_server_answers_the_grpc_health_check_and_status_sums_up_the_fleet() {
     assert_eq!(v["sources"]["ok"], 1, "{v}");
     assert_eq!(v["sources_never_synced"], 0, "{v}");
 }
+
+#[test]
+fn a_certificate_expiring_within_30_days_raises_an_alert() {
+    let mut fleet = Fleet::builder()
+        .node("node-1")
+        .agent("host-1", "host-1-data", 4 * MIB)
+        .start();
+    assert!(alert(&fleet, "cert-expiring/agent/host-1", true).is_none());
+    // The agent gets a certificate valid for 10 more days and reconnects with it.
+    fleet.agent("host-1").stop();
+    let key = fleet.pki().dir().join("host-1.key");
+    let crt = fleet.pki().dir().join("host-1.crt");
+    std::fs::remove_file(&key).expect("remove the old key");
+    std::fs::remove_file(&crt).expect("remove the old certificate");
+    fleet.pki().issue_with("agent", "host-1", &["--days", "10"]);
+    fleet.agent("host-1").start();
+    let a = poll("the cert-expiring alert", Duration::from_secs(30), || {
+        alert(&fleet, "cert-expiring/agent/host-1", false).ok_or("not yet".to_string())
+    });
+    assert_eq!(json_str(&a, "severity"), "warning", "{a}");
+    assert!(json_str(&a, "message").contains("expires in 9 days"), "{a}");
+}
