@@ -216,6 +216,18 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a shell completion script (`bulwark completions bash > /etc/bash_completion.d/bulwark`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (bulwark.1 and one per command) into DIR, or print
+    /// bulwark.1 to standard output.
+    Man {
+        /// Directory for bulwark.1, bulwark-sync.1, ...
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Run a whole fleet on this machine, protect a sample volume, restore it, and
     /// clean up.
     Demo {
@@ -635,6 +647,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Pki(p) => return pki(p),
         Command::Demo { keep } => return crate::demo::run(keep).await,
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "bulwark",
+                &mut std::io::stdout(),
+            );
+            return Ok(());
+        }
+        Command::Man { dir } => return man_pages(dir.as_deref()),
         _ => {}
     }
     let (coordinator, files) = conn_files(&cli.conn)?;
@@ -1091,8 +1114,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .into_inner();
             print_moves(&r, json, "rebalance")?;
         }
-        Command::Pki(_) | Command::Demo { .. } => {}
+        Command::Pki(_)
+        | Command::Demo { .. }
+        | Command::Completions { .. }
+        | Command::Man { .. } => {}
     }
+    Ok(())
+}
+
+/// `bulwark man`: the manual from the clap definitions.
+fn man_pages(dir: Option<&Path>) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    let Some(dir) = dir else {
+        clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
+        return Ok(());
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    clap_mangen::generate_to(cmd, dir)
+        .with_context(|| format!("cannot write the manual pages into {}", dir.display()))?;
     Ok(())
 }
 
