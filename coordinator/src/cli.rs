@@ -277,11 +277,24 @@ pub enum GroupCommand {
     /// List groups with their sources.
     List(ListArgs),
     /// Put data sources in a group.
-    Add { group: String, sources: Vec<String> },
+    Add {
+        group: String,
+        sources: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Take data sources out of their group (back to their agent's schedule).
-    Remove { sources: Vec<String> },
+    Remove {
+        sources: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Delete a group that has no sources.
-    Delete { name: String },
+    Delete {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn parse_time_of_day(s: &str) -> Result<u32, String> {
@@ -1323,7 +1336,11 @@ async fn group_command(admin: &mut Admin, cmd: GroupCommand) -> anyhow::Result<(
                 },
             )?;
         }
-        GroupCommand::Add { group, sources } => {
+        GroupCommand::Add {
+            group,
+            sources,
+            json,
+        } => {
             admin
                 .client
                 .set_group(pb::SetGroupRequest {
@@ -1332,9 +1349,13 @@ async fn group_command(admin: &mut Admin, cmd: GroupCommand) -> anyhow::Result<(
                 })
                 .await
                 .map_err(|s| admin.err(s))?;
-            println!("{} now in group {group}", sources.join(", "));
+            if json {
+                print_json(&json!({"group": group, "sources": sources}))?;
+            } else {
+                println!("{} now in group {group}", sources.join(", "));
+            }
         }
-        GroupCommand::Remove { sources } => {
+        GroupCommand::Remove { sources, json } => {
             admin
                 .client
                 .set_group(pb::SetGroupRequest {
@@ -1343,15 +1364,23 @@ async fn group_command(admin: &mut Admin, cmd: GroupCommand) -> anyhow::Result<(
                 })
                 .await
                 .map_err(|s| admin.err(s))?;
-            println!("{} in no group now", sources.join(", "));
+            if json {
+                print_json(&json!({"group": "", "sources": sources}))?;
+            } else {
+                println!("{} in no group now", sources.join(", "));
+            }
         }
-        GroupCommand::Delete { name } => {
+        GroupCommand::Delete { name, json } => {
             admin
                 .client
                 .delete_group(pb::DeleteGroupRequest { name: name.clone() })
                 .await
                 .map_err(|s| admin.err(s))?;
-            println!("group {name} deleted");
+            if json {
+                print_json(&json!({"deleted": name}))?;
+            } else {
+                println!("group {name} deleted");
+            }
         }
     }
     Ok(())

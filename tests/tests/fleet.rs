@@ -415,7 +415,8 @@ fn a_protection_group_runs_the_schedule_keeps_its_retention_and_flags_missed_syn
     );
     let (_, err) = fleet.cli_expect_fail(&["group", "delete", "g1"]);
     assert!(err.contains("still has sources"), "{err}");
-    fleet.cli(&["group", "remove", "s1", "s2", "s3"]);
+    let r = fleet.cli_json(&["group", "remove", "s1", "s2", "s3", "--json"]);
+    assert_eq!(r["sources"], serde_json::json!(["s1", "s2", "s3"]), "{r}");
     fleet.cli(&["group", "delete", "g1"]);
     assert_eq!(
         fleet.cli_json(&["group", "list", "--json"]),
