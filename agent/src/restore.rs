@@ -8,11 +8,11 @@
 //! overwritten. New files are owner-only (0600): they hold the source's data.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use bulwark_common::block::{DIRECT_ALIGN, Geometry, MAX_BATCH_BYTES, aligned_buffer};
+use bulwark_common::block::{DirectWriter, Geometry, MAX_BATCH_BYTES};
 use bulwark_proto as pb;
 use bulwark_proto::node_client::NodeClient;
 use tonic::transport::Channel;
@@ -148,67 +148,6 @@ impl Coverage {
     }
 }
 
-/// Writes a restore with `O_DIRECT` where the file system allows it: each byte goes
-/// to the disk once, as it arrives, instead of piling up in the page cache for the
-/// final fsync to write out at the end (which made a restore as slow as `dd
-/// conv=fsync`). The aligned part of a write goes through an aligned bounce buffer;
-/// a short tail at the volume's end, and everything after a refusal of direct I/O,
-/// through the page cache (the final fsync covers those).
-struct DirectWriter {
-    direct: Option<File>,
-    bounce: bytes::BytesMut,
-}
-
-impl DirectWriter {
-    fn new(file: &File) -> DirectWriter {
-        // Reopened through /proc: the same file, whatever happens to its path.
-        let proc_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(file));
-        let direct = OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(proc_path)
-            .ok();
-        DirectWriter {
-            direct,
-            bounce: bytes::BytesMut::new(),
-        }
-    }
-
-    fn write_at(&mut self, file: &File, data: &[u8], offset: u64) -> std::io::Result<()> {
-        let aligned = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
-        let Some(direct) = self
-            .direct
-            .as_ref()
-            .filter(|_| aligned > 0 && offset.is_multiple_of(DIRECT_ALIGN as u64))
-        else {
-            return file.write_all_at(data, offset);
-        };
-        if self.bounce.len() < MAX_BATCH_BYTES {
-            self.bounce = aligned_buffer(MAX_BATCH_BYTES);
-        }
-        let mut done = 0;
-        while done < aligned {
-            let n = (aligned - done).min(self.bounce.len());
-            self.bounce[..n].copy_from_slice(&data[done..done + n]);
-            match direct.write_all_at(&self.bounce[..n], offset + done as u64) {
-                Ok(()) => done += n,
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    tracing::info!(
-                        "direct I/O refused for the restore target; writing through the page cache"
-                    );
-                    self.direct = None;
-                    return file.write_all_at(&data[done..], offset + done as u64);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        if aligned < data.len() {
-            file.write_all_at(&data[aligned..], offset + aligned as u64)?;
-        }
-        Ok(())
-    }
-}
-
 /// Restores `point` (0 = newest) of `source` into `path`. `protected` are the live
 /// volumes of this agent, which a restore never overwrites. `progress`, when given,
 /// counts the bytes written so far (for a progress display).
@@ -256,7 +195,15 @@ pub async fn restore_point(
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Option<pb::restore_chunk::Msg>>(4);
     let t = target.clone();
     let writer = tokio::task::spawn_blocking(move || -> Result<u64, String> {
-        let mut out = DirectWriter::new(&t.file);
+        // The restore's bytes go to the disk as they arrive instead of waiting for
+        // the final fsync (reopened through /proc: the same file, whatever its path).
+        let mut out = DirectWriter::open(
+            Path::new(&format!(
+                "/proc/self/fd/{}",
+                std::os::fd::AsRawFd::as_raw_fd(&t.file)
+            )),
+            "restore target",
+        );
         let mut coverage = Coverage {
             bits: vec![0u64; geometry.block_count().div_ceil(64) as usize],
             geometry,

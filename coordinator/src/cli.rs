@@ -373,7 +373,7 @@ impl Admin {
         })
     }
 
-    fn err(&self, s: tonic::Status) -> anyhow::Error {
+    pub(crate) fn err(&self, s: tonic::Status) -> anyhow::Error {
         anyhow!(tls::explain_status(
             &format!("coordinator {}", self.target),
             &s

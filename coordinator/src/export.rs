@@ -34,12 +34,7 @@ pub async fn export(
             source: source.to_string(),
         })
         .await
-        .map_err(|s| {
-            anyhow!(tls::explain_status(
-                &format!("coordinator {}", admin.target),
-                &s
-            ))
-        })?
+        .map_err(|s| admin.err(s))?
         .into_inner();
     let identity = TlsIdentity::load(files)?;
     let target = Target::parse(&at.node_address)

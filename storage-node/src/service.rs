@@ -865,12 +865,9 @@ impl pb::node_server::Node for NodeApi {
                         std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, offset)?;
                         // Holes stay holes: all-zero chunks are not sent (but the
                         // first chunk always is, so the file is made).
-                        if first || !bulwark_common::block::is_zero(&buf) {
-                            let data = if bulwark_common::block::is_zero(&buf) {
-                                Vec::new()
-                            } else {
-                                buf
-                            };
+                        let zero = bulwark_common::block::is_zero(&buf);
+                        if first || !zero {
+                            let data = if zero { Vec::new() } else { buf };
                             if !send(pb::export_chunk::Msg::File(pb::FileData {
                                 name: name.clone(),
                                 offset,

@@ -84,12 +84,10 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use bulwark_common::block::{
-    DIGEST_LEN, DIRECT_ALIGN, Digest, Geometry, MAX_BATCH_BYTES, aligned_buffer, is_zero,
-};
+use bulwark_common::block::{DIGEST_LEN, Digest, DirectWriter, Geometry, is_zero};
 use bulwark_common::failpoint;
 use bulwark_common::point::{Consistency, PointKind};
 use bulwark_common::retention::Retention;
@@ -533,9 +531,7 @@ impl Import {
                 }
                 Ok(())
             })
-            .map_err(|e: sled::transaction::TransactionError<()>| {
-                StoreError::Meta(format!("{e:?}"))
-            })?;
+            .map_err(txn_error)?;
         store.db.flush()?;
         let before: Vec<(u64, Vec<u64>)> = self
             .meta
@@ -650,6 +646,11 @@ fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
 
 fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T> {
     serde_json::from_slice(b).map_err(|e| StoreError::Meta(format!("unreadable record: {e}")))
+}
+
+/// A failed sled transaction (they abort only on I/O errors: no closure aborts).
+fn txn_error(e: sled::transaction::TransactionError<()>) -> StoreError {
+    StoreError::Meta(format!("{e:?}"))
 }
 
 fn delta_path(dir: &Path, point: u64) -> PathBuf {
@@ -833,9 +834,7 @@ impl Store {
                 }
                 Ok(())
             })
-            .map_err(|e: sled::transaction::TransactionError<()>| {
-                StoreError::Meta(format!("{e:?}"))
-            })?;
+            .map_err(txn_error)?;
         self.db.flush()?;
         let dir = meta.dir();
         if dir.exists() {
@@ -1122,29 +1121,8 @@ impl Store {
     /// syncs and prunes change the store (see [`PointView`]). The caller holds the
     /// source's read lock while this runs.
     pub fn open_view(&self, name: &str, point: u64) -> Result<std::sync::Arc<PointView>> {
-        let meta = self
-            .source(name)?
-            .ok_or_else(|| StoreError::NoPoints(name.to_string()))?;
-        let points = self.points(name)?;
-        let newest = points
-            .last()
-            .ok_or_else(|| StoreError::NoPoints(name.to_string()))?;
-        let wanted = if point == 0 { newest.id } else { point };
-        let target =
-            points
-                .iter()
-                .find(|p| p.id == wanted)
-                .ok_or_else(|| StoreError::NoSuchPoint {
-                    source_name: name.to_string(),
-                    point: wanted,
-                })?;
-        if !target.damaged.is_empty() {
-            return Err(StoreError::PointDamaged {
-                source_name: name.to_string(),
-                point: wanted,
-                blocks: target.damaged.clone(),
-            });
-        }
+        let (meta, points, target) = self.readable_point(name, point)?;
+        let wanted = target.id;
         let geometry = meta.geometry();
         let dir = meta.dir();
         let replica_path = dir.join("replica");
@@ -1371,9 +1349,7 @@ impl Store {
                 }
                 Ok(())
             })
-            .map_err(|e: sled::transaction::TransactionError<()>| {
-                StoreError::Meta(format!("{e:?}"))
-            })?;
+            .map_err(txn_error)?;
         boundary("prune: point removed, before flush")?;
         self.db.flush()?;
         boundary("prune: point removal durable")?;
@@ -1509,6 +1485,23 @@ impl Store {
 
     /// Plans the restore of `point` (0 = newest) of a source.
     pub fn restore(&self, name: &str, point: u64) -> Result<RestoreReader> {
+        let (meta, points, target) = self.readable_point(name, point)?;
+        let dir = meta.dir();
+        let deltas = points
+            .iter()
+            .filter(|p| p.id >= target.id && p.delta.is_some())
+            .map(|p| delta_path(&dir, p.id))
+            .collect();
+        RestoreReader::new(meta, target, deltas)
+    }
+
+    /// A source's record, its points, and point `point` (0 = newest) if it exists
+    /// and is not marked damaged: what a restore or a view of it needs.
+    fn readable_point(
+        &self,
+        name: &str,
+        point: u64,
+    ) -> Result<(SourceMeta, Vec<PointMeta>, PointMeta)> {
         let meta = self
             .source(name)?
             .ok_or_else(|| StoreError::NoPoints(name.to_string()))?;
@@ -1532,13 +1525,7 @@ impl Store {
                 blocks: target.damaged.clone(),
             });
         }
-        let dir = meta.dir();
-        let deltas = points
-            .iter()
-            .filter(|p| p.id >= wanted && p.delta.is_some())
-            .map(|p| delta_path(&dir, p.id))
-            .collect();
-        RestoreReader::new(meta, target, deltas)
+        Ok((meta, points, target))
     }
 }
 
@@ -1548,11 +1535,8 @@ fn read_at_full(f: &File, buf: &mut [u8], offset: u64, path: &Path) -> Result<()
 
 struct TxnFiles {
     replica: File,
-    /// The replica opened with `O_DIRECT`, where the file system allows it: a sync
-    /// writes each byte once straight to the disk instead of copying it into the page
-    /// cache (which dominated a full sync's CPU time) and flushing it at commit.
-    replica_direct: Option<File>,
-    bounce: bytes::BytesMut,
+    /// New bytes go to the replica with `O_DIRECT` where the file system allows it.
+    replica_direct: DirectWriter,
     digests: File,
     delta: Option<File>,
     dir: PathBuf,
@@ -1624,9 +1608,7 @@ impl SyncTxn {
                 p.insert(name.as_bytes(), pending_bytes.as_slice())?;
                 Ok(())
             })
-            .map_err(|e: sled::transaction::TransactionError<()>| {
-                StoreError::Meta(format!("{e:?}"))
-            })?;
+            .map_err(txn_error)?;
         boundary("sync: pending written")?;
         store.db.flush()?;
         boundary("sync: pending durable")?;
@@ -1674,15 +1656,9 @@ impl SyncTxn {
         fsync_dir(&dir)?;
         boundary("sync: files created")?;
         self.touched = vec![0u64; geometry.block_count().div_ceil(64) as usize];
-        let replica_direct = OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&replica_path)
-            .ok();
         self.files = Some(TxnFiles {
             replica,
-            replica_direct,
-            bounce: bytes::BytesMut::new(),
+            replica_direct: DirectWriter::open(&replica_path, "replica"),
             digests,
             delta,
             dir,
@@ -1779,7 +1755,9 @@ impl SyncTxn {
         }
         failpoint::hit("node-before-replica-write");
         for e in extents {
-            write_replica(files, &e.data, geometry.offset_of(e.first_block))
+            files
+                .replica_direct
+                .write_at(&files.replica, &e.data, geometry.offset_of(e.first_block))
                 .map_err(io("write", &replica_path))?;
             let mut d = Vec::with_capacity(e.digests.len() * DIGEST_LEN);
             for digest in &e.digests {
@@ -1861,9 +1839,7 @@ impl SyncTxn {
                 pend.remove(name.as_bytes())?;
                 Ok(())
             })
-            .map_err(|e: sled::transaction::TransactionError<()>| {
-                StoreError::Meta(format!("{e:?}"))
-            })?;
+            .map_err(txn_error)?;
         boundary("commit: point written")?;
         store.db.flush()?;
         boundary("commit: point durable")?;
@@ -2064,45 +2040,6 @@ fn read_before_images(
         }
     }
     Ok(out)
-}
-
-/// Writes new bytes into the replica: the aligned part directly (through an aligned
-/// bounce buffer), a short tail at the volume's end through the page cache.
-fn write_replica(files: &mut TxnFiles, data: &[u8], offset: u64) -> std::io::Result<()> {
-    let aligned = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
-    if aligned > 0
-        && offset.is_multiple_of(DIRECT_ALIGN as u64)
-        && let Some(direct) = &files.replica_direct
-    {
-        if files.bounce.len() < MAX_BATCH_BYTES {
-            files.bounce = aligned_buffer(MAX_BATCH_BYTES);
-        }
-        let mut done = 0;
-        while done < aligned {
-            let n = (aligned - done).min(files.bounce.len());
-            files.bounce[..n].copy_from_slice(&data[done..done + n]);
-            match direct.write_all_at(&files.bounce[..n], offset + done as u64) {
-                Ok(()) => done += n,
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    tracing::info!(
-                        "direct I/O refused for the replica; writing through the page cache"
-                    );
-                    files.replica_direct = None;
-                    return files
-                        .replica
-                        .write_all_at(&data[done..], offset + done as u64);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        if aligned < data.len() {
-            files
-                .replica
-                .write_all_at(&data[aligned..], offset + aligned as u64)?;
-        }
-        return Ok(());
-    }
-    files.replica.write_all_at(data, offset)
 }
 
 fn encode_record(buf: &mut Vec<u8>, block: u64, digest: Digest, data: Option<&[u8]>, len: usize) {
