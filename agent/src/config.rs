@@ -157,10 +157,22 @@ pub struct EraConfig {
     pub device: String,
 }
 
+/// What a data source is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    /// A block device or image file, synced block by block.
+    Volume,
+    /// A directory of append-only log files, shipped by appended bytes.
+    Log,
+}
+
 /// A checked data source.
 #[derive(Debug, Clone)]
 pub struct SourceConfig {
     pub name: String,
+    pub kind: SourceKind,
+    /// `log` sources: which files of the directory are logs.
+    pub glob: String,
     pub path: PathBuf,
     pub tracker: String,
     pub block_size: u32,
@@ -214,19 +226,37 @@ impl AgentConfig {
                     format!("data source \"{}\" is listed twice", s.name),
                 ));
             }
-            match s.kind.as_str() {
-                "volume" => {}
-                "log" => {
-                    return Err(bad(
-                        key("kind"),
-                        "log sources are not supported by this version yet; use kind = \"volume\""
-                            .into(),
-                    ));
-                }
+            let kind = match s.kind.as_str() {
+                "volume" => SourceKind::Volume,
+                "log" => SourceKind::Log,
                 other => {
                     return Err(bad(
                         key("kind"),
                         format!("\"{other}\" is not volume or log"),
+                    ));
+                }
+            };
+            if kind == SourceKind::Log {
+                // What only a volume has.
+                let volume_only = [
+                    ("tracker", s.tracker != "fingerprint"),
+                    ("nbd_socket", s.nbd_socket.is_some()),
+                    ("nbd_listen", s.nbd_listen.is_some()),
+                    ("era_metadata", s.era_metadata.is_some()),
+                    ("era_device", s.era_device.is_some()),
+                    ("pre_snapshot", s.pre_snapshot.is_some()),
+                    ("post_snapshot", s.post_snapshot.is_some()),
+                    ("fsfreeze", s.fsfreeze.is_some()),
+                    ("snapshot_command", s.snapshot_command.is_some()),
+                    ("snapshot_cleanup", s.snapshot_cleanup.is_some()),
+                    ("require_app_consistent", s.require_app_consistent),
+                    ("replica_space", s.replica_space.is_some()),
+                ];
+                if let Some((k, _)) = volume_only.iter().find(|(_, set)| *set) {
+                    return Err(bad(
+                        key(k),
+                        "only used with kind = \"volume\" (a log source ships appended bytes)"
+                            .into(),
                     ));
                 }
             }
@@ -363,9 +393,17 @@ impl AgentConfig {
                     "set, but no pre_snapshot, fsfreeze or snapshot_command makes a point app-consistent".into(),
                 ));
             }
-            if s.glob.is_some() {
-                return Err(bad(key("glob"), "only used with kind = \"log\"".into()));
-            }
+            let glob = match (kind, s.glob) {
+                (SourceKind::Volume, Some(_)) => {
+                    return Err(bad(key("glob"), "only used with kind = \"log\"".into()));
+                }
+                (SourceKind::Volume, None) => String::new(),
+                (SourceKind::Log, g) => {
+                    let g = g.unwrap_or_else(|| "*".into());
+                    crate::logs::check_glob(&g).map_err(|m| bad(key("glob"), m))?;
+                    g
+                }
+            };
             let block_size = u32::try_from(s.block_size.0)
                 .ok()
                 .filter(|b| Geometry::new(0, *b).is_ok())
@@ -395,6 +433,8 @@ impl AgentConfig {
                 }),
             };
             sources.push(SourceConfig {
+                kind,
+                glob,
                 name: s.name,
                 path: resolve(path, &s.path),
                 tracker: s.tracker,

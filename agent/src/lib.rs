@@ -9,9 +9,11 @@
 //! - [`quiesce`] — hooks, fsfreeze and snapshots for app-consistent points.
 //! - [`sync`] — one sync or consistency check.
 //! - [`restore`] — one restore to a path.
+//! - [`logs`] — log sources: ship appended bytes, restore a log point.
 //! - [`server`] — lifecycle, the control stream to the coordinator, schedules.
 
 pub mod config;
+pub mod logs;
 pub mod quiesce;
 pub mod restore;
 pub mod server;

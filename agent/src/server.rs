@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tracing::Instrument;
 
-use crate::config::{AgentConfig, NbdEndpoint, SourceConfig};
+use crate::config::{AgentConfig, NbdEndpoint, SourceConfig, SourceKind};
 use crate::restore::restore_point;
 use crate::sync::{SyncOptions, SyncOutcome, sync_source};
 use crate::tracker::era::EraTracker;
@@ -118,7 +118,15 @@ impl Agent {
             .source(name)
             .ok_or_else(|| format!("this agent does not protect {name}"))?
             .clone();
-        let tracker = self.tracker(name)?;
+        let tracker = match source.kind {
+            SourceKind::Volume => Some(self.tracker(name)?),
+            SourceKind::Log if opts.check => {
+                return Err(format!(
+                    "{name} is a log source: a consistency check applies to volumes (each ship already compares what the node holds)"
+                ));
+            }
+            SourceKind::Log => None,
+        };
         let gate = lock(&self.running)
             .entry(name.to_string())
             .or_default()
@@ -134,6 +142,8 @@ impl Agent {
         }));
         let span = if opts.check {
             tracing::info_span!("check", source = %name, deep = opts.deep)
+        } else if tracker.is_none() {
+            tracing::info_span!("ship", source = %name)
         } else {
             tracing::info_span!("sync", source = %name)
         };
@@ -147,19 +157,22 @@ impl Agent {
                 if a.moving_to.is_empty() {
                     let node = self.node_client(&a.node_address)?;
                     tracing::info!(node = %a.node, epoch = a.epoch, "sync started");
-                    match sync_source(
-                        &source,
-                        tracker.clone(),
-                        &self.cfg.state_dir,
-                        &a,
-                        node,
-                        opts,
-                    )
-                    .await
-                    {
+                    let done = match &tracker {
+                        Some(t) => {
+                            sync_source(&source, t.clone(), &self.cfg.state_dir, &a, node, opts)
+                                .await
+                                .map_err(|e| e.to_string())
+                        }
+                        None => {
+                            crate::logs::ship(&source.name, &source.path, &source.glob, &a, node)
+                                .await
+                                .map(ship_outcome)
+                        }
+                    };
+                    match done {
                         Ok(o) => return Ok(o),
-                        Err(e) if e.to_string().contains("is moving to node") => {}
-                        Err(e) => return Err(e.to_string()),
+                        Err(e) if e.contains("is moving to node") => {}
+                        Err(e) => return Err(e),
                     }
                 }
                 if std::time::Instant::now() > deadline {
@@ -195,29 +208,79 @@ impl Agent {
     }
 
     async fn restore(&self, cmd: &pb::RestoreCommand) -> Result<pb::RestoreResult, String> {
-        let a = cmd
-            .assignment
-            .as_ref()
-            .ok_or("the restore command carries no assignment")?;
-        let node = self.node_client(&a.node_address)?;
         let path = std::path::PathBuf::from(&cmd.path);
         if !path.is_absolute() {
             return Err(format!("restore path {} must be absolute", cmd.path));
         }
-        let span = tracing::info_span!("restore", source = %cmd.source, point = cmd.point, path = %cmd.path);
-        let protected = self.cfg.sources.iter().map(|s| s.path.clone()).collect();
-        let o = restore_point(&cmd.source, cmd.point, &path, protected, node, None)
-            .instrument(span)
-            .await?;
-        tracing::info!(source = %cmd.source, point = o.point, path = %o.path.display(), bytes = o.bytes_written, "restore finished");
-        Ok(pb::RestoreResult {
+        let started = std::time::Instant::now();
+        let mut out = pb::RestoreResult {
             source: cmd.source.clone(),
-            point: o.point,
-            path: o.path.display().to_string(),
-            bytes_written: o.bytes_written,
-            duration_ms: o.duration_ms,
+            path: cmd.path.clone(),
             agent: self.cfg.name.clone(),
-        })
+            at_ms: cmd.at_ms,
+            ..Default::default()
+        };
+        let is_log = cmd.kind == pb::SourceKind::Log as i32;
+        let span = tracing::info_span!("restore", source = %cmd.source, point = cmd.point, path = %cmd.path, at_ms = cmd.at_ms);
+        async {
+            if cmd.at_ms != 0 {
+                crate::logs::prepare_dir(&path)?;
+            }
+            // The volume part: the whole restore, or `volume` in an --at directory.
+            if !cmd.source.is_empty() && !is_log {
+                let a = cmd
+                    .assignment
+                    .as_ref()
+                    .ok_or("the restore command carries no assignment")?;
+                let node = self.node_client(&a.node_address)?;
+                let target = if cmd.at_ms != 0 {
+                    path.join("volume")
+                } else {
+                    path.clone()
+                };
+                let protected = self.cfg.sources.iter().map(|s| s.path.clone()).collect();
+                let o = restore_point(&cmd.source, cmd.point, &target, protected, node, None).await?;
+                tracing::info!(point = o.point, path = %o.path.display(), bytes = o.bytes_written, "volume restored");
+                out.point = o.point;
+                out.bytes_written += o.bytes_written;
+            }
+            // The log part: a log point restored on its own, or `logs/` for --at.
+            let log = if is_log {
+                cmd.assignment.as_ref().map(|a| (cmd.source.clone(), cmd.point, a.clone()))
+            } else {
+                cmd.log
+                    .as_ref()
+                    .and_then(|l| l.assignment.clone().map(|a| (l.source.clone(), l.point, a)))
+            };
+            if let Some((source, point, a)) = log {
+                let node = self.node_client(&a.node_address)?;
+                let dir = if cmd.at_ms != 0 {
+                    path.join("logs")
+                } else {
+                    path.clone()
+                };
+                let o = crate::logs::restore_logs(&source, point, &dir, node).await?;
+                tracing::info!(log_source = %source, point = o.point.id, files = o.files, bytes = o.bytes_written, "logs restored");
+                out.log_source = source;
+                out.log_point = o.point.id;
+                out.log_point_created_ms = o.point.created_at_ms;
+                out.log_files = o.files;
+                out.bytes_written += o.bytes_written;
+                if is_log {
+                    out.point = o.point.id;
+                    out.point_created_ms = o.point.created_at_ms;
+                }
+            }
+            if cmd.at_ms != 0 {
+                write_restore_manifest(&path, cmd, &out)?;
+            }
+            Ok::<_, String>(())
+        }
+        .instrument(span)
+        .await?;
+        out.duration_ms = started.elapsed().as_millis() as u64;
+        tracing::info!(source = %cmd.source, point = out.point, path = %cmd.path, bytes = out.bytes_written, "restore finished");
+        Ok(out)
     }
 
     fn hello(&self) -> pb::Hello {
@@ -228,7 +291,10 @@ impl Agent {
                 .iter()
                 .map(|s| pb::SourceSpec {
                     name: s.name.clone(),
-                    kind: pb::SourceKind::Volume as i32,
+                    kind: match s.kind {
+                        SourceKind::Volume => pb::SourceKind::Volume,
+                        SourceKind::Log => pb::SourceKind::Log,
+                    } as i32,
                     size_bytes: self.trackers.get(&s.name).map_or(0, |t| t.size_bytes()),
                     block_size: s.block_size,
                     tracker: s.tracker.clone(),
@@ -255,6 +321,70 @@ fn sync_result(name: &str, o: &SyncOutcome) -> pb::SyncResult {
         damaged_blocks: o.damaged_blocks,
         warnings: o.warnings.clone(),
         blocks_read: o.blocks_scanned,
+        files_sent: o.files_sent,
+        bytes_read: o.bytes_read,
+    }
+}
+
+/// `restore.json` of a restore to a moment: what is in the directory, and how a
+/// database replays it.
+fn write_restore_manifest(
+    dir: &std::path::Path,
+    cmd: &pb::RestoreCommand,
+    r: &pb::RestoreResult,
+) -> Result<(), String> {
+    use std::io::Write;
+    let at = bulwark_common::time::rfc3339_ms(cmd.at_ms);
+    let mut doc = serde_json::json!({
+        "at": at,
+        "restored_by": r.agent,
+    });
+    if !cmd.source.is_empty() && cmd.kind != pb::SourceKind::Log as i32 {
+        doc["volume"] = serde_json::json!({
+            "source": cmd.source,
+            "point": r.point,
+            "path": "volume",
+        });
+    }
+    if !r.log_source.is_empty() {
+        doc["logs"] = serde_json::json!({
+            "source": r.log_source,
+            "point": r.log_point,
+            "point_created_at": bulwark_common::time::rfc3339_ms(r.log_point_created_ms),
+            "files": r.log_files,
+            "path": "logs",
+        });
+        doc["postgresql"] = serde_json::json!({
+            "restore_command": format!("cp {}/logs/%f %p", dir.display()),
+            "recovery_target_time": at,
+        });
+    }
+    let path = dir.join("restore.json");
+    let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
+    let mut f =
+        File::create(&path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.write_all(b"\n"))
+        .and_then(|()| f.sync_all())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| format!("cannot fsync {}: {e}", dir.display()))
+}
+
+/// A log ship in the shape of a sync's outcome.
+fn ship_outcome(o: crate::logs::ShipOutcome) -> SyncOutcome {
+    SyncOutcome {
+        consistency: bulwark_common::point::Consistency::from_proto(o.point.consistency),
+        point: o.point,
+        bytes_sent: o.bytes_sent,
+        blocks_sent: 0,
+        blocks_scanned: 0,
+        duration_ms: o.duration_ms,
+        damaged_blocks: 0,
+        warnings: o.warnings,
+        files_sent: o.files_sent,
+        bytes_read: o.bytes_read,
     }
 }
 
@@ -267,6 +397,16 @@ async fn open_trackers(
 ) -> anyhow::Result<HashMap<String, Arc<dyn Tracker>>> {
     let mut trackers: HashMap<String, Arc<dyn Tracker>> = HashMap::new();
     for s in &cfg.sources {
+        if s.kind == SourceKind::Log {
+            if !s.path.is_dir() {
+                anyhow::bail!(
+                    "data source {}: {} is not a directory (a log source is a directory of log files)",
+                    s.name,
+                    s.path.display()
+                );
+            }
+            continue;
+        }
         let cannot_open = || format!("data source {}: cannot open {}", s.name, s.path.display());
         let tracker: Arc<dyn Tracker> = match s.tracker.as_str() {
             "qcow2-bitmap" => {

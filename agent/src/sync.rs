@@ -49,6 +49,9 @@ pub struct SyncOutcome {
     pub damaged_blocks: u64,
     pub consistency: Consistency,
     pub warnings: Vec<String>,
+    /// Log ships: files that got bytes, and bytes read on the host.
+    pub files_sent: u64,
+    pub bytes_read: u64,
 }
 
 /// What kind of sync to run.
@@ -610,5 +613,7 @@ async fn stream_sync(
         duration_ms: 0,
         damaged_blocks,
         warnings: Vec::new(),
+        files_sent: 0,
+        bytes_read: 0,
     })
 }

@@ -24,9 +24,34 @@ pub fn rfc3339_ms(ms: i64) -> String {
     }
 }
 
+/// Unix milliseconds of an RFC 3339 time (`2026-12-02T15:04:05Z`,
+/// `2026-12-02T16:04:05.250+01:00`).
+pub fn parse_rfc3339_ms(s: &str) -> Result<i64, String> {
+    let t =
+        ::time::OffsetDateTime::parse(s.trim(), &::time::format_description::well_known::Rfc3339)
+            .map_err(|e| {
+            format!("\"{s}\" is not an RFC 3339 time such as 2026-12-02T15:04:05Z: {e}")
+        })?;
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000)
+        .map_err(|_| format!("\"{s}\" is out of range"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_rfc3339() {
+        assert_eq!(
+            parse_rfc3339_ms("2023-11-14T22:13:20.123Z"),
+            Ok(1_700_000_000_123)
+        );
+        assert_eq!(
+            parse_rfc3339_ms("2023-11-14T23:13:20.123+01:00"),
+            Ok(1_700_000_000_123)
+        );
+        assert!(parse_rfc3339_ms("yesterday").is_err());
+    }
 
     #[test]
     fn formats_rfc3339() {

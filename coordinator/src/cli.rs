@@ -108,9 +108,16 @@ pub enum Command {
         /// Data source name.
         source: String,
         /// Point id (default: the newest).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "at")]
         point: Option<u64>,
-        /// Absolute path on the agent's host: a new file, or a block device.
+        /// Restore to a moment (RFC 3339, e.g. 2026-12-02T15:04:05Z): the newest
+        /// volume point at or before it plus the logs up to it, from the volume and
+        /// log sources of SOURCE's protection group, into the directory --to:
+        /// `volume`, `logs/` and `restore.json` (which says how to replay).
+        #[arg(long, value_parser = parse_time)]
+        at: Option<i64>,
+        /// Absolute path on the agent's host: a new file, or a block device; for a
+        /// log source or --at, a new or empty directory.
         #[arg(long)]
         to: PathBuf,
         /// Agent that writes the restore (default: the source's own agent).
@@ -428,15 +435,26 @@ impl Admin {
         to: &Path,
         agent: Option<&str>,
     ) -> anyhow::Result<pb::RestoreResult> {
+        self.restore_request(pb::RestoreRequest {
+            source: source.into(),
+            point,
+            path: to.display().to_string(),
+            agent: agent.unwrap_or_default().to_string(),
+            wait: true,
+            at_ms: 0,
+        })
+        .await
+    }
+
+    /// Runs a restore as asked and waits for its result.
+    pub async fn restore_request(
+        &mut self,
+        mut req: pb::RestoreRequest,
+    ) -> anyhow::Result<pb::RestoreResult> {
+        req.wait = true;
         let r = self
             .client
-            .restore(pb::RestoreRequest {
-                source: source.into(),
-                point,
-                path: to.display().to_string(),
-                agent: agent.unwrap_or_default().to_string(),
-                wait: true,
-            })
+            .restore(req)
             .await
             .map_err(|s| self.err(s))?
             .into_inner();
@@ -551,6 +569,7 @@ pub fn point_json(p: &pb::Point) -> Value {
         "bytes_changed": p.bytes_changed,
         "stored_bytes": p.stored_bytes,
         "damaged_blocks": p.damaged_blocks,
+        "files_changed": p.files_changed,
     })
 }
 
@@ -569,6 +588,8 @@ pub fn sync_json(r: &pb::SyncResult, agent: &str) -> Value {
         "consistency": Consistency::from_proto(r.consistency).as_str(),
         "damaged_blocks": r.damaged_blocks,
         "warnings": r.warnings,
+        "files_sent": r.files_sent,
+        "bytes_read": r.bytes_read,
     })
 }
 
@@ -583,7 +604,18 @@ pub fn format_ms(ms: u64) -> String {
 
 /// One line about a finished sync, for people.
 pub fn sync_line(r: &pb::SyncResult) -> String {
-    let mut line = if PointKind::from_proto(r.kind) == Some(PointKind::Check) {
+    let kind = PointKind::from_proto(r.kind);
+    let mut line = if kind == Some(PointKind::Log) {
+        format!(
+            "{}: point {} (log): {} appended to {} files sent ({} read on the host) in {}",
+            r.source,
+            r.point,
+            format_size(r.bytes_sent),
+            r.files_sent,
+            format_size(r.bytes_read),
+            format_ms(r.duration_ms)
+        )
+    } else if kind == Some(PointKind::Check) {
         format!(
             "{}: point {} (check, {}): {} blocks compared, {} differed and were sent ({}) in {}",
             r.source,
@@ -856,6 +888,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Restore {
             source,
             point,
+            at,
             to,
             agent,
             wait,
@@ -867,15 +900,66 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     to.display()
                 );
             }
+            let req = pb::RestoreRequest {
+                source: source.clone(),
+                point: point.unwrap_or(0),
+                path: to.display().to_string(),
+                agent: agent.clone().unwrap_or_default(),
+                wait,
+                at_ms: at.unwrap_or(0),
+            };
             if wait {
-                let r = admin
-                    .restore_wait(&source, point.unwrap_or(0), &to, agent.as_deref())
-                    .await?;
+                let r = admin.restore_request(req).await?;
                 if json {
-                    print_json(&json!({
+                    let mut v = json!({
                         "source": r.source, "point": r.point, "path": r.path, "agent": r.agent,
                         "bytes_written": r.bytes_written, "duration_ms": r.duration_ms,
-                    }))?;
+                    });
+                    if !r.log_source.is_empty() {
+                        v["log_source"] = json!(r.log_source);
+                        v["log_point"] = json!(r.log_point);
+                        v["log_files"] = json!(r.log_files);
+                        v["log_point_created_at"] = json!(rfc3339_ms(r.log_point_created_ms));
+                    }
+                    if r.at_ms != 0 {
+                        v["at"] = json!(rfc3339_ms(r.at_ms));
+                    }
+                    print_json(&v)?;
+                } else if r.at_ms != 0 {
+                    println!(
+                        "{}: restored to {} in {} on agent {} ({} in {:.1} s), every byte checked",
+                        r.source,
+                        rfc3339_ms(r.at_ms),
+                        r.path,
+                        r.agent,
+                        format_size(r.bytes_written),
+                        r.duration_ms as f64 / 1000.0
+                    );
+                    if r.point != 0 {
+                        println!("  volume  point {} -> {}/volume", r.point, r.path);
+                    }
+                    if !r.log_source.is_empty() {
+                        println!(
+                            "  logs    {} point {} (shipped {}), {} files -> {}/logs",
+                            r.log_source,
+                            r.log_point,
+                            rfc3339_ms(r.log_point_created_ms),
+                            r.log_files,
+                            r.path
+                        );
+                    }
+                    println!("  see {}/restore.json for how to replay the logs", r.path);
+                } else if !r.log_source.is_empty() {
+                    println!(
+                        "{}: log point {} restored to {} on agent {} ({} files, {} in {:.1} s), every byte checked",
+                        r.source,
+                        r.point,
+                        r.path,
+                        r.agent,
+                        r.log_files,
+                        format_size(r.bytes_written),
+                        r.duration_ms as f64 / 1000.0
+                    );
                 } else {
                     println!(
                         "{}: point {} restored to {} on agent {} ({} in {:.1} s), every block checked",
@@ -890,13 +974,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 let r = admin
                     .client
-                    .restore(pb::RestoreRequest {
-                        source: source.clone(),
-                        point: point.unwrap_or(0),
-                        path: to.display().to_string(),
-                        agent: agent.unwrap_or_default(),
-                        wait: false,
-                    })
+                    .restore(req)
                     .await
                     .map_err(|s| admin.err(s))?
                     .into_inner();
@@ -1454,6 +1532,10 @@ fn qemu_tls_dir(files: &TlsFiles, dir: &Path) -> anyhow::Result<()> {
 
 fn parse_size(s: &str) -> Result<u64, String> {
     bulwark_common::config::parse_size(s)
+}
+
+fn parse_time(s: &str) -> Result<i64, String> {
+    bulwark_common::time::parse_rfc3339_ms(s)
 }
 
 /// A source as `bulwark sources --json` prints it.

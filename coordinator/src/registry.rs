@@ -1152,6 +1152,27 @@ impl Registry {
             (None, true) => s.state = "syncing".into(),
         }
         self.put_source(&s)?;
+        // A finished sync's warnings (a failed quiesce hook, a log file sent anew)
+        // are its source's alerts until the next finished sync.
+        if let Some(res) = &r.result {
+            let alerts: Vec<pb::Alert> = res
+                .warnings
+                .iter()
+                .map(|w| pb::Alert {
+                    // One alert per distinct warning.
+                    key: format!(
+                        "sync-warning/{}/{}",
+                        s.name,
+                        &blake3::hash(w.as_bytes()).to_hex()[..12]
+                    ),
+                    severity: "warning".into(),
+                    subject: s.name.clone(),
+                    message: w.clone(),
+                    ..Default::default()
+                })
+                .collect();
+            self.report_alerts(&format!("source/{}", s.name), &alerts)?;
+        }
         Ok(())
     }
 

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::registry::{Registry, RegistryError};
+use crate::registry::{Registry, RegistryError, SourceRecord};
 
 /// The coordinator's service state.
 pub struct CoordinatorService {
@@ -994,46 +994,92 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
                 "a restore needs a target path (--to)",
             ));
         }
+        if r.at_ms != 0 && r.point != 0 {
+            return Err(Status::invalid_argument(
+                "give a point or a time (--at), not both",
+            ));
+        }
         let s = self.0.registry.source(&r.source)?;
         let agent = if r.agent.is_empty() {
             s.agent.clone()
         } else {
             r.agent.clone()
         };
-        let assignment = self.0.registry.assignment(&r.source)?;
         if !self.0.registry.connected(&agent) {
             return Err(RegistryError::AgentOffline(agent).into());
         }
-        if agent != s.agent {
-            let mut node = self.0.node_client(&assignment.node)?;
-            node.grant_restore(pb::GrantRestoreRequest {
-                source: r.source.clone(),
-                agent: agent.clone(),
-                expires_at_ms: bulwark_common::time::now_ms() + 3_600_000,
-            })
-            .await
-            .map_err(|s| {
-                Status::new(
-                    s.code(),
-                    format!("node {}: {}", assignment.node, s.message()),
-                )
-            })?;
-        }
-        tracing::info!(%admin, source = %r.source, point = r.point, %agent, path = %r.path, "restore requested");
-        let (source, point, path) = (r.source.clone(), r.point, r.path.clone());
-        let rx = self
-            .0
-            .registry
-            .dispatch(&agent, |id| {
-                pb::coordinator_command::Cmd::Restore(pb::RestoreCommand {
-                    command_id: id,
-                    source,
-                    point,
-                    path,
-                    assignment: Some(assignment),
+        let plan = if r.at_ms != 0 {
+            self.0.plan_restore_at(&s, r.at_ms).await?
+        } else {
+            RestorePlan {
+                volume: (s.kind != "log").then(|| (s.clone(), r.point)),
+                log: (s.kind == "log").then(|| (s.clone(), r.point)),
+            }
+        };
+        let mut volume_part = None;
+        let mut log_part = None;
+        for (part, rec, point) in [
+            plan.volume.as_ref().map(|(rec, p)| ("volume", rec, *p)),
+            plan.log.as_ref().map(|(rec, p)| ("log", rec, *p)),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let assignment = self.0.registry.assignment(&rec.name)?;
+            if agent != rec.agent {
+                let mut node = self.0.node_client(&assignment.node)?;
+                node.grant_restore(pb::GrantRestoreRequest {
+                    source: rec.name.clone(),
+                    agent: agent.clone(),
+                    expires_at_ms: bulwark_common::time::now_ms() + 3_600_000,
                 })
-            })
-            .await?;
+                .await
+                .map_err(|s| {
+                    Status::new(
+                        s.code(),
+                        format!("node {}: {}", assignment.node, s.message()),
+                    )
+                })?;
+            }
+            if part == "volume" {
+                volume_part = Some((rec.name.clone(), point, assignment));
+            } else {
+                log_part = Some((rec.name.clone(), point, assignment));
+            }
+        }
+        tracing::info!(%admin, source = %r.source, point = r.point, at_ms = r.at_ms, %agent, path = %r.path, "restore requested");
+        let path = r.path.clone();
+        let at_ms = r.at_ms;
+        let cmd = move |id| {
+            let mut c = pb::RestoreCommand {
+                command_id: id,
+                path,
+                at_ms,
+                ..Default::default()
+            };
+            match (volume_part, log_part) {
+                (Some((source, point, a)), log) => {
+                    c.source = source;
+                    c.point = point;
+                    c.assignment = Some(a);
+                    c.kind = pb::SourceKind::Volume as i32;
+                    c.log = log.map(|(source, point, a)| pb::LogRestore {
+                        source,
+                        point,
+                        assignment: Some(a),
+                    });
+                }
+                (None, Some((source, point, a))) => {
+                    c.source = source;
+                    c.point = point;
+                    c.assignment = Some(a);
+                    c.kind = pb::SourceKind::Log as i32;
+                }
+                (None, None) => {}
+            }
+            pb::coordinator_command::Cmd::Restore(c)
+        };
+        let rx = self.0.registry.dispatch(&agent, cmd).await?;
         if !r.wait {
             return Ok(Response::new(pb::RestoreResponse {
                 result: None,
@@ -1050,6 +1096,115 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
                 "the agent answered a restore with another result",
             )),
         }
+    }
+}
+
+/// What a restore reads: a volume source and point, a log source and point.
+struct RestorePlan {
+    volume: Option<(SourceRecord, u64)>,
+    log: Option<(SourceRecord, u64)>,
+}
+
+impl CoordinatorService {
+    async fn points_of(&self, source: &str) -> Result<Vec<pb::Point>, Status> {
+        let node = self.node_of(source)?;
+        let mut client = self.node_client(&node)?;
+        Ok(client
+            .list_points(pb::ListPointsRequest {
+                source: source.to_string(),
+            })
+            .await
+            .map_err(|s| Status::new(s.code(), format!("node {node}: {}", s.message())))?
+            .into_inner()
+            .points)
+    }
+
+    /// A restore to moment `at_ms` from `s` and the other kind of source in its
+    /// protection group: the newest volume point at or before the moment, and the
+    /// first log point at or after it (a ship holds every byte written before it, so
+    /// that one holds the bytes up to the moment; the database's recovery target
+    /// stops the replay there), or the newest log point when none is that late.
+    async fn plan_restore_at(&self, s: &SourceRecord, at_ms: i64) -> Result<RestorePlan, Status> {
+        let members: Vec<SourceRecord> = if s.group.is_empty() {
+            vec![s.clone()]
+        } else {
+            self.registry
+                .sources()?
+                .into_iter()
+                .filter(|x| x.group == s.group)
+                .collect()
+        };
+        let pick = |kind: &str| -> Result<Option<SourceRecord>, Status> {
+            if s.kind == kind {
+                return Ok(Some(s.clone()));
+            }
+            let found: Vec<&SourceRecord> = members.iter().filter(|x| x.kind == kind).collect();
+            match found.as_slice() {
+                [] => Ok(None),
+                [one] => Ok(Some((*one).clone())),
+                many => Err(Status::failed_precondition(format!(
+                    "protection group {} has {} {kind} sources ({}); restore --at pairs one volume with one log source",
+                    s.group,
+                    many.len(),
+                    many.iter()
+                        .map(|x| x.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))),
+            }
+        };
+        let when = bulwark_common::time::rfc3339_ms(at_ms);
+        let volume = match pick("volume")? {
+            Some(v) => {
+                let points = self.points_of(&v.name).await?;
+                let p = points
+                    .iter()
+                    .filter(|p| p.created_at_ms <= at_ms)
+                    .max_by_key(|p| p.created_at_ms)
+                    .ok_or_else(|| {
+                        Status::failed_precondition(format!(
+                            "data source {} has no point at or before {when}{}",
+                            v.name,
+                            points.first().map_or(String::new(), |p| format!(
+                                " (its oldest is {})",
+                                bulwark_common::time::rfc3339_ms(p.created_at_ms)
+                            ))
+                        ))
+                    })?;
+                Some((v, p.id))
+            }
+            None => None,
+        };
+        let log = match pick("log")? {
+            Some(l) => {
+                let points = self.points_of(&l.name).await?;
+                let p = points
+                    .iter()
+                    .filter(|p| p.created_at_ms >= at_ms)
+                    .min_by_key(|p| p.created_at_ms)
+                    .or_else(|| points.last())
+                    .ok_or_else(|| {
+                        Status::failed_precondition(format!(
+                            "log source {} has shipped nothing yet",
+                            l.name
+                        ))
+                    })?;
+                if p.created_at_ms < at_ms {
+                    tracing::warn!(source = %l.name, point = p.id,
+                        "restore --at {when}: the newest ship is older; logs end at {}",
+                        bulwark_common::time::rfc3339_ms(p.created_at_ms));
+                }
+                Some((l, p.id))
+            }
+            None => None,
+        };
+        if volume.is_none() && log.is_none() {
+            return Err(Status::failed_precondition(format!(
+                "data source {} has nothing to restore",
+                s.name
+            )));
+        }
+        Ok(RestorePlan { volume, log })
     }
 }
 

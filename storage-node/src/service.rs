@@ -30,6 +30,8 @@ use crate::store::{
 };
 use bulwark_common::retention::Retention;
 
+mod logs;
+
 /// Maps store errors to gRPC codes.
 impl From<StoreError> for Status {
     fn from(e: StoreError) -> Status {
@@ -41,7 +43,10 @@ impl From<StoreError> for Status {
             StoreError::NoSpace { .. } | StoreError::AllocationFull { .. } => {
                 Status::resource_exhausted(e.to_string())
             }
-            StoreError::PruneNewest { .. } => Status::failed_precondition(e.to_string()),
+            StoreError::PruneNewest { .. } | StoreError::WrongKind { .. } => {
+                Status::failed_precondition(e.to_string())
+            }
+            StoreError::BadLog(_) => Status::invalid_argument(e.to_string()),
             StoreError::PointDamaged { .. } => Status::data_loss(e.to_string()),
             StoreError::NoPoints(_) | StoreError::NoSuchPoint { .. } => {
                 Status::not_found(e.to_string())
@@ -69,6 +74,7 @@ pub fn point_to_proto(p: &PointMeta) -> pb::Point {
         bytes_changed: p.bytes_changed,
         stored_bytes: p.stored_bytes(),
         damaged_blocks: p.damaged.clone(),
+        files_changed: p.files_changed,
     }
 }
 
@@ -553,6 +559,22 @@ impl pb::node_server::Node for NodeApi {
     type SyncStream = BoxStream<pb::SyncReply>;
     type RestoreStream = BoxStream<pb::RestoreChunk>;
     type ExportStream = BoxStream<pb::ExportChunk>;
+    type ShipLogStream = BoxStream<pb::LogReply>;
+    type RestoreLogStream = BoxStream<pb::LogChunk>;
+
+    async fn ship_log(
+        &self,
+        req: Request<Streaming<pb::LogMessage>>,
+    ) -> Result<Response<Self::ShipLogStream>, Status> {
+        self.0.clone().ship_log(req).await
+    }
+
+    async fn restore_log(
+        &self,
+        req: Request<pb::NodeRestoreRequest>,
+    ) -> Result<Response<Self::RestoreLogStream>, Status> {
+        self.0.clone().restore_log(req).await
+    }
 
     async fn sync(
         &self,

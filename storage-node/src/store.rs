@@ -169,6 +169,14 @@ pub enum StoreError {
         point: u64,
         blocks: Vec<u64>,
     },
+    #[error("data source {source_name} is a {kind} source: {op} does not apply to it")]
+    WrongKind {
+        source_name: String,
+        kind: &'static str,
+        op: &'static str,
+    },
+    #[error("refused log ship: {0}")]
+    BadLog(String),
     /// A simulated crash (tests only; see `crash`).
     #[error("simulated crash at {0}")]
     Crashed(&'static str),
@@ -293,6 +301,9 @@ pub struct SourceMeta {
     pub applied_replica_alloc: u64,
     #[serde(default)]
     pub applied_points_alloc: u64,
+    /// A volume (replica and deltas) or a log source (see [`logs`]).
+    #[serde(default)]
+    pub kind: SourceKind,
 }
 
 impl SourceMeta {
@@ -310,6 +321,18 @@ impl SourceMeta {
 
     fn dir(&self) -> PathBuf {
         source_dir(&self.disk, &self.name)
+    }
+
+    /// Refuses `op` on a log source.
+    fn require_volume(&self, op: &'static str) -> Result<()> {
+        match self.kind {
+            SourceKind::Volume => Ok(()),
+            SourceKind::Log => Err(StoreError::WrongKind {
+                source_name: self.name.clone(),
+                kind: "log",
+                op,
+            }),
+        }
     }
 
     /// Takes the coordinator's policy: a changed override sets the allocation, and
@@ -354,15 +377,22 @@ pub struct PointMeta {
     pub bytes_changed: u64,
     /// The reverse delta to the next point; `None` for the newest point.
     pub delta: Option<DeltaMeta>,
-    /// Blocks a verify found damaged and nothing could repair.
+    /// Blocks a verify found damaged and nothing could repair (log points: the
+    /// ids of damaged log file copies).
     #[serde(default)]
     pub damaged: Vec<u64>,
+    /// Log points: files that received bytes.
+    #[serde(default)]
+    pub files_changed: u64,
 }
 
 impl PointMeta {
-    /// Bytes kept for this point (its delta).
+    /// Bytes kept for this point (its delta; a log point's shipped bytes).
     pub fn stored_bytes(&self) -> u64 {
-        self.delta.map_or(0, |d| d.bytes)
+        match self.kind {
+            PointKind::Log => self.bytes_changed,
+            _ => self.delta.map_or(0, |d| d.bytes),
+        }
     }
 }
 
@@ -618,6 +648,7 @@ pub struct Store {
     sources: sled::Tree,
     points: sled::Tree,
     pending: sled::Tree,
+    logfiles: sled::Tree,
     disks: std::sync::Arc<Vec<PoolDisk>>,
     policy: PoolPolicy,
     /// Open read-only views of points (NBD exports), by source: a sync tells them
@@ -719,6 +750,7 @@ impl Store {
             sources: db.open_tree("sources")?,
             points: db.open_tree("points")?,
             pending: db.open_tree("pending")?,
+            logfiles: db.open_tree("logfiles")?,
             db,
             disks: std::sync::Arc::new(disks),
             policy,
@@ -733,7 +765,10 @@ impl Store {
             store.roll_back(&name, &pending)?;
         }
         for s in store.all_sources()? {
-            store.remove_orphans(&s)?;
+            match s.kind {
+                SourceKind::Volume => store.remove_orphans(&s)?,
+                SourceKind::Log => store.recover_logs(&s)?,
+            }
         }
         // Imports a crash interrupted: the coordinator starts the move again.
         for d in store.disks.iter() {
@@ -757,6 +792,13 @@ impl Store {
         let source = self
             .source(name)?
             .ok_or_else(|| StoreError::NoPoints(name.to_string()))?;
+        if source.kind == SourceKind::Log {
+            return Err(StoreError::WrongKind {
+                source_name: name.to_string(),
+                kind: "log",
+                op: "moving to another node (not built for log sources yet)",
+            });
+        }
         let points = self.points(name)?;
         let dir = source.dir();
         let mut files = vec![
@@ -825,12 +867,20 @@ impl Store {
             .scan_prefix(point_prefix(name))
             .keys()
             .collect::<std::result::Result<_, _>>()?;
-        (&self.sources, &self.points, &self.pending)
-            .transaction(|(s, p, pend)| {
+        let log_keys: Vec<sled::IVec> = self
+            .logfiles
+            .scan_prefix(point_prefix(name))
+            .keys()
+            .collect::<std::result::Result<_, _>>()?;
+        (&self.sources, &self.points, &self.pending, &self.logfiles)
+            .transaction(|(s, p, pend, lf)| {
                 s.remove(name.as_bytes())?;
                 pend.remove(name.as_bytes())?;
                 for k in &keys {
                     p.remove(k)?;
+                }
+                for k in &log_keys {
+                    lf.remove(k)?;
                 }
                 Ok(())
             })
@@ -972,7 +1022,10 @@ impl Store {
                 allocated_bytes: s.allocated_bytes(),
                 replica_alloc_bytes: s.replica_alloc_bytes,
                 points_alloc_bytes: s.points_alloc_bytes,
-                points_used_bytes: points.iter().map(PointMeta::stored_bytes).sum(),
+                points_used_bytes: match s.kind {
+                    SourceKind::Volume => points.iter().map(PointMeta::stored_bytes).sum(),
+                    SourceKind::Log => self.log_bytes(&s.name)?,
+                },
                 damaged_points: points.iter().filter(|p| !p.damaged.is_empty()).count() as u64,
                 name: s.name,
             });
@@ -1046,6 +1099,9 @@ impl Store {
         let meta = self
             .source(name)?
             .ok_or_else(|| StoreError::NoPoints(name.to_string()))?;
+        if meta.kind == SourceKind::Log {
+            return self.verify_logs(name);
+        }
         let geometry = meta.geometry();
         let points = self.points(name)?;
         if point != 0 && !points.iter().any(|p| p.id == point) {
@@ -1122,6 +1178,7 @@ impl Store {
     /// source's read lock while this runs.
     pub fn open_view(&self, name: &str, point: u64) -> Result<std::sync::Arc<PointView>> {
         let (meta, points, target) = self.readable_point(name, point)?;
+        meta.require_volume("an NBD export")?;
         let wanted = target.id;
         let geometry = meta.geometry();
         let dir = meta.dir();
@@ -1194,7 +1251,10 @@ impl Store {
             });
         }
         let mut meta = match existing {
-            Some(m) => m,
+            Some(m) => {
+                m.require_volume("a block sync")?;
+                m
+            }
             None => self.place(&spec)?,
         };
         if let Some(p) = &spec.policy {
@@ -1219,6 +1279,12 @@ impl Store {
 
     /// Bytes the points of a source keep in deltas.
     pub fn points_used(&self, name: &str) -> Result<u64> {
+        if self
+            .source(name)?
+            .is_some_and(|m| m.kind == SourceKind::Log)
+        {
+            return self.log_bytes(name);
+        }
         Ok(self.points(name)?.iter().map(PointMeta::stored_bytes).sum())
     }
 
@@ -1306,6 +1372,21 @@ impl Store {
             .source(name)?
             .ok_or_else(|| StoreError::NoPoints(name.to_string()))?;
         let points = self.points(name)?;
+        if meta.kind == SourceKind::Log {
+            if points.last().is_some_and(|p| p.id == id) {
+                return Err(StoreError::PruneNewest {
+                    source_name: name.to_string(),
+                    point: id,
+                });
+            }
+            if !points.iter().any(|p| p.id == id) {
+                return Err(StoreError::NoSuchPoint {
+                    source_name: name.to_string(),
+                    point: id,
+                });
+            }
+            return self.prune_log(&meta, id);
+        }
         let idx =
             points
                 .iter()
@@ -1409,6 +1490,7 @@ impl Store {
                 retention: policy.retention,
                 applied_replica_alloc: policy.replica_alloc_bytes,
                 applied_points_alloc: policy.points_alloc_bytes,
+                kind: SourceKind::Volume,
             }),
             other => Err(StoreError::NoSpace {
                 source_name: spec.source.clone(),
@@ -1486,6 +1568,7 @@ impl Store {
     /// Plans the restore of `point` (0 = newest) of a source.
     pub fn restore(&self, name: &str, point: u64) -> Result<RestoreReader> {
         let (meta, points, target) = self.readable_point(name, point)?;
+        meta.require_volume("a block restore (restore it as logs)")?;
         let dir = meta.dir();
         let deltas = points
             .iter()
@@ -1806,6 +1889,7 @@ impl SyncTxn {
             bytes_changed: self.bytes,
             delta: None,
             damaged: Vec::new(),
+            files_changed: 0,
         };
         let previous = if self.fresh {
             None
@@ -2464,3 +2548,6 @@ impl SourceLocks {
 
 #[cfg(test)]
 mod tests;
+
+pub mod logs;
+pub use logs::{LogFileMeta, LogRestoreFile, LogShip, SourceKind};

@@ -238,6 +238,14 @@ pub fn agent_toml_with(
         toml_path(state_dir)
     );
     for (source, path, extra) in sources {
+        if extra.contains("kind = \"log\"") {
+            // A log source: a directory; its extra lines say the rest (glob, group).
+            s.push_str(&format!(
+                "[[sources]]\nname = \"{source}\"\npath = {}\nsync_interval = \"{sync_interval}\"\n{extra}\n\n",
+                toml_path(path)
+            ));
+            continue;
+        }
         let tracker = if extra.contains("tracker") {
             ""
         } else {
@@ -359,6 +367,20 @@ impl FleetBuilder {
                 size_bytes,
                 path.map(Path::to_path_buf),
                 extra.to_string(),
+            ),
+        )
+    }
+
+    /// Adds a log data source: the existing directory `dir`, with extra lines in its
+    /// `[[sources]]` table (`glob`, `group`).
+    pub fn agent_log(self, agent: &str, source: &str, dir: &Path, extra: &str) -> Self {
+        self.add_source(
+            agent,
+            (
+                source.to_string(),
+                0,
+                Some(dir.to_path_buf()),
+                format!("kind = \"log\"\n{extra}"),
             ),
         )
     }

@@ -1,0 +1,294 @@
+//! `ShipLog` and `RestoreLog`: the node's side of log sources (see
+//! [`crate::store::logs`]). A ship holds the source's write lock from Begin to the
+//! end, like a sync; the store work runs on one blocking thread that owns the ship.
+
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bulwark_common::tls::{Identity, Role, require};
+use bulwark_proto as pb;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use super::{BoxStream, NodeService, StreamGuard, blocking, point_to_proto, policy_from_proto};
+use crate::store::{LogFileMeta, LogShip};
+
+/// Manifest entries per reply message.
+const MANIFEST_CHUNK: usize = 2000;
+
+fn hex_to_bytes(h: &str) -> bytes::Bytes {
+    blake3::Hash::from_hex(h)
+        .map(|x| bytes::Bytes::copy_from_slice(x.as_bytes()))
+        .unwrap_or_default()
+}
+
+fn file_state(f: &LogFileMeta) -> pb::LogFileState {
+    pb::LogFileState {
+        name: f.name.clone(),
+        length: f.length(),
+        head_hash: hex_to_bytes(&f.head_hash),
+        tail_hash: hex_to_bytes(&f.tail_hash),
+        dev: f.dev,
+        ino: f.ino,
+        mtime_ns: f.mtime_ns,
+        generation: f.generation,
+        gone: f.gone_at != 0,
+    }
+}
+
+impl NodeService {
+    /// Checks the caller may ship `source` now: owner, assigned here, current epoch,
+    /// not moving.
+    async fn authorize_ship(
+        &self,
+        caller: &Identity,
+        source: &str,
+        epoch: u64,
+    ) -> Result<pb::Assignment, Status> {
+        let a = self.authorize(caller, source, Some(epoch)).await?;
+        if !a.moving_to.is_empty() {
+            return Err(Status::unavailable(format!(
+                "data source {source} is moving to node {}; ship again when the move is done",
+                a.moving_to
+            )));
+        }
+        Ok(a)
+    }
+
+    pub(super) async fn ship_log(
+        self: Arc<Self>,
+        req: Request<Streaming<pb::LogMessage>>,
+    ) -> Result<Response<BoxStream<pb::LogReply>>, Status> {
+        use pb::log_message::Msg;
+        let caller = require(&req, "ShipLog", &[Role::Agent])?;
+        let mut inbound = req.into_inner();
+        let begin = match inbound.message().await? {
+            Some(pb::LogMessage {
+                msg: Some(Msg::Begin(b)),
+            }) => b,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "a log ship must start with LogBegin",
+                ));
+            }
+        };
+        let source = begin.source.clone();
+        self.authorize_ship(&caller, &source, begin.epoch).await?;
+        let lock = self.locks.get(&source).write_owned().await;
+        // The assignment may have changed while this waited.
+        let a = self.authorize_ship(&caller, &source, begin.epoch).await?;
+        let policy = a.policy.as_ref().map(policy_from_proto);
+        let store = self.store.clone();
+        let name = source.clone();
+        let (ship, manifest) = blocking(move || {
+            let ship = store.begin_log_ship(&name, policy)?;
+            let manifest = store.log_manifest(&name)?;
+            Ok::<_, crate::store::StoreError>((ship, manifest))
+        })
+        .await??;
+        let (tx, rx) = mpsc::channel(8);
+        for part in manifest.chunks(MANIFEST_CHUNK) {
+            let msg = pb::LogReply {
+                msg: Some(pb::log_reply::Msg::Manifest(pb::LogManifest {
+                    files: part.iter().map(file_state).collect(),
+                })),
+            };
+            if tx.send(Ok(msg)).await.is_err() {
+                return Err(Status::cancelled("the agent went away"));
+            }
+        }
+        let ready = pb::LogReply {
+            msg: Some(pb::log_reply::Msg::Ready(pb::LogReady {
+                base_point: ship.new_point() - 1,
+            })),
+        };
+        let _ = tx.send(Ok(ready)).await;
+        let span = tracing::info_span!("ship", source = %source, point = ship.new_point(), agent = %caller.name);
+        let guard = StreamGuard::new(&self.live_streams);
+        let svc = self.clone();
+        tokio::spawn(
+            async move {
+                let _guard = guard;
+                let (mtx, mrx) = mpsc::channel::<Msg>(4);
+                let worker = spawn_ship_worker(ship, mrx, svc.ingested.clone());
+                let received = async {
+                    loop {
+                        match inbound.message().await {
+                            Ok(Some(pb::LogMessage { msg: Some(m) })) => {
+                                let commit = matches!(m, Msg::Commit(_));
+                                if mtx.send(m).await.is_err() || commit {
+                                    return Ok(());
+                                }
+                            }
+                            Ok(Some(_)) => {
+                                return Err(Status::invalid_argument("empty LogMessage"));
+                            }
+                            Ok(None) => {
+                                return Err(Status::aborted(
+                                    "the ship ended before LogCommit; nothing was kept",
+                                ));
+                            }
+                            Err(s) => return Err(s),
+                        }
+                    }
+                }
+                .await;
+                drop(mtx);
+                let outcome = match worker.await {
+                    Ok(r) => r,
+                    Err(e) => Err(Status::internal(format!("log ship worker failed: {e}"))),
+                };
+                let result = match (received, outcome) {
+                    (_, Err(s)) | (Err(s), _) => Err(s),
+                    (Ok(()), Ok(point)) => Ok(point),
+                };
+                match result {
+                    Ok(point) => {
+                        let store = svc.store.clone();
+                        let name = source.clone();
+                        let now = bulwark_common::time::now_ms();
+                        match blocking(move || store.apply_retention(&name, now)).await {
+                            Ok(Ok(_)) => {}
+                            Ok(Err(e)) => tracing::warn!("retention after the ship failed: {e}"),
+                            Err(e) => tracing::warn!("retention task: {e}"),
+                        }
+                        svc.note_refusal(&source, None);
+                        drop(lock);
+                        tracing::info!(
+                            point = point.id,
+                            bytes = point.bytes_changed,
+                            files = point.files_changed,
+                            "log point committed"
+                        );
+                        let _ = tx
+                            .send(Ok(pb::LogReply {
+                                msg: Some(pb::log_reply::Msg::Committed(pb::LogCommitted {
+                                    point: Some(point_to_proto(&point)),
+                                })),
+                            }))
+                            .await;
+                    }
+                    Err(status) => {
+                        tracing::warn!("log ship failed: {}", status.message());
+                        if status.code() == tonic::Code::ResourceExhausted {
+                            svc.note_refusal(&source, Some(status.message().to_string()));
+                        }
+                        drop(lock);
+                        let _ = tx.send(Err(status)).await;
+                    }
+                }
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    pub(super) async fn restore_log(
+        self: Arc<Self>,
+        req: Request<pb::NodeRestoreRequest>,
+    ) -> Result<Response<BoxStream<pb::LogChunk>>, Status> {
+        let caller = require(&req, "RestoreLog", &[Role::Agent, Role::Admin])?;
+        let r = req.into_inner();
+        if caller.role == Role::Admin {
+            if !bulwark_common::pki::valid_name(&r.source) {
+                return Err(Status::invalid_argument(format!(
+                    "invalid data source name \"{}\"",
+                    r.source
+                )));
+            }
+        } else if !self.granted(&r.source, &caller.name) {
+            self.authorize(&caller, &r.source, None).await?;
+        }
+        let lock = self.locks.get(&r.source).read_owned().await;
+        let store = self.store.clone();
+        let source = r.source.clone();
+        let (point, files) = blocking(move || store.log_restore(&source, r.point)).await??;
+        tracing::info!(source = %r.source, point = point.id, files = files.len(), agent = %caller.name, "log restore started");
+        let (tx, rx) = mpsc::channel(4);
+        let guard = StreamGuard::new(&self.live_streams);
+        tokio::task::spawn_blocking(move || {
+            let _lock = lock;
+            let _guard = guard;
+            let send =
+                |m: pb::log_chunk::Msg| tx.blocking_send(Ok(pb::LogChunk { msg: Some(m) })).is_ok();
+            if !send(pb::log_chunk::Msg::Point(point_to_proto(&point))) {
+                return;
+            }
+            for f in files {
+                let header = pb::LogFileHeader {
+                    name: f.name.clone(),
+                    length: f.length(),
+                    mtime_ns: f.mtime_ns,
+                };
+                if !send(pb::log_chunk::Msg::File(header)) {
+                    return;
+                }
+                let file = match std::fs::File::open(&f.path) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(Status::internal(format!(
+                            "log file {} (copy {}): {e}",
+                            f.name,
+                            f.path.display()
+                        ))));
+                        return;
+                    }
+                };
+                for (start, end, hash) in &f.pieces {
+                    let mut buf = vec![0u8; (end - start) as usize];
+                    if let Err(e) = file.read_exact_at(&mut buf, *start) {
+                        let _ = tx.blocking_send(Err(Status::internal(format!(
+                            "log file {} at byte {start}: {e}",
+                            f.name
+                        ))));
+                        return;
+                    }
+                    let data = pb::LogData {
+                        data: buf.into(),
+                        checksum: hex_to_bytes(hash),
+                    };
+                    if !send(pb::log_chunk::Msg::Data(data)) {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Owns the ship on a blocking thread: applies each message in order; commits on
+/// LogCommit; anything else that ends it rolls it back (the ship's drop).
+fn spawn_ship_worker(
+    mut ship: LogShip,
+    mut rx: mpsc::Receiver<pb::log_message::Msg>,
+    ingested: Arc<std::sync::atomic::AtomicU64>,
+) -> tokio::task::JoinHandle<Result<crate::store::PointMeta, Status>> {
+    use pb::log_message::Msg;
+    tokio::task::spawn_blocking(move || {
+        while let Some(m) = rx.blocking_recv() {
+            match m {
+                Msg::File(f) => ship.start_file(
+                    &f.name, f.offset, f.restart, f.dev, f.ino, f.mtime_ns, &f.reason,
+                )?,
+                Msg::Data(d) => {
+                    ship.append(&d.data, &d.checksum)?;
+                    ingested.fetch_add(d.data.len() as u64, Ordering::Relaxed);
+                }
+                Msg::Commit(c) => {
+                    ship.gone(&c.gone);
+                    return Ok(ship.commit()?.0);
+                }
+                Msg::Begin(_) => {
+                    return Err(Status::invalid_argument("LogBegin sent twice in one ship"));
+                }
+            }
+        }
+        Err(Status::aborted(
+            "the ship ended before LogCommit; nothing was kept",
+        ))
+    })
+}
