@@ -431,6 +431,7 @@ impl AgentConfig {
                     weekly: r.weekly,
                     monthly: r.monthly,
                 }),
+                keep_after_ms: 0,
             };
             sources.push(SourceConfig {
                 kind,

@@ -562,7 +562,10 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     });
     tracing::info!(agent = %agent.cfg.name, sources = agent.cfg.sources.len(), "agent started");
     for s in agent.cfg.sources.clone() {
-        if let Some(g) = &s.group {
+        // A log source ships on its own interval, in a group or not.
+        if let Some(g) = &s.group
+            && s.kind == SourceKind::Volume
+        {
             tracing::info!(source = %s.name, group = %g, "syncs scheduled by the coordinator (protection group)");
             continue;
         }
@@ -579,9 +582,10 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
                     _ = tick.tick() => {
                         // Put in a protection group with `bulwark group add`: the
                         // coordinator schedules it now.
-                        let grouped = lock(&a.assignments)
-                            .get(&s.name)
-                            .is_some_and(|x| !x.group.is_empty());
+                        let grouped = s.kind == SourceKind::Volume
+                            && lock(&a.assignments)
+                                .get(&s.name)
+                                .is_some_and(|x| !x.group.is_empty());
                         if grouped {
                             continue;
                         }

@@ -879,7 +879,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         rfc3339_ms(p.created_at_ms),
                         Consistency::from_proto(p.consistency).as_str().into(),
                         kind_word(p.kind).into(),
-                        p.blocks_changed.to_string(),
+                        if PointKind::from_proto(p.kind) == Some(PointKind::Log) {
+                            format!("{} files", p.files_changed)
+                        } else {
+                            p.blocks_changed.to_string()
+                        },
                         format_size(p.bytes_changed),
                     ]
                 },

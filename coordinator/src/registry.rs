@@ -187,6 +187,10 @@ pub struct SourceRecord {
     pub last_verify_ms: i64,
     #[serde(default)]
     pub verify_result: String,
+    /// Log sources in a group: when the group's oldest volume point was made (its
+    /// logs from then on are kept; see `Policy.keep_after_ms`). 0 = none.
+    #[serde(default)]
+    pub keep_logs_after_ms: i64,
 }
 
 /// What a source asks of its node; 0 = the default.
@@ -196,6 +200,8 @@ pub struct Policy {
     pub replica_alloc_bytes: u64,
     pub points_alloc_bytes: u64,
     pub retention: Retention,
+    /// Log sources: see `Policy.keep_after_ms` in the proto.
+    pub keep_after_ms: i64,
 }
 
 /// A source's space as its node reports it.
@@ -207,6 +213,7 @@ pub struct Usage {
     pub points_used_bytes: u64,
     pub used_bytes: u64,
     pub points: u64,
+    pub oldest_point_ms: i64,
 }
 
 impl SourceRecord {
@@ -231,6 +238,7 @@ impl SourceRecord {
                 self.agent_policy.points_alloc_bytes,
             ),
             retention: self.group_retention.unwrap_or(self.agent_policy.retention),
+            keep_after_ms: self.keep_logs_after_ms,
         }
     }
 
@@ -258,6 +266,7 @@ impl Policy {
             replica_alloc_bytes: p.replica_alloc_bytes,
             points_alloc_bytes: p.points_alloc_bytes,
             retention: Retention::from_proto(p.retention.as_ref()),
+            keep_after_ms: p.keep_after_ms,
         })
     }
 
@@ -266,6 +275,7 @@ impl Policy {
             replica_alloc_bytes: self.replica_alloc_bytes,
             points_alloc_bytes: self.points_alloc_bytes,
             retention: Some(self.retention.to_proto()),
+            keep_after_ms: self.keep_after_ms,
         }
     }
 }
@@ -486,6 +496,7 @@ impl Registry {
                     points_used_bytes: u.points_used_bytes,
                     used_bytes: u.used_bytes,
                     points: u.points,
+                    oldest_point_ms: u.oldest_point_ms,
                 };
                 if s.last_point != u.newest_point
                     || s.usage != usage
@@ -499,7 +510,34 @@ impl Registry {
             }
         }
         self.report_alerts(name, &hb.alerts)?;
+        self.update_log_floors()?;
         Ok(Some(()))
+    }
+
+    /// Sets each grouped log source's `keep_logs_after_ms` to the time of its
+    /// group's oldest volume point, so that retention keeps the logs that point
+    /// needs to be replayed to any later moment.
+    fn update_log_floors(&self) -> Result<()> {
+        let sources = self.sources()?;
+        let mut oldest: HashMap<&str, i64> = HashMap::new();
+        for s in sources
+            .iter()
+            .filter(|s| s.kind == "volume" && !s.group.is_empty())
+        {
+            if s.usage.oldest_point_ms > 0 {
+                let e = oldest.entry(s.group.as_str()).or_insert(i64::MAX);
+                *e = (*e).min(s.usage.oldest_point_ms);
+            }
+        }
+        for s in sources.iter().filter(|s| s.kind == "log") {
+            let floor = oldest.get(s.group.as_str()).copied().unwrap_or(0);
+            if s.keep_logs_after_ms != floor {
+                let mut s = s.clone();
+                s.keep_logs_after_ms = floor;
+                self.put_source(&s)?;
+            }
+        }
+        Ok(())
     }
 
     /// Takes the full list of conditions `origin` raises now: new ones are opened,
@@ -1058,6 +1096,7 @@ impl Registry {
                 stale_copies: Vec::new(),
                 group: String::new(),
                 next_sync_ms: 0,
+                keep_logs_after_ms: 0,
                 group_since_ms: 0,
                 group_retention: None,
                 group_replica_alloc: 0,

@@ -88,7 +88,9 @@ impl CoordinatorService {
         let mut alerts = Vec::new();
         let mut intervals = HashMap::new();
         for s in self.registry.sources()? {
-            if s.group.is_empty() {
+            // Log sources ship on their agent's own interval (minutes), whatever
+            // their group's volume schedule; the group pairs them for restore --at.
+            if s.group.is_empty() || s.kind == "log" {
                 continue;
             }
             let Some(g) = groups.get(&s.group) else {

@@ -162,6 +162,7 @@ async fn usage_report(
                 replica_alloc_bytes: s.replica_alloc_bytes,
                 points_alloc_bytes: s.points_alloc_bytes,
                 points_used_bytes: s.points_used_bytes,
+                oldest_point_ms: s.oldest_point_ms,
             })
             .collect(),
         disks: disks.clone(),

@@ -84,6 +84,7 @@ pub fn policy_from_proto(p: &pb::Policy) -> SourcePolicy {
         replica_alloc_bytes: p.replica_alloc_bytes,
         points_alloc_bytes: p.points_alloc_bytes,
         retention: Retention::from_proto(p.retention.as_ref()),
+        keep_after_ms: p.keep_after_ms,
     }
 }
 

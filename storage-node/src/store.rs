@@ -255,6 +255,9 @@ pub struct SourcePolicy {
     pub replica_alloc_bytes: u64,
     pub points_alloc_bytes: u64,
     pub retention: Retention,
+    /// Log sources: points made at or after this time (and the one before) are
+    /// kept whatever the retention says (the group's oldest volume point needs them).
+    pub keep_after_ms: i64,
 }
 
 impl From<sled::Error> for StoreError {
@@ -304,6 +307,9 @@ pub struct SourceMeta {
     /// A volume (replica and deltas) or a log source (see [`logs`]).
     #[serde(default)]
     pub kind: SourceKind,
+    /// See [`SourcePolicy::keep_after_ms`].
+    #[serde(default)]
+    pub keep_after_ms: i64,
 }
 
 impl SourceMeta {
@@ -358,6 +364,7 @@ impl SourceMeta {
             };
         }
         self.retention = p.retention;
+        self.keep_after_ms = p.keep_after_ms;
     }
 }
 
@@ -639,6 +646,8 @@ pub struct SourceUsage {
     pub points_used_bytes: u64,
     /// Points a verify found damaged.
     pub damaged_points: u64,
+    /// When the oldest point was made (0 = none).
+    pub oldest_point_ms: i64,
 }
 
 /// The node's replicas and recovery points. Cheap to clone.
@@ -1027,6 +1036,7 @@ impl Store {
                     SourceKind::Log => self.log_bytes(&s.name)?,
                 },
                 damaged_points: points.iter().filter(|p| !p.damaged.is_empty()).count() as u64,
+                oldest_point_ms: points.first().map_or(0, |p| p.created_ms),
                 name: s.name,
             });
         }
@@ -1323,6 +1333,7 @@ impl Store {
         if meta.replica_alloc_bytes != before.replica_alloc_bytes
             || meta.points_alloc_bytes != before.points_alloc_bytes
             || meta.retention != before.retention
+            || meta.keep_after_ms != before.keep_after_ms
             || meta.applied_points_alloc != before.applied_points_alloc
             || meta.applied_replica_alloc != before.applied_replica_alloc
         {
@@ -1342,7 +1353,18 @@ impl Store {
             .iter()
             .map(|p| (p.id, p.created_ms))
             .collect();
-        let drop = meta.retention.to_drop(&points, now_ms);
+        let mut drop = meta.retention.to_drop(&points, now_ms);
+        if meta.kind == SourceKind::Log && meta.keep_after_ms > 0 {
+            // The logs the group's oldest volume point needs: every ship from its
+            // time on, and the ship before (it may hold the start of its WAL).
+            let floor = points
+                .iter()
+                .filter(|(_, t)| *t < meta.keep_after_ms)
+                .map(|(id, _)| *id)
+                .max()
+                .unwrap_or(0);
+            drop.retain(|id| *id < floor);
+        }
         for id in &drop {
             let freed = self.prune(name, *id)?;
             tracing::info!(
@@ -1491,6 +1513,7 @@ impl Store {
                 applied_replica_alloc: policy.replica_alloc_bytes,
                 applied_points_alloc: policy.points_alloc_bytes,
                 kind: SourceKind::Volume,
+                keep_after_ms: 0,
             }),
             other => Err(StoreError::NoSpace {
                 source_name: spec.source.clone(),

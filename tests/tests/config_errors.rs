@@ -239,6 +239,70 @@ fn tracker_and_quiesce_mistakes_name_the_key() {
     }
 }
 
+#[test]
+fn log_source_mistakes_name_the_key() {
+    let s = setup();
+    let text = &s
+        .configs
+        .iter()
+        .find(|(b, _)| *b == AGENT)
+        .expect("an agent config")
+        .1;
+    let kind = "kind = \"volume\"";
+    assert!(text.contains(kind), "{text}");
+    let cases = [
+        (
+            format!("{kind}\nglob = \"*\""),
+            "glob",
+            "only used with kind = \"log\"",
+        ),
+        (
+            "kind = \"log\"\nglob = \"a/b\"".into(),
+            "glob",
+            "may not contain /",
+        ),
+        (
+            "kind = \"log\"\nglob = \"[ab\"".into(),
+            "glob",
+            "no closing ]",
+        ),
+        (
+            "kind = \"log\"\nnbd_socket = \"/tmp/x.sock\"".into(),
+            "nbd_socket",
+            "only used with kind = \"volume\"",
+        ),
+        (
+            "kind = \"log\"\npre_snapshot = \"true\"".into(),
+            "pre_snapshot",
+            "only used with kind = \"volume\"",
+        ),
+        ("kind = \"journal\"".into(), "kind", "is not volume or log"),
+    ];
+    for (i, (replacement, key, why)) in cases.iter().enumerate() {
+        let path = write_config(
+            &s.dir,
+            &format!("agent-log-{i}.toml"),
+            &text.replace(kind, replacement),
+        );
+        let out = run_expect_failure(AGENT, &path);
+        let err = stderr(&out);
+        assert!(
+            err.contains(&*path.to_string_lossy())
+                && err.contains(&format!("sources[0].{key}"))
+                && err.contains(why),
+            "case {i} ({replacement}): stderr does not name the file, sources[0].{key} and say \"{why}\":\n{err}"
+        );
+    }
+    // A log source whose path is not a directory stops the agent at start.
+    let path = write_config(
+        &s.dir,
+        "agent-log-file.toml",
+        &text.replace(kind, "kind = \"log\""),
+    );
+    let err = stderr(&run_expect_failure(AGENT, &path));
+    assert!(err.contains("is not a directory"), "{err}");
+}
+
 /// dm-era where it cannot work (no device-mapper here, or a plain file as the
 /// origin) stops the agent at start with a message naming the source and why.
 #[test]

@@ -893,6 +893,43 @@ mod tests {
     }
 
     #[test]
+    fn retention_keeps_the_logs_the_groups_oldest_volume_point_needs() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = store(dir.path());
+        let mut ids = Vec::new();
+        for i in 0..4u8 {
+            ids.push(ship(&s, &[(&format!("seg{i}"), 0, false, &[i; 10][..])]).id);
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let points = s.points("wal").expect("points");
+        let keep_one = SourcePolicy {
+            retention: bulwark_common::retention::Retention {
+                keep: 1,
+                ..Default::default()
+            },
+            // The oldest volume point was made between the 2nd and 3rd ships.
+            keep_after_ms: points[2].created_ms,
+            ..Default::default()
+        };
+        let now = bulwark_common::time::now_ms();
+        let dropped = s.set_policy("wal", &keep_one, now).expect("policy");
+        assert_eq!(
+            dropped,
+            vec![ids[0]],
+            "only ships before the one before the floor go"
+        );
+        let no_floor = SourcePolicy {
+            keep_after_ms: 0,
+            ..keep_one
+        };
+        let dropped = s.set_policy("wal", &no_floor, now).expect("policy");
+        assert_eq!(dropped, vec![ids[1], ids[2]]);
+        // The files no remaining point needs went with them... except files still
+        // on the host, which stay whole (none here is gone, so all stay).
+        assert_eq!(contents(&s, 0).len(), 4);
+    }
+
+    #[test]
     fn retention_keeps_files_still_needed_and_drops_deleted_ones() {
         let dir = tempfile::tempdir().expect("tmp");
         let s = store(dir.path());
