@@ -24,6 +24,13 @@ pub struct AgentToml {
     #[serde(default)]
     pub sources: Vec<SourceToml>,
     /// The fleet CA and this agent's certificate.
+    /// OTLP/gRPC endpoint for traces and metrics (`http://127.0.0.1:4317`);
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` wins. Unset: no export.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    /// Serve Prometheus text at `http://ADDR/metrics` (`127.0.0.1:9464`). Unset: off.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
     pub tls: TlsFiles,
 }
 
@@ -195,6 +202,8 @@ pub struct AgentConfig {
     pub coordinator: Target,
     pub state_dir: PathBuf,
     pub sources: Vec<SourceConfig>,
+    /// OpenTelemetry export and the Prometheus endpoint.
+    pub telemetry: bulwark_common::config::TelemetryConfig,
     pub tls: TlsFiles,
 }
 
@@ -458,8 +467,19 @@ impl AgentConfig {
             coordinator,
             state_dir: resolve(path, &t.state_dir),
             sources,
+            telemetry: bulwark_common::config::TelemetryConfig::check(
+                path,
+                t.otlp_endpoint,
+                t.metrics_listen,
+            )?,
             tls: t.tls.relative_to(path),
         })
+    }
+}
+
+impl bulwark_common::daemon::DaemonConfig for AgentConfig {
+    fn telemetry(&self) -> &bulwark_common::config::TelemetryConfig {
+        &self.telemetry
     }
 }
 

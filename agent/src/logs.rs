@@ -20,6 +20,7 @@
 //! is not seen; files that disappear from the host are reported gone and stay on
 //! the node until retention drops them.
 
+use bulwark_common::telemetry::TracedChannel;
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -30,7 +31,6 @@ use bulwark_proto as pb;
 use bulwark_proto::node_client::NodeClient;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
 /// Bytes hashed at each end of a shipped file (the node's `ANCHOR_LEN`).
 const ANCHOR_LEN: u64 = 4096;
@@ -287,7 +287,7 @@ pub async fn ship(
     dir: &Path,
     glob: &str,
     a: &pb::Assignment,
-    mut node: NodeClient<Channel>,
+    mut node: NodeClient<TracedChannel>,
 ) -> Result<ShipOutcome, String> {
     use pb::log_message::Msg;
     let started = Instant::now();
@@ -462,7 +462,7 @@ pub async fn restore_logs(
     source: &str,
     point: u64,
     dir: &Path,
-    mut node: NodeClient<Channel>,
+    mut node: NodeClient<TracedChannel>,
 ) -> Result<LogRestoreOutcome, String> {
     prepare_dir(dir)?;
     let mut stream = node

@@ -7,6 +7,7 @@
 //! mounted. An existing regular file, and any volume this agent protects, is never
 //! overwritten. New files are owner-only (0600): they hold the source's data.
 
+use bulwark_common::telemetry::TracedChannel;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -15,7 +16,6 @@ use std::time::Instant;
 use bulwark_common::block::{DirectWriter, Geometry, MAX_BATCH_BYTES};
 use bulwark_proto as pb;
 use bulwark_proto::node_client::NodeClient;
-use tonic::transport::Channel;
 
 /// What a finished restore did.
 #[derive(Debug, Clone)]
@@ -160,7 +160,7 @@ pub async fn restore_point(
     point: u64,
     path: &Path,
     protected: Vec<PathBuf>,
-    mut node: NodeClient<Channel>,
+    mut node: NodeClient<TracedChannel>,
     progress: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 ) -> Result<RestoreOutcome, String> {
     let started = Instant::now();

@@ -5,6 +5,7 @@
 //!
 //! The agent dials out only: a protected host listens on no port.
 
+use bulwark_common::telemetry::TracedChannel;
 use std::collections::HashMap;
 use std::fs::File;
 use std::sync::{Arc, Mutex};
@@ -18,7 +19,6 @@ use bulwark_proto::node_client::NodeClient;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 use tracing::Instrument;
 
 use crate::config::{AgentConfig, NbdEndpoint, SourceConfig, SourceKind};
@@ -34,9 +34,9 @@ use bulwark_common::block::Geometry;
 /// Shared state of a running agent.
 pub struct Agent {
     cfg: AgentConfig,
-    coordinator: CoordinatorClient<Channel>,
+    coordinator: CoordinatorClient<TracedChannel>,
     node_tls: Arc<rustls::ClientConfig>,
-    node_channels: Mutex<HashMap<String, Channel>>,
+    node_channels: Mutex<HashMap<String, TracedChannel>>,
     assignments: Mutex<HashMap<String, pb::Assignment>>,
     running: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     control_tx: Mutex<Option<mpsc::Sender<pb::AgentMessage>>>,
@@ -52,7 +52,7 @@ impl Agent {
         self.cfg.sources.iter().find(|s| s.name == name)
     }
 
-    fn node_client(&self, address: &str) -> Result<NodeClient<Channel>, String> {
+    fn node_client(&self, address: &str) -> Result<NodeClient<TracedChannel>, String> {
         let mut map = lock(&self.node_channels);
         let ch = match map.get(address) {
             Some(c) => c.clone(),
@@ -141,11 +141,11 @@ impl Agent {
             inconsistent: self.inconsistent(name),
         }));
         let span = if opts.check {
-            tracing::info_span!("check", source = %name, deep = opts.deep)
+            tracing::info_span!("check", source = %name, deep = opts.deep, point = tracing::field::Empty)
         } else if tracker.is_none() {
-            tracing::info_span!("ship", source = %name)
+            tracing::info_span!("ship", source = %name, point = tracing::field::Empty)
         } else {
-            tracing::info_span!("sync", source = %name)
+            tracing::info_span!("sync", source = %name, point = tracing::field::Empty)
         };
         let result = async {
             // A move in progress: wait for it (the node refuses syncs meanwhile), then
@@ -185,6 +185,35 @@ impl Agent {
         .instrument(span.clone())
         .await;
         let _e = span.enter();
+        {
+            use bulwark_common::metrics as m;
+            let l = [("source", name)];
+            match &result {
+                Ok(o) => {
+                    if tracker.is_none() {
+                        m::counter_add("bulwark_log_bytes_total", &l, o.bytes_sent);
+                    } else {
+                        m::counter_add("bulwark_synced_bytes_total", &l, o.bytes_sent);
+                        m::counter_add("bulwark_synced_blocks_total", &l, o.blocks_sent);
+                    }
+                    m::counter_add(
+                        "bulwark_syncs_total",
+                        &[("source", name), ("outcome", "committed")],
+                        1,
+                    );
+                    m::observe(
+                        "bulwark_sync_duration_seconds",
+                        &l,
+                        o.duration_ms as f64 / 1000.0,
+                    );
+                }
+                Err(_) => m::counter_add(
+                    "bulwark_syncs_total",
+                    &[("source", name), ("outcome", "failed")],
+                    1,
+                ),
+            }
+        }
         match &result {
             Ok(o) => tracing::info!(
                 point = o.point.id,
@@ -354,9 +383,15 @@ fn write_restore_manifest(
             "files": r.log_files,
             "path": "logs",
         });
+        // PostgreSQL reads recovery_target_time before it knows zone abbreviations:
+        // "Z" is refused there, "+00:00" is not.
+        let pg_time = match at.strip_suffix('Z') {
+            Some(t) => format!("{t}+00:00"),
+            None => at.clone(),
+        };
         doc["postgresql"] = serde_json::json!({
             "restore_command": format!("cp {}/logs/%f %p", dir.display()),
-            "recovery_target_time": at,
+            "recovery_target_time": pg_time,
         });
     }
     let path = dir.join("restore.json");
@@ -682,8 +717,10 @@ async fn control_session(agent: Arc<Agent>, shutdown: &CancellationToken) -> Res
                     check: s.check,
                     deep: s.deep,
                 };
+                let span = tracing::info_span!("command", command = if s.check { "check" } else { "sync" }, source = %s.source);
+                bulwark_common::telemetry::set_parent_from_map(&span, &s.trace_context);
                 tokio::spawn(async move {
-                    let outcome = match a.sync(&s.source, opts).await {
+                    let outcome = match a.sync(&s.source, opts).instrument(span).await {
                         Ok(o) => pb::command_result::Outcome::Sync(sync_result(&s.source, &o)),
                         Err(e) => pb::command_result::Outcome::Error(e),
                     };
@@ -699,8 +736,10 @@ async fn control_session(agent: Arc<Agent>, shutdown: &CancellationToken) -> Res
             }
             Some(pb::coordinator_command::Cmd::Restore(r)) => {
                 let (a, tx) = (agent.clone(), tx.clone());
+                let span = tracing::info_span!("command", command = "restore", source = %r.source);
+                bulwark_common::telemetry::set_parent_from_map(&span, &r.trace_context);
                 tokio::spawn(async move {
-                    let outcome = match a.restore(&r).await {
+                    let outcome = match a.restore(&r).instrument(span).await {
                         Ok(res) => pb::command_result::Outcome::Restore(res),
                         Err(e) => {
                             tracing::warn!(source = %r.source, "restore failed: {e}");

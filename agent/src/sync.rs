@@ -20,6 +20,7 @@
 //! reads every reply (digests for the sender, progress, the commit). Memory stays at
 //! a few batches whatever the volume size.
 
+use bulwark_common::telemetry::TracedChannel;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -31,7 +32,7 @@ use bulwark_proto::node_client::NodeClient;
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
+use tracing::Instrument;
 
 use crate::config::SourceConfig;
 use crate::quiesce::Quiesced;
@@ -276,10 +277,13 @@ fn send_blocks(
     type Job = (u64, u64, std::sync::mpsc::SyncSender<ReadResult>);
     let (jobs_tx, jobs_rx) = std::sync::mpsc::channel::<Job>();
     let jobs_rx = std::sync::Mutex::new(jobs_rx);
+    let parent = tracing::Span::current();
     std::thread::scope(|scope| -> Result<(), SyncError> {
         for _ in 0..READERS.min(reads.len()) {
             let jobs_rx = &jobs_rx;
+            let span = tracing::info_span!(parent: &parent, "read_extents");
             scope.spawn(move || {
+                let _span = span.enter();
                 loop {
                     let job = jobs_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
                     let Ok((first, count, reply)) = job else {
@@ -366,7 +370,7 @@ pub async fn sync_source(
     tracker: Arc<dyn Tracker>,
     state_dir: &std::path::Path,
     assignment: &pb::Assignment,
-    node: NodeClient<Channel>,
+    node: NodeClient<TracedChannel>,
     opts: SyncOptions,
 ) -> Result<SyncOutcome, SyncError> {
     let started = Instant::now();
@@ -406,7 +410,7 @@ async fn attempt(
     tracker: &Arc<dyn Tracker>,
     q: &mut Quiesced,
     assignment: &pb::Assignment,
-    node: NodeClient<Channel>,
+    node: NodeClient<TracedChannel>,
     opts: SyncOptions,
 ) -> Result<SyncOutcome, SyncError> {
     let check = opts.check || !tracker.consistent();
@@ -444,7 +448,7 @@ async fn stream_sync(
     volume: Arc<dyn BlockSource>,
     q: &mut Quiesced,
     assignment: &pb::Assignment,
-    mut node: NodeClient<Channel>,
+    mut node: NodeClient<TracedChannel>,
     deep: bool,
     check: bool,
 ) -> Result<SyncOutcome, SyncError> {
@@ -566,7 +570,9 @@ async fn stream_sync(
     };
     let scan_tx = tx.clone();
     let stop_s = stop.clone();
+    let span = tracing::info_span!("send_extents", base_point = ready.base_point);
     let sent = tokio::task::spawn_blocking(move || {
+        let _span = span.enter();
         send_blocks(volume.as_ref(), geometry, ranges, feed, &scan_tx, &stop_s)
     })
     .await
@@ -601,8 +607,10 @@ async fn stream_sync(
     };
     let _ = tx.send(commit).await;
     let (point, damaged_blocks) = reply_task
+        .instrument(tracing::info_span!("commit"))
         .await
         .map_err(|e| SyncError::Protocol(e.to_string()))??;
+    tracing::Span::current().record("point", point.id);
     drop(tx);
     Ok(SyncOutcome {
         consistency: Consistency::from_proto(point.consistency),

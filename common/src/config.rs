@@ -357,3 +357,44 @@ mod tests {
         assert!(e.to_string().contains("/nonexistent/bulwark.toml"), "{e}");
     }
 }
+
+/// `otlp_endpoint` and `metrics_listen`, checked (every daemon has them).
+#[derive(Debug, Clone, Default)]
+pub struct TelemetryConfig {
+    pub otlp_endpoint: Option<String>,
+    pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
+impl TelemetryConfig {
+    /// Checks the two keys of the file at `path`.
+    pub fn check(
+        path: &Path,
+        otlp_endpoint: Option<String>,
+        metrics_listen: Option<String>,
+    ) -> Result<TelemetryConfig, ConfigError> {
+        if let Some(e) = &otlp_endpoint
+            && !(e.starts_with("http://") || e.starts_with("https://"))
+        {
+            return Err(ConfigError::invalid(
+                path,
+                "otlp_endpoint",
+                format!("\"{e}\" is not a URL such as http://127.0.0.1:4317"),
+            ));
+        }
+        let metrics_listen = metrics_listen
+            .map(|a| {
+                a.parse().map_err(|_| {
+                    ConfigError::invalid(
+                        path,
+                        "metrics_listen",
+                        format!("\"{a}\" is not an address:port such as 127.0.0.1:9464"),
+                    )
+                })
+            })
+            .transpose()?;
+        Ok(TelemetryConfig {
+            otlp_endpoint,
+            metrics_listen,
+        })
+    }
+}

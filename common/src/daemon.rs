@@ -25,7 +25,14 @@ pub struct DaemonArgs {
     pub log_format: LogFormat,
 }
 
-/// Loads the config with `load`, then runs `run(config, shutdown)` to completion.
+/// What `main` needs of a daemon's checked config.
+pub trait DaemonConfig {
+    /// Its `otlp_endpoint` and `metrics_listen`.
+    fn telemetry(&self) -> &crate::config::TelemetryConfig;
+}
+
+/// Loads the config with `load`, then runs `run(config, shutdown)` to completion,
+/// with OpenTelemetry export and the Prometheus endpoint when configured.
 pub fn main<C, F, E>(
     binary: &str,
     args: DaemonArgs,
@@ -33,10 +40,10 @@ pub fn main<C, F, E>(
     run: impl FnOnce(C, CancellationToken) -> F,
 ) -> ExitCode
 where
+    C: DaemonConfig,
     F: Future<Output = Result<(), E>>,
     E: Display,
 {
-    telemetry::init(args.log_format, "info");
     let cfg = match load(&args.config) {
         Ok(c) => c,
         Err(e) => {
@@ -51,11 +58,40 @@ where
             return ExitCode::FAILURE;
         }
     };
+    let tel = cfg.telemetry().clone();
+    // The OTLP exporters' channels live on the runtime: set up inside it.
+    let telemetry = {
+        let _rt = rt.enter();
+        telemetry::init(
+            args.log_format,
+            "info",
+            binary,
+            telemetry::otlp_endpoint(tel.otlp_endpoint.as_deref()),
+        )
+    };
     // The signal handler is a task: it must be spawned inside the runtime.
-    match rt.block_on(async { run(cfg, crate::shutdown::on_signal()).await }) {
+    let result = rt.block_on(async {
+        let shutdown = crate::shutdown::on_signal();
+        if let Some(addr) = tel.metrics_listen {
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                format!(
+                    "cannot listen on {addr} (key `metrics_listen` in {}): {e}",
+                    args.config.display()
+                )
+            })?;
+            tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+            tokio::spawn(crate::metrics::serve(listener, shutdown.clone()));
+        }
+        run(cfg, shutdown).await.map_err(|e| format!("{e:#}"))
+    });
+    {
+        let _rt = rt.enter();
+        telemetry.shutdown();
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("{binary}: {e:#}");
+            eprintln!("{binary}: {e}");
             ExitCode::FAILURE
         }
     }

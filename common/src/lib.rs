@@ -16,6 +16,7 @@ pub mod block;
 pub mod config;
 pub mod daemon;
 pub mod failpoint;
+pub mod metrics;
 pub mod nbd;
 pub mod pki;
 pub mod point;

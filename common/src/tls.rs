@@ -9,6 +9,7 @@
 //! server has the role they meant to reach (an agent will not send a volume to a
 //! process holding an agent certificate).
 
+use crate::telemetry::TracedChannel;
 use std::fmt;
 use std::net::IpAddr;
 use std::path::Path;
@@ -24,7 +25,7 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, S
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::{Endpoint, Uri};
 use tonic::{Request, Status};
 
 use crate::config::TlsFiles;
@@ -463,6 +464,7 @@ pub fn require<T>(req: &Request<T>, method: &str, roles: &[Role]) -> Result<Iden
     }
     let wanted: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
     tracing::warn!(caller = %id, method, "refused: wrong role");
+    crate::metrics::counter_add("bulwark_refusals_total", &[("reason", "role")], 1);
     Err(Status::permission_denied(format!(
         "{method} is for {} certificates; the caller is {id}",
         wanted.join(" or ")
@@ -572,15 +574,18 @@ fn connector(
 
 /// A channel to `target` that connects on first use and reconnects after failures
 /// (for daemons that keep one channel for their lifetime).
-pub fn channel_lazy(target: &Target, config: Arc<ClientConfig>) -> Result<Channel, String> {
-    Ok(endpoint(target)?.connect_with_connector_lazy(connector(target, config)?))
+pub fn channel_lazy(target: &Target, config: Arc<ClientConfig>) -> Result<TracedChannel, String> {
+    Ok(endpoint(target)?
+        .connect_with_connector_lazy(connector(target, config)?)
+        .into())
 }
 
 /// Connects to `target` now; the error says what to check.
-pub async fn channel(target: &Target, config: Arc<ClientConfig>) -> Result<Channel, String> {
+pub async fn channel(target: &Target, config: Arc<ClientConfig>) -> Result<TracedChannel, String> {
     endpoint(target)?
         .connect_with_connector(connector(target, config)?)
         .await
+        .map(TracedChannel::from)
         .map_err(|e| explain_connect_error(target, &e))
 }
 

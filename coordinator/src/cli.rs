@@ -1,6 +1,7 @@
 //! The admin CLI, `bulwark`: fleet PKI, listings, and syncs and restores relayed by
 //! the coordinator. Every listing takes `--json`; the exit code is 0 only on success.
 
+use bulwark_common::telemetry::TracedChannel;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
@@ -13,7 +14,6 @@ use bulwark_proto as pb;
 use bulwark_proto::coordinator_client::CoordinatorClient;
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Value, json};
-use tonic::transport::Channel;
 
 /// Bulwark admin CLI: manage the fleet's certificates, look at nodes, agents, data
 /// sources and recovery points, and run syncs and restores.
@@ -361,7 +361,7 @@ pub enum PkiCommand {
 
 /// A connected admin client.
 pub struct Admin {
-    pub client: CoordinatorClient<Channel>,
+    pub client: CoordinatorClient<TracedChannel>,
     pub target: String,
 }
 

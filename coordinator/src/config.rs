@@ -32,6 +32,13 @@ pub struct CoordinatorToml {
     #[serde(default = "default_max_syncs")]
     pub max_syncs_per_node: u32,
     /// The fleet CA and the coordinator's certificate.
+    /// OTLP/gRPC endpoint for traces and metrics (`http://127.0.0.1:4317`);
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` wins. Unset: no export.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    /// Serve Prometheus text at `http://ADDR/metrics` (`127.0.0.1:9464`). Unset: off.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
     pub tls: TlsFiles,
 }
 
@@ -62,6 +69,8 @@ pub struct CoordinatorConfig {
     /// Largest fill spread a rebalance leaves, as a fraction.
     pub rebalance_spread: f64,
     pub max_syncs_per_node: u32,
+    /// OpenTelemetry export and the Prometheus endpoint.
+    pub telemetry: bulwark_common::config::TelemetryConfig,
     pub tls: TlsFiles,
 }
 
@@ -97,8 +106,19 @@ impl CoordinatorConfig {
                 }
                 p / 100.0
             },
+            telemetry: bulwark_common::config::TelemetryConfig::check(
+                path,
+                t.otlp_endpoint,
+                t.metrics_listen,
+            )?,
             tls: t.tls.relative_to(path),
         })
+    }
+}
+
+impl bulwark_common::daemon::DaemonConfig for CoordinatorConfig {
+    fn telemetry(&self) -> &bulwark_common::config::TelemetryConfig {
+        &self.telemetry
     }
 }
 

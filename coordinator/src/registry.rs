@@ -573,6 +573,7 @@ impl Registry {
             };
             self.alerts.insert(a.key.as_bytes(), enc(&rec)?)?;
         }
+        let mut open: HashMap<String, u64> = HashMap::new();
         for item in self.alerts.iter() {
             let (k, v) = item?;
             let mut r: AlertRecord = dec(&v)?;
@@ -581,6 +582,17 @@ impl Registry {
                 tracing::info!(alert = %r.key, "alert resolved");
                 self.alerts.insert(k, enc(&r)?)?;
             }
+            if r.resolved_ms == 0 {
+                *open.entry(r.severity.clone()).or_default() += 1;
+            }
+        }
+        for severity in ["warning", "critical"] {
+            let n = open.get(severity).copied().unwrap_or(0);
+            bulwark_common::metrics::gauge_set(
+                "bulwark_alerts_active",
+                &[("severity", severity)],
+                n as f64,
+            );
         }
         Ok(())
     }

@@ -59,6 +59,7 @@ pub async fn run(
         .set_serving::<pb::coordinator_server::CoordinatorServer<CoordinatorApi>>()
         .await;
     tls::server_builder()
+        .layer(bulwark_common::telemetry::ServerTraceLayer)
         .layer(tonic::service::InterceptorLayer::new(tls::authenticator(
             identity.trust_domain.clone(),
         )))

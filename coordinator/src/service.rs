@@ -2,6 +2,7 @@
 //! relay of admin commands down agents' control streams, and the few calls the
 //! coordinator makes to nodes (listing points, granting restores).
 
+use bulwark_common::telemetry::TracedChannel;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -13,7 +14,6 @@ use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::registry::{Registry, RegistryError, SourceRecord};
@@ -25,7 +25,7 @@ pub struct CoordinatorService {
     /// shutdown open for ever.
     shutdown: CancellationToken,
     node_tls: Arc<rustls::ClientConfig>,
-    node_channels: Mutex<HashMap<String, Channel>>,
+    node_channels: Mutex<HashMap<String, TracedChannel>>,
     /// One move at a time in the fleet: each copies a whole source node to node.
     moves: tokio::sync::Mutex<()>,
     /// Largest spread of node fill ratios a rebalance leaves.
@@ -184,6 +184,7 @@ impl CoordinatorService {
                         source,
                         check: false,
                         deep: false,
+                        trace_context: bulwark_common::telemetry::inject_map(),
                     })
                 })
                 .await
@@ -359,7 +360,7 @@ impl CoordinatorService {
         }
     }
 
-    fn node_client(&self, node: &str) -> Result<NodeClient<Channel>, Status> {
+    fn node_client(&self, node: &str) -> Result<NodeClient<TracedChannel>, Status> {
         let rec = self
             .registry
             .node(node)?
@@ -445,6 +446,7 @@ impl CoordinatorService {
                     source: source.to_string(),
                     check: true,
                     deep: true,
+                    trace_context: bulwark_common::telemetry::inject_map(),
                 })
             })
             .await?;
@@ -964,6 +966,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
                     source,
                     check,
                     deep,
+                    trace_context: bulwark_common::telemetry::inject_map(),
                 })
             })
             .await?;
@@ -1057,6 +1060,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
                 command_id: id,
                 path,
                 at_ms,
+                trace_context: bulwark_common::telemetry::inject_map(),
                 ..Default::default()
             };
             match (volume_part, log_part) {

@@ -37,6 +37,13 @@ pub struct NodeToml {
     /// The storage pool.
     pub pool: PoolToml,
     /// The fleet CA and this node's certificate.
+    /// OTLP/gRPC endpoint for traces and metrics (`http://127.0.0.1:4317`);
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` wins. Unset: no export.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    /// Serve Prometheus text at `http://ADDR/metrics` (`127.0.0.1:9464`). Unset: off.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
     pub tls: TlsFiles,
 }
 
@@ -87,6 +94,8 @@ pub struct NodeConfig {
     pub max_concurrent_syncs: usize,
     pub disks: Vec<crate::store::PoolDisk>,
     pub pool_policy: crate::store::PoolPolicy,
+    /// OpenTelemetry export and the Prometheus endpoint.
+    pub telemetry: bulwark_common::config::TelemetryConfig,
     pub tls: TlsFiles,
 }
 
@@ -170,8 +179,19 @@ impl NodeConfig {
             heartbeat_interval: t.heartbeat_interval.0,
             disks,
             pool_policy,
+            telemetry: bulwark_common::config::TelemetryConfig::check(
+                path,
+                t.otlp_endpoint,
+                t.metrics_listen,
+            )?,
             tls: t.tls.relative_to(path),
         })
+    }
+}
+
+impl bulwark_common::daemon::DaemonConfig for NodeConfig {
+    fn telemetry(&self) -> &bulwark_common::config::TelemetryConfig {
+        &self.telemetry
     }
 }
 

@@ -2,6 +2,7 @@
 //! store, serve the Node service over mTLS, register with the coordinator and send
 //! heartbeats, and on shutdown stop accepting, let running streams end, flush.
 
+use bulwark_common::telemetry::TracedChannel;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +12,6 @@ use bulwark_proto as pb;
 use bulwark_proto::coordinator_client::CoordinatorClient;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 use crate::config::NodeConfig;
 use crate::service::{NodeApi, NodeService};
@@ -102,6 +102,7 @@ pub async fn run(
         .set_serving::<pb::node_server::NodeServer<NodeApi>>()
         .await;
     tls::server_builder()
+        .layer(bulwark_common::telemetry::ServerTraceLayer)
         .layer(tonic::service::InterceptorLayer::new(tls::authenticator(
             identity.trust_domain.clone(),
         )))
@@ -136,6 +137,7 @@ async fn usage_report(
         })
     })
     .await??;
+    record_metrics(&usage);
     let disks: Vec<pb::NodeDisk> = usage
         .disks
         .iter()
@@ -242,7 +244,7 @@ fn alerts(
 async fn heartbeat_loop(
     svc: Arc<NodeService>,
     store: Store,
-    mut client: CoordinatorClient<Channel>,
+    mut client: CoordinatorClient<TracedChannel>,
     address: String,
     nbd_address: Option<String>,
     interval: Duration,
@@ -308,6 +310,26 @@ async fn heartbeat_loop(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// The pool's figures as metrics (each heartbeat): capacity, allocation and use per
+/// disk, and each source's replica lag (age of its newest point).
+fn record_metrics(usage: &crate::store::PoolUsage) {
+    use bulwark_common::metrics as m;
+    for d in &usage.disks {
+        let path = d.path.display().to_string();
+        let l = [("disk", path.as_str())];
+        m::gauge_set("bulwark_pool_capacity_bytes", &l, d.capacity_bytes as f64);
+        m::gauge_set("bulwark_pool_allocated_bytes", &l, d.allocated_bytes as f64);
+        m::gauge_set("bulwark_pool_used_bytes", &l, d.used_bytes as f64);
+    }
+    let now = bulwark_common::time::now_ms();
+    for s in &usage.sources {
+        if s.newest_point_ms > 0 {
+            let lag = (now - s.newest_point_ms).max(0) as f64 / 1000.0;
+            m::gauge_set("bulwark_replica_lag_seconds", &[("source", &s.name)], lag);
         }
     }
 }

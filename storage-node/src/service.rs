@@ -6,6 +6,7 @@
 //! for when the coordinator is unreachable). Restores are also allowed to an agent
 //! the coordinator granted them to.
 
+use bulwark_common::telemetry::TracedChannel;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -20,7 +21,6 @@ use futures::Stream;
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
@@ -99,7 +99,7 @@ pub struct NodeService {
     name: String,
     store: Store,
     locks: Arc<SourceLocks>,
-    coordinator: CoordinatorClient<Channel>,
+    coordinator: CoordinatorClient<TracedChannel>,
     assignments: sled::Tree,
     grants: std::sync::Mutex<HashMap<(String, String), i64>>,
     live_streams: Arc<AtomicU32>,
@@ -119,13 +119,51 @@ pub struct NodeService {
 struct StreamGuard(Arc<AtomicU32>);
 impl StreamGuard {
     fn new(c: &Arc<AtomicU32>) -> StreamGuard {
-        c.fetch_add(1, Ordering::Relaxed);
+        let n = c.fetch_add(1, Ordering::Relaxed) + 1;
+        bulwark_common::metrics::gauge_set("bulwark_live_streams", &[], f64::from(n));
         StreamGuard(c.clone())
     }
 }
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        let n = self.0.fetch_sub(1, Ordering::Relaxed).saturating_sub(1);
+        bulwark_common::metrics::gauge_set("bulwark_live_streams", &[], f64::from(n));
+    }
+}
+
+/// Counts a refusal by reason (see `bulwark_refusals_total`).
+fn refused(reason: &str) {
+    bulwark_common::metrics::counter_add("bulwark_refusals_total", &[("reason", reason)], 1);
+}
+
+/// Counts a finished sync or ship of `source` (see the `bulwark_sync*` families).
+pub(crate) fn count_sync(source: &str, point: Option<&PointMeta>, started: std::time::Instant) {
+    use bulwark_common::metrics as m;
+    let l = [("source", source)];
+    match point {
+        Some(p) => {
+            if p.kind == PointKind::Log {
+                m::counter_add("bulwark_log_bytes_total", &l, p.bytes_changed);
+            } else {
+                m::counter_add("bulwark_synced_bytes_total", &l, p.bytes_changed);
+                m::counter_add("bulwark_synced_blocks_total", &l, p.blocks_changed);
+            }
+            m::counter_add(
+                "bulwark_syncs_total",
+                &[("source", source), ("outcome", "committed")],
+                1,
+            );
+            m::observe(
+                "bulwark_sync_duration_seconds",
+                &l,
+                started.elapsed().as_secs_f64(),
+            );
+        }
+        None => m::counter_add(
+            "bulwark_syncs_total",
+            &[("source", source), ("outcome", "failed")],
+            1,
+        ),
     }
 }
 
@@ -134,7 +172,7 @@ impl NodeService {
     pub fn new(
         name: String,
         store: Store,
-        coordinator: CoordinatorClient<Channel>,
+        coordinator: CoordinatorClient<TracedChannel>,
         peer_tls: Arc<rustls::ClientConfig>,
     ) -> Result<NodeService, StoreError> {
         Ok(NodeService {
@@ -166,7 +204,10 @@ impl NodeService {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         match refusal {
-            Some(r) => map.insert(source.to_string(), r),
+            Some(r) => {
+                refused("space");
+                map.insert(source.to_string(), r)
+            }
             None => map.remove(source),
         };
     }
@@ -296,6 +337,7 @@ impl NodeService {
         let a = self.assignment(source).await?;
         if a.node != self.name {
             tracing::warn!(%caller, source, "refused: source assigned to node {}", a.node);
+            refused("not-assigned");
             return Err(Status::permission_denied(format!(
                 "data source {source} is assigned to node {}, not to this node ({})",
                 a.node, self.name
@@ -303,6 +345,7 @@ impl NodeService {
         }
         if a.agent != caller.name {
             tracing::warn!(%caller, source, "refused: not the owner");
+            refused("not-owner");
             return Err(Status::permission_denied(format!(
                 "data source {source} belongs to agent {}; {caller} may not write or read it",
                 a.agent
@@ -312,6 +355,7 @@ impl NodeService {
             && e != a.epoch
         {
             tracing::warn!(%caller, source, epoch = e, current = a.epoch, "refused: stale epoch");
+            refused("stale-epoch");
             return Err(Status::failed_precondition(format!(
                 "stale assignment epoch {e} for data source {source}: the current epoch is {}",
                 a.epoch
@@ -424,7 +468,9 @@ fn spawn_applier(
     tx: mpsc::Sender<Result<pb::SyncReply, Status>>,
     ingested: Arc<AtomicU64>,
 ) -> tokio::task::JoinHandle<(SyncTxn, Result<(), Status>)> {
+    let span = tracing::info_span!("apply");
     tokio::task::spawn_blocking(move || {
+        let _span = span.enter();
         while let Some(batch) = batches.blocking_recv() {
             if let Err(e) = txn.apply(&batch) {
                 return (txn, Err(Status::from(e)));
@@ -461,6 +507,7 @@ async fn run_sync(
     damaged: Arc<AtomicU64>,
 ) -> Result<(), Status> {
     use pb::sync_message::Msg;
+    let started = std::time::Instant::now();
     let (btx, brx) = mpsc::channel::<Vec<VerifiedExtent>>(2);
     let applier = spawn_applier(txn, brx, tx.clone(), svc.ingested.clone());
     // Stops the applier and rolls back; the applier's own error, if any, wins.
@@ -516,7 +563,13 @@ async fn run_sync(
                 if commit.consistency != 0 {
                     txn.set_consistency(Consistency::from_proto(commit.consistency));
                 }
-                let point = blocking(move || txn.commit()).await??;
+                let span = tracing::info_span!("commit");
+                let point = blocking(move || {
+                    let _span = span.enter();
+                    txn.commit()
+                })
+                .await??;
+                count_sync(&source, Some(&point), started);
                 let store = svc.store.clone();
                 let name = source.clone();
                 match blocking(move || store.apply_retention(&name, bulwark_common::time::now_ms()))
@@ -705,6 +758,7 @@ impl pb::node_server::Node for NodeApi {
                 .await
                 {
                     tracing::warn!("sync failed: {}", status.message());
+                    count_sync(&source, None, std::time::Instant::now());
                     if status.code() == tonic::Code::ResourceExhausted {
                         svc.note_refusal(&source, Some(status.message().to_string()));
                     }

@@ -646,8 +646,9 @@ pub struct SourceUsage {
     pub points_used_bytes: u64,
     /// Points a verify found damaged.
     pub damaged_points: u64,
-    /// When the oldest point was made (0 = none).
+    /// When the oldest and the newest point were made (0 = none).
     pub oldest_point_ms: i64,
+    pub newest_point_ms: i64,
 }
 
 /// The node's replicas and recovery points. Cheap to clone.
@@ -1037,6 +1038,7 @@ impl Store {
                 },
                 damaged_points: points.iter().filter(|p| !p.damaged.is_empty()).count() as u64,
                 oldest_point_ms: points.first().map_or(0, |p| p.created_ms),
+                newest_point_ms: points.last().map_or(0, |p| p.created_ms),
                 name: s.name,
             });
         }

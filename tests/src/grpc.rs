@@ -1,6 +1,7 @@
 //! Raw clients: gRPC with any fleet certificate (to send what the real agent never
 //! would), and a bare TLS client that presents no certificate at all.
 
+use bulwark_common::telemetry::TracedChannel;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,14 +13,13 @@ use bulwark_proto::node_client::NodeClient;
 use bulwark_proto::{SyncMessage, SyncReply, sync_message, sync_reply};
 use tokio::io::AsyncReadExt;
 use tonic::Status;
-use tonic::transport::Channel;
 
 /// Largest message the raw clients send or accept.
 const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 
 /// A channel to `url` (`https://host:port`) as the holder of `id`, to a server whose
 /// certificate has role `server_role`.
-pub async fn channel(url: &str, id: &TlsFiles, server_role: Role) -> Result<Channel, String> {
+pub async fn channel(url: &str, id: &TlsFiles, server_role: Role) -> Result<TracedChannel, String> {
     let tls = TlsIdentity::load(id).map_err(|e| e.to_string())?;
     let cfg = tls.client_config(server_role).map_err(|e| e.to_string())?;
     let target = Target::parse(url)?;
@@ -27,7 +27,7 @@ pub async fn channel(url: &str, id: &TlsFiles, server_role: Role) -> Result<Chan
 }
 
 /// A Node client for the node at `url`, as the holder of `id`.
-pub async fn node_client(url: &str, id: &TlsFiles) -> NodeClient<Channel> {
+pub async fn node_client(url: &str, id: &TlsFiles) -> NodeClient<TracedChannel> {
     let ch = channel(url, id, Role::Node)
         .await
         .unwrap_or_else(|e| panic!("cannot connect to node {url} as {}: {e}", id.cert.display()));
@@ -37,7 +37,7 @@ pub async fn node_client(url: &str, id: &TlsFiles) -> NodeClient<Channel> {
 }
 
 /// A Coordinator client for `url`, as the holder of `id`.
-pub async fn coordinator_client(url: &str, id: &TlsFiles) -> CoordinatorClient<Channel> {
+pub async fn coordinator_client(url: &str, id: &TlsFiles) -> CoordinatorClient<TracedChannel> {
     let ch = channel(url, id, Role::Coordinator)
         .await
         .unwrap_or_else(|e| {
@@ -83,7 +83,7 @@ impl SyncExchange {
 /// `rest` and closes the request stream; collects replies until the stream ends.
 /// Panics if the exchange takes longer than `timeout`.
 pub async fn sync_exchange(
-    client: &mut NodeClient<Channel>,
+    client: &mut NodeClient<TracedChannel>,
     begin: bulwark_proto::SyncBegin,
     rest: Vec<SyncMessage>,
     timeout: Duration,

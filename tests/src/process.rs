@@ -13,7 +13,11 @@ pub const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Environment variables the harness never passes on from the test's own
 /// environment (they would change what a daemon or the CLI does).
-const SCRUBBED_ENV: [&str; 5] = [
+const SCRUBBED_ENV: [&str; 9] = [
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_SERVICE_NAME",
+    "OTEL_RESOURCE_ATTRIBUTES",
+    "OTEL_METRIC_EXPORT_INTERVAL",
     "BULWARK_FAILPOINTS",
     "BULWARK_COORDINATOR",
     "BULWARK_CA",

@@ -4,11 +4,16 @@ use std::process::ExitCode;
 
 use bulwark_common::telemetry::{self, LogFormat};
 use bulwark_coordinator::cli::{Cli, run};
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
+use tracing::Instrument;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    telemetry::init(LogFormat::Text, "warn");
+    let matches = Cli::command().get_matches();
+    let command = matches.subcommand_name().unwrap_or_default().to_string();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -16,7 +21,25 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    // With OTEL_EXPORTER_OTLP_ENDPOINT set, each command is the root of a trace that
+    // follows it through the coordinator, the agent and the node.
+    let tel = {
+        let _rt = rt.enter();
+        telemetry::init(
+            LogFormat::Text,
+            "warn",
+            "bulwark",
+            telemetry::otlp_endpoint(None),
+        )
+    };
+    let span =
+        tracing::info_span!("cli", otel.name = %format!("bulwark {command}"), otel.kind = "client");
+    let result = rt.block_on(run(cli).instrument(span));
+    {
+        let _rt = rt.enter();
+        tel.shutdown();
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("bulwark: {e:#}");

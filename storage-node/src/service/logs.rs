@@ -112,6 +112,7 @@ impl NodeService {
         tokio::spawn(
             async move {
                 let _guard = guard;
+                let started = std::time::Instant::now();
                 let (mtx, mrx) = mpsc::channel::<Msg>(4);
                 let worker = spawn_ship_worker(ship, mrx, svc.ingested.clone());
                 let received = async {
@@ -147,6 +148,7 @@ impl NodeService {
                 };
                 match result {
                     Ok(point) => {
+                        super::count_sync(&source, Some(&point), started);
                         let store = svc.store.clone();
                         let name = source.clone();
                         let now = bulwark_common::time::now_ms();
@@ -173,6 +175,7 @@ impl NodeService {
                     }
                     Err(status) => {
                         tracing::warn!("log ship failed: {}", status.message());
+                        super::count_sync(&source, None, started);
                         if status.code() == tonic::Code::ResourceExhausted {
                             svc.note_refusal(&source, Some(status.message().to_string()));
                         }
@@ -268,7 +271,9 @@ fn spawn_ship_worker(
     ingested: Arc<std::sync::atomic::AtomicU64>,
 ) -> tokio::task::JoinHandle<Result<crate::store::PointMeta, Status>> {
     use pb::log_message::Msg;
+    let span = tracing::info_span!("apply");
     tokio::task::spawn_blocking(move || {
+        let _span = span.enter();
         while let Some(m) = rx.blocking_recv() {
             match m {
                 Msg::File(f) => ship.start_file(
@@ -280,6 +285,7 @@ fn spawn_ship_worker(
                 }
                 Msg::Commit(c) => {
                     ship.gone(&c.gone);
+                    let _span = tracing::info_span!("commit").entered();
                     return Ok(ship.commit()?.0);
                 }
                 Msg::Begin(_) => {
