@@ -101,6 +101,39 @@ impl Agent {
         }
     }
 
+    /// Reports `progress` of `op` on `source` to the coordinator about twice a
+    /// second until the returned task is aborted.
+    fn report_progress(
+        &self,
+        source: &str,
+        op: &'static str,
+        progress: Arc<crate::sync::Progress>,
+    ) -> tokio::task::JoinHandle<()> {
+        let tx = lock(&self.control_tx).clone();
+        let source = source.to_string();
+        tokio::spawn(async move {
+            let Some(tx) = tx else { return };
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let msg = pb::OpProgress {
+                    source: source.clone(),
+                    op: op.to_string(),
+                    done_bytes: progress.done.load(std::sync::atomic::Ordering::Relaxed),
+                    total_bytes: progress.total.load(std::sync::atomic::Ordering::Relaxed),
+                };
+                if tx
+                    .try_send(pb::AgentMessage {
+                        msg: Some(pb::agent_message::Msg::Progress(msg)),
+                    })
+                    .is_err()
+                    && tx.is_closed()
+                {
+                    return;
+                }
+            }
+        })
+    }
+
     fn tracker(&self, name: &str) -> Result<Arc<dyn Tracker>, String> {
         self.trackers
             .get(name)
@@ -159,9 +192,22 @@ impl Agent {
                     tracing::info!(node = %a.node, epoch = a.epoch, "sync started");
                     let done = match &tracker {
                         Some(t) => {
-                            sync_source(&source, t.clone(), &self.cfg.state_dir, &a, node, opts)
-                                .await
-                                .map_err(|e| e.to_string())
+                            let op = if opts.check { "check" } else { "sync" };
+                            let progress = Arc::new(crate::sync::Progress::default());
+                            let reporter = self.report_progress(name, op, progress.clone());
+                            let r = sync_source(
+                                &source,
+                                t.clone(),
+                                &self.cfg.state_dir,
+                                &a,
+                                node,
+                                opts,
+                                progress,
+                            )
+                            .await
+                            .map_err(|e| e.to_string());
+                            reporter.abort();
+                            r
                         }
                         None => {
                             crate::logs::ship(&source.name, &source.path, &source.glob, &a, node)
@@ -268,7 +314,25 @@ impl Agent {
                     path.clone()
                 };
                 let protected = self.cfg.sources.iter().map(|s| s.path.clone()).collect();
-                let o = restore_point(&cmd.source, cmd.point, &target, protected, node, None).await?;
+                let progress = Arc::new(crate::sync::Progress::default());
+                let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+                let reporter = self.report_progress(&cmd.source, "restore", progress.clone());
+                let mirror = {
+                    let (done, progress) = (done.clone(), progress.clone());
+                    tokio::spawn(async move {
+                        loop {
+                            let n = done.load(std::sync::atomic::Ordering::Relaxed);
+                            progress.done.store(n, std::sync::atomic::Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    })
+                };
+                let r =
+                    restore_point(&cmd.source, cmd.point, &target, protected, node, Some(done))
+                        .await;
+                reporter.abort();
+                mirror.abort();
+                let o = r?;
                 tracing::info!(point = o.point, path = %o.path.display(), bytes = o.bytes_written, "volume restored");
                 out.point = o.point;
                 out.bytes_written += o.bytes_written;

@@ -22,7 +22,7 @@
 
 use bulwark_common::telemetry::TracedChannel;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use bulwark_common::block::{DIGEST_LEN, Digest, Geometry, MAX_BATCH_BYTES, is_zero};
@@ -53,6 +53,14 @@ pub struct SyncOutcome {
     /// Log ships: files that got bytes, and bytes read on the host.
     pub files_sent: u64,
     pub bytes_read: u64,
+}
+
+/// How far a running sync (or restore) is: bytes read (written) of the total, for
+/// the progress the agent reports to the coordinator.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub done: AtomicU64,
+    pub total: AtomicU64,
 }
 
 /// What kind of sync to run.
@@ -242,6 +250,7 @@ fn send_blocks(
     mut digests: Option<DigestFeed>,
     tx: &mpsc::Sender<pb::SyncMessage>,
     stop: &AtomicBool,
+    progress: &Progress,
 ) -> Result<ScanStats, SyncError> {
     let bs = geometry.block_size as usize;
     let blocks_per_read = (MAX_BATCH_BYTES / bs).max(1) as u64;
@@ -270,6 +279,12 @@ fn send_blocks(
             })
         })
         .collect();
+    let total: u64 = reads
+        .iter()
+        .map(|(f, c)| geometry.offset_of(f + c).min(geometry.size_bytes) - geometry.offset_of(*f))
+        .sum();
+    progress.total.store(total, Ordering::Relaxed);
+    progress.done.store(0, Ordering::Relaxed);
     // Reader threads keep a few chunks ahead, several reads in flight at once (a
     // dirty plan's scattered blocks are as many random reads), so the disk and the
     // hashing below overlap; results are taken in order.
@@ -343,6 +358,7 @@ fn send_blocks(
                 }
             }
             stats.blocks_scanned += count;
+            progress.done.fetch_add(len as u64, Ordering::Relaxed);
             stats.blocks_sent += changed.len() as u64;
             if changed.len() as u64 == count {
                 let sums = changed
@@ -372,12 +388,22 @@ pub async fn sync_source(
     assignment: &pb::Assignment,
     node: NodeClient<TracedChannel>,
     opts: SyncOptions,
+    progress: Arc<Progress>,
 ) -> Result<SyncOutcome, SyncError> {
     let started = Instant::now();
     let mut q = Quiesced::begin(&source.quiesce, &source.name, &source.path, state_dir)
         .await
         .map_err(SyncError::Quiesce)?;
-    let mut result = attempt(source, &tracker, &mut q, assignment, node.clone(), opts).await;
+    let mut result = attempt(
+        source,
+        &tracker,
+        &mut q,
+        assignment,
+        node.clone(),
+        opts,
+        progress.clone(),
+    )
+    .await;
     if let Err(SyncError::Node {
         base_mismatch: true,
         status,
@@ -395,7 +421,7 @@ pub async fn sync_source(
                     .into(),
             );
         }
-        result = attempt(source, &tracker, &mut q, assignment, node, opts).await;
+        result = attempt(source, &tracker, &mut q, assignment, node, opts, progress).await;
     }
     q.finish().await;
     let mut o = result?;
@@ -412,6 +438,7 @@ async fn attempt(
     assignment: &pb::Assignment,
     node: NodeClient<TracedChannel>,
     opts: SyncOptions,
+    progress: Arc<Progress>,
 ) -> Result<SyncOutcome, SyncError> {
     let check = opts.check || !tracker.consistent();
     let t = tracker.clone();
@@ -429,6 +456,7 @@ async fn attempt(
         node,
         opts.deep && check,
         check,
+        progress,
     )
     .await;
     let t = tracker.clone();
@@ -451,6 +479,7 @@ async fn stream_sync(
     mut node: NodeClient<TracedChannel>,
     deep: bool,
     check: bool,
+    progress: Arc<Progress>,
 ) -> Result<SyncOutcome, SyncError> {
     if volume.size_bytes() != assignment.size_bytes {
         return Err(SyncError::SizeChanged {
@@ -573,7 +602,15 @@ async fn stream_sync(
     let span = tracing::info_span!("send_extents", base_point = ready.base_point);
     let sent = tokio::task::spawn_blocking(move || {
         let _span = span.enter();
-        send_blocks(volume.as_ref(), geometry, ranges, feed, &scan_tx, &stop_s)
+        send_blocks(
+            volume.as_ref(),
+            geometry,
+            ranges,
+            feed,
+            &scan_tx,
+            &stop_s,
+            &progress,
+        )
     })
     .await
     .map_err(|e| SyncError::Protocol(e.to_string()));

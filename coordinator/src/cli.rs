@@ -677,7 +677,10 @@ async fn sync_command(
             .into_inner();
         return print_json(&json!({"source": source, "agent": r.agent, "started": true}));
     }
-    if let Some((r, agent)) = admin.sync_request(source, wait, check, deep).await? {
+    let shown = (wait && !json).then(|| watch_progress(admin, source));
+    let done = admin.sync_request(source, wait, check, deep).await;
+    end_progress(shown);
+    if let Some((r, agent)) = done? {
         if json {
             print_json(&sync_json(&r, &agent))?;
         } else {
@@ -913,7 +916,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 at_ms: at.unwrap_or(0),
             };
             if wait {
-                let r = admin.restore_request(req).await?;
+                let shown = (!json).then(|| watch_progress(&admin, &source));
+                let r = admin.restore_request(req).await;
+                end_progress(shown);
+                let r = r?;
                 if json {
                     let mut v = json!({
                         "source": r.source, "point": r.point, "path": r.path, "agent": r.agent,
@@ -1534,6 +1540,65 @@ fn qemu_tls_dir(files: &TlsFiles, dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Shows the progress the source's agent reports (through `sources`) while a
+/// `--wait` runs; stop it with [`end_progress`].
+fn watch_progress(admin: &Admin, source: &str) -> tokio::task::JoinHandle<()> {
+    let mut client = admin.client.clone();
+    let source = source.to_string();
+    tokio::spawn(async move {
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let total = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        struct Stop(Option<tokio::task::JoinHandle<()>>);
+        impl Drop for Stop {
+            fn drop(&mut self) {
+                if let Some(t) = self.0.take() {
+                    t.abort();
+                }
+            }
+        }
+        let mut stop = Stop(None);
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            let Ok(r) = client.list_sources(pb::ListSourcesRequest {}).await else {
+                continue;
+            };
+            let Some(s) = r
+                .into_inner()
+                .sources
+                .into_iter()
+                .find(|x| x.name == source)
+            else {
+                continue;
+            };
+            let Some(p) = s.progress else { continue };
+            let t = if p.total_bytes > 0 {
+                p.total_bytes
+            } else {
+                s.size_bytes
+            };
+            done.store(p.done_bytes, std::sync::atomic::Ordering::Relaxed);
+            total.store(t, std::sync::atomic::Ordering::Relaxed);
+            if stop.0.is_none() {
+                stop.0 = Some(tokio::spawn(crate::export::show_progress(
+                    format!("{} {source}", p.op),
+                    done.clone(),
+                    total.clone(),
+                )));
+            }
+        }
+    })
+}
+
+/// Stops a [`watch_progress`] display and ends its line on a terminal.
+fn end_progress(shown: Option<tokio::task::JoinHandle<()>>) {
+    if let Some(t) = shown {
+        t.abort();
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            eprintln!();
+        }
+    }
+}
+
 fn parse_size(s: &str) -> Result<u64, String> {
     bulwark_common::config::parse_size(s)
 }
@@ -1559,6 +1624,9 @@ fn source_json(s: &pb::SourceInfo) -> Value {
         "verify_result": s.verify_result,
         "group": s.group,
         "next_sync": if s.next_sync_ms > 0 { rfc3339_ms(s.next_sync_ms) } else { String::new() },
+        "progress": s.progress.as_ref().map(|p| json!({
+            "op": p.op, "done_bytes": p.done_bytes, "total_bytes": p.total_bytes,
+        })),
         "tracker": s.tracker, "warning": s.warning,
     })
 }

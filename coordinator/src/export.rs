@@ -45,7 +45,12 @@ pub async fn export(
     let node =
         NodeClient::new(channel).max_decoding_message_size(bulwark_common::MAX_MESSAGE_BYTES);
     let done = Arc::new(AtomicU64::new(0));
-    let ticker = tokio::spawn(show_progress(done.clone(), at.size_bytes));
+    let total = Arc::new(AtomicU64::new(at.size_bytes));
+    let ticker = tokio::spawn(show_progress(
+        format!("export {source}"),
+        done.clone(),
+        total,
+    ));
     let r = restore_point(source, point, to, Vec::new(), node, Some(done)).await;
     ticker.abort();
     if std::io::stderr().is_terminal() {
@@ -54,37 +59,48 @@ pub async fn export(
     r.map_err(|e| anyhow!("export of {source} from node {} failed: {e}", at.node))
 }
 
-/// Bytes, rate and time left: rewritten in place on a terminal, a plain line every
-/// 10 seconds otherwise.
-async fn show_progress(done: Arc<AtomicU64>, total: u64) {
-    let started = Instant::now();
+/// A progress bar with bytes, rate and time left, rewritten in place on a terminal;
+/// a plain line every 10 seconds otherwise. Runs until aborted; nothing is shown
+/// while `total` is 0 (not known yet).
+pub async fn show_progress(label: String, done: Arc<AtomicU64>, total: Arc<AtomicU64>) {
     let tty = std::io::stderr().is_terminal();
     let every = if tty {
         Duration::from_millis(250)
     } else {
         Duration::from_secs(10)
     };
+    // The rate is measured from the first figure seen (a remote operation may have
+    // started before this display).
+    let mut first: Option<(Instant, u64)> = None;
     loop {
         tokio::time::sleep(every).await;
-        let n = done.load(Ordering::Relaxed);
-        let secs = started.elapsed().as_secs_f64().max(0.001);
-        let rate = n as f64 / secs;
+        let (n, total) = (done.load(Ordering::Relaxed), total.load(Ordering::Relaxed));
+        if total == 0 {
+            continue;
+        }
+        let (t0, n0) = *first.get_or_insert((Instant::now(), n));
+        let secs = t0.elapsed().as_secs_f64().max(0.001);
+        let rate = n.saturating_sub(n0) as f64 / secs;
         let left = if rate > 0.0 {
             format!("{:.0} s left", total.saturating_sub(n) as f64 / rate)
         } else {
             "-".into()
         };
-        let line = format!(
+        let frac = (n as f64 / total as f64).clamp(0.0, 1.0);
+        let figures = format!(
             "{} of {} ({:.0}%), {}/s, {left}",
             format_size(n),
             format_size(total),
-            n as f64 * 100.0 / total.max(1) as f64,
+            frac * 100.0,
             format_size(rate as u64)
         );
         if tty {
-            eprint!("\r{line:<70}");
+            const WIDTH: usize = 24;
+            let filled = (frac * WIDTH as f64).round() as usize;
+            let bar = format!("{}{}", "#".repeat(filled), "-".repeat(WIDTH - filled));
+            eprint!("\r{label} [{bar}] {figures:<60}");
         } else {
-            eprintln!("{line}");
+            eprintln!("{label}: {figures}");
         }
     }
 }

@@ -350,6 +350,8 @@ pub struct Registry {
     connections: Mutex<HashMap<String, Connection>>,
     pending: Mutex<HashMap<u64, (String, oneshot::Sender<CommandOutcome>)>>,
     next_id: AtomicU64,
+    /// The latest progress each running operation reported, by source (memory only).
+    progress: Mutex<HashMap<String, (pb::OpProgress, std::time::Instant)>>,
 }
 
 fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>> {
@@ -391,6 +393,7 @@ impl Registry {
             connections: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            progress: Mutex::new(HashMap::new()),
         })
     }
 
@@ -1173,6 +1176,26 @@ impl Registry {
         a.ok_or_else(|| RegistryError::Unassigned(source.to_string(), rec.error.clone()))
     }
 
+    /// Keeps an agent's progress report of one of its own sources.
+    pub fn progress(&self, agent: &str, p: pb::OpProgress) {
+        if self.source(&p.source).is_ok_and(|s| s.agent == agent) {
+            lock(&self.progress).insert(p.source.clone(), (p, std::time::Instant::now()));
+        }
+    }
+
+    /// The progress of the operation running on `source`, if one reported lately.
+    pub fn current_progress(&self, source: &str) -> Option<pb::OpProgress> {
+        let mut map = lock(&self.progress);
+        match map.get(source) {
+            Some((p, at)) if at.elapsed() < Duration::from_secs(5) => Some(p.clone()),
+            Some(_) => {
+                map.remove(source);
+                None
+            }
+            None => None,
+        }
+    }
+
     /// Records what an agent said about a sync.
     pub fn sync_report(&self, agent: &str, r: &pb::SyncReport) -> Result<()> {
         let _g = lock(&self.placement);
@@ -1185,6 +1208,9 @@ impl Registry {
             });
         }
         s.inconsistent = r.inconsistent;
+        if r.result.is_some() || !r.error.is_empty() {
+            lock(&self.progress).remove(&r.source);
+        }
         match (&r.result, r.error.is_empty()) {
             (Some(res), _) => {
                 s.state = "ok".into();

@@ -510,6 +510,9 @@ async fn control_loop(
                 msg: Some(Msg::Result(r)),
             })) => registry.complete(&agent.name, r),
             Ok(Some(pb::AgentMessage {
+                msg: Some(Msg::Progress(p)),
+            })) => registry.progress(&agent.name, p),
+            Ok(Some(pb::AgentMessage {
                 msg: Some(Msg::Report(r)),
             })) => {
                 if let Err(e) = registry.sync_report(&agent.name, &r) {
@@ -696,7 +699,13 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
             .registry
             .sources()?
             .into_iter()
-            .map(source_info)
+            .map(|s| {
+                let progress = self.0.registry.current_progress(&s.name);
+                pb::SourceInfo {
+                    progress,
+                    ..source_info(s)
+                }
+            })
             .collect();
         Ok(Response::new(pb::ListSourcesResponse { sources }))
     }
@@ -1217,6 +1226,7 @@ impl CoordinatorService {
 /// A source for the CLI.
 fn source_info(s: crate::registry::SourceRecord) -> pb::SourceInfo {
     pb::SourceInfo {
+        progress: None,
         kind: if s.kind == "log" {
             pb::SourceKind::Log
         } else {

@@ -431,3 +431,53 @@ fn one_sync_is_one_trace_and_the_metrics_count_its_bytes() {
     assert!(parse_exposition("# TYPE bulwark_x counter\nbulwark_x{a=\"b} 1\n").is_err());
     fleet.stop_all();
 }
+
+/// A running sync's progress reaches the CLI: `sources --json` shows the agent's
+/// figures while `sync --wait` runs (the node is slowed so there is time to look).
+#[test]
+fn a_running_sync_reports_its_progress() {
+    let mut fleet = Fleet::builder()
+        .node("node-1")
+        .agent("host-1", "host-1-data", 16 * MIB)
+        .build();
+    fleet.coordinator().start();
+    fleet.wait_coordinator();
+    fleet
+        .node("node-1")
+        .start_with_env(&[("BULWARK_FAILPOINTS", "node-after-batch=sleep(250)")]);
+    fleet.wait_nodes_up(&["node-1".to_string()]);
+    fleet.agent("host-1").start();
+    fleet.wait_agents_connected(&["host-1".to_string()]);
+    let sync = fleet.cli_spawn(&["sync", "host-1-data", "--wait", "--json"]);
+    let seen = poll(
+        "progress in sources --json",
+        Duration::from_secs(30),
+        || {
+            let s = fleet.source_info("host-1-data");
+            let p = &s["progress"];
+            if p["op"] == "sync" && p["done_bytes"].as_u64().is_some_and(|d| d > 0) {
+                Ok(p.clone())
+            } else {
+                Err(format!("{s}"))
+            }
+        },
+    );
+    assert_eq!(seen["total_bytes"], 16 * MIB, "{seen}");
+    let out = sync
+        .wait(Duration::from_secs(60))
+        .expect("sync --wait ends");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Once done, no progress is shown.
+    poll("progress cleared", Duration::from_secs(10), || {
+        let s = fleet.source_info("host-1-data");
+        if s["progress"].is_null() {
+            Ok(())
+        } else {
+            Err(format!("{s}"))
+        }
+    });
+}
