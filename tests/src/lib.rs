@@ -15,6 +15,7 @@ pub mod bins;
 pub mod files;
 pub mod fleet;
 pub mod grpc;
+pub mod otlp;
 pub mod process;
 
 use std::future::Future;

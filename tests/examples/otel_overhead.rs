@@ -1,0 +1,102 @@
+//! Benchmark: sync throughput with OpenTelemetry export off and on (issue 7's
+//! target: under 3% apart). One volume file of random data; a fleet with export off
+//! and a fleet exporting to an OTLP collector in this process (tests/src/otlp.rs)
+//! with traces and metrics; each fleet runs full syncs of the same volume (a fresh
+//! source each time) and incremental syncs after scattered rewrites, alternating,
+//! several rounds. Prints each run and the medians.
+//!
+//! Run with `bash bench/otel-overhead.sh` (release binaries). Options:
+//! `--mib N` volume size (512), `--rounds N` (3).
+
+use std::path::Path;
+use std::time::Duration;
+
+use bulwark_tests::otlp::{Collector, start_collector};
+use bulwark_tests::{Fleet, MIB, json_u64};
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn start(volume: &Path, size: u64, env: &[(&str, &str)]) -> Fleet {
+    let mut fleet = Fleet::builder()
+        .node("node-1")
+        .agent_volume("host-1", "vol", volume, size)
+        .build();
+    fleet.coordinator().start_with_env(env);
+    fleet.wait_coordinator();
+    fleet.node("node-1").start_with_env(env);
+    fleet.wait_nodes_up(&["node-1".to_string()]);
+    fleet.agent("host-1").start_with_env(env);
+    fleet.wait_agents_connected(&["host-1".to_string()]);
+    fleet
+}
+
+fn mb_s(bytes: u64, ms: u64) -> f64 {
+    bytes as f64 / 1e6 / (ms.max(1) as f64 / 1000.0)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() {
+    let size = arg("--mib", 512) * MIB;
+    let rounds = arg("--rounds", 3);
+    let rt = bulwark_tests::runtime();
+    let collector = Collector::default();
+    let endpoint = start_collector(&rt, collector.clone());
+    let work = tempfile::Builder::new()
+        .prefix("bulwark-otel-bench-")
+        .tempdir_in("/var/tmp")
+        .expect("work dir");
+    let volume = work.path().join("volume.img");
+    bulwark_tests::write_random_file(&volume, size);
+    println!(
+        "volume {} MiB of random data; OTLP collector at {endpoint}\n",
+        size / MIB
+    );
+    println!(
+        "{:<6} {:<7} {:>12} {:>16}",
+        "round", "export", "full MB/s", "incremental ms"
+    );
+    let on_env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "1000"),
+    ];
+    let mut full = [Vec::new(), Vec::new()];
+    let mut incr = [Vec::new(), Vec::new()];
+    for round in 1..=rounds {
+        for (i, (label, env)) in [("off", &[][..]), ("on", &on_env[..])].iter().enumerate() {
+            let mut fleet = start(&volume, size, env);
+            let r = fleet.sync("vol");
+            let f = mb_s(json_u64(&r, "bytes_sent"), json_u64(&r, "duration_ms"));
+            bulwark_tests::rewrite_random_blocks(&volume, (size / 65536 / 100) as usize);
+            let r = fleet.sync("vol");
+            let ms = json_u64(&r, "duration_ms");
+            println!("{round:<6} {label:<7} {f:>12.1} {ms:>16}");
+            full[i].push(f);
+            incr[i].push(ms as f64);
+            fleet.stop_all();
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    let (off, on) = (median(&mut full[0]), median(&mut full[1]));
+    let (ioff, ion) = (median(&mut incr[0]), median(&mut incr[1]));
+    println!(
+        "\nmedian full sync: off {off:.1} MB/s, on {on:.1} MB/s ({:+.1}%)",
+        (on - off) / off * 100.0
+    );
+    println!(
+        "median incremental: off {ioff:.0} ms, on {ion:.0} ms ({:+.1}%)",
+        (ion - ioff) / ioff * 100.0
+    );
+    let spans = collector.0.lock().map(|r| r.spans.len()).unwrap_or(0);
+    println!("spans received by the collector: {spans}");
+}
