@@ -29,6 +29,59 @@ pub mod tls;
 /// The version every binary reports to its peers.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// Whether a coordinator or node at version `server` serves a peer (agent, or a
+/// node registering) at version `peer`, both `MAJOR.MINOR.PATCH`: the same major,
+/// and the server at the peer's minor version or one newer. So a fleet upgrades
+/// coordinator first, then nodes, then agents, one minor version at a time, and
+/// never has to stop everything at once. The error says which side to upgrade.
+pub fn compatible(server: &str, peer: &str) -> Result<(), String> {
+    let parse = |v: &str| -> Option<(u64, u64)> {
+        let mut it = v.trim().split('.');
+        let major = it.next()?.parse().ok()?;
+        let minor = it.next()?.parse().ok()?;
+        Some((major, minor))
+    };
+    let (Some((sm, sn)), Some((pm, pn))) = (parse(server), parse(peer)) else {
+        return Err(format!(
+            "version \"{peer}\" is not MAJOR.MINOR.PATCH (this side is {server})"
+        ));
+    };
+    if sm != pm || pn > sn {
+        return Err(format!(
+            "version {peer} is newer than this {server}: upgrade the coordinator, then the nodes, before the agents"
+        ));
+    }
+    if sn - pn > 1 {
+        return Err(format!(
+            "version {peer} is more than one minor version older than this {server}: upgrade it (one minor version at a time)"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod version_tests {
+    use super::compatible;
+
+    #[test]
+    fn one_minor_version_of_skew_is_served() {
+        assert!(compatible("0.2.3", "0.2.0").is_ok());
+        assert!(compatible("0.2.3", "0.1.9").is_ok());
+        assert!(
+            compatible("0.2.0", "0.0.9")
+                .unwrap_err()
+                .contains("more than one minor")
+        );
+        assert!(compatible("0.1.0", "0.2.0").unwrap_err().contains("newer"));
+        assert!(compatible("1.0.0", "0.9.0").is_err());
+        assert!(
+            compatible("0.1.0", "banana")
+                .unwrap_err()
+                .contains("MAJOR.MINOR")
+        );
+    }
+}
+
 /// Largest gRPC message any Bulwark server or client accepts. Extent batches are at
 /// most [`block::MAX_BATCH_BYTES`] of payload, so anything near this is malformed.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;

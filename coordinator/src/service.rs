@@ -548,6 +548,13 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
         let node = require(&req, "RegisterNode", &[Role::Node])?;
         let r = req.into_inner();
         Target::parse(&r.address).map_err(Status::invalid_argument)?;
+        if let Err(why) = bulwark_common::compatible(bulwark_common::VERSION, &r.version) {
+            tracing::warn!(%node, version = %r.version, "refused: {why}");
+            return Err(Status::failed_precondition(format!(
+                "node {}: {why}",
+                node.name
+            )));
+        }
         self.0.registry.register_node(&node.name, &r)?;
         Ok(Response::new(pb::RegisterNodeResponse {
             assignments: self.0.registry.assignments_of(&node.name)?,
@@ -611,6 +618,13 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
                 ));
             }
         };
+        if let Err(why) = bulwark_common::compatible(bulwark_common::VERSION, &hello.version) {
+            tracing::warn!(%agent, version = %hello.version, "refused: {why}");
+            return Err(Status::failed_precondition(format!(
+                "agent {}: {why}",
+                agent.name
+            )));
+        }
         let registry = self.0.registry.clone();
         let sources = registry.hello(&agent.name, &hello)?;
         if let Some(t) = expiry {

@@ -140,4 +140,3 @@ pub fn start_collector(rt: &tokio::runtime::Runtime, c: Collector) -> String {
     });
     format!("http://{addr}")
 }
-

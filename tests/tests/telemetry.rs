@@ -10,8 +10,8 @@ use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use bulwark_tests::{Fleet, MIB, json_u64, poll};
 use bulwark_tests::otlp::{Collector, Span, start_collector};
+use bulwark_tests::{Fleet, MIB, json_u64, poll};
 
 /// GET `path` from `addr` over plain HTTP/1.1; returns status line and body.
 fn http_get(addr: &str, path: &str) -> (String, String) {
