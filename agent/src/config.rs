@@ -23,7 +23,6 @@ pub struct AgentToml {
     /// The data sources this agent protects.
     #[serde(default)]
     pub sources: Vec<SourceToml>,
-    /// The fleet CA and this agent's certificate.
     /// OTLP/gRPC endpoint for traces and metrics (`http://127.0.0.1:4317`);
     /// `OTEL_EXPORTER_OTLP_ENDPOINT` wins. Unset: no export.
     #[serde(default)]
@@ -31,6 +30,7 @@ pub struct AgentToml {
     /// Serve Prometheus text at `http://ADDR/metrics` (`127.0.0.1:9464`). Unset: off.
     #[serde(default)]
     pub metrics_listen: Option<String>,
+    /// The fleet CA and this agent's certificate.
     pub tls: TlsFiles,
 }
 

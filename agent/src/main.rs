@@ -9,14 +9,20 @@ use clap::Parser;
 /// Bulwark agent: protects this host's volumes by sending their changed blocks to a
 /// storage node, and restores recovery points on command. Dials out only.
 #[derive(Parser)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about = None, subcommand_negates_reqs = true)]
 struct Args {
     #[command(flatten)]
     daemon: DaemonArgs,
+    #[command(subcommand)]
+    command: Option<daemon::DaemonCommand>,
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse().daemon;
+    let parsed = Args::parse();
+    if let Some(daemon::DaemonCommand::Enroll(e)) = parsed.command {
+        return daemon::enroll("bulwark-agent", bulwark_common::tls::Role::Agent, e);
+    }
+    let args = parsed.daemon;
     daemon::main(
         "bulwark-agent",
         args,

@@ -660,6 +660,13 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         cfg,
     });
     tracing::info!(agent = %agent.cfg.name, sources = agent.cfg.sources.len(), "agent started");
+    tokio::spawn(bulwark_common::enroll::renewal_loop(
+        identity.clone(),
+        agent.cfg.tls.clone(),
+        agent.coordinator.clone(),
+        Duration::from_secs(3600),
+        shutdown.clone(),
+    ));
     for s in agent.cfg.sources.clone() {
         // A log source ships on its own interval, in a group or not.
         if let Some(g) = &s.group

@@ -267,6 +267,11 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     /// PEM private key of `cert` (mode 0600).
     pub key: PathBuf,
+    /// Nodes and agents renew their certificate through the coordinator (when it
+    /// has `[enrollment]`) once less than this is left (`30d`). Optional; default:
+    /// a third of the certificate's validity.
+    #[serde(default)]
+    pub renew_before: Option<HumanDuration>,
 }
 
 impl TlsFiles {

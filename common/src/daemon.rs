@@ -18,8 +18,8 @@ use crate::telemetry::{self, LogFormat};
 #[derive(Debug, clap::Args)]
 pub struct DaemonArgs {
     /// Path of the daemon's TOML config (see deploy/examples/).
-    #[arg(long, short)]
-    pub config: PathBuf,
+    #[arg(long, short, required = true)]
+    pub config: Option<PathBuf>,
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -44,7 +44,11 @@ where
     F: Future<Output = Result<(), E>>,
     E: Display,
 {
-    let cfg = match load(&args.config) {
+    let Some(config_path) = args.config.clone() else {
+        eprintln!("{binary}: --config FILE is required");
+        return ExitCode::from(2);
+    };
+    let cfg = match load(&config_path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{binary}: {e}");
@@ -76,7 +80,7 @@ where
             let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
                 format!(
                     "cannot listen on {addr} (key `metrics_listen` in {}): {e}",
-                    args.config.display()
+                    config_path.display()
                 )
             })?;
             tracing::info!(%addr, "serving Prometheus metrics at /metrics");
@@ -90,6 +94,80 @@ where
     }
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{binary}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `bulwark-agent enroll` / `bulwark-node enroll`.
+#[derive(Debug, clap::Subcommand)]
+pub enum DaemonCommand {
+    /// Get this host's certificate with a one-time token (`bulwark token create`):
+    /// the key is made here and never leaves; the coordinator signs a request for
+    /// it. Writes DIR/ca.crt, DIR/NAME.crt and DIR/NAME.key (0600).
+    Enroll(EnrollArgs),
+}
+
+/// Arguments of `enroll`.
+#[derive(Debug, clap::Args)]
+pub struct EnrollArgs {
+    /// The coordinator's enrollment address (`https://host:7442`, its
+    /// `[enrollment] listen`).
+    #[arg(long)]
+    pub coordinator: String,
+    /// The token (or set BULWARK_TOKEN, which keeps it out of the process list).
+    #[arg(long, env = "BULWARK_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// Where to write the files.
+    #[arg(long, default_value = "/etc/bulwark/pki")]
+    pub dir: PathBuf,
+    /// Nodes: a DNS name agents dial (repeatable).
+    #[arg(long)]
+    pub dns: Vec<String>,
+    /// Nodes: an IP address agents dial (repeatable).
+    #[arg(long)]
+    pub ip: Vec<String>,
+}
+
+/// Runs `enroll` for a process of `role`; prints what it wrote and the `[tls]`
+/// table to put in the config.
+pub fn enroll(binary: &str, role: crate::tls::Role, args: EnrollArgs) -> ExitCode {
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{binary}: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(crate::enroll::enroll(
+        &args.coordinator,
+        &args.token,
+        role,
+        &args.dir,
+        args.dns,
+        args.ip,
+    )) {
+        Ok(e) => {
+            println!("enrolled as {role} {}; wrote:", e.name);
+            println!(
+                "  {}
+  {}
+  {} (private, 0600)",
+                e.ca.display(),
+                e.cert.display(),
+                e.key.display()
+            );
+            println!("\nin the config (name = \"{}\"):\n[tls]", e.name);
+            println!(
+                "ca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"",
+                e.ca.display(),
+                e.cert.display(),
+                e.key.display()
+            );
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("{binary}: {e}");
             ExitCode::FAILURE

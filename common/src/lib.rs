@@ -15,6 +15,7 @@ pub mod alloc;
 pub mod block;
 pub mod config;
 pub mod daemon;
+pub mod enroll;
 pub mod failpoint;
 pub mod metrics;
 pub mod nbd;

@@ -182,26 +182,12 @@ pub fn trust_domain_of_ca(ca_pem_path: &Path) -> Result<String, PkiError> {
         })
 }
 
-/// Signs a certificate for one process with the CA in `dir`; writes `dir/N.crt` and
-/// `dir/N.key`.
-pub fn issue(dir: &Path, req: &LeafRequest) -> Result<Issued, PkiError> {
-    if !valid_name(&req.name) {
-        return Err(PkiError::Name(req.name.clone()));
-    }
-    let (ca_crt, ca_key) = ca_paths(dir);
-    let trust_domain = trust_domain_of_ca(&ca_crt)?;
-    let ca_pem = fs::read_to_string(&ca_crt).map_err(io_err(&ca_crt))?;
-    let ca_key_pem = fs::read_to_string(&ca_key).map_err(io_err(&ca_key))?;
-    let ca_key_pair = KeyPair::from_pem(&ca_key_pem)?;
-    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key_pair)?;
-
-    let cert_path = dir.join(format!("{}.crt", req.name));
-    let key_path = dir.join(format!("{}.key", req.name));
-    for p in [&cert_path, &key_path] {
-        if p.exists() {
-            return Err(PkiError::Exists { path: p.clone() });
-        }
-    }
+/// The certificate of one process: URI SAN `spiffe://<td>/<role>/<name>` plus the
+/// DNS names and addresses asked for, server and client use, `days` of validity.
+fn leaf_params(
+    trust_domain: &str,
+    req: &LeafRequest,
+) -> Result<(CertificateParams, String), PkiError> {
     let spiffe_id = format!("spiffe://{trust_domain}/{}/{}", req.role, req.name);
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -236,6 +222,86 @@ pub fn issue(dir: &Path, req: &LeafRequest) -> Result<Issued, PkiError> {
         params.not_before = now + time::Duration::days(req.days - 1);
         params.not_after = now + time::Duration::days(req.days);
     }
+    Ok((params, spiffe_id))
+}
+
+/// The fleet CA's fingerprint as enrollment tokens carry it: BLAKE3 of the first
+/// certificate's DER, hex.
+pub fn ca_fingerprint(ca_pem: &[u8]) -> Result<String, String> {
+    let ders = crate::tls::parse_certs_pem(ca_pem)?;
+    let der = ders.first().ok_or("no certificate")?;
+    Ok(blake3::hash(der.as_ref()).to_hex().to_string())
+}
+
+/// A new key and a certificate signing request for it (PEM): the host's side of
+/// enrollment and renewal. The CA decides the names; the CSR only carries the key.
+pub fn make_csr() -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate()?;
+    let csr = CertificateParams::default().serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.pem()?))
+}
+
+/// Signs certificates with the fleet CA's key (the coordinator, when enrollment is
+/// on).
+pub struct Signer {
+    issuer: Issuer<'static, KeyPair>,
+    pub trust_domain: String,
+    pub ca_pem: String,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Signer({})", self.trust_domain)
+    }
+}
+
+impl Signer {
+    /// Loads the CA certificate and key.
+    pub fn load(ca_crt: &Path, ca_key: &Path) -> Result<Signer, PkiError> {
+        let trust_domain = trust_domain_of_ca(ca_crt)?;
+        let ca_pem = fs::read_to_string(ca_crt).map_err(io_err(ca_crt))?;
+        let key_pem = fs::read_to_string(ca_key).map_err(io_err(ca_key))?;
+        let issuer = Issuer::from_ca_cert_pem(&ca_pem, KeyPair::from_pem(&key_pem)?)?;
+        Ok(Signer {
+            issuer,
+            trust_domain,
+            ca_pem,
+        })
+    }
+
+    /// Signs the key of `csr_pem` as `req` says (names and SANs come from `req`,
+    /// never from the CSR); returns the certificate PEM.
+    pub fn sign_csr(&self, csr_pem: &str, req: &LeafRequest) -> Result<String, PkiError> {
+        if !valid_name(&req.name) {
+            return Err(PkiError::Name(req.name.clone()));
+        }
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+        let (params, _) = leaf_params(&self.trust_domain, req)?;
+        Ok(params.signed_by(&csr.public_key, &self.issuer)?.pem())
+    }
+}
+
+/// Signs a certificate for one process with the CA in `dir`; writes `dir/N.crt` and
+/// `dir/N.key`.
+pub fn issue(dir: &Path, req: &LeafRequest) -> Result<Issued, PkiError> {
+    if !valid_name(&req.name) {
+        return Err(PkiError::Name(req.name.clone()));
+    }
+    let (ca_crt, ca_key) = ca_paths(dir);
+    let trust_domain = trust_domain_of_ca(&ca_crt)?;
+    let ca_pem = fs::read_to_string(&ca_crt).map_err(io_err(&ca_crt))?;
+    let ca_key_pem = fs::read_to_string(&ca_key).map_err(io_err(&ca_key))?;
+    let ca_key_pair = KeyPair::from_pem(&ca_key_pem)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key_pair)?;
+
+    let cert_path = dir.join(format!("{}.crt", req.name));
+    let key_path = dir.join(format!("{}.key", req.name));
+    for p in [&cert_path, &key_path] {
+        if p.exists() {
+            return Err(PkiError::Exists { path: p.clone() });
+        }
+    }
+    let (params, spiffe_id) = leaf_params(&trust_domain, req)?;
     let key_pair = KeyPair::generate()?;
     let cert = params.signed_by(&key_pair, &issuer)?;
     write_private(&key_path, &key_pair.serialize_pem())?;

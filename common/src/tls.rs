@@ -136,6 +136,41 @@ pub fn spiffe_uri(der: &[u8]) -> Result<String, String> {
         .ok_or_else(|| "certificate has no URI SAN".to_string())
 }
 
+/// When a DER certificate becomes valid, in Unix milliseconds.
+pub fn not_before_ms(der: &[u8]) -> Result<i64, String> {
+    use x509_parser::prelude::*;
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| format!("unreadable certificate: {e}"))?;
+    Ok(cert.validity().not_before.timestamp() * 1000)
+}
+
+/// The DNS names and IP addresses among a DER certificate's SANs.
+pub fn dns_and_ip_sans(der: &[u8]) -> (Vec<String>, Vec<String>) {
+    use x509_parser::prelude::*;
+    let mut dns = Vec::new();
+    let mut ips = Vec::new();
+    if let Ok((_, cert)) = X509Certificate::from_der(der)
+        && let Ok(Some(san)) = cert.subject_alternative_name()
+    {
+        for n in &san.value.general_names {
+            match n {
+                GeneralName::DNSName(d) => dns.push(d.to_string()),
+                GeneralName::IPAddress(b) => match b.len() {
+                    4 => ips.push(std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]).to_string()),
+                    16 => {
+                        let mut a = [0u8; 16];
+                        a.copy_from_slice(b);
+                        ips.push(std::net::Ipv6Addr::from(a).to_string());
+                    }
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+    }
+    (dns, ips)
+}
+
 /// When a DER certificate expires, in Unix milliseconds.
 pub fn not_after_ms(der: &[u8]) -> Result<i64, String> {
     use x509_parser::prelude::*;
@@ -187,8 +222,13 @@ pub enum TlsError {
 #[derive(Clone)]
 pub struct TlsIdentity {
     roots: Arc<RootCertStore>,
+    /// The CA certificates as loaded (sent along on the enrollment listener).
+    ca_certs: Vec<CertificateDer<'static>>,
     chain: Vec<CertificateDer<'static>>,
     key: Arc<PrivateKeyDer<'static>>,
+    /// The certificate and key every configuration made from this identity presents:
+    /// [`TlsIdentity::reload`] swaps it (renewal without a restart).
+    current: Arc<CurrentCert>,
     /// Trust domain of the fleet CA.
     pub trust_domain: String,
     /// This process, as its certificate names it.
@@ -220,6 +260,7 @@ impl TlsIdentity {
             path: path.display().to_string(),
             message,
         };
+        finish_interrupted_renewal(files);
         let ca_pem = read("CA certificate", &files.ca)?;
         let cert_pem = read("certificate", &files.cert)?;
         let key_pem = read("private key", &files.key)?;
@@ -234,15 +275,21 @@ impl TlsIdentity {
         let me = Identity::from_cert(chain[0].as_ref(), &trust_domain)
             .map_err(|m| invalid("certificate", &files.cert, m))?;
         let mut roots = RootCertStore::empty();
+        let ca_certs = ca.clone();
         for c in ca {
             roots
                 .add(c)
                 .map_err(|e| invalid("CA certificate", &files.ca, e.to_string()))?;
         }
+        let certified =
+            rustls::sign::CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider())
+                .map_err(|e| invalid("certificate/key pair", &files.cert, e.to_string()))?;
         let id = TlsIdentity {
             roots: Arc::new(roots),
+            ca_certs,
             chain,
             key: Arc::new(key),
+            current: Arc::new(CurrentCert(std::sync::RwLock::new(Arc::new(certified)))),
             trust_domain,
             me,
         };
@@ -250,6 +297,40 @@ impl TlsIdentity {
         id.server_config()
             .map_err(|e| invalid("certificate/key pair", &files.cert, e.to_string()))?;
         Ok(id)
+    }
+
+    /// Loads the renewed certificate and key from `files` and presents them from
+    /// now on, in every server and client configuration made from this identity
+    /// (connections already open keep theirs). The new certificate must name the
+    /// same role and process and come from the same CA.
+    pub fn reload(&self, files: &TlsFiles) -> Result<(), TlsError> {
+        let fresh = TlsIdentity::load(files)?;
+        if fresh.me != self.me || fresh.trust_domain != self.trust_domain {
+            return Err(TlsError::Invalid {
+                what: "certificate",
+                path: files.cert.display().to_string(),
+                message: format!("it is for {}, this process is {}", fresh.me, self.me),
+            });
+        }
+        let next = fresh
+            .current
+            .0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        *self.current.0.write().unwrap_or_else(|e| e.into_inner()) = next;
+        Ok(())
+    }
+
+    /// The certificate presented now (DER of the leaf).
+    pub fn current_cert(&self) -> CertificateDer<'static> {
+        let c = self
+            .current
+            .0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        c.cert[0].clone()
     }
 
     /// Loads the `[tls]` files of a daemon that must hold a `role` certificate (named
@@ -284,7 +365,22 @@ impl TlsIdentity {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TlsError::Config(e.to_string()))?
             .with_client_cert_verifier(verifier)
-            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .with_cert_resolver(self.current.clone());
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(cfg))
+    }
+
+    /// The enrollment listener: TLS 1.3, no client certificate (the host has none
+    /// yet), and the CA sent after this certificate so the host can check it against
+    /// the fingerprint in its token.
+    pub fn enrollment_server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        let mut chain = self.chain.clone();
+        chain.extend(self.ca_certs.iter().cloned());
+        let mut cfg = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(chain, self.key.clone_key())
             .map_err(|e| TlsError::Config(e.to_string()))?;
         cfg.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Arc::new(cfg))
@@ -307,10 +403,58 @@ impl TlsIdentity {
             .map_err(|e| TlsError::Config(e.to_string()))?
             .dangerous()
             .with_custom_certificate_verifier(verifier)
-            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
-            .map_err(|e| TlsError::Config(e.to_string()))?;
+            .with_client_cert_resolver(self.current.clone());
         cfg.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Arc::new(cfg))
+    }
+}
+
+/// A renewal writes `CERT.bulwark-new` and `KEY.bulwark-new`, renames the key, then
+/// the certificate. Interrupted between the renames, the key is new and the
+/// certificate still waits in `CERT.bulwark-new`: finish the rename when that file
+/// matches the key (and leave everything alone otherwise).
+fn finish_interrupted_renewal(files: &TlsFiles) {
+    let pending = crate::enroll::pending_path(&files.cert);
+    let (Ok(cert_pem), Ok(key_pem)) = (std::fs::read(&pending), std::fs::read(&files.key)) else {
+        return;
+    };
+    let (Ok(chain), Ok(Some(key))) = (
+        parse_certs_pem(&cert_pem),
+        rustls_pemfile::private_key(&mut &key_pem[..]),
+    ) else {
+        return;
+    };
+    let matches = rustls::sign::CertifiedKey::from_der(chain, key, &provider())
+        .is_ok_and(|c| c.keys_match().is_ok());
+    if matches && std::fs::rename(&pending, &files.cert).is_ok() {
+        tracing::warn!(cert = %files.cert.display(), "finished a certificate renewal a crash interrupted");
+    }
+}
+
+/// The certificate and key a process presents now (see [`TlsIdentity::reload`]).
+#[derive(Debug)]
+struct CurrentCert(std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>);
+
+impl rustls::server::ResolvesServerCert for CurrentCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for CurrentCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
     }
 }
 

@@ -150,6 +150,7 @@ impl Fleet {
             ca: ca.join("ca.crt"),
             cert: ca.join(format!("{client}.crt")),
             key: ca.join(format!("{client}.key")),
+            renew_before: None,
         })
         .unwrap()
     }
@@ -171,6 +172,7 @@ fn issue(ca_dir: &Path, role: Role, name: &str) -> TlsFiles {
         ca: ca_dir.join("ca.crt"),
         cert: issued.cert,
         key: issued.key,
+        renew_before: None,
     }
 }
 

@@ -203,6 +203,9 @@ pub enum Command {
     /// Protection groups: a sync schedule and retention shared by data sources.
     #[command(subcommand)]
     Group(GroupCommand),
+    /// One-time enrollment tokens (the coordinator needs an [enrollment] table).
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Move every data source off a node (it gets no new ones from now on); waits
     /// until the moves are done. Each move copies replica and points node to node,
     /// verifies every checksum, then switches the source with a new epoch.
@@ -312,6 +315,27 @@ fn parse_time_of_day(s: &str) -> Result<u32, String> {
         return Err(bad());
     }
     Ok(h * 60 + m)
+}
+
+/// `bulwark token`.
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Make a one-time token with which a host gets its certificate
+    /// (`bulwark-agent enroll --coordinator https://HOST:7442 --token T`): it is
+    /// printed once and can be used once, before it expires.
+    Create {
+        /// `agent` or `node`.
+        #[arg(long)]
+        role: String,
+        /// The name the certificate will carry (the agent's or node's `name`).
+        #[arg(long)]
+        name: String,
+        /// How long the token may be used (`1h`).
+        #[arg(long, value_parser = parse_duration_ms, default_value = "1h")]
+        ttl: u64,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn parse_duration_ms(s: &str) -> Result<u64, String> {
@@ -487,6 +511,7 @@ fn conn_files(c: &ConnArgs) -> anyhow::Result<(String, TlsFiles)> {
         )
     })?;
     let files = TlsFiles {
+        renew_before: None,
         ca: c
             .ca
             .clone()
@@ -1196,6 +1221,35 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Group(g) => group_command(&mut admin, g).await?,
+        Command::Token(TokenCommand::Create {
+            role,
+            name,
+            ttl,
+            json,
+        }) => {
+            let r = admin
+                .client
+                .create_token(pb::CreateTokenRequest {
+                    role: role.clone(),
+                    name: name.clone(),
+                    ttl_ms: ttl,
+                })
+                .await
+                .map_err(|s| admin.err(s))?
+                .into_inner();
+            if json {
+                print_json(&json!({
+                    "token": r.token, "role": role, "name": name,
+                    "expires_at": rfc3339_ms(r.expires_at_ms),
+                }))?;
+            } else {
+                println!("{}", r.token);
+                eprintln!(
+                    "one-time token for {role} {name}, valid until {}",
+                    rfc3339_ms(r.expires_at_ms)
+                );
+            }
+        }
         Command::Status(a) => status(&mut admin, a.json).await?,
         Command::Drain { node, json } => {
             let r = admin

@@ -31,7 +31,6 @@ pub struct CoordinatorToml {
     /// turn. Optional; default 4.
     #[serde(default = "default_max_syncs")]
     pub max_syncs_per_node: u32,
-    /// The fleet CA and the coordinator's certificate.
     /// OTLP/gRPC endpoint for traces and metrics (`http://127.0.0.1:4317`);
     /// `OTEL_EXPORTER_OTLP_ENDPOINT` wins. Unset: no export.
     #[serde(default)]
@@ -39,7 +38,38 @@ pub struct CoordinatorToml {
     /// Serve Prometheus text at `http://ADDR/metrics` (`127.0.0.1:9464`). Unset: off.
     #[serde(default)]
     pub metrics_listen: Option<String>,
+    /// The fleet CA and the coordinator's certificate.
     pub tls: TlsFiles,
+    /// `[enrollment]`: hosts enroll with one-time tokens instead of copied keys.
+    #[serde(default)]
+    pub enrollment: Option<EnrollmentToml>,
+}
+
+/// `[enrollment]` of coordinator.toml.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollmentToml {
+    /// Address of the enrollment listener (server-authenticated TLS only; it serves
+    /// nothing but Enroll), e.g. `0.0.0.0:7442`.
+    pub listen: String,
+    /// The fleet CA's private key: the coordinator signs enrolled and renewed
+    /// certificates with it. Keep it 0600, owned by the coordinator's user.
+    pub ca_key: PathBuf,
+    /// Validity of the certificates it signs (`90d`). Optional; default 90 days.
+    #[serde(default = "default_cert_validity")]
+    pub cert_validity: HumanDuration,
+}
+
+fn default_cert_validity() -> HumanDuration {
+    HumanDuration(Duration::from_secs(90 * 24 * 3600))
+}
+
+/// Checked `[enrollment]`.
+#[derive(Debug, Clone)]
+pub struct EnrollmentConfig {
+    pub listen: SocketAddr,
+    pub ca_key: PathBuf,
+    pub cert_days: i64,
 }
 
 fn default_max_syncs() -> u32 {
@@ -72,6 +102,7 @@ pub struct CoordinatorConfig {
     /// OpenTelemetry export and the Prometheus endpoint.
     pub telemetry: bulwark_common::config::TelemetryConfig,
     pub tls: TlsFiles,
+    pub enrollment: Option<EnrollmentConfig>,
 }
 
 impl CoordinatorConfig {
@@ -112,6 +143,30 @@ impl CoordinatorConfig {
                 t.metrics_listen,
             )?,
             tls: t.tls.relative_to(path),
+            enrollment: match t.enrollment {
+                None => None,
+                Some(e) => Some(EnrollmentConfig {
+                    listen: e.listen.parse().map_err(|_| {
+                        ConfigError::invalid(
+                            path,
+                            "enrollment.listen",
+                            format!("\"{}\" is not host:port", e.listen),
+                        )
+                    })?,
+                    ca_key: resolve(path, &e.ca_key),
+                    cert_days: {
+                        let days = e.cert_validity.0.as_secs() / 86_400;
+                        if days < 1 {
+                            return Err(ConfigError::invalid(
+                                path,
+                                "enrollment.cert_validity",
+                                "must be at least 1d".to_string(),
+                            ));
+                        }
+                        days as i64
+                    },
+                }),
+            },
         })
     }
 }

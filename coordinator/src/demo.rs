@@ -154,6 +154,7 @@ async fn demo(dir: &Path) -> anyhow::Result<()> {
         ca: pki.join("ca.crt"),
         cert: pki.join("admin.crt"),
         key: pki.join("admin.key"),
+        renew_before: None,
     };
     let mut admin = Admin::connect(&coordinator_url, &files).await?;
     let mut c = admin.client.clone();

@@ -9,6 +9,7 @@
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod enroll;
 pub mod export;
 pub mod placement;
 pub mod registry;

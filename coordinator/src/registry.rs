@@ -397,6 +397,11 @@ impl Registry {
         })
     }
 
+    /// Another tree of the registry's database (enrollment tokens).
+    pub fn tree(&self, name: &str) -> Result<sled::Tree> {
+        Ok(self.db.open_tree(name)?)
+    }
+
     /// Makes every write so far durable.
     pub fn flush(&self) -> Result<()> {
         self.db.flush()?;

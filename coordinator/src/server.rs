@@ -26,15 +26,52 @@ pub async fn run(
             .await?
             .context("cannot open the registry")?,
     );
-    let svc = Arc::new(
-        CoordinatorService::new(
-            registry.clone(),
-            identity.client_config(Role::Node)?,
+    let mut svc = CoordinatorService::new(
+        registry.clone(),
+        identity.client_config(Role::Node)?,
+        shutdown.clone(),
+    )
+    .with_rebalance_spread(cfg.rebalance_spread)
+    .with_max_syncs_per_node(cfg.max_syncs_per_node);
+    if let Some(e) = &cfg.enrollment {
+        let enroller = Arc::new(
+            crate::enroll::Enroller::new(
+                registry.tree("tokens")?,
+                &cfg.tls.ca,
+                &e.ca_key,
+                e.cert_days,
+            )
+            .with_context(|| {
+                format!(
+                    "enrollment: cannot load the CA key {} (key `enrollment.ca_key`)",
+                    e.ca_key.display()
+                )
+            })?,
+        );
+        svc = svc.with_enroller(enroller.clone());
+        let listener = tokio::net::TcpListener::bind(e.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (key `enrollment.listen`)", e.listen))?;
+        tracing::info!(listen = %e.listen, "enrollment listening");
+        let incoming = tls::incoming(
+            listener,
+            identity.enrollment_server_config()?,
             shutdown.clone(),
-        )
-        .with_rebalance_spread(cfg.rebalance_spread)
-        .with_max_syncs_per_node(cfg.max_syncs_per_node),
-    );
+        );
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = tls::server_builder()
+                .add_service(pb::enrollment_server::EnrollmentServer::new(
+                    crate::enroll::EnrollmentApi(enroller),
+                ))
+                .serve_with_incoming_shutdown(incoming, stop.cancelled())
+                .await
+            {
+                tracing::error!("enrollment listener failed: {e}");
+            }
+        });
+    }
+    let svc = Arc::new(svc);
     tokio::spawn(schedule_loop(svc.clone(), shutdown.clone()));
     tokio::spawn(moves_loop(svc.clone(), shutdown.clone()));
     let own_expiry = std::fs::read(&cfg.tls.cert)

@@ -34,6 +34,8 @@ pub struct CoordinatorService {
     scheduled: Arc<Mutex<HashMap<String, String>>>,
     /// Most scheduled syncs one node runs at once.
     max_syncs_per_node: u32,
+    /// Tokens and the CA key, when `[enrollment]` is configured.
+    enroller: Option<Arc<crate::enroll::Enroller>>,
 }
 
 impl CoordinatorService {
@@ -53,7 +55,22 @@ impl CoordinatorService {
             rebalance_spread: 0.10,
             scheduled: Arc::new(Mutex::new(HashMap::new())),
             max_syncs_per_node: 4,
+            enroller: None,
         }
+    }
+
+    /// Turns on enrollment and renewal.
+    pub fn with_enroller(mut self, e: Arc<crate::enroll::Enroller>) -> Self {
+        self.enroller = Some(e);
+        self
+    }
+
+    fn enroller(&self) -> Result<&crate::enroll::Enroller, Status> {
+        self.enroller.as_deref().ok_or_else(|| {
+            Status::failed_precondition(
+                "enrollment is off on this coordinator: add an [enrollment] table (listen, ca_key) to its config",
+            )
+        })
     }
 
     /// Sets the most scheduled syncs one node runs at once.
@@ -701,6 +718,33 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
             })
             .collect();
         Ok(Response::new(pb::ListAgentsResponse { agents }))
+    }
+
+    async fn create_token(
+        &self,
+        req: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let admin = require(&req, "CreateToken", &[Role::Admin])?;
+        let r = req.into_inner();
+        let (token, expires_at_ms) = self.0.enroller()?.create(&r.role, &r.name, r.ttl_ms)?;
+        tracing::info!(%admin, role = %r.role, name = %r.name, "token issued");
+        Ok(Response::new(pb::CreateTokenResponse {
+            token,
+            expires_at_ms,
+        }))
+    }
+
+    async fn renew(
+        &self,
+        req: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::RenewResponse>, Status> {
+        let caller = require(&req, "Renew", &[Role::Node, Role::Agent])?;
+        let r = req.into_inner();
+        Ok(Response::new(self.0.enroller()?.renew(
+            caller.role,
+            &caller.name,
+            &r,
+        )?))
     }
 
     async fn list_sources(

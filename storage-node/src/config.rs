@@ -36,7 +36,6 @@ pub struct NodeToml {
     pub heartbeat_interval: HumanDuration,
     /// The storage pool.
     pub pool: PoolToml,
-    /// The fleet CA and this node's certificate.
     /// OTLP/gRPC endpoint for traces and metrics (`http://127.0.0.1:4317`);
     /// `OTEL_EXPORTER_OTLP_ENDPOINT` wins. Unset: no export.
     #[serde(default)]
@@ -44,6 +43,7 @@ pub struct NodeToml {
     /// Serve Prometheus text at `http://ADDR/metrics` (`127.0.0.1:9464`). Unset: off.
     #[serde(default)]
     pub metrics_listen: Option<String>,
+    /// The fleet CA and this node's certificate.
     pub tls: TlsFiles,
 }
 

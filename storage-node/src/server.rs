@@ -39,6 +39,13 @@ pub async fn run(
     let coordinator = CoordinatorClient::new(channel)
         .max_decoding_message_size(bulwark_common::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(bulwark_common::MAX_MESSAGE_BYTES);
+    tokio::spawn(bulwark_common::enroll::renewal_loop(
+        identity.clone(),
+        cfg.tls.clone(),
+        coordinator.clone(),
+        std::time::Duration::from_secs(3600),
+        shutdown.clone(),
+    ));
     let svc = Arc::new(
         NodeService::new(
             cfg.name.clone(),

@@ -162,6 +162,7 @@ fn main() {
                     ca: fleet.pki().ca(),
                     cert: issued.cert,
                     key: issued.key,
+                    renew_before: None,
                 },
             )
         })

@@ -103,6 +103,7 @@ impl Pki {
             ca: self.ca(),
             cert: self.dir.join(format!("{name}.crt")),
             key: self.dir.join(format!("{name}.key")),
+            renew_before: None,
         }
     }
 

@@ -201,6 +201,7 @@ fn refuses_a_certificate_from_another_ca() {
         ca: fleet.pki().ca(),
         cert: foreign.cert,
         key: foreign.key,
+        renew_before: None,
     };
     let (_, stderr) = fleet.cli_expect_fail_as(&id, &["nodes", "--json"]);
     assert!(

@@ -17,7 +17,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse().daemon;
-    let path = args.config.clone();
+    let path = args.config.clone().unwrap_or_default();
     daemon::main(
         "bulwark-coordinator",
         args,

@@ -1,0 +1,386 @@
+//! The host's side of enrollment and renewal (`bulwark-agent enroll`,
+//! `bulwark-node enroll`, and the daemons' renewal before expiry).
+//!
+//! Enrollment: the key is made here and never leaves; a CSR goes to the
+//! coordinator's enrollment listener over TLS that checks the server against the CA
+//! fingerprint in the token (the CA is taken from the server's chain only if its
+//! BLAKE3 matches), with the token as the proof; the certificate and the CA come
+//! back and are written beside the key.
+//!
+//! Renewal: with less than a third of its validity left, a daemon makes a new key,
+//! asks the coordinator (`Renew`, over its current mTLS identity) to sign it, writes
+//! the files (a temporary file, fsync, rename) and swaps them into its TLS
+//! configuration without a restart ([`crate::tls::TlsIdentity::reload`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use bulwark_proto as pb;
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+use crate::tls::{Identity, Role, Target};
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Accepts the server only if its chain holds the CA with the token's fingerprint,
+/// its certificate verifies against that CA for the host name dialled, and it is the
+/// coordinator.
+#[derive(Debug)]
+struct PinnedCa {
+    fingerprint: String,
+    found: Mutex<Option<CertificateDer<'static>>>,
+}
+
+impl ServerCertVerifier for PinnedCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates
+            .iter()
+            .find(|c| blake3::hash(c.as_ref()).to_hex().as_str() == self.fingerprint)
+            .ok_or_else(|| {
+                rustls::Error::General(
+                    "the server did not present the fleet CA named in the token (fingerprint mismatch): is this the right coordinator and enrollment address?"
+                        .into(),
+                )
+            })?;
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(ca.clone().into_owned())
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?
+            .verify_server_cert(end_entity, &[], server_name, ocsp_response, now)?;
+        let uri = crate::tls::spiffe_uri(ca.as_ref()).map_err(rustls::Error::General)?;
+        let td = uri.trim_start_matches("spiffe://").trim_end_matches('/');
+        let id = Identity::from_cert(end_entity.as_ref(), td).map_err(rustls::Error::General)?;
+        if id.role != Role::Coordinator {
+            return Err(rustls::Error::General(format!(
+                "the enrollment server is {id}, not the coordinator"
+            )));
+        }
+        *self.found.lock().unwrap_or_else(|e| e.into_inner()) = Some(ca.clone().into_owned());
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// What enrollment wrote.
+#[derive(Debug, Clone)]
+pub struct Enrolled {
+    pub name: String,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Where a renewal puts the new version of `path` before renaming it into place:
+/// `PATH.bulwark-new` (a suffix, so a certificate and a key with the same stem
+/// never share it).
+pub fn pending_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".bulwark-new");
+    PathBuf::from(p)
+}
+
+/// Writes `data` to `path` (created with `mode`) and fsyncs it.
+fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    f.write_all(data)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// Writes `data` to `path` durably: a temporary file, fsync, rename (mode `mode`).
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".bulwark-tmp");
+    let tmp = PathBuf::from(tmp);
+    write_file(&tmp, data, mode)?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| format!("cannot rename into {}: {e}", path.display()))?;
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+    }
+    Ok(())
+}
+
+/// Enrolls this host as `role` with the coordinator's enrollment listener at `url`
+/// (`https://host:7442`), writing `dir/ca.crt`, `dir/NAME.crt` and `dir/NAME.key`.
+pub async fn enroll(
+    url: &str,
+    token: &str,
+    role: Role,
+    dir: &Path,
+    dns: Vec<String>,
+    ips: Vec<String>,
+) -> Result<Enrolled, String> {
+    let fingerprint = token
+        .trim()
+        .split('.')
+        .nth(2)
+        .filter(|f| f.len() == 64 && f.chars().all(|c| c.is_ascii_hexdigit()))
+        .ok_or("that is not a Bulwark enrollment token (bwt1.<secret>.<fingerprint>)")?
+        .to_string();
+    let target = Target::parse(url)?;
+    let verifier = Arc::new(PinnedCa {
+        fingerprint,
+        found: Mutex::new(None),
+    });
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier.clone())
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let channel = crate::tls::channel(&target, Arc::new(cfg)).await?;
+    let (key_pem, csr_pem) = crate::pki::make_csr().map_err(|e| e.to_string())?;
+    let r = pb::enrollment_client::EnrollmentClient::new(channel)
+        .enroll(pb::EnrollRequest {
+            token: token.trim().to_string(),
+            role: role.as_str().to_string(),
+            csr_pem,
+            dns,
+            ips,
+        })
+        .await
+        .map_err(|s| format!("enrollment refused by {target}: {}", s.message()))?
+        .into_inner();
+    if verifier
+        .found
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .is_none()
+    {
+        return Err("the server's CA was never checked".into());
+    }
+    if !crate::pki::valid_name(&r.name) {
+        return Err(format!("the coordinator sent a bad name {:?}", r.name));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let out = Enrolled {
+        ca: dir.join("ca.crt"),
+        cert: dir.join(format!("{}.crt", r.name)),
+        key: dir.join(format!("{}.key", r.name)),
+        name: r.name,
+    };
+    for p in [&out.cert, &out.key] {
+        if p.exists() {
+            return Err(format!(
+                "{} exists already: remove it (or use another --dir) and enroll with a new token",
+                p.display()
+            ));
+        }
+    }
+    write_atomic(&out.key, key_pem.as_bytes(), 0o600)?;
+    write_atomic(&out.cert, r.cert_pem.as_bytes(), 0o644)?;
+    write_atomic(&out.ca, r.ca_pem.as_bytes(), 0o644)?;
+    Ok(out)
+}
+
+/// Whether a certificate valid from `not_before_ms` to `not_after_ms` should be
+/// renewed at `now_ms`: less than a third of its validity left.
+pub fn due_for_renewal(not_before_ms: i64, not_after_ms: i64, now_ms: i64) -> bool {
+    let life = (not_after_ms - not_before_ms).max(1);
+    not_after_ms - now_ms < life / 3
+}
+
+/// Renews this process's certificate through `client` (the coordinator, over the
+/// current identity) and writes `files.cert` and `files.key`. Returns the new
+/// certificate's expiry.
+pub async fn renew(
+    client: &mut pb::coordinator_client::CoordinatorClient<crate::telemetry::TracedChannel>,
+    files: &crate::config::TlsFiles,
+    dns: Vec<String>,
+    ips: Vec<String>,
+) -> Result<i64, String> {
+    let (key_pem, csr_pem) = crate::pki::make_csr().map_err(|e| e.to_string())?;
+    let r = client
+        .renew(pb::RenewRequest { csr_pem, dns, ips })
+        .await
+        .map_err(|s| format!("the coordinator refused the renewal: {}", s.message()))?
+        .into_inner();
+    let der = crate::tls::parse_certs_pem(r.cert_pem.as_bytes())?;
+    let not_after = crate::tls::not_after_ms(der.first().ok_or("no certificate")?.as_ref())?;
+    // Both new files are made durable first, then the key is renamed, then the
+    // certificate. A crash between the two renames leaves the new key beside the old
+    // certificate and the new certificate still in `CERT.bulwark-new`, which
+    // `TlsIdentity::load` then finishes renaming (see there).
+    let cert_new = pending_path(&files.cert);
+    let key_new = pending_path(&files.key);
+    write_file(&cert_new, r.cert_pem.as_bytes(), 0o644)?;
+    write_file(&key_new, key_pem.as_bytes(), 0o600)?;
+    std::fs::rename(&key_new, &files.key)
+        .map_err(|e| format!("cannot rename into {}: {e}", files.key.display()))?;
+    std::fs::rename(&cert_new, &files.cert)
+        .map_err(|e| format!("cannot rename into {}: {e}", files.cert.display()))?;
+    for d in [files.key.parent(), files.cert.parent()]
+        .into_iter()
+        .flatten()
+    {
+        let _ = std::fs::File::open(d).and_then(|d| d.sync_all());
+    }
+    Ok(not_after)
+}
+
+/// Checks the certificate of `identity` every `every` and renews it through
+/// `client` when it is due (see [`due_for_renewal`], or `renew_before` of the
+/// `[tls]` table), then presents the new one without a restart. A coordinator
+/// without enrollment, or any other failure, is logged and tried again at the next
+/// check.
+pub async fn renewal_loop(
+    identity: crate::tls::TlsIdentity,
+    files: crate::config::TlsFiles,
+    mut client: pb::coordinator_client::CoordinatorClient<crate::telemetry::TracedChannel>,
+    every: std::time::Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut off_logged = false;
+    loop {
+        let der = identity.current_cert();
+        let (Ok(from), Ok(until)) = (
+            crate::tls::not_before_ms(der.as_ref()),
+            crate::tls::not_after_ms(der.as_ref()),
+        ) else {
+            return;
+        };
+        let now = crate::time::now_ms();
+        let due = match files.renew_before {
+            Some(d) => until - now < i64::try_from(d.0.as_millis()).unwrap_or(i64::MAX),
+            None => due_for_renewal(from, until, now),
+        };
+        if due {
+            let (dns, ips) = crate::tls::dns_and_ip_sans(der.as_ref());
+            match renew(&mut client, &files, dns, ips).await {
+                Ok(not_after) => match identity.reload(&files) {
+                    Ok(()) => tracing::info!(
+                        cert = %files.cert.display(),
+                        expires = %crate::time::rfc3339_ms(not_after),
+                        "certificate renewed"
+                    ),
+                    Err(e) => tracing::error!("renewed certificate not loaded: {e}"),
+                },
+                Err(e) if e.contains("enrollment is off") => {
+                    if !off_logged {
+                        tracing::warn!(
+                            expires = %crate::time::rfc3339_ms(until),
+                            "certificate due for renewal, but the coordinator has no [enrollment]: renew it by hand"
+                        );
+                        off_logged = true;
+                    }
+                }
+                Err(e) => tracing::warn!("certificate renewal failed (retried later): {e}"),
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::pki::{LeafRequest, Signer};
+    use crate::tls::{Role, TlsIdentity};
+
+    /// A crash between renaming the new key and the new certificate: the next load
+    /// finishes the renewal instead of failing on a mismatched pair.
+    #[test]
+    fn an_interrupted_renewal_is_finished_at_load() {
+        let dir = tempfile::tempdir().expect("tmp");
+        crate::pki::init(dir.path(), "test.fleet").expect("ca");
+        let req = LeafRequest {
+            role: Role::Agent,
+            name: "host-1".into(),
+            dns: vec![],
+            ips: vec![],
+            days: 30,
+        };
+        let issued = crate::pki::issue(dir.path(), &req).expect("issue");
+        let files = crate::config::TlsFiles {
+            ca: dir.path().join("ca.crt"),
+            cert: issued.cert.clone(),
+            key: issued.key.clone(),
+            renew_before: None,
+        };
+        let (ca_crt, ca_key) = crate::pki::ca_paths(dir.path());
+        let signer = Signer::load(&ca_crt, &ca_key).expect("signer");
+        let (key_pem, csr) = crate::pki::make_csr().expect("csr");
+        let cert_pem = signer.sign_csr(&csr, &req).expect("sign");
+        // As `renew` does, stopped after the key's rename.
+        std::fs::write(super::pending_path(&files.cert), &cert_pem).expect("pending cert");
+        std::fs::write(&files.key, &key_pem).expect("new key");
+        let id = TlsIdentity::load(&files).expect("load finishes the renewal");
+        assert_eq!(id.me.name, "host-1");
+        assert_eq!(
+            std::fs::read_to_string(&files.cert).expect("cert"),
+            cert_pem
+        );
+        assert!(!super::pending_path(&files.cert).exists());
+        // A key that matches nothing pending is reported, not papered over.
+        let (other_key, _) = crate::pki::make_csr().expect("csr");
+        std::fs::write(&files.key, other_key).expect("key");
+        assert!(TlsIdentity::load(&files).is_err());
+    }
+
+    #[test]
+    fn renews_in_the_last_third() {
+        assert!(!super::due_for_renewal(0, 90, 50));
+        assert!(super::due_for_renewal(0, 90, 61));
+        assert!(super::due_for_renewal(0, 90, 100));
+    }
+}
