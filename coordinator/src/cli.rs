@@ -762,7 +762,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         "capacity_bytes": n.capacity_bytes, "allocated_bytes": n.allocated_bytes,
                         "used_bytes": n.used_bytes, "sources": n.sources,
                         "live_streams": n.live_streams, "last_seen": rfc3339_ms(n.last_seen_ms),
-                        "ingest_bytes_per_sec": n.ingest_bytes_per_sec, "nbd_address": n.nbd_address,
+                        "ingest_bytes_per_sec": n.ingest_bytes_per_sec, "nbd_address": n.nbd_address, "version": n.version,
                         "health": n.health,
                     })
                 },

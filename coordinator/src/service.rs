@@ -694,6 +694,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
                     nbd_address: n.nbd_address,
                     ingest_bytes_per_sec: n.ingest_bytes_per_sec,
                     health: n.health,
+                    version: n.version,
                 }
             })
             .collect();

@@ -73,7 +73,12 @@ fn main() {
     let mut full = [Vec::new(), Vec::new()];
     let mut incr = [Vec::new(), Vec::new()];
     for round in 1..=rounds {
-        for (i, (label, env)) in [("off", &[][..]), ("on", &on_env[..])].iter().enumerate() {
+        // Alternate which goes first, so neither always follows the other.
+        let mut order = [(0, "off", &[][..]), (1, "on", &on_env[..])];
+        if round % 2 == 0 {
+            order.reverse();
+        }
+        for (i, label, env) in order {
             let mut fleet = start(&volume, size, env);
             let r = fleet.sync("vol");
             let f = mb_s(json_u64(&r, "bytes_sent"), json_u64(&r, "duration_ms"));
