@@ -60,6 +60,10 @@ pub fn compatible(server: &str, peer: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Largest gRPC message any Bulwark server or client accepts. Extent batches are at
+/// most [`block::MAX_BATCH_BYTES`] of payload, so anything near this is malformed.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
 #[cfg(test)]
 mod version_tests {
     use super::compatible;
@@ -70,19 +74,19 @@ mod version_tests {
         assert!(compatible("0.2.3", "0.1.9").is_ok());
         assert!(
             compatible("0.2.0", "0.0.9")
-                .unwrap_err()
+                .expect_err("refused")
                 .contains("more than one minor")
         );
-        assert!(compatible("0.1.0", "0.2.0").unwrap_err().contains("newer"));
+        assert!(
+            compatible("0.1.0", "0.2.0")
+                .expect_err("refused")
+                .contains("newer")
+        );
         assert!(compatible("1.0.0", "0.9.0").is_err());
         assert!(
             compatible("0.1.0", "banana")
-                .unwrap_err()
+                .expect_err("refused")
                 .contains("MAJOR.MINOR")
         );
     }
 }
-
-/// Largest gRPC message any Bulwark server or client accepts. Extent batches are at
-/// most [`block::MAX_BATCH_BYTES`] of payload, so anything near this is malformed.
-pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;

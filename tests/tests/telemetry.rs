@@ -34,7 +34,10 @@ fn http_get(addr: &str, path: &str) -> (String, String) {
 
 /// Parses the Prometheus text exposition format (0.0.4) strictly enough to catch
 /// what a scraper would reject; returns the samples as (name, labels, value).
-fn parse_exposition(body: &str) -> Result<Vec<(String, HashMap<String, String>, f64)>, String> {
+/// One sample of the exposition: name, labels, value.
+type Sample = (String, HashMap<String, String>, f64);
+
+fn parse_exposition(body: &str) -> Result<Vec<Sample>, String> {
     let valid_name = |n: &str| {
         !n.is_empty()
             && n.chars().enumerate().all(|(i, c)| {

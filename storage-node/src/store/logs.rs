@@ -845,13 +845,13 @@ mod tests {
         let s = store(dir.path());
         ship(&s, &[("a", 0, false, b"hello")]);
         let mut t = s.begin_log_ship("wal", None).expect("begin");
-        let e = t.start_file("a", 3, false, 1, 2, 3, "").err().expect("gap");
+        let e = t.start_file("a", 3, false, 1, 2, 3, "").expect_err("gap");
         assert!(e.to_string().contains("holds 5 bytes"), "{e}");
         let mut t = s.begin_log_ship("wal", None).expect("begin");
         t.start_file("a", 5, false, 1, 2, 3, "").expect("start");
         t.append(b" world", blake3::hash(b" world").as_bytes())
             .expect("append");
-        let e = t.append(b"xx", &[0u8; 32]).err().expect("checksum");
+        let e = t.append(b"xx", &[0u8; 32]).expect_err("checksum");
         assert!(e.to_string().contains("checksum"), "{e}");
         drop(t);
         for bad in ["", "..", "a/b"] {
