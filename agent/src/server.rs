@@ -788,7 +788,7 @@ async fn control_session(agent: Arc<Agent>, shutdown: &CancellationToken) -> Res
                     check: s.check,
                     deep: s.deep,
                 };
-                let span = tracing::info_span!("command", command = if s.check { "check" } else { "sync" }, source = %s.source);
+                let span = tracing::info_span!("command", command = if s.check { "check" } else { "sync" }, source = %s.source, trace_id = tracing::field::Empty);
                 bulwark_common::telemetry::set_parent_from_map(&span, &s.trace_context);
                 tokio::spawn(async move {
                     let outcome = match a.sync(&s.source, opts).instrument(span).await {
@@ -807,7 +807,7 @@ async fn control_session(agent: Arc<Agent>, shutdown: &CancellationToken) -> Res
             }
             Some(pb::coordinator_command::Cmd::Restore(r)) => {
                 let (a, tx) = (agent.clone(), tx.clone());
-                let span = tracing::info_span!("command", command = "restore", source = %r.source);
+                let span = tracing::info_span!("command", command = "restore", source = %r.source, trace_id = tracing::field::Empty);
                 bulwark_common::telemetry::set_parent_from_map(&span, &r.trace_context);
                 tokio::spawn(async move {
                     let outcome = match a.restore(&r).instrument(span).await {

@@ -218,11 +218,24 @@ pub fn inject_map() -> HashMap<String, String> {
     map
 }
 
-/// Makes `span` a child of the trace context in `map` (see [`inject_map`]).
+/// Makes `span` a child of the trace context in `map` (see [`inject_map`]) and
+/// records its trace id.
 pub fn set_parent_from_map(span: &tracing::Span, map: &HashMap<String, String>) {
     if enabled() && !map.is_empty() {
         let cx = TraceContextPropagator::new().extract(map);
         let _ = span.set_parent(cx);
+    }
+    record_trace_id(span);
+}
+
+/// Records the OpenTelemetry trace id in `span`'s `trace_id` field (declared
+/// `tracing::field::Empty`), so log lines inside it (and its children, in JSON's
+/// span list) carry the id to look the trace up by. Nothing when export is off.
+pub fn record_trace_id(span: &tracing::Span) {
+    use opentelemetry::trace::TraceContextExt;
+    if enabled() {
+        let id = span.context().span().span_context().trace_id();
+        span.record("trace_id", tracing::field::display(id));
     }
 }
 
@@ -291,9 +304,10 @@ where
             return futures::future::Either::Right(self.inner.call(req));
         }
         let method = req.uri().path().to_string();
-        let span = tracing::info_span!("rpc", otel.name = %method, otel.kind = "server", rpc.method = %method);
+        let span = tracing::info_span!("rpc", otel.name = %method, otel.kind = "server", rpc.method = %method, trace_id = tracing::field::Empty);
         let parent = TraceContextPropagator::new().extract(&HeaderExtractor(req.headers()));
         let _ = span.set_parent(parent);
+        record_trace_id(&span);
         futures::future::Either::Left(self.inner.call(req).instrument(span))
     }
 }

@@ -245,6 +245,21 @@ fn one_sync_is_one_trace_and_the_metrics_count_its_bytes() {
         "apply's ancestry: {c:?}"
     );
 
+    // The logs name the trace: its id is in the span fields of the lines the node
+    // and the agent wrote for this sync.
+    let trace_hex: String = spans[0].trace.iter().map(|b| format!("{b:02x}")).collect();
+    for daemon in ["node-1", "host-1"] {
+        let log = if daemon == "node-1" {
+            fleet.node(daemon).log_text()
+        } else {
+            fleet.agent(daemon).log_text()
+        };
+        assert!(
+            log.contains(&format!("trace_id={trace_hex}")),
+            "{daemon}'s log does not name trace {trace_hex}:\n{log}"
+        );
+    }
+
     // Exported metrics count exactly the bytes synced, on the node and the agent.
     for service in ["bulwark-node", "bulwark-agent"] {
         poll(

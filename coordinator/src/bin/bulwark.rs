@@ -32,8 +32,8 @@ fn main() -> ExitCode {
             telemetry::otlp_endpoint(None),
         )
     };
-    let span =
-        tracing::info_span!("cli", otel.name = %format!("bulwark {command}"), otel.kind = "client");
+    let span = tracing::info_span!("cli", otel.name = %format!("bulwark {command}"), otel.kind = "client", trace_id = tracing::field::Empty);
+    telemetry::record_trace_id(&span);
     let result = rt.block_on(run(cli).instrument(span));
     {
         let _rt = rt.enter();
