@@ -364,6 +364,26 @@ impl NodeService {
         Ok(a)
     }
 
+    /// Checks that `caller` may read `source` (an admin's export: any valid name; an
+    /// agent: its own source assigned here, or one the coordinator granted it), then
+    /// takes the source's read lock for the restore.
+    async fn authorize_read(
+        &self,
+        caller: &Identity,
+        source: &str,
+    ) -> Result<tokio::sync::OwnedRwLockReadGuard<()>, Status> {
+        if caller.role == Role::Admin {
+            if !bulwark_common::pki::valid_name(source) {
+                return Err(Status::invalid_argument(format!(
+                    "invalid data source name \"{source}\""
+                )));
+            }
+        } else if !self.granted(source, &caller.name) {
+            self.authorize(caller, source, None).await?;
+        }
+        Ok(self.locks.get(source).read_owned().await)
+    }
+
     fn granted(&self, source: &str, agent: &str) -> bool {
         let grants = self.grants.lock().unwrap_or_else(|e| e.into_inner());
         grants
@@ -777,18 +797,7 @@ impl pb::node_server::Node for NodeApi {
         let caller = require(&req, "Restore", &[Role::Agent, Role::Admin])?;
         let r = req.into_inner();
         let svc = self.0.clone();
-        if caller.role == Role::Admin {
-            // An operator's export: any source stored here.
-            if !bulwark_common::pki::valid_name(&r.source) {
-                return Err(Status::invalid_argument(format!(
-                    "invalid data source name \"{}\"",
-                    r.source
-                )));
-            }
-        } else if !svc.granted(&r.source, &caller.name) {
-            svc.authorize(&caller, &r.source, None).await?;
-        }
-        let lock = svc.locks.get(&r.source).read_owned().await;
+        let lock = svc.authorize_read(&caller, &r.source).await?;
         let store = svc.store.clone();
         let source = r.source.clone();
         let mut reader = blocking(move || store.restore(&source, r.point)).await??;

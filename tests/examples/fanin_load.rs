@@ -18,15 +18,6 @@ use bulwark_proto as pb;
 use bulwark_tests::{Fleet, TlsFiles, grpc};
 use tokio_stream::StreamExt;
 
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn vm(pid: u32, key: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -131,9 +122,9 @@ async fn agent(
 }
 
 fn main() {
-    let agents = arg("--agents", 500) as usize;
-    let size = arg("--kib", 256) * 1024;
-    let block = (arg("--block-kib", 64) * 1024) as u32;
+    let agents = bulwark_tests::example_arg("--agents", 500) as usize;
+    let size = bulwark_tests::example_arg("--kib", 256) * 1024;
+    let block = (bulwark_tests::example_arg("--block-kib", 64) * 1024) as u32;
     let mut fleet = Fleet::builder()
         .node("node-1")
         .node_capacity("100TiB")

@@ -14,15 +14,6 @@ use std::time::Duration;
 use bulwark_tests::otlp::{Collector, start_collector};
 use bulwark_tests::{Fleet, MIB, json_u64};
 
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn start(volume: &Path, size: u64, env: &[(&str, &str)]) -> Fleet {
     let mut fleet = Fleet::builder()
         .node("node-1")
@@ -37,6 +28,19 @@ fn start(volume: &Path, size: u64, env: &[(&str, &str)]) -> Fleet {
     fleet
 }
 
+/// CPU time (user + system) a process has used, in milliseconds.
+fn cpu_ms(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command name (in parentheses): fields 14 and 15 are utime, stime.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|i| f.get(*i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    ticks * 10.0 // USER_HZ is 100 on Linux
+}
+
 fn mb_s(bytes: u64, ms: u64) -> f64 {
     bytes as f64 / 1e6 / (ms.max(1) as f64 / 1000.0)
 }
@@ -47,8 +51,8 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 fn main() {
-    let size = arg("--mib", 512) * MIB;
-    let rounds = arg("--rounds", 3);
+    let size = bulwark_tests::example_arg("--mib", 512) * MIB;
+    let rounds = bulwark_tests::example_arg("--rounds", 3);
     let rt = bulwark_tests::runtime();
     let collector = Collector::default();
     let endpoint = start_collector(&rt, collector.clone());
@@ -63,8 +67,8 @@ fn main() {
         size / MIB
     );
     println!(
-        "{:<6} {:<7} {:>12} {:>16}",
-        "round", "export", "full MB/s", "incremental ms"
+        "{:<6} {:<7} {:>12} {:>16} {:>14}",
+        "round", "export", "full MB/s", "incremental ms", "cpu ms (full)"
     );
     let on_env = [
         ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
@@ -72,6 +76,7 @@ fn main() {
     ];
     let mut full = [Vec::new(), Vec::new()];
     let mut incr = [Vec::new(), Vec::new()];
+    let mut cpu = [Vec::new(), Vec::new()];
     for round in 1..=rounds {
         // Alternate which goes first, so neither always follows the other.
         let mut order = [(0, "off", &[][..]), (1, "on", &on_env[..])];
@@ -80,14 +85,25 @@ fn main() {
         }
         for (i, label, env) in order {
             let mut fleet = start(&volume, size, env);
+            let pids: Vec<u32> = [
+                fleet.node("node-1").pid(),
+                fleet.agent("host-1").pid(),
+                fleet.coordinator().pid(),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            let before: f64 = pids.iter().map(|p| cpu_ms(*p)).sum();
             let r = fleet.sync("vol");
+            let used = pids.iter().map(|p| cpu_ms(*p)).sum::<f64>() - before;
             let f = mb_s(json_u64(&r, "bytes_sent"), json_u64(&r, "duration_ms"));
             bulwark_tests::rewrite_random_blocks(&volume, (size / 65536 / 100) as usize);
             let r = fleet.sync("vol");
             let ms = json_u64(&r, "duration_ms");
-            println!("{round:<6} {label:<7} {f:>12.1} {ms:>16}");
+            println!("{round:<6} {label:<7} {f:>12.1} {ms:>16} {used:>14.0}");
             full[i].push(f);
             incr[i].push(ms as f64);
+            cpu[i].push(used);
             fleet.stop_all();
             std::thread::sleep(Duration::from_millis(500));
         }
@@ -101,6 +117,11 @@ fn main() {
     println!(
         "median incremental: off {ioff:.0} ms, on {ion:.0} ms ({:+.1}%)",
         (ion - ioff) / ioff * 100.0
+    );
+    let (coff, con) = (median(&mut cpu[0]), median(&mut cpu[1]));
+    println!(
+        "median CPU of coordinator + node + agent per full sync: off {coff:.0} ms, on {con:.0} ms ({:+.1}%)",
+        (con - coff) / coff * 100.0
     );
     let spans = collector.0.lock().map(|r| r.spans.len()).unwrap_or(0);
     println!("spans received by the collector: {spans}");

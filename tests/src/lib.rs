@@ -78,6 +78,16 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .expect("cannot build a tokio runtime")
 }
 
+/// The number after `--NAME` on the command line of an example, or `default`.
+pub fn example_arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Field `key` of a JSON object as a u64; panics naming the object otherwise.
 pub fn json_u64(v: &Value, key: &str) -> u64 {
     v.get(key)

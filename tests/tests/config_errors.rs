@@ -174,6 +174,19 @@ fn bad_size_names_the_key_and_value() {
     }
 }
 
+/// Writes `text` as agent config `file`; the agent must refuse it, naming the file,
+/// `sources[0].KEY` and saying `why`.
+fn assert_agent_refused(s: &Setup, file: &str, text: &str, key: &str, why: &str) {
+    let path = write_config(&s.dir, file, text);
+    let err = stderr(&run_expect_failure(AGENT, &path));
+    assert!(
+        err.contains(&*path.to_string_lossy())
+            && err.contains(&format!("sources[0].{key}"))
+            && err.contains(why),
+        "{file}: stderr does not name the file, sources[0].{key} and say \"{why}\":\n{err}\nconfig:\n{text}"
+    );
+}
+
 #[test]
 fn tracker_and_quiesce_mistakes_name_the_key() {
     let s = setup();
@@ -223,19 +236,8 @@ fn tracker_and_quiesce_mistakes_name_the_key() {
         ),
     ];
     for (i, (replacement, key, why)) in cases.iter().enumerate() {
-        let path = write_config(
-            &s.dir,
-            &format!("agent-tracker-{i}.toml"),
-            &text.replace(tracker, replacement),
-        );
-        let out = run_expect_failure(AGENT, &path);
-        let err = stderr(&out);
-        assert!(
-            err.contains(&*path.to_string_lossy())
-                && err.contains(&format!("sources[0].{key}"))
-                && err.contains(why),
-            "case {i} ({replacement}): stderr does not name the file, sources[0].{key} and say \"{why}\":\n{err}"
-        );
+        let text = text.replace(tracker, replacement);
+        assert_agent_refused(&s, &format!("agent-tracker-{i}.toml"), &text, key, why);
     }
 }
 
@@ -279,19 +281,8 @@ fn log_source_mistakes_name_the_key() {
         ("kind = \"journal\"".into(), "kind", "is not volume or log"),
     ];
     for (i, (replacement, key, why)) in cases.iter().enumerate() {
-        let path = write_config(
-            &s.dir,
-            &format!("agent-log-{i}.toml"),
-            &text.replace(kind, replacement),
-        );
-        let out = run_expect_failure(AGENT, &path);
-        let err = stderr(&out);
-        assert!(
-            err.contains(&*path.to_string_lossy())
-                && err.contains(&format!("sources[0].{key}"))
-                && err.contains(why),
-            "case {i} ({replacement}): stderr does not name the file, sources[0].{key} and say \"{why}\":\n{err}"
-        );
+        let text = text.replace(kind, replacement);
+        assert_agent_refused(&s, &format!("agent-log-{i}.toml"), &text, key, why);
     }
     // A log source whose path is not a directory stops the agent at start.
     let path = write_config(

@@ -195,17 +195,7 @@ impl NodeService {
     ) -> Result<Response<BoxStream<pb::LogChunk>>, Status> {
         let caller = require(&req, "RestoreLog", &[Role::Agent, Role::Admin])?;
         let r = req.into_inner();
-        if caller.role == Role::Admin {
-            if !bulwark_common::pki::valid_name(&r.source) {
-                return Err(Status::invalid_argument(format!(
-                    "invalid data source name \"{}\"",
-                    r.source
-                )));
-            }
-        } else if !self.granted(&r.source, &caller.name) {
-            self.authorize(&caller, &r.source, None).await?;
-        }
-        let lock = self.locks.get(&r.source).read_owned().await;
+        let lock = self.authorize_read(&caller, &r.source).await?;
         let store = self.store.clone();
         let source = r.source.clone();
         let (point, files) = blocking(move || store.log_restore(&source, r.point)).await??;
