@@ -436,6 +436,9 @@ pub struct SyncSpec {
 pub struct ExportMeta {
     pub source: SourceMeta,
     pub points: Vec<PointMeta>,
+    /// Log sources: every file generation's record (its copy is `logs/<id>`).
+    #[serde(default)]
+    pub log_files: Vec<LogFileMeta>,
 }
 
 fn import_dir(disk: &Path, name: &str) -> PathBuf {
@@ -460,13 +463,23 @@ impl Import {
     /// Writes part of file `name` (`replica`, `digests` or `deltas/<point>.delta`
     /// of a point the move lists); `file_len` sizes the file on its first part.
     pub fn write(&mut self, name: &str, offset: u64, data: &[u8], file_len: u64) -> Result<()> {
-        let allowed = name == "replica"
-            || name == "digests"
-            || self
-                .meta
-                .points
-                .iter()
-                .any(|p| p.delta.is_some() && name == format!("deltas/{:020}.delta", p.id));
+        let log_len = self
+            .meta
+            .log_files
+            .iter()
+            .find(|f| name == logs::copy_name(f.id))
+            .map(LogFileMeta::length);
+        let allowed = if self.meta.source.kind == SourceKind::Log {
+            log_len.is_some()
+        } else {
+            name == "replica"
+                || name == "digests"
+                || self
+                    .meta
+                    .points
+                    .iter()
+                    .any(|p| p.delta.is_some() && name == format!("deltas/{:020}.delta", p.id))
+        };
         if !allowed {
             return Err(StoreError::Meta(format!(
                 "a move sent an unexpected file {name:?}"
@@ -476,7 +489,7 @@ impl Import {
         let expected_len = match name {
             "replica" => Some(geometry.size_bytes),
             "digests" => Some(geometry.block_count() * DIGEST_LEN as u64),
-            _ => None,
+            _ => log_len,
         };
         if !self.files.contains_key(name) {
             if let Some(l) = expected_len
@@ -524,12 +537,26 @@ impl Import {
             f.sync_all()
                 .map_err(io("fsync", &self.staging.join(name)))?;
         }
-        let want = 2 + self
-            .meta
-            .points
-            .iter()
-            .filter(|p| p.delta.is_some())
-            .count();
+        let want = if self.meta.source.kind == SourceKind::Log {
+            // An empty log file sends no part: create its copy here.
+            for f in &self.meta.log_files {
+                let n = logs::copy_name(f.id);
+                if f.length() == 0 && !self.files.contains_key(&n) {
+                    let path = self.staging.join(&n);
+                    let file = File::create(&path).map_err(io("create", &path))?;
+                    file.sync_all().map_err(io("fsync", &path))?;
+                    self.files.insert(n, file);
+                }
+            }
+            self.meta.log_files.len()
+        } else {
+            2 + self
+                .meta
+                .points
+                .iter()
+                .filter(|p| p.delta.is_some())
+                .count()
+        };
         if self.files.len() != want {
             return Err(StoreError::Meta(format!(
                 "the move sent {} of the {want} files of {}",
@@ -538,6 +565,7 @@ impl Import {
             )));
         }
         fsync_dir(&self.staging.join("deltas"))?;
+        fsync_dir(&self.staging.join("logs"))?;
         fsync_dir(&self.staging)?;
         let name = self.meta.source.name.clone();
         let dir = self.meta.source.dir();
@@ -560,11 +588,20 @@ impl Import {
             .iter()
             .map(|p| Ok((point_key(&name, p.id), encode(p)?)))
             .collect::<Result<_>>()?;
-        (&store.sources, &store.points)
-            .transaction(|(s, p)| {
+        let log_files: Vec<(Vec<u8>, Vec<u8>)> = self
+            .meta
+            .log_files
+            .iter()
+            .map(|f| Ok((point_key(&name, f.id), encode(f)?)))
+            .collect::<Result<_>>()?;
+        (&store.sources, &store.points, &store.logfiles)
+            .transaction(|(s, p, lf)| {
                 s.insert(name.as_bytes(), meta_bytes.as_slice())?;
                 for (k, v) in &points {
                     p.insert(k.as_slice(), v.as_slice())?;
+                }
+                for (k, v) in &log_files {
+                    lf.insert(k.as_slice(), v.as_slice())?;
                 }
                 Ok(())
             })
@@ -802,15 +839,23 @@ impl Store {
         let source = self
             .source(name)?
             .ok_or_else(|| StoreError::NoPoints(name.to_string()))?;
-        if source.kind == SourceKind::Log {
-            return Err(StoreError::WrongKind {
-                source_name: name.to_string(),
-                kind: "log",
-                op: "moving to another node (not built for log sources yet)",
-            });
-        }
         let points = self.points(name)?;
         let dir = source.dir();
+        if source.kind == SourceKind::Log {
+            let log_files = self.log_files(name)?;
+            let files = log_files
+                .iter()
+                .map(|f| (logs::copy_name(f.id), dir.join(logs::copy_name(f.id))))
+                .collect();
+            return Ok((
+                ExportMeta {
+                    source,
+                    points,
+                    log_files,
+                },
+                files,
+            ));
+        }
         let mut files = vec![
             ("replica".to_string(), dir.join("replica")),
             ("digests".to_string(), dir.join("digests")),
@@ -818,7 +863,14 @@ impl Store {
         for p in points.iter().filter(|p| p.delta.is_some()) {
             files.push((format!("deltas/{:020}.delta", p.id), delta_path(&dir, p.id)));
         }
-        Ok((ExportMeta { source, points }, files))
+        Ok((
+            ExportMeta {
+                source,
+                points,
+                log_files: Vec::new(),
+            },
+            files,
+        ))
     }
 
     /// Starts taking in a source another node exports: its files go to a staging
@@ -853,6 +905,7 @@ impl Store {
             std::fs::remove_dir_all(&staging).map_err(io("remove", &staging))?;
         }
         std::fs::create_dir_all(staging.join("deltas")).map_err(io("create", &staging))?;
+        std::fs::create_dir_all(staging.join("logs")).map_err(io("create", &staging))?;
         let mut meta = meta;
         meta.source.disk = disk;
         Ok(Import {

@@ -253,6 +253,29 @@ fn restore_at_a_moment_pairs_volume_and_log_points() {
         );
     }
 
+    // A log source moves with its node's drain: the copy restores the same files,
+    // and the next ship appends to it.
+    let node = fleet.source_node(LOG);
+    let drained = fleet.cli_json(&["drain", &node, "--json"]);
+    let moves = drained["moves"].as_array().cloned().unwrap_or_default();
+    assert!(
+        moves.iter().any(|m| m["source"] == LOG)
+            && moves
+                .iter()
+                .all(|m| m["error"].as_str().unwrap_or("") == ""),
+        "{drained}"
+    );
+    assert_ne!(fleet.source_node(LOG), node);
+    let to = fleet.scratch("after-move");
+    fleet.restore(LOG, Some(l2), &to, None);
+    let mut seg1 = random(5000, 1);
+    seg1.extend_from_slice(&random(700, 2));
+    let got = read_dir(&to);
+    assert!(got["000001"] == seg1 && got["000002"] == random(300, 3));
+    append(&d.join("000002"), b"after the move");
+    let r = ship(&fleet);
+    assert_eq!(json_u64(&r, "bytes_sent"), 14, "{r}");
+
     // Before the first volume point: refused, saying why.
     let to = fleet.scratch("too-early");
     let (_, err) = fleet.cli_expect_fail(&[

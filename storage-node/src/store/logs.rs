@@ -123,8 +123,13 @@ fn file_key(source: &str, id: u64) -> Vec<u8> {
     point_key(source, id)
 }
 
+/// The copy of generation `id`, relative to the source's directory.
+pub fn copy_name(id: u64) -> String {
+    format!("logs/{id:020}")
+}
+
 fn copy_path(meta: &SourceMeta, id: u64) -> PathBuf {
-    meta.dir().join("logs").join(format!("{id:020}"))
+    meta.dir().join(copy_name(id))
 }
 
 /// A log file name as the host has it: one path component.
