@@ -262,7 +262,7 @@ fn restore_at_a_moment_pairs_volume_and_log_points() {
         moves.iter().any(|m| m["source"] == LOG)
             && moves
                 .iter()
-                .all(|m| m["error"].as_str().unwrap_or("") == ""),
+                .all(|m| m["error"].as_str().unwrap_or("").is_empty()),
         "{drained}"
     );
     assert_ne!(fleet.source_node(LOG), node);
