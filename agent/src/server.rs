@@ -663,7 +663,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     tokio::spawn(bulwark_common::enroll::renewal_loop(
         identity.clone(),
         agent.cfg.tls.clone(),
-        agent.coordinator.clone(),
+        bulwark_common::enroll::coordinator_signer(agent.coordinator.clone()),
         Duration::from_secs(3600),
         shutdown.clone(),
     ));

@@ -238,22 +238,47 @@ pub fn due_for_renewal(not_before_ms: i64, not_after_ms: i64, now_ms: i64) -> bo
     not_after_ms - now_ms < life / 3
 }
 
-/// Renews this process's certificate through `client` (the coordinator, over the
-/// current identity) and writes `files.cert` and `files.key`. Returns the new
-/// certificate's expiry.
+/// Signs a CSR for a renewal: `(csr_pem, dns, ips)` → the certificate PEM. Nodes
+/// and agents ask the coordinator ([`coordinator_signer`]); the coordinator signs its
+/// own with the CA key it holds for enrollment.
+pub type RenewSigner = Box<
+    dyn FnMut(
+            String,
+            Vec<String>,
+            Vec<String>,
+        )
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send>>
+        + Send,
+>;
+
+/// A [`RenewSigner`] that asks the coordinator (`Renew`, over this process's
+/// current identity).
+pub fn coordinator_signer(
+    client: pb::coordinator_client::CoordinatorClient<crate::telemetry::TracedChannel>,
+) -> RenewSigner {
+    Box::new(move |csr_pem, dns, ips| {
+        let mut client = client.clone();
+        Box::pin(async move {
+            client
+                .renew(pb::RenewRequest { csr_pem, dns, ips })
+                .await
+                .map(|r| r.into_inner().cert_pem)
+                .map_err(|s| format!("the coordinator refused the renewal: {}", s.message()))
+        })
+    })
+}
+
+/// Renews this process's certificate with `sign` and writes `files.cert` and
+/// `files.key`. Returns the new certificate's expiry.
 pub async fn renew(
-    client: &mut pb::coordinator_client::CoordinatorClient<crate::telemetry::TracedChannel>,
+    sign: &mut RenewSigner,
     files: &crate::config::TlsFiles,
     dns: Vec<String>,
     ips: Vec<String>,
 ) -> Result<i64, String> {
     let (key_pem, csr_pem) = crate::pki::make_csr().map_err(|e| e.to_string())?;
-    let r = client
-        .renew(pb::RenewRequest { csr_pem, dns, ips })
-        .await
-        .map_err(|s| format!("the coordinator refused the renewal: {}", s.message()))?
-        .into_inner();
-    let der = crate::tls::parse_certs_pem(r.cert_pem.as_bytes())?;
+    let cert_pem = sign(csr_pem, dns, ips).await?;
+    let der = crate::tls::parse_certs_pem(cert_pem.as_bytes())?;
     let not_after = crate::tls::not_after_ms(der.first().ok_or("no certificate")?.as_ref())?;
     // Both new files are made durable first, then the key is renamed, then the
     // certificate. A crash between the two renames leaves the new key beside the old
@@ -261,7 +286,7 @@ pub async fn renew(
     // `TlsIdentity::load` then finishes renaming (see there).
     let cert_new = pending_path(&files.cert);
     let key_new = pending_path(&files.key);
-    write_file(&cert_new, r.cert_pem.as_bytes(), 0o644)?;
+    write_file(&cert_new, cert_pem.as_bytes(), 0o644)?;
     write_file(&key_new, key_pem.as_bytes(), 0o600)?;
     std::fs::rename(&key_new, &files.key)
         .map_err(|e| format!("cannot rename into {}: {e}", files.key.display()))?;
@@ -276,15 +301,14 @@ pub async fn renew(
     Ok(not_after)
 }
 
-/// Checks the certificate of `identity` every `every` and renews it through
-/// `client` when it is due (see [`due_for_renewal`], or `renew_before` of the
-/// `[tls]` table), then presents the new one without a restart. A coordinator
-/// without enrollment, or any other failure, is logged and tried again at the next
-/// check.
+/// Checks the certificate of `identity` every `every` and renews it with `sign`
+/// when it is due (see [`due_for_renewal`], or `renew_before` of the `[tls]`
+/// table), then presents the new one without a restart. A coordinator without
+/// enrollment, or any other failure, is logged and tried again at the next check.
 pub async fn renewal_loop(
     identity: crate::tls::TlsIdentity,
     files: crate::config::TlsFiles,
-    mut client: pb::coordinator_client::CoordinatorClient<crate::telemetry::TracedChannel>,
+    mut sign: RenewSigner,
     every: std::time::Duration,
     stop: tokio_util::sync::CancellationToken,
 ) {
@@ -304,7 +328,7 @@ pub async fn renewal_loop(
         };
         if due {
             let (dns, ips) = crate::tls::dns_and_ip_sans(der.as_ref());
-            match renew(&mut client, &files, dns, ips).await {
+            match renew(&mut sign, &files, dns, ips).await {
                 Ok(not_after) => match identity.reload(&files) {
                     Ok(()) => tracing::info!(
                         cert = %files.cert.display(),

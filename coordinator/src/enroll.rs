@@ -188,8 +188,8 @@ impl Enroller {
         dns: &[String],
         ips: &[String],
     ) -> Result<String, Status> {
-        // Only nodes are dialled by others: agents get no DNS or IP names.
-        let (dns, ips) = if role == Role::Node {
+        // Only servers are dialled by others: agents get no DNS or IP names.
+        let (dns, ips) = if matches!(role, Role::Node | Role::Coordinator) {
             (dns.to_vec(), parse_ips(ips)?)
         } else {
             (Vec::new(), Vec::new())
@@ -206,6 +206,19 @@ impl Enroller {
                 },
             )
             .map_err(|e| Status::invalid_argument(format!("cannot sign the request: {e}")))
+    }
+
+    /// Signs the coordinator's own renewed certificate (named `name`, keeping the
+    /// DNS names and addresses of the current one).
+    pub fn sign_own(
+        &self,
+        name: &str,
+        csr: &str,
+        dns: &[String],
+        ips: &[String],
+    ) -> Result<String, String> {
+        self.sign(Role::Coordinator, name, csr, dns, ips)
+            .map_err(|s| s.message().to_string())
     }
 
     /// `Renew`: a new certificate for `role`/`name` (the caller's own).

@@ -49,6 +49,20 @@ pub async fn run(
             })?,
         );
         svc = svc.with_enroller(enroller.clone());
+        // The coordinator holds the CA key: it renews its own certificate itself.
+        let own = enroller.clone();
+        let me = identity.me.name.clone();
+        let sign: bulwark_common::enroll::RenewSigner = Box::new(move |csr, dns, ips| {
+            let r = own.sign_own(&me, &csr, &dns, &ips);
+            Box::pin(async move { r })
+        });
+        tokio::spawn(bulwark_common::enroll::renewal_loop(
+            identity.clone(),
+            cfg.tls.clone(),
+            sign,
+            std::time::Duration::from_secs(3600),
+            shutdown.clone(),
+        ));
         let listener = tokio::net::TcpListener::bind(e.listen)
             .await
             .with_context(|| format!("cannot listen on {} (key `enrollment.listen`)", e.listen))?;

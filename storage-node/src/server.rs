@@ -42,7 +42,7 @@ pub async fn run(
     tokio::spawn(bulwark_common::enroll::renewal_loop(
         identity.clone(),
         cfg.tls.clone(),
-        coordinator.clone(),
+        bulwark_common::enroll::coordinator_signer(coordinator.clone()),
         std::time::Duration::from_secs(3600),
         shutdown.clone(),
     ));

@@ -1,8 +1,9 @@
 //! Token enrollment end to end: `bulwark token create` makes a one-time token;
 //! `bulwark-agent enroll` makes the key on the host, checks the coordinator against
 //! the CA fingerprint in the token, sends a CSR and gets its certificate; the agent
-//! then runs with it and renews it without a restart. Reused, expired, wrong-role
-//! and forged tokens are refused with a message that says which.
+//! then runs with it and renews it without a restart, as the coordinator renews its
+//! own. Reused, expired, wrong-role and forged tokens are refused with a message
+//! that says which.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -35,6 +36,9 @@ fn hosts_enroll_with_one_time_tokens_and_renew_without_a_restart() {
     let config = fleet.coordinator().config_path().to_path_buf();
     let text = std::fs::read_to_string(&config).expect("coordinator.toml");
     let ca_key = fleet.pki().dir().join("ca.key");
+    // renew_before longer than any certificate's life: the coordinator renews its
+    // own certificate (it holds the CA key) at once.
+    let text = text.replace("[tls]\n", "[tls]\nrenew_before = \"400d\"\n");
     std::fs::write(
         &config,
         format!(
@@ -43,7 +47,29 @@ fn hosts_enroll_with_one_time_tokens_and_renew_without_a_restart() {
         ),
     )
     .expect("write coordinator.toml");
+    let coordinator_cert = fleet.pki().dir().join("coordinator.crt");
+    let enrolled_coordinator = std::fs::read(&coordinator_cert).expect("coordinator cert");
     fleet.start_all();
+    poll(
+        "the coordinator renewed itself",
+        Duration::from_secs(30),
+        || {
+            let now = std::fs::read(&coordinator_cert).map_err(|e| e.to_string())?;
+            if now != enrolled_coordinator {
+                Ok(())
+            } else {
+                Err("still the issued certificate".into())
+            }
+        },
+    );
+    // Nodes and the CLI still trust it: the renewed one keeps its names.
+    let der = bulwark_common::tls::parse_certs_pem(
+        &std::fs::read(&coordinator_cert).expect("coordinator cert"),
+    )
+    .expect("pem");
+    let (_, ips) = bulwark_common::tls::dns_and_ip_sans(der[0].as_ref());
+    assert!(ips.contains(&"127.0.0.1".to_string()), "{ips:?}");
+    fleet.cli(&["nodes", "--json"]);
 
     let token = |role: &str, name: &str, ttl: &str| {
         json_str(
