@@ -88,15 +88,10 @@ pub async fn run(
     let svc = Arc::new(svc);
     tokio::spawn(schedule_loop(svc.clone(), shutdown.clone()));
     tokio::spawn(moves_loop(svc.clone(), shutdown.clone()));
-    let own_expiry = std::fs::read(&cfg.tls.cert)
-        .ok()
-        .and_then(|pem| tls::parse_certs_pem(&pem).ok())
-        .and_then(|c| c.first().and_then(|c| tls::not_after_ms(c.as_ref()).ok()))
-        .unwrap_or(0);
     tokio::spawn(monitor_loop(
         registry.clone(),
         cfg.node_timeout,
-        own_expiry,
+        identity.clone(),
         shutdown.clone(),
     ));
     if let Some(every) = cfg.scrub_interval {
@@ -192,7 +187,7 @@ async fn scrub_loop(
 async fn monitor_loop(
     registry: Arc<Registry>,
     timeout: std::time::Duration,
-    own_cert_expiry_ms: i64,
+    identity: TlsIdentity,
     shutdown: CancellationToken,
 ) {
     let tick = (timeout / 5).clamp(
@@ -212,6 +207,8 @@ async fn monitor_loop(
             }
         };
         let now = bulwark_common::time::now_ms();
+        // The certificate presented now: a renewal shows at the next tick.
+        let own_cert_expiry_ms = tls::not_after_ms(identity.current_cert().as_ref()).unwrap_or(0);
         let unhealthy = nodes
             .iter()
             .filter(|n| registry.node_up(n) && !n.health.is_empty() && n.health != "ok")
