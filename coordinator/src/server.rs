@@ -236,11 +236,34 @@ async fn monitor_loop(
             })
             .chain(unhealthy)
             .chain(expiring_certificates(&registry, &nodes, own_cert_expiry_ms, now))
+            .chain(inconsistent_sources(&registry))
             .collect();
         if let Err(e) = registry.report_alerts("coordinator", &alerts) {
             tracing::warn!("monitor: cannot record alerts: {e}");
         }
     }
+}
+
+/// A warning per data source whose agent cannot vouch for its record of changes
+/// (it stopped uncleanly or lost it): its next sync is a consistency check. Resolved
+/// when a sync ends with the source consistent again.
+fn inconsistent_sources(registry: &Registry) -> Vec<pb::Alert> {
+    registry
+        .sources()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|s| s.inconsistent && s.last_point > 0)
+        .map(|s| pb::Alert {
+            key: format!("inconsistent/{}", s.name),
+            severity: "warning".into(),
+            subject: s.name.clone(),
+            message: format!(
+                "data source {} is inconsistent (agent {} stopped uncleanly or lost its record of changes): its next sync is a consistency check",
+                s.name, s.agent
+            ),
+            ..Default::default()
+        })
+        .collect()
 }
 
 /// Rolls back moves a crash interrupted (at once, then whenever one is found) and

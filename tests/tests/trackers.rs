@@ -251,6 +251,15 @@ fn agent_kill9_makes_the_source_inconsistent_and_the_check_repairs_it() {
     fleet.wait_ready();
     let s = source_state(&fleet, source);
     assert_eq!(json_str(&s, "state"), "inconsistent", "after kill -9: {s}");
+    let alert_key = format!("inconsistent/{source}");
+    bulwark_tests::poll("an inconsistent alert", Duration::from_secs(20), || {
+        let a = fleet.cli_json(&["alerts", "--json"]).to_string();
+        if a.contains(&alert_key) {
+            Ok(())
+        } else {
+            Err(a)
+        }
+    });
 
     let r = fleet.sync(source);
     assert_eq!(
@@ -265,6 +274,18 @@ fn agent_kill9_makes_the_source_inconsistent_and_the_check_repairs_it() {
         "the check sends only the differing blocks: {r}"
     );
     assert_eq!(json_str(&source_state(&fleet, source), "state"), "ok");
+    bulwark_tests::poll(
+        "the inconsistent alert resolved",
+        Duration::from_secs(20),
+        || {
+            let a = fleet.cli_json(&["alerts", "--json"]).to_string();
+            if a.contains(&alert_key) {
+                Err(a)
+            } else {
+                Ok(())
+            }
+        },
+    );
     let out = fleet.scratch("after-check.img");
     fleet.restore(source, None, &out, None);
     assert_same_file(&out, &fleet.volume(source), "restore after the check");
