@@ -162,7 +162,9 @@ pub fn check_glob(pattern: &str) -> Result<(), String> {
 /// A host file matching the glob, as found.
 struct HostFile {
     name: String,
-    file: File,
+    path: PathBuf,
+    /// Opened on first read only: an unchanged file is never opened.
+    file: std::cell::OnceCell<File>,
     dev: u64,
     ino: u64,
     size: u64,
@@ -173,7 +175,29 @@ fn mtime_ns(m: &std::fs::Metadata) -> i64 {
     m.mtime().saturating_mul(1_000_000_000) + m.mtime_nsec()
 }
 
-/// The regular files of `dir` matching `glob`, opened, sorted by name.
+impl HostFile {
+    /// The file, opened now if it was not; refused if the name no longer leads to
+    /// the file that was looked at (replaced in between: the next ship sends it).
+    fn open(&self) -> Result<&File, String> {
+        if let Some(f) = self.file.get() {
+            return Ok(f);
+        }
+        let f = File::open(&self.path)
+            .map_err(|e| format!("cannot open {}: {e}", self.path.display()))?;
+        let m = f
+            .metadata()
+            .map_err(|e| format!("cannot stat {}: {e}", self.path.display()))?;
+        if (m.dev(), m.ino()) != (self.dev, self.ino) {
+            return Err(format!(
+                "{} was replaced while it was being shipped; the next ship sends it",
+                self.path.display()
+            ));
+        }
+        Ok(self.file.get_or_init(|| f))
+    }
+}
+
+/// The regular files of `dir` matching `glob` (not opened), sorted by name.
 fn scan(dir: &Path, glob: &str) -> Result<Vec<HostFile>, String> {
     let entries =
         std::fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
@@ -189,47 +213,38 @@ fn scan(dir: &Path, glob: &str) -> Result<Vec<HostFile>, String> {
         }
         let path = e.path();
         // Not following links: a link could lead the agent out of the directory.
-        match std::fs::symlink_metadata(&path) {
-            Ok(m) if m.is_file() => {}
+        // Deleted between listing and looking: it is gone.
+        let m = match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.is_file() => m,
             _ => continue,
-        }
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            // Deleted between listing and opening: it is gone.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(format!("cannot open {}: {e}", path.display())),
         };
-        let m = file
-            .metadata()
-            .map_err(|e| format!("cannot stat {}: {e}", path.display()))?;
         out.push(HostFile {
             name,
+            path,
+            file: std::cell::OnceCell::new(),
             dev: m.dev(),
             ino: m.ino(),
             size: m.len(),
             mtime_ns: mtime_ns(&m),
-            file,
         });
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
 }
 
-fn read_at(f: &HostFile, dir: &Path, offset: u64, len: u64) -> Result<Vec<u8>, String> {
+fn read_at(f: &HostFile, offset: u64, len: u64) -> Result<Vec<u8>, String> {
     let mut buf = vec![0u8; len as usize];
-    f.file
+    f.open()?
         .read_exact_at(&mut buf, offset)
-        .map_err(|e| format!("cannot read {}: {e}", dir.join(&f.name).display()))?;
+        .map_err(|e| format!("cannot read {}: {e}", f.path.display()))?;
     Ok(buf)
 }
 
-fn anchor_hash(f: &HostFile, dir: &Path, start: u64, len: u64) -> Result<Vec<u8>, String> {
+fn anchor_hash(f: &HostFile, start: u64, len: u64) -> Result<Vec<u8>, String> {
     if len == 0 {
         return Ok(Vec::new());
     }
-    Ok(blake3::hash(&read_at(f, dir, start, len)?)
-        .as_bytes()
-        .to_vec())
+    Ok(blake3::hash(&read_at(f, start, len)?).as_bytes().to_vec())
 }
 
 /// What to do with one host file.
@@ -247,7 +262,6 @@ enum Action {
 fn decide(
     f: &HostFile,
     known: Option<&pb::LogFileState>,
-    dir: &Path,
     read: &mut u64,
 ) -> Result<Action, String> {
     let Some(k) = known else {
@@ -270,8 +284,8 @@ fn decide(
         return Ok(Action::Skip);
     }
     let n = k.length.min(ANCHOR_LEN);
-    let head = anchor_hash(f, dir, 0, n)?;
-    let tail = anchor_hash(f, dir, k.length - n, n)?;
+    let head = anchor_hash(f, 0, n)?;
+    let tail = anchor_hash(f, k.length - n, n)?;
     *read += 2 * n;
     if head != k.head_hash.as_ref() || tail != k.tail_hash.as_ref() {
         return Ok(Action::Restart {
@@ -393,7 +407,7 @@ fn read_and_send(
         .collect();
     for f in &files {
         let known = manifest.get(&f.name);
-        let from = match decide(f, known, dir, &mut o.bytes_read)? {
+        let from = match decide(f, known, &mut o.bytes_read)? {
             Action::Skip => continue,
             Action::Append { from } => {
                 send(Msg::File(pb::LogFile {
@@ -429,7 +443,7 @@ fn read_and_send(
         let mut at = from;
         while at < f.size {
             let n = PIECE.min(f.size - at);
-            let data = read_at(f, dir, at, n)?;
+            let data = read_at(f, at, n)?;
             o.bytes_read += n;
             o.bytes_sent += n;
             let checksum = blake3::hash(&data).as_bytes().to_vec();
@@ -703,17 +717,16 @@ mod tests {
         std::fs::write(&p, &shipped).expect("write");
         let k = state(d, "app.log", &shipped);
         let mut read = 0;
-        assert_eq!(
-            decide(&host(d, "app.log"), Some(&k), d, &mut read),
-            Ok(Action::Skip)
-        );
+        let unchanged = host(d, "app.log");
+        assert_eq!(decide(&unchanged, Some(&k), &mut read), Ok(Action::Skip));
         assert_eq!(read, 0, "an unchanged file is not read");
+        assert!(unchanged.file.get().is_none(), "nor even opened");
         // Appended.
         let mut longer = shipped.clone();
         longer.extend_from_slice(b"more");
         std::fs::write(&p, &longer).expect("write");
         assert_eq!(
-            decide(&host(d, "app.log"), Some(&k), d, &mut read),
+            decide(&host(d, "app.log"), Some(&k), &mut read),
             Ok(Action::Append { from: 10_000 })
         );
         assert_eq!(read, 2 * ANCHOR_LEN);
@@ -722,25 +735,33 @@ mod tests {
         rewritten[10] ^= 1;
         std::fs::write(&p, &rewritten).expect("write");
         assert!(matches!(
-            decide(&host(d, "app.log"), Some(&k), d, &mut read),
+            decide(&host(d, "app.log"), Some(&k), &mut read),
             Ok(Action::Restart { why }) if why.starts_with("rewritten")
         ));
         // Truncated.
         std::fs::write(&p, b"short").expect("write");
         assert!(matches!(
-            decide(&host(d, "app.log"), Some(&k), d, &mut read),
+            decide(&host(d, "app.log"), Some(&k), &mut read),
             Ok(Action::Restart { why }) if why.starts_with("truncated")
         ));
+        // Replaced between the look and the read: refused, not read from the new file.
+        let looked = host(d, "app.log");
+        // (The old file is held open so its inode number cannot be reused.)
+        let _hold = File::open(&p).expect("hold");
+        std::fs::write(d.join("new"), b"another file").expect("write");
+        std::fs::rename(d.join("new"), &p).expect("replace");
+        assert!(looked.open().is_err_and(|e| e.contains("replaced")));
+        std::fs::write(&p, b"short").expect("write");
         // Rotated: a new file under the name.
         std::fs::rename(&p, d.join("app.log.1")).expect("rename");
         std::fs::write(&p, &longer).expect("write");
         assert!(matches!(
-            decide(&host(d, "app.log"), Some(&k), d, &mut read),
+            decide(&host(d, "app.log"), Some(&k), &mut read),
             Ok(Action::Restart { why }) if why.starts_with("rotated")
         ));
         // Unknown to the node.
         assert_eq!(
-            decide(&host(d, "app.log.1"), None, d, &mut read),
+            decide(&host(d, "app.log.1"), None, &mut read),
             Ok(Action::Restart { why: String::new() })
         );
     }

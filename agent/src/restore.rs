@@ -150,7 +150,7 @@ impl Coverage {
 
 /// Restores `point` (0 = newest) of `source` into `path`. `protected` are the live
 /// volumes of this agent, which a restore never overwrites. `progress`, when given,
-/// counts the bytes written so far (for a progress display).
+/// gets the point's size and the bytes written so far (for a progress display).
 ///
 /// Receiving and writing overlap: this task takes messages off the stream while a
 /// blocking writer checks each extent's checksums and writes it, with a few
@@ -161,7 +161,7 @@ pub async fn restore_point(
     path: &Path,
     protected: Vec<PathBuf>,
     mut node: NodeClient<TracedChannel>,
-    progress: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    progress: Option<std::sync::Arc<bulwark_common::metrics::Progress>>,
 ) -> Result<RestoreOutcome, String> {
     let started = Instant::now();
     let mut stream = node
@@ -185,6 +185,10 @@ pub async fn restore_point(
     let geometry =
         Geometry::new(header.size_bytes, header.block_size).map_err(|e| e.to_string())?;
     let point_id = header.point.map_or(point, |p| p.id);
+    if let Some(p) = &progress {
+        p.total
+            .store(geometry.size_bytes, std::sync::atomic::Ordering::Relaxed);
+    }
     let p = path.to_path_buf();
     let size = geometry.size_bytes;
     let target = tokio::task::spawn_blocking(move || open_target(&p, size, &protected))
@@ -251,7 +255,7 @@ pub async fn restore_point(
                 }
             }
             if let Some(p) = &progress {
-                p.store(written, std::sync::atomic::Ordering::Relaxed);
+                p.done.store(written, std::sync::atomic::Ordering::Relaxed);
             }
         }
         if coverage.covered != geometry.block_count() {

@@ -30,6 +30,7 @@ use crate::tracker::qcow2::{self, Qcow2Tracker};
 use crate::tracker::{FingerprintTracker, Tracker};
 use crate::volume::Volume;
 use bulwark_common::block::Geometry;
+use bulwark_common::metrics::Progress;
 
 /// Shared state of a running agent.
 pub struct Agent {
@@ -107,7 +108,7 @@ impl Agent {
         &self,
         source: &str,
         op: &'static str,
-        progress: Arc<crate::sync::Progress>,
+        progress: Arc<Progress>,
     ) -> tokio::task::JoinHandle<()> {
         let tx = lock(&self.control_tx).clone();
         let source = source.to_string();
@@ -193,7 +194,7 @@ impl Agent {
                     let done = match &tracker {
                         Some(t) => {
                             let op = if opts.check { "check" } else { "sync" };
-                            let progress = Arc::new(crate::sync::Progress::default());
+                            let progress = Arc::new(Progress::default());
                             let reporter = self.report_progress(name, op, progress.clone());
                             let r = sync_source(
                                 &source,
@@ -231,35 +232,18 @@ impl Agent {
         .instrument(span.clone())
         .await;
         let _e = span.enter();
-        {
-            use bulwark_common::metrics as m;
-            let l = [("source", name)];
-            match &result {
-                Ok(o) => {
-                    if tracker.is_none() {
-                        m::counter_add("bulwark_log_bytes_total", &l, o.bytes_sent);
-                    } else {
-                        m::counter_add("bulwark_synced_bytes_total", &l, o.bytes_sent);
-                        m::counter_add("bulwark_synced_blocks_total", &l, o.blocks_sent);
-                    }
-                    m::counter_add(
-                        "bulwark_syncs_total",
-                        &[("source", name), ("outcome", "committed")],
-                        1,
-                    );
-                    m::observe(
-                        "bulwark_sync_duration_seconds",
-                        &l,
-                        o.duration_ms as f64 / 1000.0,
-                    );
-                }
-                Err(_) => m::counter_add(
-                    "bulwark_syncs_total",
-                    &[("source", name), ("outcome", "failed")],
-                    1,
-                ),
-            }
-        }
+        bulwark_common::metrics::record_sync(
+            name,
+            result
+                .as_ref()
+                .ok()
+                .map(|o| bulwark_common::metrics::SyncFigures {
+                    log: tracker.is_none(),
+                    bytes: o.bytes_sent,
+                    blocks: o.blocks_sent,
+                    seconds: o.duration_ms as f64 / 1000.0,
+                }),
+        );
         match &result {
             Ok(o) => tracing::info!(
                 point = o.point.id,
@@ -314,24 +298,18 @@ impl Agent {
                     path.clone()
                 };
                 let protected = self.cfg.sources.iter().map(|s| s.path.clone()).collect();
-                let progress = Arc::new(crate::sync::Progress::default());
-                let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+                let progress = Arc::new(Progress::default());
                 let reporter = self.report_progress(&cmd.source, "restore", progress.clone());
-                let mirror = {
-                    let (done, progress) = (done.clone(), progress.clone());
-                    tokio::spawn(async move {
-                        loop {
-                            let n = done.load(std::sync::atomic::Ordering::Relaxed);
-                            progress.done.store(n, std::sync::atomic::Ordering::Relaxed);
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                        }
-                    })
-                };
-                let r =
-                    restore_point(&cmd.source, cmd.point, &target, protected, node, Some(done))
-                        .await;
+                let r = restore_point(
+                    &cmd.source,
+                    cmd.point,
+                    &target,
+                    protected,
+                    node,
+                    Some(progress),
+                )
+                .await;
                 reporter.abort();
-                mirror.abort();
                 let o = r?;
                 tracing::info!(point = o.point, path = %o.path.display(), bytes = o.bytes_written, "volume restored");
                 out.point = o.point;

@@ -22,10 +22,11 @@
 
 use bulwark_common::telemetry::TracedChannel;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use bulwark_common::block::{DIGEST_LEN, Digest, Geometry, MAX_BATCH_BYTES, is_zero};
+use bulwark_common::metrics::Progress;
 use bulwark_common::point::{Consistency, PointKind};
 use bulwark_proto as pb;
 use bulwark_proto::node_client::NodeClient;
@@ -53,14 +54,6 @@ pub struct SyncOutcome {
     /// Log ships: files that got bytes, and bytes read on the host.
     pub files_sent: u64,
     pub bytes_read: u64,
-}
-
-/// How far a running sync (or restore) is: bytes read (written) of the total, for
-/// the progress the agent reports to the coordinator.
-#[derive(Debug, Default)]
-pub struct Progress {
-    pub done: AtomicU64,
-    pub total: AtomicU64,
 }
 
 /// What kind of sync to run.

@@ -7,7 +7,16 @@
 //! block, so one mutex is cheap.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Mutex, OnceLock};
+
+/// How far a long operation is (a sync, check, ship, restore or export): bytes done
+/// of the total (0 = not known yet). Shared between the work and whoever shows it.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub done: AtomicU64,
+    pub total: AtomicU64,
+}
 
 /// What a family is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,6 +190,40 @@ pub fn observe(name: &str, l: &[(&str, &str)], seconds: f64) {
             sum: 0.0,
             count: 0,
         },
+    );
+}
+
+/// What a committed sync or log ship moved.
+#[derive(Debug, Clone, Copy)]
+pub struct SyncFigures {
+    /// A log ship (counted in `bulwark_log_bytes_total`, no blocks).
+    pub log: bool,
+    pub bytes: u64,
+    pub blocks: u64,
+    pub seconds: f64,
+}
+
+/// Counts a sync or ship of `source` that ended: committed with its figures, or
+/// failed (`None`). The node counts what it applied, the agent what it sent.
+pub fn record_sync(source: &str, done: Option<SyncFigures>) {
+    let l = [("source", source)];
+    let outcome = match done {
+        Some(f) => {
+            if f.log {
+                counter_add("bulwark_log_bytes_total", &l, f.bytes);
+            } else {
+                counter_add("bulwark_synced_bytes_total", &l, f.bytes);
+                counter_add("bulwark_synced_blocks_total", &l, f.blocks);
+            }
+            observe("bulwark_sync_duration_seconds", &l, f.seconds);
+            "committed"
+        }
+        None => "failed",
+    };
+    counter_add(
+        "bulwark_syncs_total",
+        &[("source", source), ("outcome", outcome)],
+        1,
     );
 }
 

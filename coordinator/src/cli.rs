@@ -702,7 +702,8 @@ async fn sync_command(
             .into_inner();
         return print_json(&json!({"source": source, "agent": r.agent, "started": true}));
     }
-    let shown = (wait && !json).then(|| watch_progress(admin, source));
+    let op = if check { "check" } else { "sync" };
+    let shown = (wait && !json).then(|| watch_progress(admin, op, source));
     let done = admin.sync_request(source, wait, check, deep).await;
     end_progress(shown);
     if let Some((r, agent)) = done? {
@@ -941,7 +942,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 at_ms: at.unwrap_or(0),
             };
             if wait {
-                let shown = (!json).then(|| watch_progress(&admin, &source));
+                let shown = (!json).then(|| watch_progress(&admin, "restore", &source));
                 let r = admin.restore_request(req).await;
                 end_progress(shown);
                 let r = r?;
@@ -1596,49 +1597,45 @@ fn qemu_tls_dir(files: &TlsFiles, dir: &Path) -> anyhow::Result<()> {
 
 /// Shows the progress the source's agent reports (through `sources`) while a
 /// `--wait` runs; stop it with [`end_progress`].
-fn watch_progress(admin: &Admin, source: &str) -> tokio::task::JoinHandle<()> {
+fn watch_progress(admin: &Admin, op: &str, source: &str) -> tokio::task::JoinHandle<()> {
     let mut client = admin.client.clone();
     let source = source.to_string();
+    let progress = std::sync::Arc::new(bulwark_common::metrics::Progress::default());
+    let label = format!("{op} {source}");
     tokio::spawn(async move {
-        let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let total = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        struct Stop(Option<tokio::task::JoinHandle<()>>);
-        impl Drop for Stop {
-            fn drop(&mut self) {
-                if let Some(t) = self.0.take() {
-                    t.abort();
-                }
+        // The display shows nothing until the first report gives a total.
+        let display = crate::export::show_progress(label, progress.clone());
+        let poll = async {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                let Ok(r) = client.list_sources(pb::ListSourcesRequest {}).await else {
+                    continue;
+                };
+                let found = r
+                    .into_inner()
+                    .sources
+                    .into_iter()
+                    .find(|x| x.name == source);
+                let Some((p, size)) = found.and_then(|s| s.progress.map(|p| (p, s.size_bytes)))
+                else {
+                    continue;
+                };
+                let total = if p.total_bytes > 0 {
+                    p.total_bytes
+                } else {
+                    size
+                };
+                progress
+                    .done
+                    .store(p.done_bytes, std::sync::atomic::Ordering::Relaxed);
+                progress
+                    .total
+                    .store(total, std::sync::atomic::Ordering::Relaxed);
             }
-        }
-        let mut stop = Stop(None);
-        loop {
-            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            let Ok(r) = client.list_sources(pb::ListSourcesRequest {}).await else {
-                continue;
-            };
-            let Some(s) = r
-                .into_inner()
-                .sources
-                .into_iter()
-                .find(|x| x.name == source)
-            else {
-                continue;
-            };
-            let Some(p) = s.progress else { continue };
-            let t = if p.total_bytes > 0 {
-                p.total_bytes
-            } else {
-                s.size_bytes
-            };
-            done.store(p.done_bytes, std::sync::atomic::Ordering::Relaxed);
-            total.store(t, std::sync::atomic::Ordering::Relaxed);
-            if stop.0.is_none() {
-                stop.0 = Some(tokio::spawn(crate::export::show_progress(
-                    format!("{} {source}", p.op),
-                    done.clone(),
-                    total.clone(),
-                )));
-            }
+        };
+        tokio::select! {
+            _ = display => {}
+            _ = poll => {}
         }
     })
 }

@@ -7,12 +7,13 @@
 use std::io::IsTerminal;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
 use bulwark_agent::restore::{RestoreOutcome, restore_point};
 use bulwark_common::config::{TlsFiles, format_size};
+use bulwark_common::metrics::Progress;
 use bulwark_common::tls::{self, Role, Target, TlsIdentity};
 use bulwark_proto as pb;
 use bulwark_proto::node_client::NodeClient;
@@ -44,14 +45,9 @@ pub async fn export(
         .map_err(anyhow::Error::msg)?;
     let node =
         NodeClient::new(channel).max_decoding_message_size(bulwark_common::MAX_MESSAGE_BYTES);
-    let done = Arc::new(AtomicU64::new(0));
-    let total = Arc::new(AtomicU64::new(at.size_bytes));
-    let ticker = tokio::spawn(show_progress(
-        format!("export {source}"),
-        done.clone(),
-        total,
-    ));
-    let r = restore_point(source, point, to, Vec::new(), node, Some(done)).await;
+    let progress = Arc::new(Progress::default());
+    let ticker = tokio::spawn(show_progress(format!("export {source}"), progress.clone()));
+    let r = restore_point(source, point, to, Vec::new(), node, Some(progress)).await;
     ticker.abort();
     if std::io::stderr().is_terminal() {
         eprintln!();
@@ -62,7 +58,7 @@ pub async fn export(
 /// A progress bar with bytes, rate and time left, rewritten in place on a terminal;
 /// a plain line every 10 seconds otherwise. Runs until aborted; nothing is shown
 /// while `total` is 0 (not known yet).
-pub async fn show_progress(label: String, done: Arc<AtomicU64>, total: Arc<AtomicU64>) {
+pub async fn show_progress(label: String, progress: Arc<Progress>) {
     let tty = std::io::stderr().is_terminal();
     let every = if tty {
         Duration::from_millis(250)
@@ -74,7 +70,8 @@ pub async fn show_progress(label: String, done: Arc<AtomicU64>, total: Arc<Atomi
     let mut first: Option<(Instant, u64)> = None;
     loop {
         tokio::time::sleep(every).await;
-        let (n, total) = (done.load(Ordering::Relaxed), total.load(Ordering::Relaxed));
+        let n = progress.done.load(Ordering::Relaxed);
+        let total = progress.total.load(Ordering::Relaxed);
         if total == 0 {
             continue;
         }

@@ -494,6 +494,8 @@ impl Registry {
         rec.last_seen_ms = now_ms();
         rec.nbd_address = hb.nbd_address.clone();
         self.nodes.insert(name.as_bytes(), enc(&rec)?)?;
+        // Whether a grouped volume's oldest point moved (then the log floors may).
+        let mut floors_moved = false;
         for u in &hb.sources {
             if let Ok(mut s) = self.source(&u.source)
                 && s.node.as_deref() == Some(name)
@@ -510,6 +512,9 @@ impl Registry {
                     || s.usage != usage
                     || s.allocated_bytes != u.allocated_bytes
                 {
+                    floors_moved |= s.kind == "volume"
+                        && !s.group.is_empty()
+                        && s.usage.oldest_point_ms != usage.oldest_point_ms;
                     s.last_point = u.newest_point;
                     s.usage = usage;
                     s.allocated_bytes = u.allocated_bytes;
@@ -518,7 +523,9 @@ impl Registry {
             }
         }
         self.report_alerts(name, &hb.alerts)?;
-        self.update_log_floors()?;
+        if floors_moved {
+            self.update_log_floors()?;
+        }
         Ok(Some(()))
     }
 
@@ -711,6 +718,7 @@ impl Registry {
             s.group_since_ms = now_ms();
             self.put_source(&s)?;
         }
+        self.update_log_floors()?;
         self.db.flush()?;
         Ok(())
     }
@@ -1032,6 +1040,8 @@ impl Registry {
                 .map_or(0, |a| a.cert_not_after_ms),
         };
         self.agents.insert(agent.as_bytes(), enc(&rec)?)?;
+        // Sources may have joined groups (a log source then keeps its group's logs).
+        self.update_log_floors()?;
         self.db.flush()?;
         Ok(out)
     }
@@ -1392,6 +1402,58 @@ mod tests {
             policy: None,
             group: String::new(),
         }
+    }
+
+    #[test]
+    fn a_grouped_log_source_keeps_what_the_groups_oldest_volume_point_needs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reg = Registry::open(dir.path(), Duration::from_secs(60)).expect("open");
+        node(&reg, "n1", 100 << 30);
+        let mut vol = spec("db-data", 1 << 30);
+        vol.group = "db".into();
+        let mut wal = spec("db-wal", 0);
+        wal.kind = pb::SourceKind::Log as i32;
+        wal.group = "db".into();
+        reg.hello(
+            "host-1",
+            &pb::Hello {
+                sources: vec![vol, wal],
+                version: "t".into(),
+            },
+        )
+        .expect("hello");
+        let floor = || {
+            reg.assignment("db-wal")
+                .expect("wal")
+                .policy
+                .map_or(-1, |p| p.keep_after_ms)
+        };
+        assert_eq!(floor(), 0, "no volume point yet");
+        let beat = |oldest: i64| {
+            reg.heartbeat(
+                "n1",
+                &pb::NodeHeartbeatRequest {
+                    sources: vec![pb::SourceUsage {
+                        source: "db-data".into(),
+                        newest_point: 3,
+                        points: 3,
+                        oldest_point_ms: oldest,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+            )
+            .expect("heartbeat");
+        };
+        beat(1000);
+        assert_eq!(floor(), 1000);
+        // Retention pruned the oldest volume point: the logs before the next go.
+        beat(5000);
+        assert_eq!(floor(), 5000);
+        // Out of the group, the volume no longer holds the logs back.
+        reg.set_group("", &["db-data".to_string()])
+            .expect("ungroup");
+        assert_eq!(floor(), 0);
     }
 
     #[test]

@@ -136,35 +136,17 @@ fn refused(reason: &str) {
     bulwark_common::metrics::counter_add("bulwark_refusals_total", &[("reason", reason)], 1);
 }
 
-/// Counts a finished sync or ship of `source` (see the `bulwark_sync*` families).
+/// Counts a finished sync or ship of `source`: `point` when it committed.
 pub(crate) fn count_sync(source: &str, point: Option<&PointMeta>, started: std::time::Instant) {
-    use bulwark_common::metrics as m;
-    let l = [("source", source)];
-    match point {
-        Some(p) => {
-            if p.kind == PointKind::Log {
-                m::counter_add("bulwark_log_bytes_total", &l, p.bytes_changed);
-            } else {
-                m::counter_add("bulwark_synced_bytes_total", &l, p.bytes_changed);
-                m::counter_add("bulwark_synced_blocks_total", &l, p.blocks_changed);
-            }
-            m::counter_add(
-                "bulwark_syncs_total",
-                &[("source", source), ("outcome", "committed")],
-                1,
-            );
-            m::observe(
-                "bulwark_sync_duration_seconds",
-                &l,
-                started.elapsed().as_secs_f64(),
-            );
-        }
-        None => m::counter_add(
-            "bulwark_syncs_total",
-            &[("source", source), ("outcome", "failed")],
-            1,
-        ),
-    }
+    bulwark_common::metrics::record_sync(
+        source,
+        point.map(|p| bulwark_common::metrics::SyncFigures {
+            log: p.kind == PointKind::Log,
+            bytes: p.bytes_changed,
+            blocks: p.blocks_changed,
+            seconds: started.elapsed().as_secs_f64(),
+        }),
+    );
 }
 
 impl NodeService {
@@ -384,6 +366,21 @@ impl NodeService {
         Ok(self.locks.get(source).read_owned().await)
     }
 
+    /// After a sync or ship committed (the caller still holds the source's lock):
+    /// retention prunes what it no longer keeps, and a space refusal is over. A prune
+    /// that fails is logged and retried later: the point is committed.
+    async fn after_commit(&self, source: &str) {
+        let store = self.store.clone();
+        let name = source.to_string();
+        let now = bulwark_common::time::now_ms();
+        match blocking(move || store.apply_retention(&name, now)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(source, "retention after the commit failed: {e}"),
+            Err(e) => tracing::warn!(source, "retention task: {e}"),
+        }
+        self.note_refusal(source, None);
+    }
+
     fn granted(&self, source: &str, agent: &str) -> bool {
         let grants = self.grants.lock().unwrap_or_else(|e| e.into_inner());
         grants
@@ -590,16 +587,7 @@ async fn run_sync(
                 })
                 .await??;
                 count_sync(&source, Some(&point), started);
-                let store = svc.store.clone();
-                let name = source.clone();
-                match blocking(move || store.apply_retention(&name, bulwark_common::time::now_ms()))
-                    .await?
-                {
-                    Ok(_) => {}
-                    // The point is committed; a prune that failed is retried later.
-                    Err(e) => tracing::warn!(%source, "retention after the commit failed: {e}"),
-                }
-                svc.note_refusal(&source, None);
+                svc.after_commit(&source).await;
                 // Free the source before the agent hears of the commit, so its next
                 // sync never finds the source still locked.
                 drop(lock);

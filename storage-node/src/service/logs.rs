@@ -83,17 +83,13 @@ impl NodeService {
         let policy = a.policy.as_ref().map(policy_from_proto);
         let store = self.store.clone();
         let name = source.clone();
-        let (ship, manifest) = blocking(move || {
-            let ship = store.begin_log_ship(&name, policy)?;
-            let manifest = store.log_manifest(&name)?;
-            Ok::<_, crate::store::StoreError>((ship, manifest))
-        })
-        .await??;
+        let ship = blocking(move || store.begin_log_ship(&name, policy)).await??;
+        let manifest: Vec<pb::LogFileState> = ship.manifest().into_iter().map(file_state).collect();
         let (tx, rx) = mpsc::channel(8);
         for part in manifest.chunks(MANIFEST_CHUNK) {
             let msg = pb::LogReply {
                 msg: Some(pb::log_reply::Msg::Manifest(pb::LogManifest {
-                    files: part.iter().map(file_state).collect(),
+                    files: part.to_vec(),
                 })),
             };
             if tx.send(Ok(msg)).await.is_err() {
@@ -149,15 +145,7 @@ impl NodeService {
                 match result {
                     Ok(point) => {
                         super::count_sync(&source, Some(&point), started);
-                        let store = svc.store.clone();
-                        let name = source.clone();
-                        let now = bulwark_common::time::now_ms();
-                        match blocking(move || store.apply_retention(&name, now)).await {
-                            Ok(Ok(_)) => {}
-                            Ok(Err(e)) => tracing::warn!("retention after the ship failed: {e}"),
-                            Err(e) => tracing::warn!("retention task: {e}"),
-                        }
-                        svc.note_refusal(&source, None);
+                        svc.after_commit(&source).await;
                         drop(lock);
                         tracing::info!(
                             point = point.id,

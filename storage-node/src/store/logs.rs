@@ -193,6 +193,8 @@ pub struct LogShip {
     /// Committed lengths of the copies touched, to cut them back on failure.
     committed_len: HashMap<u64, u64>,
     created: Vec<u64>,
+    /// Records this ship changed (only these are written at commit).
+    dirty: HashSet<u64>,
     started: HashSet<String>,
     open: Option<Open>,
     next_id: u64,
@@ -209,16 +211,6 @@ impl Store {
             .values()
             .map(|v| decode(&v?))
             .collect()
-    }
-
-    /// The current generation of every file of a log source (what the agent
-    /// compares the host's files with).
-    pub fn log_manifest(&self, name: &str) -> Result<Vec<LogFileMeta>> {
-        Ok(self
-            .log_files(name)?
-            .into_iter()
-            .filter(|f| f.replaced_at == 0)
-            .collect())
     }
 
     /// Bytes a log source's copies hold.
@@ -279,6 +271,7 @@ impl Store {
             current,
             committed_len: HashMap::new(),
             created: Vec::new(),
+            dirty: HashSet::new(),
             started: HashSet::new(),
             open: None,
             next_id,
@@ -481,16 +474,18 @@ impl LogShip {
         self.new_point
     }
 
+    /// The current generation of every file, as the ship began (what the agent
+    /// compares the host's files with).
+    pub fn manifest(&self) -> Vec<&LogFileMeta> {
+        self.current
+            .values()
+            .filter_map(|id| self.files.get(id))
+            .collect()
+    }
+
     /// Payload bytes received so far.
     pub fn bytes(&self) -> u64 {
         self.bytes
-    }
-
-    fn close_open(&mut self) -> Result<()> {
-        if let Some(o) = self.open.take() {
-            o.file.sync_data().map_err(io("fsync", &o.path))?;
-        }
-        Ok(())
     }
 
     /// Bytes of host file `name` follow from `offset`: the node's length (an
@@ -517,7 +512,8 @@ impl LogShip {
                 "file {name} was sent twice in one ship"
             )));
         }
-        self.close_open()?;
+        // The previous file's copy is made durable at commit, with the others.
+        self.open = None;
         let existing = self.current.get(name).copied();
         let id = match existing {
             Some(id) if !restart => {
@@ -536,6 +532,7 @@ impl LogShip {
                 f.mtime_ns = mtime_ns;
                 f.gone_at = 0;
                 self.committed_len.entry(id).or_insert(f.length());
+                self.dirty.insert(id);
                 id
             }
             _ => {
@@ -550,6 +547,7 @@ impl LogShip {
                             StoreError::Meta(format!("log file record {old} vanished"))
                         })?;
                         f.replaced_at = self.new_point;
+                        self.dirty.insert(old);
                         tracing::warn!(source = %self.meta.name, file = name, generation = f.generation + 1,
                             reason, "log file sent anew");
                         f.generation + 1
@@ -578,6 +576,7 @@ impl LogShip {
                 );
                 self.current.insert(name.to_string(), id);
                 self.created.push(id);
+                self.dirty.insert(id);
                 id
             }
         };
@@ -662,13 +661,14 @@ impl LogShip {
                 && f.gone_at == 0
             {
                 f.gone_at = self.new_point;
+                self.dirty.insert(*id);
             }
         }
     }
 
     /// Makes the ship durable and records its point.
     pub fn commit(mut self) -> Result<(PointMeta, u64)> {
-        self.close_open()?;
+        self.open = None;
         let touched: Vec<u64> = self
             .committed_len
             .keys()
@@ -708,10 +708,12 @@ impl LogShip {
             damaged: Vec::new(),
             files_changed,
         };
-        let mut changed: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-        for f in self.files.values() {
-            changed.push((file_key(&name, f.id), encode(f)?));
-        }
+        let changed: Vec<(Vec<u8>, Vec<u8>)> = self
+            .dirty
+            .iter()
+            .filter_map(|id| self.files.get(id))
+            .map(|f| Ok((file_key(&name, f.id), encode(f)?)))
+            .collect::<Result<_>>()?;
         let point_bytes = encode(&point)?;
         let meta_bytes = encode(&self.meta)?;
         let store = self.store.clone();
@@ -836,7 +838,9 @@ mod tests {
             ]
         );
         // The manifest has the current generations and their anchors.
-        let m = s.log_manifest("wal").expect("manifest");
+        let ship = s.begin_log_ship("wal", None).expect("begin");
+        let m = ship.manifest();
+        assert_eq!(m.len(), 2, "current generations only");
         let b = m.iter().find(|f| f.name == "b").expect("b");
         assert_eq!(b.generation, 2);
         assert_eq!(b.head_hash, blake3::hash(b"new b").to_hex().to_string());
