@@ -28,6 +28,8 @@ pub struct Span {
     pub id: Vec<u8>,
     pub parent: Vec<u8>,
     pub name: String,
+    /// String and integer attributes, as text.
+    pub attributes: HashMap<String, String>,
 }
 
 /// One data point: (service, metric name, attributes, value).
@@ -55,7 +57,14 @@ fn text(kv: &[KeyValue], key: &str) -> Option<String> {
 
 fn attrs(kv: &[KeyValue]) -> HashMap<String, String> {
     kv.iter()
-        .filter_map(|a| text(kv, &a.key).map(|v| (a.key.clone(), v)))
+        .filter_map(|a| {
+            let v = match a.value.as_ref()?.value.as_ref()? {
+                any_value::Value::StringValue(s) => s.clone(),
+                any_value::Value::IntValue(i) => i.to_string(),
+                _ => return None,
+            };
+            Some((a.key.clone(), v))
+        })
         .collect()
 }
 
@@ -80,6 +89,7 @@ impl TraceService for Collector {
                         id: s.span_id,
                         parent: s.parent_span_id,
                         name: s.name,
+                        attributes: attrs(&s.attributes),
                     });
                 }
             }

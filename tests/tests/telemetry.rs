@@ -239,6 +239,20 @@ fn one_sync_is_one_trace_and_the_metrics_count_its_bytes() {
         .iter()
         .find(|s| s.name == "apply" && s.service == "bulwark-node")
         .expect("the node's apply span");
+    // The data source and point are attributes of the sync's spans.
+    let point = json_u64(&result, "point").to_string();
+    for service in ["bulwark-node", "bulwark-agent"] {
+        let sync = spans
+            .iter()
+            .find(|s| s.name == "sync" && s.service == service)
+            .unwrap_or_else(|| panic!("no sync span from {service}"));
+        assert_eq!(
+            sync.attributes.get("source").map(String::as_str),
+            Some("host-1-data"),
+            "{sync:?}"
+        );
+        assert_eq!(sync.attributes.get("point"), Some(&point), "{sync:?}");
+    }
     let c = chain(apply);
     assert!(
         c.contains(&"bulwark-agent".to_string()) && c.last() == Some(&"bulwark".to_string()),
