@@ -35,8 +35,18 @@ pub const BLOCK_SIZE: u64 = 64 * 1024;
 /// One MiB.
 pub const MIB: u64 = 1024 * 1024;
 
-/// A port that was free a moment ago on 127.0.0.1 (bound to port 0, read, released).
+/// A port that was free a moment ago on 127.0.0.1 (bound, then released), for a
+/// daemon to listen on. Picked at random below Linux's ephemeral range (32768 and
+/// up): a port the kernel hands out for port 0 is also what it gives outgoing
+/// connections, so one picked that way can be taken by any client socket (another
+/// test's CLI or agent) before the daemon binds it.
 pub fn free_port() -> u16 {
+    for _ in 0..1000 {
+        let port = 15_000 + rand::random::<u16>() % 17_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("cannot bind 127.0.0.1:0");
     l.local_addr()
         .expect("a bound listener has an address")
