@@ -196,6 +196,18 @@ fn one_sync_is_one_trace_and_the_metrics_count_its_bytes() {
                     return Err(format!("no {want} span yet in {names:?}"));
                 }
             }
+            // Each process exports its spans when they end, in batches: wait until
+            // every parent has arrived (the coordinator's Sync span ends last).
+            let ids: HashSet<&[u8]> = trace.iter().map(|s| s.id.as_slice()).collect();
+            if let Some(orphan) = trace
+                .iter()
+                .find(|s| !s.parent.is_empty() && !ids.contains(s.parent.as_slice()))
+            {
+                return Err(format!(
+                    "the parent of {} ({}) has not arrived yet",
+                    orphan.name, orphan.service
+                ));
+            }
             Ok(trace)
         },
     );
