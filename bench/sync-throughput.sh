@@ -24,6 +24,8 @@
 #   BENCH_DROP_CACHES=1      drop the page cache before each timed run (root only), so
 #                            the volume is read from disk rather than from memory
 #   BENCH_KEEP=1             keep the work directory (configs, logs, volume, replica)
+#   BENCH_PERF=FILE          record a CPU profile of node and agent during the full
+#                            sync with `perf record -g` into FILE (needs perf)
 #   CARGO_TARGET_DIR         honoured as by cargo
 #
 # Usage: bench/sync-throughput.sh
@@ -278,7 +280,18 @@ drop_caches
 echo "== full sync: bulwark sync $SOURCE --wait --json"
 NODE_CPU0=$(cpu_ms "$PID_node")
 AGENT_CPU0=$(cpu_ms "$PID_agent")
+PERF_PID=""
+if [[ -n "${BENCH_PERF:-}" ]]; then
+    perf record -q -g -F 4000 -p "$PID_node,$PID_agent" -o "$BENCH_PERF" 2>"$WORK/perf.err" &
+    PERF_PID=$!
+    sleep 0.5
+fi
 FULL_WALL_MS=$(sync_json "$WORK/full.json")
+if [[ -n "$PERF_PID" ]]; then
+    kill -INT "$PERF_PID"
+    wait "$PERF_PID" || true
+    echo "   CPU profile of the full sync in $BENCH_PERF (perf report -i $BENCH_PERF)"
+fi
 NODE_CPU_FULL=$(($(cpu_ms "$PID_node") - NODE_CPU0))
 AGENT_CPU_FULL=$(($(cpu_ms "$PID_agent") - AGENT_CPU0))
 sed 's/^/   /' "$WORK/full.json"

@@ -44,6 +44,7 @@ where
     F: Future<Output = Result<(), E>>,
     E: Display,
 {
+    crate::malloc::tune();
     let Some(config_path) = args.config.clone() else {
         eprintln!("{binary}: --config FILE is required");
         return ExitCode::from(2);

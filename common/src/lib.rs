@@ -9,7 +9,7 @@
 //!   agent both make on them.
 //! - [`nbd`] — the NBD protocol: a server exporting a file or block device, and a
 //!   blocking client that reads exports and qemu dirty bitmaps.
-//! - [`telemetry`], [`shutdown`], [`failpoint`] — process plumbing.
+//! - [`telemetry`], [`shutdown`], [`failpoint`], [`malloc`] — process plumbing.
 
 pub mod alloc;
 pub mod block;
@@ -17,6 +17,7 @@ pub mod config;
 pub mod daemon;
 pub mod enroll;
 pub mod failpoint;
+pub mod malloc;
 pub mod metrics;
 pub mod nbd;
 pub mod pki;

@@ -8,6 +8,7 @@ use clap::{CommandFactory, FromArgMatches};
 use tracing::Instrument;
 
 fn main() -> ExitCode {
+    bulwark_common::malloc::tune();
     let matches = Cli::command().get_matches();
     let command = matches.subcommand_name().unwrap_or_default().to_string();
     let cli = match Cli::from_arg_matches(&matches) {
