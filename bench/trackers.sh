@@ -53,6 +53,8 @@
 #                            already holds (non-blocking reads) and reads the rest
 #                            with O_DIRECT, so it never fills the cache itself.
 #   BENCH_KEEP=1             keep the work directory (configs, logs, volumes, repos)
+#   BENCH_PERF=DIR           record a system-wide CPU profile (perf record -a -g) of the
+#                            first round's incremental of each tracker into DIR/*.perf
 #   CARGO_TARGET_DIR         honoured as by cargo
 #
 # Needs: python3, qemu-img, qemu-io (QEMU >= 7 for `write -s`), qemu-nbd (qemu-utils),
@@ -380,12 +382,23 @@ timed_sync() {
     io0=$(io_read "$PID_agent")
     ac0=$(cpu_ms "$PID_agent")
     nc0=$(cpu_ms "$PID_node")
+    local perf_pid=""
+    if [[ -n "${BENCH_PERF:-}" && $label = INC_* && ! -e "$BENCH_PERF/$label.perf" ]]; then
+        mkdir -p "$BENCH_PERF"
+        perf record -q -a -g -F 4000 -o "$BENCH_PERF/$label.perf" 2>"$WORK/perf.err" &
+        perf_pid=$!
+        sleep 0.5
+    fi
     t0=$(now_ns)
     if ! "$BIN/bulwark" sync "$src" --wait --json >"$f" 2>"$f.err"; then
         cat "$f.err" >&2
         die "bulwark sync $src failed"
     fi
     t1=$(now_ns)
+    if [[ -n "$perf_pid" ]]; then
+        kill -INT "$perf_pid"
+        wait "$perf_pid" || true
+    fi
     io1=$(io_read "$PID_agent")
     printf -v "${label}_WALL_MS" %s $(((t1 - t0) / 1000000))
     printf -v "${label}_ACPU" %s $(($(cpu_ms "$PID_agent") - ac0))

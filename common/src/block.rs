@@ -27,6 +27,38 @@ pub fn aligned_buffer(len: usize) -> bytes::BytesMut {
     buf.truncate(len);
     buf
 }
+/// Reads `len` bytes at `offset` (aligned to [`DIRECT_ALIGN`]) from `f`, opened with
+/// `O_DIRECT`, into a fresh aligned buffer. The read may end at the end of the file
+/// once `len` bytes are in. `EINVAL` means direct I/O is refused here (or an odd
+/// short read happened): read through the page cache instead.
+pub fn read_direct_at(f: &std::fs::File, offset: u64, len: usize) -> std::io::Result<bytes::Bytes> {
+    use std::os::unix::fs::FileExt;
+    if !offset.is_multiple_of(DIRECT_ALIGN as u64) {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let want = len.next_multiple_of(DIRECT_ALIGN);
+    let mut buf = aligned_buffer(want);
+    let mut got = 0;
+    while got < len {
+        let n = f.read_at(&mut buf[got..want], offset + got as u64)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!(
+                    "the file ended at byte {} while reading {len} bytes at {offset}",
+                    offset + got as u64
+                ),
+            ));
+        }
+        got += n;
+        if got < len && !got.is_multiple_of(DIRECT_ALIGN) {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        }
+    }
+    buf.truncate(len);
+    Ok(buf.freeze())
+}
+
 /// Writes a file with `O_DIRECT` where the file system allows it: each byte goes to
 /// the disk once, as it is written, instead of being copied into the page cache and
 /// flushed later (which dominated the CPU of a full sync, and made a restore wait
