@@ -818,14 +818,18 @@ impl Registry {
     }
 
     /// The source the scrub should verify next: placed, with a point, and not
-    /// verified for `interval`; the longest unverified first.
+    /// verified for `interval`; the longest unverified first. A new source counts
+    /// as verified when it was created: its node checked every block of its first
+    /// sync as it arrived, and re-reading it at once would only compete with the
+    /// syncs of the first minutes.
     pub fn due_for_scrub(&self, interval: Duration) -> Result<Option<String>> {
         let cutoff = now_ms() - interval.as_millis() as i64;
+        let verified = |s: &SourceRecord| s.last_verify_ms.max(s.created_ms);
         Ok(self
             .sources()?
             .into_iter()
-            .filter(|s| s.node.is_some() && s.last_point > 0 && s.last_verify_ms <= cutoff)
-            .min_by_key(|s| s.last_verify_ms)
+            .filter(|s| s.node.is_some() && s.last_point > 0 && verified(s) <= cutoff)
+            .min_by_key(verified)
             .map(|s| s.name))
     }
 
@@ -1454,6 +1458,49 @@ mod tests {
         reg.set_group("", &["db-data".to_string()])
             .expect("ungroup");
         assert_eq!(floor(), 0);
+    }
+
+    #[test]
+    fn a_new_source_is_first_scrubbed_one_interval_after_it_was_added() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reg = Registry::open(dir.path(), Duration::from_secs(60)).expect("open");
+        node(&reg, "n1", 100 << 30);
+        reg.hello(
+            "host-1",
+            &pb::Hello {
+                sources: vec![spec("vol", 1 << 30)],
+                version: "t".into(),
+            },
+        )
+        .expect("hello");
+        let hour = Duration::from_secs(3600);
+        assert_eq!(reg.due_for_scrub(hour).expect("due"), None, "no point yet");
+        reg.heartbeat(
+            "n1",
+            &pb::NodeHeartbeatRequest {
+                sources: vec![pb::SourceUsage {
+                    source: "vol".into(),
+                    newest_point: 1,
+                    points: 1,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        )
+        .expect("heartbeat");
+        assert_eq!(
+            reg.due_for_scrub(hour).expect("due"),
+            None,
+            "its first sync was checked on arrival"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+        let soon = Duration::from_millis(1);
+        assert_eq!(
+            reg.due_for_scrub(soon).expect("due").as_deref(),
+            Some("vol")
+        );
+        reg.verified("vol", "ok".into()).expect("verified");
+        assert_eq!(reg.due_for_scrub(hour).expect("due"), None);
     }
 
     #[test]

@@ -25,8 +25,8 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::store::{
-    PointMeta, RestoreItem, SourceLocks, SourcePolicy, Store, StoreError, SyncSpec, SyncTxn,
-    VerifiedExtent,
+    PointMeta, Prepared, RestoreItem, SourceLocks, SourcePolicy, Store, StoreError, SyncSpec,
+    SyncTxn, VerifiedExtent,
 };
 use bulwark_common::retention::Retention;
 
@@ -477,18 +477,23 @@ fn send_digests(
     });
 }
 
-/// Verified batches waiting for the applier, at most (each ≤ 1 MiB of payload).
+/// Verified batches waiting for their before-images to be read, at most (each ≤ 1 MiB
+/// of payload).
+const READ_QUEUE: usize = 4;
+/// Batches read and waiting for the writer, at most.
 const APPLY_QUEUE: usize = 16;
-/// Payload the applier takes in one group, at most.
+/// Payload the writer takes in one group, at most.
 const GROUP_BYTES: usize = 16 << 20;
 
-/// Applies verified batches in order on a blocking thread, reporting progress after
-/// each group; hands the transaction back when its input ends or a batch fails.
+/// Applies verified batches in order, reporting progress after each group; hands
+/// the transaction back when its input ends or a batch fails.
 ///
-/// Batches that queued up while the previous group was being written are applied
-/// together as one group: one append and one fdatasync of before-images, then the
-/// replica writes at a queue depth, instead of a round of each per batch (for
-/// scattered blocks the fsyncs and single reads and writes were most of a sync).
+/// Two threads: one reads each batch's old digests and before-images as it arrives,
+/// the other writes. Batches that were read while the previous group was being
+/// written are applied together as one group: one append and one fdatasync of
+/// before-images, then the replica writes at a queue depth, instead of a round of
+/// each per batch (for scattered blocks the fsyncs and single reads and writes were
+/// most of a sync).
 fn spawn_applier(
     mut txn: SyncTxn,
     mut batches: mpsc::Receiver<Vec<VerifiedExtent>>,
@@ -498,14 +503,52 @@ fn spawn_applier(
     let span = tracing::info_span!("apply");
     tokio::task::spawn_blocking(move || {
         let _span = span.enter();
-        while let Some(mut batch) = batches.blocking_recv() {
-            let mut bytes: usize = batch.iter().map(|e| e.data.len()).sum();
-            while bytes < GROUP_BYTES {
-                let Ok(more) = batches.try_recv() else { break };
-                bytes += more.iter().map(|e| e.data.len()).sum::<usize>();
-                batch.extend(more);
+        let reader = match txn.before_images() {
+            Ok(r) => r,
+            Err(e) => return (txn, Err(Status::from(e))),
+        };
+        // The reader ends when its input ends, when a read fails (the writer gets
+        // the error), or when the writer has stopped (its next send fails); then
+        // `batches` closes and the receiving task learns that the sync is over.
+        let (ptx, prx) = std::sync::mpsc::sync_channel::<Result<Prepared, Status>>(APPLY_QUEUE);
+        let read_span = tracing::info_span!("read_before_images");
+        let started = std::thread::Builder::new()
+            .name("before-images".into())
+            .spawn(move || {
+                let _span = read_span.enter();
+                while let Some(batch) = batches.blocking_recv() {
+                    let r = reader.prepare(batch).map_err(Status::from);
+                    let failed = r.is_err();
+                    if ptx.send(r).is_err() || failed {
+                        return;
+                    }
+                }
+            });
+        if let Err(e) = started {
+            return (
+                txn,
+                Err(Status::internal(format!(
+                    "cannot start a reader thread: {e}"
+                ))),
+            );
+        }
+        while let Ok(first) = prx.recv() {
+            let mut group = Vec::new();
+            let mut next = Some(first);
+            let mut bytes = 0;
+            while let Some(r) = next.take() {
+                match r {
+                    Ok(p) => {
+                        bytes += p.bytes();
+                        group.push(p);
+                    }
+                    Err(s) => return (txn, Err(s)),
+                }
+                if bytes < GROUP_BYTES {
+                    next = prx.try_recv().ok();
+                }
             }
-            if let Err(e) = txn.apply(&batch) {
+            if let Err(e) = txn.apply_prepared(group) {
                 return (txn, Err(Status::from(e)));
             }
             ingested.fetch_add(bytes as u64, Ordering::Relaxed);
@@ -540,7 +583,7 @@ async fn run_sync(
 ) -> Result<(), Status> {
     use pb::sync_message::Msg;
     let started = std::time::Instant::now();
-    let (btx, brx) = mpsc::channel::<Vec<VerifiedExtent>>(APPLY_QUEUE);
+    let (btx, brx) = mpsc::channel::<Vec<VerifiedExtent>>(READ_QUEUE);
     let applier = spawn_applier(txn, brx, tx.clone(), svc.ingested.clone());
     // Stops the applier and rolls back; the applier's own error, if any, wins.
     async fn fail(

@@ -1745,8 +1745,84 @@ pub struct ApplyTimes {
     pub writes: std::time::Duration,
 }
 
-/// One verified extent: its first block, bytes and per-block digests.
+/// Reads the old digests and before-images of a sync's batches on a thread of its
+/// own, ahead of the thread that writes them ([`SyncTxn::apply_prepared`]). Safe to
+/// run ahead: a sync writes each block at most once, and a batch that repeats a
+/// block is refused before anything of it is written.
+pub struct BeforeImageReader {
+    keeps_deltas: bool,
+    replica: File,
+    direct: Option<File>,
+    digests: File,
+    replica_path: PathBuf,
+    digests_path: PathBuf,
+    geometry: Geometry,
+}
+
+/// A batch with what its before-images need (from [`BeforeImageReader::prepare`]).
 #[derive(Debug)]
+pub struct Prepared {
+    pub extents: Vec<VerifiedExtent>,
+    /// Blocks that need a before-image, with their old digests.
+    recs: Vec<(u64, Digest)>,
+    /// Their old bytes (`None`: never written).
+    old: Vec<Option<Bytes>>,
+    read_time: std::time::Duration,
+}
+
+impl Prepared {
+    /// Payload bytes of the batch.
+    pub fn bytes(&self) -> usize {
+        self.extents.iter().map(|e| e.data.len()).sum()
+    }
+}
+
+impl BeforeImageReader {
+    /// Reads which blocks of `extents` change content, and their old bytes.
+    pub fn prepare(&self, extents: Vec<VerifiedExtent>) -> Result<Prepared> {
+        let started = std::time::Instant::now();
+        let mut recs: Vec<(u64, Digest)> = Vec::new();
+        if self.keeps_deltas {
+            for e in &extents {
+                let n = e.digests.len() as u64;
+                let mut old = vec![0u8; n as usize * DIGEST_LEN];
+                read_at_full(
+                    &self.digests,
+                    &mut old,
+                    e.first_block * DIGEST_LEN as u64,
+                    &self.digests_path,
+                )?;
+                for (i, d) in old.chunks_exact(DIGEST_LEN).enumerate() {
+                    let digest = Digest::from_slice(d).unwrap_or(Digest::UNWRITTEN);
+                    if digest != Digest::UNWRITTEN && e.digests.get(i) == Some(&digest) {
+                        // The block keeps its content (a consistency check repairing
+                        // a damaged replica block, or a rewrite with the same bytes):
+                        // the previous point reads the same bytes from the replica,
+                        // so no before-image is kept, and a damaged one never is.
+                        continue;
+                    }
+                    recs.push((e.first_block + i as u64, digest));
+                }
+            }
+        }
+        let old = read_before_images(
+            &self.replica,
+            self.direct.as_ref(),
+            &self.replica_path,
+            self.geometry,
+            &recs,
+        )?;
+        Ok(Prepared {
+            extents,
+            recs,
+            old,
+            read_time: started.elapsed(),
+        })
+    }
+}
+
+/// One verified extent: its first block, bytes and per-block digests.
+#[derive(Debug, Clone)]
 pub struct VerifiedExtent {
     pub first_block: u64,
     pub data: bytes::Bytes,
@@ -1860,15 +1936,57 @@ impl SyncTxn {
         Ok(())
     }
 
+    /// A reader of this sync's before-images that can run on another thread, ahead
+    /// of [`SyncTxn::apply_prepared`]. Opens the sync's files (writing the pending
+    /// record) if that has not happened yet.
+    pub fn before_images(&mut self) -> Result<BeforeImageReader> {
+        self.open_files()?;
+        let Some(files) = self.files.as_ref() else {
+            return Err(StoreError::Meta("sync files not open".into()));
+        };
+        let replica_path = files.dir.join("replica");
+        let digests_path = files.dir.join("digests");
+        Ok(BeforeImageReader {
+            keeps_deltas: files.delta.is_some(),
+            replica: files
+                .replica
+                .try_clone()
+                .map_err(io("reopen", &replica_path))?,
+            direct: files
+                .replica_read
+                .as_ref()
+                .map(File::try_clone)
+                .transpose()
+                .map_err(io("reopen", &replica_path))?,
+            digests: files
+                .digests
+                .try_clone()
+                .map_err(io("reopen", &digests_path))?,
+            replica_path,
+            digests_path,
+            geometry: self.spec.geometry,
+        })
+    }
+
     /// Applies one batch of verified extents (see the module docs for the order of
     /// writes). Blocking.
     pub fn apply(&mut self, extents: &[VerifiedExtent]) -> Result<()> {
         if extents.is_empty() {
             return Ok(());
         }
+        let prepared = self.before_images()?.prepare(extents.to_vec())?;
+        self.apply_prepared(vec![prepared])
+    }
+
+    /// Applies prepared batches as one group: their before-images appended to the
+    /// delta and made durable, then the new bytes written. Blocking.
+    pub fn apply_prepared(&mut self, group: Vec<Prepared>) -> Result<()> {
+        if group.iter().all(|p| p.extents.is_empty()) {
+            return Ok(());
+        }
         self.open_files()?;
         let geometry = self.spec.geometry;
-        for e in extents {
+        for e in group.iter().flat_map(|p| &p.extents) {
             for b in e.first_block..e.first_block + e.digests.len() as u64 {
                 let (w, bit) = ((b / 64) as usize, b % 64);
                 if self.touched[w] & (1 << bit) != 0 {
@@ -1882,42 +2000,18 @@ impl SyncTxn {
         };
         let replica_path = files.dir.join("replica");
         let digests_path = files.dir.join("digests");
+        for p in &group {
+            self.times.before_images += p.read_time;
+        }
         // 2. Before-images, durable before the replica changes.
-        let started = std::time::Instant::now();
         if let Some(delta) = files.delta.as_mut() {
             let delta_file_path = delta_path(&files.dir, self.new_point - 1);
-            // Which blocks need a before-image, and their old digests.
-            let mut recs: Vec<(u64, Digest)> = Vec::new();
-            for e in extents {
-                let n = e.digests.len() as u64;
-                let mut old = vec![0u8; n as usize * DIGEST_LEN];
-                read_at_full(
-                    &files.digests,
-                    &mut old,
-                    e.first_block * DIGEST_LEN as u64,
-                    &digests_path,
-                )?;
-                for (i, d) in old.chunks_exact(DIGEST_LEN).enumerate() {
-                    let digest = Digest::from_slice(d).unwrap_or(Digest::UNWRITTEN);
-                    if digest != Digest::UNWRITTEN && e.digests.get(i) == Some(&digest) {
-                        // The block keeps its content (a consistency check repairing
-                        // a damaged replica block, or a rewrite with the same bytes):
-                        // the previous point reads the same bytes from the replica,
-                        // so no before-image is kept, and a damaged one never is.
-                        continue;
-                    }
-                    recs.push((e.first_block + i as u64, digest));
-                }
-            }
-            let old = read_before_images(
-                &files.replica,
-                files.replica_read.as_ref(),
-                &replica_path,
-                geometry,
-                &recs,
-            )?;
-            let datas: Vec<Option<&[u8]>> = old
+            let read = std::time::Instant::now();
+            let recs: Vec<(u64, Digest)> =
+                group.iter().flat_map(|p| p.recs.iter().copied()).collect();
+            let datas: Vec<Option<&[u8]>> = group
                 .iter()
+                .flat_map(|p| &p.old)
                 .map(|d| d.as_deref().filter(|d| !is_zero(d)))
                 .collect();
             let tail = delta.tail.len();
@@ -1944,8 +2038,6 @@ impl SyncTxn {
                     self.new_point - 1,
                 )?;
             }
-            let read = std::time::Instant::now();
-            self.times.before_images += read - started;
             delta
                 .write(&buf, self.delta_len - tail as u64)
                 .map_err(io("write", &delta_file_path))?;
@@ -1970,7 +2062,8 @@ impl SyncTxn {
         }
         failpoint::hit("node-before-replica-write");
         let writing = std::time::Instant::now();
-        write_replica(files, geometry, extents, &replica_path)?;
+        let extents: Vec<&VerifiedExtent> = group.iter().flat_map(|p| &p.extents).collect();
+        write_replica(files, geometry, &extents, &replica_path)?;
         for e in extents {
             let mut d = Vec::with_capacity(e.digests.len() * DIGEST_LEN);
             for digest in &e.digests {
@@ -2286,7 +2379,7 @@ fn read_before_images(
 fn write_replica(
     files: &mut TxnFiles,
     geometry: Geometry,
-    extents: &[VerifiedExtent],
+    extents: &[&VerifiedExtent],
     path: &Path,
 ) -> Result<()> {
     let threads = if cfg!(test) {

@@ -46,6 +46,9 @@ use super::bitmap::Bitmap;
 use super::{BlockSource, Frozen, Plan, Tracker, lock, run_tool};
 
 const PREFIX: &str = "bulwark-p";
+/// Connections to qemu-nbd: the sync's reader threads each read through their own,
+/// so several reads are in flight at once (one connection answers one at a time).
+const CONNECTIONS: usize = 4;
 const NEXT: &str = "bulwark-next";
 
 #[derive(Debug, Deserialize)]
@@ -131,7 +134,8 @@ fn bitmap_op(path: &Path, ops: &[&str], name: &str) -> Result<(), String> {
 struct Session {
     child: Child,
     dir: tempfile::TempDir,
-    client: Arc<Mutex<Client>>,
+    /// The first one also asks for block status.
+    clients: Arc<Vec<Mutex<Client>>>,
     /// The point of the image's `bulwark-p<N>` bitmap when the sync began.
     base: Option<u64>,
     /// The bitmap this sync added for the writes after it froze.
@@ -140,9 +144,13 @@ struct Session {
 
 impl Session {
     fn stop(mut self) {
-        if let Ok(c) = Arc::try_unwrap(self.client) {
-            let c = c.into_inner().unwrap_or_else(|e| e.into_inner());
-            let _ = c.disconnect();
+        if let Ok(clients) = Arc::try_unwrap(self.clients) {
+            for c in clients {
+                let _ = c
+                    .into_inner()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .disconnect();
+            }
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -152,7 +160,9 @@ impl Session {
 
 /// Reads the image through qemu-nbd.
 struct NbdReader {
-    client: Arc<Mutex<Client>>,
+    clients: Arc<Vec<Mutex<Client>>>,
+    /// Where the next reader starts looking for a free connection.
+    next: std::sync::atomic::AtomicUsize,
     size: u64,
     what: String,
 }
@@ -163,7 +173,16 @@ impl BlockSource for NbdReader {
     }
     fn read_chunk(&self, offset: u64, len: usize) -> std::io::Result<Bytes> {
         let mut buf = vec![0u8; len];
-        let mut c = self.client.lock().unwrap_or_else(|e| e.into_inner());
+        // A free connection if there is one, else wait for one in turn.
+        let n = self.clients.len();
+        let start = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut c = (0..n)
+            .find_map(|i| self.clients[(start + i) % n].try_lock().ok())
+            .unwrap_or_else(|| {
+                self.clients[start % n]
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+            });
         c.read(offset, &mut buf)
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         Ok(Bytes::from(buf))
@@ -276,6 +295,7 @@ impl Qcow2Tracker {
             .arg("--format=qcow2")
             .arg("--cache=none")
             .arg("--aio=threads")
+            .arg(format!("--shared={CONNECTIONS}"))
             .arg(format!("--socket={}", sock.display()));
         if let Some(b) = export_bitmap {
             cmd.arg(format!("--bitmap={b}"));
@@ -309,26 +329,31 @@ impl Qcow2Tracker {
                     self.path.display()
                 ));
             }
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(Duration::from_millis(2));
         }
         let contexts: Vec<String> = export_bitmap
             .map(|b| vec![format!("qemu:dirty-bitmap:{b}")])
             .unwrap_or_default();
         let ctx_refs: Vec<&str> = contexts.iter().map(String::as_str).collect();
-        let client = match Client::connect_unix(&sock, "", &ctx_refs) {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("qemu-nbd for {}: {e}", self.path.display()));
+        let mut clients = Vec::with_capacity(CONNECTIONS);
+        for i in 0..CONNECTIONS {
+            let contexts: &[&str] = if i == 0 { &ctx_refs } else { &[] };
+            match Client::connect_unix(&sock, "", contexts) {
+                Ok(c) => clients.push(Mutex::new(c)),
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(format!("qemu-nbd for {}: {e}", self.path.display()));
+                }
             }
-        };
-        if client.size() != self.geometry.size_bytes {
+        }
+        let size = lock(&clients[0]).size();
+        if size != self.geometry.size_bytes {
             let _ = child.kill();
             let _ = child.wait();
             return Err(format!(
                 "qemu-nbd exports {} bytes of {}, expected {}",
-                client.size(),
+                size,
                 self.path.display(),
                 self.geometry.size_bytes
             ));
@@ -336,7 +361,7 @@ impl Qcow2Tracker {
         Ok(Session {
             child,
             dir,
-            client: Arc::new(Mutex::new(client)),
+            clients: Arc::new(clients),
             base: None,
             next: String::new(),
         })
@@ -348,7 +373,7 @@ impl Qcow2Tracker {
         let g = self.geometry;
         let bs = u64::from(g.block_size);
         let mut out = Bitmap::new(g.block_count());
-        let mut c = session.client.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = lock(&session.clients[0]);
         let mut offset = 0u64;
         while offset < g.size_bytes {
             let want = (g.size_bytes - offset).min(1 << 30);
@@ -423,7 +448,8 @@ impl Qcow2Tracker {
             _ => Plan::Scan,
         };
         let reader = Arc::new(NbdReader {
-            client: session.client.clone(),
+            clients: session.clients.clone(),
+            next: Default::default(),
             size: self.geometry.size_bytes,
             what: format!("{} (through qemu-nbd)", self.path.display()),
         });
