@@ -20,7 +20,12 @@
 //!    (for an incremental sync) the bitmap `bulwark-p<N>` as the metadata context
 //!    `qemu:dirty-bitmap:bulwark-p<N>`; ask for block status over the whole disk and
 //!    read only the dirty extents. The node refuses the sync if its newest point is
-//!    not `N`, and the agent falls back to a consistency check.
+//!    not `N`, and the agent falls back to a consistency check. Data is read from
+//!    the image file itself where `qemu-img map` (taken once qemu-nbd holds the image,
+//!    so that no writer can move a cluster) shows it stored as it is — as the live
+//!    volume is read: from the page cache where cached, else with `O_DIRECT` — zeros
+//!    are not read at all, and anything else (a backing file, compressed clusters,
+//!    an encrypted image or an external data file) is read through qemu-nbd.
 //! 4. Committed as point `P`: stop `qemu-nbd`, remove `bulwark-p<N>` (a scan's
 //!    `bulwark-next` first becomes `bulwark-p<P>` by an add-and-merge). Failed: stop
 //!    `qemu-nbd` and remove the added bitmap: `bulwark-p<N>` is still enabled and has
@@ -44,10 +49,12 @@ use serde::Deserialize;
 
 use super::bitmap::Bitmap;
 use super::{BlockSource, Frozen, Plan, Tracker, lock, run_tool};
+use crate::volume::Volume;
 
 const PREFIX: &str = "bulwark-p";
-/// Connections to qemu-nbd: the sync's reader threads each read through their own,
-/// so several reads are in flight at once (one connection answers one at a time).
+/// Connections to qemu-nbd when data is read through it: the sync's reader threads
+/// each read through their own, so several reads are in flight at once (one
+/// connection answers one at a time).
 const CONNECTIONS: usize = 4;
 const NEXT: &str = "bulwark-next";
 
@@ -69,6 +76,135 @@ struct FormatSpecific {
 struct FormatData {
     #[serde(default)]
     bitmaps: Vec<BitmapInfo>,
+    /// An external data file: guest data is not in the image file.
+    #[serde(rename = "data-file")]
+    data_file: Option<String>,
+    /// Encryption: the image file holds ciphertext.
+    encrypt: Option<serde_json::Value>,
+}
+
+/// One run of `qemu-img map --output=json`.
+#[derive(Debug, Deserialize)]
+struct MapRun {
+    start: u64,
+    length: u64,
+    depth: u64,
+    zero: bool,
+    data: bool,
+    #[serde(default)]
+    compressed: bool,
+    offset: Option<u64>,
+    filename: Option<String>,
+}
+
+/// Where a run of guest bytes is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Where {
+    /// In the image file at this offset, as they are.
+    Host(u64),
+    /// Reads as zeros.
+    Zeros,
+    /// Anywhere else (a backing file, a compressed cluster): read through qemu-nbd.
+    Nbd,
+}
+
+/// The guest-to-file map of an image, sorted runs `(start, length, where)` covering
+/// the disk.
+fn parse_map(json: &[u8], image: &Path, size: u64) -> Result<Vec<(u64, u64, Where)>, String> {
+    let runs: Vec<MapRun> = serde_json::from_slice(json).map_err(|e| {
+        format!(
+            "qemu-img map of {}: unexpected output: {e}",
+            image.display()
+        )
+    })?;
+    let mut out = Vec::with_capacity(runs.len());
+    let mut at = 0u64;
+    for r in runs {
+        if r.start != at || r.length == 0 {
+            return Err(format!(
+                "qemu-img map of {}: run at {} does not follow byte {at}",
+                image.display(),
+                r.start
+            ));
+        }
+        let foreign = r.filename.as_deref().is_some_and(|f| Path::new(f) != image);
+        let how = if r.zero {
+            Where::Zeros
+        } else if r.data && r.depth == 0 && !r.compressed && !foreign {
+            r.offset.map_or(Where::Nbd, Where::Host)
+        } else {
+            Where::Nbd
+        };
+        out.push((r.start, r.length, how));
+        at += r.length;
+    }
+    if at != size {
+        return Err(format!(
+            "qemu-img map of {} covers {at} bytes of {size}",
+            image.display()
+        ));
+    }
+    Ok(out)
+}
+
+/// Reads guest bytes straight from the image file where the map says they are
+/// stored as they are (through [`Volume`]: from the page cache when they are
+/// cached, else with `O_DIRECT`), zeros where it says zeros, and the rest through
+/// qemu-nbd. Read-only qemu-nbd holds the image meanwhile, and the tracker needs it
+/// closed to every writer, so the map cannot change under the sync.
+struct MappedReader {
+    file: Volume,
+    map: Vec<(u64, u64, Where)>,
+    nbd: NbdReader,
+}
+
+impl MappedReader {
+    /// The runs of `[offset, offset + len)`: (guest offset, length, where).
+    fn pieces(&self, offset: u64, len: usize) -> Vec<(u64, usize, Where)> {
+        let end = offset + len as u64;
+        let first = self.map.partition_point(|(s, l, _)| s + l <= offset);
+        let mut out = Vec::new();
+        for &(s, l, how) in &self.map[first..] {
+            if s >= end {
+                break;
+            }
+            let from = s.max(offset);
+            let to = (s + l).min(end);
+            let at = match how {
+                Where::Host(h) => Where::Host(h + (from - s)),
+                other => other,
+            };
+            out.push((from, (to - from) as usize, at));
+        }
+        out
+    }
+}
+
+impl BlockSource for MappedReader {
+    fn size_bytes(&self) -> u64 {
+        self.nbd.size
+    }
+    fn read_chunk(&self, offset: u64, len: usize) -> std::io::Result<Bytes> {
+        let pieces = self.pieces(offset, len);
+        if let [(_, n, Where::Host(h))] = pieces[..]
+            && n == len
+        {
+            return self.file.read_chunk(h, len);
+        }
+        let mut buf = bytes::BytesMut::zeroed(len);
+        for (at, n, how) in pieces {
+            let i = (at - offset) as usize;
+            match how {
+                Where::Host(h) => buf[i..i + n].copy_from_slice(&self.file.read_chunk(h, n)?),
+                Where::Zeros => {}
+                Where::Nbd => buf[i..i + n].copy_from_slice(&self.nbd.read_chunk(at, n)?),
+            }
+        }
+        Ok(buf.freeze())
+    }
+    fn describe(&self) -> String {
+        self.nbd.describe()
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -219,8 +355,10 @@ impl Qcow2Tracker {
         }
     }
 
-    /// Tidies the image's bitmaps; returns the base point of a usable record.
-    fn prepare(&self, st: &mut State) -> Result<Option<u64>, String> {
+    /// Tidies the image's bitmaps; returns the base point of a usable record, and
+    /// whether the image file holds guest data as it is (no external data file, no
+    /// encryption), so that it may be read directly.
+    fn prepare(&self, st: &mut State) -> Result<(Option<u64>, bool), String> {
         let i = info(&self.path, false)?;
         if i.virtual_size != self.geometry.size_bytes {
             return Err(format!(
@@ -230,11 +368,11 @@ impl Qcow2Tracker {
                 self.geometry.size_bytes
             ));
         }
-        let bitmaps = i
-            .format_specific
-            .and_then(|f| f.data)
-            .map(|d| d.bitmaps)
-            .unwrap_or_default();
+        let data = i.format_specific.and_then(|f| f.data);
+        let plain = data
+            .as_ref()
+            .is_some_and(|d| d.data_file.is_none() && d.encrypt.is_none());
+        let bitmaps = data.map(|d| d.bitmaps).unwrap_or_default();
         let mut points: Vec<(u64, &BitmapInfo)> = bitmaps
             .iter()
             .filter_map(|b| {
@@ -268,7 +406,7 @@ impl Qcow2Tracker {
             }
             tracing::warn!(source = %self.source, "{why}; this sync is a consistency check");
             st.inconsistent = Some(why);
-            return Ok(None);
+            return Ok((None, plain));
         }
         if has_next {
             if let Some(n) = newest {
@@ -281,10 +419,15 @@ impl Qcow2Tracker {
                 bitmap_op(&self.path, &["--remove"], &format!("{PREFIX}{n}"))?;
             }
         }
-        Ok(newest)
+        Ok((newest, plain))
     }
 
-    fn start_nbd(&self, export_bitmap: Option<&str>) -> Result<Session, String> {
+    /// Starts qemu-nbd with `connections` connections to it.
+    fn start_nbd(
+        &self,
+        export_bitmap: Option<&str>,
+        connections: usize,
+    ) -> Result<Session, String> {
         let dir = tempfile::Builder::new()
             .prefix("bulwark-qemu-nbd")
             .tempdir()
@@ -295,7 +438,7 @@ impl Qcow2Tracker {
             .arg("--format=qcow2")
             .arg("--cache=none")
             .arg("--aio=threads")
-            .arg(format!("--shared={CONNECTIONS}"))
+            .arg(format!("--shared={connections}"))
             .arg(format!("--socket={}", sock.display()));
         if let Some(b) = export_bitmap {
             cmd.arg(format!("--bitmap={b}"));
@@ -335,8 +478,8 @@ impl Qcow2Tracker {
             .map(|b| vec![format!("qemu:dirty-bitmap:{b}")])
             .unwrap_or_default();
         let ctx_refs: Vec<&str> = contexts.iter().map(String::as_str).collect();
-        let mut clients = Vec::with_capacity(CONNECTIONS);
-        for i in 0..CONNECTIONS {
+        let mut clients = Vec::with_capacity(connections);
+        for i in 0..connections {
             let contexts: &[&str] = if i == 0 { &ctx_refs } else { &[] };
             match Client::connect_unix(&sock, "", contexts) {
                 Ok(c) => clients.push(Mutex::new(c)),
@@ -408,7 +551,7 @@ impl Qcow2Tracker {
     fn begin_locked(&self, st: &mut State, scan: bool) -> Result<Frozen, String> {
         // `kept`: the bitmap the image has (removed at commit, merged back into on
         // failure); `base`: the one this sync trusts (none for a scan).
-        let kept = self.prepare(st)?;
+        let (kept, plain) = self.prepare(st)?;
         let base = if scan || st.inconsistent.is_some() {
             None
         } else {
@@ -424,13 +567,26 @@ impl Qcow2Tracker {
         let granularity = self.granularity();
         bitmap_op(&self.path, &["--add", "--granularity", &granularity], &next)?;
         let exported = base.map(|b| format!("{PREFIX}{b}"));
-        let mut session = match self.start_nbd(exported.as_deref()) {
+        let connections = if plain { 1 } else { CONNECTIONS };
+        let mut session = match self.start_nbd(exported.as_deref(), connections) {
             Ok(s) => s,
             Err(e) => {
                 self.undo_next(kept, &next);
                 return Err(e);
             }
         };
+        // The guest-to-file map, asked for while the bitmap is read. Only now: the
+        // read-only qemu-nbd holds the image, so no writer can move a cluster until
+        // the sync ends. With the map, data is read from the file itself.
+        let map = plain.then(|| {
+            let p = self.path.to_string_lossy().into_owned();
+            std::thread::spawn(move || {
+                run(
+                    "qemu-img",
+                    &["map", "--output=json", "-f", "qcow2", "-U", &p],
+                )
+            })
+        });
         session.base = kept;
         session.next = next.clone();
         let plan = match (&exported, base) {
@@ -447,14 +603,44 @@ impl Qcow2Tracker {
             },
             _ => Plan::Scan,
         };
-        let reader = Arc::new(NbdReader {
+        let nbd = NbdReader {
             clients: session.clients.clone(),
             next: Default::default(),
             size: self.geometry.size_bytes,
             what: format!("{} (through qemu-nbd)", self.path.display()),
-        });
+        };
+        let reader: Arc<dyn BlockSource> = if let Some(map) = map {
+            let map = map
+                .join()
+                .unwrap_or_else(|_| Err("qemu-img map: its thread panicked".into()));
+            match self.mapped(nbd, map) {
+                Ok(m) => Arc::new(m),
+                Err((nbd, e)) => {
+                    tracing::info!(source = %self.source, "reading the image through qemu-nbd: {e}");
+                    Arc::new(nbd)
+                }
+            }
+        } else {
+            Arc::new(nbd)
+        };
         st.session = Some(session);
         Ok(Frozen { plan, reader })
+    }
+
+    /// A reader of the image file itself where `qemu-img map` allows; gives the
+    /// qemu-nbd reader back when it does not.
+    fn mapped(
+        &self,
+        nbd: NbdReader,
+        map: Result<Vec<u8>, String>,
+    ) -> Result<MappedReader, (NbdReader, String)> {
+        let map = map.and_then(|out| parse_map(&out, &self.path, self.geometry.size_bytes));
+        let file = Volume::open(&self.path)
+            .map_err(|e| format!("cannot open {}: {e}", self.path.display()));
+        match (map, file) {
+            (Ok(map), Ok(file)) => Ok(MappedReader { file, map, nbd }),
+            (Err(e), _) | (_, Err(e)) => Err((nbd, e)),
+        }
     }
 
     /// Bitmap granularity: the block size, so a bit is exactly a block.
@@ -546,5 +732,72 @@ impl Tracker for Qcow2Tracker {
     }
     fn shutdown(&self) {
         self.failed();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_map_says_where_each_guest_byte_is() {
+        let image = Path::new("/v/vm.qcow2");
+        let json = br#"[
+          { "start": 0, "length": 65536, "depth": 0, "present": true, "zero": false, "data": true, "compressed": false, "offset": 327680},
+          { "start": 65536, "length": 65536, "depth": 0, "present": false, "zero": true, "data": false, "compressed": false},
+          { "start": 131072, "length": 65536, "depth": 1, "present": true, "zero": false, "data": true, "offset": 4096, "filename": "/v/base.qcow2"},
+          { "start": 196608, "length": 65536, "depth": 0, "present": true, "zero": false, "data": true, "compressed": true},
+          { "start": 262144, "length": 65536, "depth": 0, "present": true, "zero": false, "data": true, "offset": 8192, "filename": "/v/other.raw"},
+          { "start": 327680, "length": 65536, "depth": 0, "present": true, "zero": false, "data": true, "offset": 1048576, "filename": "/v/vm.qcow2"}
+        ]"#;
+        let map = parse_map(json, image, 393216).expect("map");
+        let hows: Vec<Where> = map.iter().map(|r| r.2).collect();
+        assert_eq!(
+            hows,
+            [
+                Where::Host(327680),
+                Where::Zeros,
+                Where::Nbd, // a backing file
+                Where::Nbd, // compressed
+                Where::Nbd, // another file
+                Where::Host(1048576),
+            ]
+        );
+        assert!(
+            parse_map(json, image, 393216 + 1).is_err(),
+            "a map that does not cover the disk is refused"
+        );
+        let gap = br#"[{ "start": 0, "length": 4096, "depth": 0, "zero": true, "data": false},
+                      { "start": 8192, "length": 4096, "depth": 0, "zero": true, "data": false}]"#;
+        assert!(parse_map(gap, image, 12288).is_err(), "a gap is refused");
+        assert!(parse_map(b"not json", image, 1).is_err());
+
+        // A read across runs is cut at their edges, host offsets shifted.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file_path = dir.path().join("f");
+        std::fs::write(&file_path, vec![7u8; 1 << 21]).expect("write");
+        let reader = MappedReader {
+            file: Volume::open(&file_path).expect("open"),
+            map,
+            nbd: NbdReader {
+                clients: Arc::new(Vec::new()),
+                next: Default::default(),
+                size: 393216,
+                what: "test".into(),
+            },
+        };
+        assert_eq!(
+            reader.pieces(60000, 10000),
+            [
+                (60000, 5536, Where::Host(327680 + 60000)),
+                (65536, 4464, Where::Zeros)
+            ]
+        );
+        let got = reader.read_chunk(61440, 8192).expect("read");
+        assert_eq!(&got[..4096], &[7u8; 4096][..], "bytes from the file");
+        assert_eq!(&got[4096..], &[0u8; 4096][..], "zeros");
+        let whole = reader.read_chunk(327680, 65536).expect("read");
+        assert_eq!(whole.len(), 65536);
+        assert!(whole.iter().all(|&b| b == 7));
     }
 }
