@@ -13,10 +13,14 @@
 //!
 //! An operator's own `GLIBC_TUNABLES` for malloc wins: nothing is changed then.
 
-/// Blocks up to this size come from the heap, not from a mapping of their own.
-pub const MMAP_THRESHOLD: usize = 32 << 20;
-/// Free memory at a heap's top kept for reuse rather than returned to the kernel.
-pub const TRIM_THRESHOLD: usize = 64 << 20;
+/// Blocks up to this size come from the heap, not from a mapping of their own
+/// (a message buffer is 1-2 MiB; the rare larger block still gets a mapping).
+pub const MMAP_THRESHOLD: usize = 4 << 20;
+/// Free memory at a heap's top kept for reuse rather than returned to the kernel:
+/// enough for a few message buffers, small enough that an idle agent stays small
+/// (64 MiB here raised the agent's peak RSS in `bench/trackers.sh` from about 50 to
+/// 70 MiB for no gain).
+pub const TRIM_THRESHOLD: usize = 8 << 20;
 
 /// Applies the settings above (glibc on Linux only; elsewhere nothing happens).
 /// Returns whether they were applied.
