@@ -106,6 +106,8 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Runs an external tool (qemu-img, dmsetup, ...) and returns its stdout, or an
 /// error with the command line and its stderr.
 pub(crate) fn run_tool(tool: &str, args: &[&str]) -> Result<Vec<u8>, String> {
+    let started = std::time::Instant::now();
+    let _took = TookLog(tool, args, started);
     let out = std::process::Command::new(tool)
         .args(args)
         .stdin(std::process::Stdio::null())
@@ -119,6 +121,20 @@ pub(crate) fn run_tool(tool: &str, args: &[&str]) -> Result<Vec<u8>, String> {
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         ))
+    }
+}
+
+/// Logs (at debug) how long a tool ran, however it ended.
+struct TookLog<'a>(&'a str, &'a [&'a str], std::time::Instant);
+
+impl Drop for TookLog<'_> {
+    fn drop(&mut self) {
+        tracing::debug!(
+            tool = self.0,
+            args = %self.1.join(" "),
+            ms = self.2.elapsed().as_secs_f64() * 1000.0,
+            "ran"
+        );
     }
 }
 

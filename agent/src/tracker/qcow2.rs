@@ -568,6 +568,7 @@ impl Qcow2Tracker {
         bitmap_op(&self.path, &["--add", "--granularity", &granularity], &next)?;
         let exported = base.map(|b| format!("{PREFIX}{b}"));
         let connections = if plain { 1 } else { CONNECTIONS };
+        let starting = Instant::now();
         let mut session = match self.start_nbd(exported.as_deref(), connections) {
             Ok(s) => s,
             Err(e) => {
@@ -578,6 +579,7 @@ impl Qcow2Tracker {
         // The guest-to-file map, asked for while the bitmap is read. Only now: the
         // read-only qemu-nbd holds the image, so no writer can move a cluster until
         // the sync ends. With the map, data is read from the file itself.
+        tracing::debug!(source = %self.source, ms = starting.elapsed().as_secs_f64() * 1000.0, "qemu-nbd serving");
         let map = plain.then(|| {
             let p = self.path.to_string_lossy().into_owned();
             std::thread::spawn(move || {
