@@ -2077,6 +2077,7 @@ impl SyncTxn {
             self.bytes += e.data.len() as u64;
         }
         self.times.writes += writing.elapsed();
+        // After each group of batches (see the service's applier).
         failpoint::hit("node-after-batch");
         Ok(())
     }

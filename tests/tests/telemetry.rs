@@ -346,7 +346,9 @@ fn one_sync_is_one_trace_and_the_metrics_count_its_bytes() {
 }
 
 /// A running sync's progress reaches the CLI: `sources --json` shows the agent's
-/// figures while `sync --wait` runs (the node is slowed so there is time to look).
+/// figures while `sync --wait` runs (the node is slowed so there is time to look:
+/// it sleeps 2 s after each group of batches it writes, so the sync takes at least
+/// 2 s; the agent reports every 500 ms).
 #[test]
 fn a_running_sync_reports_its_progress() {
     let mut fleet = Fleet::builder()
@@ -357,7 +359,7 @@ fn a_running_sync_reports_its_progress() {
     fleet.wait_coordinator();
     fleet
         .node("node-1")
-        .start_with_env(&[("BULWARK_FAILPOINTS", "node-after-batch=sleep(250)")]);
+        .start_with_env(&[("BULWARK_FAILPOINTS", "node-after-batch=sleep(2000)")]);
     fleet.wait_nodes_up(&["node-1".to_string()]);
     fleet.agent("host-1").start();
     fleet.wait_agents_connected(&["host-1".to_string()]);

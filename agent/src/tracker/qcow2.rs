@@ -481,7 +481,22 @@ impl Qcow2Tracker {
         let mut clients = Vec::with_capacity(connections);
         for i in 0..connections {
             let contexts: &[&str] = if i == 0 { &ctx_refs } else { &[] };
-            match Client::connect_unix(&sock, "", contexts) {
+            // The socket file appears when qemu-nbd binds it, a moment before it
+            // listens: a refused first connection is tried again until the deadline.
+            let connected = loop {
+                match Client::connect_unix(&sock, "", contexts) {
+                    Err(bulwark_common::nbd::NbdError::Io(e))
+                        if i == 0
+                            && e.kind() == std::io::ErrorKind::ConnectionRefused
+                            && Instant::now() < deadline
+                            && matches!(child.try_wait(), Ok(None)) =>
+                    {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    other => break other,
+                }
+            };
+            match connected {
                 Ok(c) => clients.push(Mutex::new(c)),
                 Err(e) => {
                     let _ = child.kill();
