@@ -12,14 +12,14 @@
 //! non-blocking `preadv2(RWF_NOWAIT)` was tried and dropped: a miss still starts
 //! readahead into the cache, so cold data was read from the disk twice.)
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Seek, SeekFrom};
-use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use bulwark_common::block::{DIRECT_ALIGN, aligned_buffer};
+use bulwark_common::block::{DIRECT_ALIGN, aligned_buffer, open_direct, read_direct_into};
 use bytes::{Bytes, BytesMut};
 
 /// Read buffers kept for reuse: a chunk handed out comes back once every clone of it
@@ -55,11 +55,7 @@ impl Volume {
                 "not a regular file or block device",
             ));
         };
-        let direct = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-            .ok();
+        let direct = open_direct(path, true);
         Ok(Volume {
             file,
             pool: Mutex::new(Vec::new()),
@@ -108,7 +104,7 @@ impl Volume {
                 }
             }
             let buf = self.buffer(len.next_multiple_of(DIRECT_ALIGN));
-            match read_direct(direct, buf, offset, len, 0) {
+            match read_direct_into(direct, buf, offset, len) {
                 Ok(b) => return Ok(self.keep(b)),
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                     tracing::info!(path = %self.path.display(), "direct I/O refused; reading through the page cache");
@@ -201,39 +197,6 @@ fn wholly_cached(f: &File, offset: u64, len: usize) -> std::io::Result<bool> {
     Ok(stat.nr_cache >= last - first)
 }
 
-/// Reads `len` bytes at `offset` into `buf` with `O_DIRECT`, from byte `skip` on (the
-/// bytes before it are already in `buf`; `skip` is aligned).
-fn read_direct(
-    f: &File,
-    mut buf: BytesMut,
-    offset: u64,
-    len: usize,
-    skip: usize,
-) -> std::io::Result<Bytes> {
-    // Whole aligned units are read; at the end of the volume the read comes up short.
-    let want = len.next_multiple_of(DIRECT_ALIGN);
-    let mut got = skip;
-    while got < len {
-        let n = f.read_at(&mut buf[got..want], offset + got as u64)?;
-        if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!(
-                    "the volume ended at byte {} while reading {len} bytes at {offset}",
-                    offset + got as u64
-                ),
-            ));
-        }
-        got += n;
-        if got < len && !got.is_multiple_of(DIRECT_ALIGN) {
-            // A short read that is not at the end: finish through the page cache.
-            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
-        }
-    }
-    buf.truncate(len);
-    Ok(buf.freeze())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -264,11 +227,7 @@ mod tests {
         // Half cached, half not: an O_DIRECT write drops its range from the page
         // cache, so the read below takes the first pages from the cache and the rest
         // from the disk.
-        if let Ok(w) = OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&path)
-        {
+        if let Some(w) = open_direct(&path, false) {
             let mut block = aligned_buffer(65536);
             rand::rng().fill_bytes(&mut block);
             w.write_all_at(&block, 65536).expect("direct write");

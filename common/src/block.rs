@@ -27,17 +27,45 @@ pub fn aligned_buffer(len: usize) -> bytes::BytesMut {
     buf.truncate(len);
     buf
 }
+/// `path` opened with `O_DIRECT`, for reading or else for writing, if the file
+/// system allows it.
+pub fn open_direct(path: &std::path::Path, read: bool) -> Option<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(read)
+        .write(!read)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .ok()
+}
+
 /// Reads `len` bytes at `offset` (aligned to [`DIRECT_ALIGN`]) from `f`, opened with
-/// `O_DIRECT`, into a fresh aligned buffer. The read may end at the end of the file
-/// once `len` bytes are in. `EINVAL` means direct I/O is refused here (or an odd
-/// short read happened): read through the page cache instead.
+/// `O_DIRECT`, into a fresh aligned buffer (see [`read_direct_into`]).
 pub fn read_direct_at(f: &std::fs::File, offset: u64, len: usize) -> std::io::Result<bytes::Bytes> {
+    read_direct_into(
+        f,
+        aligned_buffer(len.next_multiple_of(DIRECT_ALIGN)),
+        offset,
+        len,
+    )
+}
+
+/// Reads `len` bytes at `offset` from `f`, opened with `O_DIRECT`, into `buf` (aligned,
+/// at least `len` rounded up to [`DIRECT_ALIGN`] long, as from [`aligned_buffer`]).
+/// Whole aligned units are read, so at the end of the file the read may come up
+/// short once `len` bytes are in. `EINVAL` means direct I/O is refused here (an
+/// unaligned offset, or an odd short read): read through the page cache instead.
+pub fn read_direct_into(
+    f: &std::fs::File,
+    mut buf: bytes::BytesMut,
+    offset: u64,
+    len: usize,
+) -> std::io::Result<bytes::Bytes> {
     use std::os::unix::fs::FileExt;
-    if !offset.is_multiple_of(DIRECT_ALIGN as u64) {
+    let want = len.next_multiple_of(DIRECT_ALIGN);
+    if !offset.is_multiple_of(DIRECT_ALIGN as u64) || buf.len() < want {
         return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
     }
-    let want = len.next_multiple_of(DIRECT_ALIGN);
-    let mut buf = aligned_buffer(want);
     let mut got = 0;
     while got < len {
         let n = f.read_at(&mut buf[got..want], offset + got as u64)?;
@@ -45,7 +73,7 @@ pub fn read_direct_at(f: &std::fs::File, offset: u64, len: usize) -> std::io::Re
             return Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
                 format!(
-                    "the file ended at byte {} while reading {len} bytes at {offset}",
+                    "the data ended at byte {} while reading {len} bytes at {offset}",
                     offset + got as u64
                 ),
             ));
@@ -63,7 +91,8 @@ pub fn read_direct_at(f: &std::fs::File, offset: u64, len: usize) -> std::io::Re
 /// the disk once, as it is written, instead of being copied into the page cache and
 /// flushed later (which dominated the CPU of a full sync, and made a restore wait
 /// on one long fsync at the end). The aligned part of a write goes through an
-/// aligned bounce buffer; a short tail (the volume's last block), and everything
+/// aligned bounce buffer, unless `data` is aligned in memory already (then it is
+/// written as it is); a short tail (the volume's last block), and everything
 /// once the file system refuses direct I/O (EINVAL), goes through `buffered`, the
 /// same file opened normally, whose fsync then covers it.
 #[derive(Debug)]
@@ -78,14 +107,8 @@ impl DirectWriter {
     /// `/proc/self/fd/N`); without it every write goes through the page cache.
     /// `what` names the file in the log line of a fallback.
     pub fn open(path: &std::path::Path, what: &'static str) -> DirectWriter {
-        use std::os::unix::fs::OpenOptionsExt;
-        let direct = std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-            .ok();
         DirectWriter {
-            direct,
+            direct: open_direct(path, false),
             bounce: bytes::BytesMut::new(),
             what,
         }
@@ -107,14 +130,20 @@ impl DirectWriter {
         else {
             return buffered.write_all_at(data, offset);
         };
-        if self.bounce.len() < MAX_BATCH_BYTES {
+        let in_place = data.as_ptr().align_offset(DIRECT_ALIGN) == 0;
+        if !in_place && self.bounce.len() < MAX_BATCH_BYTES {
             self.bounce = aligned_buffer(MAX_BATCH_BYTES);
         }
         let mut done = 0;
         while done < aligned {
-            let n = (aligned - done).min(self.bounce.len());
-            self.bounce[..n].copy_from_slice(&data[done..done + n]);
-            match direct.write_all_at(&self.bounce[..n], offset + done as u64) {
+            let (n, chunk) = if in_place {
+                (aligned - done, &data[done..aligned])
+            } else {
+                let n = (aligned - done).min(self.bounce.len());
+                self.bounce[..n].copy_from_slice(&data[done..done + n]);
+                (n, &self.bounce[..n])
+            };
+            match direct.write_all_at(chunk, offset + done as u64) {
                 Ok(()) => done += n,
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                     tracing::info!(

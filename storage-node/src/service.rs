@@ -533,10 +533,10 @@ fn spawn_applier(
             );
         }
         while let Ok(first) = prx.recv() {
+            // This batch, and those read meanwhile, up to GROUP_BYTES.
             let mut group = Vec::new();
-            let mut next = Some(first);
             let mut bytes = 0;
-            while let Some(r) = next.take() {
+            for r in std::iter::once(first).chain(std::iter::from_fn(|| prx.try_recv().ok())) {
                 match r {
                     Ok(p) => {
                         bytes += p.bytes();
@@ -544,8 +544,8 @@ fn spawn_applier(
                     }
                     Err(s) => return (txn, Err(s)),
                 }
-                if bytes < GROUP_BYTES {
-                    next = prx.try_recv().ok();
+                if bytes >= GROUP_BYTES {
+                    break;
                 }
             }
             if let Err(e) = txn.apply_prepared(group) {

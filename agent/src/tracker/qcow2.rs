@@ -591,10 +591,10 @@ impl Qcow2Tracker {
                 return Err(e);
             }
         };
+        tracing::debug!(source = %self.source, ms = starting.elapsed().as_secs_f64() * 1000.0, "qemu-nbd serving");
         // The guest-to-file map, asked for while the bitmap is read. Only now: the
         // read-only qemu-nbd holds the image, so no writer can move a cluster until
         // the sync ends. With the map, data is read from the file itself.
-        tracing::debug!(source = %self.source, ms = starting.elapsed().as_secs_f64() * 1000.0, "qemu-nbd serving");
         let map = plain.then(|| {
             let p = self.path.to_string_lossy().into_owned();
             std::thread::spawn(move || {
