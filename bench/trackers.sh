@@ -57,7 +57,7 @@
 #                            first round's incremental of each tracker into DIR/*.perf
 #   CARGO_TARGET_DIR         honoured as by cargo
 #
-# Needs: python3, qemu-img, qemu-io (QEMU >= 7 for `write -s`), qemu-nbd (qemu-utils),
+# Needs: python3, qemu-img, qemu-io (QEMU >= 7 for `write -s`), qemu-nbd, qemu-storage-daemon (qemu-utils),
 # rsync, restic, nbdkit with its file plugin; without rsync, restic or nbdkit that
 # comparison is SKIPPED (and the result is not PASS). Other load on the machine skews
 # everything: the load average and I/O pressure are printed with the results.
@@ -103,7 +103,7 @@ load_line() {
 [[ "$WRITE_ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "BENCH_WRITE_ROUNDS must be a whole number >= 1 (got $WRITE_ROUNDS)"
 command -v python3 >/dev/null || die "python3 is needed (for $HELPER)"
 command -v cargo >/dev/null || [[ -n "${BENCH_BIN_DIR:-}" ]] || die "cargo is needed (or set BENCH_BIN_DIR)"
-for t in qemu-img qemu-io qemu-nbd; do
+for t in qemu-img qemu-io qemu-nbd qemu-storage-daemon; do
     command -v "$t" >/dev/null || die "$t is needed (apt-get install qemu-utils)"
 done
 qemu-io -c 'help write' 2>/dev/null | grep -q -- '-s source_file' ||
@@ -720,7 +720,7 @@ done
 echo "  read on host: Bulwark = blocks_read x 64 KiB as the agent reports it; rsync, restic = rchar"
 echo "  of the client (bytes its read() calls returned, a little socket/repository traffic"
 echo "  included). disk reads: read_bytes of /proc/PID/io: the agent's, which includes the"
-echo "  qemu-nbd and qemu-img children it reaped; the client's for rsync and restic (0 when"
+echo "  qemu-storage-daemon and qemu-img children it reaped; the client's for rsync and restic (0 when"
 echo "  served from the page cache). sent: Bulwark bytes_sent, rsync Total bytes sent,"
 echo "  restic data_added."
 echo

@@ -381,7 +381,7 @@ impl AgentConfig {
             if s.snapshot_command.is_some() && s.tracker == "qcow2-bitmap" {
                 return Err(bad(
                     key("snapshot_command"),
-                    "not supported with tracker = \"qcow2-bitmap\" (the tracker reads the image through qemu-nbd)".into(),
+                    "not supported with tracker = \"qcow2-bitmap\" (the tracker reads the image itself, through qemu-storage-daemon)".into(),
                 ));
             }
             if s.hook_timeout.0 < Duration::from_secs(1) {

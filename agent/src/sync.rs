@@ -440,6 +440,10 @@ async fn attempt(
         .await
         .map_err(|e| SyncError::Tracker(e.to_string()))?
         .map_err(SyncError::Tracker)?;
+    // The tracker may have found its record untrustworthy only now (qcow2-bitmap
+    // reads the image's bitmaps in `begin`): then this sync compares everything, and
+    // its point is a check.
+    let check = check || !tracker.consistent();
     let r = stream_sync(
         source,
         frozen.plan,

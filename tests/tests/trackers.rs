@@ -330,7 +330,7 @@ fn qcow2_to_raw(img: &Path, raw: &Path) {
 
 #[test]
 fn qcow2_bitmap_sends_exactly_the_written_blocks() {
-    if !have("qemu-img") || !have("qemu-io") || !have("qemu-nbd") {
+    if !have("qemu-img") || !have("qemu-io") || !have("qemu-storage-daemon") {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -412,6 +412,30 @@ fn qcow2_bitmap_sends_exactly_the_written_blocks() {
     assert_eq!(json_u64(&r, "blocks_sent"), 0, "{r}");
     assert_eq!(json_u64(&r, "blocks_scanned"), SIZE / BLOCK_SIZE, "{r}");
     assert_eq!(image_bitmaps(&img), vec!["bulwark-p3".to_string()]);
+
+    // A bitmap that stopped recording (disabled behind the agent's back) is not
+    // trusted: the next sync is a check, and the record starts afresh.
+    let out = Command::new("qemu-img")
+        .args(["bitmap", "--disable", "-f", "qcow2"])
+        .arg(&img)
+        .arg("bulwark-p3")
+        .output()
+        .expect("qemu-img bitmap");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = fleet.sync(source);
+    assert_eq!(json_str(&r, "kind"), "check", "{r}");
+    assert_eq!(json_u64(&r, "blocks_sent"), 0, "{r}");
+    assert_eq!(image_bitmaps(&img), vec!["bulwark-p4".to_string()]);
+    let log = std::fs::read_to_string(fleet.root().join("logs").join(format!("{AGENT}.log")))
+        .expect("agent log");
+    assert!(
+        log.contains("bitmap bulwark-p3") && log.contains("not recording"),
+        "the agent says why"
+    );
 }
 
 /// A record relative to a point the node does not have as its newest (here: a saved

@@ -9,7 +9,7 @@
 //! - `nbd-filter` ([`filter::FilterTracker`]) serves the volume as an NBD export and
 //!   sets one bit per block in memory for every write that passes through it.
 //! - `qcow2-bitmap` ([`qcow2::Qcow2Tracker`]) uses QEMU's persistent dirty bitmaps
-//!   inside the image and reads the image through `qemu-nbd`.
+//!   inside the image, rotated and read through one `qemu-storage-daemon` per sync.
 //! - `dm-era` ([`era::EraTracker`]) puts device-mapper's era target in front of a
 //!   block device and asks the kernel's record which blocks were written.
 //!
@@ -25,6 +25,7 @@ pub mod bitmap;
 pub mod era;
 pub mod filter;
 pub mod qcow2;
+mod qsd;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -36,7 +37,7 @@ pub use bitmap::Bitmap;
 use crate::volume::Volume;
 
 /// Readable block data: the live volume, a point-in-time snapshot of it, or an image
-/// read through `qemu-nbd`.
+/// read through qemu's NBD export.
 pub trait BlockSource: Send + Sync {
     /// Size in bytes.
     fn size_bytes(&self) -> u64;

@@ -7,64 +7,73 @@
 //! - `bulwark-p<N>` — every write since point `N` was taken.
 //! - `bulwark-next` — every write since the running sync froze its changes.
 //!
-//! A sync (the image must not be open elsewhere: QEMU locks it):
+//! A sync (the image must not be open elsewhere: QEMU locks it) is one
+//! `qemu-storage-daemon` holding the image, driven over QMP (see [`super::qsd`]):
 //!
 //! 1. Tidy up after any crash: a leftover `bulwark-next` is merged into the newest
 //!    `bulwark-p<N>` (a superset is safe), older `bulwark-p*` are removed. A bitmap
-//!    flagged `in-use` (QEMU did not close the image cleanly) cannot be trusted: the
-//!    sync becomes a consistency check.
+//!    flagged in use (QEMU did not close the image cleanly) or not recording cannot
+//!    be trusted: the sync becomes a consistency check.
 //! 2. Add the bitmap for the next sync: `bulwark-p<N+1>` for an incremental (the node
 //!    numbers the new point `N + 1`), `bulwark-next` for a scan. From here on writes
-//!    belong to the next sync.
-//! 3. Start `qemu-nbd --read-only` on a private unix socket, exporting the image and
-//!    (for an incremental sync) the bitmap `bulwark-p<N>` as the metadata context
-//!    `qemu:dirty-bitmap:bulwark-p<N>`; ask for block status over the whole disk and
-//!    read only the dirty extents. The node refuses the sync if its newest point is
-//!    not `N`, and the agent falls back to a consistency check. Data is read from
-//!    the image file itself where `qemu-img map` (taken once qemu-nbd holds the image,
-//!    so that no writer can move a cluster) shows it stored as it is — as the live
-//!    volume is read: from the page cache where cached, else with `O_DIRECT` — zeros
-//!    are not read at all, and anything else (a backing file, compressed clusters,
-//!    an encrypted image or an external data file) is read through qemu-nbd.
-//! 4. Committed as point `P`: stop `qemu-nbd`, remove `bulwark-p<N>` (a scan's
-//!    `bulwark-next` first becomes `bulwark-p<P>` by an add-and-merge). Failed: stop
-//!    `qemu-nbd` and remove the added bitmap: `bulwark-p<N>` is still enabled and has
-//!    recorded every write since point `N`. A crash between 2 and 4 leaves both
-//!    `bulwark-p<N>` and `bulwark-p<N+1>`; the tidy-up keeps the newer, the node
-//!    refuses it as a base, and that sync is a consistency check.
+//!    belong to the next sync. An incremental, in the same QMP transaction, copies
+//!    `bulwark-p<N>` into `bulwark-frozen`, a bitmap that neither records nor is
+//!    written to the image, and then removes `bulwark-p<N>`.
+//! 3. Export the image read-only over NBD on a private unix socket, with
+//!    `bulwark-frozen` as the metadata context `qemu:dirty-bitmap:bulwark-frozen`;
+//!    ask for block status over the whole disk and read only the dirty extents. The
+//!    node refuses the sync if its newest point is not `N`, and the agent falls back
+//!    to a consistency check. Data is read from the image file itself where
+//!    `qemu-img map` (taken once the daemon holds the image, so that no writer can
+//!    move a cluster) shows it stored as it is — as the live volume is read: from
+//!    the page cache where cached, else with `O_DIRECT` — zeros are not read at all,
+//!    and anything else (a backing file, compressed clusters, an encrypted image or
+//!    an external data file) is read through the export.
+//! 4. Committed as point `P`: a scan's `bulwark-next` becomes `bulwark-p<P>` (by an
+//!    add-and-merge) and a scan's old `bulwark-p<N>` is removed; the daemon quits,
+//!    writing the bitmaps back. Failed: `bulwark-p<N>` is made again as the union of
+//!    `bulwark-frozen` and the sync's own bitmap, which is removed: it holds every
+//!    write since point `N`. A crash between 2 and 4 leaves `bulwark-p<N+1>` (the
+//!    daemon gets SIGTERM when the agent dies and closes the image) or bitmaps
+//!    flagged in use (killed outright); the tidy-up keeps the newest, the node
+//!    refuses it as a base or it is not trusted, and that sync is a consistency
+//!    check.
 //!
 //! The agent holds the image open only during a sync. A VM running on the image (where
 //! the image is locked) would be reached through its QMP socket; that is not built
 //! yet, and such a sync fails with a message that says so.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::thread::JoinHandle;
+use std::time::Instant;
 
 use bulwark_common::block::Geometry;
 use bulwark_common::nbd::client::Client;
 use bytes::Bytes;
 use serde::Deserialize;
+use serde_json::json;
 
 use super::bitmap::Bitmap;
+use super::qsd::{Daemon, NODE};
 use super::{BlockSource, Frozen, Plan, Tracker, lock, run_tool};
 use crate::volume::Volume;
 
 const PREFIX: &str = "bulwark-p";
-/// Connections to qemu-nbd when data is read through it: the sync's reader threads
+/// Connections to the NBD export when data is read through it: the sync's reader threads
 /// each read through their own, so several reads are in flight at once (one
 /// connection answers one at a time).
 const CONNECTIONS: usize = 4;
 const NEXT: &str = "bulwark-next";
+/// The daemon's frozen copy of an incremental's record, which it exports (an export
+/// may carry only a bitmap that is not recording); never written to the image.
+const FROZEN: &str = "bulwark-frozen";
 
 #[derive(Debug, Deserialize)]
 struct ImageInfo {
     format: String,
     #[serde(rename = "virtual-size")]
     virtual_size: u64,
-    #[serde(rename = "format-specific")]
-    format_specific: Option<FormatSpecific>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -74,8 +83,6 @@ struct FormatSpecific {
 
 #[derive(Debug, Deserialize)]
 struct FormatData {
-    #[serde(default)]
-    bitmaps: Vec<BitmapInfo>,
     /// An external data file: guest data is not in the image file.
     #[serde(rename = "data-file")]
     data_file: Option<String>,
@@ -104,7 +111,7 @@ enum Where {
     Host(u64),
     /// Reads as zeros.
     Zeros,
-    /// Anywhere else (a backing file, a compressed cluster): read through qemu-nbd.
+    /// Anywhere else (a backing file, a compressed cluster): read through the export.
     Nbd,
 }
 
@@ -150,7 +157,7 @@ fn parse_map(json: &[u8], image: &Path, size: u64) -> Result<Vec<(u64, u64, Wher
 /// Reads guest bytes straight from the image file where the map says they are
 /// stored as they are (through [`Volume`]: from the page cache when they are
 /// cached, else with `O_DIRECT`), zeros where it says zeros, and the rest through
-/// qemu-nbd. Read-only qemu-nbd holds the image meanwhile, and the tracker needs it
+/// the daemon's NBD export. The daemon holds the image meanwhile, and the tracker needs it
 /// closed to every writer, so the map cannot change under the sync.
 struct MappedReader {
     file: Volume,
@@ -207,13 +214,6 @@ impl BlockSource for MappedReader {
     }
 }
 
-#[derive(Debug, Deserialize)]
-struct BitmapInfo {
-    name: String,
-    #[serde(default)]
-    flags: Vec<String>,
-}
-
 /// [`run_tool`], with a hint when the tool is missing.
 fn run(tool: &str, args: &[&str]) -> Result<Vec<u8>, String> {
     run_tool(tool, args).map_err(|e| {
@@ -225,22 +225,13 @@ fn run(tool: &str, args: &[&str]) -> Result<Vec<u8>, String> {
     })
 }
 
-fn info(path: &Path, shared: bool) -> Result<ImageInfo, String> {
+/// The virtual size of the qcow2 image at `path` (may be in use).
+pub fn virtual_size(path: &Path) -> Result<u64, String> {
     let p = path.to_string_lossy();
-    let mut args = vec!["info", "--output=json", "-f", "qcow2"];
-    if shared {
-        args.push("-U");
-    }
-    args.push(&p);
-    let out = run("qemu-img", &args).map_err(|e| {
-        if e.contains("lock") {
-            format!(
-                "{e} (the image is open elsewhere, e.g. by a running VM; the qcow2-bitmap tracker needs it closed during a sync)"
-            )
-        } else {
-            e
-        }
-    })?;
+    let out = run(
+        "qemu-img",
+        &["info", "--output=json", "-f", "qcow2", "-U", &p],
+    )?;
     let i: ImageInfo = serde_json::from_slice(&out).map_err(|e| {
         format!(
             "qemu-img info of {}: unexpected output: {e}",
@@ -250,37 +241,89 @@ fn info(path: &Path, shared: bool) -> Result<ImageInfo, String> {
     if i.format != "qcow2" {
         return Err(format!("{} is {}, not qcow2", path.display(), i.format));
     }
-    Ok(i)
+    Ok(i.virtual_size)
 }
 
-/// The virtual size of the qcow2 image at `path` (may be in use).
-pub fn virtual_size(path: &Path) -> Result<u64, String> {
-    info(path, true).map(|i| i.virtual_size)
+/// A running `qemu-img map` of the image.
+type MapJob = JoinHandle<Result<Vec<u8>, String>>;
+
+/// The image node as `query-named-block-nodes` describes it.
+#[derive(Debug, Deserialize)]
+struct BlockNode {
+    #[serde(rename = "node-name")]
+    node_name: String,
+    image: NodeImage,
+    #[serde(rename = "dirty-bitmaps", default)]
+    dirty_bitmaps: Vec<NodeBitmap>,
 }
 
-fn bitmap_op(path: &Path, ops: &[&str], name: &str) -> Result<(), String> {
-    let p = path.to_string_lossy();
-    let mut args = vec!["bitmap"];
-    args.extend_from_slice(ops);
-    args.extend_from_slice(&["-f", "qcow2", &p, name]);
-    run("qemu-img", &args).map(|_| ())
+#[derive(Debug, Deserialize)]
+struct NodeImage {
+    #[serde(rename = "virtual-size")]
+    virtual_size: u64,
+    #[serde(rename = "format-specific")]
+    format_specific: Option<FormatSpecific>,
 }
 
-/// A running `qemu-nbd` and our connection to it.
+#[derive(Debug, Deserialize)]
+struct NodeBitmap {
+    name: String,
+    #[serde(default)]
+    recording: bool,
+    #[serde(default)]
+    persistent: bool,
+    /// Flagged in use in the image: QEMU did not close it cleanly.
+    #[serde(default)]
+    inconsistent: bool,
+}
+
+/// Bitmap operations on the daemon's image node.
+fn add(d: &mut Daemon, name: &str, granularity: u32) -> Result<(), String> {
+    let args = json!({"node": NODE, "name": name, "persistent": true, "granularity": granularity});
+    d.execute("block-dirty-bitmap-add", args).map(|_| ())
+}
+
+fn remove(d: &mut Daemon, name: &str) -> Result<(), String> {
+    d.execute(
+        "block-dirty-bitmap-remove",
+        json!({"node": NODE, "name": name}),
+    )
+    .map(|_| ())
+}
+
+/// `target` (a new persistent bitmap) := the union of `from`, atomically.
+fn add_union(d: &mut Daemon, target: &str, from: &[&str], granularity: u32) -> Result<(), String> {
+    d.execute(
+        "transaction",
+        json!({"actions": [
+            {"type": "block-dirty-bitmap-add", "data":
+                {"node": NODE, "name": target, "persistent": true, "granularity": granularity}},
+            {"type": "block-dirty-bitmap-merge", "data":
+                {"node": NODE, "target": target, "bitmaps": from}},
+        ]}),
+    )
+    .map(|_| ())
+}
+
+/// A sync in progress: the daemon holding the image, and our connections to it.
 struct Session {
-    child: Child,
-    dir: tempfile::TempDir,
+    daemon: Daemon,
     /// The first one also asks for block status.
     clients: Arc<Vec<Mutex<Client>>>,
-    /// The point of the image's `bulwark-p<N>` bitmap when the sync began.
-    base: Option<u64>,
+    /// The newest `bulwark-p<N>` the image had when the sync began.
+    kept: Option<u64>,
+    /// An incremental: `bulwark-p<kept>` was frozen into [`FROZEN`] (exported) and
+    /// removed from the image.
+    frozen: bool,
     /// The bitmap this sync added for the writes after it froze.
     next: String,
 }
 
 impl Session {
-    fn stop(mut self) {
-        if let Ok(clients) = Arc::try_unwrap(self.clients) {
+    /// Closes our connections; the daemon is still running.
+    fn disconnect(&mut self) {
+        let clients = std::mem::replace(&mut self.clients, Arc::new(Vec::new()));
+        if let Ok(clients) = Arc::try_unwrap(clients) {
             for c in clients {
                 let _ = c
                     .into_inner()
@@ -288,13 +331,10 @@ impl Session {
                     .disconnect();
             }
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        drop(self.dir);
     }
 }
 
-/// Reads the image through qemu-nbd.
+/// Reads the image through the daemon's NBD export.
 struct NbdReader {
     clients: Arc<Vec<Mutex<Client>>>,
     /// Where the next reader starts looking for a free connection.
@@ -355,183 +395,124 @@ impl Qcow2Tracker {
         }
     }
 
-    /// Tidies the image's bitmaps; returns the base point of a usable record, and
+    /// Tidies the image's bitmaps; returns the point of a usable record, and
     /// whether the image file holds guest data as it is (no external data file, no
     /// encryption), so that it may be read directly.
-    fn prepare(&self, st: &mut State) -> Result<(Option<u64>, bool), String> {
-        let i = info(&self.path, false)?;
-        if i.virtual_size != self.geometry.size_bytes {
+    fn prepare(&self, st: &mut State, d: &mut Daemon) -> Result<(Option<u64>, bool), String> {
+        let nodes = d.execute("query-named-block-nodes", json!({"flat": true}))?;
+        let nodes: Vec<BlockNode> = serde_json::from_value(nodes).map_err(|e| {
+            format!(
+                "qemu-storage-daemon query-named-block-nodes of {}: unexpected reply: {e}",
+                self.path.display()
+            )
+        })?;
+        let node = nodes
+            .into_iter()
+            .find(|n| n.node_name == NODE)
+            .ok_or_else(|| format!("qemu-storage-daemon does not list {}", self.path.display()))?;
+        if node.image.virtual_size != self.geometry.size_bytes {
             return Err(format!(
                 "{} is now {} bytes, it was registered with {}; resizing is not supported",
                 self.path.display(),
-                i.virtual_size,
+                node.image.virtual_size,
                 self.geometry.size_bytes
             ));
         }
-        let data = i.format_specific.and_then(|f| f.data);
-        let plain = data
-            .as_ref()
+        let plain = node
+            .image
+            .format_specific
+            .and_then(|f| f.data)
             .is_some_and(|d| d.data_file.is_none() && d.encrypt.is_none());
-        let bitmaps = data.map(|d| d.bitmaps).unwrap_or_default();
-        let mut points: Vec<(u64, &BitmapInfo)> = bitmaps
+        let ours: Vec<&NodeBitmap> = node
+            .dirty_bitmaps
             .iter()
-            .filter_map(|b| {
-                b.name
-                    .strip_prefix(PREFIX)
-                    .and_then(|n| n.parse().ok())
-                    .map(|n| (n, b))
-            })
+            .filter(|b| b.persistent && (b.name == NEXT || b.name.starts_with(PREFIX)))
             .collect();
-        points.sort_by_key(|(n, _)| *n);
-        let newest = points.last().map(|(n, _)| *n);
-        let has_next = bitmaps.iter().any(|b| b.name == NEXT);
-        let untrusted = bitmaps
+        let mut points: Vec<u64> = ours
             .iter()
-            .filter(|b| b.name == NEXT || b.name.starts_with(PREFIX))
-            .find(|b| {
-                b.flags.iter().any(|f| f == "in-use") || !b.flags.iter().any(|f| f == "auto")
-            });
-        if let Some(b) = untrusted {
+            .filter_map(|b| b.name.strip_prefix(PREFIX).and_then(|n| n.parse().ok()))
+            .collect();
+        points.sort_unstable();
+        let newest = points.last().copied();
+        if let Some(b) = ours.iter().find(|b| b.inconsistent || !b.recording) {
             let why = format!(
-                "bitmap {} of {} is flagged {:?} (the image was not closed cleanly, or the bitmap was disabled)",
+                "bitmap {} of {} is {} (the image was not closed cleanly, or the bitmap was disabled)",
                 b.name,
                 self.path.display(),
-                b.flags
+                if b.inconsistent {
+                    "flagged in use"
+                } else {
+                    "not recording"
+                }
             );
-            for b in bitmaps
-                .iter()
-                .filter(|b| b.name == NEXT || b.name.starts_with(PREFIX))
-            {
-                bitmap_op(&self.path, &["--remove"], &b.name)?;
+            for b in &ours {
+                remove(d, &b.name)?;
             }
             tracing::warn!(source = %self.source, "{why}; this sync is a consistency check");
             st.inconsistent = Some(why);
             return Ok((None, plain));
         }
-        if has_next {
+        if ours.iter().any(|b| b.name == NEXT) {
             if let Some(n) = newest {
-                bitmap_op(&self.path, &["--merge", NEXT], &format!("{PREFIX}{n}"))?;
+                d.execute(
+                    "block-dirty-bitmap-merge",
+                    json!({"node": NODE, "target": format!("{PREFIX}{n}"), "bitmaps": [NEXT]}),
+                )?;
             }
-            bitmap_op(&self.path, &["--remove"], NEXT)?;
+            remove(d, NEXT)?;
         }
-        for (n, _) in &points {
+        for n in &points {
             if Some(*n) != newest {
-                bitmap_op(&self.path, &["--remove"], &format!("{PREFIX}{n}"))?;
+                remove(d, &format!("{PREFIX}{n}"))?;
             }
         }
         Ok((newest, plain))
     }
 
-    /// Starts qemu-nbd with `connections` connections to it.
-    fn start_nbd(
+    /// Connects `connections` times to the daemon's NBD server at `sock`.
+    fn connect(
         &self,
-        export_bitmap: Option<&str>,
+        d: &mut Daemon,
+        sock: &Path,
+        exported: Option<&str>,
         connections: usize,
-    ) -> Result<Session, String> {
-        let dir = tempfile::Builder::new()
-            .prefix("bulwark-qemu-nbd")
-            .tempdir()
-            .map_err(|e| format!("cannot make a socket directory: {e}"))?;
-        let sock = dir.path().join("nbd.sock");
-        let mut cmd = Command::new("qemu-nbd");
-        cmd.arg("--read-only")
-            .arg("--format=qcow2")
-            .arg("--cache=none")
-            .arg("--aio=threads")
-            .arg(format!("--shared={connections}"))
-            .arg(format!("--socket={}", sock.display()));
-        if let Some(b) = export_bitmap {
-            cmd.arg(format!("--bitmap={b}"));
-        }
-        cmd.arg(&self.path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("cannot start qemu-nbd (is qemu-utils installed?): {e}"))?;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !sock.exists() {
-            if let Ok(Some(status)) = child.try_wait() {
-                let mut err = String::new();
-                if let Some(mut e) = child.stderr.take() {
-                    use std::io::Read;
-                    let _ = e.read_to_string(&mut err);
-                }
-                return Err(format!(
-                    "qemu-nbd for {} exited ({status}): {}",
-                    self.path.display(),
-                    err.trim()
-                ));
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!(
-                    "qemu-nbd for {} did not open its socket within 20 s",
-                    self.path.display()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        let contexts: Vec<String> = export_bitmap
+    ) -> Result<Vec<Mutex<Client>>, String> {
+        let contexts: Vec<String> = exported
             .map(|b| vec![format!("qemu:dirty-bitmap:{b}")])
             .unwrap_or_default();
         let ctx_refs: Vec<&str> = contexts.iter().map(String::as_str).collect();
         let mut clients = Vec::with_capacity(connections);
         for i in 0..connections {
             let contexts: &[&str] = if i == 0 { &ctx_refs } else { &[] };
-            // The socket file appears when qemu-nbd binds it, a moment before it
-            // listens: a refused first connection is tried again until the deadline.
-            let connected = loop {
-                match Client::connect_unix(&sock, "", contexts) {
-                    Err(bulwark_common::nbd::NbdError::Io(e))
-                        if i == 0
-                            && e.kind() == std::io::ErrorKind::ConnectionRefused
-                            && Instant::now() < deadline
-                            && matches!(child.try_wait(), Ok(None)) =>
-                    {
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                    other => break other,
-                }
-            };
-            match connected {
-                Ok(c) => clients.push(Mutex::new(c)),
-                Err(e) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(format!("qemu-nbd for {}: {e}", self.path.display()));
-                }
-            }
+            let c = Client::connect_unix(sock, "", contexts).map_err(|e| {
+                let why = if d.running() {
+                    e.to_string()
+                } else {
+                    format!("{e} (qemu-storage-daemon exited)")
+                };
+                format!("NBD export of {}: {why}", self.path.display())
+            })?;
+            clients.push(Mutex::new(c));
         }
         let size = lock(&clients[0]).size();
         if size != self.geometry.size_bytes {
-            let _ = child.kill();
-            let _ = child.wait();
             return Err(format!(
-                "qemu-nbd exports {} bytes of {}, expected {}",
+                "qemu-storage-daemon exports {} bytes of {}, expected {}",
                 size,
                 self.path.display(),
                 self.geometry.size_bytes
             ));
         }
-        Ok(Session {
-            child,
-            dir,
-            clients: Arc::new(clients),
-            base: None,
-            next: String::new(),
-        })
+        Ok(clients)
     }
 
     /// The dirty blocks of the exported bitmap, from block status over the disk.
-    fn dirty_blocks(&self, session: &Session, bitmap: &str) -> Result<Bitmap, String> {
+    fn dirty_blocks(&self, client: &Mutex<Client>, bitmap: &str) -> Result<Bitmap, String> {
         let context = format!("qemu:dirty-bitmap:{bitmap}");
         let g = self.geometry;
         let bs = u64::from(g.block_size);
         let mut out = Bitmap::new(g.block_count());
-        let mut c = lock(&session.clients[0]);
+        let mut c = lock(client);
         let mut offset = 0u64;
         while offset < g.size_bytes {
             let want = (g.size_bytes - offset).min(1 << 30);
@@ -540,7 +521,7 @@ impl Qcow2Tracker {
                 .map_err(|e| format!("block status of {}: {e}", self.path.display()))?;
             if extents.is_empty() {
                 return Err(format!(
-                    "qemu-nbd returned no block status at byte {offset} of {}",
+                    "the NBD export returned no block status at byte {offset} of {}",
                     self.path.display()
                 ));
             }
@@ -564,9 +545,29 @@ impl Qcow2Tracker {
     }
 
     fn begin_locked(&self, st: &mut State, scan: bool) -> Result<Frozen, String> {
-        // `kept`: the bitmap the image has (removed at commit, merged back into on
-        // failure); `base`: the one this sync trusts (none for a scan).
-        let (kept, plain) = self.prepare(st)?;
+        let starting = Instant::now();
+        let mut daemon = Daemon::start(&self.path)?;
+        // The guest-to-file map, taken while the daemon is driven and the record is
+        // read, and only now: the daemon holds the image, so no writer can move a
+        // cluster until the sync ends. Used for a plain image only.
+        let map: MapJob = {
+            let p = self.path.to_string_lossy().into_owned();
+            std::thread::spawn(move || {
+                run(
+                    "qemu-img",
+                    &["map", "--output=json", "-f", "qcow2", "-U", &p],
+                )
+            })
+        };
+        // `kept`: the bitmap the image has (removed at commit, restored on failure);
+        // `base`: the one this sync trusts (none for a scan).
+        let (kept, plain) = match self.prepare(st, &mut daemon) {
+            Ok(k) => k,
+            Err(e) => {
+                quit(&self.source, daemon);
+                return Err(e);
+            }
+        };
         let base = if scan || st.inconsistent.is_some() {
             None
         } else {
@@ -579,107 +580,139 @@ impl Qcow2Tracker {
             Some(b) => format!("{PREFIX}{}", b + 1),
             None => NEXT.to_string(),
         };
-        let granularity = self.granularity();
-        bitmap_op(&self.path, &["--add", "--granularity", &granularity], &next)?;
-        let exported = base.map(|b| format!("{PREFIX}{b}"));
-        let connections = if plain { 1 } else { CONNECTIONS };
-        let starting = Instant::now();
-        let mut session = match self.start_nbd(exported.as_deref(), connections) {
-            Ok(s) => s,
-            Err(e) => {
-                self.undo_next(kept, &next);
-                return Err(e);
-            }
+        let mut session = Session {
+            daemon,
+            clients: Arc::new(Vec::new()),
+            kept,
+            frozen: false,
+            next,
         };
-        tracing::debug!(source = %self.source, ms = starting.elapsed().as_secs_f64() * 1000.0, "qemu-nbd serving");
-        // The guest-to-file map, asked for while the bitmap is read. Only now: the
-        // read-only qemu-nbd holds the image, so no writer can move a cluster until
-        // the sync ends. With the map, data is read from the file itself.
-        let map = plain.then(|| {
-            let p = self.path.to_string_lossy().into_owned();
-            std::thread::spawn(move || {
-                run(
-                    "qemu-img",
-                    &["map", "--output=json", "-f", "qcow2", "-U", &p],
-                )
-            })
-        });
-        session.base = kept;
-        session.next = next.clone();
-        let plan = match (&exported, base) {
-            (Some(name), Some(b)) => match self.dirty_blocks(&session, name) {
-                Ok(blocks) => Plan::Dirty {
-                    base: b,
-                    blocks: Arc::new(blocks),
-                },
-                Err(e) => {
-                    session.stop();
-                    self.undo_next(kept, &next);
-                    return Err(e);
-                }
+        match self.freeze_and_serve(&mut session, base, plain) {
+            Ok(plan) => {
+                let reader = self.reader(&session, plain.then_some(map));
+                tracing::debug!(source = %self.source, ms = starting.elapsed().as_secs_f64() * 1000.0, "image frozen and served");
+                st.session = Some(session);
+                Ok(Frozen { plan, reader })
+            }
+            Err(e) => {
+                self.undo(session);
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts recording into the sync's `next` bitmap, freezes the base's record
+    /// (an incremental), exports the image and reads the record.
+    fn freeze_and_serve(
+        &self,
+        s: &mut Session,
+        base: Option<u64>,
+        plain: bool,
+    ) -> Result<Plan, String> {
+        let g = self.granularity();
+        let d = &mut s.daemon;
+        match base {
+            Some(b) => {
+                // Atomically: writes from now on go to `next`, and the record up to
+                // now is a frozen (non-persistent, not recording) copy, which is
+                // what an export may carry.
+                let kept = format!("{PREFIX}{b}");
+                d.execute(
+                    "transaction",
+                    json!({"actions": [
+                        {"type": "block-dirty-bitmap-add", "data":
+                            {"node": NODE, "name": s.next, "persistent": true, "granularity": g}},
+                        {"type": "block-dirty-bitmap-add", "data":
+                            {"node": NODE, "name": FROZEN, "persistent": false,
+                             "granularity": g, "disabled": true}},
+                        {"type": "block-dirty-bitmap-merge", "data":
+                            {"node": NODE, "target": FROZEN, "bitmaps": [kept]}},
+                    ]}),
+                )?;
+                s.frozen = true;
+                remove(d, &kept)?;
+            }
+            None => add(d, &s.next, g)?,
+        }
+        let exported = base.map(|_| FROZEN);
+        let connections = if plain { 1 } else { CONNECTIONS };
+        let sock = d.serve(exported, connections)?;
+        s.clients = Arc::new(self.connect(d, &sock, exported, connections)?);
+        let plan = match (exported, base) {
+            (Some(name), Some(b)) => Plan::Dirty {
+                base: b,
+                blocks: Arc::new(self.dirty_blocks(&s.clients[0], name)?),
             },
             _ => Plan::Scan,
         };
-        let nbd = NbdReader {
-            clients: session.clients.clone(),
-            next: Default::default(),
-            size: self.geometry.size_bytes,
-            what: format!("{} (through qemu-nbd)", self.path.display()),
-        };
-        let reader: Arc<dyn BlockSource> = if let Some(map) = map {
-            let map = map
-                .join()
-                .unwrap_or_else(|_| Err("qemu-img map: its thread panicked".into()));
-            match self.mapped(nbd, map) {
-                Ok(m) => Arc::new(m),
-                Err((nbd, e)) => {
-                    tracing::info!(source = %self.source, "reading the image through qemu-nbd: {e}");
-                    Arc::new(nbd)
-                }
-            }
-        } else {
-            Arc::new(nbd)
-        };
-        st.session = Some(session);
-        Ok(Frozen { plan, reader })
+        Ok(plan)
     }
 
-    /// A reader of the image file itself where `qemu-img map` allows; gives the
-    /// qemu-nbd reader back when it does not.
-    fn mapped(
-        &self,
-        nbd: NbdReader,
-        map: Result<Vec<u8>, String>,
-    ) -> Result<MappedReader, (NbdReader, String)> {
-        let map = map.and_then(|out| parse_map(&out, &self.path, self.geometry.size_bytes));
+    /// The reader of the sync: the image file itself where `qemu-img map` allows
+    /// (a plain image), else the NBD export.
+    fn reader(&self, s: &Session, map: Option<MapJob>) -> Arc<dyn BlockSource> {
+        let nbd = NbdReader {
+            clients: s.clients.clone(),
+            next: Default::default(),
+            size: self.geometry.size_bytes,
+            what: format!("{} (through qemu-storage-daemon)", self.path.display()),
+        };
+        let Some(map) = map else {
+            return Arc::new(nbd);
+        };
+        let map = map
+            .join()
+            .unwrap_or_else(|_| Err("qemu-img map: its thread panicked".into()))
+            .and_then(|out| parse_map(&out, &self.path, self.geometry.size_bytes));
         let file = Volume::open(&self.path)
             .map_err(|e| format!("cannot open {}: {e}", self.path.display()));
         match (map, file) {
-            (Ok(map), Ok(file)) => Ok(MappedReader { file, map, nbd }),
-            (Err(e), _) | (_, Err(e)) => Err((nbd, e)),
+            (Ok(map), Ok(file)) => Arc::new(MappedReader { file, map, nbd }),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::info!(source = %self.source, "reading the image through qemu-storage-daemon: {e}");
+                Arc::new(nbd)
+            }
         }
     }
 
     /// Bitmap granularity: the block size, so a bit is exactly a block.
-    fn granularity(&self) -> String {
-        self.geometry.block_size.clamp(512, 1 << 26).to_string()
+    fn granularity(&self) -> u32 {
+        self.geometry.block_size.clamp(512, 1 << 26)
     }
 
-    /// A sync failed: drops the bitmap it added (`next`). The base bitmap, still
-    /// enabled, has recorded every write since the base point, so nothing is lost;
-    /// `bulwark-next` (a scan's) is merged into it first to be safe.
-    fn undo_next(&self, base: Option<u64>, next: &str) {
-        let r = match base {
-            Some(b) if next == NEXT => {
-                bitmap_op(&self.path, &["--merge", NEXT], &format!("{PREFIX}{b}"))
-                    .and_then(|()| bitmap_op(&self.path, &["--remove"], NEXT))
-            }
-            _ => bitmap_op(&self.path, &["--remove"], next),
+    /// A sync failed: puts the record back as it was, with the writes made since
+    /// in it: `bulwark-p<N>` again holds every write since point `N` (or, with no
+    /// point, nothing is kept), and the sync's own bitmap is gone.
+    fn undo(&self, mut s: Session) {
+        s.disconnect();
+        let g = self.granularity();
+        let d = &mut s.daemon;
+        let r = match s.kept {
+            Some(b) if s.frozen => d
+                .unserve()
+                .and_then(|()| add_union(d, &format!("{PREFIX}{b}"), &[FROZEN, &s.next], g))
+                .and_then(|()| remove(d, &s.next)),
+            Some(b) => d
+                .execute(
+                    "block-dirty-bitmap-merge",
+                    json!({"node": NODE, "target": format!("{PREFIX}{b}"), "bitmaps": [&s.next]}),
+                )
+                .and_then(|_| remove(d, &s.next)),
+            None => remove(d, &s.next),
         };
         if let Err(e) = r {
-            // The next sync's tidy-up merges it.
-            tracing::warn!(source = %self.source, "{e}");
+            // Whatever is left, the next sync's tidy-up falls back to a check.
+            tracing::warn!(source = %self.source, "restoring the image's bitmaps: {e}");
         }
+        quit(&self.source, s.daemon);
+    }
+}
+
+/// Stops the daemon, which writes the bitmaps back to the image.
+fn quit(source: &str, d: Daemon) {
+    if let Err(e) = d.quit() {
+        // The bitmaps stay flagged in use: the next sync is a consistency check.
+        tracing::warn!(source = %source, "{e}");
     }
 }
 
@@ -703,34 +736,29 @@ impl Tracker for Qcow2Tracker {
         }
         let mut st = lock(&self.state);
         if let Some(old) = st.session.take() {
-            let (base, next) = (old.base, old.next.clone());
-            old.stop();
-            self.undo_next(base, &next);
+            self.undo(old);
         }
         self.begin_locked(&mut st, scan)
     }
     fn committed(&self, point: u64) {
         let mut st = lock(&self.state);
-        let Some(session) = st.session.take() else {
+        let Some(mut s) = st.session.take() else {
             return;
         };
-        let (base, next) = (session.base, session.next.clone());
-        session.stop();
+        s.disconnect();
         st.inconsistent = None;
-        let granularity = self.granularity();
         let name = format!("{PREFIX}{point}");
-        let renamed = if next == name {
+        let g = self.granularity();
+        let d = &mut s.daemon;
+        // A scan's `bulwark-next` becomes `bulwark-p<point>`; an incremental named
+        // its bitmap so at once, and already removed the base's.
+        let renamed = if s.next == name {
             Ok(())
         } else {
-            bitmap_op(
-                &self.path,
-                &["--add", "--granularity", &granularity, "--merge", &next],
-                &name,
-            )
-            .and_then(|()| bitmap_op(&self.path, &["--remove"], &next))
+            add_union(d, &name, &[&s.next], g).and_then(|()| remove(d, &s.next))
         };
-        let r = renamed.and_then(|()| match base {
-            Some(b) if b != point => bitmap_op(&self.path, &["--remove"], &format!("{PREFIX}{b}")),
+        let r = renamed.and_then(|()| match s.kept {
+            Some(b) if !s.frozen && b != point => remove(d, &format!("{PREFIX}{b}")),
             _ => Ok(()),
         });
         if let Err(e) = r {
@@ -738,13 +766,12 @@ impl Tracker for Qcow2Tracker {
             // to a consistency check.
             tracing::warn!(source = %self.source, point, "updating the image's bitmaps: {e}");
         }
+        quit(&self.source, s.daemon);
     }
     fn failed(&self) {
         let mut st = lock(&self.state);
-        if let Some(session) = st.session.take() {
-            let (base, next) = (session.base, session.next.clone());
-            session.stop();
-            self.undo_next(base, &next);
+        if let Some(s) = st.session.take() {
+            self.undo(s);
         }
     }
     fn shutdown(&self) {
