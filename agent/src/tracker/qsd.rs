@@ -324,6 +324,32 @@ mod tests {
             .is_ok_and(|o| o.status.success())
     }
 
+    /// What keeps an agent that dies mid-sync from leaving the image locked: the
+    /// child gets SIGTERM when the thread that started it ends.
+    #[test]
+    fn the_child_gets_sigterm_when_its_keeper_ends() {
+        use std::os::unix::process::ExitStatusExt;
+        let mut cmd = Command::new("sleep");
+        cmd.arg("30");
+        die_with_parent(&mut cmd);
+        let (mut child, keeper) = spawn_kept(cmd).expect("spawn");
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            child.try_wait().expect("try_wait").is_none(),
+            "alive while kept"
+        );
+        drop(keeper);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(s) = child.try_wait().expect("try_wait") {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "still running 10 s after");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert_eq!(status.signal(), Some(libc::SIGTERM), "{status}");
+    }
+
     #[test]
     fn refusals_say_what_and_where() {
         if !have_qsd() {
