@@ -49,6 +49,11 @@ impl Daemon {
             .tempdir()
             .map_err(|e| format!("cannot make a socket directory: {e}"))?;
         let qmp_path = dir.path().join("qmp.sock");
+        // Written once every option is in place, monitor included (the daemon's
+        // documented order): connecting to the monitor's socket earlier can reach
+        // the socket before the monitor reads it, and QEMU then mangled the first
+        // command ("QMP input member 'aruments' is unexpected", seen under load).
+        let pid_path = dir.path().join("qsd.pid");
         let blockdev = json!({
             "driver": "qcow2",
             "node-name": NODE,
@@ -70,6 +75,8 @@ impl Daemon {
             ))
             .arg("--monitor")
             .arg("chardev=qmp,mode=control")
+            .arg("--pidfile")
+            .arg(&pid_path)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -82,7 +89,12 @@ impl Daemon {
             if let Ok(Some(status)) = child.try_wait() {
                 return Err(exited(&mut child, image, status));
             }
-            match UnixStream::connect(&qmp_path) {
+            let connected = if pid_path.exists() {
+                UnixStream::connect(&qmp_path)
+            } else {
+                Err(std::io::Error::other("not ready yet"))
+            };
+            match connected {
                 Ok(s) => break s,
                 Err(_) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(1));
