@@ -277,10 +277,24 @@ struct NodeBitmap {
     inconsistent: bool,
 }
 
-/// Bitmap operations on the daemon's image node.
+/// Bitmap operations on the daemon's image node. The arguments of adding the
+/// persistent, recording bitmap `name`:
+fn persistent(name: &str, granularity: u32) -> serde_json::Value {
+    json!({"node": NODE, "name": name, "persistent": true, "granularity": granularity})
+}
+
 fn add(d: &mut Daemon, name: &str, granularity: u32) -> Result<(), String> {
-    let args = json!({"node": NODE, "name": name, "persistent": true, "granularity": granularity});
-    d.execute("block-dirty-bitmap-add", args).map(|_| ())
+    d.execute("block-dirty-bitmap-add", persistent(name, granularity))
+        .map(|_| ())
+}
+
+/// `target` (an existing bitmap) |= `from`.
+fn merge(d: &mut Daemon, target: &str, from: &str) -> Result<(), String> {
+    d.execute(
+        "block-dirty-bitmap-merge",
+        json!({"node": NODE, "target": target, "bitmaps": [from]}),
+    )
+    .map(|_| ())
 }
 
 fn remove(d: &mut Daemon, name: &str) -> Result<(), String> {
@@ -296,8 +310,7 @@ fn add_union(d: &mut Daemon, target: &str, from: &[&str], granularity: u32) -> R
     d.execute(
         "transaction",
         json!({"actions": [
-            {"type": "block-dirty-bitmap-add", "data":
-                {"node": NODE, "name": target, "persistent": true, "granularity": granularity}},
+            {"type": "block-dirty-bitmap-add", "data": persistent(target, granularity)},
             {"type": "block-dirty-bitmap-merge", "data":
                 {"node": NODE, "target": target, "bitmaps": from}},
         ]}),
@@ -454,10 +467,7 @@ impl Qcow2Tracker {
         }
         if ours.iter().any(|b| b.name == NEXT) {
             if let Some(n) = newest {
-                d.execute(
-                    "block-dirty-bitmap-merge",
-                    json!({"node": NODE, "target": format!("{PREFIX}{n}"), "bitmaps": [NEXT]}),
-                )?;
+                merge(d, &format!("{PREFIX}{n}"), NEXT)?;
             }
             remove(d, NEXT)?;
         }
@@ -620,8 +630,7 @@ impl Qcow2Tracker {
                 d.execute(
                     "transaction",
                     json!({"actions": [
-                        {"type": "block-dirty-bitmap-add", "data":
-                            {"node": NODE, "name": s.next, "persistent": true, "granularity": g}},
+                        {"type": "block-dirty-bitmap-add", "data": persistent(&s.next, g)},
                         {"type": "block-dirty-bitmap-add", "data":
                             {"node": NODE, "name": FROZEN, "persistent": false,
                              "granularity": g, "disabled": true}},
@@ -629,8 +638,10 @@ impl Qcow2Tracker {
                             {"node": NODE, "target": FROZEN, "bitmaps": [kept]}},
                     ]}),
                 )?;
-                s.frozen = true;
+                // `frozen` only once the base's bitmap is gone: if removing it
+                // fails, undo merges the sync's bitmap into it where it stands.
                 remove(d, &kept)?;
+                s.frozen = true;
             }
             None => add(d, &s.next, g)?,
         }
@@ -638,14 +649,13 @@ impl Qcow2Tracker {
         let connections = if plain { 1 } else { CONNECTIONS };
         let sock = d.serve(exported, connections)?;
         s.clients = Arc::new(self.connect(d, &sock, exported, connections)?);
-        let plan = match (exported, base) {
-            (Some(name), Some(b)) => Plan::Dirty {
+        Ok(match base {
+            Some(b) => Plan::Dirty {
                 base: b,
-                blocks: Arc::new(self.dirty_blocks(&s.clients[0], name)?),
+                blocks: Arc::new(self.dirty_blocks(&s.clients[0], FROZEN)?),
             },
-            _ => Plan::Scan,
-        };
-        Ok(plan)
+            None => Plan::Scan,
+        })
     }
 
     /// The reader of the sync: the image file itself where `qemu-img map` allows
@@ -692,12 +702,7 @@ impl Qcow2Tracker {
                 .unserve()
                 .and_then(|()| add_union(d, &format!("{PREFIX}{b}"), &[FROZEN, &s.next], g))
                 .and_then(|()| remove(d, &s.next)),
-            Some(b) => d
-                .execute(
-                    "block-dirty-bitmap-merge",
-                    json!({"node": NODE, "target": format!("{PREFIX}{b}"), "bitmaps": [&s.next]}),
-                )
-                .and_then(|_| remove(d, &s.next)),
+            Some(b) => merge(d, &format!("{PREFIX}{b}"), &s.next).and_then(|()| remove(d, &s.next)),
             None => remove(d, &s.next),
         };
         if let Err(e) = r {

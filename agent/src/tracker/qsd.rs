@@ -231,20 +231,22 @@ impl Daemon {
     }
 
     /// Asks the daemon to quit, which writes the image's bitmaps back, and waits
-    /// for it. An error says the image was not closed cleanly.
+    /// for it. An error says the image was not closed cleanly; a clean exit is
+    /// success, whether or not the reply to `quit` came before the monitor closed.
     pub fn quit(mut self) -> Result<(), String> {
         let asked = self.execute("quit", json!({}));
         let deadline = Instant::now() + PATIENCE;
         loop {
             match self.child.try_wait() {
-                Ok(Some(status)) if status.success() => return asked.map(|_| ()),
+                Ok(Some(status)) if status.success() => return Ok(()),
                 Ok(Some(status)) => return Err(exited(&mut self.child, &self.image, status)),
                 Ok(None) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 Ok(None) => {
+                    let why = asked.err().map(|e| format!(" ({e})")).unwrap_or_default();
                     return Err(format!(
-                        "qemu-storage-daemon for {} did not quit within {} s; killed",
+                        "qemu-storage-daemon for {} did not quit within {} s; killed{why}",
                         self.image.display(),
                         PATIENCE.as_secs()
                     ));
