@@ -478,8 +478,8 @@ fn send_digests(
 }
 
 /// Verified batches waiting for their before-images to be read, at most (each ≤ 1 MiB
-/// of payload).
-const READ_QUEUE: usize = 4;
+/// of payload); the reader takes up to this many at once.
+const READ_QUEUE: usize = 8;
 /// Batches read and waiting for the writer, at most.
 const APPLY_QUEUE: usize = 16;
 /// Payload the writer takes in one group, at most.
@@ -516,11 +516,27 @@ fn spawn_applier(
             .name("before-images".into())
             .spawn(move || {
                 let _span = read_span.enter();
-                while let Some(batch) = batches.blocking_recv() {
-                    let r = reader.prepare(batch).map_err(Status::from);
-                    let failed = r.is_err();
-                    if ptx.send(r).is_err() || failed {
-                        return;
+                while let Some(first) = batches.blocking_recv() {
+                    // This batch and those that arrived meanwhile, read together.
+                    let mut taken = vec![first];
+                    while taken.len() < READ_QUEUE {
+                        match batches.try_recv() {
+                            Ok(b) => taken.push(b),
+                            Err(_) => break,
+                        }
+                    }
+                    match reader.prepare_many(taken) {
+                        Ok(prepared) => {
+                            for p in prepared {
+                                if ptx.send(Ok(p)).is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            let _ = ptx.send(Err(Status::from(e)));
+                            return;
+                        }
                     }
                 }
             });
@@ -627,6 +643,7 @@ async fn run_sync(
                 }
             }
             Some(Msg::Commit(commit)) => {
+                let received = started.elapsed();
                 drop(btx);
                 let (mut txn, applied) = applier
                     .await
@@ -640,6 +657,7 @@ async fn run_sync(
                 }
                 let span = tracing::info_span!("commit");
                 let times = txn.times();
+                let applied_at = started.elapsed();
                 let committing = std::time::Instant::now();
                 let point = blocking(move || {
                     let _span = span.enter();
@@ -649,6 +667,8 @@ async fn run_sync(
                 tracing::debug!(
                     %source,
                     total_ms = started.elapsed().as_millis() as u64,
+                    received_ms = received.as_millis() as u64,
+                    applied_ms = applied_at.as_millis() as u64,
                     before_images_ms = times.before_images.as_millis() as u64,
                     delta_ms = times.delta.as_millis() as u64,
                     writes_ms = times.writes.as_millis() as u64,
