@@ -370,6 +370,9 @@ impl Agent {
                     block_size: s.block_size,
                     tracker: s.tracker.clone(),
                     inconsistent: self.inconsistent(&s.name),
+                    busy: lock(&self.running)
+                        .get(&s.name)
+                        .is_some_and(|gate| gate.try_lock().is_err()),
                     policy: Some(s.policy),
                     group: s.group.clone().unwrap_or_default(),
                 })
@@ -492,7 +495,7 @@ async fn open_trackers(
                     .with_context(cannot_open)?;
                 let g = Geometry::new(size, s.block_size)
                     .map_err(|e| anyhow::anyhow!("data source {}: {e}", s.name))?;
-                Arc::new(Qcow2Tracker::new(&s.name, &s.path, g))
+                Arc::new(Qcow2Tracker::new(&s.name, &s.path, g, &cfg.state_dir))
             }
             "nbd-filter" => {
                 let size = Volume::open(&s.path)

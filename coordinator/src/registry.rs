@@ -1140,6 +1140,22 @@ impl Registry {
         };
         rec.tracker = spec.tracker.clone();
         rec.inconsistent = spec.inconsistent;
+        if rec.state == "syncing" && !spec.busy {
+            // The agent is back and runs no sync of it: the one shown as running
+            // ended without its report reaching us (the agent was killed, or its
+            // stream broke just then). Whether the node committed a point from it
+            // is the node's to say (`bulwark points`).
+            rec.state = "error".into();
+            rec.error = format!(
+                "the last sync's outcome is unknown: agent {agent} restarted or reconnected before reporting it{}",
+                if spec.inconsistent {
+                    "; the agent lost its record of changes, so the next sync is a consistency check"
+                } else {
+                    ""
+                }
+            );
+            lock(&self.progress).remove(&spec.name);
+        }
         rec.agent_policy = Policy::from_proto(spec.policy.as_ref());
         if !spec.group.is_empty() && spec.group != rec.group {
             rec.group = spec.group.clone();
@@ -1403,9 +1419,55 @@ mod tests {
             block_size: 65536,
             tracker: "fingerprint".into(),
             inconsistent: false,
+            busy: false,
             policy: None,
             group: String::new(),
         }
+    }
+
+    /// A source shown as syncing when its agent says hello with no sync running (the
+    /// agent was killed mid-sync) is no longer shown as syncing; one whose sync is
+    /// still running after a reconnect stays so.
+    #[test]
+    fn a_sync_whose_agent_came_back_without_it_is_not_shown_as_running() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reg = Registry::open(dir.path(), Duration::from_secs(60)).expect("open");
+        node(&reg, "n1", 100 << 30);
+        let hello = |busy: bool, inconsistent: bool| {
+            let mut s = spec("vm", 1 << 30);
+            s.busy = busy;
+            s.inconsistent = inconsistent;
+            reg.hello(
+                "host-1",
+                &pb::Hello {
+                    sources: vec![s],
+                    version: "t".into(),
+                },
+            )
+            .expect("hello");
+        };
+        let started = pb::SyncReport {
+            source: "vm".into(),
+            result: None,
+            error: String::new(),
+            inconsistent: false,
+        };
+        hello(false, false);
+        reg.sync_report("host-1", &started).expect("report");
+        assert_eq!(reg.source("vm").expect("vm").state, "syncing");
+        // The stream came back while the sync still runs.
+        hello(true, false);
+        assert_eq!(reg.source("vm").expect("vm").state, "syncing");
+        // The agent came back (kill -9) with no sync and no record.
+        hello(false, true);
+        let s = reg.source("vm").expect("vm");
+        assert_eq!(s.state, "error");
+        assert!(
+            s.error.contains("outcome is unknown") && s.error.contains("consistency check"),
+            "{}",
+            s.error
+        );
+        assert!(s.inconsistent);
     }
 
     #[test]

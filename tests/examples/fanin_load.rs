@@ -51,6 +51,7 @@ async fn agent(
                 block_size: block,
                 tracker: "fingerprint".into(),
                 inconsistent: false,
+                busy: false,
                 policy: None,
                 group: String::new(),
             }],

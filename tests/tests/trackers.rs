@@ -1,7 +1,8 @@
 //! Trackers end to end: `nbd-filter` and `qcow2-bitmap` send exactly the blocks a real
 //! client (`qemu-io`) wrote; writes made during a sync land in the next point; kill -9
 //! of the agent makes the source inconsistent and the check that follows sends only
-//! the differing blocks; a clean stop keeps the record.
+//! the differing blocks; a clean stop keeps the record; kill -9 of the agent in the
+//! middle of a qcow2-bitmap sync frees the image.
 //!
 //! Needs qemu-io / qemu-img (qemu-utils); each test skips with a printed reason where
 //! they are missing.
@@ -436,6 +437,157 @@ fn qcow2_bitmap_sends_exactly_the_written_blocks() {
         log.contains("bitmap bulwark-p3") && log.contains("not recording"),
         "the agent says why"
     );
+}
+
+/// Processes of `qemu-storage-daemon` whose command line names `img`.
+fn daemons_holding(img: &Path) -> Vec<u32> {
+    let want = img.display().to_string();
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if cmdline.starts_with("qemu-storage-daemon") && cmdline.contains(&want) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// kill -9 of the agent while a qcow2-bitmap sync holds the image: the
+/// qemu-storage-daemon it started goes too (the image is free for the VM again), the
+/// source is inconsistent after the restart, and the check sends exactly the blocks
+/// written since the last point, before and after the kill.
+#[test]
+fn agent_kill9_mid_qcow2_sync_frees_the_image_and_the_check_repairs_it() {
+    if !have("qemu-img") || !have("qemu-io") || !have("qemu-storage-daemon") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let raw = dir.path().join("seed.raw");
+    bulwark_tests::write_random_file(&raw, SIZE);
+    let img = dir.path().join("vm.qcow2");
+    let out = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&img)
+        .output()
+        .expect("qemu-img convert");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let source = "vm-killed";
+    let mut fleet = Fleet::builder()
+        .node("node-1")
+        .agent_source(
+            AGENT,
+            source,
+            Some(&img),
+            SIZE,
+            "tracker = \"qcow2-bitmap\"",
+        )
+        .start();
+    fleet.sync(source);
+
+    let before = scattered_writes();
+    qemu_io(
+        "qcow2",
+        &img.display().to_string(),
+        &write_commands(&before),
+    );
+    // The node stops after the first batch it applies, so the sync holds the image.
+    let status = fleet
+        .node("node-1")
+        .restart_with_env(&[("BULWARK_FAILPOINTS", "node-after-batch=pause")]);
+    assert!(status.success(), "node stop: {status}");
+    fleet.wait_ready();
+    let sync = fleet.cli_spawn(&["sync", source, "--wait", "--json"]);
+    fleet.node("node-1").wait_for_log(
+        "failpoint node-after-batch reached",
+        Duration::from_secs(60),
+    );
+    assert_eq!(
+        daemons_holding(&img).len(),
+        1,
+        "a qemu-storage-daemon holds the image during the sync"
+    );
+    fleet.agent(AGENT).kill9();
+    bulwark_tests::poll(
+        "the qemu-storage-daemon to exit",
+        Duration::from_secs(20),
+        || match daemons_holding(&img) {
+            pids if pids.is_empty() => Ok(()),
+            pids => Err(format!("still running: {pids:?}")),
+        },
+    );
+    // The image is free: a writer can open it at once.
+    let after = vec![
+        (5 * BLOCK_SIZE, 4096, 0x51),
+        (700 * BLOCK_SIZE + 8192, 4096, 0x52),
+    ];
+    qemu_io("qcow2", &img.display().to_string(), &write_commands(&after));
+    let out = sync
+        .wait(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("the sync did not end after the agent was killed: {e}"));
+    assert!(
+        !out.status.success(),
+        "the sync cannot succeed without its agent"
+    );
+
+    // The node rolls its half-applied sync back; the agent comes back inconsistent.
+    fleet.node("node-1").kill9();
+    fleet.node("node-1").start();
+    fleet.agent(AGENT).start();
+    fleet.wait_ready();
+    // Not shown as syncing any more: the sync's outcome is unknown to the
+    // coordinator, and the agent lost its record.
+    let s = source_state(&fleet, source);
+    assert_eq!(json_str(&s, "state"), "error", "after kill -9: {s}");
+    assert!(
+        json_str(&s, "error").contains("outcome is unknown")
+            && json_str(&s, "error").contains("consistency check"),
+        "{s}"
+    );
+    let alert_key = format!("inconsistent/{source}");
+    bulwark_tests::poll("an inconsistent alert", Duration::from_secs(20), || {
+        let a = fleet.cli_json(&["alerts", "--json"]).to_string();
+        if a.contains(&alert_key) {
+            Ok(())
+        } else {
+            Err(a)
+        }
+    });
+    assert_eq!(fleet.point_ids(source), vec![1], "no partial point");
+
+    let r = fleet.sync(source);
+    assert_eq!(json_str(&r, "kind"), "check", "{r}");
+    assert_eq!(json_str(&source_state(&fleet, source), "state"), "ok");
+    let mut want = blocks_of(&before);
+    want.extend(blocks_of(&after));
+    assert_eq!(
+        json_u64(&r, "blocks_sent"),
+        want.len() as u64,
+        "exactly the blocks written since point 1 {want:?}: {r}"
+    );
+    assert_eq!(
+        image_bitmaps(&img),
+        vec![format!("bulwark-p{}", json_u64(&r, "point"))]
+    );
+    let now = fleet.scratch("now.raw");
+    qcow2_to_raw(&img, &now);
+    let restored = fleet.scratch("restored.raw");
+    fleet.restore(source, None, &restored, None);
+    assert_same_file(&restored, &now, "restore after the check");
+    // And tracking resumes: the next sync is incremental again.
+    qemu_io("qcow2", &img.display().to_string(), &write_commands(&after));
+    let r = fleet.sync(source);
+    assert_eq!(json_str(&r, "kind"), "incremental", "{r}");
 }
 
 /// A record relative to a point the node does not have as its newest (here: a saved

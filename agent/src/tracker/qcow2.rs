@@ -318,6 +318,19 @@ fn add_union(d: &mut Daemon, target: &str, from: &[&str], granularity: u32) -> R
     .map(|_| ())
 }
 
+/// `target` (an existing bitmap) := `from`, atomically.
+fn replace_with(d: &mut Daemon, target: &str, from: &str) -> Result<(), String> {
+    d.execute(
+        "transaction",
+        json!({"actions": [
+            {"type": "block-dirty-bitmap-clear", "data": {"node": NODE, "name": target}},
+            {"type": "block-dirty-bitmap-merge", "data":
+                {"node": NODE, "target": target, "bitmaps": [from]}},
+        ]}),
+    )
+    .map(|_| ())
+}
+
 /// A sync in progress: the daemon holding the image, and our connections to it.
 struct Session {
     daemon: Daemon,
@@ -391,20 +404,60 @@ pub struct Qcow2Tracker {
     source: String,
     path: PathBuf,
     geometry: Geometry,
+    /// Present in `state_dir` from the start of a sync until its bitmaps are put in
+    /// order (committed or undone): an agent that finds it at start-up stopped in
+    /// the middle of a sync, when the frozen record lived only in the daemon.
+    marker: PathBuf,
     state: Mutex<State>,
 }
 
 impl Qcow2Tracker {
-    /// A tracker for the image at `path`.
-    pub fn new(source: &str, path: &Path, geometry: Geometry) -> Qcow2Tracker {
+    /// A tracker for the image at `path`; `state_dir` holds its mid-sync marker.
+    pub fn new(source: &str, path: &Path, geometry: Geometry, state_dir: &Path) -> Qcow2Tracker {
+        let marker = state_dir
+            .join("trackers")
+            .join(format!("{source}.qcow2-syncing"));
+        let inconsistent = marker.exists().then(|| {
+            format!(
+                "the agent stopped in the middle of a sync of {} ({} is still there), so the image's bitmaps may miss writes made before that sync",
+                path.display(),
+                marker.display()
+            )
+        });
+        if let Some(why) = &inconsistent {
+            tracing::warn!(source, "{why}; the next sync is a consistency check");
+        }
         Qcow2Tracker {
             source: source.to_string(),
             path: path.to_path_buf(),
             geometry,
+            marker,
             state: Mutex::new(State {
-                inconsistent: None,
+                inconsistent,
                 session: None,
             }),
+        }
+    }
+
+    /// Marks a sync as started (see [`Qcow2Tracker::marker`]). Not fsync'd: it
+    /// guards against the agent dying, and a crash of the whole host also kills the
+    /// daemon outright, which leaves the bitmaps flagged in use.
+    fn mark_started(&self) -> Result<(), String> {
+        let write = || -> std::io::Result<()> {
+            if let Some(dir) = self.marker.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::write(&self.marker, self.path.display().to_string())
+        };
+        write().map_err(|e| format!("cannot write {}: {e}", self.marker.display()))
+    }
+
+    /// The sync's bitmaps are in order again.
+    fn mark_ended(&self) {
+        if let Err(e) = std::fs::remove_file(&self.marker)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(source = %self.source, "cannot remove {}: {e}", self.marker.display());
         }
     }
 
@@ -556,7 +609,14 @@ impl Qcow2Tracker {
 
     fn begin_locked(&self, st: &mut State, scan: bool) -> Result<Frozen, String> {
         let starting = Instant::now();
-        let mut daemon = Daemon::start(&self.path)?;
+        self.mark_started()?;
+        let mut daemon = match Daemon::start(&self.path) {
+            Ok(d) => d,
+            Err(e) => {
+                self.mark_ended();
+                return Err(e);
+            }
+        };
         // The guest-to-file map, taken while the daemon is driven and the record is
         // read, and only now: the daemon holds the image, so no writer can move a
         // cluster until the sync ends. Used for a plain image only.
@@ -575,6 +635,7 @@ impl Qcow2Tracker {
             Ok(k) => k,
             Err(e) => {
                 quit(&self.source, daemon);
+                self.mark_ended();
                 return Err(e);
             }
         };
@@ -710,6 +771,7 @@ impl Qcow2Tracker {
             tracing::warn!(source = %self.source, "restoring the image's bitmaps: {e}");
         }
         quit(&self.source, s.daemon);
+        self.mark_ended();
     }
 }
 
@@ -756,9 +818,13 @@ impl Tracker for Qcow2Tracker {
         let g = self.granularity();
         let d = &mut s.daemon;
         // A scan's `bulwark-next` becomes `bulwark-p<point>`; an incremental named
-        // its bitmap so at once, and already removed the base's.
+        // its bitmap so at once, and already removed the base's. A scan may find a
+        // `bulwark-p<point>` already there: left by a sync that froze its record for
+        // this same point and never finished (the agent was killed); it is replaced.
         let renamed = if s.next == name {
             Ok(())
+        } else if s.kept == Some(point) && !s.frozen {
+            replace_with(d, &name, &s.next).and_then(|()| remove(d, &s.next))
         } else {
             add_union(d, &name, &[&s.next], g).and_then(|()| remove(d, &s.next))
         };
@@ -772,6 +838,7 @@ impl Tracker for Qcow2Tracker {
             tracing::warn!(source = %self.source, point, "updating the image's bitmaps: {e}");
         }
         quit(&self.source, s.daemon);
+        self.mark_ended();
     }
     fn failed(&self) {
         let mut st = lock(&self.state);
