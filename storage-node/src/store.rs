@@ -2048,19 +2048,17 @@ impl SyncTxn {
                 .flat_map(|p| &p.old)
                 .map(|d| d.as_deref().filter(|d| !is_zero(d)))
                 .collect();
-            let tail = delta.tail.len();
-            let mut buf = delta.buffer(datas.iter().map(|d| record_len(*d)).sum());
+            let added: u64 = datas.iter().map(|d| record_len(*d) as u64).sum();
             let views = self.store.views_of(&self.spec.source);
             let mut located = Vec::new();
-            for ((block, digest), data) in recs.iter().zip(datas) {
-                let len = geometry.block_len(*block) as usize;
-                if !views.is_empty() {
-                    let at = self.delta_len + (buf.len() - tail + HEADER_LEN + CHECK_LEN) as u64;
-                    located.push((*block, data.is_some().then_some(at)));
+            if !views.is_empty() {
+                let mut at = self.delta_len;
+                for ((block, _), data) in recs.iter().zip(&datas) {
+                    let data_at = at + (HEADER_LEN + CHECK_LEN) as u64;
+                    located.push((*block, data.is_some().then_some(data_at)));
+                    at += record_len(*data) as u64;
                 }
-                encode_record(&mut buf, *block, *digest, data, len);
             }
-            let added = (buf.len() - tail) as u64;
             let need = self.points_used + self.delta_len + added;
             if need > self.meta.points_alloc_bytes {
                 let more = need - self.points_used;
@@ -2072,8 +2070,11 @@ impl SyncTxn {
                     self.new_point - 1,
                 )?;
             }
+            let records = recs.iter().zip(&datas).map(|((block, digest), data)| {
+                (*block, *digest, *data, geometry.block_len(*block) as usize)
+            });
             delta
-                .write(&buf, self.delta_len - tail as u64)
+                .append(self.delta_len, records)
                 .map_err(io("write", &delta_file_path))?;
             boundary("sync: before-images written")?;
             delta
@@ -2492,13 +2493,27 @@ fn record_len(data: Option<&[u8]>) -> usize {
 /// bounce copy, and only the new partial last page through the page cache (the next
 /// append rewrites that page whole, its leading bytes unchanged). 41 MiB of
 /// scattered before-images took 60-110 ms through the page cache and fdatasync, 30 ms
-/// direct.
+/// direct. The buffer is one reused chunk of [`DELTA_CHUNK`], written whenever it
+/// fills: a buffer as large as each group (16 MiB and more) was fresh memory every
+/// time, and faulting and zeroing its pages took most of the node's CPU in a
+/// scattered incremental.
 struct DeltaAppender {
     file: File,
     writer: DirectWriter,
     /// The file's bytes from its last page boundary on (fewer than a page).
     tail: Vec<u8>,
+    /// The chunk, kept between appends (page-aligned).
+    chunk: Option<bytes::BytesMut>,
 }
+
+/// Bytes of records built before they are written: below the allocator's mmap
+/// threshold, so that a sync's chunk comes from (and goes back to) the heap. Tiny in
+/// unit tests, so that the crash tests cross chunk boundaries.
+const DELTA_CHUNK: usize = if cfg!(test) {
+    3 * DIRECT_ALIGN
+} else {
+    2 << 20
+};
 
 impl DeltaAppender {
     fn new(file: File, path: &Path) -> DeltaAppender {
@@ -2506,23 +2521,52 @@ impl DeltaAppender {
             file,
             writer: DirectWriter::open(path, "delta"),
             tail: Vec::new(),
+            chunk: None,
         }
     }
 
-    /// A page-aligned buffer that starts with the tail, with room for `more` bytes.
-    fn buffer(&self, more: usize) -> bytes::BytesMut {
-        let cap = (self.tail.len() + more).next_multiple_of(DIRECT_ALIGN);
-        let mut buf = bulwark_common::block::aligned_buffer(cap);
-        buf.truncate(0);
+    /// Appends `records` (block, old digest, old bytes or none for zeros, block
+    /// length) to the file, which is `end` bytes long; not yet durable.
+    fn append<'a>(
+        &mut self,
+        end: u64,
+        records: impl Iterator<Item = (u64, Digest, Option<&'a [u8]>, usize)>,
+    ) -> std::io::Result<()> {
+        let mut page_start = end - self.tail.len() as u64;
+        let mut buf = self
+            .chunk
+            .take()
+            .unwrap_or_else(|| bulwark_common::block::aligned_buffer(DELTA_CHUNK));
+        buf.clear();
         buf.extend_from_slice(&self.tail);
-        buf
-    }
-
-    /// Writes `buf` (from [`DeltaAppender::buffer`]) at `page_start`, the page
-    /// boundary at or before the file's end; not yet durable.
-    fn write(&mut self, buf: &[u8], page_start: u64) -> std::io::Result<()> {
-        self.writer.write_at(&self.file, buf, page_start)?;
+        for (block, digest, data, len) in records {
+            let need = record_len(data);
+            if buf.len() + need > buf.capacity() {
+                // Write the whole pages built so far; the partial page moves to the
+                // front and is written again with what follows it.
+                let whole = buf.len() / DIRECT_ALIGN * DIRECT_ALIGN;
+                if whole > 0 {
+                    self.writer
+                        .write_at(&self.file, &buf[..whole], page_start)?;
+                    page_start += whole as u64;
+                    buf.copy_within(whole.., 0);
+                    buf.truncate(buf.len() - whole);
+                }
+                if buf.len() + need > buf.capacity() {
+                    // One record larger than a chunk (a huge block size).
+                    let mut bigger = bulwark_common::block::aligned_buffer(
+                        (buf.len() + need).next_multiple_of(DIRECT_ALIGN),
+                    );
+                    bigger.clear();
+                    bigger.extend_from_slice(&buf);
+                    buf = bigger;
+                }
+            }
+            encode_record(&mut buf, block, digest, data, len);
+        }
+        self.writer.write_at(&self.file, &buf, page_start)?;
         self.tail = buf[buf.len() / DIRECT_ALIGN * DIRECT_ALIGN..].to_vec();
+        self.chunk = Some(buf);
         Ok(())
     }
 }
