@@ -669,6 +669,7 @@ async fn run_sync(
                     total_ms = started.elapsed().as_millis() as u64,
                     received_ms = received.as_millis() as u64,
                     applied_ms = applied_at.as_millis() as u64,
+                    open_ms = times.open.as_millis() as u64,
                     before_images_ms = times.before_images.as_millis() as u64,
                     delta_ms = times.delta.as_millis() as u64,
                     writes_ms = times.writes.as_millis() as u64,

@@ -1743,6 +1743,8 @@ pub struct ApplyTimes {
     pub delta: std::time::Duration,
     /// Writing new bytes and digests.
     pub writes: std::time::Duration,
+    /// Making the pending record durable and opening the sync's files.
+    pub open: std::time::Duration,
 }
 
 /// Reads the old digests and before-images of a sync's batches on a thread of its
@@ -1888,6 +1890,13 @@ impl SyncTxn {
         if self.files.is_some() {
             return Ok(());
         }
+        let opening = std::time::Instant::now();
+        let r = self.open_files_now();
+        self.times.open = opening.elapsed();
+        r
+    }
+
+    fn open_files_now(&mut self) -> Result<()> {
         let store = &self.store;
         let name = &self.spec.source;
         let dir = self.meta.dir();
