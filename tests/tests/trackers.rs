@@ -397,6 +397,9 @@ fn qcow2_bitmap_sends_exactly_the_written_blocks() {
     );
     assert_eq!(json_u64(&r, "blocks_scanned"), want.len() as u64, "{r}");
     assert_eq!(image_bitmaps(&img), vec!["bulwark-p2".to_string()]);
+    // Between syncs the agent's qemu-storage-daemon (kept idle for the next sync)
+    // holds nothing of the image.
+    assert_eq!(daemons_holding(&img), Vec::<u32>::new(), "after a sync");
 
     let now = fleet.scratch("now.raw");
     qcow2_to_raw(&img, &now);
@@ -439,9 +442,9 @@ fn qcow2_bitmap_sends_exactly_the_written_blocks() {
     );
 }
 
-/// Processes of `qemu-storage-daemon` whose command line names `img`.
+/// Processes of `qemu-storage-daemon` that have `img` open.
 fn daemons_holding(img: &Path) -> Vec<u32> {
-    let want = img.display().to_string();
+    let want = std::fs::canonicalize(img).expect("canonical image path");
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
@@ -450,8 +453,16 @@ fn daemons_holding(img: &Path) -> Vec<u32> {
         let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
             continue;
         };
-        let cmdline = String::from_utf8_lossy(&cmdline);
-        if cmdline.starts_with("qemu-storage-daemon") && cmdline.contains(&want) {
+        if !cmdline.starts_with(b"qemu-storage-daemon") {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        if fds
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == want))
+        {
             pids.push(pid);
         }
     }

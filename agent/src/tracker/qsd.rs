@@ -1,16 +1,19 @@
-//! One `qemu-storage-daemon` holding a qcow2 image for the length of a sync, driven
-//! over QMP: the `qcow2-bitmap` tracker's bitmap operations and its NBD export are
+//! A `qemu-storage-daemon` driven over QMP that holds a qcow2 image for the length
+//! of a sync: the `qcow2-bitmap` tracker's bitmap operations and its NBD export are
 //! commands to this one process, where separate `qemu-img` and `qemu-nbd` runs would
 //! each open the image, read its metadata and write its header again (tens of
-//! milliseconds per sync, most of an incremental sync of a small change).
+//! milliseconds per sync, most of an incremental sync of a small change). The image
+//! is attached (`blockdev-add`) and detached (`blockdev-del`) over QMP, so one
+//! daemon can serve sync after sync (see the spare in `qcow2.rs`).
 //!
-//! The daemon opens the image read-write, so it holds QEMU's write lock: nothing else
-//! writes the image meanwhile, and the bitmaps it adds, merges and removes are
-//! written back when it quits. If the agent dies, the daemon gets SIGTERM
-//! (`PR_SET_PDEATHSIG`) and closes the image cleanly; killed outright, it leaves the
-//! bitmaps flagged in use, which the next sync treats as untrustworthy.
+//! While attached, the daemon has the image open read-write and holds QEMU's write
+//! lock: nothing else writes the image meanwhile, and the bitmaps it adds, merges
+//! and removes are written back when it detaches the image or quits. If the agent
+//! dies, the daemon gets SIGTERM (`PR_SET_PDEATHSIG`) and closes the image cleanly;
+//! killed outright, it leaves the bitmaps flagged in use, which the next sync treats
+//! as untrustworthy.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -31,11 +34,14 @@ pub struct Daemon {
     child: Child,
     qmp: BufReader<UnixStream>,
     dir: tempfile::TempDir,
-    image: PathBuf,
+    /// The image attached as [`NODE`], if any.
+    image: Option<PathBuf>,
     /// Names of the asynchronous events received and not yet waited for.
     events: Vec<String>,
     /// Whether the image is exported.
     serving: bool,
+    /// Whether the NBD server runs (it outlives a failed export).
+    nbd_server: bool,
     /// Dropped last: ends the thread that started the daemon (whose exit is what
     /// `PR_SET_PDEATHSIG` watches).
     _keeper: mpsc::Sender<()>,
@@ -43,7 +49,15 @@ pub struct Daemon {
 
 impl Daemon {
     /// Starts a daemon on the qcow2 image at `image` and connects to its monitor.
+    #[cfg(test)]
     pub fn start(image: &Path) -> Result<Daemon, String> {
+        let mut d = Daemon::start_idle()?;
+        d.attach(image)?;
+        Ok(d)
+    }
+
+    /// Starts a daemon that holds no image yet and connects to its monitor.
+    pub fn start_idle() -> Result<Daemon, String> {
         let dir = tempfile::Builder::new()
             .prefix("bulwark-qsd")
             .tempdir()
@@ -54,20 +68,13 @@ impl Daemon {
         // the socket before the monitor reads it, and QEMU then mangled the first
         // command ("QMP input member 'aruments' is unexpected", seen under load).
         let pid_path = dir.path().join("qsd.pid");
-        let blockdev = json!({
-            "driver": "qcow2",
-            "node-name": NODE,
-            "file": {
-                "driver": "file",
-                "filename": image,
-                "cache": {"direct": true},
-                "aio": "threads",
-            },
-        });
+        // A file, not a pipe: a daemon kept between syncs must never block on a
+        // full pipe nobody reads.
+        let stderr_path = dir.path().join("stderr.log");
+        let stderr = std::fs::File::create(&stderr_path)
+            .map_err(|e| format!("cannot create {}: {e}", stderr_path.display()))?;
         let mut cmd = Command::new("qemu-storage-daemon");
-        cmd.arg("--blockdev")
-            .arg(blockdev.to_string())
-            .arg("--chardev")
+        cmd.arg("--chardev")
             // Commas in a key=value option are doubled.
             .arg(format!(
                 "socket,id=qmp,server=on,wait=off,path={}",
@@ -79,7 +86,7 @@ impl Daemon {
             .arg(&pid_path)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            .stderr(stderr);
         die_with_parent(&mut cmd);
         let (mut child, keeper) = spawn_kept(cmd).map_err(|e| {
             format!("cannot start qemu-storage-daemon (is qemu-utils installed?): {e}")
@@ -87,7 +94,7 @@ impl Daemon {
         let deadline = Instant::now() + PATIENCE;
         let stream = loop {
             if let Ok(Some(status)) = child.try_wait() {
-                return Err(exited(&mut child, image, status));
+                return Err(exited(&stderr_path, None, status));
             }
             let connected = if pid_path.exists() {
                 UnixStream::connect(&qmp_path)
@@ -103,8 +110,7 @@ impl Daemon {
                     let _ = child.kill();
                     let _ = child.wait();
                     return Err(format!(
-                        "qemu-storage-daemon for {} did not open its monitor within {} s: {e}",
-                        image.display(),
+                        "qemu-storage-daemon did not open its monitor within {} s: {e}",
                         PATIENCE.as_secs()
                     ));
                 }
@@ -114,9 +120,10 @@ impl Daemon {
             child,
             qmp: BufReader::new(stream),
             dir,
-            image: image.to_path_buf(),
+            image: None,
             events: Vec::new(),
             serving: false,
+            nbd_server: false,
             _keeper: keeper,
         };
         d.qmp
@@ -127,6 +134,64 @@ impl Daemon {
         d.read_message()?;
         d.execute("qmp_capabilities", json!({}))?;
         Ok(d)
+    }
+
+    /// Opens the qcow2 image at `image` read-write as node [`NODE`] (the daemon
+    /// must hold no image). Its persistent bitmaps are loaded, and written back
+    /// when it is detached or the daemon quits.
+    pub fn attach(&mut self, image: &Path) -> Result<(), String> {
+        self.image = Some(image.to_path_buf());
+        let blockdev = json!({
+            "driver": "qcow2",
+            "node-name": NODE,
+            "file": {
+                "driver": "file",
+                "filename": image,
+                "cache": {"direct": true},
+                "aio": "threads",
+            },
+        });
+        match self.execute("blockdev-add", blockdev) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                self.image = None;
+                Err(if e.contains("lock") {
+                    format!("{e}{LOCK_HINT}")
+                } else {
+                    e
+                })
+            }
+        }
+    }
+
+    /// Closes the image (ending its export first), which writes its bitmaps back
+    /// and releases its lock; the daemon keeps running, holding nothing, and may
+    /// attach an image again. An error means the daemon is not fit for reuse.
+    pub fn detach(&mut self) -> Result<(), String> {
+        self.unserve()?;
+        if self.nbd_server {
+            self.execute("nbd-server-stop", json!({}))?;
+            self.nbd_server = false;
+        }
+        if self.image.is_some() {
+            self.execute("blockdev-del", json!({"node-name": NODE}))?;
+        }
+        let left = self.execute("query-named-block-nodes", json!({"flat": true}))?;
+        if left.as_array().is_some_and(|a| !a.is_empty()) {
+            return Err(format!(
+                "qemu-storage-daemon still holds block nodes after closing {}",
+                self.describe()
+            ));
+        }
+        self.image = None;
+        Ok(())
+    }
+
+    /// The image, for messages.
+    fn describe(&self) -> String {
+        self.image
+            .as_ref()
+            .map_or_else(|| "(no image)".to_string(), |p| p.display().to_string())
     }
 
     /// Runs one QMP command; its `return` value, or its error as a message that
@@ -147,7 +212,7 @@ impl Daemon {
                 let desc = e.get("desc").and_then(Value::as_str).unwrap_or("no reason");
                 return Err(format!(
                     "qemu-storage-daemon {command} on {}: {desc}",
-                    self.image.display()
+                    self.describe()
                 ));
             }
             self.note_event(&reply);
@@ -185,12 +250,16 @@ impl Daemon {
 
     fn lost(&mut self, what: &str, why: &str) -> String {
         if let Ok(Some(status)) = self.child.try_wait() {
-            return exited(&mut self.child, &self.image, status);
+            return exited(&self.stderr_path(), self.image.as_deref(), status);
         }
         format!(
             "qemu-storage-daemon for {}: QMP {what}: {why}",
-            self.image.display()
+            self.describe()
         )
+    }
+
+    fn stderr_path(&self) -> PathBuf {
+        self.dir.path().join("stderr.log")
     }
 
     /// Starts the daemon's NBD server on a unix socket and exports the image
@@ -205,6 +274,7 @@ impl Daemon {
                 "max-connections": connections,
             }),
         )?;
+        self.nbd_server = true;
         let mut export = json!({"type": "nbd", "id": "image", "node-name": NODE, "name": ""});
         if let Some(b) = bitmap {
             export["bitmaps"] = json!([b]);
@@ -239,7 +309,9 @@ impl Daemon {
         loop {
             match self.child.try_wait() {
                 Ok(Some(status)) if status.success() => return Ok(()),
-                Ok(Some(status)) => return Err(exited(&mut self.child, &self.image, status)),
+                Ok(Some(status)) => {
+                    return Err(exited(&self.stderr_path(), self.image.as_deref(), status));
+                }
                 Ok(None) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(1));
                 }
@@ -247,7 +319,7 @@ impl Daemon {
                     let why = asked.err().map(|e| format!(" ({e})")).unwrap_or_default();
                     return Err(format!(
                         "qemu-storage-daemon for {} did not quit within {} s; killed{why}",
-                        self.image.display(),
+                        self.describe(),
                         PATIENCE.as_secs()
                     ));
                 }
@@ -266,23 +338,17 @@ impl Drop for Daemon {
     }
 }
 
+/// Said when QEMU's image lock refused the daemon.
+const LOCK_HINT: &str = " (the image is open elsewhere, e.g. by a running VM; the qcow2-bitmap tracker needs it closed during a sync)";
+
 /// The message for a daemon that exited: its status and what it printed, with a
 /// hint when QEMU's image lock refused it.
-fn exited(child: &mut Child, image: &Path, status: std::process::ExitStatus) -> String {
-    let mut err = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = e.read_to_string(&mut err);
-    }
+fn exited(stderr: &Path, image: Option<&Path>, status: std::process::ExitStatus) -> String {
+    let err = std::fs::read_to_string(stderr).unwrap_or_default();
     let err = err.trim();
-    let hint = if err.contains("lock") {
-        " (the image is open elsewhere, e.g. by a running VM; the qcow2-bitmap tracker needs it closed during a sync)"
-    } else {
-        ""
-    };
-    format!(
-        "qemu-storage-daemon for {} exited ({status}): {err}{hint}",
-        image.display()
-    )
+    let hint = if err.contains("lock") { LOCK_HINT } else { "" };
+    let image = image.map_or_else(|| "(no image)".to_string(), |p| p.display().to_string());
+    format!("qemu-storage-daemon for {image} exited ({status}): {err}{hint}")
 }
 
 /// Has the child get SIGTERM when the thread that started it ends (see
@@ -362,6 +428,78 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         };
         assert_eq!(status.signal(), Some(libc::SIGTERM), "{status}");
+    }
+
+    /// The image's bitmaps as `qemu-img info` (which needs the image unlocked)
+    /// sees them.
+    fn bitmaps_on_disk(img: &Path) -> Vec<String> {
+        let out = Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(img)
+            .output()
+            .expect("qemu-img info");
+        assert!(
+            out.status.success(),
+            "the image should be unlocked: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let info: Value = serde_json::from_slice(&out.stdout).expect("json");
+        info["format-specific"]["data"]["bitmaps"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|b| b["name"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// One daemon serves several syncs: detaching writes the bitmaps back and
+    /// frees the image, the export and NBD server go with it, and the same daemon
+    /// attaches the image (or another) again.
+    #[test]
+    fn a_daemon_attaches_and_detaches_images_in_turn() {
+        if !have_qsd() {
+            eprintln!("skipped: qemu-storage-daemon is not installed");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let imgs: Vec<PathBuf> = ["one.qcow2", "two.qcow2"]
+            .iter()
+            .map(|n| {
+                let img = dir.path().join(n);
+                let out = Command::new("qemu-img")
+                    .args(["create", "-q", "-f", "qcow2"])
+                    .arg(&img)
+                    .arg("1M")
+                    .output()
+                    .expect("qemu-img");
+                assert!(out.status.success());
+                img
+            })
+            .collect();
+        let mut d = Daemon::start_idle().expect("start");
+        for round in 0..2 {
+            for img in &imgs {
+                d.attach(img).expect("attach");
+                let name = format!("b{round}");
+                d.execute(
+                    "block-dirty-bitmap-add",
+                    json!({"node": NODE, "name": name, "persistent": true}),
+                )
+                .expect("add");
+                d.serve(Some(&name), 1).map(|_| ()).unwrap_or_else(|e| {
+                    // A recording bitmap cannot be exported; the server is up anyway.
+                    assert!(e.contains("block-export-add"), "{e}");
+                });
+                d.detach().expect("detach");
+                let want: Vec<String> = (0..=round).map(|r| format!("b{r}")).collect();
+                assert_eq!(bitmaps_on_disk(img), want, "round {round}");
+            }
+        }
+        // Still usable, and holding nothing: quitting succeeds.
+        assert!(d.running());
+        d.quit().expect("quit");
     }
 
     #[test]
