@@ -576,6 +576,24 @@ fn agent_kill9_mid_qcow2_sync_frees_the_image_and_the_check_repairs_it() {
     });
     assert_eq!(fleet.point_ids(source), vec![1], "no partial point");
 
+    // A check that fails (the node is down) leaves the source inconsistent, also
+    // across a clean restart of the agent: the marker stays until a sync commits.
+    let status = fleet.node("node-1").stop();
+    assert!(status.success(), "node stop: {status}");
+    let (code, err) = fleet.cli_expect_fail(&["sync", source, "--wait", "--json"]);
+    assert_ne!(code, 0, "{err}");
+    let status = fleet.agent(AGENT).restart();
+    assert!(status.success(), "agent did not stop cleanly: {status}");
+    fleet.node("node-1").start();
+    fleet.wait_ready();
+    let log = std::fs::read_to_string(fleet.root().join("logs").join(format!("{AGENT}.log")))
+        .expect("agent log");
+    assert_eq!(
+        log.matches("stopped in the middle of a sync").count(),
+        2,
+        "both restarts found the marker"
+    );
+
     let r = fleet.sync(source);
     assert_eq!(json_str(&r, "kind"), "check", "{r}");
     assert_eq!(json_str(&source_state(&fleet, source), "state"), "ok");
@@ -595,6 +613,12 @@ fn agent_kill9_mid_qcow2_sync_frees_the_image_and_the_check_repairs_it() {
     let restored = fleet.scratch("restored.raw");
     fleet.restore(source, None, &restored, None);
     assert_same_file(&restored, &now, "restore after the check");
+    let log = std::fs::read_to_string(fleet.root().join("logs").join(format!("{AGENT}.log")))
+        .expect("agent log");
+    assert!(
+        !log.contains("refused the record's base point"),
+        "the agent knew to check; it did not need the node's refusal"
+    );
     // And tracking resumes: the next sync is incremental again.
     qemu_io("qcow2", &img.display().to_string(), &write_commands(&after));
     let r = fleet.sync(source);

@@ -454,8 +454,13 @@ impl Qcow2Tracker {
         write().map_err(|e| format!("cannot write {}: {e}", self.marker.display()))
     }
 
-    /// The sync's bitmaps are in order again.
-    fn mark_ended(&self) {
+    /// The sync's bitmaps are in order again. A sync that did not commit leaves the
+    /// marker while the source is inconsistent (`keep`): the image's bitmaps are
+    /// then no better than before it, and an agent restarted now must still know.
+    fn mark_ended(&self, keep: bool) {
+        if keep {
+            return;
+        }
         if let Err(e) = std::fs::remove_file(&self.marker)
             && e.kind() != std::io::ErrorKind::NotFound
         {
@@ -615,13 +620,13 @@ impl Qcow2Tracker {
         let mut daemon = match take_daemon() {
             Ok(d) => d,
             Err(e) => {
-                self.mark_ended();
+                self.mark_ended(st.inconsistent.is_some());
                 return Err(e);
             }
         };
         if let Err(e) = daemon.attach(&self.path) {
             release(&self.source, daemon);
-            self.mark_ended();
+            self.mark_ended(st.inconsistent.is_some());
             return Err(e);
         }
         // The guest-to-file map, taken while the daemon is driven and the record is
@@ -642,7 +647,7 @@ impl Qcow2Tracker {
             Ok(k) => k,
             Err(e) => {
                 release(&self.source, daemon);
-                self.mark_ended();
+                self.mark_ended(st.inconsistent.is_some());
                 return Err(e);
             }
         };
@@ -673,7 +678,7 @@ impl Qcow2Tracker {
                 Ok(Frozen { plan, reader })
             }
             Err(e) => {
-                self.undo(session);
+                self.undo(session, st.inconsistent.is_some());
                 Err(e)
             }
         }
@@ -761,7 +766,7 @@ impl Qcow2Tracker {
     /// A sync failed: puts the record back as it was, with the writes made since
     /// in it: `bulwark-p<N>` again holds every write since point `N` (or, with no
     /// point, nothing is kept), and the sync's own bitmap is gone.
-    fn undo(&self, mut s: Session) {
+    fn undo(&self, mut s: Session, inconsistent: bool) {
         s.disconnect();
         let g = self.granularity();
         let d = &mut s.daemon;
@@ -778,7 +783,7 @@ impl Qcow2Tracker {
             tracing::warn!(source = %self.source, "restoring the image's bitmaps: {e}");
         }
         release(&self.source, s.daemon);
-        self.mark_ended();
+        self.mark_ended(inconsistent);
     }
 }
 
@@ -905,7 +910,8 @@ impl Tracker for Qcow2Tracker {
         }
         let mut st = lock(&self.state);
         if let Some(old) = st.session.take() {
-            self.undo(old);
+            let inconsistent = st.inconsistent.is_some();
+            self.undo(old, inconsistent);
         }
         self.begin_locked(&mut st, scan)
     }
@@ -940,12 +946,13 @@ impl Tracker for Qcow2Tracker {
             tracing::warn!(source = %self.source, point, "updating the image's bitmaps: {e}");
         }
         release(&self.source, s.daemon);
-        self.mark_ended();
+        self.mark_ended(false);
     }
     fn failed(&self) {
         let mut st = lock(&self.state);
         if let Some(s) = st.session.take() {
-            self.undo(s);
+            let inconsistent = st.inconsistent.is_some();
+            self.undo(s, inconsistent);
         }
     }
     fn shutdown(&self) {
