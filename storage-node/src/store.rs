@@ -2057,16 +2057,16 @@ impl SyncTxn {
                 .flat_map(|p| &p.old)
                 .map(|d| d.as_deref().filter(|d| !is_zero(d)))
                 .collect();
-            let added: u64 = datas.iter().map(|d| record_len(*d) as u64).sum();
+            // Open views learn where each record's bytes will be.
             let views = self.store.views_of(&self.spec.source);
             let mut located = Vec::new();
-            if !views.is_empty() {
-                let mut at = self.delta_len;
-                for ((block, _), data) in recs.iter().zip(&datas) {
-                    let data_at = at + (HEADER_LEN + CHECK_LEN) as u64;
-                    located.push((*block, data.is_some().then_some(data_at)));
-                    at += record_len(*data) as u64;
+            let mut added = 0u64;
+            for ((block, _), data) in recs.iter().zip(&datas) {
+                if !views.is_empty() {
+                    let at = self.delta_len + added + (HEADER_LEN + CHECK_LEN) as u64;
+                    located.push((*block, data.is_some().then_some(at)));
                 }
+                added += record_len(*data) as u64;
             }
             let need = self.points_used + self.delta_len + added;
             if need > self.meta.points_alloc_bytes {

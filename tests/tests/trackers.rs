@@ -329,15 +329,12 @@ fn qcow2_to_raw(img: &Path, raw: &Path) {
     );
 }
 
-#[test]
-fn qcow2_bitmap_sends_exactly_the_written_blocks() {
-    if !have("qemu-img") || !have("qemu-io") || !have("qemu-storage-daemon") {
-        return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let raw = dir.path().join("seed.raw");
+/// A fleet (one node, one agent) protecting `source`: a qcow2 image of SIZE random
+/// bytes made in `dir`, with the qcow2-bitmap tracker. Returns the image's path too.
+fn qcow2_fleet(dir: &Path, source: &str) -> (Fleet, PathBuf) {
+    let raw = dir.join("seed.raw");
     bulwark_tests::write_random_file(&raw, SIZE);
-    let img = dir.path().join("vm.qcow2");
+    let img = dir.join("vm.qcow2");
     let out = Command::new("qemu-img")
         .args(["convert", "-f", "raw", "-O", "qcow2"])
         .arg(&raw)
@@ -349,8 +346,7 @@ fn qcow2_bitmap_sends_exactly_the_written_blocks() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let source = "vm-qcow2";
-    let mut fleet = Fleet::builder()
+    let fleet = Fleet::builder()
         .node("node-1")
         .agent_source(
             AGENT,
@@ -360,6 +356,17 @@ fn qcow2_bitmap_sends_exactly_the_written_blocks() {
             "tracker = \"qcow2-bitmap\"",
         )
         .start();
+    (fleet, img)
+}
+
+#[test]
+fn qcow2_bitmap_sends_exactly_the_written_blocks() {
+    if !have("qemu-img") || !have("qemu-io") || !have("qemu-storage-daemon") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let source = "vm-qcow2";
+    let (mut fleet, img) = qcow2_fleet(dir.path(), source);
 
     let r = fleet.sync(source);
     assert_eq!(json_str(&r, "kind"), "full", "{r}");
@@ -479,31 +486,8 @@ fn agent_kill9_mid_qcow2_sync_frees_the_image_and_the_check_repairs_it() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let raw = dir.path().join("seed.raw");
-    bulwark_tests::write_random_file(&raw, SIZE);
-    let img = dir.path().join("vm.qcow2");
-    let out = Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "qcow2"])
-        .arg(&raw)
-        .arg(&img)
-        .output()
-        .expect("qemu-img convert");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let source = "vm-killed";
-    let mut fleet = Fleet::builder()
-        .node("node-1")
-        .agent_source(
-            AGENT,
-            source,
-            Some(&img),
-            SIZE,
-            "tracker = \"qcow2-bitmap\"",
-        )
-        .start();
+    let (mut fleet, img) = qcow2_fleet(dir.path(), source);
     fleet.sync(source);
 
     let before = scattered_writes();

@@ -307,27 +307,26 @@ fn remove(d: &mut Daemon, name: &str) -> Result<(), String> {
     .map(|_| ())
 }
 
-/// `target` (a new persistent bitmap) := the union of `from`, atomically.
-fn add_union(d: &mut Daemon, target: &str, from: &[&str], granularity: u32) -> Result<(), String> {
+/// `target` := the union of `from`, atomically: a new persistent bitmap, or with
+/// `exists` the bitmap already there, cleared first.
+fn set_union(
+    d: &mut Daemon,
+    target: &str,
+    from: &[&str],
+    granularity: u32,
+    exists: bool,
+) -> Result<(), String> {
+    let first = if exists {
+        json!({"type": "block-dirty-bitmap-clear", "data": {"node": NODE, "name": target}})
+    } else {
+        json!({"type": "block-dirty-bitmap-add", "data": persistent(target, granularity)})
+    };
     d.execute(
         "transaction",
         json!({"actions": [
-            {"type": "block-dirty-bitmap-add", "data": persistent(target, granularity)},
+            first,
             {"type": "block-dirty-bitmap-merge", "data":
                 {"node": NODE, "target": target, "bitmaps": from}},
-        ]}),
-    )
-    .map(|_| ())
-}
-
-/// `target` (an existing bitmap) := `from`, atomically.
-fn replace_with(d: &mut Daemon, target: &str, from: &str) -> Result<(), String> {
-    d.execute(
-        "transaction",
-        json!({"actions": [
-            {"type": "block-dirty-bitmap-clear", "data": {"node": NODE, "name": target}},
-            {"type": "block-dirty-bitmap-merge", "data":
-                {"node": NODE, "target": target, "bitmaps": [from]}},
         ]}),
     )
     .map(|_| ())
@@ -773,7 +772,7 @@ impl Qcow2Tracker {
         let r = match s.kept {
             Some(b) if s.frozen => d
                 .unserve()
-                .and_then(|()| add_union(d, &format!("{PREFIX}{b}"), &[FROZEN, &s.next], g))
+                .and_then(|()| set_union(d, &format!("{PREFIX}{b}"), &[FROZEN, &s.next], g, false))
                 .and_then(|()| remove(d, &s.next)),
             Some(b) => merge(d, &format!("{PREFIX}{b}"), &s.next).and_then(|()| remove(d, &s.next)),
             None => remove(d, &s.next),
@@ -818,16 +817,12 @@ fn take_daemon() -> Result<Daemon, String> {
         spare.since = None;
         spare.daemon.take()
     };
-    match spare {
-        Some(mut d) => {
-            if d.running() {
-                Ok(d)
-            } else {
-                Daemon::start_idle()
-            }
-        }
-        None => Daemon::start_idle(),
+    if let Some(mut d) = spare
+        && d.running()
+    {
+        return Ok(d);
     }
+    Daemon::start_idle()
 }
 
 /// Closes the sync's image, which writes its bitmaps back and releases its lock,
@@ -931,10 +926,9 @@ impl Tracker for Qcow2Tracker {
         // this same point and never finished (the agent was killed); it is replaced.
         let renamed = if s.next == name {
             Ok(())
-        } else if s.kept == Some(point) && !s.frozen {
-            replace_with(d, &name, &s.next).and_then(|()| remove(d, &s.next))
         } else {
-            add_union(d, &name, &[&s.next], g).and_then(|()| remove(d, &s.next))
+            let exists = s.kept == Some(point) && !s.frozen;
+            set_union(d, &name, &[&s.next], g, exists).and_then(|()| remove(d, &s.next))
         };
         let r = renamed.and_then(|()| match s.kept {
             Some(b) if !s.frozen && b != point => remove(d, &format!("{PREFIX}{b}")),
