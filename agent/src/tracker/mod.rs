@@ -25,6 +25,7 @@ pub mod bitmap;
 pub mod era;
 pub mod filter;
 pub mod qcow2;
+mod qcow2_map;
 mod qsd;
 
 use std::path::Path;

@@ -23,12 +23,13 @@
 //!    `bulwark-frozen` as the metadata context `qemu:dirty-bitmap:bulwark-frozen`;
 //!    ask for block status over the whole disk and read only the dirty extents. The
 //!    node refuses the sync if its newest point is not `N`, and the agent falls back
-//!    to a consistency check. Data is read from the image file itself where
-//!    `qemu-img map` (taken once the daemon holds the image, so that no writer can
-//!    move a cluster) shows it stored as it is — as the live volume is read: from
-//!    the page cache where cached, else with `O_DIRECT` — zeros are not read at all,
-//!    and anything else (a backing file, compressed clusters, an encrypted image or
-//!    an external data file) is read through the export.
+//!    to a consistency check. Data is read from the image file itself where the
+//!    image's own L1/L2 tables ([`super::qcow2_map`], read once the daemon holds the
+//!    image, so that no writer can move a cluster) show it stored as it is — as the
+//!    live volume is read: from the page cache where cached, else with `O_DIRECT` —
+//!    zeros are not read at all, and anything else (a backing file, compressed
+//!    clusters, an encrypted image, an external data file, subclusters) is read
+//!    through the export.
 //! 4. Committed as point `P`: a scan's `bulwark-next` becomes `bulwark-p<P>` (by an
 //!    add-and-merge, or in place of a `bulwark-p<P>` left by a killed sync) and a
 //!    scan's old `bulwark-p<N>` is removed; the daemon detaches the image, writing
@@ -47,7 +48,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 use bulwark_common::block::Geometry;
@@ -57,6 +57,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::bitmap::Bitmap;
+use super::qcow2_map::{Qcow2Map, Where};
 use super::qsd::{Daemon, NODE};
 use super::{BlockSource, Frozen, Plan, Tracker, lock, run_tool};
 use crate::volume::Volume;
@@ -92,101 +93,15 @@ struct FormatData {
     encrypt: Option<serde_json::Value>,
 }
 
-/// One run of `qemu-img map --output=json`.
-#[derive(Debug, Deserialize)]
-struct MapRun {
-    start: u64,
-    length: u64,
-    depth: u64,
-    zero: bool,
-    data: bool,
-    #[serde(default)]
-    compressed: bool,
-    offset: Option<u64>,
-    filename: Option<String>,
-}
-
-/// Where a run of guest bytes is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Where {
-    /// In the image file at this offset, as they are.
-    Host(u64),
-    /// Reads as zeros.
-    Zeros,
-    /// Anywhere else (a backing file, a compressed cluster): read through the export.
-    Nbd,
-}
-
-/// The guest-to-file map of an image, sorted runs `(start, length, where)` covering
-/// the disk.
-fn parse_map(json: &[u8], image: &Path, size: u64) -> Result<Vec<(u64, u64, Where)>, String> {
-    let runs: Vec<MapRun> = serde_json::from_slice(json).map_err(|e| {
-        format!(
-            "qemu-img map of {}: unexpected output: {e}",
-            image.display()
-        )
-    })?;
-    let mut out = Vec::with_capacity(runs.len());
-    let mut at = 0u64;
-    for r in runs {
-        if r.start != at || r.length == 0 {
-            return Err(format!(
-                "qemu-img map of {}: run at {} does not follow byte {at}",
-                image.display(),
-                r.start
-            ));
-        }
-        let foreign = r.filename.as_deref().is_some_and(|f| Path::new(f) != image);
-        let how = if r.zero {
-            Where::Zeros
-        } else if r.data && r.depth == 0 && !r.compressed && !foreign {
-            r.offset.map_or(Where::Nbd, Where::Host)
-        } else {
-            Where::Nbd
-        };
-        out.push((r.start, r.length, how));
-        at += r.length;
-    }
-    if at != size {
-        return Err(format!(
-            "qemu-img map of {} covers {at} bytes of {size}",
-            image.display()
-        ));
-    }
-    Ok(out)
-}
-
-/// Reads guest bytes straight from the image file where the map says they are
+/// Reads guest bytes straight from the image file where its map says they are
 /// stored as they are (through [`Volume`]: from the page cache when they are
 /// cached, else with `O_DIRECT`), zeros where it says zeros, and the rest through
 /// the daemon's NBD export. The daemon holds the image meanwhile, and the tracker needs it
 /// closed to every writer, so the map cannot change under the sync.
 struct MappedReader {
     file: Volume,
-    map: Vec<(u64, u64, Where)>,
+    map: Qcow2Map,
     nbd: NbdReader,
-}
-
-impl MappedReader {
-    /// The runs of `[offset, offset + len)`: (guest offset, length, where).
-    fn pieces(&self, offset: u64, len: usize) -> Vec<(u64, usize, Where)> {
-        let end = offset + len as u64;
-        let first = self.map.partition_point(|(s, l, _)| s + l <= offset);
-        let mut out = Vec::new();
-        for &(s, l, how) in &self.map[first..] {
-            if s >= end {
-                break;
-            }
-            let from = s.max(offset);
-            let to = (s + l).min(end);
-            let at = match how {
-                Where::Host(h) => Where::Host(h + (from - s)),
-                other => other,
-            };
-            out.push((from, (to - from) as usize, at));
-        }
-        out
-    }
 }
 
 impl BlockSource for MappedReader {
@@ -194,7 +109,7 @@ impl BlockSource for MappedReader {
         self.nbd.size
     }
     fn read_chunk(&self, offset: u64, len: usize) -> std::io::Result<Bytes> {
-        let pieces = self.pieces(offset, len);
+        let pieces = self.map.pieces(offset, len)?;
         if let [(_, n, Where::Host(h))] = pieces[..]
             && n == len
         {
@@ -245,9 +160,6 @@ pub fn virtual_size(path: &Path) -> Result<u64, String> {
     }
     Ok(i.virtual_size)
 }
-
-/// A running `qemu-img map` of the image.
-type MapJob = JoinHandle<Result<Vec<u8>, String>>;
 
 /// The image node as `query-named-block-nodes` describes it.
 #[derive(Debug, Deserialize)]
@@ -628,18 +540,6 @@ impl Qcow2Tracker {
             self.mark_ended(st.inconsistent.is_some());
             return Err(e);
         }
-        // The guest-to-file map, taken while the daemon is driven and the record is
-        // read, and only now: the daemon holds the image, so no writer can move a
-        // cluster until the sync ends. Used for a plain image only.
-        let map: MapJob = {
-            let p = self.path.to_string_lossy().into_owned();
-            std::thread::spawn(move || {
-                run(
-                    "qemu-img",
-                    &["map", "--output=json", "-f", "qcow2", "-U", &p],
-                )
-            })
-        };
         // `kept`: the bitmap the image has (removed at commit, restored on failure);
         // `base`: the one this sync trusts (none for a scan).
         let (kept, plain) = match self.prepare(st, &mut daemon) {
@@ -671,7 +571,7 @@ impl Qcow2Tracker {
         };
         match self.freeze_and_serve(&mut session, base, plain) {
             Ok(plan) => {
-                let reader = self.reader(&session, plain.then_some(map));
+                let reader = self.reader(&session, plain);
                 tracing::debug!(source = %self.source, ms = starting.elapsed().as_secs_f64() * 1000.0, "image frozen and served");
                 st.session = Some(session);
                 Ok(Frozen { plan, reader })
@@ -730,22 +630,20 @@ impl Qcow2Tracker {
         })
     }
 
-    /// The reader of the sync: the image file itself where `qemu-img map` allows
-    /// (a plain image), else the NBD export.
-    fn reader(&self, s: &Session, map: Option<MapJob>) -> Arc<dyn BlockSource> {
+    /// The reader of the sync: the image file itself where its map allows (a plain
+    /// image), else the NBD export. The map is read only now: the daemon holds the
+    /// image, so no writer can move a cluster until the sync ends.
+    fn reader(&self, s: &Session, plain: bool) -> Arc<dyn BlockSource> {
         let nbd = NbdReader {
             clients: s.clients.clone(),
             next: Default::default(),
             size: self.geometry.size_bytes,
             what: format!("{} (through qemu-storage-daemon)", self.path.display()),
         };
-        let Some(map) = map else {
+        if !plain {
             return Arc::new(nbd);
-        };
-        let map = map
-            .join()
-            .unwrap_or_else(|_| Err("qemu-img map: its thread panicked".into()))
-            .and_then(|out| parse_map(&out, &self.path, self.geometry.size_bytes));
+        }
+        let map = Qcow2Map::open(&self.path, self.geometry.size_bytes);
         let file = Volume::open(&self.path)
             .map_err(|e| format!("cannot open {}: {e}", self.path.display()));
         match (map, file) {
@@ -960,64 +858,49 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_map_says_where_each_guest_byte_is() {
-        let image = Path::new("/v/vm.qcow2");
-        let json = br#"[
-          { "start": 0, "length": 65536, "depth": 0, "present": true, "zero": false, "data": true, "compressed": false, "offset": 327680},
-          { "start": 65536, "length": 65536, "depth": 0, "present": false, "zero": true, "data": false, "compressed": false},
-          { "start": 131072, "length": 65536, "depth": 1, "present": true, "zero": false, "data": true, "offset": 4096, "filename": "/v/base.qcow2"},
-          { "start": 196608, "length": 65536, "depth": 0, "present": true, "zero": false, "data": true, "compressed": true},
-          { "start": 262144, "length": 65536, "depth": 0, "present": true, "zero": false, "data": true, "offset": 8192, "filename": "/v/other.raw"},
-          { "start": 327680, "length": 65536, "depth": 0, "present": true, "zero": false, "data": true, "offset": 1048576, "filename": "/v/vm.qcow2"}
-        ]"#;
-        let map = parse_map(json, image, 393216).expect("map");
-        let hows: Vec<Where> = map.iter().map(|r| r.2).collect();
-        assert_eq!(
-            hows,
-            [
-                Where::Host(327680),
-                Where::Zeros,
-                Where::Nbd, // a backing file
-                Where::Nbd, // compressed
-                Where::Nbd, // another file
-                Where::Host(1048576),
-            ]
-        );
-        assert!(
-            parse_map(json, image, 393216 + 1).is_err(),
-            "a map that does not cover the disk is refused"
-        );
-        let gap = br#"[{ "start": 0, "length": 4096, "depth": 0, "zero": true, "data": false},
-                      { "start": 8192, "length": 4096, "depth": 0, "zero": true, "data": false}]"#;
-        assert!(parse_map(gap, image, 12288).is_err(), "a gap is refused");
-        assert!(parse_map(b"not json", image, 1).is_err());
-
-        // A read across runs is cut at their edges, host offsets shifted.
+    fn a_mapped_read_joins_file_bytes_and_zeros() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let file_path = dir.path().join("f");
-        std::fs::write(&file_path, vec![7u8; 1 << 21]).expect("write");
+        let img = dir.path().join("vm.qcow2");
+        let run = |tool: &str, args: &[&str]| {
+            let out = std::process::Command::new(tool)
+                .args(args)
+                .output()
+                .expect(tool);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let p = img.to_string_lossy();
+        run("qemu-img", &["create", "-q", "-f", "qcow2", &p, "1M"]);
+        // Guest: 64 KiB of 0x07, 64 KiB never written, 64 KiB of 0x09 further on.
+        run(
+            "qemu-io",
+            &[
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 7 0 64k",
+                "-c",
+                "write -P 9 192k 64k",
+                &p,
+            ],
+        );
         let reader = MappedReader {
-            file: Volume::open(&file_path).expect("open"),
-            map,
+            file: Volume::open(&img).expect("open"),
+            map: Qcow2Map::open(&img, 1 << 20).expect("map"),
             nbd: NbdReader {
                 clients: Arc::new(Vec::new()),
                 next: Default::default(),
-                size: 393216,
+                size: 1 << 20,
                 what: "test".into(),
             },
         };
-        assert_eq!(
-            reader.pieces(60000, 10000),
-            [
-                (60000, 5536, Where::Host(327680 + 60000)),
-                (65536, 4464, Where::Zeros)
-            ]
-        );
         let got = reader.read_chunk(61440, 8192).expect("read");
         assert_eq!(&got[..4096], &[7u8; 4096][..], "bytes from the file");
         assert_eq!(&got[4096..], &[0u8; 4096][..], "zeros");
-        let whole = reader.read_chunk(327680, 65536).expect("read");
-        assert_eq!(whole.len(), 65536);
-        assert!(whole.iter().all(|&b| b == 7));
+        let whole = reader.read_chunk(196608, 65536).expect("read");
+        assert!(whole.len() == 65536 && whole.iter().all(|&b| b == 9));
     }
 }
