@@ -809,6 +809,7 @@ impl Tracker for Qcow2Tracker {
         self.begin_locked(&mut st, scan)
     }
     fn committed(&self, point: u64) {
+        let started = Instant::now();
         let mut st = lock(&self.state);
         let Some(mut s) = st.session.take() else {
             return;
@@ -839,6 +840,7 @@ impl Tracker for Qcow2Tracker {
         }
         release(&self.source, s.daemon);
         self.mark_ended(false);
+        tracing::debug!(source = %self.source, point, ms = started.elapsed().as_secs_f64() * 1000.0, "bitmaps in order and image released");
     }
     fn failed(&self) {
         let mut st = lock(&self.state);

@@ -197,6 +197,7 @@ impl Daemon {
     /// Runs one QMP command; its `return` value, or its error as a message that
     /// names the command and the image.
     pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, String> {
+        let started = std::time::Instant::now();
         let mut line = json!({"execute": command, "arguments": arguments}).to_string();
         line.push('\n');
         self.qmp
@@ -206,6 +207,11 @@ impl Daemon {
         loop {
             let mut reply = self.read_message()?;
             if let Some(r) = reply.get_mut("return") {
+                tracing::trace!(
+                    command,
+                    ms = started.elapsed().as_secs_f64() * 1000.0,
+                    "qmp"
+                );
                 return Ok(r.take());
             }
             if let Some(e) = reply.get("error") {
