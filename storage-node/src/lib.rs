@@ -6,9 +6,11 @@
 //! - [`config`] — `node.toml`.
 //! - [`service`] — the `bulwark.v1.Node` gRPC service (adapters over the store).
 //! - [`server`] — start-up, registration and heartbeats, shutdown.
+//! - `uring` — batches of scattered direct I/O at a queue depth (io_uring).
 
 pub mod config;
 pub mod mount;
 pub mod server;
 pub mod service;
 pub mod store;
+mod uring;

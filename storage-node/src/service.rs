@@ -671,6 +671,8 @@ async fn run_sync(
                     applied_ms = applied_at.as_millis() as u64,
                     open_ms = times.open.as_millis() as u64,
                     before_images_ms = times.before_images.as_millis() as u64,
+                    read_rounds = times.read_rounds,
+                    groups = times.groups,
                     delta_ms = times.delta.as_millis() as u64,
                     writes_ms = times.writes.as_millis() as u64,
                     commit_ms = committing.elapsed().as_millis() as u64,

@@ -84,11 +84,13 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read};
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use bulwark_common::block::{
-    DIGEST_LEN, DIRECT_ALIGN, Digest, DirectWriter, Geometry, is_zero, open_direct, read_direct_at,
+    DIGEST_LEN, DIRECT_ALIGN, Digest, DirectWriter, Geometry, aligned_buffer, is_zero, open_direct,
+    read_direct_at,
 };
 use bulwark_common::failpoint;
 use bulwark_common::point::{Consistency, PointKind};
@@ -96,6 +98,8 @@ use bulwark_common::retention::Retention;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
+
+use crate::uring::{self, Ring};
 
 /// Format version written into every metadata record.
 const FORMAT_VERSION: u32 = 1;
@@ -1709,6 +1713,15 @@ struct TxnFiles {
     /// The replica opened with `O_DIRECT` for reading before-images (none where the
     /// file system refuses it).
     replica_read: Option<File>,
+    /// Scattered replica writes at a queue depth from the writing thread: an
+    /// io_uring and the replica opened with `O_DIRECT` for writing (none where the
+    /// kernel or the file system
+    /// refuses, and in unit tests, which need the writes in order: see
+    /// [`write_replica`]).
+    uring: Option<(Ring, File)>,
+    /// Aligned buffers of those writes, kept from group to group (at most
+    /// [`uring::DEPTH`]).
+    bounce: Vec<bytes::BytesMut>,
     digests: File,
     delta: Option<DeltaAppender>,
     dir: PathBuf,
@@ -1745,6 +1758,10 @@ pub struct ApplyTimes {
     pub writes: std::time::Duration,
     /// Making the pending record durable and opening the sync's files.
     pub open: std::time::Duration,
+    /// Rounds of before-image reads (each reads the batches waiting by then).
+    pub read_rounds: u64,
+    /// Groups written (each one delta append and fdatasync).
+    pub groups: u64,
 }
 
 /// Reads the old digests and before-images of a sync's batches on a thread of its
@@ -1770,6 +1787,8 @@ pub struct Prepared {
     /// Their old bytes (`None`: never written).
     old: Vec<Option<Bytes>>,
     read_time: std::time::Duration,
+    /// The first batch of its round of reads (which `read_time` is counted on).
+    first_of_round: bool,
 }
 
 impl Prepared {
@@ -1821,6 +1840,7 @@ impl BeforeImageReader {
                 } else {
                     std::time::Duration::ZERO
                 },
+                first_of_round: i == 0,
             })
             .collect())
     }
@@ -1964,9 +1984,16 @@ impl SyncTxn {
         fsync_dir(&dir)?;
         boundary("sync: files created")?;
         self.touched = vec![0u64; geometry.block_count().div_ceil(64) as usize];
+        let uring = if cfg!(test) {
+            None
+        } else {
+            Ring::try_new().zip(open_direct(&replica_path, false))
+        };
         self.files = Some(TxnFiles {
             replica,
             writers: Vec::new(),
+            uring,
+            bounce: Vec::new(),
             replica_read: if self.fresh {
                 None
             } else {
@@ -2001,6 +2028,7 @@ impl SyncTxn {
                 .map(File::try_clone)
                 .transpose()
                 .map_err(io("reopen", &replica_path))?,
+
             digests: files
                 .digests
                 .try_clone()
@@ -2045,7 +2073,9 @@ impl SyncTxn {
         let digests_path = files.dir.join("digests");
         for p in &group {
             self.times.before_images += p.read_time;
+            self.times.read_rounds += u64::from(p.first_of_round);
         }
+        self.times.groups += 1;
         // 2. Before-images, durable before the replica changes.
         if let Some(delta) = files.delta.as_mut() {
             let delta_file_path = delta_path(&files.dir, self.new_point - 1);
@@ -2353,15 +2383,19 @@ fn read_before_images(
             _ => runs.push((i, 1)),
         }
     }
-    // The replica is written with O_DIRECT, so its blocks are rarely in the page
-    // cache: read them the same way (no readahead of neighbours nobody asked for, and
-    // nothing evicted), falling back to the page cache where direct I/O is refused.
-    let read_run = |&(first, n): &(usize, usize)| -> Result<(usize, Bytes)> {
+    let span = |&(first, n): &(usize, usize)| {
         let start = geometry.offset_of(recs[first].0);
         let end = geometry
             .offset_of(recs[first + n - 1].0 + 1)
             .min(geometry.size_bytes);
-        let len = (end - start) as usize;
+        (start, (end - start) as usize)
+    };
+    // The replica is written with O_DIRECT, so its blocks are rarely in the page
+    // cache: read them the same way (no readahead of neighbours nobody asked for, and
+    // nothing evicted), falling back to the page cache where direct I/O is refused.
+    let read_run = |run: &(usize, usize)| -> Result<(usize, Bytes)> {
+        let first = run.0;
+        let (start, len) = span(run);
         if let Some(d) = direct {
             match read_direct_at(d, start, len) {
                 Ok(b) => return Ok((first, b)),
@@ -2374,6 +2408,9 @@ fn read_before_images(
         Ok((first, Bytes::from(data)))
     };
     let threads = IO_THREADS.min(runs.len());
+    // Threads, not the writer's io_uring: reads at a deeper queue delayed the
+    // writer's delta appends and fdatasyncs behind them on a shared disk, for no
+    // gain overall (see `uring`).
     let results: Vec<Result<(usize, Bytes)>> = if threads < 2 {
         runs.iter().map(read_run).collect()
     } else {
@@ -2427,6 +2464,9 @@ fn write_replica(
     extents: &[&VerifiedExtent],
     path: &Path,
 ) -> Result<()> {
+    if extents.len() > 1 && write_replica_ring(files, geometry, extents, path)? {
+        return Ok(());
+    }
     let threads = if cfg!(test) {
         1
     } else {
@@ -2469,6 +2509,80 @@ fn write_replica(
     results
         .into_iter()
         .try_for_each(|r| r.map_err(io("write", path)))
+}
+
+/// [`write_replica`] through the sync's io_uring: the aligned part of each extent
+/// copied into an aligned buffer as the queue has room (at most [`uring::DEPTH`]
+/// buffers, kept for the next group) and written at that queue depth; a short
+/// tail (the volume's last block) through the page cache. Returns false, having
+/// written nothing, where there is no ring or the file system refuses direct I/O
+/// (then the ring is dropped and threads write).
+fn write_replica_ring(
+    files: &mut TxnFiles,
+    geometry: Geometry,
+    extents: &[&VerifiedExtent],
+    path: &Path,
+) -> Result<bool> {
+    let Some((ring, direct)) = files.uring.as_mut() else {
+        return Ok(false);
+    };
+    // (offset, aligned length) of each extent with an aligned part.
+    let mut parts = Vec::with_capacity(extents.len());
+    let mut tails = Vec::new();
+    for e in extents {
+        let offset = geometry.offset_of(e.first_block);
+        let aligned = if offset.is_multiple_of(DIRECT_ALIGN as u64) {
+            e.data.len() / DIRECT_ALIGN * DIRECT_ALIGN
+        } else {
+            0
+        };
+        if aligned < e.data.len() {
+            tails.push((offset + aligned as u64, &e.data[aligned..]));
+        }
+        if aligned > 0 {
+            parts.push((e, offset, aligned));
+        }
+    }
+    let pool = std::cell::RefCell::new(std::mem::take(&mut files.bounce));
+    let r = ring.run_with(
+        direct.as_fd(),
+        true,
+        parts.len(),
+        |i| {
+            let (e, offset, len) = parts[i];
+            let mut pool = pool.borrow_mut();
+            let mut buf = match pool.iter().position(|b| b.len() >= len) {
+                Some(k) => pool.swap_remove(k),
+                None => aligned_buffer(len),
+            };
+            buf[..len].copy_from_slice(&e.data[..len]);
+            uring::Job { offset, buf, len }
+        },
+        |_, job| {
+            let mut pool = pool.borrow_mut();
+            if pool.len() < uring::DEPTH && !job.buf.is_empty() {
+                pool.push(job.buf);
+            }
+        },
+    );
+    files.bounce = pool.into_inner();
+    match r {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            tracing::info!(path = %path.display(), "direct writes refused through io_uring; writing with threads");
+            files.uring = None;
+            files.bounce = Vec::new();
+            return Ok(false);
+        }
+        Err(e) => return Err(io("write", path)(e)),
+    }
+    for (offset, data) in tails {
+        files
+            .replica
+            .write_all_at(data, offset)
+            .map_err(io("write", path))?;
+    }
+    Ok(true)
 }
 
 fn encode_record(
