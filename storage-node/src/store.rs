@@ -2453,11 +2453,12 @@ fn read_before_images(
     Ok(out)
 }
 
-/// Writes a group of extents into the replica: from several threads at once when
-/// there are several extents (scattered blocks need a queue depth, and a full sync's
-/// megabyte extents gain from it too), each with its own `O_DIRECT` bounce buffer.
-/// Unit tests write in order on the calling thread, so that a simulated crash can
-/// fall between any two extents.
+/// Writes a group of extents into the replica at a queue depth when there are
+/// several (scattered blocks need one, and a full sync's megabyte extents gain from
+/// it too): through the sync's io_uring ([`write_replica_ring`]), else from several
+/// threads, each with its own `O_DIRECT` bounce buffer. Unit tests write in order
+/// on the calling thread, so that a simulated crash can fall between any two
+/// extents.
 fn write_replica(
     files: &mut TxnFiles,
     geometry: Geometry,
