@@ -1713,10 +1713,9 @@ struct TxnFiles {
     /// The replica opened with `O_DIRECT` for reading before-images (none where the
     /// file system refuses it).
     replica_read: Option<File>,
-    /// Scattered replica writes at a queue depth from the writing thread: an
-    /// io_uring and the replica opened with `O_DIRECT` for writing (none where the
-    /// kernel or the file system
-    /// refuses, and in unit tests, which need the writes in order: see
+    /// Replica writes at a queue depth from the writing thread: an io_uring and the
+    /// replica opened with `O_DIRECT` for writing (none where the kernel or the file
+    /// system refuses, and in unit tests, which need the writes in order: see
     /// [`write_replica`]).
     uring: Option<(Ring, File)>,
     /// Aligned buffers of those writes, kept from group to group (at most
@@ -2028,7 +2027,6 @@ impl SyncTxn {
                 .map(File::try_clone)
                 .transpose()
                 .map_err(io("reopen", &replica_path))?,
-
             digests: files
                 .digests
                 .try_clone()
@@ -2515,9 +2513,10 @@ fn write_replica(
 /// [`write_replica`] through the sync's io_uring: the aligned part of each extent
 /// copied into an aligned buffer as the queue has room (at most [`uring::DEPTH`]
 /// buffers, kept for the next group) and written at that queue depth; a short
-/// tail (the volume's last block) through the page cache. Returns false, having
-/// written nothing, where there is no ring or the file system refuses direct I/O
-/// (then the ring is dropped and threads write).
+/// tail (the volume's last block) through the page cache. Returns false where
+/// there is no ring, and where the file system refuses direct I/O: then the ring
+/// is dropped, and threads write the whole group (again, where the ring had
+/// written part of it: the same bytes at the same places).
 fn write_replica_ring(
     files: &mut TxnFiles,
     geometry: Geometry,
@@ -2527,7 +2526,7 @@ fn write_replica_ring(
     let Some((ring, direct)) = files.uring.as_mut() else {
         return Ok(false);
     };
-    // (offset, aligned length) of each extent with an aligned part.
+    // (extent, offset, length of its aligned part) of each extent that has one.
     let mut parts = Vec::with_capacity(extents.len());
     let mut tails = Vec::new();
     for e in extents {

@@ -67,9 +67,7 @@ impl Ring {
             Ok(r) => Some(r),
             Err(e) => {
                 if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                    tracing::info!(
-                        "io_uring refused ({e}); scattered reads and writes use threads"
-                    );
+                    tracing::info!("io_uring refused ({e}); replica writes use threads");
                 }
                 None
             }
