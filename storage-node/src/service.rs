@@ -518,13 +518,9 @@ fn spawn_applier(
                 let _span = read_span.enter();
                 while let Some(first) = batches.blocking_recv() {
                     // This batch and those that arrived meanwhile, read together.
-                    let mut taken = vec![first];
-                    while taken.len() < READ_QUEUE {
-                        match batches.try_recv() {
-                            Ok(b) => taken.push(b),
-                            Err(_) => break,
-                        }
-                    }
+                    let taken = std::iter::once(first)
+                        .chain(std::iter::from_fn(|| batches.try_recv().ok()).take(READ_QUEUE - 1))
+                        .collect();
                     match reader.prepare_many(taken) {
                         Ok(prepared) => {
                             for p in prepared {

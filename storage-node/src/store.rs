@@ -1785,9 +1785,9 @@ pub struct Prepared {
     recs: Vec<(u64, Digest)>,
     /// Their old bytes (`None`: never written).
     old: Vec<Option<Bytes>>,
-    read_time: std::time::Duration,
-    /// The first batch of its round of reads (which `read_time` is counted on).
-    first_of_round: bool,
+    /// On the first batch of a round of reads (see
+    /// [`BeforeImageReader::prepare_many`]): how long the round took.
+    round: Option<std::time::Duration>,
 }
 
 impl Prepared {
@@ -1834,12 +1834,7 @@ impl BeforeImageReader {
                 extents,
                 old: old.by_ref().take(recs.len()).collect(),
                 recs,
-                read_time: if i == 0 {
-                    read_time
-                } else {
-                    std::time::Duration::ZERO
-                },
-                first_of_round: i == 0,
+                round: (i == 0).then_some(read_time),
             })
             .collect())
     }
@@ -2069,9 +2064,9 @@ impl SyncTxn {
         };
         let replica_path = files.dir.join("replica");
         let digests_path = files.dir.join("digests");
-        for p in &group {
-            self.times.before_images += p.read_time;
-            self.times.read_rounds += u64::from(p.first_of_round);
+        for t in group.iter().filter_map(|p| p.round) {
+            self.times.before_images += t;
+            self.times.read_rounds += 1;
         }
         self.times.groups += 1;
         // 2. Before-images, durable before the replica changes.
@@ -2381,19 +2376,15 @@ fn read_before_images(
             _ => runs.push((i, 1)),
         }
     }
-    let span = |&(first, n): &(usize, usize)| {
+    // The replica is written with O_DIRECT, so its blocks are rarely in the page
+    // cache: read them the same way (no readahead of neighbours nobody asked for, and
+    // nothing evicted), falling back to the page cache where direct I/O is refused.
+    let read_run = |&(first, n): &(usize, usize)| -> Result<(usize, Bytes)> {
         let start = geometry.offset_of(recs[first].0);
         let end = geometry
             .offset_of(recs[first + n - 1].0 + 1)
             .min(geometry.size_bytes);
-        (start, (end - start) as usize)
-    };
-    // The replica is written with O_DIRECT, so its blocks are rarely in the page
-    // cache: read them the same way (no readahead of neighbours nobody asked for, and
-    // nothing evicted), falling back to the page cache where direct I/O is refused.
-    let read_run = |run: &(usize, usize)| -> Result<(usize, Bytes)> {
-        let first = run.0;
-        let (start, len) = span(run);
+        let len = (end - start) as usize;
         if let Some(d) = direct {
             match read_direct_at(d, start, len) {
                 Ok(b) => return Ok((first, b)),
@@ -2659,7 +2650,7 @@ impl DeltaAppender {
         let mut buf = self
             .chunk
             .take()
-            .unwrap_or_else(|| bulwark_common::block::aligned_buffer(DELTA_CHUNK));
+            .unwrap_or_else(|| aligned_buffer(DELTA_CHUNK));
         buf.clear();
         buf.extend_from_slice(&self.tail);
         for (block, digest, data, len) in records {
@@ -2677,9 +2668,8 @@ impl DeltaAppender {
                 }
                 if buf.len() + need > buf.capacity() {
                     // One record larger than a chunk (a huge block size).
-                    let mut bigger = bulwark_common::block::aligned_buffer(
-                        (buf.len() + need).next_multiple_of(DIRECT_ALIGN),
-                    );
+                    let mut bigger =
+                        aligned_buffer((buf.len() + need).next_multiple_of(DIRECT_ALIGN));
                     bigger.clear();
                     bigger.extend_from_slice(&buf);
                     buf = bigger;

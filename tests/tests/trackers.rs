@@ -330,8 +330,12 @@ fn qcow2_to_raw(img: &Path, raw: &Path) {
 }
 
 /// A fleet (one node, one agent) protecting `source`: a qcow2 image of SIZE random
-/// bytes made in `dir`, with the qcow2-bitmap tracker. Returns the image's path too.
-fn qcow2_fleet(dir: &Path, source: &str) -> (Fleet, PathBuf) {
+/// bytes made in `dir`, with the qcow2-bitmap tracker. Returns the image's path too;
+/// `None` (the reason printed) where qemu's tools are missing.
+fn qcow2_fleet(dir: &Path, source: &str) -> Option<(Fleet, PathBuf)> {
+    if !have("qemu-img") || !have("qemu-io") || !have("qemu-storage-daemon") {
+        return None;
+    }
     let raw = dir.join("seed.raw");
     bulwark_tests::write_random_file(&raw, SIZE);
     let img = dir.join("vm.qcow2");
@@ -356,17 +360,16 @@ fn qcow2_fleet(dir: &Path, source: &str) -> (Fleet, PathBuf) {
             "tracker = \"qcow2-bitmap\"",
         )
         .start();
-    (fleet, img)
+    Some((fleet, img))
 }
 
 #[test]
 fn qcow2_bitmap_sends_exactly_the_written_blocks() {
-    if !have("qemu-img") || !have("qemu-io") || !have("qemu-storage-daemon") {
-        return;
-    }
     let dir = tempfile::tempdir().expect("tempdir");
     let source = "vm-qcow2";
-    let (mut fleet, img) = qcow2_fleet(dir.path(), source);
+    let Some((mut fleet, img)) = qcow2_fleet(dir.path(), source) else {
+        return;
+    };
 
     let r = fleet.sync(source);
     assert_eq!(json_str(&r, "kind"), "full", "{r}");
@@ -441,8 +444,7 @@ fn qcow2_bitmap_sends_exactly_the_written_blocks() {
     assert_eq!(json_str(&r, "kind"), "check", "{r}");
     assert_eq!(json_u64(&r, "blocks_sent"), 0, "{r}");
     assert_eq!(image_bitmaps(&img), vec!["bulwark-p4".to_string()]);
-    let log = std::fs::read_to_string(fleet.root().join("logs").join(format!("{AGENT}.log")))
-        .expect("agent log");
+    let log = fleet.agent(AGENT).log_text();
     assert!(
         log.contains("bitmap bulwark-p3") && log.contains("not recording"),
         "the agent says why"
@@ -482,12 +484,11 @@ fn daemons_holding(img: &Path) -> Vec<u32> {
 /// written since the last point, before and after the kill.
 #[test]
 fn agent_kill9_mid_qcow2_sync_frees_the_image_and_the_check_repairs_it() {
-    if !have("qemu-img") || !have("qemu-io") || !have("qemu-storage-daemon") {
-        return;
-    }
     let dir = tempfile::tempdir().expect("tempdir");
     let source = "vm-killed";
-    let (mut fleet, img) = qcow2_fleet(dir.path(), source);
+    let Some((mut fleet, img)) = qcow2_fleet(dir.path(), source) else {
+        return;
+    };
     fleet.sync(source);
 
     let before = scattered_writes();
@@ -570,8 +571,7 @@ fn agent_kill9_mid_qcow2_sync_frees_the_image_and_the_check_repairs_it() {
     assert!(status.success(), "agent did not stop cleanly: {status}");
     fleet.node("node-1").start();
     fleet.wait_ready();
-    let log = std::fs::read_to_string(fleet.root().join("logs").join(format!("{AGENT}.log")))
-        .expect("agent log");
+    let log = fleet.agent(AGENT).log_text();
     assert_eq!(
         log.matches("stopped in the middle of a sync").count(),
         2,
@@ -597,8 +597,7 @@ fn agent_kill9_mid_qcow2_sync_frees_the_image_and_the_check_repairs_it() {
     let restored = fleet.scratch("restored.raw");
     fleet.restore(source, None, &restored, None);
     assert_same_file(&restored, &now, "restore after the check");
-    let log = std::fs::read_to_string(fleet.root().join("logs").join(format!("{AGENT}.log")))
-        .expect("agent log");
+    let log = fleet.agent(AGENT).log_text();
     assert!(
         !log.contains("refused the record's base point"),
         "the agent knew to check; it did not need the node's refusal"
@@ -652,8 +651,7 @@ fn a_record_with_the_wrong_base_falls_back_to_a_check() {
     let out = fleet.scratch("rebased.img");
     fleet.restore(source, None, &out, None);
     assert_same_file(&out, &fleet.volume(source), "restore after the fallback");
-    let log = std::fs::read_to_string(fleet.root().join("logs").join(format!("{AGENT}.log")))
-        .expect("agent log");
+    let log = fleet.agent(AGENT).log_text();
     assert!(
         log.contains("refused the record's base point"),
         "the agent says why"

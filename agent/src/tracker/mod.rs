@@ -27,6 +27,8 @@ pub mod filter;
 pub mod qcow2;
 mod qcow2_map;
 mod qsd;
+#[cfg(test)]
+mod testutil;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -34,9 +34,9 @@
 //!    add-and-merge, or in place of a `bulwark-p<P>` left by a killed sync) and a
 //!    scan's old `bulwark-p<N>` is removed; the daemon detaches the image, writing
 //!    the bitmaps back and releasing its lock, and is kept idle for the next sync
-//!    (at most one per agent, for at most five minutes). Failed: `bulwark-p<N>` is made again as the union of
-//!    `bulwark-frozen` and the sync's own bitmap, which is removed: it holds every
-//!    write since point `N`. A crash between 2 and 4 leaves `bulwark-p<N+1>` (the
+//!    (at most one per agent, for at most five minutes). Failed: `bulwark-p<N>` is
+//!    made again as the union of `bulwark-frozen` and the sync's own bitmap, which
+//!    is removed: it holds every write since point `N`. A crash between 2 and 4 leaves `bulwark-p<N+1>` (the
 //!    daemon gets SIGTERM when the agent dies and closes the image) or bitmaps
 //!    flagged in use (killed outright); the tidy-up keeps the newest, the node
 //!    refuses it as a base or it is not trusted, and that sync is a consistency
@@ -528,24 +528,20 @@ impl Qcow2Tracker {
     fn begin_locked(&self, st: &mut State, scan: bool) -> Result<Frozen, String> {
         let starting = Instant::now();
         self.mark_started()?;
-        let mut daemon = match take_daemon() {
-            Ok(d) => d,
-            Err(e) => {
-                self.mark_ended(st.inconsistent.is_some());
-                return Err(e);
-            }
-        };
-        if let Err(e) = daemon.attach(&self.path) {
-            release(&self.source, daemon);
-            self.mark_ended(st.inconsistent.is_some());
-            return Err(e);
-        }
         // `kept`: the bitmap the image has (removed at commit, restored on failure);
         // `base`: the one this sync trusts (none for a scan).
-        let (kept, plain) = match self.prepare(st, &mut daemon) {
-            Ok(k) => k,
+        let prepared = take_daemon().and_then(|mut d| {
+            match d.attach(&self.path).and_then(|()| self.prepare(st, &mut d)) {
+                Ok(k) => Ok((d, k)),
+                Err(e) => {
+                    release(&self.source, d);
+                    Err(e)
+                }
+            }
+        });
+        let (daemon, (kept, plain)) = match prepared {
+            Ok(p) => p,
             Err(e) => {
-                release(&self.source, daemon);
                 self.mark_ended(st.inconsistent.is_some());
                 return Err(e);
             }
@@ -858,37 +854,18 @@ impl Tracker for Qcow2Tracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tracker::testutil::{create_qcow2, have, qemu_io};
 
     #[test]
     fn a_mapped_read_joins_file_bytes_and_zeros() {
+        if !have("qemu-img") || !have("qemu-io") {
+            return;
+        }
         let dir = tempfile::tempdir().expect("tempdir");
         let img = dir.path().join("vm.qcow2");
-        let run = |tool: &str, args: &[&str]| {
-            let out = std::process::Command::new(tool)
-                .args(args)
-                .output()
-                .expect(tool);
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        let p = img.to_string_lossy();
-        run("qemu-img", &["create", "-q", "-f", "qcow2", &p, "1M"]);
+        create_qcow2(&img, "", "1M", None);
         // Guest: 64 KiB of 0x07, 64 KiB never written, 64 KiB of 0x09 further on.
-        run(
-            "qemu-io",
-            &[
-                "-f",
-                "qcow2",
-                "-c",
-                "write -P 7 0 64k",
-                "-c",
-                "write -P 9 192k 64k",
-                &p,
-            ],
-        );
+        qemu_io(&img, &["write -P 7 0 64k", "write -P 9 192k 64k"]);
         let reader = MappedReader {
             file: Volume::open(&img).expect("open"),
             map: Qcow2Map::open(&img, 1 << 20).expect("map"),

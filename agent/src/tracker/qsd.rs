@@ -189,9 +189,7 @@ impl Daemon {
 
     /// The image, for messages.
     fn describe(&self) -> String {
-        self.image
-            .as_ref()
-            .map_or_else(|| "(no image)".to_string(), |p| p.display().to_string())
+        describe(self.image.as_deref())
     }
 
     /// Runs one QMP command; its `return` value, or its error as a message that
@@ -353,8 +351,13 @@ fn exited(stderr: &Path, image: Option<&Path>, status: std::process::ExitStatus)
     let err = std::fs::read_to_string(stderr).unwrap_or_default();
     let err = err.trim();
     let hint = if err.contains("lock") { LOCK_HINT } else { "" };
-    let image = image.map_or_else(|| "(no image)".to_string(), |p| p.display().to_string());
+    let image = describe(image);
     format!("qemu-storage-daemon for {image} exited ({status}): {err}{hint}")
+}
+
+/// An image path (or its absence), for messages.
+fn describe(image: Option<&Path>) -> String {
+    image.map_or_else(|| "(no image)".to_string(), |p| p.display().to_string())
 }
 
 /// Has the child get SIGTERM when the thread that started it ends (see
@@ -402,12 +405,12 @@ fn spawn_kept(mut cmd: Command) -> std::io::Result<(Child, mpsc::Sender<()>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tracker::testutil;
 
-    fn have_qsd() -> bool {
-        Command::new("qemu-storage-daemon")
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
+    /// qemu-storage-daemon and qemu-img both run here (else the test skips, saying
+    /// why).
+    fn qemu() -> bool {
+        testutil::have("qemu-storage-daemon") && testutil::have("qemu-img")
     }
 
     /// What keeps an agent that dies mid-sync from leaving the image locked: the
@@ -438,13 +441,7 @@ mod tests {
 
     /// A new empty 1 MiB qcow2 image at `img`.
     fn create_qcow2(img: &Path) {
-        let out = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(img)
-            .arg("1M")
-            .output()
-            .expect("qemu-img");
-        assert!(out.status.success());
+        testutil::create_qcow2(img, "", "1M", None);
     }
 
     /// The image's bitmaps as `qemu-img info` (which needs the image unlocked)
@@ -476,8 +473,7 @@ mod tests {
     /// attaches the image (or another) again.
     #[test]
     fn a_daemon_attaches_and_detaches_images_in_turn() {
-        if !have_qsd() {
-            eprintln!("skipped: qemu-storage-daemon is not installed");
+        if !qemu() {
             return;
         }
         let dir = tempfile::tempdir().expect("tempdir");
@@ -515,8 +511,7 @@ mod tests {
 
     #[test]
     fn refusals_say_what_and_where() {
-        if !have_qsd() {
-            eprintln!("skipped: qemu-storage-daemon is not installed");
+        if !qemu() {
             return;
         }
         let dir = tempfile::tempdir().expect("tempdir");
