@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Acceptance benchmark: full and incremental sync throughput of a 1 GiB volume over
 # mTLS on 127.0.0.1, beside the machine's durable-write rate measured in the same run
-# (dd ... conv=fsync, median of three runs) and a peer (rsync --inplace
-# --no-whole-file --ignore-times, each run followed by an fsync) on the same data.
+# (dd ... conv=fsync, median of three runs) and peers on the same data: rsync
+# --inplace --no-whole-file --ignore-times, each run followed by an fsync, and a
+# bare TLS 1.3 copy over 127.0.0.1 (OpenSSL through Python's ssl; no hashing, no
+# RPC, one process each end), into a file with an fsync and into /dev/null, best of
+# three each: the cost of moving bytes through TLS on loopback on this machine, which
+# a sync pays on top of reading, hashing, verifying and writing them.
 #
 # Targets:
 #   full sync        >= 80% of the durable-write rate
@@ -180,6 +184,25 @@ PKI="$WORK/pki"
 "$BIN/bulwark" pki issue --dir "$PKI" --role node --name "$NODE" --ip 127.0.0.1 --dns localhost --days 2 >/dev/null
 "$BIN/bulwark" pki issue --dir "$PKI" --role agent --name "$AGENT" --days 2 >/dev/null
 "$BIN/bulwark" pki issue --dir "$PKI" --role admin --name bench-admin --days 2 >/dev/null
+
+# ---------------------------------------------------------------- bare TLS copy
+echo "== TLS 1.3 copy of the volume over 127.0.0.1 (Python ssl) into a file + fsync, and into /dev/null, 3 runs"
+tls_file=()
+tls_null=()
+for _ in 1 2 3; do
+    drop_caches
+    ms=$(python3 "$HELPER" tls-copy "$VOLUME" "$WORK/tls-copy" "$PKI/$NODE.crt" "$PKI/$NODE.key") ||
+        die "the TLS copy into a file failed"
+    rm -f "$WORK/tls-copy"
+    tls_file+=("$ms")
+    drop_caches
+    ms=$(python3 "$HELPER" tls-copy "$VOLUME" /dev/null "$PKI/$NODE.crt" "$PKI/$NODE.key") ||
+        die "the TLS copy into /dev/null failed"
+    tls_null+=("$ms")
+    echo "   file + fsync $(secs "${tls_file[-1]}") s, /dev/null $(secs "$ms") s"
+done
+TLS_FILE_MBS="$(mb_per_s "$VOLUME_BYTES" "$(printf '%s\n' "${tls_file[@]}" | sort -n | head -n 1)")"
+TLS_NULL_MBS="$(mb_per_s "$VOLUME_BYTES" "$(printf '%s\n' "${tls_null[@]}" | sort -n | head -n 1)")"
 
 read -r CPORT NPORT < <(python3 "$HELPER" free-ports 2)
 CAPACITY_GIB=$((VOLUME_MIB * 4 / 1024 + 20))
@@ -374,6 +397,7 @@ AGENT_HWM=$(hwm_kib "$PID_agent")
 COORD_HWM=$(hwm_kib "$PID_coordinator")
 
 # ---------------------------------------------------------------- summary
+pct() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.0f%%", 100 * a / b }'; }
 verdict() { if awk "BEGIN { exit !($1) }"; then echo PASS; else echo FAIL; fi; }
 V_FULL=$(verdict "$FULL_MBS >= 0.8 * $DD_MBS")
 V_NODE=$(verdict "$NODE_HWM < 256 * 1024")
@@ -390,7 +414,10 @@ fmt="%-44s %-40s %s\n"
     printf "$fmt" "--------------------------------------------" "----------------------------------------" "--------------------"
     printf "$fmt" "durable write (dd bs=1M conv=fsync)" "$DD_MBS MB/s (median of 3: $DD_RANGE)" ""
     printf "$fmt" "  the same with oflag=direct" "$DD_DIRECT_MBS MB/s" ""
+    printf "$fmt" "bare TLS 1.3 copy, file + fsync" "$TLS_FILE_MBS MB/s (best of 3, $(pct "$TLS_FILE_MBS" "$DD_MBS") of dd)" ""
+    printf "$fmt" "bare TLS 1.3 copy, into /dev/null" "$TLS_NULL_MBS MB/s (best of 3, $(pct "$TLS_NULL_MBS" "$DD_MBS") of dd)" ""
     printf "$fmt" "full sync" "$FULL_MBS MB/s ($(secs "$FULL_MS") s, ${FULL_PCT}% of dd)" ">= 80% of dd: $V_FULL"
+    printf "$fmt" "  vs the bare TLS copy into a file" "$(pct "$FULL_MBS" "$TLS_FILE_MBS")" ""
     printf "$fmt" "  vs the slowest dd run" "$(awk -v a="$FULL_MBS" -v b="$DD_RANGE" 'BEGIN { split(b, r, "-"); printf "%.0f%%", 100 * a / r[1] }')" ""
     printf "$fmt" "  bytes sent / CLI wall time" "$FULL_BYTES B / $(secs "$FULL_WALL_MS") s" ""
     printf "$fmt" "  CPU time: node / agent ($(nproc) CPUs)" "$(secs "$NODE_CPU_FULL") s / $(secs "$AGENT_CPU_FULL") s" ""
