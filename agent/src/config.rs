@@ -62,6 +62,11 @@ pub struct SourceToml {
     /// (`127.0.0.1:10809`) for the export.
     #[serde(default)]
     pub nbd_listen: Option<String>,
+    /// For the `qcow2-bitmap` tracker: the QMP socket of the VM running on the
+    /// image. Syncs then go through the VM (a point-in-time view while the guest
+    /// writes on) instead of opening the image.
+    #[serde(default)]
+    pub qmp_socket: Option<PathBuf>,
     /// For the `dm-era` tracker: the device holding the era target's metadata.
     #[serde(default)]
     pub era_metadata: Option<PathBuf>,
@@ -186,6 +191,8 @@ pub struct SourceConfig {
     pub sync_interval: Duration,
     /// The export of an `nbd-filter` source.
     pub nbd: Option<NbdEndpoint>,
+    /// The QMP socket of the VM running on a `qcow2-bitmap` source's image.
+    pub qmp_socket: Option<PathBuf>,
     /// The era target of a `dm-era` source.
     pub era: Option<EraConfig>,
     pub quiesce: QuiesceConfig,
@@ -251,6 +258,7 @@ impl AgentConfig {
                     ("tracker", s.tracker != "fingerprint"),
                     ("nbd_socket", s.nbd_socket.is_some()),
                     ("nbd_listen", s.nbd_listen.is_some()),
+                    ("qmp_socket", s.qmp_socket.is_some()),
                     ("era_metadata", s.era_metadata.is_some()),
                     ("era_device", s.era_device.is_some()),
                     ("pre_snapshot", s.pre_snapshot.is_some()),
@@ -369,6 +377,31 @@ impl AgentConfig {
                 }
                 _ => None,
             };
+            let qmp_socket = match (&s.qmp_socket, s.tracker.as_str()) {
+                (Some(q), "qcow2-bitmap") => {
+                    let q = resolve(path, q);
+                    // A sync adds fixed names to the VM (its one NBD server among
+                    // them) and clears them away before and after: one data source
+                    // per VM.
+                    if sources.iter().any(|x| x.qmp_socket.as_ref() == Some(&q)) {
+                        return Err(bad(
+                            key("qmp_socket"),
+                            format!(
+                                "{} is already the QMP socket of another data source; one qcow2 image per VM can be protected",
+                                q.display()
+                            ),
+                        ));
+                    }
+                    Some(q)
+                }
+                (Some(_), _) => {
+                    return Err(bad(
+                        key("qmp_socket"),
+                        "only used with tracker = \"qcow2-bitmap\"".into(),
+                    ));
+                }
+                (None, _) => None,
+            };
             let fsfreeze = s.fsfreeze.as_ref().map(|p| resolve(path, p));
             if let Some(m) = &fsfreeze
                 && m == Path::new("/")
@@ -451,6 +484,7 @@ impl AgentConfig {
                 block_size,
                 sync_interval: s.sync_interval.0,
                 nbd,
+                qmp_socket,
                 era,
                 quiesce,
                 policy,
@@ -485,6 +519,36 @@ impl bulwark_common::daemon::DaemonConfig for AgentConfig {
 
 #[cfg(test)]
 mod tests {
+    /// Two data sources on one VM's QMP socket are refused, naming the key.
+    #[test]
+    fn one_source_per_vm() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.toml");
+        let source = |name: &str| {
+            format!(
+                "[[sources]]\nname = \"{name}\"\nkind = \"volume\"\npath = \"/var/lib/{name}.qcow2\"\ntracker = \"qcow2-bitmap\"\nqmp_socket = \"/run/vm1/qmp.sock\"\n"
+            )
+        };
+        let text = format!(
+            "name = \"host-1\"\ncoordinator = \"https://127.0.0.1:7443\"\nstate_dir = \"/var/lib/bulwark\"\n[tls]\nca = \"ca.crt\"\ncert = \"a.crt\"\nkey = \"a.key\"\n{}{}",
+            source("disk-a"),
+            source("disk-b")
+        );
+        std::fs::write(&path, &text).expect("write");
+        let e = super::AgentConfig::load(&path)
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            e.contains("qmp_socket") && e.contains("already the QMP socket of another data source"),
+            "{e}"
+        );
+        // One of them alone loads.
+        std::fs::write(&path, text.replace(&source("disk-b"), "")).expect("write");
+        if let Err(e) = super::AgentConfig::load(&path) {
+            panic!("one source on the VM: {e}");
+        }
+    }
+
     /// The commented example in deploy/examples/ is a config this version accepts.
     #[test]
     fn the_example_config_loads() {

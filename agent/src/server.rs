@@ -495,7 +495,13 @@ async fn open_trackers(
                     .with_context(cannot_open)?;
                 let g = Geometry::new(size, s.block_size)
                     .map_err(|e| anyhow::anyhow!("data source {}: {e}", s.name))?;
-                Arc::new(Qcow2Tracker::new(&s.name, &s.path, g, &cfg.state_dir))
+                Arc::new(Qcow2Tracker::new(
+                    &s.name,
+                    &s.path,
+                    g,
+                    &cfg.state_dir,
+                    s.qmp_socket.as_deref(),
+                ))
             }
             "nbd-filter" => {
                 let size = Volume::open(&s.path)

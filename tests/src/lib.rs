@@ -10,6 +10,7 @@
 //!   line) and commands run with a deadline.
 //! - [`files`]: random volumes, in-place block rewrites, BLAKE3, comparisons.
 //! - [`grpc`]: raw gRPC clients with any certificate, and a TLS client without one.
+//! - [`qemu`]: whether a qemu-utils tool is installed, random qcow2 images.
 
 pub mod bins;
 pub mod files;
@@ -17,6 +18,7 @@ pub mod fleet;
 pub mod grpc;
 pub mod otlp;
 pub mod process;
+pub mod qemu;
 
 use std::future::Future;
 use std::time::{Duration, Instant};

@@ -215,6 +215,11 @@ fn tracker_and_quiesce_mistakes_name_the_key() {
             "only used with tracker = \"nbd-filter\"",
         ),
         (
+            format!("{tracker}\nqmp_socket = \"/run/vm1/qmp.sock\""),
+            "qmp_socket",
+            "only used with tracker = \"qcow2-bitmap\"",
+        ),
+        (
             "tracker = \"dm-era\"".to_string(),
             "era_metadata",
             "needs era_metadata",

@@ -12,18 +12,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use bulwark_tests::qemu::{have, qcow2_to_raw};
 use bulwark_tests::{BLOCK_SIZE, Fleet, MIB, Value, assert_same_file, json_str, json_u64};
 
 const SIZE: u64 = 64 * MIB;
 const AGENT: &str = "host-1";
-
-fn have(tool: &str) -> bool {
-    let found = Command::new(tool).arg("--version").output().is_ok();
-    if !found {
-        eprintln!("SKIP: {tool} is not installed (qemu-utils); this test needs it");
-    }
-    found
-}
 
 /// Runs qemu-io on `target` with one `-c` per command; panics with its output on
 /// failure.
@@ -315,20 +308,6 @@ fn image_bitmaps(img: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn qcow2_to_raw(img: &Path, raw: &Path) {
-    let out = Command::new("qemu-img")
-        .args(["convert", "-U", "-f", "qcow2", "-O", "raw"])
-        .arg(img)
-        .arg(raw)
-        .output()
-        .expect("qemu-img convert");
-    assert!(
-        out.status.success(),
-        "qemu-img convert: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A fleet (one node, one agent) protecting `source`: a qcow2 image of SIZE random
 /// bytes made in `dir`, with the qcow2-bitmap tracker. Returns the image's path too;
 /// `None` (the reason printed) where qemu's tools are missing.
@@ -336,20 +315,7 @@ fn qcow2_fleet(dir: &Path, source: &str) -> Option<(Fleet, PathBuf)> {
     if !have("qemu-img") || !have("qemu-io") || !have("qemu-storage-daemon") {
         return None;
     }
-    let raw = dir.join("seed.raw");
-    bulwark_tests::write_random_file(&raw, SIZE);
-    let img = dir.join("vm.qcow2");
-    let out = Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "qcow2"])
-        .arg(&raw)
-        .arg(&img)
-        .output()
-        .expect("qemu-img convert");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let img = bulwark_tests::qemu::random_qcow2(dir, SIZE);
     let fleet = Fleet::builder()
         .node("node-1")
         .agent_source(

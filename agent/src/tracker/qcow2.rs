@@ -42,9 +42,15 @@
 //!    refuses it as a base or it is not trusted, and that sync is a consistency
 //!    check.
 //!
-//! The agent holds the image open only during a sync. A VM running on the image (where
-//! the image is locked) would be reached through its QMP socket; that is not built
-//! yet, and such a sync fails with a message that says so.
+//! The agent holds the image open only during a sync. A VM running on the image
+//! holds it itself (QEMU locks it): with `qmp_socket` set, the same bitmap commands
+//! go to the VM's QEMU over that socket, the freezing transaction also starts a
+//! fleecing backup job into a scratch overlay (`<source>.fleece.qcow2` under the
+//! agent's state directory, see [`super::qsd`]), and the sync reads the frozen view
+//! through an NBD export of the overlay while the guest writes on; everything it
+//! added to the VM is taken away again at the end (or, after an agent crash, at the
+//! next sync). Without `qmp_socket`, a sync of a locked image fails with a message
+//! that says so.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -58,7 +64,7 @@ use serde_json::json;
 
 use super::bitmap::Bitmap;
 use super::qcow2_map::{Qcow2Map, Where};
-use super::qsd::{Daemon, NODE};
+use super::qsd::{Daemon, FROZEN};
 use super::{BlockSource, Frozen, Plan, Tracker, lock, run_tool};
 use crate::volume::Volume;
 
@@ -68,9 +74,6 @@ const PREFIX: &str = "bulwark-p";
 /// connection answers one at a time).
 const CONNECTIONS: usize = 4;
 const NEXT: &str = "bulwark-next";
-/// The daemon's frozen copy of an incremental's record, which it exports (an export
-/// may carry only a bitmap that is not recording); never written to the image.
-const FROZEN: &str = "bulwark-frozen";
 
 #[derive(Debug, Deserialize)]
 struct ImageInfo {
@@ -193,20 +196,15 @@ struct NodeBitmap {
 
 /// Bitmap operations on the daemon's image node. The arguments of adding the
 /// persistent, recording bitmap `name`:
-fn persistent(name: &str, granularity: u32) -> serde_json::Value {
-    json!({"node": NODE, "name": name, "persistent": true, "granularity": granularity})
-}
-
-fn add(d: &mut Daemon, name: &str, granularity: u32) -> Result<(), String> {
-    d.execute("block-dirty-bitmap-add", persistent(name, granularity))
-        .map(|_| ())
+fn persistent(d: &Daemon, name: &str, granularity: u32) -> serde_json::Value {
+    json!({"node": d.node(), "name": name, "persistent": true, "granularity": granularity})
 }
 
 /// `target` (an existing bitmap) |= `from`.
 fn merge(d: &mut Daemon, target: &str, from: &str) -> Result<(), String> {
     d.execute(
         "block-dirty-bitmap-merge",
-        json!({"node": NODE, "target": target, "bitmaps": [from]}),
+        json!({"node": d.node(), "target": target, "bitmaps": [from]}),
     )
     .map(|_| ())
 }
@@ -214,7 +212,7 @@ fn merge(d: &mut Daemon, target: &str, from: &str) -> Result<(), String> {
 fn remove(d: &mut Daemon, name: &str) -> Result<(), String> {
     d.execute(
         "block-dirty-bitmap-remove",
-        json!({"node": NODE, "name": name}),
+        json!({"node": d.node(), "name": name}),
     )
     .map(|_| ())
 }
@@ -229,19 +227,14 @@ fn set_union(
     exists: bool,
 ) -> Result<(), String> {
     let first = if exists {
-        json!({"type": "block-dirty-bitmap-clear", "data": {"node": NODE, "name": target}})
+        json!({"type": "block-dirty-bitmap-clear", "data": {"node": d.node(), "name": target}})
     } else {
-        json!({"type": "block-dirty-bitmap-add", "data": persistent(target, granularity)})
+        json!({"type": "block-dirty-bitmap-add", "data": persistent(d, target, granularity)})
     };
-    d.execute(
-        "transaction",
-        json!({"actions": [
-            first,
-            {"type": "block-dirty-bitmap-merge", "data":
-                {"node": NODE, "target": target, "bitmaps": from}},
-        ]}),
-    )
-    .map(|_| ())
+    let merge = json!({"type": "block-dirty-bitmap-merge", "data":
+        {"node": d.node(), "target": target, "bitmaps": from}});
+    d.execute("transaction", json!({"actions": [first, merge]}))
+        .map(|_| ())
 }
 
 /// A sync in progress: the daemon holding the image, and our connections to it.
@@ -321,15 +314,26 @@ pub struct Qcow2Tracker {
     /// order (committed or undone): an agent that finds it at start-up stopped in
     /// the middle of a sync, when the frozen record lived only in the daemon.
     marker: PathBuf,
+    /// The QMP socket of a VM running on the image.
+    qmp: Option<PathBuf>,
+    /// A VM's fleecing overlay, for the length of a sync.
+    scratch: PathBuf,
     state: Mutex<State>,
 }
 
 impl Qcow2Tracker {
-    /// A tracker for the image at `path`; `state_dir` holds its mid-sync marker.
-    pub fn new(source: &str, path: &Path, geometry: Geometry, state_dir: &Path) -> Qcow2Tracker {
-        let marker = state_dir
-            .join("trackers")
-            .join(format!("{source}.qcow2-syncing"));
+    /// A tracker for the image at `path`; `state_dir` holds its mid-sync marker
+    /// (and a VM's fleecing overlay); `qmp`: the QMP socket of a VM running on it.
+    pub fn new(
+        source: &str,
+        path: &Path,
+        geometry: Geometry,
+        state_dir: &Path,
+        qmp: Option<&Path>,
+    ) -> Qcow2Tracker {
+        let trackers = state_dir.join("trackers");
+        let marker = trackers.join(format!("{source}.qcow2-syncing"));
+        let scratch = trackers.join(format!("{source}.fleece.qcow2"));
         let inconsistent = marker.exists().then(|| {
             format!(
                 "the agent stopped in the middle of a sync of {} ({} is still there), so the image's bitmaps may miss writes made before that sync",
@@ -345,6 +349,8 @@ impl Qcow2Tracker {
             path: path.to_path_buf(),
             geometry,
             marker,
+            qmp: qmp.map(Path::to_path_buf),
+            scratch,
             state: Mutex::new(State {
                 inconsistent,
                 session: None,
@@ -392,7 +398,7 @@ impl Qcow2Tracker {
         })?;
         let node = nodes
             .into_iter()
-            .find(|n| n.node_name == NODE)
+            .find(|n| n.node_name == d.node())
             .ok_or_else(|| format!("qemu-storage-daemon does not list {}", self.path.display()))?;
         if node.image.virtual_size != self.geometry.size_bytes {
             return Err(format!(
@@ -402,11 +408,13 @@ impl Qcow2Tracker {
                 self.geometry.size_bytes
             ));
         }
-        let plain = node
-            .image
-            .format_specific
-            .and_then(|f| f.data)
-            .is_some_and(|d| d.data_file.is_none() && d.encrypt.is_none());
+        // A VM's guest moves clusters while the sync reads: never read its file.
+        let plain = !d.is_vm()
+            && node
+                .image
+                .format_specific
+                .and_then(|f| f.data)
+                .is_some_and(|d| d.data_file.is_none() && d.encrypt.is_none());
         let ours: Vec<&NodeBitmap> = node
             .dirty_bitmaps
             .iter()
@@ -530,13 +538,21 @@ impl Qcow2Tracker {
         self.mark_started()?;
         // `kept`: the bitmap the image has (removed at commit, restored on failure);
         // `base`: the one this sync trusts (none for a scan).
-        let prepared = take_daemon().and_then(|mut d| {
-            match d.attach(&self.path).and_then(|()| self.prepare(st, &mut d)) {
-                Ok(k) => Ok((d, k)),
+        let daemon = match &self.qmp {
+            Some(qmp) => Daemon::connect_vm(qmp, &self.path),
+            None => take_daemon().and_then(|mut d| match d.attach(&self.path) {
+                Ok(()) => Ok(d),
                 Err(e) => {
                     release(&self.source, d);
                     Err(e)
                 }
+            }),
+        };
+        let prepared = daemon.and_then(|mut d| match self.prepare(st, &mut d) {
+            Ok(k) => Ok((d, k)),
+            Err(e) => {
+                release(&self.source, d);
+                Err(e)
             }
         });
         let (daemon, (kept, plain)) = match prepared {
@@ -589,30 +605,37 @@ impl Qcow2Tracker {
     ) -> Result<Plan, String> {
         let g = self.granularity();
         let d = &mut s.daemon;
-        match base {
-            Some(b) => {
-                // Atomically: writes from now on go to `next`, and the record up to
-                // now is a frozen (non-persistent, not recording) copy, which is
-                // what an export may carry.
-                let kept = format!("{PREFIX}{b}");
-                d.execute(
-                    "transaction",
-                    json!({"actions": [
-                        {"type": "block-dirty-bitmap-add", "data": persistent(&s.next, g)},
-                        {"type": "block-dirty-bitmap-add", "data":
-                            {"node": NODE, "name": FROZEN, "persistent": false,
-                             "granularity": g, "disabled": true}},
-                        {"type": "block-dirty-bitmap-merge", "data":
-                            {"node": NODE, "target": FROZEN, "bitmaps": [kept]}},
-                    ]}),
-                )?;
-                // `frozen` only once the base's bitmap is gone: if removing it
-                // fails, undo merges the sync's bitmap into it where it stands.
-                remove(d, &kept)?;
-                s.frozen = true;
-            }
-            None => add(d, &s.next, g)?,
+        // In a VM, the fleecing job starts in the same instant as the record
+        // freezes: the overlay shows the image as it was then.
+        let fleece = if d.is_vm() {
+            Some(d.fleece(&self.scratch, self.geometry.size_bytes)?)
+        } else {
+            None
+        };
+        // Writes from now on go to `next`.
+        let mut actions =
+            vec![json!({"type": "block-dirty-bitmap-add", "data": persistent(d, &s.next, g)})];
+        if let Some(b) = base {
+            // And the record up to now is a frozen (non-persistent, not recording)
+            // copy, which is what an export may carry.
+            let kept = format!("{PREFIX}{b}");
+            actions.push(json!({"type": "block-dirty-bitmap-add", "data":
+                {"node": d.node(), "name": FROZEN, "persistent": false,
+                 "granularity": g, "disabled": true}}));
+            actions.push(json!({"type": "block-dirty-bitmap-merge", "data":
+                {"node": d.node(), "target": FROZEN, "bitmaps": [kept]}}));
         }
+        actions.extend(fleece);
+        d.execute("transaction", json!({ "actions": actions }))?;
+        if let Some(b) = base {
+            // `frozen` only once the base's bitmap is gone: if removing it
+            // fails, undo merges the sync's bitmap into it where it stands.
+            remove(d, &format!("{PREFIX}{b}"))?;
+            s.frozen = true;
+        }
+        // Tests hold a sync here to show that a VM's guest writing meanwhile does
+        // not reach the point.
+        bulwark_common::failpoint::hit("agent-qcow2-frozen");
         let exported = base.map(|_| FROZEN);
         let connections = if plain { 1 } else { CONNECTIONS };
         let sock = d.serve(exported, connections)?;
@@ -723,6 +746,13 @@ fn take_daemon() -> Result<Daemon, String> {
 /// and keeps the daemon as the spare if there is none yet (else stops it). A daemon
 /// that cannot close the image cleanly is stopped, which writes the bitmaps too.
 fn release(source: &str, mut d: Daemon) {
+    if d.is_vm() {
+        // Only what the sync added goes; the VM runs on.
+        if let Err(e) = d.quit() {
+            tracing::warn!(source = %source, "clearing the sync's nodes out of the VM: {e}");
+        }
+        return;
+    }
     if let Err(e) = d.detach() {
         tracing::warn!(source = %source, "closing the image in qemu-storage-daemon: {e}");
         quit(source, d);

@@ -12,6 +12,13 @@
 //! dies, the daemon gets SIGTERM (`PR_SET_PDEATHSIG`) and closes the image cleanly;
 //! killed outright, it leaves the bitmaps flagged in use, which the next sync treats
 //! as untrustworthy.
+//!
+//! A running VM holds its image itself: then the same commands go to the VM's own
+//! QEMU, through its QMP socket ([`Daemon::connect_vm`]), and the sync reads a
+//! fleecing overlay ([`Daemon::fleece`]): a scratch qcow2 backed by the image's
+//! node, filled by a `blockdev-backup sync=none` job with the old contents of
+//! every cluster the guest writes after the freeze, so that it shows the image as
+//! it was at that instant while the guest writes on.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -23,15 +30,31 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-/// The node name of the qcow2 image in the daemon.
+/// The node name of the qcow2 image in our own daemon.
 pub const NODE: &str = "img0";
+/// In a VM: the fleecing overlay's node name and the id of its backup job.
+const FLEECE: &str = "bulwark-fleece";
+/// The id of the NBD export the sync reads.
+const EXPORT: &str = "bulwark";
+/// The frozen copy of an incremental's record that the daemon (or VM) exports (an
+/// export may carry only a bitmap that is not recording); never written to the
+/// image.
+pub const FROZEN: &str = "bulwark-frozen";
 /// How long the daemon may take to start, to answer a command, and to quit.
 const PATIENCE: Duration = Duration::from_secs(30);
 
 /// A running daemon and the QMP connection to it. Dropped without [`Daemon::quit`],
 /// it is killed.
 pub struct Daemon {
-    child: Child,
+    /// Our own daemon (until it quits); `None` for a VM's QEMU, reached through
+    /// its QMP socket, which is never stopped or killed from here.
+    child: Option<Child>,
+    /// A VM's QEMU (see `child`).
+    vm: bool,
+    /// The image's node: [`NODE`] in our own daemon, the VM's otherwise.
+    node: String,
+    /// A VM's fleecing overlay file, while it may exist.
+    scratch: Option<PathBuf>,
     qmp: BufReader<UnixStream>,
     dir: tempfile::TempDir,
     /// The image attached as [`NODE`], if any.
@@ -44,7 +67,7 @@ pub struct Daemon {
     nbd_server: bool,
     /// Dropped last: ends the thread that started the daemon (whose exit is what
     /// `PR_SET_PDEATHSIG` watches).
-    _keeper: mpsc::Sender<()>,
+    _keeper: Option<mpsc::Sender<()>>,
 }
 
 impl Daemon {
@@ -117,14 +140,17 @@ impl Daemon {
             }
         };
         let mut d = Daemon {
-            child,
+            child: Some(child),
+            vm: false,
+            node: NODE.to_string(),
+            scratch: None,
             qmp: BufReader::new(stream),
             dir,
             image: None,
             events: Vec::new(),
             serving: false,
             nbd_server: false,
-            _keeper: keeper,
+            _keeper: Some(keeper),
         };
         d.qmp
             .get_ref()
@@ -134,6 +160,190 @@ impl Daemon {
         d.read_message()?;
         d.execute("qmp_capabilities", json!({}))?;
         Ok(d)
+    }
+
+    /// Connects to the QMP socket `qmp` of a VM running on the qcow2 image at
+    /// `image`, finds the image's node, and clears away whatever a sync that did
+    /// not end (the agent was killed) left in the VM.
+    pub fn connect_vm(qmp: &Path, image: &Path) -> Result<Daemon, String> {
+        let stream = UnixStream::connect(qmp).map_err(|e| {
+            format!(
+                "cannot connect to the QMP socket {} of the VM running {}: {e}",
+                qmp.display(),
+                image.display()
+            )
+        })?;
+        stream
+            .set_read_timeout(Some(PATIENCE))
+            .map_err(|e| format!("QMP socket {}: {e}", qmp.display()))?;
+        let dir = tempfile::Builder::new()
+            .prefix("bulwark-vm")
+            .tempdir()
+            .map_err(|e| format!("cannot make a socket directory: {e}"))?;
+        let mut d = Daemon {
+            child: None,
+            vm: true,
+            node: String::new(),
+            scratch: None,
+            qmp: BufReader::new(stream),
+            dir,
+            image: Some(image.to_path_buf()),
+            events: Vec::new(),
+            serving: false,
+            nbd_server: false,
+            _keeper: None,
+        };
+        d.read_message()?;
+        d.execute("qmp_capabilities", json!({}))?;
+        d.node = d.find_node(image)?;
+        d.tidy_vm()?;
+        Ok(d)
+    }
+
+    /// Whether this is a VM's QEMU rather than our own daemon.
+    pub fn is_vm(&self) -> bool {
+        self.vm
+    }
+
+    /// The image's node name.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The VM's qcow2 node whose file is `image` (the same inode).
+    fn find_node(&mut self, image: &Path) -> Result<String, String> {
+        use std::os::unix::fs::MetadataExt;
+        let want = std::fs::metadata(image)
+            .map_err(|e| format!("cannot stat {}: {e}", image.display()))?;
+        let nodes = self.execute("query-named-block-nodes", json!({"flat": true}))?;
+        let mut seen = Vec::new();
+        for n in nodes.as_array().into_iter().flatten() {
+            let (Some(name), Some(drv), Some(file)) = (
+                n.get("node-name").and_then(Value::as_str),
+                n.get("drv").and_then(Value::as_str),
+                n.get("file").and_then(Value::as_str),
+            ) else {
+                continue;
+            };
+            if drv != "qcow2" {
+                continue;
+            }
+            let same = std::fs::metadata(file)
+                .is_ok_and(|m| m.dev() == want.dev() && m.ino() == want.ino());
+            if same {
+                return Ok(name.to_string());
+            }
+            seen.push(format!("{name} ({file})"));
+        }
+        Err(format!(
+            "the VM has no qcow2 node on {} (its qcow2 nodes: {})",
+            image.display(),
+            if seen.is_empty() {
+                "none".to_string()
+            } else {
+                seen.join(", ")
+            }
+        ))
+    }
+
+    /// Removes from a VM what a sync adds for its length (the export, the NBD
+    /// server it started, the backup job, the overlay, the frozen bitmap), where
+    /// present: after each sync, and before one, in case an agent was killed.
+    fn tidy_vm(&mut self) -> Result<(), String> {
+        let exports = self.execute("query-block-exports", json!({}))?;
+        let exported = exports.as_array().is_some_and(|a| {
+            a.iter()
+                .any(|e| e.get("id").and_then(Value::as_str) == Some(EXPORT))
+        });
+        if exported {
+            self.serving = true;
+            self.unserve()?;
+            // Our export was there, so the NBD server is ours too.
+            self.nbd_server = true;
+        }
+        if self.nbd_server {
+            self.execute("nbd-server-stop", json!({}))?;
+            self.nbd_server = false;
+        }
+        let jobs = self.execute("query-block-jobs", json!({}))?;
+        let running = jobs.as_array().is_some_and(|a| {
+            a.iter()
+                .any(|j| j.get("device").and_then(Value::as_str) == Some(FLEECE))
+        });
+        if running {
+            self.execute("block-job-cancel", json!({"device": FLEECE, "force": true}))?;
+            self.wait_event("BLOCK_JOB_CANCELLED")?;
+        }
+        let nodes = self.execute("query-named-block-nodes", json!({"flat": true}))?;
+        let mut fleece = false;
+        let mut frozen = false;
+        for n in nodes.as_array().into_iter().flatten() {
+            let name = n.get("node-name").and_then(Value::as_str);
+            fleece |= name == Some(FLEECE);
+            if name == Some(self.node.as_str()) {
+                frozen = n
+                    .get("dirty-bitmaps")
+                    .and_then(Value::as_array)
+                    .is_some_and(|b| {
+                        b.iter()
+                            .any(|b| b.get("name").and_then(Value::as_str) == Some(FROZEN))
+                    });
+            }
+        }
+        if fleece {
+            self.execute("blockdev-del", json!({"node-name": FLEECE}))?;
+        }
+        if frozen {
+            let node = self.node.clone();
+            self.execute(
+                "block-dirty-bitmap-remove",
+                json!({"node": node, "name": FROZEN}),
+            )?;
+        }
+        if let Some(scratch) = self.scratch.take()
+            && let Err(e) = std::fs::remove_file(&scratch)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(
+                "cannot remove the fleecing overlay {}: {e}",
+                scratch.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// A VM's fleecing overlay: makes the scratch qcow2 `scratch` (the image's
+    /// size) and adds it as a node backed by the image's; returns the transaction
+    /// action that starts copying before each guest write into it, which belongs
+    /// in the transaction that freezes the record, so that both are one instant.
+    pub fn fleece(&mut self, scratch: &Path, size: u64) -> Result<Value, String> {
+        let _ = std::fs::remove_file(scratch);
+        let out = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(scratch)
+            .arg(size.to_string())
+            .output()
+            .map_err(|e| format!("cannot run qemu-img (is qemu-utils installed?): {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "qemu-img create {}: {}",
+                scratch.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        self.scratch = Some(scratch.to_path_buf());
+        let node = self.node.clone();
+        self.execute(
+            "blockdev-add",
+            json!({
+                "driver": "qcow2",
+                "node-name": FLEECE,
+                "file": {"driver": "file", "filename": scratch},
+                "backing": node,
+            }),
+        )?;
+        Ok(json!({"type": "blockdev-backup", "data":
+            {"job-id": FLEECE, "device": node, "target": FLEECE, "sync": "none"}}))
     }
 
     /// Opens the qcow2 image at `image` read-write as node [`NODE`] (the daemon
@@ -215,7 +425,8 @@ impl Daemon {
             if let Some(e) = reply.get("error") {
                 let desc = e.get("desc").and_then(Value::as_str).unwrap_or("no reason");
                 return Err(format!(
-                    "qemu-storage-daemon {command} on {}: {desc}",
+                    "{} {command} on {}: {desc}",
+                    self.who(),
                     self.describe()
                 ));
             }
@@ -253,13 +464,19 @@ impl Daemon {
     }
 
     fn lost(&mut self, what: &str, why: &str) -> String {
-        if let Ok(Some(status)) = self.child.try_wait() {
+        if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
             return exited(&self.stderr_path(), self.image.as_deref(), status);
         }
-        format!(
-            "qemu-storage-daemon for {}: QMP {what}: {why}",
-            self.describe()
-        )
+        format!("{} for {}: QMP {what}: {why}", self.who(), self.describe())
+    }
+
+    /// Who answers QMP, for messages.
+    fn who(&self) -> &'static str {
+        if self.is_vm() {
+            "the VM's QEMU"
+        } else {
+            "qemu-storage-daemon"
+        }
     }
 
     fn stderr_path(&self) -> PathBuf {
@@ -279,7 +496,14 @@ impl Daemon {
             }),
         )?;
         self.nbd_server = true;
-        let mut export = json!({"type": "nbd", "id": "image", "node-name": NODE, "name": ""});
+        // A VM's sync reads its frozen view; the frozen bitmap is on the image's
+        // node, which backs the overlay, so the export reaches it.
+        let node = if self.scratch.is_some() {
+            FLEECE
+        } else {
+            self.node.as_str()
+        };
+        let mut export = json!({"type": "nbd", "id": EXPORT, "node-name": node, "name": ""});
         if let Some(b) = bitmap {
             export["bitmaps"] = json!([b]);
         }
@@ -295,23 +519,33 @@ impl Daemon {
             return Ok(());
         }
         self.serving = false;
-        self.execute("block-export-del", json!({"id": "image", "mode": "hard"}))?;
+        self.execute("block-export-del", json!({"id": EXPORT, "mode": "hard"}))?;
         self.wait_event("BLOCK_EXPORT_DELETED")
     }
 
     /// Whether the daemon is still running.
     pub fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        match &mut self.child {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => true,
+        }
     }
 
     /// Asks the daemon to quit, which writes the image's bitmaps back, and waits
     /// for it. An error says the image was not closed cleanly; a clean exit is
     /// success, whether or not the reply to `quit` came before the monitor closed.
     pub fn quit(mut self) -> Result<(), String> {
+        if self.vm {
+            // Only what the sync added goes.
+            return self.tidy_vm();
+        }
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
         let asked = self.execute("quit", json!({}));
         let deadline = Instant::now() + PATIENCE;
         loop {
-            match self.child.try_wait() {
+            match child.try_wait() {
                 Ok(Some(status)) if status.success() => return Ok(()),
                 Ok(Some(status)) => {
                     return Err(exited(&self.stderr_path(), self.image.as_deref(), status));
@@ -320,6 +554,8 @@ impl Daemon {
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 Ok(None) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
                     let why = asked.err().map(|e| format!(" ({e})")).unwrap_or_default();
                     return Err(format!(
                         "qemu-storage-daemon for {} did not quit within {} s; killed{why}",
@@ -327,7 +563,11 @@ impl Daemon {
                         PATIENCE.as_secs()
                     ));
                 }
-                Err(e) => return Err(format!("waiting for qemu-storage-daemon: {e}")),
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(format!("waiting for qemu-storage-daemon: {e}"));
+                }
             }
         }
     }
@@ -335,9 +575,16 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+        if let Some(child) = &mut self.child {
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        } else if self.vm
+            && (self.serving || self.nbd_server || self.scratch.is_some())
+            && let Err(e) = self.tidy_vm()
+        {
+            tracing::warn!("clearing a sync's nodes out of the VM: {e}");
         }
     }
 }
