@@ -193,7 +193,12 @@ impl Daemon {
             nbd_server: false,
             _keeper: None,
         };
-        d.read_message()?;
+        d.read_message().map_err(|e| {
+            format!(
+                "{e} (no QMP greeting from {}: a monitor serves one client at a time; is another, such as libvirt, connected to it?)",
+                qmp.display()
+            )
+        })?;
         d.execute("qmp_capabilities", json!({}))?;
         d.node = d.find_node(image)?;
         d.tidy_vm()?;
