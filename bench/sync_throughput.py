@@ -48,21 +48,20 @@ def tls_receive(listener, dst, cert, key):
             n = conn.recv_into(view[fill:], CHUNK - fill)
         except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
             n = 0
-        if n == 0 or fill + n == CHUNK:
-            fill += n
-            done = 0
-            while done < fill:
-                done += os.write(fd, view[done:fill])
-            total += fill
-            fill = 0
-            if regular and total % WRITEBACK_EVERY == 0:
-                # Start writing back what is written, as the node's writes do:
-                # otherwise the final fsync writes the whole file alone.
-                libc.sync_file_range(fd, total - WRITEBACK_EVERY, WRITEBACK_EVERY, SYNC_FILE_RANGE_WRITE)
-            if n == 0:
-                break
-        else:
-            fill += n
+        fill += n
+        if n != 0 and fill < CHUNK:
+            continue
+        done = 0
+        while done < fill:
+            done += os.write(fd, view[done:fill])
+        total += fill
+        fill = 0
+        if regular and total % WRITEBACK_EVERY == 0:
+            # Start writing back what is written, as the node's writes do:
+            # otherwise the final fsync writes the whole file alone.
+            libc.sync_file_range(fd, total - WRITEBACK_EVERY, WRITEBACK_EVERY, SYNC_FILE_RANGE_WRITE)
+        if n == 0:
+            break
     if regular:
         os.fsync(fd)
     os.close(fd)

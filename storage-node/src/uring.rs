@@ -50,6 +50,15 @@ impl std::fmt::Debug for Ring {
     }
 }
 
+/// Bytes a job transfers: a read asks for whole aligned units.
+fn span(write: bool, job: &Job) -> usize {
+    if write {
+        job.len
+    } else {
+        job.len.next_multiple_of(DIRECT_ALIGN)
+    }
+}
+
 fn retryable(errno: i32) -> bool {
     errno == libc::EINTR || errno == libc::EAGAIN
 }
@@ -107,12 +116,9 @@ impl Ring {
                             break;
                         };
                         let job = start(next);
-                        let end = if write {
-                            job.len
-                        } else {
-                            job.len.next_multiple_of(DIRECT_ALIGN)
-                        };
-                        if job.buf.len() < end || (write && !job.len.is_multiple_of(DIRECT_ALIGN)) {
+                        if job.buf.len() < span(write, &job)
+                            || (write && !job.len.is_multiple_of(DIRECT_ALIGN))
+                        {
                             finish(next, job);
                             failure = Some(io::Error::from_raw_os_error(libc::EINVAL));
                             break;
@@ -126,11 +132,7 @@ impl Ring {
                 let Some((_, job, done)) = slots[slot].as_mut() else {
                     continue;
                 };
-                let end = if write {
-                    job.len
-                } else {
-                    job.len.next_multiple_of(DIRECT_ALIGN)
-                };
+                let end = span(write, job);
                 // A job is at most a group of batches: far below 4 GiB.
                 let n = u32::try_from(end - *done).unwrap_or(u32::MAX) & !(DIRECT_ALIGN as u32 - 1);
                 let at = job.offset + *done as u64;

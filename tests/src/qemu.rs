@@ -6,7 +6,10 @@ use std::process::Command;
 
 /// Whether `tool` (qemu-utils) runs; prints why the calling test skips if not.
 pub fn have(tool: &str) -> bool {
-    let found = Command::new(tool).arg("--version").output().is_ok();
+    let found = Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !found {
         eprintln!("SKIP: {tool} is not installed (qemu-utils); this test needs it");
     }

@@ -322,18 +322,6 @@ fn verify_repairs_damaged_replica_blocks_and_marks_points_it_cannot_repair() {
     assert!(p1.exists());
 }
 
-/// Whether a program is on PATH; says so on stderr when it is not.
-fn have(program: &str) -> bool {
-    let found = std::process::Command::new(program)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        eprintln!("SKIP: {program} is not installed; the NBD export is tested where it is");
-    }
-    found
-}
-
 /// Runs a qemu tool; returns (success, stdout + stderr).
 fn qemu(program: &str, args: &[&str]) -> (bool, String) {
     let out = std::process::Command::new(program)
@@ -352,7 +340,7 @@ fn qemu(program: &str, args: &[&str]) -> (bool, String) {
 
 #[test]
 fn an_old_point_is_served_read_only_over_nbd_with_tls_to_qemu() {
-    if !have("qemu-img") || !have("qemu-io") {
+    if !bulwark_tests::qemu::have("qemu-img") || !bulwark_tests::qemu::have("qemu-io") {
         return;
     }
     let fleet = Fleet::builder()

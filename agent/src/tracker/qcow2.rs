@@ -399,7 +399,7 @@ impl Qcow2Tracker {
         let node = nodes
             .into_iter()
             .find(|n| n.node_name == d.node())
-            .ok_or_else(|| format!("qemu-storage-daemon does not list {}", self.path.display()))?;
+            .ok_or_else(|| format!("{} does not list {}", d.who(), self.path.display()))?;
         if node.image.virtual_size != self.geometry.size_bytes {
             return Err(format!(
                 "{} is now {} bytes, it was registered with {}; resizing is not supported",
@@ -657,7 +657,7 @@ impl Qcow2Tracker {
             clients: s.clients.clone(),
             next: Default::default(),
             size: self.geometry.size_bytes,
-            what: format!("{} (through qemu-storage-daemon)", self.path.display()),
+            what: format!("{} (through {})", self.path.display(), s.daemon.who()),
         };
         if !plain {
             return Arc::new(nbd);

@@ -46,11 +46,9 @@ const PATIENCE: Duration = Duration::from_secs(30);
 /// A running daemon and the QMP connection to it. Dropped without [`Daemon::quit`],
 /// it is killed.
 pub struct Daemon {
-    /// Our own daemon (until it quits); `None` for a VM's QEMU, reached through
-    /// its QMP socket, which is never stopped or killed from here.
+    /// Our own daemon; `None` for a VM's QEMU, reached through its QMP socket,
+    /// which is never stopped or killed from here.
     child: Option<Child>,
-    /// A VM's QEMU (see `child`).
-    vm: bool,
     /// The image's node: [`NODE`] in our own daemon, the VM's otherwise.
     node: String,
     /// A VM's fleecing overlay file, while it may exist.
@@ -141,7 +139,6 @@ impl Daemon {
         };
         let mut d = Daemon {
             child: Some(child),
-            vm: false,
             node: NODE.to_string(),
             scratch: None,
             qmp: BufReader::new(stream),
@@ -182,7 +179,6 @@ impl Daemon {
             .map_err(|e| format!("cannot make a socket directory: {e}"))?;
         let mut d = Daemon {
             child: None,
-            vm: true,
             node: String::new(),
             scratch: None,
             qmp: BufReader::new(stream),
@@ -207,7 +203,7 @@ impl Daemon {
 
     /// Whether this is a VM's QEMU rather than our own daemon.
     pub fn is_vm(&self) -> bool {
-        self.vm
+        self.child.is_none()
     }
 
     /// The image's node name.
@@ -323,19 +319,11 @@ impl Daemon {
     /// in the transaction that freezes the record, so that both are one instant.
     pub fn fleece(&mut self, scratch: &Path, size: u64) -> Result<Value, String> {
         let _ = std::fs::remove_file(scratch);
-        let out = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(scratch)
-            .arg(size.to_string())
-            .output()
-            .map_err(|e| format!("cannot run qemu-img (is qemu-utils installed?): {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "qemu-img create {}: {}",
-                scratch.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
+        let path = scratch.to_string_lossy();
+        super::run_tool(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", &path, &size.to_string()],
+        )?;
         self.scratch = Some(scratch.to_path_buf());
         let node = self.node.clone();
         self.execute(
@@ -476,7 +464,7 @@ impl Daemon {
     }
 
     /// Who answers QMP, for messages.
-    fn who(&self) -> &'static str {
+    pub fn who(&self) -> &'static str {
         if self.is_vm() {
             "the VM's QEMU"
         } else {
@@ -540,17 +528,14 @@ impl Daemon {
     /// for it. An error says the image was not closed cleanly; a clean exit is
     /// success, whether or not the reply to `quit` came before the monitor closed.
     pub fn quit(mut self) -> Result<(), String> {
-        if self.vm {
+        if self.is_vm() {
             // Only what the sync added goes.
             return self.tidy_vm();
         }
-        let Some(mut child) = self.child.take() else {
-            return Ok(());
-        };
         let asked = self.execute("quit", json!({}));
         let deadline = Instant::now() + PATIENCE;
         loop {
-            match child.try_wait() {
+            match self.child.as_mut().map(Child::try_wait).unwrap_or(Ok(None)) {
                 Ok(Some(status)) if status.success() => return Ok(()),
                 Ok(Some(status)) => {
                     return Err(exited(&self.stderr_path(), self.image.as_deref(), status));
@@ -559,8 +544,6 @@ impl Daemon {
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 Ok(None) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
                     let why = asked.err().map(|e| format!(" ({e})")).unwrap_or_default();
                     return Err(format!(
                         "qemu-storage-daemon for {} did not quit within {} s; killed{why}",
@@ -568,11 +551,7 @@ impl Daemon {
                         PATIENCE.as_secs()
                     ));
                 }
-                Err(e) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(format!("waiting for qemu-storage-daemon: {e}"));
-                }
+                Err(e) => return Err(format!("waiting for qemu-storage-daemon: {e}")),
             }
         }
     }
@@ -585,8 +564,7 @@ impl Drop for Daemon {
                 let _ = child.kill();
                 let _ = child.wait();
             }
-        } else if self.vm
-            && (self.serving || self.nbd_server || self.scratch.is_some())
+        } else if (self.serving || self.nbd_server || self.scratch.is_some())
             && let Err(e) = self.tidy_vm()
         {
             tracing::warn!("clearing a sync's nodes out of the VM: {e}");
