@@ -350,6 +350,15 @@ mod tests {
         assert_eq!(m.take().count(), 0, "take leaves the map empty");
     }
 
+    /// The record is one bit per block: 8 KiB for a 4 GiB volume of 64 KiB blocks,
+    /// rounded up to whole 64-bit words otherwise.
+    #[test]
+    fn one_bit_per_block() {
+        let g = Geometry::new(4 << 30, 65536).expect("geometry");
+        assert_eq!(DirtyMap::new(g).memory_bytes(), 8192);
+        assert_eq!(DirtyMap::new(geo(65)).memory_bytes(), 16);
+    }
+
     #[test]
     fn a_failed_generation_goes_back() {
         let m = DirtyMap::new(geo(130));
