@@ -55,7 +55,7 @@
 //! `NBD_CMD_FLAG_FAST_ZERO` and `NBD_CMD_FLAG_DF` (none of them advertised).
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, IoSlice, Read, Seek, SeekFrom};
+use std::io::{self, BufRead, IoSlice, Read, Seek, SeekFrom};
 use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
@@ -473,6 +473,9 @@ const MAX_EXTENTS: usize = 1024;
 const MAX_OPTIONS: usize = 1024;
 /// Socket read buffer.
 const READ_BUFFER: usize = 256 * 1024;
+/// Write payloads from this size on are read past the socket read buffer (see
+/// `Reader::read_request`).
+const LARGE_PAYLOAD: usize = READ_BUFFER / 2;
 /// Read buffer of the handshake of a plain socket (whatever it holds at the end is
 /// handed to the transmission phase).
 const HANDSHAKE_BUFFER: usize = 4096;
@@ -1996,6 +1999,7 @@ async fn transmit_blocking(
         ),
         side: Mutex::new(ReadSide {
             rd: std::io::BufReader::with_capacity(READ_BUFFER, rd),
+            after_large_write: false,
             inline: Inline::new(),
             ended: Some(ended),
         }),
@@ -2050,8 +2054,14 @@ struct Reader {
     span: tracing::Span,
 }
 
+/// The blocking reader's buffered socket.
+type SocketBufReader = std::io::BufReader<io::Chain<io::Cursor<Vec<u8>>, SocketReader>>;
+
 struct ReadSide {
-    rd: std::io::BufReader<io::Chain<io::Cursor<Vec<u8>>, SocketReader>>,
+    rd: SocketBufReader,
+    /// The last request read was a large write (see [`LARGE_PAYLOAD`]): the next
+    /// header is read on its own rather than with a greedy fill of the buffer.
+    after_large_write: bool,
     inline: Inline,
     /// Where the end of reading is reported; `None` once it has been.
     ended: Option<tokio::sync::oneshot::Sender<Result<(), NbdError>>>,
@@ -2097,17 +2107,19 @@ impl Reader {
         reading: &mut bool,
     ) {
         loop {
-            let incoming = match self.read_request(&mut side.rd) {
-                Ok(Some(incoming)) => incoming,
-                Ok(None) => return side.end(Ok(())),
-                Err(e) => {
-                    // The stream is out of sync or broken: close the connection now.
-                    // Replies not yet written are dropped (the client may have
-                    // stopped reading).
-                    self.sock.shutdown(Shutdown::Both);
-                    return side.end(Err(e));
-                }
-            };
+            let side_ref = &mut *side;
+            let incoming =
+                match self.read_request(&mut side_ref.rd, &mut side_ref.after_large_write) {
+                    Ok(Some(incoming)) => incoming,
+                    Ok(None) => return side.end(Ok(())),
+                    Err(e) => {
+                        // The stream is out of sync or broken: close the connection now.
+                        // Replies not yet written are dropped (the client may have
+                        // stopped reading).
+                        self.sock.shutdown(Shutdown::Both);
+                        return side.end(Err(e));
+                    }
+                };
             if !side.inline.wants(&incoming.req, incoming.checked.is_err()) {
                 self.session.dispatch(incoming);
                 continue;
@@ -2135,13 +2147,30 @@ impl Reader {
     }
 
     /// Reads one request; `None` at the end of the session.
-    fn read_request(&self, rd: &mut impl Read) -> Result<Option<Incoming>, NbdError> {
+    ///
+    /// Large write payloads bypass the buffer: a buffered header read fills the
+    /// buffer greedily, so after a 1 MiB write's header it would hold the first
+    /// [`READ_BUFFER`] bytes of the payload and copy them a second time. So after a
+    /// large write, the next header is read on its own when nothing is buffered
+    /// (one small `recv`), and a large payload takes what is buffered and reads the
+    /// rest straight into its own buffer. Small requests keep the greedy fill,
+    /// which reads many of them with one `recv`.
+    fn read_request(
+        &self,
+        rd: &mut SocketBufReader,
+        after_large_write: &mut bool,
+    ) -> Result<Option<Incoming>, NbdError> {
         if self.stop.is_cancelled() || self.session.replies.failed() {
             // Stopping, or replies can no longer be sent.
             return Ok(None);
         }
         let mut hdr = [0u8; Request::LEN];
-        if let Err(e) = rd.read_exact(&mut hdr) {
+        let header = if *after_large_write && rd.buffer().is_empty() {
+            rd.get_mut().read_exact(&mut hdr)
+        } else {
+            rd.read_exact(&mut hdr)
+        };
+        if let Err(e) = header {
             return self.read_failed(e, "without NBD_CMD_DISC");
         }
         let Some((req, cost)) = admit(&hdr, self.session.budget_bytes)? else {
@@ -2167,11 +2196,19 @@ impl Reader {
         };
         let data = if req.typ == proto::CMD_WRITE {
             let mut buf = self.session.pool.get(req.len as usize);
-            if let Err(e) = rd.read_exact(&mut buf) {
+            let large = buf.len() >= LARGE_PAYLOAD;
+            let read = if large {
+                read_past_buffer(rd, &mut buf)
+            } else {
+                rd.read_exact(&mut buf)
+            };
+            if let Err(e) = read {
                 return self.read_failed(e, "in the middle of a WRITE");
             }
+            *after_large_write = large;
             Some(buf)
         } else {
+            *after_large_write = false;
             None
         };
         Ok(Some(Incoming {
@@ -2193,6 +2230,16 @@ impl Reader {
             Err(e.into())
         }
     }
+}
+
+/// Fills `buf` from what `rd` has buffered, then straight from the stream under
+/// it, so that no byte is copied through the buffer.
+fn read_past_buffer(rd: &mut SocketBufReader, buf: &mut [u8]) -> io::Result<()> {
+    let buffered = rd.buffer();
+    let n = buffered.len().min(buf.len());
+    buf[..n].copy_from_slice(&buffered[..n]);
+    rd.consume(n);
+    rd.get_mut().read_exact(&mut buf[n..])
 }
 
 /// Which requests the reader runs itself instead of handing them to another
@@ -2771,6 +2818,8 @@ mod tests {
         io: UnixStream,
         /// The connection's task, when the test started it.
         server: Option<tokio::task::JoinHandle<Result<(), NbdError>>>,
+        /// The export size `go` expects the server to announce.
+        expect_size: u64,
     }
 
     impl Raw {
@@ -2793,7 +2842,11 @@ mod tests {
             io: UnixStream,
             server: Option<tokio::task::JoinHandle<Result<(), NbdError>>>,
         ) -> Raw {
-            let mut raw = Raw { io, server };
+            let mut raw = Raw {
+                io,
+                server,
+                expect_size: 1 << 20,
+            };
             let mut greet = [0u8; 18];
             raw.io.read_exact(&mut greet).await.unwrap();
             assert_eq!(proto::be_u64(&greet[0..8]), proto::NBD_MAGIC);
@@ -2857,7 +2910,7 @@ mod tests {
                 assert_eq!(typ, proto::REP_INFO);
                 match proto::be_u16(&d[0..2]) {
                     proto::INFO_EXPORT => {
-                        assert_eq!(proto::be_u64(&d[2..10]), 1 << 20);
+                        assert_eq!(proto::be_u64(&d[2..10]), self.expect_size);
                         flags = Some(proto::be_u16(&d[10..12]));
                     }
                     proto::INFO_BLOCK_SIZE => {
@@ -3335,6 +3388,80 @@ mod tests {
         c.expect_closed().await.unwrap();
     }
 
+    /// Writes below, at and above the read buffer's size, between small writes and
+    /// flushes, all sent in one burst: every payload lands where it was sent and the
+    /// stream stays in sync, however the reader splits its reads between its buffer
+    /// and the payload buffers.
+    async fn large_and_small_requests_pipelined(via: Via) {
+        const SIZE: usize = 16 << 20;
+        let backend = MemBackend::new(SIZE, false);
+        let mut c = Raw::start(via, Arc::clone(&backend) as Arc<dyn Backend>).await;
+        c.expect_size = SIZE as u64;
+        c.go(false, false).await;
+        let lens = [
+            4096,
+            100,
+            LARGE_PAYLOAD - 1,
+            LARGE_PAYLOAD,
+            28,
+            READ_BUFFER,
+            READ_BUFFER + 1,
+            1 << 20,
+            1 << 20,
+            512,
+            (1 << 20) + 7,
+            4096,
+            300_000,
+            2 << 20,
+            1,
+        ];
+        let mut want = pattern(0, SIZE);
+        let mut burst = Vec::new();
+        let mut offset = 3usize;
+        let mut cookies = std::collections::HashSet::new();
+        for (i, &len) in lens.iter().enumerate() {
+            let cookie = i as u64 + 1;
+            let data: Vec<u8> = (0..len)
+                .map(|j| (j as u64 * 7 + cookie * 13) as u8 ^ 0xa5)
+                .collect();
+            want[offset..offset + len].copy_from_slice(&data);
+            let req = Request {
+                flags: 0,
+                typ: proto::CMD_WRITE,
+                cookie,
+                offset: offset as u64,
+                len: len as u32,
+            };
+            burst.extend_from_slice(&req.encode());
+            burst.extend_from_slice(&data);
+            cookies.insert(cookie);
+            if i % 4 == 3 {
+                let flush = Request {
+                    flags: 0,
+                    typ: proto::CMD_FLUSH,
+                    cookie: 1000 + cookie,
+                    offset: 0,
+                    len: 0,
+                };
+                burst.extend_from_slice(&flush.encode());
+                cookies.insert(1000 + cookie);
+            }
+            offset += len + 4093;
+        }
+        assert!(offset < SIZE);
+        c.send(&burst).await;
+        for _ in 0..cookies.len() {
+            let (err, cookie) = c.simple_reply().await;
+            assert_eq!(err, 0, "request {cookie} failed");
+            assert!(cookies.remove(&cookie), "unexpected reply {cookie}");
+        }
+        let got = backend.data.lock().unwrap().clone();
+        let first_bad = got.iter().zip(&want).position(|(a, b)| a != b);
+        assert_eq!(first_bad, None, "the export differs from what was written");
+        c.request(proto::CMD_DISC, 0, 9999, 0, 0).await;
+        c.expect_closed().await.unwrap();
+    }
+
     macro_rules! on_both_paths {
         ($($name:ident),* $(,)?) => {
             mod via_task {
@@ -3367,6 +3494,7 @@ mod tests {
         request_right_behind_the_handshake,
         reading_goes_on_while_replies_wait,
         shutdown_answers_requests_in_flight,
+        large_and_small_requests_pipelined,
     );
 
     /// `serve_unix` at shutdown: a connection whose client stopped reading replies
