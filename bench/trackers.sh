@@ -25,9 +25,10 @@
 # 16, and 1 GiB of 1 MiB writes at depth 16) through the nbd-filter's socket and
 # through nbdkit's file plugin serving another random-data raw file of the volume's
 # size in the same directory; BENCH_WRITE_ROUNDS runs each, alternating, the median
-# counts. Seven by default: on the 2-core development VM either server has runs 2-3x
+# counts. Eleven by default: on the 2-core development VM either server has runs 2-3x
 # its usual time (waiting, not CPU: the server's CPU time is the same in those runs),
-# and one such run in three made the median of three a coin toss. With a warm cache
+# and one such run in three made the median of three a coin toss (seven still
+# left it close to one: stop 19-20 runs). With a warm cache
 # both files' written range (the first GiB) is read once before the first run, so
 # that both servers start with it in the page cache: before, nbdkit's file (rsync's
 # copy, written through the cache) started cached and nbd.raw (read by the agent
@@ -49,7 +50,7 @@
 #   BENCH_SEED=1             seed of the volume data, rewritten positions and bytes
 #                            (round R uses seed BENCH_SEED + R - 1)
 #   BENCH_ROUNDS=3           rewrite + timed incrementals rounds (medians reported)
-#   BENCH_WRITE_ROUNDS=7     qemu-img bench runs of each kind on each server
+#   BENCH_WRITE_ROUNDS=11    qemu-img bench runs of each kind on each server
 #   BENCH_BIN_DIR=DIR        use the binaries in DIR instead of building them
 #   BENCH_DROP_CACHES=1      drop the page cache (sync; echo 3 > drop_caches; root
 #                            only) before each timed step. Default: warm cache, i.e.
@@ -77,7 +78,7 @@ BENCH_DIR="${BENCH_DIR:-/var/tmp}"
 VOLUME_MIB="${BENCH_VOLUME_MIB:-4096}"
 SEED="${BENCH_SEED:-1}"
 ROUNDS="${BENCH_ROUNDS:-3}"
-WRITE_ROUNDS="${BENCH_WRITE_ROUNDS:-7}"
+WRITE_ROUNDS="${BENCH_WRITE_ROUNDS:-11}"
 BLOCK=65536
 NODE=bench-node
 AGENT=bench-host
