@@ -175,7 +175,7 @@ async fn usage_report(
             })
             .collect(),
         disks: disks.clone(),
-        alerts: alerts(&usage, &svc.space_refusals()),
+        alerts: alerts(&usage, &svc.space_refusals(), &store.settle_failures()),
         ingest_bytes_per_sec: 0,
         health: if problems.is_empty() {
             "ok".to_string()
@@ -192,6 +192,7 @@ async fn usage_report(
 fn alerts(
     usage: &crate::store::PoolUsage,
     refusals: &std::collections::HashMap<String, String>,
+    settle_failures: &std::collections::HashMap<String, String>,
 ) -> Vec<pb::Alert> {
     let alert = |key: String, severity: &str, subject: &str, message: String| pb::Alert {
         key,
@@ -242,6 +243,14 @@ fn alerts(
             "critical",
             source,
             format!("sync refused: {why}"),
+        ));
+    }
+    for (source, why) in settle_failures {
+        out.push(alert(
+            format!("settle/{source}"),
+            "critical",
+            source,
+            why.clone(),
         ));
     }
     out
