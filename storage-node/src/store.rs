@@ -5,17 +5,23 @@
 //!
 //! On the pool disk chosen for a data source, in `<disk>/bulwark/<source>/`:
 //!
-//! - `replica` — a sparse file the size of the volume holding the newest point.
+//! - `replica` — a sparse file the size of the volume holding the newest settled
+//!   point (the newest point, unless a committed point is still in the journal).
 //! - `digests` — one 32-byte BLAKE3 digest per block of `replica`, in block order.
 //!   All-zero bytes mean "never written, reads as zeros" ([`Digest::UNWRITTEN`]).
 //! - `deltas/<P>.delta` — the reverse delta of point `P`: the before-images of the
 //!   blocks that the sync creating point `P+1` overwrote. Restoring `P` reads, for each
 //!   block, the first delta at or after `P` that holds it, and the replica otherwise.
 //!   The newest point has no delta.
+//! - `journal` — while an incremental sync is received, and after its commit until
+//!   the point is settled: the sync's new blocks, in the delta record format but
+//!   carrying the NEW digests (a block of zeros is recorded without data, kind 0).
 //!
 //! In `<data_dir>/meta` (sled), each record JSON with a format version `v`:
-//! `sources` (name → [`SourceMeta`]), `points` (name ∖0 id → [`PointMeta`]) and
-//! `pending` (name → the sync being applied).
+//! `sources` (name → [`SourceMeta`]), `points` (name ∖0 id → [`PointMeta`]),
+//! `pending` (name → the sync being received) and `settle` (name → the committed
+//! point whose blocks are still only in the journal: `{v, point, disk, blocks,
+//! journal_bytes}`).
 //!
 //! A delta file is a sequence of records: a 45-byte header (block index u64 LE, kind
 //! u8: 0 = the block read as zeros, 1 = data follows; length u32 LE; the block's old
@@ -25,35 +31,81 @@
 //!
 //! # Order of writes (the crash-safety argument)
 //!
-//! A sync from point `N` to `N+1`:
+//! A source's first sync (fresh) goes straight into the replica:
 //!
-//! 1. `pending[source] = {new_point: N+1, fresh}` is written and flushed before any
-//!    data file changes. `fresh` means the source had no point yet.
-//! 2. For each batch of extents (already checksum-verified): unless fresh, the
-//!    before-image of every block (its old digest, and its bytes unless it read as
-//!    zeros) is appended to `deltas/N.delta` and that file is fdatasync'd. Only then
-//!    are the new bytes written into `replica` and the new digests into `digests`.
-//! 3. Commit: fsync `replica` and `digests`; then one sled transaction inserts point
-//!    `N+1`, records point `N`'s delta, and removes `pending`; then sled is flushed.
-//!    Only after that flush is the sync acknowledged.
+//! 1. `pending[source] = {new_point: 1, fresh}` (and the source's record) is written
+//!    and flushed before any data file exists.
+//! 2. Each batch of extents (already checksum-verified) is written into `replica`
+//!    and `digests`.
+//! 3. Commit: fsync `replica` and `digests`; one sled transaction inserts point 1
+//!    and removes `pending`; sled is flushed; only then is the sync acknowledged.
 //!
-//! Recovery at open (and abort of a failed sync): for every `pending` record, either
-//! the source was fresh — its files and record are deleted — or every valid record of
-//! `deltas/N.delta` is written back into `replica` and `digests`, both are fsync'd,
-//! the delta is deleted and `pending` removed. Because a block is overwritten only
-//! after its before-image is durable, this returns the source exactly to point `N`.
-//! A crash after step 3's flush leaves `N+1` committed. So a crash at any instant
-//! leaves the previous point or the new one, never a mix.
+//! Every later sync, from point `N` to `N+1`, is journaled and settled after its
+//! acknowledgement:
+//!
+//! 1. `pending[source] = {new_point: N+1, journal}` is written and flushed before the
+//!    journal is created.
+//! 2. Receive: each batch's new blocks are appended to `journal` (whole pages
+//!    `O_DIRECT`). The replica, digests and deltas are not touched. The old digests
+//!    of the changing blocks are read to know how many before-image bytes point `N`
+//!    will keep, and the allocation is checked (grown, or the oldest points pruned,
+//!    or [`StoreError::AllocationFull`]) now, at receive time.
+//! 3. Commit: fdatasync `journal`; one sled transaction inserts point `N+1`, inserts
+//!    `settle[source] = {point: N+1, ...}`, removes `pending` and updates the
+//!    source's record; sled is flushed; only then is the sync acknowledged.
+//! 4. Settle ([`Store::settle`], run by the service after it replied, still under
+//!    the source's write lock): the journal is read back in groups of 4 MiB, every
+//!    record's BLAKE3 checked against its digest. For each group: the old digests
+//!    and before-images of the group's changing blocks are read from the replica,
+//!    appended to `deltas/N.delta` and fdatasync'd; only then are the group's new
+//!    bytes written into `replica` (io_uring) and its digests into `digests`. After
+//!    the last group: fsync `replica` and `digests`; one sled transaction records
+//!    point `N`'s delta and removes `settle`; flush; delete the journal. Retention
+//!    runs after that.
+//!
+//! Anything that reads a source (restore, views, digests, verify, export, prune,
+//! retention, the next sync) settles it first if a `settle` record is present
+//! (`Store::settled`, one settle of a source at a time).
+//!
+//! Recovery at open: a `pending` record of a fresh sync deletes the source's files
+//! and record; of a later sync it deletes the journal (the replica was never
+//! touched; a pending record of an older node, which wrote into the replica, is
+//! undone from its delta as below). Then, for every `settle` record, the
+//! before-images a partial settle appended to `deltas/N.delta` are written back
+//! into `replica` and `digests` (every valid record; a torn tail ends it), both are
+//! fsync'd and the delta is deleted (`undo_delta`): because a block is overwritten
+//! only after its before-image is durable, the replica is exactly point `N` again.
+//! Then the point is settled again from the journal, which was made durable
+//! before the commit. A journal left without a `settle` record (a crash after the
+//! settle's flush) is deleted. So a crash at any instant leaves the previous point
+//! or the new one, never a mix, and a point once acknowledged is never lost.
+//!
+//! A settle that fails (an I/O error, or a journal record whose check or checksum
+//! fails: the only guard against a journal damaged on disk after its flush) undoes
+//! what it applied in the same way, so the replica is point `N`, whole; the
+//! `settle` record and the journal stay. The settle, and every later operation on
+//! that source, fail with [`StoreError::SettleFailed`] naming the source, point and
+//! cause (the node raises a critical alert `settle/<source>`); the other sources
+//! are served. Each start of the node tries the settle again.
+//!
+//! Limits: the journal takes disk space beyond the source's allocation (up to the
+//! sync's size) until the point is settled. A node older than this format does not
+//! know the `settle` tree: it would take the unsettled point's replica for the
+//! point itself. Downgrade only after a clean start of the newer node (which
+//! settles everything).
 //!
 //! # Space
 //!
 //! A source's recovery-point space (`points_alloc_bytes`) bounds the bytes its
-//! deltas hold (each point's `delta.bytes`, plus the delta being written). A batch
+//! deltas hold (each point's `delta.bytes`, plus the delta the sync being received
+//! will need once settled, counted at receive time from the old digests of its
+//! changing blocks: a block that is unwritten or zeros needs no bytes). A batch
 //! whose before-images would exceed it first grows the allocation (pool
 //! `auto_grow`, from the disk's unallocated capacity) or prunes the oldest points
 //! (pool `on_full = prune-oldest`, never the sync's base point); failing both, the
 //! sync fails with [`StoreError::AllocationFull`] and is rolled back like any failed
-//! sync. The replica's space is fixed by the volume's size.
+//! sync. The replica's space is fixed by the volume's size. The journal is not
+//! counted: it takes up to the sync's size beyond the allocation until settled.
 //!
 //! # Pruning
 //!
@@ -72,14 +124,15 @@
 //!
 //! A [`PointView`] (an NBD export) maps each block of its point to a delta record or
 //! the replica. It holds its delta files open, so prunes do not disturb it, and a
-//! sync tells every view of its source where the before-images it just made durable
+//! settle tells every view of its source where the before-images it just made durable
 //! are, before it overwrites the replica (see [`PointView`]).
 //!
 //! # Locking
 //!
-//! The store itself holds no locks across calls; the node service serialises per
-//! source: one sync or prune at a time (write lock), restores, verifies and digest
-//! reads share a read lock, so they never see a half-applied sync.
+//! The store itself holds no locks across calls, but one settle mutex per source;
+//! the node service serialises per source: one sync (with its settle) or prune at
+//! a time (write lock), restores, verifies and digest reads share a read lock, so
+//! they never see a half-applied sync or a half-settled point.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -459,6 +512,8 @@ struct Settle {
     journal_bytes: u64,
 }
 
+type SettleLock = std::sync::Arc<std::sync::Mutex<()>>;
+
 /// A settle that failed (see [`StoreError::SettleFailed`]).
 #[derive(Debug, Clone)]
 struct SettleFailure {
@@ -745,14 +800,16 @@ pub struct Store {
     pending: sled::Tree,
     settle: sled::Tree,
     logfiles: sled::Tree,
-    /// Held while a settle runs, so that two readers never settle at once.
-    settle_lock: std::sync::Arc<std::sync::Mutex<()>>,
+    /// One per source, held while a settle of it runs, so that two readers never
+    /// settle the same source at once (settles of different sources do not wait for
+    /// each other).
+    settle_locks: std::sync::Arc<std::sync::Mutex<HashMap<String, SettleLock>>>,
     /// Settles that failed since the store opened, by source: every operation on
     /// the source fails with it.
     settle_failed: std::sync::Arc<std::sync::Mutex<HashMap<String, SettleFailure>>>,
     disks: std::sync::Arc<Vec<PoolDisk>>,
     policy: PoolPolicy,
-    /// Open read-only views of points (NBD exports), by source: a sync tells them
+    /// Open read-only views of points (NBD exports), by source: a settle tells them
     /// where the before-images of the blocks it overwrites went, before it
     /// overwrites them.
     views: std::sync::Arc<std::sync::Mutex<HashMap<String, Vec<std::sync::Weak<PointView>>>>>,
@@ -895,7 +952,7 @@ impl Store {
             pending: db.open_tree("pending")?,
             settle: db.open_tree("settle")?,
             logfiles: db.open_tree("logfiles")?,
-            settle_lock: Default::default(),
+            settle_locks: Default::default(),
             settle_failed: Default::default(),
             db,
             disks: std::sync::Arc::new(disks),
@@ -1838,9 +1895,17 @@ impl Store {
     /// was applied is undone (the replica is the previous point again), the `settle`
     /// record stays, and this and every later operation on the source fail with
     /// [`StoreError::SettleFailed`]. The caller holds the source's write lock (or
-    /// runs before anything else, at open); the store's settle mutex is held too.
+    /// runs before anything else, at open); the store's settle mutex of the source
+    /// is held too.
     pub fn settle(&self, name: &str) -> Result<()> {
-        let _guard = self.settle_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let lock = self
+            .settle_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(name.to_string())
+            .or_default()
+            .clone();
+        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = self.settle_failure(name) {
             return Err(e);
         }
@@ -3354,9 +3419,9 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 ///
 /// The view stays exact while the source changes: it holds its delta files open
 /// (a prune that merges or deletes them does not disturb it; their space returns
-/// when the view closes), and a sync, before overwriting replica blocks, adds the
+/// when the view closes), and a settle, before overwriting replica blocks, adds the
 /// location of their before-images under the view's write lock. Reads hold the
-/// read lock, so a replica read in flight finishes before the sync may overwrite
+/// read lock, so a replica read in flight finishes before the settle may overwrite
 /// its blocks.
 pub struct PointView {
     source: String,
