@@ -981,19 +981,8 @@ impl Store {
         for (name, rec) in settles {
             tracing::warn!(source = %name, point = rec.point,
                 "settling a committed point a crash interrupted");
-            let dir = source_dir(&rec.disk, &name);
-            let undone = store
-                .source(&name)
-                .and_then(|m| {
-                    m.ok_or_else(|| StoreError::Meta(format!("settle of unknown source {name}")))
-                })
-                .and_then(|m| store.undo_delta(&name, &dir, m.geometry(), rec.point - 1));
-            let r = match undone {
-                Ok(_) => store.settle(&name),
-                Err(e @ StoreError::Crashed(_)) => return Err(e),
-                Err(e) => Err(store.settle_failed(&name, &rec, e.to_string())),
-            };
-            match r {
+            // The settle writes back what a partial settle applied first.
+            match store.settle(&name) {
                 Ok(()) => {}
                 Err(e @ StoreError::Crashed(_)) => return Err(e),
                 Err(e) => tracing::error!(source = %name, point = rec.point, "{e}"),
@@ -2017,6 +2006,9 @@ impl Store {
         let geometry = meta.geometry();
         let dir = source_dir(&rec.disk, name);
         let old_point = rec.point - 1;
+        // What a settle interrupted (a crash, a panic) applied is written back
+        // first: the replica is point `old_point` again.
+        self.undo_delta(name, &dir, geometry, old_point)?;
         let journal = journal_path(&dir);
         let mut reader = DeltaReader::open(&journal, geometry)?;
         let replica_path = dir.join("replica");
