@@ -349,3 +349,25 @@ fn record_metrics(usage: &crate::store::PoolUsage) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failed settle is a critical alert `settle/<source>` carrying the error.
+    #[test]
+    fn a_failed_settle_is_a_critical_alert() {
+        let usage = crate::store::PoolUsage::default();
+        let failed: std::collections::HashMap<String, String> = [(
+            "vol".to_string(),
+            "data source vol: point 2 could not be settled".to_string(),
+        )]
+        .into();
+        let out = alerts(&usage, &Default::default(), &failed);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out[0].key, "settle/vol");
+        assert_eq!(out[0].severity, "critical");
+        assert_eq!(out[0].subject, "vol");
+        assert!(out[0].message.contains("point 2"), "{:?}", out[0]);
+    }
+}

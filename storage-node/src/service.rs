@@ -495,7 +495,7 @@ fn send_digests(
     });
 }
 
-/// Verified batches waiting for their before-images to be read, at most (each ≤ 1 MiB
+/// Verified batches waiting for their old digests to be read, at most (each ≤ 1 MiB
 /// of payload); the reader takes up to this many at once.
 const READ_QUEUE: usize = 8;
 /// Batches read and waiting for the writer, at most.
@@ -506,12 +506,12 @@ const GROUP_BYTES: usize = 16 << 20;
 /// Applies verified batches in order, reporting progress after each group; hands
 /// the transaction back when its input ends or a batch fails.
 ///
-/// Two threads: one reads each batch's old digests and before-images as it arrives,
-/// the other writes. Batches that were read while the previous group was being
-/// written are applied together as one group: one append and one fdatasync of
-/// before-images, then the replica writes at a queue depth, instead of a round of
-/// each per batch (for scattered blocks the fsyncs and single reads and writes were
-/// most of a sync).
+/// Two threads: one reads each batch's old digests as it arrives (the space check
+/// needs them), the other writes. Batches that were read while the previous group
+/// was being written are applied together as one group: a first sync writes the
+/// replica at a queue depth, a later one appends to the source's journal (the
+/// before-images and replica writes happen in the settle, after the commit was
+/// acknowledged).
 fn spawn_applier(
     mut txn: SyncTxn,
     mut batches: mpsc::Receiver<Vec<VerifiedExtent>>,

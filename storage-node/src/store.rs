@@ -2041,7 +2041,6 @@ impl Store {
         let mut files = TxnFiles {
             replica,
             writers: Vec::new(),
-            replica_read: None,
             uring,
             bounce: Vec::new(),
             digests,
@@ -2221,9 +2220,6 @@ struct TxnFiles {
     /// New bytes go to the replica with `O_DIRECT` where the file system allows it,
     /// from up to [`IO_THREADS`] threads at once (made as needed).
     writers: Vec<DirectWriter>,
-    /// The replica opened with `O_DIRECT` for reading before-images (none where the
-    /// file system refuses it).
-    replica_read: Option<File>,
     /// Replica writes at a queue depth from the writing thread: an io_uring and the
     /// replica opened with `O_DIRECT` for writing (none where the kernel or the file
     /// system refuses, and in unit tests, which need the writes in order: see
@@ -2282,10 +2278,11 @@ pub struct ApplyTimes {
     pub groups: u64,
 }
 
-/// Reads the old digests and before-images of a sync's batches on a thread of its
-/// own, ahead of the thread that writes them ([`SyncTxn::apply_prepared`]). Safe to
-/// run ahead: a sync writes each block at most once, and a batch that repeats a
-/// block is refused before anything of it is written.
+/// Reads the old digests (a sync's, on a thread of its own ahead of the thread that
+/// journals the batches, [`SyncTxn::apply_prepared`]) and, for a settle, the
+/// before-images of batches. Safe to run ahead: a sync writes each block at most
+/// once, and a batch that repeats a block is refused before anything of it is
+/// written; a settle reads each group just before it applies it.
 pub struct BeforeImageReader {
     keeps_deltas: bool,
     /// Whether the old bytes are read too (a settle), or only the old digests (a
@@ -2517,7 +2514,6 @@ impl SyncTxn {
             writers: Vec::new(),
             uring,
             bounce: Vec::new(),
-            replica_read: None,
             digests,
             delta: None,
             journal,
@@ -2526,9 +2522,10 @@ impl SyncTxn {
         Ok(())
     }
 
-    /// A reader of this sync's before-images that can run on another thread, ahead
-    /// of [`SyncTxn::apply_prepared`]. Opens the sync's files (writing the pending
-    /// record) if that has not happened yet.
+    /// A reader of the old digests of this sync's changing blocks (what its space
+    /// check needs; the before-images themselves are read by the settle) that can
+    /// run on another thread, ahead of [`SyncTxn::apply_prepared`]. Opens the sync's
+    /// files (writing the pending record) if that has not happened yet.
     pub fn before_images(&mut self) -> Result<BeforeImageReader> {
         self.open_files()?;
         let Some(files) = self.files.as_ref() else {
@@ -2543,12 +2540,8 @@ impl SyncTxn {
                 .replica
                 .try_clone()
                 .map_err(io("reopen", &replica_path))?,
-            direct: files
-                .replica_read
-                .as_ref()
-                .map(File::try_clone)
-                .transpose()
-                .map_err(io("reopen", &replica_path))?,
+            // A sync reads no before-images (see `read_images`).
+            direct: None,
             digests: files
                 .digests
                 .try_clone()
