@@ -245,12 +245,11 @@ pub enum StoreError {
     #[error("refused log ship: {0}")]
     BadLog(String),
     #[error(
-        "data source {source_name}: point {point} could not be settled into the replica: {cause}; the replica is still point {previous}, whole, and the point's journal is kept; nothing of this source can be read or synced until this is repaired"
+        "data source {source_name}: point {point} could not be settled into the replica: {cause}; the point's journal is kept, and nothing of this source can be read or synced until this is repaired"
     )]
     SettleFailed {
         source_name: String,
         point: u64,
-        previous: u64,
         cause: String,
     },
     /// A simulated crash (tests only; see `crash`).
@@ -1915,7 +1914,12 @@ impl Store {
                     })
                     .and_then(|m| self.undo_delta(name, &dir, m.geometry(), rec.point - 1));
                 match undone {
-                    Ok(_) => {}
+                    Ok(_) => {
+                        cause = format!(
+                            "{cause}; the replica was written back to point {}, whole",
+                            rec.point - 1
+                        )
+                    }
                     Err(e @ StoreError::Crashed(_)) => return Err(e),
                     Err(u) => {
                         cause = format!(
@@ -1962,7 +1966,6 @@ impl Store {
         failed.get(name).map(|f| StoreError::SettleFailed {
             source_name: name.to_string(),
             point: f.point,
-            previous: f.point - 1,
             cause: f.cause.clone(),
         })
     }

@@ -1420,6 +1420,10 @@ fn a_damaged_journal_is_reported_not_applied() {
         msg.contains("vol") && msg.contains("journal") && msg.contains("checksum"),
         "the error names the source, the file and the cause: {msg}"
     );
+    assert!(
+        msg.contains("written back to point 1, whole"),
+        "the error says the replica is point 1: {msg}"
+    );
     let replica_is_point_1 = || {
         assert!(
             std::fs::read(src.join("replica")).expect("replica") == v1,
