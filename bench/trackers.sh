@@ -383,9 +383,15 @@ medians() {
 # timed_sync LABEL SOURCE JSONFILE: `bulwark sync SOURCE --wait --json` into JSONFILE;
 # records LABEL's WALL_MS MS KIND SENT BLOCKS READ IO ACPU NCPU and sets LABEL_* to
 # this run's values.
+# An incremental is acknowledged before the node settles it into the replica (see
+# storage-node/src/store.rs); the node logs this line when it has. Each timed
+# incremental waits for it after the timing, so that no settle runs during the next
+# timed step.
+settled_count() { grep -c "point settled into the replica" "$WORK/node.log" || true; }
 SYNC_METRICS=(WALL_MS MS KIND SENT BLOCKS READ IO ACPU NCPU)
 timed_sync() {
-    local label=$1 src=$2 f=$3 t0 t1 io0 io1 ac0 nc0 m
+    local label=$1 src=$2 f=$3 t0 t1 io0 io1 ac0 nc0 m settled0
+    settled0=$(settled_count)
     io0=$(io_read "$PID_agent")
     ac0=$(cpu_ms "$PID_agent")
     nc0=$(cpu_ms "$PID_node")
@@ -422,6 +428,9 @@ timed_sync() {
     done
     local w="${label}_WALL_MS" k="${label}_KIND" b="${label}_BLOCKS" s="${label}_SENT" r="${label}_READ" d="${label}_MS"
     note "$(secs "${!w}") s (agent $(secs "${!d}") s), ${!k}, ${!b} blocks, $(mib "${!s}") sent, $(mib "${!r}") read"
+    if [[ $label = INC_* ]]; then
+        wait_until "node settled $src" node "$PID_node" eval '(($(settled_count) > settled0))'
+    fi
 }
 
 # run_io OUT LABEL CMD...: runs CMD (stdout and stderr into OUT) in a subshell and sets

@@ -175,7 +175,7 @@ async fn usage_report(
             })
             .collect(),
         disks: disks.clone(),
-        alerts: alerts(&usage, &svc.space_refusals()),
+        alerts: alerts(&usage, &svc.space_refusals(), &store.settle_failures()),
         ingest_bytes_per_sec: 0,
         health: if problems.is_empty() {
             "ok".to_string()
@@ -192,6 +192,7 @@ async fn usage_report(
 fn alerts(
     usage: &crate::store::PoolUsage,
     refusals: &std::collections::HashMap<String, String>,
+    settle_failures: &std::collections::HashMap<String, String>,
 ) -> Vec<pb::Alert> {
     let alert = |key: String, severity: &str, subject: &str, message: String| pb::Alert {
         key,
@@ -242,6 +243,14 @@ fn alerts(
             "critical",
             source,
             format!("sync refused: {why}"),
+        ));
+    }
+    for (source, why) in settle_failures {
+        out.push(alert(
+            format!("settle/{source}"),
+            "critical",
+            source,
+            why.clone(),
         ));
     }
     out
@@ -338,5 +347,27 @@ fn record_metrics(usage: &crate::store::PoolUsage) {
             let lag = (now - s.newest_point_ms).max(0) as f64 / 1000.0;
             m::gauge_set("bulwark_replica_lag_seconds", &[("source", &s.name)], lag);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failed settle is a critical alert `settle/<source>` carrying the error.
+    #[test]
+    fn a_failed_settle_is_a_critical_alert() {
+        let usage = crate::store::PoolUsage::default();
+        let failed: std::collections::HashMap<String, String> = [(
+            "vol".to_string(),
+            "data source vol: point 2 could not be settled".to_string(),
+        )]
+        .into();
+        let out = alerts(&usage, &Default::default(), &failed);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out[0].key, "settle/vol");
+        assert_eq!(out[0].severity, "critical");
+        assert_eq!(out[0].subject, "vol");
+        assert!(out[0].message.contains("point 2"), "{:?}", out[0]);
     }
 }

@@ -48,6 +48,10 @@ impl From<StoreError> for Status {
             }
             StoreError::BadLog(_) => Status::invalid_argument(e.to_string()),
             StoreError::PointDamaged { .. } => Status::data_loss(e.to_string()),
+            StoreError::SettleFailed { .. } => {
+                tracing::error!("{e}");
+                Status::data_loss(e.to_string())
+            }
             StoreError::NoPoints(_) | StoreError::NoSuchPoint { .. } => {
                 Status::not_found(e.to_string())
             }
@@ -366,6 +370,20 @@ impl NodeService {
         Ok(self.locks.get(source).read_owned().await)
     }
 
+    /// Settles the point a sync just committed into the replica (the caller holds
+    /// the source's write lock). A failure is logged; the store keeps it as the
+    /// source's error (every later operation on the source fails with it) and the
+    /// heartbeat raises it as a critical alert `settle/<source>`.
+    async fn settle(&self, source: &str) {
+        let store = self.store.clone();
+        let name = source.to_string();
+        match blocking(move || store.settle(&name)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(source, "{e}"),
+            Err(e) => tracing::error!(source, "settle task: {}", e.message()),
+        }
+    }
+
     /// After a sync or ship committed (the caller still holds the source's lock):
     /// retention prunes what it no longer keeps, and a space refusal is over. A prune
     /// that fails is logged and retried later: the point is committed.
@@ -477,7 +495,7 @@ fn send_digests(
     });
 }
 
-/// Verified batches waiting for their before-images to be read, at most (each ≤ 1 MiB
+/// Verified batches waiting for their old digests to be read, at most (each ≤ 1 MiB
 /// of payload); the reader takes up to this many at once.
 const READ_QUEUE: usize = 8;
 /// Batches read and waiting for the writer, at most.
@@ -488,12 +506,12 @@ const GROUP_BYTES: usize = 16 << 20;
 /// Applies verified batches in order, reporting progress after each group; hands
 /// the transaction back when its input ends or a batch fails.
 ///
-/// Two threads: one reads each batch's old digests and before-images as it arrives,
-/// the other writes. Batches that were read while the previous group was being
-/// written are applied together as one group: one append and one fdatasync of
-/// before-images, then the replica writes at a queue depth, instead of a round of
-/// each per batch (for scattered blocks the fsyncs and single reads and writes were
-/// most of a sync).
+/// Two threads: one reads each batch's old digests as it arrives (the space check
+/// needs them), the other writes. Batches that were read while the previous group
+/// was being written are applied together as one group: a first sync writes the
+/// replica at a queue depth, a later one appends to the source's journal (the
+/// before-images and replica writes happen in the settle, after the commit was
+/// acknowledged).
 fn spawn_applier(
     mut txn: SyncTxn,
     mut batches: mpsc::Receiver<Vec<VerifiedExtent>>,
@@ -675,11 +693,11 @@ async fn run_sync(
                     "sync timings"
                 );
                 count_sync(&source, Some(&point), started);
-                svc.after_commit(&source).await;
-                // Free the source before the agent hears of the commit, so its next
-                // sync never finds the source still locked.
-                drop(lock);
                 tracing::info!(%source, point = point.id, blocks = point.blocks_changed, bytes = point.bytes_changed, "recovery point committed");
+                // The point is durable (in the journal): the agent hears of it now,
+                // and the point is settled into the replica after, still under the
+                // source's lock, so nothing reads the source half settled (a next
+                // sync waits for the lock).
                 let _ = tx
                     .send(Ok(pb::SyncReply {
                         msg: Some(pb::sync_reply::Msg::Committed(pb::SyncCommitted {
@@ -688,6 +706,9 @@ async fn run_sync(
                         })),
                     }))
                     .await;
+                svc.settle(&source).await;
+                svc.after_commit(&source).await;
+                drop(lock);
                 return Ok(());
             }
             Some(Msg::Begin(_)) | None => {

@@ -5,17 +5,23 @@
 //!
 //! On the pool disk chosen for a data source, in `<disk>/bulwark/<source>/`:
 //!
-//! - `replica` — a sparse file the size of the volume holding the newest point.
+//! - `replica` — a sparse file the size of the volume holding the newest settled
+//!   point (the newest point, unless a committed point is still in the journal).
 //! - `digests` — one 32-byte BLAKE3 digest per block of `replica`, in block order.
 //!   All-zero bytes mean "never written, reads as zeros" ([`Digest::UNWRITTEN`]).
 //! - `deltas/<P>.delta` — the reverse delta of point `P`: the before-images of the
 //!   blocks that the sync creating point `P+1` overwrote. Restoring `P` reads, for each
 //!   block, the first delta at or after `P` that holds it, and the replica otherwise.
 //!   The newest point has no delta.
+//! - `journal` — while an incremental sync is received, and after its commit until
+//!   the point is settled: the sync's new blocks, in the delta record format but
+//!   carrying the NEW digests (a block of zeros is recorded without data, kind 0).
 //!
 //! In `<data_dir>/meta` (sled), each record JSON with a format version `v`:
-//! `sources` (name → [`SourceMeta`]), `points` (name ∖0 id → [`PointMeta`]) and
-//! `pending` (name → the sync being applied).
+//! `sources` (name → [`SourceMeta`]), `points` (name ∖0 id → [`PointMeta`]),
+//! `pending` (name → the sync being received) and `settle` (name → the committed
+//! point whose blocks are still only in the journal: `{v, point, disk, blocks,
+//! journal_bytes}`).
 //!
 //! A delta file is a sequence of records: a 45-byte header (block index u64 LE, kind
 //! u8: 0 = the block read as zeros, 1 = data follows; length u32 LE; the block's old
@@ -25,35 +31,81 @@
 //!
 //! # Order of writes (the crash-safety argument)
 //!
-//! A sync from point `N` to `N+1`:
+//! A source's first sync (fresh) goes straight into the replica:
 //!
-//! 1. `pending[source] = {new_point: N+1, fresh}` is written and flushed before any
-//!    data file changes. `fresh` means the source had no point yet.
-//! 2. For each batch of extents (already checksum-verified): unless fresh, the
-//!    before-image of every block (its old digest, and its bytes unless it read as
-//!    zeros) is appended to `deltas/N.delta` and that file is fdatasync'd. Only then
-//!    are the new bytes written into `replica` and the new digests into `digests`.
-//! 3. Commit: fsync `replica` and `digests`; then one sled transaction inserts point
-//!    `N+1`, records point `N`'s delta, and removes `pending`; then sled is flushed.
-//!    Only after that flush is the sync acknowledged.
+//! 1. `pending[source] = {new_point: 1, fresh}` (and the source's record) is written
+//!    and flushed before any data file exists.
+//! 2. Each batch of extents (already checksum-verified) is written into `replica`
+//!    and `digests`.
+//! 3. Commit: fsync `replica` and `digests`; one sled transaction inserts point 1
+//!    and removes `pending`; sled is flushed; only then is the sync acknowledged.
 //!
-//! Recovery at open (and abort of a failed sync): for every `pending` record, either
-//! the source was fresh — its files and record are deleted — or every valid record of
-//! `deltas/N.delta` is written back into `replica` and `digests`, both are fsync'd,
-//! the delta is deleted and `pending` removed. Because a block is overwritten only
-//! after its before-image is durable, this returns the source exactly to point `N`.
-//! A crash after step 3's flush leaves `N+1` committed. So a crash at any instant
-//! leaves the previous point or the new one, never a mix.
+//! Every later sync, from point `N` to `N+1`, is journaled and settled after its
+//! acknowledgement:
+//!
+//! 1. `pending[source] = {new_point: N+1, journal}` is written and flushed before the
+//!    journal is created.
+//! 2. Receive: each batch's new blocks are appended to `journal` (whole pages
+//!    `O_DIRECT`). The replica, digests and deltas are not touched. The old digests
+//!    of the changing blocks are read to know how many before-image bytes point `N`
+//!    will keep, and the allocation is checked (grown, or the oldest points pruned,
+//!    or [`StoreError::AllocationFull`]) now, at receive time.
+//! 3. Commit: fdatasync `journal`; one sled transaction inserts point `N+1`, inserts
+//!    `settle[source] = {point: N+1, ...}`, removes `pending` and updates the
+//!    source's record; sled is flushed; only then is the sync acknowledged.
+//! 4. Settle ([`Store::settle`], run by the service after it replied, still under
+//!    the source's write lock): the journal is read back in groups of 4 MiB, every
+//!    record's BLAKE3 checked against its digest. For each group: the old digests
+//!    and before-images of the group's changing blocks are read from the replica,
+//!    appended to `deltas/N.delta` and fdatasync'd; only then are the group's new
+//!    bytes written into `replica` (io_uring) and its digests into `digests`. After
+//!    the last group: fsync `replica` and `digests`; one sled transaction records
+//!    point `N`'s delta and removes `settle`; flush; delete the journal. Retention
+//!    runs after that.
+//!
+//! Anything that reads a source (restore, views, digests, verify, export, prune,
+//! retention, the next sync) settles it first if a `settle` record is present
+//! (`Store::settled`, one settle of a source at a time).
+//!
+//! Recovery at open: a `pending` record of a fresh sync deletes the source's files
+//! and record; of a later sync it deletes the journal (the replica was never
+//! touched; a pending record of an older node, which wrote into the replica, is
+//! undone from its delta as below). Then, for every `settle` record, the
+//! before-images a partial settle appended to `deltas/N.delta` are written back
+//! into `replica` and `digests` (every valid record; a torn tail ends it), both are
+//! fsync'd and the delta is deleted (`undo_delta`): because a block is overwritten
+//! only after its before-image is durable, the replica is exactly point `N` again.
+//! Then the point is settled again from the journal, which was made durable
+//! before the commit. A journal left without a `settle` record (a crash after the
+//! settle's flush) is deleted. So a crash at any instant leaves the previous point
+//! or the new one, never a mix, and a point once acknowledged is never lost.
+//!
+//! A settle that fails (an I/O error, or a journal record whose check or checksum
+//! fails: the only guard against a journal damaged on disk after its flush) undoes
+//! what it applied in the same way, so the replica is point `N`, whole; the
+//! `settle` record and the journal stay. The settle, and every later operation on
+//! that source, fail with [`StoreError::SettleFailed`] naming the source, point and
+//! cause (the node raises a critical alert `settle/<source>`); the other sources
+//! are served. Each start of the node tries the settle again.
+//!
+//! Limits: the journal takes disk space beyond the source's allocation (up to the
+//! sync's size) until the point is settled. A node older than this format does not
+//! know the `settle` tree: it would take the unsettled point's replica for the
+//! point itself. Downgrade only after a clean start of the newer node (which
+//! settles everything).
 //!
 //! # Space
 //!
 //! A source's recovery-point space (`points_alloc_bytes`) bounds the bytes its
-//! deltas hold (each point's `delta.bytes`, plus the delta being written). A batch
+//! deltas hold (each point's `delta.bytes`, plus the delta the sync being received
+//! will need once settled, counted at receive time from the old digests of its
+//! changing blocks: a block that is unwritten or zeros needs no bytes). A batch
 //! whose before-images would exceed it first grows the allocation (pool
 //! `auto_grow`, from the disk's unallocated capacity) or prunes the oldest points
 //! (pool `on_full = prune-oldest`, never the sync's base point); failing both, the
 //! sync fails with [`StoreError::AllocationFull`] and is rolled back like any failed
-//! sync. The replica's space is fixed by the volume's size.
+//! sync. The replica's space is fixed by the volume's size. The journal is not
+//! counted: it takes up to the sync's size beyond the allocation until settled.
 //!
 //! # Pruning
 //!
@@ -72,14 +124,15 @@
 //!
 //! A [`PointView`] (an NBD export) maps each block of its point to a delta record or
 //! the replica. It holds its delta files open, so prunes do not disturb it, and a
-//! sync tells every view of its source where the before-images it just made durable
+//! settle tells every view of its source where the before-images it just made durable
 //! are, before it overwrites the replica (see [`PointView`]).
 //!
 //! # Locking
 //!
-//! The store itself holds no locks across calls; the node service serialises per
-//! source: one sync or prune at a time (write lock), restores, verifies and digest
-//! reads share a read lock, so they never see a half-applied sync.
+//! The store itself holds no locks across calls, but one settle mutex per source;
+//! the node service serialises per source: one sync (with its settle) or prune at
+//! a time (write lock), restores, verifies and digest reads share a read lock, so
+//! they never see a half-applied sync or a half-settled point.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -105,6 +158,10 @@ use crate::uring::{self, Ring};
 const FORMAT_VERSION: u32 = 1;
 const HEADER_LEN: usize = 8 + 1 + 4 + DIGEST_LEN;
 const CHECK_LEN: usize = 8;
+/// Bytes of new data a settle applies per group (see [`Store::settle`]): each group
+/// is one delta append and fdatasync, then the replica writes. Small in unit tests,
+/// so that the crash tests cross group boundaries.
+const SETTLE_GROUP: u64 = if cfg!(test) { 8 * 4096 } else { 4 << 20 };
 /// Threads that read before-images, and that write the replica, at once: the queue
 /// depth scattered blocks need to keep a disk busy.
 const IO_THREADS: usize = 8;
@@ -187,6 +244,14 @@ pub enum StoreError {
     },
     #[error("refused log ship: {0}")]
     BadLog(String),
+    #[error(
+        "data source {source_name}: point {point} could not be settled into the replica: {cause}; the point's journal is kept, and nothing of this source can be read or synced until this is repaired"
+    )]
+    SettleFailed {
+        source_name: String,
+        point: u64,
+        cause: String,
+    },
     /// A simulated crash (tests only; see `crash`).
     #[error("simulated crash at {0}")]
     Crashed(&'static str),
@@ -426,6 +491,33 @@ struct Pending {
     new_point: u64,
     fresh: bool,
     disk: PathBuf,
+    /// The sync writes its blocks to the source's journal (every sync but a first
+    /// one); a record without it is from an older node, which wrote into the
+    /// replica behind before-images in the delta.
+    #[serde(default)]
+    journal: bool,
+}
+
+/// A committed point whose blocks are still only in the source's journal (the
+/// `settle` tree): [`Store::settle`] applies them to the replica.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Settle {
+    v: u32,
+    /// The committed point; the replica holds `point - 1` until it is settled.
+    point: u64,
+    disk: PathBuf,
+    /// Blocks and bytes of records in the journal.
+    blocks: u64,
+    journal_bytes: u64,
+}
+
+type SettleLock = std::sync::Arc<std::sync::Mutex<()>>;
+
+/// A settle that failed (see [`StoreError::SettleFailed`]).
+#[derive(Debug, Clone)]
+struct SettleFailure {
+    point: u64,
+    cause: String,
 }
 
 /// What a sync is about to write.
@@ -705,10 +797,18 @@ pub struct Store {
     sources: sled::Tree,
     points: sled::Tree,
     pending: sled::Tree,
+    settle: sled::Tree,
     logfiles: sled::Tree,
+    /// One per source, held while a settle of it runs, so that two readers never
+    /// settle the same source at once (settles of different sources do not wait for
+    /// each other).
+    settle_locks: std::sync::Arc<std::sync::Mutex<HashMap<String, SettleLock>>>,
+    /// Settles that failed since the store opened, by source: every operation on
+    /// the source fails with it.
+    settle_failed: std::sync::Arc<std::sync::Mutex<HashMap<String, SettleFailure>>>,
     disks: std::sync::Arc<Vec<PoolDisk>>,
     policy: PoolPolicy,
-    /// Open read-only views of points (NBD exports), by source: a sync tells them
+    /// Open read-only views of points (NBD exports), by source: a settle tells them
     /// where the before-images of the blocks it overwrites went, before it
     /// overwrites them.
     views: std::sync::Arc<std::sync::Mutex<HashMap<String, Vec<std::sync::Weak<PointView>>>>>,
@@ -743,6 +843,48 @@ fn txn_error(e: sled::transaction::TransactionError<()>) -> StoreError {
 
 fn delta_path(dir: &Path, point: u64) -> PathBuf {
     dir.join("deltas").join(format!("{point:020}.delta"))
+}
+
+fn journal_path(dir: &Path) -> PathBuf {
+    dir.join("journal")
+}
+
+/// The digests of a block of zeros: of a whole block, and of the volume's last
+/// block (shorter in some volumes).
+#[derive(Debug, Clone, Copy)]
+struct ZeroDigests {
+    whole: Digest,
+    last: Digest,
+    last_block: u64,
+}
+
+impl ZeroDigests {
+    fn new(g: Geometry) -> ZeroDigests {
+        let last_block = g.block_count().saturating_sub(1);
+        ZeroDigests {
+            whole: Digest::of(&vec![0u8; g.block_size as usize]),
+            last: Digest::of(&vec![0u8; g.block_len(last_block) as usize]),
+            last_block,
+        }
+    }
+    fn of(&self, block: u64) -> Digest {
+        if block == self.last_block {
+            self.last
+        } else {
+            self.whole
+        }
+    }
+}
+
+/// Makes a source's replica and digests durable (a first sync's commit, the end of
+/// a settle).
+fn make_durable(replica: &File, digests: &File, dir: &Path) -> Result<()> {
+    replica
+        .sync_all()
+        .map_err(io("fsync", &dir.join("replica")))?;
+    digests
+        .sync_all()
+        .map_err(io("fsync", &dir.join("digests")))
 }
 
 fn fsync_dir(path: &Path) -> Result<()> {
@@ -807,7 +949,10 @@ impl Store {
             sources: db.open_tree("sources")?,
             points: db.open_tree("points")?,
             pending: db.open_tree("pending")?,
+            settle: db.open_tree("settle")?,
             logfiles: db.open_tree("logfiles")?,
+            settle_locks: Default::default(),
+            settle_failed: Default::default(),
             db,
             disks: std::sync::Arc::new(disks),
             policy,
@@ -820,6 +965,27 @@ impl Store {
             tracing::warn!(source = %name, point = pending.new_point,
                 "rolling back a sync that did not commit");
             store.roll_back(&name, &pending)?;
+        }
+        // Settles a crash (or an error) interrupted: undo what was applied, then
+        // settle again from the journal. A settle that fails is kept as the
+        // source's error; the node serves the other sources.
+        let settles: Vec<(String, Settle)> = store
+            .settle
+            .iter()
+            .map(|item| {
+                let (k, v) = item?;
+                Ok((String::from_utf8_lossy(&k).to_string(), decode(&v)?))
+            })
+            .collect::<Result<_>>()?;
+        for (name, rec) in settles {
+            tracing::warn!(source = %name, point = rec.point,
+                "settling a committed point a crash interrupted");
+            // The settle writes back what a partial settle applied first.
+            match store.settle(&name) {
+                Ok(()) => {}
+                Err(e @ StoreError::Crashed(_)) => return Err(e),
+                Err(e) => tracing::error!(source = %name, point = rec.point, "{e}"),
+            }
         }
         for s in store.all_sources()? {
             match s.kind {
@@ -846,6 +1012,7 @@ impl Store {
     /// The records and files of a source, for a move to another node (see
     /// [`Import`]). The caller holds the source's read lock while the files are read.
     pub fn export(&self, name: &str) -> Result<(ExportMeta, Vec<(String, PathBuf)>)> {
+        self.settled(name)?;
         let source = self
             .source(name)?
             .ok_or_else(|| StoreError::NoPoints(name.to_string()))?;
@@ -945,10 +1112,17 @@ impl Store {
             .scan_prefix(point_prefix(name))
             .keys()
             .collect::<std::result::Result<_, _>>()?;
-        (&self.sources, &self.points, &self.pending, &self.logfiles)
-            .transaction(|(s, p, pend, lf)| {
+        (
+            &self.sources,
+            &self.points,
+            &self.pending,
+            &self.logfiles,
+            &self.settle,
+        )
+            .transaction(|(s, p, pend, lf, st)| {
                 s.remove(name.as_bytes())?;
                 pend.remove(name.as_bytes())?;
+                st.remove(name.as_bytes())?;
                 for k in &keys {
                     p.remove(k)?;
                 }
@@ -959,6 +1133,10 @@ impl Store {
             })
             .map_err(txn_error)?;
         self.db.flush()?;
+        self.settle_failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
         let dir = meta.dir();
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(io("remove", &dir))?;
@@ -971,6 +1149,12 @@ impl Store {
     /// delta files of points that no longer exist (or of the newest point, which has
     /// none once no sync is pending).
     fn remove_orphans(&self, meta: &SourceMeta) -> Result<()> {
+        let journal = journal_path(&meta.dir());
+        if !self.settle.contains_key(&meta.name)? && journal.exists() {
+            tracing::info!(source = %meta.name, "removing the journal of a settled point");
+            std::fs::remove_file(&journal).map_err(io("remove", &journal))?;
+            fsync_dir(&meta.dir())?;
+        }
         let dir = meta.dir().join("deltas");
         let Ok(entries) = std::fs::read_dir(&dir) else {
             return Ok(());
@@ -1110,6 +1294,7 @@ impl Store {
 
     /// Reads `count` digests from block `first` of the newest point, 32 bytes each.
     pub fn read_digests(&self, name: &str, first: u64, count: u64) -> Result<Vec<u8>> {
+        self.settled(name)?;
         let meta = self
             .source(name)?
             .ok_or_else(|| StoreError::NoPoints(name.to_string()))?;
@@ -1132,6 +1317,7 @@ impl Store {
         first: u64,
         count: u64,
     ) -> Result<(Vec<u8>, Vec<u64>)> {
+        self.settled(name)?;
         let meta = self
             .source(name)?
             .ok_or_else(|| StoreError::NoPoints(name.to_string()))?;
@@ -1171,6 +1357,7 @@ impl Store {
     /// would read from a damaged place. The caller holds the source's read lock
     /// (nothing changes under a verify; the damage marks are one sled write).
     pub fn verify(&self, name: &str, point: u64) -> Result<VerifyOutcome> {
+        self.settled(name)?;
         let meta = self
             .source(name)?
             .ok_or_else(|| StoreError::NoPoints(name.to_string()))?;
@@ -1252,6 +1439,7 @@ impl Store {
     /// syncs and prunes change the store (see [`PointView`]). The caller holds the
     /// source's read lock while this runs.
     pub fn open_view(&self, name: &str, point: u64) -> Result<std::sync::Arc<PointView>> {
+        self.settled(name)?;
         let (meta, points, target) = self.readable_point(name, point)?;
         meta.require_volume("an NBD export")?;
         let wanted = target.id;
@@ -1298,6 +1486,8 @@ impl Store {
 
     /// Starts a sync. Nothing on disk changes until [`SyncTxn::apply`].
     pub fn begin_sync(&self, spec: SyncSpec) -> Result<SyncTxn> {
+        // The previous point is settled into the replica first.
+        self.settled(&spec.source)?;
         // A sync that was dropped without commit or abort is undone first.
         if let Some(v) = self.pending.get(&spec.source)? {
             let pending: Pending = decode(&v)?;
@@ -1336,6 +1526,7 @@ impl Store {
             meta.apply_policy(p);
         }
         let points_used = self.points_used(&spec.source)?;
+        let zero = ZeroDigests::new(spec.geometry);
         Ok(SyncTxn {
             store: self.clone(),
             fresh: newest.is_none(),
@@ -1348,7 +1539,9 @@ impl Store {
             bytes: 0,
             delta_len: 0,
             delta_records: 0,
+            journal_len: 0,
             points_used,
+            zero,
             times: ApplyTimes::default(),
         })
     }
@@ -1391,6 +1584,7 @@ impl Store {
     /// next sync) and prunes what its retention no longer keeps. Returns the pruned
     /// point ids. The caller holds the source's write lock.
     pub fn set_policy(&self, name: &str, p: &SourcePolicy, now_ms: i64) -> Result<Vec<u64>> {
+        self.settled(name)?;
         let Some(mut meta) = self.source(name)? else {
             return Ok(Vec::new());
         };
@@ -1411,6 +1605,7 @@ impl Store {
     /// Prunes the points a source's retention no longer keeps, oldest first; returns
     /// their ids. The caller holds the source's write lock.
     pub fn apply_retention(&self, name: &str, now_ms: i64) -> Result<Vec<u64>> {
+        self.settled(name)?;
         let Some(meta) = self.source(name)? else {
             return Ok(Vec::new());
         };
@@ -1456,6 +1651,7 @@ impl Store {
     /// file left without its point is removed at the next open. The caller holds the
     /// source's write lock.
     pub fn prune(&self, name: &str, id: u64) -> Result<u64> {
+        self.settled(name)?;
         let meta = self
             .source(name)?
             .ok_or_else(|| StoreError::NoPoints(name.to_string()))?;
@@ -1598,55 +1794,26 @@ impl Store {
             }
             self.sources.remove(name)?;
         } else {
+            // The replica was never touched: the journal goes.
+            let journal = journal_path(&dir);
+            if journal.exists() {
+                std::fs::remove_file(&journal).map_err(io("remove", &journal))?;
+                boundary("rollback: journal removed")?;
+                fsync_dir(&dir)?;
+            }
+            // A sync of an older node wrote into the replica behind its
+            // before-images.
             let old = pending.new_point - 1;
-            let delta = delta_path(&dir, old);
-            let replica_path = dir.join("replica");
-            let digests_path = dir.join("digests");
-            let meta = self.source(name)?.ok_or_else(|| {
-                StoreError::Meta(format!("pending sync of unknown source {name}"))
-            })?;
-            let replica = OpenOptions::new()
-                .write(true)
-                .open(&replica_path)
-                .map_err(io("open", &replica_path))?;
-            let digests = OpenOptions::new()
-                .write(true)
-                .open(&digests_path)
-                .map_err(io("open", &digests_path))?;
-            let mut restored = 0u64;
-            if delta.exists() {
-                let geometry = meta.geometry();
-                let mut reader = DeltaReader::open(&delta, geometry)?;
-                while let Some(rec) = reader.next_record(true)? {
-                    let offset = geometry.offset_of(rec.block);
-                    let len = geometry.block_len(rec.block) as usize;
-                    match &rec.data {
-                        Some(d) => replica
-                            .write_all_at(d, offset)
-                            .map_err(io("write", &replica_path))?,
-                        None => replica
-                            .write_all_at(&vec![0u8; len], offset)
-                            .map_err(io("write", &replica_path))?,
-                    }
-                    digests
-                        .write_all_at(&rec.digest.0, rec.block * DIGEST_LEN as u64)
-                        .map_err(io("write", &digests_path))?;
-                    restored += 1;
-                    boundary("rollback: block restored")?;
-                }
+            if delta_path(&dir, old).exists() {
+                let meta = self.source(name)?.ok_or_else(|| {
+                    StoreError::Meta(format!("pending sync of unknown source {name}"))
+                })?;
+                self.undo_delta(name, &dir, meta.geometry(), old)?;
             }
-            replica.sync_all().map_err(io("fsync", &replica_path))?;
-            digests.sync_all().map_err(io("fsync", &digests_path))?;
-            boundary("rollback: replica durable")?;
-            if delta.exists() {
-                std::fs::remove_file(&delta).map_err(io("remove", &delta))?;
-            }
-            boundary("rollback: delta removed")?;
             tracing::info!(
                 source = name,
                 point = old,
-                blocks = restored,
-                "rolled back to point"
+                "a sync that did not commit was dropped"
             );
         }
         self.pending.remove(name)?;
@@ -1654,8 +1821,354 @@ impl Store {
         Ok(())
     }
 
+    /// Writes every valid record of `deltas/<old>.delta` (the before-images a partial
+    /// settle, or an older node's sync, made durable before it overwrote their
+    /// blocks) back into the replica and digests, makes both durable and deletes the
+    /// delta: the replica is point `old` again. Returns the blocks written back.
+    fn undo_delta(&self, name: &str, dir: &Path, geometry: Geometry, old: u64) -> Result<u64> {
+        let delta = delta_path(dir, old);
+        if !delta.exists() {
+            return Ok(0);
+        }
+        let replica_path = dir.join("replica");
+        let digests_path = dir.join("digests");
+        let replica = OpenOptions::new()
+            .write(true)
+            .open(&replica_path)
+            .map_err(io("open", &replica_path))?;
+        let digests = OpenOptions::new()
+            .write(true)
+            .open(&digests_path)
+            .map_err(io("open", &digests_path))?;
+        let mut restored = 0u64;
+        let mut reader = DeltaReader::open(&delta, geometry)?;
+        while let Some(rec) = reader.next_record(true)? {
+            let offset = geometry.offset_of(rec.block);
+            let len = geometry.block_len(rec.block) as usize;
+            match &rec.data {
+                Some(d) => replica
+                    .write_all_at(d, offset)
+                    .map_err(io("write", &replica_path))?,
+                None => replica
+                    .write_all_at(&vec![0u8; len], offset)
+                    .map_err(io("write", &replica_path))?,
+            }
+            digests
+                .write_all_at(&rec.digest.0, rec.block * DIGEST_LEN as u64)
+                .map_err(io("write", &digests_path))?;
+            restored += 1;
+            boundary("undo: block restored")?;
+        }
+        make_durable(&replica, &digests, dir)?;
+        boundary("undo: replica durable")?;
+        std::fs::remove_file(&delta).map_err(io("remove", &delta))?;
+        boundary("undo: delta removed")?;
+        fsync_dir(&dir.join("deltas"))?;
+        tracing::info!(
+            source = name,
+            point = old,
+            blocks = restored,
+            "replica written back to point"
+        );
+        Ok(restored)
+    }
+
+    /// Settles the source's committed point that is still in its journal, if any
+    /// (see the module docs): in groups of [`SETTLE_GROUP`] bytes, the before-images
+    /// of a group's blocks are appended to the previous point's delta and made
+    /// durable, then the group's new bytes and digests are written; at the end the
+    /// replica and digests are made durable, one transaction records the previous
+    /// point's delta and removes the `settle` record, and the journal is deleted.
+    /// Every journal record's checksum is checked as it is read back. On failure what
+    /// was applied is undone (the replica is the previous point again), the `settle`
+    /// record stays, and this and every later operation on the source fail with
+    /// [`StoreError::SettleFailed`]. The caller holds the source's write lock (or
+    /// runs before anything else, at open); the store's settle mutex of the source
+    /// is held too.
+    pub fn settle(&self, name: &str) -> Result<()> {
+        let lock = self
+            .settle_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(name.to_string())
+            .or_default()
+            .clone();
+        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = self.settle_failure(name) {
+            return Err(e);
+        }
+        let Some(v) = self.settle.get(name)? else {
+            return Ok(());
+        };
+        let rec: Settle = decode(&v)?;
+        match self.settle_now(name, &rec) {
+            Ok(()) => Ok(()),
+            Err(e @ StoreError::Crashed(_)) => Err(e),
+            Err(e) => {
+                let mut cause = e.to_string();
+                let dir = source_dir(&rec.disk, name);
+                let undone = self
+                    .source(name)
+                    .and_then(|m| {
+                        m.ok_or_else(|| StoreError::Meta(format!("no record of source {name}")))
+                    })
+                    .and_then(|m| self.undo_delta(name, &dir, m.geometry(), rec.point - 1));
+                match undone {
+                    Ok(_) => {
+                        cause = format!(
+                            "{cause}; the replica was written back to point {}, whole",
+                            rec.point - 1
+                        )
+                    }
+                    Err(e @ StoreError::Crashed(_)) => return Err(e),
+                    Err(u) => {
+                        cause = format!(
+                            "{cause}; then writing the previous point back failed too ({u}): the replica may be damaged, run a consistency check"
+                        )
+                    }
+                }
+                Err(self.settle_failed(name, &rec, cause))
+            }
+        }
+    }
+
+    /// Settles the source first if a committed point of it is still in its journal
+    /// (see [`Store::settle`]): anything that reads a source calls this first. Fails
+    /// with the source's failed settle, if any.
+    fn settled(&self, name: &str) -> Result<()> {
+        if let Some(e) = self.settle_failure(name) {
+            return Err(e);
+        }
+        if self.settle.contains_key(name)? {
+            self.settle(name)?;
+        }
+        Ok(())
+    }
+
+    /// Records a failed settle of `name` and returns its error.
+    fn settle_failed(&self, name: &str, rec: &Settle, cause: String) -> StoreError {
+        let mut failed = self.settle_failed.lock().unwrap_or_else(|e| e.into_inner());
+        failed.insert(
+            name.to_string(),
+            SettleFailure {
+                point: rec.point,
+                cause,
+            },
+        );
+        drop(failed);
+        self.settle_failure(name)
+            .unwrap_or_else(|| StoreError::Meta(format!("settle of {name} failed")))
+    }
+
+    /// The failed settle of a source, as its error.
+    fn settle_failure(&self, name: &str) -> Option<StoreError> {
+        let failed = self.settle_failed.lock().unwrap_or_else(|e| e.into_inner());
+        failed.get(name).map(|f| StoreError::SettleFailed {
+            source_name: name.to_string(),
+            point: f.point,
+            cause: f.cause.clone(),
+        })
+    }
+
+    /// Sources whose settle failed, with the error (an alert each).
+    pub fn settle_failures(&self) -> HashMap<String, String> {
+        let names: Vec<String> = self
+            .settle_failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        names
+            .into_iter()
+            .filter_map(|n| self.settle_failure(&n).map(|e| (n, e.to_string())))
+            .collect()
+    }
+
+    /// A reader of before-images of the source's replica as it stands.
+    fn before_image_reader(&self, dir: &Path, geometry: Geometry) -> Result<BeforeImageReader> {
+        let replica_path = dir.join("replica");
+        let digests_path = dir.join("digests");
+        Ok(BeforeImageReader {
+            keeps_deltas: true,
+            read_images: true,
+            replica: File::open(&replica_path).map_err(io("open", &replica_path))?,
+            direct: open_direct(&replica_path, true),
+            digests: File::open(&digests_path).map_err(io("open", &digests_path))?,
+            replica_path,
+            digests_path,
+            geometry,
+        })
+    }
+
+    fn settle_now(&self, name: &str, rec: &Settle) -> Result<()> {
+        let started = std::time::Instant::now();
+        let meta = self
+            .source(name)?
+            .ok_or_else(|| StoreError::Meta(format!("settle of unknown source {name}")))?;
+        let geometry = meta.geometry();
+        let dir = source_dir(&rec.disk, name);
+        let old_point = rec.point - 1;
+        // What a settle interrupted (a crash, a panic) applied is written back
+        // first: the replica is point `old_point` again.
+        self.undo_delta(name, &dir, geometry, old_point)?;
+        let journal = journal_path(&dir);
+        let mut reader = DeltaReader::open(&journal, geometry)?;
+        let replica_path = dir.join("replica");
+        let digests_path = dir.join("digests");
+        let replica = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&replica_path)
+            .map_err(io("open", &replica_path))?;
+        let digests = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&digests_path)
+            .map_err(io("open", &digests_path))?;
+        let delta_file_path = delta_path(&dir, old_point);
+        let delta_file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&delta_file_path)
+            .map_err(io("create", &delta_file_path))?;
+        fsync_dir(&dir.join("deltas"))?;
+        boundary("settle: delta created")?;
+        let uring = if cfg!(test) {
+            None
+        } else {
+            Ring::try_new().zip(open_direct(&replica_path, false))
+        };
+        let mut files = TxnFiles {
+            replica,
+            writers: Vec::new(),
+            uring,
+            bounce: Vec::new(),
+            digests,
+            delta: Some(DeltaAppender::new(delta_file, &delta_file_path, "delta")),
+            journal: None,
+            dir: dir.clone(),
+        };
+        let images = self.before_image_reader(&dir, geometry)?;
+        let zero = ZeroDigests::new(geometry);
+        let mut delta = DeltaMeta {
+            records: 0,
+            bytes: 0,
+        };
+        let mut blocks = 0u64;
+        loop {
+            // One group: runs of consecutive blocks as extents, in journal order.
+            let mut extents: Vec<VerifiedExtent> = Vec::new();
+            let mut run: Option<(u64, Vec<u8>, Vec<Digest>)> = None;
+            let mut bytes = 0u64;
+            while bytes < SETTLE_GROUP {
+                let at = reader.at;
+                let Some(r) = reader.next_record(false)? else {
+                    break;
+                };
+                let len = geometry.block_len(r.block) as usize;
+                let data = match r.data {
+                    Some(d) => d,
+                    None if r.digest == zero.of(r.block) => vec![0u8; len],
+                    None => {
+                        return Err(StoreError::Damaged {
+                            path: journal.clone(),
+                            at,
+                            message: format!(
+                                "block {}: a record of zeros does not carry the checksum of zeros",
+                                r.block
+                            ),
+                        });
+                    }
+                };
+                bytes += len as u64;
+                run = match run {
+                    Some((first, mut d, mut ds)) if first + ds.len() as u64 == r.block => {
+                        d.extend_from_slice(&data);
+                        ds.push(r.digest);
+                        Some((first, d, ds))
+                    }
+                    other => {
+                        if let Some((first, d, ds)) = other {
+                            extents.push(VerifiedExtent {
+                                first_block: first,
+                                data: d.into(),
+                                digests: ds,
+                            });
+                        }
+                        Some((r.block, data, vec![r.digest]))
+                    }
+                };
+            }
+            if let Some((first, d, ds)) = run {
+                extents.push(VerifiedExtent {
+                    first_block: first,
+                    data: d.into(),
+                    digests: ds,
+                });
+            }
+            if extents.is_empty() {
+                break;
+            }
+            failpoint::hit("node-settle-group");
+            let group = images.prepare_many(vec![extents])?;
+            blocks += group
+                .iter()
+                .flat_map(|p| &p.extents)
+                .map(|e| e.digests.len() as u64)
+                .sum::<u64>();
+            let (records, added) =
+                append_before_images(self, name, &mut files, geometry, &group, delta.bytes)?;
+            delta.records += records;
+            delta.bytes += added;
+            let extents: Vec<&VerifiedExtent> = group.iter().flat_map(|p| &p.extents).collect();
+            write_replica(&mut files, geometry, &extents, &replica_path, &|| {
+                boundary("settle: replica written")
+            })?;
+            write_digests(&files.digests, &extents, &digests_path)?;
+            boundary("settle: digests written")?;
+        }
+        make_durable(&files.replica, &files.digests, &dir)?;
+        boundary("settle: data durable")?;
+        let mut prev: PointMeta = self
+            .points
+            .get(point_key(name, old_point))?
+            .map(|v| decode(&v))
+            .transpose()?
+            .ok_or_else(|| {
+                StoreError::Meta(format!("data source {name}: point {old_point} vanished"))
+            })?;
+        prev.delta = Some(delta);
+        let prev_bytes = encode(&prev)?;
+        (&self.points, &self.settle)
+            .transaction(|(pts, st)| {
+                pts.insert(point_key(name, old_point), prev_bytes.as_slice())?;
+                st.remove(name.as_bytes())?;
+                Ok(())
+            })
+            .map_err(txn_error)?;
+        boundary("settle: recorded")?;
+        self.db.flush()?;
+        boundary("settle: recorded durable")?;
+        std::fs::remove_file(&journal).map_err(io("remove", &journal))?;
+        boundary("settle: journal removed")?;
+        fsync_dir(&dir)?;
+        tracing::info!(
+            source = name,
+            point = rec.point,
+            blocks,
+            delta_bytes = delta.bytes,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "point settled into the replica"
+        );
+        Ok(())
+    }
+
     /// Plans the restore of `point` (0 = newest) of a source.
     pub fn restore(&self, name: &str, point: u64) -> Result<RestoreReader> {
+        self.settled(name)?;
         let (meta, points, target) = self.readable_point(name, point)?;
         meta.require_volume("a block restore (restore it as logs)")?;
         let dir = meta.dir();
@@ -1710,9 +2223,6 @@ struct TxnFiles {
     /// New bytes go to the replica with `O_DIRECT` where the file system allows it,
     /// from up to [`IO_THREADS`] threads at once (made as needed).
     writers: Vec<DirectWriter>,
-    /// The replica opened with `O_DIRECT` for reading before-images (none where the
-    /// file system refuses it).
-    replica_read: Option<File>,
     /// Replica writes at a queue depth from the writing thread: an io_uring and the
     /// replica opened with `O_DIRECT` for writing (none where the kernel or the file
     /// system refuses, and in unit tests, which need the writes in order: see
@@ -1722,7 +2232,10 @@ struct TxnFiles {
     /// [`uring::DEPTH`]).
     bounce: Vec<bytes::BytesMut>,
     digests: File,
+    /// A settle's: the delta its before-images go to.
     delta: Option<DeltaAppender>,
+    /// A sync's (every sync but a first one): the journal its blocks go to.
+    journal: Option<DeltaAppender>,
     dir: PathBuf,
 }
 
@@ -1739,10 +2252,15 @@ pub struct SyncTxn {
     touched: Vec<u64>,
     blocks: u64,
     bytes: u64,
+    /// Bytes and records of before-images the previous point's delta will hold
+    /// once this sync is settled (from the old digests of the changing blocks).
     delta_len: u64,
     delta_records: u64,
+    /// Bytes written to the journal.
+    journal_len: u64,
     /// Bytes the committed points' deltas hold.
     points_used: u64,
+    zero: ZeroDigests,
     times: ApplyTimes,
 }
 
@@ -1751,7 +2269,7 @@ pub struct SyncTxn {
 pub struct ApplyTimes {
     /// Reading old digests and before-images.
     pub before_images: std::time::Duration,
-    /// Appending before-images to the delta and making them durable.
+    /// Appending new blocks to the journal (the space check included).
     pub delta: std::time::Duration,
     /// Writing new bytes and digests.
     pub writes: std::time::Duration,
@@ -1759,16 +2277,20 @@ pub struct ApplyTimes {
     pub open: std::time::Duration,
     /// Rounds of before-image reads (each reads the batches waiting by then).
     pub read_rounds: u64,
-    /// Groups written (each one delta append and fdatasync).
+    /// Groups written (each one journal append).
     pub groups: u64,
 }
 
-/// Reads the old digests and before-images of a sync's batches on a thread of its
-/// own, ahead of the thread that writes them ([`SyncTxn::apply_prepared`]). Safe to
-/// run ahead: a sync writes each block at most once, and a batch that repeats a
-/// block is refused before anything of it is written.
+/// Reads the old digests (a sync's, on a thread of its own ahead of the thread that
+/// journals the batches, [`SyncTxn::apply_prepared`]) and, for a settle, the
+/// before-images of batches. Safe to run ahead: a sync writes each block at most
+/// once, and a batch that repeats a block is refused before anything of it is
+/// written; a settle reads each group just before it applies it.
 pub struct BeforeImageReader {
     keeps_deltas: bool,
+    /// Whether the old bytes are read too (a settle), or only the old digests (a
+    /// sync: its space check needs no more).
+    read_images: bool,
     replica: File,
     direct: Option<File>,
     digests: File,
@@ -1783,7 +2305,8 @@ pub struct Prepared {
     pub extents: Vec<VerifiedExtent>,
     /// Blocks that need a before-image, with their old digests.
     recs: Vec<(u64, Digest)>,
-    /// Their old bytes (`None`: never written).
+    /// Their old bytes (`None`: never written, or not read: see
+    /// [`BeforeImageReader`]).
     old: Vec<Option<Bytes>>,
     /// On the first batch of a round of reads (see
     /// [`BeforeImageReader::prepare_many`]): how long the round took.
@@ -1817,13 +2340,17 @@ impl BeforeImageReader {
             recs.push(self.changing_blocks(extents)?);
         }
         let all: Vec<(u64, Digest)> = recs.iter().flatten().copied().collect();
-        let mut old = read_before_images(
-            &self.replica,
-            self.direct.as_ref(),
-            &self.replica_path,
-            self.geometry,
-            &all,
-        )?
+        let mut old = if self.read_images {
+            read_before_images(
+                &self.replica,
+                self.direct.as_ref(),
+                &self.replica_path,
+                self.geometry,
+                &all,
+            )?
+        } else {
+            vec![None; all.len()]
+        }
         .into_iter();
         let read_time = started.elapsed();
         Ok(batches
@@ -1919,6 +2446,7 @@ impl SyncTxn {
             new_point: self.new_point,
             fresh: self.fresh,
             disk: self.meta.disk.clone(),
+            journal: !self.fresh,
         };
         // 1. The pending record (and, for a new source, its meta) is durable before
         //    any data file changes.
@@ -1961,10 +2489,12 @@ impl SyncTxn {
                 .set_len(geometry.block_count() * DIGEST_LEN as u64)
                 .map_err(io("size", &digests_path))?;
         }
-        let delta = if self.fresh {
+        // A first sync writes into the replica; every later one into the journal,
+        // and the replica stays as it is until the point is settled.
+        let journal = if self.fresh {
             None
         } else {
-            let p = delta_path(&dir, self.new_point - 1);
+            let p = journal_path(&dir);
             let f = OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -1972,13 +2502,12 @@ impl SyncTxn {
                 .truncate(true)
                 .open(&p)
                 .map_err(io("create", &p))?;
-            fsync_dir(&dir.join("deltas"))?;
-            Some(DeltaAppender::new(f, &p))
+            Some(DeltaAppender::new(f, &p, "journal"))
         };
         fsync_dir(&dir)?;
         boundary("sync: files created")?;
         self.touched = vec![0u64; geometry.block_count().div_ceil(64) as usize];
-        let uring = if cfg!(test) {
+        let uring = if cfg!(test) || !self.fresh {
             None
         } else {
             Ring::try_new().zip(open_direct(&replica_path, false))
@@ -1988,21 +2517,18 @@ impl SyncTxn {
             writers: Vec::new(),
             uring,
             bounce: Vec::new(),
-            replica_read: if self.fresh {
-                None
-            } else {
-                open_direct(&replica_path, true)
-            },
             digests,
-            delta,
+            delta: None,
+            journal,
             dir,
         });
         Ok(())
     }
 
-    /// A reader of this sync's before-images that can run on another thread, ahead
-    /// of [`SyncTxn::apply_prepared`]. Opens the sync's files (writing the pending
-    /// record) if that has not happened yet.
+    /// A reader of the old digests of this sync's changing blocks (what its space
+    /// check needs; the before-images themselves are read by the settle) that can
+    /// run on another thread, ahead of [`SyncTxn::apply_prepared`]. Opens the sync's
+    /// files (writing the pending record) if that has not happened yet.
     pub fn before_images(&mut self) -> Result<BeforeImageReader> {
         self.open_files()?;
         let Some(files) = self.files.as_ref() else {
@@ -2011,17 +2537,14 @@ impl SyncTxn {
         let replica_path = files.dir.join("replica");
         let digests_path = files.dir.join("digests");
         Ok(BeforeImageReader {
-            keeps_deltas: files.delta.is_some(),
+            keeps_deltas: files.journal.is_some(),
+            read_images: false,
             replica: files
                 .replica
                 .try_clone()
                 .map_err(io("reopen", &replica_path))?,
-            direct: files
-                .replica_read
-                .as_ref()
-                .map(File::try_clone)
-                .transpose()
-                .map_err(io("reopen", &replica_path))?,
+            // A sync reads no before-images (see `read_images`).
+            direct: None,
             digests: files
                 .digests
                 .try_clone()
@@ -2069,31 +2592,27 @@ impl SyncTxn {
             self.times.read_rounds += 1;
         }
         self.times.groups += 1;
-        // 2. Before-images, durable before the replica changes.
-        if let Some(delta) = files.delta.as_mut() {
-            let delta_file_path = delta_path(&files.dir, self.new_point - 1);
-            let read = std::time::Instant::now();
-            let recs: Vec<(u64, Digest)> =
-                group.iter().flat_map(|p| p.recs.iter().copied()).collect();
-            let datas: Vec<Option<&[u8]>> = group
-                .iter()
-                .flat_map(|p| &p.old)
-                .map(|d| d.as_deref().filter(|d| !is_zero(d)))
-                .collect();
-            // Open views learn where each record's bytes will be.
-            let views = self.store.views_of(&self.spec.source);
-            let mut located = Vec::new();
+        let extents: Vec<&VerifiedExtent> = group.iter().flat_map(|p| &p.extents).collect();
+        if let Some(journal) = files.journal.as_mut() {
+            // 2. The space the before-images will take in the previous point's
+            //    delta once settled, decided now: a block whose old digest is
+            //    unwritten or zeros needs no bytes.
+            let appending = std::time::Instant::now();
             let mut added = 0u64;
-            for ((block, _), data) in recs.iter().zip(&datas) {
-                if !views.is_empty() {
-                    let at = self.delta_len + added + (HEADER_LEN + CHECK_LEN) as u64;
-                    located.push((*block, data.is_some().then_some(at)));
-                }
-                added += record_len(*data) as u64;
+            let mut records = 0u64;
+            for (block, old) in group.iter().flat_map(|p| p.recs.iter()) {
+                let has_data = *old != Digest::UNWRITTEN && *old != self.zero.of(*block);
+                added += (HEADER_LEN + CHECK_LEN) as u64
+                    + if has_data {
+                        geometry.block_len(*block)
+                    } else {
+                        0
+                    };
+                records += 1;
             }
             let need = self.points_used + self.delta_len + added;
             if need > self.meta.points_alloc_bytes {
-                let more = need - self.points_used;
+                let more = self.delta_len + added;
                 make_room(
                     &self.store,
                     &mut self.meta,
@@ -2102,54 +2621,53 @@ impl SyncTxn {
                     self.new_point - 1,
                 )?;
             }
-            let records = recs.iter().zip(&datas).map(|((block, digest), data)| {
-                (*block, *digest, *data, geometry.block_len(*block) as usize)
-            });
-            delta
-                .append(self.delta_len, records)
-                .map_err(io("write", &delta_file_path))?;
-            boundary("sync: before-images written")?;
-            delta
-                .file
-                .sync_data()
-                .map_err(io("fsync", &delta_file_path))?;
-            boundary("sync: before-images durable")?;
-            // Open views learn where these blocks' old bytes are before the replica
-            // changes (each view waits for its in-flight replica reads first).
-            for v in &views {
-                let file = delta
-                    .file
-                    .try_clone()
-                    .map_err(io("reopen", &delta_file_path))?;
-                v.add(file, &located);
-            }
             self.delta_len += added;
-            self.delta_records += recs.len() as u64;
-            self.times.delta += read.elapsed();
+            self.delta_records += records;
+            // The new blocks, with their new digests, appended to the journal (made
+            // durable at commit).
+            let journal_file_path = journal_path(&files.dir);
+            let bs = geometry.block_size as usize;
+            let mut appended = 0u64;
+            let blocks = extents.iter().flat_map(|e| {
+                e.digests.iter().enumerate().map(move |(i, d)| {
+                    let data = &e.data[i * bs..((i + 1) * bs).min(e.data.len())];
+                    (e.first_block + i as u64, *d, data)
+                })
+            });
+            let records = blocks.map(|(block, digest, data)| {
+                let data = (!is_zero(data)).then_some(data);
+                appended += record_len(data) as u64;
+                (block, digest, data, geometry.block_len(block) as usize)
+            });
+            journal
+                .append(self.journal_len, records)
+                .map_err(io("write", &journal_file_path))?;
+            self.journal_len += appended;
+            boundary("sync: journal written")?;
+            self.times.delta += appending.elapsed();
+        } else {
+            // A first sync: straight into the replica.
+            failpoint::hit("node-before-replica-write");
+            let writing = std::time::Instant::now();
+            write_replica(files, geometry, &extents, &replica_path, &|| {
+                boundary("sync: replica written")
+            })?;
+            write_digests(&files.digests, &extents, &digests_path)?;
+            self.times.writes += writing.elapsed();
         }
-        failpoint::hit("node-before-replica-write");
-        let writing = std::time::Instant::now();
-        let extents: Vec<&VerifiedExtent> = group.iter().flat_map(|p| &p.extents).collect();
-        write_replica(files, geometry, &extents, &replica_path)?;
         for e in extents {
-            let mut d = Vec::with_capacity(e.digests.len() * DIGEST_LEN);
-            for digest in &e.digests {
-                d.extend_from_slice(&digest.0);
-            }
-            files
-                .digests
-                .write_all_at(&d, e.first_block * DIGEST_LEN as u64)
-                .map_err(io("write", &digests_path))?;
             self.blocks += e.digests.len() as u64;
             self.bytes += e.data.len() as u64;
         }
-        self.times.writes += writing.elapsed();
         // After each group of batches (see the service's applier).
         failpoint::hit("node-after-batch");
         Ok(())
     }
 
-    /// Makes the sync durable and records the new point. Blocking.
+    /// Makes the sync durable and records the new point. Blocking. A first sync is
+    /// in the replica already; a later one is in the journal, and is committed with
+    /// a `settle` record: [`Store::settle`] then applies it to the replica (the
+    /// service does that after it acknowledged the point).
     pub fn commit(mut self) -> Result<PointMeta> {
         // A sync that changed nothing still makes a point: the agent asked for one.
         self.open_files()?;
@@ -2157,17 +2675,17 @@ impl SyncTxn {
             return Err(StoreError::Meta("sync files not open".into()));
         };
         failpoint::hit("node-before-commit");
-        let replica_path = files.dir.join("replica");
-        let digests_path = files.dir.join("digests");
-        files
-            .replica
-            .sync_all()
-            .map_err(io("fsync", &replica_path))?;
-        files
-            .digests
-            .sync_all()
-            .map_err(io("fsync", &digests_path))?;
-        boundary("commit: data durable")?;
+        match &files.journal {
+            Some(journal) => {
+                let p = journal_path(&files.dir);
+                journal.file.sync_data().map_err(io("fsync", &p))?;
+                boundary("commit: journal durable")?;
+            }
+            None => {
+                make_durable(&files.replica, &files.digests, &files.dir)?;
+                boundary("commit: data durable")?;
+            }
+        }
         let store = &self.store;
         let name = self.spec.source.clone();
         let point = PointMeta {
@@ -2182,34 +2700,24 @@ impl SyncTxn {
             damaged: Vec::new(),
             files_changed: 0,
         };
-        let previous = if self.fresh {
-            None
-        } else {
-            let mut prev: PointMeta = store
-                .points
-                .get(point_key(&name, self.new_point - 1))?
-                .map(|v| decode(&v))
-                .transpose()?
-                .ok_or_else(|| {
-                    StoreError::Meta(format!("point {} vanished", self.new_point - 1))
-                })?;
-            prev.delta = Some(DeltaMeta {
-                records: self.delta_records,
-                bytes: self.delta_len,
-            });
-            Some(prev)
-        };
+        let settle = files.journal.as_ref().map(|_| Settle {
+            v: FORMAT_VERSION,
+            point: self.new_point,
+            disk: self.meta.disk.clone(),
+            blocks: self.blocks,
+            journal_bytes: self.journal_len,
+        });
         let new_bytes = encode(&point)?;
-        let prev_bytes = previous.as_ref().map(encode).transpose()?;
+        let settle_bytes = settle.as_ref().map(encode).transpose()?;
         let meta_bytes = encode(&self.meta)?;
-        // 3. One transaction: the new point, the previous point's delta, no pending,
-        //    and the source's record (its allocation and retention).
-        (&store.points, &store.pending, &store.sources)
-            .transaction(|(pts, pend, srcs)| {
+        // 3. One transaction: the new point, its settle record, no pending, and the
+        //    source's record (its allocation and retention).
+        (&store.points, &store.pending, &store.sources, &store.settle)
+            .transaction(|(pts, pend, srcs, st)| {
                 srcs.insert(name.as_bytes(), meta_bytes.as_slice())?;
                 pts.insert(point_key(&name, point.id), new_bytes.as_slice())?;
-                if let (Some(prev), Some(b)) = (&previous, &prev_bytes) {
-                    pts.insert(point_key(&name, prev.id), b.as_slice())?;
+                if let Some(b) = &settle_bytes {
+                    st.insert(name.as_bytes(), b.as_slice())?;
                 }
                 pend.remove(name.as_bytes())?;
                 Ok(())
@@ -2233,9 +2741,81 @@ impl SyncTxn {
             new_point: self.new_point,
             fresh: self.fresh,
             disk: self.meta.disk.clone(),
+            journal: !self.fresh,
         };
         self.store.roll_back(&self.spec.source, &pending)
     }
+}
+
+/// Writes the digests of `extents` into the digests file.
+fn write_digests(digests: &File, extents: &[&VerifiedExtent], path: &Path) -> Result<()> {
+    for e in extents {
+        let mut d = Vec::with_capacity(e.digests.len() * DIGEST_LEN);
+        for digest in &e.digests {
+            d.extend_from_slice(&digest.0);
+        }
+        digests
+            .write_all_at(&d, e.first_block * DIGEST_LEN as u64)
+            .map_err(io("write", path))?;
+    }
+    Ok(())
+}
+
+/// A settle group's before-images (from [`BeforeImageReader::prepare_many`])
+/// appended to the delta of `files`, which is `delta_len` bytes long, and made
+/// durable; the source's open views learn where they are. Returns the records and
+/// bytes appended. Only then may the group's blocks be overwritten.
+fn append_before_images(
+    store: &Store,
+    source: &str,
+    files: &mut TxnFiles,
+    geometry: Geometry,
+    group: &[Prepared],
+    delta_len: u64,
+) -> Result<(u64, u64)> {
+    let Some(delta) = files.delta.as_mut() else {
+        return Err(StoreError::Meta("settle without a delta".into()));
+    };
+    let delta_file_path = delta.path.clone();
+    let recs: Vec<(u64, Digest)> = group.iter().flat_map(|p| p.recs.iter().copied()).collect();
+    let datas: Vec<Option<&[u8]>> = group
+        .iter()
+        .flat_map(|p| &p.old)
+        .map(|d| d.as_deref().filter(|d| !is_zero(d)))
+        .collect();
+    // Open views learn where each record's bytes will be.
+    let views = store.views_of(source);
+    let mut located = Vec::new();
+    let mut added = 0u64;
+    for ((block, _), data) in recs.iter().zip(&datas) {
+        if !views.is_empty() {
+            let at = delta_len + added + (HEADER_LEN + CHECK_LEN) as u64;
+            located.push((*block, data.is_some().then_some(at)));
+        }
+        added += record_len(*data) as u64;
+    }
+    let records = recs.iter().zip(&datas).map(|((block, digest), data)| {
+        (*block, *digest, *data, geometry.block_len(*block) as usize)
+    });
+    delta
+        .append(delta_len, records)
+        .map_err(io("write", &delta_file_path))?;
+    boundary("settle: before-images written")?;
+    delta
+        .file
+        .sync_data()
+        .map_err(io("fsync", &delta_file_path))?;
+    boundary("settle: before-images durable")?;
+    // Open views learn where these blocks' old bytes are before the replica changes
+    // (each view waits for its in-flight replica reads first).
+    for v in &views {
+        let file = delta
+            .file
+            .try_clone()
+            .map_err(io("reopen", &delta_file_path))?;
+        v.add(file, &located);
+    }
+    Ok((recs.len() as u64, added))
 }
 
 /// Finds room for `more` bytes of before-images beyond what the committed points of
@@ -2453,6 +3033,7 @@ fn write_replica(
     geometry: Geometry,
     extents: &[&VerifiedExtent],
     path: &Path,
+    written: &dyn Fn() -> Result<()>,
 ) -> Result<()> {
     if extents.len() > 1 && write_replica_ring(files, geometry, extents, path)? {
         return Ok(());
@@ -2471,7 +3052,7 @@ fn write_replica(
             files.writers[0]
                 .write_at(replica, &e.data, geometry.offset_of(e.first_block))
                 .map_err(io("write", path))?;
-            boundary("sync: replica written")?;
+            written()?;
         }
         return Ok(());
     }
@@ -2601,7 +3182,8 @@ fn record_len(data: Option<&[u8]>) -> usize {
     HEADER_LEN + CHECK_LEN + data.map_or(0, <[u8]>::len)
 }
 
-/// Appends a sync's before-image records to its delta file through a
+/// Appends records to a delta file (a settle's before-images) or to a journal (a
+/// sync's new blocks) through a
 /// [`DirectWriter`]: the records are built in a page-aligned buffer that starts with
 /// the file's last partial page, so whole pages go to the disk with `O_DIRECT` and no
 /// bounce copy, and only the new partial last page through the page cache (the next
@@ -2613,6 +3195,7 @@ fn record_len(data: Option<&[u8]>) -> usize {
 /// scattered incremental.
 struct DeltaAppender {
     file: File,
+    path: PathBuf,
     writer: DirectWriter,
     /// The file's bytes from its last page boundary on (fewer than a page).
     tail: Vec<u8>,
@@ -2630,10 +3213,12 @@ const DELTA_CHUNK: usize = if cfg!(test) {
 };
 
 impl DeltaAppender {
-    fn new(file: File, path: &Path) -> DeltaAppender {
+    /// `what` names the file in the log line of a fallback to buffered writes.
+    fn new(file: File, path: &Path, what: &'static str) -> DeltaAppender {
         DeltaAppender {
             file,
-            writer: DirectWriter::open(path, "delta"),
+            path: path.to_path_buf(),
+            writer: DirectWriter::open(path, what),
             tail: Vec::new(),
             chunk: None,
         }
@@ -2822,9 +3407,9 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 ///
 /// The view stays exact while the source changes: it holds its delta files open
 /// (a prune that merges or deletes them does not disturb it; their space returns
-/// when the view closes), and a sync, before overwriting replica blocks, adds the
+/// when the view closes), and a settle, before overwriting replica blocks, adds the
 /// location of their before-images under the view's write lock. Reads hold the
-/// read lock, so a replica read in flight finishes before the sync may overwrite
+/// read lock, so a replica read in flight finishes before the settle may overwrite
 /// its blocks.
 pub struct PointView {
     source: String,

@@ -1,5 +1,6 @@
 //! kill -9 of the storage node in the middle of applying a sync: the data source stays
-//! at its last recovery point, and the next sync works.
+//! at its last recovery point, and the next sync works; in the middle of settling an
+//! acknowledged point: the point survives.
 
 use std::time::Duration;
 
@@ -76,6 +77,88 @@ fn node_kill9_mid_sync_keeps_last_point() {
     let restored1 = fleet.scratch("p1-after-sync.img");
     fleet.restore(SOURCE, Some(1), &restored1, None);
     assert_same_file(&restored1, &point1, "restore of point 1 after point 2");
+}
+
+/// kill -9 of the storage node while it settles an acknowledged point into the
+/// replica (paused at the start of its first settle group): the point was
+/// acknowledged, so it must survive; the restarted node finishes the settle from
+/// the journal, both points restore exactly, and the next sync sends exactly the
+/// blocks changed since (the node's digests are the new point's).
+#[test]
+fn node_kill9_mid_settle_keeps_the_new_point() {
+    let mut fleet = Fleet::builder()
+        .node("node-1")
+        .agent("host-1", SOURCE, SIZE)
+        .start();
+
+    let r = fleet.sync(SOURCE);
+    assert_eq!(json_u64(&r, "point"), 1, "first sync: {r}");
+    let point1 = fleet.save_volume(SOURCE, "p1.img");
+
+    // ~19 MiB of changes: several settle groups of 4 MiB.
+    let touched = rewrite_random_blocks(&fleet.volume(SOURCE), 300);
+    assert_eq!(touched, 300);
+
+    // The first sync was fresh (no settle): the first settle group is point 2's.
+    let status = fleet
+        .node("node-1")
+        .restart_with_env(&[("BULWARK_FAILPOINTS", "node-settle-group=pause")]);
+    assert!(
+        status.success(),
+        "node-1 did not stop cleanly on SIGTERM: {status}"
+    );
+    fleet.wait_ready();
+
+    let r = fleet.sync(SOURCE);
+    assert_eq!(
+        json_u64(&r, "point"),
+        2,
+        "the sync is acknowledged before its settle: {r}"
+    );
+    fleet.node("node-1").wait_for_log(
+        "failpoint node-settle-group reached",
+        Duration::from_secs(120),
+    );
+    let point2 = fleet.save_volume(SOURCE, "p2.img");
+    fleet.node("node-1").kill9();
+
+    // Restart without fault points: the settle is finished at start-up.
+    fleet.node("node-1").start();
+    fleet.node("node-1").wait_for_log(
+        "settling a committed point a crash interrupted",
+        Duration::from_secs(60),
+    );
+    fleet
+        .node("node-1")
+        .wait_for_log("point settled into the replica", Duration::from_secs(60));
+    fleet.wait_ready();
+    assert_eq!(
+        fleet.point_ids(SOURCE),
+        vec![1, 2],
+        "points after a node crash mid-settle"
+    );
+    let restored1 = fleet.scratch("p1-after-crash.img");
+    fleet.restore(SOURCE, Some(1), &restored1, None);
+    assert_same_file(&restored1, &point1, "restore of point 1 after the crash");
+    let restored2 = fleet.scratch("p2-after-crash.img");
+    fleet.restore(SOURCE, Some(2), &restored2, None);
+    assert_same_file(&restored2, &point2, "restore of point 2 after the crash");
+
+    // The next sync sends exactly what changed since point 2.
+    let touched = rewrite_random_blocks(&fleet.volume(SOURCE), 20);
+    let r = fleet.sync(SOURCE);
+    assert_eq!(json_u64(&r, "point"), 3, "sync after the crash: {r}");
+    assert_eq!(
+        json_u64(&r, "blocks_sent"),
+        touched as u64,
+        "the next sync sends exactly the changed blocks: {r}"
+    );
+    let restored3 = fleet.scratch("p3.img");
+    fleet.restore(SOURCE, Some(3), &restored3, None);
+    assert_same_file(&restored3, &fleet.volume(SOURCE), "restore of point 3");
+    let restored2 = fleet.scratch("p2-after-sync.img");
+    fleet.restore(SOURCE, Some(2), &restored2, None);
+    assert_same_file(&restored2, &point2, "restore of point 2 after point 3");
 }
 
 /// A coordinator with agents connected stops promptly on SIGTERM (their control

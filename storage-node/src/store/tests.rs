@@ -71,7 +71,10 @@ fn sync(store: &Store, old: &[u8], image: &[u8], base: u64) -> PointMeta {
     for chunk in diff_extents(old, image).chunks(3) {
         txn.apply(chunk).expect("apply");
     }
-    txn.commit().expect("commit")
+    let p = txn.commit().expect("commit");
+    // As the node does after acknowledging the point.
+    store.settle("vol").expect("settle");
+    p
 }
 
 fn scribble(rng: &mut impl Rng, image: &mut [u8], writes: usize) {
@@ -588,11 +591,26 @@ fn run_sync(
     size: u64,
     batches: &[Vec<VerifiedExtent>],
 ) -> Result<PointMeta> {
+    run_sync_acked(store, base, size, batches, &mut None)
+}
+
+/// [`run_sync`], noting in `acked` the point once its commit returned (the node
+/// acknowledges it then, and settles it after).
+fn run_sync_acked(
+    store: &Store,
+    base: u64,
+    size: u64,
+    batches: &[Vec<VerifiedExtent>],
+    acked: &mut Option<u64>,
+) -> Result<PointMeta> {
     let mut txn = store.begin_sync(spec(size, base))?;
     for b in batches {
         txn.apply(b)?;
     }
-    txn.commit()
+    let p = txn.commit()?;
+    *acked = Some(p.id);
+    store.settle(NAME)?;
+    Ok(p)
 }
 
 #[derive(Debug, Clone)]
@@ -737,10 +755,10 @@ fn run_crash_sequence(size: u64, steps: &[Step], reached: &mut Vec<&'static str>
         if let Some(n) = step.crash {
             crash::arm(n % boundaries);
         }
+        let mut acked = None;
         let result = match action {
-            Action::Sync { base, batches } => {
-                run_sync(&s, base, size, &batches).map(|p| assert_eq!(p.id, base + 1, "{ctx}"))
-            }
+            Action::Sync { base, batches } => run_sync_acked(&s, base, size, &batches, &mut acked)
+                .map(|p| assert_eq!(p.id, base + 1, "{ctx}")),
             Action::Prune { id } => s.prune(NAME, id).map(|_| ()),
             Action::Retention { policy, now, drop } => s
                 .set_policy(NAME, &policy, now)
@@ -789,7 +807,11 @@ fn run_crash_sequence(size: u64, steps: &[Step], reached: &mut Vec<&'static str>
         }
         match expect {
             Expect::Point { id, image } => {
-                // A crashed sync committed or it did not; either is whole.
+                // A crashed sync committed or it did not; either is whole. One
+                // that was acknowledged is never lost.
+                if acked == Some(id) {
+                    assert!(ids.contains(&id), "{ctx}: acknowledged point {id} lost");
+                }
                 if !crashed || ids.contains(&id) {
                     model.insert(id, image);
                 }
@@ -1007,8 +1029,9 @@ fn a_crash_at_every_boundary_of_a_sync_and_its_recovery_keeps_every_point() {
                 "sync of point {new} crashed at boundary {n} (unflushed lost: {lose_unflushed})"
             );
             let batches = history_batches(&images, base + 1);
+            let mut acked = None;
             crash::arm(n);
-            let r = run_sync(&store, base as u64, size, &batches);
+            let r = run_sync_acked(&store, base as u64, size, &batches, &mut acked);
             let happened = crash::disarm();
             drop(batches);
             match r {
@@ -1034,6 +1057,9 @@ fn a_crash_at_every_boundary_of_a_sync_and_its_recovery_keeps_every_point() {
                 .expect("points")
                 .iter()
                 .any(|p| p.id == new);
+            if acked.is_some() {
+                assert!(committed, "{ctx}: the acknowledged point was lost");
+            }
             if committed {
                 model.insert(new, images[base + 1].clone());
             }
@@ -1051,10 +1077,15 @@ fn a_crash_at_every_boundary_of_a_sync_and_its_recovery_keeps_every_point() {
     let want: BTreeSet<&str> = boundaries_in_source()
         .into_iter()
         .filter(|b| {
-            b.starts_with("sync:") || b.starts_with("commit:") || b.starts_with("rollback:")
+            ["sync:", "commit:", "rollback:", "settle:", "undo:"]
+                .iter()
+                .any(|p| b.starts_with(p))
         })
         .collect();
-    assert_eq!(reached, want, "the boundaries of a sync and its recovery");
+    assert_eq!(
+        reached, want,
+        "the boundaries of a sync, its settle and their recovery"
+    );
 }
 
 /// Every boundary of the store belongs to an operation the tests above crash.
@@ -1064,9 +1095,17 @@ fn every_crash_boundary_is_covered_by_a_test() {
     assert!(all.len() >= 10, "{all:?}");
     for b in all {
         assert!(
-            ["sync:", "commit:", "rollback:", "prune:", "merge:"]
-                .iter()
-                .any(|p| b.starts_with(p)),
+            [
+                "sync:",
+                "commit:",
+                "rollback:",
+                "settle:",
+                "undo:",
+                "prune:",
+                "merge:"
+            ]
+            .iter()
+            .any(|p| b.starts_with(p)),
             "boundary {b:?} is crashed by no test"
         );
     }
@@ -1184,8 +1223,22 @@ fn batches_prepared_together_match_batches_prepared_alone() {
         vec![extent(30..31)],
     ];
     let mut txn = store.begin_sync(spec(size, p1.id)).expect("begin");
-    let reader = txn.before_images().expect("reader");
+    // A sync reads only the old digests (its space check needs no more)...
+    let received = txn
+        .before_images()
+        .expect("reader")
+        .prepare_many(batches.clone())
+        .expect("prepare_many");
+    // ... the settle reads the before-images too.
+    let dir = store.source("vol").expect("meta").expect("source").dir();
+    let reader = store
+        .before_image_reader(&dir, Geometry::new(size, BS).expect("geometry"))
+        .expect("reader");
     let together = reader.prepare_many(batches.clone()).expect("prepare_many");
+    for (r, t) in received.iter().zip(&together) {
+        assert_eq!(r.recs, t.recs);
+        assert!(r.old.iter().all(Option::is_none));
+    }
     assert_eq!(together.len(), batches.len());
     for (batch, t) in batches.iter().zip(&together) {
         let alone = reader.prepare(batch.clone()).expect("prepare");
@@ -1204,6 +1257,213 @@ fn batches_prepared_together_match_batches_prepared_alone() {
     assert_eq!(together[1].old[0].as_deref(), Some(old_block(5)));
     txn.apply_prepared(together).expect("apply");
     let p2 = txn.commit().expect("commit");
+    store.settle("vol").expect("settle");
     assert_eq!(read_point_to_vec(&store, "vol", p1.id).expect("p1"), first);
     assert_eq!(read_point_to_vec(&store, "vol", p2.id).expect("p2"), second);
+}
+
+/// The digests a point's replica holds: one per block of `image` (every block of
+/// these images was written).
+fn digests_of(image: &[u8]) -> Vec<u8> {
+    image
+        .chunks(BS as usize)
+        .flat_map(|b| Digest::of(b).0)
+        .collect()
+}
+
+/// A store with point 1 (the whole volume written) settled, and point 2 committed
+/// but not settled: its blocks are only in the journal.
+fn unsettled_store(dir: &Path) -> (Store, Vec<Vec<u8>>) {
+    let store = open(dir);
+    let size = 40 * BS as u64 + 100;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let zero = vec![0u8; size as usize];
+    let mut v1 = zero.clone();
+    rng.fill(&mut v1[..]);
+    sync(&store, &zero, &v1, 0);
+    let mut v2 = v1.clone();
+    scribble(&mut rng, &mut v2, 12);
+    v2[7 * BS as usize..8 * BS as usize].fill(0); // a block made zeros
+    let mut txn = store.begin_sync(spec(size, 1)).expect("begin");
+    for chunk in diff_extents(&v1, &v2).chunks(2) {
+        txn.apply(chunk).expect("apply");
+    }
+    let p = txn.commit().expect("commit");
+    assert_eq!(p.id, 2);
+    // Not settled: the replica is still point 1, the journal holds point 2.
+    let src = dir.join("disk1").join("bulwark").join("vol");
+    assert!(store.settle.contains_key("vol").expect("settle record"));
+    assert!(src.join("journal").exists());
+    assert!(std::fs::read(src.join("replica")).expect("replica") == v1);
+    (store, vec![zero, v1, v2])
+}
+
+/// A committed point that is not settled yet (the node crashed, or a settle
+/// failed and was retried) reads correctly whichever way it is read first: each
+/// of these settles it first. Then the next sync and a reopen see it whole.
+#[test]
+fn an_unsettled_point_reads_correctly_every_way() {
+    for way in ["restore", "restore previous", "view", "digests", "verify"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, images) = unsettled_store(dir.path());
+        let (v1, v2) = (&images[1], &images[2]);
+        match way {
+            "restore" => assert!(read_point_to_vec(&store, "vol", 2).expect("restore") == *v2),
+            "restore previous" => {
+                assert!(read_point_to_vec(&store, "vol", 1).expect("restore") == *v1)
+            }
+            "view" => {
+                let view = store.open_view("vol", 0).expect("view");
+                assert_eq!(view.point(), 2);
+                assert!(read_view(&view) == *v2, "the view of point 2");
+                let view = store.open_view("vol", 1).expect("view");
+                assert!(read_view(&view) == *v1, "the view of point 1");
+            }
+            "digests" => {
+                let blocks = Geometry::new(v2.len() as u64, BS)
+                    .expect("geometry")
+                    .block_count();
+                let d = store.read_digests("vol", 0, blocks).expect("digests");
+                assert!(d == digests_of(v2), "the digests of point 2");
+            }
+            "verify" => {
+                let v = store.verify("vol", 0).expect("verify");
+                assert!(v.damaged_replica.is_empty() && v.damaged_points.is_empty());
+            }
+            _ => unreachable!(),
+        }
+        let src = dir.path().join("disk1").join("bulwark").join("vol");
+        assert!(
+            !store.settle.contains_key("vol").expect("settle record"),
+            "{way}: settled"
+        );
+        assert!(!src.join("journal").exists(), "{way}: journal removed");
+        assert!(
+            std::fs::read(src.join("replica")).expect("replica") == *v2,
+            "{way}: the replica is point 2"
+        );
+        let mut model: Model = (1..=2).map(|i| (i as u64, images[i].clone())).collect();
+        check_points(&store, &model, way);
+        // The next sync, then a reopen.
+        let mut v3 = v2.clone();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        scribble(&mut rng, &mut v3, 6);
+        let p = sync(&store, v2, &v3, 2);
+        assert_eq!(p.id, 3);
+        model.insert(3, v3);
+        check_points(&store, &model, &format!("{way}, then a sync"));
+        check_files(dir.path(), &model, &format!("{way}, then a sync"));
+        drop(store);
+        let store = try_open(dir.path()).expect("reopen");
+        check_points(&store, &model, &format!("{way}, reopened"));
+        check_files(dir.path(), &model, &format!("{way}, reopened"));
+    }
+}
+
+/// A journal damaged on disk after its commit (bytes flipped near its end, in the
+/// last of many settle groups) is reported, not applied: the settle fails naming
+/// the source, point and cause, the groups already applied are undone (the
+/// replica is point 1 exactly), every operation on the source fails with that
+/// error, other sources are served, and the store reopens.
+#[test]
+fn a_damaged_journal_is_reported_not_applied() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    // 9 MiB of changes: more than two settle groups of a node (4 MiB), many of a
+    // unit test's.
+    let size = 10u64 << 20;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let zero = vec![0u8; size as usize];
+    let mut v1 = zero.clone();
+    rng.fill(&mut v1[..]);
+    sync(&store, &zero, &v1, 0);
+    let mut v2 = v1.clone();
+    rng.fill(&mut v2[..9 << 20]);
+    let mut txn = store.begin_sync(spec(size, 1)).expect("begin");
+    for chunk in diff_extents(&v1, &v2).chunks(1) {
+        txn.apply(chunk).expect("apply");
+    }
+    txn.commit().expect("commit");
+    // Another source, to be served whatever happens to this one.
+    let other = |base: u64| SyncSpec {
+        source: "other".into(),
+        ..spec(64 * BS as u64, base)
+    };
+    let mut o1 = vec![0u8; 64 * BS as usize];
+    rng.fill(&mut o1[..]);
+    let mut txn = store.begin_sync(other(0)).expect("begin other");
+    txn.apply(&diff_extents(&vec![0u8; o1.len()], &o1))
+        .expect("apply other");
+    txn.commit().expect("commit other");
+
+    let src = dir.path().join("disk1").join("bulwark").join("vol");
+    let journal = src.join("journal");
+    let len = std::fs::metadata(&journal).expect("journal").len();
+    assert!(
+        len > 2 * (4 << 20),
+        "the journal spans several settle groups"
+    );
+    let f = OpenOptions::new()
+        .write(true)
+        .open(&journal)
+        .expect("journal");
+    f.write_all_at(b"\xde\xad", len - 100).expect("damage");
+    drop(f);
+
+    let e = store.settle("vol").expect_err("a damaged journal settles");
+    let msg = e.to_string();
+    assert!(
+        matches!(e, StoreError::SettleFailed { point: 2, .. }),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("vol") && msg.contains("journal") && msg.contains("checksum"),
+        "the error names the source, the file and the cause: {msg}"
+    );
+    assert!(
+        msg.contains("written back to point 1, whole"),
+        "the error says the replica is point 1: {msg}"
+    );
+    let replica_is_point_1 = || {
+        assert!(
+            std::fs::read(src.join("replica")).expect("replica") == v1,
+            "the replica is point 1"
+        );
+        assert!(
+            std::fs::read(src.join("digests")).expect("digests") == digests_of(&v1),
+            "the digests are point 1's"
+        );
+        assert!(
+            !src.join("deltas").join(format!("{:020}.delta", 1)).exists(),
+            "the partial delta was undone"
+        );
+    };
+    replica_is_point_1();
+    let fails = |store: &Store, ctx: &str| {
+        for (what, r) in [
+            ("restore", store.restore("vol", 1).map(|_| ())),
+            ("view", store.open_view("vol", 0).map(|_| ())),
+            ("digests", store.read_digests("vol", 0, 1).map(|_| ())),
+            ("verify", store.verify("vol", 0).map(|_| ())),
+            ("sync", store.begin_sync(spec(size, 2)).map(|_| ())),
+            ("prune", store.prune("vol", 1).map(|_| ())),
+        ] {
+            match r {
+                Err(e @ StoreError::SettleFailed { .. }) => assert!(
+                    e.to_string().contains("checksum"),
+                    "{ctx}: {what} names the cause: {e}"
+                ),
+                other => panic!("{ctx}: {what} gave {other:?}"),
+            }
+        }
+        assert!(store.settle_failures().contains_key("vol"), "{ctx}");
+        let got = read_point_to_vec(store, "other", 1).expect("restore other");
+        assert!(got == o1, "{ctx}: the other source");
+    };
+    fails(&store, "after the settle failed");
+    assert!(journal.exists(), "the journal is kept");
+    drop(store);
+    let store = try_open(dir.path()).expect("reopen");
+    replica_is_point_1();
+    fails(&store, "reopened");
 }
