@@ -386,7 +386,7 @@ medians() {
 # An incremental is acknowledged before the node settles it into the replica (see
 # storage-node/src/store.rs); the node logs this line when it has. Each timed
 # incremental waits for it after the timing, so that no settle runs during the next
-# timed step.
+# timed step; the node's CPU figure of an incremental includes its settle.
 settled_count() { grep -c "point settled into the replica" "$WORK/node.log" || true; }
 SYNC_METRICS=(WALL_MS MS KIND SENT BLOCKS READ IO ACPU NCPU)
 timed_sync() {
@@ -412,6 +412,10 @@ timed_sync() {
         kill -INT "$perf_pid"
         wait "$perf_pid" || true
     fi
+    if [[ $label = INC_* ]]; then
+        # Outside the timing; the node's CPU figure below includes the settle.
+        wait_until "node settled $src" node "$PID_node" eval '(($(settled_count) > settled0))'
+    fi
     io1=$(io_read "$PID_agent")
     printf -v "${label}_WALL_MS" %s $(((t1 - t0) / 1000000))
     printf -v "${label}_ACPU" %s $(($(cpu_ms "$PID_agent") - ac0))
@@ -428,9 +432,6 @@ timed_sync() {
     done
     local w="${label}_WALL_MS" k="${label}_KIND" b="${label}_BLOCKS" s="${label}_SENT" r="${label}_READ" d="${label}_MS"
     note "$(secs "${!w}") s (agent $(secs "${!d}") s), ${!k}, ${!b} blocks, $(mib "${!s}") sent, $(mib "${!r}") read"
-    if [[ $label = INC_* ]]; then
-        wait_until "node settled $src" node "$PID_node" eval '(($(settled_count) > settled0))'
-    fi
 }
 
 # run_io OUT LABEL CMD...: runs CMD (stdout and stderr into OUT) in a subshell and sets

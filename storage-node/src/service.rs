@@ -610,7 +610,7 @@ async fn run_sync(
     tx: &mpsc::Sender<Result<pb::SyncReply, Status>>,
     lock: tokio::sync::OwnedRwLockWriteGuard<()>,
     damaged: Arc<AtomicU64>,
-) -> Result<(), Status> {
+) -> Result<tokio::sync::OwnedRwLockWriteGuard<()>, Status> {
     use pb::sync_message::Msg;
     let started = std::time::Instant::now();
     let (btx, brx) = mpsc::channel::<Vec<VerifiedExtent>>(READ_QUEUE);
@@ -695,9 +695,9 @@ async fn run_sync(
                 count_sync(&source, Some(&point), started);
                 tracing::info!(%source, point = point.id, blocks = point.blocks_changed, bytes = point.bytes_changed, "recovery point committed");
                 // The point is durable (in the journal): the agent hears of it now,
-                // and the point is settled into the replica after, still under the
-                // source's lock, so nothing reads the source half settled (a next
-                // sync waits for the lock).
+                // and the caller settles it into the replica after the reply stream
+                // has ended, still under the source's lock, so nothing reads the
+                // source half settled (a next sync waits for the lock).
                 let _ = tx
                     .send(Ok(pb::SyncReply {
                         msg: Some(pb::sync_reply::Msg::Committed(pb::SyncCommitted {
@@ -706,10 +706,7 @@ async fn run_sync(
                         })),
                     }))
                     .await;
-                svc.settle(&source).await;
-                svc.after_commit(&source).await;
-                drop(lock);
-                return Ok(());
+                return Ok(lock);
             }
             Some(Msg::Begin(_)) | None => {
                 let why = Status::invalid_argument(
@@ -862,7 +859,7 @@ impl pb::node_server::Node for NodeApi {
                 let _guard = guard;
                 let _slot = slot;
                 let source = begin.source.clone();
-                if let Err(status) = run_sync(
+                match run_sync(
                     &svc,
                     txn,
                     inbound,
@@ -874,12 +871,23 @@ impl pb::node_server::Node for NodeApi {
                 )
                 .await
                 {
-                    tracing::warn!("sync failed: {}", status.message());
-                    count_sync(&source, None, std::time::Instant::now());
-                    if status.code() == tonic::Code::ResourceExhausted {
-                        svc.note_refusal(&source, Some(status.message().to_string()));
+                    Ok(lock) => {
+                        // Committed and answered: end the reply stream, then settle
+                        // the point into the replica and apply retention, still
+                        // holding the source's lock.
+                        drop(tx);
+                        svc.settle(&source).await;
+                        svc.after_commit(&source).await;
+                        drop(lock);
                     }
-                    let _ = tx.send(Err(status)).await;
+                    Err(status) => {
+                        tracing::warn!("sync failed: {}", status.message());
+                        count_sync(&source, None, std::time::Instant::now());
+                        if status.code() == tonic::Code::ResourceExhausted {
+                            svc.note_refusal(&source, Some(status.message().to_string()));
+                        }
+                        let _ = tx.send(Err(status)).await;
+                    }
                 }
             }
             .instrument(span),
