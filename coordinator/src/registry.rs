@@ -1625,7 +1625,25 @@ mod tests {
                 .contains("no up node has room")
         );
         drop(reg);
-        let reg = Registry::open(dir.path(), Duration::from_secs(60)).expect("reopen");
+        let reg = reopen(dir.path());
         assert_eq!(reg.source("b").expect("b").node.as_deref(), Some("n2"));
+    }
+
+    /// Opens the registry again after a drop. sled's flusher thread lets go of the
+    /// database's file lock a moment after the last handle is dropped, so the open
+    /// is retried for up to 5 s while it reports the lock taken.
+    fn reopen(dir: &std::path::Path) -> Registry {
+        let mut tries = 0;
+        loop {
+            match Registry::open(dir, Duration::from_secs(60)) {
+                Err(RegistryError::Store(m))
+                    if m.contains("could not acquire lock") && tries < 500 =>
+                {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                r => return r.expect("reopen"),
+            }
+        }
     }
 }

@@ -9,30 +9,34 @@ use bulwark_tests::{Fleet, MIB, assert_same_file, json_u64, rewrite_random_block
 const SIZE: u64 = 64 * MIB;
 const SOURCE: &str = "host-1-data";
 
-#[test]
-fn node_kill9_mid_sync_keeps_last_point() {
+/// A fleet whose source has point 1 (its image saved, returned), then 300 random
+/// blocks rewritten (about 19 MiB), and the node restarted with `failpoints`.
+fn fleet_with_a_first_point(failpoints: &str) -> (Fleet, std::path::PathBuf) {
     let mut fleet = Fleet::builder()
         .node("node-1")
         .agent("host-1", SOURCE, SIZE)
         .start();
-
     let r = fleet.sync(SOURCE);
     assert_eq!(json_u64(&r, "point"), 1, "first sync: {r}");
     let point1 = fleet.save_volume(SOURCE, "p1.img");
-
-    // ~19 MiB of changes: several batches of at most 4 MiB.
     let touched = rewrite_random_blocks(&fleet.volume(SOURCE), 300);
     assert_eq!(touched, 300);
-
-    // Pause the node after its second applied batch, then kill it there.
     let status = fleet
         .node("node-1")
-        .restart_with_env(&[("BULWARK_FAILPOINTS", "node-after-batch=pause@2")]);
+        .restart_with_env(&[("BULWARK_FAILPOINTS", failpoints)]);
     assert!(
         status.success(),
         "node-1 did not stop cleanly on SIGTERM: {status}"
     );
     fleet.wait_ready();
+    (fleet, point1)
+}
+
+#[test]
+fn node_kill9_mid_sync_keeps_last_point() {
+    // ~19 MiB of changes: several batches of at most 4 MiB. Pause the node after
+    // its second applied batch, then kill it there.
+    let (mut fleet, point1) = fleet_with_a_first_point("node-after-batch=pause@2");
 
     let sync = fleet.cli_spawn(&["sync", SOURCE, "--wait", "--json"]);
     fleet.node("node-1").wait_for_log(
@@ -86,28 +90,9 @@ fn node_kill9_mid_sync_keeps_last_point() {
 /// blocks changed since (the node's digests are the new point's).
 #[test]
 fn node_kill9_mid_settle_keeps_the_new_point() {
-    let mut fleet = Fleet::builder()
-        .node("node-1")
-        .agent("host-1", SOURCE, SIZE)
-        .start();
-
-    let r = fleet.sync(SOURCE);
-    assert_eq!(json_u64(&r, "point"), 1, "first sync: {r}");
-    let point1 = fleet.save_volume(SOURCE, "p1.img");
-
-    // ~19 MiB of changes: several settle groups of 4 MiB.
-    let touched = rewrite_random_blocks(&fleet.volume(SOURCE), 300);
-    assert_eq!(touched, 300);
-
-    // The first sync was fresh (no settle): the first settle group is point 2's.
-    let status = fleet
-        .node("node-1")
-        .restart_with_env(&[("BULWARK_FAILPOINTS", "node-settle-group=pause")]);
-    assert!(
-        status.success(),
-        "node-1 did not stop cleanly on SIGTERM: {status}"
-    );
-    fleet.wait_ready();
+    // ~19 MiB of changes: several settle groups of 4 MiB. The first sync was fresh
+    // (no settle): the first settle group is point 2's.
+    let (mut fleet, point1) = fleet_with_a_first_point("node-settle-group=pause");
 
     let r = fleet.sync(SOURCE);
     assert_eq!(
