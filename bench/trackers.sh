@@ -415,6 +415,8 @@ timed_sync() {
     if [[ $label = INC_* ]]; then
         # Outside the timing; the node's CPU figure below includes the settle.
         wait_until "node settled $src" node "$PID_node" eval '(($(settled_count) > settled0))'
+        note "settle of $src took $(grep "point settled into the replica" "$WORK/node.log" |
+            grep -F "source=\"$src\"" | tail -n 1 | sed -n 's/.*elapsed_ms=\([0-9]*\).*/\1/p') ms (node log)"
     fi
     io1=$(io_read "$PID_agent")
     printf -v "${label}_WALL_MS" %s $(((t1 - t0) / 1000000))
