@@ -372,7 +372,8 @@ impl NodeService {
 
     /// Settles the point a sync just committed into the replica (the caller holds
     /// the source's write lock). A failure is logged; the store keeps it as the
-    /// source's error (every later operation on the source fails with it) and the
+    /// source's error (every later operation on the source fails with it, but
+    /// restores of the points before the unsettled one) and the
     /// heartbeat raises it as a critical alert `settle/<source>`.
     async fn settle(&self, source: &str) {
         let store = self.store.clone();

@@ -85,8 +85,10 @@
 //! what it applied in the same way, so the replica is point `N`, whole; the
 //! `settle` record and the journal stay. The settle, and every later operation on
 //! that source, fail with [`StoreError::SettleFailed`] naming the source, point and
-//! cause (the node raises a critical alert `settle/<source>`); the other sources
-//! are served. Each start of the node tries the settle again.
+//! cause (the node raises a critical alert `settle/<source>`), except restores and
+//! views of the points before the unsettled one, which the whole replica and
+//! their deltas still serve; the other sources are served. Each start of the node
+//! tries the settle again.
 //!
 //! Limits: the journal takes disk space beyond the source's allocation (up to the
 //! sync's size) until the point is settled. A node older than this format does not
@@ -245,7 +247,7 @@ pub enum StoreError {
     #[error("refused log ship: {0}")]
     BadLog(String),
     #[error(
-        "data source {source_name}: point {point} could not be settled into the replica: {cause}; the point's journal is kept, and nothing of this source can be read or synced until this is repaired"
+        "data source {source_name}: point {point} could not be settled into the replica: {cause}; the point's journal is kept; this point cannot be read and the source cannot be synced until this is repaired (a restart of the node tries again)"
     )]
     SettleFailed {
         source_name: String,
@@ -518,6 +520,9 @@ type SettleLock = std::sync::Arc<std::sync::Mutex<()>>;
 struct SettleFailure {
     point: u64,
     cause: String,
+    /// The replica and digests were written back to the previous point, whole:
+    /// the points before the unsettled one can still be read.
+    replica_whole: bool,
 }
 
 /// What a sync is about to write.
@@ -1439,7 +1444,7 @@ impl Store {
     /// syncs and prunes change the store (see [`PointView`]). The caller holds the
     /// source's read lock while this runs.
     pub fn open_view(&self, name: &str, point: u64) -> Result<std::sync::Arc<PointView>> {
-        self.settled(name)?;
+        self.settled_for_read(name, point)?;
         let (meta, points, target) = self.readable_point(name, point)?;
         meta.require_volume("an NBD export")?;
         let wanted = target.id;
@@ -1882,7 +1887,8 @@ impl Store {
     /// Every journal record's checksum is checked as it is read back. On failure what
     /// was applied is undone (the replica is the previous point again), the `settle`
     /// record stays, and this and every later operation on the source fail with
-    /// [`StoreError::SettleFailed`]. The caller holds the source's write lock (or
+    /// [`StoreError::SettleFailed`] (but reads of older points: see
+    /// `settled_for_read`). The caller holds the source's write lock (or
     /// runs before anything else, at open); the store's settle mutex of the source
     /// is held too.
     pub fn settle(&self, name: &str) -> Result<()> {
@@ -1907,6 +1913,7 @@ impl Store {
             Err(e) => {
                 let mut cause = e.to_string();
                 let dir = source_dir(&rec.disk, name);
+                let mut replica_whole = false;
                 let undone = self
                     .source(name)
                     .and_then(|m| {
@@ -1915,9 +1922,11 @@ impl Store {
                     .and_then(|m| self.undo_delta(name, &dir, m.geometry(), rec.point - 1));
                 match undone {
                     Ok(_) => {
+                        replica_whole = true;
                         cause = format!(
-                            "{cause}; the replica was written back to point {}, whole",
-                            rec.point - 1
+                            "{cause}; the replica was written back to point {}, whole, and the points before {} can still be restored",
+                            rec.point - 1,
+                            rec.point
                         )
                     }
                     Err(e @ StoreError::Crashed(_)) => return Err(e),
@@ -1927,7 +1936,7 @@ impl Store {
                         )
                     }
                 }
-                Err(self.settle_failed(name, &rec, cause))
+                Err(self.settle_failed(name, &rec, cause, replica_whole))
             }
         }
     }
@@ -1945,14 +1954,38 @@ impl Store {
         Ok(())
     }
 
+    /// [`Store::settled`] for a read of `point` (0 = the newest): after a failed
+    /// settle whose undo left the replica at the previous point, whole, the points
+    /// before the unsettled one are read as usual (the replica is the newest of
+    /// them, and their deltas are untouched); the unsettled point is not.
+    fn settled_for_read(&self, name: &str, point: u64) -> Result<()> {
+        match self.settled(name) {
+            Err(e @ StoreError::SettleFailed { .. }) => {
+                let failed = self.settle_failed.lock().unwrap_or_else(|e| e.into_inner());
+                match failed.get(name) {
+                    Some(f) if f.replica_whole && point != 0 && point < f.point => Ok(()),
+                    _ => Err(e),
+                }
+            }
+            r => r,
+        }
+    }
+
     /// Records a failed settle of `name` and returns its error.
-    fn settle_failed(&self, name: &str, rec: &Settle, cause: String) -> StoreError {
+    fn settle_failed(
+        &self,
+        name: &str,
+        rec: &Settle,
+        cause: String,
+        replica_whole: bool,
+    ) -> StoreError {
         let mut failed = self.settle_failed.lock().unwrap_or_else(|e| e.into_inner());
         failed.insert(
             name.to_string(),
             SettleFailure {
                 point: rec.point,
                 cause,
+                replica_whole,
             },
         );
         drop(failed);
@@ -2168,7 +2201,7 @@ impl Store {
 
     /// Plans the restore of `point` (0 = newest) of a source.
     pub fn restore(&self, name: &str, point: u64) -> Result<RestoreReader> {
-        self.settled(name)?;
+        self.settled_for_read(name, point)?;
         let (meta, points, target) = self.readable_point(name, point)?;
         meta.require_volume("a block restore (restore it as logs)")?;
         let dir = meta.dir();

@@ -1424,6 +1424,10 @@ fn a_damaged_journal_is_reported_not_applied() {
         msg.contains("written back to point 1, whole"),
         "the error says the replica is point 1: {msg}"
     );
+    assert!(
+        msg.contains("before 2 can still be restored"),
+        "the error says what can still be read: {msg}"
+    );
     let replica_is_point_1 = || {
         assert!(
             std::fs::read(src.join("replica")).expect("replica") == v1,
@@ -1441,8 +1445,10 @@ fn a_damaged_journal_is_reported_not_applied() {
     replica_is_point_1();
     let fails = |store: &Store, ctx: &str| {
         for (what, r) in [
-            ("restore", store.restore("vol", 1).map(|_| ())),
+            ("restore", store.restore("vol", 2).map(|_| ())),
+            ("restore of the newest", store.restore("vol", 0).map(|_| ())),
             ("view", store.open_view("vol", 0).map(|_| ())),
+            ("view of point 2", store.open_view("vol", 2).map(|_| ())),
             ("digests", store.read_digests("vol", 0, 1).map(|_| ())),
             ("verify", store.verify("vol", 0).map(|_| ())),
             ("sync", store.begin_sync(spec(size, 2)).map(|_| ())),
@@ -1457,6 +1463,12 @@ fn a_damaged_journal_is_reported_not_applied() {
             }
         }
         assert!(store.settle_failures().contains_key("vol"), "{ctx}");
+        // The replica is point 1, whole: point 1 is still restorable and mountable.
+        let got = read_point_to_vec(store, "vol", 1).expect("restore of point 1");
+        assert!(got == v1, "{ctx}: point 1 restores exactly");
+        let view = store.open_view("vol", 1).expect("view of point 1");
+        assert!(read_view(&view) == v1, "{ctx}: the view of point 1");
+        drop(view);
         let got = read_point_to_vec(store, "other", 1).expect("restore other");
         assert!(got == o1, "{ctx}: the other source");
     };
