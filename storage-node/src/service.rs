@@ -47,9 +47,8 @@ impl From<StoreError> for Status {
                 Status::failed_precondition(e.to_string())
             }
             StoreError::BadLog(_) => Status::invalid_argument(e.to_string()),
-            StoreError::PointDamaged { .. } => Status::data_loss(e.to_string()),
-            StoreError::SettleFailed { .. } => {
-                tracing::error!("{e}");
+            // A failed settle is logged and raised as an alert where it failed.
+            StoreError::PointDamaged { .. } | StoreError::SettleFailed { .. } => {
                 Status::data_loss(e.to_string())
             }
             StoreError::NoPoints(_) | StoreError::NoSuchPoint { .. } => {

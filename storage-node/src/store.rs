@@ -20,8 +20,7 @@
 //! In `<data_dir>/meta` (sled), each record JSON with a format version `v`:
 //! `sources` (name → [`SourceMeta`]), `points` (name ∖0 id → [`PointMeta`]),
 //! `pending` (name → the sync being received) and `settle` (name → the committed
-//! point whose blocks are still only in the journal: `{v, point, disk, blocks,
-//! journal_bytes}`).
+//! point whose blocks are still only in the journal: `{v, point, disk}`).
 //!
 //! A delta file is a sequence of records: a 45-byte header (block index u64 LE, kind
 //! u8: 0 = the block read as zeros, 1 = data follows; length u32 LE; the block's old
@@ -508,9 +507,6 @@ struct Settle {
     /// The committed point; the replica holds `point - 1` until it is settled.
     point: u64,
     disk: PathBuf,
-    /// Blocks and bytes of records in the journal.
-    blocks: u64,
-    journal_bytes: u64,
 }
 
 type SettleLock = std::sync::Arc<std::sync::Mutex<()>>;
@@ -523,6 +519,16 @@ struct SettleFailure {
     /// The replica and digests were written back to the previous point, whole:
     /// the points before the unsettled one can still be read.
     replica_whole: bool,
+}
+
+impl SettleFailure {
+    fn error(&self, name: &str) -> StoreError {
+        StoreError::SettleFailed {
+            source_name: name.to_string(),
+            point: self.point,
+            cause: self.cause.clone(),
+        }
+    }
 }
 
 /// What a sync is about to write.
@@ -890,6 +896,35 @@ fn make_durable(replica: &File, digests: &File, dir: &Path) -> Result<()> {
     digests
         .sync_all()
         .map_err(io("fsync", &dir.join("digests")))
+}
+
+/// How [`open_rw`] treats a file that is missing or has contents.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Open {
+    /// It must exist.
+    Existing,
+    /// Made if missing, kept as it is otherwise.
+    Create,
+    /// Made if missing, emptied otherwise.
+    Truncate,
+}
+
+/// Opens one of a source's files for reading and writing.
+fn open_rw(path: &Path, how: Open) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(how != Open::Existing)
+        .truncate(how == Open::Truncate)
+        .open(path)
+        .map_err(io(
+            if how == Open::Truncate {
+                "create"
+            } else {
+                "open"
+            },
+            path,
+        ))
 }
 
 fn fsync_dir(path: &Path) -> Result<()> {
@@ -1837,14 +1872,8 @@ impl Store {
         }
         let replica_path = dir.join("replica");
         let digests_path = dir.join("digests");
-        let replica = OpenOptions::new()
-            .write(true)
-            .open(&replica_path)
-            .map_err(io("open", &replica_path))?;
-        let digests = OpenOptions::new()
-            .write(true)
-            .open(&digests_path)
-            .map_err(io("open", &digests_path))?;
+        let replica = open_rw(&replica_path, Open::Existing)?;
+        let digests = open_rw(&digests_path, Open::Existing)?;
         let mut restored = 0u64;
         let mut reader = DeltaReader::open(&delta, geometry)?;
         while let Some(rec) = reader.next_record(true)? {
@@ -1959,16 +1988,13 @@ impl Store {
     /// before the unsettled one are read as usual (the replica is the newest of
     /// them, and their deltas are untouched); the unsettled point is not.
     fn settled_for_read(&self, name: &str, point: u64) -> Result<()> {
-        match self.settled(name) {
-            Err(e @ StoreError::SettleFailed { .. }) => {
-                let failed = self.settle_failed.lock().unwrap_or_else(|e| e.into_inner());
-                match failed.get(name) {
-                    Some(f) if f.replica_whole && point != 0 && point < f.point => Ok(()),
-                    _ => Err(e),
-                }
-            }
-            r => r,
-        }
+        let readable = self
+            .settle_failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .is_some_and(|f| f.replica_whole && point != 0 && point < f.point);
+        if readable { Ok(()) } else { self.settled(name) }
     }
 
     /// Records a failed settle of `name` and returns its error.
@@ -1979,42 +2005,31 @@ impl Store {
         cause: String,
         replica_whole: bool,
     ) -> StoreError {
-        let mut failed = self.settle_failed.lock().unwrap_or_else(|e| e.into_inner());
-        failed.insert(
-            name.to_string(),
-            SettleFailure {
-                point: rec.point,
-                cause,
-                replica_whole,
-            },
-        );
-        drop(failed);
-        self.settle_failure(name)
-            .unwrap_or_else(|| StoreError::Meta(format!("settle of {name} failed")))
+        let failure = SettleFailure {
+            point: rec.point,
+            cause,
+            replica_whole,
+        };
+        let e = failure.error(name);
+        self.settle_failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), failure);
+        e
     }
 
     /// The failed settle of a source, as its error.
     fn settle_failure(&self, name: &str) -> Option<StoreError> {
         let failed = self.settle_failed.lock().unwrap_or_else(|e| e.into_inner());
-        failed.get(name).map(|f| StoreError::SettleFailed {
-            source_name: name.to_string(),
-            point: f.point,
-            cause: f.cause.clone(),
-        })
+        failed.get(name).map(|f| f.error(name))
     }
 
     /// Sources whose settle failed, with the error (an alert each).
     pub fn settle_failures(&self) -> HashMap<String, String> {
-        let names: Vec<String> = self
-            .settle_failed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .cloned()
-            .collect();
-        names
-            .into_iter()
-            .filter_map(|n| self.settle_failure(&n).map(|e| (n, e.to_string())))
+        let failed = self.settle_failed.lock().unwrap_or_else(|e| e.into_inner());
+        failed
+            .iter()
+            .map(|(name, f)| (name.clone(), f.error(name).to_string()))
             .collect()
     }
 
@@ -2049,24 +2064,10 @@ impl Store {
         let mut reader = DeltaReader::open(&journal, geometry)?;
         let replica_path = dir.join("replica");
         let digests_path = dir.join("digests");
-        let replica = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&replica_path)
-            .map_err(io("open", &replica_path))?;
-        let digests = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&digests_path)
-            .map_err(io("open", &digests_path))?;
+        let replica = open_rw(&replica_path, Open::Existing)?;
+        let digests = open_rw(&digests_path, Open::Existing)?;
         let delta_file_path = delta_path(&dir, old_point);
-        let delta_file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&delta_file_path)
-            .map_err(io("create", &delta_file_path))?;
+        let delta_file = open_rw(&delta_file_path, Open::Truncate)?;
         fsync_dir(&dir.join("deltas"))?;
         boundary("settle: delta created")?;
         let uring = if cfg!(test) {
@@ -2093,8 +2094,7 @@ impl Store {
         let mut blocks = 0u64;
         loop {
             // One group: runs of consecutive blocks as extents, in journal order.
-            let mut extents: Vec<VerifiedExtent> = Vec::new();
-            let mut run: Option<(u64, Vec<u8>, Vec<Digest>)> = None;
+            let mut runs: Vec<(u64, Vec<u8>, Vec<Digest>)> = Vec::new();
             let mut bytes = 0u64;
             while bytes < SETTLE_GROUP {
                 let at = reader.at;
@@ -2117,41 +2117,28 @@ impl Store {
                     }
                 };
                 bytes += len as u64;
-                run = match run {
-                    Some((first, mut d, mut ds)) if first + ds.len() as u64 == r.block => {
+                blocks += 1;
+                match runs.last_mut() {
+                    Some((first, d, ds)) if *first + ds.len() as u64 == r.block => {
                         d.extend_from_slice(&data);
                         ds.push(r.digest);
-                        Some((first, d, ds))
                     }
-                    other => {
-                        if let Some((first, d, ds)) = other {
-                            extents.push(VerifiedExtent {
-                                first_block: first,
-                                data: d.into(),
-                                digests: ds,
-                            });
-                        }
-                        Some((r.block, data, vec![r.digest]))
-                    }
-                };
+                    _ => runs.push((r.block, data, vec![r.digest])),
+                }
             }
-            if let Some((first, d, ds)) = run {
-                extents.push(VerifiedExtent {
-                    first_block: first,
-                    data: d.into(),
-                    digests: ds,
-                });
-            }
-            if extents.is_empty() {
+            if runs.is_empty() {
                 break;
             }
+            let extents = runs
+                .into_iter()
+                .map(|(first_block, d, digests)| VerifiedExtent {
+                    first_block,
+                    data: d.into(),
+                    digests,
+                })
+                .collect();
             failpoint::hit("node-settle-group");
             let group = images.prepare_many(vec![extents])?;
-            blocks += group
-                .iter()
-                .flat_map(|p| &p.extents)
-                .map(|e| e.digests.len() as u64)
-                .sum::<u64>();
             let (records, added) =
                 append_before_images(self, name, &mut files, geometry, &group, delta.bytes)?;
             delta.records += records;
@@ -2499,20 +2486,8 @@ impl SyncTxn {
         std::fs::create_dir_all(dir.join("deltas")).map_err(io("create", &dir))?;
         let replica_path = dir.join("replica");
         let digests_path = dir.join("digests");
-        let replica = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&replica_path)
-            .map_err(io("open", &replica_path))?;
-        let digests = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&digests_path)
-            .map_err(io("open", &digests_path))?;
+        let replica = open_rw(&replica_path, Open::Create)?;
+        let digests = open_rw(&digests_path, Open::Create)?;
         let geometry = self.spec.geometry;
         if self.fresh {
             replica
@@ -2528,14 +2503,11 @@ impl SyncTxn {
             None
         } else {
             let p = journal_path(&dir);
-            let f = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&p)
-                .map_err(io("create", &p))?;
-            Some(DeltaAppender::new(f, &p, "journal"))
+            Some(DeltaAppender::new(
+                open_rw(&p, Open::Truncate)?,
+                &p,
+                "journal",
+            ))
         };
         fsync_dir(&dir)?;
         boundary("sync: files created")?;
@@ -2658,7 +2630,6 @@ impl SyncTxn {
             self.delta_records += records;
             // The new blocks, with their new digests, appended to the journal (made
             // durable at commit).
-            let journal_file_path = journal_path(&files.dir);
             let bs = geometry.block_size as usize;
             let mut appended = 0u64;
             let blocks = extents.iter().flat_map(|e| {
@@ -2674,7 +2645,7 @@ impl SyncTxn {
             });
             journal
                 .append(self.journal_len, records)
-                .map_err(io("write", &journal_file_path))?;
+                .map_err(io("write", &journal.path))?;
             self.journal_len += appended;
             boundary("sync: journal written")?;
             self.times.delta += appending.elapsed();
@@ -2710,8 +2681,10 @@ impl SyncTxn {
         failpoint::hit("node-before-commit");
         match &files.journal {
             Some(journal) => {
-                let p = journal_path(&files.dir);
-                journal.file.sync_data().map_err(io("fsync", &p))?;
+                journal
+                    .file
+                    .sync_data()
+                    .map_err(io("fsync", &journal.path))?;
                 boundary("commit: journal durable")?;
             }
             None => {
@@ -2737,8 +2710,6 @@ impl SyncTxn {
             v: FORMAT_VERSION,
             point: self.new_point,
             disk: self.meta.disk.clone(),
-            blocks: self.blocks,
-            journal_bytes: self.journal_len,
         });
         let new_bytes = encode(&point)?;
         let settle_bytes = settle.as_ref().map(encode).transpose()?;

@@ -2110,19 +2110,17 @@ impl Reader {
         reading: &mut bool,
     ) {
         loop {
-            let side_ref = &mut *side;
-            let incoming =
-                match self.read_request(&mut side_ref.rd, &mut side_ref.after_large_write) {
-                    Ok(Some(incoming)) => incoming,
-                    Ok(None) => return side.end(Ok(())),
-                    Err(e) => {
-                        // The stream is out of sync or broken: close the connection now.
-                        // Replies not yet written are dropped (the client may have
-                        // stopped reading).
-                        self.sock.shutdown(Shutdown::Both);
-                        return side.end(Err(e));
-                    }
-                };
+            let incoming = match self.read_request(&mut side) {
+                Ok(Some(incoming)) => incoming,
+                Ok(None) => return side.end(Ok(())),
+                Err(e) => {
+                    // The stream is out of sync or broken: close the connection now.
+                    // Replies not yet written are dropped (the client may have
+                    // stopped reading).
+                    self.sock.shutdown(Shutdown::Both);
+                    return side.end(Err(e));
+                }
+            };
             if !side.inline.wants(&incoming.req, incoming.checked.is_err()) {
                 self.session.dispatch(incoming);
                 continue;
@@ -2158,11 +2156,12 @@ impl Reader {
     /// (one small `recv`), and a large payload takes what is buffered and reads the
     /// rest straight into its own buffer. Small requests keep the greedy fill,
     /// which reads many of them with one `recv`.
-    fn read_request(
-        &self,
-        rd: &mut SocketBufReader,
-        after_large_write: &mut bool,
-    ) -> Result<Option<Incoming>, NbdError> {
+    fn read_request(&self, side: &mut ReadSide) -> Result<Option<Incoming>, NbdError> {
+        let ReadSide {
+            rd,
+            after_large_write,
+            ..
+        } = side;
         if self.stop.is_cancelled() || self.session.replies.failed() {
             // Stopping, or replies can no longer be sent.
             return Ok(None);

@@ -65,16 +65,28 @@ fn diff_extents(old: &[u8], image: &[u8]) -> Vec<VerifiedExtent> {
 }
 
 fn sync(store: &Store, old: &[u8], image: &[u8], base: u64) -> PointMeta {
-    let mut txn = store
-        .begin_sync(spec(image.len() as u64, base))
-        .expect("begin");
-    for chunk in diff_extents(old, image).chunks(3) {
-        txn.apply(chunk).expect("apply");
-    }
-    let p = txn.commit().expect("commit");
+    let p = commit_unsettled(store, old, image, base, 3);
     // As the node does after acknowledging the point.
     store.settle("vol").expect("settle");
     p
+}
+
+/// Syncs `image` over `old` (`per_apply` extents a batch) and commits it without
+/// settling: a later sync's blocks stay in the journal.
+fn commit_unsettled(
+    store: &Store,
+    old: &[u8],
+    image: &[u8],
+    base: u64,
+    per_apply: usize,
+) -> PointMeta {
+    let mut txn = store
+        .begin_sync(spec(image.len() as u64, base))
+        .expect("begin");
+    for chunk in diff_extents(old, image).chunks(per_apply) {
+        txn.apply(chunk).expect("apply");
+    }
+    txn.commit().expect("commit")
 }
 
 fn scribble(rng: &mut impl Rng, image: &mut [u8], writes: usize) {
@@ -1284,11 +1296,7 @@ fn unsettled_store(dir: &Path) -> (Store, Vec<Vec<u8>>) {
     let mut v2 = v1.clone();
     scribble(&mut rng, &mut v2, 12);
     v2[7 * BS as usize..8 * BS as usize].fill(0); // a block made zeros
-    let mut txn = store.begin_sync(spec(size, 1)).expect("begin");
-    for chunk in diff_extents(&v1, &v2).chunks(2) {
-        txn.apply(chunk).expect("apply");
-    }
-    let p = txn.commit().expect("commit");
+    let p = commit_unsettled(&store, &v1, &v2, 1, 2);
     assert_eq!(p.id, 2);
     // Not settled: the replica is still point 1, the journal holds point 2.
     let src = dir.join("disk1").join("bulwark").join("vol");
@@ -1379,11 +1387,7 @@ fn a_damaged_journal_is_reported_not_applied() {
     sync(&store, &zero, &v1, 0);
     let mut v2 = v1.clone();
     rng.fill(&mut v2[..9 << 20]);
-    let mut txn = store.begin_sync(spec(size, 1)).expect("begin");
-    for chunk in diff_extents(&v1, &v2).chunks(1) {
-        txn.apply(chunk).expect("apply");
-    }
-    txn.commit().expect("commit");
+    commit_unsettled(&store, &v1, &v2, 1, 1);
     // Another source, to be served whatever happens to this one.
     let other = |base: u64| SyncSpec {
         source: "other".into(),
