@@ -41,9 +41,11 @@ fn nbd_url(socket: &Path) -> String {
 }
 
 /// Scattered writes: (offset, length, pattern). Some inside one block, one spanning
-/// three blocks unaligned, one at the very end.
+/// three blocks unaligned, one of 2 MiB (which the nbd-filter takes in pipes), one
+/// at the very end.
 fn scattered_writes() -> Vec<(u64, u64, u8)> {
     vec![
+        (400 * BLOCK_SIZE + 4096, 2 * MIB + 512, 0x77),
         (0, 4096, 0x11),
         (5 * BLOCK_SIZE + 512, 4096, 0x22),
         (

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use bulwark_common::block::Geometry;
+use bulwark_common::nbd::Spliced;
 use bulwark_common::nbd::server::{Backend, FileBackend};
 
 use super::bitmap::{self, Bitmap, DirtyMap, LoadError};
@@ -184,6 +185,14 @@ impl Backend for TrackingBackend {
     }
     fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> std::io::Result<()> {
         let r = self.inner.write_at(data, offset, fua);
+        self.map.mark(offset, data.len() as u64);
+        r
+    }
+    fn takes_spliced(&self) -> bool {
+        self.inner.takes_spliced()
+    }
+    fn write_spliced(&self, data: &mut Spliced, offset: u64, fua: bool) -> std::io::Result<()> {
+        let r = self.inner.write_spliced(data, offset, fua);
         self.map.mark(offset, data.len() as u64);
         r
     }

@@ -16,6 +16,7 @@
 pub mod client;
 pub mod proto;
 pub mod server;
+pub mod splice;
 
 pub use client::Client;
 pub use proto::Errno;
@@ -23,6 +24,7 @@ pub use server::{
     Backend, ExportResolver, FileBackend, Refusal, ServerOptions, serve, serve_tcp, serve_tls_tcp,
     serve_unix, serve_until,
 };
+pub use splice::Spliced;
 
 /// Everything that can go wrong on an NBD connection, on either side.
 #[derive(Debug, thiserror::Error)]

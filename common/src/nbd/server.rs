@@ -75,6 +75,7 @@ use tracing::Instrument;
 
 use super::NbdError;
 use super::proto::{self, Errno, Request};
+use super::splice::{self, NotSpliced, PipePool, Spliced};
 
 /// Storage behind an export. Methods are called from blocking threads, several at a
 /// time for the same connection and across connections; offsets and lengths are
@@ -109,6 +110,22 @@ pub trait Backend: Send + Sync + 'static {
     /// connections share one cache, e.g. one file and `fdatasync`.
     fn can_multi_conn(&self) -> bool {
         false
+    }
+
+    /// Whether large writes that arrive on a plain socket are to be handed over in
+    /// pipes ([`Backend::write_spliced`]) rather than in memory. Say yes when the
+    /// writes go to a file: the payload then reaches the page cache with one copy
+    /// instead of two (see [`super::splice`]).
+    fn takes_spliced(&self) -> bool {
+        false
+    }
+
+    /// Writes a payload held in pipes at `offset`; with `fua`, returns only once it
+    /// is durable. Only called when [`Backend::takes_spliced`] says yes. The default
+    /// reads it into memory and calls [`Backend::write_at`].
+    fn write_spliced(&self, data: &mut Spliced, offset: u64, fua: bool) -> io::Result<()> {
+        let buf = data.to_vec()?;
+        self.write_at(&buf, offset, fua)
     }
 }
 
@@ -177,6 +194,14 @@ impl FileBackend {
         }
     }
 
+    /// The descriptor a write goes through: the `O_DSYNC` one for FUA.
+    fn write_target(&self, fua: bool) -> &File {
+        match (&self.dsync, fua) {
+            (Some(dsync), true) => dsync,
+            _ => &self.file,
+        }
+    }
+
     fn write_zero_buffers(&self, mut offset: u64, len: u64) -> io::Result<()> {
         let end = offset + len;
         while offset < end {
@@ -212,10 +237,16 @@ impl Backend for FileBackend {
 
     fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> io::Result<()> {
         self.writable()?;
-        match (&self.dsync, fua) {
-            (Some(dsync), true) => dsync.write_all_at(data, offset),
-            _ => self.file.write_all_at(data, offset),
-        }
+        self.write_target(fua).write_all_at(data, offset)
+    }
+
+    fn takes_spliced(&self) -> bool {
+        !self.read_only
+    }
+
+    fn write_spliced(&self, data: &mut Spliced, offset: u64, fua: bool) -> io::Result<()> {
+        self.writable()?;
+        data.write_to(self.write_target(fua), offset)
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -1445,10 +1476,17 @@ enum ReplyBody {
 struct Incoming {
     req: Request,
     /// A write's payload.
-    data: Option<PooledBuf>,
+    data: Option<Payload>,
     /// The error reply of a well-framed but invalid request.
     checked: Result<(), (Errno, String)>,
     permit: OwnedSemaphorePermit,
+}
+
+/// A write's payload, as it was read.
+enum Payload {
+    Buffered(PooledBuf),
+    /// Still in pipes: see [`super::splice`].
+    Spliced(Spliced),
 }
 
 /// Bytes one connection may have in flight: the option, raised to at least one
@@ -1566,6 +1604,8 @@ fn is_disconnect(e: &io::Error) -> bool {
 struct Session<S> {
     conn: Arc<Conn>,
     pool: Arc<BufferPool>,
+    /// Pipes for spliced write payloads (plain sockets only).
+    pipes: Arc<PipePool>,
     replies: Replies<S>,
     /// Every request in flight holds its cost until its reply is written (or
     /// dropped because the socket failed).
@@ -1588,6 +1628,7 @@ impl<S: ReplySink + 'static> Session<S> {
             replies: Replies::new(sink, conn.structured),
             conn,
             pool: Arc::new(BufferPool::default()),
+            pipes: Arc::default(),
             budget: Arc::new(Semaphore::new(budget_bytes as usize)),
             budget_bytes,
             workers: Workers::new(max_threads),
@@ -1787,7 +1828,7 @@ where
         let data = if req.typ == proto::CMD_WRITE {
             let mut buf = session.pool.get(req.len as usize);
             match rd.read_exact(&mut buf).await {
-                Ok(_) => Some(buf),
+                Ok(_) => Some(Payload::Buffered(buf)),
                 Err(e) if client_gone(&e) => {
                     tracing::debug!("client went away in the middle of a WRITE: {e}");
                     return Ok(());
@@ -1992,6 +2033,7 @@ async fn transmit_blocking(
     };
     let (ended, mut read_ended) = tokio::sync::oneshot::channel();
     let rd = Read::chain(io::Cursor::new(early), SocketReader(Arc::clone(&sock)));
+    let splice = conn.backend.takes_spliced();
     let reader = Arc::new(Reader {
         // One thread more than the option: the reader's.
         session: Session::new(
@@ -2003,6 +2045,7 @@ async fn transmit_blocking(
         side: Mutex::new(ReadSide {
             rd: std::io::BufReader::with_capacity(READ_BUFFER, rd),
             after_large_write: false,
+            splice,
             inline: Inline::new(),
             ended: Some(ended),
         }),
@@ -2065,6 +2108,9 @@ struct ReadSide {
     /// The last request read was a large write (see [`LARGE_PAYLOAD`]): the next
     /// header is read on its own rather than with a greedy fill of the buffer.
     after_large_write: bool,
+    /// Large write payloads are spliced into pipes (see [`super::splice`]): the
+    /// backend takes them, and the socket has not refused.
+    splice: bool,
     inline: Inline,
     /// Where the end of reading is reported; `None` once it has been.
     ended: Option<tokio::sync::oneshot::Sender<Result<(), NbdError>>>,
@@ -2153,13 +2199,15 @@ impl Reader {
     /// buffer greedily, so after a 1 MiB write's header it would hold the first
     /// [`READ_BUFFER`] bytes of the payload and copy them a second time. So after a
     /// large write, the next header is read on its own when nothing is buffered
-    /// (one small `recv`), and a large payload takes what is buffered and reads the
-    /// rest straight into its own buffer. Small requests keep the greedy fill,
-    /// which reads many of them with one `recv`.
+    /// (one small `recv`). A large payload takes what is buffered and, when the
+    /// backend takes pipes, splices the rest into pipes; otherwise it reads the rest
+    /// straight into its own buffer. Small requests keep the greedy fill, which
+    /// reads many of them with one `recv`.
     fn read_request(&self, side: &mut ReadSide) -> Result<Option<Incoming>, NbdError> {
         let ReadSide {
             rd,
             after_large_write,
+            splice,
             ..
         } = side;
         if self.stop.is_cancelled() || self.session.replies.failed() {
@@ -2197,18 +2245,44 @@ impl Reader {
             }
         };
         let data = if req.typ == proto::CMD_WRITE {
-            let mut buf = self.session.pool.get(req.len as usize);
-            let large = buf.len() >= LARGE_PAYLOAD;
-            let read = if large {
-                read_past_buffer(rd, &mut buf)
+            let len = req.len as usize;
+            let large = len >= LARGE_PAYLOAD;
+            let buffered = rd.buffer().len();
+            let spliced = if large && *splice && buffered < len && early_consumed(rd) {
+                let head = &rd.buffer()[..buffered];
+                match splice::receive(self.sock.as_fd(), head, len, &self.session.pipes) {
+                    Ok(piped) => {
+                        rd.consume(buffered);
+                        Some(Ok(Payload::Spliced(piped)))
+                    }
+                    Err(NotSpliced::Failed(e)) => Some(Err(e)),
+                    Err(NotSpliced::Unavailable(e)) => {
+                        tracing::debug!(
+                            "write payloads are read, not spliced, on this connection: {e}"
+                        );
+                        *splice = false;
+                        None
+                    }
+                }
             } else {
-                rd.read_exact(&mut buf)
+                None
             };
-            if let Err(e) = read {
-                return self.read_failed(e, "in the middle of a WRITE");
+            let read = spliced.unwrap_or_else(|| {
+                let mut buf = self.session.pool.get(len);
+                let read = if large {
+                    read_past_buffer(rd, &mut buf)
+                } else {
+                    rd.read_exact(&mut buf)
+                };
+                read.map(|()| Payload::Buffered(buf))
+            });
+            match read {
+                Ok(payload) => {
+                    *after_large_write = large;
+                    Some(payload)
+                }
+                Err(e) => return self.read_failed(e, "in the middle of a WRITE"),
             }
-            *after_large_write = large;
-            Some(buf)
         } else {
             *after_large_write = false;
             None
@@ -2232,6 +2306,13 @@ impl Reader {
             Err(e.into())
         }
     }
+}
+
+/// Whether the bytes left over from the handshake have all gone into the buffer,
+/// so that the buffer and then the socket hold what comes next.
+fn early_consumed(rd: &SocketBufReader) -> bool {
+    let (early, _) = rd.get_ref().get_ref();
+    early.position() >= early.get_ref().len() as u64
 }
 
 /// Fills `buf` from what `rd` has buffered, then straight from the stream under
@@ -2508,12 +2589,7 @@ fn check(req: &Request, conn: &Conn) -> Result<(), (Errno, String)> {
 }
 
 /// Runs one checked request on the backend (on a blocking thread).
-fn execute(
-    conn: &Conn,
-    req: &Request,
-    data: Option<PooledBuf>,
-    pool: &Arc<BufferPool>,
-) -> ReplyBody {
+fn execute(conn: &Conn, req: &Request, data: Option<Payload>, pool: &Arc<BufferPool>) -> ReplyBody {
     let fua = req.flags & proto::CMD_FLAG_FUA != 0;
     let (offset, len) = (req.offset, u64::from(req.len));
     let b = &conn.backend;
@@ -2525,7 +2601,11 @@ fn execute(
                 Err(e) => Err(e),
             }
         }
-        proto::CMD_WRITE => b.write_at(data.as_deref().unwrap_or(&[]), offset, fua),
+        proto::CMD_WRITE => match data {
+            Some(Payload::Buffered(buf)) => b.write_at(&buf, offset, fua),
+            Some(Payload::Spliced(mut piped)) => b.write_spliced(&mut piped, offset, fua),
+            None => b.write_at(&[], offset, fua),
+        },
         proto::CMD_FLUSH => b.flush(),
         proto::CMD_TRIM if len == 0 => Ok(()),
         proto::CMD_TRIM => b.trim(offset, len, fua),
@@ -2731,6 +2811,8 @@ mod tests {
     struct MemBackend {
         data: Mutex<Vec<u8>>,
         read_only: bool,
+        /// Writes whose payload came in pipes.
+        spliced: AtomicUsize,
     }
 
     impl MemBackend {
@@ -2739,6 +2821,7 @@ mod tests {
             Arc::new(MemBackend {
                 data: Mutex::new(data),
                 read_only,
+                spliced: AtomicUsize::new(0),
             })
         }
     }
@@ -2778,6 +2861,13 @@ mod tests {
             let mut d = self.data.lock().unwrap();
             d[offset as usize..(offset + len) as usize].fill(0);
             Ok(())
+        }
+        fn takes_spliced(&self) -> bool {
+            true
+        }
+        fn write_spliced(&self, data: &mut Spliced, offset: u64, fua: bool) -> io::Result<()> {
+            self.spliced.fetch_add(1, Ordering::Relaxed);
+            self.write_at(&data.to_vec()?, offset, fua)
         }
     }
 
@@ -3400,68 +3490,104 @@ mod tests {
         let mut c = Raw::start(via, Arc::clone(&backend) as Arc<dyn Backend>).await;
         c.expect_size = SIZE as u64;
         c.go(false, false).await;
-        let lens = [
-            4096,
-            100,
-            LARGE_PAYLOAD - 1,
-            LARGE_PAYLOAD,
-            28,
-            READ_BUFFER,
-            READ_BUFFER + 1,
-            1 << 20,
-            1 << 20,
-            512,
-            (1 << 20) + 7,
-            4096,
-            300_000,
-            2 << 20,
-            1,
-        ];
-        let mut want = pattern(0, SIZE);
-        let mut burst = Vec::new();
-        let mut offset = 3usize;
-        let mut cookies = std::collections::HashSet::new();
-        for (i, &len) in lens.iter().enumerate() {
-            let cookie = i as u64 + 1;
-            let data: Vec<u8> = (0..len)
-                .map(|j| (j as u64 * 7 + cookie * 13) as u8 ^ 0xa5)
-                .collect();
-            want[offset..offset + len].copy_from_slice(&data);
-            let req = Request {
-                flags: 0,
-                typ: proto::CMD_WRITE,
-                cookie,
-                offset: offset as u64,
-                len: len as u32,
-            };
-            burst.extend_from_slice(&req.encode());
-            burst.extend_from_slice(&data);
-            cookies.insert(cookie);
-            if i % 4 == 3 {
-                let flush = Request {
-                    flags: 0,
-                    typ: proto::CMD_FLUSH,
-                    cookie: 1000 + cookie,
-                    offset: 0,
-                    len: 0,
-                };
-                burst.extend_from_slice(&flush.encode());
-                cookies.insert(1000 + cookie);
-            }
-            offset += len + 4093;
-        }
-        assert!(offset < SIZE);
-        c.send(&burst).await;
-        for _ in 0..cookies.len() {
-            let (err, cookie) = c.simple_reply().await;
-            assert_eq!(err, 0, "request {cookie} failed");
-            assert!(cookies.remove(&cookie), "unexpected reply {cookie}");
-        }
+        let want = c.pipelined_burst(pattern(0, SIZE)).await;
         let got = backend.data.lock().unwrap().clone();
         let first_bad = got.iter().zip(&want).position(|(a, b)| a != b);
         assert_eq!(first_bad, None, "the export differs from what was written");
+        // Large payloads on a plain socket come in pipes once nothing is buffered;
+        // a stream read by a task has no socket to splice from.
+        let spliced = backend.spliced.load(Ordering::Relaxed);
+        match via {
+            Via::Threads => assert!(spliced >= 3, "only {spliced} payloads spliced"),
+            Via::Task => assert_eq!(spliced, 0),
+        }
         c.request(proto::CMD_DISC, 0, 9999, 0, 0).await;
         c.expect_closed().await.unwrap();
+    }
+
+    /// The same burst into a real file: spliced payloads reach it, FUA ones
+    /// through the `O_DSYNC` descriptor.
+    #[tokio::test]
+    async fn large_writes_reach_a_file_through_pipes() {
+        const SIZE: usize = 16 << 20;
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), pattern(0, SIZE)).unwrap();
+        let backend = Arc::new(FileBackend::open(file.path(), false).unwrap());
+        let mut c = Raw::start(Via::Threads, backend).await;
+        c.expect_size = SIZE as u64;
+        c.go(false, false).await;
+        let want = c.pipelined_burst(pattern(0, SIZE)).await;
+        c.request(proto::CMD_DISC, 0, 9999, 0, 0).await;
+        c.expect_closed().await.unwrap();
+        let got = std::fs::read(file.path()).unwrap();
+        assert_eq!(got.len(), SIZE);
+        let first_bad = got.iter().zip(&want).position(|(a, b)| a != b);
+        assert_eq!(first_bad, None, "the file differs from what was written");
+    }
+
+    impl Raw {
+        /// Sends writes of every size around the reader's thresholds in one burst,
+        /// some with FUA, with flushes between them, and checks every reply.
+        /// Returns what the export holds now, given it held `want`.
+        async fn pipelined_burst(&mut self, mut want: Vec<u8>) -> Vec<u8> {
+            let lens = [
+                4096,
+                100,
+                LARGE_PAYLOAD - 1,
+                LARGE_PAYLOAD,
+                28,
+                READ_BUFFER,
+                READ_BUFFER + 1,
+                1 << 20,
+                1 << 20,
+                512,
+                (1 << 20) + 7,
+                4096,
+                300_000,
+                2 << 20,
+                1,
+            ];
+            let mut burst = Vec::new();
+            let mut offset = 3usize;
+            let mut cookies = std::collections::HashSet::new();
+            for (i, &len) in lens.iter().enumerate() {
+                let cookie = i as u64 + 1;
+                let data: Vec<u8> = (0..len)
+                    .map(|j| (j as u64 * 7 + cookie * 13) as u8 ^ 0xa5)
+                    .collect();
+                want[offset..offset + len].copy_from_slice(&data);
+                let req = Request {
+                    flags: if i % 3 == 2 { proto::CMD_FLAG_FUA } else { 0 },
+                    typ: proto::CMD_WRITE,
+                    cookie,
+                    offset: offset as u64,
+                    len: len as u32,
+                };
+                burst.extend_from_slice(&req.encode());
+                burst.extend_from_slice(&data);
+                cookies.insert(cookie);
+                if i % 4 == 3 {
+                    let flush = Request {
+                        flags: 0,
+                        typ: proto::CMD_FLUSH,
+                        cookie: 1000 + cookie,
+                        offset: 0,
+                        len: 0,
+                    };
+                    burst.extend_from_slice(&flush.encode());
+                    cookies.insert(1000 + cookie);
+                }
+                offset += len + 4093;
+            }
+            assert!(offset < want.len());
+            self.send(&burst).await;
+            for _ in 0..cookies.len() {
+                let (err, cookie) = self.simple_reply().await;
+                assert_eq!(err, 0, "request {cookie} failed");
+                assert!(cookies.remove(&cookie), "unexpected reply {cookie}");
+            }
+            want
+        }
     }
 
     macro_rules! on_both_paths {
