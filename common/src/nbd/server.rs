@@ -6,7 +6,8 @@
 //!
 //! - one reader takes requests off the stream in order and checks each one; a
 //!   write's payload is read into a pooled buffer first, because the next request
-//!   header follows it on the wire;
+//!   header follows it on the wire (on a plain socket, a large payload is spliced
+//!   into pipes instead, for a backend that takes them: see [`super::splice`]);
 //! - each request then runs on one of the connection's I/O threads (`pread`,
 //!   `pwrite`, `fdatasync`...; see `Workers`), so one slow flush does not hold up
 //!   the reads queued behind it, and no tokio worker ever blocks on the disk;

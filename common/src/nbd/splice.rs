@@ -446,6 +446,40 @@ mod tests {
         );
     }
 
+    /// A TCP socket blocks in `splice` while it has no data (it ignores
+    /// `SPLICE_F_NONBLOCK` on its side), but still stops at a full pipe.
+    #[test]
+    fn tcp_sockets_splice_too() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let tx = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut rx, _) = listener.accept().unwrap();
+        let pool = Arc::new(PipePool::default());
+        let big = payload(3 << 20, 8);
+        let small = payload(200 * 1024, 9);
+        let (b, sm) = (big.clone(), small.clone());
+        let sender = std::thread::spawn(move || {
+            let mut tx = tx;
+            tx.set_nodelay(true).unwrap();
+            for chunk in b.chunks(128 * 1024) {
+                tx.write_all(chunk).unwrap();
+            }
+            for chunk in sm.chunks(50) {
+                tx.write_all(chunk).unwrap();
+            }
+            tx.write_all(b"NEXT").unwrap();
+        });
+        for want in [big, small] {
+            let Ok(mut got) = receive(rx.as_fd(), &[], want.len(), &pool) else {
+                panic!("receive failed");
+            };
+            assert!(got.to_vec().unwrap() == want, "the payload differs");
+        }
+        let mut after = [0u8; 4];
+        rx.read_exact(&mut after).unwrap();
+        assert_eq!(&after, b"NEXT");
+        sender.join().unwrap();
+    }
+
     /// The reader had part of the payload in its buffer already.
     #[test]
     fn a_payload_can_start_in_memory() {
