@@ -4,10 +4,11 @@
 //! A large write read with `recv` is copied twice on the server: from the socket
 //! into a buffer, and from the buffer into the page cache. `splice` from a socket
 //! into a pipe takes references to the socket's pages instead of copying them, and
-//! `splice` from the pipe into a file copies them once, into the page cache. On the
-//! 2-vCPU machine the project is measured on, the client, the request reader and the
-//! write thread each copy every byte once with `recv`; with `splice` the reader
-//! copies nothing, which frees a third of the CPU time of a stream of large writes.
+//! `splice` from the pipe into a file copies them once, into the page cache. With
+//! `recv`, the client, the request reader and the write thread each copy every
+//! byte once; with `splice` the reader copies only the small linear part of each
+//! socket buffer, so a 2-vCPU host shares two copies between its CPUs instead of
+//! three (measurements in docs/ARCHITECTURE.md, "Large writes in pipes").
 //!
 //! [`receive`] moves one payload off the socket into pipes ([`Spliced`]): the
 //! payload has to leave the socket before the next request header can be read,
