@@ -20,7 +20,9 @@
 //! way. The budget of bytes in flight counts a spliced payload like a buffered one.
 //!
 //! Pipes are pooled per connection ([`PipePool`]); one that still holds bytes
-//! (its write failed, or the request was refused) is closed, not pooled.
+//! (its write failed, or the request was refused) is closed, not pooled. Where
+//! the kernel will not make 1 MiB pipes, the connection reads payloads into
+//! memory as before.
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -28,15 +30,21 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 
-/// Pipe capacity asked for: the default `/proc/sys/fs/pipe-max-size`, so it is
-/// granted without privileges. A smaller pipe (the kernel refused) still works.
+/// Pipe capacity: the default `/proc/sys/fs/pipe-max-size`, so it is granted
+/// without privileges. Where the kernel refuses it (a lower `pipe-max-size`, or
+/// an unprivileged user past `pipe-user-pages-soft`, whose new pipes get two
+/// pages), payloads are read into memory instead: pipes that small would cost more
+/// system calls than the copy they save.
 const PIPE_SIZE: libc::c_int = 1 << 20;
 
 /// Pipes one payload may take before the rest is read into memory.
 pub const MAX_PIPES: usize = 16;
 
-/// Idle pipes a connection keeps for its next payloads.
-const POOLED_PIPES: usize = 16;
+/// Idle pipes a connection keeps for its next payloads. Each counts as 256 pages
+/// against its user's `pipe-user-pages-soft` (16384 by default, for users without
+/// `CAP_SYS_RESOURCE`), although it holds no data; making a pipe costs a few
+/// microseconds, against about 150 for copying the 1 MiB it carries.
+const POOLED_PIPES: usize = 8;
 
 /// A pipe: the socket splices into `w`, the file is spliced from `r`.
 #[derive(Debug)]
@@ -46,11 +54,9 @@ struct Pipe {
 }
 
 impl Pipe {
-    fn new() -> io::Result<Pipe> {
+    fn new(size: libc::c_int) -> io::Result<Pipe> {
         let (r, w) = sys::pipe()?;
-        // A refusal leaves the pipe at its default size, which only means more
-        // pipes per payload.
-        let _ = sys::set_pipe_size(w.as_fd(), PIPE_SIZE);
+        sys::set_pipe_size(w.as_fd(), size)?;
         Ok(Pipe { r, w })
     }
 
@@ -148,9 +154,20 @@ mod sys {
 }
 
 /// A connection's idle pipes.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PipePool {
     free: Mutex<Vec<Pipe>>,
+    /// Capacity of new pipes, in bytes.
+    size: libc::c_int,
+}
+
+impl Default for PipePool {
+    fn default() -> Self {
+        PipePool {
+            free: Mutex::default(),
+            size: PIPE_SIZE,
+        }
+    }
 }
 
 impl PipePool {
@@ -158,7 +175,7 @@ impl PipePool {
         let pooled = self.free.lock().ok().and_then(|mut free| free.pop());
         match pooled {
             Some(p) => Ok(p),
-            None => Pipe::new(),
+            None => Pipe::new(self.size),
         }
     }
 
@@ -507,6 +524,32 @@ mod tests {
         sender.join().unwrap();
         // The pipes that hold part of the payload are closed, not pooled.
         assert_eq!(pool.free.lock().unwrap().len(), 0);
+    }
+
+    /// Pipes the kernel will not size (here an invalid size; in practice a lower
+    /// `pipe-max-size` or the per-user pipe limit): nothing is taken off the
+    /// socket, and the payload can be read the usual way.
+    #[test]
+    fn no_full_size_pipe_means_no_splicing() {
+        let (tx, mut rx) = UnixStream::pair().unwrap();
+        let data = payload(300 * 1024, 10);
+        send(tx, data.clone(), 64 * 1024, b"");
+        let pool = Arc::new(PipePool {
+            free: Mutex::default(),
+            size: -1,
+        });
+        match receive(rx.as_fd(), &[], data.len(), &pool) {
+            Err(NotSpliced::Unavailable(e)) => {
+                assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e}")
+            }
+            other => panic!("expected Unavailable, got {other:?}"),
+        }
+        let mut back = vec![0u8; data.len()];
+        rx.read_exact(&mut back).unwrap();
+        assert!(
+            back == data,
+            "the payload must still be on the socket, whole"
+        );
     }
 
     /// A failed write leaves bytes in a pipe; the pipe is closed rather than
