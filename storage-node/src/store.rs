@@ -1578,7 +1578,6 @@ impl Store {
             blocks: 0,
             bytes: 0,
             delta_len: 0,
-            delta_records: 0,
             journal_len: 0,
             points_used,
             zero,
@@ -2272,10 +2271,9 @@ pub struct SyncTxn {
     touched: Vec<u64>,
     blocks: u64,
     bytes: u64,
-    /// Bytes and records of before-images the previous point's delta will hold
-    /// once this sync is settled (from the old digests of the changing blocks).
+    /// Bytes of before-images the previous point's delta will hold once this sync
+    /// is settled (from the old digests of the changing blocks).
     delta_len: u64,
-    delta_records: u64,
     /// Bytes written to the journal.
     journal_len: u64,
     /// Bytes the committed points' deltas hold.
@@ -2603,18 +2601,19 @@ impl SyncTxn {
             //    delta once settled, decided now: a block whose old digest is
             //    unwritten or zeros needs no bytes.
             let appending = std::time::Instant::now();
-            let mut added = 0u64;
-            let mut records = 0u64;
-            for (block, old) in group.iter().flat_map(|p| p.recs.iter()) {
-                let has_data = *old != Digest::UNWRITTEN && *old != self.zero.of(*block);
-                added += (HEADER_LEN + CHECK_LEN) as u64
-                    + if has_data {
+            let added: u64 = group
+                .iter()
+                .flat_map(|p| &p.recs)
+                .map(|(block, old)| {
+                    let has_data = *old != Digest::UNWRITTEN && *old != self.zero.of(*block);
+                    let data = if has_data {
                         geometry.block_len(*block)
                     } else {
                         0
                     };
-                records += 1;
-            }
+                    (HEADER_LEN + CHECK_LEN) as u64 + data
+                })
+                .sum();
             let need = self.points_used + self.delta_len + added;
             if need > self.meta.points_alloc_bytes {
                 let more = self.delta_len + added;
@@ -2627,7 +2626,6 @@ impl SyncTxn {
                 )?;
             }
             self.delta_len += added;
-            self.delta_records += records;
             // The new blocks, with their new digests, appended to the journal (made
             // durable at commit).
             let bs = geometry.block_size as usize;

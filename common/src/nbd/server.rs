@@ -2248,36 +2248,7 @@ impl Reader {
         let data = if req.typ == proto::CMD_WRITE {
             let len = req.len as usize;
             let large = len >= LARGE_PAYLOAD;
-            let buffered = rd.buffer().len();
-            let spliced = if large && *splice && buffered < len && early_consumed(rd) {
-                let head = &rd.buffer()[..buffered];
-                match splice::receive(self.sock.as_fd(), head, len, &self.session.pipes) {
-                    Ok(piped) => {
-                        rd.consume(buffered);
-                        Some(Ok(Payload::Spliced(piped)))
-                    }
-                    Err(NotSpliced::Failed(e)) => Some(Err(e)),
-                    Err(NotSpliced::Unavailable(e)) => {
-                        tracing::debug!(
-                            "write payloads are read, not spliced, on this connection: {e}"
-                        );
-                        *splice = false;
-                        None
-                    }
-                }
-            } else {
-                None
-            };
-            let read = spliced.unwrap_or_else(|| {
-                let mut buf = self.session.pool.get(len);
-                let read = if large {
-                    read_past_buffer(rd, &mut buf)
-                } else {
-                    rd.read_exact(&mut buf)
-                };
-                read.map(|()| Payload::Buffered(buf))
-            });
-            match read {
+            match self.read_payload(rd, splice, len, large) {
                 Ok(payload) => {
                     *after_large_write = large;
                     Some(payload)
@@ -2294,6 +2265,41 @@ impl Reader {
             data,
             permit,
         }))
+    }
+
+    /// Reads a write's payload of `len` bytes (see [`Reader::read_request`]); a
+    /// socket that refuses to splice turns `splice` off.
+    fn read_payload(
+        &self,
+        rd: &mut SocketBufReader,
+        splice: &mut bool,
+        len: usize,
+        large: bool,
+    ) -> io::Result<Payload> {
+        let buffered = rd.buffer().len();
+        if large && *splice && buffered < len && early_consumed(rd) {
+            let head = &rd.buffer()[..buffered];
+            match splice::receive(self.sock.as_fd(), head, len, &self.session.pipes) {
+                Ok(piped) => {
+                    rd.consume(buffered);
+                    return Ok(Payload::Spliced(piped));
+                }
+                Err(NotSpliced::Failed(e)) => return Err(e),
+                Err(NotSpliced::Unavailable(e)) => {
+                    tracing::debug!(
+                        "write payloads are read, not spliced, on this connection: {e}"
+                    );
+                    *splice = false;
+                }
+            }
+        }
+        let mut buf = self.session.pool.get(len);
+        if large {
+            read_past_buffer(rd, &mut buf)?;
+        } else {
+            rd.read_exact(&mut buf)?;
+        }
+        Ok(Payload::Buffered(buf))
     }
 
     fn read_failed(&self, e: io::Error, when: &str) -> Result<Option<Incoming>, NbdError> {

@@ -353,11 +353,6 @@ pub fn receive(
                 Err(e) => return Err(NotSpliced::Failed(e)),
             }
         }
-        if filled == 0 {
-            // An empty pipe is never full; kept for completeness.
-            pool.put(pipe);
-            break;
-        }
         payload.segments.push(Segment { pipe, len: filled });
     }
     payload.head = head.to_vec();

@@ -1283,20 +1283,25 @@ fn digests_of(image: &[u8]) -> Vec<u8> {
         .collect()
 }
 
-/// A store with point 1 (the whole volume written) settled, and point 2 committed
-/// but not settled: its blocks are only in the journal.
-fn unsettled_store(dir: &Path) -> (Store, Vec<Vec<u8>>) {
+/// A store of `size` bytes with point 1 (random, the whole volume written)
+/// settled, and point 2 (point 1 after `change`) committed but not settled: its
+/// blocks are only in the journal. Returns the store and the three images (zeros,
+/// point 1, point 2).
+fn unsettled_store(
+    dir: &Path,
+    size: u64,
+    per_apply: usize,
+    change: impl FnOnce(&mut rand::rngs::StdRng, &mut Vec<u8>),
+) -> (Store, Vec<Vec<u8>>) {
     let store = open(dir);
-    let size = 40 * BS as u64 + 100;
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
     let zero = vec![0u8; size as usize];
     let mut v1 = zero.clone();
     rng.fill(&mut v1[..]);
     sync(&store, &zero, &v1, 0);
     let mut v2 = v1.clone();
-    scribble(&mut rng, &mut v2, 12);
-    v2[7 * BS as usize..8 * BS as usize].fill(0); // a block made zeros
-    let p = commit_unsettled(&store, &v1, &v2, 1, 2);
+    change(&mut rng, &mut v2);
+    let p = commit_unsettled(&store, &v1, &v2, 1, per_apply);
     assert_eq!(p.id, 2);
     // Not settled: the replica is still point 1, the journal holds point 2.
     let src = dir.join("disk1").join("bulwark").join("vol");
@@ -1313,7 +1318,10 @@ fn unsettled_store(dir: &Path) -> (Store, Vec<Vec<u8>>) {
 fn an_unsettled_point_reads_correctly_every_way() {
     for way in ["restore", "restore previous", "view", "digests", "verify"] {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (store, images) = unsettled_store(dir.path());
+        let (store, images) = unsettled_store(dir.path(), 40 * BS as u64 + 100, 2, |rng, v2| {
+            scribble(rng, v2, 12);
+            v2[7 * BS as usize..8 * BS as usize].fill(0); // a block made zeros
+        });
         let (v1, v2) = (&images[1], &images[2]);
         match way {
             "restore" => assert!(read_point_to_vec(&store, "vol", 2).expect("restore") == *v2),
@@ -1376,18 +1384,13 @@ fn an_unsettled_point_reads_correctly_every_way() {
 #[test]
 fn a_damaged_journal_is_reported_not_applied() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = open(dir.path());
     // 9 MiB of changes: more than two settle groups of a node (4 MiB), many of a
     // unit test's.
     let size = 10u64 << 20;
+    let (store, mut images) =
+        unsettled_store(dir.path(), size, 1, |rng, v2| rng.fill(&mut v2[..9 << 20]));
+    let v1 = images.swap_remove(1);
     let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-    let zero = vec![0u8; size as usize];
-    let mut v1 = zero.clone();
-    rng.fill(&mut v1[..]);
-    sync(&store, &zero, &v1, 0);
-    let mut v2 = v1.clone();
-    rng.fill(&mut v2[..9 << 20]);
-    commit_unsettled(&store, &v1, &v2, 1, 1);
     // Another source, to be served whatever happens to this one.
     let other = |base: u64| SyncSpec {
         source: "other".into(),
