@@ -474,6 +474,7 @@ impl AgentConfig {
                     monthly: r.monthly,
                 }),
                 keep_after_ms: 0,
+                lock: None,
             };
             sources.push(SourceConfig {
                 kind,

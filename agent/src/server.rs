@@ -814,6 +814,8 @@ async fn control_session(agent: Arc<Agent>, shutdown: &CancellationToken) -> Res
                         .await;
                 });
             }
+            // Applied by the agent's TLS verifiers (revocation, not built yet).
+            Some(pb::coordinator_command::Cmd::Revocations(_)) => {}
             None => {}
         }
     }

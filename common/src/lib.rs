@@ -7,10 +7,14 @@
 //!   durations as operators write them.
 //! - [`block`] — blocks, extents and BLAKE3 checksums, and the checks the node and the
 //!   agent both make on them.
+//! - [`name`] — names of sources, agents, nodes and groups: one safe path component,
+//!   checked once where they are received; [`text`] makes other processes' text safe
+//!   to print.
 //! - [`nbd`] — the NBD protocol: a server exporting a file or block device, and a
 //!   blocking client that reads exports and qemu dirty bitmaps.
 //! - [`telemetry`], [`shutdown`], [`failpoint`], [`malloc`] — process plumbing.
 
+pub mod access;
 pub mod alloc;
 pub mod block;
 pub mod config;
@@ -19,12 +23,14 @@ pub mod enroll;
 pub mod failpoint;
 pub mod malloc;
 pub mod metrics;
+pub mod name;
 pub mod nbd;
 pub mod pki;
 pub mod point;
 pub mod retention;
 pub mod shutdown;
 pub mod telemetry;
+pub mod text;
 pub mod time;
 pub mod tls;
 

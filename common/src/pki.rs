@@ -56,11 +56,7 @@ pub fn valid_trust_domain(td: &str) -> bool {
 
 /// Checks a process or data source name: `node-1`, `host_7.eu`.
 pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 128
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_')
+    crate::name::is_valid(name)
 }
 
 /// Writes `path` with mode 0600 (owner read/write only), refusing to overwrite.

@@ -37,11 +37,20 @@ pub enum Role {
     Node,
     Agent,
     Admin,
+    /// An admin certificate made only for lifting governance retention locks: kept
+    /// apart from the everyday admin key, so a stolen admin key cannot do it.
+    Officer,
 }
 
 impl Role {
     /// Every role, in the order the docs list them.
-    pub const ALL: [Role; 4] = [Role::Coordinator, Role::Node, Role::Agent, Role::Admin];
+    pub const ALL: [Role; 5] = [
+        Role::Coordinator,
+        Role::Node,
+        Role::Agent,
+        Role::Admin,
+        Role::Officer,
+    ];
 
     /// The word used in SPIFFE ids and on the command line.
     pub fn as_str(self) -> &'static str {
@@ -50,6 +59,7 @@ impl Role {
             Role::Node => "node",
             Role::Agent => "agent",
             Role::Admin => "admin",
+            Role::Officer => "officer",
         }
     }
 }
@@ -66,7 +76,9 @@ impl FromStr for Role {
         Role::ALL
             .into_iter()
             .find(|r| r.as_str() == s)
-            .ok_or_else(|| format!("unknown role \"{s}\" (use coordinator, node, agent or admin)"))
+            .ok_or_else(|| {
+                format!("unknown role \"{s}\" (use coordinator, node, agent, admin or officer)")
+            })
     }
 }
 

@@ -1234,6 +1234,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     role: role.clone(),
                     name: name.clone(),
                     ttl_ms: ttl,
+                    ..Default::default()
                 })
                 .await
                 .map_err(|s| admin.err(s))?
@@ -1439,6 +1440,7 @@ async fn group_command(admin: &mut Admin, cmd: GroupCommand) -> anyhow::Result<(
                     point_times: at,
                     replica_alloc_bytes: replica_space.unwrap_or(0),
                     points_alloc_bytes: points_space.unwrap_or(0),
+                    ..Default::default()
                 })
                 .await
                 .map_err(|s| admin.err(s))?

@@ -276,6 +276,7 @@ impl Policy {
             points_alloc_bytes: self.points_alloc_bytes,
             retention: Some(self.retention.to_proto()),
             keep_after_ms: self.keep_after_ms,
+            lock: None,
         }
     }
 }

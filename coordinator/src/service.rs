@@ -407,6 +407,8 @@ impl CoordinatorService {
             point_times: g.point_times.clone(),
             replica_alloc_bytes: g.replica_alloc_bytes,
             points_alloc_bytes: g.points_alloc_bytes,
+            allow: Vec::new(),
+            lock: None,
             sources: self
                 .registry
                 .sources()?
@@ -591,6 +593,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
         match self.0.registry.heartbeat(&node.name, &hb)? {
             Some(()) => Ok(Response::new(pb::NodeHeartbeatResponse {
                 assignments: self.0.registry.assignments_of(&node.name)?,
+                revocations: None,
             })),
             None => Err(Status::not_found(format!(
                 "node {} is not registered; register first",
@@ -719,6 +722,63 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
             })
             .collect();
         Ok(Response::new(pb::ListAgentsResponse { agents }))
+    }
+
+    async fn revoke(
+        &self,
+        req: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::Revocation>, Status> {
+        require(&req, "Revoke", &[Role::Admin])?;
+        Err(Status::unimplemented("revocation is not built yet"))
+    }
+
+    async fn list_revocations(
+        &self,
+        req: Request<pb::ListRevocationsRequest>,
+    ) -> Result<Response<pb::RevocationList>, Status> {
+        require(
+            &req,
+            "ListRevocations",
+            &[Role::Admin, Role::Node, Role::Agent],
+        )?;
+        Err(Status::unimplemented("revocation is not built yet"))
+    }
+
+    async fn set_quota(&self, req: Request<pb::Quota>) -> Result<Response<pb::Quota>, Status> {
+        require(&req, "SetQuota", &[Role::Admin])?;
+        Err(Status::unimplemented("quotas are not built yet"))
+    }
+
+    async fn list_quotas(
+        &self,
+        req: Request<pb::ListQuotasRequest>,
+    ) -> Result<Response<pb::ListQuotasResponse>, Status> {
+        require(&req, "ListQuotas", &[Role::Admin])?;
+        Err(Status::unimplemented("quotas are not built yet"))
+    }
+
+    async fn set_retention(
+        &self,
+        req: Request<pb::SetRetentionRequest>,
+    ) -> Result<Response<pb::SourceInfo>, Status> {
+        require(&req, "SetRetention", &[Role::Admin])?;
+        Err(Status::unimplemented("admin retention is not built yet"))
+    }
+
+    async fn allow_group(
+        &self,
+        req: Request<pb::AllowGroupRequest>,
+    ) -> Result<Response<pb::Group>, Status> {
+        require(&req, "AllowGroup", &[Role::Admin])?;
+        Err(Status::unimplemented("group patterns are not built yet"))
+    }
+
+    async fn lock(
+        &self,
+        req: Request<pb::LockRequest>,
+    ) -> Result<Response<pb::LockResponse>, Status> {
+        require(&req, "Lock", &[Role::Admin, Role::Officer])?;
+        Err(Status::unimplemented("retention locks are not built yet"))
     }
 
     async fn create_token(
@@ -1105,6 +1165,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
                     source: rec.name.clone(),
                     agent: agent.clone(),
                     expires_at_ms: bulwark_common::time::now_ms() + 3_600_000,
+                    ..Default::default()
                 })
                 .await
                 .map_err(|s| {
@@ -1319,5 +1380,6 @@ fn source_info(s: crate::registry::SourceRecord) -> pb::SourceInfo {
         last_sync_ms: s.last_sync_ms,
         error: s.error,
         allocated_bytes: s.allocated_bytes,
+        ..Default::default()
     }
 }

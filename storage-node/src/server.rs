@@ -183,6 +183,7 @@ async fn usage_report(
             problems.join("; ")
         },
         nbd_address: nbd_address.unwrap_or_default(),
+        revocations_version: 0,
     };
     Ok((req, disks))
 }

@@ -78,6 +78,8 @@ pub fn point_to_proto(p: &PointMeta) -> pb::Point {
         stored_bytes: p.stored_bytes(),
         damaged_blocks: p.damaged.clone(),
         files_changed: p.files_changed,
+        lock_mode: pb::LockMode::None as i32,
+        locked_until_ms: 0,
     }
 }
 
@@ -1192,6 +1194,18 @@ impl pb::node_server::Node for NodeApi {
         })
         .await??;
         Ok(Response::new(pb::DropSourceResponse { dropped }))
+    }
+
+    async fn set_lock(
+        &self,
+        req: Request<pb::SetLockRequest>,
+    ) -> Result<Response<pb::SetLockResponse>, Status> {
+        require(
+            &req,
+            "SetLock",
+            &[Role::Coordinator, Role::Admin, Role::Officer],
+        )?;
+        Err(Status::unimplemented("retention locks are not built yet"))
     }
 
     async fn grant_restore(
