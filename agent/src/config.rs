@@ -106,29 +106,11 @@ pub struct SourceToml {
     pub points_space: Option<ByteSize>,
     /// `[sources.retention]`: which recovery points the node keeps.
     #[serde(default)]
-    pub retention: Option<RetentionToml>,
+    pub retention: Option<bulwark_common::config::RetentionToml>,
     /// A protection group (`bulwark group create`): the coordinator schedules this
     /// source's syncs and `sync_interval` is not used.
     #[serde(default)]
     pub group: Option<String>,
-}
-
-/// `[sources.retention]` (see `bulwark_common::retention`).
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RetentionToml {
-    #[serde(default)]
-    pub keep: u32,
-    #[serde(default)]
-    pub max_age: Option<HumanDuration>,
-    #[serde(default)]
-    pub hourly: u32,
-    #[serde(default)]
-    pub daily: u32,
-    #[serde(default)]
-    pub weekly: u32,
-    #[serde(default)]
-    pub monthly: u32,
 }
 
 fn default_tracker() -> String {
@@ -461,18 +443,11 @@ impl AgentConfig {
             if s.sync_interval.0 < Duration::from_secs(1) {
                 return Err(bad(key("sync_interval"), "must be at least 1s".into()));
             }
-            let r = s.retention.unwrap_or_default();
             let policy = bulwark_proto::Policy {
                 replica_alloc_bytes: s.replica_space.map_or(0, |b| b.0),
                 points_alloc_bytes: s.points_space.map_or(0, |b| b.0),
-                retention: Some(bulwark_proto::Retention {
-                    keep: r.keep,
-                    max_age_ms: r.max_age.map_or(0, |d| d.0.as_millis() as u64),
-                    hourly: r.hourly,
-                    daily: r.daily,
-                    weekly: r.weekly,
-                    monthly: r.monthly,
-                }),
+                // No table, no proposal: the admin's retention applies as it is.
+                retention: s.retention.map(|r| r.retention().to_proto()),
                 keep_after_ms: 0,
                 lock: None,
             };

@@ -704,6 +704,9 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     Ok(())
 }
 
+/// How often the agent pings the coordinator on its control stream.
+const CONTROL_PING: Duration = Duration::from_secs(15);
+
 /// Keeps the control stream open: Hello, then commands; reconnects with backoff.
 async fn control_loop(agent: Arc<Agent>, shutdown: CancellationToken) {
     let mut failures = 0u32;
@@ -748,9 +751,22 @@ async fn control_session(agent: Arc<Agent>, shutdown: &CancellationToken) -> Res
         .map_err(|s| tls::explain_status(&agent.cfg.coordinator.to_string(), &s))?
         .into_inner();
     *lock(&agent.control_tx) = Some(tx.clone());
+    // The coordinator cuts a control stream idle for its stream_idle_timeout
+    // (60 s by default): say something well within it.
+    let mut ping = tokio::time::interval(CONTROL_PING);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let cmd = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
+            _ = ping.tick() => {
+                let msg = pb::AgentMessage {
+                    msg: Some(pb::agent_message::Msg::Ping(pb::Ping {})),
+                };
+                if tx.send(msg).await.is_err() {
+                    return Err("the control stream closed".into());
+                }
+                continue;
+            }
             c = commands.message() => c.map_err(|s| s.message().to_string())?,
         };
         let Some(cmd) = cmd else {

@@ -152,9 +152,30 @@ struct BatchBuilder<'a> {
     run: Option<(u64, BytesMut, Vec<Bytes>)>,
     bytes: usize,
     tx: &'a mpsc::Sender<pb::SyncMessage>,
+    /// When a message last went to the node.
+    last_sent: std::time::Instant,
 }
 
+/// How often the sync stream carries something while the blocks read are all
+/// unchanged: the node aborts a stream idle for its `stream_idle_timeout` (60 s by
+/// default).
+const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl BatchBuilder<'_> {
+    /// Sends an empty batch when nothing went to the node for [`KEEPALIVE`].
+    fn keepalive(&mut self) -> Result<(), SyncError> {
+        if self.last_sent.elapsed() < KEEPALIVE {
+            return Ok(());
+        }
+        self.last_sent = std::time::Instant::now();
+        let msg = pb::SyncMessage {
+            msg: Some(pb::sync_message::Msg::Extents(pb::ExtentBatch::default())),
+        };
+        self.tx
+            .blocking_send(msg)
+            .map_err(|_| SyncError::Protocol("the node closed the sync stream".into()))
+    }
+
     fn close_run(&mut self) {
         if let Some((offset, data, checksums)) = self.run.take() {
             self.extents.push(pb::Extent {
@@ -222,6 +243,7 @@ impl BatchBuilder<'_> {
             })),
         };
         self.bytes = 0;
+        self.last_sent = std::time::Instant::now();
         self.tx
             .blocking_send(msg)
             .map_err(|_| SyncError::Protocol("the node closed the sync stream".into()))
@@ -252,6 +274,7 @@ fn send_blocks(
         run: None,
         bytes: 0,
         tx,
+        last_sent: std::time::Instant::now(),
     };
     let mut stats = ScanStats {
         blocks_scanned: 0,
@@ -365,6 +388,7 @@ fn send_blocks(
                     batch.copy_block(start + (i * bs) as u64, data, digest)?;
                 }
             }
+            batch.keepalive()?;
         }
         Ok(())
     })?;

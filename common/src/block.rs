@@ -16,6 +16,16 @@ pub const MAX_BLOCK_SIZE: u32 = 4 * 1024 * 1024;
 /// Payload bytes an agent puts in one extent batch (one gRPC message). Larger batches
 /// gain nothing on the wire and cost memory on both ends.
 pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
+
+/// The most payload one batch of a source with blocks of `block_size` carries:
+/// [`MAX_BATCH_BYTES`], or one block when blocks are larger.
+pub fn batch_limit(block_size: u32) -> usize {
+    MAX_BATCH_BYTES.max(block_size as usize)
+}
+
+/// The largest message a node takes from an agent: the largest batch of any
+/// geometry plus room for its checksums and framing.
+pub const MAX_AGENT_MESSAGE_BYTES: usize = MAX_BLOCK_SIZE as usize + 256 * 1024;
 /// Alignment of direct-I/O (`O_DIRECT`) buffers, offsets and lengths.
 pub const DIRECT_ALIGN: usize = 4096;
 

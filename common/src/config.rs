@@ -257,6 +257,44 @@ impl<'de> Deserialize<'de> for HumanDuration {
     }
 }
 
+/// A retention table as written (`[sources.retention]` of agent.toml,
+/// `[policy.min_retention]` of coordinator.toml); see [`crate::retention`].
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionToml {
+    /// Keep this many newest points.
+    #[serde(default)]
+    pub keep: u32,
+    /// Drop points older than this (never the newest).
+    #[serde(default)]
+    pub max_age: Option<HumanDuration>,
+    /// Keep the newest point of this many hours / days / ISO weeks / months.
+    #[serde(default)]
+    pub hourly: u32,
+    #[serde(default)]
+    pub daily: u32,
+    #[serde(default)]
+    pub weekly: u32,
+    #[serde(default)]
+    pub monthly: u32,
+}
+
+impl RetentionToml {
+    /// The policy it says.
+    pub fn retention(&self) -> crate::retention::Retention {
+        crate::retention::Retention {
+            keep: self.keep,
+            max_age_ms: self
+                .max_age
+                .map_or(0, |d| u64::try_from(d.0.as_millis()).unwrap_or(u64::MAX)),
+            hourly: self.hourly,
+            daily: self.daily,
+            weekly: self.weekly,
+            monthly: self.monthly,
+        }
+    }
+}
+
 /// The `[tls]` table every daemon has: the fleet CA and this process's identity.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

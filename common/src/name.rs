@@ -166,6 +166,12 @@ impl<K: NameKind> AsRef<str> for Name<K> {
     }
 }
 
+impl<K: NameKind> AsRef<[u8]> for Name<K> {
+    fn as_ref(&self) -> &[u8] {
+        self.value.as_bytes()
+    }
+}
+
 impl<K: NameKind> AsRef<std::path::Path> for Name<K> {
     fn as_ref(&self) -> &std::path::Path {
         std::path::Path::new(&self.value)

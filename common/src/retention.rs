@@ -69,6 +69,52 @@ impl Retention {
         }
     }
 
+    /// The policy that keeps every point `self` keeps and every point `floor`
+    /// keeps (a superset of both: each count the larger, no count rule if either has
+    /// none, the longer maximum age or none), and the keys in which `self` keeps
+    /// less than `floor` (`"keep"`, `"daily"`, `"max_age"`, ...): what a proposal
+    /// tried to shorten.
+    pub fn at_least(&self, floor: &Retention) -> (Retention, Vec<&'static str>) {
+        let mut shorter = Vec::new();
+        let mut out = Retention::default();
+        let counts = [
+            ("keep", self.keep, floor.keep),
+            ("hourly", self.hourly, floor.hourly),
+            ("daily", self.daily, floor.daily),
+            ("weekly", self.weekly, floor.weekly),
+            ("monthly", self.monthly, floor.monthly),
+        ];
+        if self.has_count_rule() && floor.has_count_rule() {
+            for (key, mine, theirs) in counts {
+                if mine < theirs {
+                    shorter.push(key);
+                }
+            }
+            out.keep = self.keep.max(floor.keep);
+            out.hourly = self.hourly.max(floor.hourly);
+            out.daily = self.daily.max(floor.daily);
+            out.weekly = self.weekly.max(floor.weekly);
+            out.monthly = self.monthly.max(floor.monthly);
+        } else if self.has_count_rule() {
+            // The floor keeps every point by count: any count rule keeps fewer.
+            shorter.extend(counts.iter().filter(|c| c.1 > 0).map(|c| c.0));
+        }
+        out.max_age_ms = match (self.max_age_ms, floor.max_age_ms) {
+            (0, _) => 0,
+            (_, 0) => {
+                shorter.push("max_age");
+                0
+            }
+            (mine, theirs) => {
+                if mine < theirs {
+                    shorter.push("max_age");
+                }
+                mine.max(theirs)
+            }
+        };
+        (out, shorter)
+    }
+
     /// A one-line description for the CLI, e.g. `keep 5, daily 7, max age 30d`.
     pub fn describe(&self) -> String {
         if self.is_keep_all() {
@@ -165,6 +211,63 @@ mod tests {
             .enumerate()
             .map(|(i, t)| (i as u64 + 1, *t))
             .collect()
+    }
+
+    #[test]
+    fn at_least_keeps_what_either_keeps_and_names_what_was_shorter() {
+        let r = |keep, daily, max_age_ms| Retention {
+            keep,
+            daily,
+            max_age_ms,
+            ..Default::default()
+        };
+        // The attack: keep 1 against an admin floor of keep-everything.
+        let (m, short) = r(1, 0, 0).at_least(&Retention::default());
+        assert!(m.is_keep_all(), "{m:?}");
+        assert_eq!(short, ["keep"]);
+        // Longer in every key: taken as it is.
+        let (m, short) = r(10, 7, 0).at_least(&r(5, 7, 30));
+        assert_eq!((m, short), (r(10, 7, 0), vec![]));
+        // Shorter in some keys: those keys are the floor's.
+        let (m, short) = r(3, 0, 10).at_least(&r(1, 7, 30));
+        assert_eq!(m, r(3, 7, 30));
+        assert_eq!(short, ["daily", "max_age"]);
+        // An age limit against a floor without one.
+        let (m, short) = r(0, 0, 5).at_least(&r(2, 0, 0));
+        assert_eq!((m, short), (r(0, 0, 0), vec!["max_age"]));
+        // Property: whatever either keeps, the merge keeps.
+        let times: Vec<(u64, i64)> = (0..200).map(|i| (i + 1, i as i64 * 3_600_000)).collect();
+        let now = 200 * 3_600_000;
+        let policies = [
+            Retention::default(),
+            r(1, 0, 0),
+            r(5, 3, 0),
+            r(0, 2, 36_000_000),
+            r(20, 0, 100_000_000),
+            Retention {
+                hourly: 4,
+                weekly: 1,
+                ..Default::default()
+            },
+        ];
+        for a in &policies {
+            for b in &policies {
+                let (m, _) = a.at_least(b);
+                let kept = |p: &Retention| -> HashSet<u64> {
+                    let drop: HashSet<u64> = p.to_drop(&times, now).into_iter().collect();
+                    times
+                        .iter()
+                        .map(|t| t.0)
+                        .filter(|id| !drop.contains(id))
+                        .collect()
+                };
+                let km = kept(&m);
+                assert!(
+                    kept(a).is_subset(&km) && kept(b).is_subset(&km),
+                    "{a:?} {b:?} -> {m:?}"
+                );
+            }
+        }
     }
 
     #[test]

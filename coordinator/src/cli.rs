@@ -15,6 +15,8 @@ use bulwark_proto::coordinator_client::CoordinatorClient;
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Value, json};
 
+mod policy;
+
 /// Bulwark admin CLI: manage the fleet's certificates, look at nodes, agents, data
 /// sources and recovery points, and run syncs and restores.
 ///
@@ -146,6 +148,11 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Set an agent's quota (largest source, total space), or list quotas.
+    Quota(policy::QuotaArgs),
+    /// Set a data source's retention: the admin's floor, which its agent's config
+    /// can only lengthen (`--clear` goes back to the group's or the fleet minimum).
+    Retention(policy::RetentionArgs),
     /// List alerts: open ones, and with --all the resolved ones too.
     Alerts {
         /// Also resolved alerts.
@@ -302,6 +309,16 @@ pub enum GroupCommand {
     /// Delete a group that has no sources.
     Delete {
         name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Let agents whose name matches PATTERN (`*` = anything, e.g. `db-*`) put
+    /// their sources in the group from their own config; `--remove` takes it back.
+    Allow {
+        group: String,
+        pattern: String,
+        #[arg(long)]
+        remove: bool,
         #[arg(long)]
         json: bool,
     },
@@ -529,7 +546,15 @@ fn conn_files(c: &ConnArgs) -> anyhow::Result<(String, TlsFiles)> {
 }
 
 /// Prints rows as aligned columns under a header.
+/// Prints rows under a header. Every cell is escaped: agents and nodes choose
+/// much of what is shown (errors, warnings, tracker names, versions), and a
+/// hostile one must not reach the admin's terminal with control sequences.
 fn table(header: &[&str], rows: &[Vec<String>]) {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| bulwark_common::text::escape(c)).collect())
+        .collect();
+    let rows = &rows;
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {
@@ -671,7 +696,7 @@ pub fn sync_line(r: &pb::SyncResult) -> String {
         ));
     }
     for w in &r.warnings {
-        line.push_str(&format!("\n  warning: {w}"));
+        line.push_str(&format!("\n  warning: {}", bulwark_common::text::escape(w)));
     }
     line
 }
@@ -964,33 +989,40 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 } else if r.at_ms != 0 {
                     println!(
                         "{}: restored to {} in {} on agent {} ({} in {:.1} s), every byte checked",
-                        r.source,
+                        bulwark_common::text::escape(&r.source),
                         rfc3339_ms(r.at_ms),
-                        r.path,
+                        bulwark_common::text::escape(&r.path),
                         r.agent,
                         format_size(r.bytes_written),
                         r.duration_ms as f64 / 1000.0
                     );
                     if r.point != 0 {
-                        println!("  volume  point {} -> {}/volume", r.point, r.path);
+                        println!(
+                            "  volume  point {} -> {}/volume",
+                            r.point,
+                            bulwark_common::text::escape(&r.path)
+                        );
                     }
                     if !r.log_source.is_empty() {
                         println!(
                             "  logs    {} point {} (shipped {}), {} files -> {}/logs",
-                            r.log_source,
+                            bulwark_common::text::escape(&r.log_source),
                             r.log_point,
                             rfc3339_ms(r.log_point_created_ms),
                             r.log_files,
-                            r.path
+                            bulwark_common::text::escape(&r.path)
                         );
                     }
-                    println!("  see {}/restore.json for how to replay the logs", r.path);
+                    println!(
+                        "  see {}/restore.json for how to replay the logs",
+                        bulwark_common::text::escape(&r.path)
+                    );
                 } else if !r.log_source.is_empty() {
                     println!(
                         "{}: log point {} restored to {} on agent {} ({} files, {} in {:.1} s), every byte checked",
-                        r.source,
+                        bulwark_common::text::escape(&r.source),
                         r.point,
-                        r.path,
+                        bulwark_common::text::escape(&r.path),
                         r.agent,
                         r.log_files,
                         format_size(r.bytes_written),
@@ -999,9 +1031,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 } else {
                     println!(
                         "{}: point {} restored to {} on agent {} ({} in {:.1} s), every block checked",
-                        r.source,
+                        bulwark_common::text::escape(&r.source),
                         r.point,
-                        r.path,
+                        bulwark_common::text::escape(&r.path),
                         r.agent,
                         format_size(r.bytes_written),
                         r.duration_ms as f64 / 1000.0
@@ -1050,6 +1082,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
+        Command::Quota(a) => policy::quota(&mut admin, a).await?,
+        Command::Retention(a) => policy::retention(&mut admin, a).await?,
         Command::Alerts { all, json } => {
             let alerts = admin
                 .client
@@ -1381,7 +1415,12 @@ async fn status(admin: &mut Admin, json: bool) -> anyhow::Result<()> {
     println!("groups       {}", groups.len());
     println!("alerts       {}", list(&severities));
     for a in alerts.iter().take(5) {
-        println!("  {} {}: {}", a.severity, a.subject, a.message);
+        println!(
+            "  {} {}: {}",
+            a.severity,
+            bulwark_common::text::escape(&a.subject),
+            bulwark_common::text::escape(&a.message)
+        );
     }
     if alerts.len() > 5 {
         println!("  ... {} more: bulwark alerts", alerts.len() - 5);
@@ -1527,6 +1566,12 @@ async fn group_command(admin: &mut Admin, cmd: GroupCommand) -> anyhow::Result<(
                 println!("group {name} deleted");
             }
         }
+        GroupCommand::Allow {
+            group,
+            pattern,
+            remove,
+            json,
+        } => policy::group_allow(admin, group, pattern, remove, json).await?,
     }
     Ok(())
 }
@@ -1555,7 +1600,12 @@ fn print_moves(r: &pb::MoveReport, json: bool, what: &str) -> anyhow::Result<()>
                     format_size(m.bytes)
                 );
             } else {
-                println!("did not move {} from {}: {}", m.source, m.from, m.error);
+                println!(
+                    "did not move {} from {}: {}",
+                    m.source,
+                    m.from,
+                    bulwark_common::text::escape(&m.error)
+                );
             }
         }
         println!(
@@ -1681,6 +1731,9 @@ fn source_json(s: &pb::SourceInfo) -> Value {
             "op": p.op, "done_bytes": p.done_bytes, "total_bytes": p.total_bytes,
         })),
         "tracker": s.tracker, "warning": s.warning,
+        "retention": policy::retention_json(s.retention.as_ref()),
+        "retention_from": s.retention_from,
+        "policy_refused": s.policy_refused,
     })
 }
 

@@ -4,7 +4,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use bulwark_common::config::{ConfigError, HumanDuration, TlsFiles, resolve};
+use bulwark_common::config::{
+    ByteSize, ConfigError, HumanDuration, RetentionToml, TlsFiles, resolve,
+};
 use serde::Deserialize;
 
 /// The file as written.
@@ -43,6 +45,41 @@ pub struct CoordinatorToml {
     /// `[enrollment]`: hosts enroll with one-time tokens instead of copied keys.
     #[serde(default)]
     pub enrollment: Option<EnrollmentToml>,
+    /// `[policy]`: what the admin sets for every data source; agents' configs only
+    /// propose within it.
+    #[serde(default)]
+    pub policy: Option<PolicyToml>,
+    /// An agent's control stream that carries nothing for this long is cut (agents
+    /// ping every 15 s). Optional; default 60s.
+    #[serde(default = "default_stream_idle_timeout")]
+    pub stream_idle_timeout: HumanDuration,
+}
+
+/// `[policy]` of coordinator.toml (see `bulwark_coordinator::policy`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyToml {
+    /// `[policy.min_retention]`: the retention every source keeps at least unless
+    /// the admin sets its own (`bulwark retention`) or its group's; an agent's
+    /// proposal can only lengthen it. Absent: every point is kept.
+    #[serde(default)]
+    pub min_retention: Option<RetentionToml>,
+    /// Default replica space, percent of the source's size. Optional; default 150.
+    #[serde(default)]
+    pub replica_percent: Option<u64>,
+    /// Default recovery-point space: size × days × 2% + 1.6 GiB. Optional; default 7.
+    #[serde(default)]
+    pub points_days: Option<u64>,
+    /// Each agent's quota unless `bulwark quota` sets its own: the largest source
+    /// (`"2TiB"`), and the space of all its sources. Absent: no limit.
+    #[serde(default)]
+    pub max_source_size: Option<ByteSize>,
+    #[serde(default)]
+    pub max_total: Option<ByteSize>,
+}
+
+fn default_stream_idle_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
 }
 
 /// `[enrollment]` of coordinator.toml.
@@ -103,6 +140,8 @@ pub struct CoordinatorConfig {
     pub telemetry: bulwark_common::config::TelemetryConfig,
     pub tls: TlsFiles,
     pub enrollment: Option<EnrollmentConfig>,
+    pub policy: crate::policy::FleetPolicy,
+    pub stream_idle_timeout: Duration,
 }
 
 impl CoordinatorConfig {
@@ -112,7 +151,17 @@ impl CoordinatorConfig {
         let listen: SocketAddr = t.listen.parse().map_err(|_| {
             ConfigError::invalid(path, "listen", format!("\"{}\" is not host:port", t.listen))
         })?;
+        let policy = fleet_policy(path, t.policy.unwrap_or_default())?;
+        if t.stream_idle_timeout.0 < Duration::from_secs(20) {
+            return Err(ConfigError::invalid(
+                path,
+                "stream_idle_timeout",
+                "must be at least 20s (agents ping every 15 s)".to_string(),
+            ));
+        }
         Ok(CoordinatorConfig {
+            policy,
+            stream_idle_timeout: t.stream_idle_timeout.0,
             listen,
             data_dir: resolve(path, &t.data_dir),
             node_timeout: t.node_timeout.0,
@@ -169,6 +218,36 @@ impl CoordinatorConfig {
             },
         })
     }
+}
+
+/// Checks `[policy]`.
+fn fleet_policy(path: &Path, p: PolicyToml) -> Result<crate::policy::FleetPolicy, ConfigError> {
+    let d = crate::policy::FleetPolicy::default();
+    let replica_percent = p.replica_percent.unwrap_or(d.replica_percent);
+    if !(100..=1000).contains(&replica_percent) {
+        return Err(ConfigError::invalid(
+            path,
+            "policy.replica_percent",
+            format!("{replica_percent} is not between 100 and 1000"),
+        ));
+    }
+    let points_days = p.points_days.unwrap_or(d.points_days);
+    if points_days > 3650 {
+        return Err(ConfigError::invalid(
+            path,
+            "policy.points_days",
+            format!("{points_days} is more than 3650"),
+        ));
+    }
+    Ok(crate::policy::FleetPolicy {
+        min_retention: p.min_retention.map_or(d.min_retention, |r| r.retention()),
+        replica_percent,
+        points_days,
+        quota: crate::policy::Quota {
+            max_source_size_bytes: p.max_source_size.map_or(0, |b| b.0),
+            max_total_bytes: p.max_total.map_or(0, |b| b.0),
+        },
+    })
 }
 
 impl bulwark_common::daemon::DaemonConfig for CoordinatorConfig {

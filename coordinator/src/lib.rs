@@ -1,6 +1,8 @@
 //! The Bulwark coordinator and the admin CLI.
 //!
 //! - [`registry`] — nodes, agents, data sources and assignments in sled; placement.
+//! - [`policy`] — what the admin set against what agents propose: retention,
+//!   space, quotas, group membership.
 //! - [`service`] — the `bulwark.v1.Coordinator` gRPC service.
 //! - [`server`] — the daemon's lifecycle.
 //! - [`config`] — `coordinator.toml`.
@@ -12,6 +14,7 @@ pub mod demo;
 pub mod enroll;
 pub mod export;
 pub mod placement;
+pub mod policy;
 pub mod registry;
 pub mod schedule;
 pub mod server;

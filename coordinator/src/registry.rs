@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bulwark_common::retention::Retention;
+
+use crate::policy::FleetPolicy;
 use bulwark_common::time::now_ms;
 use bulwark_proto as pb;
 use serde::{Deserialize, Serialize};
@@ -68,6 +70,8 @@ impl From<RegistryError> for Status {
 }
 
 type Result<T, E = RegistryError> = std::result::Result<T, E>;
+
+mod admin;
 
 /// A storage node as last reported.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -191,6 +195,24 @@ pub struct SourceRecord {
     /// logs from then on are kept; see `Policy.keep_after_ms`). 0 = none.
     #[serde(default)]
     pub keep_logs_after_ms: i64,
+    /// Retention set by the admin (`bulwark retention`): the floor the agent's
+    /// proposal can only lengthen (see [`crate::policy`]).
+    #[serde(default)]
+    pub admin_retention: Option<Retention>,
+    /// The group the agent's config asks for (it joins only if the admin allows).
+    #[serde(default)]
+    pub claimed_group: String,
+    /// The admin put the source in its group (`bulwark group add`), rather than
+    /// the agent's claim under `bulwark group allow`.
+    #[serde(default)]
+    pub group_by_admin: bool,
+    /// What of the agent's last proposal was refused (one line per key).
+    #[serde(default)]
+    pub policy_refused: Vec<String>,
+    /// The agent's config has a retention table (else `agent_policy.retention`
+    /// is no proposal at all).
+    #[serde(default)]
+    pub agent_proposes_retention: bool,
 }
 
 /// What a source asks of its node; 0 = the default.
@@ -217,46 +239,55 @@ pub struct Usage {
 }
 
 impl SourceRecord {
-    /// The policy the node applies: the admin's allocation over the agent's.
-    pub fn policy(&self) -> Policy {
-        // The admin's `bulwark allocate`, else the group's, else the agent's config.
-        let pick = |admin: u64, group: u64, agent: u64| {
-            [admin, group, agent]
-                .into_iter()
-                .find(|v| *v > 0)
-                .unwrap_or(0)
-        };
-        Policy {
-            replica_alloc_bytes: pick(
-                self.admin_replica_alloc,
-                self.group_replica_alloc,
-                self.agent_policy.replica_alloc_bytes,
-            ),
-            points_alloc_bytes: pick(
-                self.admin_points_alloc,
-                self.group_points_alloc,
-                self.agent_policy.points_alloc_bytes,
-            ),
-            retention: self.group_retention.unwrap_or(self.agent_policy.retention),
-            keep_after_ms: self.keep_logs_after_ms,
+    /// A new, unplaced source.
+    pub fn new(
+        name: &str,
+        agent: &str,
+        kind: &str,
+        tracker: &str,
+        size_bytes: u64,
+        block_size: u32,
+    ) -> SourceRecord {
+        SourceRecord {
+            v: FORMAT_VERSION,
+            name: name.to_string(),
+            agent: agent.to_string(),
+            kind: kind.to_string(),
+            tracker: tracker.to_string(),
+            size_bytes,
+            block_size,
+            node: None,
+            epoch: 0,
+            allocated_bytes: 0,
+            state: "ok".into(),
+            error: String::new(),
+            last_point: 0,
+            last_sync_ms: 0,
+            created_ms: now_ms(),
+            inconsistent: false,
+            warning: String::new(),
+            agent_policy: Policy::default(),
+            admin_replica_alloc: 0,
+            admin_points_alloc: 0,
+            usage: Usage::default(),
+            last_verify_ms: 0,
+            verify_result: String::new(),
+            placement: String::new(),
+            moving_to: String::new(),
+            stale_copies: Vec::new(),
+            group: String::new(),
+            next_sync_ms: 0,
+            keep_logs_after_ms: 0,
+            group_since_ms: 0,
+            group_retention: None,
+            group_replica_alloc: 0,
+            group_points_alloc: 0,
+            admin_retention: None,
+            claimed_group: String::new(),
+            group_by_admin: false,
+            policy_refused: Vec::new(),
+            agent_proposes_retention: false,
         }
-    }
-
-    /// The bytes to plan for on a node before the node has said.
-    fn planned_alloc(&self) -> u64 {
-        let p = self.policy();
-        let replica = match p.replica_alloc_bytes {
-            0 => bulwark_common::alloc::replica_bytes(self.size_bytes),
-            n => n,
-        };
-        let points = match p.points_alloc_bytes {
-            0 => bulwark_common::alloc::points_bytes(
-                self.size_bytes,
-                bulwark_common::alloc::DEFAULT_RETENTION_DAYS,
-            ),
-            n => n,
-        };
-        replica + points
     }
 }
 
@@ -297,6 +328,10 @@ pub struct GroupRecord {
     pub replica_alloc_bytes: u64,
     #[serde(default)]
     pub points_alloc_bytes: u64,
+    /// Agent name patterns whose sources may join from their config
+    /// (`bulwark group allow`).
+    #[serde(default)]
+    pub allow: Vec<String>,
 }
 
 /// An alert as the coordinator keeps it (see `pb::Alert`).
@@ -346,6 +381,9 @@ pub struct Registry {
     sources: sled::Tree,
     alerts: sled::Tree,
     groups: sled::Tree,
+    quotas: sled::Tree,
+    /// `[policy]` of coordinator.toml.
+    fleet: FleetPolicy,
     node_timeout: Duration,
     placement: Mutex<()>,
     connections: Mutex<HashMap<String, Connection>>,
@@ -388,6 +426,8 @@ impl Registry {
             sources: db.open_tree("sources")?,
             alerts: db.open_tree("alerts")?,
             groups: db.open_tree("groups")?,
+            quotas: db.open_tree("quotas")?,
+            fleet: FleetPolicy::default(),
             db,
             node_timeout,
             placement: Mutex::new(()),
@@ -396,6 +436,28 @@ impl Registry {
             next_id: AtomicU64::new(1),
             progress: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Sets the fleet's `[policy]`.
+    pub fn with_fleet_policy(mut self, fleet: FleetPolicy) -> Registry {
+        self.fleet = fleet;
+        self
+    }
+
+    /// The fleet's `[policy]`.
+    pub fn fleet_policy(&self) -> &FleetPolicy {
+        &self.fleet
+    }
+
+    /// The policy in force for `s`, and what of its agent's proposal was refused.
+    pub fn effective(&self, s: &SourceRecord) -> crate::policy::Effective {
+        crate::policy::effective(&self.fleet, s)
+    }
+
+    /// Bytes to plan for `s` on a node: its replica and recovery-point space.
+    fn planned_alloc(&self, s: &SourceRecord) -> u64 {
+        let p = self.effective(s).policy;
+        p.replica_alloc_bytes.saturating_add(p.points_alloc_bytes)
     }
 
     /// Another tree of the registry's database (enrollment tokens).
@@ -535,18 +597,13 @@ impl Registry {
     /// needs to be replayed to any later moment.
     fn update_log_floors(&self) -> Result<()> {
         let sources = self.sources()?;
-        let mut oldest: HashMap<&str, i64> = HashMap::new();
-        for s in sources
-            .iter()
-            .filter(|s| s.kind == "volume" && !s.group.is_empty())
-        {
-            if s.usage.oldest_point_ms > 0 {
-                let e = oldest.entry(s.group.as_str()).or_insert(i64::MAX);
-                *e = (*e).min(s.usage.oldest_point_ms);
-            }
-        }
         for s in sources.iter().filter(|s| s.kind == "log") {
-            let floor = oldest.get(s.group.as_str()).copied().unwrap_or(0);
+            let floor = sources
+                .iter()
+                .filter(|v| v.kind == "volume" && v.usage.oldest_point_ms > 0 && paired(v, s))
+                .map(|v| v.usage.oldest_point_ms)
+                .min()
+                .unwrap_or(0);
             if s.keep_logs_after_ms != floor {
                 let mut s = s.clone();
                 s.keep_logs_after_ms = floor;
@@ -660,6 +717,11 @@ impl Registry {
             ));
         }
         let old = self.group(&g.name)?;
+        let mut g = g;
+        if let Some(o) = &old {
+            // Patterns are set with `bulwark group allow`, not with the group.
+            g.allow = o.allow.clone();
+        }
         self.groups.insert(g.name.as_bytes(), enc(&g)?)?;
         for mut s in self.sources()?.into_iter().filter(|s| s.group == g.name) {
             s.group_retention = g.retention;
@@ -712,6 +774,7 @@ impl Registry {
         for name in sources {
             let mut s = self.source(name)?;
             s.group = group.to_string();
+            s.group_by_admin = !group.is_empty();
             s.group_retention = g.as_ref().and_then(|g| g.retention);
             s.group_replica_alloc = g.as_ref().map_or(0, |g| g.replica_alloc_bytes);
             s.group_points_alloc = g.as_ref().map_or(0, |g| g.points_alloc_bytes);
@@ -851,21 +914,15 @@ impl Registry {
                 ),
             ));
         }
-        let current = if s.usage.replica_alloc_bytes + s.usage.points_alloc_bytes > 0 {
+        let current = if s.usage.replica_alloc_bytes > 0 || s.usage.points_alloc_bytes > 0 {
             (s.usage.replica_alloc_bytes, s.usage.points_alloc_bytes)
         } else {
-            let p = s.policy();
-            let planned = s.planned_alloc();
-            let r = if p.replica_alloc_bytes > 0 {
-                p.replica_alloc_bytes
-            } else {
-                bulwark_common::alloc::replica_bytes(s.size_bytes)
-            };
-            (r, planned.saturating_sub(r))
+            let p = self.effective(&s).policy;
+            (p.replica_alloc_bytes, p.points_alloc_bytes)
         };
         let new_total = if replica > 0 { replica } else { current.0 }
-            + if points > 0 { points } else { current.1 };
-        let old_total = current.0 + current.1;
+            .saturating_add(if points > 0 { points } else { current.1 });
+        let old_total = current.0.saturating_add(current.1);
         if new_total > old_total
             && let Some(node) = s
                 .node
@@ -914,7 +971,7 @@ impl Registry {
             .sources()?
             .into_iter()
             .filter(|s| s.node.as_deref() == Some(node))
-            .map(|s| assignment(&s, node, &addr))
+            .map(|s| self.assignment_proto(&s, node, &addr))
             .collect())
     }
 
@@ -1007,6 +1064,7 @@ impl Registry {
         let _g = lock(&self.placement);
         let mut out = Vec::new();
         let mut names = Vec::new();
+        let mut refusals = Vec::new();
         for spec in &hello.sources {
             let reg = match self.register_source(agent, spec) {
                 Ok(a) => {
@@ -1022,7 +1080,17 @@ impl Registry {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(agent, source = %spec.name, "source not registered: {e}");
+                    let shown = bulwark_common::text::escape_short(&spec.name, 80);
+                    tracing::warn!(agent, source = %shown, "source not registered: {e}");
+                    refusals.push(pb::Alert {
+                        key: format!("source-refused/{agent}/{}", blake3_key(&spec.name)),
+                        severity: "warning".into(),
+                        subject: agent.to_string(),
+                        message: format!(
+                            "agent {agent} registers a data source that is refused: {e}"
+                        ),
+                        ..Default::default()
+                    });
                     pb::SourceRegistration {
                         source: spec.name.clone(),
                         assignment: None,
@@ -1045,10 +1113,46 @@ impl Registry {
                 .map_or(0, |a| a.cert_not_after_ms),
         };
         self.agents.insert(agent.as_bytes(), enc(&rec)?)?;
+        self.report_alerts(&format!("hello/{agent}"), &refusals)?;
+        self.refresh_policy_alerts(agent)?;
         // Sources may have joined groups (a log source then keeps its group's logs).
         self.update_log_floors()?;
         self.db.flush()?;
         Ok(out)
+    }
+
+    /// Raises (and resolves) the alerts of what the admin's policy refused of
+    /// `agent`'s proposals: retention and space keys, and group claims.
+    pub fn refresh_policy_alerts(&self, agent: &str) -> Result<()> {
+        let mut alerts = Vec::new();
+        for s in self.sources()?.into_iter().filter(|s| s.agent == agent) {
+            for why in &self.effective(&s).refused {
+                let key = why.split(':').next().unwrap_or("policy");
+                alerts.push(pb::Alert {
+                    key: format!("policy-refused/{}/{key}", s.name),
+                    severity: "warning".into(),
+                    subject: s.name.clone(),
+                    message: format!(
+                        "agent {agent}'s config proposes for {}: {why}; the admin's value applies and no point is lost",
+                        s.name
+                    ),
+                    ..Default::default()
+                });
+            }
+            if !s.claimed_group.is_empty() && s.claimed_group != s.group {
+                alerts.push(pb::Alert {
+                    key: format!("group-refused/{}", s.name),
+                    severity: "warning".into(),
+                    subject: s.name.clone(),
+                    message: format!(
+                        "agent {agent}'s config puts {} in group {}, which the admin has not allowed: `bulwark group add {} {}` or `bulwark group allow {} {agent}`",
+                        s.name, s.claimed_group, s.claimed_group, s.name, s.claimed_group
+                    ),
+                    ..Default::default()
+                });
+            }
+        }
+        self.report_alerts(&format!("policy/{agent}"), &alerts)
     }
 
     fn register_source(
@@ -1056,27 +1160,26 @@ impl Registry {
         agent: &str,
         spec: &pb::SourceSpec,
     ) -> Result<Option<pb::Assignment>> {
-        if !bulwark_common::pki::valid_name(&spec.name) {
-            return Err(RegistryError::InvalidSource(
-                spec.name.clone(),
-                "invalid name".into(),
-            ));
-        }
-        if let Err(e) = bulwark_common::block::Geometry::new(spec.size_bytes, spec.block_size) {
-            return Err(RegistryError::InvalidSource(
-                spec.name.clone(),
-                e.to_string(),
-            ));
-        }
+        let invalid = |why: String| {
+            RegistryError::InvalidSource(bulwark_common::text::escape_short(&spec.name, 80), why)
+        };
+        bulwark_common::name::SourceName::parse(spec.name.as_str()).map_err(|e| invalid(e.why))?;
+        let geometry = bulwark_common::block::Geometry::new(spec.size_bytes, spec.block_size)
+            .map_err(|e| invalid(e.to_string()))?;
         let kind = match pb::SourceKind::try_from(spec.kind) {
             Ok(pb::SourceKind::Volume) => "volume",
             Ok(pb::SourceKind::Log) => "log",
-            _ => {
-                return Err(RegistryError::InvalidSource(
-                    spec.name.clone(),
-                    "unknown kind".into(),
-                ));
-            }
+            _ => return Err(invalid("unknown kind".into())),
+        };
+        if spec.tracker.len() > 64 {
+            return Err(invalid("its tracker name is over 64 bytes".into()));
+        }
+        let claimed_group = if spec.group.is_empty() {
+            String::new()
+        } else {
+            bulwark_common::name::GroupName::parse(spec.group.as_str())
+                .map_err(|e| invalid(e.to_string()))?
+                .into_string()
         };
         let mut rec = match self.source(&spec.name) {
             Ok(existing) => {
@@ -1089,54 +1192,41 @@ impl Registry {
                 }
                 if existing.size_bytes != spec.size_bytes || existing.block_size != spec.block_size
                 {
-                    return Err(RegistryError::InvalidSource(
-                        spec.name.clone(),
-                        format!(
-                            "it was registered as {} bytes in blocks of {}, now it is {} bytes in blocks of {}; resizing is not supported",
-                            existing.size_bytes,
-                            existing.block_size,
-                            spec.size_bytes,
-                            spec.block_size
-                        ),
-                    ));
+                    return Err(invalid(format!(
+                        "it was registered as {} bytes in blocks of {}, now it is {} bytes in blocks of {}; resizing is not supported",
+                        existing.size_bytes, existing.block_size, spec.size_bytes, spec.block_size
+                    )));
                 }
                 existing
             }
-            Err(RegistryError::UnknownSource(_)) => SourceRecord {
-                v: FORMAT_VERSION,
-                name: spec.name.clone(),
-                agent: agent.to_string(),
-                kind: kind.to_string(),
-                tracker: spec.tracker.clone(),
-                size_bytes: spec.size_bytes,
-                block_size: spec.block_size,
-                node: None,
-                epoch: 0,
-                allocated_bytes: 0,
-                state: "ok".into(),
-                error: String::new(),
-                last_point: 0,
-                last_sync_ms: 0,
-                created_ms: now_ms(),
-                inconsistent: false,
-                warning: String::new(),
-                agent_policy: Policy::default(),
-                admin_replica_alloc: 0,
-                admin_points_alloc: 0,
-                usage: Usage::default(),
-                last_verify_ms: 0,
-                verify_result: String::new(),
-                placement: String::new(),
-                moving_to: String::new(),
-                stale_copies: Vec::new(),
-                group: String::new(),
-                next_sync_ms: 0,
-                keep_logs_after_ms: 0,
-                group_since_ms: 0,
-                group_retention: None,
-                group_replica_alloc: 0,
-                group_points_alloc: 0,
-            },
+            Err(RegistryError::UnknownSource(_)) => {
+                let rec = SourceRecord::new(
+                    &spec.name,
+                    agent,
+                    kind,
+                    &spec.tracker,
+                    geometry.size_bytes,
+                    geometry.block_size,
+                );
+                // The quota, before anything is placed or allocated.
+                let mut fresh = rec.clone();
+                fresh.agent_policy = Policy::from_proto(spec.policy.as_ref());
+                let need = self.planned_alloc(&fresh);
+                let others = self
+                    .sources()?
+                    .iter()
+                    .filter(|s| s.agent == agent)
+                    .fold(0u64, |n, s| n.saturating_add(s.allocated_bytes));
+                crate::policy::check_quota(
+                    &self.quota_of(agent)?,
+                    agent,
+                    spec.size_bytes,
+                    need,
+                    others,
+                )
+                .map_err(invalid)?;
+                rec
+            }
             Err(e) => return Err(e),
         };
         rec.tracker = spec.tracker.clone();
@@ -1158,22 +1248,42 @@ impl Registry {
             lock(&self.progress).remove(&spec.name);
         }
         rec.agent_policy = Policy::from_proto(spec.policy.as_ref());
-        if !spec.group.is_empty() && spec.group != rec.group {
-            rec.group = spec.group.clone();
-            rec.next_sync_ms = 0;
-            rec.group_since_ms = now_ms();
-        }
+        rec.agent_proposes_retention = spec.policy.as_ref().is_some_and(|p| p.retention.is_some());
+        rec.claimed_group = claimed_group;
+        self.apply_group_claim(&mut rec)?;
         if let Some(g) = self.group(&rec.group)? {
             rec.group_retention = g.retention;
             rec.group_replica_alloc = g.replica_alloc_bytes;
             rec.group_points_alloc = g.points_alloc_bytes;
         }
+        rec.policy_refused = self.effective(&rec).refused;
         if rec.node.is_none() || rec.allocated_bytes == 0 {
-            rec.allocated_bytes = rec.planned_alloc();
+            rec.allocated_bytes = self.planned_alloc(&rec);
         }
         let assignment = self.place_locked(&mut rec)?;
         self.put_source(&rec)?;
         Ok(assignment)
+    }
+
+    /// Puts `rec` in the group its agent's config claims, when the admin allows it
+    /// (`bulwark group allow`); a claim the admin did not allow leaves the source
+    /// where the admin put it, and is reported with the policy refusals.
+    fn apply_group_claim(&self, rec: &mut SourceRecord) -> Result<()> {
+        let claim = rec.claimed_group.clone();
+        if claim.is_empty() || claim == rec.group {
+            return Ok(());
+        }
+        match self.group(&claim)? {
+            Some(g) if crate::policy::group_allows(&g, &rec.agent) && !rec.group_by_admin => {
+                tracing::info!(source = %rec.name, group = %claim, agent = %rec.agent, "source joins the group its agent asked for (allowed by the admin)");
+                rec.group = claim;
+                rec.group_by_admin = false;
+                rec.next_sync_ms = 0;
+                rec.group_since_ms = now_ms();
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     /// Places `rec` if it has no node; returns its assignment if it has one.
@@ -1200,7 +1310,7 @@ impl Registry {
         }
         let node = rec.node.clone().unwrap_or_default();
         let addr = self.node(&node)?.map(|n| n.address).unwrap_or_default();
-        Ok(Some(assignment(rec, &node, &addr)))
+        Ok(Some(self.assignment_proto(rec, &node, &addr)))
     }
 
     /// The assignment of `source`, placing it now if needed.
@@ -1380,7 +1490,28 @@ impl Registry {
     }
 }
 
-fn assignment(s: &SourceRecord, node: &str, addr: &str) -> pb::Assignment {
+/// Whether two sources of one protection group go together (restore to a moment,
+/// and a volume's oldest point keeping its log source's logs): sources of the same
+/// agent, or sources the admin put in the group. A source that joined by its
+/// agent's claim never pairs with another host's.
+pub fn paired(a: &SourceRecord, b: &SourceRecord) -> bool {
+    !a.group.is_empty()
+        && a.group == b.group
+        && (a.agent == b.agent || (a.group_by_admin && b.group_by_admin))
+}
+
+/// A short stable key for a name that may not be printable.
+fn blake3_key(name: &str) -> String {
+    blake3::hash(name.as_bytes()).to_hex()[..12].to_string()
+}
+
+impl Registry {
+    fn assignment_proto(&self, s: &SourceRecord, node: &str, addr: &str) -> pb::Assignment {
+        assignment(s, self.effective(s).policy, node, addr)
+    }
+}
+
+fn assignment(s: &SourceRecord, policy: Policy, node: &str, addr: &str) -> pb::Assignment {
     pb::Assignment {
         source: s.name.clone(),
         agent: s.agent.clone(),
@@ -1389,7 +1520,7 @@ fn assignment(s: &SourceRecord, node: &str, addr: &str) -> pb::Assignment {
         epoch: s.epoch,
         size_bytes: s.size_bytes,
         block_size: s.block_size,
-        policy: Some(s.policy().to_proto()),
+        policy: Some(policy.to_proto()),
         moving_to: s.moving_to.clone(),
         group: s.group.clone(),
     }

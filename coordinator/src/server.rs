@@ -24,7 +24,8 @@ pub async fn run(
     let registry = Arc::new(
         tokio::task::spawn_blocking(move || Registry::open(&dir, timeout))
             .await?
-            .context("cannot open the registry")?,
+            .context("cannot open the registry")?
+            .with_fleet_policy(cfg.policy),
     );
     let mut svc = CoordinatorService::new(
         registry.clone(),
@@ -32,7 +33,8 @@ pub async fn run(
         shutdown.clone(),
     )
     .with_rebalance_spread(cfg.rebalance_spread)
-    .with_max_syncs_per_node(cfg.max_syncs_per_node);
+    .with_max_syncs_per_node(cfg.max_syncs_per_node)
+    .with_stream_idle_timeout(cfg.stream_idle_timeout);
     if let Some(e) = &cfg.enrollment {
         let enroller = Arc::new(
             crate::enroll::Enroller::new(

@@ -36,6 +36,8 @@ pub struct CoordinatorService {
     max_syncs_per_node: u32,
     /// Tokens and the CA key, when `[enrollment]` is configured.
     enroller: Option<Arc<crate::enroll::Enroller>>,
+    /// A control stream that carries nothing for this long is cut.
+    idle: std::time::Duration,
 }
 
 impl CoordinatorService {
@@ -56,6 +58,7 @@ impl CoordinatorService {
             scheduled: Arc::new(Mutex::new(HashMap::new())),
             max_syncs_per_node: 4,
             enroller: None,
+            idle: std::time::Duration::from_secs(60),
         }
     }
 
@@ -71,6 +74,12 @@ impl CoordinatorService {
                 "enrollment is off on this coordinator: add an [enrollment] table (listen, ca_key) to its config",
             )
         })
+    }
+
+    /// Sets how long an agent's control stream may carry nothing.
+    pub fn with_stream_idle_timeout(mut self, idle: std::time::Duration) -> Self {
+        self.idle = idle;
+        self
     }
 
     /// Sets the most scheduled syncs one node runs at once.
@@ -407,7 +416,7 @@ impl CoordinatorService {
             point_times: g.point_times.clone(),
             replica_alloc_bytes: g.replica_alloc_bytes,
             points_alloc_bytes: g.points_alloc_bytes,
-            allow: Vec::new(),
+            allow: g.allow.clone(),
             lock: None,
             sources: self
                 .registry
@@ -521,10 +530,23 @@ async fn control_loop(
     agent: Identity,
     conn: u64,
     mut inbound: Streaming<pb::AgentMessage>,
+    idle: std::time::Duration,
 ) {
     use pb::agent_message::Msg;
     loop {
-        match inbound.message().await {
+        let Ok(next) = tokio::time::timeout(idle, inbound.message()).await else {
+            tracing::warn!(agent = %agent.name, idle_s = idle.as_secs(), "control stream cut: the agent sent nothing for the idle timeout");
+            bulwark_common::metrics::counter_add(
+                "bulwark_refusals_total",
+                &[("reason", "idle")],
+                1,
+            );
+            break;
+        };
+        match next {
+            Ok(Some(pb::AgentMessage {
+                msg: Some(Msg::Ping(_)),
+            })) => {}
             Ok(Some(pb::AgentMessage {
                 msg: Some(Msg::Result(r)),
             })) => registry.complete(&agent.name, r),
@@ -628,7 +650,10 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
         let agent = require(&req, "Control", &[Role::Agent])?;
         let expiry = tls::cert_expiry(&req);
         let mut inbound = req.into_inner();
-        let hello = match inbound.message().await? {
+        let first = tokio::time::timeout(self.0.idle, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Hello within the idle timeout"))?;
+        let hello = match first? {
             Some(pb::AgentMessage {
                 msg: Some(pb::agent_message::Msg::Hello(h)),
             }) => h,
@@ -659,7 +684,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
         let _ = tx.send(Ok(welcome)).await;
         let conn = registry.connect(&agent.name, tx);
         tracing::info!(agent = %agent.name, sources = hello.sources.len(), "agent connected");
-        tokio::spawn(control_loop(registry, agent, conn, inbound));
+        tokio::spawn(control_loop(registry, agent, conn, inbound, self.0.idle));
         let commands =
             ReceiverStream::new(rx).take_until(self.0.shutdown.clone().cancelled_owned());
         Ok(Response::new(Box::pin(commands)))
@@ -745,8 +770,21 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
     }
 
     async fn set_quota(&self, req: Request<pb::Quota>) -> Result<Response<pb::Quota>, Status> {
-        require(&req, "SetQuota", &[Role::Admin])?;
-        Err(Status::unimplemented("quotas are not built yet"))
+        let admin = require(&req, "SetQuota", &[Role::Admin])?;
+        let q = req.into_inner();
+        let quota = (!q.clear).then_some(crate::policy::Quota {
+            max_source_size_bytes: q.max_source_size_bytes,
+            max_total_bytes: q.max_total_bytes,
+        });
+        tracing::info!(%admin, agent = %q.agent, ?quota, "quota requested");
+        let set = self.0.registry.set_quota(&q.agent, quota)?;
+        Ok(Response::new(pb::Quota {
+            used_total_bytes: self.0.registry.agent_allocated(&q.agent)?,
+            agent: q.agent,
+            max_source_size_bytes: set.max_source_size_bytes,
+            max_total_bytes: set.max_total_bytes,
+            clear: false,
+        }))
     }
 
     async fn list_quotas(
@@ -754,23 +792,63 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
         req: Request<pb::ListQuotasRequest>,
     ) -> Result<Response<pb::ListQuotasResponse>, Status> {
         require(&req, "ListQuotas", &[Role::Admin])?;
-        Err(Status::unimplemented("quotas are not built yet"))
+        let reg = &self.0.registry;
+        let quotas = reg
+            .quotas()?
+            .into_iter()
+            .map(|r| {
+                Ok(pb::Quota {
+                    used_total_bytes: reg.agent_allocated(&r.agent)?,
+                    agent: r.agent,
+                    max_source_size_bytes: r.quota.max_source_size_bytes,
+                    max_total_bytes: r.quota.max_total_bytes,
+                    clear: false,
+                })
+            })
+            .collect::<Result<_, RegistryError>>()?;
+        let d = reg.fleet_policy().quota;
+        Ok(Response::new(pb::ListQuotasResponse {
+            quotas,
+            fleet_default: Some(pb::Quota {
+                max_source_size_bytes: d.max_source_size_bytes,
+                max_total_bytes: d.max_total_bytes,
+                ..Default::default()
+            }),
+        }))
     }
 
     async fn set_retention(
         &self,
         req: Request<pb::SetRetentionRequest>,
     ) -> Result<Response<pb::SourceInfo>, Status> {
-        require(&req, "SetRetention", &[Role::Admin])?;
-        Err(Status::unimplemented("admin retention is not built yet"))
+        let admin = require(&req, "SetRetention", &[Role::Admin])?;
+        let r = req.into_inner();
+        let retention = match (r.clear, r.retention.as_ref()) {
+            (true, _) => None,
+            (false, Some(x)) => Some(bulwark_common::retention::Retention::from_proto(Some(x))),
+            (false, None) => {
+                return Err(Status::invalid_argument(
+                    "give a retention, or clear the source's own",
+                ));
+            }
+        };
+        tracing::info!(%admin, source = %r.source, "retention requested");
+        let s = self.0.registry.set_retention(&r.source, retention)?;
+        Ok(Response::new(source_info(&self.0.registry, s)))
     }
 
     async fn allow_group(
         &self,
         req: Request<pb::AllowGroupRequest>,
     ) -> Result<Response<pb::Group>, Status> {
-        require(&req, "AllowGroup", &[Role::Admin])?;
-        Err(Status::unimplemented("group patterns are not built yet"))
+        let admin = require(&req, "AllowGroup", &[Role::Admin])?;
+        let r = req.into_inner();
+        tracing::info!(%admin, group = %r.group, pattern = %r.pattern, remove = r.remove, "group patterns requested");
+        let g = self
+            .0
+            .registry
+            .allow_group(&r.group, &r.pattern, r.remove)?;
+        Ok(Response::new(self.0.group_proto(&g)?))
     }
 
     async fn lock(
@@ -822,7 +900,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
                 let progress = self.0.registry.current_progress(&s.name);
                 pb::SourceInfo {
                     progress,
-                    ..source_info(s)
+                    ..source_info(&self.0.registry, s)
                 }
             })
             .collect();
@@ -846,7 +924,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
             .registry
             .allocate(&r.source, r.replica_alloc_bytes, r.points_alloc_bytes)?;
         Ok(Response::new(pb::AllocateResponse {
-            source: Some(source_info(s)),
+            source: Some(source_info(&self.0.registry, s)),
         }))
     }
 
@@ -1002,6 +1080,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
             point_times: g.point_times.clone(),
             replica_alloc_bytes: g.replica_alloc_bytes,
             points_alloc_bytes: g.points_alloc_bytes,
+            allow: Vec::new(),
         })?;
         tracing::info!(%admin, group = %rec.name, interval_ms = rec.interval_ms, "protection group set");
         Ok(Response::new(self.0.group_proto(&rec)?))
@@ -1151,6 +1230,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
         };
         let mut volume_part = None;
         let mut log_part = None;
+        let mut grants = Vec::new();
         for (part, rec, point) in [
             plan.volume.as_ref().map(|(rec, p)| ("volume", rec, *p)),
             plan.log.as_ref().map(|(rec, p)| ("log", rec, *p)),
@@ -1159,21 +1239,15 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
         .flatten()
         {
             let assignment = self.0.registry.assignment(&rec.name)?;
+            let mut point = point;
             if agent != rec.agent {
-                let mut node = self.0.node_client(&assignment.node)?;
-                node.grant_restore(pb::GrantRestoreRequest {
-                    source: rec.name.clone(),
-                    agent: agent.clone(),
-                    expires_at_ms: bulwark_common::time::now_ms() + 3_600_000,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|s| {
-                    Status::new(
-                        s.code(),
-                        format!("node {}: {}", assignment.node, s.message()),
-                    )
-                })?;
+                // Another host may read exactly the points of this restore, while
+                // it runs.
+                point = self
+                    .0
+                    .grant(&assignment.node, &rec.name, &agent, point)
+                    .await?;
+                grants.push((assignment.node.clone(), rec.name.clone()));
             }
             if part == "volume" {
                 volume_part = Some((rec.name.clone(), point, assignment));
@@ -1216,13 +1290,20 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
         };
         let rx = self.0.registry.dispatch(&agent, cmd).await?;
         if !r.wait {
+            let svc = self.0.clone();
+            let who = agent.clone();
+            tokio::spawn(async move {
+                let _ = rx.await;
+                svc.withdraw(&grants, &who).await;
+            });
             return Ok(Response::new(pb::RestoreResponse {
                 result: None,
                 agent,
             }));
         }
-        let outcome = command_outcome(rx, "restore", &r.source, &agent).await?;
-        match outcome {
+        let outcome = command_outcome(rx, "restore", &r.source, &agent).await;
+        self.0.withdraw(&grants, &agent).await;
+        match outcome? {
             pb::command_result::Outcome::Restore(res) => Ok(Response::new(pb::RestoreResponse {
                 result: Some(res),
                 agent,
@@ -1241,6 +1322,59 @@ struct RestorePlan {
 }
 
 impl CoordinatorService {
+    /// Lets `agent` read point `point` (0 = the newest now) of `source` on `node`
+    /// for a restore; returns the point granted.
+    async fn grant(
+        &self,
+        node: &str,
+        source: &str,
+        agent: &str,
+        point: u64,
+    ) -> Result<u64, Status> {
+        let point = match point {
+            0 => self
+                .points_of(source)
+                .await?
+                .last()
+                .map(|p| p.id)
+                .ok_or_else(|| Status::not_found(format!("data source {source} has no point")))?,
+            p => p,
+        };
+        self.node_client(node)?
+            .grant_restore(pb::GrantRestoreRequest {
+                source: source.to_string(),
+                agent: agent.to_string(),
+                expires_at_ms: bulwark_common::time::now_ms() + 3_600_000,
+                points: vec![point],
+                withdraw: false,
+            })
+            .await
+            .map_err(|s| Status::new(s.code(), format!("node {node}: {}", s.message())))?;
+        Ok(point)
+    }
+
+    /// Withdraws the restore grants `grants` (node, source) gave `agent`; one that
+    /// cannot be withdrawn now lapses within the hour it was given for.
+    async fn withdraw(&self, grants: &[(String, String)], agent: &str) {
+        for (node, source) in grants {
+            let r = match self.node_client(node) {
+                Ok(mut c) => c
+                    .grant_restore(pb::GrantRestoreRequest {
+                        source: source.clone(),
+                        agent: agent.to_string(),
+                        withdraw: true,
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|_| ()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = r {
+                tracing::warn!(%node, %source, agent, "restore grant not withdrawn (it lapses within the hour): {}", e.message());
+            }
+        }
+    }
+
     async fn points_of(&self, source: &str) -> Result<Vec<pb::Point>, Status> {
         let node = self.node_of(source)?;
         let mut client = self.node_client(&node)?;
@@ -1263,10 +1397,13 @@ impl CoordinatorService {
         let members: Vec<SourceRecord> = if s.group.is_empty() {
             vec![s.clone()]
         } else {
+            // Only sources that go with this one (see `registry::paired`): a
+            // host that named another host's group cannot have its logs replayed
+            // into that host's database.
             self.registry
                 .sources()?
                 .into_iter()
-                .filter(|x| x.group == s.group)
+                .filter(|x| x.name == s.name || crate::registry::paired(x, s))
                 .collect()
         };
         let pick = |kind: &str| -> Result<Option<SourceRecord>, Status> {
@@ -1344,8 +1481,25 @@ impl CoordinatorService {
 }
 
 /// A source for the CLI.
-fn source_info(s: crate::registry::SourceRecord) -> pb::SourceInfo {
+fn source_info(reg: &Registry, s: crate::registry::SourceRecord) -> pb::SourceInfo {
+    let effective = reg.effective(&s);
     pb::SourceInfo {
+        retention: Some(effective.policy.retention.to_proto()),
+        retention_from: effective.retention_from,
+        policy_refused: effective
+            .refused
+            .iter()
+            .cloned()
+            .chain(
+                (!s.claimed_group.is_empty() && s.claimed_group != s.group).then(|| {
+                    format!(
+                        "group: {} is not allowed by the admin (`bulwark group allow`)",
+                        s.claimed_group
+                    )
+                }),
+            )
+            .collect::<Vec<_>>()
+            .join("; "),
         progress: None,
         kind: if s.kind == "log" {
             pb::SourceKind::Log

@@ -31,6 +31,18 @@ pub struct NodeToml {
     /// Optional; default 64.
     #[serde(default = "default_max_syncs")]
     pub max_concurrent_syncs: usize,
+    /// Syncs and log ships one agent may run at once on this node (over all its
+    /// sources); more are refused at once, so one host cannot take every turn.
+    /// Optional; default 2.
+    #[serde(default = "default_max_syncs_per_agent")]
+    pub max_syncs_per_agent: usize,
+    /// Restores one agent may read at once from this node. Optional; default 4.
+    #[serde(default = "default_max_restores_per_agent")]
+    pub max_restores_per_agent: usize,
+    /// A sync, ship, restore, export or import stream that moves nothing for this
+    /// long is aborted (and rolled back). Optional; default 60s.
+    #[serde(default = "default_stream_idle_timeout")]
+    pub stream_idle_timeout: HumanDuration,
     /// How often the node reports to the coordinator.
     #[serde(default = "default_heartbeat")]
     pub heartbeat_interval: HumanDuration,
@@ -49,6 +61,18 @@ pub struct NodeToml {
 
 fn default_max_syncs() -> usize {
     64
+}
+
+fn default_max_syncs_per_agent() -> usize {
+    2
+}
+
+fn default_max_restores_per_agent() -> usize {
+    4
+}
+
+fn default_stream_idle_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
 }
 
 fn default_heartbeat() -> HumanDuration {
@@ -92,6 +116,9 @@ pub struct NodeConfig {
     pub heartbeat_interval: Duration,
     pub nbd_listen: Option<SocketAddr>,
     pub max_concurrent_syncs: usize,
+    pub max_syncs_per_agent: usize,
+    pub max_restores_per_agent: usize,
+    pub stream_idle_timeout: Duration,
     pub disks: Vec<crate::store::PoolDisk>,
     pub pool_policy: crate::store::PoolPolicy,
     /// OpenTelemetry export and the Prometheus endpoint.
@@ -168,8 +195,20 @@ impl NodeConfig {
         if t.max_concurrent_syncs == 0 {
             return Err(bad("max_concurrent_syncs", "must be at least 1".into()));
         }
+        if t.max_syncs_per_agent == 0 {
+            return Err(bad("max_syncs_per_agent", "must be at least 1".into()));
+        }
+        if t.max_restores_per_agent == 0 {
+            return Err(bad("max_restores_per_agent", "must be at least 1".into()));
+        }
+        if t.stream_idle_timeout.0 < Duration::from_secs(1) {
+            return Err(bad("stream_idle_timeout", "must be at least 1s".into()));
+        }
         Ok(NodeConfig {
             max_concurrent_syncs: t.max_concurrent_syncs,
+            max_syncs_per_agent: t.max_syncs_per_agent,
+            max_restores_per_agent: t.max_restores_per_agent,
+            stream_idle_timeout: t.stream_idle_timeout.0,
             nbd_listen,
             name: t.name,
             listen,

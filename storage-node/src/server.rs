@@ -53,7 +53,12 @@ pub async fn run(
             coordinator.clone(),
             identity.client_config(Role::Node)?,
         )?
-        .with_max_syncs(cfg.max_concurrent_syncs),
+        .with_limits(crate::service::admission::Limits {
+            max_syncs: cfg.max_concurrent_syncs,
+            syncs_per_agent: cfg.max_syncs_per_agent,
+            restores_per_agent: cfg.max_restores_per_agent,
+            idle: cfg.stream_idle_timeout,
+        }),
     );
 
     let nbd = match cfg.nbd_listen {
@@ -116,7 +121,9 @@ pub async fn run(
         .add_service(health_service)
         .add_service(
             pb::node_server::NodeServer::new(NodeApi(svc))
-                .max_decoding_message_size(bulwark_common::MAX_MESSAGE_BYTES)
+                // What agents send is bounded by the protocol's batches; each
+                // batch is also checked against its source's own limit.
+                .max_decoding_message_size(bulwark_common::block::MAX_AGENT_MESSAGE_BYTES)
                 .max_encoding_message_size(bulwark_common::MAX_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
@@ -175,7 +182,12 @@ async fn usage_report(
             })
             .collect(),
         disks: disks.clone(),
-        alerts: alerts(&usage, &svc.space_refusals(), &store.settle_failures()),
+        alerts: alerts(
+            &usage,
+            &svc.space_refusals(),
+            &store.settle_failures(),
+            &store.refused_sources(),
+        ),
         ingest_bytes_per_sec: 0,
         health: if problems.is_empty() {
             "ok".to_string()
@@ -194,6 +206,7 @@ fn alerts(
     usage: &crate::store::PoolUsage,
     refusals: &std::collections::HashMap<String, String>,
     settle_failures: &std::collections::HashMap<String, String>,
+    refused_sources: &std::collections::HashMap<String, String>,
 ) -> Vec<pb::Alert> {
     let alert = |key: String, severity: &str, subject: &str, message: String| pb::Alert {
         key,
@@ -252,6 +265,16 @@ fn alerts(
             "critical",
             source,
             why.clone(),
+        ));
+    }
+    for (source, why) in refused_sources {
+        out.push(alert(
+            format!("refused-source/{source}"),
+            "critical",
+            source,
+            format!(
+                "this node refuses stored data source {source}: {why}; its files are left alone"
+            ),
         ));
     }
     out
@@ -364,7 +387,7 @@ mod tests {
             "data source vol: point 2 could not be settled".to_string(),
         )]
         .into();
-        let out = alerts(&usage, &Default::default(), &failed);
+        let out = alerts(&usage, &Default::default(), &failed, &Default::default());
         assert_eq!(out.len(), 1, "{out:?}");
         assert_eq!(out[0].key, "settle/vol");
         assert_eq!(out[0].severity, "critical");

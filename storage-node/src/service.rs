@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use bulwark_common::block::{DIGEST_LEN, Geometry};
+use bulwark_common::name::SourceName;
 use bulwark_common::point::{Consistency, PointKind};
 use bulwark_common::tls::{Identity, Role, require};
 use bulwark_proto as pb;
@@ -30,7 +31,10 @@ use crate::store::{
 };
 use bulwark_common::retention::Retention;
 
+pub mod admission;
 mod logs;
+
+use admission::{Admission, Limits, Sender, TurnKind, next_within};
 
 /// Maps store errors to gRPC codes.
 impl From<StoreError> for Status {
@@ -46,7 +50,10 @@ impl From<StoreError> for Status {
             StoreError::PruneNewest { .. } | StoreError::WrongKind { .. } => {
                 Status::failed_precondition(e.to_string())
             }
-            StoreError::BadLog(_) => Status::invalid_argument(e.to_string()),
+            StoreError::BadLog(_) | StoreError::BadName(_) => {
+                Status::invalid_argument(e.to_string())
+            }
+            StoreError::Refused { .. } => Status::failed_precondition(e.to_string()),
             // A failed settle is logged and raised as an alert where it failed.
             StoreError::PointDamaged { .. } | StoreError::SettleFailed { .. } => {
                 Status::data_loss(e.to_string())
@@ -106,15 +113,15 @@ pub struct NodeService {
     locks: Arc<SourceLocks>,
     coordinator: CoordinatorClient<TracedChannel>,
     assignments: sled::Tree,
-    grants: std::sync::Mutex<HashMap<(String, String), i64>>,
+    grants: std::sync::Mutex<HashMap<(String, String), Grant>>,
     live_streams: Arc<AtomicU32>,
     /// Payload bytes applied by syncs since the node started.
     ingested: Arc<AtomicU64>,
     /// Dials other nodes (moves) with this node's certificate.
     peer_tls: Arc<rustls::ClientConfig>,
-    /// Syncs that may run at once; the others wait before `Ready`, so a waiting
-    /// agent sends no data and the node's memory stays bounded however many come.
-    sync_slots: Arc<tokio::sync::Semaphore>,
+    /// Turns: node-wide syncs, per-agent caps, one sync per source, idle timeouts
+    /// (see [`admission`]).
+    admission: Arc<Admission>,
     /// Sources whose last sync was refused for space, with the refusal (an alert
     /// until a sync of the source commits).
     space_refusals: std::sync::Mutex<HashMap<String, String>>,
@@ -164,7 +171,7 @@ impl NodeService {
     ) -> Result<NodeService, StoreError> {
         Ok(NodeService {
             peer_tls,
-            sync_slots: Arc::new(tokio::sync::Semaphore::new(64)),
+            admission: Admission::new(Limits::default()),
             name,
             assignments: store.tree("assignments")?,
             store,
@@ -236,9 +243,10 @@ impl NodeService {
         }
     }
 
-    /// Sets how many syncs may run at once (`max_concurrent_syncs`).
-    pub fn with_max_syncs(mut self, n: usize) -> Self {
-        self.sync_slots = Arc::new(tokio::sync::Semaphore::new(n.max(1)));
+    /// Sets the limits on data streams (`max_concurrent_syncs`,
+    /// `max_syncs_per_agent`, `max_restores_per_agent`, `stream_idle_timeout`).
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.admission = Admission::new(limits);
         self
     }
 
@@ -313,17 +321,12 @@ impl NodeService {
     async fn authorize(
         &self,
         caller: &Identity,
-        source: &str,
+        source: &SourceName,
         epoch: Option<u64>,
     ) -> Result<pb::Assignment, Status> {
-        if !bulwark_common::pki::valid_name(source) {
-            return Err(Status::invalid_argument(format!(
-                "invalid data source name \"{source}\""
-            )));
-        }
         let a = self.assignment(source).await?;
         if a.node != self.name {
-            tracing::warn!(%caller, source, "refused: source assigned to node {}", a.node);
+            tracing::warn!(%caller, %source, "refused: source assigned to node {}", a.node);
             refused("not-assigned");
             return Err(Status::permission_denied(format!(
                 "data source {source} is assigned to node {}, not to this node ({})",
@@ -331,7 +334,7 @@ impl NodeService {
             )));
         }
         if a.agent != caller.name {
-            tracing::warn!(%caller, source, "refused: not the owner");
+            tracing::warn!(%caller, %source, "refused: not the owner");
             refused("not-owner");
             return Err(Status::permission_denied(format!(
                 "data source {source} belongs to agent {}; {caller} may not write or read it",
@@ -341,7 +344,7 @@ impl NodeService {
         if let Some(e) = epoch
             && e != a.epoch
         {
-            tracing::warn!(%caller, source, epoch = e, current = a.epoch, "refused: stale epoch");
+            tracing::warn!(%caller, %source, epoch = e, current = a.epoch, "refused: stale epoch");
             refused("stale-epoch");
             return Err(Status::failed_precondition(format!(
                 "stale assignment epoch {e} for data source {source}: the current epoch is {}",
@@ -351,24 +354,32 @@ impl NodeService {
         Ok(a)
     }
 
-    /// Checks that `caller` may read `source` (an admin's export: any valid name; an
-    /// agent: its own source assigned here, or one the coordinator granted it), then
-    /// takes the source's read lock for the restore.
+    /// Checks that `caller` may read point `point` (0 = newest) of `source` (an
+    /// admin's export: any source; an agent: its own source assigned here, or a
+    /// point the coordinator granted it for a restore), takes one of the agent's
+    /// restore turns, then the source's read lock for the restore.
     async fn authorize_read(
         &self,
         caller: &Identity,
-        source: &str,
-    ) -> Result<tokio::sync::OwnedRwLockReadGuard<()>, Status> {
-        if caller.role == Role::Admin {
-            if !bulwark_common::pki::valid_name(source) {
-                return Err(Status::invalid_argument(format!(
-                    "invalid data source name \"{source}\""
-                )));
+        source: &SourceName,
+        point: u64,
+    ) -> Result<
+        (
+            tokio::sync::OwnedRwLockReadGuard<()>,
+            Option<admission::AgentTurn>,
+        ),
+        Status,
+    > {
+        let turn = match caller.role {
+            Role::Admin => None,
+            _ => {
+                if !self.granted(source, &caller.name, point) {
+                    self.authorize(caller, source, None).await?;
+                }
+                Some(self.admission.agent_turn(&caller.name, TurnKind::Read)?)
             }
-        } else if !self.granted(source, &caller.name) {
-            self.authorize(caller, source, None).await?;
-        }
-        Ok(self.locks.get(source).read_owned().await)
+        };
+        Ok((self.locks.get(source).read_owned().await, turn))
     }
 
     /// Settles the point a sync just committed into the replica (the caller holds
@@ -401,12 +412,48 @@ impl NodeService {
         self.note_refusal(source, None);
     }
 
-    fn granted(&self, source: &str, agent: &str) -> bool {
+    /// Whether the coordinator granted `agent` a restore of `point` of `source`,
+    /// and the grant still stands. A grant names its points (the coordinator
+    /// resolves "newest" before it grants), so point 0 is never granted.
+    fn granted(&self, source: &SourceName, agent: &str, point: u64) -> bool {
         let grants = self.grants.lock().unwrap_or_else(|e| e.into_inner());
-        grants
-            .get(&(source.to_string(), agent.to_string()))
-            .is_some_and(|exp| *exp > bulwark_common::time::now_ms())
+        match grants.get(&(source.to_string(), agent.to_string())) {
+            Some(g) if g.expires_ms > bulwark_common::time::now_ms() => {
+                if g.points.contains(&point) {
+                    return true;
+                }
+                tracing::warn!(source = %source, agent, point, granted = ?g.points,
+                    "the restore grant does not cover this point");
+                false
+            }
+            _ => false,
+        }
     }
+}
+
+/// A restore the coordinator granted an agent other than the source's own.
+#[derive(Debug, Clone)]
+struct Grant {
+    expires_ms: i64,
+    /// The only points the agent may read.
+    points: Vec<u64>,
+}
+
+/// The error of an import whose exporting node sent nothing for the idle timeout.
+fn exporter_idle(node: &str, idle: std::time::Duration) -> Status {
+    refused("idle");
+    Status::deadline_exceeded(format!(
+        "node {node} sent nothing of the export for {} s (stream_idle_timeout); the import was aborted and nothing of it kept",
+        idle.as_secs()
+    ))
+}
+
+/// Parses a data source name received on the wire.
+pub(crate) fn source_name(s: &str) -> Result<SourceName, Status> {
+    SourceName::parse(s).map_err(|e| {
+        refused("bad-name");
+        Status::invalid_argument(e.to_string())
+    })
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -416,6 +463,19 @@ fn verify_batch(
     geometry: Geometry,
     source: &str,
 ) -> Result<Vec<VerifiedExtent>, Status> {
+    // The protocol's batches: at most MAX_BATCH_BYTES of payload, or one block when
+    // blocks are larger (the transport limit is the largest of any geometry).
+    let limit = bulwark_common::block::batch_limit(geometry.block_size);
+    let payload = batch
+        .extents
+        .iter()
+        .fold(0usize, |n, e| n.saturating_add(e.data.len()));
+    if payload > limit {
+        tracing::warn!(source, payload, limit, "refused an oversized batch");
+        return Err(Status::invalid_argument(format!(
+            "data source {source}: a batch of {payload} bytes; batches hold at most {limit}"
+        )));
+    }
     batch
         .extents
         .into_iter()
@@ -455,7 +515,7 @@ fn send_digests(
     source: String,
     total: u64,
     deep: Option<Arc<AtomicU64>>,
-    tx: mpsc::Sender<Result<pb::SyncReply, Status>>,
+    tx: Sender<pb::SyncReply>,
 ) {
     const PER_CHUNK: u64 = (1 << 19) / DIGEST_LEN as u64;
     // A deep check reads the replica: 16 MiB at a time at most.
@@ -489,7 +549,7 @@ fn send_digests(
                 Err(e) => Err(Status::from(e)),
             };
             let failed = msg.is_err();
-            if tx.blocking_send(msg).is_err() || failed {
+            if !tx.send(msg) || failed {
                 return;
             }
             first += count;
@@ -632,8 +692,9 @@ async fn run_sync(
             Err(e) => Status::internal(format!("sync applier failed: {e}")),
         }
     }
+    let idle = svc.admission.idle();
     loop {
-        let msg = match inbound.message().await {
+        let msg = match next_within(&mut inbound, idle, "sync").await {
             Ok(Some(m)) => m,
             Ok(None) => {
                 let why =
@@ -646,6 +707,8 @@ async fn run_sync(
             }
         };
         match msg.msg {
+            // An empty batch only keeps the stream alive while the agent reads.
+            Some(Msg::Extents(batch)) if batch.extents.is_empty() => {}
             Some(Msg::Extents(batch)) => {
                 let src = source.clone();
                 let verified = match blocking(move || verify_batch(batch, geometry, &src)).await {
@@ -751,58 +814,56 @@ impl pb::node_server::Node for NodeApi {
         req: Request<Streaming<pb::SyncMessage>>,
     ) -> Result<Response<Self::SyncStream>, Status> {
         let caller = require(&req, "Sync", &[Role::Agent])?;
+        let svc = self.0.clone();
+        let idle = svc.admission.idle();
         let mut inbound = req.into_inner();
-        let begin = match inbound.message().await? {
+        // Nothing is held for a caller that is still unknown: first its Begin,
+        // within the idle timeout, then its authority, then turns (see admission).
+        let begin = match next_within(&mut inbound, idle, "sync").await? {
             Some(pb::SyncMessage {
                 msg: Some(pb::sync_message::Msg::Begin(b)),
             }) => b,
             _ => return Err(Status::invalid_argument("a sync must start with SyncBegin")),
         };
+        let source = SourceName::parse(begin.source.as_str())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let geometry = Geometry::new(begin.size_bytes, begin.block_size)
-            .map_err(|e| Status::invalid_argument(format!("data source {}: {e}", begin.source)))?;
+            .map_err(|e| Status::invalid_argument(format!("data source {source}: {e}")))?;
         if begin.deep && !begin.want_digests {
             return Err(Status::invalid_argument(
                 "a deep check (deep) needs want_digests",
             ));
         }
-        let svc = self.0.clone();
-        // A slot first: past the limit, the agent waits here, before Ready, having
-        // sent nothing but SyncBegin.
-        let slot = svc
-            .sync_slots
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| Status::unavailable("the node is stopping"))?;
-        let a = svc
-            .authorize(&caller, &begin.source, Some(begin.epoch))
-            .await?;
+        let a = svc.authorize(&caller, &source, Some(begin.epoch)).await?;
         if a.size_bytes != begin.size_bytes || a.block_size != begin.block_size {
             return Err(Status::invalid_argument(format!(
                 "data source {} is registered as {} bytes in blocks of {}, the sync says {} bytes in blocks of {}",
-                begin.source, a.size_bytes, a.block_size, begin.size_bytes, begin.block_size
+                source, a.size_bytes, a.block_size, begin.size_bytes, begin.block_size
             )));
         }
         if !a.moving_to.is_empty() {
             return Err(Status::unavailable(format!(
                 "data source {} is moving to node {}; sync again when the move is done",
-                begin.source, a.moving_to
+                source, a.moving_to
             )));
         }
-        // One sync at a time per source; a restore in progress is waited for.
-        let lock = svc.locks.get(&begin.source).write_owned().await;
+        let agent_turn = svc.admission.agent_turn(&caller.name, TurnKind::Write)?;
+        let source_turn = svc.admission.source_turn(&source)?;
+        // A restore, verify or the previous sync's settle may hold the source.
+        let lock = svc.locks.get(&source).write_owned().await;
         // The assignment may have changed while this waited (a move began or ended).
-        let a = svc
-            .authorize(&caller, &begin.source, Some(begin.epoch))
-            .await?;
+        let a = svc.authorize(&caller, &source, Some(begin.epoch)).await?;
         if !a.moving_to.is_empty() {
             return Err(Status::unavailable(format!(
                 "data source {} is moving to node {}; sync again when the move is done",
-                begin.source, a.moving_to
+                source, a.moving_to
             )));
         }
+        // A node-wide turn last: past the limit the agent waits here, before Ready,
+        // having sent nothing but SyncBegin.
+        let slot = svc.admission.slot().await?;
         let store = svc.store.clone();
-        let name = begin.source.clone();
+        let name = source.clone();
         let newest = blocking(move || store.newest_point(&name))
             .await??
             .map_or(0, |p| p.id);
@@ -818,7 +879,7 @@ impl pb::node_server::Node for NodeApi {
             None => PointKind::Incremental,
         };
         let spec = SyncSpec {
-            source: begin.source.clone(),
+            source: source.clone(),
             geometry,
             base_point,
             consistency: Consistency::from_proto(begin.consistency),
@@ -848,31 +909,35 @@ impl pb::node_server::Node for NodeApi {
             // rewritten, and the agent never waits on extents the node is not reading.
             send_digests(
                 svc.store.clone(),
-                begin.source.clone(),
+                source.to_string(),
                 digest_count,
                 begin.deep.then(|| damaged.clone()),
-                tx.clone(),
+                Sender::new(tx.clone(), idle),
             );
         }
-        let span = tracing::info_span!("sync", source = %begin.source, point = txn.new_point(), agent = %caller.name);
+        let span = tracing::info_span!("sync", source = %source, point = txn.new_point(), agent = %caller.name);
         let guard = StreamGuard::new(&svc.live_streams);
         tokio::spawn(
             async move {
                 let _guard = guard;
                 let _slot = slot;
-                let source = begin.source.clone();
-                match run_sync(
+                let source = source.to_string();
+                let outcome = run_sync(
                     &svc,
                     txn,
                     inbound,
                     geometry,
-                    begin.source,
+                    source.clone(),
                     &tx,
                     lock,
                     damaged,
                 )
-                .await
-                {
+                .await;
+                // The stream is over: the agent and the source may start another
+                // (which waits for the settle below on the source's lock).
+                drop(source_turn);
+                drop(agent_turn);
+                match outcome {
                     Ok(lock) => {
                         // Committed and answered: end the reply stream, then settle
                         // the point into the replica and apply retention, still
@@ -904,11 +969,13 @@ impl pb::node_server::Node for NodeApi {
         let caller = require(&req, "Restore", &[Role::Agent, Role::Admin])?;
         let r = req.into_inner();
         let svc = self.0.clone();
-        let lock = svc.authorize_read(&caller, &r.source).await?;
+        let source = source_name(&r.source)?;
+        let (lock, turn) = svc.authorize_read(&caller, &source, r.point).await?;
         let store = svc.store.clone();
-        let source = r.source.clone();
-        let mut reader = blocking(move || store.restore(&source, r.point)).await??;
+        let name = source.to_string();
+        let mut reader = blocking(move || store.restore(&name, r.point)).await??;
         let (tx, rx) = mpsc::channel(4);
+        let tx = Sender::new(tx, svc.admission.idle());
         let guard = StreamGuard::new(&svc.live_streams);
         let header = pb::RestoreChunk {
             msg: Some(pb::restore_chunk::Msg::Header(pb::RestoreHeader {
@@ -917,11 +984,12 @@ impl pb::node_server::Node for NodeApi {
                 block_size: reader.geometry().block_size,
             })),
         };
-        tracing::info!(source = %r.source, point = reader.point().id, agent = %caller.name, "restore started");
+        tracing::info!(source = %source, point = reader.point().id, agent = %caller.name, "restore started");
         tokio::task::spawn_blocking(move || {
             let _lock = lock;
             let _guard = guard;
-            if tx.blocking_send(Ok(header)).is_err() {
+            let _turn = turn;
+            if !tx.send(Ok(header)) {
                 return;
             }
             loop {
@@ -943,14 +1011,11 @@ impl pb::node_server::Node for NodeApi {
                         pb::restore_chunk::Msg::Zeros(pb::ZeroRun { offset, len })
                     }
                     Err(e) => {
-                        let _ = tx.blocking_send(Err(e.into()));
+                        let _ = tx.send(Err(e.into()));
                         return;
                     }
                 };
-                if tx
-                    .blocking_send(Ok(pb::RestoreChunk { msg: Some(msg) }))
-                    .is_err()
-                {
+                if !tx.send(Ok(pb::RestoreChunk { msg: Some(msg) })) {
                     return;
                 }
             }
@@ -963,7 +1028,7 @@ impl pb::node_server::Node for NodeApi {
         req: Request<pb::ListPointsRequest>,
     ) -> Result<Response<pb::ListPointsResponse>, Status> {
         require(&req, "ListPoints", &[Role::Coordinator])?;
-        let source = req.into_inner().source;
+        let source = source_name(&req.into_inner().source)?.into_string();
         let store = self.0.store.clone();
         let points = blocking(move || store.points(&source)).await??;
         Ok(Response::new(pb::ListPointsResponse {
@@ -977,6 +1042,7 @@ impl pb::node_server::Node for NodeApi {
     ) -> Result<Response<pb::VerifyReport>, Status> {
         require(&req, "Verify", &[Role::Coordinator])?;
         let r = req.into_inner();
+        source_name(&r.source)?;
         let lock = self.0.locks.get(&r.source).read_owned().await;
         let store = self.0.store.clone();
         let source = r.source.clone();
@@ -1016,11 +1082,11 @@ impl pb::node_server::Node for NodeApi {
         req: Request<pb::ExportRequest>,
     ) -> Result<Response<Self::ExportStream>, Status> {
         let caller = require(&req, "Export", &[Role::Node])?;
-        let source = req.into_inner().source;
+        let source = source_name(&req.into_inner().source)?;
         let svc = self.0.clone();
         let a = svc.assignment(&source).await?;
         if a.node != svc.name || a.moving_to != caller.name {
-            tracing::warn!(%caller, source, "export refused: no move of the source to the caller");
+            tracing::warn!(%caller, %source, "export refused: no move of the source to the caller");
             return Err(Status::permission_denied(format!(
                 "data source {source} is not moving from {} to {}",
                 svc.name, caller.name
@@ -1033,15 +1099,13 @@ impl pb::node_server::Node for NodeApi {
         let meta = serde_json::to_vec(&meta)
             .map_err(|e| Status::internal(format!("cannot encode the source's records: {e}")))?;
         let (tx, rx) = mpsc::channel(4);
+        let tx = Sender::new(tx, svc.admission.idle());
         let guard = StreamGuard::new(&svc.live_streams);
-        tracing::info!(source, to = %caller.name, "export for a move started");
+        tracing::info!(%source, to = %caller.name, "export for a move started");
         tokio::task::spawn_blocking(move || {
             let _lock = lock;
             let _guard = guard;
-            let send = |msg: pb::export_chunk::Msg| {
-                tx.blocking_send(Ok(pb::ExportChunk { msg: Some(msg) }))
-                    .is_ok()
-            };
+            let send = |msg: pb::export_chunk::Msg| tx.send(Ok(pb::ExportChunk { msg: Some(msg) }));
             if !send(pb::export_chunk::Msg::Meta(meta.into())) {
                 return;
             }
@@ -1079,7 +1143,7 @@ impl pb::node_server::Node for NodeApi {
                     Ok(true) => {}
                     Ok(false) => return,
                     Err(e) => {
-                        let _ = tx.blocking_send(Err(Status::internal(format!(
+                        let _ = tx.send(Err(Status::internal(format!(
                             "cannot read {}: {e}",
                             path.display()
                         ))));
@@ -1098,9 +1162,8 @@ impl pb::node_server::Node for NodeApi {
         require(&req, "Import", &[Role::Coordinator])?;
         let r = req.into_inner();
         let svc = self.0.clone();
-        if !bulwark_common::pki::valid_name(&r.source) {
-            return Err(Status::invalid_argument("invalid data source name"));
-        }
+        let source = source_name(&r.source)?;
+        let idle = svc.admission.idle();
         let target = bulwark_common::tls::Target::parse(&r.from_address)
             .map_err(|m| Status::invalid_argument(format!("from_address: {m}")))?;
         let channel = bulwark_common::tls::channel(&target, svc.peer_tls.clone())
@@ -1117,8 +1180,11 @@ impl pb::node_server::Node for NodeApi {
             .await
             .map_err(at_peer)?
             .into_inner();
-        let _lock = svc.locks.get(&r.source).write_owned().await;
-        let meta = match stream.message().await.map_err(at_peer)? {
+        let _lock = svc.locks.get(&source).write_owned().await;
+        let first = tokio::time::timeout(idle, stream.message())
+            .await
+            .map_err(|_| exporter_idle(&r.from_node, idle))?;
+        let meta = match first.map_err(at_peer)? {
             Some(pb::ExportChunk {
                 msg: Some(pb::export_chunk::Msg::Meta(m)),
             }) => serde_json::from_slice::<crate::store::ExportMeta>(&m)
@@ -1129,7 +1195,7 @@ impl pb::node_server::Node for NodeApi {
                 ));
             }
         };
-        if meta.source.name != r.source {
+        if meta.source.name != source {
             return Err(Status::invalid_argument("the export is of another source"));
         }
         let points = meta.points.len() as u64;
@@ -1145,7 +1211,13 @@ impl pb::node_server::Node for NodeApi {
                 Ok(import)
             });
         let received: Result<(), Status> = async {
-            while let Some(chunk) = stream.message().await.map_err(at_peer)? {
+            loop {
+                let next = tokio::time::timeout(idle, stream.message())
+                    .await
+                    .map_err(|_| exporter_idle(&r.from_node, idle))?;
+                let Some(chunk) = next.map_err(at_peer)? else {
+                    break;
+                };
                 match chunk.msg {
                     Some(pb::export_chunk::Msg::File(f)) => {
                         if ftx.send(f).await.is_err() {
@@ -1178,7 +1250,7 @@ impl pb::node_server::Node for NodeApi {
         req: Request<pb::DropSourceRequest>,
     ) -> Result<Response<pb::DropSourceResponse>, Status> {
         require(&req, "DropSource", &[Role::Coordinator])?;
-        let source = req.into_inner().source;
+        let source = source_name(&req.into_inner().source)?.into_string();
         let svc = self.0.clone();
         let a = svc.assignment(&source).await?;
         if a.node == svc.name {
@@ -1214,10 +1286,31 @@ impl pb::node_server::Node for NodeApi {
     ) -> Result<Response<pb::GrantRestoreResponse>, Status> {
         require(&req, "GrantRestore", &[Role::Coordinator])?;
         let g = req.into_inner();
-        tracing::info!(source = %g.source, agent = %g.agent, "restore granted by the coordinator");
+        let source = source_name(&g.source)?;
+        bulwark_common::name::AgentName::parse(g.agent.as_str())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let key = (source.to_string(), g.agent.clone());
         let mut grants = self.0.grants.lock().unwrap_or_else(|e| e.into_inner());
-        grants.retain(|_, exp| *exp > bulwark_common::time::now_ms());
-        grants.insert((g.source, g.agent), g.expires_at_ms);
+        let now = bulwark_common::time::now_ms();
+        grants.retain(|_, grant| grant.expires_ms > now);
+        if g.withdraw {
+            grants.remove(&key);
+            tracing::info!(source = %source, agent = %g.agent, "restore grant withdrawn");
+        } else {
+            if g.points.is_empty() || g.points.contains(&0) {
+                return Err(Status::invalid_argument(
+                    "a restore grant names the points it covers (no 0)",
+                ));
+            }
+            tracing::info!(source = %source, agent = %g.agent, points = ?g.points, "restore granted by the coordinator");
+            grants.insert(
+                key,
+                Grant {
+                    expires_ms: g.expires_at_ms,
+                    points: g.points,
+                },
+            );
+        }
         Ok(Response::new(pb::GrantRestoreResponse {}))
     }
 }

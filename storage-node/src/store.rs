@@ -147,6 +147,7 @@ use bulwark_common::block::{
     read_direct_at,
 };
 use bulwark_common::failpoint;
+use bulwark_common::name::SourceName;
 use bulwark_common::point::{Consistency, PointKind};
 use bulwark_common::retention::Retention;
 use bytes::Bytes;
@@ -253,6 +254,13 @@ pub enum StoreError {
         point: u64,
         cause: String,
     },
+    /// A name that is not one safe path component (see `bulwark_common::name`).
+    #[error("{0}")]
+    BadName(#[from] bulwark_common::name::NameError),
+    /// A source this node refused at open (its stored record is unreadable or names
+    /// it with a name that is not allowed); the other sources are served.
+    #[error("data source {source_name} is refused by this node: {why}")]
+    Refused { source_name: String, why: String },
     /// A simulated crash (tests only; see `crash`).
     #[error("simulated crash at {0}")]
     Crashed(&'static str),
@@ -363,7 +371,8 @@ pub struct PoolDisk {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SourceMeta {
     pub v: u32,
-    pub name: String,
+    /// Checked again whenever the record is read: folders are named after it.
+    pub name: SourceName,
     pub size_bytes: u64,
     pub block_size: u32,
     /// The pool disk holding the replica and deltas.
@@ -396,9 +405,11 @@ impl SourceMeta {
             block_size: self.block_size,
         }
     }
-    /// Replica plus recovery-point space allocated to it.
+    /// Replica plus recovery-point space allocated to it (saturating: the figures
+    /// may come from another node's export).
     pub fn allocated_bytes(&self) -> u64 {
-        self.replica_alloc_bytes + self.points_alloc_bytes
+        self.replica_alloc_bytes
+            .saturating_add(self.points_alloc_bytes)
     }
 
     fn dir(&self) -> PathBuf {
@@ -410,7 +421,7 @@ impl SourceMeta {
         match self.kind {
             SourceKind::Volume => Ok(()),
             SourceKind::Log => Err(StoreError::WrongKind {
-                source_name: self.name.clone(),
+                source_name: self.name.to_string(),
                 kind: "log",
                 op,
             }),
@@ -426,7 +437,8 @@ impl SourceMeta {
                 p.replica_alloc_bytes
             } else {
                 bulwark_common::alloc::replica_bytes(self.size_bytes)
-            };
+            }
+            .max(min_replica_bytes(self.geometry()));
         }
         if p.points_alloc_bytes != self.applied_points_alloc {
             self.applied_points_alloc = p.points_alloc_bytes;
@@ -444,8 +456,15 @@ impl SourceMeta {
     }
 }
 
-fn source_dir(disk: &Path, name: &str) -> PathBuf {
-    disk.join("bulwark").join(name)
+/// The least replica space a volume can live in: its bytes and its checksums.
+pub fn min_replica_bytes(g: Geometry) -> u64 {
+    g.size_bytes
+        .saturating_add(g.block_count().saturating_mul(DIGEST_LEN as u64))
+}
+
+/// The folder of a source: only ever built from a checked name.
+fn source_dir(disk: &Path, name: &SourceName) -> PathBuf {
+    disk.join("bulwark").join(name.as_str())
 }
 
 /// A recovery point as the node records it.
@@ -534,7 +553,7 @@ impl SettleFailure {
 /// What a sync is about to write.
 #[derive(Debug, Clone)]
 pub struct SyncSpec {
-    pub source: String,
+    pub source: SourceName,
     pub geometry: Geometry,
     /// The point the agent compared against (0 = none).
     pub base_point: u64,
@@ -554,7 +573,7 @@ pub struct ExportMeta {
     pub log_files: Vec<LogFileMeta>,
 }
 
-fn import_dir(disk: &Path, name: &str) -> PathBuf {
+fn import_dir(disk: &Path, name: &SourceName) -> PathBuf {
     disk.join("bulwark").join(format!("{name}.import"))
 }
 
@@ -817,12 +836,41 @@ pub struct Store {
     /// Settles that failed since the store opened, by source: every operation on
     /// the source fails with it.
     settle_failed: std::sync::Arc<std::sync::Mutex<HashMap<String, SettleFailure>>>,
+    /// Sources refused at open (a stored record that does not decode, or a name
+    /// that is not one safe path component), by their key as stored: nothing is
+    /// done with them, and the node raises an alert; the others are served.
+    refused: std::sync::Arc<HashMap<String, String>>,
     disks: std::sync::Arc<Vec<PoolDisk>>,
     policy: PoolPolicy,
     /// Open read-only views of points (NBD exports), by source: a settle tells them
     /// where the before-images of the blocks it overwrites went, before it
     /// overwrites them.
     views: std::sync::Arc<std::sync::Mutex<HashMap<String, Vec<std::sync::Weak<PointView>>>>>,
+}
+
+/// The stored sources whose name or record this node refuses (see `Store::refused`).
+fn refused_sources(sources: &sled::Tree) -> Result<HashMap<String, String>> {
+    let mut out = HashMap::new();
+    for item in sources.iter() {
+        let (k, v) = item?;
+        let key = String::from_utf8_lossy(&k).to_string();
+        let why = match SourceName::parse(key.as_str()) {
+            Err(e) => Some(e.to_string()),
+            Ok(_) => match decode::<SourceMeta>(&v) {
+                Err(e) => Some(format!("its record cannot be read: {e}")),
+                Ok(m) if m.name != key => {
+                    Some(format!("its record names another source ({})", m.name))
+                }
+                Ok(_) => None,
+            },
+        };
+        if let Some(why) = why {
+            tracing::error!(source = %bulwark_common::text::escape(&key),
+                "stored data source refused: {why}; its files are left alone, every other source is served");
+            out.insert(key, why);
+        }
+    }
+    Ok(out)
 }
 
 fn point_key(source: &str, id: u64) -> Vec<u8> {
@@ -985,8 +1033,11 @@ impl Store {
             .cache_capacity(16 * 1024 * 1024)
             .open()
             .map_err(|e| StoreError::Meta(format!("cannot open {}: {e}", meta.display())))?;
+        let sources = db.open_tree("sources")?;
+        let refused = std::sync::Arc::new(refused_sources(&sources)?);
         let store = Store {
-            sources: db.open_tree("sources")?,
+            refused,
+            sources,
             points: db.open_tree("points")?,
             pending: db.open_tree("pending")?,
             settle: db.open_tree("settle")?,
@@ -1001,6 +1052,9 @@ impl Store {
         for item in store.pending.iter() {
             let (k, v) = item?;
             let name = String::from_utf8_lossy(&k).to_string();
+            if store.refused.contains_key(&name) {
+                continue;
+            }
             let pending: Pending = decode(&v)?;
             tracing::warn!(source = %name, point = pending.new_point,
                 "rolling back a sync that did not commit");
@@ -1018,6 +1072,9 @@ impl Store {
             })
             .collect::<Result<_>>()?;
         for (name, rec) in settles {
+            if store.refused.contains_key(&name) {
+                continue;
+            }
             tracing::warn!(source = %name, point = rec.point,
                 "settling a committed point a crash interrupted");
             // The settle writes back what a partial settle applied first.
@@ -1099,6 +1156,14 @@ impl Store {
                 "data source {name} is already stored on this node"
             )));
         }
+        if meta.source.kind == SourceKind::Volume
+            && meta.source.replica_alloc_bytes < min_replica_bytes(meta.source.geometry())
+        {
+            return Err(StoreError::Meta(format!(
+                "the export of {name} gives it {} bytes of replica space, less than its volume of {} bytes needs",
+                meta.source.replica_alloc_bytes, meta.source.size_bytes
+            )));
+        }
         let need = meta.source.allocated_bytes();
         let mut best: Option<(&PoolDisk, u64)> = None;
         for d in self.disks.iter() {
@@ -1111,7 +1176,7 @@ impl Store {
             Some((d, free)) if free >= need => d.path.clone(),
             other => {
                 return Err(StoreError::NoSpace {
-                    source_name: name,
+                    source_name: name.to_string(),
                     need,
                     free: other.map_or(0, |(_, f)| f),
                 });
@@ -1239,12 +1304,33 @@ impl Store {
 
     /// A stored data source.
     pub fn source(&self, name: &str) -> Result<Option<SourceMeta>> {
+        if let Some(why) = self.refused.get(name) {
+            return Err(StoreError::Refused {
+                source_name: bulwark_common::text::escape(name),
+                why: why.clone(),
+            });
+        }
         self.sources.get(name)?.map(|v| decode(&v)).transpose()
     }
 
-    /// Every stored data source.
+    /// Every stored data source (but those refused at open).
     pub fn all_sources(&self) -> Result<Vec<SourceMeta>> {
-        self.sources.iter().map(|r| decode(&r?.1)).collect()
+        self.sources
+            .iter()
+            .filter(|r| {
+                r.as_ref()
+                    .is_ok_and(|(k, _)| !self.refused.contains_key(&*String::from_utf8_lossy(k)))
+            })
+            .map(|r| decode(&r?.1))
+            .collect()
+    }
+
+    /// Sources refused at open, by name (escaped for printing), with the reason.
+    pub fn refused_sources(&self) -> HashMap<String, String> {
+        self.refused
+            .iter()
+            .map(|(k, why)| (bulwark_common::text::escape(k), why.clone()))
+            .collect()
     }
 
     /// Points of a source, oldest first.
@@ -1326,7 +1412,7 @@ impl Store {
                 damaged_points: points.iter().filter(|p| !p.damaged.is_empty()).count() as u64,
                 oldest_point_ms: points.first().map_or(0, |p| p.created_ms),
                 newest_point_ms: points.last().map_or(0, |p| p.created_ms),
-                name: s.name,
+                name: s.name.to_string(),
             });
         }
         Ok(usage)
@@ -1537,7 +1623,7 @@ impl Store {
         let newest_id = newest.as_ref().map_or(0, |p| p.id);
         if spec.base_point != newest_id {
             return Err(StoreError::BaseMismatch {
-                source_name: spec.source.clone(),
+                source_name: spec.source.to_string(),
                 base: spec.base_point,
                 newest: newest_id,
             });
@@ -1548,7 +1634,7 @@ impl Store {
                 || m.block_size != spec.geometry.block_size)
         {
             return Err(StoreError::GeometryChanged {
-                source_name: spec.source.clone(),
+                source_name: spec.source.to_string(),
                 stored: m.size_bytes,
                 stored_block: m.block_size,
                 size: spec.geometry.size_bytes,
@@ -1775,10 +1861,12 @@ impl Store {
     fn place(&self, spec: &SyncSpec) -> Result<SourceMeta> {
         let size = spec.geometry.size_bytes;
         let policy = spec.policy.unwrap_or_default();
+        let least = min_replica_bytes(spec.geometry);
         let replica = match policy.replica_alloc_bytes {
             0 => bulwark_common::alloc::replica_bytes(size),
             n => n,
-        };
+        }
+        .max(least);
         let points = match policy.points_alloc_bytes {
             0 => bulwark_common::alloc::points_bytes(
                 size,
@@ -1786,7 +1874,15 @@ impl Store {
             ),
             n => n,
         };
-        let need = replica + points;
+        // Checked before anything is created: a hostile size or allocation must
+        // not wrap the sum into something that fits.
+        let Some(need) = replica.checked_add(points) else {
+            return Err(StoreError::NoSpace {
+                source_name: spec.source.to_string(),
+                need: u64::MAX,
+                free: 0,
+            });
+        };
         let sources = self.all_sources()?;
         let mut best: Option<(&PoolDisk, u64)> = None;
         for d in self.disks.iter() {
@@ -1817,7 +1913,7 @@ impl Store {
                 keep_after_ms: 0,
             }),
             other => Err(StoreError::NoSpace {
-                source_name: spec.source.clone(),
+                source_name: spec.source.to_string(),
                 need,
                 free: other.map_or(0, |(_, f)| f),
             }),
@@ -1826,7 +1922,7 @@ impl Store {
 
     /// Undoes an uncommitted sync (see the module docs).
     fn roll_back(&self, name: &str, pending: &Pending) -> Result<()> {
-        let dir = source_dir(&pending.disk, name);
+        let dir = source_dir(&pending.disk, &SourceName::parse(name)?);
         if pending.fresh {
             if dir.exists() {
                 std::fs::remove_dir_all(&dir).map_err(io("remove", &dir))?;
@@ -1940,7 +2036,7 @@ impl Store {
             Err(e @ StoreError::Crashed(_)) => Err(e),
             Err(e) => {
                 let mut cause = e.to_string();
-                let dir = source_dir(&rec.disk, name);
+                let dir = source_dir(&rec.disk, &SourceName::parse(name)?);
                 let mut replica_whole = false;
                 let undone = self
                     .source(name)
@@ -2054,7 +2150,7 @@ impl Store {
             .source(name)?
             .ok_or_else(|| StoreError::Meta(format!("settle of unknown source {name}")))?;
         let geometry = meta.geometry();
-        let dir = source_dir(&rec.disk, name);
+        let dir = source_dir(&rec.disk, &meta.name);
         let old_point = rec.point - 1;
         // What a settle interrupted (a crash, a panic) applied is written back
         // first: the replica is point `old_point` again.
@@ -2863,7 +2959,7 @@ fn make_room(
         }
     }
     Err(StoreError::AllocationFull {
-        source_name: meta.name.clone(),
+        source_name: meta.name.to_string(),
         need: more,
         allocated: meta.points_alloc_bytes,
         used: *points_used,

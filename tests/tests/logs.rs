@@ -203,6 +203,8 @@ fn restore_at_a_moment_pairs_volume_and_log_points() {
         .agent_log(AGENT, LOG, d, "group = \"db\"")
         .start();
     fleet.cli(&["group", "create", "db", "--interval", "1h"]);
+    // The agent's config asks for the group; the admin lets the host join it.
+    fleet.cli(&["group", "allow", "db", AGENT]);
 
     let v1 = json_u64(&fleet.sync("host-1-db"), "point");
     let before = fleet.save_volume("host-1-db", "v1");

@@ -124,7 +124,9 @@ fn disk_usage(dir: &Path) -> u64 {
 
 #[test]
 fn thirty_syncs_with_keep_5_leave_5_points_and_give_the_space_back() {
+    // The admin's floor is one point: the agent's config may ask for five.
     let fleet = Fleet::builder()
+        .coordinator_extra("[policy.min_retention]\nkeep = 1")
         .node("node-1")
         .agent_source(
             "host-1",

@@ -511,6 +511,8 @@ fn postgres_restores_to_a_moment_between_batches() {
     let fleet_started = started.elapsed();
     // A long interval: the coordinator starts no volume sync of its own during the test.
     fleet.cli(&["group", "create", GROUP, "--interval", "30d"]);
+    // The agent's config asks for the group; the admin lets the host join it.
+    fleet.cli(&["group", "allow", GROUP, AGENT]);
     for s in [VOLUME, WAL] {
         let info = fleet.source_info(s);
         assert_eq!(

@@ -43,7 +43,11 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("bulwark: {e:#}");
+            // The message may carry an agent's or node's words: escaped, line by
+            // line.
+            let text = format!("{e:#}");
+            let lines: Vec<String> = text.lines().map(bulwark_common::text::escape).collect();
+            eprintln!("bulwark: {}", lines.join("\n"));
             ExitCode::FAILURE
         }
     }

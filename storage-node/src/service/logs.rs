@@ -13,8 +13,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use super::{BoxStream, NodeService, StreamGuard, blocking, point_to_proto, policy_from_proto};
+use super::admission::{Sender, TurnKind, next_within};
+use super::{
+    BoxStream, NodeService, StreamGuard, blocking, point_to_proto, policy_from_proto, source_name,
+};
 use crate::store::{LogFileMeta, LogShip};
+use bulwark_common::name::SourceName;
 
 /// Manifest entries per reply message.
 const MANIFEST_CHUNK: usize = 2000;
@@ -45,7 +49,7 @@ impl NodeService {
     async fn authorize_ship(
         &self,
         caller: &Identity,
-        source: &str,
+        source: &SourceName,
         epoch: u64,
     ) -> Result<pb::Assignment, Status> {
         let a = self.authorize(caller, source, Some(epoch)).await?;
@@ -64,8 +68,9 @@ impl NodeService {
     ) -> Result<Response<BoxStream<pb::LogReply>>, Status> {
         use pb::log_message::Msg;
         let caller = require(&req, "ShipLog", &[Role::Agent])?;
+        let idle = self.admission.idle();
         let mut inbound = req.into_inner();
-        let begin = match inbound.message().await? {
+        let begin = match next_within(&mut inbound, idle, "log ship").await? {
             Some(pb::LogMessage {
                 msg: Some(Msg::Begin(b)),
             }) => b,
@@ -75,8 +80,10 @@ impl NodeService {
                 ));
             }
         };
-        let source = begin.source.clone();
+        let source = source_name(&begin.source)?;
         self.authorize_ship(&caller, &source, begin.epoch).await?;
+        let agent_turn = self.admission.agent_turn(&caller.name, TurnKind::Write)?;
+        let source_turn = self.admission.source_turn(&source)?;
         let lock = self.locks.get(&source).write_owned().await;
         // The assignment may have changed while this waited.
         let a = self.authorize_ship(&caller, &source, begin.epoch).await?;
@@ -108,12 +115,14 @@ impl NodeService {
         tokio::spawn(
             async move {
                 let _guard = guard;
+                let _turns = (agent_turn, source_turn);
+                let source = source.to_string();
                 let started = std::time::Instant::now();
                 let (mtx, mrx) = mpsc::channel::<Msg>(4);
                 let worker = spawn_ship_worker(ship, mrx, svc.ingested.clone());
                 let received = async {
                     loop {
-                        match inbound.message().await {
+                        match next_within(&mut inbound, idle, "log ship").await {
                             Ok(Some(pb::LogMessage { msg: Some(m) })) => {
                                 let commit = matches!(m, Msg::Commit(_));
                                 if mtx.send(m).await.is_err() || commit {
@@ -183,18 +192,20 @@ impl NodeService {
     ) -> Result<Response<BoxStream<pb::LogChunk>>, Status> {
         let caller = require(&req, "RestoreLog", &[Role::Agent, Role::Admin])?;
         let r = req.into_inner();
-        let lock = self.authorize_read(&caller, &r.source).await?;
+        let source = source_name(&r.source)?;
+        let (lock, turn) = self.authorize_read(&caller, &source, r.point).await?;
         let store = self.store.clone();
-        let source = r.source.clone();
-        let (point, files) = blocking(move || store.log_restore(&source, r.point)).await??;
-        tracing::info!(source = %r.source, point = point.id, files = files.len(), agent = %caller.name, "log restore started");
+        let name = source.to_string();
+        let (point, files) = blocking(move || store.log_restore(&name, r.point)).await??;
+        tracing::info!(source = %source, point = point.id, files = files.len(), agent = %caller.name, "log restore started");
         let (tx, rx) = mpsc::channel(4);
+        let tx = Sender::new(tx, self.admission.idle());
         let guard = StreamGuard::new(&self.live_streams);
         tokio::task::spawn_blocking(move || {
             let _lock = lock;
             let _guard = guard;
-            let send =
-                |m: pb::log_chunk::Msg| tx.blocking_send(Ok(pb::LogChunk { msg: Some(m) })).is_ok();
+            let _turn = turn;
+            let send = |m: pb::log_chunk::Msg| tx.send(Ok(pb::LogChunk { msg: Some(m) }));
             if !send(pb::log_chunk::Msg::Point(point_to_proto(&point))) {
                 return;
             }
@@ -210,7 +221,7 @@ impl NodeService {
                 let file = match std::fs::File::open(&f.path) {
                     Ok(x) => x,
                     Err(e) => {
-                        let _ = tx.blocking_send(Err(Status::internal(format!(
+                        let _ = tx.send(Err(Status::internal(format!(
                             "log file {} (copy {}): {e}",
                             f.name,
                             f.path.display()
@@ -221,7 +232,7 @@ impl NodeService {
                 for (start, end, hash) in &f.pieces {
                     let mut buf = vec![0u8; (end - start) as usize];
                     if let Err(e) = file.read_exact_at(&mut buf, *start) {
-                        let _ = tx.blocking_send(Err(Status::internal(format!(
+                        let _ = tx.send(Err(Status::internal(format!(
                             "log file {} at byte {start}: {e}",
                             f.name
                         ))));
@@ -258,6 +269,13 @@ fn spawn_ship_worker(
                     &f.name, f.offset, f.restart, f.dev, f.ino, f.mtime_ns, &f.reason,
                 )?,
                 Msg::Data(d) => {
+                    if d.data.len() > bulwark_common::block::MAX_BATCH_BYTES {
+                        return Err(Status::invalid_argument(format!(
+                            "a log piece of {} bytes; pieces hold at most {}",
+                            d.data.len(),
+                            bulwark_common::block::MAX_BATCH_BYTES
+                        )));
+                    }
                     ship.append(&d.data, &d.checksum)?;
                     ingested.fetch_add(d.data.len() as u64, Ordering::Relaxed);
                 }

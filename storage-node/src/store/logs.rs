@@ -39,6 +39,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use bulwark_common::name::SourceName;
 use bulwark_common::point::{Consistency, PointKind};
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
@@ -219,7 +220,11 @@ impl Store {
     }
 
     /// Starts a ship of log source `name` (placing it on a disk if it is new).
-    pub fn begin_log_ship(&self, name: &str, policy: Option<SourcePolicy>) -> Result<LogShip> {
+    pub fn begin_log_ship(
+        &self,
+        name: &SourceName,
+        policy: Option<SourcePolicy>,
+    ) -> Result<LogShip> {
         let mut meta = match self.source(name)? {
             Some(m) if m.kind != SourceKind::Log => {
                 return Err(StoreError::WrongKind {
@@ -231,7 +236,7 @@ impl Store {
             Some(m) => m,
             None => {
                 let mut m = self.place(&SyncSpec {
-                    source: name.to_string(),
+                    source: name.clone(),
                     geometry: bulwark_common::block::Geometry {
                         size_bytes: 0,
                         block_size: bulwark_common::block::DEFAULT_BLOCK_SIZE,
@@ -776,6 +781,10 @@ mod tests {
     use super::*;
     use crate::store::PoolDisk;
 
+    fn wal() -> SourceName {
+        SourceName::parse("wal").expect("a valid name")
+    }
+
     fn store(dir: &Path) -> Store {
         let disk = dir.join("disk");
         std::fs::create_dir_all(&disk).expect("disk");
@@ -790,7 +799,7 @@ mod tests {
     }
 
     fn ship(s: &Store, files: &[(&str, u64, bool, &[u8])]) -> PointMeta {
-        let mut t = s.begin_log_ship("wal", None).expect("begin");
+        let mut t = s.begin_log_ship(&wal(), None).expect("begin");
         for (name, off, restart, data) in files {
             t.start_file(name, *off, *restart, 1, 2, 3, "")
                 .expect("start");
@@ -838,7 +847,7 @@ mod tests {
             ]
         );
         // The manifest has the current generations and their anchors.
-        let ship = s.begin_log_ship("wal", None).expect("begin");
+        let ship = s.begin_log_ship(&wal(), None).expect("begin");
         let m = ship.manifest();
         assert_eq!(m.len(), 2, "current generations only");
         let b = m.iter().find(|f| f.name == "b").expect("b");
@@ -853,10 +862,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let s = store(dir.path());
         ship(&s, &[("a", 0, false, b"hello")]);
-        let mut t = s.begin_log_ship("wal", None).expect("begin");
+        let mut t = s.begin_log_ship(&wal(), None).expect("begin");
         let e = t.start_file("a", 3, false, 1, 2, 3, "").expect_err("gap");
         assert!(e.to_string().contains("holds 5 bytes"), "{e}");
-        let mut t = s.begin_log_ship("wal", None).expect("begin");
+        let mut t = s.begin_log_ship(&wal(), None).expect("begin");
         t.start_file("a", 5, false, 1, 2, 3, "").expect("start");
         t.append(b" world", blake3::hash(b" world").as_bytes())
             .expect("append");
@@ -864,7 +873,7 @@ mod tests {
         assert!(e.to_string().contains("checksum"), "{e}");
         drop(t);
         for bad in ["", "..", "a/b"] {
-            let mut t = s.begin_log_ship("wal", None).expect("begin");
+            let mut t = s.begin_log_ship(&wal(), None).expect("begin");
             assert!(t.start_file(bad, 0, false, 1, 2, 3, "").is_err(), "{bad:?}");
         }
         // The failed ship left the copy at its committed length.
@@ -881,7 +890,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let s = store(dir.path());
         ship(&s, &[("a", 0, false, b"hello")]);
-        let mut t = s.begin_log_ship("wal", None).expect("begin");
+        let mut t = s.begin_log_ship(&wal(), None).expect("begin");
         t.start_file("a", 5, false, 1, 2, 3, "").expect("start");
         t.append(b" world", blake3::hash(b" world").as_bytes())
             .expect("append");
@@ -944,7 +953,7 @@ mod tests {
         let s = store(dir.path());
         let p1 = ship(&s, &[("a", 0, false, b"aaa"), ("b", 0, false, b"bbb")]);
         // b is deleted on the host after shipping.
-        let mut t = s.begin_log_ship("wal", None).expect("begin");
+        let mut t = s.begin_log_ship(&wal(), None).expect("begin");
         t.gone(&["b".to_string()]);
         let p2 = t.commit().expect("commit").0;
         let p3 = ship(&s, &[("a", 3, false, b"A")]);

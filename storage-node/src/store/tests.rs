@@ -24,7 +24,7 @@ fn open(dir: &Path) -> Store {
 
 fn spec(size: u64, base: u64) -> SyncSpec {
     SyncSpec {
-        source: "vol".into(),
+        source: "vol".parse().expect("name"),
         geometry: Geometry::new(size, BS).expect("geometry"),
         base_point: base,
         consistency: Consistency::Crash,
@@ -212,6 +212,56 @@ fn refuses_a_source_no_disk_can_hold() {
     let store = Store::open(&dir.path().join("data"), disks()).expect("open");
     let e = store.begin_sync(spec(1 << 30, 0)).err().expect("refused");
     assert!(matches!(e, StoreError::NoSpace { .. }), "{e}");
+}
+
+#[test]
+fn hostile_sizes_and_allocations_are_refused_before_anything_is_created() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let pool = dir.path().join("disk1").join("bulwark");
+    let with = |size: u64, replica: u64, points: u64| {
+        let mut s = spec(size, 0);
+        s.policy = Some(SourcePolicy {
+            replica_alloc_bytes: replica,
+            points_alloc_bytes: points,
+            ..SourcePolicy::default()
+        });
+        s
+    };
+    for (what, s) in [
+        ("1 EiB", spec(1 << 60, 0)),
+        (
+            "2^62 with a tiny replica allocation",
+            with(1 << 62, 4096, 4096),
+        ),
+        (
+            "allocations that wrap",
+            with(1 << 20, u64::MAX - 10, u64::MAX - 10),
+        ),
+        ("endless recovery-point space", with(1 << 20, 0, u64::MAX)),
+    ] {
+        let e = store.begin_sync(s).err().expect(what);
+        assert!(matches!(e, StoreError::NoSpace { .. }), "{what}: {e}");
+        assert!(
+            e.to_string().contains("no pool disk has room"),
+            "{what}: {e}"
+        );
+        assert!(
+            std::fs::read_dir(&pool).expect("pool").next().is_none(),
+            "{what}: nothing is created"
+        );
+        assert!(store.all_sources().expect("sources").is_empty(), "{what}");
+    }
+    // A small replica allocation is raised to what the volume needs.
+    let mut txn = store.begin_sync(with(8 * BS as u64, 1, 0)).expect("begin");
+    txn.apply(&diff_extents(&[0; 8 * BS as usize], &[7; 8 * BS as usize]))
+        .expect("apply");
+    txn.commit().expect("commit");
+    let meta = store.source("vol").expect("read").expect("stored");
+    assert!(
+        meta.replica_alloc_bytes >= 8 * BS as u64 + 8 * 32,
+        "{meta:?}"
+    );
 }
 
 /// Copies a directory tree: the state a process kill would leave (page cache included;
@@ -1393,7 +1443,7 @@ fn a_damaged_journal_is_reported_not_applied() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(3);
     // Another source, to be served whatever happens to this one.
     let other = |base: u64| SyncSpec {
-        source: "other".into(),
+        source: "other".parse().expect("name"),
         ..spec(64 * BS as u64, base)
     };
     let mut o1 = vec![0u8; 64 * BS as usize];
@@ -1485,4 +1535,49 @@ fn a_damaged_journal_is_reported_not_applied() {
     let store = try_open(dir.path()).expect("reopen");
     replica_is_point_1();
     fails(&store, "reopened");
+}
+
+#[test]
+fn a_stored_source_with_a_bad_name_is_refused_at_open_and_the_others_are_served() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let size = 8 * BS as u64;
+    let image: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    {
+        let store = open(dir.path());
+        sync(&store, &vec![0u8; size as usize], &image, 0);
+    }
+    // An older node (or a tampered database) holds a source named "..": its
+    // record would put its folder outside `bulwark/`.
+    {
+        let db = sled::open(dir.path().join("data").join("meta")).expect("sled");
+        let sources = db.open_tree("sources").expect("tree");
+        let vol = sources.get("vol").expect("read").expect("vol's record");
+        let text = String::from_utf8(vol.to_vec()).expect("json");
+        let hostile = text.replace("\"name\":\"vol\"", "\"name\":\"..\"");
+        assert_ne!(hostile, text, "the record names its source");
+        sources.insert("..", hostile.as_bytes()).expect("insert");
+        sources
+            .insert("ok-name", hostile.as_bytes())
+            .expect("insert");
+        db.flush().expect("flush");
+    }
+    let store = open(dir.path());
+    let refused = store.refused_sources();
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    assert!(
+        refused[".."].contains("invalid data source name"),
+        "{refused:?}"
+    );
+    assert!(refused["ok-name"].contains("cannot be read"), "{refused:?}");
+    let e = store.source("..").expect_err("refused");
+    assert!(matches!(e, StoreError::Refused { .. }), "{e}");
+    let names: Vec<String> = store
+        .all_sources()
+        .expect("sources")
+        .into_iter()
+        .map(|s| s.name.to_string())
+        .collect();
+    assert_eq!(names, ["vol"]);
+    assert_eq!(read_point_to_vec(&store, "vol", 1).expect("restore"), image);
+    assert!(store.usage().is_ok());
 }
