@@ -34,11 +34,72 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::NbdError;
+use super::{NbdError, ServerOptions};
+use crate::config::{ConfigError, HumanDuration};
 
 /// Refusals past the connection limit are logged at most this often (the first at
 /// once); the line counts the ones in between.
 pub const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// A daemon's `nbd_max_connections` and `nbd_handshake_timeout`, checked: the
+/// two [`ServerOptions`] an operator sets. The node and the agent use the same key
+/// names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// [`ServerOptions::max_connections`].
+    pub max_connections: usize,
+    /// [`ServerOptions::handshake_timeout`].
+    pub handshake_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let d = ServerOptions::default();
+        Limits {
+            max_connections: d.max_connections,
+            handshake_timeout: d.handshake_timeout,
+        }
+    }
+}
+
+impl Limits {
+    /// The keys as written (unset: the default); `bad(key, message)` makes the
+    /// error that names the file and key.
+    pub fn check(
+        max_connections: Option<usize>,
+        handshake_timeout: Option<HumanDuration>,
+        bad: impl Fn(&str, String) -> ConfigError,
+    ) -> Result<Limits, ConfigError> {
+        let mut limits = Limits::default();
+        if let Some(n) = max_connections {
+            if n == 0 {
+                return Err(bad("nbd_max_connections", "must be at least 1".into()));
+            }
+            limits.max_connections = n;
+        }
+        if let Some(t) = handshake_timeout {
+            if t.0 < Duration::from_secs(1) {
+                return Err(bad(
+                    "nbd_handshake_timeout",
+                    "must be at least 1s (a client on a slow link needs a few round trips and \
+                     a TLS handshake)"
+                        .into(),
+                ));
+            }
+            limits.handshake_timeout = t.0;
+        }
+        Ok(limits)
+    }
+
+    /// `opts` with these limits.
+    pub fn apply(self, opts: ServerOptions) -> ServerOptions {
+        ServerOptions {
+            max_connections: self.max_connections,
+            handshake_timeout: self.handshake_timeout,
+            ..opts
+        }
+    }
+}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -232,6 +293,30 @@ pub async fn server_work<F: Future>(work: F) -> F::Output {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limits_as_configured() {
+        let path = std::path::Path::new("/etc/bulwark/node.toml");
+        let bad = |k: &str, m: String| ConfigError::invalid(path, k, m);
+        assert_eq!(Limits::check(None, None, bad).ok(), Some(Limits::default()));
+        let l = Limits::check(Some(3), Some(HumanDuration(Duration::from_secs(2))), bad);
+        assert_eq!(
+            l.ok(),
+            Some(Limits {
+                max_connections: 3,
+                handshake_timeout: Duration::from_secs(2)
+            })
+        );
+        let e = Limits::check(Some(0), None, bad)
+            .map(|_| ())
+            .expect_err("0 connections");
+        assert!(e.to_string().contains("`nbd_max_connections`"), "{e}");
+        let short = HumanDuration(Duration::from_millis(500));
+        let e = Limits::check(None, Some(short), bad)
+            .map(|_| ())
+            .expect_err("500ms");
+        assert!(e.to_string().contains("`nbd_handshake_timeout`"), "{e}");
+    }
 
     #[test]
     fn the_limit_admits_up_to_max_and_frees_places() {
