@@ -10,9 +10,9 @@
 //!   says which. It is not tightened in place: a directory the operator made with
 //!   wider permissions (`/run/bulwark` at 0750, say) may be shared on purpose, and
 //!   changing a shared directory behind the operator's back would be worse than a
-//!   clear refusal. Its parent must not let others rename it away and put their own
-//!   in its place (writable by another user without the sticky bit, or owned by
-//!   another user than root or the agent's). Inside it, the socket is bound
+//!   clear refusal. No directory above it may let others rename it away and put
+//!   their own in its place (writable by another user without the sticky bit, or
+//!   owned by another user than root or the agent's). Inside it, the socket is bound
 //!   (nobody else can reach the directory meanwhile) and then made 0600. A socket
 //!   left by an agent that did not stop cleanly is removed only if it is a socket,
 //!   owned by the agent's user, with nobody listening.
@@ -182,8 +182,8 @@ fn listen_private(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     Ok(listener)
 }
 
-/// Makes `dir` (mode 0700) when it is missing, then checks that it and its parent
-/// keep others out.
+/// Makes `dir` (mode 0700) when it is missing, then checks that it and the
+/// directories above it keep others out.
 fn private_dir(dir: &Path) -> anyhow::Result<()> {
     if std::fs::symlink_metadata(dir).is_err() {
         // Parents made on the way are the agent's and private too. If another
@@ -220,15 +220,21 @@ fn private_dir(dir: &Path) -> anyhow::Result<()> {
             dir.display()
         );
     }
-    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        let p = std::fs::metadata(parent)
-            .with_context(|| format!("cannot inspect {}", parent.display()))?;
+    // Every directory above it too: whoever may rename one of them can put a
+    // tree of their own where the socket's path leads.
+    for above in dir
+        .ancestors()
+        .skip(1)
+        .filter(|p| !p.as_os_str().is_empty())
+    {
+        let p = std::fs::metadata(above)
+            .with_context(|| format!("cannot inspect {}", above.display()))?;
         let others_write = p.mode() & 0o022 != 0 && p.mode() & 0o1000 == 0;
         if others_write || (p.uid() != me && p.uid() != 0) {
             anyhow::bail!(
-                "the socket's directory {} is in {} (mode {:04o}, uid {}), where another user could rename it away and put a directory of their own in its place; put it in a directory owned by root or the agent's user that others cannot write (or that has the sticky bit, like /tmp)",
+                "the socket's directory {} is under {} (mode {:04o}, uid {}), where another user could rename it away and put a directory of their own in its place; use a path whose every directory is owned by root or the agent's user and not writable by others (or has the sticky bit, like /tmp)",
                 dir.display(),
-                parent.display(),
+                above.display(),
                 p.mode() & 0o7777,
                 p.uid()
             );
@@ -355,6 +361,14 @@ mod tests {
         // With the sticky bit (like /tmp), others cannot rename what is ours.
         std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
         private_dir(&ours).unwrap();
+        // Further up: a directory anyone may write to, above one of ours.
+        let deep = shared.join("deep");
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::fs::create_dir(&deep).unwrap();
+        std::fs::set_permissions(&deep, std::fs::Permissions::from_mode(0o755)).unwrap();
+        refused(&deep.join("nbd"), "is under");
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        private_dir(&deep.join("nbd")).unwrap();
         // Inside a directory another user owns.
         let their_parent = theirs.join("nbd");
         std::fs::create_dir(&their_parent).unwrap();
