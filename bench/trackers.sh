@@ -242,7 +242,7 @@ fi
 FP="$WORK/fp.raw"
 NBDRAW="$WORK/nbd.raw"
 QCOW="$WORK/vm.qcow2"
-NBD_SOCK="$WORK/nbd.sock"
+NBD_SOCK="$WORK/nbd/nbd.sock"  # the agent makes nbd/ mode 0700
 NBD_URI="nbd+unix:///?socket=$NBD_SOCK"
 BLOCKS=$((VOLUME_BYTES / BLOCK))
 REWRITES=$((BLOCKS / 100))

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use bulwark_common::block::{DEFAULT_BLOCK_SIZE, Geometry};
 use bulwark_common::config::{ByteSize, ConfigError, HumanDuration, TlsFiles, resolve};
-use bulwark_common::tls::Target;
+use bulwark_common::nbd::limits::Limits;
+use bulwark_common::tls::{Role, Target};
 use serde::Deserialize;
 
 use crate::quiesce::QuiesceConfig;
@@ -30,6 +31,15 @@ pub struct AgentToml {
     /// Serve Prometheus text at `http://ADDR/metrics` (`127.0.0.1:9464`). Unset: off.
     #[serde(default)]
     pub metrics_listen: Option<String>,
+    /// Most connections each `nbd-filter` export holds at once; one more is closed
+    /// at once and logged. Optional; default 64.
+    #[serde(default)]
+    pub nbd_max_connections: Option<usize>,
+    /// How long a client of an `nbd-filter` export has from connecting to choosing
+    /// the export (greeting, options and, with `nbd_tls`, the TLS handshake).
+    /// Optional; default `10s`, at least `1s`.
+    #[serde(default)]
+    pub nbd_handshake_timeout: Option<HumanDuration>,
     /// The fleet CA and this agent's certificate.
     pub tls: TlsFiles,
 }
@@ -55,13 +65,23 @@ pub struct SourceToml {
     #[serde(default = "default_interval")]
     pub sync_interval: HumanDuration,
     /// For the `nbd-filter` tracker: the unix socket of the NBD export the host
-    /// writes through.
+    /// writes through. The agent creates it mode 0600 in a directory of its own,
+    /// mode 0700 (see `crate::export`): only the agent's user reaches it.
     #[serde(default)]
     pub nbd_socket: Option<PathBuf>,
     /// For the `nbd-filter` tracker, instead of `nbd_socket`: a loopback address
-    /// (`127.0.0.1:10809`) for the export.
+    /// (`127.0.0.1:10809`) for the export, served over TLS only (`nbd_tls`).
     #[serde(default)]
     pub nbd_listen: Option<String>,
+    /// With `nbd_listen`: must be `true`. Clients upgrade with `NBD_OPT_STARTTLS`
+    /// and present a fleet certificate of `nbd_client_role`; plain TCP would let any
+    /// local user read and write the disk.
+    #[serde(default)]
+    pub nbd_tls: Option<bool>,
+    /// With `nbd_tls`: the role (`agent`, `admin`, ...) of the fleet certificates
+    /// that may use the export. Required.
+    #[serde(default)]
+    pub nbd_client_role: Option<String>,
     /// For the `qcow2-bitmap` tracker: the QMP socket of the VM running on the
     /// image. Syncs then go through the VM (a point-in-time view while the guest
     /// writes on) instead of opening the image.
@@ -126,18 +146,27 @@ fn default_interval() -> HumanDuration {
     HumanDuration(Duration::from_secs(15 * 60))
 }
 
-/// Where an `nbd-filter` export listens.
+/// Where an `nbd-filter` export listens, and who may use it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NbdEndpoint {
+    /// A Unix socket, 0600 in a 0700 directory of the agent's: its file
+    /// permissions decide (the agent's user only).
     Unix(PathBuf),
-    Tcp(std::net::SocketAddr),
+    /// A loopback TCP address, TLS required, for fleet certificates of
+    /// `client_role` only.
+    Tls {
+        addr: std::net::SocketAddr,
+        client_role: Role,
+    },
 }
 
 impl std::fmt::Display for NbdEndpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             NbdEndpoint::Unix(p) => write!(f, "nbd+unix:///?socket={}", p.display()),
-            NbdEndpoint::Tcp(a) => write!(f, "nbd://{a}/"),
+            NbdEndpoint::Tls { addr, client_role } => {
+                write!(f, "nbds://{addr}/ (TLS, {client_role} certificates)")
+            }
         }
     }
 }
@@ -191,6 +220,9 @@ pub struct AgentConfig {
     pub coordinator: Target,
     pub state_dir: PathBuf,
     pub sources: Vec<SourceConfig>,
+    /// `nbd_max_connections` and `nbd_handshake_timeout`, for every `nbd-filter`
+    /// export.
+    pub nbd_limits: Limits,
     /// OpenTelemetry export and the Prometheus endpoint.
     pub telemetry: bulwark_common::config::TelemetryConfig,
     pub tls: TlsFiles,
@@ -240,6 +272,8 @@ impl AgentConfig {
                     ("tracker", s.tracker != "fingerprint"),
                     ("nbd_socket", s.nbd_socket.is_some()),
                     ("nbd_listen", s.nbd_listen.is_some()),
+                    ("nbd_tls", s.nbd_tls.is_some()),
+                    ("nbd_client_role", s.nbd_client_role.is_some()),
                     ("qmp_socket", s.qmp_socket.is_some()),
                     ("era_metadata", s.era_metadata.is_some()),
                     ("era_device", s.era_device.is_some()),
@@ -270,59 +304,19 @@ impl AgentConfig {
                     ));
                 }
             }
-            let nbd = match (&s.nbd_socket, &s.nbd_listen, s.tracker.as_str()) {
-                (Some(_), Some(_), _) => {
-                    return Err(bad(
-                        key("nbd_listen"),
-                        "set nbd_socket or nbd_listen, not both".into(),
-                    ));
-                }
-                (Some(p), None, "nbd-filter") => Some(NbdEndpoint::Unix(resolve(path, p))),
-                (None, Some(a), "nbd-filter") => {
-                    let addr: std::net::SocketAddr = a.parse().map_err(|_| {
-                        bad(key("nbd_listen"), format!("\"{a}\" is not an address:port"))
-                    })?;
-                    if !addr.ip().is_loopback() {
-                        return Err(bad(
-                            key("nbd_listen"),
-                            format!(
-                                "{a} is not a loopback address; a protected host listens on no network port"
-                            ),
-                        ));
-                    }
-                    Some(NbdEndpoint::Tcp(addr))
-                }
-                (None, None, "nbd-filter") => {
-                    return Err(bad(
-                        key("nbd_socket"),
-                        "tracker = \"nbd-filter\" needs nbd_socket (or nbd_listen): the export the host writes through".into(),
-                    ));
-                }
-                (Some(_), _, _) => {
-                    return Err(bad(
-                        key("nbd_socket"),
-                        "only used with tracker = \"nbd-filter\"".into(),
-                    ));
-                }
-                (_, Some(_), _) => {
-                    return Err(bad(
-                        key("nbd_listen"),
-                        "only used with tracker = \"nbd-filter\"".into(),
-                    ));
-                }
-                (None, None, _) => None,
-            };
-            if let Some(NbdEndpoint::Unix(p)) = &nbd
-                && sources
+            let nbd = nbd_endpoint(&s, path, &bad, &key)?;
+            if let Some(e) = &nbd
+                && let Some(other) = sources
                     .iter()
-                    .any(|x| x.nbd.as_ref() == Some(&NbdEndpoint::Unix(p.clone())))
+                    .find(|x| x.nbd.as_ref().is_some_and(|o| o.same_place(e)))
             {
+                let k = match e {
+                    NbdEndpoint::Unix(_) => "nbd_socket",
+                    NbdEndpoint::Tls { .. } => "nbd_listen",
+                };
                 return Err(bad(
-                    key("nbd_socket"),
-                    format!(
-                        "{} is already the socket of another data source",
-                        p.display()
-                    ),
+                    key(k),
+                    format!("{e} is already the export of data source {}", other.name),
                 ));
             }
             let era = match (s.tracker.as_str(), &s.era_metadata, &s.era_device) {
@@ -472,11 +466,27 @@ impl AgentConfig {
                 },
             });
         }
+        let nbd_filters = sources.iter().any(|s| s.nbd.is_some());
+        for (k, set) in [
+            ("nbd_max_connections", t.nbd_max_connections.is_some()),
+            ("nbd_handshake_timeout", t.nbd_handshake_timeout.is_some()),
+        ] {
+            if set && !nbd_filters {
+                return Err(bad(
+                    k.into(),
+                    "only used with an nbd-filter data source (it limits the NBD export)".into(),
+                ));
+            }
+        }
+        let nbd_limits = Limits::check(t.nbd_max_connections, t.nbd_handshake_timeout, |k, m| {
+            bad(k.into(), m)
+        })?;
         Ok(AgentConfig {
             name: t.name,
             coordinator,
             state_dir: resolve(path, &t.state_dir),
             sources,
+            nbd_limits,
             telemetry: bulwark_common::config::TelemetryConfig::check(
                 path,
                 t.otlp_endpoint,
@@ -484,6 +494,101 @@ impl AgentConfig {
             )?,
             tls: t.tls.relative_to(path),
         })
+    }
+}
+
+impl NbdEndpoint {
+    /// Whether two exports would fight over one socket or port (port 0 never does).
+    fn same_place(&self, other: &NbdEndpoint) -> bool {
+        match (self, other) {
+            (NbdEndpoint::Unix(a), NbdEndpoint::Unix(b)) => a == b,
+            (NbdEndpoint::Tls { addr: a, .. }, NbdEndpoint::Tls { addr: b, .. }) => {
+                a.port() != 0 && a == b
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The export of one source from `nbd_socket`, `nbd_listen`, `nbd_tls` and
+/// `nbd_client_role`: `None` for a tracker other than `nbd-filter` (which may set
+/// none of them). Plain TCP is refused: on a loopback port any local user, or any
+/// container sharing the host's network, could read and write the disk.
+fn nbd_endpoint(
+    s: &SourceToml,
+    path: &Path,
+    bad: &impl Fn(String, String) -> ConfigError,
+    key: &impl Fn(&str) -> String,
+) -> Result<Option<NbdEndpoint>, ConfigError> {
+    if s.tracker != "nbd-filter" {
+        let set = [
+            ("nbd_socket", s.nbd_socket.is_some()),
+            ("nbd_listen", s.nbd_listen.is_some()),
+            ("nbd_tls", s.nbd_tls.is_some()),
+            ("nbd_client_role", s.nbd_client_role.is_some()),
+        ];
+        if let Some((k, _)) = set.iter().find(|(_, set)| *set) {
+            return Err(bad(
+                key(k),
+                "only used with tracker = \"nbd-filter\"".into(),
+            ));
+        }
+        return Ok(None);
+    }
+    match (&s.nbd_socket, &s.nbd_listen) {
+        (Some(_), Some(_)) => Err(bad(
+            key("nbd_listen"),
+            "set nbd_socket or nbd_listen, not both".into(),
+        )),
+        (None, None) => Err(bad(
+            key("nbd_socket"),
+            "tracker = \"nbd-filter\" needs nbd_socket (or nbd_listen with nbd_tls): the export the host writes through".into(),
+        )),
+        (Some(p), None) => {
+            let k = if s.nbd_tls.is_some() {
+                Some("nbd_tls")
+            } else if s.nbd_client_role.is_some() {
+                Some("nbd_client_role")
+            } else {
+                None
+            };
+            if let Some(k) = k {
+                return Err(bad(
+                    key(k),
+                    "only used with nbd_listen (nbd_socket is guarded by its file permissions: the agent's user only)".into(),
+                ));
+            }
+            Ok(Some(NbdEndpoint::Unix(resolve(path, p))))
+        }
+        (None, Some(a)) => {
+            let addr: std::net::SocketAddr = a.parse().map_err(|_| {
+                bad(key("nbd_listen"), format!("\"{a}\" is not an address:port"))
+            })?;
+            if !addr.ip().is_loopback() {
+                return Err(bad(
+                    key("nbd_listen"),
+                    format!(
+                        "{a} is not a loopback address; a protected host listens on no network port"
+                    ),
+                ));
+            }
+            if s.nbd_tls != Some(true) {
+                return Err(bad(
+                    key("nbd_listen"),
+                    "plain TCP would let any local user read and write the disk (and any container sharing the host's network); use nbd_socket, or set nbd_tls = true and nbd_client_role".into(),
+                ));
+            }
+            let role = s.nbd_client_role.as_deref().ok_or_else(|| {
+                bad(
+                    key("nbd_client_role"),
+                    "nbd_tls = true needs nbd_client_role: the role (agent, admin, ...) of the fleet certificates that may use the export".into(),
+                )
+            })?;
+            let client_role = role
+                .parse::<Role>()
+                .map_err(|m| bad(key("nbd_client_role"), m))?;
+            Ok(Some(NbdEndpoint::Tls { addr, client_role }))
+        }
     }
 }
 
@@ -523,6 +628,107 @@ mod tests {
         if let Err(e) = super::AgentConfig::load(&path) {
             panic!("one source on the VM: {e}");
         }
+    }
+
+    /// The nbd-filter's export: a socket, or TLS with a role; plain TCP, a role
+    /// without TLS or TLS without a role are refused, naming the key.
+    #[test]
+    fn nbd_exports() {
+        use super::NbdEndpoint;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.toml");
+        let load = |lines: &str, top: &str| {
+            let text = format!(
+                "name = \"host-1\"\ncoordinator = \"https://127.0.0.1:7443\"\nstate_dir = \"/var/lib/bulwark\"\n{top}\n[[sources]]\nname = \"vm\"\nkind = \"volume\"\npath = \"/srv/vm.img\"\ntracker = \"nbd-filter\"\n{lines}\n[tls]\nca = \"ca.crt\"\ncert = \"a.crt\"\nkey = \"a.key\"\n"
+            );
+            std::fs::write(&path, text).expect("write");
+            super::AgentConfig::load(&path)
+        };
+        let endpoint = |lines: &str| match load(lines, "") {
+            Ok(c) => c.sources[0].nbd.clone(),
+            Err(e) => panic!("{lines}: {e}"),
+        };
+        let refused = |lines: &str, top: &str, key: &str, why: &str| {
+            let e = load(lines, top).map(|_| ()).expect_err(lines).to_string();
+            assert!(
+                e.contains(&format!("`{key}`")) && e.contains(why),
+                "{lines}: {e}"
+            );
+        };
+        assert_eq!(
+            endpoint("nbd_socket = \"/run/bulwark/nbd/vm.sock\""),
+            Some(NbdEndpoint::Unix("/run/bulwark/nbd/vm.sock".into()))
+        );
+        assert_eq!(
+            endpoint(
+                "nbd_listen = \"127.0.0.1:10809\"\nnbd_tls = true\nnbd_client_role = \"agent\""
+            ),
+            Some(NbdEndpoint::Tls {
+                addr: "127.0.0.1:10809".parse().expect("addr"),
+                client_role: super::Role::Agent
+            })
+        );
+        let plain = "plain TCP would let any local user";
+        refused(
+            "nbd_listen = \"127.0.0.1:10809\"",
+            "",
+            "sources[0].nbd_listen",
+            plain,
+        );
+        refused(
+            "nbd_listen = \"127.0.0.1:10809\"\nnbd_tls = false",
+            "",
+            "sources[0].nbd_listen",
+            plain,
+        );
+        refused(
+            "nbd_listen = \"127.0.0.1:10809\"\nnbd_tls = true",
+            "",
+            "sources[0].nbd_client_role",
+            "needs nbd_client_role",
+        );
+        refused(
+            "nbd_listen = \"127.0.0.1:10809\"\nnbd_tls = true\nnbd_client_role = \"root\"",
+            "",
+            "sources[0].nbd_client_role",
+            "unknown role",
+        );
+        refused(
+            "nbd_socket = \"/run/x.sock\"\nnbd_tls = true",
+            "",
+            "sources[0].nbd_tls",
+            "only used with nbd_listen",
+        );
+        refused(
+            "nbd_socket = \"/run/x.sock\"\nnbd_client_role = \"agent\"",
+            "",
+            "sources[0].nbd_client_role",
+            "only used with nbd_listen",
+        );
+        // The limits, top level.
+        let sock = "nbd_socket = \"/run/bulwark/nbd/vm.sock\"";
+        match load(
+            sock,
+            "nbd_max_connections = 4\nnbd_handshake_timeout = \"3s\"",
+        ) {
+            Ok(c) => assert_eq!(
+                (c.nbd_limits.max_connections, c.nbd_limits.handshake_timeout),
+                (4, std::time::Duration::from_secs(3))
+            ),
+            Err(e) => panic!("{e}"),
+        }
+        refused(
+            sock,
+            "nbd_max_connections = 0",
+            "nbd_max_connections",
+            "at least 1",
+        );
+        refused(
+            sock,
+            "nbd_handshake_timeout = \"10ms\"",
+            "nbd_handshake_timeout",
+            "at least 1s",
+        );
     }
 
     /// The commented example in deploy/examples/ is a config this version accepts.

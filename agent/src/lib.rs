@@ -6,6 +6,8 @@
 //! - [`volume`] — reading a regular file or block device.
 //! - [`tracker`] — how changed blocks are found (fingerprint, nbd-filter,
 //!   qcow2-bitmap).
+//! - [`export`] — the nbd-filter's NBD export: a private Unix socket, or TLS for
+//!   one role of fleet certificates.
 //! - [`quiesce`] — hooks, fsfreeze and snapshots for app-consistent points.
 //! - [`sync`] — one sync or consistency check.
 //! - [`restore`] — one restore to a path.
@@ -13,6 +15,7 @@
 //! - [`server`] — lifecycle, the control stream to the coordinator, schedules.
 
 pub mod config;
+pub mod export;
 pub mod logs;
 pub mod quiesce;
 pub mod restore;

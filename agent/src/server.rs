@@ -3,7 +3,9 @@
 //! with backoff), run scheduled syncs and the commands the coordinator relays, and on
 //! shutdown let running work stop.
 //!
-//! The agent dials out only: a protected host listens on no port.
+//! The agent dials out only: a protected host listens on no network port (an
+//! nbd-filter export is a private Unix socket or a TLS loopback port, see
+//! [`crate::export`]).
 
 use bulwark_common::telemetry::TracedChannel;
 use std::collections::HashMap;
@@ -21,7 +23,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::config::{AgentConfig, NbdEndpoint, SourceConfig, SourceKind};
+use crate::config::{AgentConfig, SourceConfig, SourceKind};
 use crate::restore::restore_point;
 use crate::sync::{SyncOptions, SyncOutcome, sync_source};
 use crate::tracker::era::EraTracker;
@@ -472,6 +474,7 @@ fn ship_outcome(o: crate::logs::ShipOutcome) -> SyncOutcome {
 /// `nbd-filter` sources, which must be up before the host can use its volumes).
 async fn open_trackers(
     cfg: &AgentConfig,
+    identity: &TlsIdentity,
     exports: &mut tokio::task::JoinSet<()>,
     stop_exports: &CancellationToken,
 ) -> anyhow::Result<HashMap<String, Arc<dyn Tracker>>> {
@@ -514,7 +517,16 @@ async fn open_trackers(
                     anyhow::anyhow!("data source {}: no NBD export configured", s.name)
                 })?;
                 let backend = f.backend().with_context(cannot_open)?;
-                start_export(&s.name, endpoint, backend, exports, stop_exports.clone()).await?;
+                crate::export::start_export(
+                    &s.name,
+                    endpoint,
+                    backend,
+                    cfg.nbd_limits,
+                    identity,
+                    exports,
+                    stop_exports.clone(),
+                )
+                .await?;
                 tracing::info!(source = %s.name, bitmap_bytes = f.memory_bytes(), "nbd-filter tracking");
                 f
             }
@@ -546,65 +558,6 @@ async fn open_trackers(
     Ok(trackers)
 }
 
-/// Listens on an `nbd-filter` export and serves it until `stop`.
-async fn start_export(
-    source: &str,
-    endpoint: NbdEndpoint,
-    backend: Arc<dyn bulwark_common::nbd::server::Backend>,
-    exports: &mut tokio::task::JoinSet<()>,
-    stop: CancellationToken,
-) -> anyhow::Result<()> {
-    use bulwark_common::nbd::server::{ServerOptions, serve_tcp, serve_unix};
-    let opts = Arc::new(ServerOptions::default());
-    match &endpoint {
-        NbdEndpoint::Unix(path) => {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).with_context(|| {
-                    format!("data source {source}: cannot create {}", dir.display())
-                })?;
-            }
-            remove_stale_socket(path)
-                .with_context(|| format!("data source {source}: nbd_socket {}", path.display()))?;
-            let listener = tokio::net::UnixListener::bind(path).with_context(|| {
-                format!("data source {source}: cannot listen on {}", path.display())
-            })?;
-            let path = path.clone();
-            exports.spawn(async move {
-                serve_unix(listener, backend, opts, stop).await;
-                let _ = std::fs::remove_file(&path);
-            });
-        }
-        NbdEndpoint::Tcp(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("data source {source}: cannot listen on {addr}"))?;
-            exports.spawn(serve_tcp(listener, backend, opts, stop));
-        }
-    }
-    tracing::info!(source, export = %endpoint, "NBD export ready");
-    Ok(())
-}
-
-/// Removes a socket file left by an agent that did not stop cleanly; refuses one
-/// that something still listens on, or a path that is not a socket.
-fn remove_stale_socket(path: &std::path::Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::FileTypeExt;
-    match std::fs::symlink_metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e.into()),
-        Ok(m) if !m.file_type().is_socket() => {
-            anyhow::bail!("exists and is not a socket; refusing to replace it")
-        }
-        Ok(_) => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                anyhow::bail!("another process is serving on it")
-            }
-            std::fs::remove_file(path)?;
-            Ok(())
-        }
-    }
-}
-
 /// Holds the state directory for one agent process.
 fn lock_state_dir(cfg: &AgentConfig) -> anyhow::Result<File> {
     std::fs::create_dir_all(&cfg.state_dir)
@@ -626,7 +579,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     let _state_lock = lock_state_dir(&cfg)?;
     let mut exports = tokio::task::JoinSet::new();
     let stop_exports = CancellationToken::new();
-    let trackers = match open_trackers(&cfg, &mut exports, &stop_exports).await {
+    let trackers = match open_trackers(&cfg, &identity, &mut exports, &stop_exports).await {
         Ok(t) => t,
         Err(e) => {
             stop_exports.cancel();

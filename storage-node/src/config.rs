@@ -27,6 +27,15 @@ pub struct NodeToml {
     /// certificates), e.g. `127.0.0.1:10809`; absent = no exports.
     #[serde(default)]
     pub nbd_listen: Option<String>,
+    /// Most NBD connections open at once on `nbd_listen`; one more is closed at
+    /// once and logged. Optional; default 64.
+    #[serde(default)]
+    pub nbd_max_connections: Option<usize>,
+    /// How long an NBD client has from connecting to choosing an export (greeting,
+    /// options, TLS handshake), after which it is disconnected. Optional; default
+    /// `10s`, at least `1s`.
+    #[serde(default)]
+    pub nbd_handshake_timeout: Option<HumanDuration>,
     /// Syncs that run at once; more wait (before any data is sent) for a turn.
     /// Optional; default 64.
     #[serde(default = "default_max_syncs")]
@@ -115,6 +124,9 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     pub heartbeat_interval: Duration,
     pub nbd_listen: Option<SocketAddr>,
+    /// The limits of the NBD listener (`nbd_max_connections`,
+    /// `nbd_handshake_timeout`).
+    pub nbd_limits: bulwark_common::nbd::limits::Limits,
     pub max_concurrent_syncs: usize,
     pub max_syncs_per_agent: usize,
     pub max_restores_per_agent: usize,
@@ -192,6 +204,21 @@ impl NodeConfig {
                     .map_err(|_| bad("nbd_listen", format!("\"{a}\" is not host:port")))
             })
             .transpose()?;
+        if nbd_listen.is_none() {
+            for (key, set) in [
+                ("nbd_max_connections", t.nbd_max_connections.is_some()),
+                ("nbd_handshake_timeout", t.nbd_handshake_timeout.is_some()),
+            ] {
+                if set {
+                    return Err(bad(key, "only used with nbd_listen".into()));
+                }
+            }
+        }
+        let nbd_limits = bulwark_common::nbd::limits::Limits::check(
+            t.nbd_max_connections,
+            t.nbd_handshake_timeout,
+            bad,
+        )?;
         if t.max_concurrent_syncs == 0 {
             return Err(bad("max_concurrent_syncs", "must be at least 1".into()));
         }
@@ -210,6 +237,7 @@ impl NodeConfig {
             max_restores_per_agent: t.max_restores_per_agent,
             stream_idle_timeout: t.stream_idle_timeout.0,
             nbd_listen,
+            nbd_limits,
             name: t.name,
             listen,
             advertise,

@@ -78,17 +78,22 @@ pub async fn run(
                 locks: svc.locks(),
                 trust_domain: identity.trust_domain.clone(),
             });
-            tracing::info!(%bound, "serving read-only NBD exports of recovery points (TLS, admin certificates)");
+            tracing::info!(
+                %bound,
+                max_connections = cfg.nbd_limits.max_connections,
+                handshake_timeout = ?cfg.nbd_limits.handshake_timeout,
+                "serving read-only NBD exports of recovery points (TLS, admin certificates)"
+            );
             let task = tokio::spawn(bulwark_common::nbd::serve_tls_tcp(
                 listener,
                 identity.server_config()?,
                 exports,
-                Arc::new(bulwark_common::nbd::ServerOptions {
+                Arc::new(cfg.nbd_limits.apply(bulwark_common::nbd::ServerOptions {
                     // A mounted client holds its connection for as long as it
                     // likes; a stopping node does not wait long for it.
                     shutdown_grace: std::time::Duration::from_secs(5),
                     ..Default::default()
-                }),
+                })),
                 shutdown.clone(),
             ));
             Some((format!("{host}:{}", bound.port()), task))

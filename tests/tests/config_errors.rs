@@ -209,6 +209,23 @@ fn tracker_and_quiesce_mistakes_name_the_key() {
             "nbd_listen",
             "not a loopback address",
         ),
+        // Plain TCP on loopback: any local user could read and write the disk.
+        (
+            "tracker = \"nbd-filter\"\nnbd_listen = \"127.0.0.1:10809\"".to_string(),
+            "nbd_listen",
+            "plain TCP would let any local user read and write the disk",
+        ),
+        (
+            "tracker = \"nbd-filter\"\nnbd_listen = \"127.0.0.1:10809\"\nnbd_tls = true"
+                .to_string(),
+            "nbd_client_role",
+            "needs nbd_client_role",
+        ),
+        (
+            "tracker = \"nbd-filter\"\nnbd_socket = \"/tmp/x.sock\"\nnbd_tls = true".to_string(),
+            "nbd_tls",
+            "only used with nbd_listen",
+        ),
         (
             format!("{tracker}\nnbd_socket = \"/tmp/x.sock\""),
             "nbd_socket",
@@ -326,4 +343,97 @@ fn dm_era_that_cannot_work_is_refused_at_start() {
         err.contains("data source host-1-data") && err.contains("dm-era"),
         "stderr does not name the source and the tracker:\n{err}"
     );
+}
+
+/// The NBD limits of both daemons name their key: too small, or set where there is
+/// no NBD listener to limit.
+#[test]
+fn nbd_limit_mistakes_name_the_key() {
+    let s = setup();
+    let config = |binary: &str| {
+        s.configs
+            .iter()
+            .find(|(b, _)| *b == binary)
+            .expect("a config for every daemon")
+            .1
+            .clone()
+    };
+    let node = config(NODE);
+    let with_nbd = |extra: &str| format!("nbd_listen = \"127.0.0.1:0\"\n{extra}\n{node}");
+    let cases = [
+        (
+            with_nbd("nbd_max_connections = 0"),
+            "nbd_max_connections",
+            "at least 1",
+        ),
+        (
+            with_nbd("nbd_handshake_timeout = \"100ms\""),
+            "nbd_handshake_timeout",
+            "at least 1s",
+        ),
+        (
+            format!("nbd_handshake_timeout = \"5s\"\n{node}"),
+            "nbd_handshake_timeout",
+            "only used with nbd_listen",
+        ),
+    ];
+    for (i, (text, key, why)) in cases.iter().enumerate() {
+        let path = write_config(&s.dir, &format!("node-nbd-{i}.toml"), text);
+        let err = stderr(&run_expect_failure(NODE, &path));
+        assert!(
+            err.contains(&*path.to_string_lossy())
+                && err.contains(&format!("`{key}`"))
+                && err.contains(why),
+            "node: stderr does not name the file, `{key}` and say \"{why}\":\n{err}"
+        );
+    }
+    // The agent's: only with an nbd-filter source.
+    let agent = config(AGENT);
+    let path = write_config(
+        &s.dir,
+        "agent-nbd-limit.toml",
+        &format!("nbd_max_connections = 8\n{agent}"),
+    );
+    let err = stderr(&run_expect_failure(AGENT, &path));
+    assert!(
+        err.contains(&*path.to_string_lossy())
+            && err.contains("`nbd_max_connections`")
+            && err.contains("only used with an nbd-filter data source"),
+        "{err}"
+    );
+}
+
+/// An nbd_socket whose directory others can reach (here mode 0755) stops the agent
+/// at start, naming the directory and the problem; the directory is left as it was.
+#[test]
+fn nbd_socket_in_a_directory_others_reach_is_refused_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = setup();
+    let text = &s
+        .configs
+        .iter()
+        .find(|(b, _)| *b == AGENT)
+        .expect("an agent config")
+        .1;
+    let open = s.dir.join("shared-run");
+    std::fs::create_dir(&open).expect("mkdir");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let bad = text.replace(
+        "tracker = \"fingerprint\"",
+        &format!(
+            "tracker = \"nbd-filter\"\nnbd_socket = \"{}\"",
+            open.join("vm.sock").display()
+        ),
+    );
+    let path = write_config(&s.dir, "agent-nbd-open-dir.toml", &bad);
+    let err = stderr(&run_expect_failure(AGENT, &path));
+    assert!(
+        err.contains("data source host-1-data")
+            && err.contains(&open.display().to_string())
+            && err.contains("has mode 0755"),
+        "stderr does not name the source, the directory and its mode:\n{err}"
+    );
+    let mode = std::fs::metadata(&open).expect("stat").permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o755, "the agent changed the directory's mode");
+    assert!(!open.join("vm.sock").exists(), "a socket was made anyway");
 }

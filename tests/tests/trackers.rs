@@ -92,10 +92,17 @@ fn filter_fleet(source: &str) -> (Fleet, PathBuf) {
             source,
             None,
             SIZE,
-            &format!("tracker = \"nbd-filter\"\nnbd_socket = \"{{root}}/{AGENT}/{source}.sock\""),
+            &format!(
+                "tracker = \"nbd-filter\"\nnbd_socket = \"{{root}}/{AGENT}/nbd/{source}.sock\""
+            ),
         )
         .start();
-    let socket = fleet.root().join(AGENT).join(format!("{source}.sock"));
+    // The agent makes nbd/ (mode 0700) itself.
+    let socket = fleet
+        .root()
+        .join(AGENT)
+        .join("nbd")
+        .join(format!("{source}.sock"));
     (fleet, socket)
 }
 

@@ -6,6 +6,8 @@
 //! `qemu-io` open `nbd+unix:///?socket=SOCKET` directly. Reads, writes, flushes, trims
 //! and write-zeroes go straight through to the backing file; flush and FUA are made
 //! durable with `fdatasync` before they are acknowledged.
+//! Only the host's own writer may open the export: a private socket, or TLS for
+//! one role of fleet certificates (see [`crate::export`]).
 //!
 //! The record is one bit per block ([`DirtyMap`]), plus, while a sync runs, the frozen
 //! generation it sends ([`Bitmap`]), so a failed sync can put its blocks back without

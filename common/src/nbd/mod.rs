@@ -6,6 +6,7 @@
 //! - [`server`] — fixed newstyle handshake, the transmission loop with many requests
 //!   in flight, the [`Backend`] trait and the file/block-device [`FileBackend`].
 //! - [`client`] — the blocking [`Client`] used from a reader thread.
+//! - [`limits`] — the connection cap and the handshake deadline of every listener.
 //!
 //! What is implemented follows the protocol document (NetworkBlockDevice/nbd,
 //! `doc/proto.md`): fixed newstyle only, structured replies, `base:allocation`
@@ -14,6 +15,7 @@
 //! servers (`NBD_REP_ERR_POLICY`), no extended headers. The client speaks no TLS.
 
 pub mod client;
+pub mod limits;
 pub mod proto;
 pub mod server;
 pub mod splice;

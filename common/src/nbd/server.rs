@@ -46,6 +46,10 @@
 //! closes the connection; a connection still busy after
 //! [`ServerOptions::shutdown_grace`] is torn down.
 //!
+//! Every listener holds at most [`ServerOptions::max_connections`] connections and
+//! gives each client [`ServerOptions::handshake_timeout`] to choose an export
+//! (see [`super::limits`]); neither costs anything per request.
+//!
 //! Bad input never takes the process down: a broken rule of the protocol that leaves
 //! the stream out of sync (bad magic, an oversized option or write) closes that one
 //! connection with a warning; a bad but well-framed request gets an error reply.
@@ -75,6 +79,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::NbdError;
+use super::limits::{self, ConnectionLimit};
 use super::proto::{self, Errno, Request};
 use super::splice::{self, NotSpliced, PipePool, Spliced};
 
@@ -481,6 +486,14 @@ pub struct ServerOptions {
     /// FUA have up to two threads of their own instead (more would only queue on
     /// the file's inode lock), and a plain socket has one more, reading requests.
     pub threads_per_connection: usize,
+    /// Most connections one listener holds open at once, handshaking or not; one
+    /// more is closed as soon as it is accepted, with a warning (see
+    /// [`super::limits`]). Raised to at least one.
+    pub max_connections: usize,
+    /// How long a client may take from connecting until it has chosen an export:
+    /// greeting, option haggling and the TLS handshake, not counting the time the
+    /// server spends looking the export up. Past it the connection is closed.
+    pub handshake_timeout: Duration,
 }
 
 impl Default for ServerOptions {
@@ -490,6 +503,8 @@ impl Default for ServerOptions {
             max_in_flight_bytes: 64 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(30),
             threads_per_connection: 16,
+            max_connections: 64,
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -655,7 +670,8 @@ where
     let (rd, mut wr) = tokio::io::split(stream);
     let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
     let client = Client::plain(SingleExport::resolver(backend, &opts));
-    let Some(conn) = handshake(&mut rd, &mut wr, &client, &shutdown).await? else {
+    let shaken = handshake(&mut rd, &mut wr, &client, &shutdown);
+    let Some(conn) = limits::within(opts.handshake_timeout, shaken).await? else {
         return Ok(());
     };
     transmit(rd, wr, Arc::new(conn), &opts, shutdown).await
@@ -670,15 +686,18 @@ async fn serve_plain<S: PlainStream>(
     opts: Arc<ServerOptions>,
     shutdown: CancellationToken,
 ) -> Result<(), NbdError> {
-    let (conn, early) = {
+    let shaken = limits::within(opts.handshake_timeout, async {
         let (rd, mut wr) = tokio::io::split(&mut stream);
         let mut rd = BufReader::with_capacity(HANDSHAKE_BUFFER, rd);
         let client = Client::plain(exports);
         let Some(conn) = handshake(&mut rd, &mut wr, &client, &shutdown).await? else {
-            return Ok(());
+            return Ok(None);
         };
         // Requests the client sent right behind its last option.
-        (conn, rd.buffer().to_vec())
+        Ok(Some((conn, rd.buffer().to_vec())))
+    });
+    let Some((conn, early)) = shaken.await? else {
+        return Ok(());
     };
     let sock = stream.into_blocking()?;
     transmit_blocking(sock, early, Arc::new(conn), &opts, shutdown).await
@@ -687,8 +706,9 @@ async fn serve_plain<S: PlainStream>(
 /// Serves one connection that must start TLS (`NBD_OPT_STARTTLS`) before anything
 /// else: the handshake up to STARTTLS on the plain stream, the TLS handshake, the
 /// rest of option haggling inside TLS with the client's certificates known, then
-/// the transmission phase on tokio (`transmit`). A failed TLS handshake is logged
-/// here (naming `peer`) and ends the connection without an error.
+/// the transmission phase on tokio (`transmit`). Everything before the transmission
+/// phase shares one [`ServerOptions::handshake_timeout`]. A failed TLS handshake is
+/// logged here (naming `peer`) and ends the connection without an error.
 async fn serve_starttls<S>(
     mut stream: S,
     peer: &str,
@@ -700,70 +720,74 @@ async fn serve_starttls<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let no_zeroes = {
-        let (rd, mut wr) = tokio::io::split(&mut stream);
-        let mut rd = BufReader::with_capacity(HANDSHAKE_BUFFER, rd);
-        let Some(no_zeroes) = greet(&mut rd, &mut wr, &shutdown).await? else {
-            return Ok(());
-        };
-        let client = Client {
-            exports: Arc::clone(&exports),
-            certs: Arc::new(Vec::new()),
-            tls: Tls::Required,
-        };
-        match haggle(&mut rd, &mut wr, &client, no_zeroes, &shutdown).await? {
-            Haggled::Ended => return Ok(()),
-            Haggled::Ready(_) => {
-                return Err(NbdError::Negotiation(
-                    "an export was chosen before TLS".into(),
+    let shaken = limits::within(opts.handshake_timeout, async {
+        let no_zeroes = {
+            let (rd, mut wr) = tokio::io::split(&mut stream);
+            let mut rd = BufReader::with_capacity(HANDSHAKE_BUFFER, rd);
+            let Some(no_zeroes) = greet(&mut rd, &mut wr, &shutdown).await? else {
+                return Ok(None);
+            };
+            let client = Client {
+                exports: Arc::clone(&exports),
+                certs: Arc::new(Vec::new()),
+                tls: Tls::Required,
+            };
+            match haggle(&mut rd, &mut wr, &client, no_zeroes, &shutdown).await? {
+                Haggled::Ended => return Ok(None),
+                Haggled::Ready(_) => {
+                    return Err(NbdError::Negotiation(
+                        "an export was chosen before TLS".into(),
+                    ));
+                }
+                Haggled::StartTls => {}
+            }
+            // The client must wait for the ACK before its ClientHello; anything read
+            // past the option would be plaintext smuggled into the TLS session.
+            if !rd.buffer().is_empty() {
+                return Err(NbdError::Protocol(
+                    "client sent data right behind NBD_OPT_STARTTLS, before the server's reply"
+                        .into(),
                 ));
             }
-            Haggled::StartTls => {}
-        }
-        // The client must wait for the ACK before its ClientHello; anything read
-        // past the option would be plaintext smuggled into the TLS session.
-        if !rd.buffer().is_empty() {
-            return Err(NbdError::Protocol(
-                "client sent data right behind NBD_OPT_STARTTLS, before the server's reply".into(),
-            ));
-        }
-        no_zeroes
-    };
-    let tls = tokio::select! {
-        _ = shutdown.cancelled() => return Ok(()),
-        r = acceptor.accept(stream) => match r {
-            Ok(tls) => tls,
-            Err(e) => {
-                tracing::warn!("NBD TLS handshake with {peer} failed: {e}");
-                return Ok(());
+            no_zeroes
+        };
+        let tls = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            r = acceptor.accept(stream) => match r {
+                Ok(tls) => tls,
+                Err(e) => {
+                    tracing::warn!("NBD TLS handshake with {peer} failed: {e}");
+                    return Ok(None);
+                }
+            },
+        };
+        let certs = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .map(<[_]>::to_vec)
+            .unwrap_or_default();
+        if let Some(leaf) = certs.first() {
+            match crate::tls::spiffe_uri(leaf.as_ref()) {
+                Ok(id) => tracing::debug!(client = %id, "NBD TLS established"),
+                Err(e) => tracing::debug!("NBD TLS established; client certificate: {e}"),
             }
-        },
-    };
-    let certs = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .map(<[_]>::to_vec)
-        .unwrap_or_default();
-    if let Some(leaf) = certs.first() {
-        match crate::tls::spiffe_uri(leaf.as_ref()) {
-            Ok(id) => tracing::debug!(client = %id, "NBD TLS established"),
-            Err(e) => tracing::debug!("NBD TLS established; client certificate: {e}"),
         }
-    }
-    let (rd, mut wr) = tokio::io::split(tls);
-    let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
-    let client = Client {
-        exports,
-        certs: Arc::new(certs),
-        tls: Tls::Active,
-    };
-    let conn = match haggle(&mut rd, &mut wr, &client, no_zeroes, &shutdown).await? {
-        Haggled::Ended => return Ok(()),
-        Haggled::StartTls => {
-            return Err(NbdError::Negotiation("STARTTLS inside TLS".into()));
+        let (rd, mut wr) = tokio::io::split(tls);
+        let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
+        let client = Client {
+            exports,
+            certs: Arc::new(certs),
+            tls: Tls::Active,
+        };
+        match haggle(&mut rd, &mut wr, &client, no_zeroes, &shutdown).await? {
+            Haggled::Ended => Ok(None),
+            Haggled::StartTls => Err(NbdError::Negotiation("STARTTLS inside TLS".into())),
+            Haggled::Ready(ready) => Ok(Some((rd, wr, ready.into_conn()))),
         }
-        Haggled::Ready(ready) => ready.into_conn(),
+    });
+    let Some((rd, wr, conn)) = shaken.await? else {
+        return Ok(());
     };
     transmit(rd, wr, Arc::new(conn), &opts, shutdown).await
 }
@@ -778,7 +802,7 @@ pub async fn serve_unix(
     shutdown: CancellationToken,
 ) {
     let exports = SingleExport::resolver(backend, &opts);
-    let mut conns = Connections::new(opts.shutdown_grace);
+    let mut conns = Connections::new(&opts);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -857,7 +881,7 @@ async fn accept_tcp<F, Fut>(
     F: FnMut(tokio::net::TcpStream, String) -> Fut,
     Fut: Future<Output = Result<(), NbdError>> + Send + 'static,
 {
-    let mut conns = Connections::new(opts.shutdown_grace);
+    let mut conns = Connections::new(opts);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -899,28 +923,37 @@ struct Connections {
     set: JoinSet<()>,
     /// [`ServerOptions::shutdown_grace`].
     grace: Duration,
+    /// [`ServerOptions::max_connections`].
+    limit: ConnectionLimit,
 }
 
 static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
 
 impl Connections {
-    fn new(grace: Duration) -> Self {
+    fn new(opts: &ServerOptions) -> Self {
         Connections {
             set: JoinSet::new(),
-            grace,
+            grace: opts.shutdown_grace,
+            limit: ConnectionLimit::new(opts.max_connections),
         }
     }
 
-    /// Runs `serve` (one connection) in the set, in a span naming the peer.
+    /// Runs `serve` (one connection) in the set, in a span naming the peer; past
+    /// [`ServerOptions::max_connections`] drops it instead, which closes the
+    /// connection before the greeting.
     fn spawn<F>(&mut self, peer: String, serve: F)
     where
         F: Future<Output = Result<(), NbdError>> + Send + 'static,
     {
+        let Some(slot) = self.limit.admit(&peer) else {
+            return;
+        };
         let id = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
         let span = tracing::info_span!("nbd", conn = id, peer = %peer);
-        let open = self.set.len() + 1;
+        let open = self.limit.open();
         self.set.spawn(
             async move {
+                let _slot = slot;
                 tracing::debug!(open, "NBD connection accepted");
                 match serve.await {
                     Ok(()) => tracing::debug!("NBD connection closed"),
@@ -1025,7 +1058,11 @@ impl Client {
             Arc::clone(&self.certs),
             name.to_string(),
         );
-        let found = tokio::task::spawn_blocking(move || exports.resolve(&asked, &certs)).await;
+        // A lookup may wait (a node's, for a running sync): not the client's time.
+        let found = limits::server_work(tokio::task::spawn_blocking(move || {
+            exports.resolve(&asked, &certs)
+        }))
+        .await;
         let backend = match found {
             Ok(Ok(backend)) => backend,
             Ok(Err(refusal)) => {
@@ -1039,18 +1076,20 @@ impl Client {
         };
         // size() and read_only() may touch the disk too.
         let name = name.to_string();
-        tokio::task::spawn_blocking(move || Export::new(&name, backend))
-            .await
-            .map_err(|e| {
-                tracing::error!("NBD export failed: {e}");
-                Refusal::Unknown("the export could not be opened".into())
-            })
+        limits::server_work(tokio::task::spawn_blocking(move || {
+            Export::new(&name, backend)
+        }))
+        .await
+        .map_err(|e| {
+            tracing::error!("NBD export failed: {e}");
+            Refusal::Unknown("the export could not be opened".into())
+        })
     }
 
     /// The export names for `NBD_OPT_LIST`, from a blocking thread.
     async fn list(&self) -> Vec<String> {
         let (exports, certs) = (Arc::clone(&self.exports), Arc::clone(&self.certs));
-        tokio::task::spawn_blocking(move || exports.list(&certs))
+        limits::server_work(tokio::task::spawn_blocking(move || exports.list(&certs)))
             .await
             .unwrap_or_else(|e| {
                 tracing::error!("NBD export resolver failed to list exports: {e}");
