@@ -24,6 +24,26 @@ pub fn rfc3339_ms(ms: i64) -> String {
     }
 }
 
+/// A duration for people, in the largest whole unit: `30d`, `12h`, `90s`, `250ms`.
+pub fn format_duration_ms(ms: u64) -> String {
+    const UNITS: [(u64, &str); 4] = [
+        (86_400_000, "d"),
+        (3_600_000, "h"),
+        (60_000, "m"),
+        (1000, "s"),
+    ];
+    for (unit, word) in UNITS {
+        if ms >= unit && ms % unit == 0 {
+            return format!("{}{word}", ms / unit);
+        }
+    }
+    if ms >= 1000 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
 /// Unix milliseconds of an RFC 3339 time (`2026-12-02T15:04:05Z`,
 /// `2026-12-02T16:04:05.250+01:00`).
 pub fn parse_rfc3339_ms(s: &str) -> Result<i64, String> {
@@ -38,6 +58,17 @@ pub fn parse_rfc3339_ms(s: &str) -> Result<i64, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn durations_for_people() {
+        use super::format_duration_ms as f;
+        assert_eq!(f(30 * 86_400_000), "30d");
+        assert_eq!(f(36 * 3_600_000), "36h");
+        assert_eq!(f(90_000), "90s");
+        assert_eq!(f(120_000), "2m");
+        assert_eq!(f(1500), "1s");
+        assert_eq!(f(250), "250ms");
+    }
+
     use super::*;
 
     #[test]

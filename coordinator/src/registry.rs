@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bulwark_common::retention::Retention;
 
-use crate::policy::FleetPolicy;
+use crate::policy::{FleetPolicy, LockPolicy};
 use bulwark_common::time::now_ms;
 use bulwark_proto as pb;
 use serde::{Deserialize, Serialize};
@@ -42,6 +42,12 @@ pub enum RegistryError {
     AgentOffline(String),
     #[error("invalid data source {0}: {1}")]
     InvalidSource(String, String),
+    /// The caller's role may not do this (an admin lowering a governance lock).
+    #[error("{0}")]
+    Forbidden(String),
+    /// A retention lock keeps what was asked to go.
+    #[error("{0}")]
+    Locked(String),
 }
 
 impl From<sled::Error> for RegistryError {
@@ -65,6 +71,8 @@ impl From<RegistryError> for Status {
                 Status::failed_precondition(e.to_string())
             }
             RegistryError::InvalidSource(..) => Status::invalid_argument(e.to_string()),
+            RegistryError::Forbidden(_) => Status::permission_denied(e.to_string()),
+            RegistryError::Locked(_) => Status::failed_precondition(e.to_string()),
         }
     }
 }
@@ -213,6 +221,13 @@ pub struct SourceRecord {
     /// is no proposal at all).
     #[serde(default)]
     pub agent_proposes_retention: bool,
+    /// The source's own retention lock (`bulwark lock SOURCE`); its group's is in
+    /// `group_lock`. Nodes raise their own lock from these; the node's is the one
+    /// that counts.
+    #[serde(default)]
+    pub admin_lock: Option<LockPolicy>,
+    #[serde(default)]
+    pub group_lock: Option<LockPolicy>,
 }
 
 /// What a source asks of its node; 0 = the default.
@@ -224,6 +239,8 @@ pub struct Policy {
     pub retention: Retention,
     /// Log sources: see `Policy.keep_after_ms` in the proto.
     pub keep_after_ms: i64,
+    /// The retention lock in force: the source's or its group's, the longer.
+    pub lock: Option<LockPolicy>,
 }
 
 /// A source's space as its node reports it.
@@ -287,6 +304,8 @@ impl SourceRecord {
             group_by_admin: false,
             policy_refused: Vec::new(),
             agent_proposes_retention: false,
+            admin_lock: None,
+            group_lock: None,
         }
     }
 }
@@ -298,6 +317,8 @@ impl Policy {
             points_alloc_bytes: p.points_alloc_bytes,
             retention: Retention::from_proto(p.retention.as_ref()),
             keep_after_ms: p.keep_after_ms,
+            // Locks are the admin's; an agent's config does not propose one.
+            lock: None,
         })
     }
 
@@ -307,7 +328,7 @@ impl Policy {
             points_alloc_bytes: self.points_alloc_bytes,
             retention: Some(self.retention.to_proto()),
             keep_after_ms: self.keep_after_ms,
-            lock: None,
+            lock: self.lock.map(|l| LockPolicy::to_proto(Some(l))),
         }
     }
 }
@@ -332,6 +353,9 @@ pub struct GroupRecord {
     /// (`bulwark group allow`).
     #[serde(default)]
     pub allow: Vec<String>,
+    /// The group's retention lock (`bulwark lock --group`).
+    #[serde(default)]
+    pub lock: Option<LockPolicy>,
 }
 
 /// An alert as the coordinator keeps it (see `pb::Alert`).
@@ -719,14 +743,17 @@ impl Registry {
         let old = self.group(&g.name)?;
         let mut g = g;
         if let Some(o) = &old {
-            // Patterns are set with `bulwark group allow`, not with the group.
+            // Patterns are set with `bulwark group allow`, and the lock with
+            // `bulwark lock --group`, not with the group.
             g.allow = o.allow.clone();
+            g.lock = o.lock;
         }
         self.groups.insert(g.name.as_bytes(), enc(&g)?)?;
         for mut s in self.sources()?.into_iter().filter(|s| s.group == g.name) {
             s.group_retention = g.retention;
             s.group_replica_alloc = g.replica_alloc_bytes;
             s.group_points_alloc = g.points_alloc_bytes;
+            s.group_lock = g.lock;
             if old.as_ref().is_some_and(|o| o.interval_ms != g.interval_ms) {
                 s.next_sync_ms = 0;
             }
@@ -778,6 +805,7 @@ impl Registry {
             s.group_retention = g.as_ref().and_then(|g| g.retention);
             s.group_replica_alloc = g.as_ref().map_or(0, |g| g.replica_alloc_bytes);
             s.group_points_alloc = g.as_ref().map_or(0, |g| g.points_alloc_bytes);
+            s.group_lock = g.as_ref().and_then(|g| g.lock);
             s.next_sync_ms = 0;
             s.group_since_ms = now_ms();
             self.put_source(&s)?;
@@ -1182,6 +1210,9 @@ impl Registry {
                 .into_string()
         };
         let mut rec = match self.source(&spec.name) {
+            Ok(existing) if existing.state == "removing" => {
+                return Err(invalid("the admin is removing it".into()));
+            }
             Ok(existing) => {
                 if existing.agent != agent {
                     return Err(RegistryError::NotOwner {
@@ -1255,6 +1286,7 @@ impl Registry {
             rec.group_retention = g.retention;
             rec.group_replica_alloc = g.replica_alloc_bytes;
             rec.group_points_alloc = g.points_alloc_bytes;
+            rec.group_lock = g.lock;
         }
         rec.policy_refused = self.effective(&rec).refused;
         if rec.node.is_none() || rec.allocated_bytes == 0 {
@@ -1317,6 +1349,9 @@ impl Registry {
     pub fn assignment(&self, source: &str) -> Result<pb::Assignment> {
         let _g = lock(&self.placement);
         let mut rec = self.source(source)?;
+        if rec.state == "removing" {
+            return Err(RegistryError::UnknownSource(source.to_string()));
+        }
         let a = self.place_locked(&mut rec)?;
         self.put_source(&rec)?;
         a.ok_or_else(|| RegistryError::Unassigned(source.to_string(), rec.error.clone()))

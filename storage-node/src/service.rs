@@ -25,6 +25,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use crate::store::lock::{LockAuthority, LockMode, RetentionLock};
 use crate::store::{
     PointMeta, Prepared, RestoreItem, SourceLocks, SourcePolicy, Store, StoreError, SyncSpec,
     SyncTxn, VerifiedExtent,
@@ -53,7 +54,10 @@ impl From<StoreError> for Status {
             StoreError::BadLog(_) | StoreError::BadName(_) => {
                 Status::invalid_argument(e.to_string())
             }
-            StoreError::Refused { .. } => Status::failed_precondition(e.to_string()),
+            StoreError::Refused { .. } | StoreError::Locked { .. } => {
+                Status::failed_precondition(e.to_string())
+            }
+            StoreError::LockedFull { .. } => Status::resource_exhausted(e.to_string()),
             // A failed settle is logged and raised as an alert where it failed.
             StoreError::PointDamaged { .. } | StoreError::SettleFailed { .. } => {
                 Status::data_loss(e.to_string())
@@ -97,6 +101,31 @@ pub fn policy_from_proto(p: &pb::Policy) -> SourcePolicy {
         points_alloc_bytes: p.points_alloc_bytes,
         retention: Retention::from_proto(p.retention.as_ref()),
         keep_after_ms: p.keep_after_ms,
+        lock: p.lock.as_ref().and_then(lock_from_proto),
+    }
+}
+
+/// A lock on the wire: mode and minimum age (`None`: no lock).
+pub fn lock_from_proto(l: &pb::RetentionLock) -> Option<(LockMode, u64)> {
+    let mode = match pb::LockMode::try_from(l.mode) {
+        Ok(pb::LockMode::Governance) => LockMode::Governance,
+        Ok(pb::LockMode::Compliance) => LockMode::Compliance,
+        _ => return None,
+    };
+    (l.min_age_ms > 0).then_some((mode, l.min_age_ms))
+}
+
+/// A lock for the wire.
+pub fn lock_to_proto(l: Option<RetentionLock>) -> pb::RetentionLock {
+    match l {
+        None => pb::RetentionLock::default(),
+        Some(l) => pb::RetentionLock {
+            mode: match l.mode {
+                LockMode::Governance => pb::LockMode::Governance,
+                LockMode::Compliance => pb::LockMode::Compliance,
+            } as i32,
+            min_age_ms: l.min_age_ms,
+        },
     }
 }
 
@@ -1030,9 +1059,23 @@ impl pb::node_server::Node for NodeApi {
         require(&req, "ListPoints", &[Role::Coordinator])?;
         let source = source_name(&req.into_inner().source)?.into_string();
         let store = self.0.store.clone();
-        let points = blocking(move || store.points(&source)).await??;
+        let (points, lock) = blocking(move || {
+            Ok::<_, StoreError>((store.points(&source)?, store.lock_of(&source)?))
+        })
+        .await??;
+        let now = bulwark_common::time::now_ms();
         Ok(Response::new(pb::ListPointsResponse {
-            points: points.iter().map(point_to_proto).collect(),
+            points: points
+                .iter()
+                .map(|p| {
+                    let mut out = point_to_proto(p);
+                    if let Some(l) = lock.filter(|l| l.holds(p.created_ms, now)) {
+                        out.lock_mode = lock_to_proto(Some(l)).mode;
+                        out.locked_until_ms = l.until(p.created_ms);
+                    }
+                    out
+                })
+                .collect(),
         }))
     }
 
@@ -1252,11 +1295,29 @@ impl pb::node_server::Node for NodeApi {
         require(&req, "DropSource", &[Role::Coordinator])?;
         let source = source_name(&req.into_inner().source)?.into_string();
         let svc = self.0.clone();
-        let a = svc.assignment(&source).await?;
-        if a.node == svc.name {
-            return Err(Status::failed_precondition(format!(
-                "data source {source} is assigned to this node; it is not dropped"
-            )));
+        // Asked afresh (no cached answer for a deletion): the source must be
+        // assigned elsewhere, or no longer known to the fleet (removed). The store
+        // refuses anyway while a retention lock holds any of its points.
+        let mut client = svc.coordinator.clone();
+        match client
+            .get_assignment(pb::GetAssignmentRequest {
+                source: source.clone(),
+            })
+            .await
+        {
+            Ok(a) if a.get_ref().node == svc.name => {
+                return Err(Status::failed_precondition(format!(
+                    "data source {source} is assigned to this node; it is not dropped"
+                )));
+            }
+            Ok(_) => {}
+            Err(st) if st.code() == tonic::Code::NotFound => {}
+            Err(st) => {
+                return Err(Status::unavailable(format!(
+                    "cannot check the assignment of {source} with the coordinator ({}); nothing is dropped",
+                    st.message()
+                )));
+            }
         }
         let lock = svc.locks.get(&source).write_owned().await;
         let store = svc.store.clone();
@@ -1272,12 +1333,45 @@ impl pb::node_server::Node for NodeApi {
         &self,
         req: Request<pb::SetLockRequest>,
     ) -> Result<Response<pb::SetLockResponse>, Status> {
-        require(
+        let caller = require(
             &req,
             "SetLock",
             &[Role::Coordinator, Role::Admin, Role::Officer],
         )?;
-        Err(Status::unimplemented("retention locks are not built yet"))
+        let r = req.into_inner();
+        let source = source_name(&r.source)?;
+        let want = r.lock.as_ref().and_then(lock_from_proto);
+        if r.lock
+            .as_ref()
+            .is_some_and(|l| l.min_age_ms > 0 && want.is_none())
+        {
+            return Err(Status::invalid_argument(
+                "a lock needs a mode: governance or compliance",
+            ));
+        }
+        let who = if caller.role == Role::Officer {
+            LockAuthority::Officer
+        } else {
+            LockAuthority::Raise
+        };
+        let lock = self.0.locks.get(&source).write_owned().await;
+        let store = self.0.store.clone();
+        let name = source.to_string();
+        let held = blocking(move || {
+            let _lock = lock;
+            store.set_lock(&name, want, who, bulwark_common::time::now_ms())
+        })
+        .await?;
+        match &held {
+            Ok(l) => tracing::info!(%caller, source = %source, lock = ?l, "retention lock set"),
+            Err(e) => {
+                tracing::warn!(%caller, source = %source, "retention lock change refused: {e}");
+                refused("lock");
+            }
+        }
+        Ok(Response::new(pb::SetLockResponse {
+            lock: Some(lock_to_proto(held?)),
+        }))
     }
 
     async fn grant_restore(

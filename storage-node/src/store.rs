@@ -261,6 +261,21 @@ pub enum StoreError {
     /// it with a name that is not allowed); the other sources are served.
     #[error("data source {source_name} is refused by this node: {why}")]
     Refused { source_name: String, why: String },
+    /// A retention lock keeps what was to be removed (see [`lock`]).
+    #[error("data source {source_name}: {why}")]
+    Locked { source_name: String, why: String },
+    /// A sync needs recovery-point space that only pruning locked points would give.
+    #[error(
+        "data source {source_name}: its recovery-point space is full ({used} of {allocated} bytes used, this sync needs {need} more) and its oldest point {point} is under a retention lock until {until}: nothing is pruned, the sync is refused and every point is intact. Grow the allocation with `bulwark allocate {source_name} --points SIZE`"
+    )]
+    LockedFull {
+        source_name: String,
+        need: u64,
+        allocated: u64,
+        used: u64,
+        point: u64,
+        until: String,
+    },
     /// A simulated crash (tests only; see `crash`).
     #[error("simulated crash at {0}")]
     Crashed(&'static str),
@@ -342,6 +357,8 @@ pub struct SourcePolicy {
     /// Log sources: points made at or after this time (and the one before) are
     /// kept whatever the retention says (the group's oldest volume point needs them).
     pub keep_after_ms: i64,
+    /// The retention lock the admin set; the node only ever raises its own from it.
+    pub lock: Option<(lock::LockMode, u64)>,
 }
 
 impl From<sled::Error> for StoreError {
@@ -395,6 +412,10 @@ pub struct SourceMeta {
     /// See [`SourcePolicy::keep_after_ms`].
     #[serde(default)]
     pub keep_after_ms: i64,
+    /// Its retention lock (see [`lock`]): kept by the node, raised by the
+    /// coordinator's policy, lowered only as the lock's mode allows.
+    #[serde(default)]
+    pub lock: Option<lock::RetentionLock>,
 }
 
 impl SourceMeta {
@@ -453,6 +474,22 @@ impl SourceMeta {
         }
         self.retention = p.retention;
         self.keep_after_ms = p.keep_after_ms;
+        // A lock only goes up this way (a lower one from the coordinator is
+        // ignored: lowering takes the officer's own call, see `lock`).
+        if let Some((mode, min_age_ms)) = p.lock
+            && min_age_ms > 0
+            && lock::is_raise(self.lock, p.lock)
+            && self
+                .lock
+                .is_none_or(|l| l.mode != mode || l.min_age_ms != min_age_ms)
+        {
+            tracing::info!(source = %self.name, mode = mode.as_str(), min_age_ms, "retention lock raised by the coordinator's policy");
+            self.lock = Some(lock::RetentionLock {
+                mode,
+                min_age_ms,
+                set_ms: bulwark_common::time::now_ms(),
+            });
+        }
     }
 }
 
@@ -749,7 +786,7 @@ impl Import {
         let checked = match store.verify(&name, 0) {
             Ok(v) if v.damaged_points == before && v.damaged_replica.is_empty() => v,
             Ok(v) => {
-                store.drop_source(&name)?;
+                store.remove_source(&name)?;
                 return Err(StoreError::Meta(format!(
                     "the copy of {name} failed verification: {} replica blocks and {} points damaged; dropped",
                     v.damaged_replica.len(),
@@ -757,7 +794,7 @@ impl Import {
                 )));
             }
             Err(e) => {
-                store.drop_source(&name)?;
+                store.remove_source(&name)?;
                 return Err(e);
             }
         };
@@ -1204,6 +1241,17 @@ impl Store {
     /// first: a crash in between leaves only files, which the next open reports.
     /// The caller holds the source's write lock.
     pub fn drop_source(&self, name: &str) -> Result<bool> {
+        if let Some(meta) = self.source(name)? {
+            for p in self.points(name)? {
+                self.check_unlocked(&meta, &p)?;
+            }
+        }
+        self.remove_source(name)
+    }
+
+    /// Deletes a source's records and files whatever its lock says: only for a copy
+    /// that is not the source's (an import that failed verification).
+    fn remove_source(&self, name: &str) -> Result<bool> {
         let Some(meta) = self.source(name)? else {
             return Ok(false);
         };
@@ -1719,6 +1767,7 @@ impl Store {
             || meta.points_alloc_bytes != before.points_alloc_bytes
             || meta.retention != before.retention
             || meta.keep_after_ms != before.keep_after_ms
+            || meta.lock != before.lock
             || meta.applied_points_alloc != before.applied_points_alloc
             || meta.applied_replica_alloc != before.applied_replica_alloc
         {
@@ -1751,6 +1800,18 @@ impl Store {
                 .unwrap_or(0);
             drop.retain(|id| *id < floor);
         }
+        if let Some(lock) = meta.lock {
+            let held: Vec<u64> = points
+                .iter()
+                .filter(|(id, t)| drop.contains(id) && lock.holds(*t, now_ms))
+                .map(|(id, _)| *id)
+                .collect();
+            if !held.is_empty() {
+                tracing::info!(source = name, points = ?held, mode = lock.mode.as_str(),
+                    "retention would prune these points; the retention lock keeps them");
+                drop.retain(|id| !held.contains(id));
+            }
+        }
         for id in &drop {
             let freed = self.prune(name, *id)?;
             tracing::info!(
@@ -1781,6 +1842,9 @@ impl Store {
             .source(name)?
             .ok_or_else(|| StoreError::NoPoints(name.to_string()))?;
         let points = self.points(name)?;
+        if let Some(p) = points.iter().find(|p| p.id == id) {
+            self.check_unlocked(&meta, p)?;
+        }
         if meta.kind == SourceKind::Log {
             if points.last().is_some_and(|p| p.id == id) {
                 return Err(StoreError::PruneNewest {
@@ -1911,6 +1975,7 @@ impl Store {
                 applied_points_alloc: policy.points_alloc_bytes,
                 kind: SourceKind::Volume,
                 keep_after_ms: 0,
+                lock: None,
             }),
             other => Err(StoreError::NoSpace {
                 source_name: spec.source.to_string(),
@@ -2949,6 +3014,20 @@ fn make_room(
             if oldest >= base {
                 break;
             }
+            // Space pressure never prunes a locked point: the sync is refused.
+            if let Some(p) = store.points(&meta.name)?.first()
+                && let Some(lock) = meta.lock
+                && lock.holds(p.created_ms, bulwark_common::time::now_ms())
+            {
+                return Err(StoreError::LockedFull {
+                    source_name: meta.name.to_string(),
+                    need: more,
+                    allocated: meta.points_alloc_bytes,
+                    used: *points_used,
+                    point: p.id,
+                    until: bulwark_common::time::rfc3339_ms(lock.until(p.created_ms)),
+                });
+            }
             store.prune(&meta.name, oldest)?;
             tracing::warn!(source = %meta.name, point = oldest,
                 "recovery-point space was full: oldest point pruned (pool.on_full = \"prune-oldest\")");
@@ -3777,5 +3856,6 @@ impl SourceLocks {
 #[cfg(test)]
 mod tests;
 
+pub mod lock;
 pub mod logs;
 pub use logs::{LogFileMeta, LogRestoreFile, LogShip, SourceKind};

@@ -4,7 +4,7 @@
 use super::{
     FORMAT_VERSION, GroupRecord, Registry, RegistryError, Result, SourceRecord, dec, enc, lock,
 };
-use crate::policy::{Quota, QuotaRecord};
+use crate::policy::{LockMode, LockPolicy, Quota, QuotaRecord};
 use bulwark_common::retention::Retention;
 
 impl Registry {
@@ -99,6 +99,7 @@ impl Registry {
                 s.group_retention = None;
                 s.group_replica_alloc = 0;
                 s.group_points_alloc = 0;
+                s.group_lock = None;
                 s.next_sync_ms = 0;
             }
             self.apply_group_claim(&mut s)?;
@@ -106,6 +107,7 @@ impl Registry {
                 s.group_retention = g.retention;
                 s.group_replica_alloc = g.replica_alloc_bytes;
                 s.group_points_alloc = g.points_alloc_bytes;
+                s.group_lock = g.lock;
             }
             if s.group != before {
                 agents.insert(s.agent.clone());
@@ -120,4 +122,114 @@ impl Registry {
         tracing::info!(group, pattern, remove, "group membership patterns changed");
         Ok(g)
     }
+}
+
+/// Refuses to set `want` over `have` unless it is a raise, or an officer lowering
+/// a governance lock.
+fn check_lock_change(
+    what: &str,
+    have: Option<LockPolicy>,
+    want: Option<LockPolicy>,
+    officer: bool,
+) -> Result<bool> {
+    if LockPolicy::is_raise(have, want) {
+        return Ok(false);
+    }
+    let change = format!(
+        "{what}: the lock {} cannot become {}",
+        LockPolicy::describe(have),
+        LockPolicy::describe(want)
+    );
+    if have.is_some_and(|h| h.mode == LockMode::Compliance) {
+        return Err(RegistryError::Locked(format!(
+            "{change}: a compliance lock can only be lengthened"
+        )));
+    }
+    if !officer {
+        return Err(RegistryError::Forbidden(format!(
+            "{change}: only an officer certificate may shorten or lift a governance lock"
+        )));
+    }
+    Ok(true)
+}
+
+impl Registry {
+    /// Sets the retention lock of a source (`None` lifts it) as the caller may
+    /// (see [`check_lock_change`]); returns the source and whether it was lowered.
+    pub fn set_source_lock(
+        &self,
+        source: &str,
+        lock: Option<LockPolicy>,
+        officer: bool,
+    ) -> Result<(SourceRecord, bool)> {
+        let _g = lock_guard(self);
+        let mut s = self.source(source)?;
+        let lowered = check_lock_change(
+            &format!("data source {source}"),
+            s.admin_lock,
+            lock,
+            officer,
+        )?;
+        s.admin_lock = lock;
+        self.put_source(&s)?;
+        self.db.flush()?;
+        Ok((s, lowered))
+    }
+
+    /// Sets a group's retention lock (`None` lifts it); returns its members and
+    /// whether it was lowered.
+    pub fn set_group_lock(
+        &self,
+        group: &str,
+        lock: Option<LockPolicy>,
+        officer: bool,
+    ) -> Result<(Vec<SourceRecord>, bool)> {
+        let _g = lock_guard(self);
+        let mut g = self.group(group)?.ok_or_else(|| {
+            RegistryError::InvalidSource(group.to_string(), "no such group".into())
+        })?;
+        let lowered = check_lock_change(&format!("group {group}"), g.lock, lock, officer)?;
+        g.lock = lock;
+        self.groups.insert(g.name.as_bytes(), enc(&g)?)?;
+        let mut members = Vec::new();
+        for mut s in self.sources()?.into_iter().filter(|s| s.group == g.name) {
+            s.group_lock = lock;
+            self.put_source(&s)?;
+            members.push(s);
+        }
+        self.db.flush()?;
+        Ok((members, lowered))
+    }
+
+    /// Marks a source as being removed (`bulwark remove`), or not any more: while
+    /// it is, its assignment is not given out (its node drops it, its agent cannot
+    /// place it again).
+    pub fn set_removing(&self, source: &str, removing: bool) -> Result<()> {
+        let _g = lock_guard(self);
+        let mut s = self.source(source)?;
+        s.state = if removing { "removing" } else { "ok" }.into();
+        self.put_source(&s)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Forgets a data source (`bulwark remove`): its record goes; the caller has
+    /// made sure its node holds no locked point and tells the node to drop it.
+    pub fn remove_source(&self, source: &str) -> Result<SourceRecord> {
+        let _g = lock_guard(self);
+        let s = self.source(source)?;
+        self.sources.remove(source)?;
+        if let Some(v) = self.agents.get(&s.agent)? {
+            let mut a: super::AgentRecord = dec(&v)?;
+            a.sources.retain(|n| n != source);
+            self.agents.insert(s.agent.as_bytes(), enc(&a)?)?;
+        }
+        self.db.flush()?;
+        tracing::info!(source, agent = %s.agent, "data source removed from the fleet");
+        Ok(s)
+    }
+}
+
+fn lock_guard(r: &Registry) -> std::sync::MutexGuard<'_, ()> {
+    lock(&r.placement)
 }
