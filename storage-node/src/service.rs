@@ -110,8 +110,9 @@ pub struct NodeService {
     live_streams: Arc<AtomicU32>,
     /// Payload bytes applied by syncs since the node started.
     ingested: Arc<AtomicU64>,
-    /// Dials other nodes (moves) with this node's certificate.
-    peer_tls: Arc<rustls::ClientConfig>,
+    /// Dials other nodes (moves) with this node's certificate, checking that the
+    /// one answering is the node the coordinator named.
+    peer_tls: bulwark_common::tls::TlsIdentity,
     /// Syncs that may run at once; the others wait before `Ready`, so a waiting
     /// agent sends no data and the node's memory stays bounded however many come.
     sync_slots: Arc<tokio::sync::Semaphore>,
@@ -160,7 +161,7 @@ impl NodeService {
         name: String,
         store: Store,
         coordinator: CoordinatorClient<TracedChannel>,
-        peer_tls: Arc<rustls::ClientConfig>,
+        peer_tls: bulwark_common::tls::TlsIdentity,
     ) -> Result<NodeService, StoreError> {
         Ok(NodeService {
             peer_tls,
@@ -175,6 +176,11 @@ impl NodeService {
             ingested: Arc::new(AtomicU64::new(0)),
             space_refusals: Default::default(),
         })
+    }
+
+    /// The fleet's revocation list as this node holds it.
+    pub fn revocations(&self) -> Arc<bulwark_common::revocation::Revocations> {
+        self.peer_tls.revocations().clone()
     }
 
     /// The refusals for space still standing, by source.
@@ -1101,9 +1107,17 @@ impl pb::node_server::Node for NodeApi {
         if !bulwark_common::pki::valid_name(&r.source) {
             return Err(Status::invalid_argument("invalid data source name"));
         }
+        if !bulwark_common::pki::valid_name(&r.from_node) {
+            return Err(Status::invalid_argument("invalid from_node name"));
+        }
         let target = bulwark_common::tls::Target::parse(&r.from_address)
             .map_err(|m| Status::invalid_argument(format!("from_address: {m}")))?;
-        let channel = bulwark_common::tls::channel(&target, svc.peer_tls.clone())
+        // Only the node named may answer at that address.
+        let peer_tls = svc
+            .peer_tls
+            .client_config_for(Role::Node, Some(&r.from_node))
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let channel = bulwark_common::tls::channel(&target, peer_tls)
             .await
             .map_err(|m| Status::unavailable(format!("node {}: {m}", r.from_node)))?;
         let mut peer = pb::node_client::NodeClient::new(channel)
