@@ -1023,6 +1023,8 @@ impl pb::node_server::Node for NodeApi {
     ) -> Result<Response<Self::ExportStream>, Status> {
         let caller = require(&req, "Export", &[Role::Node])?;
         let source = req.into_inner().source;
+        bulwark_common::name::check("data source", &source)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let svc = self.0.clone();
         let a = svc.assignment(&source).await?;
         if a.node != svc.name || a.moving_to != caller.name {
@@ -1193,6 +1195,8 @@ impl pb::node_server::Node for NodeApi {
     ) -> Result<Response<pb::DropSourceResponse>, Status> {
         require(&req, "DropSource", &[Role::Coordinator])?;
         let source = req.into_inner().source;
+        bulwark_common::name::check("data source", &source)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let svc = self.0.clone();
         let a = svc.assignment(&source).await?;
         if a.node == svc.name {
