@@ -297,6 +297,16 @@ impl Revocations {
                 );
                 id
             });
+        // A list put in force between this connection's handshake and now did not
+        // see it: check it against the list in force after it is tracked.
+        if let Some(id) = id
+            && let Some(c) = lock(&self.conns).get(&id)
+            && let Some(why) = self.snapshot().refusal(&c.facts)
+        {
+            tracing::warn!(peer = %c.peer, caller = %c.facts.identity, "connection cut: {why}");
+            count_refusal();
+            c.cut.cancel();
+        }
         ConnGuard {
             revs: Arc::downgrade(self),
             id,
@@ -737,14 +747,28 @@ mod tests {
         let (a, b) = tokio::io::duplex(64 * 1024);
         let name =
             rustls::pki_types::ServerName::IpAddress(std::net::IpAddr::from([127, 0, 0, 1]).into());
+        // A byte each way after the handshake, so that the client takes in the
+        // session tickets a server may send (a later handshake would resume).
         let (c, s) = tokio::join!(
-            tokio_rustls::TlsConnector::from(client).connect(name, a),
-            tokio_rustls::TlsAcceptor::from(server).accept(b)
+            async {
+                let mut t = tokio_rustls::TlsConnector::from(client)
+                    .connect(name, a)
+                    .await?;
+                t.write_all(b"c").await?;
+                let mut one = [0u8; 1];
+                t.read_exact(&mut one).await?;
+                Ok::<_, io::Error>(())
+            },
+            async {
+                let mut t = tokio_rustls::TlsAcceptor::from(server).accept(b).await?;
+                let mut one = [0u8; 1];
+                t.read_exact(&mut one).await?;
+                t.write_all(b"s").await?;
+                t.flush().await?;
+                Ok::<_, io::Error>(())
+            }
         );
-        (
-            c.map(|_| ()).map_err(|e| e.to_string()),
-            s.map(|_| ()).map_err(|e| e.to_string()),
-        )
+        (c.map_err(|e| e.to_string()), s.map_err(|e| e.to_string()))
     }
 
     #[tokio::test]
@@ -761,6 +785,8 @@ mod tests {
         node.revocations()
             .set(revoke("a1", Role::Agent, at, 5))
             .expect("set");
+        // The same configurations, which took a session ticket if one was sent: a
+        // resumed session would skip the verifier.
         let (_, s) = handshake(server.clone(), client.clone()).await;
         assert!(s.as_ref().is_err_and(|e| e.contains("Revoked")), "{s:?}");
         let why = node.revocations().refusal(leaf(&a1_files).as_ref());

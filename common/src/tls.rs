@@ -394,6 +394,10 @@ impl TlsIdentity {
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(self.current.clone());
         cfg.alpn_protocols = vec![b"h2".to_vec()];
+        // No session resumption: a resumed session skips the client verifier, so
+        // a certificate revoked since its first handshake would get back in.
+        cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        cfg.send_tls13_tickets = 0;
         Ok(Arc::new(cfg))
     }
 
@@ -441,6 +445,9 @@ impl TlsIdentity {
             .with_custom_certificate_verifier(verifier)
             .with_client_cert_resolver(self.current.clone());
         cfg.alpn_protocols = vec![b"h2".to_vec()];
+        // Every connection verifies the server again (revocation, name): a resumed
+        // session would skip the verifier.
+        cfg.resumption = rustls::client::Resumption::disabled();
         Ok(Arc::new(cfg))
     }
 }
