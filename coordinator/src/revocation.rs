@@ -175,6 +175,12 @@ impl RevocationStore {
                 "cannot revoke {role} {name:?}: not a valid name (letters, digits, '.', '-', '_')"
             )));
         }
+        if role == Role::Admin && name == by {
+            // The admin would lock itself out with nothing left to undo it.
+            return Err(Status::failed_precondition(format!(
+                "admin {by} cannot revoke its own certificate: revoke it with another admin's"
+            )));
+        }
         let _g = lock(&self.change);
         let now = now_ms();
         let mut serials: Vec<String> = self.known_serials(role, name, now)?;
@@ -496,6 +502,7 @@ mod tests {
         assert!(store.revoke("root", "a1", "admin").is_err());
         assert!(store.revoke("agent", "", "admin").is_err());
         assert!(store.revoke("agent", "../x", "admin").is_err());
+        assert!(store.revoke("admin", "alice", "alice").is_err());
         assert_eq!(store.list().revocations.len(), 1);
         assert!(store.for_version(store.version()).is_none());
         assert!(store.for_version(0).is_some());
