@@ -38,8 +38,12 @@ use bulwark_common::metrics::Progress;
 pub struct Agent {
     cfg: AgentConfig,
     coordinator: CoordinatorClient<TracedChannel>,
-    node_tls: Arc<rustls::ClientConfig>,
-    node_channels: Mutex<HashMap<String, TracedChannel>>,
+    /// Dials nodes with the agent's certificate, checking that the node answering
+    /// is the one the coordinator assigned.
+    identity: TlsIdentity,
+    /// Channels to nodes by address, with the node's name and the revocation list
+    /// version they were made under (a new list makes new connections).
+    node_channels: Mutex<HashMap<String, (String, u64, TracedChannel)>>,
     assignments: Mutex<HashMap<String, pb::Assignment>>,
     running: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     control_tx: Mutex<Option<mpsc::Sender<pb::AgentMessage>>>,
@@ -55,14 +59,22 @@ impl Agent {
         self.cfg.sources.iter().find(|s| s.name == name)
     }
 
-    fn node_client(&self, address: &str) -> Result<NodeClient<TracedChannel>, String> {
+    /// A client of node `node` at `address`: a process there with any other
+    /// certificate (another node's, one the fleet revoked) is refused in the
+    /// handshake, so a volume never goes to a node it was not assigned to.
+    fn node_client(&self, node: &str, address: &str) -> Result<NodeClient<TracedChannel>, String> {
+        let version = self.identity.revocations().version();
         let mut map = lock(&self.node_channels);
         let ch = match map.get(address) {
-            Some(c) => c.clone(),
-            None => {
+            Some((n, v, c)) if n == node && *v == version => c.clone(),
+            _ => {
                 let target = Target::parse(address)?;
-                let c = tls::channel_lazy(&target, self.node_tls.clone())?;
-                map.insert(address.to_string(), c.clone());
+                let cfg = self
+                    .identity
+                    .client_config_for(Role::Node, Some(node))
+                    .map_err(|e| e.to_string())?;
+                let c = tls::channel_lazy(&target, cfg)?;
+                map.insert(address.to_string(), (node.to_string(), version, c.clone()));
                 c
             }
         };
@@ -191,7 +203,7 @@ impl Agent {
             loop {
                 let a = self.assignment(name).await?;
                 if a.moving_to.is_empty() {
-                    let node = self.node_client(&a.node_address)?;
+                    let node = self.node_client(&a.node, &a.node_address)?;
                     tracing::info!(node = %a.node, epoch = a.epoch, "sync started");
                     let done = match &tracker {
                         Some(t) => {
@@ -293,7 +305,7 @@ impl Agent {
                     .assignment
                     .as_ref()
                     .ok_or("the restore command carries no assignment")?;
-                let node = self.node_client(&a.node_address)?;
+                let node = self.node_client(&a.node, &a.node_address)?;
                 let target = if cmd.at_ms != 0 {
                     path.join("volume")
                 } else {
@@ -326,7 +338,7 @@ impl Agent {
                     .and_then(|l| l.assignment.clone().map(|a| (l.source.clone(), l.point, a)))
             };
             if let Some((source, point, a)) = log {
-                let node = self.node_client(&a.node_address)?;
+                let node = self.node_client(&a.node, &a.node_address)?;
                 let dir = if cmd.at_ms != 0 {
                     path.join("logs")
                 } else {
@@ -573,10 +585,19 @@ fn lock_state_dir(cfg: &AgentConfig) -> anyhow::Result<File> {
     Ok(f)
 }
 
+/// Where an agent keeps the fleet's revocation list, in its `state_dir`.
+pub const REVOCATIONS_FILE: &str = "revocations.json";
+
 /// Runs the agent until `shutdown` is cancelled.
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let identity = TlsIdentity::load_as(&cfg.tls, Role::Agent, Some(&cfg.name))?;
     let _state_lock = lock_state_dir(&cfg)?;
+    // The last revocation list the coordinator sent, in force before the agent
+    // dials anyone; kept up to date from the control stream.
+    identity
+        .revocations()
+        .persist_at(&cfg.state_dir.join(REVOCATIONS_FILE))
+        .map_err(anyhow::Error::msg)?;
     let mut exports = tokio::task::JoinSet::new();
     let stop_exports = CancellationToken::new();
     let trackers = match open_trackers(&cfg, &identity, &mut exports, &stop_exports).await {
@@ -591,7 +612,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         .map_err(anyhow::Error::msg)?;
     let agent = Arc::new(Agent {
         coordinator: CoordinatorClient::new(channel),
-        node_tls: identity.client_config(Role::Node)?,
+        identity: identity.clone(),
         node_channels: Mutex::new(HashMap::new()),
         assignments: Mutex::new(HashMap::new()),
         running: Mutex::new(HashMap::new()),
@@ -783,8 +804,12 @@ async fn control_session(agent: Arc<Agent>, shutdown: &CancellationToken) -> Res
                         .await;
                 });
             }
-            // Applied by the agent's TLS verifiers (revocation, not built yet).
-            Some(pb::coordinator_command::Cmd::Revocations(_)) => {}
+            // Put in force in the agent's TLS verifiers (and kept in state_dir).
+            Some(pb::coordinator_command::Cmd::Revocations(list)) => {
+                if let Err(e) = agent.identity.revocations().apply_newer(list) {
+                    tracing::error!("the coordinator's revocation list was not taken: {e}");
+                }
+            }
             None => {}
         }
     }

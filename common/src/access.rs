@@ -6,8 +6,24 @@
 //! without a rule fails closed, and `tests/tests/role_matrix.rs` fails). Handlers
 //! make the finer checks a role alone cannot (an agent only for its own sources, a
 //! node only for sources moving to it, an officer only to lower governance locks).
+//!
+//! [`AccessLayer`] is that layer: a tower layer around every service of a server
+//! (`Server::builder().layer(..)`), which runs before any handler. It reads the
+//! caller's certificate from the connection (tonic's `TlsConnectInfo`), refuses a
+//! caller without one or with one the revocation list revokes (`Unauthenticated`),
+//! refuses a role the method's rule does not list (`PermissionDenied`, naming the
+//! method and its roles), logs and counts every refusal (`bulwark_refusals_total`),
+//! and hands the caller's [`crate::tls::Identity`] and certificate expiry to the
+//! handlers in the request's extensions, where `tls::require` reads them again.
 
-use crate::tls::Role;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tonic::Status;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+
+use crate::revocation::{CertFacts, Revocations};
+use crate::tls::{CertExpiry, Role, TlsIdentity};
 
 /// Who may call a method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,6 +153,242 @@ pub const RULES: &[(&str, Access)] = &[
     ("/grpc.health.v1.Health/Check", Access::AnyRole),
     ("/grpc.health.v1.Health/Watch", Access::AnyRole),
 ];
+
+/// Called with each caller's certificate facts once the call is let through (the
+/// coordinator records the serial numbers it sees, for its CRL).
+pub type OnCertificate = Arc<dyn Fn(&CertFacts) + Send + Sync>;
+
+/// The access layer of a server (see the module docs).
+#[derive(Clone)]
+pub struct AccessLayer {
+    check: Arc<Check>,
+}
+
+struct Check {
+    trust_domain: String,
+    revocations: Option<Arc<Revocations>>,
+    /// The enrollment listener: only [`Access::Token`] methods, no certificate.
+    enrollment: bool,
+    on_certificate: Option<OnCertificate>,
+}
+
+impl std::fmt::Debug for AccessLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "AccessLayer({}{})",
+            self.check.trust_domain,
+            if self.check.enrollment {
+                ", enrollment"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
+impl AccessLayer {
+    /// The layer of a listener that requires fleet certificates (the
+    /// coordinator's and the node's), enforcing `identity`'s revocation list.
+    pub fn new(identity: &TlsIdentity) -> AccessLayer {
+        AccessLayer {
+            check: Arc::new(Check {
+                trust_domain: identity.trust_domain.clone(),
+                revocations: Some(identity.revocations().clone()),
+                enrollment: false,
+                on_certificate: None,
+            }),
+        }
+    }
+
+    /// The layer of the enrollment listener: its callers have no certificate yet,
+    /// and only the methods whose rule is [`Access::Token`] are served.
+    pub fn enrollment(trust_domain: &str) -> AccessLayer {
+        AccessLayer {
+            check: Arc::new(Check {
+                trust_domain: trust_domain.to_string(),
+                revocations: None,
+                enrollment: true,
+                on_certificate: None,
+            }),
+        }
+    }
+
+    /// Also calls `f` with the certificate of every caller let through.
+    pub fn on_certificate(self, f: OnCertificate) -> AccessLayer {
+        AccessLayer {
+            check: Arc::new(Check {
+                trust_domain: self.check.trust_domain.clone(),
+                revocations: self.check.revocations.clone(),
+                enrollment: self.check.enrollment,
+                on_certificate: Some(f),
+            }),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for AccessLayer {
+    type Service = AccessService<S>;
+    fn layer(&self, inner: S) -> AccessService<S> {
+        AccessService {
+            inner,
+            check: self.check.clone(),
+        }
+    }
+}
+
+/// See [`AccessLayer`].
+#[derive(Clone)]
+pub struct AccessService<S> {
+    inner: S,
+    check: Arc<Check>,
+}
+
+impl<S, B, RB> tower::Service<http::Request<B>> for AccessService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
+    RB: Default,
+{
+    type Response = http::Response<RB>;
+    type Error = S::Error;
+    type Future = futures::future::Either<
+        futures::future::Ready<Result<Self::Response, S::Error>>,
+        S::Future,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        match self.check.admit(&mut req) {
+            Ok(()) => futures::future::Either::Right(self.inner.call(req)),
+            Err(status) => {
+                futures::future::Either::Left(futures::future::ready(Ok(status.into_http::<RB>())))
+            }
+        }
+    }
+}
+
+/// Logs and counts a refusal; returns it.
+fn refuse(status: Status, reason: &str, path: &str, caller: &str, peer: &str) -> Status {
+    tracing::warn!(method = %path, caller, peer, "refused call: {}", status.message());
+    crate::metrics::counter_add("bulwark_refusals_total", &[("reason", reason)], 1);
+    status
+}
+
+impl Check {
+    fn admit<B>(&self, req: &mut http::Request<B>) -> Result<(), Status> {
+        let path = req.uri().path().to_string();
+        let method = method_of(&path);
+        let info = req
+            .extensions()
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .cloned();
+        let peer = info
+            .as_ref()
+            .and_then(|i| i.get_ref().remote_addr())
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        if self.enrollment {
+            return match rule(&path) {
+                Some(Access::Token) => Ok(()),
+                _ => Err(refuse(
+                    Status::permission_denied(format!(
+                        "{method} is not served on the enrollment listener (it serves Enroll only)"
+                    )),
+                    "role",
+                    &path,
+                    "",
+                    &peer,
+                )),
+            };
+        }
+        let leaf = info
+            .and_then(|i| i.peer_certs())
+            .and_then(|c| c.first().cloned());
+        let Some(leaf) = leaf else {
+            return Err(refuse(
+                Status::unauthenticated(
+                    "no client certificate: every call needs a fleet certificate",
+                ),
+                "no-certificate",
+                &path,
+                "",
+                &peer,
+            ));
+        };
+        let facts = CertFacts::parse(leaf.as_ref(), &self.trust_domain).map_err(|m| {
+            refuse(
+                Status::unauthenticated(format!("the client certificate is not usable: {m}")),
+                "bad-certificate",
+                &path,
+                "",
+                &peer,
+            )
+        })?;
+        let id = &facts.identity;
+        let caller = id.to_string();
+        if let Some(why) = self
+            .revocations
+            .as_ref()
+            .and_then(|r| r.snapshot().refusal(&facts))
+        {
+            return Err(refuse(
+                Status::unauthenticated(why),
+                "revoked",
+                &path,
+                &caller,
+                &peer,
+            ));
+        }
+        match rule(&path) {
+            Some(Access::AnyRole) => {}
+            Some(Access::Roles(roles)) if roles.contains(&id.role) => {}
+            Some(Access::Roles(roles)) => {
+                let wanted: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
+                return Err(refuse(
+                    Status::permission_denied(format!(
+                        "{method} is for {} certificates; the caller is {id}",
+                        wanted.join(" or ")
+                    )),
+                    "role",
+                    &path,
+                    &caller,
+                    &peer,
+                ));
+            }
+            Some(Access::Token) => {
+                return Err(refuse(
+                    Status::permission_denied(format!(
+                        "{method} is served on the coordinator's enrollment listener only; the caller is {id}"
+                    )),
+                    "role",
+                    &path,
+                    &caller,
+                    &peer,
+                ));
+            }
+            None => {
+                return Err(refuse(
+                    Status::permission_denied(format!(
+                        "{path} has no access rule: refused to everyone (the caller is {id})"
+                    )),
+                    "no-rule",
+                    &path,
+                    &caller,
+                    &peer,
+                ));
+            }
+        }
+        if let Some(f) = &self.on_certificate {
+            f(&facts);
+        }
+        req.extensions_mut().insert(CertExpiry(facts.not_after_ms));
+        req.extensions_mut().insert(facts.identity);
+        Ok(())
+    }
+}
 
 /// The rule for a gRPC path (`/package.Service/Method`), if it has one.
 pub fn rule(path: &str) -> Option<Access> {

@@ -124,11 +124,12 @@ pub struct EnrollArgs {
     /// Where to write the files.
     #[arg(long, default_value = "/etc/bulwark/pki")]
     pub dir: PathBuf,
-    /// Nodes: a DNS name agents dial (repeatable).
-    #[arg(long)]
+    /// No longer taken: a node's DNS names come from its token (`bulwark token
+    /// create --role node --name N --dns H --ip A`), never from the host itself.
+    #[arg(long, hide = true)]
     pub dns: Vec<String>,
-    /// Nodes: an IP address agents dial (repeatable).
-    #[arg(long)]
+    /// No longer taken (see --dns).
+    #[arg(long, hide = true)]
     pub ip: Vec<String>,
 }
 
@@ -142,13 +143,17 @@ pub fn enroll(binary: &str, role: crate::tls::Role, args: EnrollArgs) -> ExitCod
             return ExitCode::FAILURE;
         }
     };
+    if !args.dns.is_empty() || !args.ip.is_empty() {
+        eprintln!(
+            "{binary}: --dns/--ip are not taken at enrollment: a node's names come from its token; make one with `bulwark token create --role node --name NAME --dns HOST --ip ADDRESS`"
+        );
+        return ExitCode::from(2);
+    }
     match rt.block_on(crate::enroll::enroll(
         &args.coordinator,
         &args.token,
         role,
         &args.dir,
-        args.dns,
-        args.ip,
     )) {
         Ok(e) => {
             println!("enrolled as {role} {}; wrote:", e.name);

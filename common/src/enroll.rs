@@ -127,17 +127,89 @@ pub fn pending_path(path: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// Writes `data` to `path` (created with `mode`) and fsyncs it.
+/// The effective user id of this process.
+#[allow(unsafe_code)]
+fn euid() -> u32 {
+    // SAFETY: geteuid takes no arguments, cannot fail and touches no memory of ours.
+    unsafe { libc::geteuid() }
+}
+
+/// Removes a file left at `path` by an earlier, interrupted write of ours: only a
+/// regular file this user owns. Anything else there (a symbolic link someone
+/// planted, a directory, another user's file) is refused, never followed.
+fn remove_stale(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("cannot inspect {}: {e}", path.display())),
+    };
+    if !m.file_type().is_file() {
+        return Err(format!(
+            "{} exists and is not a regular file (a symbolic link or directory): refusing to write through it; remove it by hand",
+            path.display()
+        ));
+    }
+    if m.uid() != euid() {
+        return Err(format!(
+            "{} exists and belongs to user {}, not to this process (user {}): refusing to replace it",
+            path.display(),
+            m.uid(),
+            euid()
+        ));
+    }
+    std::fs::remove_file(path).map_err(|e| format!("cannot remove stale {}: {e}", path.display()))
+}
+
+/// Reads `path` if it is a regular file owned by this user, without following a
+/// symbolic link; `None` if there is nothing there.
+pub fn read_own_file(path: &Path) -> Result<Option<Vec<u8>>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let mut f = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(format!(
+                "cannot open {} (not following links): {e}",
+                path.display()
+            ));
+        }
+    };
+    let m = f
+        .metadata()
+        .map_err(|e| format!("cannot inspect {}: {e}", path.display()))?;
+    if !m.file_type().is_file() || m.uid() != euid() {
+        return Err(format!(
+            "{} is not a regular file of this user",
+            path.display()
+        ));
+    }
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    Ok(Some(buf))
+}
+
+/// Writes `data` to the new file `path` (created with `mode`) and fsyncs it. A
+/// stale file of ours is replaced; the file is created exclusively and never
+/// through a symbolic link (`O_NOFOLLOW`), so a link planted beside the keys cannot
+/// redirect a key or certificate elsewhere.
 fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    remove_stale(path)?;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
         .mode(mode)
         .open(path)
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
     f.write_all(data)
         .and_then(|()| f.sync_all())
         .map_err(|e| format!("cannot write {}: {e}", path.display()))
@@ -159,14 +231,9 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
 
 /// Enrolls this host as `role` with the coordinator's enrollment listener at `url`
 /// (`https://host:7442`), writing `dir/ca.crt`, `dir/NAME.crt` and `dir/NAME.key`.
-pub async fn enroll(
-    url: &str,
-    token: &str,
-    role: Role,
-    dir: &Path,
-    dns: Vec<String>,
-    ips: Vec<String>,
-) -> Result<Enrolled, String> {
+/// The certificate's name, and a node's DNS names and addresses, come from the
+/// token (`bulwark token create --dns/--ip`), never from this host.
+pub async fn enroll(url: &str, token: &str, role: Role, dir: &Path) -> Result<Enrolled, String> {
     let fingerprint = token
         .trim()
         .split('.')
@@ -193,8 +260,8 @@ pub async fn enroll(
             token: token.trim().to_string(),
             role: role.as_str().to_string(),
             csr_pem,
-            dns,
-            ips,
+            dns: Vec::new(),
+            ips: Vec::new(),
         })
         .await
         .map_err(|s| format!("enrollment refused by {target}: {}", s.message()))?
@@ -287,7 +354,11 @@ pub async fn renew(
     let cert_new = pending_path(&files.cert);
     let key_new = pending_path(&files.key);
     write_file(&cert_new, cert_pem.as_bytes(), 0o644)?;
-    write_file(&key_new, key_pem.as_bytes(), 0o600)?;
+    if let Err(e) = write_file(&key_new, key_pem.as_bytes(), 0o600) {
+        // Ours, just written: no half of a renewal is left behind.
+        let _ = std::fs::remove_file(&cert_new);
+        return Err(e);
+    }
     std::fs::rename(&key_new, &files.key)
         .map_err(|e| format!("cannot rename into {}: {e}", files.key.display()))?;
     std::fs::rename(&cert_new, &files.cert)
@@ -399,6 +470,91 @@ mod tests {
         let (other_key, _) = crate::pki::make_csr().expect("csr");
         std::fs::write(&files.key, other_key).expect("key");
         assert!(TlsIdentity::load(&files).is_err());
+    }
+
+    /// A symbolic link planted where a renewal writes its new files is neither
+    /// followed nor replaced: the renewal fails naming it, and the file it points
+    /// to is untouched. A stale regular file of ours is replaced.
+    #[tokio::test]
+    async fn renewal_does_not_write_through_a_planted_link() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().expect("tmp");
+        crate::pki::init(dir.path(), "test.fleet").expect("ca");
+        let req = LeafRequest {
+            role: Role::Agent,
+            name: "host-1".into(),
+            dns: vec![],
+            ips: vec![],
+            days: 30,
+        };
+        let issued = crate::pki::issue(dir.path(), &req).expect("issue");
+        let files = crate::config::TlsFiles {
+            ca: dir.path().join("ca.crt"),
+            cert: issued.cert.clone(),
+            key: issued.key.clone(),
+            renew_before: None,
+        };
+        let (ca_crt, ca_key) = crate::pki::ca_paths(dir.path());
+        let signer = std::sync::Arc::new(Signer::load(&ca_crt, &ca_key).expect("signer"));
+        let make_signer = || -> super::RenewSigner {
+            let signer = signer.clone();
+            let req = req.clone();
+            Box::new(move |csr, _, _| {
+                let r = signer.sign_csr(&csr, &req).map_err(|e| e.to_string());
+                Box::pin(async move { r })
+            })
+        };
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").expect("victim");
+        let old_key = std::fs::read(&files.key).expect("key");
+        let old_cert = std::fs::read(&files.cert).expect("cert");
+        for planted in [
+            super::pending_path(&files.key),
+            super::pending_path(&files.cert),
+        ] {
+            symlink(&victim, &planted).expect("symlink");
+            let e = super::renew(&mut make_signer(), &files, vec![], vec![])
+                .await
+                .expect_err("a planted link");
+            assert!(e.contains("not a regular file"), "{e}");
+            assert_eq!(std::fs::read(&victim).expect("victim"), b"precious");
+            assert_eq!(std::fs::read(&files.key).expect("key"), old_key);
+            assert_eq!(std::fs::read(&files.cert).expect("cert"), old_cert);
+            std::fs::remove_file(&planted).expect("unplant");
+        }
+        // The temporary file of write_atomic likewise.
+        let target = dir.path().join("out.pem");
+        let mut tmp = target.as_os_str().to_owned();
+        tmp.push(".bulwark-tmp");
+        symlink(&victim, &tmp).expect("symlink");
+        assert!(super::write_atomic(&target, b"new", 0o644).is_err());
+        assert_eq!(std::fs::read(&victim).expect("victim"), b"precious");
+        std::fs::remove_file(&tmp).expect("unplant");
+        // A stale regular file left by an interrupted renewal is replaced.
+        std::fs::write(super::pending_path(&files.key), b"stale").expect("stale");
+        super::renew(&mut make_signer(), &files, vec![], vec![])
+            .await
+            .expect("renewed over a stale file");
+        assert_ne!(std::fs::read(&files.key).expect("key"), old_key);
+        TlsIdentity::load(&files).expect("the renewed pair loads");
+        // A link where an interrupted renewal's certificate would wait is not
+        // renamed into place.
+        let pending = super::pending_path(&files.cert);
+        symlink(old_cert_path(&dir, &old_cert), &pending).expect("symlink");
+        let _ = TlsIdentity::load(&files);
+        assert!(
+            !std::fs::symlink_metadata(&files.cert)
+                .expect("cert")
+                .file_type()
+                .is_symlink()
+        );
+        assert!(std::fs::symlink_metadata(&pending).is_ok(), "left alone");
+    }
+
+    fn old_cert_path(dir: &tempfile::TempDir, pem: &[u8]) -> std::path::PathBuf {
+        let p = dir.path().join("old-cert.pem");
+        std::fs::write(&p, pem).expect("old cert");
+        p
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub mod nbd;
 pub mod pki;
 pub mod point;
 pub mod retention;
+pub mod revocation;
 pub mod shutdown;
 pub mod telemetry;
 pub mod text;

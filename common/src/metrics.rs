@@ -87,7 +87,7 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
     (
         "bulwark_refusals_total",
         Kind::Counter,
-        "Calls refused, per reason (role, not-owner, not-assigned, stale-epoch, space, bad-input)",
+        "Calls refused, per reason (role, no-rule, no-certificate, bad-certificate, revoked, enrollment, not-owner, not-assigned, stale-epoch, space, bad-input)",
     ),
     (
         "bulwark_alerts_active",

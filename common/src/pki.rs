@@ -12,8 +12,9 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevocationReason, RevokedCertParams, SanType, SerialNumber,
 };
 
 use crate::tls::Role;
@@ -179,10 +180,14 @@ pub fn trust_domain_of_ca(ca_pem_path: &Path) -> Result<String, PkiError> {
 }
 
 /// The certificate of one process: URI SAN `spiffe://<td>/<role>/<name>` plus the
-/// DNS names and addresses asked for, server and client use, `days` of validity.
+/// DNS names and addresses asked for, server and client use, `days` of validity, a
+/// random serial number. Valid from an hour ago (clock skew), but never from
+/// `not_before_after_ms` or earlier: a certificate issued for a name after its
+/// revocation must not date from before it, or it would be refused as revoked.
 fn leaf_params(
     trust_domain: &str,
     req: &LeafRequest,
+    not_before_after_ms: Option<i64>,
 ) -> Result<(CertificateParams, String), PkiError> {
     let spiffe_id = format!("spiffe://{trust_domain}/{}/{}", req.role, req.name);
     let mut params = CertificateParams::default();
@@ -202,6 +207,11 @@ fn leaf_params(
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
     params.use_authority_key_identifier_extension = true;
+    // Random, not derived from the key: a key used again (a CSR sent twice) must not
+    // get the serial of a certificate the CRL lists.
+    let mut serial: [u8; 16] = rand::random();
+    serial[0] = (serial[0] & 0x7f) | 0x01;
+    params.serial_number = Some(SerialNumber::from_slice(&serial));
     let mut sans = vec![SanType::URI(spiffe_id.clone().try_into()?)];
     for d in &req.dns {
         sans.push(SanType::DnsName(d.clone().try_into()?));
@@ -213,6 +223,12 @@ fn leaf_params(
     let now = time::OffsetDateTime::now_utc();
     if req.days >= 0 {
         params.not_before = now - time::Duration::hours(1);
+        if let Some(ms) = not_before_after_ms {
+            // Certificate times have whole seconds: the next second after it.
+            let floor = time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000) + 1)
+                .map_err(|_| PkiError::Rcgen(rcgen::Error::Time))?;
+            params.not_before = params.not_before.max(floor);
+        }
         params.not_after = now + time::Duration::days(req.days);
     } else {
         params.not_before = now + time::Duration::days(req.days - 1);
@@ -268,12 +284,57 @@ impl Signer {
     /// Signs the key of `csr_pem` as `req` says (names and SANs come from `req`,
     /// never from the CSR); returns the certificate PEM.
     pub fn sign_csr(&self, csr_pem: &str, req: &LeafRequest) -> Result<String, PkiError> {
+        self.sign_csr_after(csr_pem, req, None)
+    }
+
+    /// [`Signer::sign_csr`] for a certificate whose notBefore must be later than
+    /// `revoked_at_ms` (the name was revoked then).
+    pub fn sign_csr_after(
+        &self,
+        csr_pem: &str,
+        req: &LeafRequest,
+        revoked_at_ms: Option<i64>,
+    ) -> Result<String, PkiError> {
         if !valid_name(&req.name) {
             return Err(PkiError::Name(req.name.clone()));
         }
         let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
-        let (params, _) = leaf_params(&self.trust_domain, req)?;
+        let (params, _) = leaf_params(&self.trust_domain, req, revoked_at_ms)?;
         Ok(params.signed_by(&csr.public_key, &self.issuer)?.pem())
+    }
+
+    /// An X.509 CRL signed by the fleet CA listing `revoked` (serial bytes, when
+    /// revoked in Unix ms), numbered `number`; valid for 30 days (Bulwark's own
+    /// verifiers accept it after that too; the coordinator signs a new one at every
+    /// change and start). Returns DER and PEM.
+    pub fn sign_crl(
+        &self,
+        number: u64,
+        revoked: &[(Vec<u8>, i64)],
+    ) -> Result<(Vec<u8>, String), PkiError> {
+        let now = time::OffsetDateTime::now_utc();
+        let at = |ms: i64| {
+            time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+                .unwrap_or(now)
+        };
+        let params = CertificateRevocationListParams {
+            this_update: now - time::Duration::minutes(1),
+            next_update: now + time::Duration::days(30),
+            crl_number: SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|(serial, ms)| RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(serial),
+                    revocation_time: at(*ms),
+                    reason_code: Some(RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        let crl = params.signed_by(&self.issuer)?;
+        Ok((crl.der().to_vec(), crl.pem()?))
     }
 }
 
@@ -297,7 +358,7 @@ pub fn issue(dir: &Path, req: &LeafRequest) -> Result<Issued, PkiError> {
             return Err(PkiError::Exists { path: p.clone() });
         }
     }
-    let (params, spiffe_id) = leaf_params(&trust_domain, req)?;
+    let (params, spiffe_id) = leaf_params(&trust_domain, req, None)?;
     let key_pair = KeyPair::generate()?;
     let cert = params.signed_by(&key_pair, &issuer)?;
     write_private(&key_path, &key_pair.serialize_pem())?;

@@ -33,7 +33,7 @@ pub fn format_duration_ms(ms: u64) -> String {
         (1000, "s"),
     ];
     for (unit, word) in UNITS {
-        if ms >= unit && ms % unit == 0 {
+        if ms >= unit && ms.is_multiple_of(unit) {
             return format!("{}{word}", ms / unit);
         }
     }

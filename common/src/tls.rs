@@ -3,11 +3,14 @@
 //! Every Bulwark connection is TLS 1.3 with a client certificate, both signed by the
 //! fleet CA. A process's identity is the URI SAN of its certificate,
 //! `spiffe://<trust-domain>/<role>/<name>`; servers take the caller's role and name from
-//! the peer certificate only (an interceptor puts an [`Identity`] into each request's
-//! extensions) and every handler states the roles it serves with [`require`]. Clients
-//! check the server's certificate chain and host name as usual, and also that the
-//! server has the role they meant to reach (an agent will not send a volume to a
-//! process holding an agent certificate).
+//! the peer certificate only (the access layer, [`crate::access::AccessLayer`], checks
+//! the method's roles and puts an [`Identity`] into each request's extensions) and
+//! every handler states the roles it serves again with [`require`]. Clients check the
+//! server's certificate chain and host name as usual, and also that the server has
+//! the role they meant to reach (an agent will not send a volume to a process holding
+//! an agent certificate) and, where they know it, its name (an agent sends a volume
+//! only to the node the coordinator assigned). Both sides refuse certificates the
+//! fleet's revocation list revokes ([`crate::revocation`]).
 
 use crate::telemetry::TracedChannel;
 use std::fmt;
@@ -20,7 +23,6 @@ use std::time::Duration;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -29,6 +31,7 @@ use tonic::transport::{Endpoint, Uri};
 use tonic::{Request, Status};
 
 use crate::config::TlsFiles;
+use crate::revocation::{Revocations, Tracked};
 
 /// What a certificate allows its holder to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -192,11 +195,11 @@ pub fn not_after_ms(der: &[u8]) -> Result<i64, String> {
 }
 
 /// When the caller's certificate expires (Unix ms), put in a request's extensions by
-/// [`authenticator`].
+/// the access layer.
 #[derive(Debug, Clone, Copy)]
 pub struct CertExpiry(pub i64);
 
-/// The caller's certificate expiry, if the authenticator recorded it.
+/// The caller's certificate expiry, if the access layer recorded it.
 pub fn cert_expiry<T>(req: &Request<T>) -> Option<i64> {
     req.extensions().get::<CertExpiry>().map(|e| e.0)
 }
@@ -233,7 +236,6 @@ pub enum TlsError {
 /// The fleet CA plus this process's certificate and key, loaded and checked.
 #[derive(Clone)]
 pub struct TlsIdentity {
-    roots: Arc<RootCertStore>,
     /// The CA certificates as loaded (sent along on the enrollment listener).
     ca_certs: Vec<CertificateDer<'static>>,
     chain: Vec<CertificateDer<'static>>,
@@ -241,6 +243,9 @@ pub struct TlsIdentity {
     /// The certificate and key every configuration made from this identity presents:
     /// [`TlsIdentity::reload`] swaps it (renewal without a restart).
     current: Arc<CurrentCert>,
+    /// The fleet's revocation list as this process holds it, read by every
+    /// verifier made from this identity (a new list needs no new configuration).
+    revocations: Arc<Revocations>,
     /// Trust domain of the fleet CA.
     pub trust_domain: String,
     /// This process, as its certificate names it.
@@ -296,8 +301,13 @@ impl TlsIdentity {
         let certified =
             rustls::sign::CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider())
                 .map_err(|e| invalid("certificate/key pair", &files.cert, e.to_string()))?;
+        let roots = Arc::new(roots);
+        let revocations = Arc::new(
+            Revocations::new(roots.clone(), &trust_domain)
+                .map_err(|m| invalid("CA certificate", &files.ca, m))?,
+        );
         let id = TlsIdentity {
-            roots: Arc::new(roots),
+            revocations,
             ca_certs,
             chain,
             key: Arc::new(key),
@@ -368,17 +378,26 @@ impl TlsIdentity {
         Ok(id)
     }
 
-    /// The server side: TLS 1.3 only, a client certificate from the fleet CA required.
+    /// The revocation list this process enforces (shared by every configuration
+    /// made from this identity and its clones).
+    pub fn revocations(&self) -> &Arc<Revocations> {
+        &self.revocations
+    }
+
+    /// The server side: TLS 1.3 only, a client certificate from the fleet CA
+    /// required, and not one the revocation list revokes.
     pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
-        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
-            .build()
-            .map_err(|e| TlsError::Config(e.to_string()))?;
+        let verifier = self.revocations.client_verifier();
         let mut cfg = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TlsError::Config(e.to_string()))?
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(self.current.clone());
         cfg.alpn_protocols = vec![b"h2".to_vec()];
+        // No session resumption: a resumed session skips the client verifier, so
+        // a certificate revoked since its first handshake would get back in.
+        cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        cfg.send_tls13_tickets = 0;
         Ok(Arc::new(cfg))
     }
 
@@ -399,16 +418,25 @@ impl TlsIdentity {
     }
 
     /// The client side: presents this process's certificate and accepts only a server
-    /// whose certificate (chain, host name, expiry) checks out and whose role is
-    /// `server_role`.
+    /// whose certificate (chain, host name, expiry, revocation) checks out and whose
+    /// role is `server_role`.
     pub fn client_config(&self, server_role: Role) -> Result<Arc<ClientConfig>, TlsError> {
-        let inner = WebPkiServerVerifier::builder_with_provider(self.roots.clone(), provider())
-            .build()
-            .map_err(|e| TlsError::Config(e.to_string()))?;
+        self.client_config_for(server_role, None)
+    }
+
+    /// [`TlsIdentity::client_config`] that also wants the server's certificate to
+    /// name `expected` (the node the coordinator assigned, say): a process holding
+    /// another node's certificate is refused in the handshake.
+    pub fn client_config_for(
+        &self,
+        server_role: Role,
+        expected: Option<&str>,
+    ) -> Result<Arc<ClientConfig>, TlsError> {
         let verifier = Arc::new(RoleVerifier {
-            inner,
+            revocations: self.revocations.clone(),
             trust_domain: self.trust_domain.clone(),
             role: server_role,
+            name: expected.map(str::to_string),
         });
         let mut cfg = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -417,6 +445,9 @@ impl TlsIdentity {
             .with_custom_certificate_verifier(verifier)
             .with_client_cert_resolver(self.current.clone());
         cfg.alpn_protocols = vec![b"h2".to_vec()];
+        // Every connection verifies the server again (revocation, name): a resumed
+        // session would skip the verifier.
+        cfg.resumption = rustls::client::Resumption::disabled();
         Ok(Arc::new(cfg))
     }
 }
@@ -427,7 +458,17 @@ impl TlsIdentity {
 /// matches the key (and leave everything alone otherwise).
 fn finish_interrupted_renewal(files: &TlsFiles) {
     let pending = crate::enroll::pending_path(&files.cert);
-    let (Ok(cert_pem), Ok(key_pem)) = (std::fs::read(&pending), std::fs::read(&files.key)) else {
+    // Read without following a link, and only a regular file of ours: what is
+    // renamed into place must be what a renewal of this process wrote.
+    let cert_pem = match crate::enroll::read_own_file(&pending) {
+        Ok(Some(pem)) => pem,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!("left {} alone: {e}", pending.display());
+            return;
+        }
+    };
+    let Ok(key_pem) = std::fs::read(&files.key) else {
         return;
     };
     let (Ok(chain), Ok(Some(key))) = (
@@ -470,12 +511,21 @@ impl rustls::client::ResolvesClientCert for CurrentCert {
     }
 }
 
-/// WebPKI server verification plus a check of the server's SPIFFE role.
+/// WebPKI server verification (with the CRL in force) plus checks of the server's
+/// SPIFFE role, its name when the client knows whom it dials, and the revocation
+/// list's identity rule.
 #[derive(Debug)]
 struct RoleVerifier {
-    inner: Arc<WebPkiServerVerifier>,
+    revocations: Arc<Revocations>,
     trust_domain: String,
     role: Role,
+    name: Option<String>,
+}
+
+impl RoleVerifier {
+    fn inner(&self) -> Arc<WebPkiServerVerifier> {
+        self.revocations.server_verifier()
+    }
 }
 
 impl ServerCertVerifier for RoleVerifier {
@@ -487,20 +537,37 @@ impl ServerCertVerifier for RoleVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.inner.verify_server_cert(
+        self.inner().verify_server_cert(
             end_entity,
             intermediates,
             server_name,
             ocsp_response,
             now,
         )?;
-        let id = Identity::from_cert(end_entity.as_ref(), &self.trust_domain)
+        let facts = crate::revocation::CertFacts::parse(end_entity.as_ref(), &self.trust_domain)
             .map_err(rustls::Error::General)?;
+        let id = &facts.identity;
         if id.role != self.role {
             return Err(rustls::Error::General(format!(
                 "server is {id}, expected a {} certificate",
                 self.role
             )));
+        }
+        if let Some(want) = &self.name
+            && *want != id.name
+        {
+            tracing::warn!(server = %id, expected = %want, "refused server: not the one dialled");
+            return Err(rustls::Error::General(format!(
+                "server is {id}, expected {} {want} (the address does not lead to the {} this connection is for)",
+                self.role, self.role
+            )));
+        }
+        if let Some(why) = self.revocations.snapshot().refusal(&facts) {
+            tracing::warn!(server = %id, "refused server certificate: {why}");
+            crate::metrics::counter_add("bulwark_refusals_total", &[("reason", "revoked")], 1);
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Revoked,
+            ));
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -511,7 +578,7 @@ impl ServerCertVerifier for RoleVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        self.inner().verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -520,23 +587,28 @@ impl ServerCertVerifier for RoleVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        self.inner().verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.inner().supported_verify_schemes()
     }
 }
 
+/// A connection accepted by [`incoming`].
+pub type Accepted = Tracked<tokio_rustls::server::TlsStream<TcpStream>>;
+
 /// Accepts TCP connections and completes TLS handshakes, each in its own task so a
 /// slow or hostile client cannot stall the accept loop. Failed handshakes (no client
-/// certificate, another CA, expired) are logged as refusals and dropped.
+/// certificate, another CA, expired, revoked) are logged as refusals and dropped.
+/// With `revocations`, each connection is tracked with its peer's certificate and
+/// cut when a later revocation list revokes it.
 pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
+    revocations: Option<Arc<Revocations>>,
     shutdown: CancellationToken,
-) -> impl futures::Stream<Item = Result<tokio_rustls::server::TlsStream<TcpStream>, std::io::Error>>
-{
+) -> impl futures::Stream<Item = Result<Accepted, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
     tokio::spawn(async move {
@@ -556,10 +628,16 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let revocations = revocations.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
+                        let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+                        let guard = match &revocations {
+                            Some(r) => r.track(leaf, peer.to_string()),
+                            None => Revocations::untracked(),
+                        };
+                        let _ = tx.send(Ok(Tracked::new(tls, guard))).await;
                     }
                     Ok(Err(e)) => {
                         tracing::warn!(%peer, "refused TLS connection: {e}");
@@ -580,31 +658,6 @@ pub fn server_builder() -> tonic::transport::Server {
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .tcp_nodelay(true)
-}
-
-/// Interceptor that turns the peer certificate into an [`Identity`] in the request's
-/// extensions, or refuses the call as `Unauthenticated`.
-pub fn authenticator(
-    trust_domain: String,
-) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static {
-    move |mut req: Request<()>| {
-        let certs = req.peer_certs().ok_or_else(|| {
-            tracing::warn!("refused call: no client certificate");
-            Status::unauthenticated("no client certificate: every call needs a fleet certificate")
-        })?;
-        let leaf = certs.first().ok_or_else(|| {
-            Status::unauthenticated("no client certificate: every call needs a fleet certificate")
-        })?;
-        let id = Identity::from_cert(leaf.as_ref(), &trust_domain).map_err(|m| {
-            tracing::warn!("refused call: {m}");
-            Status::unauthenticated(m)
-        })?;
-        req.extensions_mut().insert(id);
-        if let Ok(t) = not_after_ms(leaf.as_ref()) {
-            req.extensions_mut().insert(CertExpiry(t));
-        }
-        Ok(req)
-    }
 }
 
 /// The caller of `req`, if its role is one of `roles`; otherwise `PermissionDenied`
@@ -769,7 +822,9 @@ fn explain_connect_error(target: &Target, e: &tonic::transport::Error) -> String
 }
 
 const CHECK_CERT: &str = "check that --cert/--key (or BULWARK_CERT/BULWARK_KEY) hold a \
-     certificate signed by the fleet CA that is neither expired nor revoked";
+     certificate signed by the fleet CA that has not expired, and that it is not revoked \
+     (`bulwark revocations` lists revoked identities; a certificate issued for the name \
+     after its revocation is accepted)";
 
 /// The alert in "received fatal alert: UnknownCA": the server refused the handshake.
 fn refused_by_alert(chain: &str) -> Option<&str> {

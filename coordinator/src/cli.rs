@@ -213,6 +213,21 @@ pub enum Command {
     /// One-time enrollment tokens (the coordinator needs an [enrollment] table).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Revoke every certificate of ROLE NAME issued up to now: its connections are
+    /// refused and its open streams cut within one heartbeat interval, it cannot
+    /// renew, and its old enrollment tokens stop working. A certificate issued for
+    /// the name later (a token made from now on) is accepted again.
+    Revoke {
+        /// coordinator, node, agent, admin or officer.
+        role: String,
+        /// The name in the certificate (node or agent name, ...).
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List revoked identities: role, name, when, by whom, serials in the CRL.
+    Revocations(ListArgs),
     /// Move every data source off a node (it gets no new ones from now on); waits
     /// until the moves are done. Each move copies replica and points node to node,
     /// verifies every checksum, then switches the source with a new epoch.
@@ -350,6 +365,13 @@ pub enum TokenCommand {
         /// How long the token may be used (`1h`).
         #[arg(long, value_parser = parse_duration_ms, default_value = "1h")]
         ttl: u64,
+        /// Nodes: a DNS name agents dial it by, put in its certificate
+        /// (repeatable). A node's names come from here, never from the node.
+        #[arg(long)]
+        dns: Vec<String>,
+        /// Nodes: an IP address agents dial it by (repeatable).
+        #[arg(long)]
+        ip: Vec<IpAddr>,
         #[arg(long)]
         json: bool,
     },
@@ -382,7 +404,8 @@ pub enum PkiCommand {
         /// Directory holding ca.crt and ca.key.
         #[arg(long)]
         dir: PathBuf,
-        /// coordinator, node, agent or admin.
+        /// coordinator, node, agent, admin or officer (lifts governance locks;
+        /// keep its key apart from the admin's).
         #[arg(long, value_parser = |s: &str| s.parse::<Role>())]
         role: Role,
         /// Name of the process (node name, agent name, ...).
@@ -1233,6 +1256,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     .map(|x| x.id)
                     .ok_or_else(|| anyhow!("{source} has no recovery point yet"))?,
             };
+            // The listener must be the node the coordinator named (qemu checks the
+            // CA only).
+            crate::export::check_nbd_node(&files, &at.nbd_address, &at.node).await?;
             let url = format!("nbd://{}/{source}@{id}", at.nbd_address);
             if let Some(dir) = &tls_dir {
                 qemu_tls_dir(&files, dir)?;
@@ -1256,10 +1282,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Group(g) => group_command(&mut admin, g).await?,
+        Command::Revoke { role, name, json } => {
+            crate::revocation_cli::revoke(&mut admin, &role, &name, json).await?
+        }
+        Command::Revocations(a) => crate::revocation_cli::list(&mut admin, a.json).await?,
         Command::Token(TokenCommand::Create {
             role,
             name,
             ttl,
+            dns,
+            ip,
             json,
         }) => {
             let r = admin
@@ -1268,7 +1300,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     role: role.clone(),
                     name: name.clone(),
                     ttl_ms: ttl,
-                    ..Default::default()
+                    dns,
+                    ips: ip.iter().map(IpAddr::to_string).collect(),
                 })
                 .await
                 .map_err(|s| admin.err(s))?

@@ -6,7 +6,16 @@
 //! expiry and, once redeemed, when; the fingerprint (BLAKE3 of the CA certificate)
 //! lets the enrolling host check the coordinator before it trusts anything it says.
 //! The private key never leaves the host: it sends a CSR, and the certificate's
-//! names come from the token, never from the CSR.
+//! names come from the token, never from the CSR or the request: a node's DNS names
+//! and addresses are the admin's (`bulwark token create --dns/--ip`), and a renewal
+//! keeps those of the certificate the caller presented.
+//!
+//! Revocation (`crate::revocation`): a token made at or before its identity's
+//! revocation is refused (it may have leaked with the host); a token made after
+//! it enrolls the name again. Every certificate signed here dates from after the
+//! identity's revocation and is recorded with its serial, so a later revocation's
+//! CRL names it. A token is used up only once its CSR has been signed, so a bad
+//! request does not burn it.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -29,6 +38,18 @@ struct TokenRecord {
     expires_ms: i64,
     /// When it was redeemed (0 = not yet).
     used_ms: i64,
+    /// Nodes: the DNS names and addresses of the certificate (the admin's).
+    #[serde(default)]
+    dns: Vec<String>,
+    #[serde(default)]
+    ips: Vec<String>,
+}
+
+/// A token checked and ready to be used up.
+struct Redeemable {
+    key: String,
+    old: sled::IVec,
+    rec: TokenRecord,
 }
 
 /// Tokens and the CA signer (present when `[enrollment]` is configured).
@@ -37,6 +58,7 @@ pub struct Enroller {
     signer: Signer,
     fingerprint: String,
     cert_days: i64,
+    revocations: Option<Arc<crate::revocation::RevocationStore>>,
 }
 
 impl std::fmt::Debug for Enroller {
@@ -79,12 +101,63 @@ impl Enroller {
             signer,
             fingerprint,
             cert_days,
+            revocations: None,
         })
     }
 
-    /// Makes a token for `role`/`name`, valid `ttl_ms`.
-    pub fn create(&self, role: &str, name: &str, ttl_ms: u64) -> Result<(String, i64), Status> {
-        enrollable(role)?;
+    /// Checks tokens and signed certificates against the revocation list and
+    /// records what is signed there.
+    pub fn with_revocations(mut self, r: Arc<crate::revocation::RevocationStore>) -> Self {
+        self.revocations = Some(r);
+        self
+    }
+
+    fn revoked_at(&self, role: Role, name: &str) -> Option<i64> {
+        self.revocations.as_ref()?.revoked_at(role, name)
+    }
+
+    /// Records a certificate signed here (its serial, for a later CRL).
+    fn issued(&self, cert_pem: &str) {
+        let Some(r) = &self.revocations else { return };
+        match bulwark_common::tls::parse_certs_pem(cert_pem.as_bytes()).and_then(|d| {
+            bulwark_common::revocation::CertFacts::parse(
+                d.first().ok_or("no certificate")?.as_ref(),
+                &self.signer.trust_domain,
+            )
+        }) {
+            Ok(f) => r.note_certificate(&f, "issued"),
+            Err(e) => tracing::warn!("cannot record a certificate just signed: {e}"),
+        }
+    }
+
+    /// Makes a token for `role`/`name`, valid `ttl_ms`; a node's token also carries
+    /// the DNS names and IP addresses its certificate will have.
+    pub fn create(
+        &self,
+        role: &str,
+        name: &str,
+        ttl_ms: u64,
+        dns: &[String],
+        ips: &[String],
+    ) -> Result<(String, i64), Status> {
+        let r = enrollable(role)?;
+        if r != Role::Node && !(dns.is_empty() && ips.is_empty()) {
+            return Err(Status::invalid_argument(
+                "--dns/--ip are for node tokens: agents only dial out, nobody dials them by name",
+            ));
+        }
+        parse_ips(ips)?;
+        for d in dns {
+            let ok = !d.is_empty()
+                && d.len() <= 253
+                && d.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '*');
+            if !ok {
+                return Err(Status::invalid_argument(format!(
+                    "\"{d}\" is not a DNS name (letters, digits, '.', '-')"
+                )));
+            }
+        }
         if !bulwark_common::pki::valid_name(name) {
             return Err(Status::invalid_argument(format!(
                 "\"{name}\" is not a valid name (letters, digits, '.', '-', '_')"
@@ -106,6 +179,8 @@ impl Enroller {
             created_ms: now,
             expires_ms,
             used_ms: 0,
+            dns: dns.to_vec(),
+            ips: ips.to_vec(),
         };
         let key = blake3::hash(secret_hex.as_bytes()).to_hex().to_string();
         let value = serde_json::to_vec(&rec).map_err(|e| Status::internal(e.to_string()))?;
@@ -120,8 +195,9 @@ impl Enroller {
         ))
     }
 
-    /// Redeems `token` for an `role` process: once only, before it expires.
-    fn redeem(&self, token: &str, role: &str) -> Result<TokenRecord, Status> {
+    /// Checks `token` for a `role` process: known, unused, unexpired, of that role,
+    /// and made after any revocation of its identity. Nothing is used up yet.
+    fn check(&self, token: &str, role: &str) -> Result<Redeemable, Status> {
         let mut parts = token.trim().split('.');
         let (Some(TOKEN_PREFIX), Some(secret), Some(_fp), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
@@ -158,10 +234,27 @@ impl Enroller {
                 rec.role, rec.name
             )));
         }
+        let r = enrollable(&rec.role)?;
+        if let Some(at) = self.revoked_at(r, &rec.name)
+            && rec.created_ms <= at
+        {
+            return Err(Status::permission_denied(format!(
+                "{} {} was revoked at {}, after this token was made (it may have leaked with the host): make a new token with `bulwark token create`",
+                rec.role,
+                rec.name,
+                bulwark_common::time::rfc3339_ms(at)
+            )));
+        }
+        Ok(Redeemable { key, old, rec })
+    }
+
+    /// Uses up a checked token: once only (two hosts racing with one token: only
+    /// one swap succeeds).
+    fn consume(&self, t: Redeemable) -> Result<TokenRecord, Status> {
+        let Redeemable { key, old, rec } = t;
         let mut used = rec.clone();
-        used.used_ms = now;
+        used.used_ms = bulwark_common::time::now_ms();
         let new = serde_json::to_vec(&used).map_err(|e| Status::internal(e.to_string()))?;
-        // Two hosts racing with one token: only one swap succeeds.
         match self
             .tokens
             .compare_and_swap(key.as_bytes(), Some(old), Some(new))
@@ -180,6 +273,8 @@ impl Enroller {
         Ok(rec)
     }
 
+    /// Signs `csr` for `role`/`name` with these SANs (servers only), dated after
+    /// any revocation of the identity.
     fn sign(
         &self,
         role: Role,
@@ -194,8 +289,9 @@ impl Enroller {
         } else {
             (Vec::new(), Vec::new())
         };
-        self.signer
-            .sign_csr(
+        let pem = self
+            .signer
+            .sign_csr_after(
                 csr,
                 &LeafRequest {
                     role,
@@ -204,8 +300,11 @@ impl Enroller {
                     ips,
                     days: self.cert_days,
                 },
+                self.revoked_at(role, name),
             )
-            .map_err(|e| Status::invalid_argument(format!("cannot sign the request: {e}")))
+            .map_err(|e| Status::invalid_argument(format!("cannot sign the request: {e}")))?;
+        self.issued(&pem);
+        Ok(pem)
     }
 
     /// Signs the coordinator's own renewed certificate (named `name`, keeping the
@@ -221,11 +320,15 @@ impl Enroller {
             .map_err(|s| s.message().to_string())
     }
 
-    /// `Renew`: a new certificate for `role`/`name` (the caller's own).
+    /// `Renew`: a new certificate for `role`/`name` (the caller's own), with the
+    /// DNS names and addresses of the certificate it presented (`presented`, DER):
+    /// what the request asks for is ignored, so a node cannot give itself a name
+    /// the admin did not. Refused to a revoked certificate.
     pub fn renew(
         &self,
         role: Role,
         name: &str,
+        presented: &[u8],
         r: &pb::RenewRequest,
     ) -> Result<pb::RenewResponse, Status> {
         if !matches!(role, Role::Node | Role::Agent) {
@@ -233,7 +336,30 @@ impl Enroller {
                 "only nodes and agents renew here",
             ));
         }
-        let cert_pem = self.sign(role, name, &r.csr_pem, &r.dns, &r.ips)?;
+        let facts =
+            bulwark_common::revocation::CertFacts::parse(presented, &self.signer.trust_domain)
+                .map_err(|m| Status::unauthenticated(format!("the presented certificate: {m}")))?;
+        if facts.identity.role != role || facts.identity.name != name {
+            return Err(Status::permission_denied(
+                "the presented certificate is not the caller's",
+            ));
+        }
+        if let Some(at) = self.revoked_at(role, name)
+            && facts.not_before_ms <= at
+        {
+            tracing::warn!(%role, name, "renewal refused: revoked");
+            bulwark_common::metrics::counter_add(
+                "bulwark_refusals_total",
+                &[("reason", "revoked")],
+                1,
+            );
+            return Err(Status::permission_denied(format!(
+                "{role} {name} was revoked at {}: it cannot renew",
+                bulwark_common::time::rfc3339_ms(at)
+            )));
+        }
+        let (dns, ips) = bulwark_common::tls::dns_and_ip_sans(presented);
+        let cert_pem = self.sign(role, name, &r.csr_pem, &dns, &ips)?;
         tracing::info!(%role, name, "certificate renewed");
         Ok(pb::RenewResponse {
             cert_pem,
@@ -255,24 +381,259 @@ impl pb::enrollment_server::Enrollment for EnrollmentApi {
         let peer = req.remote_addr();
         let r = req.into_inner();
         let role = enrollable(&r.role)?;
-        let rec = match self.0.redeem(&r.token, &r.role) {
-            Ok(rec) => rec,
-            Err(s) => {
-                tracing::warn!(?peer, role = %r.role, "enrollment refused: {}", s.message());
-                bulwark_common::metrics::counter_add(
-                    "bulwark_refusals_total",
-                    &[("reason", "enrollment")],
-                    1,
-                );
-                return Err(s);
-            }
+        let refused = |s: Status| {
+            tracing::warn!(?peer, role = %r.role, "enrollment refused: {}", s.message());
+            bulwark_common::metrics::counter_add(
+                "bulwark_refusals_total",
+                &[("reason", "enrollment")],
+                1,
+            );
+            s
         };
-        let cert_pem = self.0.sign(role, &rec.name, &r.csr_pem, &r.dns, &r.ips)?;
+        let token = self.0.check(&r.token, &r.role).map_err(refused)?;
+        // The names come from the token; EnrollRequest.dns/ips are ignored. The CSR
+        // is signed before the token is used up, so a bad one does not burn it.
+        let (name, dns, ips) = (
+            token.rec.name.clone(),
+            token.rec.dns.clone(),
+            token.rec.ips.clone(),
+        );
+        let cert_pem = self
+            .0
+            .sign(role, &name, &r.csr_pem, &dns, &ips)
+            .map_err(refused)?;
+        let rec = self.0.consume(token).map_err(refused)?;
         tracing::info!(?peer, role = %rec.role, name = %rec.name, "host enrolled");
         Ok(Response::new(pb::EnrollResponse {
             name: rec.name,
             cert_pem,
             ca_pem: self.0.signer.ca_pem.clone(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pb::enrollment_server::Enrollment;
+
+    struct Setup {
+        _dir: tempfile::TempDir,
+        enroller: Arc<Enroller>,
+        revocations: Arc<crate::revocation::RevocationStore>,
+    }
+
+    fn setup() -> Setup {
+        let dir = tempfile::tempdir().expect("tmp");
+        let pki = dir.path().join("pki");
+        bulwark_common::pki::init(&pki, "test.fleet").expect("ca");
+        let (crt, key) = bulwark_common::pki::ca_paths(&pki);
+        let registry = Arc::new(
+            crate::registry::Registry::open(
+                &dir.path().join("data"),
+                std::time::Duration::from_secs(30),
+            )
+            .expect("registry"),
+        );
+        let mut roots = rustls::RootCertStore::empty();
+        let ca =
+            bulwark_common::tls::parse_certs_pem(&std::fs::read(&crt).expect("ca")).expect("pem");
+        roots.add(ca[0].clone()).expect("root");
+        let tls = Arc::new(
+            bulwark_common::revocation::Revocations::new(Arc::new(roots), "test.fleet")
+                .expect("revs"),
+        );
+        let revocations = Arc::new(
+            crate::revocation::RevocationStore::open(
+                registry.clone(),
+                Some(Signer::load(&crt, &key).expect("signer")),
+                &dir.path().join("data"),
+                tls,
+            )
+            .expect("store"),
+        );
+        let enroller = Arc::new(
+            Enroller::new(registry.tree("tokens").expect("tree"), &crt, &key, 30)
+                .expect("enroller")
+                .with_revocations(revocations.clone()),
+        );
+        Setup {
+            _dir: dir,
+            enroller,
+            revocations,
+        }
+    }
+
+    async fn enroll(
+        s: &Setup,
+        token: &str,
+        role: &str,
+        csr_pem: &str,
+    ) -> Result<pb::EnrollResponse, Status> {
+        EnrollmentApi(s.enroller.clone())
+            .enroll(Request::new(pb::EnrollRequest {
+                token: token.into(),
+                role: role.into(),
+                csr_pem: csr_pem.into(),
+                dns: vec!["evil.example".into()],
+                ips: vec!["10.6.6.6".into()],
+            }))
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    fn facts(pem: &str) -> bulwark_common::revocation::CertFacts {
+        let der = bulwark_common::tls::parse_certs_pem(pem.as_bytes()).expect("pem");
+        bulwark_common::revocation::CertFacts::parse(der[0].as_ref(), "test.fleet").expect("cert")
+    }
+
+    /// A request whose CSR does not check out is refused and leaves the token
+    /// usable; the token is used up by the enrollment that succeeds.
+    #[tokio::test]
+    async fn a_bad_csr_does_not_burn_the_token() {
+        let s = setup();
+        let (token, _) = s
+            .enroller
+            .create("agent", "host-1", 60_000, &[], &[])
+            .expect("token");
+        let e = enroll(&s, &token, "agent", "not a CSR")
+            .await
+            .expect_err("bad CSR");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("cannot sign"), "{e:?}");
+        let (_, csr) = bulwark_common::pki::make_csr().expect("csr");
+        let ok = enroll(&s, &token, "agent", &csr).await.expect("enrolled");
+        assert_eq!(ok.name, "host-1");
+        // Names asked for in the request never reach an agent's certificate.
+        let der = bulwark_common::tls::parse_certs_pem(ok.cert_pem.as_bytes()).expect("pem");
+        assert_eq!(
+            bulwark_common::tls::dns_and_ip_sans(der[0].as_ref()),
+            (vec![], vec![])
+        );
+        let again = enroll(&s, &token, "agent", &csr).await.expect_err("used");
+        assert!(again.message().contains("already used"), "{again:?}");
+    }
+
+    /// A node's certificate names what its token names, not what it asks for.
+    #[tokio::test]
+    async fn a_nodes_names_come_from_its_token() {
+        let s = setup();
+        assert!(
+            s.enroller
+                .create("agent", "a", 60_000, &["a.example".into()], &[])
+                .is_err()
+        );
+        assert!(
+            s.enroller
+                .create("node", "n", 60_000, &[], &["not-an-ip".into()])
+                .is_err()
+        );
+        let (token, _) = s
+            .enroller
+            .create(
+                "node",
+                "node-7",
+                60_000,
+                &["node-7.example".into()],
+                &["127.0.0.1".into()],
+            )
+            .expect("token");
+        let (_, csr) = bulwark_common::pki::make_csr().expect("csr");
+        let r = enroll(&s, &token, "node", &csr).await.expect("enrolled");
+        let der = bulwark_common::tls::parse_certs_pem(r.cert_pem.as_bytes()).expect("pem");
+        let (dns, ips) = bulwark_common::tls::dns_and_ip_sans(der[0].as_ref());
+        assert_eq!(dns, vec!["node-7.example".to_string()]);
+        assert_eq!(ips, vec!["127.0.0.1".to_string()]);
+        // A renewal keeps the names of the certificate presented, whatever it asks.
+        let (_, csr) = bulwark_common::pki::make_csr().expect("csr");
+        let renewed = s
+            .enroller
+            .renew(
+                Role::Node,
+                "node-7",
+                der[0].as_ref(),
+                &pb::RenewRequest {
+                    csr_pem: csr,
+                    dns: vec!["evil.example".into()],
+                    ips: vec!["10.6.6.6".into()],
+                },
+            )
+            .expect("renewed");
+        let der2 = bulwark_common::tls::parse_certs_pem(renewed.cert_pem.as_bytes()).expect("pem");
+        assert_eq!(
+            bulwark_common::tls::dns_and_ip_sans(der2[0].as_ref()),
+            (dns, ips)
+        );
+        // Another identity's certificate is not the caller's.
+        let (_, csr) = bulwark_common::pki::make_csr().expect("csr");
+        assert!(
+            s.enroller
+                .renew(
+                    Role::Node,
+                    "node-8",
+                    der[0].as_ref(),
+                    &pb::RenewRequest {
+                        csr_pem: csr,
+                        ..Default::default()
+                    },
+                )
+                .is_err()
+        );
+    }
+
+    /// After a revocation: tokens made before it are refused, the revoked
+    /// certificate cannot renew, a new token enrolls the name again with a
+    /// certificate dated after the revocation, whose serial is recorded.
+    #[tokio::test]
+    async fn revocation_stops_old_tokens_and_renewal_but_not_new_tokens() {
+        let s = setup();
+        let (_, csr) = bulwark_common::pki::make_csr().expect("csr");
+        let (first, _) = s
+            .enroller
+            .create("agent", "a1", 60_000, &[], &[])
+            .expect("token");
+        let (old, _) = s
+            .enroller
+            .create("agent", "a1", 60_000, &[], &[])
+            .expect("token");
+        let cert = enroll(&s, &first, "agent", &csr).await.expect("enrolled");
+        let presented = facts(&cert.cert_pem);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let rev = s
+            .revocations
+            .revoke("agent", "a1", "admin")
+            .expect("revoke");
+        // The coordinator issued that certificate: the CRL names its serial.
+        assert_eq!(rev.serials, vec![presented.serial.clone()]);
+        let e = enroll(&s, &old, "agent", &csr)
+            .await
+            .expect_err("old token");
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        assert!(e.message().contains("was revoked"), "{e:?}");
+        let der = bulwark_common::tls::parse_certs_pem(cert.cert_pem.as_bytes()).expect("pem");
+        let e = s
+            .enroller
+            .renew(
+                Role::Agent,
+                "a1",
+                der[0].as_ref(),
+                &pb::RenewRequest {
+                    csr_pem: csr.clone(),
+                    ..Default::default()
+                },
+            )
+            .expect_err("renew");
+        assert!(e.message().contains("cannot renew"), "{e:?}");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let (fresh, _) = s
+            .enroller
+            .create("agent", "a1", 60_000, &[], &[])
+            .expect("token");
+        let again = enroll(&s, &fresh, "agent", &csr)
+            .await
+            .expect("re-enrolled");
+        let f = facts(&again.cert_pem);
+        assert!(f.not_before_ms > rev.revoked_at_ms, "{f:?} {rev:?}");
+        assert_ne!(f.serial, presented.serial, "a new serial for the same key");
     }
 }

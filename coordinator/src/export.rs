@@ -3,6 +3,10 @@
 //! the CLI then reads the point from the node over mTLS with its admin certificate
 //! (nodes serve restores to the admin role), checking every block's checksum, and
 //! writes it the way an agent's restore does (`FILE.bulwark-partial`, fsync, rename).
+//! The node must present the certificate of the node the coordinator named: any
+//! other process at that address (another node's certificate included) is refused
+//! in the handshake. `bulwark mount` checks the NBD listener the same way
+//! ([`check_nbd_node`]) before it prints the URL.
 
 use std::io::IsTerminal;
 use std::path::Path;
@@ -40,9 +44,12 @@ pub async fn export(
     let identity = TlsIdentity::load(files)?;
     let target = Target::parse(&at.node_address)
         .map_err(|m| anyhow!("node {} has a bad address: {m}", at.node))?;
-    let channel = tls::channel(&target, identity.client_config(Role::Node)?)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let channel = tls::channel(
+        &target,
+        identity.client_config_for(Role::Node, Some(&at.node))?,
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
     let node =
         NodeClient::new(channel).max_decoding_message_size(bulwark_common::MAX_MESSAGE_BYTES);
     let progress = Arc::new(Progress::default());
@@ -53,6 +60,60 @@ pub async fn export(
         eprintln!();
     }
     r.map_err(|e| anyhow!("export of {source} from node {} failed: {e}", at.node))
+}
+
+/// Checks that the NBD listener at `nbd_address` (`host:port`) presents the
+/// certificate of node `node`: the NBD greeting, `NBD_OPT_STARTTLS`, a TLS
+/// handshake that accepts only that node, then `NBD_OPT_ABORT`. The NBD client the
+/// operator runs next (qemu, nbd-client) checks the CA only, not the node's name.
+pub async fn check_nbd_node(files: &TlsFiles, nbd_address: &str, node: &str) -> anyhow::Result<()> {
+    use bulwark_common::nbd::proto;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let target = Target::parse(nbd_address)
+        .map_err(|m| anyhow!("node {node} has a bad NBD address: {m}"))?;
+    let identity = TlsIdentity::load(files)?;
+    let config = identity.client_config_for(Role::Node, Some(node))?;
+    let what =
+        |e: &dyn std::fmt::Display| anyhow!("NBD listener {nbd_address} of node {node}: {e}");
+    let run = async {
+        let mut s = tokio::net::TcpStream::connect((target.host.as_str(), target.port))
+            .await
+            .map_err(|e| what(&e))?;
+        let mut greet = [0u8; 18];
+        s.read_exact(&mut greet).await.map_err(|e| what(&e))?;
+        if proto::be_u64(&greet[0..8]) != proto::NBD_MAGIC
+            || proto::be_u64(&greet[8..16]) != proto::IHAVEOPT
+        {
+            return Err(what(&"not an NBD server (no newstyle greeting)"));
+        }
+        let flags = proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES;
+        s.write_all(&flags.to_be_bytes())
+            .await
+            .map_err(|e| what(&e))?;
+        s.write_all(&proto::encode_option_header(proto::OPT_STARTTLS, 0))
+            .await
+            .map_err(|e| what(&e))?;
+        let mut h = [0u8; proto::OptionReplyHeader::LEN];
+        s.read_exact(&mut h).await.map_err(|e| what(&e))?;
+        let reply = proto::OptionReplyHeader::decode(&h).map_err(|e| what(&e))?;
+        if reply.typ != proto::REP_ACK {
+            return Err(what(&format!("STARTTLS refused (reply {:#x})", reply.typ)));
+        }
+        let name =
+            rustls::pki_types::ServerName::try_from(target.host.clone()).map_err(|e| what(&e))?;
+        let mut tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name, s)
+            .await
+            .map_err(|e| what(&e))?;
+        let _ = tls
+            .write_all(&proto::encode_option_header(proto::OPT_ABORT, 0))
+            .await;
+        let _ = tls.shutdown().await;
+        Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(15), run)
+        .await
+        .map_err(|_| what(&"no answer within 15 s"))?
 }
 
 /// A progress bar with bytes, rate and time left, rewritten in place on a terminal;

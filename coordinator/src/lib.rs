@@ -6,6 +6,8 @@
 //! - [`service`] — the `bulwark.v1.Coordinator` gRPC service.
 //! - [`server`] — the daemon's lifecycle.
 //! - [`config`] — `coordinator.toml`.
+//! - [`enroll`] — enrollment tokens and certificate signing; [`revocation`] — the
+//!   fleet's revocation list and CRL ([`revocation_cli`]: `bulwark revoke`).
 //! - [`cli`]: the `bulwark` admin commands; [`demo`] — a whole fleet in one process.
 
 pub mod cli;
@@ -16,6 +18,8 @@ pub mod export;
 pub mod placement;
 pub mod policy;
 pub mod registry;
+pub mod revocation;
+pub mod revocation_cli;
 pub mod schedule;
 pub mod server;
 pub mod service;

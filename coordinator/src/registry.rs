@@ -1477,6 +1477,25 @@ impl Registry {
         lock(&self.connections).contains_key(agent)
     }
 
+    /// Sends a command that wants no answer (the revocation list) to every agent
+    /// connected now. A full queue is waited on in a task of its own, so the caller
+    /// never blocks on a slow agent.
+    pub fn broadcast(&self, cmd: pb::CoordinatorCommand) {
+        let txs: Vec<_> = lock(&self.connections)
+            .values()
+            .map(|c| c.tx.clone())
+            .collect();
+        for tx in txs {
+            if let Err(mpsc::error::TrySendError::Full(cmd)) = tx.try_send(Ok(cmd.clone()))
+                && let Ok(rt) = tokio::runtime::Handle::try_current()
+            {
+                rt.spawn(async move {
+                    let _ = tx.send(cmd).await;
+                });
+            }
+        }
+    }
+
     /// Sends a command to an agent; the receiver gets its outcome.
     pub async fn dispatch(
         &self,

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
+use bulwark_common::access::AccessLayer;
 use bulwark_common::tls::{self, Role, TlsIdentity};
 use bulwark_proto as pb;
 use tokio::net::TcpListener;
@@ -27,14 +28,32 @@ pub async fn run(
             .context("cannot open the registry")?
             .with_fleet_policy(cfg.policy),
     );
-    let mut svc = CoordinatorService::new(
-        registry.clone(),
-        identity.client_config(Role::Node)?,
-        shutdown.clone(),
-    )
-    .with_rebalance_spread(cfg.rebalance_spread)
-    .with_max_syncs_per_node(cfg.max_syncs_per_node)
-    .with_stream_idle_timeout(cfg.stream_idle_timeout);
+    // The revocation list; signed as a CRL when the coordinator holds the CA key.
+    let signer = match &cfg.enrollment {
+        Some(e) => Some(
+            bulwark_common::pki::Signer::load(&cfg.tls.ca, &e.ca_key).with_context(|| {
+                format!(
+                    "cannot load the CA key {} (key `enrollment.ca_key`)",
+                    e.ca_key.display()
+                )
+            })?,
+        ),
+        None => None,
+    };
+    let revocations = Arc::new(
+        crate::revocation::RevocationStore::open(
+            registry.clone(),
+            signer,
+            &cfg.data_dir,
+            identity.revocations().clone(),
+        )
+        .map_err(anyhow::Error::msg)?,
+    );
+    let mut svc = CoordinatorService::new(registry.clone(), identity.clone(), shutdown.clone())
+        .with_rebalance_spread(cfg.rebalance_spread)
+        .with_max_syncs_per_node(cfg.max_syncs_per_node)
+        .with_revocations(revocations.clone())
+        .with_stream_idle_timeout(cfg.stream_idle_timeout);
     if let Some(e) = &cfg.enrollment {
         let enroller = Arc::new(
             crate::enroll::Enroller::new(
@@ -48,7 +67,8 @@ pub async fn run(
                     "enrollment: cannot load the CA key {} (key `enrollment.ca_key`)",
                     e.ca_key.display()
                 )
-            })?,
+            })?
+            .with_revocations(revocations.clone()),
         );
         svc = svc.with_enroller(enroller.clone());
         // The coordinator holds the CA key: it renews its own certificate itself.
@@ -72,11 +92,14 @@ pub async fn run(
         let incoming = tls::incoming(
             listener,
             identity.enrollment_server_config()?,
+            None,
             shutdown.clone(),
         );
         let stop = shutdown.clone();
+        let access = AccessLayer::enrollment(&identity.trust_domain);
         tokio::spawn(async move {
             if let Err(e) = tls::server_builder()
+                .layer(access)
                 .add_service(pb::enrollment_server::EnrollmentServer::new(
                     crate::enroll::EnrollmentApi(enroller),
                 ))
@@ -94,13 +117,24 @@ pub async fn run(
         registry.clone(),
         cfg.node_timeout,
         identity.clone(),
+        revocations.clone(),
         shutdown.clone(),
     ));
     if let Some(every) = cfg.scrub_interval {
         tokio::spawn(scrub_loop(svc.clone(), every, shutdown.clone()));
     }
     tracing::info!(listen = %listener.local_addr()?, "coordinator listening");
-    let incoming = tls::incoming(listener, identity.server_config()?, shutdown.clone());
+    let incoming = tls::incoming(
+        listener,
+        identity.server_config()?,
+        Some(identity.revocations().clone()),
+        shutdown.clone(),
+    );
+    // Who may call what (common::access::RULES), before any handler; the serial of
+    // every certificate presented is kept for the CRL of a later revocation.
+    let seen = revocations.clone();
+    let access = AccessLayer::new(&identity)
+        .on_certificate(Arc::new(move |f| seen.note_certificate(f, "presented")));
     // The standard gRPC health service (grpc.health.v1), for any fleet certificate.
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -108,9 +142,7 @@ pub async fn run(
         .await;
     tls::server_builder()
         .layer(bulwark_common::telemetry::ServerTraceLayer)
-        .layer(tonic::service::InterceptorLayer::new(tls::authenticator(
-            identity.trust_domain.clone(),
-        )))
+        .layer(access)
         .add_service(health_service)
         .add_service(
             pb::coordinator_server::CoordinatorServer::new(CoordinatorApi(svc))
@@ -190,6 +222,7 @@ async fn monitor_loop(
     registry: Arc<Registry>,
     timeout: std::time::Duration,
     identity: TlsIdentity,
+    revocations: Arc<crate::revocation::RevocationStore>,
     shutdown: CancellationToken,
 ) {
     let tick = (timeout / 5).clamp(
@@ -239,6 +272,7 @@ async fn monitor_loop(
             .chain(unhealthy)
             .chain(expiring_certificates(&registry, &nodes, own_cert_expiry_ms, now))
             .chain(inconsistent_sources(&registry))
+            .chain(revocations.node_alerts(&registry))
             .collect();
         if let Err(e) = registry.report_alerts("coordinator", &alerts) {
             tracing::warn!("monitor: cannot record alerts: {e}");

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
-use bulwark_common::tls::{self, Identity, Role, Target, require};
+use bulwark_common::tls::{self, Identity, Role, Target, TlsIdentity, require};
 use bulwark_proto as pb;
 use bulwark_proto::node_client::NodeClient;
 use futures::{Stream, StreamExt};
@@ -24,8 +24,12 @@ pub struct CoordinatorService {
     /// Ends the agents' control streams, which would otherwise hold a graceful
     /// shutdown open for ever.
     shutdown: CancellationToken,
-    node_tls: Arc<rustls::ClientConfig>,
-    node_channels: Mutex<HashMap<String, TracedChannel>>,
+    /// Dials nodes with the coordinator's certificate, checking each is the node
+    /// of that name (one configuration per node, made on first use).
+    identity: TlsIdentity,
+    /// Channels to nodes by address, with the node's name and the revocation list
+    /// version they were made under (a new list makes new connections).
+    node_channels: Mutex<HashMap<String, (String, u64, TracedChannel)>>,
     /// One move at a time in the fleet: each copies a whole source node to node.
     moves: tokio::sync::Mutex<()>,
     /// Largest spread of node fill ratios a rebalance leaves.
@@ -38,20 +42,22 @@ pub struct CoordinatorService {
     enroller: Option<Arc<crate::enroll::Enroller>>,
     /// A control stream that carries nothing for this long is cut.
     idle: std::time::Duration,
+    /// The fleet's revocation list.
+    revocations: Option<Arc<crate::revocation::RevocationStore>>,
 }
 
 impl CoordinatorService {
-    /// A service over `registry`; `node_tls` dials nodes with the coordinator's
+    /// A service over `registry`; `identity` dials nodes with the coordinator's
     /// certificate.
     pub fn new(
         registry: Arc<Registry>,
-        node_tls: Arc<rustls::ClientConfig>,
+        identity: TlsIdentity,
         shutdown: CancellationToken,
     ) -> CoordinatorService {
         CoordinatorService {
             registry,
             shutdown,
-            node_tls,
+            identity,
             node_channels: Mutex::new(HashMap::new()),
             moves: tokio::sync::Mutex::new(()),
             rebalance_spread: 0.10,
@@ -59,7 +65,20 @@ impl CoordinatorService {
             max_syncs_per_node: 4,
             enroller: None,
             idle: std::time::Duration::from_secs(60),
+            revocations: None,
         }
+    }
+
+    /// Keeps and hands out the fleet's revocation list.
+    pub fn with_revocations(mut self, r: Arc<crate::revocation::RevocationStore>) -> Self {
+        self.revocations = Some(r);
+        self
+    }
+
+    fn revocations(&self) -> Result<&crate::revocation::RevocationStore, Status> {
+        self.revocations
+            .as_deref()
+            .ok_or_else(|| Status::unavailable("this coordinator keeps no revocation list"))
     }
 
     /// Turns on enrollment and renewal.
@@ -391,15 +410,19 @@ impl CoordinatorService {
             .registry
             .node(node)?
             .ok_or_else(|| Status::not_found(format!("no storage node named {node}")))?;
+        let version = self.identity.revocations().version();
         let mut map = self.node_channels.lock().unwrap_or_else(|e| e.into_inner());
         let ch = match map.get(&rec.address) {
-            Some(c) => c.clone(),
-            None => {
+            Some((n, v, c)) if n == node && *v == version => c.clone(),
+            _ => {
                 let target = Target::parse(&rec.address)
                     .map_err(|m| Status::internal(format!("node {node} has a bad address: {m}")))?;
-                let c =
-                    tls::channel_lazy(&target, self.node_tls.clone()).map_err(Status::internal)?;
-                map.insert(rec.address.clone(), c.clone());
+                let cfg = self
+                    .identity
+                    .client_config_for(Role::Node, Some(node))
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                let c = tls::channel_lazy(&target, cfg).map_err(Status::internal)?;
+                map.insert(rec.address.clone(), (node.to_string(), version, c.clone()));
                 c
             }
         };
@@ -615,7 +638,11 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
         match self.0.registry.heartbeat(&node.name, &hb)? {
             Some(()) => Ok(Response::new(pb::NodeHeartbeatResponse {
                 assignments: self.0.registry.assignments_of(&node.name)?,
-                revocations: None,
+                revocations: self
+                    .0
+                    .revocations
+                    .as_ref()
+                    .and_then(|r| r.for_version(hb.revocations_version)),
             })),
             None => Err(Status::not_found(format!(
                 "node {} is not registered; register first",
@@ -682,7 +709,16 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
             })),
         };
         let _ = tx.send(Ok(welcome)).await;
-        let conn = registry.connect(&agent.name, tx);
+        let conn = registry.connect(&agent.name, tx.clone());
+        // Right after Welcome (changes follow on the same stream, see
+        // `Registry::broadcast`; the agent takes only a newer list).
+        if let Some(r) = &self.0.revocations {
+            let _ = tx
+                .send(Ok(pb::CoordinatorCommand {
+                    cmd: Some(pb::coordinator_command::Cmd::Revocations(r.list())),
+                }))
+                .await;
+        }
         tracing::info!(agent = %agent.name, sources = hello.sources.len(), "agent connected");
         tokio::spawn(control_loop(registry, agent, conn, inbound, self.0.idle));
         let commands =
@@ -753,8 +789,13 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
         &self,
         req: Request<pb::RevokeRequest>,
     ) -> Result<Response<pb::Revocation>, Status> {
-        require(&req, "Revoke", &[Role::Admin])?;
-        Err(Status::unimplemented("revocation is not built yet"))
+        let admin = require(&req, "Revoke", &[Role::Admin])?;
+        let r = req.into_inner();
+        Ok(Response::new(self.0.revocations()?.revoke(
+            &r.role,
+            &r.name,
+            &admin.name,
+        )?))
     }
 
     async fn list_revocations(
@@ -766,7 +807,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
             "ListRevocations",
             &[Role::Admin, Role::Node, Role::Agent],
         )?;
-        Err(Status::unimplemented("revocation is not built yet"))
+        Ok(Response::new(self.0.revocations()?.list()))
     }
 
     async fn set_quota(&self, req: Request<pb::Quota>) -> Result<Response<pb::Quota>, Status> {
@@ -1002,7 +1043,10 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
         let admin = require(&req, "CreateToken", &[Role::Admin])?;
         let r = req.into_inner();
-        let (token, expires_at_ms) = self.0.enroller()?.create(&r.role, &r.name, r.ttl_ms)?;
+        let (token, expires_at_ms) = self
+            .0
+            .enroller()?
+            .create(&r.role, &r.name, r.ttl_ms, &r.dns, &r.ips)?;
         tracing::info!(%admin, role = %r.role, name = %r.name, "token issued");
         Ok(Response::new(pb::CreateTokenResponse {
             token,
@@ -1015,10 +1059,15 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
         req: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::RenewResponse>, Status> {
         let caller = require(&req, "Renew", &[Role::Node, Role::Agent])?;
+        let presented = req
+            .peer_certs()
+            .and_then(|c| c.first().cloned())
+            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
         let r = req.into_inner();
         Ok(Response::new(self.0.enroller()?.renew(
             caller.role,
             &caller.name,
+            presented.as_ref(),
             &r,
         )?))
     }
@@ -1085,7 +1134,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
         &self,
         req: Request<pb::LocateRequest>,
     ) -> Result<Response<pb::LocateResponse>, Status> {
-        require(&req, "Locate", &[Role::Admin])?;
+        require(&req, "Locate", &[Role::Admin, Role::Officer])?;
         let source = req.into_inner().source;
         let s = self.0.registry.source(&source)?;
         let node = self.0.node_of(&source)?;

@@ -29,6 +29,12 @@ pub async fn run(
     let store = tokio::task::spawn_blocking(move || Store::open_with(&data_dir, disks, policy))
         .await?
         .context("cannot open the node's store")?;
+    // The last revocation list the coordinator sent, in force before anything is
+    // served; kept up to date from heartbeat answers.
+    identity
+        .revocations()
+        .persist_at(&cfg.data_dir.join(REVOCATIONS_FILE))
+        .map_err(anyhow::Error::msg)?;
     let local = listener.local_addr()?;
     let advertise = cfg.advertise.clone().unwrap_or(Target {
         host: local.ip().to_string(),
@@ -51,7 +57,7 @@ pub async fn run(
             cfg.name.clone(),
             store.clone(),
             coordinator.clone(),
-            identity.client_config(Role::Node)?,
+            identity.clone(),
         )?
         .with_limits(crate::service::admission::Limits {
             max_syncs: cfg.max_concurrent_syncs,
@@ -112,7 +118,12 @@ pub async fn run(
     ));
 
     tracing::info!(node = %cfg.name, %local, advertise = %advertise, "storage node listening");
-    let incoming = tls::incoming(listener, identity.server_config()?, shutdown.clone());
+    let incoming = tls::incoming(
+        listener,
+        identity.server_config()?,
+        Some(identity.revocations().clone()),
+        shutdown.clone(),
+    );
     // The standard gRPC health service (grpc.health.v1), for any fleet certificate.
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -120,9 +131,8 @@ pub async fn run(
         .await;
     tls::server_builder()
         .layer(bulwark_common::telemetry::ServerTraceLayer)
-        .layer(tonic::service::InterceptorLayer::new(tls::authenticator(
-            identity.trust_domain.clone(),
-        )))
+        // Who may call what (common::access::RULES), before any handler.
+        .layer(bulwark_common::access::AccessLayer::new(&identity))
         .add_service(health_service)
         .add_service(
             pb::node_server::NodeServer::new(NodeApi(svc))
@@ -285,7 +295,12 @@ fn alerts(
     out
 }
 
-/// Registers, then reports every `interval`; reconnects with backoff.
+/// Where a node keeps the fleet's revocation list, in its `data_dir`.
+pub const REVOCATIONS_FILE: &str = "revocations.json";
+
+/// Registers, then reports every `interval`; reconnects with backoff. Each report
+/// says which revocation list the node holds; a newer one in the answer is put in
+/// force at once (connections of newly revoked peers are cut).
 async fn heartbeat_loop(
     svc: Arc<NodeService>,
     store: Store,
@@ -299,12 +314,14 @@ async fn heartbeat_loop(
     let mut failures = 0u32;
     // Ingest rate: bytes applied since the previous report, per second.
     let mut last = (std::time::Instant::now(), svc.ingested_bytes());
+    let revocations = svc.revocations();
     loop {
         let result: anyhow::Result<()> = async {
             let (mut report, disks) = usage_report(&svc, &store, nbd_address.clone()).await?;
             let now = (std::time::Instant::now(), svc.ingested_bytes());
             let secs = now.0.duration_since(last.0).as_secs_f64().max(0.001);
             report.ingest_bytes_per_sec = (now.1.saturating_sub(last.1) as f64 / secs) as u64;
+            report.revocations_version = revocations.version();
             last = now;
             if !registered {
                 let r = client
@@ -322,7 +339,13 @@ async fn heartbeat_loop(
             }
             match client.node_heartbeat(report).await {
                 Ok(r) => {
-                    let assignments = r.into_inner().assignments;
+                    let r = r.into_inner();
+                    if let Some(list) = r.revocations
+                        && let Err(e) = revocations.apply_newer(list)
+                    {
+                        tracing::error!("the coordinator's revocation list was not taken: {e}");
+                    }
+                    let assignments = r.assignments;
                     svc.remember(&assignments);
                     svc.apply_policies(&assignments).await;
                 }

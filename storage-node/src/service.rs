@@ -146,8 +146,9 @@ pub struct NodeService {
     live_streams: Arc<AtomicU32>,
     /// Payload bytes applied by syncs since the node started.
     ingested: Arc<AtomicU64>,
-    /// Dials other nodes (moves) with this node's certificate.
-    peer_tls: Arc<rustls::ClientConfig>,
+    /// Dials other nodes (moves) with this node's certificate, checking that the
+    /// one answering is the node the coordinator named.
+    peer_tls: bulwark_common::tls::TlsIdentity,
     /// Turns: node-wide syncs, per-agent caps, one sync per source, idle timeouts
     /// (see [`admission`]).
     admission: Arc<Admission>,
@@ -196,7 +197,7 @@ impl NodeService {
         name: String,
         store: Store,
         coordinator: CoordinatorClient<TracedChannel>,
-        peer_tls: Arc<rustls::ClientConfig>,
+        peer_tls: bulwark_common::tls::TlsIdentity,
     ) -> Result<NodeService, StoreError> {
         Ok(NodeService {
             peer_tls,
@@ -211,6 +212,11 @@ impl NodeService {
             ingested: Arc::new(AtomicU64::new(0)),
             space_refusals: Default::default(),
         })
+    }
+
+    /// The fleet's revocation list as this node holds it.
+    pub fn revocations(&self) -> Arc<bulwark_common::revocation::Revocations> {
+        self.peer_tls.revocations().clone()
     }
 
     /// The refusals for space still standing, by source.
@@ -1207,9 +1213,16 @@ impl pb::node_server::Node for NodeApi {
         let svc = self.0.clone();
         let source = source_name(&r.source)?;
         let idle = svc.admission.idle();
+        bulwark_common::name::NodeName::parse(r.from_node.as_str())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let target = bulwark_common::tls::Target::parse(&r.from_address)
             .map_err(|m| Status::invalid_argument(format!("from_address: {m}")))?;
-        let channel = bulwark_common::tls::channel(&target, svc.peer_tls.clone())
+        // Only the node named may answer at that address.
+        let peer_tls = svc
+            .peer_tls
+            .client_config_for(Role::Node, Some(&r.from_node))
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let channel = bulwark_common::tls::channel(&target, peer_tls)
             .await
             .map_err(|m| Status::unavailable(format!("node {}: {m}", r.from_node)))?;
         let mut peer = pb::node_client::NodeClient::new(channel)

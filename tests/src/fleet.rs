@@ -280,6 +280,9 @@ pub struct FleetBuilder {
     node_extra: String,
     /// Extra top-level lines of the coordinator's config.
     coordinator_extra: String,
+    /// Turn on token enrollment (the coordinator gets the CA key and an
+    /// enrollment listener, and so also signs the revocation list's CRL).
+    enrollment: bool,
     /// `sync_interval` of every data source (default `1h`: tests sync on command).
     sync_interval: String,
     /// Per agent: its sources as (name, size, an existing volume to use instead of a
@@ -295,6 +298,7 @@ impl Default for FleetBuilder {
             node_capacities: HashMap::new(),
             node_extra: String::new(),
             coordinator_extra: String::new(),
+            enrollment: false,
             sync_interval: "1h".into(),
             agents: Vec::new(),
         }
@@ -328,6 +332,14 @@ impl FleetBuilder {
     /// Extra top-level lines of the coordinator's config (`scrub_interval`).
     pub fn coordinator_extra(mut self, extra: &str) -> Self {
         self.coordinator_extra = extra.to_string();
+        self
+    }
+
+    /// Turns on token enrollment: `[enrollment]` with the CA key and a listener
+    /// on a free port ([`Fleet::enrollment_url`]); the coordinator then also signs
+    /// the revocation list as a CRL.
+    pub fn enrollment(mut self) -> Self {
+        self.enrollment = true;
         self
     }
 
@@ -428,10 +440,17 @@ impl FleetBuilder {
         let ctls = pki.issue("coordinator", "coordinator");
         let cdir = root.join("coordinator");
         let cconfig = cdir.join("coordinator.toml");
-        write_file(
-            &cconfig,
-            &coordinator_toml_with(cport, &cdir.join("data"), &ctls, &self.coordinator_extra),
-        );
+        let mut ctoml =
+            coordinator_toml_with(cport, &cdir.join("data"), &ctls, &self.coordinator_extra);
+        let enrollment_url = self.enrollment.then(|| {
+            let port = free_port();
+            ctoml.push_str(&format!(
+                "\n[enrollment]\nlisten = \"127.0.0.1:{port}\"\nca_key = {}\n",
+                toml_path(&pki.dir().join("ca.key"))
+            ));
+            format!("https://127.0.0.1:{port}")
+        });
+        write_file(&cconfig, &ctoml);
         let coordinator = Daemon::new(
             "coordinator",
             bins::bin(COORDINATOR),
@@ -534,6 +553,7 @@ impl FleetBuilder {
             pki,
             admin,
             coordinator_url,
+            enrollment_url,
             coordinator,
             nodes,
             agents,
@@ -566,6 +586,7 @@ pub struct Fleet {
     pki: Pki,
     admin: TlsFiles,
     coordinator_url: String,
+    enrollment_url: Option<String>,
     coordinator: Daemon,
     nodes: Vec<Daemon>,
     agents: Vec<Daemon>,
@@ -605,6 +626,19 @@ impl Fleet {
     /// `https://127.0.0.1:PORT` of the coordinator.
     pub fn coordinator_url(&self) -> &str {
         &self.coordinator_url
+    }
+
+    /// `https://127.0.0.1:PORT` of the coordinator's enrollment listener; panics
+    /// unless the fleet was built with [`FleetBuilder::enrollment`].
+    pub fn enrollment_url(&self) -> &str {
+        self.enrollment_url
+            .as_deref()
+            .expect("the fleet was built without .enrollment()")
+    }
+
+    /// The coordinator's data directory (its sled registry, `crl.der`, `crl.pem`).
+    pub fn coordinator_data_dir(&self) -> PathBuf {
+        self.root.join("coordinator").join("data")
     }
 
     /// The coordinator's port.

@@ -3,7 +3,7 @@
 //! the CA fingerprint in the token, sends a CSR and gets its certificate; the agent
 //! then runs with it and renews it without a restart, as the coordinator renews its
 //! own. Reused, expired, wrong-role and forged tokens are refused with a message
-//! that says which.
+//! that says which. A node's DNS names and addresses come from its token.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -127,15 +127,34 @@ fn hosts_enroll_with_one_time_tokens_and_renew_without_a_restart() {
     let out = enroll(AGENT, &url, &good, &again, &[]);
     assert!(out.status.success(), "{}", stderr(&out));
 
-    // A node enrolls with the names agents dial.
+    // A node's names come from its token (the admin's word), not from the node.
     let npki = fleet.scratch("node-7-pki");
-    let out = enroll(
-        NODE,
-        &url,
-        &token("node", "node-7", "1h"),
-        &npki,
-        &["--dns", "localhost", "--ip", "127.0.0.1"],
+    let node_token = json_str(
+        &fleet.cli_json(&[
+            "token",
+            "create",
+            "--role",
+            "node",
+            "--name",
+            "node-7",
+            "--ttl",
+            "1h",
+            "--dns",
+            "localhost",
+            "--ip",
+            "127.0.0.1",
+            "--json",
+        ]),
+        "token",
     );
+    let out = enroll(NODE, &url, &node_token, &npki, &["--dns", "evil.example"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("come from its token"),
+        "{}",
+        stderr(&out)
+    );
+    let out = enroll(NODE, &url, &node_token, &npki, &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     let nder = bulwark_common::tls::parse_certs_pem(
         &std::fs::read(npki.join("node-7.crt")).expect("node cert"),
