@@ -124,6 +124,10 @@ pub const RULES: &[(&str, Access)] = &[
         "/bulwark.v1.Coordinator/Lock",
         Access::Roles(&[Admin, Officer]),
     ),
+    (
+        "/bulwark.v1.Coordinator/RemoveSource",
+        Access::Roles(&[Admin]),
+    ),
     // Enrollment listener (no client certificate).
     ("/bulwark.v1.Enrollment/Enroll", Access::Token),
     // Node: the data path.

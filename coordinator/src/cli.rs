@@ -153,6 +153,19 @@ pub enum Command {
     /// Set a data source's retention: the admin's floor, which its agent's config
     /// can only lengthen (`--clear` goes back to the group's or the fleet minimum).
     Retention(policy::RetentionArgs),
+    /// Lock a data source's (or a group's) recovery points against pruning and
+    /// deletion for a minimum age: governance (an officer certificate may lift
+    /// it) or compliance (nobody can; it can only be lengthened).
+    Lock(policy::LockArgs),
+    /// Stop protecting a data source and delete its points on its node (refused
+    /// while any point is locked).
+    Remove {
+        /// Data source name.
+        source: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List alerts: open ones, and with --all the resolved ones too.
     Alerts {
         /// Also resolved alerts.
@@ -643,6 +656,7 @@ pub fn point_json(p: &pb::Point) -> Value {
         "stored_bytes": p.stored_bytes,
         "damaged_blocks": p.damaged_blocks,
         "files_changed": p.files_changed,
+        "lock": policy::point_lock_json(p),
     })
 }
 
@@ -948,7 +962,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             listing(
                 &points,
                 json,
-                &["ID", "CREATED", "CONSISTENCY", "KIND", "BLOCKS", "CHANGED"],
+                &[
+                    "ID",
+                    "CREATED",
+                    "CONSISTENCY",
+                    "KIND",
+                    "BLOCKS",
+                    "CHANGED",
+                    "LOCKED UNTIL",
+                ],
                 point_json,
                 |p| {
                     vec![
@@ -962,6 +984,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                             p.blocks_changed.to_string()
                         },
                         format_size(p.bytes_changed),
+                        if p.locked_until_ms > 0 {
+                            rfc3339_ms(p.locked_until_ms)
+                        } else {
+                            "-".into()
+                        },
                     ]
                 },
             )?;
@@ -1106,6 +1133,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Quota(a) => policy::quota(&mut admin, a).await?,
+        Command::Lock(a) => policy::lock(&mut admin, &files, a).await?,
+        Command::Remove { source, json } => policy::remove(&mut admin, source, json).await?,
         Command::Retention(a) => policy::retention(&mut admin, a).await?,
         Command::Alerts { all, json } => {
             let alerts = admin
@@ -1767,6 +1796,7 @@ fn source_json(s: &pb::SourceInfo) -> Value {
         "retention": policy::retention_json(s.retention.as_ref()),
         "retention_from": s.retention_from,
         "policy_refused": s.policy_refused,
+        "lock": policy::lock_json(s.lock.as_ref()),
     })
 }
 

@@ -1671,6 +1671,7 @@ impl CoordinatorService {
 fn source_info(reg: &Registry, s: crate::registry::SourceRecord) -> pb::SourceInfo {
     let effective = reg.effective(&s);
     pb::SourceInfo {
+        lock: Some(crate::policy::LockPolicy::to_proto(effective.policy.lock)),
         retention: Some(effective.policy.retention.to_proto()),
         retention_from: effective.retention_from,
         policy_refused: effective
@@ -1721,6 +1722,5 @@ fn source_info(reg: &Registry, s: crate::registry::SourceRecord) -> pb::SourceIn
         last_sync_ms: s.last_sync_ms,
         error: s.error,
         allocated_bytes: s.allocated_bytes,
-        ..Default::default()
     }
 }

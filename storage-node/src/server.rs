@@ -202,7 +202,10 @@ async fn usage_report(
             &svc.space_refusals(),
             &store.settle_failures(),
             &store.refused_sources(),
-        ),
+        )
+        .into_iter()
+        .chain(svc.lock_alerts())
+        .collect(),
         ingest_bytes_per_sec: 0,
         health: if problems.is_empty() {
             "ok".to_string()

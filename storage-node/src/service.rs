@@ -155,6 +155,9 @@ pub struct NodeService {
     /// Sources whose last sync was refused for space, with the refusal (an alert
     /// until a sync of the source commits).
     space_refusals: std::sync::Mutex<HashMap<String, String>>,
+    /// Retention locks an officer lowered here, by source: (when, what), raised as
+    /// an alert for a day.
+    lock_lowered: std::sync::Mutex<HashMap<String, (i64, String)>>,
 }
 
 /// Counts a live stream while it exists.
@@ -211,12 +214,29 @@ impl NodeService {
             live_streams: Arc::new(AtomicU32::new(0)),
             ingested: Arc::new(AtomicU64::new(0)),
             space_refusals: Default::default(),
+            lock_lowered: Default::default(),
         })
     }
 
     /// The fleet's revocation list as this node holds it.
     pub fn revocations(&self) -> Arc<bulwark_common::revocation::Revocations> {
         self.peer_tls.revocations().clone()
+    }
+
+    /// Alerts of retention locks an officer lowered on this node in the last day.
+    pub fn lock_alerts(&self) -> Vec<pb::Alert> {
+        let now = bulwark_common::time::now_ms();
+        let mut map = self.lock_lowered.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, (at, _)| now - *at < 86_400_000);
+        map.iter()
+            .map(|(source, (at, what))| pb::Alert {
+                key: format!("lock-lowered/{source}/{at}"),
+                severity: "warning".into(),
+                subject: source.clone(),
+                message: what.clone(),
+                ..Default::default()
+            })
+            .collect()
     }
 
     /// The refusals for space still standing, by source.
@@ -1370,11 +1390,30 @@ impl pb::node_server::Node for NodeApi {
         let lock = self.0.locks.get(&source).write_owned().await;
         let store = self.0.store.clone();
         let name = source.to_string();
-        let held = blocking(move || {
+        let (before, held) = blocking(move || {
             let _lock = lock;
-            store.set_lock(&name, want, who, bulwark_common::time::now_ms())
+            let before = store.lock_of(&name);
+            (
+                before,
+                store.set_lock(&name, want, who, bulwark_common::time::now_ms()),
+            )
         })
         .await?;
+        if let (Ok(before), Ok(after)) = (&before, &held)
+            && before != after
+            && who == LockAuthority::Officer
+        {
+            let what = format!(
+                "officer {} changed the retention lock of {source} on this node from {:?} to {:?}",
+                caller.name, before, after
+            );
+            tracing::warn!("{what}");
+            self.0
+                .lock_lowered
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(source.to_string(), (bulwark_common::time::now_ms(), what));
+        }
         match &held {
             Ok(l) => tracing::info!(%caller, source = %source, lock = ?l, "retention lock set"),
             Err(e) => {

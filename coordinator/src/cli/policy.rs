@@ -246,3 +246,186 @@ pub fn retention_json(r: Option<&pb::Retention>) -> Value {
         "describe": r.describe(),
     })
 }
+
+/// `bulwark lock SOURCE|--group G --min-age DUR --mode governance|compliance`.
+#[derive(Args, Debug)]
+pub struct LockArgs {
+    /// Data source name (or --group).
+    #[arg(required_unless_present = "group", conflicts_with = "group")]
+    pub source: Option<String>,
+    /// Lock every source of this protection group, now and joining later.
+    #[arg(long)]
+    pub group: Option<String>,
+    /// No point younger than this can be pruned, merged or dropped (`30d`); `0`
+    /// lifts a governance lock (officer certificate only).
+    #[arg(long, value_parser = parse_duration_ms)]
+    pub min_age: u64,
+    /// governance: an officer certificate may shorten or lift it; compliance:
+    /// nobody can, it can only be lengthened.
+    #[arg(long, value_parser = ["governance", "compliance"], required_unless_present = "lift")]
+    pub mode: Option<String>,
+    /// With --min-age 0: lift the lock (governance only, officer certificate).
+    #[arg(long)]
+    pub lift: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn lock_words(l: Option<&pb::RetentionLock>) -> String {
+    match l {
+        Some(l) if l.min_age_ms > 0 => format!(
+            "{} {}",
+            match pb::LockMode::try_from(l.mode) {
+                Ok(pb::LockMode::Compliance) => "compliance",
+                Ok(pb::LockMode::Governance) => "governance",
+                _ => "?",
+            },
+            bulwark_common::time::format_duration_ms(l.min_age_ms)
+        ),
+        _ => "none".into(),
+    }
+}
+
+/// `bulwark lock`. The coordinator records the lock and relays a raise to the
+/// nodes; a lowering (governance only, officer certificate) is refused by the nodes
+/// to everyone but the officer, so this CLI then tells each node itself.
+pub async fn lock(
+    admin: &mut Admin,
+    files: &bulwark_common::config::TlsFiles,
+    a: LockArgs,
+) -> anyhow::Result<()> {
+    let mode = match (a.mode.as_deref(), a.lift || a.min_age == 0) {
+        (_, true) => pb::LockMode::None,
+        (Some("compliance"), _) => pb::LockMode::Compliance,
+        _ => pb::LockMode::Governance,
+    };
+    let want = pb::RetentionLock {
+        mode: mode as i32,
+        min_age_ms: if mode == pb::LockMode::None {
+            0
+        } else {
+            a.min_age
+        },
+    };
+    let r = admin
+        .client
+        .lock(pb::LockRequest {
+            source: a.source.clone().unwrap_or_default(),
+            group: a.group.clone().unwrap_or_default(),
+            lock: Some(want),
+        })
+        .await
+        .map_err(|s| admin.err(s))?
+        .into_inner();
+    let identity = bulwark_common::tls::TlsIdentity::load(files)?;
+    let officer = identity.me.role == bulwark_common::tls::Role::Officer;
+    let mut out = Vec::new();
+    for mut s in r.sources {
+        if officer && !s.error.is_empty() && !s.node_address.is_empty() {
+            // The node lowers its lock only for the officer's own certificate.
+            let target = bulwark_common::tls::Target::parse(&s.node_address)
+                .map_err(|m| anyhow::anyhow!("node {}: {m}", s.node))?;
+            let config =
+                identity.client_config_for(bulwark_common::tls::Role::Node, Some(&s.node))?;
+            let answer = async {
+                let channel = bulwark_common::tls::channel(&target, config).await?;
+                pb::node_client::NodeClient::new(channel)
+                    .set_lock(pb::SetLockRequest {
+                        source: s.source.clone(),
+                        lock: Some(want),
+                    })
+                    .await
+                    .map(|r| r.into_inner().lock)
+                    .map_err(|st| {
+                        bulwark_common::tls::explain_status(&format!("node {}", s.node), &st)
+                    })
+            }
+            .await;
+            match answer {
+                Ok(l) => {
+                    s.lock = l;
+                    s.error.clear();
+                }
+                Err(e) => s.error = format!("node {}: {e}", s.node),
+            }
+        }
+        out.push(s);
+    }
+    let failed = out.iter().filter(|s| !s.error.is_empty()).count();
+    if a.json {
+        print_json(&Value::Array(
+            out.iter()
+                .map(|s| {
+                    json!({"source": s.source, "node": s.node, "lock": lock_words(s.lock.as_ref()), "error": s.error})
+                })
+                .collect(),
+        ))?;
+    } else {
+        for s in &out {
+            if s.error.is_empty() {
+                println!(
+                    "{}: lock {} on node {}",
+                    s.source,
+                    lock_words(s.lock.as_ref()),
+                    s.node
+                );
+            } else {
+                println!("{}: {}", s.source, bulwark_common::text::escape(&s.error));
+            }
+        }
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} source(s) did not take the lock (see above)");
+    }
+    Ok(())
+}
+
+/// `bulwark remove SOURCE`.
+pub async fn remove(admin: &mut Admin, source: String, json: bool) -> anyhow::Result<()> {
+    let r = admin
+        .client
+        .remove_source(pb::RemoveSourceRequest {
+            source: source.clone(),
+        })
+        .await
+        .map_err(|s| admin.err(s))?
+        .into_inner();
+    if json {
+        return print_json(&json!({"source": source, "node": r.node, "points": r.points}));
+    }
+    println!(
+        "{source}: removed; node {} deleted its {} point(s); its agent's config should stop naming it",
+        if r.node.is_empty() { "-" } else { &r.node },
+        r.points
+    );
+    Ok(())
+}
+
+/// A point's lock for `points --json`: `{mode, until}`, or null.
+pub fn point_lock_json(p: &pb::Point) -> Value {
+    if p.locked_until_ms == 0 {
+        return Value::Null;
+    }
+    json!({
+        "mode": match pb::LockMode::try_from(p.lock_mode) {
+            Ok(pb::LockMode::Compliance) => "compliance",
+            _ => "governance",
+        },
+        "until": bulwark_common::time::rfc3339_ms(p.locked_until_ms),
+    })
+}
+
+/// A source's lock for `sources --json`: `{mode, min_age_ms}`, or null.
+pub fn lock_json(l: Option<&pb::RetentionLock>) -> Value {
+    match l {
+        Some(l) if l.min_age_ms > 0 => json!({
+            "mode": match pb::LockMode::try_from(l.mode) {
+                Ok(pb::LockMode::Compliance) => "compliance",
+                _ => "governance",
+            },
+            "min_age_ms": l.min_age_ms,
+        }),
+        _ => Value::Null,
+    }
+}
