@@ -1583,6 +1583,7 @@ fn assignment(s: &SourceRecord, policy: Policy, node: &str, addr: &str) -> pb::A
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::Quota;
 
     fn node(reg: &Registry, name: &str, cap: u64) {
         reg.register_node(
@@ -1609,6 +1610,94 @@ mod tests {
             policy: None,
             group: String::new(),
         }
+    }
+
+    #[test]
+    fn an_agent_proposes_and_the_admin_decides() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reg = Registry::open(dir.path(), Duration::from_secs(60))
+            .expect("open")
+            .with_fleet_policy(FleetPolicy {
+                quota: Quota {
+                    max_source_size_bytes: 10 << 30,
+                    max_total_bytes: 100 << 30,
+                },
+                ..FleetPolicy::default()
+            });
+        node(&reg, "n1", 1 << 50);
+        let alerts = |reg: &Registry| -> Vec<String> {
+            reg.alerts(false)
+                .expect("alerts")
+                .into_iter()
+                .map(|a| a.key)
+                .collect()
+        };
+        // A group named in the config without the admin's leave: no member.
+        let mut s1 = spec("s1", 1 << 30);
+        s1.group = "other-hosts".into();
+        s1.policy = Some(pb::Policy {
+            retention: Some(pb::Retention {
+                keep: 1,
+                ..Default::default()
+            }),
+            points_alloc_bytes: u64::MAX,
+            ..Default::default()
+        });
+        // Too big for the quota, and a name that would leave its folder.
+        let big = spec("s2", 11 << 30);
+        let dots = spec("..", 1 << 20);
+        let regs = reg
+            .hello(
+                "a1",
+                &pb::Hello {
+                    sources: vec![s1, big, dots],
+                    version: "t".into(),
+                },
+            )
+            .expect("hello");
+        assert!(regs[0].assignment.is_some(), "{regs:?}");
+        assert!(regs[1].error.contains("quota"), "{regs:?}");
+        assert!(
+            regs[2].error.contains("must start with a letter"),
+            "{regs:?}"
+        );
+        let s = reg.source("s1").expect("s1");
+        assert_eq!(s.group, "", "not a member");
+        let e = reg.effective(&s);
+        assert!(e.policy.retention.is_keep_all(), "{e:?}");
+        assert!(e.policy.points_alloc_bytes < u64::MAX, "{e:?}");
+        let keys = alerts(&reg);
+        for want in [
+            "policy-refused/s1/retention.keep",
+            "policy-refused/s1/points_space",
+            "group-refused/s1",
+        ] {
+            assert!(keys.iter().any(|k| k == want), "{want} in {keys:?}");
+        }
+        assert_eq!(
+            keys.iter()
+                .filter(|k| k.starts_with("source-refused/a1/"))
+                .count(),
+            2,
+            "{keys:?}"
+        );
+        assert!(reg.source("..").is_err() && reg.source("s2").is_err());
+        // The admin's retention: the agent's proposal of one point is still refused.
+        reg.set_retention(
+            "s1",
+            Some(Retention {
+                keep: 3,
+                ..Default::default()
+            }),
+        )
+        .expect("retention");
+        assert_eq!(
+            reg.effective(&reg.source("s1").expect("s1"))
+                .policy
+                .retention
+                .keep,
+            3
+        );
     }
 
     /// A source shown as syncing when its agent says hello with no sync running (the
@@ -1661,6 +1750,20 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let reg = Registry::open(dir.path(), Duration::from_secs(60)).expect("open");
         node(&reg, "n1", 100 << 30);
+        reg.put_group(GroupRecord {
+            v: 1,
+            name: "db".into(),
+            interval_ms: 60_000,
+            retention: None,
+            point_times: vec![],
+            replica_alloc_bytes: 0,
+            points_alloc_bytes: 0,
+            allow: vec![],
+            lock: None,
+        })
+        .expect("group");
+        // The agents' configs may put their sources in the group.
+        reg.allow_group("db", "host-*", false).expect("allow");
         let mut vol = spec("db-data", 1 << 30);
         vol.group = "db".into();
         let mut wal = spec("db-wal", 0);
@@ -1699,6 +1802,38 @@ mod tests {
         };
         beat(1000);
         assert_eq!(floor(), 1000);
+        // Another host joins the group by its own claim with an older volume
+        // point: it does not pin host-1's logs (it is not paired with them).
+        let mut other = spec("web-data", 1 << 30);
+        other.group = "db".into();
+        reg.hello(
+            "host-2",
+            &pb::Hello {
+                sources: vec![other],
+                version: "t".into(),
+            },
+        )
+        .expect("hello");
+        assert_eq!(reg.source("web-data").expect("web").group, "db");
+        reg.heartbeat(
+            "n1",
+            &pb::NodeHeartbeatRequest {
+                sources: vec![pb::SourceUsage {
+                    source: "web-data".into(),
+                    newest_point: 1,
+                    points: 1,
+                    oldest_point_ms: 10,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        )
+        .expect("heartbeat");
+        assert_eq!(
+            floor(),
+            1000,
+            "another host's point does not hold these logs"
+        );
         // Retention pruned the oldest volume point: the logs before the next go.
         beat(5000);
         assert_eq!(floor(), 5000);
