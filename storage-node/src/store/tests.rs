@@ -1581,3 +1581,89 @@ fn a_stored_source_with_a_bad_name_is_refused_at_open_and_the_others_are_served(
     assert_eq!(read_point_to_vec(&store, "vol", 1).expect("restore"), image);
     assert!(store.usage().is_ok());
 }
+
+#[test]
+fn a_locked_point_outlives_retention_space_pressure_and_drop() {
+    use crate::store::lock::{LockAuthority, LockMode};
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(dir.path().join("disk1")).expect("disk");
+    let store = Store::open_with(
+        &dir.path().join("data"),
+        vec![PoolDisk {
+            path: dir.path().join("disk1"),
+            capacity_bytes: 1 << 40,
+        }],
+        PoolPolicy {
+            auto_grow_bytes: 0,
+            on_full: OnFull::PruneOldest,
+        },
+    )
+    .expect("open");
+    let size = 16 * BS as u64;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut images = vec![vec![0u8; size as usize]];
+    // Recovery-point space for about four blocks of before-images.
+    let small = |base: u64| {
+        let mut s = spec(size, base);
+        s.policy = Some(SourcePolicy {
+            points_alloc_bytes: 4 * (BS as u64 + 64),
+            ..SourcePolicy::default()
+        });
+        s
+    };
+    for base in 0..3u64 {
+        let mut next = images.last().expect("image").clone();
+        scribble(&mut rng, &mut next, 1);
+        let mut txn = store.begin_sync(small(base)).expect("begin");
+        txn.apply(&diff_extents(images.last().expect("image"), &next))
+            .expect("apply");
+        txn.commit().expect("commit");
+        store.settle("vol").expect("settle");
+        images.push(next);
+    }
+    store
+        .set_lock(
+            "vol",
+            Some((LockMode::Compliance, 3_600_000)),
+            LockAuthority::Raise,
+            bulwark_common::time::now_ms(),
+        )
+        .expect("lock");
+    // Retention of one point: the lock keeps all three.
+    let mut keep_one = SourcePolicy {
+        points_alloc_bytes: 4 * (BS as u64 + 64),
+        ..SourcePolicy::default()
+    };
+    keep_one.retention.keep = 1;
+    store
+        .set_policy("vol", &keep_one, bulwark_common::time::now_ms())
+        .expect("policy");
+    assert_eq!(store.points("vol").expect("points").len(), 3);
+    // A sync that needs more space than is left: prune-oldest would take a
+    // locked point, so the sync is refused instead.
+    let mut next = images.last().expect("image").clone();
+    rng.fill(&mut next[..]);
+    let mut txn = store.begin_sync(small(3)).expect("begin");
+    let e = txn
+        .apply(&diff_extents(images.last().expect("image"), &next))
+        .err()
+        .expect("refused for space");
+    assert!(matches!(e, StoreError::LockedFull { point: 1, .. }), "{e}");
+    txn.abort().expect("abort");
+    // Neither a prune nor a drop goes through; the lock cannot be lowered.
+    assert!(matches!(store.prune("vol", 1), Err(StoreError::Locked { .. })));
+    assert!(matches!(store.drop_source("vol"), Err(StoreError::Locked { .. })));
+    for who in [LockAuthority::Raise, LockAuthority::Officer] {
+        let e = store
+            .set_lock("vol", None, who, bulwark_common::time::now_ms())
+            .expect_err("compliance");
+        assert!(e.to_string().contains("can only be lengthened"), "{e}");
+    }
+    for (id, image) in images.iter().enumerate().skip(1) {
+        assert_eq!(
+            &read_point_to_vec(&store, "vol", id as u64).expect("restore"),
+            image,
+            "point {id}"
+        );
+    }
+}
