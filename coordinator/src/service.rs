@@ -42,6 +42,9 @@ pub struct CoordinatorService {
     enroller: Option<Arc<crate::enroll::Enroller>>,
     /// A control stream that carries nothing for this long is cut.
     idle: std::time::Duration,
+    /// Stale copies a node keeps for their retention lock: (source, node) → when to
+    /// ask it again.
+    drops_held: Mutex<HashMap<(String, String), std::time::Instant>>,
     /// The fleet's revocation list.
     revocations: Option<Arc<crate::revocation::RevocationStore>>,
 }
@@ -65,6 +68,7 @@ impl CoordinatorService {
             max_syncs_per_node: 4,
             enroller: None,
             idle: std::time::Duration::from_secs(60),
+            drops_held: Mutex::new(HashMap::new()),
             revocations: None,
         }
     }
@@ -347,6 +351,17 @@ impl CoordinatorService {
     /// Asks `node` to delete its copy of `source` (not assigned there); what fails
     /// stays listed on the source and is retried by the monitor.
     pub async fn drop_copy(&self, source: &str, node: &str) {
+        let key = (source.to_string(), node.to_string());
+        let now = std::time::Instant::now();
+        if self
+            .drops_held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .is_some_and(|until| *until > now)
+        {
+            return;
+        }
         let Ok(mut client) = self.node_client(node) else {
             return;
         };
@@ -360,6 +375,22 @@ impl CoordinatorService {
                 if let Err(e) = self.registry.copy_dropped(source, node) {
                     tracing::warn!(source, node, "cannot record a dropped copy: {e}");
                 }
+            }
+            Err(st)
+                if st.code() == tonic::Code::FailedPrecondition
+                    && st.message().contains("retention lock") =>
+            {
+                // Kept until its points age out of the lock: asked again hourly.
+                tracing::info!(
+                    source,
+                    node,
+                    "stale copy kept by its retention lock: {}",
+                    st.message()
+                );
+                self.drops_held
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(key, now + std::time::Duration::from_secs(3600));
             }
             Err(st) => {
                 tracing::warn!(source, node, "stale copy not dropped yet: {}", st.message())

@@ -172,3 +172,33 @@ fn a_governance_lock_yields_to_the_officer_only() {
     let newest = images.last().expect("a point");
     restore_all(&fleet, "s1", std::slice::from_ref(newest), "after-lift");
 }
+
+#[test]
+fn a_lock_moves_with_its_source_and_keeps_the_old_copy_until_it_ages_out() {
+    let fleet = Fleet::builder()
+        .node("n1")
+        .node("n2")
+        .agent("a1", "s1", 4 * MIB)
+        .start();
+    let images = points(&fleet, "s1", 2);
+    let from = fleet.source_node("s1");
+    let to = if from == "n1" { "n2" } else { "n1" };
+    fleet.cli(&["lock", "s1", "--min-age", "1h", "--mode", "compliance"]);
+    let report = fleet.cli_json(&["drain", &from, "--json"]);
+    assert_eq!(fleet.source_node("s1"), to, "{report}");
+    // The lock came along in the source's record: the new node holds it.
+    for p in fleet.points("s1") {
+        assert_eq!(p["lock"]["mode"], "compliance", "{p}");
+    }
+    // The old node refuses to drop its copy while the lock holds its points.
+    let old = fleet.node_source_dir(&from, "s1");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(old.join("replica").exists(), "{} kept", old.display());
+    let log = std::fs::read_to_string(fleet.root().join("logs").join("coordinator.log"))
+        .expect("coordinator log");
+    assert!(
+        log.contains("kept by its retention lock"),
+        "the coordinator says why"
+    );
+    restore_all(&fleet, "s1", &images, "moved");
+}

@@ -1646,13 +1646,18 @@ fn a_locked_point_outlives_retention_space_pressure_and_drop() {
     let mut txn = store.begin_sync(small(3)).expect("begin");
     let e = txn
         .apply(&diff_extents(images.last().expect("image"), &next))
-        .err()
-        .expect("refused for space");
+        .expect_err("refused for space");
     assert!(matches!(e, StoreError::LockedFull { point: 1, .. }), "{e}");
     txn.abort().expect("abort");
     // Neither a prune nor a drop goes through; the lock cannot be lowered.
-    assert!(matches!(store.prune("vol", 1), Err(StoreError::Locked { .. })));
-    assert!(matches!(store.drop_source("vol"), Err(StoreError::Locked { .. })));
+    assert!(matches!(
+        store.prune("vol", 1),
+        Err(StoreError::Locked { .. })
+    ));
+    assert!(matches!(
+        store.drop_source("vol"),
+        Err(StoreError::Locked { .. })
+    ));
     for who in [LockAuthority::Raise, LockAuthority::Officer] {
         let e = store
             .set_lock("vol", None, who, bulwark_common::time::now_ms())
