@@ -72,6 +72,10 @@ pub fn compatible(server: &str, peer: &str) -> Result<(), String> {
 /// most [`block::MAX_BATCH_BYTES`] of payload, so anything near this is malformed.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
+/// Largest message the coordinator takes: hellos, reports and heartbeats (a
+/// heartbeat of tens of thousands of sources fits).
+pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
 #[cfg(test)]
 mod version_tests {
     use super::compatible;

@@ -146,7 +146,8 @@ pub async fn run(
         .add_service(health_service)
         .add_service(
             pb::coordinator_server::CoordinatorServer::new(CoordinatorApi(svc))
-                .max_decoding_message_size(bulwark_common::MAX_MESSAGE_BYTES)
+                // Agents and nodes send small messages (hellos, reports, heartbeats).
+                .max_decoding_message_size(bulwark_common::MAX_REQUEST_BYTES)
                 .max_encoding_message_size(bulwark_common::MAX_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled())

@@ -437,3 +437,59 @@ fn nbd_socket_in_a_directory_others_reach_is_refused_at_start() {
     assert_eq!(mode, 0o755, "the agent changed the directory's mode");
     assert!(!open.join("vm.sock").exists(), "a socket was made anyway");
 }
+
+/// The admin's policy and the stream limits name their key when they are wrong.
+#[test]
+fn policy_and_stream_limit_mistakes_name_the_key() {
+    let s = setup();
+    let config = |binary: &str| {
+        s.configs
+            .iter()
+            .find(|(b, _)| *b == binary)
+            .expect("a config for every daemon")
+            .1
+            .clone()
+    };
+    let coordinator = config(COORDINATOR);
+    let node = config(NODE);
+    let cases = [
+        (
+            COORDINATOR,
+            format!("{coordinator}\n[policy]\nreplica_percent = 50\n"),
+            "policy.replica_percent",
+            "not between 100 and 1000",
+        ),
+        (
+            COORDINATOR,
+            format!("{coordinator}\n[policy.min_retention]\nkepe = 3\n"),
+            "kepe",
+            "unknown field",
+        ),
+        (
+            COORDINATOR,
+            format!("stream_idle_timeout = \"5s\"\n{coordinator}"),
+            "stream_idle_timeout",
+            "at least 20s",
+        ),
+        (
+            NODE,
+            format!("max_syncs_per_agent = 0\n{node}"),
+            "max_syncs_per_agent",
+            "at least 1",
+        ),
+        (
+            NODE,
+            format!("stream_idle_timeout = \"100ms\"\n{node}"),
+            "stream_idle_timeout",
+            "at least 1s",
+        ),
+    ];
+    for (i, (binary, text, key, why)) in cases.iter().enumerate() {
+        let path = write_config(&s.dir, &format!("policy-{i}.toml"), text);
+        let err = stderr(&run_expect_failure(binary, &path));
+        assert!(
+            err.contains(&*path.to_string_lossy()) && err.contains(key) && err.contains(why),
+            "{binary}: stderr does not name the file, {key} and say \"{why}\":\n{err}"
+        );
+    }
+}
