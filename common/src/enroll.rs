@@ -432,20 +432,28 @@ mod tests {
     use crate::pki::{LeafRequest, Signer};
     use crate::tls::{Role, TlsIdentity};
 
-    /// A crash between renaming the new key and the new certificate: the next load
-    /// finishes the renewal instead of failing on a mismatched pair.
-    #[test]
-    fn an_interrupted_renewal_is_finished_at_load() {
-        let dir = tempfile::tempdir().expect("tmp");
-        crate::pki::init(dir.path(), "test.fleet").expect("ca");
-        let req = LeafRequest {
+    /// Agent host-1's certificate request.
+    fn host_1() -> LeafRequest {
+        LeafRequest {
             role: Role::Agent,
             name: "host-1".into(),
             dns: vec![],
             ips: vec![],
             days: 30,
-        };
-        let issued = crate::pki::issue(dir.path(), &req).expect("issue");
+        }
+    }
+
+    /// A fresh CA and agent host-1's certificate: the temporary directory, the
+    /// agent's files, and the CA's certificate and key.
+    fn agent_with_a_certificate() -> (
+        tempfile::TempDir,
+        crate::config::TlsFiles,
+        std::path::PathBuf,
+        std::path::PathBuf,
+    ) {
+        let dir = tempfile::tempdir().expect("tmp");
+        crate::pki::init(dir.path(), "test.fleet").expect("ca");
+        let issued = crate::pki::issue(dir.path(), &host_1()).expect("issue");
         let files = crate::config::TlsFiles {
             ca: dir.path().join("ca.crt"),
             cert: issued.cert.clone(),
@@ -453,6 +461,15 @@ mod tests {
             renew_before: None,
         };
         let (ca_crt, ca_key) = crate::pki::ca_paths(dir.path());
+        (dir, files, ca_crt, ca_key)
+    }
+
+    /// A crash between renaming the new key and the new certificate: the next load
+    /// finishes the renewal instead of failing on a mismatched pair.
+    #[test]
+    fn an_interrupted_renewal_is_finished_at_load() {
+        let (_dir, files, ca_crt, ca_key) = agent_with_a_certificate();
+        let req = host_1();
         let signer = Signer::load(&ca_crt, &ca_key).expect("signer");
         let (key_pem, csr) = crate::pki::make_csr().expect("csr");
         let cert_pem = signer.sign_csr(&csr, &req).expect("sign");
@@ -478,23 +495,8 @@ mod tests {
     #[tokio::test]
     async fn renewal_does_not_write_through_a_planted_link() {
         use std::os::unix::fs::symlink;
-        let dir = tempfile::tempdir().expect("tmp");
-        crate::pki::init(dir.path(), "test.fleet").expect("ca");
-        let req = LeafRequest {
-            role: Role::Agent,
-            name: "host-1".into(),
-            dns: vec![],
-            ips: vec![],
-            days: 30,
-        };
-        let issued = crate::pki::issue(dir.path(), &req).expect("issue");
-        let files = crate::config::TlsFiles {
-            ca: dir.path().join("ca.crt"),
-            cert: issued.cert.clone(),
-            key: issued.key.clone(),
-            renew_before: None,
-        };
-        let (ca_crt, ca_key) = crate::pki::ca_paths(dir.path());
+        let (dir, files, ca_crt, ca_key) = agent_with_a_certificate();
+        let req = host_1();
         let signer = std::sync::Arc::new(Signer::load(&ca_crt, &ca_key).expect("signer"));
         let make_signer = || -> super::RenewSigner {
             let signer = signer.clone();

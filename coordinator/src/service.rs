@@ -850,13 +850,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
         });
         tracing::info!(%admin, agent = %q.agent, ?quota, "quota requested");
         let set = self.0.registry.set_quota(&q.agent, quota)?;
-        Ok(Response::new(pb::Quota {
-            used_total_bytes: self.0.registry.agent_allocated(&q.agent)?,
-            agent: q.agent,
-            max_source_size_bytes: set.max_source_size_bytes,
-            max_total_bytes: set.max_total_bytes,
-            clear: false,
-        }))
+        let used = self.0.registry.agent_allocated(&q.agent)?;
+        Ok(Response::new(quota_proto(q.agent, set, used)))
     }
 
     async fn list_quotas(
@@ -869,23 +864,14 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
             .quotas()?
             .into_iter()
             .map(|r| {
-                Ok(pb::Quota {
-                    used_total_bytes: reg.agent_allocated(&r.agent)?,
-                    agent: r.agent,
-                    max_source_size_bytes: r.quota.max_source_size_bytes,
-                    max_total_bytes: r.quota.max_total_bytes,
-                    clear: false,
-                })
+                let used = reg.agent_allocated(&r.agent)?;
+                Ok(quota_proto(r.agent, r.quota, used))
             })
             .collect::<Result<_, RegistryError>>()?;
         let d = reg.fleet_policy().quota;
         Ok(Response::new(pb::ListQuotasResponse {
             quotas,
-            fleet_default: Some(pb::Quota {
-                max_source_size_bytes: d.max_source_size_bytes,
-                max_total_bytes: d.max_total_bytes,
-                ..Default::default()
-            }),
+            fleet_default: Some(quota_proto(String::new(), d, 0)),
         }))
     }
 
@@ -1695,6 +1681,17 @@ impl CoordinatorService {
             )));
         }
         Ok(RestorePlan { volume, log })
+    }
+}
+
+/// A quota for the wire.
+fn quota_proto(agent: String, q: crate::policy::Quota, used_total_bytes: u64) -> pb::Quota {
+    pb::Quota {
+        agent,
+        max_source_size_bytes: q.max_source_size_bytes,
+        max_total_bytes: q.max_total_bytes,
+        used_total_bytes,
+        clear: false,
     }
 }
 
