@@ -10,7 +10,10 @@
 //!   would keep less are refused and the floor's apply.
 //! - **Space**: `bulwark allocate` wins, then the group's; otherwise the agent may
 //!   ask for less than the fleet default (`[policy] replica_percent`,
-//!   `points_days`), never more (more is the admin's `bulwark allocate`).
+//!   `points_days`), never more (more is the admin's `bulwark allocate`). Replica
+//!   space is never less than the volume and its checksums, whoever asks: the
+//!   node allocates that much anyway, and a quota or placement that counted less
+//!   could be overrun by a host asking for 4 KiB.
 //! - **Quota**: per agent (`bulwark quota`, else `[policy]`'s), the largest source
 //!   and the total space of all its sources, checked with checked arithmetic before
 //!   a source is placed.
@@ -226,13 +229,16 @@ pub fn effective(fleet: &FleetPolicy, s: &SourceRecord) -> Effective {
         }
         if asked > 0 { asked } else { default }
     };
+    // Never less than the volume and its checksums: that is what the node
+    // allocates whatever it is asked, so placement and quotas count it too.
     let replica_alloc_bytes = pick(
         s.admin_replica_alloc,
         s.group_replica_alloc,
         proposal.replica_alloc_bytes,
         fleet.replica_bytes(size),
         "replica_space",
-    );
+    )
+    .max(min_replica_bytes(size, s.block_size));
     let points_alloc_bytes = pick(
         s.admin_points_alloc,
         s.group_points_alloc,
@@ -251,6 +257,13 @@ pub fn effective(fleet: &FleetPolicy, s: &SourceRecord) -> Effective {
         retention_from,
         refused,
     }
+}
+
+/// The least replica space a volume of `size` bytes in blocks of `block_size`
+/// lives in: its bytes and one checksum per block (the node's own floor).
+pub fn min_replica_bytes(size: u64, block_size: u32) -> u64 {
+    let blocks = size.div_ceil(u64::from(block_size.max(1)));
+    size.saturating_add(blocks.saturating_mul(bulwark_common::block::DIGEST_LEN as u64))
 }
 
 /// Checks that `agent` may have a source of `size` bytes needing `alloc` bytes,
@@ -365,6 +378,14 @@ mod tests {
         // bulwark allocate wins over everything.
         s.admin_replica_alloc = 20 * gib;
         assert_eq!(effective(&fleet, &s).policy.replica_alloc_bytes, 20 * gib);
+        // Less replica space than the volume holds is raised to it: placement and
+        // quotas count what the node will take.
+        s.admin_replica_alloc = 0;
+        s.agent_policy.replica_alloc_bytes = 4096;
+        let least = 10 * gib + (10 * gib / 65536) * 32;
+        assert_eq!(min_replica_bytes(10 * gib, 65536), least);
+        assert_eq!(effective(&fleet, &s).policy.replica_alloc_bytes, least);
+        assert_eq!(min_replica_bytes(u64::MAX, 4096), u64::MAX);
     }
 
     #[test]

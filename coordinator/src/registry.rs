@@ -930,8 +930,7 @@ impl Registry {
     pub fn allocate(&self, source: &str, replica: u64, points: u64) -> Result<SourceRecord> {
         let _g = lock(&self.placement);
         let mut s = self.source(source)?;
-        let geometry_min =
-            s.size_bytes + s.size_bytes.div_ceil(u64::from(s.block_size.max(1))) * 32;
+        let geometry_min = crate::policy::min_replica_bytes(s.size_bytes, s.block_size);
         if replica > 0 && replica < geometry_min {
             return Err(RegistryError::InvalidSource(
                 source.to_string(),

@@ -347,6 +347,14 @@ impl NodeService {
             Err(s) if s.code() == tonic::Code::NotFound => Err(Status::permission_denied(format!(
                 "data source {source} is not known to the coordinator"
             ))),
+            // The coordinator answered, and said no (a source it could not place):
+            // that is the answer, not a reason to fall back on the cache.
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                Err(Status::failed_precondition(format!(
+                    "the coordinator has no assignment of {source} to give: {}",
+                    s.message()
+                )))
+            }
             Err(s) => {
                 let cached = self
                     .assignments

@@ -3006,7 +3006,10 @@ fn make_room(
         }
         tracing::warn!(source = %meta.name, "recovery-point space is full and the disk has no unallocated room to grow it");
     }
-    if policy.on_full == OnFull::PruneOldest {
+    // Pruning frees only what older points hold: when this sync's own
+    // before-images do not fit in the whole allocation, it would drop points and
+    // fail all the same.
+    if policy.on_full == OnFull::PruneOldest && more <= meta.points_alloc_bytes {
         while *points_used + more > meta.points_alloc_bytes {
             let Some(oldest) = store.points(&meta.name)?.first().map(|p| p.id) else {
                 break;

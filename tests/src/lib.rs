@@ -10,12 +10,14 @@
 //!   line) and commands run with a deadline.
 //! - [`files`]: random volumes, in-place block rewrites, BLAKE3, comparisons.
 //! - [`grpc`]: raw gRPC clients with any certificate, and a TLS client without one.
+//! - [`hostile`]: what a host taken over sends, and proof that no point was lost.
 //! - [`qemu`]: whether a qemu-utils tool is installed, random qcow2 images.
 
 pub mod bins;
 pub mod files;
 pub mod fleet;
 pub mod grpc;
+pub mod hostile;
 pub mod otlp;
 pub mod process;
 pub mod qemu;

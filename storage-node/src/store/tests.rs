@@ -264,6 +264,68 @@ fn hostile_sizes_and_allocations_are_refused_before_anything_is_created() {
     );
 }
 
+#[test]
+fn a_pool_that_prunes_when_full_drops_no_point_for_a_sync_that_cannot_fit_anyway() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(dir.path().join("disk1")).expect("disk dir");
+    let store = Store::open_with(
+        &dir.path().join("data"),
+        vec![PoolDisk {
+            path: dir.path().join("disk1"),
+            capacity_bytes: 1 << 40,
+        }],
+        PoolPolicy {
+            auto_grow_bytes: 0,
+            on_full: OnFull::PruneOldest,
+        },
+    )
+    .expect("open");
+    let size = 16 * BS as u64;
+    // Room for the before-images of 4 blocks, not of 8.
+    let tight = |base: u64| {
+        let mut s = spec(size, base);
+        s.policy = Some(SourcePolicy {
+            points_alloc_bytes: 5 * BS as u64,
+            ..SourcePolicy::default()
+        });
+        s
+    };
+    let mut images = vec![vec![0u8; size as usize]];
+    for (i, (fill, blocks)) in [(1u8, 16usize), (2, 2), (3, 2)].into_iter().enumerate() {
+        let mut image = images.last().expect("image").clone();
+        image[..blocks * BS as usize].fill(fill);
+        let mut txn = store.begin_sync(tight(i as u64)).expect("begin");
+        txn.apply(&diff_extents(images.last().expect("image"), &image))
+            .expect("apply");
+        txn.commit().expect("commit");
+        store.settle("vol").expect("settle");
+        images.push(image);
+    }
+    assert_eq!(store.points("vol").expect("points").len(), 3);
+    // 8 changed blocks: their before-images alone exceed the allocation, so
+    // pruning every older point would not make room. Nothing is pruned.
+    let mut image = images.last().expect("image").clone();
+    image[..8 * BS as usize].fill(9);
+    let mut txn = store.begin_sync(tight(3)).expect("begin");
+    let e = txn
+        .apply(&diff_extents(images.last().expect("image"), &image))
+        .expect_err("the sync does not fit");
+    assert!(matches!(e, StoreError::AllocationFull { .. }), "{e}");
+    txn.abort().expect("abort");
+    let points = store.points("vol").expect("points");
+    assert_eq!(
+        points.iter().map(|p| p.id).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    for p in &points {
+        assert!(
+            read_point_to_vec(&store, "vol", p.id).expect("restore") == images[p.id as usize],
+            "point {} differs",
+            p.id
+        );
+    }
+}
+
 /// Copies a directory tree: the state a process kill would leave (page cache included;
 /// a power cut is covered by the fsync order, not by this test).
 fn copy_tree(from: &Path, to: &Path) {
