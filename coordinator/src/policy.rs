@@ -212,18 +212,27 @@ pub fn effective(fleet: &FleetPolicy, s: &SourceRecord) -> Effective {
         from.to_string()
     };
     let size = s.size_bytes;
-    let mut pick = |admin: u64, group: u64, asked: u64, default: u64, key: &str| -> u64 {
+    let mut pick = |admin: u64, group: u64, asked: u64, default: u64, key: &str, less_ok: bool| {
         if admin > 0 {
             return admin;
         }
         if group > 0 {
             return group;
         }
+        let fmt = bulwark_common::config::format_size;
         if asked > default {
             refused.push(format!(
                 "{key}: the proposal ({}) is more than the fleet default ({}); ask the admin for `bulwark allocate`",
-                bulwark_common::config::format_size(asked),
-                bulwark_common::config::format_size(default)
+                fmt(asked),
+                fmt(default)
+            ));
+            return default;
+        }
+        if asked > 0 && asked < default && !less_ok {
+            refused.push(format!(
+                "{key}: the proposal ({}) is less than the fleet default ({}): on a node that prunes when full it would push out older points; the admin sets it with `bulwark allocate`",
+                fmt(asked),
+                fmt(default)
             ));
             return default;
         }
@@ -237,6 +246,7 @@ pub fn effective(fleet: &FleetPolicy, s: &SourceRecord) -> Effective {
         proposal.replica_alloc_bytes,
         fleet.replica_bytes(size),
         "replica_space",
+        true,
     )
     .max(min_replica_bytes(size, s.block_size));
     let points_alloc_bytes = pick(
@@ -245,6 +255,7 @@ pub fn effective(fleet: &FleetPolicy, s: &SourceRecord) -> Effective {
         proposal.points_alloc_bytes,
         fleet.points_bytes(size),
         "points_space",
+        false,
     );
     Effective {
         policy: Policy {
@@ -355,17 +366,23 @@ mod tests {
         let e = effective(&fleet, &s);
         assert!(e.policy.retention.is_keep_all(), "{e:?}");
         assert_eq!(
-            e.policy.points_alloc_bytes, 1,
-            "less space is the agent's to ask"
+            e.policy.points_alloc_bytes,
+            fleet.points_bytes(10 * gib),
+            "less recovery-point space could make a full pool prune: the default"
         );
         assert_eq!(e.policy.replica_alloc_bytes, 15 * gib);
-        assert_eq!(e.refused.len(), 2, "{:?}", e.refused);
+        assert_eq!(e.refused.len(), 3, "{:?}", e.refused);
         assert!(
             e.refused[0].starts_with("retention.keep"),
             "{:?}",
             e.refused
         );
         assert!(e.refused[1].starts_with("replica_space"), "{:?}", e.refused);
+        assert!(e.refused[2].starts_with("points_space"), "{:?}", e.refused);
+        // Less replica space is the agent's to ask (down to the volume's own).
+        s.agent_policy.replica_alloc_bytes = 12 * gib;
+        assert_eq!(effective(&fleet, &s).policy.replica_alloc_bytes, 12 * gib);
+        s.agent_policy.replica_alloc_bytes = u64::MAX;
         // The admin's own retention is a floor too; a longer proposal is taken.
         s.admin_retention = Some(Retention {
             keep: 3,

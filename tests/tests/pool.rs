@@ -42,8 +42,10 @@ fn a_full_allocation_refuses_cleanly_and_growing_it_lets_the_next_sync_succeed()
     // (6 × (64 KiB + 53 bytes) = 91.5% of it), not two.
     let fleet = Fleet::builder()
         .node("node-1")
-        .agent_source("host-1", SOURCE, None, SIZE, "points_space = \"420KiB\"")
+        .agent_source("host-1", SOURCE, None, SIZE, "")
         .start();
+    // The admin's allocation (an agent may not ask for less recovery-point space).
+    fleet.cli(&["allocate", SOURCE, "--points", "420KiB"]);
     let volume = fleet.volume(SOURCE);
     fleet.sync(SOURCE);
     let p1 = fleet.save_volume(SOURCE, "p1.img");
@@ -551,8 +553,10 @@ fn a_pool_that_auto_grows_lets_the_sync_through_and_accounts_for_it() {
     let fleet = Fleet::builder()
         .node("node-1")
         .node_extra("[pool]\nauto_grow = \"1MiB\"")
-        .agent_source("host-1", SOURCE, None, SIZE, "points_space = \"420KiB\"")
+        .agent_source("host-1", SOURCE, None, SIZE, "")
         .start();
+    // The admin's allocation (an agent may not ask for less recovery-point space).
+    fleet.cli(&["allocate", SOURCE, "--points", "420KiB"]);
     let volume = fleet.volume(SOURCE);
     let mut images = Vec::new();
     for i in 1..=3u64 {
@@ -579,8 +583,10 @@ fn a_pool_that_prunes_when_full_keeps_the_newest_points() {
     let fleet = Fleet::builder()
         .node("node-1")
         .node_extra("[pool]\non_full = \"prune-oldest\"")
-        .agent_source("host-1", SOURCE, None, SIZE, "points_space = \"420KiB\"")
+        .agent_source("host-1", SOURCE, None, SIZE, "")
         .start();
+    // The admin's allocation (an agent may not ask for less recovery-point space).
+    fleet.cli(&["allocate", SOURCE, "--points", "420KiB"]);
     let volume = fleet.volume(SOURCE);
     let mut images = Vec::new();
     for i in 1..=4u64 {
