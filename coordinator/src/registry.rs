@@ -21,6 +21,10 @@ use tonic::Status;
 
 const FORMAT_VERSION: u32 = 1;
 
+/// The most data sources one agent may register: a host's Hello cannot bloat the
+/// registry (or the alerts) without bound.
+pub const MAX_SOURCES_PER_AGENT: usize = 1024;
+
 /// A registry operation that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -1242,10 +1246,19 @@ impl Registry {
                 let mut fresh = rec.clone();
                 fresh.agent_policy = Policy::from_proto(spec.policy.as_ref());
                 let need = self.planned_alloc(&fresh);
-                let others = self
+                let mine: Vec<SourceRecord> = self
                     .sources()?
-                    .iter()
+                    .into_iter()
                     .filter(|s| s.agent == agent)
+                    .collect();
+                if mine.len() >= MAX_SOURCES_PER_AGENT {
+                    return Err(invalid(format!(
+                        "agent {agent} has {} data sources already, the most one agent may have",
+                        mine.len()
+                    )));
+                }
+                let others = mine
+                    .iter()
                     .fold(0u64, |n, s| n.saturating_add(s.allocated_bytes));
                 crate::policy::check_quota(
                     &self.quota_of(agent)?,
@@ -1255,6 +1268,17 @@ impl Registry {
                     others,
                 )
                 .map_err(invalid)?;
+                // A source no node could ever hold is refused, not kept waiting.
+                let largest = self.nodes()?.iter().map(|n| n.capacity_bytes).max();
+                if let Some(largest) = largest.filter(|l| *l > 0)
+                    && need > largest
+                {
+                    return Err(invalid(format!(
+                        "it needs {} of space, more than the largest storage node holds ({})",
+                        bulwark_common::config::format_size(need),
+                        bulwark_common::config::format_size(largest)
+                    )));
+                }
                 rec
             }
             Err(e) => return Err(e),
@@ -1937,13 +1961,15 @@ mod tests {
             "{}",
             r[0].error
         );
+        // No node could ever hold it: refused, and no record is kept.
         assert!(r[1].assignment.is_none());
         assert!(
-            reg.source("huge")
-                .expect("huge")
-                .error
-                .contains("no up node has room")
+            r[1].error
+                .contains("more than the largest storage node holds"),
+            "{}",
+            r[1].error
         );
+        assert!(reg.source("huge").is_err());
         drop(reg);
         let reg = reopen(dir.path());
         assert_eq!(reg.source("b").expect("b").node.as_deref(), Some("n2"));

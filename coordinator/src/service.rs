@@ -1451,7 +1451,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
                     .0
                     .grant(&assignment.node, &rec.name, &agent, point)
                     .await?;
-                grants.push((assignment.node.clone(), rec.name.clone()));
+                grants.push((assignment.node.clone(), rec.name.clone(), point));
             }
             if part == "volume" {
                 volume_part = Some((rec.name.clone(), point, assignment));
@@ -1493,21 +1493,25 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
             pb::coordinator_command::Cmd::Restore(c)
         };
         let rx = self.0.registry.dispatch(&agent, cmd).await?;
+        // The grants end with the restore, in a task of their own: also when the
+        // admin's CLI goes away (which drops this handler) before it ends.
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let svc = self.0.clone();
+        let who = agent.clone();
+        tokio::spawn(async move {
+            let outcome = rx.await;
+            svc.withdraw(&grants, &who).await;
+            if let Ok(o) = outcome {
+                let _ = done_tx.send(o);
+            }
+        });
         if !r.wait {
-            let svc = self.0.clone();
-            let who = agent.clone();
-            tokio::spawn(async move {
-                let _ = rx.await;
-                svc.withdraw(&grants, &who).await;
-            });
             return Ok(Response::new(pb::RestoreResponse {
                 result: None,
                 agent,
             }));
         }
-        let outcome = command_outcome(rx, "restore", &r.source, &agent).await;
-        self.0.withdraw(&grants, &agent).await;
-        match outcome? {
+        match command_outcome(done_rx, "restore", &r.source, &agent).await? {
             pb::command_result::Outcome::Restore(res) => Ok(Response::new(pb::RestoreResponse {
                 result: Some(res),
                 agent,
@@ -1557,15 +1561,16 @@ impl CoordinatorService {
         Ok(point)
     }
 
-    /// Withdraws the restore grants `grants` (node, source) gave `agent`; one that
-    /// cannot be withdrawn now lapses within the hour it was given for.
-    async fn withdraw(&self, grants: &[(String, String)], agent: &str) {
-        for (node, source) in grants {
+    /// Withdraws the restore grants `grants` (node, source, point) gave `agent`; one
+    /// that cannot be withdrawn now lapses within the hour it was given for.
+    async fn withdraw(&self, grants: &[(String, String, u64)], agent: &str) {
+        for (node, source, point) in grants {
             let r = match self.node_client(node) {
                 Ok(mut c) => c
                     .grant_restore(pb::GrantRestoreRequest {
                         source: source.clone(),
                         agent: agent.to_string(),
+                        points: vec![*point],
                         withdraw: true,
                         ..Default::default()
                     })

@@ -1448,8 +1448,17 @@ impl pb::node_server::Node for NodeApi {
         let now = bulwark_common::time::now_ms();
         grants.retain(|_, grant| grant.expires_ms > now);
         if g.withdraw {
-            grants.remove(&key);
-            tracing::info!(source = %source, agent = %g.agent, "restore grant withdrawn");
+            // Only the points named (another restore may still need the others);
+            // none named: the whole grant.
+            if let Some(grant) = grants.get_mut(&key) {
+                grant
+                    .points
+                    .retain(|p| !g.points.is_empty() && !g.points.contains(p));
+                if grant.points.is_empty() {
+                    grants.remove(&key);
+                }
+            }
+            tracing::info!(source = %source, agent = %g.agent, points = ?g.points, "restore grant withdrawn");
         } else {
             if g.points.is_empty() || g.points.contains(&0) {
                 return Err(Status::invalid_argument(
@@ -1457,13 +1466,17 @@ impl pb::node_server::Node for NodeApi {
                 ));
             }
             tracing::info!(source = %source, agent = %g.agent, points = ?g.points, "restore granted by the coordinator");
-            grants.insert(
-                key,
-                Grant {
-                    expires_ms: g.expires_at_ms,
-                    points: g.points,
-                },
-            );
+            // Restores that overlap add their points to one grant.
+            let grant = grants.entry(key).or_insert(Grant {
+                expires_ms: g.expires_at_ms,
+                points: Vec::new(),
+            });
+            grant.expires_ms = grant.expires_ms.max(g.expires_at_ms);
+            for p in g.points {
+                if !grant.points.contains(&p) {
+                    grant.points.push(p);
+                }
+            }
         }
         Ok(Response::new(pb::GrantRestoreResponse {}))
     }

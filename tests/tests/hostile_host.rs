@@ -282,17 +282,21 @@ fn hostile_names_and_sizes_are_refused_and_create_nothing() {
         ("a1-wrap", 1 << 63),
         ("a1-tiny-replica", 90 * GIB),
     ] {
+        // Refused outright (no record is kept): no node could ever hold it.
         let reg = control.registration(name);
         assert!(
-            reg.assignment.is_none() && reg.error.contains("no up node has room"),
+            reg.assignment.is_none()
+                && reg
+                    .error
+                    .contains("more than the largest storage node holds"),
             "registering {name} should be refused for want of room: {reg:?}"
         );
         let status = refused_begin(&rt, &address, &fleet, sync_begin(name, 1, size, 0));
         assert_refused(
             &status,
-            Code::FailedPrecondition,
-            &[name, "room"],
-            "a sync of an unplaced source",
+            Code::PermissionDenied,
+            &[name, "not known to the coordinator"],
+            "a sync of a refused source",
         );
     }
     assert!(control.registration("a1-points-max").assignment.is_some());
@@ -779,4 +783,33 @@ fn escapes_reach_no_terminal_and_restore_grants_end_with_the_restore() {
     fleet.assert_all_alive();
     let disk = fleet.node_dir("n1").join("disk1");
     assert_only_source_folders(&disk, &[S1, S2], "escapes and restore grants");
+}
+
+/// The attacker opens a control stream with a1's key, which takes the place of the
+/// real agent's: when it goes, the real agent is connected again by itself (its
+/// stream was closed, so it reconnects), and its sources sync.
+#[test]
+fn a_control_stream_with_a_stolen_key_does_not_cut_the_agent_off_for_good() {
+    let fleet = two_hosts(|b| b);
+    let rt = runtime();
+    let url = fleet.coordinator_url().to_string();
+    let key = fleet.identity(A1);
+    let raw = rt
+        .block_on(RawControl::hello(&url, &key, vec![]))
+        .expect("a control stream with a1's key");
+    drop(raw);
+    poll("a1 connected again", Duration::from_secs(30), || {
+        let agents = fleet.cli_json(&["agents", "--json"]);
+        let a1 = agents
+            .as_array()
+            .and_then(|a| a.iter().find(|x| x["name"] == A1).cloned())
+            .ok_or("no a1")?;
+        if a1["connected"] == true {
+            Ok(())
+        } else {
+            Err(format!("{a1}"))
+        }
+    });
+    let r = fleet.sync(S1);
+    assert!(json_u64(&r, "point") >= 1, "{r}");
 }
