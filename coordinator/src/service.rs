@@ -18,6 +18,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::registry::{Registry, RegistryError, SourceRecord};
 
+mod locks;
+
 /// The coordinator's service state.
 pub struct CoordinatorService {
     registry: Arc<Registry>,
@@ -915,90 +917,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
     ) -> Result<Response<pb::LockResponse>, Status> {
         let caller = require(&req, "Lock", &[Role::Admin, Role::Officer])?;
         let r = req.into_inner();
-        let lock = crate::policy::LockPolicy::from_proto(r.lock.as_ref())
-            .map_err(Status::invalid_argument)?;
-        let officer = caller.role == Role::Officer;
-        let (targets, lowered) = match (r.source.is_empty(), r.group.is_empty()) {
-            (false, true) => {
-                let (s, lowered) = self.0.registry.set_source_lock(&r.source, lock, officer)?;
-                (vec![s], lowered)
-            }
-            (true, false) => self.0.registry.set_group_lock(&r.group, lock, officer)?,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "name one data source or one group (--group)",
-                ));
-            }
-        };
-        let what = if r.group.is_empty() {
-            format!("data source {}", r.source)
-        } else {
-            format!("group {}", r.group)
-        };
-        tracing::warn!(%caller, %what, lock = %crate::policy::LockPolicy::describe(lock), lowered, "retention lock set");
-        if lowered {
-            self.0.registry.report_alerts(
-                &format!("lock/{what}/{}", bulwark_common::time::now_ms()),
-                &[pb::Alert {
-                    key: format!("lock-lowered/{what}/{}", bulwark_common::time::now_ms()),
-                    severity: "warning".into(),
-                    subject: what.clone(),
-                    message: format!(
-                        "officer {} lowered the governance retention lock of {what} to {}",
-                        caller.name,
-                        crate::policy::LockPolicy::describe(lock)
-                    ),
-                    ..Default::default()
-                }],
-            )?;
-        }
-        // The nodes raise their own lock now; a lowering they refuse (only the
-        // officer's own call lowers a node's lock) is listed for the officer's CLI.
-        let mut sources = Vec::new();
-        for s in targets {
-            let Some(node) = s.node.clone() else {
-                sources.push(pb::LockedSource {
-                    source: s.name.clone(),
-                    error: "not placed on a node yet: its node takes the lock when it is".into(),
-                    ..Default::default()
-                });
-                continue;
-            };
-            let effective = self.0.registry.effective(&s).policy.lock;
-            let address = self
-                .0
-                .registry
-                .node(&node)?
-                .map(|n| n.address)
-                .unwrap_or_default();
-            let answer = match self.0.node_client(&node) {
-                Ok(mut c) => c
-                    .set_lock(pb::SetLockRequest {
-                        source: s.name.clone(),
-                        lock: Some(crate::policy::LockPolicy::to_proto(effective)),
-                    })
-                    .await
-                    .map(|r| r.into_inner().lock),
-                Err(e) => Err(e),
-            };
-            sources.push(match answer {
-                Ok(held) => pb::LockedSource {
-                    source: s.name.clone(),
-                    node,
-                    node_address: address,
-                    lock: held,
-                    error: String::new(),
-                },
-                Err(st) => pb::LockedSource {
-                    source: s.name.clone(),
-                    node: node.clone(),
-                    node_address: address,
-                    lock: None,
-                    error: format!("node {node}: {}", st.message()),
-                },
-            });
-        }
-        Ok(Response::new(pb::LockResponse { sources }))
+        Ok(Response::new(self.0.set_lock(&caller, r).await?))
     }
 
     async fn remove_source(
@@ -1007,51 +926,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
     ) -> Result<Response<pb::RemoveSourceResponse>, Status> {
         let admin = require(&req, "RemoveSource", &[Role::Admin])?;
         let source = req.into_inner().source;
-        let s = self.0.registry.source(&source)?;
-        // Locked points are refused here first (the node refuses too, from its own
-        // store, whatever this says).
-        let mut points = 0;
-        if let Some(node) = &s.node {
-            let listed = self.0.points_of(&source).await?;
-            points = listed.len() as u64;
-            if let Some(p) = listed.iter().find(|p| p.locked_until_ms > 0) {
-                return Err(Status::failed_precondition(format!(
-                    "data source {source}: point {} on node {node} is under a retention lock until {}: the source cannot be removed before",
-                    p.id,
-                    bulwark_common::time::rfc3339_ms(p.locked_until_ms)
-                )));
-            }
-        }
-        // While removing, the coordinator answers that it does not know the
-        // source: its node then drops it, and its agent cannot place it again.
-        self.0.registry.set_removing(&source, true)?;
-        if let Some(node) = &s.node {
-            let dropped = match self.0.node_client(node) {
-                Ok(mut c) => c
-                    .drop_source(pb::DropSourceRequest {
-                        source: source.clone(),
-                    })
-                    .await
-                    .map(|_| ()),
-                Err(e) => Err(e),
-            };
-            if let Err(st) = dropped {
-                self.0.registry.set_removing(&source, false)?;
-                return Err(Status::new(
-                    st.code(),
-                    format!(
-                        "node {node} did not drop {source}, which stays protected: {}",
-                        st.message()
-                    ),
-                ));
-            }
-        }
-        let s = self.0.registry.remove_source(&source)?;
-        tracing::warn!(%admin, source, points, "data source removed");
-        Ok(Response::new(pb::RemoveSourceResponse {
-            node: s.node.unwrap_or_default(),
-            points,
-        }))
+        Ok(Response::new(self.0.remove(&admin, source).await?))
     }
 
     async fn create_token(
@@ -1530,60 +1405,6 @@ struct RestorePlan {
 }
 
 impl CoordinatorService {
-    /// Lets `agent` read point `point` (0 = the newest now) of `source` on `node`
-    /// for a restore; returns the point granted.
-    async fn grant(
-        &self,
-        node: &str,
-        source: &str,
-        agent: &str,
-        point: u64,
-    ) -> Result<u64, Status> {
-        let point = match point {
-            0 => self
-                .points_of(source)
-                .await?
-                .last()
-                .map(|p| p.id)
-                .ok_or_else(|| Status::not_found(format!("data source {source} has no point")))?,
-            p => p,
-        };
-        self.node_client(node)?
-            .grant_restore(pb::GrantRestoreRequest {
-                source: source.to_string(),
-                agent: agent.to_string(),
-                expires_at_ms: bulwark_common::time::now_ms() + 3_600_000,
-                points: vec![point],
-                withdraw: false,
-            })
-            .await
-            .map_err(|s| Status::new(s.code(), format!("node {node}: {}", s.message())))?;
-        Ok(point)
-    }
-
-    /// Withdraws the restore grants `grants` (node, source, point) gave `agent`; one
-    /// that cannot be withdrawn now lapses within the hour it was given for.
-    async fn withdraw(&self, grants: &[(String, String, u64)], agent: &str) {
-        for (node, source, point) in grants {
-            let r = match self.node_client(node) {
-                Ok(mut c) => c
-                    .grant_restore(pb::GrantRestoreRequest {
-                        source: source.clone(),
-                        agent: agent.to_string(),
-                        points: vec![*point],
-                        withdraw: true,
-                        ..Default::default()
-                    })
-                    .await
-                    .map(|_| ()),
-                Err(e) => Err(e),
-            };
-            if let Err(e) = r {
-                tracing::warn!(%node, %source, agent, "restore grant not withdrawn (it lapses within the hour): {}", e.message());
-            }
-        }
-    }
-
     async fn points_of(&self, source: &str) -> Result<Vec<pb::Point>, Status> {
         let node = self.node_of(source)?;
         let mut client = self.node_client(&node)?;

@@ -25,7 +25,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use crate::store::lock::{LockAuthority, LockMode, RetentionLock};
 use crate::store::{
     PointMeta, Prepared, RestoreItem, SourceLocks, SourcePolicy, Store, StoreError, SyncSpec,
     SyncTxn, VerifiedExtent,
@@ -33,7 +32,10 @@ use crate::store::{
 use bulwark_common::retention::Retention;
 
 pub mod admission;
+mod locks;
 mod logs;
+
+use locks::{Grant, lock_from_proto, lock_to_proto};
 
 use admission::{Admission, Limits, Sender, TurnKind, next_within};
 
@@ -102,30 +104,6 @@ pub fn policy_from_proto(p: &pb::Policy) -> SourcePolicy {
         retention: Retention::from_proto(p.retention.as_ref()),
         keep_after_ms: p.keep_after_ms,
         lock: p.lock.as_ref().and_then(lock_from_proto),
-    }
-}
-
-/// A lock on the wire: mode and minimum age (`None`: no lock).
-pub fn lock_from_proto(l: &pb::RetentionLock) -> Option<(LockMode, u64)> {
-    let mode = match pb::LockMode::try_from(l.mode) {
-        Ok(pb::LockMode::Governance) => LockMode::Governance,
-        Ok(pb::LockMode::Compliance) => LockMode::Compliance,
-        _ => return None,
-    };
-    (l.min_age_ms > 0).then_some((mode, l.min_age_ms))
-}
-
-/// A lock for the wire.
-pub fn lock_to_proto(l: Option<RetentionLock>) -> pb::RetentionLock {
-    match l {
-        None => pb::RetentionLock::default(),
-        Some(l) => pb::RetentionLock {
-            mode: match l.mode {
-                LockMode::Governance => pb::LockMode::Governance,
-                LockMode::Compliance => pb::LockMode::Compliance,
-            } as i32,
-            min_age_ms: l.min_age_ms,
-        },
     }
 }
 
@@ -221,22 +199,6 @@ impl NodeService {
     /// The fleet's revocation list as this node holds it.
     pub fn revocations(&self) -> Arc<bulwark_common::revocation::Revocations> {
         self.peer_tls.revocations().clone()
-    }
-
-    /// Alerts of retention locks an officer lowered on this node in the last day.
-    pub fn lock_alerts(&self) -> Vec<pb::Alert> {
-        let now = bulwark_common::time::now_ms();
-        let mut map = self.lock_lowered.lock().unwrap_or_else(|e| e.into_inner());
-        map.retain(|_, (at, _)| now - *at < 86_400_000);
-        map.iter()
-            .map(|(source, (at, what))| pb::Alert {
-                key: format!("lock-lowered/{source}/{at}"),
-                severity: "warning".into(),
-                subject: source.clone(),
-                message: what.clone(),
-                ..Default::default()
-            })
-            .collect()
     }
 
     /// The refusals for space still standing, by source.
@@ -474,32 +436,6 @@ impl NodeService {
         }
         self.note_refusal(source, None);
     }
-
-    /// Whether the coordinator granted `agent` a restore of `point` of `source`,
-    /// and the grant still stands. A grant names its points (the coordinator
-    /// resolves "newest" before it grants), so point 0 is never granted.
-    fn granted(&self, source: &SourceName, agent: &str, point: u64) -> bool {
-        let grants = self.grants.lock().unwrap_or_else(|e| e.into_inner());
-        match grants.get(&(source.to_string(), agent.to_string())) {
-            Some(g) if g.expires_ms > bulwark_common::time::now_ms() => {
-                if g.points.contains(&point) {
-                    return true;
-                }
-                tracing::warn!(source = %source, agent, point, granted = ?g.points,
-                    "the restore grant does not cover this point");
-                false
-            }
-            _ => false,
-        }
-    }
-}
-
-/// A restore the coordinator granted an agent other than the source's own.
-#[derive(Debug, Clone)]
-struct Grant {
-    expires_ms: i64,
-    /// The only points the agent may read.
-    points: Vec<u64>,
 }
 
 /// The error of an import whose exporting node sent nothing for the idle timeout.
@@ -1334,39 +1270,8 @@ impl pb::node_server::Node for NodeApi {
         req: Request<pb::DropSourceRequest>,
     ) -> Result<Response<pb::DropSourceResponse>, Status> {
         require(&req, "DropSource", &[Role::Coordinator])?;
-        let source = source_name(&req.into_inner().source)?.into_string();
-        let svc = self.0.clone();
-        // Asked afresh (no cached answer for a deletion): the source must be
-        // assigned elsewhere, or no longer known to the fleet (removed). The store
-        // refuses anyway while a retention lock holds any of its points.
-        let mut client = svc.coordinator.clone();
-        match client
-            .get_assignment(pb::GetAssignmentRequest {
-                source: source.clone(),
-            })
-            .await
-        {
-            Ok(a) if a.get_ref().node == svc.name => {
-                return Err(Status::failed_precondition(format!(
-                    "data source {source} is assigned to this node; it is not dropped"
-                )));
-            }
-            Ok(_) => {}
-            Err(st) if st.code() == tonic::Code::NotFound => {}
-            Err(st) => {
-                return Err(Status::unavailable(format!(
-                    "cannot check the assignment of {source} with the coordinator ({}); nothing is dropped",
-                    st.message()
-                )));
-            }
-        }
-        let lock = svc.locks.get(&source).write_owned().await;
-        let store = svc.store.clone();
-        let dropped = blocking(move || {
-            let _lock = lock;
-            store.drop_source(&source)
-        })
-        .await??;
+        let source = source_name(&req.into_inner().source)?;
+        let dropped = self.0.drop_copy(source).await?;
         Ok(Response::new(pb::DropSourceResponse { dropped }))
     }
 
@@ -1380,58 +1285,7 @@ impl pb::node_server::Node for NodeApi {
             &[Role::Coordinator, Role::Admin, Role::Officer],
         )?;
         let r = req.into_inner();
-        let source = source_name(&r.source)?;
-        let want = r.lock.as_ref().and_then(lock_from_proto);
-        if r.lock
-            .as_ref()
-            .is_some_and(|l| l.min_age_ms > 0 && want.is_none())
-        {
-            return Err(Status::invalid_argument(
-                "a lock needs a mode: governance or compliance",
-            ));
-        }
-        let who = if caller.role == Role::Officer {
-            LockAuthority::Officer
-        } else {
-            LockAuthority::Raise
-        };
-        let lock = self.0.locks.get(&source).write_owned().await;
-        let store = self.0.store.clone();
-        let name = source.to_string();
-        let (before, held) = blocking(move || {
-            let _lock = lock;
-            let before = store.lock_of(&name);
-            (
-                before,
-                store.set_lock(&name, want, who, bulwark_common::time::now_ms()),
-            )
-        })
-        .await?;
-        if let (Ok(before), Ok(after)) = (&before, &held)
-            && before != after
-            && who == LockAuthority::Officer
-        {
-            let what = format!(
-                "officer {} changed the retention lock of {source} on this node from {:?} to {:?}",
-                caller.name, before, after
-            );
-            tracing::warn!("{what}");
-            self.0
-                .lock_lowered
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(source.to_string(), (bulwark_common::time::now_ms(), what));
-        }
-        match &held {
-            Ok(l) => tracing::info!(%caller, source = %source, lock = ?l, "retention lock set"),
-            Err(e) => {
-                tracing::warn!(%caller, source = %source, "retention lock change refused: {e}");
-                refused("lock");
-            }
-        }
-        Ok(Response::new(pb::SetLockResponse {
-            lock: Some(lock_to_proto(held?)),
-        }))
+        Ok(Response::new(self.0.set_lock(&caller, r).await?))
     }
 
     async fn grant_restore(
@@ -1439,45 +1293,7 @@ impl pb::node_server::Node for NodeApi {
         req: Request<pb::GrantRestoreRequest>,
     ) -> Result<Response<pb::GrantRestoreResponse>, Status> {
         require(&req, "GrantRestore", &[Role::Coordinator])?;
-        let g = req.into_inner();
-        let source = source_name(&g.source)?;
-        bulwark_common::name::AgentName::parse(g.agent.as_str())
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let key = (source.to_string(), g.agent.clone());
-        let mut grants = self.0.grants.lock().unwrap_or_else(|e| e.into_inner());
-        let now = bulwark_common::time::now_ms();
-        grants.retain(|_, grant| grant.expires_ms > now);
-        if g.withdraw {
-            // Only the points named (another restore may still need the others);
-            // none named: the whole grant.
-            if let Some(grant) = grants.get_mut(&key) {
-                grant
-                    .points
-                    .retain(|p| !g.points.is_empty() && !g.points.contains(p));
-                if grant.points.is_empty() {
-                    grants.remove(&key);
-                }
-            }
-            tracing::info!(source = %source, agent = %g.agent, points = ?g.points, "restore grant withdrawn");
-        } else {
-            if g.points.is_empty() || g.points.contains(&0) {
-                return Err(Status::invalid_argument(
-                    "a restore grant names the points it covers (no 0)",
-                ));
-            }
-            tracing::info!(source = %source, agent = %g.agent, points = ?g.points, "restore granted by the coordinator");
-            // Restores that overlap add their points to one grant.
-            let grant = grants.entry(key).or_insert(Grant {
-                expires_ms: g.expires_at_ms,
-                points: Vec::new(),
-            });
-            grant.expires_ms = grant.expires_ms.max(g.expires_at_ms);
-            for p in g.points {
-                if !grant.points.contains(&p) {
-                    grant.points.push(p);
-                }
-            }
-        }
+        self.0.grant(req.into_inner())?;
         Ok(Response::new(pb::GrantRestoreResponse {}))
     }
 }

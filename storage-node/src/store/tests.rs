@@ -1664,18 +1664,29 @@ fn a_locked_point_outlives_retention_space_pressure_and_drop() {
     let size = 16 * BS as u64;
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     let mut images = vec![vec![0u8; size as usize]];
-    // Recovery-point space for about four blocks of before-images.
+    // Recovery-point space for seven blocks of before-images: points 1 and 2 keep
+    // three each, and a fourth sync of three more does not fit beside them.
+    let points_alloc_bytes = 7 * (BS as u64 + 64);
     let small = |base: u64| {
         let mut s = spec(size, base);
         s.policy = Some(SourcePolicy {
-            points_alloc_bytes: 4 * (BS as u64 + 64),
+            points_alloc_bytes,
             ..SourcePolicy::default()
         });
         s
     };
+    // Three random blocks, the `n`-th set of three.
+    let rewrite = |rng: &mut rand::rngs::StdRng, image: &mut [u8], n: usize| {
+        let bs = BS as usize;
+        rng.fill(&mut image[3 * n * bs..3 * (n + 1) * bs]);
+    };
     for base in 0..3u64 {
         let mut next = images.last().expect("image").clone();
-        scribble(&mut rng, &mut next, 1);
+        if base == 0 {
+            rng.fill(&mut next[..]);
+        } else {
+            rewrite(&mut rng, &mut next, base as usize);
+        }
         let mut txn = store.begin_sync(small(base)).expect("begin");
         txn.apply(&diff_extents(images.last().expect("image"), &next))
             .expect("apply");
@@ -1693,7 +1704,7 @@ fn a_locked_point_outlives_retention_space_pressure_and_drop() {
         .expect("lock");
     // Retention of one point: the lock keeps all three.
     let mut keep_one = SourcePolicy {
-        points_alloc_bytes: 4 * (BS as u64 + 64),
+        points_alloc_bytes,
         ..SourcePolicy::default()
     };
     keep_one.retention.keep = 1;
@@ -1704,7 +1715,7 @@ fn a_locked_point_outlives_retention_space_pressure_and_drop() {
     // A sync that needs more space than is left: prune-oldest would take a
     // locked point, so the sync is refused instead.
     let mut next = images.last().expect("image").clone();
-    rng.fill(&mut next[..]);
+    rewrite(&mut rng, &mut next, 3);
     let mut txn = store.begin_sync(small(3)).expect("begin");
     let e = txn
         .apply(&diff_extents(images.last().expect("image"), &next))
