@@ -18,11 +18,12 @@
 //!   issued for that name later works again);
 //! - every connection a server accepted is tracked with its peer's certificate
 //!   ([`Revocations::track`], done by `tls::incoming`), and when a new list revokes
-//!   the peer, the connection is cut ([`Tracked`] fails its reads and writes);
+//!   the peer, the connection is cut: its TCP socket is shut down both ways (so a
+//!   read or write waiting on it ends at once) and [`Tracked`] fails what follows.
+//!   Nothing is checked per read or write but one atomic load;
 //! - the access layer (`crate::access`) refuses a revoked caller on every call.
 
 use std::collections::{HashMap, HashSet};
-use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -40,7 +41,6 @@ use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCer
 use rustls::{Error as TlsError, SignatureScheme};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::tls::{Identity, Role};
 
@@ -148,7 +148,39 @@ impl Snapshot {
 struct Conn {
     facts: CertFacts,
     peer: String,
-    cut: CancellationToken,
+    cut: Arc<Cut>,
+}
+
+/// How a tracked connection is cut: once, by shutting its TCP socket down both
+/// ways (a duplicate of the accepted socket's descriptor), which ends a read or
+/// write waiting on it; the flag then fails every later one.
+#[derive(Debug, Default)]
+pub struct Cut {
+    done: std::sync::atomic::AtomicBool,
+    socket: Option<std::net::TcpStream>,
+}
+
+impl Cut {
+    /// A cut for the connection on `socket` (`None`: no socket, only the flag).
+    pub fn new(socket: Option<std::os::fd::OwnedFd>) -> Cut {
+        Cut {
+            done: std::sync::atomic::AtomicBool::new(false),
+            socket: socket.map(std::net::TcpStream::from),
+        }
+    }
+
+    fn cut(&self) {
+        if !self.done.swap(true, Ordering::AcqRel)
+            && let Some(s) = &self.socket
+        {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Whether the connection was cut.
+    pub fn is_cut(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+    }
 }
 
 /// The shared, swappable revocation state of one process (see the module docs).
@@ -281,8 +313,13 @@ impl Revocations {
     /// Tracks a connection this process accepted from the holder of `leaf`: the
     /// returned guard is cut when a later list revokes that certificate, and
     /// forgotten when dropped.
-    pub fn track(self: &Arc<Self>, leaf: Option<&CertificateDer<'_>>, peer: String) -> ConnGuard {
-        let cut = CancellationToken::new();
+    pub fn track(
+        self: &Arc<Self>,
+        leaf: Option<&CertificateDer<'_>>,
+        peer: String,
+        socket: Option<std::os::fd::OwnedFd>,
+    ) -> ConnGuard {
+        let cut = Arc::new(Cut::new(socket));
         let id = leaf
             .and_then(|l| CertFacts::parse(l.as_ref(), &self.trust_domain).ok())
             .map(|facts| {
@@ -305,7 +342,7 @@ impl Revocations {
         {
             tracing::warn!(peer = %c.peer, caller = %c.facts.identity, "connection cut: {why}");
             count_refusal();
-            c.cut.cancel();
+            c.cut.cut();
         }
         ConnGuard {
             revs: Arc::downgrade(self),
@@ -320,7 +357,7 @@ impl Revocations {
         ConnGuard {
             revs: std::sync::Weak::new(),
             id: None,
-            cut: CancellationToken::new(),
+            cut: Arc::new(Cut::default()),
         }
     }
 
@@ -331,13 +368,13 @@ impl Revocations {
 
     fn cut_revoked(&self, snap: &Snapshot) {
         for c in lock(&self.conns).values() {
-            if c.cut.is_cancelled() {
+            if c.cut.is_cut() {
                 continue;
             }
             if let Some(why) = snap.refusal(&c.facts) {
                 tracing::warn!(peer = %c.peer, caller = %c.facts.identity, "connection cut: {why}");
                 count_refusal();
-                c.cut.cancel();
+                c.cut.cut();
             }
         }
     }
@@ -561,7 +598,7 @@ impl ClientCertVerifier for FleetClientVerifier {
 pub struct ConnGuard {
     revs: std::sync::Weak<Revocations>,
     id: Option<u64>,
-    cut: CancellationToken,
+    cut: Arc<Cut>,
 }
 
 impl Drop for ConnGuard {
@@ -573,22 +610,17 @@ impl Drop for ConnGuard {
 }
 
 /// An accepted stream whose reads and writes fail once its peer is revoked: the
-/// HTTP/2 server then drops the connection and every call on it.
+/// HTTP/2 server then drops the connection and every call on it. The socket's
+/// shutdown ([`Cut`]) wakes what waits on it; each call costs one atomic load.
 pub struct Tracked<S> {
     inner: S,
     guard: ConnGuard,
-    waiter: Pin<Box<WaitForCancellationFutureOwned>>,
 }
 
 impl<S> Tracked<S> {
     /// Wraps `inner`, cut when `guard` is.
     pub fn new(inner: S, guard: ConnGuard) -> Tracked<S> {
-        let waiter = Box::pin(guard.cut.clone().cancelled_owned());
-        Tracked {
-            inner,
-            guard,
-            waiter,
-        }
+        Tracked { inner, guard }
     }
 
     /// The stream inside.
@@ -596,10 +628,8 @@ impl<S> Tracked<S> {
         &self.inner
     }
 
-    /// Whether the connection was cut; registers the task to be woken when it is.
-    fn is_cut(&mut self, cx: &mut Context<'_>) -> bool {
-        // Polled only until it completes: a completed wait is not polled again.
-        self.guard.cut.is_cancelled() || self.waiter.as_mut().poll(cx).is_ready()
+    fn is_cut(&self) -> bool {
+        self.guard.cut.is_cut()
     }
 }
 
@@ -610,16 +640,26 @@ fn cut_error() -> io::Error {
     )
 }
 
+/// `result`, unless the connection was cut meanwhile: then the cut's error (a
+/// shut-down socket reads as its end, which must not look like a clean close).
+fn unless_cut<T>(cut: bool, result: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+    match result {
+        Poll::Ready(_) if cut => Poll::Ready(Err(cut_error())),
+        other => other,
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if self.is_cut(cx) {
+        if self.is_cut() {
             return Poll::Ready(Err(cut_error()));
         }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        unless_cut(self.is_cut(), r)
     }
 }
 
@@ -629,10 +669,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if self.is_cut(cx) {
+        if self.is_cut() {
             return Poll::Ready(Err(cut_error()));
         }
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        unless_cut(self.is_cut(), r)
     }
 
     fn poll_write_vectored(
@@ -640,10 +681,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        if self.is_cut(cx) {
+        if self.is_cut() {
             return Poll::Ready(Err(cut_error()));
         }
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        unless_cut(self.is_cut(), r)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -651,7 +693,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.is_cut(cx) {
+        if self.is_cut() {
             return Poll::Ready(Err(cut_error()));
         }
         Pin::new(&mut self.inner).poll_flush(cx)
@@ -923,10 +965,29 @@ mod tests {
         let a1 = pki.issue(Role::Agent, "a1");
         let a2 = pki.issue(Role::Agent, "a2");
         let revs = node.revocations().clone();
-        let (mut near1, far1) = tokio::io::duplex(1024);
-        let (mut near2, far2) = tokio::io::duplex(1024);
-        let mut t1 = Tracked::new(far1, revs.track(Some(&leaf(&a1)), "a1-peer".into()));
-        let mut t2 = Tracked::new(far2, revs.track(Some(&leaf(&a2)), "a2-peer".into()));
+        // Real sockets: a cut shuts the accepted socket down.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("listen");
+        let addr = listener.local_addr().expect("addr");
+        let accept = async || {
+            let near = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let (far, _) = listener.accept().await.expect("accept");
+            let dup = std::os::fd::AsFd::as_fd(&far)
+                .try_clone_to_owned()
+                .expect("dup");
+            (near, far, dup)
+        };
+        let (mut near1, far1, dup1) = accept().await;
+        let (mut near2, far2, dup2) = accept().await;
+        let mut t1 = Tracked::new(
+            far1,
+            revs.track(Some(&leaf(&a1)), "a1-peer".into(), Some(dup1)),
+        );
+        let mut t2 = Tracked::new(
+            far2,
+            revs.track(Some(&leaf(&a2)), "a2-peer".into(), Some(dup2)),
+        );
         assert_eq!(revs.tracked(), 2);
         // A read waiting on a1's connection ends with an error once a1 is revoked.
         let reader = tokio::spawn(async move {
@@ -950,7 +1011,15 @@ mod tests {
         let mut b = [0u8; 4];
         t2.read_exact(&mut b).await.expect("a2 reads");
         assert_eq!(&b, b"ping");
-        near1.write_all(b"x").await.ok();
+        // The peer sees the connection end.
+        let mut rest = Vec::new();
+        let ended = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            near1.read_to_end(&mut rest),
+        )
+        .await
+        .expect("the peer's read ended");
+        assert!(ended.as_ref().is_ok_and(|n| *n == 0), "{ended:?}");
         // a1's stream ended with its task; a2's when dropped.
         assert_eq!(revs.tracked(), 1, "a dropped connection is forgotten");
         drop(t2);

@@ -626,6 +626,10 @@ pub fn incoming(
                 }
             };
             let _ = tcp.set_nodelay(true);
+            // A duplicate of the socket, to shut it down if its peer is revoked.
+            let socket = revocations
+                .as_ref()
+                .and_then(|_| std::os::fd::AsFd::as_fd(&tcp).try_clone_to_owned().ok());
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             let revocations = revocations.clone();
@@ -634,7 +638,7 @@ pub fn incoming(
                     Ok(Ok(tls)) => {
                         let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
                         let guard = match &revocations {
-                            Some(r) => r.track(leaf, peer.to_string()),
+                            Some(r) => r.track(leaf, peer.to_string(), socket),
                             None => Revocations::untracked(),
                         };
                         let _ = tx.send(Ok(Tracked::new(tls, guard))).await;
