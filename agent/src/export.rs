@@ -131,12 +131,7 @@ impl ExportResolver for RoleGate {
         peer_certs: &[CertificateDer<'static>],
     ) -> Result<Arc<dyn Backend>, Refusal> {
         // Who first: a stranger learns nothing about the export.
-        let who = peer_certs
-            .first()
-            .ok_or_else(|| Refusal::Forbidden("a fleet client certificate is required".into()))
-            .and_then(|c| {
-                Identity::from_cert(c.as_ref(), &self.trust_domain).map_err(Refusal::Forbidden)
-            })?;
+        let who = bulwark_common::nbd::server::client_identity(peer_certs, &self.trust_domain)?;
         if who.role != self.role {
             tracing::warn!(source = %self.source, client = %who, "NBD export refused: it is for {} certificates only (nbd_client_role)", self.role);
             return Err(Refusal::Forbidden(format!(

@@ -11,7 +11,7 @@ use std::io;
 use std::sync::Arc;
 
 use bulwark_common::nbd::{Backend, ExportResolver, Refusal};
-use bulwark_common::tls::{Identity, Role};
+use bulwark_common::tls::Role;
 use rustls::pki_types::CertificateDer;
 
 use crate::store::{PointView, SourceLocks, Store, StoreError};
@@ -69,12 +69,7 @@ impl ExportResolver for PointExports {
         name: &str,
         peer_certs: &[CertificateDer<'static>],
     ) -> Result<Arc<dyn Backend>, Refusal> {
-        let who = peer_certs
-            .first()
-            .ok_or_else(|| Refusal::Forbidden("a fleet client certificate is required".into()))
-            .and_then(|c| {
-                Identity::from_cert(c.as_ref(), &self.trust_domain).map_err(Refusal::Forbidden)
-            })?;
+        let who = bulwark_common::nbd::server::client_identity(peer_certs, &self.trust_domain)?;
         if who.role != Role::Admin {
             tracing::warn!(client = %who, export = name, "NBD export refused: not an admin");
             return Err(Refusal::Forbidden(format!(

@@ -569,6 +569,20 @@ impl Refusal {
     }
 }
 
+/// The fleet identity of an NBD client from its TLS certificates (resolvers that
+/// serve only some roles ask this first, so a stranger learns nothing).
+pub fn client_identity(
+    peer_certs: &[rustls::pki_types::CertificateDer<'static>],
+    trust_domain: &str,
+) -> Result<crate::tls::Identity, Refusal> {
+    peer_certs
+        .first()
+        .ok_or_else(|| Refusal::Forbidden("a fleet client certificate is required".into()))
+        .and_then(|c| {
+            crate::tls::Identity::from_cert(c.as_ref(), trust_domain).map_err(Refusal::Forbidden)
+        })
+}
+
 impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
