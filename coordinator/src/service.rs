@@ -730,6 +730,15 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
                 agent.name
             )));
         }
+        let most = crate::registry::MAX_SOURCES_PER_AGENT;
+        if hello.sources.len() > most {
+            tracing::warn!(%agent, sources = hello.sources.len(), "refused: a Hello with too many sources");
+            return Err(Status::invalid_argument(format!(
+                "agent {}: its Hello lists {} data sources; an agent may have at most {most}",
+                agent.name,
+                hello.sources.len()
+            )));
+        }
         let registry = self.0.registry.clone();
         let sources = registry.hello(&agent.name, &hello)?;
         if let Some(t) = expiry {

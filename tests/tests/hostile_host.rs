@@ -232,6 +232,19 @@ fn hostile_names_and_sizes_are_refused_and_create_nothing() {
     }
     drop(control);
 
+    // More sources than one agent may have: the whole Hello is refused.
+    let many = (0..1025)
+        .map(|i| volume_spec(&format!("a1-many-{i}"), SIZE))
+        .collect();
+    let err = rt
+        .block_on(RawControl::hello(&url, &a1, many))
+        .err()
+        .expect("a Hello listing 1025 sources should be refused");
+    assert!(
+        err.code() == Code::InvalidArgument && err.message().contains("at most 1024"),
+        "the refusal should name the limit: {err:?}"
+    );
+
     // Sizes: registration refused, nothing allocated or created.
     let with_policy = |name: &str, size: u64, replica: u64, points: u64| {
         let mut s = volume_spec(name, size);
