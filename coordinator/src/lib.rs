@@ -1,4 +1,4 @@
-//! The Bulwark coordinator and the admin CLI.
+//! The Bulwark coordinator. The admin CLI `bulwark` is the `bulwark-cli` crate.
 //!
 //! - [`registry`] — nodes, agents, data sources and assignments in sled; placement.
 //! - [`policy`] — what the admin set against what agents propose: retention,
@@ -7,19 +7,14 @@
 //! - [`server`] — the daemon's lifecycle.
 //! - [`config`] — `coordinator.toml`.
 //! - [`enroll`] — enrollment tokens and certificate signing; [`revocation`] — the
-//!   fleet's revocation list and CRL ([`revocation_cli`]: `bulwark revoke`).
-//! - [`cli`]: the `bulwark` admin commands; [`demo`] — a whole fleet in one process.
+//!   fleet's revocation list and CRL.
 
-pub mod cli;
 pub mod config;
-pub mod demo;
 pub mod enroll;
-pub mod export;
 pub mod placement;
 pub mod policy;
 pub mod registry;
 pub mod revocation;
-pub mod revocation_cli;
 pub mod schedule;
 pub mod server;
 pub mod service;

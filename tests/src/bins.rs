@@ -1,9 +1,10 @@
 //! Building and locating the Bulwark binaries that the tests start.
 //!
 //! Every test process (nextest runs each test in its own) calls [`bin_dir`], which
-//! runs `cargo build --bins` for the three service packages once per process, under a
-//! file lock in the target directory so that parallel test processes build one at a
-//! time (the later ones find everything fresh and return at once).
+//! runs `cargo build --bins` for the three service packages and the CLI once per
+//! process, under a file lock in the target directory so that parallel test
+//! processes build one at a time (the later ones find everything fresh and return
+//! at once).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -19,8 +20,13 @@ pub const AGENT: &str = "bulwark-agent";
 /// The admin CLI.
 pub const CLI: &str = "bulwark";
 
-/// Packages whose binaries the tests need (the CLI is in the coordinator package).
-const PACKAGES: [&str; 3] = ["bulwark-coordinator", "bulwark-node", "bulwark-agent"];
+/// Packages whose binaries the tests need.
+const PACKAGES: [&str; 4] = [
+    "bulwark-coordinator",
+    "bulwark-node",
+    "bulwark-agent",
+    "bulwark-cli",
+];
 
 /// Set to any value to skip the build (the binaries are already built).
 pub const SKIP_BUILD_ENV: &str = "BULWARK_E2E_SKIP_BUILD";

@@ -15,7 +15,9 @@ use rand::{Rng, SeedableRng};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{Admin, format_ms, sync_line};
+use crate::admin::Admin;
+use crate::output::format_ms;
+use crate::sync::sync_line;
 
 const VOLUME_BYTES: usize = 64 << 20;
 const BLOCK: usize = 64 << 10;
@@ -120,8 +122,8 @@ async fn demo(dir: &Path) -> anyhow::Result<()> {
             tls_toml(&pki, "coordinator")
         ),
     )?;
-    let cfg = crate::config::CoordinatorConfig::load(&ctoml)?;
-    tasks.push(tokio::spawn(crate::server::run(
+    let cfg = bulwark_coordinator::config::CoordinatorConfig::load(&ctoml)?;
+    tasks.push(tokio::spawn(bulwark_coordinator::server::run(
         cfg,
         listener,
         shutdown.clone(),

@@ -2,8 +2,8 @@
 
 use std::process::ExitCode;
 
+use bulwark_cli::{Cli, run};
 use bulwark_common::telemetry::{self, LogFormat};
-use bulwark_coordinator::cli::{Cli, run};
 use clap::{CommandFactory, FromArgMatches};
 use tracing::Instrument;
 

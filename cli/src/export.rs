@@ -9,24 +9,158 @@
 //! ([`check_nbd_node`]) before it prints the URL.
 
 use std::io::IsTerminal;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::anyhow;
+use anyhow::{Context, anyhow, bail};
 use bulwark_agent::restore::{RestoreOutcome, restore_point};
 use bulwark_common::config::{TlsFiles, format_size};
 use bulwark_common::metrics::Progress;
 use bulwark_common::tls::{self, Role, Target, TlsIdentity};
 use bulwark_proto as pb;
 use bulwark_proto::node_client::NodeClient;
+use clap::Args;
+use serde_json::json;
 
-use crate::cli::Admin;
+use crate::admin::Admin;
+use crate::output::print_json;
+use crate::progress::show_progress;
+
+/// `bulwark export SOURCE --to FILE`.
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// Data source name.
+    pub source: String,
+    /// Point id (default: the newest).
+    #[arg(long)]
+    pub point: Option<u64>,
+    /// A new file.
+    #[arg(long)]
+    pub to: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `bulwark mount SOURCE`.
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    /// Data source name.
+    pub source: String,
+    /// Point id (default: the newest now).
+    #[arg(long)]
+    pub point: Option<u64>,
+    /// Also lay out this CLI's certificate in DIR the way qemu's
+    /// `tls-creds-x509` wants it (ca-cert.pem, client-cert.pem, client-key.pem).
+    #[arg(long)]
+    pub tls_dir: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `bulwark export`.
+pub async fn export(admin: &mut Admin, files: &TlsFiles, a: ExportArgs) -> anyhow::Result<()> {
+    let source = &a.source;
+    let r = export_point(admin, files, source, a.point.unwrap_or(0), &a.to).await?;
+    if a.json {
+        print_json(&json!({
+            "source": source, "point": r.point, "path": r.path,
+            "bytes_written": r.bytes_written, "duration_ms": r.duration_ms,
+        }))?;
+    } else {
+        println!(
+            "{source}: point {} exported to {} ({} in {:.1} s), every block checked",
+            r.point,
+            r.path.display(),
+            format_size(r.bytes_written),
+            r.duration_ms as f64 / 1000.0
+        );
+    }
+    Ok(())
+}
+
+/// `bulwark mount`: checks the node's NBD listener and prints the URL.
+pub async fn mount(admin: &mut Admin, files: &TlsFiles, a: MountArgs) -> anyhow::Result<()> {
+    let source = &a.source;
+    let at = admin
+        .client
+        .locate(pb::LocateRequest {
+            source: source.clone(),
+        })
+        .await
+        .map_err(|s| admin.err(s))?
+        .into_inner();
+    if at.nbd_address.is_empty() {
+        bail!(
+            "node {} serves no NBD exports: set nbd_listen in its node.toml",
+            at.node
+        );
+    }
+    let points = admin.points(source).await?;
+    let id = match a.point {
+        Some(p) => points
+            .iter()
+            .find(|x| x.id == p)
+            .map(|x| x.id)
+            .ok_or_else(|| anyhow!("{source} has no point {p}"))?,
+        None => points
+            .last()
+            .map(|x| x.id)
+            .ok_or_else(|| anyhow!("{source} has no recovery point yet"))?,
+    };
+    // The listener must be the node the coordinator named (qemu checks the
+    // CA only).
+    check_nbd_node(files, &at.nbd_address, &at.node).await?;
+    let url = format!("nbd://{}/{source}@{id}", at.nbd_address);
+    if let Some(dir) = &a.tls_dir {
+        qemu_tls_dir(files, dir)?;
+    }
+    if a.json {
+        print_json(&json!({
+            "url": url, "source": source, "point": id, "node": at.node,
+            "size_bytes": at.size_bytes,
+            "tls_dir": a.tls_dir.as_ref().map(|d| d.display().to_string()),
+        }))?;
+    } else {
+        let dir = a
+            .tls_dir
+            .as_ref()
+            .map_or("DIR".to_string(), |d| d.display().to_string());
+        println!("{url}");
+        println!(
+            "read-only, TLS with an admin certificate; for example:\n  qemu-img convert -O raw --object tls-creds-x509,id=tls0,dir={dir},endpoint=client \\\n    --image-opts driver=nbd,server.type=inet,server.host={},server.port={},export={source}@{id},tls-creds=tls0 point.raw",
+            at.nbd_address.rsplit_once(':').map_or("", |(h, _)| h),
+            at.nbd_address.rsplit_once(':').map_or("", |(_, p)| p),
+        );
+    }
+    Ok(())
+}
+
+/// Copies the CLI's CA, certificate and key into `dir` under the names qemu's
+/// `tls-creds-x509` object reads; the key stays owner-only.
+fn qemu_tls_dir(files: &TlsFiles, dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    for (from, name) in [
+        (&files.ca, "ca-cert.pem"),
+        (&files.cert, "client-cert.pem"),
+        (&files.key, "client-key.pem"),
+    ] {
+        let to = dir.join(name);
+        std::fs::copy(from, &to)
+            .with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))?;
+    }
+    let key = dir.join("client-key.pem");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot make {} owner-only", key.display()))?;
+    Ok(())
+}
 
 /// Exports `point` (0 = newest) of `source` to the new file `to`, showing progress
 /// on standard error.
-pub async fn export(
+pub async fn export_point(
     admin: &mut Admin,
     files: &TlsFiles,
     source: &str,
@@ -114,51 +248,4 @@ pub async fn check_nbd_node(files: &TlsFiles, nbd_address: &str, node: &str) -> 
     tokio::time::timeout(Duration::from_secs(15), run)
         .await
         .map_err(|_| what(&"no answer within 15 s"))?
-}
-
-/// A progress bar with bytes, rate and time left, rewritten in place on a terminal;
-/// a plain line every 10 seconds otherwise. Runs until aborted; nothing is shown
-/// while `total` is 0 (not known yet).
-pub async fn show_progress(label: String, progress: Arc<Progress>) {
-    let tty = std::io::stderr().is_terminal();
-    let every = if tty {
-        Duration::from_millis(250)
-    } else {
-        Duration::from_secs(10)
-    };
-    // The rate is measured from the first figure seen (a remote operation may have
-    // started before this display).
-    let mut first: Option<(Instant, u64)> = None;
-    loop {
-        tokio::time::sleep(every).await;
-        let n = progress.done.load(Ordering::Relaxed);
-        let total = progress.total.load(Ordering::Relaxed);
-        if total == 0 {
-            continue;
-        }
-        let (t0, n0) = *first.get_or_insert((Instant::now(), n));
-        let secs = t0.elapsed().as_secs_f64().max(0.001);
-        let rate = n.saturating_sub(n0) as f64 / secs;
-        let left = if rate > 0.0 {
-            format!("{:.0} s left", total.saturating_sub(n) as f64 / rate)
-        } else {
-            "-".into()
-        };
-        let frac = (n as f64 / total as f64).clamp(0.0, 1.0);
-        let figures = format!(
-            "{} of {} ({:.0}%), {}/s, {left}",
-            format_size(n),
-            format_size(total),
-            frac * 100.0,
-            format_size(rate as u64)
-        );
-        if tty {
-            const WIDTH: usize = 24;
-            let filled = (frac * WIDTH as f64).round() as usize;
-            let bar = format!("{}{}", "#".repeat(filled), "-".repeat(WIDTH - filled));
-            eprint!("\r{label} [{bar}] {figures:<60}");
-        } else {
-            eprintln!("{label}: {figures}");
-        }
-    }
 }

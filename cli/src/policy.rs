@@ -1,6 +1,7 @@
-//! `bulwark quota`, `bulwark retention` and `bulwark group allow`: the admin's side
-//! of policy (see `crate::policy`). An agent's config only proposes; these set what
-//! is in force.
+//! `bulwark quota`, `bulwark retention`, `bulwark lock` and `bulwark remove`: the
+//! admin's side of policy (the coordinator's `policy` module; `bulwark group allow`
+//! is in [`crate::groups`]). An agent's config only proposes; these set what is in
+//! force.
 
 use bulwark_common::config::format_size;
 use bulwark_common::retention::Retention;
@@ -8,7 +9,10 @@ use bulwark_proto as pb;
 use clap::Args;
 use serde_json::{Value, json};
 
-use super::{Admin, listing, parse_duration_ms, parse_size, print_json};
+use crate::admin::Admin;
+use crate::json::source_json;
+use crate::output::{listing, print_json};
+use crate::parse::{parse_duration_ms, parse_size};
 
 /// `bulwark quota [AGENT ...]`.
 #[derive(Args, Debug)]
@@ -177,7 +181,7 @@ pub async fn retention(admin: &mut Admin, a: RetentionArgs) -> anyhow::Result<()
         .map_err(|s| admin.err(s))?
         .into_inner();
     if a.json {
-        return print_json(&super::source_json(&s));
+        return print_json(&source_json(&s));
     }
     let r = Retention::from_proto(s.retention.as_ref());
     println!(
@@ -195,56 +199,6 @@ pub async fn retention(admin: &mut Admin, a: RetentionArgs) -> anyhow::Result<()
         }
     );
     Ok(())
-}
-
-/// `bulwark group allow GROUP PATTERN [--remove]`.
-pub async fn group_allow(
-    admin: &mut Admin,
-    group: String,
-    pattern: String,
-    remove: bool,
-    json: bool,
-) -> anyhow::Result<()> {
-    let g = admin
-        .client
-        .allow_group(pb::AllowGroupRequest {
-            group,
-            pattern,
-            remove,
-        })
-        .await
-        .map_err(|s| admin.err(s))?
-        .into_inner();
-    if json {
-        return print_json(&json!({
-            "name": g.name, "allow": g.allow, "sources": g.sources,
-        }));
-    }
-    println!(
-        "group {}: agents matching {} may join it from their config; members: {}",
-        g.name,
-        if g.allow.is_empty() {
-            "nothing".to_string()
-        } else {
-            g.allow.join(", ")
-        },
-        if g.sources.is_empty() {
-            "none".to_string()
-        } else {
-            g.sources.join(", ")
-        }
-    );
-    Ok(())
-}
-
-/// A message for a source JSON's `retention` field.
-pub fn retention_json(r: Option<&pb::Retention>) -> Value {
-    let r = Retention::from_proto(r);
-    json!({
-        "keep": r.keep, "max_age_ms": r.max_age_ms, "hourly": r.hourly,
-        "daily": r.daily, "weekly": r.weekly, "monthly": r.monthly,
-        "describe": r.describe(),
-    })
 }
 
 /// `bulwark lock SOURCE|--group G --min-age DUR --mode governance|compliance`.
@@ -382,7 +336,18 @@ pub async fn lock(
 }
 
 /// `bulwark remove SOURCE`.
-pub async fn remove(admin: &mut Admin, source: String, json: bool) -> anyhow::Result<()> {
+#[derive(Args, Debug)]
+pub struct RemoveArgs {
+    /// Data source name.
+    pub source: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `bulwark remove`.
+pub async fn remove(admin: &mut Admin, a: RemoveArgs) -> anyhow::Result<()> {
+    let RemoveArgs { source, json } = a;
     let r = admin
         .client
         .remove_source(pb::RemoveSourceRequest {
@@ -400,32 +365,4 @@ pub async fn remove(admin: &mut Admin, source: String, json: bool) -> anyhow::Re
         r.points
     );
     Ok(())
-}
-
-/// A point's lock for `points --json`: `{mode, until}`, or null.
-pub fn point_lock_json(p: &pb::Point) -> Value {
-    if p.locked_until_ms == 0 {
-        return Value::Null;
-    }
-    json!({
-        "mode": match pb::LockMode::try_from(p.lock_mode) {
-            Ok(pb::LockMode::Compliance) => "compliance",
-            _ => "governance",
-        },
-        "until": bulwark_common::time::rfc3339_ms(p.locked_until_ms),
-    })
-}
-
-/// A source's lock for `sources --json`: `{mode, min_age_ms}`, or null.
-pub fn lock_json(l: Option<&pb::RetentionLock>) -> Value {
-    match l {
-        Some(l) if l.min_age_ms > 0 => json!({
-            "mode": match pb::LockMode::try_from(l.mode) {
-                Ok(pb::LockMode::Compliance) => "compliance",
-                _ => "governance",
-            },
-            "min_age_ms": l.min_age_ms,
-        }),
-        _ => Value::Null,
-    }
 }

@@ -1,12 +1,25 @@
 //! `bulwark revoke ROLE NAME` and `bulwark revocations`: the CLI's side of the
-//! fleet's revocation list (`crate::revocation`).
+//! fleet's revocation list (the coordinator's `revocation` module).
 
 use anyhow::anyhow;
 use bulwark_common::time::rfc3339_ms;
 use bulwark_proto as pb;
+use clap::Args;
 use serde_json::{Value, json};
 
-use crate::cli::Admin;
+use crate::admin::Admin;
+
+/// `bulwark revoke ROLE NAME`.
+#[derive(Args, Debug)]
+pub struct RevokeArgs {
+    /// coordinator, node, agent, admin or officer.
+    pub role: String,
+    /// The name in the certificate (node or agent name, ...).
+    pub name: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
 
 /// One entry as `--json` prints it.
 pub fn revocation_json(r: &pb::Revocation) -> Value {
@@ -50,13 +63,14 @@ fn print(list: &[pb::Revocation], json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `bulwark revoke ROLE NAME`.
-pub async fn revoke(admin: &mut Admin, role: &str, name: &str, json: bool) -> anyhow::Result<()> {
+/// `bulwark revoke`.
+pub async fn revoke(admin: &mut Admin, a: RevokeArgs) -> anyhow::Result<()> {
+    let json = a.json;
     let r = admin
         .client
         .revoke(pb::RevokeRequest {
-            role: role.to_string(),
-            name: name.to_string(),
+            role: a.role,
+            name: a.name,
         })
         .await
         .map_err(|s| admin.err(s))?
