@@ -78,80 +78,22 @@ pub async fn run(keep: bool) -> anyhow::Result<()> {
     }
 }
 
+/// The fleet's running daemons and how to stop them.
+struct Fleet {
+    shutdown: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
 async fn demo(dir: &Path) -> anyhow::Result<()> {
     let pki = dir.join("pki");
     say(format!("Bulwark demo in {}\n", dir.display()));
-    bulwark_common::pki::init(&pki, "demo.bulwark")?;
-    for (role, name) in [
-        (Role::Coordinator, "coordinator"),
-        (Role::Node, "node-1"),
-        (Role::Node, "node-2"),
-        (Role::Agent, "demo-host"),
-        (Role::Admin, "admin"),
-    ] {
-        bulwark_common::pki::issue(
-            &pki,
-            &bulwark_common::pki::LeafRequest {
-                role,
-                name: name.into(),
-                dns: vec!["localhost".into()],
-                ips: vec!["127.0.0.1".parse()?],
-                days: 1,
-            },
-        )?;
-    }
-    say(
-        "1. Made a fleet CA (trust domain demo.bulwark) and signed certificates for a coordinator,",
-    );
-    say("   two storage nodes, an agent and an admin. Every connection below is TLS 1.3 with");
-    say("   client certificates, and each side checks the other's role.");
-
-    let shutdown = CancellationToken::new();
-    let mut tasks = Vec::new();
-
-    // Coordinator.
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let caddr = listener.local_addr()?;
-    let coordinator_url = format!("https://{caddr}");
-    let ctoml = dir.join("coordinator.toml");
-    std::fs::write(
-        &ctoml,
-        format!(
-            "listen = \"{caddr}\"\ndata_dir = \"{}\"\n{}",
-            dir.join("coordinator").display(),
-            tls_toml(&pki, "coordinator")
-        ),
-    )?;
-    let cfg = bulwark_coordinator::config::CoordinatorConfig::load(&ctoml)?;
-    tasks.push(tokio::spawn(bulwark_coordinator::server::run(
-        cfg,
-        listener,
-        shutdown.clone(),
-    )));
-
-    // Two storage nodes.
-    for name in ["node-1", "node-2"] {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        std::fs::create_dir_all(dir.join(name).join("disk1"))?;
-        let path = dir.join(format!("{name}.toml"));
-        std::fs::write(
-            &path,
-            format!(
-                "name = \"{name}\"\nlisten = \"{addr}\"\ncoordinator = \"{coordinator_url}\"\ndata_dir = \"{}\"\nheartbeat_interval = \"1s\"\n[[pool.disks]]\npath = \"{}\"\ncapacity = \"20GiB\"\n{}",
-                dir.join(name).join("data").display(),
-                dir.join(name).join("disk1").display(),
-                tls_toml(&pki, name)
-            ),
-        )?;
-        let cfg = bulwark_node::config::NodeConfig::load(&path)?;
-        tasks.push(tokio::spawn(bulwark_node::server::run(
-            cfg,
-            listener,
-            shutdown.clone(),
-        )));
-    }
-
+    make_pki(&pki)?;
+    let mut fleet = Fleet {
+        shutdown: CancellationToken::new(),
+        tasks: Vec::new(),
+    };
+    let (caddr, coordinator_url) = start_coordinator(dir, &pki, &mut fleet).await?;
+    start_nodes(dir, &pki, &coordinator_url, &mut fleet).await?;
     let files = TlsFiles {
         ca: pki.join("ca.crt"),
         cert: pki.join("admin.crt"),
@@ -177,14 +119,117 @@ async fn demo(dir: &Path) -> anyhow::Result<()> {
     say(format!(
         "2. Started the coordinator on {caddr} and two storage nodes (20 GiB pools); both registered."
     ));
-
-    // The sample volume and the agent.
     let volume = dir.join("sample-volume.img");
     let mut rng = rand::rngs::StdRng::seed_from_u64(2026);
     let mut image = vec![0u8; VOLUME_BYTES];
     // Data with holes, like a real disk: three quarters written, the rest zeros.
     rng.fill(&mut image[..VOLUME_BYTES * 3 / 4]);
     std::fs::write(&volume, &image)?;
+    let node = start_agent(dir, &pki, &coordinator_url, &volume, &admin, &mut fleet).await?;
+    sync_and_restore(dir, &mut admin, &node, &volume, &mut image, &mut rng).await?;
+    say("11. Stopping the fleet.");
+    fleet.stop().await
+}
+
+/// Step 1: the fleet CA and a certificate for each process and the admin.
+fn make_pki(pki: &Path) -> anyhow::Result<()> {
+    bulwark_common::pki::init(pki, "demo.bulwark")?;
+    for (role, name) in [
+        (Role::Coordinator, "coordinator"),
+        (Role::Node, "node-1"),
+        (Role::Node, "node-2"),
+        (Role::Agent, "demo-host"),
+        (Role::Admin, "admin"),
+    ] {
+        bulwark_common::pki::issue(
+            pki,
+            &bulwark_common::pki::LeafRequest {
+                role,
+                name: name.into(),
+                dns: vec!["localhost".into()],
+                ips: vec!["127.0.0.1".parse()?],
+                days: 1,
+            },
+        )?;
+    }
+    say(
+        "1. Made a fleet CA (trust domain demo.bulwark) and signed certificates for a coordinator,",
+    );
+    say("   two storage nodes, an agent and an admin. Every connection below is TLS 1.3 with");
+    say("   client certificates, and each side checks the other's role.");
+    Ok(())
+}
+
+/// Starts the coordinator from a `coordinator.toml`; returns its address and URL.
+async fn start_coordinator(
+    dir: &Path,
+    pki: &Path,
+    fleet: &mut Fleet,
+) -> anyhow::Result<(std::net::SocketAddr, String)> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let caddr = listener.local_addr()?;
+    let coordinator_url = format!("https://{caddr}");
+    let ctoml = dir.join("coordinator.toml");
+    std::fs::write(
+        &ctoml,
+        format!(
+            "listen = \"{caddr}\"\ndata_dir = \"{}\"\n{}",
+            dir.join("coordinator").display(),
+            tls_toml(pki, "coordinator")
+        ),
+    )?;
+    let cfg = bulwark_coordinator::config::CoordinatorConfig::load(&ctoml)?;
+    fleet
+        .tasks
+        .push(tokio::spawn(bulwark_coordinator::server::run(
+            cfg,
+            listener,
+            fleet.shutdown.clone(),
+        )));
+    Ok((caddr, coordinator_url))
+}
+
+/// Starts two storage nodes from their `node-N.toml`s.
+async fn start_nodes(
+    dir: &Path,
+    pki: &Path,
+    coordinator_url: &str,
+    fleet: &mut Fleet,
+) -> anyhow::Result<()> {
+    for name in ["node-1", "node-2"] {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        std::fs::create_dir_all(dir.join(name).join("disk1"))?;
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "name = \"{name}\"\nlisten = \"{addr}\"\ncoordinator = \"{coordinator_url}\"\ndata_dir = \"{}\"\nheartbeat_interval = \"1s\"\n[[pool.disks]]\npath = \"{}\"\ncapacity = \"20GiB\"\n{}",
+                dir.join(name).join("data").display(),
+                dir.join(name).join("disk1").display(),
+                tls_toml(pki, name)
+            ),
+        )?;
+        let cfg = bulwark_node::config::NodeConfig::load(&path)?;
+        fleet.tasks.push(tokio::spawn(bulwark_node::server::run(
+            cfg,
+            listener,
+            fleet.shutdown.clone(),
+        )));
+    }
+    Ok(())
+}
+
+/// Step 3: starts the agent protecting `volume` and waits until it is connected;
+/// returns the node the coordinator placed the volume on.
+async fn start_agent(
+    dir: &Path,
+    pki: &Path,
+    coordinator_url: &str,
+    volume: &Path,
+    admin: &Admin,
+    fleet: &mut Fleet,
+) -> anyhow::Result<String> {
     let atoml = dir.join("agent.toml");
     std::fs::write(
         &atoml,
@@ -192,14 +237,15 @@ async fn demo(dir: &Path) -> anyhow::Result<()> {
             "name = \"demo-host\"\ncoordinator = \"{coordinator_url}\"\nstate_dir = \"{}\"\n[[sources]]\nname = \"demo-data\"\nkind = \"volume\"\npath = \"{}\"\ntracker = \"fingerprint\"\nblock_size = \"64KiB\"\nsync_interval = \"1h\"\n{}",
             dir.join("agent-state").display(),
             volume.display(),
-            tls_toml(&pki, "demo-host")
+            tls_toml(pki, "demo-host")
         ),
     )?;
     let cfg = bulwark_agent::config::AgentConfig::load(&atoml)?;
-    tasks.push(tokio::spawn(bulwark_agent::server::run(
+    fleet.tasks.push(tokio::spawn(bulwark_agent::server::run(
         cfg,
-        shutdown.clone(),
+        fleet.shutdown.clone(),
     )));
+    let mut c = admin.client.clone();
     wait_for("the agent", async || {
         c.list_agents(pb::ListAgentsRequest {})
             .await
@@ -218,10 +264,22 @@ async fn demo(dir: &Path) -> anyhow::Result<()> {
         volume.display(),
         format_size(VOLUME_BYTES as u64)
     ));
+    Ok(node)
+}
 
+/// Steps 4 to 10: a full sync, scattered rewrites, an incremental sync, both
+/// points restored and compared, and a deep consistency check.
+async fn sync_and_restore(
+    dir: &Path,
+    admin: &mut Admin,
+    node: &str,
+    volume: &Path,
+    image: &mut [u8],
+    rng: &mut rand::rngs::StdRng,
+) -> anyhow::Result<()> {
     // Full sync.
     let (r1, _) = admin.sync_wait("demo-data").await?;
-    let hash1 = blake3::hash(&image);
+    let hash1 = blake3::hash(image);
     say(format!("4. Full sync: {}", sync_line(&r1)));
     say("   (the unwritten quarter of the volume was recognised as zeros and not sent)");
 
@@ -234,8 +292,8 @@ async fn demo(dir: &Path) -> anyhow::Result<()> {
     for b in &touched {
         rng.fill(&mut image[b * BLOCK..(b + 1) * BLOCK]);
     }
-    std::fs::write(&volume, &image)?;
-    let hash2 = blake3::hash(&image);
+    std::fs::write(volume, &*image)?;
+    let hash2 = blake3::hash(image);
     say(format!(
         "5. Rewrote {REWRITES} scattered 64 KiB blocks of the volume."
     ));
@@ -253,9 +311,17 @@ async fn demo(dir: &Path) -> anyhow::Result<()> {
         "7. {node} now holds {} recovery points of demo-data.",
         points.len()
     ));
+    restore_and_compare(dir, admin, [(8, r1.point, hash1), (9, r2.point, hash2)]).await?;
+    deep_check(admin).await
+}
 
-    // Restore both points and check them.
-    for (step, point, want) in [(8, r1.point, hash1), (9, r2.point, hash2)] {
+/// Steps 8 and 9: restores each point and compares it with the volume as it was.
+async fn restore_and_compare(
+    dir: &Path,
+    admin: &mut Admin,
+    steps: [(u32, u64, blake3::Hash); 2],
+) -> anyhow::Result<()> {
+    for (step, point, want) in steps {
         let to: PathBuf = dir.join(format!("restored-point-{point}.img"));
         let r = admin.restore_wait("demo-data", point, &to, None).await?;
         let got = hash_file(&to)?;
@@ -272,8 +338,12 @@ async fn demo(dir: &Path) -> anyhow::Result<()> {
             &got.to_hex()[..16]
         ));
     }
+    Ok(())
+}
 
-    // A deep consistency check: the node recomputes its checksums from the replica.
+/// Step 10: a deep consistency check — the node recomputes its checksums from
+/// the replica — which must find nothing on an intact replica.
+async fn deep_check(admin: &mut Admin) -> anyhow::Result<()> {
     let (r3, _) = admin
         .sync_request("demo-data", true, true, true)
         .await?
@@ -286,16 +356,21 @@ async fn demo(dir: &Path) -> anyhow::Result<()> {
             r3.damaged_blocks
         );
     }
-
-    say("11. Stopping the fleet.");
-    shutdown.cancel();
-    for t in tasks {
-        match tokio::time::timeout(Duration::from_secs(10), t).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => bail!("a daemon failed: {e:#}"),
-            Ok(Err(e)) => bail!("a daemon panicked: {e}"),
-            Err(_) => bail!("a daemon did not stop within 10 s"),
-        }
-    }
     Ok(())
+}
+
+impl Fleet {
+    /// Cancels every daemon and waits for each to stop cleanly.
+    async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        for t in self.tasks {
+            match tokio::time::timeout(Duration::from_secs(10), t).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => bail!("a daemon failed: {e:#}"),
+                Ok(Err(e)) => bail!("a daemon panicked: {e}"),
+                Err(_) => bail!("a daemon did not stop within 10 s"),
+            }
+        }
+        Ok(())
+    }
 }
