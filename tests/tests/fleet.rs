@@ -368,6 +368,14 @@ fn a_protection_group_runs_the_schedule_keeps_its_retention_and_flags_missed_syn
         serde_json::json!(["s1", "s2", "s3"]),
         "{groups}"
     );
+    // The table says the interval the way it was written (`2s`, not `2.0 s`).
+    let out = fleet.cli(&["group", "list"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("g1 "))
+        .unwrap_or_else(|| panic!("no row for g1:\n{table}"));
+    assert_eq!(row.split_whitespace().nth(1), Some("2s"), "{table}");
     // No sync command: the coordinator's schedule makes the points, and the group's
     // retention keeps three.
     for s in ["s1", "s2", "s3"] {

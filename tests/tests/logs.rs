@@ -78,6 +78,28 @@ fn ships_appends_and_handles_rotation_truncation_and_rewrite() {
     let mut points: Vec<(u64, Model)> = Vec::new();
     let mut record = |r: &Value, model: &Model| points.push((json_u64(r, "point"), model.clone()));
 
+    // `sources` says a log source is one in its TRACKER column (its record carries
+    // the default block tracker's name, which it does not use).
+    let out = fleet.cli(&["sources"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split("  ")
+        .filter(|c| !c.is_empty())
+        .map(str::trim)
+        .collect();
+    let column = header
+        .iter()
+        .position(|c| *c == "TRACKER")
+        .unwrap_or_else(|| panic!("no TRACKER column:\n{table}"));
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(&format!("{LOG} ")))
+        .unwrap_or_else(|| panic!("no row for {LOG}:\n{table}"));
+    assert_eq!(row.split_whitespace().nth(column), Some("log"), "{table}");
+
     // 1. First ship: both files whole.
     let r = ship(&fleet);
     assert_eq!(json_u64(&r, "bytes_sent"), 71_000, "{r}");
