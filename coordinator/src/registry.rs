@@ -17,7 +17,6 @@ use bulwark_common::time::now_ms;
 use bulwark_proto as pb;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
-use tonic::Status;
 
 /// The most data sources one agent may register: a host's Hello cannot bloat the
 /// registry (or the alerts) without bound.
@@ -58,27 +57,6 @@ impl From<sled::Error> for RegistryError {
     }
 }
 
-impl From<RegistryError> for Status {
-    fn from(e: RegistryError) -> Status {
-        match &e {
-            RegistryError::Store(_) => {
-                tracing::error!("{e}");
-                Status::internal(e.to_string())
-            }
-            RegistryError::UnknownSource(_) | RegistryError::UnknownNode(_) => {
-                Status::not_found(e.to_string())
-            }
-            RegistryError::NotOwner { .. } => Status::permission_denied(e.to_string()),
-            RegistryError::Unassigned(..) | RegistryError::AgentOffline(_) => {
-                Status::failed_precondition(e.to_string())
-            }
-            RegistryError::InvalidSource(..) => Status::invalid_argument(e.to_string()),
-            RegistryError::Forbidden(_) => Status::permission_denied(e.to_string()),
-            RegistryError::Locked(_) => Status::failed_precondition(e.to_string()),
-        }
-    }
-}
-
 type Result<T, E = RegistryError> = std::result::Result<T, E>;
 
 mod admin;
@@ -91,10 +69,17 @@ mod sources;
 #[cfg(test)]
 mod tests;
 
+pub use alerts::Alert;
 pub use groups::paired;
 pub use records::*;
-pub use sessions::CommandOutcome;
 use sessions::Connection;
+pub use sessions::{
+    AgentResult, Command, CommandOutcome, Progress, RestoreCommand, RestorePart, SyncCommand,
+};
+pub use sources::{
+    Heartbeat, Hello, NodeRegistration, Registration, SourceKind, SourceSpec, SourceUsage,
+    SyncOutcome, SyncReport,
+};
 
 /// The registry.
 pub struct Registry {
@@ -113,7 +98,7 @@ pub struct Registry {
     pending: Mutex<HashMap<u64, (String, oneshot::Sender<CommandOutcome>)>>,
     next_id: AtomicU64,
     /// The latest progress each running operation reported, by source (memory only).
-    progress: Mutex<HashMap<String, (pb::OpProgress, std::time::Instant)>>,
+    progress: Mutex<HashMap<String, (Progress, std::time::Instant)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -3,10 +3,44 @@
 
 use super::*;
 
+/// A condition an origin raises now (see [`Registry::report_alerts`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Alert {
+    /// Stable across reports: the same condition keeps its key.
+    pub key: String,
+    /// "warning" or "critical" (as the origin says).
+    pub severity: String,
+    /// What it is about: a node, agent or data source.
+    pub subject: String,
+    pub message: String,
+}
+
+impl Alert {
+    /// A `warning` about `subject`.
+    pub fn warning(key: String, subject: String, message: String) -> Alert {
+        Alert {
+            key,
+            severity: "warning".into(),
+            subject,
+            message,
+        }
+    }
+
+    /// A `critical` alert about `subject`.
+    pub fn critical(key: String, subject: String, message: String) -> Alert {
+        Alert {
+            key,
+            severity: "critical".into(),
+            subject,
+            message,
+        }
+    }
+}
+
 impl Registry {
     /// Takes the full list of conditions `origin` raises now: new ones are opened,
     /// standing ones refreshed, and open ones it no longer lists are resolved.
-    pub fn report_alerts(&self, origin: &str, alerts: &[pb::Alert]) -> Result<()> {
+    pub fn report_alerts(&self, origin: &str, alerts: &[Alert]) -> Result<()> {
         let now = now_ms();
         let mut listed = std::collections::HashSet::new();
         for a in alerts {
@@ -86,7 +120,7 @@ impl Registry {
         for s in self.sources()?.into_iter().filter(|s| s.agent == agent) {
             for why in &self.effective(&s).refused {
                 let key = why.split(':').next().unwrap_or("policy");
-                alerts.push(pb::Alert {
+                alerts.push(Alert {
                     key: format!("policy-refused/{}/{key}", s.name),
                     severity: "warning".into(),
                     subject: s.name.clone(),
@@ -94,11 +128,10 @@ impl Registry {
                         "agent {agent}'s config proposes for {}: {why}; the admin's value applies and no point is lost",
                         s.name
                     ),
-                    ..Default::default()
                 });
             }
             if !s.claimed_group.is_empty() && s.claimed_group != s.group {
-                alerts.push(pb::Alert {
+                alerts.push(Alert {
                     key: format!("group-refused/{}", s.name),
                     severity: "warning".into(),
                     subject: s.name.clone(),
@@ -106,7 +139,6 @@ impl Registry {
                         "agent {agent}'s config puts {} in group {}, which the admin has not allowed: `bulwark group add {} {}` or `bulwark group allow {} {agent}`",
                         s.name, s.claimed_group, s.claimed_group, s.name, s.claimed_group
                     ),
-                    ..Default::default()
                 });
             }
         }

@@ -234,29 +234,6 @@ impl SourceRecord {
     }
 }
 
-impl Policy {
-    pub(super) fn from_proto(p: Option<&pb::Policy>) -> Policy {
-        p.map_or_else(Policy::default, |p| Policy {
-            replica_alloc_bytes: p.replica_alloc_bytes,
-            points_alloc_bytes: p.points_alloc_bytes,
-            retention: Retention::from_proto(p.retention.as_ref()),
-            keep_after_ms: p.keep_after_ms,
-            // Locks are the admin's; an agent's config does not propose one.
-            lock: None,
-        })
-    }
-
-    pub(super) fn to_proto(self) -> pb::Policy {
-        pb::Policy {
-            replica_alloc_bytes: self.replica_alloc_bytes,
-            points_alloc_bytes: self.points_alloc_bytes,
-            retention: Some(self.retention.to_proto()),
-            keep_after_ms: self.keep_after_ms,
-            lock: self.lock.map(|l| LockPolicy::to_proto(Some(l))),
-        }
-    }
-}
-
 /// A protection group as the coordinator keeps it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GroupRecord {
@@ -296,21 +273,22 @@ pub struct AlertRecord {
     pub resolved_ms: i64,
 }
 
-impl AlertRecord {
-    /// To the wire.
-    pub fn to_proto(&self) -> pb::Alert {
-        pb::Alert {
-            key: self.key.clone(),
-            severity: self.severity.clone(),
-            subject: self.subject.clone(),
-            message: self.message.clone(),
-            first_seen_ms: self.first_seen_ms,
-            last_seen_ms: self.last_seen_ms,
-            resolved: self.resolved_ms != 0,
-            origin: self.origin.clone(),
-            resolved_ms: self.resolved_ms,
-        }
-    }
+/// Where a data source lives and what its node is to hold of it: what a node
+/// serves and an agent syncs by.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assignment {
+    pub source: String,
+    pub agent: String,
+    pub node: String,
+    pub node_address: String,
+    /// The node refuses any other epoch.
+    pub epoch: u64,
+    pub size_bytes: u64,
+    pub block_size: u32,
+    pub policy: Policy,
+    /// The node a move copies the source to, else empty.
+    pub moving_to: String,
+    pub group: String,
 }
 
 pub(super) fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>> {

@@ -3,9 +3,116 @@
 
 use super::*;
 
+/// What a node says when it registers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeRegistration {
+    /// Where agents and the coordinator reach it (checked to be a target).
+    pub address: String,
+    pub capacity_bytes: u64,
+    pub version: String,
+}
+
+/// A node's heartbeat: its figures, each source's usage, and its alerts.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Heartbeat {
+    pub capacity_bytes: u64,
+    pub allocated_bytes: u64,
+    pub used_bytes: u64,
+    pub live_streams: u32,
+    pub ingest_bytes_per_sec: u64,
+    pub health: String,
+    pub nbd_address: String,
+    pub sources: Vec<SourceUsage>,
+    /// Every condition the node raises now.
+    pub alerts: Vec<Alert>,
+}
+
+/// One source's figures in a heartbeat.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SourceUsage {
+    pub source: String,
+    pub newest_point: u64,
+    pub allocated_bytes: u64,
+    pub usage: Usage,
+}
+
+/// The kind of a data source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    Volume,
+    Log,
+}
+
+impl SourceKind {
+    /// As the registry's records spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceKind::Volume => "volume",
+            SourceKind::Log => "log",
+        }
+    }
+}
+
+/// A data source as its agent's Hello describes it. What the registry refuses
+/// of it (a bad name, geometry or kind) is refused for this source alone.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceSpec {
+    pub name: String,
+    /// `None`: a kind this coordinator does not know.
+    pub kind: Option<SourceKind>,
+    pub size_bytes: u64,
+    pub block_size: u32,
+    pub tracker: String,
+    pub inconsistent: bool,
+    /// The agent runs a sync of it right now.
+    pub busy: bool,
+    /// Space and retention its agent's config proposes (0 = default).
+    pub policy: Policy,
+    /// The agent's config has a retention table.
+    pub proposes_retention: bool,
+    /// The group its agent's config claims (empty = none).
+    pub group: String,
+}
+
+/// An agent's Hello.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hello {
+    pub version: String,
+    pub sources: Vec<SourceSpec>,
+}
+
+/// What became of one source of a Hello.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Registration {
+    pub source: String,
+    /// `None`: not placed (see `error`).
+    pub assignment: Option<Assignment>,
+    pub error: String,
+}
+
+/// What an agent says about a sync of one of its sources.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyncReport {
+    pub source: String,
+    pub inconsistent: bool,
+    pub outcome: SyncOutcome,
+}
+
+/// How a reported sync stands.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SyncOutcome {
+    /// It made point `point`, with these warnings.
+    Done {
+        point: u64,
+        warnings: Vec<String>,
+    },
+    Failed(String),
+    Running,
+}
+
 impl Registry {
     /// Records a node's registration.
-    pub fn register_node(&self, name: &str, req: &pb::RegisterNodeRequest) -> Result<()> {
+    pub fn register_node(&self, name: &str, req: &NodeRegistration) -> Result<()> {
         let _g = lock(&self.placement);
         let mut rec = self.node(name)?.unwrap_or(NodeRecord {
             v: FORMAT_VERSION,
@@ -34,7 +141,7 @@ impl Registry {
     }
 
     /// Records a heartbeat; `None` if the node never registered.
-    pub fn heartbeat(&self, name: &str, hb: &pb::NodeHeartbeatRequest) -> Result<Option<()>> {
+    pub fn heartbeat(&self, name: &str, hb: &Heartbeat) -> Result<Option<()>> {
         let _g = lock(&self.placement);
         let Some(mut rec) = self.node(name)? else {
             return Ok(None);
@@ -57,14 +164,7 @@ impl Registry {
             if let Ok(mut s) = self.source(&u.source)
                 && s.node.as_deref() == Some(name)
             {
-                let usage = Usage {
-                    replica_alloc_bytes: u.replica_alloc_bytes,
-                    points_alloc_bytes: u.points_alloc_bytes,
-                    points_used_bytes: u.points_used_bytes,
-                    used_bytes: u.used_bytes,
-                    points: u.points,
-                    oldest_point_ms: u.oldest_point_ms,
-                };
+                let usage = u.usage;
                 if s.last_point != u.newest_point
                     || s.usage != usage
                     || s.allocated_bytes != u.allocated_bytes
@@ -178,13 +278,13 @@ impl Registry {
     }
 
     /// Assignments of the sources on `node`.
-    pub fn assignments_of(&self, node: &str) -> Result<Vec<pb::Assignment>> {
+    pub fn assignments_of(&self, node: &str) -> Result<Vec<Assignment>> {
         let addr = self.node(node)?.map(|n| n.address).unwrap_or_default();
         Ok(self
             .sources()?
             .into_iter()
             .filter(|s| s.node.as_deref() == Some(node))
-            .map(|s| self.assignment_proto(&s, node, &addr))
+            .map(|s| self.assignment_of(&s, node, &addr))
             .collect())
     }
 
@@ -273,7 +373,7 @@ impl Registry {
     }
 
     /// Registers an agent's data sources (its Hello) and places the new ones.
-    pub fn hello(&self, agent: &str, hello: &pb::Hello) -> Result<Vec<pb::SourceRegistration>> {
+    pub fn hello(&self, agent: &str, hello: &Hello) -> Result<Vec<Registration>> {
         let _g = lock(&self.placement);
         let mut out = Vec::new();
         let mut names = Vec::new();
@@ -286,7 +386,7 @@ impl Registry {
                         Some(_) => String::new(),
                         None => self.source(&spec.name).map(|s| s.error).unwrap_or_default(),
                     };
-                    pb::SourceRegistration {
+                    Registration {
                         source: spec.name.clone(),
                         assignment: a,
                         error,
@@ -295,16 +395,15 @@ impl Registry {
                 Err(e) => {
                     let shown = bulwark_common::text::escape_short(&spec.name, 80);
                     tracing::warn!(agent, source = %shown, "source not registered: {e}");
-                    refusals.push(pb::Alert {
+                    refusals.push(Alert {
                         key: format!("source-refused/{agent}/{}", blake3_key(&spec.name)),
                         severity: "warning".into(),
                         subject: agent.to_string(),
                         message: format!(
                             "agent {agent} registers a data source that is refused: {e}"
                         ),
-                        ..Default::default()
                     });
-                    pb::SourceRegistration {
+                    Registration {
                         source: spec.name.clone(),
                         assignment: None,
                         error: e.to_string(),
@@ -337,18 +436,16 @@ impl Registry {
     pub(super) fn register_source(
         &self,
         agent: &str,
-        spec: &pb::SourceSpec,
-    ) -> Result<Option<pb::Assignment>> {
+        spec: &SourceSpec,
+    ) -> Result<Option<Assignment>> {
         let invalid = |why: String| {
             RegistryError::InvalidSource(bulwark_common::text::escape_short(&spec.name, 80), why)
         };
         bulwark_common::name::SourceName::parse(spec.name.as_str()).map_err(|e| invalid(e.why))?;
         let geometry = bulwark_common::block::Geometry::new(spec.size_bytes, spec.block_size)
             .map_err(|e| invalid(e.to_string()))?;
-        let kind = match pb::SourceKind::try_from(spec.kind) {
-            Ok(pb::SourceKind::Volume) => "volume",
-            Ok(pb::SourceKind::Log) => "log",
-            _ => return Err(invalid("unknown kind".into())),
+        let Some(kind) = spec.kind.map(SourceKind::as_str) else {
+            return Err(invalid("unknown kind".into()));
         };
         if spec.tracker.len() > 64 {
             return Err(invalid("its tracker name is over 64 bytes".into()));
@@ -390,43 +487,7 @@ impl Registry {
                     geometry.size_bytes,
                     geometry.block_size,
                 );
-                // The quota, before anything is placed or allocated.
-                let mut fresh = rec.clone();
-                fresh.agent_policy = Policy::from_proto(spec.policy.as_ref());
-                let need = self.planned_alloc(&fresh);
-                let mine: Vec<SourceRecord> = self
-                    .sources()?
-                    .into_iter()
-                    .filter(|s| s.agent == agent)
-                    .collect();
-                if mine.len() >= MAX_SOURCES_PER_AGENT {
-                    return Err(invalid(format!(
-                        "agent {agent} has {} data sources already, the most one agent may have",
-                        mine.len()
-                    )));
-                }
-                let others = mine
-                    .iter()
-                    .fold(0u64, |n, s| n.saturating_add(s.allocated_bytes));
-                crate::policy::check_quota(
-                    &self.quota_of(agent)?,
-                    agent,
-                    spec.size_bytes,
-                    need,
-                    others,
-                )
-                .map_err(invalid)?;
-                // A source no node could ever hold is refused, not kept waiting.
-                let largest = self.nodes()?.iter().map(|n| n.capacity_bytes).max();
-                if let Some(largest) = largest.filter(|l| *l > 0)
-                    && need > largest
-                {
-                    return Err(invalid(format!(
-                        "it needs {} of space, more than the largest storage node holds ({})",
-                        bulwark_common::config::format_size(need),
-                        bulwark_common::config::format_size(largest)
-                    )));
-                }
+                self.admit_new(agent, spec, &rec)?.map_err(invalid)?;
                 rec
             }
             Err(e) => return Err(e),
@@ -449,8 +510,8 @@ impl Registry {
             );
             lock(&self.progress).remove(&spec.name);
         }
-        rec.agent_policy = Policy::from_proto(spec.policy.as_ref());
-        rec.agent_proposes_retention = spec.policy.as_ref().is_some_and(|p| p.retention.is_some());
+        rec.agent_policy = spec.policy;
+        rec.agent_proposes_retention = spec.proposes_retention;
         rec.claimed_group = claimed_group;
         self.apply_group_claim(&mut rec)?;
         if let Some(g) = self.group(&rec.group)? {
@@ -468,8 +529,54 @@ impl Registry {
         Ok(assignment)
     }
 
+    /// Whether a new source `rec` (not yet recorded) may be added for `agent`: the
+    /// most sources per agent, its quota, and room on the largest node; else
+    /// (inner `Err`) why not.
+    fn admit_new(
+        &self,
+        agent: &str,
+        spec: &SourceSpec,
+        rec: &SourceRecord,
+    ) -> Result<std::result::Result<(), String>> {
+        // The quota, before anything is placed or allocated.
+        let mut fresh = rec.clone();
+        fresh.agent_policy = spec.policy;
+        let need = self.planned_alloc(&fresh);
+        let mine: Vec<SourceRecord> = self
+            .sources()?
+            .into_iter()
+            .filter(|s| s.agent == agent)
+            .collect();
+        if mine.len() >= MAX_SOURCES_PER_AGENT {
+            return Ok(Err(format!(
+                "agent {agent} has {} data sources already, the most one agent may have",
+                mine.len()
+            )));
+        }
+        let others = mine
+            .iter()
+            .fold(0u64, |n, s| n.saturating_add(s.allocated_bytes));
+        if let Err(why) =
+            crate::policy::check_quota(&self.quota_of(agent)?, agent, spec.size_bytes, need, others)
+        {
+            return Ok(Err(why));
+        }
+        // A source no node could ever hold is refused, not kept waiting.
+        let largest = self.nodes()?.iter().map(|n| n.capacity_bytes).max();
+        if let Some(largest) = largest.filter(|l| *l > 0)
+            && need > largest
+        {
+            return Ok(Err(format!(
+                "it needs {} of space, more than the largest storage node holds ({})",
+                bulwark_common::config::format_size(need),
+                bulwark_common::config::format_size(largest)
+            )));
+        }
+        Ok(Ok(()))
+    }
+
     /// Places `rec` if it has no node; returns its assignment if it has one.
-    pub(super) fn place_locked(&self, rec: &mut SourceRecord) -> Result<Option<pb::Assignment>> {
+    pub(super) fn place_locked(&self, rec: &mut SourceRecord) -> Result<Option<Assignment>> {
         if rec.node.is_none() {
             let (chosen, why) = self.choose_node(rec.allocated_bytes)?;
             rec.placement = why.clone();
@@ -492,11 +599,11 @@ impl Registry {
         }
         let node = rec.node.clone().unwrap_or_default();
         let addr = self.node(&node)?.map(|n| n.address).unwrap_or_default();
-        Ok(Some(self.assignment_proto(rec, &node, &addr)))
+        Ok(Some(self.assignment_of(rec, &node, &addr)))
     }
 
     /// The assignment of `source`, placing it now if needed.
-    pub fn assignment(&self, source: &str) -> Result<pb::Assignment> {
+    pub fn assignment(&self, source: &str) -> Result<Assignment> {
         let _g = lock(&self.placement);
         let mut rec = self.source(source)?;
         if rec.state == "removing" {
@@ -508,7 +615,7 @@ impl Registry {
     }
 
     /// Records what an agent said about a sync.
-    pub fn sync_report(&self, agent: &str, r: &pb::SyncReport) -> Result<()> {
+    pub fn sync_report(&self, agent: &str, r: &SyncReport) -> Result<()> {
         let _g = lock(&self.placement);
         let mut s = self.source(&r.source)?;
         if s.agent != agent {
@@ -519,34 +626,33 @@ impl Registry {
             });
         }
         s.inconsistent = r.inconsistent;
-        if r.result.is_some() || !r.error.is_empty() {
+        if r.outcome != SyncOutcome::Running {
             lock(&self.progress).remove(&r.source);
         }
-        match (&r.result, r.error.is_empty()) {
-            (Some(res), _) => {
+        match &r.outcome {
+            SyncOutcome::Done { point, warnings } => {
                 s.state = "ok".into();
                 s.error.clear();
-                s.last_point = res.point;
+                s.last_point = *point;
                 s.last_sync_ms = now_ms();
-                s.warning = res.warnings.join("; ");
+                s.warning = warnings.join("; ");
                 if !s.warning.is_empty() {
-                    tracing::warn!(source = %s.name, point = res.point, "sync warning: {}", s.warning);
+                    tracing::warn!(source = %s.name, point, "sync warning: {}", s.warning);
                 }
             }
-            (None, false) => {
+            SyncOutcome::Failed(error) => {
                 s.state = "error".into();
-                s.error = r.error.clone();
+                s.error = error.clone();
             }
-            (None, true) => s.state = "syncing".into(),
+            SyncOutcome::Running => s.state = "syncing".into(),
         }
         self.put_source(&s)?;
         // A finished sync's warnings (a failed quiesce hook, a log file sent anew)
         // are its source's alerts until the next finished sync.
-        if let Some(res) = &r.result {
-            let alerts: Vec<pb::Alert> = res
-                .warnings
+        if let SyncOutcome::Done { warnings, .. } = &r.outcome {
+            let alerts: Vec<Alert> = warnings
                 .iter()
-                .map(|w| pb::Alert {
+                .map(|w| Alert {
                     // One alert per distinct warning.
                     key: format!(
                         "sync-warning/{}/{}",
@@ -556,7 +662,6 @@ impl Registry {
                     severity: "warning".into(),
                     subject: s.name.clone(),
                     message: w.clone(),
-                    ..Default::default()
                 })
                 .collect();
             self.report_alerts(&format!("source/{}", s.name), &alerts)?;
@@ -566,23 +671,13 @@ impl Registry {
 }
 
 impl Registry {
-    pub(super) fn assignment_proto(
-        &self,
-        s: &SourceRecord,
-        node: &str,
-        addr: &str,
-    ) -> pb::Assignment {
+    pub(super) fn assignment_of(&self, s: &SourceRecord, node: &str, addr: &str) -> Assignment {
         assignment(s, self.effective(s).policy, node, addr)
     }
 }
 
-pub(super) fn assignment(
-    s: &SourceRecord,
-    policy: Policy,
-    node: &str,
-    addr: &str,
-) -> pb::Assignment {
-    pb::Assignment {
+pub(super) fn assignment(s: &SourceRecord, policy: Policy, node: &str, addr: &str) -> Assignment {
+    Assignment {
         source: s.name.clone(),
         agent: s.agent.clone(),
         node: node.to_string(),
@@ -590,7 +685,7 @@ pub(super) fn assignment(
         epoch: s.epoch,
         size_bytes: s.size_bytes,
         block_size: s.block_size,
-        policy: Some(policy.to_proto()),
+        policy,
         moving_to: s.moving_to.clone(),
         group: s.group.clone(),
     }

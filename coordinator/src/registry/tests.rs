@@ -4,10 +4,9 @@ use crate::policy::Quota;
 fn node(reg: &Registry, name: &str, cap: u64) {
     reg.register_node(
         name,
-        &pb::RegisterNodeRequest {
+        &NodeRegistration {
             address: format!("https://127.0.0.1:1/{name}"),
             capacity_bytes: cap,
-            disks: vec![],
             version: "t".into(),
         },
     )
@@ -65,10 +64,10 @@ fn an_agent_proposes_and_the_admin_decides() {
     let regs = reg
         .hello(
             "a1",
-            &pb::Hello {
+            &Hello::from(pb::Hello {
                 sources: vec![s1, big, dots],
                 version: "t".into(),
-            },
+            }),
         )
         .expect("hello");
     assert!(regs[0].assignment.is_some(), "{regs:?}");
@@ -130,10 +129,10 @@ fn a_sync_whose_agent_came_back_without_it_is_not_shown_as_running() {
         s.inconsistent = inconsistent;
         reg.hello(
             "host-1",
-            &pb::Hello {
+            &Hello::from(pb::Hello {
                 sources: vec![s],
                 version: "t".into(),
-            },
+            }),
         )
         .expect("hello");
     };
@@ -144,7 +143,8 @@ fn a_sync_whose_agent_came_back_without_it_is_not_shown_as_running() {
         inconsistent: false,
     };
     hello(false, false);
-    reg.sync_report("host-1", &started).expect("report");
+    reg.sync_report("host-1", &SyncReport::from(started.clone()))
+        .expect("report");
     assert_eq!(reg.source("vm").expect("vm").state, "syncing");
     // The stream came back while the sync still runs.
     hello(true, false);
@@ -187,23 +187,18 @@ fn a_grouped_log_source_keeps_what_the_groups_oldest_volume_point_needs() {
     wal.group = "db".into();
     reg.hello(
         "host-1",
-        &pb::Hello {
+        &Hello::from(pb::Hello {
             sources: vec![vol, wal],
             version: "t".into(),
-        },
+        }),
     )
     .expect("hello");
-    let floor = || {
-        reg.assignment("db-wal")
-            .expect("wal")
-            .policy
-            .map_or(-1, |p| p.keep_after_ms)
-    };
+    let floor = || reg.assignment("db-wal").expect("wal").policy.keep_after_ms;
     assert_eq!(floor(), 0, "no volume point yet");
     let beat = |oldest: i64| {
         reg.heartbeat(
             "n1",
-            &pb::NodeHeartbeatRequest {
+            &Heartbeat::from(pb::NodeHeartbeatRequest {
                 sources: vec![pb::SourceUsage {
                     source: "db-data".into(),
                     newest_point: 3,
@@ -212,7 +207,7 @@ fn a_grouped_log_source_keeps_what_the_groups_oldest_volume_point_needs() {
                     ..Default::default()
                 }],
                 ..Default::default()
-            },
+            }),
         )
         .expect("heartbeat");
     };
@@ -224,16 +219,16 @@ fn a_grouped_log_source_keeps_what_the_groups_oldest_volume_point_needs() {
     other.group = "db".into();
     reg.hello(
         "host-2",
-        &pb::Hello {
+        &Hello::from(pb::Hello {
             sources: vec![other],
             version: "t".into(),
-        },
+        }),
     )
     .expect("hello");
     assert_eq!(reg.source("web-data").expect("web").group, "db");
     reg.heartbeat(
         "n1",
-        &pb::NodeHeartbeatRequest {
+        &Heartbeat::from(pb::NodeHeartbeatRequest {
             sources: vec![pb::SourceUsage {
                 source: "web-data".into(),
                 newest_point: 1,
@@ -242,7 +237,7 @@ fn a_grouped_log_source_keeps_what_the_groups_oldest_volume_point_needs() {
                 ..Default::default()
             }],
             ..Default::default()
-        },
+        }),
     )
     .expect("heartbeat");
     assert_eq!(
@@ -266,17 +261,17 @@ fn a_new_source_is_first_scrubbed_one_interval_after_it_was_added() {
     node(&reg, "n1", 100 << 30);
     reg.hello(
         "host-1",
-        &pb::Hello {
+        &Hello::from(pb::Hello {
             sources: vec![spec("vol", 1 << 30)],
             version: "t".into(),
-        },
+        }),
     )
     .expect("hello");
     let hour = Duration::from_secs(3600);
     assert_eq!(reg.due_for_scrub(hour).expect("due"), None, "no point yet");
     reg.heartbeat(
         "n1",
-        &pb::NodeHeartbeatRequest {
+        &Heartbeat::from(pb::NodeHeartbeatRequest {
             sources: vec![pb::SourceUsage {
                 source: "vol".into(),
                 newest_point: 1,
@@ -284,7 +279,7 @@ fn a_new_source_is_first_scrubbed_one_interval_after_it_was_added() {
                 ..Default::default()
             }],
             ..Default::default()
-        },
+        }),
     )
     .expect("heartbeat");
     assert_eq!(
@@ -307,10 +302,10 @@ fn places_on_the_node_with_most_free_space_and_keeps_owners() {
     let dir = tempfile::tempdir().expect("tempdir");
     let reg = Registry::open(dir.path(), Duration::from_secs(60)).expect("open");
     let gib = 1u64 << 30;
-    let hello = pb::Hello {
+    let hello = Hello::from(pb::Hello {
         sources: vec![spec("a", gib)],
         version: "t".into(),
-    };
+    });
     // No node yet: registered, not placed, with a reason.
     let r = reg.hello("host-1", &hello).expect("hello");
     assert!(r[0].assignment.is_none());
@@ -328,10 +323,10 @@ fn places_on_the_node_with_most_free_space_and_keeps_owners() {
     let r = reg
         .hello(
             "host-2",
-            &pb::Hello {
+            &Hello::from(pb::Hello {
                 sources: vec![spec("b", gib)],
                 version: "t".into(),
-            },
+            }),
         )
         .expect("hello");
     assert_eq!(
@@ -343,10 +338,10 @@ fn places_on_the_node_with_most_free_space_and_keeps_owners() {
     let r = reg
         .hello(
             "host-2",
-            &pb::Hello {
+            &Hello::from(pb::Hello {
                 sources: vec![spec("a", gib), spec("huge", 1 << 50)],
                 version: "t".into(),
-            },
+            }),
         )
         .expect("hello");
     assert!(
