@@ -4,6 +4,16 @@
 //! Records are JSON with a format version `v`. Every change that placement depends
 //! on happens under one mutex, so two sources registered at once cannot both take the
 //! last free space of a node.
+//!
+//! Its API takes and returns domain types (the wire is converted in
+//! [`crate::wire`]). By concern:
+//! - `records` — the persisted records and their plain reads and writes;
+//! - `sources` — nodes, an agent's Hello, placement, assignments, sync reports;
+//! - `alerts` — conditions raised and resolved per origin;
+//! - `groups` — protection groups and what members take from them;
+//! - `moves` — draining, and the durable steps of a move;
+//! - `sessions` — agents' live control streams and the commands on them (memory);
+//! - `admin` — quotas, retention, locks and removal as the admin sets them.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
