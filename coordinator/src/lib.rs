@@ -1,16 +1,20 @@
 //! The Bulwark coordinator. The admin CLI `bulwark` is the `bulwark-cli` crate.
 //!
-//! - [`registry`] — nodes, agents, data sources and assignments in sled; placement.
-//! - [`policy`] — what the admin set against what agents propose: retention,
-//!   space, quotas, group membership.
-//! - [`service`] — the `bulwark.v1.Coordinator` gRPC service.
-//! - [`server`] — the daemon's lifecycle.
 //! - [`config`] — `coordinator.toml`.
-//! - [`enroll`] — enrollment tokens and certificate signing; [`revocation`] — the
-//!   fleet's revocation list and CRL.
+//! - [`enroll`] — enrollment tokens and certificate signing.
+//! - [`error`] — `CoordinatorError`, and its one mapping to a gRPC `Status`.
+//! - [`placement`] — where a new source goes, and rebalance plans (pure).
+//! - [`policy`] — what the admin set against what agents propose (retention, space, quotas, groups).
+//! - [`registry`] — nodes, agents, sources, groups, alerts in sled; agents' live sessions.
+//! - [`revocation`] — the fleet's revocation list and CRL.
+//! - [`schedule`] — the protection groups' slots (pure).
+//! - [`server`] — the daemon's lifecycle and background loops.
+//! - [`service`] — the domain operations; [`service::api`] is the gRPC service over them.
+//! - [`wire`] — requests parsed once into domain types (`ProtocolError`), and back.
 
 pub mod config;
 pub mod enroll;
+pub mod error;
 pub mod placement;
 pub mod policy;
 pub mod registry;
@@ -18,3 +22,4 @@ pub mod revocation;
 pub mod schedule;
 pub mod server;
 pub mod service;
+pub mod wire;

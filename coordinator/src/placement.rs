@@ -298,19 +298,6 @@ pub fn plan_rebalance(nodes: &[NodeFigures], sources: &[Placed], max_spread: f64
             bytes,
         });
     };
-    // The up node with the lowest fill after taking `bytes`, if any has room.
-    let target = |nodes: &[NodeFigures], bytes: u64, except: usize| -> Option<usize> {
-        nodes
-            .iter()
-            .enumerate()
-            .filter(|(i, n)| *i != except && n.up && n.free() >= bytes)
-            .min_by(|(_, a), (_, b)| {
-                let fa = (a.allocated_bytes + bytes) as f64 / a.capacity_bytes.max(1) as f64;
-                let fb = (b.allocated_bytes + bytes) as f64 / b.capacity_bytes.max(1) as f64;
-                fa.total_cmp(&fb).then(a.name.cmp(&b.name))
-            })
-            .map(|(i, _)| i)
-    };
     // 1. Everything off down nodes.
     for from in 0..nodes.len() {
         if nodes[from].up {
@@ -375,8 +362,32 @@ pub fn plan_rebalance(nodes: &[NodeFigures], sources: &[Placed], max_spread: f64
         }
     }
     let spread_after = spread(&nodes);
-    let ceiling = mean + spread_after;
-    let lower_bound_bytes = sources
+    Plan {
+        moves,
+        spread_before,
+        spread_after,
+        lower_bound_bytes: lower_bound(sources, &nodes, mean + spread_after),
+    }
+}
+
+/// The up node with the lowest fill after taking `bytes`, if any has room.
+fn target(nodes: &[NodeFigures], bytes: u64, except: usize) -> Option<usize> {
+    nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, n)| *i != except && n.up && n.free() >= bytes)
+        .min_by(|(_, a), (_, b)| {
+            let fa = (a.allocated_bytes + bytes) as f64 / a.capacity_bytes.max(1) as f64;
+            let fb = (b.allocated_bytes + bytes) as f64 / b.capacity_bytes.max(1) as f64;
+            fa.total_cmp(&fb).then(a.name.cmp(&b.name))
+        })
+        .map(|(i, _)| i)
+}
+
+/// Bytes any plan must move so that every up node ends at or below `ceiling` fill
+/// and every down node empty (`sources` as placed before the plan).
+fn lower_bound(sources: &[Placed], nodes: &[NodeFigures], ceiling: f64) -> u64 {
+    sources
         .iter()
         .fold(vec![0u64; nodes.len()], |mut acc, p| {
             if p.node < acc.len() {
@@ -393,13 +404,7 @@ pub fn plan_rebalance(nodes: &[NodeFigures], sources: &[Placed], max_spread: f64
                 alloc.saturating_sub((ceiling * n.capacity_bytes as f64) as u64)
             }
         })
-        .sum();
-    Plan {
-        moves,
-        spread_before,
-        spread_after,
-        lower_bound_bytes,
-    }
+        .sum()
 }
 
 #[cfg(test)]

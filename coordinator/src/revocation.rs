@@ -348,9 +348,8 @@ impl RevocationStore {
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = list.clone();
         self.tls.set(list.clone()).map_err(store_err)?;
         if changed {
-            self.registry.broadcast(pb::CoordinatorCommand {
-                cmd: Some(pb::coordinator_command::Cmd::Revocations(list)),
-            });
+            self.registry
+                .broadcast(crate::registry::Command::Revocations(list));
         }
         Ok(())
     }

@@ -207,8 +207,8 @@ async fn scrub_loop(
                 summary
             }
             Err(s) => {
-                tracing::warn!(source = %due, "scrub failed: {}", s.message());
-                format!("failed: {}", s.message())
+                tracing::warn!(source = %due, "scrub failed: {s}");
+                format!("failed: {s}")
             }
         };
         if let Err(e) = registry.verified(&due, result) {
@@ -255,7 +255,7 @@ async fn monitor_loop(
                 message: format!("node {}: {}", n.name, n.health),
                 ..Default::default()
             });
-        let alerts: Vec<pb::Alert> = nodes
+        let alerts: Vec<crate::registry::Alert> = nodes
             .iter()
             .filter(|n| !registry.node_up(n))
             .map(|n| pb::Alert {
@@ -274,6 +274,7 @@ async fn monitor_loop(
             .chain(expiring_certificates(&registry, &nodes, own_cert_expiry_ms, now))
             .chain(inconsistent_sources(&registry))
             .chain(revocations.node_alerts(&registry))
+            .map(crate::registry::Alert::from)
             .collect();
         if let Err(e) = registry.report_alerts("coordinator", &alerts) {
             tracing::warn!("monitor: cannot record alerts: {e}");

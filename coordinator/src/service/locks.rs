@@ -5,54 +5,57 @@
 
 use bulwark_common::tls::{Identity, Role};
 use bulwark_proto as pb;
-use tonic::Status;
 
-use super::CoordinatorService;
+use super::{CoordinatorService, Result};
+use crate::error::CoordinatorError;
+use crate::policy::LockPolicy;
+use crate::registry::Alert;
+
+/// `Lock`: what to lock, and how (`None` = no lock of its own).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LockOrder {
+    pub target: LockTarget,
+    pub lock: Option<LockPolicy>,
+}
+
+/// One data source, or one protection group.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LockTarget {
+    Source(String),
+    Group(String),
+}
 
 impl CoordinatorService {
     /// `Lock`: records a source's or group's lock as `caller` may, relays it to the
     /// nodes, and lists what each node holds now (or why it refused: a lowering,
     /// which only the officer's own call on the node makes).
-    pub(super) async fn set_lock(
-        &self,
-        caller: &Identity,
-        r: pb::LockRequest,
-    ) -> Result<pb::LockResponse, Status> {
-        let lock = crate::policy::LockPolicy::from_proto(r.lock.as_ref())
-            .map_err(Status::invalid_argument)?;
+    pub async fn set_lock(&self, caller: &Identity, order: LockOrder) -> Result<pb::LockResponse> {
+        let lock = order.lock;
         let officer = caller.role == Role::Officer;
-        let (targets, lowered) = match (r.source.is_empty(), r.group.is_empty()) {
-            (false, true) => {
-                let (s, lowered) = self.registry.set_source_lock(&r.source, lock, officer)?;
+        let (targets, lowered) = match &order.target {
+            LockTarget::Source(source) => {
+                let (s, lowered) = self.registry.set_source_lock(source, lock, officer)?;
                 (vec![s], lowered)
             }
-            (true, false) => self.registry.set_group_lock(&r.group, lock, officer)?,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "name one data source or one group (--group)",
-                ));
-            }
+            LockTarget::Group(group) => self.registry.set_group_lock(group, lock, officer)?,
         };
-        let what = if r.group.is_empty() {
-            format!("data source {}", r.source)
-        } else {
-            format!("group {}", r.group)
+        let what = match &order.target {
+            LockTarget::Source(source) => format!("data source {source}"),
+            LockTarget::Group(group) => format!("group {group}"),
         };
         tracing::warn!(%caller, %what, lock = %crate::policy::LockPolicy::describe(lock), lowered, "retention lock set");
         if lowered {
             self.registry.report_alerts(
                 &format!("lock/{what}/{}", bulwark_common::time::now_ms()),
-                &[pb::Alert {
-                    key: format!("lock-lowered/{what}/{}", bulwark_common::time::now_ms()),
-                    severity: "warning".into(),
-                    subject: what.clone(),
-                    message: format!(
+                &[Alert::warning(
+                    format!("lock-lowered/{what}/{}", bulwark_common::time::now_ms()),
+                    what.clone(),
+                    format!(
                         "officer {} lowered the governance retention lock of {what} to {}",
                         caller.name,
                         crate::policy::LockPolicy::describe(lock)
                     ),
-                    ..Default::default()
-                }],
+                )],
             )?;
         }
         // The nodes raise their own lock now; a lowering they refuse (only the
@@ -80,8 +83,9 @@ impl CoordinatorService {
                         lock: Some(crate::policy::LockPolicy::to_proto(effective)),
                     })
                     .await
-                    .map(|r| r.into_inner().lock),
-                Err(e) => Err(e),
+                    .map(|r| r.into_inner().lock)
+                    .map_err(|st| format!("node {node}: {}", st.message())),
+                Err(e) => Err(format!("node {node}: {e}")),
             };
             sources.push(match answer {
                 Ok(held) => pb::LockedSource {
@@ -91,12 +95,12 @@ impl CoordinatorService {
                     lock: held,
                     error: String::new(),
                 },
-                Err(st) => pb::LockedSource {
+                Err(e) => pb::LockedSource {
                     source: s.name.clone(),
                     node: node.clone(),
                     node_address: address,
                     lock: None,
-                    error: format!("node {node}: {}", st.message()),
+                    error: e,
                 },
             });
         }
@@ -105,11 +109,11 @@ impl CoordinatorService {
 
     /// `RemoveSource`: refused while a point is locked; else the source is marked
     /// removing (its node then drops it), dropped on its node, and forgotten.
-    pub(super) async fn remove(
+    pub async fn remove(
         &self,
         admin: &Identity,
         source: String,
-    ) -> Result<pb::RemoveSourceResponse, Status> {
+    ) -> Result<pb::RemoveSourceResponse> {
         let s = self.registry.source(&source)?;
         // Locked points are refused here first (the node refuses too, from its own
         // store, whatever this says).
@@ -118,7 +122,7 @@ impl CoordinatorService {
             let listed = self.points_of(&source).await?;
             points = listed.len() as u64;
             if let Some(p) = listed.iter().find(|p| p.locked_until_ms > 0) {
-                return Err(Status::failed_precondition(format!(
+                return Err(CoordinatorError::Refused(format!(
                     "data source {source}: point {} on node {node} is under a retention lock until {}: the source cannot be removed before",
                     p.id,
                     bulwark_common::time::rfc3339_ms(p.locked_until_ms)
@@ -136,17 +140,17 @@ impl CoordinatorService {
                     })
                     .await
                     .map(|_| ()),
-                Err(e) => Err(e),
+                Err(e) => Err(tonic::Status::from(e)),
             };
             if let Err(st) = dropped {
                 self.registry.set_removing(&source, false)?;
-                return Err(Status::new(
-                    st.code(),
-                    format!(
+                return Err(CoordinatorError::Node {
+                    code: st.code(),
+                    message: format!(
                         "node {node} did not drop {source}, which stays protected: {}",
                         st.message()
                     ),
-                ));
+                });
             }
         }
         let s = self.registry.remove_source(&source)?;
@@ -165,14 +169,16 @@ impl CoordinatorService {
         source: &str,
         agent: &str,
         point: u64,
-    ) -> Result<u64, Status> {
+    ) -> Result<u64> {
         let point = match point {
             0 => self
                 .points_of(source)
                 .await?
                 .last()
                 .map(|p| p.id)
-                .ok_or_else(|| Status::not_found(format!("data source {source} has no point")))?,
+                .ok_or_else(|| {
+                    CoordinatorError::NotFound(format!("data source {source} has no point"))
+                })?,
             p => p,
         };
         self.node_client(node)?
@@ -184,7 +190,7 @@ impl CoordinatorService {
                 withdraw: false,
             })
             .await
-            .map_err(|s| Status::new(s.code(), format!("node {node}: {}", s.message())))?;
+            .map_err(|s| CoordinatorError::at_node(node, &s))?;
         Ok(point)
     }
 
@@ -202,11 +208,12 @@ impl CoordinatorService {
                         ..Default::default()
                     })
                     .await
-                    .map(|_| ()),
-                Err(e) => Err(e),
+                    .map(|_| ())
+                    .map_err(|st| st.message().to_string()),
+                Err(e) => Err(e.to_string()),
             };
             if let Err(e) = r {
-                tracing::warn!(%node, %source, agent, "restore grant not withdrawn (it lapses within the hour): {}", e.message());
+                tracing::warn!(%node, %source, agent, "restore grant not withdrawn (it lapses within the hour): {e}");
             }
         }
     }

@@ -1,0 +1,380 @@
+use super::*;
+use crate::policy::Quota;
+
+fn node(reg: &Registry, name: &str, cap: u64) {
+    reg.register_node(
+        name,
+        &NodeRegistration {
+            address: format!("https://127.0.0.1:1/{name}"),
+            capacity_bytes: cap,
+            version: "t".into(),
+        },
+    )
+    .expect("register");
+}
+
+fn spec(name: &str, size: u64) -> pb::SourceSpec {
+    pb::SourceSpec {
+        name: name.into(),
+        kind: pb::SourceKind::Volume as i32,
+        size_bytes: size,
+        block_size: 65536,
+        tracker: "fingerprint".into(),
+        inconsistent: false,
+        busy: false,
+        policy: None,
+        group: String::new(),
+    }
+}
+
+#[test]
+fn an_agent_proposes_and_the_admin_decides() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let reg = Registry::open(dir.path(), Duration::from_secs(60))
+        .expect("open")
+        .with_fleet_policy(FleetPolicy {
+            quota: Quota {
+                max_source_size_bytes: 10 << 30,
+                max_total_bytes: 100 << 30,
+            },
+            ..FleetPolicy::default()
+        });
+    node(&reg, "n1", 1 << 50);
+    let alerts = |reg: &Registry| -> Vec<String> {
+        reg.alerts(false)
+            .expect("alerts")
+            .into_iter()
+            .map(|a| a.key)
+            .collect()
+    };
+    // A group named in the config without the admin's leave: no member.
+    let mut s1 = spec("s1", 1 << 30);
+    s1.group = "other-hosts".into();
+    s1.policy = Some(pb::Policy {
+        retention: Some(pb::Retention {
+            keep: 1,
+            ..Default::default()
+        }),
+        points_alloc_bytes: u64::MAX,
+        ..Default::default()
+    });
+    // Too big for the quota, and a name that would leave its folder.
+    let big = spec("s2", 11 << 30);
+    let dots = spec("..", 1 << 20);
+    let regs = reg
+        .hello(
+            "a1",
+            &Hello::from(pb::Hello {
+                sources: vec![s1, big, dots],
+                version: "t".into(),
+            }),
+        )
+        .expect("hello");
+    assert!(regs[0].assignment.is_some(), "{regs:?}");
+    assert!(regs[1].error.contains("quota"), "{regs:?}");
+    assert!(
+        regs[2].error.contains("must start with a letter"),
+        "{regs:?}"
+    );
+    let s = reg.source("s1").expect("s1");
+    assert_eq!(s.group, "", "not a member");
+    let e = reg.effective(&s);
+    assert!(e.policy.retention.is_keep_all(), "{e:?}");
+    assert!(e.policy.points_alloc_bytes < u64::MAX, "{e:?}");
+    let keys = alerts(&reg);
+    for want in [
+        "policy-refused/s1/retention.keep",
+        "policy-refused/s1/points_space",
+        "group-refused/s1",
+    ] {
+        assert!(keys.iter().any(|k| k == want), "{want} in {keys:?}");
+    }
+    assert_eq!(
+        keys.iter()
+            .filter(|k| k.starts_with("source-refused/a1/"))
+            .count(),
+        2,
+        "{keys:?}"
+    );
+    assert!(reg.source("..").is_err() && reg.source("s2").is_err());
+    // The admin's retention: the agent's proposal of one point is still refused.
+    reg.set_retention(
+        "s1",
+        Some(Retention {
+            keep: 3,
+            ..Default::default()
+        }),
+    )
+    .expect("retention");
+    assert_eq!(
+        reg.effective(&reg.source("s1").expect("s1"))
+            .policy
+            .retention
+            .keep,
+        3
+    );
+}
+
+/// A source shown as syncing when its agent says hello with no sync running (the
+/// agent was killed mid-sync) is no longer shown as syncing; one whose sync is
+/// still running after a reconnect stays so.
+#[test]
+fn a_sync_whose_agent_came_back_without_it_is_not_shown_as_running() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let reg = Registry::open(dir.path(), Duration::from_secs(60)).expect("open");
+    node(&reg, "n1", 100 << 30);
+    let hello = |busy: bool, inconsistent: bool| {
+        let mut s = spec("vm", 1 << 30);
+        s.busy = busy;
+        s.inconsistent = inconsistent;
+        reg.hello(
+            "host-1",
+            &Hello::from(pb::Hello {
+                sources: vec![s],
+                version: "t".into(),
+            }),
+        )
+        .expect("hello");
+    };
+    let started = pb::SyncReport {
+        source: "vm".into(),
+        result: None,
+        error: String::new(),
+        inconsistent: false,
+    };
+    hello(false, false);
+    reg.sync_report("host-1", &SyncReport::from(started.clone()))
+        .expect("report");
+    assert_eq!(reg.source("vm").expect("vm").state, "syncing");
+    // The stream came back while the sync still runs.
+    hello(true, false);
+    assert_eq!(reg.source("vm").expect("vm").state, "syncing");
+    // The agent came back (kill -9) with no sync and no record.
+    hello(false, true);
+    let s = reg.source("vm").expect("vm");
+    assert_eq!(s.state, "error");
+    assert!(
+        s.error.contains("outcome is unknown") && s.error.contains("consistency check"),
+        "{}",
+        s.error
+    );
+    assert!(s.inconsistent);
+}
+
+#[test]
+fn a_grouped_log_source_keeps_what_the_groups_oldest_volume_point_needs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let reg = Registry::open(dir.path(), Duration::from_secs(60)).expect("open");
+    node(&reg, "n1", 100 << 30);
+    reg.put_group(GroupRecord {
+        v: 1,
+        name: "db".into(),
+        interval_ms: 60_000,
+        retention: None,
+        point_times: vec![],
+        replica_alloc_bytes: 0,
+        points_alloc_bytes: 0,
+        allow: vec![],
+        lock: None,
+    })
+    .expect("group");
+    // The agents' configs may put their sources in the group.
+    reg.allow_group("db", "host-*", false).expect("allow");
+    let mut vol = spec("db-data", 1 << 30);
+    vol.group = "db".into();
+    let mut wal = spec("db-wal", 0);
+    wal.kind = pb::SourceKind::Log as i32;
+    wal.group = "db".into();
+    reg.hello(
+        "host-1",
+        &Hello::from(pb::Hello {
+            sources: vec![vol, wal],
+            version: "t".into(),
+        }),
+    )
+    .expect("hello");
+    let floor = || reg.assignment("db-wal").expect("wal").policy.keep_after_ms;
+    assert_eq!(floor(), 0, "no volume point yet");
+    let beat = |oldest: i64| {
+        reg.heartbeat(
+            "n1",
+            &Heartbeat::from(pb::NodeHeartbeatRequest {
+                sources: vec![pb::SourceUsage {
+                    source: "db-data".into(),
+                    newest_point: 3,
+                    points: 3,
+                    oldest_point_ms: oldest,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+        )
+        .expect("heartbeat");
+    };
+    beat(1000);
+    assert_eq!(floor(), 1000);
+    // Another host joins the group by its own claim with an older volume
+    // point: it does not pin host-1's logs (it is not paired with them).
+    let mut other = spec("web-data", 1 << 30);
+    other.group = "db".into();
+    reg.hello(
+        "host-2",
+        &Hello::from(pb::Hello {
+            sources: vec![other],
+            version: "t".into(),
+        }),
+    )
+    .expect("hello");
+    assert_eq!(reg.source("web-data").expect("web").group, "db");
+    reg.heartbeat(
+        "n1",
+        &Heartbeat::from(pb::NodeHeartbeatRequest {
+            sources: vec![pb::SourceUsage {
+                source: "web-data".into(),
+                newest_point: 1,
+                points: 1,
+                oldest_point_ms: 10,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+    )
+    .expect("heartbeat");
+    assert_eq!(
+        floor(),
+        1000,
+        "another host's point does not hold these logs"
+    );
+    // Retention pruned the oldest volume point: the logs before the next go.
+    beat(5000);
+    assert_eq!(floor(), 5000);
+    // Out of the group, the volume no longer holds the logs back.
+    reg.set_group("", &["db-data".to_string()])
+        .expect("ungroup");
+    assert_eq!(floor(), 0);
+}
+
+#[test]
+fn a_new_source_is_first_scrubbed_one_interval_after_it_was_added() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let reg = Registry::open(dir.path(), Duration::from_secs(60)).expect("open");
+    node(&reg, "n1", 100 << 30);
+    reg.hello(
+        "host-1",
+        &Hello::from(pb::Hello {
+            sources: vec![spec("vol", 1 << 30)],
+            version: "t".into(),
+        }),
+    )
+    .expect("hello");
+    let hour = Duration::from_secs(3600);
+    assert_eq!(reg.due_for_scrub(hour).expect("due"), None, "no point yet");
+    reg.heartbeat(
+        "n1",
+        &Heartbeat::from(pb::NodeHeartbeatRequest {
+            sources: vec![pb::SourceUsage {
+                source: "vol".into(),
+                newest_point: 1,
+                points: 1,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+    )
+    .expect("heartbeat");
+    assert_eq!(
+        reg.due_for_scrub(hour).expect("due"),
+        None,
+        "its first sync was checked on arrival"
+    );
+    std::thread::sleep(Duration::from_millis(5));
+    let soon = Duration::from_millis(1);
+    assert_eq!(
+        reg.due_for_scrub(soon).expect("due").as_deref(),
+        Some("vol")
+    );
+    reg.verified("vol", "ok".into()).expect("verified");
+    assert_eq!(reg.due_for_scrub(hour).expect("due"), None);
+}
+
+#[test]
+fn places_on_the_node_with_most_free_space_and_keeps_owners() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let reg = Registry::open(dir.path(), Duration::from_secs(60)).expect("open");
+    let gib = 1u64 << 30;
+    let hello = Hello::from(pb::Hello {
+        sources: vec![spec("a", gib)],
+        version: "t".into(),
+    });
+    // No node yet: registered, not placed, with a reason.
+    let r = reg.hello("host-1", &hello).expect("hello");
+    assert!(r[0].assignment.is_none());
+    assert!(
+        r[0].error.contains("no storage node has registered"),
+        "{}",
+        r[0].error
+    );
+    assert_eq!(reg.source("a").expect("a").state, "error");
+
+    node(&reg, "n1", 100 * gib);
+    node(&reg, "n2", 100 * gib);
+    let a = reg.assignment("a").expect("placed");
+    assert_eq!((a.node.as_str(), a.epoch), ("n1", 1));
+    let r = reg
+        .hello(
+            "host-2",
+            &Hello::from(pb::Hello {
+                sources: vec![spec("b", gib)],
+                version: "t".into(),
+            }),
+        )
+        .expect("hello");
+    assert_eq!(
+        r[0].assignment.as_ref().map(|a| a.node.as_str()),
+        Some("n2")
+    );
+
+    // Another agent cannot claim a source, and nothing fits a 1 PiB volume.
+    let r = reg
+        .hello(
+            "host-2",
+            &Hello::from(pb::Hello {
+                sources: vec![spec("a", gib), spec("huge", 1 << 50)],
+                version: "t".into(),
+            }),
+        )
+        .expect("hello");
+    assert!(
+        r[0].error.contains("belongs to agent host-1"),
+        "{}",
+        r[0].error
+    );
+    // No node could ever hold it: refused, and no record is kept.
+    assert!(r[1].assignment.is_none());
+    assert!(
+        r[1].error
+            .contains("more than the largest storage node holds"),
+        "{}",
+        r[1].error
+    );
+    assert!(reg.source("huge").is_err());
+    drop(reg);
+    let reg = reopen(dir.path());
+    assert_eq!(reg.source("b").expect("b").node.as_deref(), Some("n2"));
+}
+
+/// Opens the registry again after a drop. sled's flusher thread lets go of the
+/// database's file lock a moment after the last handle is dropped, so the open
+/// is retried for up to 5 s while it reports the lock taken.
+fn reopen(dir: &std::path::Path) -> Registry {
+    let mut tries = 0;
+    loop {
+        match Registry::open(dir, Duration::from_secs(60)) {
+            Err(RegistryError::Store(m)) if m.contains("could not acquire lock") && tries < 500 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            r => return r.expect("reopen"),
+        }
+    }
+}
