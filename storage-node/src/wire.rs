@@ -325,3 +325,97 @@ pub fn lock_to_proto(l: Option<RetentionLock>) -> pb::RetentionLock {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn begin(b: pb::SyncBegin) -> Option<pb::SyncMessage> {
+        Some(pb::SyncMessage {
+            msg: Some(pb::sync_message::Msg::Begin(b)),
+        })
+    }
+
+    fn status(e: ProtocolError) -> tonic::Status {
+        e.into()
+    }
+
+    #[test]
+    fn a_sync_starts_with_a_checked_begin() {
+        let ok = pb::SyncBegin {
+            source: "s1".into(),
+            epoch: 3,
+            size_bytes: 1 << 20,
+            block_size: 65536,
+            ..Default::default()
+        };
+        let start = SyncStart::try_from(begin(ok.clone())).expect("a good begin");
+        assert_eq!((start.source.as_str(), start.epoch), ("s1", 3));
+        assert_eq!(start.geometry.block_count(), 16);
+
+        let e = status(SyncStart::try_from(None).expect_err("no begin"));
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert_eq!(e.message(), "a sync must start with SyncBegin");
+
+        let bad_size = pb::SyncBegin {
+            block_size: 1000,
+            ..ok.clone()
+        };
+        let e = status(SyncStart::try_from(begin(bad_size)).expect_err("block size"));
+        assert_eq!(
+            e.message(),
+            "data source s1: block size 1000 is not a power of two between 4 KiB and 4 MiB"
+        );
+
+        let deep = pb::SyncBegin { deep: true, ..ok };
+        let e = status(SyncStart::try_from(begin(deep)).expect_err("deep alone"));
+        assert_eq!(e.message(), "a deep check (deep) needs want_digests");
+    }
+
+    #[test]
+    fn grants_and_locks_are_checked_at_the_edge() {
+        let grant = pb::GrantRestoreRequest {
+            source: "s1".into(),
+            agent: "a1".into(),
+            points: vec![0],
+            ..Default::default()
+        };
+        let e = status(GrantChange::try_from(grant.clone()).expect_err("point 0"));
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            e.message(),
+            "a restore grant names the points it covers (no 0)"
+        );
+        // Withdrawing names no points, or any.
+        let withdraw = pb::GrantRestoreRequest {
+            withdraw: true,
+            points: vec![],
+            ..grant
+        };
+        GrantChange::try_from(withdraw).expect("a withdrawal of all");
+
+        let lock = pb::SetLockRequest {
+            source: "s1".into(),
+            lock: Some(pb::RetentionLock {
+                mode: pb::LockMode::None as i32,
+                min_age_ms: 1000,
+            }),
+        };
+        let e = status(LockChange::try_from(lock).expect_err("no mode"));
+        assert_eq!(e.message(), "a lock needs a mode: governance or compliance");
+    }
+
+    #[test]
+    fn an_import_names_a_node_and_an_https_address() {
+        let r = pb::ImportRequest {
+            source: "s1".into(),
+            from_node: "node-1".into(),
+            from_address: "http://n1:7443".into(),
+        };
+        let e = status(ImportFrom::try_from(r).expect_err("plain http"));
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().starts_with("from_address: "), "{}", e.message());
+        let e = status(source("../x").expect_err("a path is no name"));
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    }
+}
