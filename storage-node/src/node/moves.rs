@@ -30,6 +30,11 @@ fn exporter_idle(node: &str, idle: std::time::Duration) -> Status {
     ))
 }
 
+/// Names the exporting node in the status it answered with.
+fn at_peer(node: &str) -> impl Fn(Status) -> Status + '_ {
+    move |s| Status::new(s.code(), format!("node {node}: {}", s.message()))
+}
+
 /// Sends one file of an export, in chunks; `Ok(false)` when the receiver is gone.
 fn send_file(
     name: &str,
@@ -118,14 +123,12 @@ impl NodeService {
     /// it; nothing of it is kept if anything fails.
     pub async fn import(&self, from: ImportFrom) -> Result<pb::ImportResponse, NodeError> {
         let idle = self.idle();
-        let at_peer =
-            |s: Status| Status::new(s.code(), format!("node {}: {}", from.node, s.message()));
         let mut stream = self.dial_exporter(&from).await?;
         let _lock = self.locks.get(&from.source).write_owned().await;
         let first = tokio::time::timeout(idle, stream.message())
             .await
             .map_err(|_| exporter_idle(&from.node, idle))?;
-        let meta = match first.map_err(at_peer)? {
+        let meta = match first.map_err(at_peer(&from.node))? {
             Some(pb::ExportChunk {
                 msg: Some(pb::export_chunk::Msg::Meta(m)),
             }) => serde_json::from_slice::<ExportMeta>(&m)
@@ -173,7 +176,7 @@ impl NodeService {
                 source: from.source.to_string(),
             })
             .await
-            .map_err(|s| Status::new(s.code(), format!("node {}: {}", from.node, s.message())))?
+            .map_err(at_peer(&from.node))?
             .into_inner();
         Ok(stream)
     }
@@ -187,7 +190,6 @@ async fn receive_files(
     from: &ImportFrom,
     idle: std::time::Duration,
 ) -> Result<Import, NodeError> {
-    let at_peer = |s: Status| Status::new(s.code(), format!("node {}: {}", from.node, s.message()));
     let (ftx, mut frx) = mpsc::channel::<pb::FileData>(4);
     let writer = tokio::task::spawn_blocking(move || -> Result<Import, StoreError> {
         let mut import = import;
@@ -201,7 +203,7 @@ async fn receive_files(
             let next = tokio::time::timeout(idle, stream.message())
                 .await
                 .map_err(|_| exporter_idle(&from.node, idle))?;
-            let Some(chunk) = next.map_err(at_peer)? else {
+            let Some(chunk) = next.map_err(at_peer(&from.node))? else {
                 break;
             };
             match chunk.msg {
