@@ -14,7 +14,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::NodeConfig;
-use crate::service::{NodeApi, NodeService};
+use crate::node::NodeService;
+use crate::service::NodeApi;
 use crate::store::Store;
 
 /// Runs the node on `listener` until `shutdown` is cancelled.

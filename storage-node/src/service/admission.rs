@@ -24,6 +24,8 @@ use bulwark_common::name::SourceName;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tonic::{Status, Streaming};
 
+use crate::error::refused;
+
 /// The node's limits on data streams (see the module docs).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -69,10 +71,6 @@ pub struct Admission {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn refused(reason: &str) {
-    bulwark_common::metrics::counter_add("bulwark_refusals_total", &[("reason", reason)], 1);
 }
 
 impl Admission {

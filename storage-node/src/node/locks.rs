@@ -1,14 +1,14 @@
 //! Retention locks, drops and restore grants on the node: the store holds the
-//! locks (`crate::store::lock`); these are the service's steps around it, called by
-//! the thin handlers in [`super`].
+//! locks (`crate::store::lock`); these are the node's steps around it.
 
 use bulwark_common::name::SourceName;
 use bulwark_common::tls::{Identity, Role};
 use bulwark_proto as pb;
-use tonic::Status;
 
-use super::{NodeService, blocking, refused, source_name};
-use crate::store::lock::{LockAuthority, LockMode, RetentionLock};
+use super::{NodeService, blocking};
+use crate::error::{NodeError, refused};
+use crate::store::lock::LockAuthority;
+use crate::wire::{GrantChange, LockChange, lock_to_proto};
 
 /// A restore the coordinator granted an agent other than the source's own.
 #[derive(Debug, Clone)]
@@ -16,30 +16,6 @@ pub(super) struct Grant {
     pub(super) expires_ms: i64,
     /// The only points the agent may read.
     pub(super) points: Vec<u64>,
-}
-
-/// A lock on the wire: mode and minimum age (`None`: no lock).
-pub fn lock_from_proto(l: &pb::RetentionLock) -> Option<(LockMode, u64)> {
-    let mode = match pb::LockMode::try_from(l.mode) {
-        Ok(pb::LockMode::Governance) => LockMode::Governance,
-        Ok(pb::LockMode::Compliance) => LockMode::Compliance,
-        _ => return None,
-    };
-    (l.min_age_ms > 0).then_some((mode, l.min_age_ms))
-}
-
-/// A lock for the wire.
-pub fn lock_to_proto(l: Option<RetentionLock>) -> pb::RetentionLock {
-    match l {
-        None => pb::RetentionLock::default(),
-        Some(l) => pb::RetentionLock {
-            mode: match l.mode {
-                LockMode::Governance => pb::LockMode::Governance,
-                LockMode::Compliance => pb::LockMode::Compliance,
-            } as i32,
-            min_age_ms: l.min_age_ms,
-        },
-    }
 }
 
 impl NodeService {
@@ -80,35 +56,32 @@ impl NodeService {
     /// Drops this node's copy of `source` (it moved, or was removed): only when the
     /// coordinator, asked afresh, no longer assigns it here; the store refuses while
     /// a retention lock holds any of its points.
-    pub(super) async fn drop_copy(&self, source: SourceName) -> Result<bool, Status> {
+    pub async fn drop_copy(&self, source: SourceName) -> Result<bool, NodeError> {
         let source = source.into_string();
-        let svc = self;
         // Asked afresh (no cached answer for a deletion): the source must be
         // assigned elsewhere, or no longer known to the fleet (removed). The store
         // refuses anyway while a retention lock holds any of its points.
-        let mut client = svc.coordinator.clone();
+        let mut client = self.coordinator.clone();
         match client
             .get_assignment(pb::GetAssignmentRequest {
                 source: source.clone(),
             })
             .await
         {
-            Ok(a) if a.get_ref().node == svc.name => {
-                return Err(Status::failed_precondition(format!(
-                    "data source {source} is assigned to this node; it is not dropped"
-                )));
+            Ok(a) if a.get_ref().node == self.name => {
+                return Err(NodeError::StillAssigned(source));
             }
             Ok(_) => {}
             Err(st) if st.code() == tonic::Code::NotFound => {}
             Err(st) => {
-                return Err(Status::unavailable(format!(
-                    "cannot check the assignment of {source} with the coordinator ({}); nothing is dropped",
-                    st.message()
-                )));
+                return Err(NodeError::DropUnchecked {
+                    source_name: source,
+                    why: st.message().to_string(),
+                });
             }
         }
-        let lock = svc.locks.get(&source).write_owned().await;
-        let store = svc.store.clone();
+        let lock = self.locks.get(&source).write_owned().await;
+        let store = self.store.clone();
         let dropped = blocking(move || {
             let _lock = lock;
             store.drop_source(&source)
@@ -120,21 +93,12 @@ impl NodeService {
     /// Sets a source's retention lock as `caller` may: the coordinator and admins
     /// raise it, the officer may also lower a governance lock (and that is an alert
     /// of this node's for a day).
-    pub(super) async fn set_lock(
+    pub async fn set_lock(
         &self,
         caller: &Identity,
-        r: pb::SetLockRequest,
-    ) -> Result<pb::SetLockResponse, Status> {
-        let source = source_name(&r.source)?;
-        let want = r.lock.as_ref().and_then(lock_from_proto);
-        if r.lock
-            .as_ref()
-            .is_some_and(|l| l.min_age_ms > 0 && want.is_none())
-        {
-            return Err(Status::invalid_argument(
-                "a lock needs a mode: governance or compliance",
-            ));
-        }
+        change: LockChange,
+    ) -> Result<pb::SetLockResponse, NodeError> {
+        let LockChange { source, want } = change;
         let who = if caller.role == Role::Officer {
             LockAuthority::Officer
         } else {
@@ -180,10 +144,8 @@ impl NodeService {
 
     /// Grants (or, with `withdraw`, takes back) an agent's restore of the points
     /// named.
-    pub(super) fn grant(&self, g: pb::GrantRestoreRequest) -> Result<(), Status> {
-        let source = source_name(&g.source)?;
-        bulwark_common::name::AgentName::parse(g.agent.as_str())
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    pub fn grant(&self, g: GrantChange) {
+        let source = &g.source;
         let key = (source.to_string(), g.agent.clone());
         let mut grants = self.grants.lock().unwrap_or_else(|e| e.into_inner());
         let now = bulwark_common::time::now_ms();
@@ -201,11 +163,7 @@ impl NodeService {
             }
             tracing::info!(source = %source, agent = %g.agent, points = ?g.points, "restore grant withdrawn");
         } else {
-            if g.points.is_empty() || g.points.contains(&0) {
-                return Err(Status::invalid_argument(
-                    "a restore grant names the points it covers (no 0)",
-                ));
-            }
+            // The wire checked that a grant names its points, and no 0.
             tracing::info!(source = %source, agent = %g.agent, points = ?g.points, "restore granted by the coordinator");
             // Restores that overlap add their points to one grant.
             let grant = grants.entry(key).or_insert(Grant {
@@ -219,6 +177,5 @@ impl NodeService {
                 }
             }
         }
-        Ok(())
     }
 }

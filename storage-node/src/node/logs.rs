@@ -1,4 +1,4 @@
-//! `ShipLog` and `RestoreLog`: the node's side of log sources (see
+//! Log ships and log restores: the node's side of log sources (see
 //! [`crate::store::logs`]). A ship holds the source's write lock from Begin to the
 //! end, like a sync; the store work runs on one blocking thread that owns the ship.
 
@@ -6,18 +6,19 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use bulwark_common::tls::{Identity, Role, require};
+use bulwark_common::tls::Identity;
 use bulwark_proto as pb;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Status, Streaming};
 use tracing::Instrument;
 
-use super::admission::{Sender, TurnKind, next_within};
-use super::{
-    BoxStream, NodeService, StreamGuard, blocking, point_to_proto, policy_from_proto, source_name,
-};
+use super::access::not_moving;
+use super::{BoxStream, NodeService, StreamGuard, blocking, count_sync};
+use crate::error::NodeError;
+use crate::service::admission::{Sender, TurnKind, next_within};
 use crate::store::{LogFileMeta, LogShip};
+use crate::wire::{PointRef, ShipStart, point_to_proto, policy_from_proto};
 use bulwark_common::name::SourceName;
 
 /// Manifest entries per reply message.
@@ -51,42 +52,27 @@ impl NodeService {
         caller: &Identity,
         source: &SourceName,
         epoch: u64,
-    ) -> Result<pb::Assignment, Status> {
+    ) -> Result<pb::Assignment, NodeError> {
         let a = self.authorize(caller, source, Some(epoch)).await?;
-        if !a.moving_to.is_empty() {
-            return Err(Status::unavailable(format!(
-                "data source {source} is moving to node {}; ship again when the move is done",
-                a.moving_to
-            )));
-        }
+        not_moving(&a, source, "ship")?;
         Ok(a)
     }
 
-    pub(super) async fn ship_log(
+    /// Runs a log ship that opened with `start`, reading the rest of `inbound`: the
+    /// manifest and `LogReady` go out, then a task applies the files.
+    pub async fn ship_log(
         self: Arc<Self>,
-        req: Request<Streaming<pb::LogMessage>>,
-    ) -> Result<Response<BoxStream<pb::LogReply>>, Status> {
-        use pb::log_message::Msg;
-        let caller = require(&req, "ShipLog", &[Role::Agent])?;
-        let idle = self.admission.idle();
-        let mut inbound = req.into_inner();
-        let begin = match next_within(&mut inbound, idle, "log ship").await? {
-            Some(pb::LogMessage {
-                msg: Some(Msg::Begin(b)),
-            }) => b,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "a log ship must start with LogBegin",
-                ));
-            }
-        };
-        let source = source_name(&begin.source)?;
-        self.authorize_ship(&caller, &source, begin.epoch).await?;
+        caller: Identity,
+        start: ShipStart,
+        inbound: Streaming<pb::LogMessage>,
+    ) -> Result<BoxStream<pb::LogReply>, NodeError> {
+        let ShipStart { source, epoch } = start;
+        self.authorize_ship(&caller, &source, epoch).await?;
         let agent_turn = self.admission.agent_turn(&caller.name, TurnKind::Write)?;
         let source_turn = self.admission.source_turn(&source)?;
         let lock = self.locks.get(&source).write_owned().await;
         // The assignment may have changed while this waited.
-        let a = self.authorize_ship(&caller, &source, begin.epoch).await?;
+        let a = self.authorize_ship(&caller, &source, epoch).await?;
         let policy = a.policy.as_ref().map(policy_from_proto);
         let store = self.store.clone();
         let name = source.clone();
@@ -100,7 +86,7 @@ impl NodeService {
                 })),
             };
             if tx.send(Ok(msg)).await.is_err() {
-                return Err(Status::cancelled("the agent went away"));
+                return Err(Status::cancelled("the agent went away").into());
             }
         }
         let ready = pb::LogReply {
@@ -111,95 +97,106 @@ impl NodeService {
         let _ = tx.send(Ok(ready)).await;
         let span = tracing::info_span!("ship", source = %source, point = ship.new_point(), agent = %caller.name);
         let guard = StreamGuard::new(&self.live_streams);
-        let svc = self.clone();
         tokio::spawn(
             async move {
                 let _guard = guard;
                 let _turns = (agent_turn, source_turn);
-                let source = source.to_string();
-                let started = std::time::Instant::now();
-                let (mtx, mrx) = mpsc::channel::<Msg>(4);
-                let worker = spawn_ship_worker(ship, mrx, svc.ingested.clone());
-                let received = async {
-                    loop {
-                        match next_within(&mut inbound, idle, "log ship").await {
-                            Ok(Some(pb::LogMessage { msg: Some(m) })) => {
-                                let commit = matches!(m, Msg::Commit(_));
-                                if mtx.send(m).await.is_err() || commit {
-                                    return Ok(());
-                                }
-                            }
-                            Ok(Some(_)) => {
-                                return Err(Status::invalid_argument("empty LogMessage"));
-                            }
-                            Ok(None) => {
-                                return Err(Status::aborted(
-                                    "the ship ended before LogCommit; nothing was kept",
-                                ));
-                            }
-                            Err(s) => return Err(s),
-                        }
-                    }
-                }
-                .await;
-                drop(mtx);
-                let outcome = match worker.await {
-                    Ok(r) => r,
-                    Err(e) => Err(Status::internal(format!("log ship worker failed: {e}"))),
-                };
-                let result = match (received, outcome) {
-                    (_, Err(s)) | (Err(s), _) => Err(s),
-                    (Ok(()), Ok(point)) => Ok(point),
-                };
-                match result {
-                    Ok(point) => {
-                        super::count_sync(&source, Some(&point), started);
-                        svc.after_commit(&source).await;
-                        drop(lock);
-                        tracing::info!(
-                            point = point.id,
-                            bytes = point.bytes_changed,
-                            files = point.files_changed,
-                            "log point committed"
-                        );
-                        let _ = tx
-                            .send(Ok(pb::LogReply {
-                                msg: Some(pb::log_reply::Msg::Committed(pb::LogCommitted {
-                                    point: Some(point_to_proto(&point)),
-                                })),
-                            }))
-                            .await;
-                    }
-                    Err(status) => {
-                        tracing::warn!("log ship failed: {}", status.message());
-                        super::count_sync(&source, None, started);
-                        if status.code() == tonic::Code::ResourceExhausted {
-                            svc.note_refusal(&source, Some(status.message().to_string()));
-                        }
-                        drop(lock);
-                        let _ = tx.send(Err(status)).await;
-                    }
-                }
+                self.run_ship(ship, inbound, source.to_string(), lock, tx)
+                    .await;
             }
             .instrument(span),
         );
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Box::pin(ReceiverStream::new(rx)))
     }
 
-    pub(super) async fn restore_log(
+    /// The spawned part of a ship: hands the messages to the ship's worker until
+    /// LogCommit, then applies retention and answers (or reports the failure).
+    async fn run_ship(
+        &self,
+        ship: LogShip,
+        mut inbound: Streaming<pb::LogMessage>,
+        source: String,
+        lock: tokio::sync::OwnedRwLockWriteGuard<()>,
+        tx: mpsc::Sender<Result<pb::LogReply, Status>>,
+    ) {
+        use pb::log_message::Msg;
+        let idle = self.idle();
+        let started = std::time::Instant::now();
+        let (mtx, mrx) = mpsc::channel::<Msg>(4);
+        let worker = spawn_ship_worker(ship, mrx, self.ingested.clone());
+        let received = async {
+            loop {
+                match next_within(&mut inbound, idle, "log ship").await {
+                    Ok(Some(pb::LogMessage { msg: Some(m) })) => {
+                        let commit = matches!(m, Msg::Commit(_));
+                        if mtx.send(m).await.is_err() || commit {
+                            return Ok(());
+                        }
+                    }
+                    Ok(Some(_)) => {
+                        return Err(Status::invalid_argument("empty LogMessage"));
+                    }
+                    Ok(None) => {
+                        return Err(Status::aborted(
+                            "the ship ended before LogCommit; nothing was kept",
+                        ));
+                    }
+                    Err(s) => return Err(s),
+                }
+            }
+        }
+        .await;
+        drop(mtx);
+        let outcome = match worker.await {
+            Ok(r) => r,
+            Err(e) => Err(Status::internal(format!("log ship worker failed: {e}"))),
+        };
+        let result = match (received, outcome) {
+            (_, Err(s)) | (Err(s), _) => Err(s),
+            (Ok(()), Ok(point)) => Ok(point),
+        };
+        match result {
+            Ok(point) => {
+                count_sync(&source, Some(&point), started);
+                self.after_commit(&source).await;
+                drop(lock);
+                tracing::info!(
+                    point = point.id,
+                    bytes = point.bytes_changed,
+                    files = point.files_changed,
+                    "log point committed"
+                );
+                let _ = tx
+                    .send(Ok(pb::LogReply {
+                        msg: Some(pb::log_reply::Msg::Committed(pb::LogCommitted {
+                            point: Some(point_to_proto(&point)),
+                        })),
+                    }))
+                    .await;
+            }
+            Err(status) => {
+                tracing::warn!("log ship failed: {}", status.message());
+                self.after_failure(&source, &status, started);
+                drop(lock);
+                let _ = tx.send(Err(status)).await;
+            }
+        }
+    }
+
+    /// Streams log point `at.point` (0: the newest) of `at.source` to `caller`.
+    pub async fn restore_log(
         self: Arc<Self>,
-        req: Request<pb::NodeRestoreRequest>,
-    ) -> Result<Response<BoxStream<pb::LogChunk>>, Status> {
-        let caller = require(&req, "RestoreLog", &[Role::Agent, Role::Admin])?;
-        let r = req.into_inner();
-        let source = source_name(&r.source)?;
-        let (lock, turn) = self.authorize_read(&caller, &source, r.point).await?;
+        caller: Identity,
+        at: PointRef,
+    ) -> Result<BoxStream<pb::LogChunk>, NodeError> {
+        let PointRef { source, point } = at;
+        let (lock, turn) = self.authorize_read(&caller, &source, point).await?;
         let store = self.store.clone();
         let name = source.to_string();
-        let (point, files) = blocking(move || store.log_restore(&name, r.point)).await??;
+        let (point, files) = blocking(move || store.log_restore(&name, point)).await??;
         tracing::info!(source = %source, point = point.id, files = files.len(), agent = %caller.name, "log restore started");
         let (tx, rx) = mpsc::channel(4);
-        let tx = Sender::new(tx, self.admission.idle());
+        let tx = Sender::new(tx, self.idle());
         let guard = StreamGuard::new(&self.live_streams);
         tokio::task::spawn_blocking(move || {
             let _lock = lock;
@@ -248,7 +245,7 @@ impl NodeService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Box::pin(ReceiverStream::new(rx)))
     }
 }
 
