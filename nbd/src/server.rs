@@ -574,12 +574,13 @@ impl Refusal {
 pub fn client_identity(
     peer_certs: &[rustls::pki_types::CertificateDer<'static>],
     trust_domain: &str,
-) -> Result<crate::tls::Identity, Refusal> {
+) -> Result<bulwark_common::tls::Identity, Refusal> {
     peer_certs
         .first()
         .ok_or_else(|| Refusal::Forbidden("a fleet client certificate is required".into()))
         .and_then(|c| {
-            crate::tls::Identity::from_cert(c.as_ref(), trust_domain).map_err(Refusal::Forbidden)
+            bulwark_common::tls::Identity::from_cert(c.as_ref(), trust_domain)
+                .map_err(Refusal::Forbidden)
         })
 }
 
@@ -782,7 +783,7 @@ where
             .map(<[_]>::to_vec)
             .unwrap_or_default();
         if let Some(leaf) = certs.first() {
-            match crate::tls::spiffe_uri(leaf.as_ref()) {
+            match bulwark_common::tls::spiffe_uri(leaf.as_ref()) {
                 Ok(id) => tracing::debug!(client = %id, "NBD TLS established"),
                 Err(e) => tracing::debug!("NBD TLS established; client certificate: {e}"),
             }
@@ -859,7 +860,7 @@ pub async fn serve_tcp(
 /// Before `NBD_OPT_STARTTLS` every option except `NBD_OPT_ABORT` is answered
 /// `NBD_REP_ERR_TLS_REQD` (`NBD_OPT_EXPORT_NAME` closes the connection). The TLS
 /// handshake uses `tls` as it is: require and verify client certificates there
-/// (as [`crate::tls::TlsIdentity::server_config`] does; its ALPN `h2` is harmless,
+/// (as [`bulwark_common::tls::TlsIdentity::server_config`] does; its ALPN `h2` is harmless,
 /// as NBD clients such as qemu offer no ALPN). Exports are then chosen by name
 /// through `exports`, which sees the client's certificates;
 /// [`ServerOptions::export_name`] is not used. The transmission phase runs on tokio.
