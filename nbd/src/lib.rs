@@ -14,18 +14,24 @@
 //! exports chosen by name through an [`ExportResolver`]) and refused by the other
 //! servers (`NBD_REP_ERR_POLICY`), no extended headers. The client speaks no TLS.
 
+pub mod backend;
+mod blocking;
+mod buffers;
 pub mod client;
+pub mod handshake;
 pub mod limits;
 pub mod proto;
+mod replies;
 pub mod server;
 pub mod splice;
+mod transmission;
+mod workers;
 
+pub use backend::{Backend, FileBackend};
 pub use client::Client;
+pub use handshake::{ExportResolver, Refusal};
 pub use proto::Errno;
-pub use server::{
-    Backend, ExportResolver, FileBackend, Refusal, ServerOptions, serve, serve_tcp, serve_tls_tcp,
-    serve_unix, serve_until,
-};
+pub use server::{ServerOptions, serve, serve_tcp, serve_tls_tcp, serve_unix, serve_until};
 pub use splice::Spliced;
 
 /// Everything that can go wrong on an NBD connection, on either side.
