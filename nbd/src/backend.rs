@@ -8,7 +8,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
-use crate::proto::{self};
+use crate::proto;
 use crate::splice::Spliced;
 
 /// Storage behind an export. Methods are called from blocking threads, several at a

@@ -16,29 +16,20 @@ use tokio_util::sync::CancellationToken;
 use crate::NbdError;
 use crate::backend::sys;
 use crate::proto::{self, Request};
-use crate::replies::ReplySink;
-use crate::replies::lock;
+use crate::replies::{ReplySink, lock};
 use crate::server::ServerOptions;
 use crate::splice::{self, NotSpliced};
-use crate::transmission::Conn;
-use crate::transmission::Incoming;
-use crate::transmission::Payload;
-use crate::transmission::READ_BUFFER;
-use crate::transmission::Session;
-use crate::transmission::admit;
-use crate::transmission::answer;
-use crate::transmission::client_gone;
-use crate::transmission::replies_outcome;
-use crate::transmission::vet;
+use crate::transmission::{
+    Conn, Incoming, Payload, READ_BUFFER, Session, admit, answer, client_gone, replies_outcome, vet,
+};
 
 /// Write payloads from this size on are read past the socket read buffer (see
 /// `Reader::read_request`).
 pub(crate) const LARGE_PAYLOAD: usize = READ_BUFFER / 2;
 
-// ---- The transmission phase on blocking threads, for plain sockets ----
-
 /// A stream that can leave tokio for blocking threads after the handshake: the
-/// plain sockets that [`serve_unix`] and [`serve_tcp`] accept.
+/// plain sockets that [`serve_unix`](crate::serve_unix) and
+/// [`serve_tcp`](crate::serve_tcp) accept.
 pub(crate) trait PlainStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// The same socket, deregistered from tokio and in blocking mode.
     fn into_blocking(self) -> io::Result<PlainSocket>;

@@ -7,20 +7,27 @@ use std::io;
 use std::sync::Arc;
 
 use rustls::pki_types::CertificateDer;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{
+    AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadHalf, WriteHalf,
+};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::NbdError;
 use crate::backend::Backend;
-use crate::limits::{self};
-use crate::proto::{self};
+use crate::limits;
+use crate::proto;
 use crate::server::ServerOptions;
-use crate::transmission::Conn;
+use crate::transmission::{Conn, READ_BUFFER};
 
 /// Context id of `base:allocation` once selected.
 pub(crate) const BASE_ALLOCATION_ID: u32 = 1;
 /// Most options one client may send before it is considered abusive.
 pub(crate) const MAX_OPTIONS: usize = 1024;
+/// Read buffer of the handshake of a plain socket (whatever it holds at the end is
+/// handed to the transmission phase).
+pub(crate) const HANDSHAKE_BUFFER: usize = 4096;
 
 /// Why an [`ExportResolver`] refused an export. The message goes back to the client
 /// in the option's error reply (and to the log); `NBD_OPT_EXPORT_NAME`, which cannot
@@ -347,166 +354,319 @@ where
 {
     let mut out = Vec::with_capacity(256);
     let mut st = Negotiated::default();
-    let tls_required = client.tls == Tls::Required;
 
     for _ in 0..MAX_OPTIONS {
-        let mut hdr = [0u8; 16];
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(Haggled::Ended),
-            r = rd.read_exact(&mut hdr) => match r {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                    tracing::debug!("client closed the connection during option haggling");
-                    return Ok(Haggled::Ended);
-                }
-                Err(e) => return Err(e.into()),
-            },
-        }
-        let magic = proto::be_u64(&hdr[0..8]);
-        let option = proto::be_u32(&hdr[8..12]);
-        let len = proto::be_u32(&hdr[12..16]);
-        if magic != proto::IHAVEOPT {
-            return Err(NbdError::Protocol(format!(
-                "option magic is {magic:#018x}, expected IHAVEOPT"
-            )));
-        }
-        if len > proto::MAX_OPTION_DATA {
-            return Err(NbdError::Protocol(format!(
-                "{} carries {len} bytes of data, more than the {} accepted",
-                proto::option_name(option),
-                proto::MAX_OPTION_DATA
-            )));
-        }
-        let mut data = vec![0u8; len as usize];
-        rd.read_exact(&mut data).await?;
+        let Some((option, data)) = read_option(rd, shutdown).await? else {
+            return Ok(Haggled::Ended);
+        };
         out.clear();
-
-        match option {
-            proto::OPT_ABORT => {
-                proto::put_option_reply(&mut out, option, proto::REP_ACK, &[]);
-                // The client may already have gone; that is fine.
-                let _ = send(wr, &out).await;
-                return Ok(Haggled::Ended);
-            }
-            proto::OPT_STARTTLS => {
-                let (typ, msg) = match client.tls {
-                    _ if len != 0 => (proto::REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data"),
-                    Tls::Off => (proto::REP_ERR_POLICY, "TLS is not offered by this server"),
-                    Tls::Active => (proto::REP_ERR_INVALID, "TLS is already active"),
-                    Tls::Required => {
-                        proto::put_option_reply(&mut out, option, proto::REP_ACK, &[]);
-                        send(wr, &out).await?;
-                        return Ok(Haggled::StartTls);
-                    }
-                };
-                option_error(&mut out, option, typ, msg);
-            }
-            proto::OPT_EXPORT_NAME if tls_required => {
-                // This option cannot carry an error; the protocol says to close.
-                return Err(NbdError::Negotiation(format!(
-                    "client asked for export {:?} with NBD_OPT_EXPORT_NAME without TLS, which \
-                     this server requires",
-                    String::from_utf8_lossy(&data)
-                )));
-            }
-            _ if tls_required => {
-                let msg = format!(
-                    "TLS is required: send NBD_OPT_STARTTLS before {}",
-                    proto::option_name(option)
-                );
-                option_error(&mut out, option, proto::REP_ERR_TLS_REQD, &msg);
-            }
-            proto::OPT_EXPORT_NAME => {
-                let name = String::from_utf8_lossy(&data);
-                let export = match client.resolve(&name).await {
-                    Ok(e) => e,
-                    // This option cannot carry an error; the protocol says to close.
-                    Err(refusal) => {
-                        return Err(NbdError::Negotiation(format!(
-                            "NBD_OPT_EXPORT_NAME for {name:?} refused, {refusal}"
-                        )));
-                    }
-                };
-                out.extend_from_slice(&export.size.to_be_bytes());
-                out.extend_from_slice(&export.flags.to_be_bytes());
-                if !no_zeroes {
-                    out.extend_from_slice(&[0u8; 124]);
-                }
-                send(wr, &out).await?;
-                return Ok(Haggled::Ready(Ready {
-                    export,
-                    negotiated: st,
-                }));
-            }
-            proto::OPT_LIST => {
-                if len != 0 {
-                    option_error(
-                        &mut out,
-                        option,
-                        proto::REP_ERR_INVALID,
-                        "NBD_OPT_LIST takes no data",
-                    );
-                } else {
-                    for name in client.list().await {
-                        let mut d = Vec::new();
-                        proto::put_string32(&mut d, &name);
-                        proto::put_option_reply(&mut out, option, proto::REP_SERVER, &d);
-                    }
-                    proto::put_option_reply(&mut out, option, proto::REP_ACK, &[]);
-                }
-            }
-            proto::OPT_INFO | proto::OPT_GO => match proto::InfoRequest::decode(&data) {
-                Err(e) => option_error(&mut out, option, proto::REP_ERR_INVALID, &e),
-                Ok(req) => match client.resolve(&req.name).await {
-                    Err(refusal) => {
-                        option_error(&mut out, option, refusal.reply_type(), refusal.message());
-                    }
-                    Ok(export) => {
-                        put_info(&mut out, option, &req, &export);
-                        if option == proto::OPT_GO {
-                            send(wr, &out).await?;
-                            return Ok(Haggled::Ready(Ready {
-                                export,
-                                negotiated: st,
-                            }));
-                        }
-                    }
-                },
-            },
-            proto::OPT_STRUCTURED_REPLY => {
-                if len != 0 {
-                    option_error(
-                        &mut out,
-                        option,
-                        proto::REP_ERR_INVALID,
-                        "NBD_OPT_STRUCTURED_REPLY takes no data",
-                    );
-                } else {
-                    st.structured = true;
-                    proto::put_option_reply(&mut out, option, proto::REP_ACK, &[]);
-                }
-            }
-            proto::OPT_LIST_META_CONTEXT | proto::OPT_SET_META_CONTEXT => {
-                match meta_context_request(option, &data, &st) {
-                    Err((typ, msg)) => option_error(&mut out, option, typ, &msg),
-                    Ok(req) => match client.resolve(&req.export).await {
-                        Err(refusal) => {
-                            option_error(&mut out, option, refusal.reply_type(), refusal.message());
-                        }
-                        Ok(_) => meta_context(&mut out, option, &req, &mut st),
-                    },
-                }
-            }
-            _ => {
-                let msg = format!("{} ({option}) is not supported", proto::option_name(option));
-                option_error(&mut out, option, proto::REP_ERR_UNSUP, &msg);
-            }
+        let asked = Asked {
+            option,
+            data: &data,
+            no_zeroes,
+        };
+        if let Some(haggled) = answer_option(wr, client, &asked, &mut st, &mut out).await? {
+            return Ok(haggled);
         }
         send(wr, &out).await?;
     }
     Err(NbdError::Protocol(format!(
         "client sent more than {MAX_OPTIONS} options"
     )))
+}
+
+/// Reads the next option (header and data); `None` when the client closed the
+/// connection between options or the server is stopping.
+async fn read_option<R>(
+    rd: &mut BufReader<R>,
+    shutdown: &CancellationToken,
+) -> Result<Option<(u32, Vec<u8>)>, NbdError>
+where
+    R: AsyncRead + Unpin,
+{
+    let mut hdr = [0u8; 16];
+    tokio::select! {
+        _ = shutdown.cancelled() => return Ok(None),
+        r = rd.read_exact(&mut hdr) => match r {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                tracing::debug!("client closed the connection during option haggling");
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        },
+    }
+    let magic = proto::be_u64(&hdr[0..8]);
+    let option = proto::be_u32(&hdr[8..12]);
+    let len = proto::be_u32(&hdr[12..16]);
+    if magic != proto::IHAVEOPT {
+        return Err(NbdError::Protocol(format!(
+            "option magic is {magic:#018x}, expected IHAVEOPT"
+        )));
+    }
+    if len > proto::MAX_OPTION_DATA {
+        return Err(NbdError::Protocol(format!(
+            "{} carries {len} bytes of data, more than the {} accepted",
+            proto::option_name(option),
+            proto::MAX_OPTION_DATA
+        )));
+    }
+    let mut data = vec![0u8; len as usize];
+    rd.read_exact(&mut data).await?;
+    Ok(Some((option, data)))
+}
+
+/// One option as the client sent it.
+struct Asked<'a> {
+    option: u32,
+    data: &'a [u8],
+    /// The client set `NBD_FLAG_C_NO_ZEROES` in its greeting.
+    no_zeroes: bool,
+}
+
+/// Answers one option. `Some` ends haggling (whatever had to be sent is sent);
+/// `None` goes on, after the caller sends the replies put in `out`.
+async fn answer_option<W>(
+    wr: &mut W,
+    client: &Client,
+    asked: &Asked<'_>,
+    st: &mut Negotiated,
+    out: &mut Vec<u8>,
+) -> Result<Option<Haggled>, NbdError>
+where
+    W: AsyncWrite + Unpin,
+{
+    let (option, data) = (asked.option, asked.data);
+    let len = data.len();
+    let tls_required = client.tls == Tls::Required;
+    match option {
+        proto::OPT_ABORT => {
+            proto::put_option_reply(out, option, proto::REP_ACK, &[]);
+            // The client may already have gone; that is fine.
+            let _ = send(wr, out).await;
+            return Ok(Some(Haggled::Ended));
+        }
+        proto::OPT_STARTTLS => {
+            let (typ, msg) = match client.tls {
+                _ if len != 0 => (proto::REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data"),
+                Tls::Off => (proto::REP_ERR_POLICY, "TLS is not offered by this server"),
+                Tls::Active => (proto::REP_ERR_INVALID, "TLS is already active"),
+                Tls::Required => {
+                    proto::put_option_reply(out, option, proto::REP_ACK, &[]);
+                    send(wr, out).await?;
+                    return Ok(Some(Haggled::StartTls));
+                }
+            };
+            option_error(out, option, typ, msg);
+        }
+        proto::OPT_EXPORT_NAME if tls_required => {
+            // This option cannot carry an error; the protocol says to close.
+            return Err(NbdError::Negotiation(format!(
+                "client asked for export {:?} with NBD_OPT_EXPORT_NAME without TLS, which \
+                 this server requires",
+                String::from_utf8_lossy(data)
+            )));
+        }
+        _ if tls_required => {
+            let msg = format!(
+                "TLS is required: send NBD_OPT_STARTTLS before {}",
+                proto::option_name(option)
+            );
+            option_error(out, option, proto::REP_ERR_TLS_REQD, &msg);
+        }
+        proto::OPT_EXPORT_NAME => {
+            let ready = export_name(wr, client, asked, st, out).await?;
+            return Ok(Some(Haggled::Ready(ready)));
+        }
+        proto::OPT_LIST => list_exports(out, option, len, client).await,
+        proto::OPT_INFO | proto::OPT_GO => match proto::InfoRequest::decode(data) {
+            Err(e) => option_error(out, option, proto::REP_ERR_INVALID, &e.to_string()),
+            Ok(req) => match client.resolve(&req.name).await {
+                Err(refusal) => {
+                    option_error(out, option, refusal.reply_type(), refusal.message());
+                }
+                Ok(export) => {
+                    put_info(out, option, &req, &export);
+                    if option == proto::OPT_GO {
+                        send(wr, out).await?;
+                        let negotiated = std::mem::take(st);
+                        return Ok(Some(Haggled::Ready(Ready { export, negotiated })));
+                    }
+                }
+            },
+        },
+        proto::OPT_STRUCTURED_REPLY => {
+            if len != 0 {
+                option_error(
+                    out,
+                    option,
+                    proto::REP_ERR_INVALID,
+                    "NBD_OPT_STRUCTURED_REPLY takes no data",
+                );
+            } else {
+                st.structured = true;
+                proto::put_option_reply(out, option, proto::REP_ACK, &[]);
+            }
+        }
+        proto::OPT_LIST_META_CONTEXT | proto::OPT_SET_META_CONTEXT => {
+            match meta_context_request(option, data, st) {
+                Err((typ, msg)) => option_error(out, option, typ, &msg),
+                Ok(req) => match client.resolve(&req.export).await {
+                    Err(refusal) => {
+                        option_error(out, option, refusal.reply_type(), refusal.message());
+                    }
+                    Ok(_) => meta_context(out, option, &req, st),
+                },
+            }
+        }
+        _ => {
+            let msg = format!("{} ({option}) is not supported", proto::option_name(option));
+            option_error(out, option, proto::REP_ERR_UNSUP, &msg);
+        }
+    }
+    Ok(None)
+}
+
+/// Answers `NBD_OPT_LIST`: one `NBD_REP_SERVER` per export the resolver lists.
+async fn list_exports(out: &mut Vec<u8>, option: u32, len: usize, client: &Client) {
+    if len != 0 {
+        option_error(
+            out,
+            option,
+            proto::REP_ERR_INVALID,
+            "NBD_OPT_LIST takes no data",
+        );
+    } else {
+        for name in client.list().await {
+            let mut d = Vec::new();
+            proto::put_string32(&mut d, &name);
+            proto::put_option_reply(out, option, proto::REP_SERVER, &d);
+        }
+        proto::put_option_reply(out, option, proto::REP_ACK, &[]);
+    }
+}
+
+/// `NBD_OPT_EXPORT_NAME` without TLS required: the export and its reply (size,
+/// flags and, unless the client asked for none, 124 bytes of zeroes), or the
+/// refusal, which closes the connection since this option cannot carry an error.
+async fn export_name<W>(
+    wr: &mut W,
+    client: &Client,
+    asked: &Asked<'_>,
+    st: &mut Negotiated,
+    out: &mut Vec<u8>,
+) -> Result<Ready, NbdError>
+where
+    W: AsyncWrite + Unpin,
+{
+    let name = String::from_utf8_lossy(asked.data);
+    let export = match client.resolve(&name).await {
+        Ok(e) => e,
+        Err(refusal) => {
+            return Err(NbdError::Negotiation(format!(
+                "NBD_OPT_EXPORT_NAME for {name:?} refused, {refusal}"
+            )));
+        }
+    };
+    out.extend_from_slice(&export.size.to_be_bytes());
+    out.extend_from_slice(&export.flags.to_be_bytes());
+    if !asked.no_zeroes {
+        out.extend_from_slice(&[0u8; 124]);
+    }
+    send(wr, out).await?;
+    Ok(Ready {
+        export,
+        negotiated: std::mem::take(st),
+    })
+}
+
+/// A TLS connection after its handshake: its two halves (the reading one
+/// buffered) and what was negotiated, ready for the transmission phase.
+pub(crate) type TlsConn<S> = (
+    BufReader<ReadHalf<TlsStream<S>>>,
+    WriteHalf<TlsStream<S>>,
+    Conn,
+);
+
+/// The handshake of a connection that must start TLS (`NBD_OPT_STARTTLS`) before
+/// anything else: the handshake up to STARTTLS on the plain stream, the TLS
+/// handshake, then the rest of option haggling inside TLS with the client's
+/// certificates known. `None` when the session ended during it; a failed TLS
+/// handshake is logged here (naming `peer`) and ends the connection without an
+/// error.
+pub(crate) async fn starttls<S>(
+    mut stream: S,
+    peer: &str,
+    acceptor: &TlsAcceptor,
+    exports: Arc<dyn ExportResolver>,
+    shutdown: &CancellationToken,
+) -> Result<Option<TlsConn<S>>, NbdError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let no_zeroes = {
+        let (rd, mut wr) = tokio::io::split(&mut stream);
+        let mut rd = BufReader::with_capacity(HANDSHAKE_BUFFER, rd);
+        let Some(no_zeroes) = greet(&mut rd, &mut wr, shutdown).await? else {
+            return Ok(None);
+        };
+        let client = Client {
+            exports: Arc::clone(&exports),
+            certs: Arc::new(Vec::new()),
+            tls: Tls::Required,
+        };
+        match haggle(&mut rd, &mut wr, &client, no_zeroes, shutdown).await? {
+            Haggled::Ended => return Ok(None),
+            Haggled::Ready(_) => {
+                return Err(NbdError::Negotiation(
+                    "an export was chosen before TLS".into(),
+                ));
+            }
+            Haggled::StartTls => {}
+        }
+        // The client must wait for the ACK before its ClientHello; anything read
+        // past the option would be plaintext smuggled into the TLS session.
+        if !rd.buffer().is_empty() {
+            return Err(NbdError::Protocol(
+                "client sent data right behind NBD_OPT_STARTTLS, before the server's reply".into(),
+            ));
+        }
+        no_zeroes
+    };
+    let tls = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(None),
+        r = acceptor.accept(stream) => match r {
+            Ok(tls) => tls,
+            Err(e) => {
+                tracing::warn!("NBD TLS handshake with {peer} failed: {e}");
+                return Ok(None);
+            }
+        },
+    };
+    let certs = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(<[_]>::to_vec)
+        .unwrap_or_default();
+    if let Some(leaf) = certs.first() {
+        match bulwark_common::tls::spiffe_uri(leaf.as_ref()) {
+            Ok(id) => tracing::debug!(client = %id, "NBD TLS established"),
+            Err(e) => tracing::debug!("NBD TLS established; client certificate: {e}"),
+        }
+    }
+    let (rd, mut wr) = tokio::io::split(tls);
+    let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
+    let client = Client {
+        exports,
+        certs: Arc::new(certs),
+        tls: Tls::Active,
+    };
+    match haggle(&mut rd, &mut wr, &client, no_zeroes, shutdown).await? {
+        Haggled::Ended => Ok(None),
+        Haggled::StartTls => Err(NbdError::Negotiation("STARTTLS inside TLS".into())),
+        Haggled::Ready(ready) => Ok(Some((rd, wr, ready.into_conn()))),
+    }
 }
 
 /// The `NBD_REP_INFO` replies and the final ACK of `NBD_OPT_INFO` / `NBD_OPT_GO`.

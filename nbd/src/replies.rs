@@ -7,16 +7,13 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::proto::{self, Errno};
-use crate::transmission::Reply;
-use crate::transmission::ReplyBody;
+use crate::transmission::{Reply, ReplyBody};
 
 /// Read payloads up to this size are copied into the reply batch; larger ones go
 /// out with a vectored write.
 pub(crate) const INLINE_PAYLOAD: usize = 64 * 1024;
 /// Encoded replies are written out once this much has collected.
 pub(crate) const WRITE_BATCH: usize = 256 * 1024;
-
-// ---- Replies, for both paths ----
 
 /// Where a connection's replies go; written from the I/O threads, which block.
 pub(crate) trait ReplySink: Send {

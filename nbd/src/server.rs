@@ -59,7 +59,7 @@
 //! TLS listener requires it), extended headers, `NBD_CMD_CACHE`, `NBD_CMD_RESIZE`,
 //! `NBD_CMD_FLAG_FAST_ZERO` and `NBD_CMD_FLAG_DF` (none of them advertised).
 
-use std::io::{self};
+use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -71,18 +71,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::NbdError;
-use crate::blocking::PlainStream;
-use crate::blocking::transmit_blocking;
-use crate::handshake::Client;
-use crate::handshake::Haggled;
-use crate::handshake::SingleExport;
-use crate::handshake::Tls;
-use crate::handshake::greet;
-use crate::handshake::haggle;
-use crate::handshake::handshake;
+use crate::blocking::{PlainStream, transmit_blocking};
+use crate::handshake::{Client, HANDSHAKE_BUFFER, SingleExport, handshake, starttls};
 use crate::limits::{self, ConnectionLimit};
-use crate::transmission::READ_BUFFER;
-use crate::transmission::transmit;
+use crate::transmission::{READ_BUFFER, transmit};
 
 pub use crate::backend::{Backend, FileBackend};
 pub use crate::handshake::{ExportResolver, Refusal, client_identity};
@@ -128,10 +120,6 @@ impl Default for ServerOptions {
         }
     }
 }
-
-/// Read buffer of the handshake of a plain socket (whatever it holds at the end is
-/// handed to the transmission phase).
-const HANDSHAKE_BUFFER: usize = 4096;
 
 /// Serves one connection until the client disconnects.
 ///
@@ -199,13 +187,11 @@ async fn serve_plain<S: PlainStream>(
 }
 
 /// Serves one connection that must start TLS (`NBD_OPT_STARTTLS`) before anything
-/// else: the handshake up to STARTTLS on the plain stream, the TLS handshake, the
-/// rest of option haggling inside TLS with the client's certificates known, then
-/// the transmission phase on tokio (`transmit`). Everything before the transmission
-/// phase shares one [`ServerOptions::handshake_timeout`]. A failed TLS handshake is
-/// logged here (naming `peer`) and ends the connection without an error.
+/// else: the handshake with its TLS upgrade ([`starttls`]), then the transmission
+/// phase on tokio (`transmit`). Everything before the transmission phase shares one
+/// [`ServerOptions::handshake_timeout`].
 async fn serve_starttls<S>(
-    mut stream: S,
+    stream: S,
     peer: &str,
     acceptor: tokio_rustls::TlsAcceptor,
     exports: Arc<dyn ExportResolver>,
@@ -215,73 +201,8 @@ async fn serve_starttls<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let shaken = limits::within(opts.handshake_timeout, async {
-        let no_zeroes = {
-            let (rd, mut wr) = tokio::io::split(&mut stream);
-            let mut rd = BufReader::with_capacity(HANDSHAKE_BUFFER, rd);
-            let Some(no_zeroes) = greet(&mut rd, &mut wr, &shutdown).await? else {
-                return Ok(None);
-            };
-            let client = Client {
-                exports: Arc::clone(&exports),
-                certs: Arc::new(Vec::new()),
-                tls: Tls::Required,
-            };
-            match haggle(&mut rd, &mut wr, &client, no_zeroes, &shutdown).await? {
-                Haggled::Ended => return Ok(None),
-                Haggled::Ready(_) => {
-                    return Err(NbdError::Negotiation(
-                        "an export was chosen before TLS".into(),
-                    ));
-                }
-                Haggled::StartTls => {}
-            }
-            // The client must wait for the ACK before its ClientHello; anything read
-            // past the option would be plaintext smuggled into the TLS session.
-            if !rd.buffer().is_empty() {
-                return Err(NbdError::Protocol(
-                    "client sent data right behind NBD_OPT_STARTTLS, before the server's reply"
-                        .into(),
-                ));
-            }
-            no_zeroes
-        };
-        let tls = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(None),
-            r = acceptor.accept(stream) => match r {
-                Ok(tls) => tls,
-                Err(e) => {
-                    tracing::warn!("NBD TLS handshake with {peer} failed: {e}");
-                    return Ok(None);
-                }
-            },
-        };
-        let certs = tls
-            .get_ref()
-            .1
-            .peer_certificates()
-            .map(<[_]>::to_vec)
-            .unwrap_or_default();
-        if let Some(leaf) = certs.first() {
-            match bulwark_common::tls::spiffe_uri(leaf.as_ref()) {
-                Ok(id) => tracing::debug!(client = %id, "NBD TLS established"),
-                Err(e) => tracing::debug!("NBD TLS established; client certificate: {e}"),
-            }
-        }
-        let (rd, mut wr) = tokio::io::split(tls);
-        let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
-        let client = Client {
-            exports,
-            certs: Arc::new(certs),
-            tls: Tls::Active,
-        };
-        match haggle(&mut rd, &mut wr, &client, no_zeroes, &shutdown).await? {
-            Haggled::Ended => Ok(None),
-            Haggled::StartTls => Err(NbdError::Negotiation("STARTTLS inside TLS".into())),
-            Haggled::Ready(ready) => Ok(Some((rd, wr, ready.into_conn()))),
-        }
-    });
-    let Some((rd, wr, conn)) = shaken.await? else {
+    let shaken = starttls(stream, peer, &acceptor, exports, &shutdown);
+    let Some((rd, wr, conn)) = limits::within(opts.handshake_timeout, shaken).await? else {
         return Ok(());
     };
     transmit(rd, wr, Arc::new(conn), &opts, shutdown).await

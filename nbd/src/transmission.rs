@@ -12,14 +12,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::NbdError;
-use crate::backend::Backend;
-use crate::backend::MAX_EXTENTS;
-use crate::buffers::BufferPool;
-use crate::buffers::PooledBuf;
+use crate::backend::{Backend, MAX_EXTENTS};
+use crate::buffers::{BufferPool, PooledBuf};
 use crate::handshake::BASE_ALLOCATION_ID;
 use crate::proto::{self, Errno, Request};
-use crate::replies::Replies;
-use crate::replies::ReplySink;
+use crate::replies::{Replies, ReplySink};
 use crate::server::ServerOptions;
 use crate::splice::{PipePool, Spliced};
 use crate::workers::Workers;
@@ -202,7 +199,7 @@ pub(crate) fn is_disconnect(e: &io::Error) -> bool {
     )
 }
 
-// ---- What both paths share: the session, its I/O threads ----
+// ---- What both readers share: the session, its I/O threads ----
 
 /// What the transmission phase of one connection shares with its I/O threads.
 pub(crate) struct Session<S> {
@@ -430,7 +427,7 @@ pub(crate) fn clamp_extents(ext: &[(u64, u32)], len: u64, req_one: bool) -> Vec<
     out
 }
 
-// ---- The transmission phase on tokio, for any stream ----
+// ---- The reader of any tokio stream ----
 
 pub(crate) async fn transmit<R, W>(
     mut rd: BufReader<R>,
