@@ -32,12 +32,14 @@ pub(crate) const HANDSHAKE_BUFFER: usize = 4096;
 /// Why an [`ExportResolver`] refused an export. The message goes back to the client
 /// in the option's error reply (and to the log); `NBD_OPT_EXPORT_NAME`, which cannot
 /// carry an error, closes the connection instead.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
     /// No export has that name: `NBD_REP_ERR_UNKNOWN`.
+    #[error("unknown export: {0}")]
     Unknown(String),
     /// The export exists (or might) but this client may not use it:
     /// `NBD_REP_ERR_POLICY`.
+    #[error("export forbidden: {0}")]
     Forbidden(String),
 }
 
@@ -71,15 +73,6 @@ pub fn client_identity(
             bulwark_common::tls::Identity::from_cert(c.as_ref(), trust_domain)
                 .map_err(Refusal::Forbidden)
         })
-}
-
-impl std::fmt::Display for Refusal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Refusal::Unknown(m) => write!(f, "unknown export: {m}"),
-            Refusal::Forbidden(m) => write!(f, "export forbidden: {m}"),
-        }
-    }
 }
 
 /// Finds the export a client asked for. Used by TLS listeners, where the client's
@@ -708,7 +701,7 @@ pub(crate) fn meta_context_request(
             ),
         ));
     }
-    proto::MetaContextRequest::decode(data).map_err(|e| (proto::REP_ERR_INVALID, e))
+    proto::MetaContextRequest::decode(data).map_err(|e| (proto::REP_ERR_INVALID, e.to_string()))
 }
 
 /// Answers `NBD_OPT_LIST_META_CONTEXT` / `NBD_OPT_SET_META_CONTEXT` for an export

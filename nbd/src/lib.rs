@@ -43,6 +43,11 @@ pub enum NbdError {
     /// The peer broke the protocol; the connection cannot be used any more.
     #[error("NBD protocol violation: {0}")]
     Protocol(String),
+    /// The peer sent a message that does not decode (bad magic, lengths that do
+    /// not add up, a string that is not UTF-8); like [`NbdError::Protocol`], the
+    /// connection cannot be used any more.
+    #[error("NBD protocol violation: {0}")]
+    Malformed(#[from] proto::DecodeError),
     /// The server answered a command with an error.
     #[error("NBD server error {errno} on {command}{}", message_suffix(.message))]
     Server {

@@ -76,7 +76,7 @@ pub(crate) struct Incoming {
     /// A write's payload.
     pub(crate) data: Option<Payload>,
     /// The error reply of a well-framed but invalid request.
-    pub(crate) checked: Result<(), (Errno, String)>,
+    pub(crate) checked: Result<(), RequestError>,
     pub(crate) permit: OwnedSemaphorePermit,
 }
 
@@ -103,7 +103,7 @@ pub(crate) fn admit(
     hdr: &[u8; Request::LEN],
     budget_bytes: u32,
 ) -> Result<Option<(Request, u32)>, NbdError> {
-    let req = Request::decode(hdr).map_err(NbdError::Protocol)?;
+    let req = Request::decode(hdr)?;
     if req.typ == proto::CMD_DISC {
         tracing::debug!("client sent NBD_CMD_DISC");
         return Ok(None);
@@ -127,15 +127,16 @@ pub(crate) fn admit(
 }
 
 /// [`check`], logging a refusal.
-pub(crate) fn vet(req: &Request, conn: &Conn) -> Result<(), (Errno, String)> {
+pub(crate) fn vet(req: &Request, conn: &Conn) -> Result<(), RequestError> {
     let checked = check(req, conn);
-    if let Err((errno, message)) = &checked {
+    if let Err(e) = &checked {
         tracing::debug!(
             cookie = req.cookie,
-            "refusing {} at {}+{}: {errno}: {message}",
+            "refusing {} at {}+{}: {}: {e}",
             proto::command_name(req.typ),
             req.offset,
-            req.len
+            req.len,
+            e.errno()
         );
     }
     checked
@@ -151,7 +152,10 @@ pub(crate) fn answer(conn: &Conn, pool: &Arc<BufferPool>, incoming: Incoming) ->
         permit,
     } = incoming;
     let body = match checked {
-        Err((errno, message)) => ReplyBody::Error { errno, message },
+        Err(e) => ReplyBody::Error {
+            errno: e.errno(),
+            message: e.to_string(),
+        },
         Ok(()) => {
             match std::panic::catch_unwind(AssertUnwindSafe(|| execute(conn, &req, data, pool))) {
                 Ok(body) => body,
@@ -267,8 +271,67 @@ impl<S: ReplySink + 'static> Session<S> {
     }
 }
 
+/// Why a well-framed request is refused: the error reply the client gets (the errno
+/// from [`RequestError::errno`], this text as the message); the connection goes on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum RequestError {
+    /// A command type this server does not implement.
+    #[error("command {name} ({typ}) is not supported")]
+    Unsupported { name: &'static str, typ: u16 },
+    /// Flags the command does not take.
+    #[error("flags {flags:#x} are not valid for {name}")]
+    BadFlags { name: &'static str, flags: u16 },
+    /// A write, trim or write-zeroes to a read-only export.
+    #[error("the export is read-only")]
+    ReadOnly,
+    /// `NBD_CMD_BLOCK_STATUS` without a metadata context.
+    #[error("no metadata context was negotiated")]
+    NoContext,
+    /// `NBD_CMD_BLOCK_STATUS` of no bytes.
+    #[error("BLOCK_STATUS of zero bytes")]
+    EmptyBlockStatus,
+    /// A read past the largest payload advertised.
+    #[error(
+        "READ of {len} bytes exceeds the maximum payload of {} bytes",
+        proto::MAX_PAYLOAD
+    )]
+    ReadTooLarge { len: u32 },
+    /// A range that runs past the end of the export (or overflows).
+    #[error(
+        "{name} of {len} bytes at offset {offset} is beyond the end of the export ({size} bytes)"
+    )]
+    BeyondEnd {
+        name: &'static str,
+        typ: u16,
+        len: u32,
+        offset: u64,
+        size: u64,
+    },
+}
+
+impl RequestError {
+    /// The error the reply carries.
+    pub(crate) fn errno(&self) -> Errno {
+        match self {
+            RequestError::ReadOnly => Errno::EPERM,
+            RequestError::ReadTooLarge { .. } => Errno::EOVERFLOW,
+            // The protocol asks for ENOSPC when a write runs off the end.
+            RequestError::BeyondEnd { typ, .. }
+                if matches!(*typ, proto::CMD_WRITE | proto::CMD_WRITE_ZEROES) =>
+            {
+                Errno::ENOSPC
+            }
+            RequestError::Unsupported { .. }
+            | RequestError::BadFlags { .. }
+            | RequestError::NoContext
+            | RequestError::EmptyBlockStatus
+            | RequestError::BeyondEnd { .. } => Errno::EINVAL,
+        }
+    }
+}
+
 /// Checks a well-framed request against the export; `Err` is the error reply.
-pub(crate) fn check(req: &Request, conn: &Conn) -> Result<(), (Errno, String)> {
+pub(crate) fn check(req: &Request, conn: &Conn) -> Result<(), RequestError> {
     let name = proto::command_name(req.typ);
     // FUA is valid on every command once advertised (and harmless when read-only).
     let allowed = proto::CMD_FLAG_FUA
@@ -276,64 +339,44 @@ pub(crate) fn check(req: &Request, conn: &Conn) -> Result<(), (Errno, String)> {
             proto::CMD_READ | proto::CMD_WRITE | proto::CMD_FLUSH | proto::CMD_TRIM => 0,
             proto::CMD_WRITE_ZEROES => proto::CMD_FLAG_NO_HOLE,
             proto::CMD_BLOCK_STATUS => proto::CMD_FLAG_REQ_ONE,
-            t => {
-                return Err((
-                    Errno::EINVAL,
-                    format!("command {name} ({t}) is not supported"),
-                ));
-            }
+            t => return Err(RequestError::Unsupported { name, typ: t }),
         };
     if req.flags & !allowed != 0 {
-        return Err((
-            Errno::EINVAL,
-            format!("flags {:#x} are not valid for {name}", req.flags & !allowed),
-        ));
+        return Err(RequestError::BadFlags {
+            name,
+            flags: req.flags & !allowed,
+        });
     }
     let writes = matches!(
         req.typ,
         proto::CMD_WRITE | proto::CMD_TRIM | proto::CMD_WRITE_ZEROES
     );
     if writes && conn.read_only {
-        return Err((Errno::EPERM, "the export is read-only".into()));
+        return Err(RequestError::ReadOnly);
     }
     if req.typ == proto::CMD_FLUSH {
         return Ok(());
     }
     if req.typ == proto::CMD_BLOCK_STATUS {
         if conn.base_allocation.is_none() {
-            return Err((Errno::EINVAL, "no metadata context was negotiated".into()));
+            return Err(RequestError::NoContext);
         }
         if req.len == 0 {
-            return Err((Errno::EINVAL, "BLOCK_STATUS of zero bytes".into()));
+            return Err(RequestError::EmptyBlockStatus);
         }
     }
     if req.typ == proto::CMD_READ && req.len > proto::MAX_PAYLOAD {
-        return Err((
-            Errno::EOVERFLOW,
-            format!(
-                "READ of {} bytes exceeds the maximum payload of {} bytes",
-                req.len,
-                proto::MAX_PAYLOAD
-            ),
-        ));
+        return Err(RequestError::ReadTooLarge { len: req.len });
     }
     match req.end() {
         Some(end) if end <= conn.size => Ok(()),
-        _ => {
-            // The protocol asks for ENOSPC when a write runs off the end.
-            let errno = if matches!(req.typ, proto::CMD_WRITE | proto::CMD_WRITE_ZEROES) {
-                Errno::ENOSPC
-            } else {
-                Errno::EINVAL
-            };
-            Err((
-                errno,
-                format!(
-                    "{name} of {} bytes at offset {} is beyond the end of the export ({} bytes)",
-                    req.len, req.offset, conn.size
-                ),
-            ))
-        }
+        _ => Err(RequestError::BeyondEnd {
+            name,
+            typ: req.typ,
+            len: req.len,
+            offset: req.offset,
+            size: conn.size,
+        }),
     }
 }
 
