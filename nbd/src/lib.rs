@@ -1,10 +1,23 @@
 //! The NBD (Network Block Device) protocol: a server that exports a [`Backend`] to
 //! qemu, nbdkit clients or the kernel, and a blocking client that reads exports
-//! (including qemu's dirty bitmaps) from qemu-nbd or from our own server.
+//! (including qemu's dirty bitmaps) from qemu-nbd or from our own server. Used by the
+//! agent (its exports and the qcow2 tracker) and the storage node (mounts).
 //!
-//! - [`proto`] — constants and the encoding of every fixed-layout message (pure).
-//! - [`server`] — fixed newstyle handshake, the transmission loop with many requests
-//!   in flight, the [`Backend`] trait and the file/block-device [`FileBackend`].
+//! - [`proto`] — constants and the encoding and decoding of every fixed-layout
+//!   message (pure), with [`proto::DecodeError`].
+//! - [`server`] — the listeners ([`serve_unix`], [`serve_tcp`], [`serve_tls_tcp`]),
+//!   [`ServerOptions`], and how a connection goes from handshake to transmission.
+//! - [`handshake`] — greeting and option haggling (with `NBD_OPT_STARTTLS`), and the
+//!   [`ExportResolver`] that finds or refuses an export ([`Refusal`]).
+//! - `transmission` — the transmission phase both readers share: checking and
+//!   running requests, the session that hands them to I/O threads, the tokio reader.
+//! - `blocking` — the reader of a plain Unix or TCP socket on a blocking thread.
+//! - `replies` — writing replies, batched, from the I/O threads.
+//! - `workers` — the threads that run one connection's requests.
+//! - `buffers` — the pool of one connection's payload buffers.
+//! - [`backend`] — the [`Backend`] trait and the file/block-device [`FileBackend`]
+//!   (its system calls in `backend::sys`).
+//! - [`splice`] — large write payloads moved through pipes instead of copied.
 //! - [`client`] — the blocking [`Client`] used from a reader thread.
 //! - [`limits`] — the connection cap and the handshake deadline of every listener.
 //!
