@@ -77,7 +77,7 @@ pub struct FileBackend {
 }
 
 /// Zeroes written when the file system cannot zero a range itself.
-pub(crate) static ZEROES: [u8; 1 << 20] = [0; 1 << 20];
+static ZEROES: [u8; 1 << 20] = [0; 1 << 20];
 
 impl FileBackend {
     /// Opens a regular file or block device; its current size is the export size.
@@ -149,7 +149,7 @@ impl FileBackend {
 
 /// Errors that mean "this file system or device cannot do that", after which a
 /// slower, always-available way is used instead.
-pub(crate) fn unsupported(e: &io::Error) -> bool {
+fn unsupported(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::ENOTTY | libc::EINVAL)

@@ -91,7 +91,7 @@ impl PlainSocket {
 }
 
 /// The read side of a [`PlainSocket`].
-pub(crate) struct SocketReader(Arc<PlainSocket>);
+struct SocketReader(Arc<PlainSocket>);
 
 impl Read for SocketReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -100,7 +100,7 @@ impl Read for SocketReader {
 }
 
 /// The write side of a [`PlainSocket`].
-pub(crate) struct SocketSink(Arc<PlainSocket>);
+struct SocketSink(Arc<PlainSocket>);
 
 impl ReplySink for SocketSink {
     fn write_all_vectored(
@@ -194,7 +194,7 @@ pub(crate) async fn transmit_blocking(
 
 /// Stops a blocking connection when its task ends, however it ends: the reader
 /// stops, and shutting the socket down wakes a thread blocked reading or writing.
-pub(crate) struct Teardown {
+struct Teardown {
     sock: Arc<PlainSocket>,
     stop: CancellationToken,
 }
@@ -211,7 +211,7 @@ impl Drop for Teardown {
 /// session's I/O threads. When it cannot send a reply without blocking (the client is not
 /// reading), reading moves to another I/O thread: how far a client may run ahead
 /// of its replies is left to the budget.
-pub(crate) struct Reader {
+struct Reader {
     session: Arc<Session<SocketSink>>,
     /// Held by the thread reading.
     side: Mutex<ReadSide>,
@@ -222,9 +222,9 @@ pub(crate) struct Reader {
 }
 
 /// The blocking reader's buffered socket.
-pub(crate) type SocketBufReader = std::io::BufReader<io::Chain<io::Cursor<Vec<u8>>, SocketReader>>;
+type SocketBufReader = std::io::BufReader<io::Chain<io::Cursor<Vec<u8>>, SocketReader>>;
 
-pub(crate) struct ReadSide {
+struct ReadSide {
     rd: SocketBufReader,
     /// The last request read was a large write (see [`LARGE_PAYLOAD`]): the next
     /// header is read on its own rather than with a greedy fill of the buffer.
@@ -437,14 +437,14 @@ impl Reader {
 
 /// Whether the bytes left over from the handshake have all gone into the buffer,
 /// so that the buffer and then the socket hold what comes next.
-pub(crate) fn early_consumed(rd: &SocketBufReader) -> bool {
+fn early_consumed(rd: &SocketBufReader) -> bool {
     let (early, _) = rd.get_ref().get_ref();
     early.position() >= early.get_ref().len() as u64
 }
 
 /// Fills `buf` from what `rd` has buffered, then straight from the stream under
 /// it, so that no byte is copied through the buffer.
-pub(crate) fn read_past_buffer(rd: &mut SocketBufReader, buf: &mut [u8]) -> io::Result<()> {
+fn read_past_buffer(rd: &mut SocketBufReader, buf: &mut [u8]) -> io::Result<()> {
     let buffered = rd.buffer();
     let n = buffered.len().min(buf.len());
     buf[..n].copy_from_slice(&buffered[..n]);
@@ -470,7 +470,7 @@ pub(crate) struct Inline {
 
 /// Whether requests of one kind are currently run inline.
 #[derive(Debug)]
-pub(crate) struct Probe {
+struct Probe {
     /// Requests still to hand off before one is tried inline again.
     skip: u32,
     /// What `skip` becomes after the next slow inline request.

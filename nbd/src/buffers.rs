@@ -4,8 +4,8 @@
 use std::sync::{Arc, Mutex};
 
 /// Pooled buffers kept per connection, and the largest kept.
-pub(crate) const POOLED_BUFFERS: usize = 16;
-pub(crate) const POOLED_BUFFER_MAX: usize = 2 * 1024 * 1024;
+const POOLED_BUFFERS: usize = 16;
+const POOLED_BUFFER_MAX: usize = 2 * 1024 * 1024;
 
 /// Payload buffers of one connection, reused so that steady traffic allocates
 /// nothing. Buffers stay initialised, so reuse costs no memset either.

@@ -24,7 +24,7 @@ use crate::transmission::{Conn, READ_BUFFER};
 /// Context id of `base:allocation` once selected.
 pub(crate) const BASE_ALLOCATION_ID: u32 = 1;
 /// Most options one client may send before it is considered abusive.
-pub(crate) const MAX_OPTIONS: usize = 1024;
+const MAX_OPTIONS: usize = 1024;
 /// Read buffer of the handshake of a plain socket (whatever it holds at the end is
 /// handed to the transmission phase).
 pub(crate) const HANDSHAKE_BUFFER: usize = 4096;
@@ -160,7 +160,7 @@ impl Export {
     }
 }
 
-pub(crate) fn transmission_flags(backend: &dyn Backend) -> u16 {
+fn transmission_flags(backend: &dyn Backend) -> u16 {
     let mut flags = proto::FLAG_HAS_FLAGS | proto::FLAG_SEND_FLUSH;
     if backend.read_only() {
         flags |= proto::FLAG_READ_ONLY;
@@ -175,7 +175,7 @@ pub(crate) fn transmission_flags(backend: &dyn Backend) -> u16 {
 
 /// Where a connection stands with TLS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Tls {
+enum Tls {
     /// Not offered: `NBD_OPT_STARTTLS` gets `NBD_REP_ERR_POLICY`.
     Off,
     /// Required and not started yet: only `NBD_OPT_STARTTLS` and `NBD_OPT_ABORT`.
@@ -186,10 +186,10 @@ pub(crate) enum Tls {
 
 /// Who is haggling, and where its exports come from.
 pub(crate) struct Client {
-    pub(crate) exports: Arc<dyn ExportResolver>,
+    exports: Arc<dyn ExportResolver>,
     /// The client's TLS certificates, leaf first; empty without TLS.
-    pub(crate) certs: Arc<Vec<CertificateDer<'static>>>,
-    pub(crate) tls: Tls,
+    certs: Arc<Vec<CertificateDer<'static>>>,
+    tls: Tls,
 }
 
 impl Client {
@@ -250,13 +250,13 @@ impl Client {
 
 /// What option haggling settled so far.
 #[derive(Debug, Default)]
-pub(crate) struct Negotiated {
+struct Negotiated {
     structured: bool,
     base_allocation: Option<u32>,
 }
 
 /// How option haggling ended.
-pub(crate) enum Haggled {
+enum Haggled {
     /// The client ended the session (`NBD_OPT_ABORT`, or closing between options)
     /// or the server is stopping.
     Ended,
@@ -267,7 +267,7 @@ pub(crate) enum Haggled {
 }
 
 /// An export chosen and the options negotiated for it.
-pub(crate) struct Ready {
+struct Ready {
     export: Export,
     negotiated: Negotiated,
 }
@@ -295,7 +295,7 @@ impl Ready {
 
 /// Sends the fixed newstyle greeting and reads the client's flags. `Some(no_zeroes)`
 /// to go on, `None` when the client left or the server is stopping.
-pub(crate) async fn greet<R, W>(
+async fn greet<R, W>(
     rd: &mut BufReader<R>,
     wr: &mut W,
     shutdown: &CancellationToken,
@@ -334,7 +334,7 @@ where
 /// Option haggling, until an export is chosen, STARTTLS is acknowledged or the
 /// session ends. Each call starts from nothing negotiated (after STARTTLS, nothing
 /// said in the clear carries over).
-pub(crate) async fn haggle<R, W>(
+async fn haggle<R, W>(
     rd: &mut BufReader<R>,
     wr: &mut W,
     client: &Client,
@@ -575,7 +575,7 @@ where
 
 /// A TLS connection after its handshake: its two halves (the reading one
 /// buffered) and what was negotiated, ready for the transmission phase.
-pub(crate) type TlsConn<S> = (
+type TlsConn<S> = (
     BufReader<ReadHalf<TlsStream<S>>>,
     WriteHalf<TlsStream<S>>,
     Conn,
@@ -663,7 +663,7 @@ where
 }
 
 /// The `NBD_REP_INFO` replies and the final ACK of `NBD_OPT_INFO` / `NBD_OPT_GO`.
-pub(crate) fn put_info(out: &mut Vec<u8>, option: u32, req: &proto::InfoRequest, export: &Export) {
+fn put_info(out: &mut Vec<u8>, option: u32, req: &proto::InfoRequest, export: &Export) {
     let mut d = Vec::with_capacity(16);
     d.extend_from_slice(&proto::INFO_EXPORT.to_be_bytes());
     d.extend_from_slice(&export.size.to_be_bytes());
@@ -687,7 +687,7 @@ pub(crate) fn put_info(out: &mut Vec<u8>, option: u32, req: &proto::InfoRequest,
 
 /// Checks and decodes `NBD_OPT_LIST_META_CONTEXT` / `NBD_OPT_SET_META_CONTEXT`;
 /// `Err` is the error reply to send.
-pub(crate) fn meta_context_request(
+fn meta_context_request(
     option: u32,
     data: &[u8],
     st: &Negotiated,
@@ -706,7 +706,7 @@ pub(crate) fn meta_context_request(
 
 /// Answers `NBD_OPT_LIST_META_CONTEXT` / `NBD_OPT_SET_META_CONTEXT` for an export
 /// that exists. The only context is `base:allocation`.
-pub(crate) fn meta_context(
+fn meta_context(
     out: &mut Vec<u8>,
     option: u32,
     req: &proto::MetaContextRequest,
@@ -738,7 +738,7 @@ pub(crate) fn meta_context(
     proto::put_option_reply(out, option, proto::REP_ACK, &[]);
 }
 
-pub(crate) fn option_error(out: &mut Vec<u8>, option: u32, typ: u32, message: &str) {
+fn option_error(out: &mut Vec<u8>, option: u32, typ: u32, message: &str) {
     tracing::debug!(
         "refusing {}: {} {message}",
         proto::option_name(option),

@@ -42,7 +42,7 @@ mod workers;
 
 pub use backend::{Backend, FileBackend};
 pub use client::Client;
-pub use handshake::{ExportResolver, Refusal};
+pub use handshake::{ExportResolver, Refusal, client_identity};
 pub use proto::Errno;
 pub use server::{ServerOptions, serve, serve_tcp, serve_tls_tcp, serve_unix, serve_until};
 pub use splice::Spliced;

@@ -11,9 +11,9 @@ use crate::transmission::{Reply, ReplyBody};
 
 /// Read payloads up to this size are copied into the reply batch; larger ones go
 /// out with a vectored write.
-pub(crate) const INLINE_PAYLOAD: usize = 64 * 1024;
+const INLINE_PAYLOAD: usize = 64 * 1024;
 /// Encoded replies are written out once this much has collected.
-pub(crate) const WRITE_BATCH: usize = 256 * 1024;
+const WRITE_BATCH: usize = 256 * 1024;
 
 /// Where a connection's replies go; written from the I/O threads, which block.
 pub(crate) trait ReplySink: Send {
@@ -38,7 +38,7 @@ pub(crate) struct Replies<S> {
     structured: bool,
 }
 
-pub(crate) struct Sink<S> {
+struct Sink<S> {
     /// `None` once the connection is finished.
     wr: Option<S>,
     /// Encoded replies waiting to be written together.
@@ -123,7 +123,7 @@ impl<S: ReplySink> Replies<S> {
 
 /// Encodes and writes a batch of replies: small ones together in one write, a large
 /// read's data with a vectored write instead of a copy.
-pub(crate) fn write_batch<S: ReplySink>(
+fn write_batch<S: ReplySink>(
     wr: &mut S,
     out: &mut Vec<u8>,
     batch: &[Reply],

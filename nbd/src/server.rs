@@ -71,13 +71,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::NbdError;
+use crate::backend::Backend;
 use crate::blocking::{PlainStream, transmit_blocking};
-use crate::handshake::{Client, HANDSHAKE_BUFFER, SingleExport, handshake, starttls};
+use crate::handshake::{
+    Client, ExportResolver, HANDSHAKE_BUFFER, SingleExport, handshake, starttls,
+};
 use crate::limits::{self, ConnectionLimit};
 use crate::transmission::{READ_BUFFER, transmit};
-
-pub use crate::backend::{Backend, FileBackend};
-pub use crate::handshake::{ExportResolver, Refusal, client_identity};
 
 /// How the server runs; one value is shared by all connections.
 #[derive(Debug, Clone)]

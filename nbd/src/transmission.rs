@@ -23,14 +23,14 @@ use crate::workers::Workers;
 
 /// Budget charged per request on top of its payload, so that many small requests
 /// are bounded too.
-pub(crate) const REQUEST_OVERHEAD: usize = 16 * 1024;
+const REQUEST_OVERHEAD: usize = 16 * 1024;
 /// Socket read buffer.
 pub(crate) const READ_BUFFER: usize = 256 * 1024;
 /// Threads running one connection's writes without FUA (see `Session`). One: with
 /// two, a second `pwrite` into the same file waited on the inode's lock by
 /// spinning on its owner (`rwsem_spin_on_owner`, 11% of the server's samples for
 /// 1 GiB of 1 MiB writes), CPU time taken from the thread reading requests.
-pub(crate) const WRITE_THREADS: usize = 1;
+const WRITE_THREADS: usize = 1;
 
 /// What the transmission phase of one connection shares with the threads that run
 /// its requests.
@@ -194,7 +194,7 @@ pub(crate) fn client_gone(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::UnexpectedEof || is_disconnect(e)
 }
 
-pub(crate) fn is_disconnect(e: &io::Error) -> bool {
+fn is_disconnect(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::BrokenPipe
@@ -331,7 +331,7 @@ impl RequestError {
 }
 
 /// Checks a well-framed request against the export; `Err` is the error reply.
-pub(crate) fn check(req: &Request, conn: &Conn) -> Result<(), RequestError> {
+fn check(req: &Request, conn: &Conn) -> Result<(), RequestError> {
     let name = proto::command_name(req.typ);
     // FUA is valid on every command once advertised (and harmless when read-only).
     let allowed = proto::CMD_FLAG_FUA
@@ -381,12 +381,7 @@ pub(crate) fn check(req: &Request, conn: &Conn) -> Result<(), RequestError> {
 }
 
 /// Runs one checked request on the backend (on a blocking thread).
-pub(crate) fn execute(
-    conn: &Conn,
-    req: &Request,
-    data: Option<Payload>,
-    pool: &Arc<BufferPool>,
-) -> ReplyBody {
+fn execute(conn: &Conn, req: &Request, data: Option<Payload>, pool: &Arc<BufferPool>) -> ReplyBody {
     let fua = req.flags & proto::CMD_FLAG_FUA != 0;
     let (offset, len) = (req.offset, u64::from(req.len));
     let b = &conn.backend;
@@ -510,7 +505,7 @@ where
 
 /// Reads requests until `NBD_CMD_DISC`, end of stream, shutdown or a protocol
 /// violation, handing each to an I/O thread.
-pub(crate) async fn read_requests<R, W>(
+async fn read_requests<R, W>(
     session: &Arc<Session<AsyncSink<W>>>,
     rd: &mut BufReader<R>,
     shutdown: &CancellationToken,
@@ -572,7 +567,7 @@ where
 }
 
 /// Replies to an async stream, written from the I/O threads through the runtime.
-pub(crate) struct AsyncSink<W> {
+struct AsyncSink<W> {
     wr: W,
     handle: tokio::runtime::Handle,
     /// Cancelled when the connection is torn down: a write blocked on a client that

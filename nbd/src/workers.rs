@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::replies::lock;
 
-pub(crate) type Job = Box<dyn FnOnce() + Send>;
+type Job = Box<dyn FnOnce() + Send>;
 
 /// The threads that run one connection's requests, started as needed up to a
 /// limit. Idle threads take turns waiting on the job queue, so a request goes to a
@@ -25,7 +25,7 @@ pub(crate) struct Workers {
 }
 
 #[derive(Default)]
-pub(crate) struct WorkerCounts {
+struct WorkerCounts {
     /// Threads waiting for a job (or about to).
     idle: AtomicUsize,
     /// Jobs sent and not yet taken.
@@ -76,7 +76,7 @@ impl Workers {
 }
 
 /// One I/O thread: runs jobs until the connection drops its sender.
-pub(crate) fn worker(rx: &Mutex<std::sync::mpsc::Receiver<Job>>, counts: &WorkerCounts) {
+fn worker(rx: &Mutex<std::sync::mpsc::Receiver<Job>>, counts: &WorkerCounts) {
     loop {
         counts.idle.fetch_add(1, Ordering::AcqRel);
         let job = lock(rx).recv();
