@@ -1,29 +1,38 @@
 //! The NBD server: exports one [`Backend`] to any number of clients, or, over TLS,
 //! many exports chosen by name.
 //!
+//! This file holds the listeners and takes each connection from its handshake to its
+//! transmission phase; the parts live in the files named below.
+//!
 //! A connection goes through the fixed newstyle handshake (`greet` and `haggle`, on
-//! tokio) and then the transmission phase, where many requests are in flight at once:
+//! tokio; [`crate::handshake`]) and then the transmission phase, where many requests
+//! are in flight at once:
 //!
 //! - one reader takes requests off the stream in order and checks each one; a
-//!   write's payload is read into a pooled buffer first, because the next request
-//!   header follows it on the wire (on a plain socket, a large payload is spliced
-//!   into pipes instead, for a backend that takes them: see [`super::splice`]);
+//!   write's payload is read into a pooled buffer first (`BufferPool`, in
+//!   `buffers.rs`), because the next request header follows it on the wire (on a
+//!   plain socket, a large payload is spliced into pipes instead, for a backend
+//!   that takes them: see [`super::splice`]);
 //! - each request then runs on one of the connection's I/O threads (`pread`,
-//!   `pwrite`, `fdatasync`...; see `Workers`), so one slow flush does not hold up
-//!   the reads queued behind it, and no tokio worker ever blocks on the disk;
-//! - the thread that ran a request also sends its reply (`Replies`): replies go
-//!   out in the order requests complete (the cookie tells the client which is
-//!   which), replies that complete together share one `write`, and a large read's
-//!   header and data go out with one vectored write.
+//!   `pwrite`, `fdatasync`...; see `Workers` in `workers.rs`), so one slow flush
+//!   does not hold up the reads queued behind it, and no tokio worker ever blocks
+//!   on the disk;
+//! - the thread that ran a request also sends its reply (`Replies`, in
+//!   `replies.rs`): replies go out in the order requests complete (the cookie tells
+//!   the client which is which), replies that complete together share one `write`,
+//!   and a large read's header and data go out with one vectored write.
 //!
 //! The reader depends on the stream. A plain Unix or TCP socket ([`serve_unix`],
 //! [`serve_tcp`]) leaves tokio after the handshake: its reader is a blocking thread
-//! (`transmit_blocking`), which hands requests straight to the I/O threads and runs
-//! small reads and writes itself while the page cache answers them in microseconds
-//! (`Inline`). A small request so costs no thread hand-off at all, and no request
-//! goes through an event loop; this is what keeps up with nbdkit, which serves a
-//! connection the same way. Any other stream ([`serve`], and TLS) is read by a
-//! tokio task (`transmit`). Everything after the reading is shared (`Session`).
+//! (`transmit_blocking`, in `blocking.rs`), which hands requests straight to the
+//! I/O threads and runs small reads and writes itself while the page cache answers
+//! them in microseconds (`Inline`). A small request so costs no thread hand-off at
+//! all, and no request goes through an event loop; this is what keeps up with
+//! nbdkit, which serves a connection the same way. Any other stream ([`serve`], and
+//! TLS) is read by a tokio task (`transmit`). Everything after the reading is
+//! shared (`Session`; both in `transmission.rs`, with the checks and the execution
+//! of each request). What an export is served from is a [`Backend`]
+//! ([`crate::backend`]).
 //!
 //! Exports: the single-backend servers ([`serve`], [`serve_unix`], [`serve_tcp`])
 //! answer to the empty name and [`ServerOptions::export_name`]. [`serve_tls_tcp`]
@@ -33,8 +42,9 @@
 //! haggling goes on inside TLS, and every option that names an export (`GO`,
 //! `INFO`, `EXPORT_NAME`, `LIST_META_CONTEXT`, `SET_META_CONTEXT`) asks an
 //! [`ExportResolver`], which sees the client's certificates and may refuse
-//! ([`Refusal`]: `NBD_REP_ERR_UNKNOWN` or `NBD_REP_ERR_POLICY`). Both kinds share
-//! one negotiation: the single backend is a trivial resolver (`SingleExport`).
+//! ([`Refusal`](crate::Refusal): `NBD_REP_ERR_UNKNOWN` or `NBD_REP_ERR_POLICY`).
+//! Both kinds share one negotiation: the single backend is a trivial resolver
+//! (`SingleExport`).
 //!
 //! Memory is bounded per connection: every request takes permits from a semaphore
 //! worth [`ServerOptions::max_in_flight_bytes`] (its payload plus a fixed overhead)
