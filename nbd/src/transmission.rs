@@ -203,7 +203,7 @@ fn is_disconnect(e: &io::Error) -> bool {
     )
 }
 
-// ---- What both readers share: the session, its I/O threads ----
+// ---- The session and its I/O threads ----
 
 /// What the transmission phase of one connection shares with its I/O threads.
 pub(crate) struct Session<S> {
@@ -270,6 +270,8 @@ impl<S: ReplySink + 'static> Session<S> {
         let _all = self.budget.acquire_many(self.budget_bytes).await;
     }
 }
+
+// ---- Checking and running one request ----
 
 /// Why a well-framed request is refused: the error reply the client gets (the errno
 /// from [`RequestError::errno`], this text as the message); the connection goes on.
