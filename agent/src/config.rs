@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use bulwark_common::block::{DEFAULT_BLOCK_SIZE, Geometry};
 use bulwark_common::config::{ByteSize, ConfigError, HumanDuration, TlsFiles, resolve};
-use bulwark_common::nbd::limits::Limits;
 use bulwark_common::tls::{Role, Target};
+use bulwark_nbd::limits::Limits;
 use serde::Deserialize;
 
 use crate::quiesce::QuiesceConfig;

@@ -34,11 +34,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
-use bulwark_common::nbd::limits::Limits;
-use bulwark_common::nbd::server::{
-    Backend, ExportResolver, Refusal, ServerOptions, serve_tls_tcp, serve_unix,
-};
 use bulwark_common::tls::{Identity, Role, TlsIdentity};
+use bulwark_nbd::limits::Limits;
+use bulwark_nbd::{Backend, ExportResolver, Refusal, ServerOptions, serve_tls_tcp, serve_unix};
 use rustls::pki_types::CertificateDer;
 use tokio_util::sync::CancellationToken;
 
@@ -131,7 +129,7 @@ impl ExportResolver for RoleGate {
         peer_certs: &[CertificateDer<'static>],
     ) -> Result<Arc<dyn Backend>, Refusal> {
         // Who first: a stranger learns nothing about the export.
-        let who = bulwark_common::nbd::server::client_identity(peer_certs, &self.trust_domain)?;
+        let who = bulwark_nbd::client_identity(peer_certs, &self.trust_domain)?;
         if who.role != self.role {
             tracing::warn!(source = %self.source, client = %who, "NBD export refused: it is for {} certificates only (nbd_client_role)", self.role);
             return Err(Refusal::Forbidden(format!(

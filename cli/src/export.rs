@@ -201,7 +201,7 @@ pub async fn export_point(
 /// handshake that accepts only that node, then `NBD_OPT_ABORT`. The NBD client the
 /// operator runs next (qemu, nbd-client) checks the CA only, not the node's name.
 pub async fn check_nbd_node(files: &TlsFiles, nbd_address: &str, node: &str) -> anyhow::Result<()> {
-    use bulwark_common::nbd::proto;
+    use bulwark_nbd::proto;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let target = Target::parse(nbd_address)
         .map_err(|m| anyhow!("node {node} has a bad NBD address: {m}"))?;

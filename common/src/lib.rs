@@ -10,8 +10,6 @@
 //! - [`name`] — names of sources, agents, nodes and groups: one safe path component,
 //!   checked once where they are received; [`text`] makes other processes' text safe
 //!   to print.
-//! - [`nbd`] — the NBD protocol: a server exporting a file or block device, and a
-//!   blocking client that reads exports and qemu dirty bitmaps.
 //! - [`telemetry`], [`shutdown`], [`failpoint`], [`malloc`] — process plumbing.
 
 pub mod access;
@@ -24,7 +22,6 @@ pub mod failpoint;
 pub mod malloc;
 pub mod metrics;
 pub mod name;
-pub mod nbd;
 pub mod pki;
 pub mod point;
 pub mod retention;

@@ -126,7 +126,7 @@ pub struct NodeConfig {
     pub nbd_listen: Option<SocketAddr>,
     /// The limits of the NBD listener (`nbd_max_connections`,
     /// `nbd_handshake_timeout`).
-    pub nbd_limits: bulwark_common::nbd::limits::Limits,
+    pub nbd_limits: bulwark_nbd::limits::Limits,
     pub max_concurrent_syncs: usize,
     pub max_syncs_per_agent: usize,
     pub max_restores_per_agent: usize,
@@ -214,7 +214,7 @@ impl NodeConfig {
                 }
             }
         }
-        let nbd_limits = bulwark_common::nbd::limits::Limits::check(
+        let nbd_limits = bulwark_nbd::limits::Limits::check(
             t.nbd_max_connections,
             t.nbd_handshake_timeout,
             bad,

@@ -10,8 +10,8 @@
 use std::io;
 use std::sync::Arc;
 
-use bulwark_common::nbd::{Backend, ExportResolver, Refusal};
 use bulwark_common::tls::Role;
+use bulwark_nbd::{Backend, ExportResolver, Refusal};
 use rustls::pki_types::CertificateDer;
 
 use crate::store::{PointView, SourceLocks, Store, StoreError};
@@ -69,7 +69,7 @@ impl ExportResolver for PointExports {
         name: &str,
         peer_certs: &[CertificateDer<'static>],
     ) -> Result<Arc<dyn Backend>, Refusal> {
-        let who = bulwark_common::nbd::server::client_identity(peer_certs, &self.trust_domain)?;
+        let who = bulwark_nbd::client_identity(peer_certs, &self.trust_domain)?;
         if who.role != Role::Admin {
             tracing::warn!(client = %who, export = name, "NBD export refused: not an admin");
             return Err(Refusal::Forbidden(format!(

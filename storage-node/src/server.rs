@@ -91,11 +91,11 @@ pub async fn run(
                 handshake_timeout = ?cfg.nbd_limits.handshake_timeout,
                 "serving read-only NBD exports of recovery points (TLS, admin certificates)"
             );
-            let task = tokio::spawn(bulwark_common::nbd::serve_tls_tcp(
+            let task = tokio::spawn(bulwark_nbd::serve_tls_tcp(
                 listener,
                 identity.server_config()?,
                 exports,
-                Arc::new(cfg.nbd_limits.apply(bulwark_common::nbd::ServerOptions {
+                Arc::new(cfg.nbd_limits.apply(bulwark_nbd::ServerOptions {
                     // A mounted client holds its connection for as long as it
                     // likes; a stopping node does not wait long for it.
                     shutdown_grace: std::time::Duration::from_secs(5),

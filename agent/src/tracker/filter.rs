@@ -23,8 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use bulwark_common::block::Geometry;
-use bulwark_common::nbd::Spliced;
-use bulwark_common::nbd::server::{Backend, FileBackend};
+use bulwark_nbd::{Backend, FileBackend, Spliced};
 
 use super::bitmap::{self, Bitmap, DirtyMap, LoadError};
 use super::{BlockSource, Frozen, Plan, Tracker, lock, open_volume};

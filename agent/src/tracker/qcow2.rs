@@ -57,7 +57,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bulwark_common::block::Geometry;
-use bulwark_common::nbd::client::Client;
+use bulwark_nbd::client::Client;
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::json;

@@ -373,12 +373,10 @@ impl Request {
     }
 
     /// Parses a header; the only thing that can be wrong at this level is the magic.
-    pub fn decode(b: &[u8; Self::LEN]) -> Result<Request, String> {
+    pub fn decode(b: &[u8; Self::LEN]) -> Result<Request, DecodeError> {
         let magic = be_u32(&b[0..4]);
         if magic != REQUEST_MAGIC {
-            return Err(format!(
-                "request magic is {magic:#010x}, expected {REQUEST_MAGIC:#010x}"
-            ));
+            return Err(DecodeError::RequestMagic { found: magic });
         }
         Ok(Request {
             flags: be_u16(&b[4..6]),
@@ -508,12 +506,10 @@ impl OptionReplyHeader {
     pub const LEN: usize = 20;
 
     /// Parses the header, checking the magic.
-    pub fn decode(b: &[u8; Self::LEN]) -> Result<OptionReplyHeader, String> {
+    pub fn decode(b: &[u8; Self::LEN]) -> Result<OptionReplyHeader, DecodeError> {
         let magic = be_u64(&b[0..8]);
         if magic != OPTION_REPLY_MAGIC {
-            return Err(format!(
-                "option reply magic is {magic:#018x}, expected {OPTION_REPLY_MAGIC:#018x}"
-            ));
+            return Err(DecodeError::OptionReplyMagic { found: magic });
         }
         Ok(OptionReplyHeader {
             option: be_u32(&b[8..12]),
@@ -546,7 +542,7 @@ impl InfoRequest {
     }
 
     /// Parses option data; every length must add up exactly.
-    pub fn decode(data: &[u8]) -> Result<InfoRequest, String> {
+    pub fn decode(data: &[u8]) -> Result<InfoRequest, DecodeError> {
         let mut c = Cursor::new(data);
         let name = c.string32("export name")?;
         let n = c.u16("number of information requests")?;
@@ -581,17 +577,17 @@ impl MetaContextRequest {
     }
 
     /// Parses option data; every length must add up exactly.
-    pub fn decode(data: &[u8]) -> Result<MetaContextRequest, String> {
+    pub fn decode(data: &[u8]) -> Result<MetaContextRequest, DecodeError> {
         let mut c = Cursor::new(data);
         let export = c.string32("export name")?;
         let n = c.u32("number of queries")?;
         // Each query takes at least its 4-byte length, so a count that cannot fit in
         // the data is rejected before anything is allocated for it.
         if u64::from(n) * 4 > c.remaining() as u64 {
-            return Err(format!(
-                "{n} queries cannot fit in the {} bytes that remain",
-                c.remaining()
-            ));
+            return Err(DecodeError::QueriesCannotFit {
+                count: n,
+                remaining: c.remaining(),
+            });
         }
         let mut queries = Vec::with_capacity(n as usize);
         for _ in 0..n {
@@ -621,6 +617,71 @@ pub fn truncate_str(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
+/// What is wrong with a message that does not decode. The texts name the field
+/// (`what`, as the decoder calls it) and the numbers that did not add up.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// A request header without [`REQUEST_MAGIC`].
+    #[error("request magic is {found:#010x}, expected {:#010x}", REQUEST_MAGIC)]
+    RequestMagic {
+        /// The magic sent.
+        found: u32,
+    },
+    /// An option reply header without [`OPTION_REPLY_MAGIC`].
+    #[error(
+        "option reply magic is {found:#018x}, expected {:#018x}",
+        OPTION_REPLY_MAGIC
+    )]
+    OptionReplyMagic {
+        /// The magic sent.
+        found: u64,
+    },
+    /// The message ends before field `what`.
+    #[error("{what}: needs {needed} bytes but only {remaining} remain")]
+    Short {
+        /// The field being read.
+        what: &'static str,
+        /// Bytes it takes.
+        needed: usize,
+        /// Bytes left in the message.
+        remaining: usize,
+    },
+    /// A string longer than [`MAX_STRING`].
+    #[error(
+        "{what}: {len} bytes is longer than the {} the protocol allows",
+        MAX_STRING
+    )]
+    StringTooLong {
+        /// The field being read.
+        what: &'static str,
+        /// Its length as sent.
+        len: usize,
+    },
+    /// A string that is not UTF-8.
+    #[error("{what}: not UTF-8")]
+    NotUtf8 {
+        /// The field being read.
+        what: &'static str,
+    },
+    /// A string with a NUL byte in it.
+    #[error("{what}: contains NUL")]
+    ContainsNul {
+        /// The field being read.
+        what: &'static str,
+    },
+    /// A meta context request counting more queries than its data can hold.
+    #[error("{count} queries cannot fit in the {remaining} bytes that remain")]
+    QueriesCannotFit {
+        /// The count sent.
+        count: u32,
+        /// Bytes left for them.
+        remaining: usize,
+    },
+    /// Bytes left over after the last field.
+    #[error("{0} unexpected trailing bytes")]
+    TrailingBytes(usize),
+}
+
 /// Reads big-endian fields from a byte slice; every read names what it reads so a
 /// short or malformed message produces a useful error.
 #[derive(Debug)]
@@ -640,12 +701,13 @@ impl<'a> Cursor<'a> {
     }
 
     /// The next `n` bytes.
-    pub fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], String> {
+    pub fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], DecodeError> {
         if self.buf.len() < n {
-            return Err(format!(
-                "{what}: needs {n} bytes but only {} remain",
-                self.buf.len()
-            ));
+            return Err(DecodeError::Short {
+                what,
+                needed: n,
+                remaining: self.buf.len(),
+            });
         }
         let (head, tail) = self.buf.split_at(n);
         self.buf = tail;
@@ -653,47 +715,45 @@ impl<'a> Cursor<'a> {
     }
 
     /// A big-endian `u16`.
-    pub fn u16(&mut self, what: &str) -> Result<u16, String> {
+    pub fn u16(&mut self, what: &'static str) -> Result<u16, DecodeError> {
         self.take(2, what).map(be_u16)
     }
 
     /// A big-endian `u32`.
-    pub fn u32(&mut self, what: &str) -> Result<u32, String> {
+    pub fn u32(&mut self, what: &'static str) -> Result<u32, DecodeError> {
         self.take(4, what).map(be_u32)
     }
 
     /// A big-endian `u64`.
-    pub fn u64(&mut self, what: &str) -> Result<u64, String> {
+    pub fn u64(&mut self, what: &'static str) -> Result<u64, DecodeError> {
         self.take(8, what).map(be_u64)
     }
 
     /// A UTF-8 string of `n` bytes, at most [`MAX_STRING`].
-    pub fn string(&mut self, n: usize, what: &str) -> Result<String, String> {
+    pub fn string(&mut self, n: usize, what: &'static str) -> Result<String, DecodeError> {
         if n > MAX_STRING {
-            return Err(format!(
-                "{what}: {n} bytes is longer than the {MAX_STRING} the protocol allows"
-            ));
+            return Err(DecodeError::StringTooLong { what, len: n });
         }
         let b = self.take(n, what)?;
-        let s = std::str::from_utf8(b).map_err(|_| format!("{what}: not UTF-8"))?;
+        let s = std::str::from_utf8(b).map_err(|_| DecodeError::NotUtf8 { what })?;
         if s.contains('\0') {
-            return Err(format!("{what}: contains NUL"));
+            return Err(DecodeError::ContainsNul { what });
         }
         Ok(s.to_string())
     }
 
     /// A string preceded by its `u32` length.
-    pub fn string32(&mut self, what: &str) -> Result<String, String> {
+    pub fn string32(&mut self, what: &'static str) -> Result<String, DecodeError> {
         let n = self.u32(what)?;
         self.string(n as usize, what)
     }
 
     /// Fails if anything is left over.
-    pub fn finish(&self) -> Result<(), String> {
+    pub fn finish(&self) -> Result<(), DecodeError> {
         if self.buf.is_empty() {
             Ok(())
         } else {
-            Err(format!("{} unexpected trailing bytes", self.buf.len()))
+            Err(DecodeError::TrailingBytes(self.buf.len()))
         }
     }
 }
@@ -756,7 +816,7 @@ mod tests {
         }
         .encode();
         b[0] ^= 0xff;
-        let e = Request::decode(&b).unwrap_err();
+        let e = Request::decode(&b).unwrap_err().to_string();
         assert!(e.contains("magic"), "{e}");
     }
 
@@ -831,7 +891,12 @@ mod tests {
         // Trailing garbage.
         let mut long = b.clone();
         long.push(0);
-        assert!(InfoRequest::decode(&long).unwrap_err().contains("trailing"));
+        assert!(
+            InfoRequest::decode(&long)
+                .unwrap_err()
+                .to_string()
+                .contains("trailing")
+        );
         // Name length beyond the data.
         let mut bad = b.clone();
         bad[0..4].copy_from_slice(&1000u32.to_be_bytes());
@@ -839,7 +904,12 @@ mod tests {
         // Name length beyond the protocol limit.
         let mut huge = b;
         huge[0..4].copy_from_slice(&u32::MAX.to_be_bytes());
-        assert!(InfoRequest::decode(&huge).unwrap_err().contains("longer"));
+        assert!(
+            InfoRequest::decode(&huge)
+                .unwrap_err()
+                .to_string()
+                .contains("longer")
+        );
         // Empty data.
         assert!(InfoRequest::decode(&[]).is_err());
     }
@@ -859,6 +929,7 @@ mod tests {
         assert!(
             MetaContextRequest::decode(&bad)
                 .unwrap_err()
+                .to_string()
                 .contains("cannot fit")
         );
         // Non-UTF-8 query.
@@ -870,6 +941,7 @@ mod tests {
         assert!(
             MetaContextRequest::decode(&nonutf)
                 .unwrap_err()
+                .to_string()
                 .contains("UTF-8")
         );
         // NUL inside a name.
@@ -879,6 +951,7 @@ mod tests {
         assert!(
             MetaContextRequest::decode(&nul)
                 .unwrap_err()
+                .to_string()
                 .contains("NUL")
         );
     }

@@ -352,10 +352,8 @@ impl Client {
                 proto::REP_ACK => break,
                 proto::REP_META_CONTEXT => {
                     let mut cur = proto::Cursor::new(&data);
-                    let id = cur.u32("context id").map_err(NbdError::Protocol)?;
-                    let name = cur
-                        .string(cur.remaining(), "context name")
-                        .map_err(NbdError::Protocol)?;
+                    let id = cur.u32("context id")?;
+                    let name = cur.string(cur.remaining(), "context name")?;
                     self.contexts.push((name, id));
                 }
                 proto::REP_ERR_UNSUP => {
@@ -389,17 +387,16 @@ impl Client {
                 proto::REP_ACK => break,
                 proto::REP_INFO => {
                     let mut cur = proto::Cursor::new(&data);
-                    let p = NbdError::Protocol;
-                    match cur.u16("information type").map_err(p)? {
+                    match cur.u16("information type")? {
                         proto::INFO_EXPORT => {
-                            let size = cur.u64("export size").map_err(p)?;
-                            let flags = cur.u16("transmission flags").map_err(p)?;
+                            let size = cur.u64("export size")?;
+                            let flags = cur.u16("transmission flags")?;
                             export_info = Some((size, flags));
                         }
                         proto::INFO_BLOCK_SIZE => {
-                            let _min = cur.u32("minimum block size").map_err(p)?;
-                            let _preferred = cur.u32("preferred block size").map_err(p)?;
-                            let max = cur.u32("maximum payload").map_err(p)?;
+                            let _min = cur.u32("minimum block size")?;
+                            let _preferred = cur.u32("preferred block size")?;
+                            let max = cur.u32("maximum payload")?;
                             if max > 0 {
                                 self.max_payload = max.min(proto::MAX_PAYLOAD);
                             }
@@ -461,7 +458,7 @@ impl Client {
     fn option_reply(&mut self, option: u32) -> Result<(u32, Vec<u8>), NbdError> {
         let mut h = [0u8; proto::OptionReplyHeader::LEN];
         self.io.read_exact(&mut h)?;
-        let h = proto::OptionReplyHeader::decode(&h).map_err(NbdError::Protocol)?;
+        let h = proto::OptionReplyHeader::decode(&h)?;
         if h.option != option {
             return Err(NbdError::Protocol(format!(
                 "reply for {} while waiting for {}",
@@ -496,7 +493,7 @@ impl Client {
         f: impl FnOnce(&mut Self) -> Result<T, NbdError>,
     ) -> Result<T, NbdError> {
         let r = f(self);
-        if let Err(e @ (NbdError::Io(_) | NbdError::Protocol(_))) = &r {
+        if let Err(e @ (NbdError::Io(_) | NbdError::Protocol(_) | NbdError::Malformed(_))) = &r {
             self.broken = Some(e.to_string());
         }
         r
@@ -571,13 +568,12 @@ impl Client {
         let mut d = vec![0u8; len as usize];
         self.io.read_exact(&mut d)?;
         let mut cur = proto::Cursor::new(&d);
-        let p = NbdError::Protocol;
-        let errno = cur.u32("error").map_err(p)?;
-        let mlen = usize::from(cur.u16("message length").map_err(p)?);
-        let msg = cur.take(mlen, "error message").map_err(p)?;
+        let errno = cur.u32("error")?;
+        let mlen = usize::from(cur.u16("message length")?);
+        let msg = cur.take(mlen, "error message")?;
         let mut message = String::from_utf8_lossy(msg).into_owned();
         if typ == proto::REPLY_TYPE_ERROR_OFFSET {
-            let at = cur.u64("error offset").map_err(p)?;
+            let at = cur.u64("error offset")?;
             message = format!("{message} (at offset {at})");
         } else if typ != proto::REPLY_TYPE_ERROR {
             message = format!("{message} (unknown error chunk type {typ:#x})");
@@ -867,22 +863,37 @@ fn outside(what: &str, at: u64, n: u64) -> NbdError {
 }
 
 /// Content chunks of a successful read must cover the request exactly once.
-fn check_coverage(covered: &mut [(u64, u64)], len: u64) -> Result<(), String> {
+fn check_coverage(covered: &mut [(u64, u64)], len: u64) -> Result<(), CoverageError> {
     covered.sort_unstable();
     let mut pos = 0u64;
     for &(start, n) in covered.iter() {
         if start < pos {
-            return Err(format!("chunks overlap at {start}"));
+            return Err(CoverageError::Overlap { at: start });
         }
         if start > pos {
-            return Err(format!("bytes {pos}..{start} were not sent"));
+            return Err(CoverageError::Gap {
+                from: pos,
+                to: start,
+            });
         }
         pos = start + n;
     }
     if pos != len {
-        return Err(format!("only {pos} of {len} bytes were sent"));
+        return Err(CoverageError::Short { sent: pos, len });
     }
     Ok(())
+}
+
+/// How the content chunks of a read reply failed to cover the request exactly
+/// once (offsets relative to the request).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum CoverageError {
+    #[error("chunks overlap at {at}")]
+    Overlap { at: u64 },
+    #[error("bytes {from}..{to} were not sent")]
+    Gap { from: u64, to: u64 },
+    #[error("only {sent} of {len} bytes were sent")]
+    Short { sent: u64, len: u64 },
 }
 
 /// Cuts extents to the requested length (a server may describe past it).
@@ -992,16 +1003,19 @@ mod tests {
         assert!(
             check_coverage(&mut [(0, 10), (5, 10)], 15)
                 .unwrap_err()
+                .to_string()
                 .contains("overlap")
         );
         assert!(
             check_coverage(&mut [(0, 5), (10, 5)], 15)
                 .unwrap_err()
+                .to_string()
                 .contains("not sent")
         );
         assert!(
             check_coverage(&mut [(0, 5)], 15)
                 .unwrap_err()
+                .to_string()
                 .contains("only 5")
         );
         assert!(check_coverage(&mut [], 0).is_ok());

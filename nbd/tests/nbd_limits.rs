@@ -1,4 +1,4 @@
-//! The limits of every NBD listener (`bulwark_common::nbd::limits`) on real sockets:
+//! The limits of every NBD listener (`bulwark_nbd::limits`) on real sockets:
 //! a client that connects and then says nothing, or stops halfway through the
 //! handshake (before or inside TLS), is dropped once `handshake_timeout` has passed,
 //! and not before; a connection that finished its handshake may idle for as long as
@@ -15,12 +15,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bulwark_common::config::TlsFiles;
-use bulwark_common::nbd::{
+use bulwark_common::pki::{self, LeafRequest};
+use bulwark_common::tls::{Role, TlsIdentity};
+use bulwark_nbd::{
     Backend, Client, ExportResolver, FileBackend, Refusal, ServerOptions, proto, serve_tcp,
     serve_tls_tcp, serve_unix,
 };
-use bulwark_common::pki::{self, LeafRequest};
-use bulwark_common::tls::{Role, TlsIdentity};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener};
@@ -136,7 +136,7 @@ impl Plain {
     }
 
     /// Our own NBD client, through the whole handshake.
-    fn client(&self) -> Result<Client, bulwark_common::nbd::NbdError> {
+    fn client(&self) -> Result<Client, bulwark_nbd::NbdError> {
         match (&self.unix, self.tcp) {
             (Some(p), _) => Client::connect_unix(p, "", &[]),
             (None, Some(a)) => Client::connect_tcp(a, "", &[]),

@@ -1,10 +1,23 @@
 //! The NBD (Network Block Device) protocol: a server that exports a [`Backend`] to
 //! qemu, nbdkit clients or the kernel, and a blocking client that reads exports
-//! (including qemu's dirty bitmaps) from qemu-nbd or from our own server.
+//! (including qemu's dirty bitmaps) from qemu-nbd or from our own server. Used by the
+//! agent (its exports and the qcow2 tracker) and the storage node (mounts).
 //!
-//! - [`proto`] — constants and the encoding of every fixed-layout message (pure).
-//! - [`server`] — fixed newstyle handshake, the transmission loop with many requests
-//!   in flight, the [`Backend`] trait and the file/block-device [`FileBackend`].
+//! - [`proto`] — constants and the encoding and decoding of every fixed-layout
+//!   message (pure), with [`proto::DecodeError`].
+//! - [`server`] — the listeners ([`serve_unix`], [`serve_tcp`], [`serve_tls_tcp`]),
+//!   [`ServerOptions`], and how a connection goes from handshake to transmission.
+//! - [`handshake`] — greeting and option haggling (with `NBD_OPT_STARTTLS`), and the
+//!   [`ExportResolver`] that finds or refuses an export ([`Refusal`]).
+//! - `transmission` — the transmission phase both readers share: checking and
+//!   running requests, the session that hands them to I/O threads, the tokio reader.
+//! - `blocking` — the reader of a plain Unix or TCP socket on a blocking thread.
+//! - `replies` — writing replies, batched, from the I/O threads.
+//! - `workers` — the threads that run one connection's requests.
+//! - `buffers` — the pool of one connection's payload buffers.
+//! - [`backend`] — the [`Backend`] trait and the file/block-device [`FileBackend`]
+//!   (its system calls in `backend::sys`).
+//! - [`splice`] — large write payloads moved through pipes instead of copied.
 //! - [`client`] — the blocking [`Client`] used from a reader thread.
 //! - [`limits`] — the connection cap and the handshake deadline of every listener.
 //!
@@ -14,18 +27,24 @@
 //! exports chosen by name through an [`ExportResolver`]) and refused by the other
 //! servers (`NBD_REP_ERR_POLICY`), no extended headers. The client speaks no TLS.
 
+pub mod backend;
+mod blocking;
+mod buffers;
 pub mod client;
+pub mod handshake;
 pub mod limits;
 pub mod proto;
+mod replies;
 pub mod server;
 pub mod splice;
+mod transmission;
+mod workers;
 
+pub use backend::{Backend, FileBackend};
 pub use client::Client;
+pub use handshake::{ExportResolver, Refusal, client_identity};
 pub use proto::Errno;
-pub use server::{
-    Backend, ExportResolver, FileBackend, Refusal, ServerOptions, serve, serve_tcp, serve_tls_tcp,
-    serve_unix, serve_until,
-};
+pub use server::{ServerOptions, serve, serve_tcp, serve_tls_tcp, serve_unix, serve_until};
 pub use splice::Spliced;
 
 /// Everything that can go wrong on an NBD connection, on either side.
@@ -37,6 +56,11 @@ pub enum NbdError {
     /// The peer broke the protocol; the connection cannot be used any more.
     #[error("NBD protocol violation: {0}")]
     Protocol(String),
+    /// The peer sent a message that does not decode (bad magic, lengths that do
+    /// not add up, a string that is not UTF-8); like [`NbdError::Protocol`], the
+    /// connection cannot be used any more.
+    #[error("NBD protocol violation: {0}")]
+    Malformed(#[from] proto::DecodeError),
     /// The server answered a command with an error.
     #[error("NBD server error {errno} on {command}{}", message_suffix(.message))]
     Server {

@@ -38,11 +38,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bulwark_common::config::TlsFiles;
-use bulwark_common::nbd::{
-    Backend, ExportResolver, FileBackend, Refusal, ServerOptions, proto, serve_tls_tcp,
-};
 use bulwark_common::pki::{self, LeafRequest};
 use bulwark_common::tls::{Identity, Role, TlsIdentity};
+use bulwark_nbd::{
+    Backend, ExportResolver, FileBackend, Refusal, ServerOptions, proto, serve_tls_tcp,
+};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;

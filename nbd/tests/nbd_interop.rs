@@ -17,8 +17,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bulwark_common::nbd::proto;
-use bulwark_common::nbd::{Backend, Client, Errno, FileBackend, NbdError, ServerOptions};
+use bulwark_nbd::proto;
+use bulwark_nbd::{Backend, Client, Errno, FileBackend, NbdError, ServerOptions};
 use tokio_util::sync::CancellationToken;
 
 const MIB: u64 = 1024 * 1024;
@@ -106,7 +106,7 @@ impl Server {
             .unwrap();
         let shutdown = CancellationToken::new();
         let opts = Arc::new(ServerOptions::default());
-        let task = rt.spawn(bulwark_common::nbd::serve_unix(
+        let task = rt.spawn(bulwark_nbd::serve_unix(
             listener,
             backend,
             opts,
@@ -127,7 +127,7 @@ impl Server {
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let opts = Arc::new(ServerOptions::default());
-        let task = rt.spawn(bulwark_common::nbd::serve_tcp(
+        let task = rt.spawn(bulwark_nbd::serve_tcp(
             listener,
             backend,
             opts,

@@ -35,7 +35,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{NbdError, ServerOptions};
-use crate::config::{ConfigError, HumanDuration};
+use bulwark_common::config::{ConfigError, HumanDuration};
 
 /// Refusals past the connection limit are logged at most this often (the first at
 /// once); the line counts the ones in between.
