@@ -98,145 +98,218 @@ impl Ring {
         mut start: impl FnMut(usize) -> Job,
         mut finish: impl FnMut(usize, Job),
     ) -> io::Result<()> {
-        let fd = types::Fd(fd.as_raw_fd());
-        // In flight or waiting to be resubmitted: (job index, job, bytes done).
-        let mut slots: Vec<Option<(usize, Job, usize)>> = (0..DEPTH).map(|_| None).collect();
-        // Slots to (re)submit: a short transfer or an EINTR goes back.
-        let mut ready: Vec<usize> = Vec::new();
-        let mut next = 0usize;
-        let mut in_flight = 0usize;
-        let mut failure: Option<io::Error> = None;
-        let mut completions: Vec<(usize, i32)> = Vec::with_capacity(DEPTH);
+        let mut batch = Batch::new(types::Fd(fd.as_raw_fd()), write, count);
         loop {
-            while failure.is_none() {
-                let slot = match ready.pop() {
-                    Some(s) => s,
-                    None if next < count => {
-                        let Some(free) = slots.iter().position(Option::is_none) else {
-                            break;
-                        };
-                        let job = start(next);
-                        if job.buf.len() < span(write, &job)
-                            || (write && !job.len.is_multiple_of(DIRECT_ALIGN))
-                        {
-                            finish(next, job);
-                            failure = Some(io::Error::from_raw_os_error(libc::EINVAL));
-                            break;
-                        }
-                        slots[free] = Some((next, job, 0));
-                        next += 1;
-                        free
-                    }
-                    None => break,
-                };
-                let Some((_, job, done)) = slots[slot].as_mut() else {
-                    continue;
-                };
-                let end = span(write, job);
-                // A job is at most a group of batches: far below 4 GiB.
-                let n = u32::try_from(end - *done).unwrap_or(u32::MAX) & !(DIRECT_ALIGN as u32 - 1);
-                let at = job.offset + *done as u64;
-                let entry = if write {
-                    opcode::Write::new(fd, job.buf[*done..].as_ptr(), n)
-                        .offset(at)
-                        .build()
-                } else {
-                    opcode::Read::new(fd, job.buf[*done..].as_mut_ptr(), n)
-                        .offset(at)
-                        .build()
-                }
-                .user_data(slot as u64);
-                // SAFETY: the buffer stays alive and unmoved until its completion is
-                // reaped: it is owned by `slots`, which this call drains before it
-                // returns, and where it cannot (the ring itself failed) the buffers
-                // are leaked instead. The queue has room: at most DEPTH entries are
-                // in flight (one per slot) and it holds DEPTH.
-                if unsafe { self.ring.submission().push(&entry) }.is_err() {
-                    ready.push(slot);
-                    break;
-                }
-                in_flight += 1;
-            }
-            if in_flight == 0 {
+            batch.submit(&mut self.ring, &mut start, &mut finish);
+            if batch.in_flight == 0 {
                 break;
             }
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e)
-                    if e.raw_os_error()
-                        .is_some_and(|n| retryable(n) || n == libc::EBUSY) =>
-                {
-                    // Nothing lost: the entries stay queued, completions stay reapable.
-                }
-                Err(e) => {
-                    // The ring is broken with transfers possibly still in flight:
-                    // their buffers must never be reused.
-                    for s in slots.iter_mut() {
-                        if let Some((_, job, _)) = s.take() {
-                            std::mem::forget(job.buf);
-                        }
-                    }
-                    return Err(io::Error::new(e.kind(), format!("io_uring_enter: {e}")));
-                }
-            }
-            completions.clear();
-            completions.extend(
-                self.ring
-                    .completion()
-                    .map(|c| (c.user_data() as usize, c.result())),
-            );
-            for &(slot, res) in &completions {
-                in_flight -= 1;
-                let Some((_, job, done)) = slots.get_mut(slot).and_then(Option::as_mut) else {
-                    continue;
-                };
-                let mut error = None;
-                if res < 0 {
-                    if retryable(-res) {
-                        ready.push(slot);
-                        continue;
-                    }
-                    error = Some(io::Error::from_raw_os_error(-res));
-                } else {
-                    *done += res as usize;
-                    if *done < job.len {
-                        if res == 0 {
-                            error = Some(io::Error::new(
-                                io::ErrorKind::UnexpectedEof,
-                                format!(
-                                    "the file ended at byte {} of {} bytes at {}",
-                                    *done, job.len, job.offset
-                                ),
-                            ));
-                        } else if !done.is_multiple_of(DIRECT_ALIGN) {
-                            error = Some(io::Error::from_raw_os_error(libc::EINVAL));
-                        } else {
-                            ready.push(slot);
-                            continue;
-                        }
-                    }
-                }
-                if let Some(e) = error {
-                    failure.get_or_insert(e);
-                }
-                if let Some((i, job, _)) = slots[slot].take() {
-                    finish(i, job);
-                }
-            }
-            if failure.is_some() {
-                // Slots waiting for a resubmission are not in flight: hand them back.
-                for slot in ready.drain(..) {
-                    if let Some((i, job, _)) = slots[slot].take() {
-                        finish(i, job);
-                    }
-                }
-            }
+            batch.wait(&mut self.ring)?;
+            batch.reap(&mut self.ring, &mut finish);
         }
-        match failure {
+        match batch.failure {
             Some(e) => Err(e),
             None => Ok(()),
         }
     }
+}
+
+/// One [`Ring::run_with`] in progress: its slots, what waits to be submitted, and
+/// the first failure.
+struct Batch {
+    fd: types::Fd,
+    write: bool,
+    count: usize,
+    /// In flight or waiting to be resubmitted: (job index, job, bytes done).
+    slots: Vec<Option<(usize, Job, usize)>>,
+    /// Slots to (re)submit: a short transfer or an EINTR goes back.
+    ready: Vec<usize>,
+    next: usize,
+    in_flight: usize,
+    failure: Option<io::Error>,
+    completions: Vec<(usize, i32)>,
+}
+
+impl Batch {
+    fn new(fd: types::Fd, write: bool, count: usize) -> Batch {
+        Batch {
+            fd,
+            write,
+            count,
+            slots: (0..DEPTH).map(|_| None).collect(),
+            ready: Vec::new(),
+            next: 0,
+            in_flight: 0,
+            failure: None,
+            completions: Vec::with_capacity(DEPTH),
+        }
+    }
+
+    /// The next slot to submit: one waiting for a resubmission, else a new job in a
+    /// free slot; None when there is nothing to submit or no room.
+    fn next_slot(
+        &mut self,
+        start: &mut impl FnMut(usize) -> Job,
+        finish: &mut impl FnMut(usize, Job),
+    ) -> Option<usize> {
+        if let Some(s) = self.ready.pop() {
+            return Some(s);
+        }
+        if self.next >= self.count {
+            return None;
+        }
+        let free = self.slots.iter().position(Option::is_none)?;
+        let job = start(self.next);
+        if job.buf.len() < span(self.write, &job)
+            || (self.write && !job.len.is_multiple_of(DIRECT_ALIGN))
+        {
+            finish(self.next, job);
+            self.failure = Some(io::Error::from_raw_os_error(libc::EINVAL));
+            return None;
+        }
+        self.slots[free] = Some((self.next, job, 0));
+        self.next += 1;
+        Some(free)
+    }
+
+    /// Queues every transfer there is room for, until the first failure.
+    fn submit(
+        &mut self,
+        ring: &mut IoUring,
+        start: &mut impl FnMut(usize) -> Job,
+        finish: &mut impl FnMut(usize, Job),
+    ) {
+        while self.failure.is_none() {
+            let Some(slot) = self.next_slot(start, finish) else {
+                break;
+            };
+            let Some((_, job, done)) = self.slots[slot].as_mut() else {
+                continue;
+            };
+            let end = span(self.write, job);
+            // A job is at most a group of batches: far below 4 GiB.
+            let n = u32::try_from(end - *done).unwrap_or(u32::MAX) & !(DIRECT_ALIGN as u32 - 1);
+            let at = job.offset + *done as u64;
+            let entry = if self.write {
+                opcode::Write::new(self.fd, job.buf[*done..].as_ptr(), n)
+                    .offset(at)
+                    .build()
+            } else {
+                opcode::Read::new(self.fd, job.buf[*done..].as_mut_ptr(), n)
+                    .offset(at)
+                    .build()
+            }
+            .user_data(slot as u64);
+            // SAFETY: the buffer stays alive and unmoved until its completion is
+            // reaped: it is owned by `slots`, which `run_with` drains before it
+            // returns, and where it cannot (the ring itself failed) the buffers
+            // are leaked instead. The queue has room: at most DEPTH entries are
+            // in flight (one per slot) and it holds DEPTH.
+            if unsafe { ring.submission().push(&entry) }.is_err() {
+                self.ready.push(slot);
+                break;
+            }
+            self.in_flight += 1;
+        }
+    }
+
+    /// Waits for a completion; a broken ring leaks the buffers still in flight.
+    fn wait(&mut self, ring: &mut IoUring) -> io::Result<()> {
+        match ring.submit_and_wait(1) {
+            Ok(_) => Ok(()),
+            Err(e)
+                if e.raw_os_error()
+                    .is_some_and(|n| retryable(n) || n == libc::EBUSY) =>
+            {
+                // Nothing lost: the entries stay queued, completions stay reapable.
+                Ok(())
+            }
+            Err(e) => {
+                // The ring is broken with transfers possibly still in flight:
+                // their buffers must never be reused.
+                for s in self.slots.iter_mut() {
+                    if let Some((_, job, _)) = s.take() {
+                        std::mem::forget(job.buf);
+                    }
+                }
+                Err(io::Error::new(e.kind(), format!("io_uring_enter: {e}")))
+            }
+        }
+    }
+
+    /// Takes every completion: a job done is finished, a short or interrupted one
+    /// goes back to `ready`, the first error is kept.
+    fn reap(&mut self, ring: &mut IoUring, finish: &mut impl FnMut(usize, Job)) {
+        self.completions.clear();
+        self.completions.extend(
+            ring.completion()
+                .map(|c| (c.user_data() as usize, c.result())),
+        );
+        for i in 0..self.completions.len() {
+            let (slot, res) = self.completions[i];
+            self.in_flight -= 1;
+            match self.completed(slot, res) {
+                Step::Again => self.ready.push(slot),
+                Step::Done(error) => {
+                    if let Some(e) = error {
+                        self.failure.get_or_insert(e);
+                    }
+                    if let Some((i, job, _)) = self.slots[slot].take() {
+                        finish(i, job);
+                    }
+                }
+                Step::Unknown => {}
+            }
+        }
+        if self.failure.is_some() {
+            // Slots waiting for a resubmission are not in flight: hand them back.
+            for slot in self.ready.drain(..) {
+                if let Some((i, job, _)) = self.slots[slot].take() {
+                    finish(i, job);
+                }
+            }
+        }
+    }
+
+    /// What one completion of `slot` (result `res`) means for its job.
+    fn completed(&mut self, slot: usize, res: i32) -> Step {
+        let Some((_, job, done)) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
+            return Step::Unknown;
+        };
+        if res < 0 {
+            if retryable(-res) {
+                return Step::Again;
+            }
+            return Step::Done(Some(io::Error::from_raw_os_error(-res)));
+        }
+        *done += res as usize;
+        if *done >= job.len {
+            return Step::Done(None);
+        }
+        if res == 0 {
+            return Step::Done(Some(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "the file ended at byte {} of {} bytes at {}",
+                    *done, job.len, job.offset
+                ),
+            )));
+        }
+        if !done.is_multiple_of(DIRECT_ALIGN) {
+            return Step::Done(Some(io::Error::from_raw_os_error(libc::EINVAL)));
+        }
+        Step::Again
+    }
+}
+
+/// What a completion means for its job.
+enum Step {
+    /// Short or interrupted: submit the rest again.
+    Again,
+    /// Finished, with its error if it failed.
+    Done(Option<io::Error>),
+    /// A completion for no slot in use (never expected).
+    Unknown,
 }
 
 #[cfg(test)]
