@@ -10,6 +10,8 @@
 //! - [`name`] — names of sources, agents, nodes and groups: one safe path component,
 //!   checked once where they are received; [`text`] makes other processes' text safe
 //!   to print.
+//! - [`worker`] — a daemon's background loops as named workers with a state, a
+//!   last error and an ordered stop (`bulwark workers`).
 //! - [`telemetry`], [`shutdown`], [`failpoint`], [`malloc`] — process plumbing.
 
 pub mod access;
@@ -31,6 +33,7 @@ pub mod telemetry;
 pub mod text;
 pub mod time;
 pub mod tls;
+pub mod worker;
 
 /// The version every binary reports to its peers.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
