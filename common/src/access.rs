@@ -128,6 +128,10 @@ pub const RULES: &[(&str, Access)] = &[
         "/bulwark.v1.Coordinator/RemoveSource",
         Access::Roles(&[Admin]),
     ),
+    (
+        "/bulwark.v1.Coordinator/ListWorkers",
+        Access::Roles(&[Admin]),
+    ),
     // Enrollment listener (no client certificate).
     ("/bulwark.v1.Enrollment/Enroll", Access::Token),
     // Node: the data path.
@@ -151,6 +155,7 @@ pub const RULES: &[(&str, Access)] = &[
         "/bulwark.v1.Node/SetLock",
         Access::Roles(&[Coordinator, Admin, Officer]),
     ),
+    ("/bulwark.v1.Node/ListWorkers", Access::Roles(&[Admin])),
     // Node: other nodes (moves).
     ("/bulwark.v1.Node/Export", Access::Roles(&[Node])),
     // Health checks, on every server.

@@ -18,6 +18,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use bulwark_proto as pb;
 use futures::FutureExt;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -259,6 +260,36 @@ async fn run_once<W: Worker>(worker: &mut W, status: &Shared, stop: &Cancellatio
             }
         }
     });
+}
+
+fn unix_ms(t: Option<SystemTime>) -> i64 {
+    t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl From<WorkerStatus> for pb::WorkerInfo {
+    fn from(s: WorkerStatus) -> pb::WorkerInfo {
+        let (error_at, error) = match s.last_error {
+            Some((at, e)) => (Some(at), e),
+            None => (None, String::new()),
+        };
+        pb::WorkerInfo {
+            name: s.name,
+            state: s.state.as_str().to_string(),
+            period_ms: millis(s.period),
+            runs: s.runs,
+            failures: s.failures,
+            last_run_ms: unix_ms(s.last_run),
+            last_duration_ms: s.last_duration.map_or(0, millis),
+            last_ok_ms: unix_ms(s.last_ok),
+            last_error_ms: unix_ms(error_at),
+            last_error: error,
+        }
+    }
 }
 
 fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
