@@ -20,6 +20,7 @@ use crate::revocation::RevokeArgs;
 use crate::sources::{AllocateArgs, SourcesArgs};
 use crate::sync::{CheckArgs, SyncArgs};
 use crate::tokens::TokenCommand;
+use crate::workers::WorkersArgs;
 
 /// Bulwark admin CLI: manage the fleet's certificates, look at nodes, agents, data
 /// sources and recovery points, and run syncs and restores.
@@ -101,6 +102,9 @@ pub enum Command {
     Revoke(RevokeArgs),
     /// List revoked identities: role, name, when, by whom, serials in the CRL.
     Revocations(ListArgs),
+    /// List the coordinator's (or with --node, a storage node's) background
+    /// workers: state, period, runs, last run and last error.
+    Workers(WorkersArgs),
     /// Move every data source off a node (it gets no new ones from now on); waits
     /// until the moves are done. Each move copies replica and points node to node,
     /// verifies every checksum, then switches the source with a new epoch.

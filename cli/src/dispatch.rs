@@ -8,7 +8,7 @@ use crate::admin::Admin;
 use crate::args::{Cli, Command};
 use crate::{
     alerts, demo, docs, export, groups, nodes, pki, points, policy, restore, revocation, sources,
-    status, sync, tokens,
+    status, sync, tokens, workers,
 };
 
 /// Runs a parsed command line.
@@ -47,6 +47,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token(t) => tokens::run(admin, t).await,
         Command::Revoke(a) => revocation::revoke(admin, a).await,
         Command::Revocations(a) => revocation::list(admin, a.json).await,
+        Command::Workers(a) => workers::workers(admin, &files, a).await,
         Command::Pki(_)
         | Command::Demo { .. }
         | Command::Completions { .. }

@@ -51,6 +51,8 @@ pub mod status;
 pub mod sync;
 /// `bulwark token create`: enrollment tokens.
 pub mod tokens;
+/// `bulwark workers [--node N]`: a daemon's background loops and their state.
+pub mod workers;
 
 pub use args::Cli;
 pub use dispatch::run;
