@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod name;
 pub mod pki;
 pub mod point;
+pub mod renewal;
 pub mod retention;
 pub mod revocation;
 pub mod shutdown;

@@ -8,9 +8,10 @@
 //! - [`registry`] — nodes, agents, sources, groups, alerts in sled; agents' live sessions.
 //! - [`revocation`] — the fleet's revocation list and CRL.
 //! - [`schedule`] — the protection groups' slots (pure).
-//! - [`server`] — the daemon's lifecycle and background loops.
+//! - [`server`] — the daemon's lifecycle: open, serve, stop the workers, flush.
 //! - [`service`] — the domain operations; [`service::api`] is the gRPC service over them.
 //! - [`wire`] — requests parsed once into domain types (`ProtocolError`), and back.
+//! - [`workers`] — the background loops (schedule, moves, monitor, scrub) as workers.
 
 pub mod config;
 pub mod enroll;
@@ -23,3 +24,4 @@ pub mod schedule;
 pub mod server;
 pub mod service;
 pub mod wire;
+pub mod workers;

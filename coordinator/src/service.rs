@@ -65,6 +65,8 @@ pub struct CoordinatorService {
     drops_held: Mutex<HashMap<(String, String), std::time::Instant>>,
     /// The fleet's revocation list.
     revocations: Option<Arc<crate::revocation::RevocationStore>>,
+    /// The daemon's background workers, for `ListWorkers`.
+    workers: bulwark_common::worker::WorkerBoard,
 }
 
 impl CoordinatorService {
@@ -88,6 +90,26 @@ impl CoordinatorService {
             idle: std::time::Duration::from_secs(60),
             drops_held: Mutex::new(HashMap::new()),
             revocations: None,
+            workers: Default::default(),
+        }
+    }
+
+    /// Shows `board`'s workers in `ListWorkers`.
+    pub fn with_workers(mut self, board: bulwark_common::worker::WorkerBoard) -> Self {
+        self.workers = board;
+        self
+    }
+
+    /// The coordinator's background workers, in the order they started.
+    pub fn workers(&self) -> pb::ListWorkersResponse {
+        pb::ListWorkersResponse {
+            daemon: self.identity.me.name.clone(),
+            workers: self
+                .workers
+                .statuses()
+                .into_iter()
+                .map(Into::into)
+                .collect(),
         }
     }
 

@@ -11,7 +11,9 @@
 //!   ships, moves, locks.
 //! - [`service`] — the `bulwark.v1.Node` gRPC service (adapters over [`node`]) and
 //!   admission (turns, caps, idle timeouts).
-//! - [`server`] — start-up, registration and heartbeats, shutdown.
+//! - [`server`] — start-up, serving, and an ordered shutdown.
+//! - [`workers`] — the background loops: heartbeats (registration, usage, alerts,
+//!   revocation lists) and certificate renewal.
 //! - `uring` — batches of scattered direct I/O at a queue depth (io_uring).
 
 pub mod config;
@@ -23,3 +25,4 @@ pub mod service;
 pub mod store;
 mod uring;
 pub mod wire;
+pub mod workers;

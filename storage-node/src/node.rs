@@ -73,6 +73,8 @@ pub struct NodeService {
     /// Retention locks an officer lowered here, by source: (when, what), raised as
     /// an alert for a day.
     lock_lowered: std::sync::Mutex<HashMap<String, (i64, String)>>,
+    /// The daemon's background workers, for `ListWorkers`.
+    workers: bulwark_common::worker::WorkerBoard,
 }
 
 /// Counts a live stream while it exists.
@@ -126,6 +128,7 @@ impl NodeService {
             ingested: Arc::new(AtomicU64::new(0)),
             space_refusals: Default::default(),
             lock_lowered: Default::default(),
+            workers: Default::default(),
         })
     }
 
@@ -134,6 +137,25 @@ impl NodeService {
     pub fn with_limits(mut self, limits: Limits) -> Self {
         self.admission = Admission::new(limits);
         self
+    }
+
+    /// Shows `board`'s workers in `ListWorkers`.
+    pub fn with_workers(mut self, board: bulwark_common::worker::WorkerBoard) -> Self {
+        self.workers = board;
+        self
+    }
+
+    /// The node's background workers, in the order they started.
+    pub fn workers(&self) -> pb::ListWorkersResponse {
+        pb::ListWorkersResponse {
+            daemon: self.name.clone(),
+            workers: self
+                .workers
+                .statuses()
+                .into_iter()
+                .map(Into::into)
+                .collect(),
+        }
     }
 
     /// How long a stream may move nothing (`stream_idle_timeout`).

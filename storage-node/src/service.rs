@@ -131,6 +131,14 @@ impl pb::node_server::Node for NodeApi {
         Ok(Response::new(self.0.set_lock(&caller, change).await?))
     }
 
+    async fn list_workers(
+        &self,
+        req: Request<pb::ListWorkersRequest>,
+    ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        require(&req, "ListWorkers", &[Role::Admin])?;
+        Ok(Response::new(self.0.workers()))
+    }
+
     async fn grant_restore(
         &self,
         req: Request<pb::GrantRestoreRequest>,

@@ -193,6 +193,14 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
         Ok(Response::new(self.0.remove(&admin, source).await?))
     }
 
+    async fn list_workers(
+        &self,
+        req: Request<pb::ListWorkersRequest>,
+    ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        require(&req, "ListWorkers", &[Role::Admin])?;
+        Ok(Response::new(self.0.workers()))
+    }
+
     async fn create_token(
         &self,
         req: Request<pb::CreateTokenRequest>,
