@@ -108,7 +108,9 @@ async fn node_workers(
     let target = Target::parse(&node.address).map_err(|m| anyhow::anyhow!("node {name}: {m}"))?;
     let identity = TlsIdentity::load(files)?;
     let config = identity.client_config_for(Role::Node, Some(name))?;
-    let channel = tls::channel(&target, config).await?;
+    let channel = tls::channel(&target, config)
+        .await
+        .map_err(|e| anyhow::anyhow!("node {name} at {}: {e}", node.address))?;
     let answer = pb::node_client::NodeClient::new(channel)
         .list_workers(request)
         .await
