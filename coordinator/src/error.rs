@@ -4,7 +4,18 @@
 use tonic::{Code, Status};
 
 use crate::registry::RegistryError;
-use crate::wire::ProtocolError;
+
+/// What a caller sent that cannot be used, whatever the state of the fleet: the
+/// words say what and how to put it right.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ProtocolError {
+    /// A field (or a combination of fields) out of what the protocol allows.
+    #[error("{0}")]
+    Invalid(String),
+    /// A stream whose messages come in another order than the protocol's.
+    #[error("{0}")]
+    OutOfOrder(&'static str),
+}
 
 /// What a domain operation of the coordinator refused or could not do.
 #[derive(Debug, thiserror::Error)]

@@ -5,19 +5,23 @@
 //! - [`error`] — `CoordinatorError`, and its one mapping to a gRPC `Status`.
 //! - [`placement`] — where a new source goes, and rebalance plans (pure).
 //! - [`policy`] — what the admin set against what agents propose (retention, space, quotas, groups).
+//! - [`records`] — the records kept in sled (plain data, format version `v`).
 //! - [`registry`] — nodes, agents, sources, groups, alerts in sled; agents' live sessions.
 //! - [`revocation`] — the fleet's revocation list and CRL.
 //! - [`schedule`] — the protection groups' slots (pure).
 //! - [`server`] — the daemon's lifecycle: open, serve, stop the workers, flush.
-//! - [`service`] — the domain operations; [`service::api`] is the gRPC service over them.
+//! - [`api`] — the `bulwark.v1.Coordinator` gRPC handlers: adapters over [`service`].
+//! - [`service`] — the domain operations.
 //! - [`wire`] — requests parsed once into domain types (`ProtocolError`), and back.
 //! - [`workers`] — the background loops (schedule, moves, monitor, scrub) as workers.
 
+pub mod api;
 pub mod config;
 pub mod enroll;
 pub mod error;
 pub mod placement;
 pub mod policy;
+pub mod records;
 pub mod registry;
 pub mod revocation;
 pub mod schedule;

@@ -27,7 +27,8 @@
 use bulwark_common::retention::Retention;
 use serde::{Deserialize, Serialize};
 
-use crate::registry::{GroupRecord, Policy, SourceRecord};
+use crate::records::{GroupRecord, Policy, SourceRecord};
+pub use crate::records::{LockMode, LockPolicy};
 
 /// Fleet-wide defaults of `[policy]`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -49,97 +50,6 @@ impl Default for FleetPolicy {
             replica_percent: 150,
             points_days: bulwark_common::alloc::DEFAULT_RETENTION_DAYS,
             quota: Quota::default(),
-        }
-    }
-}
-
-/// How strong a retention lock is (see `bulwark_node::store::lock`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LockMode {
-    Governance,
-    Compliance,
-}
-
-/// A retention lock the admin set on a source or a group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LockPolicy {
-    pub mode: LockMode,
-    pub min_age_ms: u64,
-}
-
-impl LockPolicy {
-    /// The lock keeping what both keep (the stronger mode, the longer age).
-    pub fn max(a: Option<LockPolicy>, b: Option<LockPolicy>) -> Option<LockPolicy> {
-        match (a, b) {
-            (Some(a), Some(b)) => Some(LockPolicy {
-                mode: a.mode.max(b.mode),
-                min_age_ms: a.min_age_ms.max(b.min_age_ms),
-            }),
-            (a, None) => a,
-            (None, b) => b,
-        }
-    }
-
-    /// Whether `want` keeps at least what `have` keeps.
-    pub fn is_raise(have: Option<LockPolicy>, want: Option<LockPolicy>) -> bool {
-        match (have, want) {
-            (None, _) => true,
-            (Some(_), None) => false,
-            (Some(h), Some(w)) => w.mode >= h.mode && w.min_age_ms >= h.min_age_ms,
-        }
-    }
-
-    /// For the wire.
-    pub fn to_proto(l: Option<LockPolicy>) -> bulwark_proto::RetentionLock {
-        match l {
-            None => bulwark_proto::RetentionLock::default(),
-            Some(l) => bulwark_proto::RetentionLock {
-                mode: match l.mode {
-                    LockMode::Governance => bulwark_proto::LockMode::Governance,
-                    LockMode::Compliance => bulwark_proto::LockMode::Compliance,
-                } as i32,
-                min_age_ms: l.min_age_ms,
-            },
-        }
-    }
-
-    /// From the wire: `Ok(None)` for no lock (mode none and no age).
-    pub fn from_proto(
-        l: Option<&bulwark_proto::RetentionLock>,
-    ) -> Result<Option<LockPolicy>, String> {
-        let Some(l) = l else { return Ok(None) };
-        let mode = match bulwark_proto::LockMode::try_from(l.mode) {
-            Ok(bulwark_proto::LockMode::Governance) => LockMode::Governance,
-            Ok(bulwark_proto::LockMode::Compliance) => LockMode::Compliance,
-            Ok(bulwark_proto::LockMode::None) if l.min_age_ms == 0 => return Ok(None),
-            _ => {
-                return Err(
-                    "a lock needs a mode, governance or compliance, and a minimum age".into(),
-                );
-            }
-        };
-        if l.min_age_ms == 0 {
-            return Ok(None);
-        }
-        Ok(Some(LockPolicy {
-            mode,
-            min_age_ms: l.min_age_ms,
-        }))
-    }
-
-    /// `compliance 30d`, or `none`.
-    pub fn describe(l: Option<LockPolicy>) -> String {
-        match l {
-            None => "none".into(),
-            Some(l) => format!(
-                "{} {}",
-                match l.mode {
-                    LockMode::Governance => "governance",
-                    LockMode::Compliance => "compliance",
-                },
-                bulwark_common::time::format_duration_ms(l.min_age_ms)
-            ),
         }
     }
 }

@@ -20,9 +20,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use bulwark_common::retention::Retention;
-
-use crate::policy::{FleetPolicy, LockPolicy};
+use crate::policy::FleetPolicy;
 use bulwark_common::time::now_ms;
 use bulwark_proto as pb;
 use serde::{Deserialize, Serialize};
@@ -79,9 +77,10 @@ mod sources;
 #[cfg(test)]
 mod tests;
 
+pub use crate::records::*;
 pub use alerts::Alert;
 pub use groups::paired;
-pub use records::*;
+use records::{dec, enc};
 use sessions::Connection;
 pub use sessions::{
     AgentResult, Command, CommandOutcome, Progress, RestoreCommand, RestorePart, SyncCommand,

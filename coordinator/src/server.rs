@@ -14,11 +14,12 @@ use bulwark_proto as pb;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::CoordinatorApi;
 use crate::config::{CoordinatorConfig, EnrollmentConfig};
 use crate::enroll::Enroller;
 use crate::registry::Registry;
 use crate::revocation::RevocationStore;
-use crate::service::{CoordinatorApi, CoordinatorService};
+use crate::service::CoordinatorService;
 use crate::workers;
 
 /// How long each background worker gets to finish its run at shutdown.

@@ -2,7 +2,7 @@
 //! commands down agents' control streams, moves, the schedule, restore planning,
 //! verify, locks, and the few calls the coordinator makes to nodes (listing
 //! points, granting restores). The `bulwark.v1.Coordinator` gRPC service over
-//! them is [`api::CoordinatorApi`]: thin adapters that parse with [`crate::wire`],
+//! them is [`crate::api::CoordinatorApi`]: thin adapters that parse with [`crate::wire`],
 //! call one operation here and map its [`CoordinatorError`] to a `Status`.
 
 use bulwark_common::telemetry::TracedChannel;
@@ -18,8 +18,7 @@ use crate::error::CoordinatorError;
 use crate::registry::{Registry, RegistryError};
 
 mod admin;
-pub mod api;
-mod control;
+pub mod control;
 mod locks;
 mod moves;
 mod relay;
@@ -28,7 +27,6 @@ mod schedule;
 mod verify;
 
 pub use admin::{AllocateOrder, LocateView, NodeView, QuotaOrder, QuotaView, RetentionOrder};
-pub use api::CoordinatorApi;
 pub use locks::{LockOrder, LockTarget};
 pub use relay::SyncOrder;
 pub use restore::RestoreOrder;

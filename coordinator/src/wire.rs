@@ -10,25 +10,15 @@ use bulwark_proto as pb;
 
 use crate::policy::{LockPolicy, Quota};
 use crate::registry::{
-    AgentResult, Alert, AlertRecord, Assignment, Command, CommandOutcome, GroupRecord, Heartbeat,
-    Hello, NodeRegistration, Policy, Progress, Registration, Registry, RestoreCommand, SourceKind,
-    SourceRecord, SourceSpec, SourceUsage, SyncCommand, SyncOutcome, SyncReport, Usage,
+    Alert, AlertRecord, Assignment, Command, GroupRecord, Heartbeat, Hello, NodeRegistration,
+    Policy, Progress, Registration, Registry, RestoreCommand, SourceKind, SourceRecord, SourceSpec,
+    SourceUsage, SyncCommand, SyncOutcome, SyncReport, Usage,
 };
 use crate::service::{
     AllocateOrder, LockOrder, LockTarget, QuotaOrder, RestoreOrder, RetentionOrder, SyncOrder,
 };
 
-/// What a caller sent that cannot be used, whatever the state of the fleet: the
-/// words say what and how to put it right.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum ProtocolError {
-    /// A field (or a combination of fields) out of what the protocol allows.
-    #[error("{0}")]
-    Invalid(String),
-    /// A stream whose messages come in another order than the protocol's.
-    #[error("{0}")]
-    OutOfOrder(&'static str),
-}
+pub use crate::error::ProtocolError;
 
 // ---- nodes ----
 
@@ -246,17 +236,6 @@ impl From<Progress> for pb::OpProgress {
             total_bytes: p.total_bytes,
         }
     }
-}
-
-/// A command's result from the agent: its id and outcome.
-pub fn command_result(r: pb::CommandResult) -> (u64, CommandOutcome) {
-    let outcome = match r.outcome {
-        Some(pb::command_result::Outcome::Error(e)) => Err(e),
-        Some(pb::command_result::Outcome::Sync(s)) => Ok(AgentResult::Sync(s)),
-        Some(pb::command_result::Outcome::Restore(s)) => Ok(AgentResult::Restore(s)),
-        None => Err("the agent sent an empty result".into()),
-    };
-    (r.command_id, outcome)
 }
 
 impl From<SyncCommand> for pb::SyncCommand {

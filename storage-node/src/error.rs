@@ -111,6 +111,17 @@ impl From<NodeError> for Status {
 }
 
 /// Maps store errors to gRPC codes.
+/// A request the protocol does not allow is InvalidArgument; a bad source name is
+/// also counted as a `bad-name` refusal.
+impl From<ProtocolError> for Status {
+    fn from(e: ProtocolError) -> Status {
+        if matches!(e, ProtocolError::BadName(_)) {
+            refused("bad-name");
+        }
+        Status::invalid_argument(e.to_string())
+    }
+}
+
 impl From<StoreError> for Status {
     fn from(e: StoreError) -> Status {
         match &e {

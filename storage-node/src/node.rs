@@ -3,7 +3,7 @@
 //! pipeline ([`sync`]), restores ([`restore`]), log ships and log restores
 //! ([`logs`]), moves ([`moves`]), reads of points ([`points`]), retention locks,
 //! drops and restore grants ([`locks`]). Turns and idle timeouts are
-//! [`crate::service::admission`]'s.
+//! [`crate::node::admission`]'s.
 //!
 //! Every operation states its roles in its adapter; a sync or digest read is
 //! accepted only from the agent that owns the data source, for a source assigned to
@@ -25,11 +25,12 @@ use prost::Message;
 use tonic::Status;
 
 use crate::error::refused;
-use crate::service::admission::{Admission, Limits};
+use crate::node::admission::{Admission, Limits};
 use crate::store::{PointMeta, SourceLocks, Store, StoreError};
 use crate::wire::policy_from_proto;
 
 pub mod access;
+pub mod admission;
 pub mod locks;
 pub mod logs;
 pub mod moves;
@@ -65,7 +66,7 @@ pub struct NodeService {
     /// one answering is the node the coordinator named.
     peer_tls: bulwark_common::tls::TlsIdentity,
     /// Turns: node-wide syncs, per-agent caps, one sync per source, idle timeouts
-    /// (see [`crate::service::admission`]).
+    /// (see [`crate::node::admission`]).
     admission: Arc<Admission>,
     /// Sources whose last sync was refused for space, with the refusal (an alert
     /// until a sync of the source commits).

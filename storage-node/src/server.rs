@@ -69,7 +69,7 @@ pub async fn run(
             coordinator.clone(),
             identity.clone(),
         )?
-        .with_limits(crate::service::admission::Limits {
+        .with_limits(crate::node::admission::Limits {
             max_syncs: cfg.max_concurrent_syncs,
             syncs_per_agent: cfg.max_syncs_per_agent,
             restores_per_agent: cfg.max_restores_per_agent,

@@ -2,7 +2,8 @@
 //!
 //! Each handler states the roles that may call it, parses the request into domain
 //! types once ([`crate::wire`]), calls one operation of [`NodeService`] and maps its
-//! error to a status ([`crate::error`]). Turns and idle timeouts are [`admission`]'s.
+//! error to a status ([`crate::error`]). Turns and idle timeouts are
+//! [`crate::node::admission`]'s.
 
 use std::sync::Arc;
 
@@ -13,9 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::node::{BoxStream, NodeService};
 use crate::wire::{self, GrantChange, ImportFrom, LockChange, PointRef, ShipStart, SyncStart};
 
-pub mod admission;
-
-use admission::next_within;
+use crate::node::admission::next_within;
 
 /// The service handle tonic serves (the state is shared with the heartbeat loop).
 #[derive(Clone)]

@@ -11,7 +11,6 @@ use bulwark_common::retention::Retention;
 use bulwark_common::tls::Target;
 use bulwark_proto as pb;
 
-use crate::error::refused;
 use crate::store::lock::{LockMode, RetentionLock};
 use crate::store::{PointMeta, SourcePolicy, VerifyOutcome};
 
@@ -29,15 +28,6 @@ pub enum ProtocolError {
 impl ProtocolError {
     fn invalid(why: impl Into<String>) -> ProtocolError {
         ProtocolError::Invalid(why.into())
-    }
-}
-
-impl From<ProtocolError> for tonic::Status {
-    fn from(e: ProtocolError) -> tonic::Status {
-        if matches!(e, ProtocolError::BadName(_)) {
-            refused("bad-name");
-        }
-        tonic::Status::invalid_argument(e.to_string())
     }
 }
 

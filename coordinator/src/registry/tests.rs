@@ -1,5 +1,6 @@
 use super::*;
 use crate::policy::Quota;
+use bulwark_common::retention::Retention;
 
 fn node(reg: &Registry, name: &str, cap: u64) {
     reg.register_node(

@@ -11,7 +11,7 @@ use tonic::Streaming;
 
 use super::{CoordinatorService, Result};
 use crate::error::CoordinatorError;
-use crate::registry::{Command, Hello, Registry};
+use crate::registry::{AgentResult, Command, CommandOutcome, Hello, Registry};
 
 impl CoordinatorService {
     /// Admits `agent`'s Hello (a compatible version, at most
@@ -71,7 +71,7 @@ impl CoordinatorService {
 /// Reads what `agent` sends up its control stream (results, progress, sync
 /// reports, pings) until it ends, breaks or stays idle too long; then closes the
 /// session `conn`.
-pub(super) async fn control_loop(
+pub async fn control_loop(
     registry: Arc<Registry>,
     agent: Identity,
     conn: u64,
@@ -96,7 +96,7 @@ pub(super) async fn control_loop(
             Ok(Some(pb::AgentMessage {
                 msg: Some(Msg::Result(r)),
             })) => {
-                let (id, outcome) = crate::wire::command_result(r);
+                let (id, outcome) = command_result(r);
                 registry.complete(&agent.name, id, outcome)
             }
             Ok(Some(pb::AgentMessage {
@@ -121,4 +121,15 @@ pub(super) async fn control_loop(
     }
     tracing::info!(agent = %agent.name, "agent disconnected");
     registry.disconnect(&agent.name, conn);
+}
+
+/// A command's result from the agent: its id and outcome.
+fn command_result(r: pb::CommandResult) -> (u64, CommandOutcome) {
+    let outcome = match r.outcome {
+        Some(pb::command_result::Outcome::Error(e)) => Err(e),
+        Some(pb::command_result::Outcome::Sync(s)) => Ok(AgentResult::Sync(s)),
+        Some(pb::command_result::Outcome::Restore(s)) => Ok(AgentResult::Restore(s)),
+        None => Err("the agent sent an empty result".into()),
+    };
+    (r.command_id, outcome)
 }

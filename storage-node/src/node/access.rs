@@ -9,7 +9,7 @@ use prost::Message;
 
 use super::NodeService;
 use crate::error::{NodeError, refused};
-use crate::service::admission::{AgentTurn, TurnKind};
+use crate::node::admission::{AgentTurn, TurnKind};
 
 /// The source's read lock, held for a restore.
 pub(crate) type ReadLock = tokio::sync::OwnedRwLockReadGuard<()>;

@@ -16,7 +16,7 @@ use tracing::Instrument;
 use super::access::not_moving;
 use super::{BoxStream, NodeService, StreamGuard, blocking, count_sync};
 use crate::error::NodeError;
-use crate::service::admission::{Sender, TurnKind, next_within};
+use crate::node::admission::{Sender, TurnKind, next_within};
 use crate::store::{LogFileMeta, LogShip};
 use crate::wire::{PointRef, ShipStart, point_to_proto, policy_from_proto};
 use bulwark_common::name::SourceName;

@@ -14,7 +14,7 @@ use tonic::{Status, Streaming};
 
 use super::{BoxStream, NodeService, StreamGuard, blocking};
 use crate::error::{NodeError, refused};
-use crate::service::admission::Sender;
+use crate::node::admission::Sender;
 use crate::store::{ExportMeta, Import, StoreError};
 use crate::wire::{ImportFrom, ProtocolError};
 

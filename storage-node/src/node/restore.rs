@@ -11,7 +11,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::{BoxStream, NodeService, StreamGuard, blocking};
 use crate::error::NodeError;
-use crate::service::admission::Sender;
+use crate::node::admission::Sender;
 use crate::store::RestoreItem;
 use crate::wire::{PointRef, point_to_proto};
 

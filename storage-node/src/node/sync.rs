@@ -29,7 +29,7 @@ use tracing::Instrument;
 use super::access::not_moving;
 use super::{BoxStream, NodeService, StreamGuard, blocking, count_sync};
 use crate::error::NodeError;
-use crate::service::admission::{AgentTurn, Sender, SourceTurn, TurnKind, next_within};
+use crate::node::admission::{AgentTurn, Sender, SourceTurn, TurnKind, next_within};
 use crate::store::{Prepared, Store, SyncSpec, SyncTxn, VerifiedExtent};
 use crate::wire::{SyncStart, point_to_proto, policy_from_proto};
 
@@ -98,7 +98,7 @@ impl NodeService {
         Ok(Box::pin(ReceiverStream::new(rx)))
     }
 
-    /// Admits a sync (see [`crate::service::admission`]): nothing is held for a
+    /// Admits a sync (see [`crate::node::admission`]): nothing is held for a
     /// caller that is still unknown; first its authority, then turns, the source's
     /// lock, the authority again (the assignment may have changed while this waited)
     /// and last a node-wide turn: past the limit the agent waits here, before Ready,

@@ -12,7 +12,7 @@ use futures::{Stream, StreamExt};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::CoordinatorService;
+use crate::service::CoordinatorService;
 use crate::wire;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -77,7 +77,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
         let hello = wire::hello(first?)?;
         let (conn, rx) = self.0.open_session(&agent, expiry, &hello).await?;
         let registry = self.0.registry();
-        tokio::spawn(super::control::control_loop(
+        tokio::spawn(crate::service::control::control_loop(
             registry, agent, conn, inbound, idle,
         ));
         let commands = ReceiverStream::new(rx)
