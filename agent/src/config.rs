@@ -240,7 +240,7 @@ impl AgentConfig {
             ));
         }
         let coordinator =
-            Target::parse(&t.coordinator).map_err(|m| bad("coordinator".into(), m))?;
+            Target::parse(&t.coordinator).map_err(|m| bad("coordinator".into(), m.to_string()))?;
         let mut sources: Vec<SourceConfig> = Vec::new();
         for (i, s) in t.sources.into_iter().enumerate() {
             let key = |k: &str| format!("sources[{i}].{k}");
@@ -586,7 +586,7 @@ fn nbd_endpoint(
             })?;
             let client_role = role
                 .parse::<Role>()
-                .map_err(|m| bad(key("nbd_client_role"), m))?;
+                .map_err(|m| bad(key("nbd_client_role"), m.to_string()))?;
             Ok(Some(NbdEndpoint::Tls { addr, client_role }))
         }
     }

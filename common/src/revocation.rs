@@ -42,7 +42,7 @@ use rustls::{Error as TlsError, SignatureScheme};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::tls::{Identity, Role};
+use crate::pki::{CertError, Identity, Role};
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -60,11 +60,10 @@ pub struct CertFacts {
 
 impl CertFacts {
     /// Reads a DER certificate of trust domain `trust_domain`.
-    pub fn parse(der: &[u8], trust_domain: &str) -> Result<CertFacts, String> {
+    pub fn parse(der: &[u8], trust_domain: &str) -> Result<CertFacts, CertError> {
         use x509_parser::prelude::*;
-        let identity = Identity::from_cert(der, trust_domain)?;
-        let (_, cert) =
-            X509Certificate::from_der(der).map_err(|e| format!("unreadable certificate: {e}"))?;
+        let identity = Identity::parse(der, trust_domain)?;
+        let (_, cert) = X509Certificate::from_der(der).map_err(CertError::Unreadable)?;
         Ok(CertFacts {
             identity,
             not_before_ms: cert.validity().not_before.timestamp() * 1000,
@@ -303,7 +302,10 @@ impl Revocations {
         let Some(path) = lock(&self.file).clone() else {
             return;
         };
-        match encode_file(&snap.list).and_then(|b| crate::enroll::write_atomic(&path, &b, 0o644)) {
+        let written = encode_file(&snap.list).and_then(|b| {
+            crate::keyfile::write_atomic(&path, &b, 0o644).map_err(|e| e.to_string())
+        });
+        match written {
             Ok(()) => {}
             // Kept in memory and enforced; the next change or start writes it again.
             Err(e) => tracing::error!("cannot keep the revocation list: {e}"),
@@ -763,7 +765,7 @@ mod tests {
     }
 
     fn leaf(files: &TlsFiles) -> CertificateDer<'static> {
-        crate::tls::parse_certs_pem(&std::fs::read(&files.cert).expect("cert")).expect("pem")[0]
+        crate::pki::parse_certs_pem(&std::fs::read(&files.cert).expect("cert")).expect("pem")[0]
             .clone()
     }
 
@@ -852,7 +854,7 @@ mod tests {
             .signer()
             .sign_csr_after(&csr, &req, Some(at))
             .expect("sign");
-        let der = crate::tls::parse_certs_pem(cert_pem.as_bytes()).expect("pem");
+        let der = crate::pki::parse_certs_pem(cert_pem.as_bytes()).expect("pem");
         let f = CertFacts::parse(der[0].as_ref(), "test.fleet").expect("facts");
         assert!(f.not_before_ms > at, "{} <= {at}", f.not_before_ms);
         let renewed = TlsFiles {

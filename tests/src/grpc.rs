@@ -23,7 +23,7 @@ pub async fn channel(url: &str, id: &TlsFiles, server_role: Role) -> Result<Trac
     let tls = TlsIdentity::load(id).map_err(|e| e.to_string())?;
     let cfg = tls.client_config(server_role).map_err(|e| e.to_string())?;
     let target = Target::parse(url)?;
-    bulwark_common::tls::channel(&target, cfg).await
+    Ok(bulwark_common::tls::channel(&target, cfg).await?)
 }
 
 /// A Node client for the node at `url`, as the holder of `id`.
