@@ -87,8 +87,11 @@ pub enum SyncError {
     },
     #[error("{0}")]
     Protocol(String),
+    #[error(transparent)]
+    Tracker(#[from] crate::tracker::TrackerError),
+    /// The tracker's blocking task panicked or was cancelled.
     #[error("{0}")]
-    Tracker(String),
+    Task(#[source] tokio::task::JoinError),
     #[error("{0}")]
     Quiesce(String),
 }
@@ -462,8 +465,7 @@ async fn attempt(
     let snapshot = q.snapshot.clone();
     let frozen = tokio::task::spawn_blocking(move || t.begin(check, snapshot.as_deref()))
         .await
-        .map_err(|e| SyncError::Tracker(e.to_string()))?
-        .map_err(SyncError::Tracker)?;
+        .map_err(SyncError::Task)??;
     // The tracker may have found its record untrustworthy only now (qcow2-bitmap
     // reads the image's bitmaps in `begin`): then this sync compares everything, and
     // its point is a check.
