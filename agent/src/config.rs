@@ -418,7 +418,7 @@ impl AgentConfig {
                 (SourceKind::Volume, None) => String::new(),
                 (SourceKind::Log, g) => {
                     let g = g.unwrap_or_else(|| "*".into());
-                    crate::logs::check_glob(&g).map_err(|m| bad(key("glob"), m))?;
+                    crate::logs::check_glob(&g).map_err(|m| bad(key("glob"), m.to_string()))?;
                     g
                 }
             };

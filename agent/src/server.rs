@@ -228,6 +228,7 @@ impl Agent {
                             crate::logs::ship(&source.name, &source.path, &source.glob, &a, node)
                                 .await
                                 .map(ship_outcome)
+                                .map_err(|e| e.to_string())
                         }
                     };
                     match done {
@@ -297,7 +298,7 @@ impl Agent {
         let span = tracing::info_span!("restore", source = %cmd.source, point = cmd.point, path = %cmd.path, at_ms = cmd.at_ms);
         async {
             if cmd.at_ms != 0 {
-                crate::logs::prepare_dir(&path)?;
+                crate::logs::prepare_dir(&path).map_err(|e| e.to_string())?;
             }
             // The volume part: the whole restore, or `volume` in an --at directory.
             if !cmd.source.is_empty() && !is_log {
@@ -344,7 +345,9 @@ impl Agent {
                 } else {
                     path.clone()
                 };
-                let o = crate::logs::restore_logs(&source, point, &dir, node).await?;
+                let o = crate::logs::restore_logs(&source, point, &dir, node)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 tracing::info!(log_source = %source, point = o.point.id, files = o.files, bytes = o.bytes_written, "logs restored");
                 out.log_source = source;
                 out.log_point = o.point.id;
