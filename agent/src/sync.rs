@@ -92,8 +92,8 @@ pub enum SyncError {
     /// The tracker's blocking task panicked or was cancelled.
     #[error("{0}")]
     Task(#[source] tokio::task::JoinError),
-    #[error("{0}")]
-    Quiesce(String),
+    #[error(transparent)]
+    Quiesce(#[from] crate::quiesce::QuiesceError),
 }
 
 impl SyncError {
