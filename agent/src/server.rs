@@ -325,7 +325,7 @@ impl Agent {
                 )
                 .await;
                 reporter.abort();
-                let o = r?;
+                let o = r.map_err(|e| e.to_string())?;
                 tracing::info!(point = o.point, path = %o.path.display(), bytes = o.bytes_written, "volume restored");
                 out.point = o.point;
                 out.bytes_written += o.bytes_written;

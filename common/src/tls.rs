@@ -71,6 +71,12 @@ pub enum TlsError {
         #[source]
         source: PkiError,
     },
+    #[error("CA certificate {path}: {source}")]
+    Verifier {
+        path: String,
+        #[source]
+        source: crate::revocation::RevocationError,
+    },
     #[error("{what} {path}: {source}")]
     Rustls {
         what: &'static str,
@@ -180,10 +186,12 @@ impl TlsIdentity {
             rustls::sign::CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider())
                 .map_err(rustls_err("certificate/key pair", &files.cert))?;
         let roots = Arc::new(roots);
-        let revocations = Arc::new(
-            Revocations::new(roots.clone(), &trust_domain)
-                .map_err(|m| invalid("CA certificate", &files.ca, m))?,
-        );
+        let revocations = Arc::new(Revocations::new(roots.clone(), &trust_domain).map_err(
+            |source| TlsError::Verifier {
+                path: files.ca.display().to_string(),
+                source,
+            },
+        )?);
         let id = TlsIdentity {
             revocations,
             ca_certs,
