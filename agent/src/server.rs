@@ -34,6 +34,73 @@ use crate::volume::Volume;
 use bulwark_common::block::Geometry;
 use bulwark_common::metrics::Progress;
 
+/// A sync, ship or restore this agent could not run, and why.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("this agent does not protect {0}")]
+    NotProtected(String),
+    #[error(
+        "{0} is a log source: a consistency check applies to volumes (each ship already compares what the node holds)"
+    )]
+    LogCheck(String),
+    #[error("a sync or restore of {0} is already running")]
+    Busy(String),
+    #[error("coordinator unreachable and no assignment known for {name}: {}", .status.message())]
+    NoAssignment {
+        name: String,
+        #[source]
+        status: tonic::Status,
+    },
+    #[error("coordinator: {}", .0.message())]
+    Coordinator(#[source] tonic::Status),
+    #[error("data source {0} has been moving for an hour")]
+    Moving(String),
+    #[error(transparent)]
+    Target(#[from] bulwark_common::tls::TargetError),
+    #[error(transparent)]
+    Tls(#[from] bulwark_common::tls::TlsError),
+    #[error(transparent)]
+    Connect(#[from] bulwark_common::tls::ConnectError),
+    #[error(transparent)]
+    Sync(#[from] crate::sync::SyncError),
+    #[error(transparent)]
+    Log(#[from] crate::logs::LogError),
+    #[error(transparent)]
+    Restore(#[from] crate::restore::RestoreError),
+    #[error("restore path {0} must be absolute")]
+    RelativePath(String),
+    #[error("the restore command carries no assignment")]
+    NoRestoreAssignment,
+    #[error("{0}")]
+    ManifestJson(#[source] serde_json::Error),
+    #[error("cannot create {path}: {source}")]
+    ManifestCreate {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    ManifestWrite {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot fsync {path}: {source}")]
+    ManifestFsync {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl AgentError {
+    /// Whether the node refused because the source is moving to another node
+    /// (the sync waits for the move, then follows it).
+    fn is_move(&self) -> bool {
+        self.to_string().contains("is moving to node")
+    }
+}
+
 /// Shared state of a running agent.
 pub struct Agent {
     cfg: AgentConfig,
@@ -62,17 +129,18 @@ impl Agent {
     /// A client of node `node` at `address`: a process there with any other
     /// certificate (another node's, one the fleet revoked) is refused in the
     /// handshake, so a volume never goes to a node it was not assigned to.
-    fn node_client(&self, node: &str, address: &str) -> Result<NodeClient<TracedChannel>, String> {
+    fn node_client(
+        &self,
+        node: &str,
+        address: &str,
+    ) -> Result<NodeClient<TracedChannel>, AgentError> {
         let version = self.identity.revocations().version();
         let mut map = lock(&self.node_channels);
         let ch = match map.get(address) {
             Some((n, v, c)) if n == node && *v == version => c.clone(),
             _ => {
                 let target = Target::parse(address)?;
-                let cfg = self
-                    .identity
-                    .client_config_for(Role::Node, Some(node))
-                    .map_err(|e| e.to_string())?;
+                let cfg = self.identity.client_config_for(Role::Node, Some(node))?;
                 let c = tls::channel_lazy(&target, cfg)?;
                 map.insert(address.to_string(), (node.to_string(), version, c.clone()));
                 c
@@ -84,7 +152,7 @@ impl Agent {
     }
 
     /// The current assignment, from the coordinator when it answers.
-    async fn assignment(&self, source: &str) -> Result<pb::Assignment, String> {
+    async fn assignment(&self, source: &str) -> Result<pb::Assignment, AgentError> {
         let mut c = self.coordinator.clone();
         match c
             .get_assignment(pb::GetAssignmentRequest {
@@ -99,13 +167,13 @@ impl Agent {
             }
             Err(s) if s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::Unknown => {
                 lock(&self.assignments).get(source).cloned().ok_or_else(|| {
-                    format!(
-                        "coordinator unreachable and no assignment known for {source}: {}",
-                        s.message()
-                    )
+                    AgentError::NoAssignment {
+                        name: source.to_string(),
+                        status: s,
+                    }
                 })
             }
-            Err(s) => Err(format!("coordinator: {}", s.message())),
+            Err(s) => Err(AgentError::Coordinator(s)),
         }
     }
 
@@ -149,11 +217,11 @@ impl Agent {
         })
     }
 
-    fn tracker(&self, name: &str) -> Result<Arc<dyn Tracker>, String> {
+    fn tracker(&self, name: &str) -> Result<Arc<dyn Tracker>, AgentError> {
         self.trackers
             .get(name)
             .cloned()
-            .ok_or_else(|| format!("this agent does not protect {name}"))
+            .ok_or_else(|| AgentError::NotProtected(name.to_string()))
     }
 
     fn inconsistent(&self, name: &str) -> bool {
@@ -161,18 +229,14 @@ impl Agent {
     }
 
     /// Runs one sync (or check) of `name`, unless one is already running.
-    pub async fn sync(&self, name: &str, opts: SyncOptions) -> Result<SyncOutcome, String> {
+    pub async fn sync(&self, name: &str, opts: SyncOptions) -> Result<SyncOutcome, AgentError> {
         let source = self
             .source(name)
-            .ok_or_else(|| format!("this agent does not protect {name}"))?
+            .ok_or_else(|| AgentError::NotProtected(name.to_string()))?
             .clone();
         let tracker = match source.kind {
             SourceKind::Volume => Some(self.tracker(name)?),
-            SourceKind::Log if opts.check => {
-                return Err(format!(
-                    "{name} is a log source: a consistency check applies to volumes (each ship already compares what the node holds)"
-                ));
-            }
+            SourceKind::Log if opts.check => return Err(AgentError::LogCheck(name.to_string())),
             SourceKind::Log => None,
         };
         let gate = lock(&self.running)
@@ -181,7 +245,7 @@ impl Agent {
             .clone();
         let _running = gate
             .try_lock()
-            .map_err(|_| format!("a sync or restore of {name} is already running"))?;
+            .map_err(|_| AgentError::Busy(name.to_string()))?;
         self.report(pb::agent_message::Msg::Report(pb::SyncReport {
             source: name.to_string(),
             result: None,
@@ -220,7 +284,7 @@ impl Agent {
                                 progress,
                             )
                             .await
-                            .map_err(|e| e.to_string());
+                            .map_err(AgentError::from);
                             reporter.abort();
                             r
                         }
@@ -228,17 +292,17 @@ impl Agent {
                             crate::logs::ship(&source.name, &source.path, &source.glob, &a, node)
                                 .await
                                 .map(ship_outcome)
-                                .map_err(|e| e.to_string())
+                                .map_err(AgentError::from)
                         }
                     };
                     match done {
                         Ok(o) => return Ok(o),
-                        Err(e) if e.contains("is moving to node") => {}
+                        Err(e) if e.is_move() => {}
                         Err(e) => return Err(e),
                     }
                 }
                 if std::time::Instant::now() > deadline {
-                    return Err(format!("data source {name} has been moving for an hour"));
+                    return Err(AgentError::Moving(name.to_string()));
                 }
                 tracing::info!("the source is moving to another node; the sync waits");
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
@@ -275,16 +339,20 @@ impl Agent {
         self.report(pb::agent_message::Msg::Report(pb::SyncReport {
             source: name.to_string(),
             result: result.as_ref().ok().map(|o| sync_result(name, o)),
-            error: result.as_ref().err().cloned().unwrap_or_default(),
+            error: result
+                .as_ref()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default(),
             inconsistent: self.inconsistent(name),
         }));
         result
     }
 
-    async fn restore(&self, cmd: &pb::RestoreCommand) -> Result<pb::RestoreResult, String> {
+    async fn restore(&self, cmd: &pb::RestoreCommand) -> Result<pb::RestoreResult, AgentError> {
         let path = std::path::PathBuf::from(&cmd.path);
         if !path.is_absolute() {
-            return Err(format!("restore path {} must be absolute", cmd.path));
+            return Err(AgentError::RelativePath(cmd.path.clone()));
         }
         let started = std::time::Instant::now();
         let mut out = pb::RestoreResult {
@@ -298,14 +366,14 @@ impl Agent {
         let span = tracing::info_span!("restore", source = %cmd.source, point = cmd.point, path = %cmd.path, at_ms = cmd.at_ms);
         async {
             if cmd.at_ms != 0 {
-                crate::logs::prepare_dir(&path).map_err(|e| e.to_string())?;
+                crate::logs::prepare_dir(&path)?;
             }
             // The volume part: the whole restore, or `volume` in an --at directory.
             if !cmd.source.is_empty() && !is_log {
                 let a = cmd
                     .assignment
                     .as_ref()
-                    .ok_or("the restore command carries no assignment")?;
+                    .ok_or(AgentError::NoRestoreAssignment)?;
                 let node = self.node_client(&a.node, &a.node_address)?;
                 let target = if cmd.at_ms != 0 {
                     path.join("volume")
@@ -325,7 +393,7 @@ impl Agent {
                 )
                 .await;
                 reporter.abort();
-                let o = r.map_err(|e| e.to_string())?;
+                let o = r?;
                 tracing::info!(point = o.point, path = %o.path.display(), bytes = o.bytes_written, "volume restored");
                 out.point = o.point;
                 out.bytes_written += o.bytes_written;
@@ -345,9 +413,7 @@ impl Agent {
                 } else {
                     path.clone()
                 };
-                let o = crate::logs::restore_logs(&source, point, &dir, node)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let o = crate::logs::restore_logs(&source, point, &dir, node).await?;
                 tracing::info!(log_source = %source, point = o.point.id, files = o.files, bytes = o.bytes_written, "logs restored");
                 out.log_source = source;
                 out.log_point = o.point.id;
@@ -362,7 +428,7 @@ impl Agent {
             if cmd.at_ms != 0 {
                 write_restore_manifest(&path, cmd, &out)?;
             }
-            Ok::<_, String>(())
+            Ok::<_, AgentError>(())
         }
         .instrument(span)
         .await?;
@@ -423,7 +489,7 @@ fn write_restore_manifest(
     dir: &std::path::Path,
     cmd: &pb::RestoreCommand,
     r: &pb::RestoreResult,
-) -> Result<(), String> {
+) -> Result<(), AgentError> {
     use std::io::Write;
     let at = bulwark_common::time::rfc3339_ms(cmd.at_ms);
     let mut doc = serde_json::json!({
@@ -457,16 +523,24 @@ fn write_restore_manifest(
         });
     }
     let path = dir.join("restore.json");
-    let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
-    let mut f =
-        File::create(&path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    let text = serde_json::to_string_pretty(&doc).map_err(AgentError::ManifestJson)?;
+    let mut f = File::create(&path).map_err(|source| AgentError::ManifestCreate {
+        path: path.clone(),
+        source,
+    })?;
     f.write_all(text.as_bytes())
         .and_then(|()| f.write_all(b"\n"))
         .and_then(|()| f.sync_all())
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        .map_err(|source| AgentError::ManifestWrite {
+            path: path.clone(),
+            source,
+        })?;
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(|e| format!("cannot fsync {}: {e}", dir.display()))
+        .map_err(|source| AgentError::ManifestFsync {
+            path: dir.to_path_buf(),
+            source,
+        })
 }
 
 /// A log ship in the shape of a sync's outcome.
@@ -773,7 +847,7 @@ async fn control_session(agent: Arc<Agent>, shutdown: &CancellationToken) -> Res
                 tokio::spawn(async move {
                     let outcome = match a.sync(&s.source, opts).instrument(span).await {
                         Ok(o) => pb::command_result::Outcome::Sync(sync_result(&s.source, &o)),
-                        Err(e) => pb::command_result::Outcome::Error(e),
+                        Err(e) => pb::command_result::Outcome::Error(e.to_string()),
                     };
                     let _ = tx
                         .send(pb::AgentMessage {
@@ -794,7 +868,7 @@ async fn control_session(agent: Arc<Agent>, shutdown: &CancellationToken) -> Res
                         Ok(res) => pb::command_result::Outcome::Restore(res),
                         Err(e) => {
                             tracing::warn!(source = %r.source, "restore failed: {e}");
-                            pb::command_result::Outcome::Error(e)
+                            pb::command_result::Outcome::Error(e.to_string())
                         }
                     };
                     let _ = tx

@@ -258,6 +258,58 @@ const READERS: usize = 4;
 /// Reads in flight or done but not yet hashed, at most (each ≤ [`MAX_BATCH_BYTES`]).
 const READ_AHEAD: usize = 6;
 
+/// A read of the volume done by a reader thread: first block, block count, bytes.
+type ReadResult = std::io::Result<(u64, u64, Bytes)>;
+/// A read for a reader thread to do, and where its result goes.
+type Job = (u64, u64, std::sync::mpsc::SyncSender<ReadResult>);
+
+/// Cuts `ranges` into reads of at most `blocks_per_read` blocks (one batch each)
+/// and sets `progress` to their total bytes.
+fn plan_reads(
+    geometry: Geometry,
+    ranges: Vec<(u64, u64)>,
+    blocks_per_read: u64,
+    progress: &Progress,
+) -> Vec<(u64, u64)> {
+    let reads: Vec<(u64, u64)> = ranges
+        .into_iter()
+        .flat_map(|(first, count)| {
+            (0..count.div_ceil(blocks_per_read)).map(move |i| {
+                let f = first + i * blocks_per_read;
+                (f, blocks_per_read.min(first + count - f))
+            })
+        })
+        .collect();
+    let total: u64 = reads
+        .iter()
+        .map(|(f, c)| geometry.offset_of(f + c).min(geometry.size_bytes) - geometry.offset_of(*f))
+        .sum();
+    progress.total.store(total, Ordering::Relaxed);
+    progress.done.store(0, Ordering::Relaxed);
+    reads
+}
+
+/// A reader thread: does the jobs of `jobs_rx` until the queue closes or `stop`.
+fn read_jobs(
+    jobs_rx: &std::sync::Mutex<std::sync::mpsc::Receiver<Job>>,
+    stop: &AtomicBool,
+    volume: &dyn BlockSource,
+    geometry: Geometry,
+) {
+    loop {
+        let job = jobs_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+        let Ok((first, count, reply)) = job else {
+            return;
+        };
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let start = geometry.offset_of(first);
+        let len = (geometry.offset_of(first + count).min(geometry.size_bytes) - start) as usize;
+        let _ = reply.send(volume.read_chunk(start, len).map(|c| (first, count, c)));
+    }
+}
+
 /// Reads `ranges` (runs of blocks, in increasing order) and sends the blocks to send
 /// as batches: with `digests`, those whose digest differs from the node's (the ranges
 /// then cover the whole volume); without, all of them.
@@ -288,27 +340,10 @@ fn send_blocks(
         path: volume.describe(),
         error: e,
     };
-    // Reads of at most one batch each.
-    let reads: Vec<(u64, u64)> = ranges
-        .into_iter()
-        .flat_map(|(first, count)| {
-            (0..count.div_ceil(blocks_per_read)).map(move |i| {
-                let f = first + i * blocks_per_read;
-                (f, blocks_per_read.min(first + count - f))
-            })
-        })
-        .collect();
-    let total: u64 = reads
-        .iter()
-        .map(|(f, c)| geometry.offset_of(f + c).min(geometry.size_bytes) - geometry.offset_of(*f))
-        .sum();
-    progress.total.store(total, Ordering::Relaxed);
-    progress.done.store(0, Ordering::Relaxed);
+    let reads = plan_reads(geometry, ranges, blocks_per_read, progress);
     // Reader threads keep a few chunks ahead, several reads in flight at once (a
     // dirty plan's scattered blocks are as many random reads), so the disk and the
     // hashing below overlap; results are taken in order.
-    type ReadResult = std::io::Result<(u64, u64, Bytes)>;
-    type Job = (u64, u64, std::sync::mpsc::SyncSender<ReadResult>);
     let (jobs_tx, jobs_rx) = std::sync::mpsc::channel::<Job>();
     let jobs_rx = std::sync::Mutex::new(jobs_rx);
     let parent = tracing::Span::current();
@@ -318,19 +353,7 @@ fn send_blocks(
             let span = tracing::info_span!(parent: &parent, "read_extents");
             scope.spawn(move || {
                 let _span = span.enter();
-                loop {
-                    let job = jobs_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                    let Ok((first, count, reply)) = job else {
-                        return;
-                    };
-                    if stop.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    let start = geometry.offset_of(first);
-                    let len = (geometry.offset_of(first + count).min(geometry.size_bytes) - start)
-                        as usize;
-                    let _ = reply.send(volume.read_chunk(start, len).map(|c| (first, count, c)));
-                }
+                read_jobs(jobs_rx, stop, volume, geometry);
             });
         }
         // Owned here, so that an early return drops the job queue and the readers end
@@ -492,6 +515,96 @@ async fn attempt(
     r
 }
 
+/// Opens the sync stream with `begin` and waits for the node's `Ready` (whose
+/// digests, if any, must cover the volume).
+async fn open_sync(
+    node: &mut NodeClient<TracedChannel>,
+    node_name: &str,
+    begin: pb::SyncBegin,
+    geometry: Geometry,
+) -> Result<
+    (
+        mpsc::Sender<pb::SyncMessage>,
+        tonic::Streaming<pb::SyncReply>,
+        pb::SyncReady,
+    ),
+    SyncError,
+> {
+    let (tx, rx) = mpsc::channel::<pb::SyncMessage>(4);
+    let begin = pb::SyncMessage {
+        msg: Some(pb::sync_message::Msg::Begin(begin)),
+    };
+    let _ = tx.send(begin).await;
+    let mut replies = node
+        .sync(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| SyncError::node(node_name, s))?
+        .into_inner();
+    let ready = match replies
+        .message()
+        .await
+        .map_err(|s| SyncError::node(node_name, s))?
+    {
+        Some(pb::SyncReply {
+            msg: Some(pb::sync_reply::Msg::Ready(r)),
+        }) => r,
+        _ => {
+            return Err(SyncError::Protocol(
+                "the node did not accept the sync".into(),
+            ));
+        }
+    };
+    if ready.digest_count != 0 && ready.digest_count != geometry.block_count() {
+        return Err(SyncError::Protocol(format!(
+            "the node offers {} digests for a volume of {} blocks",
+            ready.digest_count,
+            geometry.block_count()
+        )));
+    }
+    Ok((tx, replies, ready))
+}
+
+/// Reads every reply of node `n`: digests go to `dtx`, the commit (or an error,
+/// which also sets `stop`) ends it with the point and its damaged blocks.
+async fn read_replies(
+    mut replies: tonic::Streaming<pb::SyncReply>,
+    dtx: mpsc::Sender<Result<Bytes, String>>,
+    stop: Arc<AtomicBool>,
+    n: String,
+) -> Result<(pb::Point, u64), SyncError> {
+    loop {
+        match replies.message().await {
+            Ok(Some(pb::SyncReply {
+                msg: Some(pb::sync_reply::Msg::Committed(c)),
+            })) => {
+                let damaged = c.damaged_blocks;
+                return c
+                    .point
+                    .map(|p| (p, damaged))
+                    .ok_or_else(|| SyncError::Protocol("commit without a point".into()));
+            }
+            Ok(Some(pb::SyncReply {
+                msg: Some(pb::sync_reply::Msg::Digests(d)),
+            })) => {
+                let _ = dtx.send(Ok(d.digests)).await;
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                stop.store(true, Ordering::Relaxed);
+                let _ = dtx.send(Err("the sync stream ended".into())).await;
+                return Err(SyncError::Protocol(format!(
+                    "node {n} ended the sync without committing"
+                )));
+            }
+            Err(s) => {
+                stop.store(true, Ordering::Relaxed);
+                let _ = dtx.send(Err(format!("node {n}: {}", s.message()))).await;
+                return Err(SyncError::node(&n, s));
+            }
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn stream_sync(
     source: &SourceConfig,
@@ -527,87 +640,24 @@ async fn stream_sync(
 
     // The sync stream: Begin asks for the node's digests of its newest point when
     // every block is to be compared.
-    let (tx, rx) = mpsc::channel::<pb::SyncMessage>(4);
-    let begin = pb::SyncMessage {
-        msg: Some(pb::sync_message::Msg::Begin(pb::SyncBegin {
-            source: source.name.clone(),
-            epoch: assignment.epoch,
-            size_bytes: geometry.size_bytes,
-            block_size: geometry.block_size,
-            base_point,
-            consistency: q.consistency.to_proto(),
-            kind,
-            want_digests,
-            deep,
-        })),
+    let begin = pb::SyncBegin {
+        source: source.name.clone(),
+        epoch: assignment.epoch,
+        size_bytes: geometry.size_bytes,
+        block_size: geometry.block_size,
+        base_point,
+        consistency: q.consistency.to_proto(),
+        kind,
+        want_digests,
+        deep,
     };
-    let _ = tx.send(begin).await;
-    let mut replies = node
-        .sync(ReceiverStream::new(rx))
-        .await
-        .map_err(|s| SyncError::node(&node_name, s))?
-        .into_inner();
-    let ready = match replies
-        .message()
-        .await
-        .map_err(|s| SyncError::node(&node_name, s))?
-    {
-        Some(pb::SyncReply {
-            msg: Some(pb::sync_reply::Msg::Ready(r)),
-        }) => r,
-        _ => {
-            return Err(SyncError::Protocol(
-                "the node did not accept the sync".into(),
-            ));
-        }
-    };
-    if ready.digest_count != 0 && ready.digest_count != geometry.block_count() {
-        return Err(SyncError::Protocol(format!(
-            "the node offers {} digests for a volume of {} blocks",
-            ready.digest_count,
-            geometry.block_count()
-        )));
-    }
+    let (tx, replies, ready) = open_sync(&mut node, &node_name, begin, geometry).await?;
 
     // One task reads every reply: digests go to the sender; progress is noted; the
     // commit (or an error) ends it. Reading continuously means the node never blocks.
     let (dtx, drx) = mpsc::channel::<Result<Bytes, String>>(4);
     let stop = Arc::new(AtomicBool::new(false));
-    let stop_r = stop.clone();
-    let n = node_name.clone();
-    let reply_task = tokio::spawn(async move {
-        loop {
-            match replies.message().await {
-                Ok(Some(pb::SyncReply {
-                    msg: Some(pb::sync_reply::Msg::Committed(c)),
-                })) => {
-                    let damaged = c.damaged_blocks;
-                    return c
-                        .point
-                        .map(|p| (p, damaged))
-                        .ok_or_else(|| SyncError::Protocol("commit without a point".into()));
-                }
-                Ok(Some(pb::SyncReply {
-                    msg: Some(pb::sync_reply::Msg::Digests(d)),
-                })) => {
-                    let _ = dtx.send(Ok(d.digests)).await;
-                }
-                Ok(Some(_)) => {}
-                Ok(None) => {
-                    stop_r.store(true, Ordering::Relaxed);
-                    let _ = dtx.send(Err("the sync stream ended".into())).await;
-                    return Err(SyncError::Protocol(format!(
-                        "node {n} ended the sync without committing"
-                    )));
-                }
-                Err(s) => {
-                    stop_r.store(true, Ordering::Relaxed);
-                    let _ = dtx.send(Err(format!("node {n}: {}", s.message()))).await;
-                    return Err(SyncError::node(&n, s));
-                }
-            }
-        }
-    });
+    let reply_task = tokio::spawn(read_replies(replies, dtx, stop.clone(), node_name.clone()));
     let (ranges, feed) = match plan {
         Plan::Scan => (
             vec![(0, geometry.block_count())],
@@ -672,7 +722,13 @@ async fn stream_sync(
         .map_err(|e| SyncError::Protocol(e.to_string()))??;
     tracing::Span::current().record("point", point.id);
     drop(tx);
-    Ok(SyncOutcome {
+    Ok(committed(point, damaged_blocks, &stats))
+}
+
+/// What a committed sync did, as far as sending goes (the caller adds the time
+/// and the quiesce warnings).
+fn committed(point: pb::Point, damaged_blocks: u64, stats: &ScanStats) -> SyncOutcome {
+    SyncOutcome {
         consistency: Consistency::from_proto(point.consistency),
         point,
         bytes_sent: stats.bytes_sent,
@@ -683,5 +739,5 @@ async fn stream_sync(
         warnings: Vec::new(),
         files_sent: 0,
         bytes_read: 0,
-    })
+    }
 }
