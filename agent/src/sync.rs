@@ -69,7 +69,11 @@ pub struct SyncOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
     #[error("cannot read {path}: {error}")]
-    Volume { path: String, error: std::io::Error },
+    Volume {
+        path: String,
+        #[source]
+        error: std::io::Error,
+    },
     #[error(
         "volume {path} is {now} bytes but data source {name} was registered with {registered}; resizing is not supported"
     )]
@@ -85,8 +89,27 @@ pub enum SyncError {
         status: String,
         base_mismatch: bool,
     },
+    #[error("the node closed the sync stream")]
+    Closed,
+    #[error("sync stopped")]
+    Stopped,
+    #[error("the volume readers stopped")]
+    ReadersStopped,
+    #[error("the volume reader stopped")]
+    ReaderStopped,
+    #[error(transparent)]
+    Digests(#[from] FeedError),
+    #[error("the node did not accept the sync")]
+    NotAccepted,
+    #[error("the node offers {offered} digests for a volume of {blocks} blocks")]
+    DigestCount { offered: u64, blocks: u64 },
+    #[error("commit without a point")]
+    NoPoint,
+    #[error("node {node} ended the sync without committing")]
+    NotCommitted { node: String },
+    /// The source's block size does not fit its volume.
     #[error("{0}")]
-    Protocol(String),
+    Geometry(#[source] bulwark_common::block::ExtentError),
     #[error(transparent)]
     Tracker(#[from] crate::tracker::TrackerError),
     /// The tracker's blocking task panicked or was cancelled.
@@ -107,9 +130,20 @@ impl SyncError {
     }
 }
 
+/// Why the node's digests stopped coming before the scanner had them all.
+#[derive(Debug, thiserror::Error)]
+pub enum FeedError {
+    #[error("the sync stream ended")]
+    StreamEnded,
+    #[error("node {node}: {message}")]
+    Node { node: String, message: String },
+    #[error("the node's digests ended early")]
+    Early,
+}
+
 /// The node's digests of its newest point, in block order, for the scanner.
 struct DigestFeed {
-    rx: mpsc::Receiver<Result<Bytes, String>>,
+    rx: mpsc::Receiver<Result<Bytes, FeedError>>,
     /// Digests still to come; none at all when the source has no point yet.
     remaining: u64,
     buf: Bytes,
@@ -118,7 +152,7 @@ struct DigestFeed {
 
 impl DigestFeed {
     /// The stored digest of the next block (`UNWRITTEN` when the node has none).
-    fn next(&mut self) -> Result<Digest, String> {
+    fn next(&mut self) -> Result<Digest, FeedError> {
         if self.remaining == 0 {
             return Ok(Digest::UNWRITTEN);
         }
@@ -130,7 +164,7 @@ impl DigestFeed {
                     self.pos = 0;
                 }
                 Some(Err(e)) => return Err(e),
-                None => return Err("the node's digests ended early".into()),
+                None => return Err(FeedError::Early),
             }
         }
         let d = Digest::from_slice(&self.buf[self.pos..self.pos + DIGEST_LEN])
@@ -174,9 +208,7 @@ impl BatchBuilder<'_> {
         let msg = pb::SyncMessage {
             msg: Some(pb::sync_message::Msg::Extents(pb::ExtentBatch::default())),
         };
-        self.tx
-            .blocking_send(msg)
-            .map_err(|_| SyncError::Protocol("the node closed the sync stream".into()))
+        self.tx.blocking_send(msg).map_err(|_| SyncError::Closed)
     }
 
     fn close_run(&mut self) {
@@ -247,9 +279,7 @@ impl BatchBuilder<'_> {
         };
         self.bytes = 0;
         self.last_sent = std::time::Instant::now();
-        self.tx
-            .blocking_send(msg)
-            .map_err(|_| SyncError::Protocol("the node closed the sync stream".into()))
+        self.tx.blocking_send(msg).map_err(|_| SyncError::Closed)
     }
 }
 
@@ -365,13 +395,13 @@ fn send_blocks(
         let mut changed: Vec<(usize, Digest)> = Vec::with_capacity(blocks_per_read as usize);
         for _ in 0..reads.len() {
             if stop.load(Ordering::Relaxed) {
-                return Err(SyncError::Protocol("sync stopped".into()));
+                return Err(SyncError::Stopped);
             }
             while next < reads.len() && pending.len() < READ_AHEAD {
                 let (tx, rx) = std::sync::mpsc::sync_channel(1);
                 let (first, count) = reads[next];
                 if jobs_tx.send((first, count, tx)).is_err() {
-                    return Err(SyncError::Protocol("the volume readers stopped".into()));
+                    return Err(SyncError::ReadersStopped);
                 }
                 pending.push_back(rx);
                 next += 1;
@@ -379,7 +409,7 @@ fn send_blocks(
             let result = pending.pop_front().map(|rx| rx.recv());
             let (first, count, chunk) = match result {
                 Some(Ok(r)) => r.map_err(read_err)?,
-                _ => return Err(SyncError::Protocol("the volume reader stopped".into())),
+                _ => return Err(SyncError::ReaderStopped),
             };
             let start = geometry.offset_of(first);
             let len = chunk.len();
@@ -389,7 +419,7 @@ fn send_blocks(
                 let digest = Digest::of(data);
                 let send = match digests.as_mut() {
                     Some(feed) => {
-                        let stored = feed.next().map_err(SyncError::Protocol)?;
+                        let stored = feed.next()?;
                         !stored.matches(digest, stored == Digest::UNWRITTEN && is_zero(data))
                     }
                     None => true,
@@ -548,18 +578,13 @@ async fn open_sync(
         Some(pb::SyncReply {
             msg: Some(pb::sync_reply::Msg::Ready(r)),
         }) => r,
-        _ => {
-            return Err(SyncError::Protocol(
-                "the node did not accept the sync".into(),
-            ));
-        }
+        _ => return Err(SyncError::NotAccepted),
     };
     if ready.digest_count != 0 && ready.digest_count != geometry.block_count() {
-        return Err(SyncError::Protocol(format!(
-            "the node offers {} digests for a volume of {} blocks",
-            ready.digest_count,
-            geometry.block_count()
-        )));
+        return Err(SyncError::DigestCount {
+            offered: ready.digest_count,
+            blocks: geometry.block_count(),
+        });
     }
     Ok((tx, replies, ready))
 }
@@ -568,7 +593,7 @@ async fn open_sync(
 /// which also sets `stop`) ends it with the point and its damaged blocks.
 async fn read_replies(
     mut replies: tonic::Streaming<pb::SyncReply>,
-    dtx: mpsc::Sender<Result<Bytes, String>>,
+    dtx: mpsc::Sender<Result<Bytes, FeedError>>,
     stop: Arc<AtomicBool>,
     n: String,
 ) -> Result<(pb::Point, u64), SyncError> {
@@ -578,10 +603,7 @@ async fn read_replies(
                 msg: Some(pb::sync_reply::Msg::Committed(c)),
             })) => {
                 let damaged = c.damaged_blocks;
-                return c
-                    .point
-                    .map(|p| (p, damaged))
-                    .ok_or_else(|| SyncError::Protocol("commit without a point".into()));
+                return c.point.map(|p| (p, damaged)).ok_or(SyncError::NoPoint);
             }
             Ok(Some(pb::SyncReply {
                 msg: Some(pb::sync_reply::Msg::Digests(d)),
@@ -591,14 +613,17 @@ async fn read_replies(
             Ok(Some(_)) => {}
             Ok(None) => {
                 stop.store(true, Ordering::Relaxed);
-                let _ = dtx.send(Err("the sync stream ended".into())).await;
-                return Err(SyncError::Protocol(format!(
-                    "node {n} ended the sync without committing"
-                )));
+                let _ = dtx.send(Err(FeedError::StreamEnded)).await;
+                return Err(SyncError::NotCommitted { node: n });
             }
             Err(s) => {
                 stop.store(true, Ordering::Relaxed);
-                let _ = dtx.send(Err(format!("node {n}: {}", s.message()))).await;
+                let _ = dtx
+                    .send(Err(FeedError::Node {
+                        node: n.clone(),
+                        message: s.message().to_string(),
+                    }))
+                    .await;
                 return Err(SyncError::node(&n, s));
             }
         }
@@ -625,8 +650,8 @@ async fn stream_sync(
             registered: assignment.size_bytes,
         });
     }
-    let geometry = Geometry::new(volume.size_bytes(), source.block_size)
-        .map_err(|e| SyncError::Protocol(e.to_string()))?;
+    let geometry =
+        Geometry::new(volume.size_bytes(), source.block_size).map_err(SyncError::Geometry)?;
     let node_name = assignment.node.clone();
     let (want_digests, base_point) = match &plan {
         Plan::Scan => (true, 0),
@@ -655,7 +680,7 @@ async fn stream_sync(
 
     // One task reads every reply: digests go to the sender; progress is noted; the
     // commit (or an error) ends it. Reading continuously means the node never blocks.
-    let (dtx, drx) = mpsc::channel::<Result<Bytes, String>>(4);
+    let (dtx, drx) = mpsc::channel::<Result<Bytes, FeedError>>(4);
     let stop = Arc::new(AtomicBool::new(false));
     let reply_task = tokio::spawn(read_replies(replies, dtx, stop.clone(), node_name.clone()));
     let (ranges, feed) = match plan {
@@ -686,7 +711,7 @@ async fn stream_sync(
         )
     })
     .await
-    .map_err(|e| SyncError::Protocol(e.to_string()));
+    .map_err(SyncError::Task);
     let stats = match sent.and_then(|r| r) {
         Ok(s) => s,
         Err(e @ SyncError::Volume { .. }) => {
@@ -719,7 +744,7 @@ async fn stream_sync(
     let (point, damaged_blocks) = reply_task
         .instrument(tracing::info_span!("commit"))
         .await
-        .map_err(|e| SyncError::Protocol(e.to_string()))??;
+        .map_err(SyncError::Task)??;
     tracing::Span::current().record("point", point.id);
     drop(tx);
     Ok(committed(point, damaged_blocks, &stats))
