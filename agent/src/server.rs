@@ -755,6 +755,23 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     Ok(())
 }
 
+/// Why a control stream to the coordinator ended (the loop reconnects).
+#[derive(Debug, thiserror::Error)]
+enum ControlError {
+    #[error("control channel closed")]
+    ChannelClosed,
+    /// The coordinator refused the stream: what to check.
+    #[error("{0}")]
+    Refused(String),
+    #[error("the control stream closed")]
+    StreamClosed,
+    /// The stream failed: the status's message.
+    #[error("{}", .0.message())]
+    Status(#[source] tonic::Status),
+    #[error("the coordinator closed the control stream")]
+    CoordinatorClosed,
+}
+
 /// How often the agent pings the coordinator on its control stream.
 const CONTROL_PING: Duration = Duration::from_secs(15);
 
@@ -788,18 +805,23 @@ async fn control_loop(agent: Arc<Agent>, shutdown: CancellationToken) {
     }
 }
 
-async fn control_session(agent: Arc<Agent>, shutdown: &CancellationToken) -> Result<(), String> {
+async fn control_session(
+    agent: Arc<Agent>,
+    shutdown: &CancellationToken,
+) -> Result<(), ControlError> {
     let (tx, rx) = mpsc::channel::<pb::AgentMessage>(32);
     tx.send(pb::AgentMessage {
         msg: Some(pb::agent_message::Msg::Hello(agent.hello())),
     })
     .await
-    .map_err(|_| "control channel closed")?;
+    .map_err(|_| ControlError::ChannelClosed)?;
     let mut client = agent.coordinator.clone();
     let mut commands = client
         .control(ReceiverStream::new(rx))
         .await
-        .map_err(|s| tls::explain_status(&agent.cfg.coordinator.to_string(), &s))?
+        .map_err(|s| {
+            ControlError::Refused(tls::explain_status(&agent.cfg.coordinator.to_string(), &s))
+        })?
         .into_inner();
     *lock(&agent.control_tx) = Some(tx.clone());
     // The coordinator cuts a control stream idle for its stream_idle_timeout
@@ -814,14 +836,14 @@ async fn control_session(agent: Arc<Agent>, shutdown: &CancellationToken) -> Res
                     msg: Some(pb::agent_message::Msg::Ping(pb::Ping {})),
                 };
                 if tx.send(msg).await.is_err() {
-                    return Err("the control stream closed".into());
+                    return Err(ControlError::StreamClosed);
                 }
                 continue;
             }
-            c = commands.message() => c.map_err(|s| s.message().to_string())?,
+            c = commands.message() => c.map_err(ControlError::Status)?,
         };
         let Some(cmd) = cmd else {
-            return Err("the coordinator closed the control stream".into());
+            return Err(ControlError::CoordinatorClosed);
         };
         match cmd.cmd {
             Some(pb::coordinator_command::Cmd::Welcome(w)) => {
