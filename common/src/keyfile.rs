@@ -2,8 +2,8 @@
 //! keys, the revocation list) without being redirected: a file is created
 //! exclusively and never through a symbolic link, a stale file is replaced only if
 //! it is a regular file of this user, and a durable write goes through a temporary
-//! file, fsync and rename. Enrollment and renewal ([`crate::enroll`]) write with it;
-//! [`crate::tls`] reads a renewal's pending certificate with it.
+//! file, fsync and rename. Enrollment and renewal (`enroll`) write with it; `tls`
+//! reads a renewal's pending certificate with it. It imports no other module.
 
 use std::path::{Path, PathBuf};
 

@@ -8,8 +8,8 @@
 //!
 //! It also reads certificates back: the [`Role`] and [`Identity`] a certificate's
 //! SPIFFE URI SAN names, its validity and SANs. This module is the bottom of the
-//! certificate stack: [`crate::tls`] builds rustls configurations on it, and
-//! [`crate::enroll`] enrolls and renews with both.
+//! certificate stack and imports none of the others: `tls` builds rustls
+//! configurations on it, and `enroll` enrolls and renews with both.
 
 use std::fmt;
 use std::fs;
