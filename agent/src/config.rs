@@ -240,231 +240,11 @@ impl AgentConfig {
             ));
         }
         let coordinator =
-            Target::parse(&t.coordinator).map_err(|m| bad("coordinator".into(), m))?;
+            Target::parse(&t.coordinator).map_err(|m| bad("coordinator".into(), m.to_string()))?;
         let mut sources: Vec<SourceConfig> = Vec::new();
         for (i, s) in t.sources.into_iter().enumerate() {
-            let key = |k: &str| format!("sources[{i}].{k}");
-            if !bulwark_common::pki::valid_name(&s.name) {
-                return Err(bad(
-                    key("name"),
-                    format!("\"{}\" is not a valid name", s.name),
-                ));
-            }
-            if sources.iter().any(|x| x.name == s.name) {
-                return Err(bad(
-                    key("name"),
-                    format!("data source \"{}\" is listed twice", s.name),
-                ));
-            }
-            let kind = match s.kind.as_str() {
-                "volume" => SourceKind::Volume,
-                "log" => SourceKind::Log,
-                other => {
-                    return Err(bad(
-                        key("kind"),
-                        format!("\"{other}\" is not volume or log"),
-                    ));
-                }
-            };
-            if kind == SourceKind::Log {
-                // What only a volume has.
-                let volume_only = [
-                    ("tracker", s.tracker != "fingerprint"),
-                    ("nbd_socket", s.nbd_socket.is_some()),
-                    ("nbd_listen", s.nbd_listen.is_some()),
-                    ("nbd_tls", s.nbd_tls.is_some()),
-                    ("nbd_client_role", s.nbd_client_role.is_some()),
-                    ("qmp_socket", s.qmp_socket.is_some()),
-                    ("era_metadata", s.era_metadata.is_some()),
-                    ("era_device", s.era_device.is_some()),
-                    ("pre_snapshot", s.pre_snapshot.is_some()),
-                    ("post_snapshot", s.post_snapshot.is_some()),
-                    ("fsfreeze", s.fsfreeze.is_some()),
-                    ("snapshot_command", s.snapshot_command.is_some()),
-                    ("snapshot_cleanup", s.snapshot_cleanup.is_some()),
-                    ("require_app_consistent", s.require_app_consistent),
-                    ("replica_space", s.replica_space.is_some()),
-                ];
-                if let Some((k, _)) = volume_only.iter().find(|(_, set)| *set) {
-                    return Err(bad(
-                        key(k),
-                        "only used with kind = \"volume\" (a log source ships appended bytes)"
-                            .into(),
-                    ));
-                }
-            }
-            match s.tracker.as_str() {
-                "fingerprint" | "qcow2-bitmap" | "nbd-filter" | "dm-era" => {}
-                other => {
-                    return Err(bad(
-                        key("tracker"),
-                        format!(
-                            "unknown tracker \"{other}\" (fingerprint, qcow2-bitmap, nbd-filter, dm-era)"
-                        ),
-                    ));
-                }
-            }
-            let nbd = nbd_endpoint(&s, path, &bad, &key)?;
-            if let Some(e) = &nbd
-                && let Some(other) = sources
-                    .iter()
-                    .find(|x| x.nbd.as_ref().is_some_and(|o| o.same_place(e)))
-            {
-                let k = match e {
-                    NbdEndpoint::Unix(_) => "nbd_socket",
-                    NbdEndpoint::Tls { .. } => "nbd_listen",
-                };
-                return Err(bad(
-                    key(k),
-                    format!("{e} is already the export of data source {}", other.name),
-                ));
-            }
-            let era = match (s.tracker.as_str(), &s.era_metadata, &s.era_device) {
-                ("dm-era", Some(m), d) => {
-                    let device = d.clone().unwrap_or_else(|| format!("bulwark-{}", s.name));
-                    if !bulwark_common::pki::valid_name(&device) {
-                        return Err(bad(
-                            key("era_device"),
-                            format!("\"{device}\" is not a valid device-mapper name"),
-                        ));
-                    }
-                    Some(EraConfig {
-                        metadata: resolve(path, m),
-                        device,
-                    })
-                }
-                ("dm-era", None, _) => {
-                    return Err(bad(
-                        key("era_metadata"),
-                        "tracker = \"dm-era\" needs era_metadata: a (zeroed) device for the era target's metadata".into(),
-                    ));
-                }
-                (_, Some(_), _) => {
-                    return Err(bad(
-                        key("era_metadata"),
-                        "only used with tracker = \"dm-era\"".into(),
-                    ));
-                }
-                (_, _, Some(_)) => {
-                    return Err(bad(
-                        key("era_device"),
-                        "only used with tracker = \"dm-era\"".into(),
-                    ));
-                }
-                _ => None,
-            };
-            let qmp_socket = match (&s.qmp_socket, s.tracker.as_str()) {
-                (Some(q), "qcow2-bitmap") => {
-                    let q = resolve(path, q);
-                    // A sync adds fixed names to the VM (its one NBD server among
-                    // them) and clears them away before and after: one data source
-                    // per VM.
-                    if sources.iter().any(|x| x.qmp_socket.as_ref() == Some(&q)) {
-                        return Err(bad(
-                            key("qmp_socket"),
-                            format!(
-                                "{} is already the QMP socket of another data source; one qcow2 image per VM can be protected",
-                                q.display()
-                            ),
-                        ));
-                    }
-                    Some(q)
-                }
-                (Some(_), _) => {
-                    return Err(bad(
-                        key("qmp_socket"),
-                        "only used with tracker = \"qcow2-bitmap\"".into(),
-                    ));
-                }
-                (None, _) => None,
-            };
-            let fsfreeze = s.fsfreeze.as_ref().map(|p| resolve(path, p));
-            if let Some(m) = &fsfreeze
-                && m == Path::new("/")
-            {
-                return Err(bad(
-                    key("fsfreeze"),
-                    "freezing / would stop this host; name the mount point of a file system on the volume".into(),
-                ));
-            }
-            if s.snapshot_command.is_some() && s.tracker == "qcow2-bitmap" {
-                return Err(bad(
-                    key("snapshot_command"),
-                    "not supported with tracker = \"qcow2-bitmap\" (the tracker reads the image itself, through qemu-storage-daemon)".into(),
-                ));
-            }
-            if s.hook_timeout.0 < Duration::from_secs(1) {
-                return Err(bad(key("hook_timeout"), "must be at least 1s".into()));
-            }
-            let quiesce = QuiesceConfig {
-                pre_snapshot: s.pre_snapshot,
-                post_snapshot: s.post_snapshot,
-                snapshot_command: s.snapshot_command,
-                snapshot_cleanup: s.snapshot_cleanup,
-                fsfreeze,
-                hook_timeout: s.hook_timeout.0,
-                require_app_consistent: s.require_app_consistent,
-            };
-            if quiesce.require_app_consistent && quiesce.is_empty() {
-                return Err(bad(
-                    key("require_app_consistent"),
-                    "set, but no pre_snapshot, fsfreeze or snapshot_command makes a point app-consistent".into(),
-                ));
-            }
-            let glob = match (kind, s.glob) {
-                (SourceKind::Volume, Some(_)) => {
-                    return Err(bad(key("glob"), "only used with kind = \"log\"".into()));
-                }
-                (SourceKind::Volume, None) => String::new(),
-                (SourceKind::Log, g) => {
-                    let g = g.unwrap_or_else(|| "*".into());
-                    crate::logs::check_glob(&g).map_err(|m| bad(key("glob"), m))?;
-                    g
-                }
-            };
-            let block_size = u32::try_from(s.block_size.0)
-                .ok()
-                .filter(|b| Geometry::new(0, *b).is_ok())
-                .ok_or_else(|| {
-                    bad(
-                        key("block_size"),
-                        format!(
-                            "{} is not a power of two between 4KiB and 4MiB",
-                            s.block_size.0
-                        ),
-                    )
-                })?;
-            if s.sync_interval.0 < Duration::from_secs(1) {
-                return Err(bad(key("sync_interval"), "must be at least 1s".into()));
-            }
-            let policy = bulwark_proto::Policy {
-                replica_alloc_bytes: s.replica_space.map_or(0, |b| b.0),
-                points_alloc_bytes: s.points_space.map_or(0, |b| b.0),
-                // No table, no proposal: the admin's retention applies as it is.
-                retention: s.retention.map(|r| r.retention().to_proto()),
-                keep_after_ms: 0,
-                lock: None,
-            };
-            sources.push(SourceConfig {
-                kind,
-                glob,
-                name: s.name,
-                path: resolve(path, &s.path),
-                tracker: s.tracker,
-                block_size,
-                sync_interval: s.sync_interval.0,
-                nbd,
-                qmp_socket,
-                era,
-                quiesce,
-                policy,
-                group: match s.group {
-                    Some(g) if !bulwark_common::pki::valid_name(&g) => {
-                        return Err(bad(key("group"), format!("\"{g}\" is not a valid name")));
-                    }
-                    g => g,
-                },
-            });
+            let source = source_config(path, i, s, &sources, &bad)?;
+            sources.push(source);
         }
         let nbd_filters = sources.iter().any(|s| s.nbd.is_some());
         for (k, set) in [
@@ -495,6 +275,284 @@ impl AgentConfig {
             tls: t.tls.relative_to(path),
         })
     }
+}
+
+/// Checks data source `i` of `path` (`earlier` are the ones before it).
+fn source_config(
+    path: &Path,
+    i: usize,
+    s: SourceToml,
+    earlier: &[SourceConfig],
+    bad: &impl Fn(String, String) -> ConfigError,
+) -> Result<SourceConfig, ConfigError> {
+    let key = |k: &str| format!("sources[{i}].{k}");
+    let kind = source_kind(&s, earlier, bad, &key)?;
+    let nbd = nbd_endpoint(&s, path, bad, &key)?;
+    if let Some(e) = &nbd
+        && let Some(other) = earlier
+            .iter()
+            .find(|x| x.nbd.as_ref().is_some_and(|o| o.same_place(e)))
+    {
+        let k = match e {
+            NbdEndpoint::Unix(_) => "nbd_socket",
+            NbdEndpoint::Tls { .. } => "nbd_listen",
+        };
+        return Err(bad(
+            key(k),
+            format!("{e} is already the export of data source {}", other.name),
+        ));
+    }
+    let era = era_config(&s, path, bad, &key)?;
+    let qmp_socket = qmp_socket(&s, path, earlier, bad, &key)?;
+    let quiesce = quiesce_config(&s, path, bad, &key)?;
+    let glob = match (kind, s.glob) {
+        (SourceKind::Volume, Some(_)) => {
+            return Err(bad(key("glob"), "only used with kind = \"log\"".into()));
+        }
+        (SourceKind::Volume, None) => String::new(),
+        (SourceKind::Log, g) => {
+            let g = g.unwrap_or_else(|| "*".into());
+            crate::logs::check_glob(&g).map_err(|m| bad(key("glob"), m.to_string()))?;
+            g
+        }
+    };
+    let block_size = u32::try_from(s.block_size.0)
+        .ok()
+        .filter(|b| Geometry::new(0, *b).is_ok())
+        .ok_or_else(|| {
+            bad(
+                key("block_size"),
+                format!(
+                    "{} is not a power of two between 4KiB and 4MiB",
+                    s.block_size.0
+                ),
+            )
+        })?;
+    if s.sync_interval.0 < Duration::from_secs(1) {
+        return Err(bad(key("sync_interval"), "must be at least 1s".into()));
+    }
+    let policy = bulwark_proto::Policy {
+        replica_alloc_bytes: s.replica_space.map_or(0, |b| b.0),
+        points_alloc_bytes: s.points_space.map_or(0, |b| b.0),
+        // No table, no proposal: the admin's retention applies as it is.
+        retention: s.retention.map(|r| r.retention().to_proto()),
+        keep_after_ms: 0,
+        lock: None,
+    };
+    Ok(SourceConfig {
+        kind,
+        glob,
+        name: s.name,
+        path: resolve(path, &s.path),
+        tracker: s.tracker,
+        block_size,
+        sync_interval: s.sync_interval.0,
+        nbd,
+        qmp_socket,
+        era,
+        quiesce,
+        policy,
+        group: match s.group {
+            Some(g) if !bulwark_common::pki::valid_name(&g) => {
+                return Err(bad(key("group"), format!("\"{g}\" is not a valid name")));
+            }
+            g => g,
+        },
+    })
+}
+
+/// A source's name (valid, not listed before), kind (and nothing a log source
+/// does not use) and tracker.
+fn source_kind(
+    s: &SourceToml,
+    earlier: &[SourceConfig],
+    bad: &impl Fn(String, String) -> ConfigError,
+    key: &impl Fn(&str) -> String,
+) -> Result<SourceKind, ConfigError> {
+    if !bulwark_common::pki::valid_name(&s.name) {
+        return Err(bad(
+            key("name"),
+            format!("\"{}\" is not a valid name", s.name),
+        ));
+    }
+    if earlier.iter().any(|x| x.name == s.name) {
+        return Err(bad(
+            key("name"),
+            format!("data source \"{}\" is listed twice", s.name),
+        ));
+    }
+    let kind = match s.kind.as_str() {
+        "volume" => SourceKind::Volume,
+        "log" => SourceKind::Log,
+        other => {
+            return Err(bad(
+                key("kind"),
+                format!("\"{other}\" is not volume or log"),
+            ));
+        }
+    };
+    if kind == SourceKind::Log {
+        // What only a volume has.
+        let volume_only = [
+            ("tracker", s.tracker != "fingerprint"),
+            ("nbd_socket", s.nbd_socket.is_some()),
+            ("nbd_listen", s.nbd_listen.is_some()),
+            ("nbd_tls", s.nbd_tls.is_some()),
+            ("nbd_client_role", s.nbd_client_role.is_some()),
+            ("qmp_socket", s.qmp_socket.is_some()),
+            ("era_metadata", s.era_metadata.is_some()),
+            ("era_device", s.era_device.is_some()),
+            ("pre_snapshot", s.pre_snapshot.is_some()),
+            ("post_snapshot", s.post_snapshot.is_some()),
+            ("fsfreeze", s.fsfreeze.is_some()),
+            ("snapshot_command", s.snapshot_command.is_some()),
+            ("snapshot_cleanup", s.snapshot_cleanup.is_some()),
+            ("require_app_consistent", s.require_app_consistent),
+            ("replica_space", s.replica_space.is_some()),
+        ];
+        if let Some((k, _)) = volume_only.iter().find(|(_, set)| *set) {
+            return Err(bad(
+                key(k),
+                "only used with kind = \"volume\" (a log source ships appended bytes)".into(),
+            ));
+        }
+    }
+    match s.tracker.as_str() {
+        "fingerprint" | "qcow2-bitmap" | "nbd-filter" | "dm-era" => {}
+        other => {
+            return Err(bad(
+                key("tracker"),
+                format!(
+                    "unknown tracker \"{other}\" (fingerprint, qcow2-bitmap, nbd-filter, dm-era)"
+                ),
+            ));
+        }
+    }
+    Ok(kind)
+}
+
+/// The era target of a `dm-era` source (`era_metadata`, `era_device`).
+fn era_config(
+    s: &SourceToml,
+    path: &Path,
+    bad: &impl Fn(String, String) -> ConfigError,
+    key: &impl Fn(&str) -> String,
+) -> Result<Option<EraConfig>, ConfigError> {
+    Ok(match (s.tracker.as_str(), &s.era_metadata, &s.era_device) {
+        ("dm-era", Some(m), d) => {
+            let device = d.clone().unwrap_or_else(|| format!("bulwark-{}", s.name));
+            if !bulwark_common::pki::valid_name(&device) {
+                return Err(bad(
+                    key("era_device"),
+                    format!("\"{device}\" is not a valid device-mapper name"),
+                ));
+            }
+            Some(EraConfig {
+                metadata: resolve(path, m),
+                device,
+            })
+        }
+        ("dm-era", None, _) => {
+            return Err(bad(
+                        key("era_metadata"),
+                        "tracker = \"dm-era\" needs era_metadata: a (zeroed) device for the era target's metadata".into(),
+                    ));
+        }
+        (_, Some(_), _) => {
+            return Err(bad(
+                key("era_metadata"),
+                "only used with tracker = \"dm-era\"".into(),
+            ));
+        }
+        (_, _, Some(_)) => {
+            return Err(bad(
+                key("era_device"),
+                "only used with tracker = \"dm-era\"".into(),
+            ));
+        }
+        _ => None,
+    })
+}
+
+/// The QMP socket of the VM running a `qcow2-bitmap` source's image: one data
+/// source per VM.
+fn qmp_socket(
+    s: &SourceToml,
+    path: &Path,
+    earlier: &[SourceConfig],
+    bad: &impl Fn(String, String) -> ConfigError,
+    key: &impl Fn(&str) -> String,
+) -> Result<Option<PathBuf>, ConfigError> {
+    Ok(match (&s.qmp_socket, s.tracker.as_str()) {
+        (Some(q), "qcow2-bitmap") => {
+            let q = resolve(path, q);
+            // A sync adds fixed names to the VM (its one NBD server among
+            // them) and clears them away before and after: one data source
+            // per VM.
+            if earlier.iter().any(|x| x.qmp_socket.as_ref() == Some(&q)) {
+                return Err(bad(
+                    key("qmp_socket"),
+                    format!(
+                        "{} is already the QMP socket of another data source; one qcow2 image per VM can be protected",
+                        q.display()
+                    ),
+                ));
+            }
+            Some(q)
+        }
+        (Some(_), _) => {
+            return Err(bad(
+                key("qmp_socket"),
+                "only used with tracker = \"qcow2-bitmap\"".into(),
+            ));
+        }
+        (None, _) => None,
+    })
+}
+
+/// Hooks, fsfreeze and snapshots of a source.
+fn quiesce_config(
+    s: &SourceToml,
+    path: &Path,
+    bad: &impl Fn(String, String) -> ConfigError,
+    key: &impl Fn(&str) -> String,
+) -> Result<QuiesceConfig, ConfigError> {
+    let fsfreeze = s.fsfreeze.as_ref().map(|p| resolve(path, p));
+    if let Some(m) = &fsfreeze
+        && m == Path::new("/")
+    {
+        return Err(bad(
+            key("fsfreeze"),
+            "freezing / would stop this host; name the mount point of a file system on the volume"
+                .into(),
+        ));
+    }
+    if s.snapshot_command.is_some() && s.tracker == "qcow2-bitmap" {
+        return Err(bad(
+                    key("snapshot_command"),
+                    "not supported with tracker = \"qcow2-bitmap\" (the tracker reads the image itself, through qemu-storage-daemon)".into(),
+                ));
+    }
+    if s.hook_timeout.0 < Duration::from_secs(1) {
+        return Err(bad(key("hook_timeout"), "must be at least 1s".into()));
+    }
+    let quiesce = QuiesceConfig {
+        pre_snapshot: s.pre_snapshot.clone(),
+        post_snapshot: s.post_snapshot.clone(),
+        snapshot_command: s.snapshot_command.clone(),
+        snapshot_cleanup: s.snapshot_cleanup.clone(),
+        fsfreeze,
+        hook_timeout: s.hook_timeout.0,
+        require_app_consistent: s.require_app_consistent,
+    };
+    if quiesce.require_app_consistent && quiesce.is_empty() {
+        return Err(bad(
+            key("require_app_consistent"),
+            "set, but no pre_snapshot, fsfreeze or snapshot_command makes a point app-consistent"
+                .into(),
+        ));
+    }
+    Ok(quiesce)
 }
 
 impl NbdEndpoint {
@@ -586,7 +644,7 @@ fn nbd_endpoint(
             })?;
             let client_role = role
                 .parse::<Role>()
-                .map_err(|m| bad(key("nbd_client_role"), m))?;
+                .map_err(|m| bad(key("nbd_client_role"), m.to_string()))?;
             Ok(Some(NbdEndpoint::Tls { addr, client_role }))
         }
     }

@@ -149,7 +149,7 @@ impl ExportResolver for RoleGate {
 
     fn list(&self, peer_certs: &[CertificateDer<'static>]) -> Vec<String> {
         let allowed = peer_certs.first().is_some_and(|c| {
-            Identity::from_cert(c.as_ref(), &self.trust_domain).is_ok_and(|w| w.role == self.role)
+            Identity::parse(c.as_ref(), &self.trust_domain).is_ok_and(|w| w.role == self.role)
         });
         if allowed {
             vec![self.source.clone()]

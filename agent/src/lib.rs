@@ -12,7 +12,8 @@
 //! - [`sync`] — one sync or consistency check.
 //! - [`restore`] — one restore to a path.
 //! - [`logs`] — log sources: ship appended bytes, restore a log point.
-//! - [`server`] — lifecycle, the control stream to the coordinator, schedules.
+//! - [`server`] — lifecycle and the control stream to the coordinator.
+//! - [`workers`] — the background loops: each source's sync schedule, renewal.
 
 pub mod config;
 pub mod export;
@@ -23,3 +24,4 @@ pub mod server;
 pub mod sync;
 pub mod tracker;
 pub mod volume;
+pub mod workers;

@@ -37,6 +37,121 @@ const ANCHOR_LEN: u64 = 4096;
 /// Largest piece sent in one message.
 const PIECE: u64 = 1 << 20;
 
+/// A log glob `agent.toml` cannot use.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GlobError {
+    #[error("is empty")]
+    Empty,
+    #[error("matches file names in the directory only: it may not contain /")]
+    Slash,
+    #[error("\"{0}\" has a [ with no closing ]")]
+    Unclosed(String),
+}
+
+/// A ship or a log restore that failed: which file, or what the node did.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("cannot open {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot stat {path}: {source}")]
+    Stat {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} was replaced while it was being shipped; the next ship sends it")]
+    Replaced { path: PathBuf },
+    #[error("cannot list {path}: {source}")]
+    List {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the node closed the ship")]
+    Closed,
+    #[error("node refused the ship: {}", .0.message())]
+    ShipRefused(#[source] tonic::Status),
+    /// The node's stream failed: its message.
+    #[error("{}", .0.message())]
+    Node(#[source] tonic::Status),
+    #[error("the node did not answer the ship with its manifest")]
+    NoManifest,
+    #[error("log reader failed: {0}")]
+    Reader(#[source] tokio::task::JoinError),
+    #[error("the node ended the ship without committing it")]
+    NotCommitted,
+    #[error("node refused the log restore: {}", .0.message())]
+    RestoreRefused(#[source] tonic::Status),
+    #[error("the node's log restore did not start with its point")]
+    NoPoint,
+    #[error("the node sent log data before any file")]
+    DataBeforeFile,
+    #[error("the node sent two points")]
+    TwoPoints,
+    #[error("cannot fsync {path}: {source}")]
+    Fsync {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("log writer failed: {0}")]
+    Writer(#[source] tokio::task::JoinError),
+    #[error("{path} is not empty: restore into a new or empty directory")]
+    NotEmpty { path: PathBuf },
+    #[error("cannot create {path}: {source}")]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot use {path}: {source}")]
+    Use {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the node sent a bad log file name {0:?}")]
+    BadName(String),
+    #[error(
+        "{path} at byte {at}: the data does not match its checksum; nothing was renamed into place"
+    )]
+    Checksum { path: PathBuf, at: u64 },
+    #[error("{path}: the node sent more than the {length} bytes it announced")]
+    TooLong { path: PathBuf, length: u64 },
+    #[error("{path}: the node sent {at} of {length} bytes")]
+    Short { path: PathBuf, at: u64, length: u64 },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot rename into {path}: {source}")]
+    Rename {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A [`LogError`] variant with `path` and an io error as its source.
+fn io_err(
+    make: fn(PathBuf, std::io::Error) -> LogError,
+    path: &Path,
+) -> impl FnOnce(std::io::Error) -> LogError + '_ {
+    move |e| make(path.to_path_buf(), e)
+}
+
 /// What a ship did.
 #[derive(Debug, Clone, Default)]
 pub struct ShipOutcome {
@@ -137,12 +252,12 @@ fn class_match(p: &[char], c: char) -> Option<(bool, usize)> {
 }
 
 /// Checks a glob for `agent.toml`: one path component, classes closed.
-pub fn check_glob(pattern: &str) -> Result<(), String> {
+pub fn check_glob(pattern: &str) -> Result<(), GlobError> {
     if pattern.is_empty() {
-        return Err("is empty".into());
+        return Err(GlobError::Empty);
     }
     if pattern.contains('/') {
-        return Err("matches file names in the directory only: it may not contain /".into());
+        return Err(GlobError::Slash);
     }
     let p: Vec<char> = pattern.chars().collect();
     let mut i = 0;
@@ -150,7 +265,7 @@ pub fn check_glob(pattern: &str) -> Result<(), String> {
         if p[i] == '[' {
             match class_match(&p[i..], 'x') {
                 Some((_, len)) => i += len,
-                None => return Err(format!("\"{pattern}\" has a [ with no closing ]")),
+                None => return Err(GlobError::Unclosed(pattern.to_string())),
             }
         } else {
             i += 1;
@@ -178,32 +293,34 @@ fn mtime_ns(m: &std::fs::Metadata) -> i64 {
 impl HostFile {
     /// The file, opened now if it was not; refused if the name no longer leads to
     /// the file that was looked at (replaced in between: the next ship sends it).
-    fn open(&self) -> Result<&File, String> {
+    fn open(&self) -> Result<&File, LogError> {
         if let Some(f) = self.file.get() {
             return Ok(f);
         }
-        let f = File::open(&self.path)
-            .map_err(|e| format!("cannot open {}: {e}", self.path.display()))?;
-        let m = f
-            .metadata()
-            .map_err(|e| format!("cannot stat {}: {e}", self.path.display()))?;
+        let f = File::open(&self.path).map_err(io_err(
+            |path, source| LogError::Open { path, source },
+            &self.path,
+        ))?;
+        let m = f.metadata().map_err(io_err(
+            |path, source| LogError::Stat { path, source },
+            &self.path,
+        ))?;
         if (m.dev(), m.ino()) != (self.dev, self.ino) {
-            return Err(format!(
-                "{} was replaced while it was being shipped; the next ship sends it",
-                self.path.display()
-            ));
+            return Err(LogError::Replaced {
+                path: self.path.clone(),
+            });
         }
         Ok(self.file.get_or_init(|| f))
     }
 }
 
 /// The regular files of `dir` matching `glob` (not opened), sorted by name.
-fn scan(dir: &Path, glob: &str) -> Result<Vec<HostFile>, String> {
-    let entries =
-        std::fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+fn scan(dir: &Path, glob: &str) -> Result<Vec<HostFile>, LogError> {
+    let list = |path, source| LogError::List { path, source };
+    let entries = std::fs::read_dir(dir).map_err(io_err(list, dir))?;
     let mut out = Vec::new();
     for e in entries {
-        let e = e.map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+        let e = e.map_err(io_err(list, dir))?;
         let Some(name) = e.file_name().to_str().map(str::to_string) else {
             tracing::warn!(file = ?e.file_name(), "skipping a log file whose name is not UTF-8");
             continue;
@@ -232,15 +349,16 @@ fn scan(dir: &Path, glob: &str) -> Result<Vec<HostFile>, String> {
     Ok(out)
 }
 
-fn read_at(f: &HostFile, offset: u64, len: u64) -> Result<Vec<u8>, String> {
+fn read_at(f: &HostFile, offset: u64, len: u64) -> Result<Vec<u8>, LogError> {
     let mut buf = vec![0u8; len as usize];
-    f.open()?
-        .read_exact_at(&mut buf, offset)
-        .map_err(|e| format!("cannot read {}: {e}", f.path.display()))?;
+    f.open()?.read_exact_at(&mut buf, offset).map_err(io_err(
+        |path, source| LogError::Read { path, source },
+        &f.path,
+    ))?;
     Ok(buf)
 }
 
-fn anchor_hash(f: &HostFile, start: u64, len: u64) -> Result<Vec<u8>, String> {
+fn anchor_hash(f: &HostFile, start: u64, len: u64) -> Result<Vec<u8>, LogError> {
     if len == 0 {
         return Ok(Vec::new());
     }
@@ -263,7 +381,7 @@ fn decide(
     f: &HostFile,
     known: Option<&pb::LogFileState>,
     read: &mut u64,
-) -> Result<Action, String> {
+) -> Result<Action, LogError> {
     let Some(k) = known else {
         return Ok(Action::Restart { why: String::new() });
     };
@@ -302,7 +420,7 @@ pub async fn ship(
     glob: &str,
     a: &pb::Assignment,
     mut node: NodeClient<TracedChannel>,
-) -> Result<ShipOutcome, String> {
+) -> Result<ShipOutcome, LogError> {
     use pb::log_message::Msg;
     let started = Instant::now();
     let (tx, rx) = mpsc::channel::<pb::LogMessage>(4);
@@ -311,7 +429,7 @@ pub async fn ship(
         async move {
             tx.send(pb::LogMessage { msg: Some(m) })
                 .await
-                .map_err(|_| "the node closed the ship".to_string())
+                .map_err(|_| LogError::Closed)
         }
     };
     send(
@@ -325,22 +443,18 @@ pub async fn ship(
     let mut replies = node
         .ship_log(ReceiverStream::new(rx))
         .await
-        .map_err(|s| format!("node refused the ship: {}", s.message()))?
+        .map_err(LogError::ShipRefused)?
         .into_inner();
     let mut manifest: HashMap<String, pb::LogFileState> = HashMap::new();
     loop {
-        match replies
-            .message()
-            .await
-            .map_err(|s| s.message().to_string())?
-        {
+        match replies.message().await.map_err(LogError::Node)? {
             Some(pb::LogReply {
                 msg: Some(pb::log_reply::Msg::Manifest(m)),
             }) => manifest.extend(m.files.into_iter().map(|f| (f.name.clone(), f))),
             Some(pb::LogReply {
                 msg: Some(pb::log_reply::Msg::Ready(_)),
             }) => break,
-            _ => return Err("the node did not answer the ship with its manifest".into()),
+            _ => return Err(LogError::NoManifest),
         }
     }
     // The reading runs on a blocking thread and feeds the stream; its result says
@@ -349,7 +463,7 @@ pub async fn ship(
     let reader = tokio::task::spawn_blocking(move || read_and_send(&dir, &glob, &manifest, &txr));
     let outcome = match reader.await {
         Ok(r) => r,
-        Err(e) => Err(format!("log reader failed: {e}")),
+        Err(e) => Err(LogError::Reader(e)),
     };
     let mut o = match outcome {
         Ok(o) => o,
@@ -357,7 +471,7 @@ pub async fn ship(
             // Whatever the node says is the better explanation.
             drop(tx);
             if let Err(s) = replies.message().await {
-                return Err(s.message().to_string());
+                return Err(LogError::Node(s));
             }
             return Err(e);
         }
@@ -365,15 +479,11 @@ pub async fn ship(
     let gone = std::mem::take(&mut o.1);
     send(&tx, Msg::Commit(pb::LogCommit { gone })).await?;
     drop(tx);
-    let point = match replies
-        .message()
-        .await
-        .map_err(|s| s.message().to_string())?
-    {
+    let point = match replies.message().await.map_err(LogError::Node)? {
         Some(pb::LogReply {
             msg: Some(pb::log_reply::Msg::Committed(c)),
         }) => c.point.unwrap_or_default(),
-        _ => return Err("the node ended the ship without committing it".into()),
+        _ => return Err(LogError::NotCommitted),
     };
     let mut out = o.0;
     out.point = point;
@@ -388,11 +498,11 @@ fn read_and_send(
     glob: &str,
     manifest: &HashMap<String, pb::LogFileState>,
     tx: &mpsc::Sender<pb::LogMessage>,
-) -> Result<(ShipOutcome, Vec<String>), String> {
+) -> Result<(ShipOutcome, Vec<String>), LogError> {
     use pb::log_message::Msg;
     let send = |m: Msg| {
         tx.blocking_send(pb::LogMessage { msg: Some(m) })
-            .map_err(|_| "the node closed the ship".to_string())
+            .map_err(|_| LogError::Closed)
     };
     let files = scan(dir, glob)?;
     let mut o = ShipOutcome {
@@ -477,7 +587,7 @@ pub async fn restore_logs(
     point: u64,
     dir: &Path,
     mut node: NodeClient<TracedChannel>,
-) -> Result<LogRestoreOutcome, String> {
+) -> Result<LogRestoreOutcome, LogError> {
     prepare_dir(dir)?;
     let mut stream = node
         .restore_log(pb::NodeRestoreRequest {
@@ -485,17 +595,13 @@ pub async fn restore_logs(
             point,
         })
         .await
-        .map_err(|s| format!("node refused the log restore: {}", s.message()))?
+        .map_err(LogError::RestoreRefused)?
         .into_inner();
-    let p = match stream
-        .message()
-        .await
-        .map_err(|s| s.message().to_string())?
-    {
+    let p = match stream.message().await.map_err(LogError::Node)? {
         Some(pb::LogChunk {
             msg: Some(pb::log_chunk::Msg::Point(p)),
         }) => p,
-        _ => return Err("the node's log restore did not start with its point".into()),
+        _ => return Err(LogError::NoPoint),
     };
     let mut out = LogRestoreOutcome {
         point: p,
@@ -518,13 +624,11 @@ pub async fn restore_logs(
                     files += 1;
                 }
                 pb::log_chunk::Msg::Data(data) => {
-                    let w = cur
-                        .as_mut()
-                        .ok_or("the node sent log data before any file")?;
+                    let w = cur.as_mut().ok_or(LogError::DataBeforeFile)?;
                     w.write(&data)?;
                     bytes += data.data.len() as u64;
                 }
-                pb::log_chunk::Msg::Point(_) => return Err("the node sent two points".into()),
+                pb::log_chunk::Msg::Point(_) => return Err(LogError::TwoPoints),
             }
         }
         if let Some(w) = cur.take() {
@@ -532,28 +636,22 @@ pub async fn restore_logs(
         }
         File::open(&d)
             .and_then(|f| f.sync_all())
-            .map_err(|e| format!("cannot fsync {}: {e}", d.display()))?;
-        Ok::<_, String>((files, bytes))
+            .map_err(io_err(|path, source| LogError::Fsync { path, source }, &d))?;
+        Ok::<_, LogError>((files, bytes))
     });
     let received = async {
-        while let Some(c) = stream
-            .message()
-            .await
-            .map_err(|s| s.message().to_string())?
-        {
+        while let Some(c) = stream.message().await.map_err(LogError::Node)? {
             if let Some(m) = c.msg
                 && tx.send(m).await.is_err()
             {
                 break;
             }
         }
-        Ok::<_, String>(())
+        Ok::<_, LogError>(())
     }
     .await;
     drop(tx);
-    let written = writer
-        .await
-        .map_err(|e| format!("log writer failed: {e}"))?;
+    let written = writer.await.map_err(LogError::Writer)?;
     let (files, bytes) = written?;
     received?;
     out.files = files;
@@ -562,20 +660,23 @@ pub async fn restore_logs(
 }
 
 /// Creates `dir`, or accepts it empty.
-pub fn prepare_dir(dir: &Path) -> Result<(), String> {
+pub fn prepare_dir(dir: &Path) -> Result<(), LogError> {
     match std::fs::read_dir(dir) {
         Ok(mut entries) => {
             if entries.next().is_some() {
-                return Err(format!(
-                    "{} is not empty: restore into a new or empty directory",
-                    dir.display()
-                ));
+                return Err(LogError::NotEmpty {
+                    path: dir.to_path_buf(),
+                });
             }
             Ok(())
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display())),
-        Err(e) => Err(format!("cannot use {}: {e}", dir.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir_all(dir).map_err(
+            io_err(|path, source| LogError::Create { path, source }, dir),
+        ),
+        Err(source) => Err(LogError::Use {
+            path: dir.to_path_buf(),
+            source,
+        }),
     }
 }
 
@@ -590,9 +691,9 @@ struct Writing {
 }
 
 impl Writing {
-    fn new(dir: &Path, h: pb::LogFileHeader) -> Result<Writing, String> {
+    fn new(dir: &Path, h: pb::LogFileHeader) -> Result<Writing, LogError> {
         if h.name.is_empty() || h.name.contains('/') || h.name == "." || h.name == ".." {
-            return Err(format!("the node sent a bad log file name {:?}", h.name));
+            return Err(LogError::BadName(h.name));
         }
         let path = dir.join(&h.name);
         let partial = dir.join(format!(".{}.bulwark-partial", h.name));
@@ -600,7 +701,10 @@ impl Writing {
             .write(true)
             .create_new(true)
             .open(&partial)
-            .map_err(|e| format!("cannot create {}: {e}", partial.display()))?;
+            .map_err(io_err(
+                |path, source| LogError::Create { path, source },
+                &partial,
+            ))?;
         Ok(Writing {
             file,
             partial,
@@ -611,45 +715,46 @@ impl Writing {
         })
     }
 
-    fn write(&mut self, d: &pb::LogData) -> Result<(), String> {
+    fn write(&mut self, d: &pb::LogData) -> Result<(), LogError> {
         if blake3::hash(&d.data).as_bytes() != d.checksum.as_ref() {
-            return Err(format!(
-                "{} at byte {}: the data does not match its checksum; nothing was renamed into place",
-                self.path.display(),
-                self.at
-            ));
+            return Err(LogError::Checksum {
+                path: self.path.clone(),
+                at: self.at,
+            });
         }
         if self.at + d.data.len() as u64 > self.length {
-            return Err(format!(
-                "{}: the node sent more than the {} bytes it announced",
-                self.path.display(),
-                self.length
-            ));
+            return Err(LogError::TooLong {
+                path: self.path.clone(),
+                length: self.length,
+            });
         }
-        self.file
-            .write_all_at(&d.data, self.at)
-            .map_err(|e| format!("cannot write {}: {e}", self.partial.display()))?;
+        self.file.write_all_at(&d.data, self.at).map_err(io_err(
+            |path, source| LogError::Write { path, source },
+            &self.partial,
+        ))?;
         self.at += d.data.len() as u64;
         Ok(())
     }
 
-    fn finish(self) -> Result<(), String> {
+    fn finish(self) -> Result<(), LogError> {
         if self.at != self.length {
-            return Err(format!(
-                "{}: the node sent {} of {} bytes",
-                self.path.display(),
-                self.at,
-                self.length
-            ));
+            return Err(LogError::Short {
+                path: self.path.clone(),
+                at: self.at,
+                length: self.length,
+            });
         }
         let when = std::time::UNIX_EPOCH
             + std::time::Duration::from_nanos(u64::try_from(self.mtime_ns).unwrap_or(0));
         let _ = self.file.set_modified(when);
-        self.file
-            .sync_all()
-            .map_err(|e| format!("cannot fsync {}: {e}", self.partial.display()))?;
-        std::fs::rename(&self.partial, &self.path)
-            .map_err(|e| format!("cannot rename into {}: {e}", self.path.display()))
+        self.file.sync_all().map_err(io_err(
+            |path, source| LogError::Fsync { path, source },
+            &self.partial,
+        ))?;
+        std::fs::rename(&self.partial, &self.path).map_err(io_err(
+            |path, source| LogError::Rename { path, source },
+            &self.path,
+        ))
     }
 }
 
@@ -718,7 +823,10 @@ mod tests {
         let k = state(d, "app.log", &shipped);
         let mut read = 0;
         let unchanged = host(d, "app.log");
-        assert_eq!(decide(&unchanged, Some(&k), &mut read), Ok(Action::Skip));
+        assert_eq!(
+            decide(&unchanged, Some(&k), &mut read).expect("decide"),
+            Action::Skip
+        );
         assert_eq!(read, 0, "an unchanged file is not read");
         assert!(unchanged.file.get().is_none(), "nor even opened");
         // Appended.
@@ -726,8 +834,8 @@ mod tests {
         longer.extend_from_slice(b"more");
         std::fs::write(&p, &longer).expect("write");
         assert_eq!(
-            decide(&host(d, "app.log"), Some(&k), &mut read),
-            Ok(Action::Append { from: 10_000 })
+            decide(&host(d, "app.log"), Some(&k), &mut read).expect("decide"),
+            Action::Append { from: 10_000 }
         );
         assert_eq!(read, 2 * ANCHOR_LEN);
         // Rewritten at the start.
@@ -750,7 +858,11 @@ mod tests {
         let _hold = File::open(&p).expect("hold");
         std::fs::write(d.join("new"), b"another file").expect("write");
         std::fs::rename(d.join("new"), &p).expect("replace");
-        assert!(looked.open().is_err_and(|e| e.contains("replaced")));
+        assert!(
+            looked
+                .open()
+                .is_err_and(|e| e.to_string().contains("replaced"))
+        );
         std::fs::write(&p, b"short").expect("write");
         // Rotated: a new file under the name.
         std::fs::rename(&p, d.join("app.log.1")).expect("rename");
@@ -761,8 +873,8 @@ mod tests {
         ));
         // Unknown to the node.
         assert_eq!(
-            decide(&host(d, "app.log.1"), None, &mut read),
-            Ok(Action::Restart { why: String::new() })
+            decide(&host(d, "app.log.1"), None, &mut read).expect("decide"),
+            Action::Restart { why: String::new() }
         );
     }
 }

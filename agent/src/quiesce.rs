@@ -56,6 +56,90 @@ impl QuiesceConfig {
     }
 }
 
+/// A hook, freeze or snapshot that failed: which command or mount, and why.
+#[derive(Debug, thiserror::Error)]
+pub enum QuiesceError {
+    #[error("{what} hook `{cmd}` could not start: {source}")]
+    HookStart {
+        what: String,
+        cmd: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} hook `{cmd}` failed ({status}){}", colon_then(.stderr_tail))]
+    HookFailed {
+        what: String,
+        cmd: String,
+        status: std::process::ExitStatus,
+        /// The last 400 characters of its stderr.
+        stderr_tail: String,
+    },
+    #[error("{what} hook `{cmd}`: {source}")]
+    HookIo {
+        what: String,
+        cmd: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} hook `{cmd}` did not finish within {secs} s and was killed")]
+    HookTimeout {
+        what: String,
+        cmd: String,
+        secs: f64,
+    },
+    #[error("fsfreeze path {mount} must be absolute")]
+    NotAbsolute { mount: PathBuf },
+    #[error("fsfreeze {mount}: {source}")]
+    Freeze {
+        mount: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("fsfreeze {mount} is not a directory")]
+    NotDir { mount: PathBuf },
+    #[error("cannot stat {path}: {source}")]
+    Stat {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("fsfreeze {mount} is on the root file system; freezing it would stop this host")]
+    RootFs { mount: PathBuf },
+    #[error(
+        "fsfreeze {mount} holds the agent's state_dir {state_dir}; the agent could not work while it is frozen"
+    )]
+    HoldsState { mount: PathBuf, state_dir: PathBuf },
+    #[error("fsfreeze {mount} is not a mount point (it is on the same file system as {parent})")]
+    NotMountPoint { mount: PathBuf, parent: PathBuf },
+    #[error("the freeze of {mount} lasted longer than hook_timeout and the watchdog thawed it")]
+    Overran { mount: PathBuf },
+    #[error("thaw {mount}: {source}")]
+    Thaw {
+        mount: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The blocking freeze or thaw task panicked or was cancelled.
+    #[error("{0}")]
+    Task(#[source] tokio::task::JoinError),
+    #[error("{cause}; the sync is refused because require_app_consistent = true")]
+    Refused {
+        #[source]
+        cause: Box<QuiesceError>,
+    },
+    #[error("snapshot_command `{cmd}` succeeded but {path} does not exist")]
+    NoSnapshot { cmd: String, path: PathBuf },
+}
+
+/// `": text"`, or nothing for no text.
+fn colon_then(text: &str) -> String {
+    if text.is_empty() {
+        String::new()
+    } else {
+        format!(": {text}")
+    }
+}
+
 /// Runs `cmd` with `/bin/sh -c` in its own process group, killing the group after
 /// `timeout`. Returns its stdout, or what went wrong with the tail of its stderr.
 pub async fn run_hook(
@@ -63,7 +147,7 @@ pub async fn run_hook(
     cmd: &str,
     env: &[(&str, String)],
     timeout: Duration,
-) -> Result<String, String> {
+) -> Result<String, QuiesceError> {
     let mut c = tokio::process::Command::new("/bin/sh");
     c.arg("-c")
         .arg(cmd)
@@ -75,9 +159,11 @@ pub async fn run_hook(
     for (k, v) in env {
         c.env(k, v);
     }
-    let child = c
-        .spawn()
-        .map_err(|e| format!("{what} hook `{cmd}` could not start: {e}"))?;
+    let (what, cmd) = (what.to_string(), cmd.to_string());
+    let child = match c.spawn() {
+        Ok(child) => child,
+        Err(source) => return Err(QuiesceError::HookStart { what, cmd, source }),
+    };
     let pid = child.id();
     match tokio::time::timeout(timeout, child.wait_with_output()).await {
         Ok(Ok(out)) if out.status.success() => Ok(String::from_utf8_lossy(&out.stdout).into()),
@@ -92,26 +178,24 @@ pub async fn run_hook(
                 .into_iter()
                 .rev()
                 .collect();
-            Err(format!(
-                "{what} hook `{cmd}` failed ({}){}",
-                out.status,
-                if tail.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {tail}")
-                }
-            ))
+            Err(QuiesceError::HookFailed {
+                what,
+                cmd,
+                status: out.status,
+                stderr_tail: tail,
+            })
         }
-        Ok(Err(e)) => Err(format!("{what} hook `{cmd}`: {e}")),
+        Ok(Err(source)) => Err(QuiesceError::HookIo { what, cmd, source }),
         Err(_) => {
             if let Some(pid) = pid {
                 // The whole group: a hook's children must not outlive it.
                 kill_group(pid);
             }
-            Err(format!(
-                "{what} hook `{cmd}` did not finish within {} s and was killed",
-                timeout.as_secs_f64()
-            ))
+            Err(QuiesceError::HookTimeout {
+                what,
+                cmd,
+                secs: timeout.as_secs_f64(),
+            })
         }
     }
 }
@@ -146,42 +230,43 @@ pub struct Freeze {
 }
 
 /// Checks that `mount` may be frozen by an agent whose state lives in `state_dir`.
-pub fn check_freezable(mount: &Path, state_dir: &Path) -> Result<(), String> {
+pub fn check_freezable(mount: &Path, state_dir: &Path) -> Result<(), QuiesceError> {
+    let mount_buf = || mount.to_path_buf();
     if !mount.is_absolute() {
-        return Err(format!(
-            "fsfreeze path {} must be absolute",
-            mount.display()
-        ));
+        return Err(QuiesceError::NotAbsolute { mount: mount_buf() });
     }
-    let m = std::fs::metadata(mount).map_err(|e| format!("fsfreeze {}: {e}", mount.display()))?;
+    let m = std::fs::metadata(mount).map_err(|source| QuiesceError::Freeze {
+        mount: mount_buf(),
+        source,
+    })?;
     if !m.is_dir() {
-        return Err(format!("fsfreeze {} is not a directory", mount.display()));
+        return Err(QuiesceError::NotDir { mount: mount_buf() });
     }
-    let root = std::fs::metadata("/").map_err(|e| format!("cannot stat /: {e}"))?;
+    let stat = |path: &Path| {
+        std::fs::metadata(path).map_err(|source| QuiesceError::Stat {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let root = stat(Path::new("/"))?;
     if m.dev() == root.dev() {
-        return Err(format!(
-            "fsfreeze {} is on the root file system; freezing it would stop this host",
-            mount.display()
-        ));
+        return Err(QuiesceError::RootFs { mount: mount_buf() });
     }
     if let Ok(s) = std::fs::metadata(state_dir)
         && s.dev() == m.dev()
     {
-        return Err(format!(
-            "fsfreeze {} holds the agent's state_dir {}; the agent could not work while it is frozen",
-            mount.display(),
-            state_dir.display()
-        ));
+        return Err(QuiesceError::HoldsState {
+            mount: mount_buf(),
+            state_dir: state_dir.to_path_buf(),
+        });
     }
     let parent = mount.parent().unwrap_or(Path::new("/"));
-    let p =
-        std::fs::metadata(parent).map_err(|e| format!("cannot stat {}: {e}", parent.display()))?;
+    let p = stat(parent)?;
     if p.dev() == m.dev() && p.ino() != m.ino() {
-        return Err(format!(
-            "fsfreeze {} is not a mount point (it is on the same file system as {})",
-            mount.display(),
-            parent.display()
-        ));
+        return Err(QuiesceError::NotMountPoint {
+            mount: mount_buf(),
+            parent: parent.to_path_buf(),
+        });
     }
     Ok(())
 }
@@ -189,10 +274,12 @@ pub fn check_freezable(mount: &Path, state_dir: &Path) -> Result<(), String> {
 impl Freeze {
     /// Freezes the file system mounted at `mount`; a watchdog thaws it after `limit`
     /// if this process cannot.
-    pub fn start(mount: &Path, state_dir: &Path, limit: Duration) -> Result<Freeze, String> {
+    pub fn start(mount: &Path, state_dir: &Path, limit: Duration) -> Result<Freeze, QuiesceError> {
         check_freezable(mount, state_dir)?;
-        let dir =
-            std::fs::File::open(mount).map_err(|e| format!("fsfreeze {}: {e}", mount.display()))?;
+        let dir = std::fs::File::open(mount).map_err(|source| QuiesceError::Freeze {
+            mount: mount.to_path_buf(),
+            source,
+        })?;
         // Started before the freeze: after it, exec of a binary on that file system
         // could block. `setsid` keeps it alive if the agent is killed.
         let watchdog = std::process::Command::new("/bin/sh")
@@ -216,7 +303,10 @@ impl Freeze {
                 let _ = w.kill();
                 let _ = w.wait();
             }
-            return Err(format!("fsfreeze {}: {e}", mount.display()));
+            return Err(QuiesceError::Freeze {
+                mount: mount.to_path_buf(),
+                source: e,
+            });
         }
         tracing::info!(mount = %mount.display(), "file system frozen");
         Ok(Freeze {
@@ -229,7 +319,7 @@ impl Freeze {
 
     /// Thaws it; returns an error if the thaw failed (for example, the watchdog
     /// thawed it first because the freeze lasted too long).
-    pub fn thaw(&mut self) -> Result<(), String> {
+    pub fn thaw(&mut self) -> Result<(), QuiesceError> {
         if self.thawed {
             return Ok(());
         }
@@ -247,13 +337,11 @@ impl Freeze {
         };
         if r != 0 {
             let e = std::io::Error::last_os_error();
+            let mount = self.mount.clone();
             return Err(if watchdog_done {
-                format!(
-                    "the freeze of {} lasted longer than hook_timeout and the watchdog thawed it",
-                    self.mount.display()
-                )
+                QuiesceError::Overran { mount }
             } else {
-                format!("thaw {}: {e}", self.mount.display())
+                QuiesceError::Thaw { mount, source: e }
             });
         }
         tracing::info!(mount = %self.mount.display(), "file system thawed");
@@ -301,15 +389,15 @@ impl Quiesced {
         }
     }
 
-    fn problem(&mut self, why: String) -> Result<(), String> {
+    fn problem(&mut self, why: QuiesceError) -> Result<(), QuiesceError> {
         if self.cfg.require_app_consistent {
-            return Err(format!(
-                "{why}; the sync is refused because require_app_consistent = true"
-            ));
+            return Err(QuiesceError::Refused {
+                cause: Box::new(why),
+            });
         }
         tracing::warn!("{why}; this point will be crash-consistent only");
         self.consistency = Consistency::Crash;
-        self.warnings.push(why);
+        self.warnings.push(why.to_string());
         Ok(())
     }
 
@@ -319,7 +407,7 @@ impl Quiesced {
         source: &str,
         volume: &Path,
         state_dir: &Path,
-    ) -> Result<Quiesced, String> {
+    ) -> Result<Quiesced, QuiesceError> {
         if cfg.is_empty() {
             return Ok(Quiesced::none());
         }
@@ -353,7 +441,7 @@ impl Quiesced {
             let frozen =
                 tokio::task::spawn_blocking(move || Freeze::start(&mount, &state_dir, timeout))
                     .await
-                    .map_err(|e| e.to_string())
+                    .map_err(QuiesceError::Task)
                     .and_then(|r| r);
             match frozen {
                 Ok(f) => q.freeze = Some(f),
@@ -383,10 +471,10 @@ impl Quiesced {
                     if path.exists() {
                         q.snapshot = Some(path);
                     } else {
-                        let why = format!(
-                            "snapshot_command `{cmd}` succeeded but {} does not exist",
-                            path.display()
-                        );
+                        let why = QuiesceError::NoSnapshot {
+                            cmd: cmd.clone(),
+                            path,
+                        };
                         q.release().await;
                         return Err(why);
                     }
@@ -433,14 +521,14 @@ impl Quiesced {
         if let Some(mut f) = self.freeze.take() {
             let r = tokio::task::spawn_blocking(move || f.thaw())
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(QuiesceError::Task)
                 .and_then(|r| r);
             if let Err(e) = r {
                 // Released anyway: the point read during the freeze may have been
                 // read after it ended.
                 self.consistency = Consistency::Crash;
                 tracing::warn!("{e}; this point is crash-consistent only");
-                self.warnings.push(e);
+                self.warnings.push(e.to_string());
             }
         }
         if std::mem::take(&mut self.post_pending)
@@ -454,7 +542,7 @@ impl Quiesced {
             .await
         {
             tracing::warn!("{e}");
-            self.warnings.push(e);
+            self.warnings.push(e.to_string());
         }
     }
 

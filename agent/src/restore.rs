@@ -11,11 +11,105 @@ use bulwark_common::telemetry::TracedChannel;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
-use bulwark_common::block::{DirectWriter, Geometry, MAX_BATCH_BYTES};
+use bulwark_common::block::{DirectWriter, ExtentError, Geometry, MAX_BATCH_BYTES};
+use bulwark_common::metrics::Progress;
 use bulwark_proto as pb;
 use bulwark_proto::node_client::NodeClient;
+use tonic::Status;
+
+/// A restore that failed: the target path, or what the node sent.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("{path} is a volume this agent protects ({live}); restore to another path, then swap")]
+    Protected { path: PathBuf, live: PathBuf },
+    #[error(
+        "block device {path} (or a partition of it) is mounted; unmount it before restoring onto it"
+    )]
+    Mounted { path: PathBuf },
+    #[error("cannot open {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot size {path}: {source}")]
+    Size {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("block device {path} holds {dev_size} bytes, the point needs {size}")]
+    TooSmall {
+        path: PathBuf,
+        dev_size: u64,
+        size: u64,
+    },
+    #[error("{path} already exists; restore to a new path (or to a block device)")]
+    Exists { path: PathBuf },
+    #[error("cannot create {path}: {source}")]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot use {path}: {source}")]
+    Use {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The header's geometry, or an extent outside it.
+    #[error(transparent)]
+    Extent(#[from] ExtentError),
+    #[error("block {0} arrived twice")]
+    Twice(u64),
+    #[error("node refused the restore: {}", .0.message())]
+    Refused(#[source] Status),
+    /// The node's stream failed: its message.
+    #[error("{}", .0.message())]
+    Node(#[source] Status),
+    #[error("the node's restore stream did not start with a header")]
+    NoHeader,
+    /// A blocking task panicked or was cancelled.
+    #[error("{0}")]
+    Task(#[source] tokio::task::JoinError),
+    #[error("the restore stream was cut")]
+    Cut,
+    #[error("restored data failed its check: {0}")]
+    Check(#[source] ExtentError),
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("a second header in the restore stream")]
+    SecondHeader,
+    #[error("the restore stream ended after {covered} of {blocks} blocks")]
+    Short { covered: u64, blocks: u64 },
+    #[error("cannot fsync: {0}")]
+    Fsync(#[source] std::io::Error),
+    #[error("cannot rename {from} to {to}: {source}")]
+    Rename {
+        from: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot fsync {path}: {source}")]
+    FsyncDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("restore stream broke: {}", .0.message())]
+    Broke(#[source] Status),
+    #[error("an empty message in the restore stream")]
+    Empty,
+}
 
 /// What a finished restore did.
 #[derive(Debug, Clone)]
@@ -52,39 +146,43 @@ fn mounted(dev: &Path) -> bool {
         .unwrap_or(false)
 }
 
-fn open_target(path: &Path, size: u64, protected: &[PathBuf]) -> Result<Target, String> {
+fn open_target(path: &Path, size: u64, protected: &[PathBuf]) -> Result<Target, RestoreError> {
+    let path_buf = || path.to_path_buf();
     let canon = std::fs::canonicalize(path).ok();
     if let Some(live) = protected.iter().find(|p| {
         std::fs::canonicalize(p)
             .ok()
             .is_some_and(|c| Some(c) == canon)
     }) {
-        return Err(format!(
-            "{} is a volume this agent protects ({}); restore to another path, then swap",
-            path.display(),
-            live.display()
-        ));
+        return Err(RestoreError::Protected {
+            path: path_buf(),
+            live: live.clone(),
+        });
     }
     match std::fs::metadata(path) {
         Ok(m) if m.file_type().is_block_device() => {
             if mounted(path) {
-                return Err(format!(
-                    "block device {} (or a partition of it) is mounted; unmount it before restoring onto it",
-                    path.display()
-                ));
+                return Err(RestoreError::Mounted { path: path_buf() });
             }
             let file = OpenOptions::new()
                 .write(true)
                 .open(path)
-                .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+                .map_err(|source| RestoreError::Open {
+                    path: path_buf(),
+                    source,
+                })?;
             let dev_size = crate::volume::Volume::open(path)
-                .map_err(|e| format!("cannot size {}: {e}", path.display()))?
+                .map_err(|source| RestoreError::Size {
+                    path: path_buf(),
+                    source,
+                })?
                 .size_bytes();
             if dev_size < size {
-                return Err(format!(
-                    "block device {} holds {dev_size} bytes, the point needs {size}",
-                    path.display()
-                ));
+                return Err(RestoreError::TooSmall {
+                    path: path_buf(),
+                    dev_size,
+                    size,
+                });
             }
             Ok(Target {
                 file,
@@ -93,10 +191,7 @@ fn open_target(path: &Path, size: u64, protected: &[PathBuf]) -> Result<Target, 
                 is_device: true,
             })
         }
-        Ok(_) => Err(format!(
-            "{} already exists; restore to a new path (or to a block device)",
-            path.display()
-        )),
+        Ok(_) => Err(RestoreError::Exists { path: path_buf() }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let mut name = path.as_os_str().to_owned();
             name.push(".bulwark-partial");
@@ -109,9 +204,14 @@ fn open_target(path: &Path, size: u64, protected: &[PathBuf]) -> Result<Target, 
                 .create_new(true)
                 .mode(0o600)
                 .open(&partial)
-                .map_err(|e| format!("cannot create {}: {e}", partial.display()))?;
-            file.set_len(size)
-                .map_err(|e| format!("cannot size {}: {e}", partial.display()))?;
+                .map_err(|source| RestoreError::Create {
+                    path: partial.clone(),
+                    source,
+                })?;
+            file.set_len(size).map_err(|source| RestoreError::Size {
+                path: partial.clone(),
+                source,
+            })?;
             Ok(Target {
                 file,
                 path: path.to_path_buf(),
@@ -119,7 +219,10 @@ fn open_target(path: &Path, size: u64, protected: &[PathBuf]) -> Result<Target, 
                 is_device: false,
             })
         }
-        Err(e) => Err(format!("cannot use {}: {e}", path.display())),
+        Err(source) => Err(RestoreError::Use {
+            path: path_buf(),
+            source,
+        }),
     }
 }
 
@@ -131,15 +234,12 @@ struct Coverage {
 }
 
 impl Coverage {
-    fn mark(&mut self, offset: u64, len: u64) -> Result<(), String> {
-        let (first, count) = self
-            .geometry
-            .check_extent(offset, len)
-            .map_err(|e| e.to_string())?;
+    fn mark(&mut self, offset: u64, len: u64) -> Result<(), RestoreError> {
+        let (first, count) = self.geometry.check_extent(offset, len)?;
         for b in first..first + count {
             let (w, bit) = ((b / 64) as usize, b % 64);
             if self.bits[w] & (1 << bit) != 0 {
-                return Err(format!("block {b} arrived twice"));
+                return Err(RestoreError::Twice(b));
             }
             self.bits[w] |= 1 << bit;
         }
@@ -161,8 +261,8 @@ pub async fn restore_point(
     path: &Path,
     protected: Vec<PathBuf>,
     mut node: NodeClient<TracedChannel>,
-    progress: Option<std::sync::Arc<bulwark_common::metrics::Progress>>,
-) -> Result<RestoreOutcome, String> {
+    progress: Option<Arc<Progress>>,
+) -> Result<RestoreOutcome, RestoreError> {
     let started = Instant::now();
     let mut stream = node
         .restore(pb::NodeRestoreRequest {
@@ -170,20 +270,15 @@ pub async fn restore_point(
             point,
         })
         .await
-        .map_err(|s| format!("node refused the restore: {}", s.message()))?
+        .map_err(RestoreError::Refused)?
         .into_inner();
-    let header = match stream
-        .message()
-        .await
-        .map_err(|s| s.message().to_string())?
-    {
+    let header = match stream.message().await.map_err(RestoreError::Node)? {
         Some(pb::RestoreChunk {
             msg: Some(pb::restore_chunk::Msg::Header(h)),
         }) => h,
-        _ => return Err("the node's restore stream did not start with a header".into()),
+        _ => return Err(RestoreError::NoHeader),
     };
-    let geometry =
-        Geometry::new(header.size_bytes, header.block_size).map_err(|e| e.to_string())?;
+    let geometry = Geometry::new(header.size_bytes, header.block_size)?;
     let point_id = header.point.map_or(point, |p| p.id);
     if let Some(p) = &progress {
         p.total
@@ -193,121 +288,14 @@ pub async fn restore_point(
     let size = geometry.size_bytes;
     let target = tokio::task::spawn_blocking(move || open_target(&p, size, &protected))
         .await
-        .map_err(|e| e.to_string())??;
-    let target = std::sync::Arc::new(target);
+        .map_err(RestoreError::Task)??;
+    let target = Arc::new(target);
     // `None` says the stream ended cleanly: only then is the file finished.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Option<pb::restore_chunk::Msg>>(4);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Option<pb::restore_chunk::Msg>>(4);
     let t = target.clone();
-    let writer = tokio::task::spawn_blocking(move || -> Result<u64, String> {
-        // The restore's bytes go to the disk as they arrive instead of waiting for
-        // the final fsync (reopened through /proc: the same file, whatever its path).
-        let mut out = DirectWriter::open(
-            Path::new(&format!(
-                "/proc/self/fd/{}",
-                std::os::fd::AsRawFd::as_raw_fd(&t.file)
-            )),
-            "restore target",
-        );
-        let mut coverage = Coverage {
-            bits: vec![0u64; geometry.block_count().div_ceil(64) as usize],
-            geometry,
-            covered: 0,
-        };
-        let mut written = 0u64;
-        let mut zeros: Vec<u8> = Vec::new();
-        loop {
-            let msg = match rx.blocking_recv() {
-                Some(Some(msg)) => msg,
-                Some(None) => break,
-                None => return Err("the restore stream was cut".into()),
-            };
-            match msg {
-                pb::restore_chunk::Msg::Extent(e) => {
-                    geometry
-                        .verify_extent(e.offset, &e.data, &e.checksums)
-                        .map_err(|err| format!("restored data failed its check: {err}"))?;
-                    coverage.mark(e.offset, e.data.len() as u64)?;
-                    out.write_at(&t.file, &e.data, e.offset)
-                        .map_err(|err| format!("cannot write {}: {err}", t.path.display()))?;
-                    written += e.data.len() as u64;
-                }
-                pb::restore_chunk::Msg::Zeros(z) => {
-                    coverage.mark(z.offset, z.len)?;
-                    if t.is_device {
-                        // A device is not sparse: its old bytes must go.
-                        if zeros.is_empty() {
-                            zeros = vec![0u8; MAX_BATCH_BYTES];
-                        }
-                        let mut at = z.offset;
-                        let end = z.offset + z.len;
-                        while at < end {
-                            let n = zeros.len().min((end - at) as usize);
-                            out.write_at(&t.file, &zeros[..n], at).map_err(|err| {
-                                format!("cannot write {}: {err}", t.path.display())
-                            })?;
-                            at += n as u64;
-                        }
-                    }
-                    written += z.len;
-                }
-                pb::restore_chunk::Msg::Header(_) => {
-                    return Err("a second header in the restore stream".into());
-                }
-            }
-            if let Some(p) = &progress {
-                p.done.store(written, std::sync::atomic::Ordering::Relaxed);
-            }
-        }
-        if coverage.covered != geometry.block_count() {
-            return Err(format!(
-                "the restore stream ended after {} of {} blocks",
-                coverage.covered,
-                geometry.block_count()
-            ));
-        }
-        t.file
-            .sync_all()
-            .map_err(|e| format!("cannot fsync: {e}"))?;
-        if let Some(partial) = &t.partial {
-            std::fs::rename(partial, &t.path).map_err(|e| {
-                format!(
-                    "cannot rename {} to {}: {e}",
-                    partial.display(),
-                    t.path.display()
-                )
-            })?;
-            if let Some(dir) = t.path.parent() {
-                let dir = if dir.as_os_str().is_empty() {
-                    Path::new(".")
-                } else {
-                    dir
-                };
-                File::open(dir)
-                    .and_then(|d| d.sync_all())
-                    .map_err(|e| format!("cannot fsync {}: {e}", dir.display()))?;
-            }
-        }
-        Ok(written)
-    });
-    let received: Result<(), String> = async {
-        while let Some(chunk) = stream
-            .message()
-            .await
-            .map_err(|s| format!("restore stream broke: {}", s.message()))?
-        {
-            let Some(msg) = chunk.msg else {
-                return Err("an empty message in the restore stream".into());
-            };
-            if tx.send(Some(msg)).await.is_err() {
-                return Ok(()); // the writer stopped: its error says why
-            }
-        }
-        let _ = tx.send(None).await;
-        Ok(())
-    }
-    .await;
-    drop(tx);
-    let written = writer.await.map_err(|e| e.to_string())?;
+    let writer = tokio::task::spawn_blocking(move || write_target(&t, geometry, rx, progress));
+    let received = receive(stream, tx).await;
+    let written = writer.await.map_err(RestoreError::Task)?;
     let result = match (received, written) {
         (Err(e), _) | (Ok(()), Err(e)) => Err(e),
         (Ok(()), Ok(n)) => Ok(n),
@@ -326,4 +314,128 @@ pub async fn restore_point(
             Err(e)
         }
     }
+}
+
+/// Takes the stream's messages and queues them for the writer; `None` once the
+/// stream ended cleanly. The sender is dropped on return.
+async fn receive(
+    mut stream: tonic::Streaming<pb::RestoreChunk>,
+    tx: tokio::sync::mpsc::Sender<Option<pb::restore_chunk::Msg>>,
+) -> Result<(), RestoreError> {
+    while let Some(chunk) = stream.message().await.map_err(RestoreError::Broke)? {
+        let Some(msg) = chunk.msg else {
+            return Err(RestoreError::Empty);
+        };
+        if tx.send(Some(msg)).await.is_err() {
+            return Ok(()); // the writer stopped: its error says why
+        }
+    }
+    let _ = tx.send(None).await;
+    Ok(())
+}
+
+/// The blocking writer: checks and writes every extent of `rx` into `t`, checks
+/// that every block came exactly once, then makes the file durable and puts it in
+/// place. Returns the bytes written.
+fn write_target(
+    t: &Target,
+    geometry: Geometry,
+    mut rx: tokio::sync::mpsc::Receiver<Option<pb::restore_chunk::Msg>>,
+    progress: Option<Arc<Progress>>,
+) -> Result<u64, RestoreError> {
+    // The restore's bytes go to the disk as they arrive instead of waiting for
+    // the final fsync (reopened through /proc: the same file, whatever its path).
+    let mut out = DirectWriter::open(
+        Path::new(&format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&t.file)
+        )),
+        "restore target",
+    );
+    let mut coverage = Coverage {
+        bits: vec![0u64; geometry.block_count().div_ceil(64) as usize],
+        geometry,
+        covered: 0,
+    };
+    let mut written = 0u64;
+    let mut zeros: Vec<u8> = Vec::new();
+    let write_err = |source| RestoreError::Write {
+        path: t.path.clone(),
+        source,
+    };
+    loop {
+        let msg = match rx.blocking_recv() {
+            Some(Some(msg)) => msg,
+            Some(None) => break,
+            None => return Err(RestoreError::Cut),
+        };
+        match msg {
+            pb::restore_chunk::Msg::Extent(e) => {
+                geometry
+                    .verify_extent(e.offset, &e.data, &e.checksums)
+                    .map_err(RestoreError::Check)?;
+                coverage.mark(e.offset, e.data.len() as u64)?;
+                out.write_at(&t.file, &e.data, e.offset)
+                    .map_err(write_err)?;
+                written += e.data.len() as u64;
+            }
+            pb::restore_chunk::Msg::Zeros(z) => {
+                coverage.mark(z.offset, z.len)?;
+                if t.is_device {
+                    // A device is not sparse: its old bytes must go.
+                    if zeros.is_empty() {
+                        zeros = vec![0u8; MAX_BATCH_BYTES];
+                    }
+                    let mut at = z.offset;
+                    let end = z.offset + z.len;
+                    while at < end {
+                        let n = zeros.len().min((end - at) as usize);
+                        out.write_at(&t.file, &zeros[..n], at).map_err(write_err)?;
+                        at += n as u64;
+                    }
+                }
+                written += z.len;
+            }
+            pb::restore_chunk::Msg::Header(_) => return Err(RestoreError::SecondHeader),
+        }
+        if let Some(p) = &progress {
+            p.done.store(written, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    if coverage.covered != geometry.block_count() {
+        return Err(RestoreError::Short {
+            covered: coverage.covered,
+            blocks: geometry.block_count(),
+        });
+    }
+    finish_target(t)?;
+    Ok(written)
+}
+
+/// Makes a fully written target durable and, for a new file, renames it from
+/// `PATH.bulwark-partial` into place and makes the rename durable.
+fn finish_target(t: &Target) -> Result<(), RestoreError> {
+    t.file.sync_all().map_err(RestoreError::Fsync)?;
+    let Some(partial) = &t.partial else {
+        return Ok(());
+    };
+    std::fs::rename(partial, &t.path).map_err(|source| RestoreError::Rename {
+        from: partial.clone(),
+        to: t.path.clone(),
+        source,
+    })?;
+    if let Some(dir) = t.path.parent() {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|source| RestoreError::FsyncDir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+    }
+    Ok(())
 }

@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use bulwark_common::renewal::{RENEWAL_CHECK, Renewal};
 use bulwark_common::tls::{self, Role, Target, TlsIdentity};
+use bulwark_common::worker::WorkerSet;
 use bulwark_proto as pb;
 use bulwark_proto::coordinator_client::CoordinatorClient;
 use bulwark_proto::node_client::NodeClient;
@@ -33,6 +35,73 @@ use crate::tracker::{FingerprintTracker, Tracker};
 use crate::volume::Volume;
 use bulwark_common::block::Geometry;
 use bulwark_common::metrics::Progress;
+
+/// A sync, ship or restore this agent could not run, and why.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("this agent does not protect {0}")]
+    NotProtected(String),
+    #[error(
+        "{0} is a log source: a consistency check applies to volumes (each ship already compares what the node holds)"
+    )]
+    LogCheck(String),
+    #[error("a sync or restore of {0} is already running")]
+    Busy(String),
+    #[error("coordinator unreachable and no assignment known for {name}: {}", .status.message())]
+    NoAssignment {
+        name: String,
+        #[source]
+        status: tonic::Status,
+    },
+    #[error("coordinator: {}", .0.message())]
+    Coordinator(#[source] tonic::Status),
+    #[error("data source {0} has been moving for an hour")]
+    Moving(String),
+    #[error(transparent)]
+    Target(#[from] bulwark_common::tls::TargetError),
+    #[error(transparent)]
+    Tls(#[from] bulwark_common::tls::TlsError),
+    #[error(transparent)]
+    Connect(#[from] bulwark_common::tls::ConnectError),
+    #[error(transparent)]
+    Sync(#[from] crate::sync::SyncError),
+    #[error(transparent)]
+    Log(#[from] crate::logs::LogError),
+    #[error(transparent)]
+    Restore(#[from] crate::restore::RestoreError),
+    #[error("restore path {0} must be absolute")]
+    RelativePath(String),
+    #[error("the restore command carries no assignment")]
+    NoRestoreAssignment,
+    #[error("{0}")]
+    ManifestJson(#[source] serde_json::Error),
+    #[error("cannot create {path}: {source}")]
+    ManifestCreate {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    ManifestWrite {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot fsync {path}: {source}")]
+    ManifestFsync {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl AgentError {
+    /// Whether the node refused because the source is moving to another node
+    /// (the sync waits for the move, then follows it).
+    fn is_move(&self) -> bool {
+        self.to_string().contains("is moving to node")
+    }
+}
 
 /// Shared state of a running agent.
 pub struct Agent {
@@ -55,6 +124,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Agent {
+    /// A sync of `s` on its own schedule, unless the source was put in a protection
+    /// group with `bulwark group add` (the coordinator schedules it then).
+    pub(crate) async fn scheduled_sync(&self, s: &SourceConfig) -> Result<(), AgentError> {
+        let grouped = s.kind == SourceKind::Volume
+            && lock(&self.assignments)
+                .get(&s.name)
+                .is_some_and(|x| !x.group.is_empty());
+        if grouped {
+            return Ok(());
+        }
+        tracing::info!(source = %s.name, "scheduled sync");
+        self.sync(&s.name, SyncOptions::default()).await.map(drop)
+    }
+
     fn source(&self, name: &str) -> Option<&SourceConfig> {
         self.cfg.sources.iter().find(|s| s.name == name)
     }
@@ -62,17 +145,18 @@ impl Agent {
     /// A client of node `node` at `address`: a process there with any other
     /// certificate (another node's, one the fleet revoked) is refused in the
     /// handshake, so a volume never goes to a node it was not assigned to.
-    fn node_client(&self, node: &str, address: &str) -> Result<NodeClient<TracedChannel>, String> {
+    fn node_client(
+        &self,
+        node: &str,
+        address: &str,
+    ) -> Result<NodeClient<TracedChannel>, AgentError> {
         let version = self.identity.revocations().version();
         let mut map = lock(&self.node_channels);
         let ch = match map.get(address) {
             Some((n, v, c)) if n == node && *v == version => c.clone(),
             _ => {
                 let target = Target::parse(address)?;
-                let cfg = self
-                    .identity
-                    .client_config_for(Role::Node, Some(node))
-                    .map_err(|e| e.to_string())?;
+                let cfg = self.identity.client_config_for(Role::Node, Some(node))?;
                 let c = tls::channel_lazy(&target, cfg)?;
                 map.insert(address.to_string(), (node.to_string(), version, c.clone()));
                 c
@@ -84,7 +168,7 @@ impl Agent {
     }
 
     /// The current assignment, from the coordinator when it answers.
-    async fn assignment(&self, source: &str) -> Result<pb::Assignment, String> {
+    async fn assignment(&self, source: &str) -> Result<pb::Assignment, AgentError> {
         let mut c = self.coordinator.clone();
         match c
             .get_assignment(pb::GetAssignmentRequest {
@@ -99,13 +183,13 @@ impl Agent {
             }
             Err(s) if s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::Unknown => {
                 lock(&self.assignments).get(source).cloned().ok_or_else(|| {
-                    format!(
-                        "coordinator unreachable and no assignment known for {source}: {}",
-                        s.message()
-                    )
+                    AgentError::NoAssignment {
+                        name: source.to_string(),
+                        status: s,
+                    }
                 })
             }
-            Err(s) => Err(format!("coordinator: {}", s.message())),
+            Err(s) => Err(AgentError::Coordinator(s)),
         }
     }
 
@@ -149,11 +233,11 @@ impl Agent {
         })
     }
 
-    fn tracker(&self, name: &str) -> Result<Arc<dyn Tracker>, String> {
+    fn tracker(&self, name: &str) -> Result<Arc<dyn Tracker>, AgentError> {
         self.trackers
             .get(name)
             .cloned()
-            .ok_or_else(|| format!("this agent does not protect {name}"))
+            .ok_or_else(|| AgentError::NotProtected(name.to_string()))
     }
 
     fn inconsistent(&self, name: &str) -> bool {
@@ -161,18 +245,14 @@ impl Agent {
     }
 
     /// Runs one sync (or check) of `name`, unless one is already running.
-    pub async fn sync(&self, name: &str, opts: SyncOptions) -> Result<SyncOutcome, String> {
+    pub async fn sync(&self, name: &str, opts: SyncOptions) -> Result<SyncOutcome, AgentError> {
         let source = self
             .source(name)
-            .ok_or_else(|| format!("this agent does not protect {name}"))?
+            .ok_or_else(|| AgentError::NotProtected(name.to_string()))?
             .clone();
         let tracker = match source.kind {
             SourceKind::Volume => Some(self.tracker(name)?),
-            SourceKind::Log if opts.check => {
-                return Err(format!(
-                    "{name} is a log source: a consistency check applies to volumes (each ship already compares what the node holds)"
-                ));
-            }
+            SourceKind::Log if opts.check => return Err(AgentError::LogCheck(name.to_string())),
             SourceKind::Log => None,
         };
         let gate = lock(&self.running)
@@ -181,7 +261,7 @@ impl Agent {
             .clone();
         let _running = gate
             .try_lock()
-            .map_err(|_| format!("a sync or restore of {name} is already running"))?;
+            .map_err(|_| AgentError::Busy(name.to_string()))?;
         self.report(pb::agent_message::Msg::Report(pb::SyncReport {
             source: name.to_string(),
             result: None,
@@ -220,7 +300,7 @@ impl Agent {
                                 progress,
                             )
                             .await
-                            .map_err(|e| e.to_string());
+                            .map_err(AgentError::from);
                             reporter.abort();
                             r
                         }
@@ -228,16 +308,17 @@ impl Agent {
                             crate::logs::ship(&source.name, &source.path, &source.glob, &a, node)
                                 .await
                                 .map(ship_outcome)
+                                .map_err(AgentError::from)
                         }
                     };
                     match done {
                         Ok(o) => return Ok(o),
-                        Err(e) if e.contains("is moving to node") => {}
+                        Err(e) if e.is_move() => {}
                         Err(e) => return Err(e),
                     }
                 }
                 if std::time::Instant::now() > deadline {
-                    return Err(format!("data source {name} has been moving for an hour"));
+                    return Err(AgentError::Moving(name.to_string()));
                 }
                 tracing::info!("the source is moving to another node; the sync waits");
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
@@ -274,16 +355,20 @@ impl Agent {
         self.report(pb::agent_message::Msg::Report(pb::SyncReport {
             source: name.to_string(),
             result: result.as_ref().ok().map(|o| sync_result(name, o)),
-            error: result.as_ref().err().cloned().unwrap_or_default(),
+            error: result
+                .as_ref()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default(),
             inconsistent: self.inconsistent(name),
         }));
         result
     }
 
-    async fn restore(&self, cmd: &pb::RestoreCommand) -> Result<pb::RestoreResult, String> {
+    async fn restore(&self, cmd: &pb::RestoreCommand) -> Result<pb::RestoreResult, AgentError> {
         let path = std::path::PathBuf::from(&cmd.path);
         if !path.is_absolute() {
-            return Err(format!("restore path {} must be absolute", cmd.path));
+            return Err(AgentError::RelativePath(cmd.path.clone()));
         }
         let started = std::time::Instant::now();
         let mut out = pb::RestoreResult {
@@ -304,7 +389,7 @@ impl Agent {
                 let a = cmd
                     .assignment
                     .as_ref()
-                    .ok_or("the restore command carries no assignment")?;
+                    .ok_or(AgentError::NoRestoreAssignment)?;
                 let node = self.node_client(&a.node, &a.node_address)?;
                 let target = if cmd.at_ms != 0 {
                     path.join("volume")
@@ -359,7 +444,7 @@ impl Agent {
             if cmd.at_ms != 0 {
                 write_restore_manifest(&path, cmd, &out)?;
             }
-            Ok::<_, String>(())
+            Ok::<_, AgentError>(())
         }
         .instrument(span)
         .await?;
@@ -420,7 +505,7 @@ fn write_restore_manifest(
     dir: &std::path::Path,
     cmd: &pb::RestoreCommand,
     r: &pb::RestoreResult,
-) -> Result<(), String> {
+) -> Result<(), AgentError> {
     use std::io::Write;
     let at = bulwark_common::time::rfc3339_ms(cmd.at_ms);
     let mut doc = serde_json::json!({
@@ -454,16 +539,24 @@ fn write_restore_manifest(
         });
     }
     let path = dir.join("restore.json");
-    let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
-    let mut f =
-        File::create(&path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    let text = serde_json::to_string_pretty(&doc).map_err(AgentError::ManifestJson)?;
+    let mut f = File::create(&path).map_err(|source| AgentError::ManifestCreate {
+        path: path.clone(),
+        source,
+    })?;
     f.write_all(text.as_bytes())
         .and_then(|()| f.write_all(b"\n"))
         .and_then(|()| f.sync_all())
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        .map_err(|source| AgentError::ManifestWrite {
+            path: path.clone(),
+            source,
+        })?;
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(|e| format!("cannot fsync {}: {e}", dir.display()))
+        .map_err(|source| AgentError::ManifestFsync {
+            path: dir.to_path_buf(),
+            source,
+        })
 }
 
 /// A log ship in the shape of a sync's outcome.
@@ -588,6 +681,9 @@ fn lock_state_dir(cfg: &AgentConfig) -> anyhow::Result<File> {
 /// Where an agent keeps the fleet's revocation list, in its `state_dir`.
 pub const REVOCATIONS_FILE: &str = "revocations.json";
 
+/// How long each background worker gets to finish its run at shutdown.
+const WORKER_GRACE: Duration = Duration::from_secs(10);
+
 /// Runs the agent until `shutdown` is cancelled.
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let identity = TlsIdentity::load_as(&cfg.tls, Role::Agent, Some(&cfg.name))?;
@@ -621,12 +717,12 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         cfg,
     });
     tracing::info!(agent = %agent.cfg.name, sources = agent.cfg.sources.len(), "agent started");
-    tokio::spawn(bulwark_common::enroll::renewal_loop(
+    let mut workers = WorkerSet::new();
+    workers.spawn(Renewal::new(
         identity.clone(),
         agent.cfg.tls.clone(),
         bulwark_common::enroll::coordinator_signer(agent.coordinator.clone()),
-        Duration::from_secs(3600),
-        shutdown.clone(),
+        RENEWAL_CHECK,
     ));
     for s in agent.cfg.sources.clone() {
         // A log source ships on its own interval, in a group or not.
@@ -636,34 +732,11 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
             tracing::info!(source = %s.name, group = %g, "syncs scheduled by the coordinator (protection group)");
             continue;
         }
-        let (a, stop) = (agent.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval_at(
-                tokio::time::Instant::now() + s.sync_interval,
-                s.sync_interval,
-            );
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tick.tick() => {
-                        // Put in a protection group with `bulwark group add`: the
-                        // coordinator schedules it now.
-                        let grouped = s.kind == SourceKind::Volume
-                            && lock(&a.assignments)
-                                .get(&s.name)
-                                .is_some_and(|x| !x.group.is_empty());
-                        if grouped {
-                            continue;
-                        }
-                        tracing::info!(source = %s.name, "scheduled sync");
-                        let _ = a.sync(&s.name, SyncOptions::default()).await;
-                    }
-                }
-            }
-        });
+        workers.spawn(crate::workers::ScheduledSync::new(agent.clone(), s));
     }
     control_loop(agent.clone(), shutdown).await;
+    // The schedules stop first (a sync running finishes within the grace).
+    workers.stop(WORKER_GRACE).await;
     // The exports stop first, so no write lands after the record is saved.
     stop_exports.cancel();
     while exports.join_next().await.is_some() {}
@@ -676,6 +749,23 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     .await;
     tracing::info!("agent stopped");
     Ok(())
+}
+
+/// Why a control stream to the coordinator ended (the loop reconnects).
+#[derive(Debug, thiserror::Error)]
+enum ControlError {
+    #[error("control channel closed")]
+    ChannelClosed,
+    /// The coordinator refused the stream: what to check.
+    #[error("{0}")]
+    Refused(String),
+    #[error("the control stream closed")]
+    StreamClosed,
+    /// The stream failed: the status's message.
+    #[error("{}", .0.message())]
+    Status(#[source] tonic::Status),
+    #[error("the coordinator closed the control stream")]
+    CoordinatorClosed,
 }
 
 /// How often the agent pings the coordinator on its control stream.
@@ -711,18 +801,23 @@ async fn control_loop(agent: Arc<Agent>, shutdown: CancellationToken) {
     }
 }
 
-async fn control_session(agent: Arc<Agent>, shutdown: &CancellationToken) -> Result<(), String> {
+async fn control_session(
+    agent: Arc<Agent>,
+    shutdown: &CancellationToken,
+) -> Result<(), ControlError> {
     let (tx, rx) = mpsc::channel::<pb::AgentMessage>(32);
     tx.send(pb::AgentMessage {
         msg: Some(pb::agent_message::Msg::Hello(agent.hello())),
     })
     .await
-    .map_err(|_| "control channel closed")?;
+    .map_err(|_| ControlError::ChannelClosed)?;
     let mut client = agent.coordinator.clone();
     let mut commands = client
         .control(ReceiverStream::new(rx))
         .await
-        .map_err(|s| tls::explain_status(&agent.cfg.coordinator.to_string(), &s))?
+        .map_err(|s| {
+            ControlError::Refused(tls::explain_status(&agent.cfg.coordinator.to_string(), &s))
+        })?
         .into_inner();
     *lock(&agent.control_tx) = Some(tx.clone());
     // The coordinator cuts a control stream idle for its stream_idle_timeout
@@ -737,14 +832,14 @@ async fn control_session(agent: Arc<Agent>, shutdown: &CancellationToken) -> Res
                     msg: Some(pb::agent_message::Msg::Ping(pb::Ping {})),
                 };
                 if tx.send(msg).await.is_err() {
-                    return Err("the control stream closed".into());
+                    return Err(ControlError::StreamClosed);
                 }
                 continue;
             }
-            c = commands.message() => c.map_err(|s| s.message().to_string())?,
+            c = commands.message() => c.map_err(ControlError::Status)?,
         };
         let Some(cmd) = cmd else {
-            return Err("the coordinator closed the control stream".into());
+            return Err(ControlError::CoordinatorClosed);
         };
         match cmd.cmd {
             Some(pb::coordinator_command::Cmd::Welcome(w)) => {
@@ -770,7 +865,7 @@ async fn control_session(agent: Arc<Agent>, shutdown: &CancellationToken) -> Res
                 tokio::spawn(async move {
                     let outcome = match a.sync(&s.source, opts).instrument(span).await {
                         Ok(o) => pb::command_result::Outcome::Sync(sync_result(&s.source, &o)),
-                        Err(e) => pb::command_result::Outcome::Error(e),
+                        Err(e) => pb::command_result::Outcome::Error(e.to_string()),
                     };
                     let _ = tx
                         .send(pb::AgentMessage {
@@ -791,7 +886,7 @@ async fn control_session(agent: Arc<Agent>, shutdown: &CancellationToken) -> Res
                         Ok(res) => pb::command_result::Outcome::Restore(res),
                         Err(e) => {
                             tracing::warn!(source = %r.source, "restore failed: {e}");
-                            pb::command_result::Outcome::Error(e)
+                            pb::command_result::Outcome::Error(e.to_string())
                         }
                     };
                     let _ = tx

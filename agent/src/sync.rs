@@ -69,7 +69,11 @@ pub struct SyncOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
     #[error("cannot read {path}: {error}")]
-    Volume { path: String, error: std::io::Error },
+    Volume {
+        path: String,
+        #[source]
+        error: std::io::Error,
+    },
     #[error(
         "volume {path} is {now} bytes but data source {name} was registered with {registered}; resizing is not supported"
     )]
@@ -85,12 +89,34 @@ pub enum SyncError {
         status: String,
         base_mismatch: bool,
     },
+    #[error("the node closed the sync stream")]
+    Closed,
+    #[error("sync stopped")]
+    Stopped,
+    #[error("the volume readers stopped")]
+    ReadersStopped,
+    #[error("the volume reader stopped")]
+    ReaderStopped,
+    #[error(transparent)]
+    Digests(#[from] FeedError),
+    #[error("the node did not accept the sync")]
+    NotAccepted,
+    #[error("the node offers {offered} digests for a volume of {blocks} blocks")]
+    DigestCount { offered: u64, blocks: u64 },
+    #[error("commit without a point")]
+    NoPoint,
+    #[error("node {node} ended the sync without committing")]
+    NotCommitted { node: String },
+    /// The source's block size does not fit its volume.
     #[error("{0}")]
-    Protocol(String),
+    Geometry(#[source] bulwark_common::block::ExtentError),
+    #[error(transparent)]
+    Tracker(#[from] crate::tracker::TrackerError),
+    /// The tracker's blocking task panicked or was cancelled.
     #[error("{0}")]
-    Tracker(String),
-    #[error("{0}")]
-    Quiesce(String),
+    Task(#[source] tokio::task::JoinError),
+    #[error(transparent)]
+    Quiesce(#[from] crate::quiesce::QuiesceError),
 }
 
 impl SyncError {
@@ -104,9 +130,20 @@ impl SyncError {
     }
 }
 
+/// Why the node's digests stopped coming before the scanner had them all.
+#[derive(Debug, thiserror::Error)]
+pub enum FeedError {
+    #[error("the sync stream ended")]
+    StreamEnded,
+    #[error("node {node}: {message}")]
+    Node { node: String, message: String },
+    #[error("the node's digests ended early")]
+    Early,
+}
+
 /// The node's digests of its newest point, in block order, for the scanner.
 struct DigestFeed {
-    rx: mpsc::Receiver<Result<Bytes, String>>,
+    rx: mpsc::Receiver<Result<Bytes, FeedError>>,
     /// Digests still to come; none at all when the source has no point yet.
     remaining: u64,
     buf: Bytes,
@@ -115,7 +152,7 @@ struct DigestFeed {
 
 impl DigestFeed {
     /// The stored digest of the next block (`UNWRITTEN` when the node has none).
-    fn next(&mut self) -> Result<Digest, String> {
+    fn next(&mut self) -> Result<Digest, FeedError> {
         if self.remaining == 0 {
             return Ok(Digest::UNWRITTEN);
         }
@@ -127,7 +164,7 @@ impl DigestFeed {
                     self.pos = 0;
                 }
                 Some(Err(e)) => return Err(e),
-                None => return Err("the node's digests ended early".into()),
+                None => return Err(FeedError::Early),
             }
         }
         let d = Digest::from_slice(&self.buf[self.pos..self.pos + DIGEST_LEN])
@@ -171,9 +208,7 @@ impl BatchBuilder<'_> {
         let msg = pb::SyncMessage {
             msg: Some(pb::sync_message::Msg::Extents(pb::ExtentBatch::default())),
         };
-        self.tx
-            .blocking_send(msg)
-            .map_err(|_| SyncError::Protocol("the node closed the sync stream".into()))
+        self.tx.blocking_send(msg).map_err(|_| SyncError::Closed)
     }
 
     fn close_run(&mut self) {
@@ -244,9 +279,7 @@ impl BatchBuilder<'_> {
         };
         self.bytes = 0;
         self.last_sent = std::time::Instant::now();
-        self.tx
-            .blocking_send(msg)
-            .map_err(|_| SyncError::Protocol("the node closed the sync stream".into()))
+        self.tx.blocking_send(msg).map_err(|_| SyncError::Closed)
     }
 }
 
@@ -254,6 +287,58 @@ impl BatchBuilder<'_> {
 const READERS: usize = 4;
 /// Reads in flight or done but not yet hashed, at most (each ≤ [`MAX_BATCH_BYTES`]).
 const READ_AHEAD: usize = 6;
+
+/// A read of the volume done by a reader thread: first block, block count, bytes.
+type ReadResult = std::io::Result<(u64, u64, Bytes)>;
+/// A read for a reader thread to do, and where its result goes.
+type Job = (u64, u64, std::sync::mpsc::SyncSender<ReadResult>);
+
+/// Cuts `ranges` into reads of at most `blocks_per_read` blocks (one batch each)
+/// and sets `progress` to their total bytes.
+fn plan_reads(
+    geometry: Geometry,
+    ranges: Vec<(u64, u64)>,
+    blocks_per_read: u64,
+    progress: &Progress,
+) -> Vec<(u64, u64)> {
+    let reads: Vec<(u64, u64)> = ranges
+        .into_iter()
+        .flat_map(|(first, count)| {
+            (0..count.div_ceil(blocks_per_read)).map(move |i| {
+                let f = first + i * blocks_per_read;
+                (f, blocks_per_read.min(first + count - f))
+            })
+        })
+        .collect();
+    let total: u64 = reads
+        .iter()
+        .map(|(f, c)| geometry.offset_of(f + c).min(geometry.size_bytes) - geometry.offset_of(*f))
+        .sum();
+    progress.total.store(total, Ordering::Relaxed);
+    progress.done.store(0, Ordering::Relaxed);
+    reads
+}
+
+/// A reader thread: does the jobs of `jobs_rx` until the queue closes or `stop`.
+fn read_jobs(
+    jobs_rx: &std::sync::Mutex<std::sync::mpsc::Receiver<Job>>,
+    stop: &AtomicBool,
+    volume: &dyn BlockSource,
+    geometry: Geometry,
+) {
+    loop {
+        let job = jobs_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+        let Ok((first, count, reply)) = job else {
+            return;
+        };
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let start = geometry.offset_of(first);
+        let len = (geometry.offset_of(first + count).min(geometry.size_bytes) - start) as usize;
+        let _ = reply.send(volume.read_chunk(start, len).map(|c| (first, count, c)));
+    }
+}
 
 /// Reads `ranges` (runs of blocks, in increasing order) and sends the blocks to send
 /// as batches: with `digests`, those whose digest differs from the node's (the ranges
@@ -285,27 +370,10 @@ fn send_blocks(
         path: volume.describe(),
         error: e,
     };
-    // Reads of at most one batch each.
-    let reads: Vec<(u64, u64)> = ranges
-        .into_iter()
-        .flat_map(|(first, count)| {
-            (0..count.div_ceil(blocks_per_read)).map(move |i| {
-                let f = first + i * blocks_per_read;
-                (f, blocks_per_read.min(first + count - f))
-            })
-        })
-        .collect();
-    let total: u64 = reads
-        .iter()
-        .map(|(f, c)| geometry.offset_of(f + c).min(geometry.size_bytes) - geometry.offset_of(*f))
-        .sum();
-    progress.total.store(total, Ordering::Relaxed);
-    progress.done.store(0, Ordering::Relaxed);
+    let reads = plan_reads(geometry, ranges, blocks_per_read, progress);
     // Reader threads keep a few chunks ahead, several reads in flight at once (a
     // dirty plan's scattered blocks are as many random reads), so the disk and the
     // hashing below overlap; results are taken in order.
-    type ReadResult = std::io::Result<(u64, u64, Bytes)>;
-    type Job = (u64, u64, std::sync::mpsc::SyncSender<ReadResult>);
     let (jobs_tx, jobs_rx) = std::sync::mpsc::channel::<Job>();
     let jobs_rx = std::sync::Mutex::new(jobs_rx);
     let parent = tracing::Span::current();
@@ -315,19 +383,7 @@ fn send_blocks(
             let span = tracing::info_span!(parent: &parent, "read_extents");
             scope.spawn(move || {
                 let _span = span.enter();
-                loop {
-                    let job = jobs_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                    let Ok((first, count, reply)) = job else {
-                        return;
-                    };
-                    if stop.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    let start = geometry.offset_of(first);
-                    let len = (geometry.offset_of(first + count).min(geometry.size_bytes) - start)
-                        as usize;
-                    let _ = reply.send(volume.read_chunk(start, len).map(|c| (first, count, c)));
-                }
+                read_jobs(jobs_rx, stop, volume, geometry);
             });
         }
         // Owned here, so that an early return drops the job queue and the readers end
@@ -339,13 +395,13 @@ fn send_blocks(
         let mut changed: Vec<(usize, Digest)> = Vec::with_capacity(blocks_per_read as usize);
         for _ in 0..reads.len() {
             if stop.load(Ordering::Relaxed) {
-                return Err(SyncError::Protocol("sync stopped".into()));
+                return Err(SyncError::Stopped);
             }
             while next < reads.len() && pending.len() < READ_AHEAD {
                 let (tx, rx) = std::sync::mpsc::sync_channel(1);
                 let (first, count) = reads[next];
                 if jobs_tx.send((first, count, tx)).is_err() {
-                    return Err(SyncError::Protocol("the volume readers stopped".into()));
+                    return Err(SyncError::ReadersStopped);
                 }
                 pending.push_back(rx);
                 next += 1;
@@ -353,7 +409,7 @@ fn send_blocks(
             let result = pending.pop_front().map(|rx| rx.recv());
             let (first, count, chunk) = match result {
                 Some(Ok(r)) => r.map_err(read_err)?,
-                _ => return Err(SyncError::Protocol("the volume reader stopped".into())),
+                _ => return Err(SyncError::ReaderStopped),
             };
             let start = geometry.offset_of(first);
             let len = chunk.len();
@@ -363,7 +419,7 @@ fn send_blocks(
                 let digest = Digest::of(data);
                 let send = match digests.as_mut() {
                     Some(feed) => {
-                        let stored = feed.next().map_err(SyncError::Protocol)?;
+                        let stored = feed.next()?;
                         !stored.matches(digest, stored == Digest::UNWRITTEN && is_zero(data))
                     }
                     None => true,
@@ -462,8 +518,7 @@ async fn attempt(
     let snapshot = q.snapshot.clone();
     let frozen = tokio::task::spawn_blocking(move || t.begin(check, snapshot.as_deref()))
         .await
-        .map_err(|e| SyncError::Tracker(e.to_string()))?
-        .map_err(SyncError::Tracker)?;
+        .map_err(SyncError::Task)??;
     // The tracker may have found its record untrustworthy only now (qcow2-bitmap
     // reads the image's bitmaps in `begin`): then this sync compares everything, and
     // its point is a check.
@@ -490,6 +545,91 @@ async fn attempt(
     r
 }
 
+/// Opens the sync stream with `begin` and waits for the node's `Ready` (whose
+/// digests, if any, must cover the volume).
+async fn open_sync(
+    node: &mut NodeClient<TracedChannel>,
+    node_name: &str,
+    begin: pb::SyncBegin,
+    geometry: Geometry,
+) -> Result<
+    (
+        mpsc::Sender<pb::SyncMessage>,
+        tonic::Streaming<pb::SyncReply>,
+        pb::SyncReady,
+    ),
+    SyncError,
+> {
+    let (tx, rx) = mpsc::channel::<pb::SyncMessage>(4);
+    let begin = pb::SyncMessage {
+        msg: Some(pb::sync_message::Msg::Begin(begin)),
+    };
+    let _ = tx.send(begin).await;
+    let mut replies = node
+        .sync(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| SyncError::node(node_name, s))?
+        .into_inner();
+    let ready = match replies
+        .message()
+        .await
+        .map_err(|s| SyncError::node(node_name, s))?
+    {
+        Some(pb::SyncReply {
+            msg: Some(pb::sync_reply::Msg::Ready(r)),
+        }) => r,
+        _ => return Err(SyncError::NotAccepted),
+    };
+    if ready.digest_count != 0 && ready.digest_count != geometry.block_count() {
+        return Err(SyncError::DigestCount {
+            offered: ready.digest_count,
+            blocks: geometry.block_count(),
+        });
+    }
+    Ok((tx, replies, ready))
+}
+
+/// Reads every reply of node `n`: digests go to `dtx`, the commit (or an error,
+/// which also sets `stop`) ends it with the point and its damaged blocks.
+async fn read_replies(
+    mut replies: tonic::Streaming<pb::SyncReply>,
+    dtx: mpsc::Sender<Result<Bytes, FeedError>>,
+    stop: Arc<AtomicBool>,
+    n: String,
+) -> Result<(pb::Point, u64), SyncError> {
+    loop {
+        match replies.message().await {
+            Ok(Some(pb::SyncReply {
+                msg: Some(pb::sync_reply::Msg::Committed(c)),
+            })) => {
+                let damaged = c.damaged_blocks;
+                return c.point.map(|p| (p, damaged)).ok_or(SyncError::NoPoint);
+            }
+            Ok(Some(pb::SyncReply {
+                msg: Some(pb::sync_reply::Msg::Digests(d)),
+            })) => {
+                let _ = dtx.send(Ok(d.digests)).await;
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                stop.store(true, Ordering::Relaxed);
+                let _ = dtx.send(Err(FeedError::StreamEnded)).await;
+                return Err(SyncError::NotCommitted { node: n });
+            }
+            Err(s) => {
+                stop.store(true, Ordering::Relaxed);
+                let _ = dtx
+                    .send(Err(FeedError::Node {
+                        node: n.clone(),
+                        message: s.message().to_string(),
+                    }))
+                    .await;
+                return Err(SyncError::node(&n, s));
+            }
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn stream_sync(
     source: &SourceConfig,
@@ -510,8 +650,8 @@ async fn stream_sync(
             registered: assignment.size_bytes,
         });
     }
-    let geometry = Geometry::new(volume.size_bytes(), source.block_size)
-        .map_err(|e| SyncError::Protocol(e.to_string()))?;
+    let geometry =
+        Geometry::new(volume.size_bytes(), source.block_size).map_err(SyncError::Geometry)?;
     let node_name = assignment.node.clone();
     let (want_digests, base_point) = match &plan {
         Plan::Scan => (true, 0),
@@ -525,87 +665,24 @@ async fn stream_sync(
 
     // The sync stream: Begin asks for the node's digests of its newest point when
     // every block is to be compared.
-    let (tx, rx) = mpsc::channel::<pb::SyncMessage>(4);
-    let begin = pb::SyncMessage {
-        msg: Some(pb::sync_message::Msg::Begin(pb::SyncBegin {
-            source: source.name.clone(),
-            epoch: assignment.epoch,
-            size_bytes: geometry.size_bytes,
-            block_size: geometry.block_size,
-            base_point,
-            consistency: q.consistency.to_proto(),
-            kind,
-            want_digests,
-            deep,
-        })),
+    let begin = pb::SyncBegin {
+        source: source.name.clone(),
+        epoch: assignment.epoch,
+        size_bytes: geometry.size_bytes,
+        block_size: geometry.block_size,
+        base_point,
+        consistency: q.consistency.to_proto(),
+        kind,
+        want_digests,
+        deep,
     };
-    let _ = tx.send(begin).await;
-    let mut replies = node
-        .sync(ReceiverStream::new(rx))
-        .await
-        .map_err(|s| SyncError::node(&node_name, s))?
-        .into_inner();
-    let ready = match replies
-        .message()
-        .await
-        .map_err(|s| SyncError::node(&node_name, s))?
-    {
-        Some(pb::SyncReply {
-            msg: Some(pb::sync_reply::Msg::Ready(r)),
-        }) => r,
-        _ => {
-            return Err(SyncError::Protocol(
-                "the node did not accept the sync".into(),
-            ));
-        }
-    };
-    if ready.digest_count != 0 && ready.digest_count != geometry.block_count() {
-        return Err(SyncError::Protocol(format!(
-            "the node offers {} digests for a volume of {} blocks",
-            ready.digest_count,
-            geometry.block_count()
-        )));
-    }
+    let (tx, replies, ready) = open_sync(&mut node, &node_name, begin, geometry).await?;
 
     // One task reads every reply: digests go to the sender; progress is noted; the
     // commit (or an error) ends it. Reading continuously means the node never blocks.
-    let (dtx, drx) = mpsc::channel::<Result<Bytes, String>>(4);
+    let (dtx, drx) = mpsc::channel::<Result<Bytes, FeedError>>(4);
     let stop = Arc::new(AtomicBool::new(false));
-    let stop_r = stop.clone();
-    let n = node_name.clone();
-    let reply_task = tokio::spawn(async move {
-        loop {
-            match replies.message().await {
-                Ok(Some(pb::SyncReply {
-                    msg: Some(pb::sync_reply::Msg::Committed(c)),
-                })) => {
-                    let damaged = c.damaged_blocks;
-                    return c
-                        .point
-                        .map(|p| (p, damaged))
-                        .ok_or_else(|| SyncError::Protocol("commit without a point".into()));
-                }
-                Ok(Some(pb::SyncReply {
-                    msg: Some(pb::sync_reply::Msg::Digests(d)),
-                })) => {
-                    let _ = dtx.send(Ok(d.digests)).await;
-                }
-                Ok(Some(_)) => {}
-                Ok(None) => {
-                    stop_r.store(true, Ordering::Relaxed);
-                    let _ = dtx.send(Err("the sync stream ended".into())).await;
-                    return Err(SyncError::Protocol(format!(
-                        "node {n} ended the sync without committing"
-                    )));
-                }
-                Err(s) => {
-                    stop_r.store(true, Ordering::Relaxed);
-                    let _ = dtx.send(Err(format!("node {n}: {}", s.message()))).await;
-                    return Err(SyncError::node(&n, s));
-                }
-            }
-        }
-    });
+    let reply_task = tokio::spawn(read_replies(replies, dtx, stop.clone(), node_name.clone()));
     let (ranges, feed) = match plan {
         Plan::Scan => (
             vec![(0, geometry.block_count())],
@@ -634,7 +711,7 @@ async fn stream_sync(
         )
     })
     .await
-    .map_err(|e| SyncError::Protocol(e.to_string()));
+    .map_err(SyncError::Task);
     let stats = match sent.and_then(|r| r) {
         Ok(s) => s,
         Err(e @ SyncError::Volume { .. }) => {
@@ -667,10 +744,16 @@ async fn stream_sync(
     let (point, damaged_blocks) = reply_task
         .instrument(tracing::info_span!("commit"))
         .await
-        .map_err(|e| SyncError::Protocol(e.to_string()))??;
+        .map_err(SyncError::Task)??;
     tracing::Span::current().record("point", point.id);
     drop(tx);
-    Ok(SyncOutcome {
+    Ok(committed(point, damaged_blocks, &stats))
+}
+
+/// What a committed sync did, as far as sending goes (the caller adds the time
+/// and the quiesce warnings).
+fn committed(point: pb::Point, damaged_blocks: u64, stats: &ScanStats) -> SyncOutcome {
+    SyncOutcome {
         consistency: Consistency::from_proto(point.consistency),
         point,
         bytes_sent: stats.bytes_sent,
@@ -681,5 +764,5 @@ async fn stream_sync(
         warnings: Vec::new(),
         files_sent: 0,
         bytes_read: 0,
-    })
+    }
 }

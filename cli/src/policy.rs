@@ -283,7 +283,9 @@ pub async fn lock(
             let config =
                 identity.client_config_for(bulwark_common::tls::Role::Node, Some(&s.node))?;
             let answer = async {
-                let channel = bulwark_common::tls::channel(&target, config).await?;
+                let channel = bulwark_common::tls::channel(&target, config)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 pb::node_client::NodeClient::new(channel)
                     .set_lock(pb::SetLockRequest {
                         source: s.source.clone(),

@@ -181,12 +181,23 @@ pub fn enroll(binary: &str, role: crate::tls::Role, args: EnrollArgs) -> ExitCod
     }
 }
 
+/// A listen address that could not be bound, and the config file that names it.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr} (key `listen` in {config}): {source}")]
+pub struct BindError {
+    pub addr: SocketAddr,
+    pub config: std::path::PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
 /// Binds a daemon's listen address; the error names the key and the file.
-pub async fn bind(addr: SocketAddr, config: &Path) -> Result<tokio::net::TcpListener, String> {
-    tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-        format!(
-            "cannot listen on {addr} (key `listen` in {}): {e}",
-            config.display()
-        )
-    })
+pub async fn bind(addr: SocketAddr, config: &Path) -> Result<tokio::net::TcpListener, BindError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| BindError {
+            addr,
+            config: config.to_path_buf(),
+            source,
+        })
 }

@@ -21,7 +21,54 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 
-use crate::tls::{Identity, Role, Target};
+use crate::keyfile::{FileError, pending_path, rename_into, write_atomic, write_file};
+use crate::pki::{CertError, Identity, PkiError, Role};
+use crate::tls::{ConnectError, Target, TargetError};
+
+/// An enrollment that failed, and why.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error("that is not a Bulwark enrollment token (bwt1.<secret>.<fingerprint>)")]
+    NotAToken,
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    #[error("{0}")]
+    Tls(#[source] rustls::Error),
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error(transparent)]
+    Key(#[from] PkiError),
+    #[error("enrollment refused by {target}: {message}")]
+    Refused { target: String, message: String },
+    #[error("the server's CA was never checked")]
+    Unchecked,
+    #[error("the coordinator sent a bad name {0:?}")]
+    BadName(String),
+    #[error("cannot create {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} exists already: remove it (or use another --dir) and enroll with a new token")]
+    Exists { path: PathBuf },
+    #[error(transparent)]
+    File(#[from] FileError),
+}
+
+/// A renewal that failed, and why.
+#[derive(Debug, thiserror::Error)]
+pub enum RenewError {
+    #[error(transparent)]
+    Key(#[from] PkiError),
+    /// The signer refused (its message, e.g. the coordinator's status).
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Cert(#[from] CertError),
+    #[error(transparent)]
+    File(#[from] FileError),
+}
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -62,9 +109,10 @@ impl ServerCertVerifier for PinnedCa {
             .build()
             .map_err(|e| rustls::Error::General(e.to_string()))?
             .verify_server_cert(end_entity, &[], server_name, ocsp_response, now)?;
-        let uri = crate::tls::spiffe_uri(ca.as_ref()).map_err(rustls::Error::General)?;
+        let general = |e: CertError| rustls::Error::General(e.to_string());
+        let uri = crate::pki::spiffe_uri(ca.as_ref()).map_err(general)?;
         let td = uri.trim_start_matches("spiffe://").trim_end_matches('/');
-        let id = Identity::from_cert(end_entity.as_ref(), td).map_err(rustls::Error::General)?;
+        let id = Identity::parse(end_entity.as_ref(), td).map_err(general)?;
         if id.role != Role::Coordinator {
             return Err(rustls::Error::General(format!(
                 "the enrollment server is {id}, not the coordinator"
@@ -118,128 +166,22 @@ pub struct Enrolled {
     pub key: PathBuf,
 }
 
-/// Where a renewal puts the new version of `path` before renaming it into place:
-/// `PATH.bulwark-new` (a suffix, so a certificate and a key with the same stem
-/// never share it).
-pub fn pending_path(path: &Path) -> PathBuf {
-    let mut p = path.as_os_str().to_owned();
-    p.push(".bulwark-new");
-    PathBuf::from(p)
-}
-
-/// The effective user id of this process.
-#[allow(unsafe_code)]
-fn euid() -> u32 {
-    // SAFETY: geteuid takes no arguments, cannot fail and touches no memory of ours.
-    unsafe { libc::geteuid() }
-}
-
-/// Removes a file left at `path` by an earlier, interrupted write of ours: only a
-/// regular file this user owns. Anything else there (a symbolic link someone
-/// planted, a directory, another user's file) is refused, never followed.
-fn remove_stale(path: &Path) -> Result<(), String> {
-    use std::os::unix::fs::MetadataExt;
-    let m = match std::fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(format!("cannot inspect {}: {e}", path.display())),
-    };
-    if !m.file_type().is_file() {
-        return Err(format!(
-            "{} exists and is not a regular file (a symbolic link or directory): refusing to write through it; remove it by hand",
-            path.display()
-        ));
-    }
-    if m.uid() != euid() {
-        return Err(format!(
-            "{} exists and belongs to user {}, not to this process (user {}): refusing to replace it",
-            path.display(),
-            m.uid(),
-            euid()
-        ));
-    }
-    std::fs::remove_file(path).map_err(|e| format!("cannot remove stale {}: {e}", path.display()))
-}
-
-/// Reads `path` if it is a regular file owned by this user, without following a
-/// symbolic link; `None` if there is nothing there.
-pub fn read_own_file(path: &Path) -> Result<Option<Vec<u8>>, String> {
-    use std::io::Read;
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    let mut f = match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-    {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => {
-            return Err(format!(
-                "cannot open {} (not following links): {e}",
-                path.display()
-            ));
-        }
-    };
-    let m = f
-        .metadata()
-        .map_err(|e| format!("cannot inspect {}: {e}", path.display()))?;
-    if !m.file_type().is_file() || m.uid() != euid() {
-        return Err(format!(
-            "{} is not a regular file of this user",
-            path.display()
-        ));
-    }
-    let mut buf = Vec::new();
-    f.read_to_end(&mut buf)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    Ok(Some(buf))
-}
-
-/// Writes `data` to the new file `path` (created with `mode`) and fsyncs it. A
-/// stale file of ours is replaced; the file is created exclusively and never
-/// through a symbolic link (`O_NOFOLLOW`), so a link planted beside the keys cannot
-/// redirect a key or certificate elsewhere.
-fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    remove_stale(path)?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .mode(mode)
-        .open(path)
-        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-    f.write_all(data)
-        .and_then(|()| f.sync_all())
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))
-}
-
-/// Writes `data` to `path` durably: a temporary file, fsync, rename (mode `mode`).
-pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".bulwark-tmp");
-    let tmp = PathBuf::from(tmp);
-    write_file(&tmp, data, mode)?;
-    std::fs::rename(&tmp, path)
-        .map_err(|e| format!("cannot rename into {}: {e}", path.display()))?;
-    if let Some(dir) = path.parent() {
-        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
-    }
-    Ok(())
-}
-
 /// Enrolls this host as `role` with the coordinator's enrollment listener at `url`
 /// (`https://host:7442`), writing `dir/ca.crt`, `dir/NAME.crt` and `dir/NAME.key`.
 /// The certificate's name, and a node's DNS names and addresses, come from the
 /// token (`bulwark token create --dns/--ip`), never from this host.
-pub async fn enroll(url: &str, token: &str, role: Role, dir: &Path) -> Result<Enrolled, String> {
+pub async fn enroll(
+    url: &str,
+    token: &str,
+    role: Role,
+    dir: &Path,
+) -> Result<Enrolled, EnrollError> {
     let fingerprint = token
         .trim()
         .split('.')
         .nth(2)
         .filter(|f| f.len() == 64 && f.chars().all(|c| c.is_ascii_hexdigit()))
-        .ok_or("that is not a Bulwark enrollment token (bwt1.<secret>.<fingerprint>)")?
+        .ok_or(EnrollError::NotAToken)?
         .to_string();
     let target = Target::parse(url)?;
     let verifier = Arc::new(PinnedCa {
@@ -248,13 +190,13 @@ pub async fn enroll(url: &str, token: &str, role: Role, dir: &Path) -> Result<En
     });
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?
+        .map_err(EnrollError::Tls)?
         .dangerous()
         .with_custom_certificate_verifier(verifier.clone())
         .with_no_client_auth();
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     let channel = crate::tls::channel(&target, Arc::new(cfg)).await?;
-    let (key_pem, csr_pem) = crate::pki::make_csr().map_err(|e| e.to_string())?;
+    let (key_pem, csr_pem) = crate::pki::make_csr()?;
     let r = pb::enrollment_client::EnrollmentClient::new(channel)
         .enroll(pb::EnrollRequest {
             token: token.trim().to_string(),
@@ -264,7 +206,10 @@ pub async fn enroll(url: &str, token: &str, role: Role, dir: &Path) -> Result<En
             ips: Vec::new(),
         })
         .await
-        .map_err(|s| format!("enrollment refused by {target}: {}", s.message()))?
+        .map_err(|s| EnrollError::Refused {
+            target: target.to_string(),
+            message: s.message().to_string(),
+        })?
         .into_inner();
     if verifier
         .found
@@ -272,12 +217,15 @@ pub async fn enroll(url: &str, token: &str, role: Role, dir: &Path) -> Result<En
         .unwrap_or_else(|e| e.into_inner())
         .is_none()
     {
-        return Err("the server's CA was never checked".into());
+        return Err(EnrollError::Unchecked);
     }
     if !crate::pki::valid_name(&r.name) {
-        return Err(format!("the coordinator sent a bad name {:?}", r.name));
+        return Err(EnrollError::BadName(r.name));
     }
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(dir).map_err(|source| EnrollError::CreateDir {
+        path: dir.to_path_buf(),
+        source,
+    })?;
     let out = Enrolled {
         ca: dir.join("ca.crt"),
         cert: dir.join(format!("{}.crt", r.name)),
@@ -286,10 +234,7 @@ pub async fn enroll(url: &str, token: &str, role: Role, dir: &Path) -> Result<En
     };
     for p in [&out.cert, &out.key] {
         if p.exists() {
-            return Err(format!(
-                "{} exists already: remove it (or use another --dir) and enroll with a new token",
-                p.display()
-            ));
+            return Err(EnrollError::Exists { path: p.clone() });
         }
     }
     write_atomic(&out.key, key_pem.as_bytes(), 0o600)?;
@@ -342,11 +287,11 @@ pub async fn renew(
     files: &crate::config::TlsFiles,
     dns: Vec<String>,
     ips: Vec<String>,
-) -> Result<i64, String> {
-    let (key_pem, csr_pem) = crate::pki::make_csr().map_err(|e| e.to_string())?;
-    let cert_pem = sign(csr_pem, dns, ips).await?;
-    let der = crate::tls::parse_certs_pem(cert_pem.as_bytes())?;
-    let not_after = crate::tls::not_after_ms(der.first().ok_or("no certificate")?.as_ref())?;
+) -> Result<i64, RenewError> {
+    let (key_pem, csr_pem) = crate::pki::make_csr()?;
+    let cert_pem = sign(csr_pem, dns, ips).await.map_err(RenewError::Refused)?;
+    let der = crate::pki::parse_certs_pem(cert_pem.as_bytes())?;
+    let not_after = crate::pki::not_after_ms(der.first().ok_or(CertError::NoPem)?.as_ref())?;
     // Both new files are made durable first, then the key is renamed, then the
     // certificate. A crash between the two renames leaves the new key beside the old
     // certificate and the new certificate still in `CERT.bulwark-new`, which
@@ -357,12 +302,10 @@ pub async fn renew(
     if let Err(e) = write_file(&key_new, key_pem.as_bytes(), 0o600) {
         // Ours, just written: no half of a renewal is left behind.
         let _ = std::fs::remove_file(&cert_new);
-        return Err(e);
+        return Err(e.into());
     }
-    std::fs::rename(&key_new, &files.key)
-        .map_err(|e| format!("cannot rename into {}: {e}", files.key.display()))?;
-    std::fs::rename(&cert_new, &files.cert)
-        .map_err(|e| format!("cannot rename into {}: {e}", files.cert.display()))?;
+    rename_into(&key_new, &files.key)?;
+    rename_into(&cert_new, &files.cert)?;
     for d in [files.key.parent(), files.cert.parent()]
         .into_iter()
         .flatten()
@@ -372,65 +315,11 @@ pub async fn renew(
     Ok(not_after)
 }
 
-/// Checks the certificate of `identity` every `every` and renews it with `sign`
-/// when it is due (see [`due_for_renewal`], or `renew_before` of the `[tls]`
-/// table), then presents the new one without a restart. A coordinator without
-/// enrollment, or any other failure, is logged and tried again at the next check.
-pub async fn renewal_loop(
-    identity: crate::tls::TlsIdentity,
-    files: crate::config::TlsFiles,
-    mut sign: RenewSigner,
-    every: std::time::Duration,
-    stop: tokio_util::sync::CancellationToken,
-) {
-    let mut off_logged = false;
-    loop {
-        let der = identity.current_cert();
-        let (Ok(from), Ok(until)) = (
-            crate::tls::not_before_ms(der.as_ref()),
-            crate::tls::not_after_ms(der.as_ref()),
-        ) else {
-            return;
-        };
-        let now = crate::time::now_ms();
-        let due = match files.renew_before {
-            Some(d) => until - now < i64::try_from(d.0.as_millis()).unwrap_or(i64::MAX),
-            None => due_for_renewal(from, until, now),
-        };
-        if due {
-            let (dns, ips) = crate::tls::dns_and_ip_sans(der.as_ref());
-            match renew(&mut sign, &files, dns, ips).await {
-                Ok(not_after) => match identity.reload(&files) {
-                    Ok(()) => tracing::info!(
-                        cert = %files.cert.display(),
-                        expires = %crate::time::rfc3339_ms(not_after),
-                        "certificate renewed"
-                    ),
-                    Err(e) => tracing::error!("renewed certificate not loaded: {e}"),
-                },
-                Err(e) if e.contains("enrollment is off") => {
-                    if !off_logged {
-                        tracing::warn!(
-                            expires = %crate::time::rfc3339_ms(until),
-                            "certificate due for renewal, but the coordinator has no [enrollment]: renew it by hand"
-                        );
-                        off_logged = true;
-                    }
-                }
-                Err(e) => tracing::warn!("certificate renewal failed (retried later): {e}"),
-            }
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use crate::pki::{LeafRequest, Signer};
-    use crate::tls::{Role, TlsIdentity};
+    use crate::keyfile::{pending_path, write_atomic};
+    use crate::pki::{LeafRequest, Role, Signer};
+    use crate::tls::TlsIdentity;
 
     /// Agent host-1's certificate request.
     fn host_1() -> LeafRequest {
@@ -474,7 +363,7 @@ mod tests {
         let (key_pem, csr) = crate::pki::make_csr().expect("csr");
         let cert_pem = signer.sign_csr(&csr, &req).expect("sign");
         // As `renew` does, stopped after the key's rename.
-        std::fs::write(super::pending_path(&files.cert), &cert_pem).expect("pending cert");
+        std::fs::write(pending_path(&files.cert), &cert_pem).expect("pending cert");
         std::fs::write(&files.key, &key_pem).expect("new key");
         let id = TlsIdentity::load(&files).expect("load finishes the renewal");
         assert_eq!(id.me.name, "host-1");
@@ -482,7 +371,7 @@ mod tests {
             std::fs::read_to_string(&files.cert).expect("cert"),
             cert_pem
         );
-        assert!(!super::pending_path(&files.cert).exists());
+        assert!(!pending_path(&files.cert).exists());
         // A key that matches nothing pending is reported, not papered over.
         let (other_key, _) = crate::pki::make_csr().expect("csr");
         std::fs::write(&files.key, other_key).expect("key");
@@ -510,15 +399,12 @@ mod tests {
         std::fs::write(&victim, b"precious").expect("victim");
         let old_key = std::fs::read(&files.key).expect("key");
         let old_cert = std::fs::read(&files.cert).expect("cert");
-        for planted in [
-            super::pending_path(&files.key),
-            super::pending_path(&files.cert),
-        ] {
+        for planted in [pending_path(&files.key), pending_path(&files.cert)] {
             symlink(&victim, &planted).expect("symlink");
             let e = super::renew(&mut make_signer(), &files, vec![], vec![])
                 .await
                 .expect_err("a planted link");
-            assert!(e.contains("not a regular file"), "{e}");
+            assert!(e.to_string().contains("not a regular file"), "{e}");
             assert_eq!(std::fs::read(&victim).expect("victim"), b"precious");
             assert_eq!(std::fs::read(&files.key).expect("key"), old_key);
             assert_eq!(std::fs::read(&files.cert).expect("cert"), old_cert);
@@ -529,11 +415,11 @@ mod tests {
         let mut tmp = target.as_os_str().to_owned();
         tmp.push(".bulwark-tmp");
         symlink(&victim, &tmp).expect("symlink");
-        assert!(super::write_atomic(&target, b"new", 0o644).is_err());
+        assert!(write_atomic(&target, b"new", 0o644).is_err());
         assert_eq!(std::fs::read(&victim).expect("victim"), b"precious");
         std::fs::remove_file(&tmp).expect("unplant");
         // A stale regular file left by an interrupted renewal is replaced.
-        std::fs::write(super::pending_path(&files.key), b"stale").expect("stale");
+        std::fs::write(pending_path(&files.key), b"stale").expect("stale");
         super::renew(&mut make_signer(), &files, vec![], vec![])
             .await
             .expect("renewed over a stale file");
@@ -541,7 +427,7 @@ mod tests {
         TlsIdentity::load(&files).expect("the renewed pair loads");
         // A link where an interrupted renewal's certificate would wait is not
         // renamed into place.
-        let pending = super::pending_path(&files.cert);
+        let pending = pending_path(&files.cert);
         symlink(old_cert_path(&dir, &old_cert), &pending).expect("symlink");
         let _ = TlsIdentity::load(&files);
         assert!(

@@ -28,17 +28,32 @@ struct Armed {
 
 static POINTS: OnceLock<HashMap<String, Armed>> = OnceLock::new();
 
-fn parse(spec: &str) -> Result<HashMap<String, Armed>, String> {
+/// An item of `BULWARK_FAILPOINTS` that does not parse, and why.
+#[derive(Debug, thiserror::Error)]
+enum SpecError {
+    #[error("failpoint `{0}` has no `=action`")]
+    NoAction(String),
+    #[error("failpoint `{item}`: `@{count}` is not a count")]
+    Count { item: String, count: String },
+    #[error("failpoint `{0}`: bad sleep milliseconds")]
+    Sleep(String),
+    #[error("failpoint `{item}`: unknown action `{action}`")]
+    Unknown { item: String, action: String },
+}
+
+fn parse(spec: &str) -> Result<HashMap<String, Armed>, SpecError> {
     let mut map = HashMap::new();
     for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let (name, rest) = item
             .split_once('=')
-            .ok_or_else(|| format!("failpoint `{item}` has no `=action`"))?;
+            .ok_or_else(|| SpecError::NoAction(item.to_string()))?;
         let (action, from_hit) = match rest.split_once('@') {
             Some((a, n)) => (
                 a,
-                n.parse::<u64>()
-                    .map_err(|_| format!("failpoint `{item}`: `@{n}` is not a count"))?,
+                n.parse::<u64>().map_err(|_| SpecError::Count {
+                    item: item.to_string(),
+                    count: n.to_string(),
+                })?,
             ),
             None => (rest, 1),
         };
@@ -48,9 +63,14 @@ fn parse(spec: &str) -> Result<HashMap<String, Armed>, String> {
             a if a.starts_with("sleep(") && a.ends_with(')') => Action::Sleep(
                 a["sleep(".len()..a.len() - 1]
                     .parse()
-                    .map_err(|_| format!("failpoint `{item}`: bad sleep milliseconds"))?,
+                    .map_err(|_| SpecError::Sleep(item.to_string()))?,
             ),
-            other => return Err(format!("failpoint `{item}`: unknown action `{other}`")),
+            other => {
+                return Err(SpecError::Unknown {
+                    item: item.to_string(),
+                    action: other.to_string(),
+                });
+            }
         };
         map.insert(
             name.to_string(),

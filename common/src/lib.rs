@@ -2,7 +2,10 @@
 //!
 //! - [`tls`] — the fleet's mutual TLS: server and client configurations, the peer
 //!   identity taken from a certificate's SPIFFE URI SAN, and role checks.
-//! - [`pki`] — the fleet CA and the certificates it signs (`bulwark pki`).
+//! - [`pki`] — the fleet CA and the certificates it signs (`bulwark pki`), and
+//!   reading roles, identities and validity back from certificates.
+//! - [`enroll`] — a host's enrollment and certificate renewal.
+//! - [`keyfile`] — key and certificate files, written without following planted links.
 //! - [`config`] — TOML loading with errors that name the file and key; sizes and
 //!   durations as operators write them.
 //! - [`block`] — blocks, extents and BLAKE3 checksums, and the checks the node and the
@@ -21,6 +24,7 @@ pub mod config;
 pub mod daemon;
 pub mod enroll;
 pub mod failpoint;
+pub mod keyfile;
 pub mod malloc;
 pub mod metrics;
 pub mod name;

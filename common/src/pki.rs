@@ -5,11 +5,18 @@
 //! `spiffe://<trust-domain>/<role>/<name>`, plus DNS names and IP addresses for the
 //! servers that others dial, usable for both TLS server and client authentication.
 //! Private keys are written with mode 0600.
+//!
+//! It also reads certificates back: the [`Role`] and [`Identity`] a certificate's
+//! SPIFFE URI SAN names, its validity and SANs. This module is the bottom of the
+//! certificate stack and imports none of the others: `tls` builds rustls
+//! configurations on it, and `enroll` enrolls and renews with both.
 
+use std::fmt;
 use std::fs;
 use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
@@ -17,7 +24,7 @@ use rcgen::{
     RevocationReason, RevokedCertParams, SanType, SerialNumber,
 };
 
-use crate::tls::Role;
+use rustls::pki_types::CertificateDer;
 
 /// A PKI operation that failed.
 #[derive(Debug, thiserror::Error)]
@@ -33,8 +40,16 @@ pub enum PkiError {
     TrustDomain(String),
     #[error("invalid name \"{0}\": use letters, digits, dots, dashes and underscores")]
     Name(String),
-    #[error("{path} is not a Bulwark CA certificate: {message}")]
-    NotACa { path: PathBuf, message: String },
+    #[error("{path} is not a Bulwark CA certificate: {source}")]
+    NotACa {
+        path: PathBuf,
+        #[source]
+        source: CertError,
+    },
+    #[error("{path} is not a Bulwark CA certificate: no certificate in file")]
+    NoCa { path: PathBuf },
+    #[error("{path} is not a Bulwark CA certificate: URI SAN {uri} is not spiffe://<trust-domain>")]
+    NotACaUri { path: PathBuf, uri: String },
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
 }
@@ -44,6 +59,214 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
         path: path.to_path_buf(),
         error,
     }
+}
+
+/// A certificate that could not be read, or does not name a process of this fleet.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("unreadable certificate: {0}")]
+    Unreadable(#[source] x509_parser::nom::Err<x509_parser::error::X509Error>),
+    #[error("bad subjectAltName: {0}")]
+    BadSan(#[source] x509_parser::error::X509Error),
+    #[error("certificate has no subjectAltName")]
+    NoSan,
+    #[error("certificate has no URI SAN")]
+    NoUriSan,
+    #[error("bad PEM: {0}")]
+    Pem(#[source] std::io::Error),
+    #[error("no PEM certificate found")]
+    NoPem,
+    #[error("URI SAN {uri} is not a spiffe:// id")]
+    NotSpiffe { uri: String },
+    #[error("{uri} is not spiffe://<trust-domain>/<role>/<name>")]
+    NotAProcess { uri: String },
+    #[error("certificate {uri} belongs to trust domain {found}, not {expected}")]
+    TrustDomain {
+        uri: String,
+        found: String,
+        expected: String,
+    },
+    #[error("certificate {uri}: {source}")]
+    Role {
+        uri: String,
+        #[source]
+        source: UnknownRole,
+    },
+    #[error("certificate {uri}: invalid name")]
+    Name { uri: String },
+}
+
+/// What a certificate allows its holder to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    Coordinator,
+    Node,
+    Agent,
+    Admin,
+    /// An admin certificate made only for lifting governance retention locks: kept
+    /// apart from the everyday admin key, so a stolen admin key cannot do it.
+    Officer,
+}
+
+impl Role {
+    /// Every role, in the order the docs list them.
+    pub const ALL: [Role; 5] = [
+        Role::Coordinator,
+        Role::Node,
+        Role::Agent,
+        Role::Admin,
+        Role::Officer,
+    ];
+
+    /// The word used in SPIFFE ids and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Coordinator => "coordinator",
+            Role::Node => "node",
+            Role::Agent => "agent",
+            Role::Admin => "admin",
+            Role::Officer => "officer",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A word that names no [`Role`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown role \"{0}\" (use coordinator, node, agent, admin or officer)")]
+pub struct UnknownRole(pub String);
+
+impl FromStr for Role {
+    type Err = UnknownRole;
+    fn from_str(s: &str) -> Result<Role, UnknownRole> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| UnknownRole(s.to_string()))
+    }
+}
+
+/// Who is on the other end of a connection, from its certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub role: Role,
+    pub name: String,
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.role, self.name)
+    }
+}
+
+impl Identity {
+    /// Reads the SPIFFE URI SAN of a DER certificate and checks its trust domain.
+    pub fn parse(der: &[u8], trust_domain: &str) -> Result<Identity, CertError> {
+        let uri = spiffe_uri(der)?;
+        let Some(rest) = uri.strip_prefix("spiffe://") else {
+            return Err(CertError::NotSpiffe { uri });
+        };
+        let mut parts = rest.split('/');
+        let (td, role, name) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some(td), Some(role), Some(name), None) => (td, role, name),
+            _ => return Err(CertError::NotAProcess { uri }),
+        };
+        if td != trust_domain {
+            return Err(CertError::TrustDomain {
+                found: td.to_string(),
+                expected: trust_domain.to_string(),
+                uri,
+            });
+        }
+        let role = match role.parse::<Role>() {
+            Ok(role) => role,
+            Err(source) => return Err(CertError::Role { uri, source }),
+        };
+        if !valid_name(name) {
+            return Err(CertError::Name { uri });
+        }
+        Ok(Identity {
+            role,
+            name: name.to_string(),
+        })
+    }
+}
+
+fn parse_der(der: &[u8]) -> Result<x509_parser::certificate::X509Certificate<'_>, CertError> {
+    use x509_parser::prelude::*;
+    X509Certificate::from_der(der)
+        .map(|(_, cert)| cert)
+        .map_err(CertError::Unreadable)
+}
+
+/// The URI SAN of a DER certificate (the first one, which Bulwark sets).
+pub fn spiffe_uri(der: &[u8]) -> Result<String, CertError> {
+    use x509_parser::prelude::*;
+    let cert = parse_der(der)?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(CertError::BadSan)?
+        .ok_or(CertError::NoSan)?;
+    san.value
+        .general_names
+        .iter()
+        .find_map(|n| match n {
+            GeneralName::URI(u) => Some(u.to_string()),
+            _ => None,
+        })
+        .ok_or(CertError::NoUriSan)
+}
+
+/// When a DER certificate becomes valid, in Unix milliseconds.
+pub fn not_before_ms(der: &[u8]) -> Result<i64, CertError> {
+    Ok(parse_der(der)?.validity().not_before.timestamp() * 1000)
+}
+
+/// When a DER certificate expires, in Unix milliseconds.
+pub fn not_after_ms(der: &[u8]) -> Result<i64, CertError> {
+    Ok(parse_der(der)?.validity().not_after.timestamp() * 1000)
+}
+
+/// The DNS names and IP addresses among a DER certificate's SANs.
+pub fn dns_and_ip_sans(der: &[u8]) -> (Vec<String>, Vec<String>) {
+    use x509_parser::prelude::*;
+    let mut dns = Vec::new();
+    let mut ips = Vec::new();
+    if let Ok(cert) = parse_der(der)
+        && let Ok(Some(san)) = cert.subject_alternative_name()
+    {
+        for n in &san.value.general_names {
+            match n {
+                GeneralName::DNSName(d) => dns.push(d.to_string()),
+                GeneralName::IPAddress(b) => match b.len() {
+                    4 => ips.push(std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]).to_string()),
+                    16 => {
+                        let mut a = [0u8; 16];
+                        a.copy_from_slice(b);
+                        ips.push(std::net::Ipv6Addr::from(a).to_string());
+                    }
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+    }
+    (dns, ips)
+}
+
+/// Parses every certificate of a PEM buffer.
+pub fn parse_certs_pem(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, CertError> {
+    let certs: Result<Vec<_>, _> = rustls_pemfile::certs(&mut &pem[..]).collect();
+    let certs = certs.map_err(CertError::Pem)?;
+    if certs.is_empty() {
+        return Err(CertError::NoPem);
+    }
+    Ok(certs)
 }
 
 /// Checks a trust domain: `bulwark.local`, `prod-eu`.
@@ -158,24 +381,21 @@ pub struct Issued {
 /// Reads the trust domain recorded in a CA certificate.
 pub fn trust_domain_of_ca(ca_pem_path: &Path) -> Result<String, PkiError> {
     let pem = fs::read(ca_pem_path).map_err(io_err(ca_pem_path))?;
-    let ders = crate::tls::parse_certs_pem(&pem).map_err(|m| PkiError::NotACa {
+    let not_a_ca = |source| PkiError::NotACa {
         path: ca_pem_path.to_path_buf(),
-        message: m,
-    })?;
-    let der = ders.first().ok_or_else(|| PkiError::NotACa {
+        source,
+    };
+    let ders = parse_certs_pem(&pem).map_err(not_a_ca)?;
+    let der = ders.first().ok_or_else(|| PkiError::NoCa {
         path: ca_pem_path.to_path_buf(),
-        message: "no certificate in file".into(),
     })?;
-    let uri = crate::tls::spiffe_uri(der.as_ref()).map_err(|m| PkiError::NotACa {
-        path: ca_pem_path.to_path_buf(),
-        message: m,
-    })?;
+    let uri = spiffe_uri(der.as_ref()).map_err(not_a_ca)?;
     uri.strip_prefix("spiffe://")
         .map(|s| s.trim_end_matches('/').to_string())
         .filter(|s| !s.contains('/'))
-        .ok_or_else(|| PkiError::NotACa {
+        .ok_or_else(|| PkiError::NotACaUri {
             path: ca_pem_path.to_path_buf(),
-            message: format!("URI SAN {uri} is not spiffe://<trust-domain>"),
+            uri: uri.clone(),
         })
 }
 
@@ -239,9 +459,9 @@ fn leaf_params(
 
 /// The fleet CA's fingerprint as enrollment tokens carry it: BLAKE3 of the first
 /// certificate's DER, hex.
-pub fn ca_fingerprint(ca_pem: &[u8]) -> Result<String, String> {
-    let ders = crate::tls::parse_certs_pem(ca_pem)?;
-    let der = ders.first().ok_or("no certificate")?;
+pub fn ca_fingerprint(ca_pem: &[u8]) -> Result<String, CertError> {
+    let ders = parse_certs_pem(ca_pem)?;
+    let der = ders.first().ok_or(CertError::NoPem)?;
     Ok(blake3::hash(der.as_ref()).to_hex().to_string())
 }
 
@@ -373,7 +593,6 @@ pub fn issue(dir: &Path, req: &LeafRequest) -> Result<Issued, PkiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tls::{Identity, parse_certs_pem};
 
     #[test]
     fn init_and_issue() {
@@ -407,10 +626,10 @@ mod tests {
         }
         let pem = fs::read(&issued.cert).expect("cert");
         let der = parse_certs_pem(&pem).expect("pem");
-        let id = Identity::from_cert(der[0].as_ref(), "test.fleet").expect("identity");
+        let id = Identity::parse(der[0].as_ref(), "test.fleet").expect("identity");
         assert_eq!(id.role, Role::Node);
         assert_eq!(id.name, "node-1");
-        assert!(Identity::from_cert(der[0].as_ref(), "other.fleet").is_err());
+        assert!(Identity::parse(der[0].as_ref(), "other.fleet").is_err());
         assert!(matches!(
             issue(
                 dir.path(),

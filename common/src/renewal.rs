@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::TlsFiles;
-use crate::enroll::{RenewSigner, due_for_renewal, renew};
+use crate::enroll::{RenewError, RenewSigner, due_for_renewal, renew};
 use crate::tls::TlsIdentity;
 use crate::worker::Worker;
 
@@ -91,7 +91,7 @@ impl Worker for Renewal {
                 );
                 Ok(())
             }
-            Err(e) if e.to_string().contains("enrollment is off") => {
+            Err(RenewError::Refused(m)) if m.contains("enrollment is off") => {
                 if !self.off_logged {
                     tracing::warn!(
                         expires = %crate::time::rfc3339_ms(until),

@@ -42,7 +42,40 @@ use rustls::{Error as TlsError, SignatureScheme};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::tls::{Identity, Role};
+use crate::pki::{CertError, Identity, Role};
+
+/// A revocation list that could not be put in force, read or kept.
+#[derive(Debug, thiserror::Error)]
+pub enum RevocationError {
+    #[error("{side} verifier: {source}")]
+    Verifier {
+        side: &'static str,
+        #[source]
+        source: rustls::server::VerifierBuilderError,
+    },
+    #[error("unreadable: {0}")]
+    Unreadable(#[source] serde_json::Error),
+    #[error("format version {0} is not known here (1 is)")]
+    Format(u32),
+    #[error("its crl_der is not hex")]
+    CrlHex,
+    #[error("revocation list {path}: {source}")]
+    File {
+        path: PathBuf,
+        #[source]
+        source: Box<RevocationError>,
+    },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{0}")]
+    Encode(#[source] serde_json::Error),
+    #[error(transparent)]
+    Write(#[from] crate::keyfile::FileError),
+}
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -60,11 +93,10 @@ pub struct CertFacts {
 
 impl CertFacts {
     /// Reads a DER certificate of trust domain `trust_domain`.
-    pub fn parse(der: &[u8], trust_domain: &str) -> Result<CertFacts, String> {
+    pub fn parse(der: &[u8], trust_domain: &str) -> Result<CertFacts, CertError> {
         use x509_parser::prelude::*;
-        let identity = Identity::from_cert(der, trust_domain)?;
-        let (_, cert) =
-            X509Certificate::from_der(der).map_err(|e| format!("unreadable certificate: {e}"))?;
+        let identity = Identity::parse(der, trust_domain)?;
+        let (_, cert) = X509Certificate::from_der(der).map_err(CertError::Unreadable)?;
         Ok(CertFacts {
             identity,
             not_before_ms: cert.validity().not_before.timestamp() * 1000,
@@ -219,7 +251,10 @@ fn count_refusal() {
 
 impl Revocations {
     /// An empty list over the fleet CA `roots`.
-    pub fn new(roots: Arc<RootCertStore>, trust_domain: &str) -> Result<Revocations, String> {
+    pub fn new(
+        roots: Arc<RootCertStore>,
+        trust_domain: &str,
+    ) -> Result<Revocations, RevocationError> {
         let hints = roots.subjects();
         let empty = build(&roots, pb::RevocationList::default())?;
         Ok(Revocations {
@@ -255,7 +290,7 @@ impl Revocations {
 
     /// Puts `list` in force whatever its version (the coordinator, whose list it
     /// is), cutting connections it revokes; writes it to the file, if one is set.
-    pub fn set(&self, list: pb::RevocationList) -> Result<(), String> {
+    pub fn set(&self, list: pb::RevocationList) -> Result<(), RevocationError> {
         let snap = Arc::new(build(&self.roots, list)?);
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = snap.clone();
         self.save(&snap);
@@ -265,7 +300,7 @@ impl Revocations {
 
     /// Puts `list` in force if it is newer than the one held (nodes and agents:
     /// the coordinator's versions only count up). Returns whether it changed.
-    pub fn apply_newer(&self, list: pb::RevocationList) -> Result<bool, String> {
+    pub fn apply_newer(&self, list: pb::RevocationList) -> Result<bool, RevocationError> {
         if list.version <= self.version() {
             return Ok(false);
         }
@@ -282,18 +317,25 @@ impl Revocations {
     /// Loads the list kept in `path` (if there is one) and keeps every later list
     /// there. A file that cannot be read is an error: starting without the list
     /// would accept certificates the fleet revoked.
-    pub fn persist_at(&self, path: &Path) -> Result<(), String> {
+    pub fn persist_at(&self, path: &Path) -> Result<(), RevocationError> {
+        let in_file = |e| RevocationError::File {
+            path: path.to_path_buf(),
+            source: Box::new(e),
+        };
         match std::fs::read(path) {
             Ok(bytes) => {
-                let list = decode_file(&bytes)
-                    .map_err(|e| format!("revocation list {}: {e}", path.display()))?;
+                let list = decode_file(&bytes).map_err(in_file)?;
                 let n = list.revocations.len();
-                self.apply_newer(list)
-                    .map_err(|e| format!("revocation list {}: {e}", path.display()))?;
+                self.apply_newer(list).map_err(in_file)?;
                 tracing::info!(file = %path.display(), revoked = n, "revocation list loaded");
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+            Err(source) => {
+                return Err(RevocationError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
         }
         *lock(&self.file) = Some(path.to_path_buf());
         Ok(())
@@ -303,7 +345,9 @@ impl Revocations {
         let Some(path) = lock(&self.file).clone() else {
             return;
         };
-        match encode_file(&snap.list).and_then(|b| crate::enroll::write_atomic(&path, &b, 0o644)) {
+        let written = encode_file(&snap.list)
+            .and_then(|b| Ok(crate::keyfile::write_atomic(&path, &b, 0o644)?));
+        match written {
             Ok(()) => {}
             // Kept in memory and enforced; the next change or start writes it again.
             Err(e) => tracing::error!("cannot keep the revocation list: {e}"),
@@ -390,7 +434,10 @@ impl Revocations {
     }
 }
 
-fn build(roots: &Arc<RootCertStore>, list: pb::RevocationList) -> Result<Snapshot, String> {
+fn build(
+    roots: &Arc<RootCertStore>,
+    list: pb::RevocationList,
+) -> Result<Snapshot, RevocationError> {
     let mut by_identity = HashMap::new();
     let mut serials = HashSet::new();
     for r in &list.revocations {
@@ -452,7 +499,7 @@ type Verifiers = (Arc<dyn ClientCertVerifier>, Arc<WebPkiServerVerifier>);
 fn verifiers(
     roots: &Arc<RootCertStore>,
     crl: Option<CertificateRevocationListDer<'static>>,
-) -> Result<Verifiers, String> {
+) -> Result<Verifiers, RevocationError> {
     let mut c = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider());
     let mut s = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider());
     if let Some(crl) = crl {
@@ -463,8 +510,14 @@ fn verifiers(
             .only_check_end_entity_revocation();
         s = s.with_crls([crl]).only_check_end_entity_revocation();
     }
-    let c = c.build().map_err(|e| format!("client verifier: {e}"))?;
-    let s = s.build().map_err(|e| format!("server verifier: {e}"))?;
+    let c = c.build().map_err(|source| RevocationError::Verifier {
+        side: "client",
+        source,
+    })?;
+    let s = s.build().map_err(|source| RevocationError::Verifier {
+        side: "server",
+        source,
+    })?;
     Ok((c, s))
 }
 
@@ -487,7 +540,7 @@ struct StoredEntry {
     serials: Vec<String>,
 }
 
-fn encode_file(list: &pb::RevocationList) -> Result<Vec<u8>, String> {
+fn encode_file(list: &pb::RevocationList) -> Result<Vec<u8>, RevocationError> {
     let stored = StoredList {
         v: 1,
         version: list.version,
@@ -504,18 +557,18 @@ fn encode_file(list: &pb::RevocationList) -> Result<Vec<u8>, String> {
             })
             .collect(),
     };
-    serde_json::to_vec_pretty(&stored).map_err(|e| e.to_string())
+    serde_json::to_vec_pretty(&stored).map_err(RevocationError::Encode)
 }
 
-fn decode_file(bytes: &[u8]) -> Result<pb::RevocationList, String> {
-    let s: StoredList = serde_json::from_slice(bytes).map_err(|e| format!("unreadable: {e}"))?;
+fn decode_file(bytes: &[u8]) -> Result<pb::RevocationList, RevocationError> {
+    let s: StoredList = serde_json::from_slice(bytes).map_err(RevocationError::Unreadable)?;
     if s.v != 1 {
-        return Err(format!("format version {} is not known here (1 is)", s.v));
+        return Err(RevocationError::Format(s.v));
     }
     let crl = if s.crl_der.is_empty() {
         Vec::new()
     } else {
-        serial_bytes(&s.crl_der).ok_or("its crl_der is not hex")?
+        serial_bytes(&s.crl_der).ok_or(RevocationError::CrlHex)?
     };
     Ok(pb::RevocationList {
         version: s.version,
@@ -763,7 +816,7 @@ mod tests {
     }
 
     fn leaf(files: &TlsFiles) -> CertificateDer<'static> {
-        crate::tls::parse_certs_pem(&std::fs::read(&files.cert).expect("cert")).expect("pem")[0]
+        crate::pki::parse_certs_pem(&std::fs::read(&files.cert).expect("cert")).expect("pem")[0]
             .clone()
     }
 
@@ -852,7 +905,7 @@ mod tests {
             .signer()
             .sign_csr_after(&csr, &req, Some(at))
             .expect("sign");
-        let der = crate::tls::parse_certs_pem(cert_pem.as_bytes()).expect("pem");
+        let der = crate::pki::parse_certs_pem(cert_pem.as_bytes()).expect("pem");
         let f = CertFacts::parse(der[0].as_ref(), "test.fleet").expect("facts");
         assert!(f.not_before_ms > at, "{} <= {at}", f.not_before_ms);
         let renewed = TlsFiles {
@@ -1056,7 +1109,7 @@ mod tests {
         std::fs::write(&path, b"{not json").expect("write");
         let three = TlsIdentity::load(&files).expect("id");
         let e = three.revocations().persist_at(&path).expect_err("damaged");
-        assert!(e.contains("revocations.json"), "{e}");
+        assert!(e.to_string().contains("revocations.json"), "{e}");
     }
 
     #[test]

@@ -16,7 +16,6 @@ use crate::telemetry::TracedChannel;
 use std::fmt;
 use std::net::IpAddr;
 use std::path::Path;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,168 +30,13 @@ use tonic::transport::{Endpoint, Uri};
 use tonic::{Request, Status};
 
 use crate::config::TlsFiles;
+use crate::pki::PkiError;
 use crate::revocation::{Revocations, Tracked};
 
-/// What a certificate allows its holder to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Role {
-    Coordinator,
-    Node,
-    Agent,
-    Admin,
-    /// An admin certificate made only for lifting governance retention locks: kept
-    /// apart from the everyday admin key, so a stolen admin key cannot do it.
-    Officer,
-}
-
-impl Role {
-    /// Every role, in the order the docs list them.
-    pub const ALL: [Role; 5] = [
-        Role::Coordinator,
-        Role::Node,
-        Role::Agent,
-        Role::Admin,
-        Role::Officer,
-    ];
-
-    /// The word used in SPIFFE ids and on the command line.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Coordinator => "coordinator",
-            Role::Node => "node",
-            Role::Agent => "agent",
-            Role::Admin => "admin",
-            Role::Officer => "officer",
-        }
-    }
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Role {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Role, String> {
-        Role::ALL
-            .into_iter()
-            .find(|r| r.as_str() == s)
-            .ok_or_else(|| {
-                format!("unknown role \"{s}\" (use coordinator, node, agent, admin or officer)")
-            })
-    }
-}
-
-/// Who is on the other end of a connection, from its certificate.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity {
-    pub role: Role,
-    pub name: String,
-}
-
-impl fmt::Display for Identity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}", self.role, self.name)
-    }
-}
-
-impl Identity {
-    /// Reads the SPIFFE URI SAN of a DER certificate and checks its trust domain.
-    pub fn from_cert(der: &[u8], trust_domain: &str) -> Result<Identity, String> {
-        let uri = spiffe_uri(der)?;
-        let rest = uri
-            .strip_prefix("spiffe://")
-            .ok_or_else(|| format!("URI SAN {uri} is not a spiffe:// id"))?;
-        let mut parts = rest.split('/');
-        let (td, role, name) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
-            (Some(td), Some(role), Some(name), None) => (td, role, name),
-            _ => {
-                return Err(format!(
-                    "{uri} is not spiffe://<trust-domain>/<role>/<name>"
-                ));
-            }
-        };
-        if td != trust_domain {
-            return Err(format!(
-                "certificate {uri} belongs to trust domain {td}, not {trust_domain}"
-            ));
-        }
-        let role = role
-            .parse::<Role>()
-            .map_err(|e| format!("certificate {uri}: {e}"))?;
-        if !crate::pki::valid_name(name) {
-            return Err(format!("certificate {uri}: invalid name"));
-        }
-        Ok(Identity {
-            role,
-            name: name.to_string(),
-        })
-    }
-}
-
-/// The URI SAN of a DER certificate (the first one, which Bulwark sets).
-pub fn spiffe_uri(der: &[u8]) -> Result<String, String> {
-    use x509_parser::prelude::*;
-    let (_, cert) =
-        X509Certificate::from_der(der).map_err(|e| format!("unreadable certificate: {e}"))?;
-    let san = cert
-        .subject_alternative_name()
-        .map_err(|e| format!("bad subjectAltName: {e}"))?
-        .ok_or("certificate has no subjectAltName")?;
-    san.value
-        .general_names
-        .iter()
-        .find_map(|n| match n {
-            GeneralName::URI(u) => Some(u.to_string()),
-            _ => None,
-        })
-        .ok_or_else(|| "certificate has no URI SAN".to_string())
-}
-
-/// When a DER certificate becomes valid, in Unix milliseconds.
-pub fn not_before_ms(der: &[u8]) -> Result<i64, String> {
-    use x509_parser::prelude::*;
-    let (_, cert) =
-        X509Certificate::from_der(der).map_err(|e| format!("unreadable certificate: {e}"))?;
-    Ok(cert.validity().not_before.timestamp() * 1000)
-}
-
-/// The DNS names and IP addresses among a DER certificate's SANs.
-pub fn dns_and_ip_sans(der: &[u8]) -> (Vec<String>, Vec<String>) {
-    use x509_parser::prelude::*;
-    let mut dns = Vec::new();
-    let mut ips = Vec::new();
-    if let Ok((_, cert)) = X509Certificate::from_der(der)
-        && let Ok(Some(san)) = cert.subject_alternative_name()
-    {
-        for n in &san.value.general_names {
-            match n {
-                GeneralName::DNSName(d) => dns.push(d.to_string()),
-                GeneralName::IPAddress(b) => match b.len() {
-                    4 => ips.push(std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]).to_string()),
-                    16 => {
-                        let mut a = [0u8; 16];
-                        a.copy_from_slice(b);
-                        ips.push(std::net::Ipv6Addr::from(a).to_string());
-                    }
-                    _ => {}
-                },
-                _ => {}
-            }
-        }
-    }
-    (dns, ips)
-}
-
-/// When a DER certificate expires, in Unix milliseconds.
-pub fn not_after_ms(der: &[u8]) -> Result<i64, String> {
-    use x509_parser::prelude::*;
-    let (_, cert) =
-        X509Certificate::from_der(der).map_err(|e| format!("unreadable certificate: {e}"))?;
-    Ok(cert.validity().not_after.timestamp() * 1000)
-}
+pub use crate::pki::{
+    CertError, Identity, Role, UnknownRole, dns_and_ip_sans, not_after_ms, not_before_ms,
+    parse_certs_pem, spiffe_uri,
+};
 
 /// When the caller's certificate expires (Unix ms), put in a request's extensions by
 /// the access layer.
@@ -204,16 +48,6 @@ pub fn cert_expiry<T>(req: &Request<T>) -> Option<i64> {
     req.extensions().get::<CertExpiry>().map(|e| e.0)
 }
 
-/// Parses every certificate of a PEM buffer.
-pub fn parse_certs_pem(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs: Result<Vec<_>, _> = rustls_pemfile::certs(&mut &pem[..]).collect();
-    let certs = certs.map_err(|e| format!("bad PEM: {e}"))?;
-    if certs.is_empty() {
-        return Err("no PEM certificate found".into());
-    }
-    Ok(certs)
-}
-
 /// A TLS set-up that failed: which file, and what was wrong with it.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -221,7 +55,34 @@ pub enum TlsError {
     Read {
         what: &'static str,
         path: String,
+        #[source]
         error: std::io::Error,
+    },
+    #[error("{what} {path}: {source}")]
+    Cert {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: CertError,
+    },
+    #[error("CA certificate {path}: {source}")]
+    Ca {
+        path: String,
+        #[source]
+        source: PkiError,
+    },
+    #[error("CA certificate {path}: {source}")]
+    Verifier {
+        path: String,
+        #[source]
+        source: crate::revocation::RevocationError,
+    },
+    #[error("{what} {path}: {source}")]
+    Rustls {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: rustls::Error,
     },
     #[error("{what} {path}: {message}")]
     Invalid {
@@ -230,7 +91,7 @@ pub enum TlsError {
         message: String,
     },
     #[error("TLS configuration: {0}")]
-    Config(String),
+    Config(#[source] rustls::Error),
 }
 
 /// The fleet CA plus this process's certificate and key, loaded and checked.
@@ -258,6 +119,27 @@ impl fmt::Debug for TlsIdentity {
     }
 }
 
+/// A [`TlsError::Cert`] for the `what` file at `path`.
+fn bad_cert<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(CertError) -> TlsError + 'a {
+    move |source| TlsError::Cert {
+        what,
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// A [`TlsError::Rustls`] for the `what` file at `path`.
+fn rustls_err<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(rustls::Error) -> TlsError + 'a {
+    move |source| TlsError::Rustls {
+        what,
+        path: path.display().to_string(),
+        source,
+    }
+}
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -281,31 +163,35 @@ impl TlsIdentity {
         let ca_pem = read("CA certificate", &files.ca)?;
         let cert_pem = read("certificate", &files.cert)?;
         let key_pem = read("private key", &files.key)?;
-        let ca = parse_certs_pem(&ca_pem).map_err(|m| invalid("CA certificate", &files.ca, m))?;
-        let trust_domain = crate::pki::trust_domain_of_ca(&files.ca)
-            .map_err(|e| invalid("CA certificate", &files.ca, e.to_string()))?;
-        let chain =
-            parse_certs_pem(&cert_pem).map_err(|m| invalid("certificate", &files.cert, m))?;
+        let ca = parse_certs_pem(&ca_pem).map_err(bad_cert("CA certificate", &files.ca))?;
+        let trust_domain =
+            crate::pki::trust_domain_of_ca(&files.ca).map_err(|source| TlsError::Ca {
+                path: files.ca.display().to_string(),
+                source,
+            })?;
+        let chain = parse_certs_pem(&cert_pem).map_err(bad_cert("certificate", &files.cert))?;
         let key = rustls_pemfile::private_key(&mut &key_pem[..])
             .map_err(|e| invalid("private key", &files.key, e.to_string()))?
             .ok_or_else(|| invalid("private key", &files.key, "no PEM private key found".into()))?;
-        let me = Identity::from_cert(chain[0].as_ref(), &trust_domain)
-            .map_err(|m| invalid("certificate", &files.cert, m))?;
+        let me = Identity::parse(chain[0].as_ref(), &trust_domain)
+            .map_err(bad_cert("certificate", &files.cert))?;
         let mut roots = RootCertStore::empty();
         let ca_certs = ca.clone();
         for c in ca {
             roots
                 .add(c)
-                .map_err(|e| invalid("CA certificate", &files.ca, e.to_string()))?;
+                .map_err(rustls_err("CA certificate", &files.ca))?;
         }
         let certified =
             rustls::sign::CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider())
-                .map_err(|e| invalid("certificate/key pair", &files.cert, e.to_string()))?;
+                .map_err(rustls_err("certificate/key pair", &files.cert))?;
         let roots = Arc::new(roots);
-        let revocations = Arc::new(
-            Revocations::new(roots.clone(), &trust_domain)
-                .map_err(|m| invalid("CA certificate", &files.ca, m))?,
-        );
+        let revocations = Arc::new(Revocations::new(roots.clone(), &trust_domain).map_err(
+            |source| TlsError::Verifier {
+                path: files.ca.display().to_string(),
+                source,
+            },
+        )?);
         let id = TlsIdentity {
             revocations,
             ca_certs,
@@ -390,7 +276,7 @@ impl TlsIdentity {
         let verifier = self.revocations.client_verifier();
         let mut cfg = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| TlsError::Config(e.to_string()))?
+            .map_err(TlsError::Config)?
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(self.current.clone());
         cfg.alpn_protocols = vec![b"h2".to_vec()];
@@ -409,10 +295,10 @@ impl TlsIdentity {
         chain.extend(self.ca_certs.iter().cloned());
         let mut cfg = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| TlsError::Config(e.to_string()))?
+            .map_err(TlsError::Config)?
             .with_no_client_auth()
             .with_single_cert(chain, self.key.clone_key())
-            .map_err(|e| TlsError::Config(e.to_string()))?;
+            .map_err(TlsError::Config)?;
         cfg.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Arc::new(cfg))
     }
@@ -440,7 +326,7 @@ impl TlsIdentity {
         });
         let mut cfg = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| TlsError::Config(e.to_string()))?
+            .map_err(TlsError::Config)?
             .dangerous()
             .with_custom_certificate_verifier(verifier)
             .with_client_cert_resolver(self.current.clone());
@@ -457,10 +343,10 @@ impl TlsIdentity {
 /// certificate still waits in `CERT.bulwark-new`: finish the rename when that file
 /// matches the key (and leave everything alone otherwise).
 fn finish_interrupted_renewal(files: &TlsFiles) {
-    let pending = crate::enroll::pending_path(&files.cert);
+    let pending = crate::keyfile::pending_path(&files.cert);
     // Read without following a link, and only a regular file of ours: what is
     // renamed into place must be what a renewal of this process wrote.
-    let cert_pem = match crate::enroll::read_own_file(&pending) {
+    let cert_pem = match crate::keyfile::read_own_file(&pending) {
         Ok(Some(pem)) => pem,
         Ok(None) => return,
         Err(e) => {
@@ -545,7 +431,7 @@ impl ServerCertVerifier for RoleVerifier {
             now,
         )?;
         let facts = crate::revocation::CertFacts::parse(end_entity.as_ref(), &self.trust_domain)
-            .map_err(rustls::Error::General)?;
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
         let id = &facts.identity;
         if id.role != self.role {
             return Err(rustls::Error::General(format!(
@@ -684,6 +570,41 @@ pub fn require<T>(req: &Request<T>, method: &str, roles: &[Role]) -> Result<Iden
     )))
 }
 
+/// An address that is not `https://host:port`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TargetError {
+    #[error("{url}: only https:// addresses are supported")]
+    NotHttps { url: String },
+    #[error("{url}: expected https://host:port")]
+    NoPort { url: String },
+    #[error("{url}: \"{port}\" is not a port number")]
+    BadPort { url: String, port: String },
+    #[error("{url}: no host")]
+    NoHost { url: String },
+}
+
+/// Callers whose own errors are still text take a [`TargetError`] with `?`.
+/// A channel that could not be made or connected: the message says what to check.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("invalid host name {0}")]
+    HostName(String),
+    #[error("{target}: {source}")]
+    Endpoint {
+        target: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The connection failed; `explained` names the likely cause.
+    #[error("{explained}")]
+    Connect {
+        explained: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+}
+
+/// Callers whose own errors are still text take a [`ConnectError`] with `?`.
 /// Where to dial: `https://host:port`.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -693,21 +614,23 @@ pub struct Target {
 
 impl Target {
     /// Parses `https://host:port` (the scheme may be left out).
-    pub fn parse(url: &str) -> Result<Target, String> {
+    pub fn parse(url: &str) -> Result<Target, TargetError> {
         let rest = url.strip_prefix("https://").unwrap_or(url);
+        let url = || url.to_string();
         if rest.contains("://") {
-            return Err(format!("{url}: only https:// addresses are supported"));
+            return Err(TargetError::NotHttps { url: url() });
         }
         let rest = rest.trim_end_matches('/');
         let (host, port) = rest
             .rsplit_once(':')
-            .ok_or_else(|| format!("{url}: expected https://host:port"))?;
-        let port: u16 = port
-            .parse()
-            .map_err(|_| format!("{url}: \"{port}\" is not a port number"))?;
+            .ok_or_else(|| TargetError::NoPort { url: url() })?;
+        let port: u16 = port.parse().map_err(|_| TargetError::BadPort {
+            url: url(),
+            port: port.to_string(),
+        })?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() {
-            return Err(format!("{url}: no host"));
+            return Err(TargetError::NoHost { url: url() });
         }
         Ok(Target {
             host: host.to_string(),
@@ -715,12 +638,12 @@ impl Target {
         })
     }
 
-    fn server_name(&self) -> Result<ServerName<'static>, String> {
+    fn server_name(&self) -> Result<ServerName<'static>, ConnectError> {
         if let Ok(ip) = self.host.parse::<IpAddr>() {
             return Ok(ServerName::IpAddress(ip.into()));
         }
         ServerName::try_from(self.host.clone())
-            .map_err(|_| format!("invalid host name {}", self.host))
+            .map_err(|_| ConnectError::HostName(self.host.clone()))
     }
 }
 
@@ -734,7 +657,7 @@ impl fmt::Display for Target {
     }
 }
 
-fn endpoint(target: &Target) -> Result<Endpoint, String> {
+fn endpoint(target: &Target) -> Result<Endpoint, ConnectError> {
     // An http:// URI: our connector does TLS itself, and tonic refuses https:// URIs
     // without its own TLS settings.
     let host = if target.host.contains(':') {
@@ -744,7 +667,10 @@ fn endpoint(target: &Target) -> Result<Endpoint, String> {
     };
     Ok(
         Endpoint::from_shared(format!("http://{host}:{}", target.port))
-            .map_err(|e| format!("{target}: {e}"))?
+            .map_err(|source| ConnectError::Endpoint {
+                target: target.to_string(),
+                source,
+            })?
             .connect_timeout(Duration::from_secs(10))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(20))
@@ -767,7 +693,7 @@ fn connector(
     > + Clone
     + Send
     + 'static,
-    String,
+    ConnectError,
 > {
     let server_name = target.server_name()?;
     let addr = (target.host.clone(), target.port);
@@ -787,19 +713,28 @@ fn connector(
 
 /// A channel to `target` that connects on first use and reconnects after failures
 /// (for daemons that keep one channel for their lifetime).
-pub fn channel_lazy(target: &Target, config: Arc<ClientConfig>) -> Result<TracedChannel, String> {
+pub fn channel_lazy(
+    target: &Target,
+    config: Arc<ClientConfig>,
+) -> Result<TracedChannel, ConnectError> {
     Ok(endpoint(target)?
         .connect_with_connector_lazy(connector(target, config)?)
         .into())
 }
 
 /// Connects to `target` now; the error says what to check.
-pub async fn channel(target: &Target, config: Arc<ClientConfig>) -> Result<TracedChannel, String> {
+pub async fn channel(
+    target: &Target,
+    config: Arc<ClientConfig>,
+) -> Result<TracedChannel, ConnectError> {
     endpoint(target)?
         .connect_with_connector(connector(target, config)?)
         .await
         .map(TracedChannel::from)
-        .map_err(|e| explain_connect_error(target, &e))
+        .map_err(|source| ConnectError::Connect {
+            explained: explain_connect_error(target, &source),
+            source,
+        })
 }
 
 fn explain_connect_error(target: &Target, e: &tonic::transport::Error) -> String {

@@ -121,7 +121,9 @@ impl Enroller {
         let Some(r) = &self.revocations else { return };
         match bulwark_common::tls::parse_certs_pem(cert_pem.as_bytes()).and_then(|d| {
             bulwark_common::revocation::CertFacts::parse(
-                d.first().ok_or("no certificate")?.as_ref(),
+                d.first()
+                    .ok_or(bulwark_common::pki::CertError::NoPem)?
+                    .as_ref(),
                 &self.signer.trust_domain,
             )
         }) {

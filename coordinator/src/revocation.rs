@@ -169,7 +169,9 @@ impl RevocationStore {
     pub fn revoke(&self, role: &str, name: &str, by: &str) -> Result<pb::Revocation, Status> {
         let role: Role = role
             .parse()
-            .map_err(|e: String| Status::invalid_argument(format!("cannot revoke: {e}")))?;
+            .map_err(|e: bulwark_common::pki::UnknownRole| {
+                Status::invalid_argument(format!("cannot revoke: {e}"))
+            })?;
         if !bulwark_common::pki::valid_name(name) {
             return Err(Status::invalid_argument(format!(
                 "cannot revoke {role} {name:?}: not a valid name (letters, digits, '.', '-', '_')"
@@ -379,7 +381,7 @@ impl RevocationStore {
             .map_err(|e| store_err(format!("cannot sign the CRL: {e}")))?;
         for (file, bytes) in [("crl.der", der.as_slice()), ("crl.pem", pem.as_bytes())] {
             let path = self.data_dir.join(file);
-            bulwark_common::enroll::write_atomic(&path, bytes, 0o644).map_err(store_err)?;
+            bulwark_common::keyfile::write_atomic(&path, bytes, 0o644).map_err(store_err)?;
         }
         Ok(der)
     }

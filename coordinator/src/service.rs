@@ -180,7 +180,8 @@ impl CoordinatorService {
                     .identity
                     .client_config_for(Role::Node, Some(node))
                     .map_err(|e| CoordinatorError::Internal(e.to_string()))?;
-                let c = tls::channel_lazy(&target, cfg).map_err(CoordinatorError::Internal)?;
+                let c = tls::channel_lazy(&target, cfg)
+                    .map_err(|e| CoordinatorError::Internal(e.to_string()))?;
                 map.insert(rec.address.clone(), (node.to_string(), version, c.clone()));
                 c
             }

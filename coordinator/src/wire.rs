@@ -26,7 +26,7 @@ impl TryFrom<pb::RegisterNodeRequest> for NodeRegistration {
     type Error = ProtocolError;
 
     fn try_from(r: pb::RegisterNodeRequest) -> Result<Self, ProtocolError> {
-        Target::parse(&r.address).map_err(ProtocolError::Invalid)?;
+        Target::parse(&r.address).map_err(|e| ProtocolError::Invalid(e.to_string()))?;
         Ok(NodeRegistration {
             address: r.address,
             capacity_bytes: r.capacity_bytes,

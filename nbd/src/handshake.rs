@@ -70,8 +70,8 @@ pub fn client_identity(
         .first()
         .ok_or_else(|| Refusal::Forbidden("a fleet client certificate is required".into()))
         .and_then(|c| {
-            bulwark_common::tls::Identity::from_cert(c.as_ref(), trust_domain)
-                .map_err(Refusal::Forbidden)
+            bulwark_common::tls::Identity::parse(c.as_ref(), trust_domain)
+                .map_err(|e| Refusal::Forbidden(e.to_string()))
         })
 }
 

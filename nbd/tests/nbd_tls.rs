@@ -204,7 +204,8 @@ impl Points {
         let leaf = peer_certs
             .first()
             .ok_or_else(|| Refusal::Forbidden("a client certificate is required".into()))?;
-        let id = Identity::from_cert(leaf.as_ref(), TRUST_DOMAIN).map_err(Refusal::Forbidden)?;
+        let id = Identity::parse(leaf.as_ref(), TRUST_DOMAIN)
+            .map_err(|e| Refusal::Forbidden(e.to_string()))?;
         if id.role != Role::Admin {
             return Err(Refusal::Forbidden(format!(
                 "{id} may not read backup points: only admins may"

@@ -150,13 +150,14 @@ impl NodeConfig {
             .listen
             .parse()
             .map_err(|_| bad("listen", format!("\"{}\" is not host:port", t.listen)))?;
-        let coordinator = Target::parse(&t.coordinator).map_err(|m| bad("coordinator", m))?;
+        let coordinator =
+            Target::parse(&t.coordinator).map_err(|m| bad("coordinator", m.to_string()))?;
         let advertise = t
             .advertise
             .as_deref()
             .map(Target::parse)
             .transpose()
-            .map_err(|m| bad("advertise", m))?;
+            .map_err(|m| bad("advertise", m.to_string()))?;
         if t.pool.disks.is_empty() {
             return Err(bad("pool.disks", "at least one disk is needed".into()));
         }

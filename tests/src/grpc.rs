@@ -22,8 +22,10 @@ const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 pub async fn channel(url: &str, id: &TlsFiles, server_role: Role) -> Result<TracedChannel, String> {
     let tls = TlsIdentity::load(id).map_err(|e| e.to_string())?;
     let cfg = tls.client_config(server_role).map_err(|e| e.to_string())?;
-    let target = Target::parse(url)?;
-    bulwark_common::tls::channel(&target, cfg).await
+    let target = Target::parse(url).map_err(|e| e.to_string())?;
+    bulwark_common::tls::channel(&target, cfg)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// A Node client for the node at `url`, as the holder of `id`.

@@ -33,10 +33,47 @@ use bulwark_common::block::Geometry;
 use serde::{Deserialize, Serialize};
 
 use super::bitmap::Bitmap;
-use super::{Frozen, Plan, Tracker, lock, open_volume, run_tool};
+use super::{Frozen, Plan, ToolError, Tracker, TrackerError, lock, open_volume, run_tool};
+
+/// What went wrong with the dm-era target, its tools or its bookmark.
+#[derive(Debug, thiserror::Error)]
+pub enum EraError {
+    #[error("tracker dm-era: {0}")]
+    Unavailable(String),
+    #[error("tracker dm-era: {origin} is not a whole number of 512-byte sectors")]
+    NotSectors { origin: PathBuf },
+    #[error("tracker dm-era: /dev/mapper/{device} exists and is not an era target ({table})")]
+    NotEraTarget { device: String, table: String },
+    #[error("tracker dm-era: {0}")]
+    Create(#[source] ToolError),
+    #[error(transparent)]
+    Tool(#[from] ToolError),
+    #[error("unexpected era status: {0}")]
+    Status(String),
+    #[error("not an era target status: {0}")]
+    NotEraStatus(String),
+    #[error("era_invalidate output: no {name} in <{tag}>")]
+    NoAttr { name: String, tag: String },
+    #[error("era_invalidate output: unterminated {name} in <{tag}>")]
+    Unterminated { name: String, tag: String },
+    #[error("era_invalidate output: bad {name} in <{tag}>")]
+    BadAttr { name: String, tag: String },
+    #[error("era_invalidate output has no <blocks> element: {0}")]
+    NoBlocks(String),
+    #[error("era_invalidate output: range {begin}..{end} outside {blocks} blocks")]
+    RangeOutside { begin: u64, end: u64, blocks: u64 },
+    #[error("era_invalidate output: block {block} outside {blocks} blocks")]
+    BlockOutside { block: u64, blocks: u64 },
+    #[error("cannot write {path}: {source}")]
+    Save {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
 
 /// [`run_tool`] with its output as text.
-fn run(tool: &str, args: &[&str]) -> Result<String, String> {
+fn run(tool: &str, args: &[&str]) -> Result<String, ToolError> {
     run_tool(tool, args).map(|o| String::from_utf8_lossy(&o).into_owned())
 }
 
@@ -60,55 +97,60 @@ pub fn unavailable() -> Option<String> {
 
 /// The current era from a `dmsetup status` line of an era target:
 /// `<start> <len> era <md block size> <used>/<total> <current era> <held root|->`.
-pub fn parse_status(line: &str) -> Result<u32, String> {
+pub fn parse_status(line: &str) -> Result<u32, EraError> {
     let f: Vec<&str> = line.split_whitespace().collect();
     match f.iter().position(|w| *w == "era") {
         Some(i) if f.len() > i + 3 => f[i + 3]
             .parse()
-            .map_err(|_| format!("unexpected era status: {line}")),
-        _ => Err(format!("not an era target status: {line}")),
+            .map_err(|_| EraError::Status(line.to_string())),
+        _ => Err(EraError::NotEraStatus(line.to_string())),
     }
 }
 
 /// The blocks `era_invalidate` lists: `<range begin="B" end="E"/>` (end exclusive)
 /// and `<block block="N"/>` inside `<blocks>`.
-pub fn parse_invalidate(xml: &str, blocks: u64) -> Result<Bitmap, String> {
+pub fn parse_invalidate(xml: &str, blocks: u64) -> Result<Bitmap, EraError> {
     let mut map = Bitmap::new(blocks);
-    let attr = |tag: &str, name: &str| -> Result<u64, String> {
+    let attr = |tag: &str, name: &str| -> Result<u64, EraError> {
+        let name_s = || name.to_string();
+        let tag_s = || tag.to_string();
         let key = format!("{name}=\"");
-        let start = tag
-            .find(&key)
-            .ok_or_else(|| format!("era_invalidate output: no {name} in <{tag}>"))?
-            + key.len();
+        let start = tag.find(&key).ok_or_else(|| EraError::NoAttr {
+            name: name_s(),
+            tag: tag_s(),
+        })? + key.len();
         let end = tag[start..]
             .find('"')
-            .ok_or_else(|| format!("era_invalidate output: unterminated {name} in <{tag}>"))?;
+            .ok_or_else(|| EraError::Unterminated {
+                name: name_s(),
+                tag: tag_s(),
+            })?;
         tag[start..start + end]
             .parse()
-            .map_err(|_| format!("era_invalidate output: bad {name} in <{tag}>"))
+            .map_err(|_| EraError::BadAttr {
+                name: name_s(),
+                tag: tag_s(),
+            })
     };
     if !xml.contains("<blocks") {
-        return Err(format!(
-            "era_invalidate output has no <blocks> element: {}",
-            xml.chars().take(200).collect::<String>()
-        ));
+        return Err(EraError::NoBlocks(xml.chars().take(200).collect()));
     }
     for piece in xml.split('<').skip(1) {
         let tag = piece.split('>').next().unwrap_or("");
         if tag.starts_with("range ") {
             let (b, e) = (attr(tag, "begin")?, attr(tag, "end")?);
             if e < b || e > blocks {
-                return Err(format!(
-                    "era_invalidate output: range {b}..{e} outside {blocks} blocks"
-                ));
+                return Err(EraError::RangeOutside {
+                    begin: b,
+                    end: e,
+                    blocks,
+                });
             }
             map.set_range(b, e - b);
         } else if tag.starts_with("block ") {
             let b = attr(tag, "block")?;
             if b >= blocks {
-                return Err(format!(
-                    "era_invalidate output: block {b} outside {blocks} blocks"
-                ));
+                return Err(EraError::BlockOutside { block: b, blocks });
             }
             map.set(b);
         }
@@ -148,15 +190,14 @@ impl EraTracker {
         device: &str,
         geometry: Geometry,
         state_dir: &Path,
-    ) -> Result<Arc<EraTracker>, String> {
+    ) -> Result<Arc<EraTracker>, EraError> {
         if let Some(why) = unavailable() {
-            return Err(format!("tracker dm-era: {why}"));
+            return Err(EraError::Unavailable(why));
         }
         if !geometry.size_bytes.is_multiple_of(512) {
-            return Err(format!(
-                "tracker dm-era: {} is not a whole number of 512-byte sectors",
-                origin.display()
-            ));
+            return Err(EraError::NotSectors {
+                origin: origin.to_path_buf(),
+            });
         }
         let t = EraTracker {
             source: source.to_string(),
@@ -190,14 +231,13 @@ impl EraTracker {
         Path::new("/dev/mapper").join(&self.device)
     }
 
-    fn ensure_device(&self) -> Result<(), String> {
+    fn ensure_device(&self) -> Result<(), EraError> {
         if let Ok(table) = run("dmsetup", &["table", &self.device]) {
             if !table.split_whitespace().any(|w| w == "era") {
-                return Err(format!(
-                    "tracker dm-era: /dev/mapper/{} exists and is not an era target ({})",
-                    self.device,
-                    table.trim()
-                ));
+                return Err(EraError::NotEraTarget {
+                    device: self.device.clone(),
+                    table: table.trim().to_string(),
+                });
             }
             return Ok(());
         }
@@ -208,21 +248,21 @@ impl EraTracker {
             self.origin.display(),
             self.geometry.block_size / 512
         );
-        run("dmsetup", &["create", &self.device, "--table", &table])
-            .map_err(|e| format!("tracker dm-era: {e}"))?;
+        run("dmsetup", &["create", &self.device, "--table", &table]).map_err(EraError::Create)?;
         tracing::info!(source = %self.source, device = %self.device_path().display(), "dm-era target created; the host must use it instead of {}", self.origin.display());
         Ok(())
     }
 
-    fn current_era(&self) -> Result<u32, String> {
+    fn current_era(&self) -> Result<u32, EraError> {
         parse_status(run("dmsetup", &["status", &self.device])?.trim())
     }
 
-    fn message(&self, m: &str) -> Result<(), String> {
-        run("dmsetup", &["message", &self.device, "0", m]).map(|_| ())
+    fn message(&self, m: &str) -> Result<(), EraError> {
+        run("dmsetup", &["message", &self.device, "0", m])?;
+        Ok(())
     }
 
-    fn written_since(&self, era: u32) -> Result<Bitmap, String> {
+    fn written_since(&self, era: u32) -> Result<Bitmap, EraError> {
         self.message("take_metadata_snap")?;
         let meta = self.metadata.display().to_string();
         let out = run(
@@ -240,11 +280,12 @@ impl EraTracker {
         parse_invalidate(&out?, self.geometry.block_count())
     }
 
-    fn save(&self, b: Bookmark) -> Result<(), String> {
+    fn save(&self, b: Bookmark) -> Result<(), EraError> {
         let dir = self.bookmark_path.parent().unwrap_or(Path::new("."));
         let tmp = self.bookmark_path.with_extension("era.tmp");
-        let text = serde_json::to_vec(&b).map_err(|e| e.to_string())?;
+        let text = serde_json::to_vec(&b).map_err(std::io::Error::other);
         (|| -> std::io::Result<()> {
+            let text = text?;
             std::fs::create_dir_all(dir)?;
             let f = std::fs::File::create(&tmp)?;
             std::io::Write::write_all(&mut &f, &text)?;
@@ -252,7 +293,10 @@ impl EraTracker {
             std::fs::rename(&tmp, &self.bookmark_path)?;
             std::fs::File::open(dir)?.sync_all()
         })()
-        .map_err(|e| format!("cannot write {}: {e}", self.bookmark_path.display()))
+        .map_err(|source| EraError::Save {
+            path: self.bookmark_path.clone(),
+            source,
+        })
     }
 }
 
@@ -271,7 +315,7 @@ impl Tracker for EraTracker {
         lock(&self.state).bookmark = None;
         let _ = std::fs::remove_file(&self.bookmark_path);
     }
-    fn begin(&self, scan: bool, read_from: Option<&Path>) -> Result<Frozen, String> {
+    fn begin(&self, scan: bool, read_from: Option<&Path>) -> Result<Frozen, TrackerError> {
         let reader = open_volume(read_from.unwrap_or(&self.origin))?;
         let mut st = lock(&self.state);
         self.message("checkpoint")?;
@@ -312,8 +356,14 @@ mod tests {
 
     #[test]
     fn parses_the_status_line() {
-        assert_eq!(parse_status("0 131072 era 8 28/4096 17 -"), Ok(17));
-        assert_eq!(parse_status("0 131072 era 8 28/4096 3 120"), Ok(3));
+        assert_eq!(
+            parse_status("0 131072 era 8 28/4096 17 -").expect("era status"),
+            17
+        );
+        assert_eq!(
+            parse_status("0 131072 era 8 28/4096 3 120").expect("era status"),
+            3
+        );
         assert!(parse_status("0 131072 linear").is_err());
         assert!(parse_status("0 131072 era 8 28/4096 x -").is_err());
     }

@@ -26,7 +26,7 @@ use bulwark_common::block::Geometry;
 use bulwark_nbd::{Backend, FileBackend, Spliced};
 
 use super::bitmap::{self, Bitmap, DirtyMap, LoadError};
-use super::{BlockSource, Frozen, Plan, Tracker, lock, open_volume};
+use super::{BlockSource, Frozen, Plan, Tracker, TrackerError, lock, open_volume};
 
 struct State {
     /// The point the record is relative to; `None` while inconsistent.
@@ -114,7 +114,7 @@ impl Tracker for FilterTracker {
         tracing::warn!(source = %self.source, "tracker record dropped: {why}; the next sync is a consistency check");
         lock(&self.state).base = None;
     }
-    fn begin(&self, scan: bool, read_from: Option<&Path>) -> Result<Frozen, String> {
+    fn begin(&self, scan: bool, read_from: Option<&Path>) -> Result<Frozen, TrackerError> {
         let reader: Arc<dyn BlockSource> = open_volume(read_from.unwrap_or(&self.path))?;
         let mut st = lock(&self.state);
         if let Some(old) = st.frozen.take() {

@@ -30,7 +30,7 @@ mod qsd;
 #[cfg(test)]
 mod testutil;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -38,6 +38,38 @@ use bytes::Bytes;
 pub use bitmap::Bitmap;
 
 use crate::volume::Volume;
+
+/// Why a sync could not freeze its changes or open its data.
+#[derive(Debug, thiserror::Error)]
+pub enum TrackerError {
+    #[error("cannot read {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Era(#[from] era::EraError),
+    #[error(transparent)]
+    Qcow2(#[from] qcow2::Qcow2Error),
+}
+
+/// An external tool that could not be started, or that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ToolError {
+    #[error("cannot run {tool}: {source}")]
+    Spawn {
+        tool: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{tool} {args} failed: {stderr}")]
+    Failed {
+        tool: String,
+        args: String,
+        stderr: String,
+    },
+}
 
 /// Readable block data: the live volume, a point-in-time snapshot of it, or an image
 /// read through qemu's NBD export.
@@ -92,7 +124,7 @@ pub trait Tracker: Send + Sync {
     /// Freezes the changes so far and opens the data for reading. With `scan`, every
     /// block is read and compared (a consistency check). `read_from` is a
     /// point-in-time snapshot to read instead of the live volume.
-    fn begin(&self, scan: bool, read_from: Option<&Path>) -> Result<Frozen, String>;
+    fn begin(&self, scan: bool, read_from: Option<&Path>) -> Result<Frozen, TrackerError>;
     /// The node acknowledged point `point`: the frozen changes are sent.
     fn committed(&self, point: u64);
     /// The sync failed: the frozen changes go back to be sent next time.
@@ -109,22 +141,25 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Runs an external tool (qemu-img, dmsetup, ...) and returns its stdout, or an
 /// error with the command line and its stderr.
-pub(crate) fn run_tool(tool: &str, args: &[&str]) -> Result<Vec<u8>, String> {
+pub(crate) fn run_tool(tool: &str, args: &[&str]) -> Result<Vec<u8>, ToolError> {
     let started = std::time::Instant::now();
     let _took = TookLog(tool, args, started);
     let out = std::process::Command::new(tool)
         .args(args)
         .stdin(std::process::Stdio::null())
         .output()
-        .map_err(|e| format!("cannot run {tool}: {e}"))?;
+        .map_err(|source| ToolError::Spawn {
+            tool: tool.to_string(),
+            source,
+        })?;
     if out.status.success() {
         Ok(out.stdout)
     } else {
-        Err(format!(
-            "{tool} {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+        Err(ToolError::Failed {
+            tool: tool.to_string(),
+            args: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
     }
 }
 
@@ -143,10 +178,13 @@ impl Drop for TookLog<'_> {
 }
 
 /// Opens the volume (or its snapshot) for reading.
-pub fn open_volume(path: &Path) -> Result<Arc<dyn BlockSource>, String> {
+pub fn open_volume(path: &Path) -> Result<Arc<dyn BlockSource>, TrackerError> {
     Volume::open(path)
         .map(|v| Arc::new(v) as Arc<dyn BlockSource>)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))
+        .map_err(|source| TrackerError::Open {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// The `fingerprint` tracker: no record at all, every sync compares every block.
@@ -176,7 +214,7 @@ impl Tracker for FingerprintTracker {
         true
     }
     fn mark_inconsistent(&self, _why: &str) {}
-    fn begin(&self, _scan: bool, read_from: Option<&Path>) -> Result<Frozen, String> {
+    fn begin(&self, _scan: bool, read_from: Option<&Path>) -> Result<Frozen, TrackerError> {
         Ok(Frozen {
             plan: Plan::Scan,
             reader: open_volume(read_from.unwrap_or(&self.path))?,

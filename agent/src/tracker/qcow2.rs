@@ -57,6 +57,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bulwark_common::block::Geometry;
+use bulwark_nbd::NbdError;
 use bulwark_nbd::client::Client;
 use bytes::Bytes;
 use serde::Deserialize;
@@ -64,9 +65,86 @@ use serde_json::json;
 
 use super::bitmap::Bitmap;
 use super::qcow2_map::{Qcow2Map, Where};
-use super::qsd::{Daemon, FROZEN};
-use super::{BlockSource, Frozen, Plan, Tracker, lock, run_tool};
+use super::qsd::{Daemon, FROZEN, QsdError};
+use super::{BlockSource, Frozen, Plan, ToolError, Tracker, TrackerError, lock, run_tool};
 use crate::volume::Volume;
+
+/// What went wrong with a qcow2 image, its bitmaps or its export, naming the image.
+#[derive(Debug, thiserror::Error)]
+pub enum Qcow2Error {
+    #[error("{0} (is qemu-utils installed?)")]
+    MissingTool(#[source] ToolError),
+    #[error(transparent)]
+    Tool(ToolError),
+    #[error("qemu-img info of {path}: unexpected output: {source}")]
+    Info {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{path} is {format}, not qcow2")]
+    NotQcow2 { path: PathBuf, format: String },
+    #[error(transparent)]
+    Qsd(#[from] QsdError),
+    #[error("cannot write {path}: {source}")]
+    Marker {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("qemu-storage-daemon query-named-block-nodes of {path}: unexpected reply: {source}")]
+    Nodes {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{who} does not list {path}")]
+    NotListed { who: &'static str, path: PathBuf },
+    #[error(
+        "{path} is now {now} bytes, it was registered with {registered}; resizing is not supported"
+    )]
+    Resized {
+        path: PathBuf,
+        now: u64,
+        registered: u64,
+    },
+    #[error("NBD export of {path}: {source}{exited}")]
+    Export {
+        path: PathBuf,
+        /// Said when the daemon is gone.
+        exited: &'static str,
+        #[source]
+        source: NbdError,
+    },
+    #[error("qemu-storage-daemon exports {size} bytes of {path}, expected {expected}")]
+    ExportSize {
+        size: u64,
+        path: PathBuf,
+        expected: u64,
+    },
+    #[error("block status of {path}: {source}")]
+    BlockStatus {
+        path: PathBuf,
+        #[source]
+        source: NbdError,
+    },
+    #[error("the NBD export returned no block status at byte {offset} of {path}")]
+    NoBlockStatus { offset: u64, path: PathBuf },
+    #[error(
+        "the qcow2-bitmap tracker reads the image itself; snapshot_command is not supported with it"
+    )]
+    Snapshot,
+}
+
+impl From<ToolError> for Qcow2Error {
+    /// A tool that could not be started gets the hint to install qemu-utils.
+    fn from(e: ToolError) -> Qcow2Error {
+        match e {
+            ToolError::Spawn { .. } => Qcow2Error::MissingTool(e),
+            ToolError::Failed { .. } => Qcow2Error::Tool(e),
+        }
+    }
+}
 
 const PREFIX: &str = "bulwark-p";
 /// Connections to the NBD export when data is read through it: the sync's reader threads
@@ -135,31 +213,26 @@ impl BlockSource for MappedReader {
 }
 
 /// [`run_tool`], with a hint when the tool is missing.
-fn run(tool: &str, args: &[&str]) -> Result<Vec<u8>, String> {
-    run_tool(tool, args).map_err(|e| {
-        if e.starts_with("cannot run") {
-            format!("{e} (is qemu-utils installed?)")
-        } else {
-            e
-        }
-    })
+fn run(tool: &str, args: &[&str]) -> Result<Vec<u8>, Qcow2Error> {
+    Ok(run_tool(tool, args)?)
 }
 
 /// The virtual size of the qcow2 image at `path` (may be in use).
-pub fn virtual_size(path: &Path) -> Result<u64, String> {
+pub fn virtual_size(path: &Path) -> Result<u64, Qcow2Error> {
     let p = path.to_string_lossy();
     let out = run(
         "qemu-img",
         &["info", "--output=json", "-f", "qcow2", "-U", &p],
     )?;
-    let i: ImageInfo = serde_json::from_slice(&out).map_err(|e| {
-        format!(
-            "qemu-img info of {}: unexpected output: {e}",
-            path.display()
-        )
+    let i: ImageInfo = serde_json::from_slice(&out).map_err(|source| Qcow2Error::Info {
+        path: path.to_path_buf(),
+        source,
     })?;
     if i.format != "qcow2" {
-        return Err(format!("{} is {}, not qcow2", path.display(), i.format));
+        return Err(Qcow2Error::NotQcow2 {
+            path: path.to_path_buf(),
+            format: i.format,
+        });
     }
     Ok(i.virtual_size)
 }
@@ -201,7 +274,7 @@ fn persistent(d: &Daemon, name: &str, granularity: u32) -> serde_json::Value {
 }
 
 /// `target` (an existing bitmap) |= `from`.
-fn merge(d: &mut Daemon, target: &str, from: &str) -> Result<(), String> {
+fn merge(d: &mut Daemon, target: &str, from: &str) -> Result<(), QsdError> {
     d.execute(
         "block-dirty-bitmap-merge",
         json!({"node": d.node(), "target": target, "bitmaps": [from]}),
@@ -209,7 +282,7 @@ fn merge(d: &mut Daemon, target: &str, from: &str) -> Result<(), String> {
     .map(|_| ())
 }
 
-fn remove(d: &mut Daemon, name: &str) -> Result<(), String> {
+fn remove(d: &mut Daemon, name: &str) -> Result<(), QsdError> {
     d.execute(
         "block-dirty-bitmap-remove",
         json!({"node": d.node(), "name": name}),
@@ -225,7 +298,7 @@ fn set_union(
     from: &[&str],
     granularity: u32,
     exists: bool,
-) -> Result<(), String> {
+) -> Result<(), QsdError> {
     let first = if exists {
         json!({"type": "block-dirty-bitmap-clear", "data": {"node": d.node(), "name": target}})
     } else {
@@ -361,14 +434,17 @@ impl Qcow2Tracker {
     /// Marks a sync as started (see [`Qcow2Tracker::marker`]). Not fsync'd: it
     /// guards against the agent dying, and a crash of the whole host also kills the
     /// daemon outright, which leaves the bitmaps flagged in use.
-    fn mark_started(&self) -> Result<(), String> {
+    fn mark_started(&self) -> Result<(), Qcow2Error> {
         let write = || -> std::io::Result<()> {
             if let Some(dir) = self.marker.parent() {
                 std::fs::create_dir_all(dir)?;
             }
             std::fs::write(&self.marker, self.path.display().to_string())
         };
-        write().map_err(|e| format!("cannot write {}: {e}", self.marker.display()))
+        write().map_err(|source| Qcow2Error::Marker {
+            path: self.marker.clone(),
+            source,
+        })
     }
 
     /// The sync's bitmaps are in order again. A sync that did not commit leaves the
@@ -388,25 +464,26 @@ impl Qcow2Tracker {
     /// Tidies the image's bitmaps; returns the point of a usable record, and
     /// whether the image file holds guest data as it is (no external data file, no
     /// encryption), so that it may be read directly.
-    fn prepare(&self, st: &mut State, d: &mut Daemon) -> Result<(Option<u64>, bool), String> {
+    fn prepare(&self, st: &mut State, d: &mut Daemon) -> Result<(Option<u64>, bool), Qcow2Error> {
         let nodes = d.execute("query-named-block-nodes", json!({"flat": true}))?;
-        let nodes: Vec<BlockNode> = serde_json::from_value(nodes).map_err(|e| {
-            format!(
-                "qemu-storage-daemon query-named-block-nodes of {}: unexpected reply: {e}",
-                self.path.display()
-            )
-        })?;
+        let nodes: Vec<BlockNode> =
+            serde_json::from_value(nodes).map_err(|source| Qcow2Error::Nodes {
+                path: self.path.clone(),
+                source,
+            })?;
         let node = nodes
             .into_iter()
             .find(|n| n.node_name == d.node())
-            .ok_or_else(|| format!("{} does not list {}", d.who(), self.path.display()))?;
+            .ok_or_else(|| Qcow2Error::NotListed {
+                who: d.who(),
+                path: self.path.clone(),
+            })?;
         if node.image.virtual_size != self.geometry.size_bytes {
-            return Err(format!(
-                "{} is now {} bytes, it was registered with {}; resizing is not supported",
-                self.path.display(),
-                node.image.virtual_size,
-                self.geometry.size_bytes
-            ));
+            return Err(Qcow2Error::Resized {
+                path: self.path.clone(),
+                now: node.image.virtual_size,
+                registered: self.geometry.size_bytes,
+            });
         }
         // A VM's guest moves clusters while the sync reads: never read its file.
         let plain = !d.is_vm()
@@ -465,7 +542,7 @@ impl Qcow2Tracker {
         sock: &Path,
         exported: Option<&str>,
         connections: usize,
-    ) -> Result<Vec<Mutex<Client>>, String> {
+    ) -> Result<Vec<Mutex<Client>>, Qcow2Error> {
         let contexts: Vec<String> = exported
             .map(|b| vec![format!("qemu:dirty-bitmap:{b}")])
             .unwrap_or_default();
@@ -473,30 +550,31 @@ impl Qcow2Tracker {
         let mut clients = Vec::with_capacity(connections);
         for i in 0..connections {
             let contexts: &[&str] = if i == 0 { &ctx_refs } else { &[] };
-            let c = Client::connect_unix(sock, "", contexts).map_err(|e| {
-                let why = if d.running() {
-                    e.to_string()
-                } else {
-                    format!("{e} (qemu-storage-daemon exited)")
-                };
-                format!("NBD export of {}: {why}", self.path.display())
-            })?;
+            let c =
+                Client::connect_unix(sock, "", contexts).map_err(|source| Qcow2Error::Export {
+                    path: self.path.clone(),
+                    exited: if d.running() {
+                        ""
+                    } else {
+                        " (qemu-storage-daemon exited)"
+                    },
+                    source,
+                })?;
             clients.push(Mutex::new(c));
         }
         let size = lock(&clients[0]).size();
         if size != self.geometry.size_bytes {
-            return Err(format!(
-                "qemu-storage-daemon exports {} bytes of {}, expected {}",
+            return Err(Qcow2Error::ExportSize {
                 size,
-                self.path.display(),
-                self.geometry.size_bytes
-            ));
+                path: self.path.clone(),
+                expected: self.geometry.size_bytes,
+            });
         }
         Ok(clients)
     }
 
     /// The dirty blocks of the exported bitmap, from block status over the disk.
-    fn dirty_blocks(&self, client: &Mutex<Client>, bitmap: &str) -> Result<Bitmap, String> {
+    fn dirty_blocks(&self, client: &Mutex<Client>, bitmap: &str) -> Result<Bitmap, Qcow2Error> {
         let context = format!("qemu:dirty-bitmap:{bitmap}");
         let g = self.geometry;
         let bs = u64::from(g.block_size);
@@ -505,14 +583,17 @@ impl Qcow2Tracker {
         let mut offset = 0u64;
         while offset < g.size_bytes {
             let want = (g.size_bytes - offset).min(1 << 30);
-            let extents = c
-                .block_status(offset, want, &context)
-                .map_err(|e| format!("block status of {}: {e}", self.path.display()))?;
+            let extents = c.block_status(offset, want, &context).map_err(|source| {
+                Qcow2Error::BlockStatus {
+                    path: self.path.clone(),
+                    source,
+                }
+            })?;
             if extents.is_empty() {
-                return Err(format!(
-                    "the NBD export returned no block status at byte {offset} of {}",
-                    self.path.display()
-                ));
+                return Err(Qcow2Error::NoBlockStatus {
+                    offset,
+                    path: self.path.clone(),
+                });
             }
             for (len, flags) in extents {
                 let len = len.min(g.size_bytes - offset);
@@ -533,7 +614,7 @@ impl Qcow2Tracker {
         Ok(out)
     }
 
-    fn begin_locked(&self, st: &mut State, scan: bool) -> Result<Frozen, String> {
+    fn begin_locked(&self, st: &mut State, scan: bool) -> Result<Frozen, Qcow2Error> {
         let starting = Instant::now();
         self.mark_started()?;
         // `kept`: the bitmap the image has (removed at commit, restored on failure);
@@ -548,13 +629,16 @@ impl Qcow2Tracker {
                 }
             }),
         };
-        let prepared = daemon.and_then(|mut d| match self.prepare(st, &mut d) {
-            Ok(k) => Ok((d, k)),
-            Err(e) => {
-                release(&self.source, d);
-                Err(e)
-            }
-        });
+        let prepared =
+            daemon
+                .map_err(Qcow2Error::from)
+                .and_then(|mut d| match self.prepare(st, &mut d) {
+                    Ok(k) => Ok((d, k)),
+                    Err(e) => {
+                        release(&self.source, d);
+                        Err(e)
+                    }
+                });
         let (daemon, (kept, plain)) = match prepared {
             Ok(p) => p,
             Err(e) => {
@@ -602,7 +686,7 @@ impl Qcow2Tracker {
         s: &mut Session,
         base: Option<u64>,
         plain: bool,
-    ) -> Result<Plan, String> {
+    ) -> Result<Plan, Qcow2Error> {
         let g = self.granularity();
         let d = &mut s.daemon;
         // In a VM, the fleecing job starts in the same instant as the record
@@ -662,16 +746,15 @@ impl Qcow2Tracker {
         if !plain {
             return Arc::new(nbd);
         }
-        let map = Qcow2Map::open(&self.path, self.geometry.size_bytes);
-        let file = Volume::open(&self.path)
-            .map_err(|e| format!("cannot open {}: {e}", self.path.display()));
-        match (map, file) {
-            (Ok(map), Ok(file)) => Arc::new(MappedReader { file, map, nbd }),
-            (Err(e), _) | (_, Err(e)) => {
-                tracing::info!(source = %self.source, "reading the image through qemu-storage-daemon: {e}");
-                Arc::new(nbd)
-            }
-        }
+        let why = match Qcow2Map::open(&self.path, self.geometry.size_bytes) {
+            Ok(map) => match Volume::open(&self.path) {
+                Ok(file) => return Arc::new(MappedReader { file, map, nbd }),
+                Err(e) => format!("cannot open {}: {e}", self.path.display()),
+            },
+            Err(e) => e.to_string(),
+        };
+        tracing::info!(source = %self.source, "reading the image through qemu-storage-daemon: {why}");
+        Arc::new(nbd)
     }
 
     /// Bitmap granularity: the block size, so a bit is exactly a block.
@@ -728,7 +811,7 @@ const LINGER: std::time::Duration = std::time::Duration::from_secs(300);
 const REAP_EVERY: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// A running daemon with no image: the spare, or a new one.
-fn take_daemon() -> Result<Daemon, String> {
+fn take_daemon() -> Result<Daemon, QsdError> {
     let spare = {
         let mut spare = lock(&SPARE);
         spare.since = None;
@@ -823,16 +906,16 @@ impl Tracker for Qcow2Tracker {
         tracing::warn!(source = %self.source, "{why}; the next sync is a consistency check");
         lock(&self.state).inconsistent = Some(why.to_string());
     }
-    fn begin(&self, scan: bool, read_from: Option<&Path>) -> Result<Frozen, String> {
+    fn begin(&self, scan: bool, read_from: Option<&Path>) -> Result<Frozen, TrackerError> {
         if read_from.is_some() {
-            return Err("the qcow2-bitmap tracker reads the image itself; snapshot_command is not supported with it".into());
+            return Err(Qcow2Error::Snapshot.into());
         }
         let mut st = lock(&self.state);
         if let Some(old) = st.session.take() {
             let inconsistent = st.inconsistent.is_some();
             self.undo(old, inconsistent);
         }
-        self.begin_locked(&mut st, scan)
+        Ok(self.begin_locked(&mut st, scan)?)
     }
     fn committed(&self, point: u64) {
         let started = Instant::now();

@@ -80,42 +80,109 @@ fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(a)
 }
 
+/// An image the map cannot describe with certainty, and why.
+#[derive(Debug, thiserror::Error)]
+pub enum MapError {
+    #[error("cannot open {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot stat {path}: {source}")]
+    Stat {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot read the qcow2 header of {path}: {source}")]
+    Header {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} is not a qcow2 image (bad magic)")]
+    Magic { path: String },
+    #[error("{path}: qcow2 version {version} is not known")]
+    Version { path: String, version: u32 },
+    #[error("{path}: cluster_bits {cluster_bits} is out of range")]
+    ClusterBits { path: String, cluster_bits: u32 },
+    #[error("{path}: the header says {header_size} bytes of guest disk, expected {size}")]
+    Size {
+        path: String,
+        header_size: u64,
+        size: u64,
+    },
+    #[error("{path} is encrypted")]
+    Encrypted { path: String },
+    #[error("{path} has incompatible feature bit {bit} set ({name})")]
+    Incompatible {
+        path: String,
+        bit: u32,
+        name: &'static str,
+    },
+    #[error("{path}: an L1 table of {entries} entries is too large")]
+    L1TooLarge { path: String, entries: u64 },
+    #[error("cannot read the L1 table of {path} at {offset}: {source}")]
+    L1 {
+        path: String,
+        offset: u64,
+        #[source]
+        source: io::Error,
+    },
+}
+
 impl Qcow2Map {
     /// Reads the header and the L1 table of the image at `path`, whose guest disk
     /// must be `size` bytes. An image the map cannot describe with certainty is an
     /// error that says why.
-    pub fn open(path: &Path, size: u64) -> Result<Qcow2Map, String> {
-        let what = path.display();
-        let file = File::open(path).map_err(|e| format!("cannot open {what}: {e}"))?;
+    pub fn open(path: &Path, size: u64) -> Result<Qcow2Map, MapError> {
+        let what = || path.display().to_string();
+        let file = File::open(path).map_err(|source| MapError::Open {
+            path: what(),
+            source,
+        })?;
         let file_len = file
             .metadata()
-            .map_err(|e| format!("cannot stat {what}: {e}"))?
+            .map_err(|source| MapError::Stat {
+                path: what(),
+                source,
+            })?
             .len();
         let mut h = [0u8; 104];
         file.read_exact_at(&mut h, 0)
-            .map_err(|e| format!("cannot read the qcow2 header of {what}: {e}"))?;
+            .map_err(|source| MapError::Header {
+                path: what(),
+                source,
+            })?;
         if be32(&h, 0) != MAGIC {
-            return Err(format!("{what} is not a qcow2 image (bad magic)"));
+            return Err(MapError::Magic { path: what() });
         }
         let version = be32(&h, 4);
         if !(2..=3).contains(&version) {
-            return Err(format!("{what}: qcow2 version {version} is not known"));
+            return Err(MapError::Version {
+                path: what(),
+                version,
+            });
         }
         let backing = be64(&h, 8) != 0;
         let cluster_bits = be32(&h, 20);
         if !(9..=21).contains(&cluster_bits) {
-            return Err(format!(
-                "{what}: cluster_bits {cluster_bits} is out of range"
-            ));
+            return Err(MapError::ClusterBits {
+                path: what(),
+                cluster_bits,
+            });
         }
         let header_size = be64(&h, 24);
         if header_size != size {
-            return Err(format!(
-                "{what}: the header says {header_size} bytes of guest disk, expected {size}"
-            ));
+            return Err(MapError::Size {
+                path: what(),
+                header_size,
+                size,
+            });
         }
         if be32(&h, 32) != 0 {
-            return Err(format!("{what} is encrypted"));
+            return Err(MapError::Encrypted { path: what() });
         }
         if version >= 3 {
             let unknown = be64(&h, 72) & !KNOWN_INCOMPATIBLE;
@@ -125,21 +192,28 @@ impl Qcow2Map {
                     .get(bit as usize)
                     .copied()
                     .unwrap_or("an unknown feature");
-                return Err(format!(
-                    "{what} has incompatible feature bit {bit} set ({name})"
-                ));
+                return Err(MapError::Incompatible {
+                    path: what(),
+                    bit,
+                    name,
+                });
             }
         }
         let l1_entries = u64::from(be32(&h, 36));
         if l1_entries > MAX_L1_ENTRIES {
-            return Err(format!(
-                "{what}: an L1 table of {l1_entries} entries is too large"
-            ));
+            return Err(MapError::L1TooLarge {
+                path: what(),
+                entries: l1_entries,
+            });
         }
         let l1_offset = be64(&h, 40);
         let mut raw = vec![0u8; l1_entries as usize * 8];
         file.read_exact_at(&mut raw, l1_offset)
-            .map_err(|e| format!("cannot read the L1 table of {what} at {l1_offset}: {e}"))?;
+            .map_err(|source| MapError::L1 {
+                path: what(),
+                offset: l1_offset,
+                source,
+            })?;
         let l1 = raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
         Ok(Qcow2Map {
             file,
@@ -466,20 +540,23 @@ mod tests {
         let img = dir.path().join("x.qcow2");
         create(&img, "extended_l2=on", "1M", None);
         let e = Qcow2Map::open(&img, 1 << 20).expect_err("subclusters");
-        assert!(e.contains("extended L2"), "{e}");
+        assert!(e.to_string().contains("extended L2"), "{e}");
 
         std::fs::remove_file(&img).expect("rm");
         create(&img, "cluster_size=65536", "1M", None);
         let e = Qcow2Map::open(&img, 2 << 20).expect_err("size");
-        assert!(e.contains("expected 2097152"), "{e}");
+        assert!(e.to_string().contains("expected 2097152"), "{e}");
 
         let not = dir.path().join("raw");
         std::fs::write(&not, vec![0u8; 4096]).expect("write");
         let e = Qcow2Map::open(&not, 4096).expect_err("raw");
-        assert!(e.contains("not a qcow2 image"), "{e}");
+        assert!(e.to_string().contains("not a qcow2 image"), "{e}");
         std::fs::write(&not, b"QFI").expect("write");
         let e = Qcow2Map::open(&not, 4096).expect_err("short");
-        assert!(e.contains("cannot read the qcow2 header"), "{e}");
+        assert!(
+            e.to_string().contains("cannot read the qcow2 header"),
+            "{e}"
+        );
 
         // An L2 entry pointing past the end of the file is left to qemu.
         qemu_io(&img, &["write -P 0x99 0 64k"]);

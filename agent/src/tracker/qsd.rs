@@ -43,6 +43,94 @@ pub const FROZEN: &str = "bulwark-frozen";
 /// How long the daemon may take to start, to answer a command, and to quit.
 const PATIENCE: Duration = Duration::from_secs(30);
 
+/// What went wrong with a `qemu-storage-daemon` or a VM's QEMU, naming the image.
+#[derive(Debug, thiserror::Error)]
+pub enum QsdError {
+    #[error("cannot make a socket directory: {0}")]
+    SocketDir(#[source] std::io::Error),
+    #[error("cannot create {path}: {source}")]
+    Stderr {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start qemu-storage-daemon (is qemu-utils installed?): {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("qemu-storage-daemon for {image} exited ({status}): {stderr}{hint}")]
+    Exited {
+        image: String,
+        status: std::process::ExitStatus,
+        stderr: String,
+        hint: &'static str,
+    },
+    #[error("qemu-storage-daemon did not open its monitor within {secs} s: {source}")]
+    NoMonitor {
+        secs: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("QMP socket: {0}")]
+    Socket(#[source] std::io::Error),
+    #[error("QMP socket {path}: {source}")]
+    VmSocket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot connect to the QMP socket {qmp} of the VM running {image}: {source}")]
+    ConnectVm {
+        qmp: PathBuf,
+        image: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{source} (no QMP greeting from {qmp}: a monitor serves one client at a time; is another, such as libvirt, connected to it?)"
+    )]
+    NoGreeting {
+        qmp: PathBuf,
+        #[source]
+        source: Box<QsdError>,
+    },
+    #[error("cannot stat {path}: {source}")]
+    Stat {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the VM has no qcow2 node on {image} (its qcow2 nodes: {seen})")]
+    NoNode { image: PathBuf, seen: String },
+    #[error(transparent)]
+    Tool(#[from] super::ToolError),
+    /// QEMU's image lock refused the image.
+    #[error("{0}{LOCK_HINT}")]
+    Locked(#[source] Box<QsdError>),
+    #[error("qemu-storage-daemon still holds block nodes after closing {image}")]
+    NodesLeft { image: String },
+    #[error("{who} {command} on {image}: {desc}")]
+    Command {
+        who: &'static str,
+        command: String,
+        image: String,
+        desc: String,
+    },
+    #[error("{who} for {image}: QMP {what}: {why}")]
+    Lost {
+        who: &'static str,
+        image: String,
+        what: String,
+        why: String,
+    },
+    #[error("qemu-storage-daemon for {image} did not quit within {secs} s; killed{why}")]
+    NoQuit {
+        image: String,
+        secs: u64,
+        why: String,
+    },
+    #[error("waiting for qemu-storage-daemon: {0}")]
+    Wait(#[source] std::io::Error),
+}
+
 /// A running daemon and the QMP connection to it. Dropped without [`Daemon::quit`],
 /// it is killed.
 pub struct Daemon {
@@ -71,18 +159,18 @@ pub struct Daemon {
 impl Daemon {
     /// Starts a daemon on the qcow2 image at `image` and connects to its monitor.
     #[cfg(test)]
-    pub fn start(image: &Path) -> Result<Daemon, String> {
+    pub fn start(image: &Path) -> Result<Daemon, QsdError> {
         let mut d = Daemon::start_idle()?;
         d.attach(image)?;
         Ok(d)
     }
 
     /// Starts a daemon that holds no image yet and connects to its monitor.
-    pub fn start_idle() -> Result<Daemon, String> {
+    pub fn start_idle() -> Result<Daemon, QsdError> {
         let dir = tempfile::Builder::new()
             .prefix("bulwark-qsd")
             .tempdir()
-            .map_err(|e| format!("cannot make a socket directory: {e}"))?;
+            .map_err(QsdError::SocketDir)?;
         let qmp_path = dir.path().join("qmp.sock");
         // Written once every option is in place, monitor included (the daemon's
         // documented order): connecting to the monitor's socket earlier can reach
@@ -92,8 +180,10 @@ impl Daemon {
         // A file, not a pipe: a daemon kept between syncs must never block on a
         // full pipe nobody reads.
         let stderr_path = dir.path().join("stderr.log");
-        let stderr = std::fs::File::create(&stderr_path)
-            .map_err(|e| format!("cannot create {}: {e}", stderr_path.display()))?;
+        let stderr = std::fs::File::create(&stderr_path).map_err(|source| QsdError::Stderr {
+            path: stderr_path.clone(),
+            source,
+        })?;
         let mut cmd = Command::new("qemu-storage-daemon");
         cmd.arg("--chardev")
             // Commas in a key=value option are doubled.
@@ -109,9 +199,7 @@ impl Daemon {
             .stdout(Stdio::null())
             .stderr(stderr);
         die_with_parent(&mut cmd);
-        let (mut child, keeper) = spawn_kept(cmd).map_err(|e| {
-            format!("cannot start qemu-storage-daemon (is qemu-utils installed?): {e}")
-        })?;
+        let (mut child, keeper) = spawn_kept(cmd).map_err(QsdError::Spawn)?;
         let deadline = Instant::now() + PATIENCE;
         let stream = loop {
             if let Ok(Some(status)) = child.try_wait() {
@@ -127,13 +215,13 @@ impl Daemon {
                 Err(_) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(1));
                 }
-                Err(e) => {
+                Err(source) => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    return Err(format!(
-                        "qemu-storage-daemon did not open its monitor within {} s: {e}",
-                        PATIENCE.as_secs()
-                    ));
+                    return Err(QsdError::NoMonitor {
+                        secs: PATIENCE.as_secs(),
+                        source,
+                    });
                 }
             }
         };
@@ -152,7 +240,7 @@ impl Daemon {
         d.qmp
             .get_ref()
             .set_read_timeout(Some(PATIENCE))
-            .map_err(|e| format!("QMP socket: {e}"))?;
+            .map_err(QsdError::Socket)?;
         // The greeting, then leave capabilities negotiation.
         d.read_message()?;
         d.execute("qmp_capabilities", json!({}))?;
@@ -162,21 +250,22 @@ impl Daemon {
     /// Connects to the QMP socket `qmp` of a VM running on the qcow2 image at
     /// `image`, finds the image's node, and clears away whatever a sync that did
     /// not end (the agent was killed) left in the VM.
-    pub fn connect_vm(qmp: &Path, image: &Path) -> Result<Daemon, String> {
-        let stream = UnixStream::connect(qmp).map_err(|e| {
-            format!(
-                "cannot connect to the QMP socket {} of the VM running {}: {e}",
-                qmp.display(),
-                image.display()
-            )
+    pub fn connect_vm(qmp: &Path, image: &Path) -> Result<Daemon, QsdError> {
+        let stream = UnixStream::connect(qmp).map_err(|source| QsdError::ConnectVm {
+            qmp: qmp.to_path_buf(),
+            image: image.to_path_buf(),
+            source,
         })?;
         stream
             .set_read_timeout(Some(PATIENCE))
-            .map_err(|e| format!("QMP socket {}: {e}", qmp.display()))?;
+            .map_err(|source| QsdError::VmSocket {
+                path: qmp.to_path_buf(),
+                source,
+            })?;
         let dir = tempfile::Builder::new()
             .prefix("bulwark-vm")
             .tempdir()
-            .map_err(|e| format!("cannot make a socket directory: {e}"))?;
+            .map_err(QsdError::SocketDir)?;
         let mut d = Daemon {
             child: None,
             node: String::new(),
@@ -189,11 +278,9 @@ impl Daemon {
             nbd_server: false,
             _keeper: None,
         };
-        d.read_message().map_err(|e| {
-            format!(
-                "{e} (no QMP greeting from {}: a monitor serves one client at a time; is another, such as libvirt, connected to it?)",
-                qmp.display()
-            )
+        d.read_message().map_err(|e| QsdError::NoGreeting {
+            qmp: qmp.to_path_buf(),
+            source: Box::new(e),
         })?;
         d.execute("qmp_capabilities", json!({}))?;
         d.node = d.find_node(image)?;
@@ -212,10 +299,12 @@ impl Daemon {
     }
 
     /// The VM's qcow2 node whose file is `image` (the same inode).
-    fn find_node(&mut self, image: &Path) -> Result<String, String> {
+    fn find_node(&mut self, image: &Path) -> Result<String, QsdError> {
         use std::os::unix::fs::MetadataExt;
-        let want = std::fs::metadata(image)
-            .map_err(|e| format!("cannot stat {}: {e}", image.display()))?;
+        let want = std::fs::metadata(image).map_err(|source| QsdError::Stat {
+            path: image.to_path_buf(),
+            source,
+        })?;
         let nodes = self.execute("query-named-block-nodes", json!({"flat": true}))?;
         let mut seen = Vec::new();
         for n in nodes.as_array().into_iter().flatten() {
@@ -236,21 +325,20 @@ impl Daemon {
             }
             seen.push(format!("{name} ({file})"));
         }
-        Err(format!(
-            "the VM has no qcow2 node on {} (its qcow2 nodes: {})",
-            image.display(),
-            if seen.is_empty() {
+        Err(QsdError::NoNode {
+            image: image.to_path_buf(),
+            seen: if seen.is_empty() {
                 "none".to_string()
             } else {
                 seen.join(", ")
-            }
-        ))
+            },
+        })
     }
 
     /// Removes from a VM what a sync adds for its length (the export, the NBD
     /// server it started, the backup job, the overlay, the frozen bitmap), where
     /// present: after each sync, and before one, in case an agent was killed.
-    fn tidy_vm(&mut self) -> Result<(), String> {
+    fn tidy_vm(&mut self) -> Result<(), QsdError> {
         let exports = self.execute("query-block-exports", json!({}))?;
         let exported = exports.as_array().is_some_and(|a| {
             a.iter()
@@ -317,7 +405,7 @@ impl Daemon {
     /// size) and adds it as a node backed by the image's; returns the transaction
     /// action that starts copying before each guest write into it, which belongs
     /// in the transaction that freezes the record, so that both are one instant.
-    pub fn fleece(&mut self, scratch: &Path, size: u64) -> Result<Value, String> {
+    pub fn fleece(&mut self, scratch: &Path, size: u64) -> Result<Value, QsdError> {
         let _ = std::fs::remove_file(scratch);
         let path = scratch.to_string_lossy();
         super::run_tool(
@@ -342,7 +430,7 @@ impl Daemon {
     /// Opens the qcow2 image at `image` read-write as node [`NODE`] (the daemon
     /// must hold no image). Its persistent bitmaps are loaded, and written back
     /// when it is detached or the daemon quits.
-    pub fn attach(&mut self, image: &Path) -> Result<(), String> {
+    pub fn attach(&mut self, image: &Path) -> Result<(), QsdError> {
         self.image = Some(image.to_path_buf());
         let blockdev = json!({
             "driver": "qcow2",
@@ -358,8 +446,8 @@ impl Daemon {
             Ok(_) => Ok(()),
             Err(e) => {
                 self.image = None;
-                Err(if e.contains("lock") {
-                    format!("{e}{LOCK_HINT}")
+                Err(if e.to_string().contains("lock") {
+                    QsdError::Locked(Box::new(e))
                 } else {
                     e
                 })
@@ -370,7 +458,7 @@ impl Daemon {
     /// Closes the image (ending its export first), which writes its bitmaps back
     /// and releases its lock; the daemon keeps running, holding nothing, and may
     /// attach an image again. An error means the daemon is not fit for reuse.
-    pub fn detach(&mut self) -> Result<(), String> {
+    pub fn detach(&mut self) -> Result<(), QsdError> {
         self.unserve()?;
         if self.nbd_server {
             self.execute("nbd-server-stop", json!({}))?;
@@ -381,10 +469,9 @@ impl Daemon {
         }
         let left = self.execute("query-named-block-nodes", json!({"flat": true}))?;
         if left.as_array().is_some_and(|a| !a.is_empty()) {
-            return Err(format!(
-                "qemu-storage-daemon still holds block nodes after closing {}",
-                self.describe()
-            ));
+            return Err(QsdError::NodesLeft {
+                image: self.describe(),
+            });
         }
         self.image = None;
         Ok(())
@@ -397,7 +484,7 @@ impl Daemon {
 
     /// Runs one QMP command; its `return` value, or its error as a message that
     /// names the command and the image.
-    pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, String> {
+    pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, QsdError> {
         let started = std::time::Instant::now();
         let mut line = json!({"execute": command, "arguments": arguments}).to_string();
         line.push('\n');
@@ -417,11 +504,12 @@ impl Daemon {
             }
             if let Some(e) = reply.get("error") {
                 let desc = e.get("desc").and_then(Value::as_str).unwrap_or("no reason");
-                return Err(format!(
-                    "{} {command} on {}: {desc}",
-                    self.who(),
-                    self.describe()
-                ));
+                return Err(QsdError::Command {
+                    who: self.who(),
+                    command: command.to_string(),
+                    image: self.describe(),
+                    desc: desc.to_string(),
+                });
             }
             self.note_event(&reply);
         }
@@ -435,7 +523,7 @@ impl Daemon {
     }
 
     /// Waits for the asynchronous event `name` (or takes it if it came already).
-    fn wait_event(&mut self, name: &str) -> Result<(), String> {
+    fn wait_event(&mut self, name: &str) -> Result<(), QsdError> {
         loop {
             if let Some(i) = self.events.iter().position(|e| e == name) {
                 self.events.remove(i);
@@ -446,7 +534,7 @@ impl Daemon {
         }
     }
 
-    fn read_message(&mut self) -> Result<Value, String> {
+    fn read_message(&mut self) -> Result<Value, QsdError> {
         let mut line = String::new();
         match self.qmp.read_line(&mut line) {
             Ok(0) => Err(self.lost("reading", "the monitor closed")),
@@ -456,11 +544,16 @@ impl Daemon {
         }
     }
 
-    fn lost(&mut self, what: &str, why: &str) -> String {
+    fn lost(&mut self, what: &str, why: &str) -> QsdError {
         if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
             return exited(&self.stderr_path(), self.image.as_deref(), status);
         }
-        format!("{} for {}: QMP {what}: {why}", self.who(), self.describe())
+        QsdError::Lost {
+            who: self.who(),
+            image: self.describe(),
+            what: what.to_string(),
+            why: why.to_string(),
+        }
     }
 
     /// Who answers QMP, for messages.
@@ -479,7 +572,7 @@ impl Daemon {
     /// Starts the daemon's NBD server on a unix socket and exports the image
     /// read-only as the default export, with the dirty bitmap `bitmap` (which must
     /// not be recording) as the metadata context `qemu:dirty-bitmap:<bitmap>`.
-    pub fn serve(&mut self, bitmap: Option<&str>, connections: usize) -> Result<PathBuf, String> {
+    pub fn serve(&mut self, bitmap: Option<&str>, connections: usize) -> Result<PathBuf, QsdError> {
         let sock = self.dir.path().join("nbd.sock");
         self.execute(
             "nbd-server-start",
@@ -507,7 +600,7 @@ impl Daemon {
 
     /// Ends the export (its clients should be gone first), which frees its bitmap
     /// for other operations.
-    pub fn unserve(&mut self) -> Result<(), String> {
+    pub fn unserve(&mut self) -> Result<(), QsdError> {
         if !self.serving {
             return Ok(());
         }
@@ -527,7 +620,7 @@ impl Daemon {
     /// Asks the daemon to quit, which writes the image's bitmaps back, and waits
     /// for it. An error says the image was not closed cleanly; a clean exit is
     /// success, whether or not the reply to `quit` came before the monitor closed.
-    pub fn quit(mut self) -> Result<(), String> {
+    pub fn quit(mut self) -> Result<(), QsdError> {
         if self.is_vm() {
             // Only what the sync added goes.
             return self.tidy_vm();
@@ -545,13 +638,13 @@ impl Daemon {
                 }
                 Ok(None) => {
                     let why = asked.err().map(|e| format!(" ({e})")).unwrap_or_default();
-                    return Err(format!(
-                        "qemu-storage-daemon for {} did not quit within {} s; killed{why}",
-                        self.describe(),
-                        PATIENCE.as_secs()
-                    ));
+                    return Err(QsdError::NoQuit {
+                        image: self.describe(),
+                        secs: PATIENCE.as_secs(),
+                        why,
+                    });
                 }
-                Err(e) => return Err(format!("waiting for qemu-storage-daemon: {e}")),
+                Err(e) => return Err(QsdError::Wait(e)),
             }
         }
     }
@@ -577,12 +670,16 @@ const LOCK_HINT: &str = " (the image is open elsewhere, e.g. by a running VM; th
 
 /// The message for a daemon that exited: its status and what it printed, with a
 /// hint when QEMU's image lock refused it.
-fn exited(stderr: &Path, image: Option<&Path>, status: std::process::ExitStatus) -> String {
+fn exited(stderr: &Path, image: Option<&Path>, status: std::process::ExitStatus) -> QsdError {
     let err = std::fs::read_to_string(stderr).unwrap_or_default();
     let err = err.trim();
     let hint = if err.contains("lock") { LOCK_HINT } else { "" };
-    let image = describe(image);
-    format!("qemu-storage-daemon for {image} exited ({status}): {err}{hint}")
+    QsdError::Exited {
+        image: describe(image),
+        status,
+        stderr: err.to_string(),
+        hint,
+    }
 }
 
 /// An image path (or its absence), for messages.
@@ -727,7 +824,7 @@ mod tests {
                 .expect("add");
                 d.serve(Some(&name), 1).map(|_| ()).unwrap_or_else(|e| {
                     // A recording bitmap cannot be exported; the server is up anyway.
-                    assert!(e.contains("block-export-add"), "{e}");
+                    assert!(e.to_string().contains("block-export-add"), "{e}");
                 });
                 d.detach().expect("detach");
                 let want: Vec<String> = (0..=round).map(|r| format!("b{r}")).collect();
@@ -746,7 +843,10 @@ mod tests {
         }
         let dir = tempfile::tempdir().expect("tempdir");
         let missing = dir.path().join("missing.qcow2");
-        let e = Daemon::start(&missing).err().expect("a missing image");
+        let e = Daemon::start(&missing)
+            .err()
+            .expect("a missing image")
+            .to_string();
         assert!(
             e.contains("missing.qcow2") && e.contains("No such file"),
             "{e}"
@@ -754,7 +854,7 @@ mod tests {
 
         let raw = dir.path().join("a,raw");
         std::fs::write(&raw, vec![0u8; 1 << 20]).expect("write");
-        let e = Daemon::start(&raw).err().expect("not qcow2");
+        let e = Daemon::start(&raw).err().expect("not qcow2").to_string();
         assert!(e.contains("not in qcow2 format"), "{e}");
 
         let img = dir.path().join("a,b.qcow2");
@@ -765,13 +865,14 @@ mod tests {
                 "block-dirty-bitmap-remove",
                 json!({"node": NODE, "name": "nope"}),
             )
-            .expect_err("no such bitmap");
+            .expect_err("no such bitmap")
+            .to_string();
         assert!(
             e.contains("block-dirty-bitmap-remove") && e.contains("a,b.qcow2"),
             "{e}"
         );
         // The image is locked while the daemon holds it.
-        let e = Daemon::start(&img).err().expect("locked");
+        let e = Daemon::start(&img).err().expect("locked").to_string();
         assert!(e.contains("open elsewhere"), "{e}");
         d.execute(
             "block-dirty-bitmap-add",
