@@ -119,7 +119,6 @@ pub struct NodeService {
     store: Store,
     locks: Arc<SourceLocks>,
     coordinator: CoordinatorClient<TracedChannel>,
-    assignments: sled::Tree,
     grants: std::sync::Mutex<HashMap<(String, String), Grant>>,
     live_streams: Arc<AtomicU32>,
     /// Payload bytes applied by syncs since the node started.
@@ -184,7 +183,6 @@ impl NodeService {
             peer_tls,
             admission: Admission::new(Limits::default()),
             name,
-            assignments: store.tree("assignments")?,
             store,
             locks: Arc::new(SourceLocks::default()),
             coordinator,
@@ -286,8 +284,8 @@ impl NodeService {
     pub fn remember(&self, list: &[pb::Assignment]) {
         for a in list {
             let _ = self
-                .assignments
-                .insert(a.source.as_bytes(), a.encode_to_vec());
+                .store
+                .remember_assignment(&a.source, &a.encode_to_vec());
         }
     }
 
@@ -319,8 +317,8 @@ impl NodeService {
             }
             Err(s) => {
                 let cached = self
-                    .assignments
-                    .get(source.as_bytes())
+                    .store
+                    .cached_assignment(source)
                     .ok()
                     .flatten()
                     .and_then(|v| pb::Assignment::decode(v.as_ref()).ok());
