@@ -325,12 +325,8 @@ pub struct PoolDisk {
 /// The node's replicas and recovery points. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    db: sled::Db,
-    sources: sled::Tree,
-    points: sled::Tree,
-    pending: sled::Tree,
-    settle: sled::Tree,
-    logfiles: sled::Tree,
+    /// The metadata records (see `records.rs`, `meta.rs`).
+    meta: std::sync::Arc<dyn MetaStore>,
     /// One per source, held while a settle of it runs, so that two readers never
     /// settle the same source at once (settles of different sources do not wait for
     /// each other).
@@ -350,11 +346,6 @@ pub struct Store {
     views: std::sync::Arc<std::sync::Mutex<HashMap<String, Vec<std::sync::Weak<PointView>>>>>,
 }
 
-/// A failed sled transaction (they abort only on I/O errors: no closure aborts).
-fn txn_error(e: sled::transaction::TransactionError<()>) -> StoreError {
-    StoreError::Meta(format!("{e:?}"))
-}
-
 /// Per-source locks: one sync at a time, reads shared.
 #[derive(Default)]
 pub struct SourceLocks {
@@ -369,6 +360,8 @@ impl SourceLocks {
     }
 }
 
+mod meta;
+use meta::*;
 mod records;
 use records::*;
 mod files;

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use bulwark_common::block::DIGEST_LEN;
 use bulwark_common::name::SourceName;
 use serde::{Deserialize, Serialize};
-use sled::Transactional;
 
 use super::*;
 
@@ -162,32 +161,16 @@ impl Import {
         }
         self.done = true;
         let store = self.store.clone();
-        let meta_bytes = encode(&self.meta.source)?;
-        let points: Vec<(Vec<u8>, Vec<u8>)> = self
-            .meta
-            .points
-            .iter()
-            .map(|p| Ok((point_key(&name, p.id), encode(p)?)))
-            .collect::<Result<_>>()?;
-        let log_files: Vec<(Vec<u8>, Vec<u8>)> = self
-            .meta
-            .log_files
-            .iter()
-            .map(|f| Ok((point_key(&name, f.id), encode(f)?)))
-            .collect::<Result<_>>()?;
-        (&store.sources, &store.points, &store.logfiles)
-            .transaction(|(s, p, lf)| {
-                s.insert(name.as_bytes(), meta_bytes.as_slice())?;
-                for (k, v) in &points {
-                    p.insert(k.as_slice(), v.as_slice())?;
-                }
-                for (k, v) in &log_files {
-                    lf.insert(k.as_slice(), v.as_slice())?;
-                }
-                Ok(())
-            })
-            .map_err(txn_error)?;
-        store.db.flush()?;
+        let mut batch = Batch::default();
+        batch.put(Tree::Sources, name.as_bytes(), &encode(&self.meta.source)?);
+        for p in &self.meta.points {
+            batch.put(Tree::Points, point_key(&name, p.id), &encode(p)?);
+        }
+        for f in &self.meta.log_files {
+            batch.put(Tree::LogFiles, point_key(&name, f.id), &encode(f)?);
+        }
+        store.meta.apply(&batch)?;
+        store.meta.flush()?;
         let before: Vec<(u64, Vec<u64>)> = self
             .meta
             .points
@@ -335,37 +318,18 @@ impl Store {
         let Some(meta) = self.source(name)? else {
             return Ok(false);
         };
-        let keys: Vec<sled::IVec> = self
-            .points
-            .scan_prefix(point_prefix(name))
-            .keys()
-            .collect::<std::result::Result<_, _>>()?;
-        let log_keys: Vec<sled::IVec> = self
-            .logfiles
-            .scan_prefix(point_prefix(name))
-            .keys()
-            .collect::<std::result::Result<_, _>>()?;
-        (
-            &self.sources,
-            &self.points,
-            &self.pending,
-            &self.logfiles,
-            &self.settle,
-        )
-            .transaction(|(s, p, pend, lf, st)| {
-                s.remove(name.as_bytes())?;
-                pend.remove(name.as_bytes())?;
-                st.remove(name.as_bytes())?;
-                for k in &keys {
-                    p.remove(k)?;
-                }
-                for k in &log_keys {
-                    lf.remove(k)?;
-                }
-                Ok(())
-            })
-            .map_err(txn_error)?;
-        self.db.flush()?;
+        let mut batch = Batch::default();
+        batch
+            .remove(Tree::Sources, name)
+            .remove(Tree::Pending, name)
+            .remove(Tree::Settle, name);
+        for tree in [Tree::Points, Tree::LogFiles] {
+            for (k, _) in self.meta.scan(tree, &point_prefix(name))? {
+                batch.remove(tree, k);
+            }
+        }
+        self.meta.apply(&batch)?;
+        self.meta.flush()?;
         self.settle_failed
             .lock()
             .unwrap_or_else(|e| e.into_inner())

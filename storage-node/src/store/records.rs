@@ -217,8 +217,7 @@ pub(super) fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T> {
 impl Store {
     /// Makes every metadata write so far durable.
     pub fn flush(&self) -> Result<()> {
-        self.db.flush()?;
-        Ok(())
+        self.meta.flush()
     }
 
     /// The pool's disks.
@@ -234,18 +233,19 @@ impl Store {
                 why: why.clone(),
             });
         }
-        self.sources.get(name)?.map(|v| decode(&v)).transpose()
+        self.meta
+            .get(Tree::Sources, name.as_bytes())?
+            .map(|v| decode(&v))
+            .transpose()
     }
 
     /// Every stored data source (but those refused at open).
     pub fn all_sources(&self) -> Result<Vec<SourceMeta>> {
-        self.sources
+        self.meta
+            .scan(Tree::Sources, b"")?
             .iter()
-            .filter(|r| {
-                r.as_ref()
-                    .is_ok_and(|(k, _)| !self.refused.contains_key(&*String::from_utf8_lossy(k)))
-            })
-            .map(|r| decode(&r?.1))
+            .filter(|(k, _)| !self.refused.contains_key(&*String::from_utf8_lossy(k)))
+            .map(|(_, v)| decode(v))
             .collect()
     }
 
@@ -259,42 +259,40 @@ impl Store {
 
     /// Points of a source, oldest first.
     pub fn points(&self, name: &str) -> Result<Vec<PointMeta>> {
-        self.points
-            .scan_prefix(point_prefix(name))
-            .map(|r| decode(&r?.1))
+        self.meta
+            .scan(Tree::Points, &point_prefix(name))?
+            .iter()
+            .map(|(_, v)| decode(v))
             .collect()
     }
 
     /// The newest point of a source.
     pub fn newest_point(&self, name: &str) -> Result<Option<PointMeta>> {
-        match self.points.scan_prefix(point_prefix(name)).next_back() {
-            Some(r) => Ok(Some(decode(&r?.1)?)),
-            None => Ok(None),
-        }
+        self.meta
+            .last(Tree::Points, &point_prefix(name))?
+            .map(|v| decode(&v))
+            .transpose()
     }
 
     /// Stores a source's record (an allocation change) durably.
     pub(super) fn put_meta(&self, meta: &SourceMeta) -> Result<()> {
-        self.sources.insert(meta.name.as_bytes(), encode(meta)?)?;
-        self.db.flush()?;
-        Ok(())
+        self.meta.apply(Batch::default().put(
+            Tree::Sources,
+            meta.name.as_bytes(),
+            &encode(meta)?,
+        ))?;
+        self.meta.flush()
     }
 
     /// Remembers the coordinator's assignment of `source`, as the service encoded
     /// it (the cache it falls back on when the coordinator cannot be reached).
     pub fn remember_assignment(&self, source: &str, encoded: &[u8]) -> Result<()> {
-        self.db
-            .open_tree("assignments")?
-            .insert(source.as_bytes(), encoded)?;
-        Ok(())
+        self.meta
+            .apply(Batch::default().put(Tree::Assignments, source, encoded))
     }
 
     /// The assignment of `source` last remembered, as the service encoded it.
     pub fn cached_assignment(&self, source: &str) -> Result<Option<Vec<u8>>> {
-        Ok(self
-            .db
-            .open_tree("assignments")?
-            .get(source.as_bytes())?
-            .map(|v| v.to_vec()))
+        self.meta.get(Tree::Assignments, source.as_bytes())
     }
 }

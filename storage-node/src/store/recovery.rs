@@ -10,10 +10,9 @@ use bulwark_common::name::SourceName;
 use super::*;
 
 /// The stored sources whose name or record this node refuses (see `Store::refused`).
-pub(super) fn refused_sources(sources: &sled::Tree) -> Result<HashMap<String, String>> {
+pub(super) fn refused_sources(meta: &dyn MetaStore) -> Result<HashMap<String, String>> {
     let mut out = HashMap::new();
-    for item in sources.iter() {
-        let (k, v) = item?;
+    for (k, v) in meta.scan(Tree::Sources, b"")? {
         let key = String::from_utf8_lossy(&k).to_string();
         let why = match SourceName::parse(key.as_str()) {
             Err(e) => Some(e.to_string()),
@@ -51,30 +50,18 @@ impl Store {
             }
             std::fs::create_dir_all(d.path.join("bulwark")).map_err(io("create", &d.path))?;
         }
-        let meta = data_dir.join("meta");
-        let db = sled::Config::new()
-            .path(&meta)
-            .cache_capacity(16 * 1024 * 1024)
-            .open()
-            .map_err(|e| StoreError::Meta(format!("cannot open {}: {e}", meta.display())))?;
-        let sources = db.open_tree("sources")?;
-        let refused = std::sync::Arc::new(refused_sources(&sources)?);
+        let meta = SledMeta::open(&data_dir.join("meta"))?;
+        let refused = std::sync::Arc::new(refused_sources(&meta)?);
         let store = Store {
             refused,
-            sources,
-            points: db.open_tree("points")?,
-            pending: db.open_tree("pending")?,
-            settle: db.open_tree("settle")?,
-            logfiles: db.open_tree("logfiles")?,
+            meta: std::sync::Arc::new(meta),
             settle_locks: Default::default(),
             settle_failed: Default::default(),
-            db,
             disks: std::sync::Arc::new(disks),
             policy,
             views: Default::default(),
         };
-        for item in store.pending.iter() {
-            let (k, v) = item?;
+        for (k, v) in store.meta.scan(Tree::Pending, b"")? {
             let name = String::from_utf8_lossy(&k).to_string();
             if store.refused.contains_key(&name) {
                 continue;
@@ -88,12 +75,10 @@ impl Store {
         // settle again from the journal. A settle that fails is kept as the
         // source's error; the node serves the other sources.
         let settles: Vec<(String, Settle)> = store
-            .settle
-            .iter()
-            .map(|item| {
-                let (k, v) = item?;
-                Ok((String::from_utf8_lossy(&k).to_string(), decode(&v)?))
-            })
+            .meta
+            .scan(Tree::Settle, b"")?
+            .into_iter()
+            .map(|(k, v)| Ok((String::from_utf8_lossy(&k).to_string(), decode(&v)?)))
             .collect::<Result<_>>()?;
         for (name, rec) in settles {
             if store.refused.contains_key(&name) {
@@ -135,7 +120,7 @@ impl Store {
     /// none once no sync is pending).
     pub(super) fn remove_orphans(&self, meta: &SourceMeta) -> Result<()> {
         let journal = journal_path(&meta.dir());
-        if !self.settle.contains_key(&meta.name)? && journal.exists() {
+        if self.meta.get(Tree::Settle, meta.name.as_bytes())?.is_none() && journal.exists() {
             tracing::info!(source = %meta.name, "removing the journal of a settled point");
             std::fs::remove_file(&journal).map_err(io("remove", &journal))?;
             fsync_dir(&meta.dir())?;
@@ -173,7 +158,8 @@ impl Store {
             if dir.exists() {
                 std::fs::remove_dir_all(&dir).map_err(io("remove", &dir))?;
             }
-            self.sources.remove(name)?;
+            self.meta
+                .apply(Batch::default().remove(Tree::Sources, name))?;
         } else {
             // The replica was never touched: the journal goes.
             let journal = journal_path(&dir);
@@ -197,8 +183,9 @@ impl Store {
                 "a sync that did not commit was dropped"
             );
         }
-        self.pending.remove(name)?;
-        self.db.flush()?;
+        self.meta
+            .apply(Batch::default().remove(Tree::Pending, name))?;
+        self.meta.flush()?;
         Ok(())
     }
 

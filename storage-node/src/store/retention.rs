@@ -4,7 +4,6 @@ use std::fs::{File, OpenOptions};
 use std::path::Path;
 
 use bulwark_common::block::Geometry;
-use sled::Transactional;
 
 use super::*;
 
@@ -217,17 +216,14 @@ impl Store {
             None
         };
         let prev_bytes = updated_prev.as_ref().map(encode).transpose()?;
-        (&self.points,)
-            .transaction(|(pts,)| {
-                pts.remove(point_key(name, id))?;
-                if let (Some(prev), Some(b)) = (&updated_prev, &prev_bytes) {
-                    pts.insert(point_key(name, prev.id), b.as_slice())?;
-                }
-                Ok(())
-            })
-            .map_err(txn_error)?;
+        let mut batch = Batch::default();
+        batch.remove(Tree::Points, point_key(name, id));
+        if let (Some(prev), Some(b)) = (&updated_prev, &prev_bytes) {
+            batch.put(Tree::Points, point_key(name, prev.id), b);
+        }
+        self.meta.apply(&batch)?;
         boundary("prune: point removed, before flush")?;
-        self.db.flush()?;
+        self.meta.flush()?;
         boundary("prune: point removal durable")?;
         if victim_path.exists() {
             std::fs::remove_file(&victim_path).map_err(io("remove", &victim_path))?;

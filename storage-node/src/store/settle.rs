@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use bulwark_common::block::{Digest, Geometry, is_zero, open_direct};
 use bulwark_common::failpoint;
 use bulwark_common::name::SourceName;
-use sled::Transactional;
 
 use crate::uring::Ring;
 
@@ -121,7 +120,7 @@ impl Store {
         if let Some(e) = self.settle_failure(name) {
             return Err(e);
         }
-        let Some(v) = self.settle.get(name)? else {
+        let Some(v) = self.meta.get(Tree::Settle, name.as_bytes())? else {
             return Ok(());
         };
         let rec: Settle = decode(&v)?;
@@ -166,7 +165,7 @@ impl Store {
         if let Some(e) = self.settle_failure(name) {
             return Err(e);
         }
-        if self.settle.contains_key(name)? {
+        if self.meta.get(Tree::Settle, name.as_bytes())?.is_some() {
             self.settle(name)?;
         }
         Ok(())
@@ -266,50 +265,10 @@ impl Store {
         };
         let mut blocks = 0u64;
         loop {
-            // One group: runs of consecutive blocks as extents, in journal order.
-            let mut runs: Vec<(u64, Vec<u8>, Vec<Digest>)> = Vec::new();
-            let mut bytes = 0u64;
-            while bytes < SETTLE_GROUP {
-                let at = reader.at;
-                let Some(r) = reader.next_record(false)? else {
-                    break;
-                };
-                let len = geometry.block_len(r.block) as usize;
-                let data = match r.data {
-                    Some(d) => d,
-                    None if r.digest == zero.of(r.block) => vec![0u8; len],
-                    None => {
-                        return Err(StoreError::Damaged {
-                            path: journal.clone(),
-                            at,
-                            message: format!(
-                                "block {}: a record of zeros does not carry the checksum of zeros",
-                                r.block
-                            ),
-                        });
-                    }
-                };
-                bytes += len as u64;
-                blocks += 1;
-                match runs.last_mut() {
-                    Some((first, d, ds)) if *first + ds.len() as u64 == r.block => {
-                        d.extend_from_slice(&data);
-                        ds.push(r.digest);
-                    }
-                    _ => runs.push((r.block, data, vec![r.digest])),
-                }
-            }
-            if runs.is_empty() {
+            let extents = journal::next_group(&mut reader, &zero, SETTLE_GROUP, &mut blocks)?;
+            if extents.is_empty() {
                 break;
             }
-            let extents = runs
-                .into_iter()
-                .map(|(first_block, d, digests)| VerifiedExtent {
-                    first_block,
-                    data: d.into(),
-                    digests,
-                })
-                .collect();
             failpoint::hit("node-settle-group");
             let group = images.prepare_many(vec![extents])?;
             let (records, added) =
@@ -326,8 +285,8 @@ impl Store {
         make_durable(&files.replica, &files.digests, &dir)?;
         boundary("settle: data durable")?;
         let mut prev: PointMeta = self
-            .points
-            .get(point_key(name, old_point))?
+            .meta
+            .get(Tree::Points, &point_key(name, old_point))?
             .map(|v| decode(&v))
             .transpose()?
             .ok_or_else(|| {
@@ -335,15 +294,13 @@ impl Store {
             })?;
         prev.delta = Some(delta);
         let prev_bytes = encode(&prev)?;
-        (&self.points, &self.settle)
-            .transaction(|(pts, st)| {
-                pts.insert(point_key(name, old_point), prev_bytes.as_slice())?;
-                st.remove(name.as_bytes())?;
-                Ok(())
-            })
-            .map_err(txn_error)?;
+        self.meta.apply(
+            Batch::default()
+                .put(Tree::Points, point_key(name, old_point), &prev_bytes)
+                .remove(Tree::Settle, name),
+        )?;
         boundary("settle: recorded")?;
-        self.db.flush()?;
+        self.meta.flush()?;
         boundary("settle: recorded durable")?;
         std::fs::remove_file(&journal).map_err(io("remove", &journal))?;
         boundary("settle: journal removed")?;

@@ -4,7 +4,6 @@ use bulwark_common::block::{DIGEST_LEN, Digest, Geometry, is_zero, open_direct};
 use bulwark_common::failpoint;
 use bulwark_common::name::SourceName;
 use bulwark_common::point::{Consistency, PointKind};
-use sled::Transactional;
 
 use crate::uring::Ring;
 
@@ -118,15 +117,13 @@ impl SyncTxn {
         //    any data file changes.
         let meta_bytes = encode(&self.meta)?;
         let pending_bytes = encode(&pending)?;
-        (&store.sources, &store.pending)
-            .transaction(|(s, p)| {
-                s.insert(name.as_bytes(), meta_bytes.as_slice())?;
-                p.insert(name.as_bytes(), pending_bytes.as_slice())?;
-                Ok(())
-            })
-            .map_err(txn_error)?;
+        store.meta.apply(
+            Batch::default()
+                .put(Tree::Sources, name.as_bytes(), &meta_bytes)
+                .put(Tree::Pending, name.as_bytes(), &pending_bytes),
+        )?;
         boundary("sync: pending written")?;
-        store.db.flush()?;
+        store.meta.flush()?;
         boundary("sync: pending durable")?;
 
         std::fs::create_dir_all(dir.join("deltas")).map_err(io("create", &dir))?;
@@ -362,19 +359,19 @@ impl SyncTxn {
         let meta_bytes = encode(&self.meta)?;
         // 3. One transaction: the new point, its settle record, no pending, and the
         //    source's record (its allocation and retention).
-        (&store.points, &store.pending, &store.sources, &store.settle)
-            .transaction(|(pts, pend, srcs, st)| {
-                srcs.insert(name.as_bytes(), meta_bytes.as_slice())?;
-                pts.insert(point_key(&name, point.id), new_bytes.as_slice())?;
-                if let Some(b) = &settle_bytes {
-                    st.insert(name.as_bytes(), b.as_slice())?;
-                }
-                pend.remove(name.as_bytes())?;
-                Ok(())
-            })
-            .map_err(txn_error)?;
+        let mut batch = Batch::default();
+        batch.put(Tree::Sources, name.as_bytes(), &meta_bytes).put(
+            Tree::Points,
+            point_key(&name, point.id),
+            &new_bytes,
+        );
+        if let Some(b) = &settle_bytes {
+            batch.put(Tree::Settle, name.as_bytes(), b);
+        }
+        batch.remove(Tree::Pending, name.as_bytes());
+        store.meta.apply(&batch)?;
         boundary("commit: point written")?;
-        store.db.flush()?;
+        store.meta.flush()?;
         boundary("commit: point durable")?;
         failpoint::hit("node-after-commit");
         Ok(point)
@@ -403,7 +400,7 @@ impl Store {
         // The previous point is settled into the replica first.
         self.settled(&spec.source)?;
         // A sync that was dropped without commit or abort is undone first.
-        if let Some(v) = self.pending.get(&spec.source)? {
+        if let Some(v) = self.meta.get(Tree::Pending, spec.source.as_bytes())? {
             let pending: Pending = decode(&v)?;
             self.roll_back(&spec.source, &pending)?;
         }

@@ -1448,7 +1448,13 @@ fn unsettled_store(
     assert_eq!(p.id, 2);
     // Not settled: the replica is still point 1, the journal holds point 2.
     let src = dir.join("disk1").join("bulwark").join("vol");
-    assert!(store.settle.contains_key("vol").expect("settle record"));
+    assert!(
+        store
+            .meta
+            .get(Tree::Settle, b"vol")
+            .map(|v| v.is_some())
+            .expect("settle record")
+    );
     assert!(src.join("journal").exists());
     assert!(std::fs::read(src.join("replica")).expect("replica") == v1);
     (store, vec![zero, v1, v2])
@@ -1493,7 +1499,11 @@ fn an_unsettled_point_reads_correctly_every_way() {
         }
         let src = dir.path().join("disk1").join("bulwark").join("vol");
         assert!(
-            !store.settle.contains_key("vol").expect("settle record"),
+            !store
+                .meta
+                .get(Tree::Settle, b"vol")
+                .map(|v| v.is_some())
+                .expect("settle record"),
             "{way}: settled"
         );
         assert!(!src.join("journal").exists(), "{way}: journal removed");
@@ -1775,4 +1785,57 @@ fn a_locked_point_outlives_retention_space_pressure_and_drop() {
             "point {id}"
         );
     }
+}
+
+/// One run of the metadata store's contract: what the store's records rely on.
+fn meta_store_contract(m: &dyn MetaStore) {
+    let mut b = Batch::default();
+    b.put(Tree::Points, point_key("a", 2), b"a2")
+        .put(Tree::Points, point_key("a", 1), b"a1")
+        .put(Tree::Points, point_key("ab", 1), b"ab1")
+        .put(Tree::Sources, "a", b"src");
+    m.apply(&b).expect("apply");
+    m.flush().expect("flush");
+    assert_eq!(
+        m.get(Tree::Sources, b"a").expect("get"),
+        Some(b"src".to_vec())
+    );
+    assert_eq!(
+        m.get(Tree::Pending, b"a").expect("get"),
+        None,
+        "trees are apart"
+    );
+    let a: Vec<Vec<u8>> = m
+        .scan(Tree::Points, &point_prefix("a"))
+        .expect("scan")
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(
+        a,
+        vec![b"a1".to_vec(), b"a2".to_vec()],
+        "prefix scan in key order"
+    );
+    assert_eq!(
+        m.last(Tree::Points, &point_prefix("a")).expect("last"),
+        Some(b"a2".to_vec())
+    );
+    assert_eq!(m.scan(Tree::Points, b"").expect("all").len(), 3);
+    let mut b = Batch::default();
+    b.remove(Tree::Points, point_key("a", 2))
+        .remove(Tree::Sources, "a")
+        .remove(Tree::Settle, "nothing");
+    m.apply(&b).expect("apply removes");
+    assert_eq!(m.get(Tree::Sources, b"a").expect("get"), None);
+    assert_eq!(
+        m.last(Tree::Points, &point_prefix("a")).expect("last"),
+        Some(b"a1".to_vec())
+    );
+}
+
+#[test]
+fn the_metadata_store_contract_holds_for_sled_and_memory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    meta_store_contract(&SledMeta::open(&dir.path().join("meta")).expect("sled"));
+    meta_store_contract(&MemMeta::default());
 }

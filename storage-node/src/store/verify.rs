@@ -153,10 +153,14 @@ impl Store {
             }
         }
         for q in &updates {
-            self.points.insert(point_key(name, q.id), encode(q)?)?;
+            self.meta.apply(Batch::default().put(
+                Tree::Points,
+                point_key(name, q.id),
+                &encode(q)?,
+            ))?;
         }
         if !updates.is_empty() {
-            self.db.flush()?;
+            self.meta.flush()?;
         }
         out.damaged_points.reverse();
         Ok(out)
