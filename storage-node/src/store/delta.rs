@@ -69,15 +69,24 @@ pub(super) const DELTA_CHUNK: usize = if cfg!(test) {
 };
 
 impl DeltaAppender {
-    /// `what` names the file in the log line of a fallback to buffered writes.
-    pub(super) fn new(file: File, path: &Path, what: &'static str) -> DeltaAppender {
-        DeltaAppender {
+    /// Starts a new, empty file of `kind` (a delta or the journal) with its header
+    /// (see `header.rs`): the file is then [`FILE_HEADER_LEN`] bytes long.
+    pub(super) fn create(file: File, path: &Path, kind: DataFile) -> Result<DeltaAppender> {
+        kind.write_header(&file, path)?;
+        let what = if kind == DataFile::Journal {
+            "journal"
+        } else {
+            "delta"
+        };
+        Ok(DeltaAppender {
             file,
             path: path.to_path_buf(),
             writer: DirectWriter::open(path, what),
-            tail: Vec::new(),
+            // The header is the start of the first page, which the first append
+            // writes again whole.
+            tail: kind.header().to_vec(),
             chunk: None,
-        }
+        })
     }
 
     /// Appends `records` (block, old digest, old bytes or none for zeros, block
@@ -148,13 +157,23 @@ pub struct DeltaReader {
 
 impl DeltaReader {
     /// Opens a delta file of a volume with `geometry`.
+    /// Its header is checked first (see `header.rs`): a file of a newer format, or
+    /// not a delta (or journal), is refused with an error naming it.
     pub fn open(path: &Path, geometry: Geometry) -> Result<DeltaReader> {
-        let f = File::open(path).map_err(io("open", path))?;
+        use std::io::{Seek, SeekFrom};
+        let mut f = File::open(path).map_err(io("open", path))?;
+        let kind = if path.file_name().is_some_and(|n| n == "journal") {
+            DataFile::Journal
+        } else {
+            DataFile::Delta
+        };
+        let start = content_start(&f, path, kind)?;
+        f.seek(SeekFrom::Start(start)).map_err(io("seek", path))?;
         Ok(DeltaReader {
             reader: BufReader::with_capacity(1 << 20, f),
             path: path.to_path_buf(),
             geometry,
-            at: 0,
+            at: start,
         })
     }
 

@@ -33,6 +33,8 @@ pub(super) struct TxnFiles {
     /// [`uring::DEPTH`]).
     pub(super) bounce: Vec<bytes::BytesMut>,
     pub(super) digests: File,
+    /// Where the digests start in `digests` (after its header, if it has one).
+    pub(super) digests_base: u64,
     /// A settle's: the delta its before-images go to.
     pub(super) delta: Option<DeltaAppender>,
     /// A sync's (every sync but a first one): the journal its blocks go to.
@@ -53,6 +55,8 @@ pub struct BeforeImageReader {
     pub(super) replica: File,
     pub(super) direct: Option<File>,
     pub(super) digests: File,
+    /// Where the digests start in `digests` (after its header, if it has one).
+    pub(super) digests_base: u64,
     pub(super) replica_path: PathBuf,
     pub(super) digests_path: PathBuf,
     pub(super) geometry: Geometry,
@@ -138,7 +142,7 @@ impl BeforeImageReader {
             read_at_full(
                 &self.digests,
                 &mut old,
-                e.first_block * DIGEST_LEN as u64,
+                self.digests_base + e.first_block * DIGEST_LEN as u64,
                 &self.digests_path,
             )?;
             for (i, d) in old.chunks_exact(DIGEST_LEN).enumerate() {
@@ -160,6 +164,7 @@ impl BeforeImageReader {
 /// Writes the digests of `extents` into the digests file.
 pub(super) fn write_digests(
     digests: &File,
+    base: u64,
     extents: &[&VerifiedExtent],
     path: &Path,
 ) -> Result<()> {
@@ -169,7 +174,7 @@ pub(super) fn write_digests(
             d.extend_from_slice(&digest.0);
         }
         digests
-            .write_all_at(&d, e.first_block * DIGEST_LEN as u64)
+            .write_all_at(&d, base + e.first_block * DIGEST_LEN as u64)
             .map_err(io("write", path))?;
     }
     Ok(())
@@ -412,6 +417,7 @@ impl Store {
             read_images: true,
             replica: File::open(&replica_path).map_err(io("open", &replica_path))?,
             direct: open_direct(&replica_path, true),
+            digests_base: check_file(&digests_path, DataFile::Digests)?,
             digests: File::open(&digests_path).map_err(io("open", &digests_path))?,
             replica_path,
             digests_path,

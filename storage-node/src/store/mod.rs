@@ -248,6 +248,10 @@ pub enum StoreError {
         point: u64,
         until: String,
     },
+    /// A data file of a format newer than this node reads, or that does not
+    /// start as its kind does (see `header.rs`).
+    #[error("{path}: {why}")]
+    DataFormat { path: PathBuf, why: String },
     /// A simulated crash (tests only; see `crash`).
     #[error("simulated crash at {0}")]
     Crashed(&'static str),
@@ -360,6 +364,8 @@ impl SourceLocks {
     }
 }
 
+mod header;
+use header::*;
 mod meta;
 use meta::*;
 mod records;

@@ -9,7 +9,8 @@ use bulwark_common::name::SourceName;
 
 use super::*;
 
-/// The stored sources whose name or record this node refuses (see `Store::refused`).
+/// The stored sources whose name, record or data files this node refuses (see
+/// `Store::refused` and `header.rs`).
 pub(super) fn refused_sources(meta: &dyn MetaStore) -> Result<HashMap<String, String>> {
     let mut out = HashMap::new();
     for (k, v) in meta.scan(Tree::Sources, b"")? {
@@ -21,7 +22,8 @@ pub(super) fn refused_sources(meta: &dyn MetaStore) -> Result<HashMap<String, St
                 Ok(m) if m.name != key => {
                     Some(format!("its record names another source ({})", m.name))
                 }
-                Ok(_) => None,
+                // A data file of a newer format, or not of its kind.
+                Ok(m) => refused_files(&m),
             },
         };
         if let Some(why) = why {
@@ -208,6 +210,7 @@ impl Store {
         let digests_path = dir.join("digests");
         let replica = open_rw(&replica_path, Open::Existing)?;
         let digests = open_rw(&digests_path, Open::Existing)?;
+        let digests_base = content_start(&digests, &digests_path, DataFile::Digests)?;
         let mut restored = 0u64;
         let mut reader = DeltaReader::open(&delta, geometry)?;
         while let Some(rec) = reader.next_record(true)? {
@@ -222,7 +225,7 @@ impl Store {
                     .map_err(io("write", &replica_path))?,
             }
             digests
-                .write_all_at(&rec.digest.0, rec.block * DIGEST_LEN as u64)
+                .write_all_at(&rec.digest.0, digests_base + rec.block * DIGEST_LEN as u64)
                 .map_err(io("write", &digests_path))?;
             restored += 1;
             boundary("undo: block restored")?;

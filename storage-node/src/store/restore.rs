@@ -29,7 +29,8 @@ pub struct RestoreReader {
     pub(super) deltas: std::vec::IntoIter<PathBuf>,
     pub(super) current: Option<DeltaReader>,
     pub(super) resolved: Vec<u64>,
-    pub(super) replica: Option<(File, File)>,
+    /// The replica and digests once open, and where the digests start.
+    pub(super) replica: Option<(File, File, u64)>,
     pub(super) next_block: u64,
     pub(super) max_batch: usize,
 }
@@ -110,10 +111,9 @@ impl RestoreReader {
             let dir = self.meta.dir();
             let r = dir.join("replica");
             let d = dir.join("digests");
-            self.replica = Some((
-                File::open(&r).map_err(io("open", &r))?,
-                File::open(&d).map_err(io("open", &d))?,
-            ));
+            let digests = File::open(&d).map_err(io("open", &d))?;
+            let base = content_start(&digests, &d, DataFile::Digests)?;
+            self.replica = Some((File::open(&r).map_err(io("open", &r))?, digests, base));
         }
         let total = geometry.block_count();
         while self.next_block < total && self.is_resolved(self.next_block) {
@@ -128,7 +128,7 @@ impl RestoreReader {
         while end < total && end - first < max_blocks && !self.is_resolved(end) {
             end += 1;
         }
-        let Some((replica, digests)) = self.replica.as_ref() else {
+        let Some((replica, digests, base)) = self.replica.as_ref() else {
             return Ok(None);
         };
         let dir = self.meta.dir();
@@ -136,7 +136,7 @@ impl RestoreReader {
         read_at_full(
             digests,
             &mut dbuf,
-            first * DIGEST_LEN as u64,
+            base + first * DIGEST_LEN as u64,
             &dir.join("digests"),
         )?;
         let ds: Vec<Digest> = dbuf

@@ -22,6 +22,9 @@ pub(super) fn merge_deltas(older: &Path, newer: &Path, geometry: Geometry) -> Re
         .open(&tmp)
         .map_err(io("create", &tmp))?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, out);
+    // A merged delta is always written in this node's format, with its header.
+    w.write_all(&DataFile::Delta.header())
+        .map_err(io("write", &tmp))?;
     let mut meta = DeltaMeta {
         records: 0,
         bytes: 0,

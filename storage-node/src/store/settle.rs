@@ -238,6 +238,7 @@ impl Store {
         let digests_path = dir.join("digests");
         let replica = open_rw(&replica_path, Open::Existing)?;
         let digests = open_rw(&digests_path, Open::Existing)?;
+        let digests_base = content_start(&digests, &digests_path, DataFile::Digests)?;
         let delta_file_path = delta_path(&dir, old_point);
         let delta_file = open_rw(&delta_file_path, Open::Truncate)?;
         fsync_dir(&dir.join("deltas"))?;
@@ -253,7 +254,12 @@ impl Store {
             uring,
             bounce: Vec::new(),
             digests,
-            delta: Some(DeltaAppender::new(delta_file, &delta_file_path, "delta")),
+            digests_base,
+            delta: Some(DeltaAppender::create(
+                delta_file,
+                &delta_file_path,
+                DataFile::Delta,
+            )?),
             journal: None,
             dir: dir.clone(),
         };
@@ -271,15 +277,21 @@ impl Store {
             }
             failpoint::hit("node-settle-group");
             let group = images.prepare_many(vec![extents])?;
-            let (records, added) =
-                append_before_images(self, name, &mut files, geometry, &group, delta.bytes)?;
+            let (records, added) = append_before_images(
+                self,
+                name,
+                &mut files,
+                geometry,
+                &group,
+                FILE_HEADER_LEN + delta.bytes,
+            )?;
             delta.records += records;
             delta.bytes += added;
             let extents: Vec<&VerifiedExtent> = group.iter().flat_map(|p| &p.extents).collect();
             write_replica(&mut files, geometry, &extents, &replica_path, &|| {
                 boundary("settle: replica written")
             })?;
-            write_digests(&files.digests, &extents, &digests_path)?;
+            write_digests(&files.digests, files.digests_base, &extents, &digests_path)?;
             boundary("settle: digests written")?;
         }
         make_durable(&files.replica, &files.digests, &dir)?;

@@ -136,21 +136,24 @@ impl SyncTxn {
             replica
                 .set_len(geometry.size_bytes)
                 .map_err(io("size", &replica_path))?;
+            DataFile::Digests.write_header(&digests, &digests_path)?;
             digests
-                .set_len(geometry.block_count() * DIGEST_LEN as u64)
+                .set_len(FILE_HEADER_LEN + geometry.block_count() * DIGEST_LEN as u64)
                 .map_err(io("size", &digests_path))?;
         }
+        let digests_base = content_start(&digests, &digests_path, DataFile::Digests)?;
         // A first sync writes into the replica; every later one into the journal,
         // and the replica stays as it is until the point is settled.
         let journal = if self.fresh {
             None
         } else {
             let p = journal_path(&dir);
-            Some(DeltaAppender::new(
+            self.journal_len = FILE_HEADER_LEN;
+            Some(DeltaAppender::create(
                 open_rw(&p, Open::Truncate)?,
                 &p,
-                "journal",
-            ))
+                DataFile::Journal,
+            )?)
         };
         fsync_dir(&dir)?;
         boundary("sync: files created")?;
@@ -166,6 +169,7 @@ impl SyncTxn {
             uring,
             bounce: Vec::new(),
             digests,
+            digests_base,
             delta: None,
             journal,
             dir,
@@ -193,6 +197,7 @@ impl SyncTxn {
                 .map_err(io("reopen", &replica_path))?,
             // A sync reads no before-images (see `read_images`).
             direct: None,
+            digests_base: files.digests_base,
             digests: files
                 .digests
                 .try_clone()
@@ -299,7 +304,7 @@ impl SyncTxn {
             write_replica(files, geometry, &extents, &replica_path, &|| {
                 boundary("sync: replica written")
             })?;
-            write_digests(&files.digests, &extents, &digests_path)?;
+            write_digests(&files.digests, files.digests_base, &extents, &digests_path)?;
             self.times.writes += writing.elapsed();
         }
         for e in extents {

@@ -1,6 +1,6 @@
 //! Store tests: syncs, restores of every point, rollback after failures and crashes.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -1007,11 +1007,21 @@ proptest! {
     }
 }
 
+/// The digests a digests file holds (after its header: see `header.rs`).
+fn stored_digests(path: &Path) -> Vec<u8> {
+    let bytes = std::fs::read(path).expect("digests");
+    let f = File::open(path).expect("digests");
+    let start = content_start(&f, path, DataFile::Digests).expect("header") as usize;
+    bytes[start..].to_vec()
+}
+
 /// The store's source files (every file of `store/` but the tests).
 const STORE_SOURCES: &[&str] = &[
     include_str!("mod.rs"),
     include_str!("records.rs"),
     include_str!("files.rs"),
+    include_str!("header.rs"),
+    include_str!("meta.rs"),
     include_str!("journal.rs"),
     include_str!("delta.rs"),
     include_str!("sync.rs"),
@@ -1594,7 +1604,7 @@ fn a_damaged_journal_is_reported_not_applied() {
             "the replica is point 1"
         );
         assert!(
-            std::fs::read(src.join("digests")).expect("digests") == digests_of(&v1),
+            stored_digests(&src.join("digests")) == digests_of(&v1),
             "the digests are point 1's"
         );
         assert!(
@@ -1838,4 +1848,143 @@ fn the_metadata_store_contract_holds_for_sled_and_memory() {
     let dir = tempfile::tempdir().expect("tempdir");
     meta_store_contract(&SledMeta::open(&dir.path().join("meta")).expect("sled"));
     meta_store_contract(&MemMeta::default());
+}
+
+/// A store with source `vol` at three points (two deltas) and source `other` at one;
+/// returns `vol`'s images, oldest first.
+fn two_sources(dir: &Path) -> Vec<Vec<u8>> {
+    let size = 16 * BS as u64 + 100;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(24);
+    let store = open(dir);
+    let mut images = vec![vec![0u8; size as usize]];
+    for base in 0..3u64 {
+        let mut next = images[base as usize].clone();
+        scribble(&mut rng, &mut next, 6);
+        sync(&store, &images[base as usize], &next, base);
+        images.push(next);
+    }
+    let other = SyncSpec {
+        source: "other".parse().expect("name"),
+        ..spec(8 * BS as u64, 0)
+    };
+    let mut txn = store.begin_sync(other).expect("begin other");
+    txn.apply(&diff_extents(
+        &[0u8; 8 * BS as usize],
+        &[7u8; 8 * BS as usize],
+    ))
+    .expect("apply other");
+    txn.commit().expect("commit other");
+    images.remove(0);
+    images
+}
+
+fn vol_dir(dir: &Path) -> PathBuf {
+    dir.join("disk1").join("bulwark").join("vol")
+}
+
+/// `vol` is refused at open with `why` naming `path`; `other` is served.
+fn assert_only_vol_refused(dir: &Path, path: &Path, why: &str) {
+    let store = open(dir);
+    let refused = store.refused_sources();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    let msg = &refused["vol"];
+    assert!(
+        msg.contains(&path.display().to_string()) && msg.contains(why),
+        "the refusal names the file and says why ({why}): {msg}"
+    );
+    let e = store.source("vol").expect_err("vol is refused");
+    assert!(matches!(e, StoreError::Refused { .. }), "{e}");
+    assert!(e.to_string().contains(why), "{e}");
+    assert!(store.restore("vol", 0).is_err(), "nothing of vol is read");
+    assert_eq!(
+        read_point_to_vec(&store, "other", 0).expect("other restores"),
+        vec![7u8; 8 * BS as usize]
+    );
+    let names: Vec<String> = store
+        .all_sources()
+        .expect("sources")
+        .into_iter()
+        .map(|s| s.name.to_string())
+        .collect();
+    assert_eq!(names, vec!["other".to_string()]);
+}
+
+#[test]
+fn a_data_file_of_a_newer_format_refuses_its_source_and_the_others_are_served() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    two_sources(dir.path());
+    let delta = delta_path(&vol_dir(dir.path()), 1);
+    let f = OpenOptions::new().write(true).open(&delta).expect("delta");
+    f.write_all_at(&9u32.to_le_bytes(), 8).expect("version 9");
+    drop(f);
+    assert_only_vol_refused(dir.path(), &delta, "format version 9, this node reads 1");
+    // The digests file too.
+    let dir = tempfile::tempdir().expect("tempdir");
+    two_sources(dir.path());
+    let digests = vol_dir(dir.path()).join("digests");
+    let f = OpenOptions::new()
+        .write(true)
+        .open(&digests)
+        .expect("digests");
+    f.write_all_at(&2u32.to_le_bytes(), 8).expect("version 2");
+    drop(f);
+    assert_only_vol_refused(dir.path(), &digests, "format version 2, this node reads 1");
+}
+
+#[test]
+fn a_data_file_with_a_wrong_magic_is_refused_with_the_file_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    two_sources(dir.path());
+    let delta = delta_path(&vol_dir(dir.path()), 2);
+    let f = OpenOptions::new().write(true).open(&delta).expect("delta");
+    f.write_all_at(b"BWKDIGST", 0)
+        .expect("another kind's magic");
+    drop(f);
+    let e = DeltaReader::open(&delta, Geometry::new(16 * BS as u64 + 100, BS).expect("g"))
+        .err()
+        .expect("a reader refuses it");
+    assert!(
+        e.to_string().contains(&delta.display().to_string())
+            && e.to_string().contains("not a Bulwark delta file"),
+        "{e}"
+    );
+    assert_only_vol_refused(dir.path(), &delta, "not a Bulwark delta file");
+}
+
+#[test]
+fn data_files_without_a_header_are_read_as_format_version_0() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let images = two_sources(dir.path());
+    // As a node before the header wrote them: the same content, no header.
+    let src = vol_dir(dir.path());
+    let mut files = vec![src.join("digests")];
+    for p in [1, 2] {
+        files.push(delta_path(&src, p));
+    }
+    for path in &files {
+        let bytes = std::fs::read(path).expect("read");
+        assert_eq!(&bytes[..3], b"BWK", "{} has a header", path.display());
+        std::fs::write(path, &bytes[FILE_HEADER_LEN as usize..]).expect("strip");
+    }
+    let store = open(dir.path());
+    assert!(store.refused_sources().is_empty());
+    for (i, image) in images.iter().enumerate() {
+        let got = read_point_to_vec(&store, "vol", i as u64 + 1).expect("restore");
+        assert!(&got == image, "point {} restores as before", i + 1);
+        let view = store.open_view("vol", i as u64 + 1).expect("view");
+        assert!(&read_view(&view) == image, "view of point {}", i + 1);
+    }
+    let v = store.verify("vol", 0).expect("verify");
+    assert!(v.damaged_replica.is_empty() && v.damaged_points.is_empty());
+    // A next sync, its settle and a merge of the old deltas work on them too.
+    let mut next = images[2].clone();
+    scribble(&mut rand::rngs::StdRng::seed_from_u64(5), &mut next, 4);
+    sync(&store, &images[2], &next, 3);
+    store.prune("vol", 2).expect("prune merges a legacy delta");
+    for (id, image) in [(1, &images[0]), (3, &images[2]), (4, &next)] {
+        let got = read_point_to_vec(&store, "vol", id).expect("restore");
+        assert!(&got == image, "point {id} after the sync and the merge");
+    }
+    let merged = std::fs::read(delta_path(&src, 1)).expect("merged delta");
+    assert_eq!(&merged[..8], b"BWKDELTA", "a merge writes the header");
 }

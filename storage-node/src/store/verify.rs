@@ -30,7 +30,8 @@ impl Store {
         let total = meta.geometry().block_count();
         let count = count.min(total.saturating_sub(first));
         let mut buf = vec![0u8; (count as usize) * DIGEST_LEN];
-        read_at_full(&f, &mut buf, first * DIGEST_LEN as u64, &path)?;
+        let base = content_start(&f, &path, DataFile::Digests)?;
+        read_at_full(&f, &mut buf, base + first * DIGEST_LEN as u64, &path)?;
         Ok(buf)
     }
 
