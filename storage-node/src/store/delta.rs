@@ -1,4 +1,5 @@
-//! The delta record codec: encoding, appending and reading records of a delta file or the journal.
+//! The delta record codec: encoding, appending and reading records of a delta file or
+//! the journal.
 
 use std::fs::File;
 use std::io::{BufReader, Read};

@@ -1,4 +1,5 @@
-//! Reading before-images and old digests, writing the replica and digests at a queue depth.
+//! Reading before-images and old digests, writing the replica and digests at a queue
+//! depth.
 
 use std::fs::File;
 use std::os::fd::AsFd;

@@ -1,6 +1,15 @@
 //! The storage node's on-disk format: per data source, a replica and a chain of
 //! recovery points, with crash-safe commits.
 //!
+//! One behaviour per file: `meta.rs` (the metadata store trait, sled), `records.rs`
+//! (the records), `header.rs` (data-file headers), `delta.rs` (the record codec),
+//! `journal.rs`, `sync.rs` (the sync transaction), `images.rs` (before-image reads,
+//! replica writes), `settle.rs`, `recovery.rs` (open), `pool.rs` (placement, space),
+//! `retention.rs` (retention, prune, merge), `verify.rs`, `restore.rs`, `view.rs`
+//! (NBD views), `moves.rs` (export, import), `lock.rs` (retention locks), `logs.rs`
+//! (log sources). This file: the format and the crash argument below, the error
+//! type, [`Store`] and [`SourceLocks`].
+//!
 //! # What is on disk
 //!
 //! On the pool disk chosen for a data source, in `<disk>/bulwark/<source>/`:
@@ -17,20 +26,28 @@
 //!   the point is settled: the sync's new blocks, in the delta record format but
 //!   carrying the NEW digests (a block of zeros is recorded without data, kind 0).
 //!
-//! In `<data_dir>/meta` (sled), each record JSON with a format version `v`:
+//! `digests`, every delta and the journal start with a 16-byte header: a magic
+//! naming the kind of file and the format version (`header.rs`; a file without one
+//! is version 0, of a node before the header; offsets below count from the end of
+//! the header). A source with a file of a newer version or the wrong magic is
+//! refused at open, its files left alone, the other sources served.
+//!
+//! In `<data_dir>/meta` (sled, behind the `MetaStore` trait of `meta.rs`), each
+//! record JSON with a format version `v` (`records.rs`):
 //! `sources` (name → [`SourceMeta`]), `points` (name ∖0 id → [`PointMeta`]),
 //! `pending` (name → the sync being received) and `settle` (name → the committed
 //! point whose blocks are still only in the journal: `{v, point, disk}`).
 //!
-//! A delta file is a sequence of records: a 45-byte header (block index u64 LE, kind
-//! u8: 0 = the block read as zeros, 1 = data follows; length u32 LE; the block's old
-//! digest), an 8-byte check (the first 8 bytes of BLAKE3 of the header), then `length`
-//! bytes when kind is 1. A record is valid when its check matches and its data hashes
-//! to its digest; reading stops at the first invalid record (a torn tail).
+//! A delta file is (after its file header) a sequence of records (`delta.rs`): a
+//! 45-byte record header (block index u64 LE, kind u8: 0 = the block read as zeros, 1 =
+//! data follows; length u32 LE; the block's old digest), an 8-byte check (the first 8
+//! bytes of BLAKE3 of the header), then `length` bytes when kind is 1. A record is
+//! valid when its check matches and its data hashes to its digest; reading stops at the
+//! first invalid record (a torn tail).
 //!
 //! # Order of writes (the crash-safety argument)
 //!
-//! A source's first sync (fresh) goes straight into the replica:
+//! A source's first sync (fresh) goes straight into the replica (`sync.rs`):
 //!
 //! 1. `pending[source] = {new_point: 1, fresh}` (and the source's record) is written
 //!    and flushed before any data file exists.
@@ -39,16 +56,16 @@
 //! 3. Commit: fsync `replica` and `digests`; one sled transaction inserts point 1
 //!    and removes `pending`; sled is flushed; only then is the sync acknowledged.
 //!
-//! Every later sync, from point `N` to `N+1`, is journaled and settled after its
-//! acknowledgement:
+//! Every later sync, from point `N` to `N+1`, is journaled (`sync.rs`, `journal.rs`)
+//! and settled after its acknowledgement (`settle.rs`):
 //!
 //! 1. `pending[source] = {new_point: N+1, journal}` is written and flushed before the
 //!    journal is created.
 //! 2. Receive: each batch's new blocks are appended to `journal` (whole pages
-//!    `O_DIRECT`). The replica, digests and deltas are not touched. The old digests
-//!    of the changing blocks are read to know how many before-image bytes point `N`
-//!    will keep, and the allocation is checked (grown, or the oldest points pruned,
-//!    or [`StoreError::AllocationFull`]) now, at receive time.
+//!    `O_DIRECT`). The replica, digests and deltas are not touched. The old digests of
+//!    the changing blocks are read to know how many before-image bytes point `N` will
+//!    keep (`images.rs`), and the allocation is checked (`pool.rs`: grown, or the
+//!    oldest points pruned, or [`StoreError::AllocationFull`]) now, at receive time.
 //! 3. Commit: fdatasync `journal`; one sled transaction inserts point `N+1`, inserts
 //!    `settle[source] = {point: N+1, ...}`, removes `pending` and updates the
 //!    source's record; sled is flushed; only then is the sync acknowledged.
@@ -66,18 +83,18 @@
 //! retention, the next sync) settles it first if a `settle` record is present
 //! (`Store::settled`, one settle of a source at a time).
 //!
-//! Recovery at open: a `pending` record of a fresh sync deletes the source's files
-//! and record; of a later sync it deletes the journal (the replica was never
-//! touched; a pending record of an older node, which wrote into the replica, is
-//! undone from its delta as below). Then, for every `settle` record, the
-//! before-images a partial settle appended to `deltas/N.delta` are written back
-//! into `replica` and `digests` (every valid record; a torn tail ends it), both are
-//! fsync'd and the delta is deleted (`undo_delta`): because a block is overwritten
-//! only after its before-image is durable, the replica is exactly point `N` again.
-//! Then the point is settled again from the journal, which was made durable
-//! before the commit. A journal left without a `settle` record (a crash after the
-//! settle's flush) is deleted. So a crash at any instant leaves the previous point
-//! or the new one, never a mix, and a point once acknowledged is never lost.
+//! Recovery at open (`recovery.rs`): a `pending` record of a fresh sync deletes the
+//! source's files and record; of a later sync it deletes the journal (the replica was
+//! never touched; a pending record of an older node, which wrote into the replica, is
+//! undone from its delta as below). Then, for every `settle` record, the before-images
+//! a partial settle appended to `deltas/N.delta` are written back into `replica` and
+//! `digests` (every valid record; a torn tail ends it), both are fsync'd and the delta
+//! is deleted (`undo_delta`, `recovery.rs`): because a block is overwritten only after
+//! its before-image is durable, the replica is exactly point `N` again. Then the point
+//! is settled again from the journal, which was made durable before the commit. A
+//! journal left without a `settle` record (a crash after the settle's flush) is
+//! deleted. So a crash at any instant leaves the previous point or the new one, never a
+//! mix, and a point once acknowledged is never lost.
 //!
 //! A settle that fails (an I/O error, or a journal record whose check or checksum
 //! fails: the only guard against a journal damaged on disk after its flush) undoes
@@ -95,7 +112,7 @@
 //! point itself. Downgrade only after a clean start of the newer node (which
 //! settles everything).
 //!
-//! # Space
+//! # Space (`pool.rs`)
 //!
 //! A source's recovery-point space (`points_alloc_bytes`) bounds the bytes its
 //! deltas hold (each point's `delta.bytes`, plus the delta the sync being received
@@ -108,7 +125,7 @@
 //! sync. The replica's space is fixed by the volume's size. The journal is not
 //! counted: it takes up to the sync's size beyond the allocation until settled.
 //!
-//! # Pruning
+//! # Pruning (`retention.rs`)
 //!
 //! [`Store::prune`] removes a point that is not the newest. The oldest point's
 //! delta is deleted after its record. A middle point's delta is merged into its
@@ -121,14 +138,14 @@
 //! `.merge` file, a delta without its point) are removed at open. Retention
 //! ([`Store::apply_retention`]) prunes with these steps.
 //!
-//! # Views
+//! # Views (`view.rs`)
 //!
 //! A [`PointView`] (an NBD export) maps each block of its point to a delta record or
 //! the replica. It holds its delta files open, so prunes do not disturb it, and a
 //! settle tells every view of its source where the before-images it just made durable
 //! are, before it overwrites the replica (see [`PointView`]).
 //!
-//! # Locking
+//! # Locking (`SourceLocks` here, the settle mutex in `settle.rs`)
 //!
 //! The store itself holds no locks across calls, but one settle mutex per source;
 //! the node service serialises per source: one sync (with its settle) or prune at

@@ -1,4 +1,5 @@
-//! Pool placement and space: which disk a source goes to, usage figures, health, and room for before-images.
+//! Pool placement and space: which disk a source goes to, usage figures, health, and
+//! room for before-images.
 
 use std::path::{Path, PathBuf};
 

@@ -1,4 +1,5 @@
-//! The metadata records: a source, a point, a sync being received, a point to settle, their keys and encoding, and the store's typed accessors over them.
+//! The metadata records: a source, a point, a sync being received, a point to settle,
+//! their keys and encoding, and the store's typed accessors over them.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

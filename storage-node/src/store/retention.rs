@@ -1,4 +1,5 @@
-//! Retention and pruning: which points go, and the delta merge that removes a middle point.
+//! Retention and pruning: which points go, and the delta merge that removes a middle
+//! point.
 
 use std::fs::{File, OpenOptions};
 use std::path::Path;

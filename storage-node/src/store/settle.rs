@@ -1,4 +1,5 @@
-//! Settle: a committed point moved from the journal into the replica, behind its before-images.
+//! Settle: a committed point moved from the journal into the replica, behind its
+//! before-images.
 
 use std::collections::HashMap;
 

@@ -1,4 +1,5 @@
-//! Point views: read-only NBD exports of a point that stay exact while the source changes.
+//! Point views: read-only NBD exports of a point that stay exact while the source
+//! changes.
 
 use std::collections::HashMap;
 use std::fs::File;
