@@ -163,7 +163,7 @@ impl PointMeta {
     }
 }
 
-/// Size of a point's reverse delta.
+/// Size of a point's reverse delta: its records, and its file's length in bytes.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 pub struct DeltaMeta {
     pub records: u64,

@@ -26,9 +26,10 @@ pub(super) fn merge_deltas(older: &Path, newer: &Path, geometry: Geometry) -> Re
     // A merged delta is always written in this node's format, with its header.
     w.write_all(&DataFile::Delta.header())
         .map_err(io("write", &tmp))?;
+    // The merged file's length: its header and its records.
     let mut meta = DeltaMeta {
         records: 0,
-        bytes: 0,
+        bytes: FILE_HEADER_LEN,
     };
     let mut buf = Vec::new();
     let mut copy = |rec: DeltaRecord, w: &mut std::io::BufWriter<File>| -> Result<()> {

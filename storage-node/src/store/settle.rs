@@ -266,9 +266,10 @@ impl Store {
         };
         let images = self.before_image_reader(&dir, geometry)?;
         let zero = ZeroDigests::new(geometry);
+        // A delta's bytes are its file's length: its header and its records.
         let mut delta = DeltaMeta {
             records: 0,
-            bytes: 0,
+            bytes: FILE_HEADER_LEN,
         };
         let mut blocks = 0u64;
         loop {
@@ -278,14 +279,8 @@ impl Store {
             }
             failpoint::hit("node-settle-group");
             let group = images.prepare_many(vec![extents])?;
-            let (records, added) = append_before_images(
-                self,
-                name,
-                &mut files,
-                geometry,
-                &group,
-                FILE_HEADER_LEN + delta.bytes,
-            )?;
+            let (records, added) =
+                append_before_images(self, name, &mut files, geometry, &group, delta.bytes)?;
             delta.records += records;
             delta.bytes += added;
             let extents: Vec<&VerifiedExtent> = group.iter().flat_map(|p| &p.extents).collect();

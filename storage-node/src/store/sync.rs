@@ -453,7 +453,8 @@ impl Store {
             touched: vec![0u64; 0],
             blocks: 0,
             bytes: 0,
-            delta_len: 0,
+            // The previous point's delta will hold its file header too.
+            delta_len: if newest.is_none() { 0 } else { FILE_HEADER_LEN },
             journal_len: 0,
             points_used,
             zero,
