@@ -19,6 +19,10 @@
 //! eighth byte is not; a digests file is 32 bytes per block, so its length modulo 32
 //! is 0 without a header and 16 with one.
 //!
+//! A delta's recorded size (`DeltaMeta::bytes`) is its file's length, header
+//! included, and a sync's space check counts the header its settle will write, so
+//! the allocation accounting is what is on disk.
+//!
 //! A file whose magic is not its kind's, or whose version is newer than
 //! [`DATA_FORMAT_VERSION`], is refused with an error naming the file, the
 //! version found and the version this node reads. At open, the node checks every
