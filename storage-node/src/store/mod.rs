@@ -157,6 +157,7 @@ use std::path::{Path, PathBuf};
 
 /// Format version written into every metadata record.
 const FORMAT_VERSION: u32 = 1;
+
 /// A store operation that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -355,8 +356,9 @@ pub struct Store {
     /// Settles that failed since the store opened, by source: every operation on
     /// the source fails with it.
     settle_failed: std::sync::Arc<std::sync::Mutex<HashMap<String, SettleFailure>>>,
-    /// Sources refused at open (a stored record that does not decode, or a name
-    /// that is not one safe path component), by their key as stored: nothing is
+    /// Sources refused at open (a stored record that does not decode, a name that
+    /// is not one safe path component, or a data file of a newer format or the
+    /// wrong magic: see `header.rs`), by their key as stored: nothing is
     /// done with them, and the node raises an alert; the others are served.
     refused: std::sync::Arc<HashMap<String, String>>,
     disks: std::sync::Arc<Vec<PoolDisk>>,
@@ -381,31 +383,50 @@ impl SourceLocks {
     }
 }
 
-mod header;
-use header::*;
+// One behaviour per file (see the module docs above). Their items are used
+// across the store through these imports; the public ones are re-exported below.
+/// The metadata store trait, sled and in-memory.
 mod meta;
 use meta::*;
+/// The records: sources, points, pending syncs, settles.
 mod records;
 use records::*;
+/// The header (magic, format version) of every data file.
+mod header;
+use header::*;
+/// Paths, opening and durability of a source's files.
 mod files;
 use files::*;
+/// The delta record codec.
+mod delta;
+use delta::*;
+/// The journal and the settle's reading of it.
 mod journal;
 use journal::*;
-mod pool;
-use pool::*;
+/// Before-image reads and replica writes.
+mod images;
+/// The sync transaction.
+mod sync;
+use images::*;
+/// The settle of a journaled point into the replica.
 mod settle;
 use settle::*;
-mod images;
-use images::*;
-mod delta;
-mod moves;
+/// Placement, usage and room for before-images.
+mod pool;
+/// Open and crash recovery.
 mod recovery;
-mod retention;
-mod sync;
-mod verify;
-use delta::*;
+use pool::*;
+/// Export and import of a source (moves).
+mod moves;
+/// The restore reader.
 mod restore;
+/// Retention, prune and merge.
+mod retention;
+/// Verify and digests.
+mod verify;
+/// Point views (NBD exports).
 mod view;
+
 pub use delta::{DeltaReader, DeltaRecord};
 pub use images::{BeforeImageReader, Prepared};
 pub use moves::{ExportMeta, Import};
@@ -419,6 +440,8 @@ pub use view::PointView;
 #[cfg(test)]
 mod tests;
 
+/// Retention locks.
 pub mod lock;
+/// Log sources.
 pub mod logs;
 pub use logs::{LogFileMeta, LogRestoreFile, LogShip, SourceKind};
