@@ -785,14 +785,22 @@ mod tests {
     fn store(dir: &Path) -> Store {
         let disk = dir.join("disk");
         std::fs::create_dir_all(&disk).expect("disk");
-        Store::open(
-            &dir.join("data"),
-            vec![PoolDisk {
-                path: disk,
-                capacity_bytes: 1 << 40,
-            }],
-        )
-        .expect("open")
+        // sled lets go of its lock a moment after a drop (see the store's tests).
+        for _ in 0..500 {
+            match Store::open(
+                &dir.join("data"),
+                vec![PoolDisk {
+                    path: disk.clone(),
+                    capacity_bytes: 1 << 40,
+                }],
+            ) {
+                Err(StoreError::Meta(m)) if m.contains("could not acquire lock") => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                r => return r.expect("open"),
+            }
+        }
+        panic!("the metadata store stayed locked")
     }
 
     fn ship(s: &Store, files: &[(&str, u64, bool, &[u8])]) -> PointMeta {

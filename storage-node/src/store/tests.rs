@@ -1662,7 +1662,16 @@ fn a_stored_source_with_a_bad_name_is_refused_at_open_and_the_others_are_served(
     // An older node (or a tampered database) holds a source named "..": its
     // record would put its folder outside `bulwark/`.
     {
-        let db = sled::open(dir.path().join("data").join("meta")).expect("sled");
+        // sled lets go of its lock a moment after a drop (see `try_open_in`).
+        let db = (0..500)
+            .find_map(|_| {
+                let r = sled::open(dir.path().join("data").join("meta"));
+                if r.is_err() {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                r.ok()
+            })
+            .expect("sled");
         let sources = db.open_tree("sources").expect("tree");
         let vol = sources.get("vol").expect("read").expect("vol's record");
         let text = String::from_utf8(vol.to_vec()).expect("json");
