@@ -60,7 +60,10 @@ fn a_source_with_a_data_file_of_a_newer_format_is_refused_and_the_others_are_ser
         "the alert names the file and the version: {alert}"
     );
     let (_, err) = fleet.cli_expect_fail(&["sync", OLD, "--wait", "--json"]);
-    assert!(err.contains("format version 9"), "a sync of it is refused: {err}");
+    assert!(
+        err.contains("format version 9"),
+        "a sync of it is refused: {err}"
+    );
 
     // The other source is served: restored, and synced again.
     let restored = fleet.scratch("other-restored.img");
