@@ -138,9 +138,9 @@ impl From<StoreError> for Status {
             StoreError::BadLog(_) | StoreError::BadName(_) => {
                 Status::invalid_argument(e.to_string())
             }
-            StoreError::Refused { .. } | StoreError::Locked { .. } => {
-                Status::failed_precondition(e.to_string())
-            }
+            StoreError::Refused { .. }
+            | StoreError::Locked { .. }
+            | StoreError::DataFormat { .. } => Status::failed_precondition(e.to_string()),
             StoreError::LockedFull { .. } => Status::resource_exhausted(e.to_string()),
             // A failed settle is logged and raised as an alert where it failed.
             StoreError::PointDamaged { .. } | StoreError::SettleFailed { .. } => {

@@ -56,8 +56,6 @@ pub struct NodeService {
     store: Store,
     locks: Arc<SourceLocks>,
     coordinator: CoordinatorClient<TracedChannel>,
-    /// The last assignment the coordinator sent, by source.
-    assignments: sled::Tree,
     grants: std::sync::Mutex<HashMap<(String, String), locks::Grant>>,
     live_streams: Arc<AtomicU32>,
     /// Payload bytes applied by syncs since the node started.
@@ -120,7 +118,6 @@ impl NodeService {
             admission: Admission::new(Limits::default()),
             name,
             // The one raw sled tree the service keeps (the assignment cache).
-            assignments: store.tree("assignments")?,
             store,
             locks: Arc::new(SourceLocks::default()),
             coordinator,
@@ -247,8 +244,8 @@ impl NodeService {
     pub fn remember(&self, list: &[pb::Assignment]) {
         for a in list {
             let _ = self
-                .assignments
-                .insert(a.source.as_bytes(), a.encode_to_vec());
+                .store
+                .remember_assignment(&a.source, &a.encode_to_vec());
         }
     }
 

@@ -57,8 +57,8 @@ impl NodeService {
             }),
             Err(s) => {
                 let cached = self
-                    .assignments
-                    .get(source.as_bytes())
+                    .store
+                    .cached_assignment(source)
                     .ok()
                     .flatten()
                     .and_then(|v| pb::Assignment::decode(v.as_ref()).ok());

@@ -42,11 +42,10 @@ use std::path::{Path, PathBuf};
 use bulwark_common::name::SourceName;
 use bulwark_common::point::{Consistency, PointKind};
 use serde::{Deserialize, Serialize};
-use sled::Transactional;
 
 use super::{
-    FORMAT_VERSION, PointMeta, Result, SourceMeta, SourcePolicy, Store, StoreError, SyncSpec,
-    decode, encode, fsync_dir, io, make_room, point_key, point_prefix, txn_error,
+    Batch, FORMAT_VERSION, PointMeta, Result, SourceMeta, SourcePolicy, Store, StoreError,
+    SyncSpec, Tree, decode, encode, fsync_dir, io, make_room, point_key, point_prefix,
 };
 
 /// Bytes hashed at each end of a file for the agent's rewrite check.
@@ -207,10 +206,10 @@ pub struct LogShip {
 impl Store {
     /// Every generation record of a log source, by id.
     pub fn log_files(&self, name: &str) -> Result<Vec<LogFileMeta>> {
-        self.logfiles
-            .scan_prefix(point_prefix(name))
-            .values()
-            .map(|v| decode(&v?))
+        self.meta
+            .scan(Tree::LogFiles, &point_prefix(name))?
+            .iter()
+            .map(|(_, v)| decode(v))
             .collect()
     }
 
@@ -368,13 +367,17 @@ impl Store {
                     .collect();
                 if ids != p.damaged {
                     p.damaged = ids.clone();
-                    self.points.insert(point_key(name, p.id), encode(&*p)?)?;
+                    self.meta.apply(Batch::default().put(
+                        Tree::Points,
+                        point_key(name, p.id),
+                        &encode(&*p)?,
+                    ))?;
                 }
                 if !ids.is_empty() {
                     out.damaged_points.push((p.id, ids));
                 }
             }
-            self.db.flush()?;
+            self.meta.flush()?;
         }
         Ok(out)
     }
@@ -400,16 +403,13 @@ impl Store {
                 !seen || gone_for_good
             })
             .collect();
-        (&self.points, &self.logfiles)
-            .transaction(|(pts, lf)| {
-                pts.remove(point_key(name, id))?;
-                for f in &drop {
-                    lf.remove(file_key(name, f.id))?;
-                }
-                Ok(())
-            })
-            .map_err(txn_error)?;
-        self.db.flush()?;
+        let mut batch = Batch::default();
+        batch.remove(Tree::Points, point_key(name, id));
+        for f in &drop {
+            batch.remove(Tree::LogFiles, file_key(name, f.id));
+        }
+        self.meta.apply(&batch)?;
+        self.meta.flush()?;
         let mut freed = 0;
         for f in &drop {
             let path = copy_path(meta, f.id);
@@ -722,17 +722,14 @@ impl LogShip {
         let point_bytes = encode(&point)?;
         let meta_bytes = encode(&self.meta)?;
         let store = self.store.clone();
-        (&store.points, &store.logfiles, &store.sources)
-            .transaction(|(pts, lf, srcs)| {
-                srcs.insert(name.as_bytes(), meta_bytes.as_slice())?;
-                for (k, v) in &changed {
-                    lf.insert(k.as_slice(), v.as_slice())?;
-                }
-                pts.insert(point_key(&name, point.id), point_bytes.as_slice())?;
-                Ok(())
-            })
-            .map_err(txn_error)?;
-        store.db.flush()?;
+        let mut batch = Batch::default();
+        batch.put(Tree::Sources, name.as_bytes(), &meta_bytes);
+        for (k, v) in &changed {
+            batch.put(Tree::LogFiles, k, v);
+        }
+        batch.put(Tree::Points, point_key(&name, point.id), &point_bytes);
+        store.meta.apply(&batch)?;
+        store.meta.flush()?;
         self.done = true;
         bulwark_common::failpoint::hit("node-after-log-commit");
         Ok((point, files_changed))
@@ -788,14 +785,22 @@ mod tests {
     fn store(dir: &Path) -> Store {
         let disk = dir.join("disk");
         std::fs::create_dir_all(&disk).expect("disk");
-        Store::open(
-            &dir.join("data"),
-            vec![PoolDisk {
-                path: disk,
-                capacity_bytes: 1 << 40,
-            }],
-        )
-        .expect("open")
+        // sled lets go of its lock a moment after a drop (see the store's tests).
+        for _ in 0..500 {
+            match Store::open(
+                &dir.join("data"),
+                vec![PoolDisk {
+                    path: disk.clone(),
+                    capacity_bytes: 1 << 40,
+                }],
+            ) {
+                Err(StoreError::Meta(m)) if m.contains("could not acquire lock") => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                r => return r.expect("open"),
+            }
+        }
+        panic!("the metadata store stayed locked")
     }
 
     fn ship(s: &Store, files: &[(&str, u64, bool, &[u8])]) -> PointMeta {

@@ -1,5 +1,14 @@
 //! Store tests: syncs, restores of every point, rollback after failures and crashes.
 
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use bulwark_common::block::{Digest, Geometry};
+use bulwark_common::point::{Consistency, PointKind};
+use bulwark_common::retention::Retention;
+use bytes::Bytes;
+
 use super::*;
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
@@ -998,13 +1007,45 @@ proptest! {
     }
 }
 
+/// The digests a digests file holds (after its header: see `header.rs`).
+fn stored_digests(path: &Path) -> Vec<u8> {
+    let bytes = std::fs::read(path).expect("digests");
+    let f = File::open(path).expect("digests");
+    let start = content_start(&f, path, DataFile::Digests).expect("header") as usize;
+    bytes[start..].to_vec()
+}
+
+/// The store's source files (every file of `store/` but the tests).
+const STORE_SOURCES: &[&str] = &[
+    include_str!("mod.rs"),
+    include_str!("records.rs"),
+    include_str!("files.rs"),
+    include_str!("header.rs"),
+    include_str!("meta.rs"),
+    include_str!("journal.rs"),
+    include_str!("delta.rs"),
+    include_str!("sync.rs"),
+    include_str!("images.rs"),
+    include_str!("settle.rs"),
+    include_str!("recovery.rs"),
+    include_str!("pool.rs"),
+    include_str!("retention.rs"),
+    include_str!("verify.rs"),
+    include_str!("restore.rs"),
+    include_str!("view.rs"),
+    include_str!("moves.rs"),
+];
+
 /// Every crash boundary of the store, by name (from its source, so that a boundary
 /// added later is covered too).
 fn boundaries_in_source() -> BTreeSet<&'static str> {
-    include_str!("../store.rs")
-        .split("boundary(\"")
-        .skip(1)
-        .filter_map(|s| s.split('"').next())
+    STORE_SOURCES
+        .iter()
+        .flat_map(|src| {
+            src.split("boundary(\"")
+                .skip(1)
+                .filter_map(|s| s.split('"').next())
+        })
         .collect()
 }
 
@@ -1417,7 +1458,13 @@ fn unsettled_store(
     assert_eq!(p.id, 2);
     // Not settled: the replica is still point 1, the journal holds point 2.
     let src = dir.join("disk1").join("bulwark").join("vol");
-    assert!(store.settle.contains_key("vol").expect("settle record"));
+    assert!(
+        store
+            .meta
+            .get(Tree::Settle, b"vol")
+            .map(|v| v.is_some())
+            .expect("settle record")
+    );
     assert!(src.join("journal").exists());
     assert!(std::fs::read(src.join("replica")).expect("replica") == v1);
     (store, vec![zero, v1, v2])
@@ -1462,7 +1509,11 @@ fn an_unsettled_point_reads_correctly_every_way() {
         }
         let src = dir.path().join("disk1").join("bulwark").join("vol");
         assert!(
-            !store.settle.contains_key("vol").expect("settle record"),
+            !store
+                .meta
+                .get(Tree::Settle, b"vol")
+                .map(|v| v.is_some())
+                .expect("settle record"),
             "{way}: settled"
         );
         assert!(!src.join("journal").exists(), "{way}: journal removed");
@@ -1553,7 +1604,7 @@ fn a_damaged_journal_is_reported_not_applied() {
             "the replica is point 1"
         );
         assert!(
-            std::fs::read(src.join("digests")).expect("digests") == digests_of(&v1),
+            stored_digests(&src.join("digests")) == digests_of(&v1),
             "the digests are point 1's"
         );
         assert!(
@@ -1611,7 +1662,16 @@ fn a_stored_source_with_a_bad_name_is_refused_at_open_and_the_others_are_served(
     // An older node (or a tampered database) holds a source named "..": its
     // record would put its folder outside `bulwark/`.
     {
-        let db = sled::open(dir.path().join("data").join("meta")).expect("sled");
+        // sled lets go of its lock a moment after a drop (see `try_open_in`).
+        let db = (0..500)
+            .find_map(|_| {
+                let r = sled::open(dir.path().join("data").join("meta"));
+                if r.is_err() {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                r.ok()
+            })
+            .expect("sled");
         let sources = db.open_tree("sources").expect("tree");
         let vol = sources.get("vol").expect("read").expect("vol's record");
         let text = String::from_utf8(vol.to_vec()).expect("json");
@@ -1744,4 +1804,196 @@ fn a_locked_point_outlives_retention_space_pressure_and_drop() {
             "point {id}"
         );
     }
+}
+
+/// One run of the metadata store's contract: what the store's records rely on.
+fn meta_store_contract(m: &dyn MetaStore) {
+    let mut b = Batch::default();
+    b.put(Tree::Points, point_key("a", 2), b"a2")
+        .put(Tree::Points, point_key("a", 1), b"a1")
+        .put(Tree::Points, point_key("ab", 1), b"ab1")
+        .put(Tree::Sources, "a", b"src");
+    m.apply(&b).expect("apply");
+    m.flush().expect("flush");
+    assert_eq!(
+        m.get(Tree::Sources, b"a").expect("get"),
+        Some(b"src".to_vec())
+    );
+    assert_eq!(
+        m.get(Tree::Pending, b"a").expect("get"),
+        None,
+        "trees are apart"
+    );
+    let a: Vec<Vec<u8>> = m
+        .scan(Tree::Points, &point_prefix("a"))
+        .expect("scan")
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(
+        a,
+        vec![b"a1".to_vec(), b"a2".to_vec()],
+        "prefix scan in key order"
+    );
+    assert_eq!(
+        m.last(Tree::Points, &point_prefix("a")).expect("last"),
+        Some(b"a2".to_vec())
+    );
+    assert_eq!(m.scan(Tree::Points, b"").expect("all").len(), 3);
+    let mut b = Batch::default();
+    b.remove(Tree::Points, point_key("a", 2))
+        .remove(Tree::Sources, "a")
+        .remove(Tree::Settle, "nothing");
+    m.apply(&b).expect("apply removes");
+    assert_eq!(m.get(Tree::Sources, b"a").expect("get"), None);
+    assert_eq!(
+        m.last(Tree::Points, &point_prefix("a")).expect("last"),
+        Some(b"a1".to_vec())
+    );
+}
+
+#[test]
+fn the_metadata_store_contract_holds_for_sled_and_memory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    meta_store_contract(&SledMeta::open(&dir.path().join("meta")).expect("sled"));
+    meta_store_contract(&MemMeta::default());
+}
+
+/// A store with source `vol` at three points (two deltas) and source `other` at one;
+/// returns `vol`'s images, oldest first.
+fn two_sources(dir: &Path) -> Vec<Vec<u8>> {
+    let size = 16 * BS as u64 + 100;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(24);
+    let store = open(dir);
+    let mut images = vec![vec![0u8; size as usize]];
+    for base in 0..3u64 {
+        let mut next = images[base as usize].clone();
+        scribble(&mut rng, &mut next, 6);
+        sync(&store, &images[base as usize], &next, base);
+        images.push(next);
+    }
+    let other = SyncSpec {
+        source: "other".parse().expect("name"),
+        ..spec(8 * BS as u64, 0)
+    };
+    let mut txn = store.begin_sync(other).expect("begin other");
+    txn.apply(&diff_extents(
+        &[0u8; 8 * BS as usize],
+        &[7u8; 8 * BS as usize],
+    ))
+    .expect("apply other");
+    txn.commit().expect("commit other");
+    images.remove(0);
+    images
+}
+
+fn vol_dir(dir: &Path) -> PathBuf {
+    dir.join("disk1").join("bulwark").join("vol")
+}
+
+/// `vol` is refused at open with `why` naming `path`; `other` is served.
+fn assert_only_vol_refused(dir: &Path, path: &Path, why: &str) {
+    let store = open(dir);
+    let refused = store.refused_sources();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    let msg = &refused["vol"];
+    assert!(
+        msg.contains(&path.display().to_string()) && msg.contains(why),
+        "the refusal names the file and says why ({why}): {msg}"
+    );
+    let e = store.source("vol").expect_err("vol is refused");
+    assert!(matches!(e, StoreError::Refused { .. }), "{e}");
+    assert!(e.to_string().contains(why), "{e}");
+    assert!(store.restore("vol", 0).is_err(), "nothing of vol is read");
+    assert_eq!(
+        read_point_to_vec(&store, "other", 0).expect("other restores"),
+        vec![7u8; 8 * BS as usize]
+    );
+    let names: Vec<String> = store
+        .all_sources()
+        .expect("sources")
+        .into_iter()
+        .map(|s| s.name.to_string())
+        .collect();
+    assert_eq!(names, vec!["other".to_string()]);
+}
+
+#[test]
+fn a_data_file_of_a_newer_format_refuses_its_source_and_the_others_are_served() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    two_sources(dir.path());
+    let delta = delta_path(&vol_dir(dir.path()), 1);
+    let f = OpenOptions::new().write(true).open(&delta).expect("delta");
+    f.write_all_at(&9u32.to_le_bytes(), 8).expect("version 9");
+    drop(f);
+    assert_only_vol_refused(dir.path(), &delta, "format version 9, this node reads 1");
+    // The digests file too.
+    let dir = tempfile::tempdir().expect("tempdir");
+    two_sources(dir.path());
+    let digests = vol_dir(dir.path()).join("digests");
+    let f = OpenOptions::new()
+        .write(true)
+        .open(&digests)
+        .expect("digests");
+    f.write_all_at(&2u32.to_le_bytes(), 8).expect("version 2");
+    drop(f);
+    assert_only_vol_refused(dir.path(), &digests, "format version 2, this node reads 1");
+}
+
+#[test]
+fn a_data_file_with_a_wrong_magic_is_refused_with_the_file_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    two_sources(dir.path());
+    let delta = delta_path(&vol_dir(dir.path()), 2);
+    let f = OpenOptions::new().write(true).open(&delta).expect("delta");
+    f.write_all_at(b"BWKDIGST", 0)
+        .expect("another kind's magic");
+    drop(f);
+    let e = DeltaReader::open(&delta, Geometry::new(16 * BS as u64 + 100, BS).expect("g"))
+        .err()
+        .expect("a reader refuses it");
+    assert!(
+        e.to_string().contains(&delta.display().to_string())
+            && e.to_string().contains("not a Bulwark delta file"),
+        "{e}"
+    );
+    assert_only_vol_refused(dir.path(), &delta, "not a Bulwark delta file");
+}
+
+#[test]
+fn data_files_without_a_header_are_read_as_format_version_0() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let images = two_sources(dir.path());
+    // As a node before the header wrote them: the same content, no header.
+    let src = vol_dir(dir.path());
+    let mut files = vec![src.join("digests")];
+    for p in [1, 2] {
+        files.push(delta_path(&src, p));
+    }
+    for path in &files {
+        let bytes = std::fs::read(path).expect("read");
+        assert_eq!(&bytes[..3], b"BWK", "{} has a header", path.display());
+        std::fs::write(path, &bytes[FILE_HEADER_LEN as usize..]).expect("strip");
+    }
+    let store = open(dir.path());
+    assert!(store.refused_sources().is_empty());
+    for (i, image) in images.iter().enumerate() {
+        let got = read_point_to_vec(&store, "vol", i as u64 + 1).expect("restore");
+        assert!(&got == image, "point {} restores as before", i + 1);
+        let view = store.open_view("vol", i as u64 + 1).expect("view");
+        assert!(&read_view(&view) == image, "view of point {}", i + 1);
+    }
+    let v = store.verify("vol", 0).expect("verify");
+    assert!(v.damaged_replica.is_empty() && v.damaged_points.is_empty());
+    // A next sync, its settle and a merge of the old deltas work on them too.
+    let mut next = images[2].clone();
+    scribble(&mut rand::rngs::StdRng::seed_from_u64(5), &mut next, 4);
+    sync(&store, &images[2], &next, 3);
+    store.prune("vol", 2).expect("prune merges a legacy delta");
+    for (id, image) in [(1, &images[0]), (3, &images[2]), (4, &next)] {
+        let got = read_point_to_vec(&store, "vol", id).expect("restore");
+        assert!(&got == image, "point {id} after the sync and the merge");
+    }
+    let merged = std::fs::read(delta_path(&src, 1)).expect("merged delta");
+    assert_eq!(&merged[..8], b"BWKDELTA", "a merge writes the header");
 }
