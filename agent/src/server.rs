@@ -33,6 +33,7 @@ use crate::tracker::filter::FilterTracker;
 use crate::tracker::qcow2::{self, Qcow2Tracker};
 use crate::tracker::{FingerprintTracker, Tracker};
 use crate::volume::Volume;
+use crate::workers::ScheduledSync;
 use bulwark_common::block::Geometry;
 use bulwark_common::metrics::Progress;
 
@@ -732,7 +733,16 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
             tracing::info!(source = %s.name, group = %g, "syncs scheduled by the coordinator (protection group)");
             continue;
         }
-        workers.spawn(crate::workers::ScheduledSync::new(agent.clone(), s));
+        let a = agent.clone();
+        let (name, interval) = (s.name.clone(), s.sync_interval);
+        workers.spawn(ScheduledSync::new(&name, interval, move || {
+            let (a, s) = (a.clone(), s.clone());
+            async move {
+                a.scheduled_sync(&s)
+                    .await
+                    .map_err(|e| format!("scheduled sync of {}: {e}", s.name))
+            }
+        }));
     }
     control_loop(agent.clone(), shutdown).await;
     // The schedules stop first (a sync running finishes within the grace).

@@ -392,25 +392,30 @@ impl pb::enrollment_server::Enrollment for EnrollmentApi {
             );
             s
         };
-        let token = self.0.check(&r.token, &r.role).map_err(refused)?;
-        // The names come from the token; EnrollRequest.dns/ips are ignored. The CSR
-        // is signed before the token is used up, so a bad one does not burn it.
+        let answer = self.0.enroll(role, &r).map_err(refused)?;
+        tracing::info!(?peer, role = %r.role, name = %answer.name, "host enrolled");
+        Ok(Response::new(answer))
+    }
+}
+
+impl Enroller {
+    /// Enrolls a host with a one-time token: checks the token, signs the CSR for
+    /// the names the token carries (EnrollRequest.dns/ips are ignored), and only
+    /// then uses the token up, so a bad CSR does not burn it.
+    fn enroll(&self, role: Role, r: &pb::EnrollRequest) -> Result<pb::EnrollResponse, Status> {
+        let token = self.check(&r.token, &r.role)?;
         let (name, dns, ips) = (
             token.rec.name.clone(),
             token.rec.dns.clone(),
             token.rec.ips.clone(),
         );
-        let cert_pem = self
-            .0
-            .sign(role, &name, &r.csr_pem, &dns, &ips)
-            .map_err(refused)?;
-        let rec = self.0.consume(token).map_err(refused)?;
-        tracing::info!(?peer, role = %rec.role, name = %rec.name, "host enrolled");
-        Ok(Response::new(pb::EnrollResponse {
+        let cert_pem = self.sign(role, &name, &r.csr_pem, &dns, &ips)?;
+        let rec = self.consume(token)?;
+        Ok(pb::EnrollResponse {
             name: rec.name,
             cert_pem,
-            ca_pem: self.0.signer.ca_pem.clone(),
-        }))
+            ca_pem: self.signer.ca_pem.clone(),
+        })
     }
 }
 
