@@ -1,21 +1,34 @@
 //! Code that two or more Bulwark binaries share, and nothing else.
 //!
-//! - [`tls`] — the fleet's mutual TLS: server and client configurations, the peer
-//!   identity taken from a certificate's SPIFFE URI SAN, and role checks.
 //! - [`pki`] — the fleet CA and the certificates it signs (`bulwark pki`), and
 //!   reading roles, identities and validity back from certificates.
-//! - [`enroll`] — a host's enrollment and certificate renewal.
+//! - [`revocation`] — the fleet's revocation list and CRL, as every daemon enforces it.
+//! - [`tls`] — the fleet's mutual TLS: server and client configurations, the peer
+//!   identity taken from a certificate's SPIFFE URI SAN, and role checks.
+//! - [`access`] — who may call which RPC: one table, enforced before every handler.
 //! - [`keyfile`] — key and certificate files, written without following planted links.
+//! - [`enroll`] — a host's enrollment, and renewing a certificate once.
+//! - [`renewal`] — the `renewal` worker: a daemon renewing its own certificate.
 //! - [`config`] — TOML loading with errors that name the file and key; sizes and
 //!   durations as operators write them.
+//! - [`alloc`] — a data source's default space on a node.
 //! - [`block`] — blocks, extents and BLAKE3 checksums, and the checks the node and the
 //!   agent both make on them.
+//! - [`point`] — recovery-point vocabulary shared by node, coordinator and CLI.
+//! - [`retention`] — which recovery points a node keeps (count, age, GFS thinning).
 //! - [`name`] — names of sources, agents, nodes and groups: one safe path component,
-//!   checked once where they are received; [`text`] makes other processes' text safe
-//!   to print.
+//!   checked once where they are received.
+//! - [`text`] — makes other processes' text safe to print.
+//! - [`time`] — Unix milliseconds on the wire, RFC 3339 and durations for people.
 //! - [`worker`] — a daemon's background loops as named workers with a state, a
 //!   last error and an ordered stop (`bulwark workers`).
-//! - [`telemetry`], [`shutdown`], [`failpoint`], [`malloc`] — process plumbing.
+//! - [`daemon`] — what the daemons' `main` functions share (command line, runtime,
+//!   exit codes).
+//! - [`metrics`] — counters, gauges and histograms, exported to Prometheus and OTLP.
+//! - [`telemetry`] — tracing and OpenTelemetry set-up, trace context across RPCs.
+//! - [`shutdown`] — SIGTERM and Ctrl-C as one cancellation token.
+//! - [`failpoint`] — named crash points the tests arm.
+//! - [`malloc`] — the allocator's tuning.
 
 pub mod access;
 pub mod alloc;

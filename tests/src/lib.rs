@@ -11,6 +11,7 @@
 //! - [`files`]: random volumes, in-place block rewrites, BLAKE3, comparisons.
 //! - [`grpc`]: raw gRPC clients with any certificate, and a TLS client without one.
 //! - [`hostile`]: what a host taken over sends, and proof that no point was lost.
+//! - [`otlp`]: a small OTLP collector the telemetry tests point daemons at.
 //! - [`qemu`]: whether a qemu-utils tool is installed, random qcow2 images.
 
 pub mod bins;
