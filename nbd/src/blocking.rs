@@ -15,12 +15,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::NbdError;
 use crate::backend::sys;
+use crate::conn::{Conn, READ_BUFFER};
+use crate::options::ServerOptions;
 use crate::proto::{self, Request};
 use crate::replies::{ReplySink, lock};
-use crate::server::ServerOptions;
 use crate::splice::{self, NotSpliced};
 use crate::transmission::{
-    Conn, Incoming, Payload, READ_BUFFER, Session, admit, answer, client_gone, replies_outcome, vet,
+    Incoming, Payload, Session, admit, answer, client_gone, replies_outcome, vet,
 };
 
 /// Write payloads from this size on are read past the socket read buffer (see

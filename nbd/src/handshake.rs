@@ -16,13 +16,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::NbdError;
 use crate::backend::Backend;
+use crate::conn::{BASE_ALLOCATION_ID, Conn, READ_BUFFER};
 use crate::limits;
+use crate::options::ServerOptions;
 use crate::proto;
-use crate::server::ServerOptions;
-use crate::transmission::{Conn, READ_BUFFER};
 
-/// Context id of `base:allocation` once selected.
-pub(crate) const BASE_ALLOCATION_ID: u32 = 1;
 /// Most options one client may send before it is considered abusive.
 const MAX_OPTIONS: usize = 1024;
 /// Read buffer of the handshake of a plain socket (whatever it holds at the end is

@@ -5,14 +5,17 @@
 //!
 //! - [`proto`] — constants and the encoding and decoding of every fixed-layout
 //!   message (pure), with [`proto::DecodeError`].
-//! - [`server`] — the listeners ([`serve_unix`], [`serve_tcp`], [`serve_tls_tcp`]),
-//!   [`ServerOptions`], and how a connection goes from handshake to transmission.
+//! - [`server`] — the listeners ([`serve_unix`], [`serve_tcp`], [`serve_tls_tcp`])
+//!   and how a connection goes from handshake to transmission.
 //! - [`handshake`] — greeting and option haggling (with `NBD_OPT_STARTTLS`), and the
 //!   [`ExportResolver`] that finds or refuses an export ([`Refusal`]).
+//! - `options` — [`ServerOptions`], how a server runs.
+//! - `conn` — what a connection negotiated (`Conn`), shared by the handshake and
+//!   the transmission phase.
 //! - `transmission` — the transmission phase both readers share: checking and
 //!   running requests, the session that hands them to I/O threads, the tokio reader.
 //! - `blocking` — the reader of a plain Unix or TCP socket on a blocking thread.
-//! - `replies` — writing replies, batched, from the I/O threads.
+//! - `replies` — the replies, written batched from the I/O threads.
 //! - `workers` — the threads that run one connection's requests.
 //! - `buffers` — the pool of one connection's payload buffers.
 //! - [`backend`] — the [`Backend`] trait and the file/block-device [`FileBackend`]
@@ -31,8 +34,10 @@ pub mod backend;
 mod blocking;
 mod buffers;
 pub mod client;
+mod conn;
 pub mod handshake;
 pub mod limits;
+mod options;
 pub mod proto;
 mod replies;
 pub mod server;
@@ -43,8 +48,9 @@ mod workers;
 pub use backend::{Backend, FileBackend};
 pub use client::Client;
 pub use handshake::{ExportResolver, Refusal, client_identity};
+pub use options::ServerOptions;
 pub use proto::Errno;
-pub use server::{ServerOptions, serve, serve_tcp, serve_tls_tcp, serve_unix, serve_until};
+pub use server::{serve, serve_tcp, serve_tls_tcp, serve_unix, serve_until};
 pub use splice::Spliced;
 
 /// Everything that can go wrong on an NBD connection, on either side.

@@ -1,19 +1,57 @@
-//! Replies, for both readers: where a connection's replies go (`ReplySink`), and
-//! `Replies`, which writes those that complete together in one batch (a large
-//! read's data with a vectored write).
+//! Replies, for both readers: one answered request (`Reply`), where a connection's
+//! replies go (`ReplySink`), and `Replies`, which writes those that complete
+//! together in one batch (a large read's data with a vectored write).
 
 use std::io::{self, IoSlice};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::buffers::PooledBuf;
 use crate::proto::{self, Errno};
-use crate::transmission::{Reply, ReplyBody};
 
 /// Read payloads up to this size are copied into the reply batch; larger ones go
 /// out with a vectored write.
 const INLINE_PAYLOAD: usize = 64 * 1024;
 /// Encoded replies are written out once this much has collected.
 const WRITE_BATCH: usize = 256 * 1024;
+
+/// One reply on its way to the writer. Dropping it returns its buffer to the pool
+/// and its budget to the semaphore.
+pub(crate) struct Reply {
+    pub(crate) cookie: u64,
+    pub(crate) body: ReplyBody,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Reply {
+    pub(crate) fn new(cookie: u64, body: ReplyBody, permit: OwnedSemaphorePermit) -> Self {
+        Reply {
+            cookie,
+            body,
+            _permit: permit,
+        }
+    }
+}
+
+pub(crate) enum ReplyBody {
+    /// Success without data.
+    Done,
+    /// Read data for `offset`.
+    Data {
+        offset: u64,
+        buf: PooledBuf,
+    },
+    Error {
+        errno: Errno,
+        message: String,
+    },
+    BlockStatus {
+        context: u32,
+        extents: Vec<(u32, u32)>,
+    },
+}
 
 /// Where a connection's replies go; written from the I/O threads, which block.
 pub(crate) trait ReplySink: Send {

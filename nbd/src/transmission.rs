@@ -1,7 +1,7 @@
-//! The transmission phase both readers share: what a connection negotiated
-//! (`Conn`), admitting, checking and running requests (`admit`, `check`,
-//! `execute`), the `Session` that hands them to I/O threads, and the reader of any
-//! tokio stream (`transmit`; plain sockets are read in [`crate::blocking`]).
+//! The transmission phase both readers share: admitting, checking and running
+//! requests (`admit`, `check`, `execute`) of a negotiated connection (`Conn`, in
+//! [`crate::conn`]), the `Session` that hands them to I/O threads, and the reader of
+//! any tokio stream (`transmit`; plain sockets are read in [`crate::blocking`]).
 
 use std::io::{self, IoSlice};
 use std::panic::AssertUnwindSafe;
@@ -12,62 +12,23 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::NbdError;
-use crate::backend::{Backend, MAX_EXTENTS};
+use crate::backend::MAX_EXTENTS;
 use crate::buffers::{BufferPool, PooledBuf};
-use crate::handshake::BASE_ALLOCATION_ID;
+use crate::conn::{BASE_ALLOCATION_ID, Conn};
+use crate::options::ServerOptions;
 use crate::proto::{self, Errno, Request};
-use crate::replies::{Replies, ReplySink};
-use crate::server::ServerOptions;
+use crate::replies::{Replies, Reply, ReplyBody, ReplySink};
 use crate::splice::{PipePool, Spliced};
 use crate::workers::Workers;
 
 /// Budget charged per request on top of its payload, so that many small requests
 /// are bounded too.
 const REQUEST_OVERHEAD: usize = 16 * 1024;
-/// Socket read buffer.
-pub(crate) const READ_BUFFER: usize = 256 * 1024;
 /// Threads running one connection's writes without FUA (see `Session`). One: with
 /// two, a second `pwrite` into the same file waited on the inode's lock by
 /// spinning on its owner (`rwsem_spin_on_owner`, 11% of the server's samples for
 /// 1 GiB of 1 MiB writes), CPU time taken from the thread reading requests.
 const WRITE_THREADS: usize = 1;
-
-/// What the transmission phase of one connection shares with the threads that run
-/// its requests.
-pub(crate) struct Conn {
-    pub(crate) backend: Arc<dyn Backend>,
-    pub(crate) size: u64,
-    pub(crate) read_only: bool,
-    /// Structured replies were negotiated.
-    pub(crate) structured: bool,
-    pub(crate) base_allocation: Option<u32>,
-}
-
-/// One reply on its way to the writer. Dropping it returns its buffer to the pool
-/// and its budget to the semaphore.
-pub(crate) struct Reply {
-    pub(crate) cookie: u64,
-    pub(crate) body: ReplyBody,
-    _permit: OwnedSemaphorePermit,
-}
-
-pub(crate) enum ReplyBody {
-    /// Success without data.
-    Done,
-    /// Read data for `offset`.
-    Data {
-        offset: u64,
-        buf: PooledBuf,
-    },
-    Error {
-        errno: Errno,
-        message: String,
-    },
-    BlockStatus {
-        context: u32,
-        extents: Vec<(u32, u32)>,
-    },
-}
 
 /// A request read off the wire with its payload and its share of the budget:
 /// everything an I/O thread needs to answer it.
@@ -169,11 +130,7 @@ pub(crate) fn answer(conn: &Conn, pool: &Arc<BufferPool>, incoming: Incoming) ->
             }
         }
     };
-    Reply {
-        cookie: req.cookie,
-        body,
-        _permit: permit,
-    }
+    Reply::new(req.cookie, body, permit)
 }
 
 /// The end of a connection whose requests were read without error, given how its

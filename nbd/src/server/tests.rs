@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::NbdError;
 use crate::backend::*;
 use crate::blocking::*;
-use crate::handshake::*;
+use crate::conn::*;
 use crate::proto::{self, Errno, Request};
 use crate::splice::Spliced;
 use crate::transmission::*;
