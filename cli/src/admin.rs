@@ -10,6 +10,7 @@ use bulwark_common::telemetry::TracedChannel;
 use bulwark_common::tls::{self, Role, Target, TlsIdentity};
 use bulwark_proto as pb;
 use bulwark_proto::coordinator_client::CoordinatorClient;
+use bulwark_proto::node_client::NodeClient;
 use clap::Args;
 
 /// How to reach the coordinator.
@@ -59,6 +60,21 @@ impl ConnArgs {
         };
         Ok((coordinator, files))
     }
+}
+
+/// A client of storage node `name` at `address`, dialled with `identity`'s
+/// certificate: the node must present that node's certificate.
+pub async fn node_client(
+    identity: &TlsIdentity,
+    name: &str,
+    address: &str,
+) -> anyhow::Result<NodeClient<TracedChannel>> {
+    let target =
+        Target::parse(address).map_err(|m| anyhow!("node {name} has a bad address: {m}"))?;
+    let channel = tls::channel(&target, identity.client_config_for(Role::Node, Some(name))?)
+        .await
+        .map_err(|e| anyhow!("node {name} at {address}: {e}"))?;
+    Ok(NodeClient::new(channel).max_decoding_message_size(bulwark_common::MAX_MESSAGE_BYTES))
 }
 
 /// A connected admin client.

@@ -17,9 +17,8 @@ use anyhow::{Context, anyhow, bail};
 use bulwark_agent::restore::{RestoreOutcome, restore_point};
 use bulwark_common::config::{TlsFiles, format_size};
 use bulwark_common::metrics::Progress;
-use bulwark_common::tls::{self, Role, Target, TlsIdentity};
+use bulwark_common::tls::{Role, Target, TlsIdentity};
 use bulwark_proto as pb;
-use bulwark_proto::node_client::NodeClient;
 use clap::Args;
 use serde_json::json;
 
@@ -176,16 +175,7 @@ pub async fn export_point(
         .map_err(|s| admin.err(s))?
         .into_inner();
     let identity = TlsIdentity::load(files)?;
-    let target = Target::parse(&at.node_address)
-        .map_err(|m| anyhow!("node {} has a bad address: {m}", at.node))?;
-    let channel = tls::channel(
-        &target,
-        identity.client_config_for(Role::Node, Some(&at.node))?,
-    )
-    .await
-    .map_err(anyhow::Error::msg)?;
-    let node =
-        NodeClient::new(channel).max_decoding_message_size(bulwark_common::MAX_MESSAGE_BYTES);
+    let node = crate::admin::node_client(&identity, &at.node, &at.node_address).await?;
     let progress = Arc::new(Progress::default());
     let ticker = tokio::spawn(show_progress(format!("export {source}"), progress.clone()));
     let r = restore_point(source, point, to, Vec::new(), node, Some(progress)).await;

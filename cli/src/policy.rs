@@ -278,15 +278,10 @@ pub async fn lock(
     for mut s in r.sources {
         if officer && !s.error.is_empty() && !s.node_address.is_empty() {
             // The node lowers its lock only for the officer's own certificate.
-            let target = bulwark_common::tls::Target::parse(&s.node_address)
-                .map_err(|m| anyhow::anyhow!("node {}: {m}", s.node))?;
-            let config =
-                identity.client_config_for(bulwark_common::tls::Role::Node, Some(&s.node))?;
             let answer = async {
-                let channel = bulwark_common::tls::channel(&target, config)
+                crate::admin::node_client(&identity, &s.node, &s.node_address)
                     .await
-                    .map_err(|e| e.to_string())?;
-                pb::node_client::NodeClient::new(channel)
+                    .map_err(|e| e.to_string())?
                     .set_lock(pb::SetLockRequest {
                         source: s.source.clone(),
                         lock: Some(want),

@@ -4,7 +4,7 @@
 
 use bulwark_common::config::TlsFiles;
 use bulwark_common::time::{format_duration_ms, rfc3339_ms};
-use bulwark_common::tls::{self, Role, Target, TlsIdentity};
+use bulwark_common::tls::{self, TlsIdentity};
 use bulwark_proto as pb;
 use clap::Args;
 use serde_json::json;
@@ -105,13 +105,9 @@ async fn node_workers(
         let known: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
         anyhow::bail!("no storage node {name:?}; the fleet has {known:?}");
     };
-    let target = Target::parse(&node.address).map_err(|m| anyhow::anyhow!("node {name}: {m}"))?;
     let identity = TlsIdentity::load(files)?;
-    let config = identity.client_config_for(Role::Node, Some(name))?;
-    let channel = tls::channel(&target, config)
-        .await
-        .map_err(|e| anyhow::anyhow!("node {name} at {}: {e}", node.address))?;
-    let answer = pb::node_client::NodeClient::new(channel)
+    let answer = crate::admin::node_client(&identity, name, &node.address)
+        .await?
         .list_workers(request)
         .await
         .map_err(|st| anyhow::anyhow!(tls::explain_status(&format!("node {name}"), &st)))?;
