@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use bulwark_common::block::{DEFAULT_BLOCK_SIZE, Geometry};
 use bulwark_common::config::{ByteSize, ConfigError, HumanDuration, TlsFiles, resolve};
+
+use crate::tracker::activity::ActivityConfig;
 use bulwark_common::tls::{Role, Target};
 use bulwark_nbd::limits::Limits;
 use serde::Deserialize;
@@ -131,6 +133,20 @@ pub struct SourceToml {
     /// source's syncs and `sync_interval` is not used.
     #[serde(default)]
     pub group: Option<String>,
+    /// For the `nbd-filter` tracker: keep an activity log so that a crash costs a
+    /// re-check of the regions written lately, not of the whole volume (default true).
+    #[serde(default)]
+    pub activity_log: Option<bool>,
+    /// At most this many regions hot at once (default 1024, 64 to 65536).
+    #[serde(default)]
+    pub activity_extents: Option<u32>,
+    /// Size of a region of the activity log (default `4MiB`): a multiple of
+    /// `block_size`, at most 1 GiB.
+    #[serde(default)]
+    pub activity_region: Option<ByteSize>,
+    /// Time between checkpoints of the dirty bitmap (default `60s`, 1s to 1h).
+    #[serde(default)]
+    pub bitmap_checkpoint: Option<HumanDuration>,
 }
 
 fn default_tracker() -> String {
@@ -211,6 +227,8 @@ pub struct SourceConfig {
     pub policy: bulwark_proto::Policy,
     /// Its protection group, if any (the coordinator schedules it).
     pub group: Option<String>,
+    /// The activity log of an `nbd-filter` source (`None`: off, or another tracker).
+    pub activity: Option<ActivityConfig>,
 }
 
 /// Checked configuration.
@@ -305,7 +323,7 @@ fn source_config(
     let era = era_config(&s, path, bad, &key)?;
     let qmp_socket = qmp_socket(&s, path, earlier, bad, &key)?;
     let quiesce = quiesce_config(&s, path, bad, &key)?;
-    let glob = match (kind, s.glob) {
+    let glob = match (kind, s.glob.clone()) {
         (SourceKind::Volume, Some(_)) => {
             return Err(bad(key("glob"), "only used with kind = \"log\"".into()));
         }
@@ -328,6 +346,7 @@ fn source_config(
                 ),
             )
         })?;
+    let activity = activity_config(&s, block_size, bad, &key)?;
     if s.sync_interval.0 < Duration::from_secs(1) {
         return Err(bad(key("sync_interval"), "must be at least 1s".into()));
     }
@@ -358,7 +377,77 @@ fn source_config(
             }
             g => g,
         },
+        activity,
     })
+}
+
+/// `activity_log`, `activity_extents`, `activity_region` and `bitmap_checkpoint`:
+/// only for `nbd-filter`, where the log is on unless `activity_log = false`.
+fn activity_config(
+    s: &SourceToml,
+    block_size: u32,
+    bad: &impl Fn(String, String) -> ConfigError,
+    key: &impl Fn(&str) -> String,
+) -> Result<Option<ActivityConfig>, ConfigError> {
+    let set = [
+        ("activity_log", s.activity_log.is_some()),
+        ("activity_extents", s.activity_extents.is_some()),
+        ("activity_region", s.activity_region.is_some()),
+        ("bitmap_checkpoint", s.bitmap_checkpoint.is_some()),
+    ];
+    if s.tracker != "nbd-filter" || s.activity_log == Some(false) {
+        if let Some((k, _)) = set.iter().skip(1).find(|(_, set)| *set) {
+            let why = if s.tracker != "nbd-filter" {
+                "only used with tracker = \"nbd-filter\""
+            } else {
+                "not used with activity_log = false"
+            };
+            return Err(bad(key(k), why.into()));
+        }
+        if s.tracker != "nbd-filter" && s.activity_log.is_some() {
+            return Err(bad(
+                key("activity_log"),
+                "only used with tracker = \"nbd-filter\"".into(),
+            ));
+        }
+        return Ok(None);
+    }
+    let d = ActivityConfig::DEFAULT;
+    let extents = s.activity_extents.unwrap_or(d.extents);
+    if !(ActivityConfig::MIN_EXTENTS..=ActivityConfig::MAX_EXTENTS).contains(&extents) {
+        return Err(bad(
+            key("activity_extents"),
+            format!(
+                "{extents} is not between {} and {}",
+                ActivityConfig::MIN_EXTENTS,
+                ActivityConfig::MAX_EXTENTS
+            ),
+        ));
+    }
+    let region_bytes = s.activity_region.map_or(d.region_bytes, |b| b.0);
+    if region_bytes == 0
+        || !region_bytes.is_multiple_of(u64::from(block_size))
+        || region_bytes > 1 << 30
+    {
+        return Err(bad(
+            key("activity_region"),
+            format!(
+                "{region_bytes} bytes is not a multiple of block_size ({block_size}) up to 1GiB"
+            ),
+        ));
+    }
+    let checkpoint = s.bitmap_checkpoint.map_or(d.checkpoint, |h| h.0);
+    if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&checkpoint) {
+        return Err(bad(
+            key("bitmap_checkpoint"),
+            "must be between 1s and 1h".into(),
+        ));
+    }
+    Ok(Some(ActivityConfig {
+        extents,
+        region_bytes,
+        checkpoint,
+    }))
 }
 
 /// A source's name (valid, not listed before), kind (and nothing a log source

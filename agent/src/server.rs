@@ -245,6 +245,10 @@ impl Agent {
         self.trackers.get(name).is_some_and(|t| !t.consistent())
     }
 
+    fn recheck_bytes(&self, name: &str) -> u64 {
+        self.trackers.get(name).map_or(0, |t| t.recheck_bytes())
+    }
+
     /// Runs one sync (or check) of `name`, unless one is already running.
     pub async fn sync(&self, name: &str, opts: SyncOptions) -> Result<SyncOutcome, AgentError> {
         let source = self
@@ -268,6 +272,7 @@ impl Agent {
             result: None,
             error: String::new(),
             inconsistent: self.inconsistent(name),
+            recheck_bytes: self.recheck_bytes(name),
         }));
         let span = if opts.check {
             tracing::info_span!("check", source = %name, deep = opts.deep, point = tracing::field::Empty)
@@ -362,6 +367,7 @@ impl Agent {
                 .map(|e| e.to_string())
                 .unwrap_or_default(),
             inconsistent: self.inconsistent(name),
+            recheck_bytes: self.recheck_bytes(name),
         }));
         result
     }
@@ -470,6 +476,7 @@ impl Agent {
                     block_size: s.block_size,
                     tracker: s.tracker.clone(),
                     inconsistent: self.inconsistent(&s.name),
+                    recheck_bytes: self.recheck_bytes(&s.name),
                     busy: lock(&self.running)
                         .get(&s.name)
                         .is_some_and(|gate| gate.try_lock().is_err()),
@@ -618,7 +625,16 @@ async fn open_trackers(
                     .size_bytes();
                 let g = Geometry::new(size, s.block_size)
                     .map_err(|e| anyhow::anyhow!("data source {}: {e}", s.name))?;
-                let f = Arc::new(FilterTracker::open(&s.name, &s.path, g, &cfg.state_dir));
+                let f = Arc::new(
+                    FilterTracker::open(&s.name, &s.path, g, &cfg.state_dir, s.activity)
+                        .with_context(|| {
+                            format!(
+                                "data source {}: cannot keep its record of changes under {}",
+                                s.name,
+                                cfg.state_dir.display()
+                            )
+                        })?,
+                );
                 let endpoint = s.nbd.clone().ok_or_else(|| {
                     anyhow::anyhow!("data source {}: no NBD export configured", s.name)
                 })?;

@@ -14,6 +14,9 @@
 //!   and all are sent, relative to the point the record started from; the node
 //!   refuses if that is not its newest point, and the agent then runs a consistency
 //!   check instead.
+//! - **Recheck** (an `nbd-filter` after a crash, with its activity log): like a scan,
+//!   but only the blocks the tracker names are read and compared; the digests of the
+//!   others are passed over.
 //!
 //! Flow: a reader thread keeps a few chunks ahead; a blocking sender (hash, compare,
 //! batch ≤ 1 MiB) feeds a bounded channel into the gRPC request stream; one async task
@@ -105,6 +108,16 @@ pub enum SyncError {
     DigestCount { offered: u64, blocks: u64 },
     #[error("commit without a point")]
     NoPoint,
+    /// A bounded re-check needs the node's newest point to be the record's base or
+    /// newer.
+    #[error(
+        "node {node}'s newest point is {newest}, older than point {since} the record is relative to"
+    )]
+    RecheckBase {
+        node: String,
+        since: u64,
+        newest: u64,
+    },
     #[error("node {node} ended the sync without committing")]
     NotCommitted { node: String },
     /// The source's block size does not fit its volume.
@@ -148,11 +161,24 @@ struct DigestFeed {
     remaining: u64,
     buf: Bytes,
     pos: usize,
+    /// The block whose digest [`DigestFeed::next`] returns.
+    block: u64,
 }
 
 impl DigestFeed {
+    /// Passes over the digests of the blocks before `block` (blocks a bounded
+    /// re-check does not read).
+    fn skip_to(&mut self, block: u64) -> Result<(), FeedError> {
+        while self.block < block && self.remaining > 0 {
+            self.next()?;
+        }
+        self.block = self.block.max(block);
+        Ok(())
+    }
+
     /// The stored digest of the next block (`UNWRITTEN` when the node has none).
     fn next(&mut self) -> Result<Digest, FeedError> {
+        self.block += 1;
         if self.remaining == 0 {
             return Ok(Digest::UNWRITTEN);
         }
@@ -411,6 +437,9 @@ fn send_blocks(
                 Some(Ok(r)) => r.map_err(read_err)?,
                 _ => return Err(SyncError::ReaderStopped),
             };
+            if let Some(feed) = digests.as_mut() {
+                feed.skip_to(first)?;
+            }
             let start = geometry.offset_of(first);
             let len = chunk.len();
             changed.clear();
@@ -446,6 +475,11 @@ fn send_blocks(
             }
             batch.keepalive()?;
         }
+        // A bounded re-check reads only some blocks: take the rest of the node's
+        // digests too, as a scan does, before the commit.
+        if let Some(feed) = digests.as_mut() {
+            feed.skip_to(geometry.block_count())?;
+        }
         Ok(())
     })?;
     batch.flush()?;
@@ -477,17 +511,21 @@ pub async fn sync_source(
         progress.clone(),
     )
     .await;
-    if let Err(SyncError::Node {
-        base_mismatch: true,
-        status,
-        ..
-    }) = &result
-    {
+    let refused = match &result {
+        Err(SyncError::Node {
+            base_mismatch: true,
+            status,
+            ..
+        }) => Some(format!(
+            "the node refused the record's base point ({status})"
+        )),
+        Err(e @ SyncError::RecheckBase { .. }) => Some(e.to_string()),
+        _ => None,
+    };
+    if let Some(why) = refused {
         // The record is relative to a point the node no longer has as its newest:
         // compare everything instead.
-        tracker.mark_inconsistent(&format!(
-            "the node refused the record's base point ({status})"
-        ));
+        tracker.mark_inconsistent(&why);
         if q.live_view_released() {
             q.downgrade(
                 "the sync was retried as a consistency check after the application was released"
@@ -654,7 +692,7 @@ async fn stream_sync(
         Geometry::new(volume.size_bytes(), source.block_size).map_err(SyncError::Geometry)?;
     let node_name = assignment.node.clone();
     let (want_digests, base_point) = match &plan {
-        Plan::Scan => (true, 0),
+        Plan::Scan | Plan::Recheck { .. } => (true, 0),
         Plan::Dirty { base, .. } => (false, *base),
     };
     let kind = if check {
@@ -683,16 +721,26 @@ async fn stream_sync(
     let (dtx, drx) = mpsc::channel::<Result<Bytes, FeedError>>(4);
     let stop = Arc::new(AtomicBool::new(false));
     let reply_task = tokio::spawn(read_replies(replies, dtx, stop.clone(), node_name.clone()));
+    let feed = DigestFeed {
+        rx: drx,
+        remaining: ready.digest_count,
+        buf: Bytes::new(),
+        pos: 0,
+        block: 0,
+    };
     let (ranges, feed) = match plan {
-        Plan::Scan => (
-            vec![(0, geometry.block_count())],
-            Some(DigestFeed {
-                rx: drx,
-                remaining: ready.digest_count,
-                buf: Bytes::new(),
-                pos: 0,
-            }),
-        ),
+        Plan::Scan => (vec![(0, geometry.block_count())], Some(feed)),
+        Plan::Recheck { since, .. } if ready.base_point < since => {
+            // Closing the stream without a commit makes the node roll back.
+            drop(tx);
+            reply_task.abort();
+            return Err(SyncError::RecheckBase {
+                node: node_name,
+                since,
+                newest: ready.base_point,
+            });
+        }
+        Plan::Recheck { blocks, .. } => (blocks.runs().collect(), Some(feed)),
         Plan::Dirty { blocks, .. } => (blocks.runs().collect(), None),
     };
     let scan_tx = tx.clone();

@@ -14,7 +14,8 @@ pub fn source_json(s: &pb::SourceInfo) -> Value {
     json!({
         "name": s.name, "agent": s.agent, "node": s.node,
         "kind": if s.kind == pb::SourceKind::Log as i32 { "log" } else { "volume" },
-        "state": s.state, "size_bytes": s.size_bytes, "last_point": s.last_point,
+        "state": s.state, "recheck_bytes": s.recheck_bytes,
+        "size_bytes": s.size_bytes, "last_point": s.last_point,
         "epoch": s.epoch, "block_size": s.block_size,
         "last_sync": rfc3339_ms(s.last_sync_ms), "error": s.error,
         "allocated_bytes": s.allocated_bytes,

@@ -98,7 +98,11 @@ fn source_row(s: &pb::SourceInfo) -> Vec<String> {
         s.name.clone(),
         s.agent.clone(),
         dash_if_empty(&s.node),
-        s.state.clone(),
+        if s.state == "recovering" {
+            format!("recovering ({} to re-check)", format_size(s.recheck_bytes))
+        } else {
+            s.state.clone()
+        },
         tracker_word(s),
         format_size(s.size_bytes),
         if s.points_alloc_bytes == 0 {

@@ -82,6 +82,9 @@ pub struct SourceRecord {
     /// The agent said its tracker's record cannot be trusted (a check is due).
     #[serde(default)]
     pub inconsistent: bool,
+    /// The agent crashed and owes a bounded re-check of this many bytes.
+    #[serde(default)]
+    pub recheck_bytes: u64,
     /// The newest warning of a sync (a failed quiesce hook, ...); cleared by a clean one.
     #[serde(default)]
     pub warning: String,
@@ -211,6 +214,7 @@ impl SourceRecord {
             last_sync_ms: 0,
             created_ms: now_ms(),
             inconsistent: false,
+            recheck_bytes: 0,
             warning: String::new(),
             agent_policy: Policy::default(),
             admin_replica_alloc: 0,

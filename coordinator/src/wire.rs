@@ -160,6 +160,7 @@ impl From<pb::SourceSpec> for SourceSpec {
             block_size: s.block_size,
             tracker: s.tracker,
             inconsistent: s.inconsistent,
+            recheck_bytes: s.recheck_bytes,
             busy: s.busy,
             group: s.group,
         }
@@ -211,6 +212,7 @@ impl From<pb::SyncReport> for SyncReport {
         SyncReport {
             source: r.source,
             inconsistent: r.inconsistent,
+            recheck_bytes: r.recheck_bytes,
             outcome,
         }
     }
@@ -477,9 +479,12 @@ pub fn source_info(reg: &Registry, s: SourceRecord) -> pb::SourceInfo {
         // A source with no point yet has nothing to be inconsistent with.
         state: if s.inconsistent && s.state == "ok" && s.last_point > 0 {
             "inconsistent".into()
+        } else if s.recheck_bytes > 0 && s.state == "ok" && s.last_point > 0 {
+            "recovering".into()
         } else {
             s.state.clone()
         },
+        recheck_bytes: s.recheck_bytes,
         replica_alloc_bytes: s.usage.replica_alloc_bytes,
         points_alloc_bytes: s.usage.points_alloc_bytes,
         points_used_bytes: s.usage.points_used_bytes,

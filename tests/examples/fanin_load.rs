@@ -51,6 +51,7 @@ async fn agent(
                 block_size: block,
                 tracker: "fingerprint".into(),
                 inconsistent: false,
+                recheck_bytes: 0,
                 busy: false,
                 policy: None,
                 group: String::new(),

@@ -679,6 +679,7 @@ fn escapes_reach_no_terminal_and_restore_grants_end_with_the_restore() {
             result,
             error,
             inconsistent: false,
+            recheck_bytes: 0,
         })
     };
     let result = pb::SyncResult {

@@ -75,6 +75,13 @@ impl Bitmap {
         self.words.iter().map(|w| u64::from(w.count_ones())).sum()
     }
 
+    /// Adds every block of `other` (of the same length).
+    pub fn union_with(&mut self, other: &Bitmap) {
+        for (w, o) in self.words.iter_mut().zip(&other.words) {
+            *w |= *o;
+        }
+    }
+
     /// Runs of consecutive set blocks, `(first, count)`, in order.
     pub fn runs(&self) -> Runs<'_> {
         Runs { map: self, next: 0 }
@@ -207,25 +214,107 @@ pub fn saved_path(state_dir: &Path, source: &str) -> PathBuf {
 
 /// Writes `map` (relative to point `base`) durably to `path`, replacing it atomically.
 pub fn save(path: &Path, base: u64, geometry: Geometry, map: &Bitmap) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
     let mut buf = Vec::with_capacity(36 + map.words.len() * 8 + DIGEST_LEN);
     buf.extend_from_slice(MAGIC);
     buf.extend_from_slice(&base.to_le_bytes());
+    push_body(&mut buf, geometry, map);
+    write_atomically(path, "bitmap.tmp", buf)
+}
+
+/// Where a source's checkpoint of the record lives (with the activity log).
+pub fn checkpoint_path(state_dir: &Path, source: &str) -> PathBuf {
+    state_dir.join("trackers").join(format!("{source}.ckpt"))
+}
+
+/// A checkpoint: the dirty bits relative to point `base` (`None`: no consistent
+/// record), and whether a bounded re-check is owed (`recovering`: the bits are blocks
+/// to compare with the node's digests, not only blocks to send).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Saved {
+    pub base: Option<u64>,
+    pub recovering: bool,
+    pub bits: Bitmap,
+}
+
+const CKPT_MAGIC: &[u8; 8] = b"BWDIRTY2";
+
+/// Writes checkpoint `saved` durably to `path`, replacing the previous one atomically.
+/// Layout, little-endian: `BWDIRTY2`, flags u8 (1: has a base, 2: recovering), base
+/// u64, volume size u64, block size u32, word count u64, the words, then BLAKE3 of
+/// everything before it.
+pub fn save_checkpoint(path: &Path, geometry: Geometry, saved: &Saved) -> std::io::Result<()> {
+    let flags = u8::from(saved.base.is_some()) | (u8::from(saved.recovering) << 1);
+    let mut buf = Vec::with_capacity(37 + saved.bits.words.len() * 8 + DIGEST_LEN);
+    buf.extend_from_slice(CKPT_MAGIC);
+    buf.push(flags);
+    buf.extend_from_slice(&saved.base.unwrap_or(0).to_le_bytes());
+    push_body(&mut buf, geometry, &saved.bits);
+    write_atomically(path, "ckpt.tmp", buf)
+}
+
+fn push_body(buf: &mut Vec<u8>, geometry: Geometry, map: &Bitmap) {
     buf.extend_from_slice(&geometry.size_bytes.to_le_bytes());
     buf.extend_from_slice(&geometry.block_size.to_le_bytes());
     buf.extend_from_slice(&(map.words.len() as u64).to_le_bytes());
     for w in &map.words {
         buf.extend_from_slice(&w.to_le_bytes());
     }
+}
+
+fn write_atomically(path: &Path, tmp_ext: &str, mut buf: Vec<u8>) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
     let sum = blake3::hash(&buf);
     buf.extend_from_slice(sum.as_bytes());
-    let tmp = path.with_extension("bitmap.tmp");
+    let tmp = path.with_extension(tmp_ext);
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(&buf)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)?;
     std::fs::File::open(dir)?.sync_all()
+}
+
+/// Reads the checkpoint at `path` (and leaves it there).
+pub fn load_checkpoint(path: &Path, geometry: Geometry) -> Result<Saved, LoadError> {
+    let buf = read_saved(path)?;
+    if buf.len() < 17 || &buf[..8] != CKPT_MAGIC {
+        return Err(LoadError::Damaged {
+            path: path.to_path_buf(),
+            why: "not a Bulwark checkpoint".into(),
+        });
+    }
+    let flags = buf[8];
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&buf[9..17]);
+    let base = u64::from_le_bytes(b);
+    let bits = parse_at(&buf, 17, path, geometry, CKPT_MAGIC)?;
+    Ok(Saved {
+        base: (flags & 1 != 0).then_some(base),
+        recovering: flags & 2 != 0,
+        bits,
+    })
+}
+
+/// Removes `path` if it exists, durably.
+pub fn remove(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => std::fs::File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn read_saved(path: &Path) -> Result<Vec<u8>, LoadError> {
+    match std::fs::read(path) {
+        Ok(b) => Ok(b),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(LoadError::Missing(path.to_path_buf()))
+        }
+        Err(error) => Err(LoadError::Io {
+            path: path.to_path_buf(),
+            error,
+        }),
+    }
 }
 
 /// Why a saved bitmap could not be used.
@@ -257,19 +346,12 @@ pub enum LoadError {
 /// Reads a saved bitmap and deletes the file (durably) before returning it: from now
 /// on only memory holds the record, and a crash leaves the source inconsistent.
 pub fn load_and_remove(path: &Path, geometry: Geometry) -> Result<(u64, Bitmap), LoadError> {
-    let buf = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(LoadError::Missing(path.to_path_buf()));
-        }
-        Err(error) => {
-            return Err(LoadError::Io {
-                path: path.to_path_buf(),
-                error,
-            });
-        }
-    };
-    let parsed = parse(&buf, path, geometry);
+    let buf = read_saved(path)?;
+    let parsed = parse_at(&buf, 16, path, geometry, MAGIC).map(|map| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&buf[8..16]);
+        (u64::from_le_bytes(b), map)
+    });
     let removed = std::fs::remove_file(path)
         .and_then(|()| std::fs::File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all());
     if let Err(error) = removed {
@@ -281,20 +363,28 @@ pub fn load_and_remove(path: &Path, geometry: Geometry) -> Result<(u64, Bitmap),
     parsed
 }
 
-fn parse(buf: &[u8], path: &Path, geometry: Geometry) -> Result<(u64, Bitmap), LoadError> {
+/// Checks a saved file (`magic`, then from byte `at` the volume size, block size,
+/// word count and words, then the BLAKE3 of all that) and returns its bits.
+fn parse_at(
+    buf: &[u8],
+    at: usize,
+    path: &Path,
+    geometry: Geometry,
+    magic: &[u8; 8],
+) -> Result<Bitmap, LoadError> {
     let damaged = |why: &str| LoadError::Damaged {
         path: path.to_path_buf(),
         why: why.to_string(),
     };
-    const HEAD: usize = 8 + 8 + 8 + 4 + 8;
-    if buf.len() < HEAD + DIGEST_LEN {
+    let head = at + 8 + 4 + 8;
+    if buf.len() < head + DIGEST_LEN {
         return Err(damaged("too short"));
     }
     let (body, sum) = buf.split_at(buf.len() - DIGEST_LEN);
     if blake3::hash(body).as_bytes() != sum {
         return Err(damaged("checksum mismatch"));
     }
-    if &body[..8] != MAGIC {
+    if &body[..8] != magic {
         return Err(damaged("not a Bulwark bitmap"));
     }
     let u64_at = |i: usize| {
@@ -302,12 +392,11 @@ fn parse(buf: &[u8], path: &Path, geometry: Geometry) -> Result<(u64, Bitmap), L
         b.copy_from_slice(&body[i..i + 8]);
         u64::from_le_bytes(b)
     };
-    let base = u64_at(8);
-    let size = u64_at(16);
+    let size = u64_at(at);
     let mut bb = [0u8; 4];
-    bb.copy_from_slice(&body[24..28]);
+    bb.copy_from_slice(&body[at + 8..at + 12]);
     let block = u32::from_le_bytes(bb);
-    let words = u64_at(28);
+    let words = u64_at(at + 12);
     if size != geometry.size_bytes || block != geometry.block_size {
         return Err(LoadError::Geometry {
             path: path.to_path_buf(),
@@ -318,14 +407,14 @@ fn parse(buf: &[u8], path: &Path, geometry: Geometry) -> Result<(u64, Bitmap), L
         });
     }
     let want = geometry.block_count().div_ceil(64);
-    if words != want || body.len() as u64 != HEAD as u64 + words * 8 {
+    if words != want || body.len() as u64 != head as u64 + words * 8 {
         return Err(damaged("wrong length"));
     }
     let mut map = Bitmap::new(geometry.block_count());
     for (i, w) in map.words.iter_mut().enumerate() {
-        *w = u64_at(HEAD + i * 8);
+        *w = u64_at(head + i * 8);
     }
-    Ok((base, map))
+    Ok(map)
 }
 
 #[cfg(test)]

@@ -11,21 +11,34 @@
 //!
 //! The record is one bit per block ([`DirtyMap`]), plus, while a sync runs, the frozen
 //! generation it sends ([`Bitmap`]), so a failed sync can put its blocks back without
-//! a full consistency check. Nothing is written to the host's disk except on a clean
-//! shutdown, when the map is saved under `state_dir` and read back (and deleted) at the
-//! next start. If the agent dies any other way the map is gone and the source is
-//! inconsistent until a consistency check has run.
+//! a full consistency check.
+//!
+//! With the activity log (`activity_log = true`, the default; see [`super::activity`])
+//! the record survives a crash at a bounded cost: the map is checkpointed atomically to
+//! `<state_dir>/trackers/<source>.ckpt` every `bitmap_checkpoint`, at each sync's
+//! freeze and commit, and at a clean stop; the log names the regions written since.
+//! After an unclean stop the source is *recovering*: its next sync reads the blocks
+//! of the checkpoint and of the logged regions only, compares them with the node's
+//! digests and sends those that differ ([`Plan::Recheck`]). A missing or damaged
+//! checkpoint or log falls back to a full consistency check, saying why.
+//!
+//! Without it, nothing is written to the host's disk except on a clean shutdown, when
+//! the map is saved under `state_dir` and read back (and deleted) at the next start; if
+//! the agent dies any other way the map is gone and the source is inconsistent until a
+//! consistency check has run.
 //!
 //! Writes to the backing file that bypass the export are not seen; only the export may
 //! be used to change the volume.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bulwark_common::block::Geometry;
 use bulwark_nbd::{Backend, FileBackend, Spliced};
 
-use super::bitmap::{self, Bitmap, DirtyMap, LoadError};
+use super::activity::{self, Activity, ActivityConfig, Checkpoint, LogError};
+use super::bitmap::{self, Bitmap, DirtyMap, LoadError, Saved};
 use super::{BlockSource, Frozen, Plan, Tracker, TrackerError, lock, open_volume};
 
 struct State {
@@ -33,55 +46,223 @@ struct State {
     base: Option<u64>,
     /// The generation a running sync sends.
     frozen: Option<Arc<Bitmap>>,
+    /// After a crash: the record's blocks are to be compared, not only sent.
+    recovering: bool,
+}
+
+/// The record, shared with the activity log, which has it checkpointed.
+struct Record {
+    source: String,
+    geometry: Geometry,
+    map: Arc<DirtyMap>,
+    state: Mutex<State>,
+    checkpoint: PathBuf,
+}
+
+impl Record {
+    /// The map with a running sync's frozen blocks, as a checkpoint.
+    fn saved(&self) -> Saved {
+        let st = lock(&self.state);
+        let mut bits = self.map.snapshot();
+        if let Some(f) = &st.frozen {
+            bits.union_with(f);
+        }
+        Saved {
+            base: st.base,
+            recovering: st.recovering,
+            bits,
+        }
+    }
+}
+
+impl Checkpoint for Record {
+    fn write_checkpoint(&self) -> std::io::Result<()> {
+        let saved = self.saved();
+        bitmap::save_checkpoint(&self.checkpoint, self.geometry, &saved)
+    }
+    fn invalidate(&self, why: &str) -> std::io::Result<()> {
+        bitmap::remove(&self.checkpoint)?;
+        let mut st = lock(&self.state);
+        st.base = None;
+        st.recovering = false;
+        tracing::warn!(source = %self.source, "tracker record dropped: {why}; the next sync is a consistency check");
+        Ok(())
+    }
+}
+
+/// What the files under `state_dir` say at start.
+struct Loaded {
+    base: Option<u64>,
+    recovering: bool,
+    bits: Option<Bitmap>,
+}
+
+/// Reads the record a previous run left: the bitmap of a clean stop without the
+/// activity log, else the checkpoint and the activity log.
+fn load(source: &str, state_dir: &Path, geometry: Geometry) -> Loaded {
+    let inconsistent = |why: String| {
+        tracing::warn!(source, "{why}: the next sync is a consistency check");
+        Loaded {
+            base: None,
+            recovering: false,
+            bits: None,
+        }
+    };
+    match bitmap::load_and_remove(&bitmap::saved_path(state_dir, source), geometry) {
+        Ok((base, bits)) => {
+            tracing::info!(
+                source,
+                base,
+                dirty_blocks = bits.count(),
+                "dirty bitmap restored from a clean shutdown"
+            );
+            return Loaded {
+                base: Some(base),
+                recovering: false,
+                bits: Some(bits),
+            };
+        }
+        Err(LoadError::Missing(_)) => {}
+        Err(e) => return inconsistent(format!("saved dirty bitmap unusable, {e}")),
+    }
+    let saved = match bitmap::load_checkpoint(&bitmap::checkpoint_path(state_dir, source), geometry)
+    {
+        Ok(s) => s,
+        Err(LoadError::Missing(_)) => {
+            return inconsistent(
+                "no record of changes (first start, or an unclean stop without the activity log)"
+                    .into(),
+            );
+        }
+        Err(e) => return inconsistent(format!("checkpoint unusable, {e}")),
+    };
+    let Some(base) = saved.base else {
+        return inconsistent("the last checkpoint holds no consistent record".into());
+    };
+    let hot = match activity::read_log(&activity::log_path(state_dir, source), geometry) {
+        Ok(h) => h,
+        Err(e @ LogError::Missing(_)) => {
+            return inconsistent(format!("{e} beside the checkpoint"));
+        }
+        Err(e) => return inconsistent(e.to_string()),
+    };
+    let mut bits = saved.bits;
+    let hot_blocks = hot.count();
+    bits.union_with(&hot);
+    let recovering = saved.recovering || hot_blocks > 0;
+    if recovering {
+        tracing::warn!(
+            source,
+            base,
+            recheck_bytes = bits.count() * u64::from(geometry.block_size),
+            logged_blocks = hot_blocks,
+            "the agent stopped uncleanly: the next sync re-checks the blocks of the last checkpoint and of the regions the activity log names"
+        );
+    } else {
+        tracing::info!(
+            source,
+            base,
+            dirty_blocks = bits.count(),
+            "dirty bitmap restored from the last checkpoint"
+        );
+    }
+    Loaded {
+        base: Some(base),
+        recovering,
+        bits: Some(bits),
+    }
+}
+
+/// Stops the periodic checkpoints when dropped.
+struct Ticker(#[allow(dead_code)] std::sync::mpsc::Sender<()>);
+
+fn start_ticker(
+    source: &str,
+    act: &Arc<Activity>,
+    every: std::time::Duration,
+) -> std::io::Result<Ticker> {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let weak = Arc::downgrade(act);
+    let source = source.to_string();
+    std::thread::Builder::new()
+        .name("bitmap-checkpoint".into())
+        .spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(every) {
+                let Some(a) = weak.upgrade() else { return };
+                if let Err(e) = a.checkpoint() {
+                    tracing::error!(source, "bitmap checkpoint failed: {e}");
+                }
+            }
+        })?;
+    Ok(Ticker(tx))
 }
 
 /// See the module docs.
 pub struct FilterTracker {
-    source: String,
     path: PathBuf,
-    geometry: Geometry,
-    map: Arc<DirtyMap>,
-    state: Mutex<State>,
+    record: Arc<Record>,
+    activity: Option<Arc<Activity>>,
+    ticker: Mutex<Option<Ticker>>,
     saved: PathBuf,
+    /// Bytes the owed re-check reads (0 once a sync committed).
+    recheck: AtomicU64,
 }
 
 impl FilterTracker {
-    /// Starts tracking `path` for data source `source`, taking the record saved by a
-    /// clean shutdown when there is one.
-    pub fn open(source: &str, path: &Path, geometry: Geometry, state_dir: &Path) -> FilterTracker {
-        let saved = bitmap::saved_path(state_dir, source);
+    /// Starts tracking `path` for data source `source`, taking the record a previous
+    /// run left (see the module docs). With `activity`, writes a checkpoint of it and
+    /// starts a fresh activity log; without, removes any checkpoint and log.
+    pub fn open(
+        source: &str,
+        path: &Path,
+        geometry: Geometry,
+        state_dir: &Path,
+        activity: Option<ActivityConfig>,
+    ) -> std::io::Result<FilterTracker> {
+        let loaded = load(source, state_dir, geometry);
         let map = Arc::new(DirtyMap::new(geometry));
-        let base = match bitmap::load_and_remove(&saved, geometry) {
-            Ok((base, bits)) => {
-                tracing::info!(
-                    source,
-                    base,
-                    dirty_blocks = bits.count(),
-                    "dirty bitmap restored from a clean shutdown"
-                );
-                map.restore(&bits);
-                Some(base)
-            }
-            Err(e @ LoadError::Missing(_)) => {
-                tracing::warn!(source, "{e}: the next sync is a consistency check");
-                None
-            }
-            Err(e) => {
-                tracing::warn!(
-                    source,
-                    "saved dirty bitmap unusable, {e}: the next sync is a consistency check"
-                );
-                None
-            }
+        let recheck = match &loaded.bits {
+            Some(b) if loaded.recovering => b.count() * u64::from(geometry.block_size),
+            _ => 0,
         };
-        FilterTracker {
+        if let Some(b) = &loaded.bits {
+            map.restore(b);
+        }
+        let record = Arc::new(Record {
             source: source.to_string(),
-            path: path.to_path_buf(),
             geometry,
             map,
-            state: Mutex::new(State { base, frozen: None }),
-            saved,
-        }
+            state: Mutex::new(State {
+                base: loaded.base,
+                frozen: None,
+                recovering: loaded.recovering,
+            }),
+            checkpoint: bitmap::checkpoint_path(state_dir, source),
+        });
+        let log = activity::log_path(state_dir, source);
+        let (activity, ticker) = match activity {
+            Some(cfg) => {
+                // The old log's regions are in this checkpoint: only then is the log
+                // emptied.
+                record.write_checkpoint()?;
+                let act = Arc::new(Activity::create(&log, geometry, cfg, record.clone())?);
+                let ticker = start_ticker(source, &act, cfg.checkpoint)?;
+                (Some(act), Some(ticker))
+            }
+            None => {
+                bitmap::remove(&record.checkpoint)?;
+                bitmap::remove(&log)?;
+                (None, None)
+            }
+        };
+        Ok(FilterTracker {
+            path: path.to_path_buf(),
+            record,
+            activity,
+            ticker: Mutex::new(ticker),
+            saved: bitmap::saved_path(state_dir, source),
+            recheck: AtomicU64::new(recheck),
+        })
     }
 
     /// The NBD backend that passes I/O through to the backing file and records
@@ -90,13 +271,24 @@ impl FilterTracker {
         let inner = FileBackend::open(&self.path, false)?;
         Ok(Arc::new(TrackingBackend {
             inner,
-            map: self.map.clone(),
+            map: self.record.map.clone(),
+            activity: self.activity.clone(),
         }))
     }
 
     /// Memory the record takes, in bytes.
     pub fn memory_bytes(&self) -> usize {
-        self.map.memory_bytes()
+        self.record.map.memory_bytes() + self.activity.as_ref().map_or(0, |a| a.memory_bytes())
+    }
+
+    /// A checkpoint now, if the activity log is on (a failure is logged: the log
+    /// keeps its regions until a later checkpoint succeeds).
+    fn checkpoint(&self, when: &str) {
+        if let Some(a) = &self.activity
+            && let Err(e) = a.checkpoint()
+        {
+            tracing::error!(source = %self.record.source, "bitmap checkpoint at {when} failed: {e}");
+        }
     }
 }
 
@@ -105,63 +297,104 @@ impl Tracker for FilterTracker {
         "nbd-filter"
     }
     fn size_bytes(&self) -> u64 {
-        self.geometry.size_bytes
+        self.record.geometry.size_bytes
     }
     fn consistent(&self) -> bool {
-        lock(&self.state).base.is_some()
+        lock(&self.record.state).base.is_some()
     }
     fn mark_inconsistent(&self, why: &str) {
-        tracing::warn!(source = %self.source, "tracker record dropped: {why}; the next sync is a consistency check");
-        lock(&self.state).base = None;
+        tracing::warn!(source = %self.record.source, "tracker record dropped: {why}; the next sync is a consistency check");
+        {
+            let mut st = lock(&self.record.state);
+            st.base = None;
+            st.recovering = false;
+        }
+        self.recheck.store(0, Ordering::Relaxed);
+        self.checkpoint("a dropped record");
     }
     fn begin(&self, scan: bool, read_from: Option<&Path>) -> Result<Frozen, TrackerError> {
         let reader: Arc<dyn BlockSource> = open_volume(read_from.unwrap_or(&self.path))?;
-        let mut st = lock(&self.state);
-        if let Some(old) = st.frozen.take() {
-            // A sync that ended without committed/failed: its blocks are still owed.
-            self.map.restore(&old);
-        }
-        // Taken before any read of this sync: every write that finished before now is
-        // read below; every later one is in the next generation.
-        let taken = Arc::new(self.map.take());
-        st.frozen = Some(taken.clone());
-        let plan = match st.base {
-            Some(base) if !scan => Plan::Dirty {
-                base,
-                blocks: taken,
-            },
-            _ => Plan::Scan,
+        let plan = {
+            let mut st = lock(&self.record.state);
+            if let Some(old) = st.frozen.take() {
+                // A sync that ended without committed/failed: its blocks are still owed.
+                self.record.map.restore(&old);
+            }
+            // Taken before any read of this sync: every write that finished before now
+            // is read below; every later one is in the next generation.
+            let taken = Arc::new(self.record.map.take());
+            st.frozen = Some(taken.clone());
+            match st.base {
+                Some(since) if !scan && st.recovering => Plan::Recheck {
+                    since,
+                    blocks: taken,
+                },
+                Some(base) if !scan => Plan::Dirty {
+                    base,
+                    blocks: taken,
+                },
+                _ => Plan::Scan,
+            }
         };
+        self.checkpoint("a sync's freeze");
         Ok(Frozen { plan, reader })
     }
     fn committed(&self, point: u64) {
-        let mut st = lock(&self.state);
-        st.frozen = None;
-        st.base = Some(point);
+        {
+            let mut st = lock(&self.record.state);
+            st.frozen = None;
+            st.base = Some(point);
+            st.recovering = false;
+        }
+        self.recheck.store(0, Ordering::Relaxed);
+        self.checkpoint("a sync's commit");
     }
     fn failed(&self) {
-        let mut st = lock(&self.state);
+        let mut st = lock(&self.record.state);
         if let Some(f) = st.frozen.take() {
-            self.map.restore(&f);
+            self.record.map.restore(&f);
         }
     }
     fn shutdown(&self) {
-        let mut st = lock(&self.state);
-        if let Some(f) = st.frozen.take() {
-            self.map.restore(&f);
+        let base = {
+            let mut st = lock(&self.record.state);
+            if let Some(f) = st.frozen.take() {
+                self.record.map.restore(&f);
+            }
+            st.base
+        };
+        lock(&self.ticker).take();
+        let source = &self.record.source;
+        if let Some(a) = &self.activity {
+            match a.retire_covered() {
+                Ok(()) => {
+                    tracing::info!(source = %source, hot_regions = a.hot_regions(), "record checkpointed, activity log emptied of covered regions")
+                }
+                Err(e) => {
+                    tracing::error!(source = %source, "final checkpoint failed: {e}; the next start re-checks what the activity log names")
+                }
+            }
+            return;
         }
-        let Some(base) = st.base else {
-            tracing::info!(source = %self.source, "no consistent record to save; the next sync is a consistency check");
+        let Some(base) = base else {
+            tracing::info!(source = %source, "no consistent record to save; the next sync is a consistency check");
             return;
         };
-        let bits = self.map.snapshot();
-        match bitmap::save(&self.saved, base, self.geometry, &bits) {
+        let bits = self.record.map.snapshot();
+        match bitmap::save(&self.saved, base, self.record.geometry, &bits) {
             Ok(()) => {
-                tracing::info!(source = %self.source, base, dirty_blocks = bits.count(), path = %self.saved.display(), "dirty bitmap saved")
+                tracing::info!(source = %source, base, dirty_blocks = bits.count(), path = %self.saved.display(), "dirty bitmap saved")
             }
             Err(e) => {
-                tracing::error!(source = %self.source, "cannot save the dirty bitmap to {}: {e}; the next sync is a consistency check", self.saved.display())
+                tracing::error!(source = %source, "cannot save the dirty bitmap to {}: {e}; the next sync is a consistency check", self.saved.display())
             }
+        }
+    }
+    fn recheck_bytes(&self) -> u64 {
+        if lock(&self.record.state).recovering {
+            self.recheck.load(Ordering::Relaxed)
+        } else {
+            0
         }
     }
 }
@@ -172,6 +405,17 @@ impl Tracker for FilterTracker {
 struct TrackingBackend {
     inner: FileBackend,
     map: Arc<DirtyMap>,
+    activity: Option<Arc<Activity>>,
+}
+
+impl TrackingBackend {
+    /// Logs the regions of a write about to be issued (see [`super::activity`]).
+    fn logged(&self, offset: u64, len: u64) -> std::io::Result<Option<activity::InFlight<'_>>> {
+        match &self.activity {
+            Some(a) => a.begin_write(offset, len).map(Some),
+            None => Ok(None),
+        }
+    }
 }
 
 impl Backend for TrackingBackend {
@@ -185,6 +429,7 @@ impl Backend for TrackingBackend {
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> std::io::Result<()> {
+        let _log = self.logged(offset, data.len() as u64)?;
         let r = self.inner.write_at(data, offset, fua);
         self.map.mark(offset, data.len() as u64);
         r
@@ -193,6 +438,7 @@ impl Backend for TrackingBackend {
         self.inner.takes_spliced()
     }
     fn write_spliced(&self, data: &mut Spliced, offset: u64, fua: bool) -> std::io::Result<()> {
+        let _log = self.logged(offset, data.len() as u64)?;
         let r = self.inner.write_spliced(data, offset, fua);
         self.map.mark(offset, data.len() as u64);
         r
@@ -201,6 +447,7 @@ impl Backend for TrackingBackend {
         self.inner.flush()
     }
     fn trim(&self, offset: u64, len: u64, fua: bool) -> std::io::Result<()> {
+        let _log = self.logged(offset, len)?;
         let r = self.inner.trim(offset, len, fua);
         self.map.mark(offset, len);
         r
@@ -212,6 +459,7 @@ impl Backend for TrackingBackend {
         fua: bool,
         may_trim: bool,
     ) -> std::io::Result<()> {
+        let _log = self.logged(offset, len)?;
         let r = self.inner.write_zeroes(offset, len, fua, may_trim);
         self.map.mark(offset, len);
         r

@@ -19,8 +19,11 @@
 //! (the changes go back, to be sent next time). A tracker that cannot vouch for its
 //! record — after an unclean stop, a lost bitmap, a node whose newest point is not the
 //! one the record is relative to — is *inconsistent*: its next sync reads everything
-//! and compares (a consistency check) instead of trusting the record.
+//! and compares (a consistency check) instead of trusting the record. The
+//! `nbd-filter` with its activity log is *recovering* after a crash instead: its next
+//! sync re-checks only the blocks the log and the last checkpoint name.
 
+pub mod activity;
 pub mod bitmap;
 pub mod era;
 pub mod filter;
@@ -101,6 +104,11 @@ pub enum Plan {
     Scan,
     /// Only these blocks changed since point `base`; send them all.
     Dirty { base: u64, blocks: Arc<Bitmap> },
+    /// After a crash, with the activity log (see [`activity`]): every block that may
+    /// differ from the node's newest point is in `blocks`; read those, compare each
+    /// with the node's digest and send those that differ. Valid only against a
+    /// newest point at least `since` (the record's base).
+    Recheck { since: u64, blocks: Arc<Bitmap> },
 }
 
 /// A sync's frozen view: what to read, and from where.
@@ -131,6 +139,11 @@ pub trait Tracker: Send + Sync {
     fn failed(&self);
     /// Clean shutdown: keeps the record for the next start where the backend can.
     fn shutdown(&self);
+    /// Bytes a bounded re-check still owes after a crash (0: none; see
+    /// [`Plan::Recheck`]).
+    fn recheck_bytes(&self) -> u64 {
+        0
+    }
 }
 
 /// Locks `m`, taking the value even if another thread panicked holding it (the

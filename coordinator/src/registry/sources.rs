@@ -64,6 +64,8 @@ pub struct SourceSpec {
     pub block_size: u32,
     pub tracker: String,
     pub inconsistent: bool,
+    /// Bytes a bounded re-check owes after the agent's crash (0: none).
+    pub recheck_bytes: u64,
     /// The agent runs a sync of it right now.
     pub busy: bool,
     /// Space and retention its agent's config proposes (0 = default).
@@ -95,6 +97,7 @@ pub struct Registration {
 pub struct SyncReport {
     pub source: String,
     pub inconsistent: bool,
+    pub recheck_bytes: u64,
     pub outcome: SyncOutcome,
 }
 
@@ -494,6 +497,8 @@ impl Registry {
         };
         rec.tracker = spec.tracker.clone();
         rec.inconsistent = spec.inconsistent;
+        // Shown only; an agent cannot owe more than its volume.
+        rec.recheck_bytes = spec.recheck_bytes.min(rec.size_bytes);
         if rec.state == "syncing" && !spec.busy {
             // The agent is back and runs no sync of it: the one shown as running
             // ended without its report reaching us (the agent was killed, or its
@@ -626,6 +631,7 @@ impl Registry {
             });
         }
         s.inconsistent = r.inconsistent;
+        s.recheck_bytes = r.recheck_bytes.min(s.size_bytes);
         if r.outcome != SyncOutcome::Running {
             lock(&self.progress).remove(&r.source);
         }

@@ -22,6 +22,7 @@ fn spec(name: &str, size: u64) -> pb::SourceSpec {
         block_size: 65536,
         tracker: "fingerprint".into(),
         inconsistent: false,
+        recheck_bytes: 0,
         busy: false,
         policy: None,
         group: String::new(),
@@ -142,6 +143,7 @@ fn a_sync_whose_agent_came_back_without_it_is_not_shown_as_running() {
         result: None,
         error: String::new(),
         inconsistent: false,
+        recheck_bytes: 0,
     };
     hello(false, false);
     reg.sync_report("host-1", &SyncReport::from(started.clone()))
