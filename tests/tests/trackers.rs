@@ -1,8 +1,9 @@
 //! Trackers end to end: `nbd-filter` and `qcow2-bitmap` send exactly the blocks a real
 //! client (`qemu-io`) wrote; writes made during a sync land in the next point; kill -9
-//! of the agent makes the source inconsistent and the check that follows sends only
-//! the differing blocks; a clean stop keeps the record; kill -9 of the agent in the
-//! middle of a qcow2-bitmap sync frees the image.
+//! of the agent makes the source inconsistent (without the nbd-filter's activity log)
+//! and the check that follows sends only the differing blocks, or (with it) costs a
+//! re-check of the logged regions only; a clean stop keeps the record; kill -9 of the
+//! agent in the middle of a qcow2-bitmap sync frees the image.
 //!
 //! Needs qemu-io / qemu-img (qemu-utils); each test skips with a printed reason where
 //! they are missing.
@@ -85,6 +86,11 @@ fn source_state(fleet: &Fleet, source: &str) -> Value {
 }
 
 fn filter_fleet(source: &str) -> (Fleet, PathBuf) {
+    filter_fleet_with(source, "")
+}
+
+/// [`filter_fleet`] with `extra` lines in the source's config.
+fn filter_fleet_with(source: &str, extra: &str) -> (Fleet, PathBuf) {
     let fleet = Fleet::builder()
         .node("node-1")
         .agent_source(
@@ -93,7 +99,7 @@ fn filter_fleet(source: &str) -> (Fleet, PathBuf) {
             None,
             SIZE,
             &format!(
-                "tracker = \"nbd-filter\"\nnbd_socket = \"{{root}}/{AGENT}/nbd/{source}.sock\""
+                "tracker = \"nbd-filter\"\nnbd_socket = \"{{root}}/{AGENT}/nbd/{source}.sock\"\n{extra}"
             ),
         )
         .start();
@@ -224,7 +230,9 @@ fn agent_kill9_makes_the_source_inconsistent_and_the_check_repairs_it() {
         return;
     }
     let source = "crashy-disk";
-    let (mut fleet, socket) = filter_fleet(source);
+    // Without the activity log (see activity_log_bounds_the_recheck_after_kill9 for
+    // the default).
+    let (mut fleet, socket) = filter_fleet_with(source, "activity_log = false");
     fleet.sync(source);
 
     // A clean stop keeps the record: the next sync is still incremental.
@@ -599,16 +607,16 @@ fn a_record_with_the_wrong_base_falls_back_to_a_check() {
     let status = fleet.agent(AGENT).stop();
     assert!(status.success(), "clean stop: {status}");
 
-    // Layout (agent/src/tracker/bitmap.rs): magic, base u64 LE at byte 8, ..., BLAKE3
-    // of everything before the last 32 bytes.
+    // Layout (agent/src/tracker/bitmap.rs): magic, flags u8, base u64 LE at byte 9,
+    // ..., BLAKE3 of everything before the last 32 bytes.
     let saved = fleet
         .root()
         .join(AGENT)
         .join("state/trackers")
-        .join(format!("{source}.bitmap"));
-    let mut raw = std::fs::read(&saved).expect("the clean stop saved the bitmap");
-    assert_eq!(&raw[..8], b"BWDIRTY1");
-    raw[8..16].copy_from_slice(&7u64.to_le_bytes());
+        .join(format!("{source}.ckpt"));
+    let mut raw = std::fs::read(&saved).expect("the clean stop checkpointed the bitmap");
+    assert_eq!(&raw[..8], b"BWDIRTY2");
+    raw[9..17].copy_from_slice(&7u64.to_le_bytes());
     let body = raw.len() - 32;
     let sum = blake3::hash(&raw[..body]);
     raw[body..].copy_from_slice(sum.as_bytes());
@@ -631,4 +639,163 @@ fn a_record_with_the_wrong_base_falls_back_to_a_check() {
         log.contains("refused the record's base point"),
         "the agent says why"
     );
+}
+
+/// The 1 MiB regions (16 blocks of 64 KiB) that `writes` touch.
+fn regions_of(writes: &[(u64, u64, u8)]) -> BTreeSet<u64> {
+    blocks_of(writes).into_iter().map(|b| b / 16).collect()
+}
+
+/// With the activity log (the default), kill -9 of the agent costs a re-check of the
+/// regions written lately: writes before a sync, during it (qemu-io while the sync
+/// runs) and after it, then kill -9; the source is `recovering` with the exact
+/// bound; the next sync reads only those regions, sends what differs, and the points
+/// restore identical. A damaged log then falls back to a full check and says why.
+#[test]
+fn activity_log_bounds_the_recheck_after_kill9() {
+    if !have("qemu-io") {
+        return;
+    }
+    let source = "al-disk";
+    let (mut fleet, socket) = filter_fleet_with(source, "activity_region = \"1MiB\"");
+    fleet.sync(source);
+    let url = nbd_url(&socket);
+
+    let w1 = vec![(3 * BLOCK_SIZE, 4096, 0x31), (900 * BLOCK_SIZE, 8192, 0x32)];
+    qemu_io("raw", &url, &write_commands(&w1));
+    let r = fleet.sync(source);
+    assert_eq!(json_u64(&r, "blocks_sent"), 2, "{r}");
+    let p2 = fleet.save_volume(source, "p2.img");
+
+    // A writer goes on while a sync runs: some writes land before its freeze, some
+    // after. At least one qemu-io run must end while the sync command runs.
+    let w2: Vec<(u64, u64, u8)> = (0..24u64)
+        .map(|i| ((200 + i * 5) * BLOCK_SIZE + 4096, 4096, (i + 1) as u8))
+        .collect();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (started, ended, finishes) = std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            let mut finishes = Vec::new();
+            let mut round = 0u8;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                round = round.wrapping_add(1);
+                for chunk in w2.chunks(4) {
+                    let cmds: Vec<(u64, u64, u8)> =
+                        chunk.iter().map(|&(o, l, p)| (o, l, p ^ round)).collect();
+                    qemu_io("raw", &url, &write_commands(&cmds));
+                    finishes.push(std::time::Instant::now());
+                }
+            }
+            finishes
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let started = std::time::Instant::now();
+        let out = fleet
+            .cli_spawn(&["sync", source, "--wait", "--json"])
+            .wait(Duration::from_secs(120))
+            .unwrap_or_else(|e| panic!("sync during writes: {e}"));
+        let ended = std::time::Instant::now();
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let finishes = writer.join().expect("writer");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (started, ended, finishes)
+    });
+    assert!(
+        finishes.iter().any(|t| *t > started && *t < ended),
+        "no write ended while the sync ran"
+    );
+    let w3 = scattered_writes();
+    qemu_io("raw", &url, &write_commands(&w3));
+    let before_crash = fleet.save_volume(source, "before-crash.img");
+    fleet.agent(AGENT).kill9();
+    fleet.agent(AGENT).start();
+    fleet.wait_ready();
+
+    let mut all = w1.clone();
+    all.extend(&w2);
+    all.extend(&w3);
+    let regions = regions_of(&all);
+    let bound = regions.len() as u64 * 16 * BLOCK_SIZE;
+    let s = source_state(&fleet, source);
+    assert_eq!(json_str(&s, "state"), "recovering", "after kill -9: {s}");
+    assert_eq!(
+        json_u64(&s, "recheck_bytes"),
+        bound,
+        "the bound is the logged regions: {s}"
+    );
+    let listing = String::from_utf8_lossy(&fleet.cli(&["sources"]).stdout).into_owned();
+    assert!(listing.contains("recovering ("), "{listing}");
+
+    let r = fleet.sync(source);
+    assert_ne!(
+        json_str(&r, "kind"),
+        "check",
+        "a bounded re-check, not a check: {r}"
+    );
+    assert_eq!(
+        json_u64(&r, "blocks_read"),
+        bound / BLOCK_SIZE,
+        "reads only the logged regions: {r}"
+    );
+    assert!(
+        bound / BLOCK_SIZE < SIZE / BLOCK_SIZE / 2,
+        "the bound is far below the volume"
+    );
+    let sent = json_u64(&r, "blocks_sent");
+    let w3_blocks = blocks_of(&w3).len() as u64;
+    assert!(
+        sent >= w3_blocks && sent <= w3_blocks + blocks_of(&w2).len() as u64,
+        "sends the blocks written after the last point: {r}"
+    );
+    assert_eq!(json_str(&source_state(&fleet, source), "state"), "ok");
+    let out = fleet.scratch("recovered.img");
+    fleet.restore(source, None, &out, None);
+    assert_same_file(
+        &out,
+        &before_crash,
+        "restore of the recovering sync's point",
+    );
+    let out = fleet.scratch("p2-again.img");
+    fleet.restore(source, Some(2), &out, None);
+    assert_same_file(&out, &p2, "restore of point 2");
+    let r = fleet.sync(source);
+    assert_eq!(
+        json_u64(&r, "blocks_sent"),
+        0,
+        "nothing owed after recovery: {r}"
+    );
+
+    // A damaged log: the full check, and the agent says why.
+    let w4 = vec![(10 * BLOCK_SIZE, 4096, 0x41)];
+    qemu_io("raw", &url, &write_commands(&w4));
+    fleet.agent(AGENT).kill9();
+    let log = fleet
+        .root()
+        .join(AGENT)
+        .join("state/trackers")
+        .join(format!("{source}.al"));
+    let mut raw = std::fs::read(&log).expect("the activity log is on disk");
+    raw[0] ^= 0xff;
+    std::fs::write(&log, &raw).expect("damage the log");
+    fleet.agent(AGENT).start();
+    fleet.wait_ready();
+    let s = source_state(&fleet, source);
+    assert_eq!(json_str(&s, "state"), "inconsistent", "a damaged log: {s}");
+    let r = fleet.sync(source);
+    assert_eq!(json_str(&r, "kind"), "check", "{r}");
+    assert_eq!(json_u64(&r, "blocks_sent"), 1, "{r}");
+    assert!(
+        fleet
+            .agent(AGENT)
+            .log_text()
+            .contains("is damaged: bad header"),
+        "the agent says why it checks everything"
+    );
+    let out = fleet.scratch("after-damage.img");
+    fleet.restore(source, None, &out, None);
+    assert_same_file(&out, &fleet.volume(source), "restore after the fallback");
 }
