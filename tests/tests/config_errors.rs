@@ -493,3 +493,66 @@ fn policy_and_stream_limit_mistakes_name_the_key() {
         );
     }
 }
+
+/// The activity log's keys name themselves when wrong: out of range, not a multiple
+/// of the block size, or set on a tracker that has no activity log.
+#[test]
+fn activity_log_mistakes_name_the_key() {
+    let s = setup();
+    let agent = s
+        .configs
+        .iter()
+        .find(|(b, _)| *b == AGENT)
+        .expect("an agent config")
+        .1
+        .clone();
+    let socket = s.dir.join("al-nbd").join("al.sock");
+    let filter = |extra: &str| {
+        agent.replace(
+            "tracker = \"fingerprint\"",
+            &format!(
+                "tracker = \"nbd-filter\"\nnbd_socket = \"{}\"\n{extra}",
+                socket.display()
+            ),
+        )
+    };
+    let cases = [
+        (
+            filter("activity_extents = 8"),
+            "activity_extents",
+            "is not between 64 and 65536",
+        ),
+        (
+            filter("activity_region = \"100KiB\""),
+            "activity_region",
+            "is not a multiple of block_size",
+        ),
+        (
+            filter("bitmap_checkpoint = \"2h\""),
+            "bitmap_checkpoint",
+            "between 1s and 1h",
+        ),
+        (
+            filter("activity_log = false\nactivity_extents = 128"),
+            "activity_extents",
+            "not used with activity_log = false",
+        ),
+        (
+            agent.replace(
+                "tracker = \"fingerprint\"",
+                "tracker = \"fingerprint\"\nbitmap_checkpoint = \"10s\"",
+            ),
+            "bitmap_checkpoint",
+            "only used with tracker = \"nbd-filter\"",
+        ),
+    ];
+    for (i, (text, key, why)) in cases.iter().enumerate() {
+        assert_ne!(text, &agent, "case {i} changed nothing");
+        let path = write_config(&s.dir, &format!("agent-al-{i}.toml"), text);
+        let err = stderr(&run_expect_failure(AGENT, &path));
+        assert!(
+            err.contains(&*path.to_string_lossy()) && err.contains(key) && err.contains(why),
+            "agent: stderr does not name the file, `{key}` and say \"{why}\":\n{err}"
+        );
+    }
+}
