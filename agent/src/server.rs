@@ -245,6 +245,18 @@ impl Agent {
         self.trackers.get(name).is_some_and(|t| !t.consistent())
     }
 
+    /// Tells the coordinator a sync of `name` started (no result, no error) or ended,
+    /// with the state of its record.
+    fn report_sync(&self, name: &str, result: Option<pb::SyncResult>, error: String) {
+        self.report(pb::agent_message::Msg::Report(pb::SyncReport {
+            source: name.to_string(),
+            result,
+            error,
+            inconsistent: self.inconsistent(name),
+            recheck_bytes: self.recheck_bytes(name),
+        }));
+    }
+
     fn recheck_bytes(&self, name: &str) -> u64 {
         self.trackers.get(name).map_or(0, |t| t.recheck_bytes())
     }
@@ -267,13 +279,7 @@ impl Agent {
         let _running = gate
             .try_lock()
             .map_err(|_| AgentError::Busy(name.to_string()))?;
-        self.report(pb::agent_message::Msg::Report(pb::SyncReport {
-            source: name.to_string(),
-            result: None,
-            error: String::new(),
-            inconsistent: self.inconsistent(name),
-            recheck_bytes: self.recheck_bytes(name),
-        }));
+        self.report_sync(name, None, String::new());
         let span = if opts.check {
             tracing::info_span!("check", source = %name, deep = opts.deep, point = tracing::field::Empty)
         } else if tracker.is_none() {
@@ -358,17 +364,15 @@ impl Agent {
             ),
             Err(e) => tracing::warn!("sync failed: {e}"),
         }
-        self.report(pb::agent_message::Msg::Report(pb::SyncReport {
-            source: name.to_string(),
-            result: result.as_ref().ok().map(|o| sync_result(name, o)),
-            error: result
+        self.report_sync(
+            name,
+            result.as_ref().ok().map(|o| sync_result(name, o)),
+            result
                 .as_ref()
                 .err()
                 .map(|e| e.to_string())
                 .unwrap_or_default(),
-            inconsistent: self.inconsistent(name),
-            recheck_bytes: self.recheck_bytes(name),
-        }));
+        );
         result
     }
 

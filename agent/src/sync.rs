@@ -721,27 +721,14 @@ async fn stream_sync(
     let (dtx, drx) = mpsc::channel::<Result<Bytes, FeedError>>(4);
     let stop = Arc::new(AtomicBool::new(false));
     let reply_task = tokio::spawn(read_replies(replies, dtx, stop.clone(), node_name.clone()));
-    let feed = DigestFeed {
-        rx: drx,
-        remaining: ready.digest_count,
-        buf: Bytes::new(),
-        pos: 0,
-        block: 0,
-    };
-    let (ranges, feed) = match plan {
-        Plan::Scan => (vec![(0, geometry.block_count())], Some(feed)),
-        Plan::Recheck { since, .. } if ready.base_point < since => {
+    let (ranges, feed) = match plan_ranges(plan, &ready, geometry, drx, &node_name) {
+        Ok(r) => r,
+        Err(e) => {
             // Closing the stream without a commit makes the node roll back.
             drop(tx);
             reply_task.abort();
-            return Err(SyncError::RecheckBase {
-                node: node_name,
-                since,
-                newest: ready.base_point,
-            });
+            return Err(e);
         }
-        Plan::Recheck { blocks, .. } => (blocks.runs().collect(), Some(feed)),
-        Plan::Dirty { blocks, .. } => (blocks.runs().collect(), None),
     };
     let scan_tx = tx.clone();
     let stop_s = stop.clone();
@@ -796,6 +783,40 @@ async fn stream_sync(
     tracing::Span::current().record("point", point.id);
     drop(tx);
     Ok(committed(point, damaged_blocks, &stats))
+}
+
+/// Runs of blocks to read: (first block, count), in order.
+type Ranges = Vec<(u64, u64)>;
+
+/// The runs of blocks `plan` reads, and the node's digests to compare them with (a
+/// scan's, a re-check's). A re-check needs the node's newest point to be at least the
+/// record's base.
+fn plan_ranges(
+    plan: Plan,
+    ready: &pb::SyncReady,
+    geometry: Geometry,
+    drx: mpsc::Receiver<Result<Bytes, FeedError>>,
+    node_name: &str,
+) -> Result<(Ranges, Option<DigestFeed>), SyncError> {
+    let feed = DigestFeed {
+        rx: drx,
+        remaining: ready.digest_count,
+        buf: Bytes::new(),
+        pos: 0,
+        block: 0,
+    };
+    Ok(match plan {
+        Plan::Scan => (vec![(0, geometry.block_count())], Some(feed)),
+        Plan::Recheck { since, .. } if ready.base_point < since => {
+            return Err(SyncError::RecheckBase {
+                node: node_name.to_string(),
+                since,
+                newest: ready.base_point,
+            });
+        }
+        Plan::Recheck { blocks, .. } => (blocks.runs().collect(), Some(feed)),
+        Plan::Dirty { blocks, .. } => (blocks.runs().collect(), None),
+    })
 }
 
 /// What a committed sync did, as far as sending goes (the caller adds the time
