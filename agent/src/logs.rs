@@ -502,7 +502,9 @@ fn read_and_send(
     use pb::log_message::Msg;
     let send = |m: Msg| {
         tx.blocking_send(pb::LogMessage { msg: Some(m) })
-            .map_err(|_| LogError::Closed)
+            .map_err(|_| LogError::Closed)?;
+        bulwark_common::failpoint::hit("agent-mid-ship");
+        Ok(())
     };
     let files = scan(dir, glob)?;
     let mut o = ShipOutcome {

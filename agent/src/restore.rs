@@ -378,6 +378,7 @@ fn write_target(
                 out.write_at(&t.file, &e.data, e.offset)
                     .map_err(write_err)?;
                 written += e.data.len() as u64;
+                bulwark_common::failpoint::hit("agent-mid-restore");
             }
             pb::restore_chunk::Msg::Zeros(z) => {
                 coverage.mark(z.offset, z.len)?;

@@ -305,7 +305,9 @@ impl BatchBuilder<'_> {
         };
         self.bytes = 0;
         self.last_sent = std::time::Instant::now();
-        self.tx.blocking_send(msg).map_err(|_| SyncError::Closed)
+        self.tx.blocking_send(msg).map_err(|_| SyncError::Closed)?;
+        bulwark_common::failpoint::hit("agent-mid-sync");
+        Ok(())
     }
 }
 

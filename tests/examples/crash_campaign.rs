@@ -45,6 +45,8 @@ enum Victim {
     NodeAt(&'static str),
     /// The coordinator during a move, once the target holds the whole copy.
     CoordinatorMoveCopied,
+    /// The agent of the source, at this failpoint, during an op that reaches it.
+    AgentAt(&'static str),
     /// A daemon at a random moment of a sync.
     Random,
 }
@@ -57,8 +59,16 @@ const FAILPOINTS: &[Victim] = &[
     Victim::NodeAt("node-after-commit"),
     Victim::NodeAt("node-settle-group"),
     Victim::NodeAt("node-after-log-commit"),
+    Victim::NodeAt("node-mid-restore"),
+    Victim::NodeAt("node-mid-prune"),
     Victim::CoordinatorMoveCopied,
+    Victim::AgentAt("agent-mid-sync"),
+    Victim::AgentAt("agent-mid-ship"),
+    Victim::AgentAt("agent-mid-restore"),
 ];
+
+/// The fingerprint volume keeps its newest points only: its syncs prune.
+const KEEP: usize = 6;
 
 #[derive(Default)]
 struct Stats {
@@ -159,7 +169,7 @@ fn wait_for(mut reached: impl FnMut() -> bool, op: &mut bulwark_tests::Backgroun
 
 fn name(v: Victim) -> String {
     match v {
-        Victim::NodeAt(f) => f.to_string(),
+        Victim::NodeAt(f) | Victim::AgentAt(f) => f.to_string(),
         Victim::CoordinatorMoveCopied => "coordinator-move-copied".into(),
         Victim::Random => "random".into(),
     }
@@ -228,6 +238,7 @@ impl Campaign {
         for s in [FP, NBD, LOGS] {
             c.refresh(s);
         }
+        c.fleet.cli(&["retention", FP, "--keep", &KEEP.to_string()]);
         // The only step that writes the replica directly is a source's first sync:
         // kill the node there once, at the start.
         c.kill_node_at("node-before-replica-write", FP);
@@ -378,13 +389,30 @@ impl Campaign {
         }
     }
 
+    /// Acknowledged points of `source` that are not `listed` and that no retention
+    /// explains: the fingerprint volume keeps its KEEP newest, so an acknowledged
+    /// point older than the oldest listed one was pruned; any other is lost.
+    fn lost_points(&mut self, source: &str, listed: &BTreeSet<u64>) -> Vec<u64> {
+        let oldest = listed.first().copied().unwrap_or(0);
+        let acked = self.acked.entry(source.to_string()).or_default();
+        let lost: Vec<u64> = acked
+            .iter()
+            .copied()
+            .filter(|p| {
+                let pruned = source == FP && *p < oldest && listed.len() >= KEEP;
+                !listed.contains(p) && !pruned
+            })
+            .collect();
+        // Pruned ones are no longer owed.
+        acked.retain(|p| listed.contains(p) || lost.contains(p));
+        lost
+    }
+
     /// Every acknowledged point listed; the newest and a random older one restore.
     fn check(&mut self, source: &str) {
         let listed: BTreeSet<u64> = self.fleet.point_ids(source).into_iter().collect();
-        for p in self.acked.get(source).cloned().unwrap_or_default() {
-            if !listed.contains(&p) {
-                self.stats.lost.push(format!("{source} point {p}"));
-            }
+        for p in self.lost_points(source, &listed) {
+            self.stats.lost.push(format!("{source} point {p}"));
         }
         let ids: Vec<u64> = listed.into_iter().collect();
         if let Some(&newest) = ids.last() {
@@ -423,15 +451,24 @@ impl Campaign {
         self.stats.iterations += 1;
         let victim = self.pick_victim();
         let source = match victim {
-            Victim::NodeAt("node-after-log-commit") => LOGS,
-            Victim::NodeAt(_) | Victim::CoordinatorMoveCopied | Victim::Random => {
-                if self.rng.random_bool(0.5) { FP } else { NBD }
+            Victim::NodeAt("node-after-log-commit") | Victim::AgentAt("agent-mid-ship") => LOGS,
+            Victim::NodeAt("node-mid-prune") => FP,
+            Victim::NodeAt(_)
+            | Victim::AgentAt(_)
+            | Victim::CoordinatorMoveCopied
+            | Victim::Random => {
+                if self.rng.random_bool(0.5) {
+                    FP
+                } else {
+                    NBD
+                }
             }
         };
         println!("iteration {i}: {} on {source}", name(victim));
         self.mutate(source);
         match victim {
             Victim::NodeAt(fp) => self.kill_node_at(fp, source),
+            Victim::AgentAt(fp) => self.kill_agent_at(fp, source),
             Victim::CoordinatorMoveCopied => self.kill_coordinator_mid_move(),
             Victim::Random => self.kill_at_random(source),
         }
@@ -452,15 +489,85 @@ impl Campaign {
             .restart_with_env(&[("BULWARK_FAILPOINTS", &spec)]);
         assert!(status.success(), "{node} did not stop cleanly: {status}");
         self.ready();
-        let op = self.fleet.cli_spawn(&["sync", source, "--wait", "--json"]);
+        let (mut op, target) = self.op_for(fp, source);
         let reached = format!("failpoint {fp} reached");
-        let mut op = op;
         let hit = wait_for(|| self.fleet.node(&node).log_contains(&reached), &mut op);
         self.count(fp, hit);
         self.fleet.node(&node).kill9();
-        self.ack_from(op, source);
+        self.end_op(op, source, target);
         self.fleet.node(&node).start();
         self.ready();
+    }
+
+    /// Restarts the agent of `source` with `fp` armed, runs the op that reaches it,
+    /// kills the agent there, restarts it clean.
+    fn kill_agent_at(&mut self, fp: &'static str, source: &str) {
+        let agent = if source == NBD { HOST_B } else { HOST_A };
+        let spec = format!("{fp}=pause");
+        let status = self
+            .fleet
+            .agent(agent)
+            .restart_with_env(&[("BULWARK_FAILPOINTS", &spec)]);
+        assert!(status.success(), "{agent} did not stop cleanly: {status}");
+        self.ready();
+        let (mut op, target) = self.op_for(fp, source);
+        let reached = format!("failpoint {fp} reached");
+        let hit = wait_for(|| self.fleet.agent(agent).log_contains(&reached), &mut op);
+        self.count(fp, hit);
+        self.fleet.agent(agent).kill9();
+        self.end_op(op, source, target);
+        self.fleet.agent(agent).start();
+        self.ready();
+    }
+
+    /// The op that reaches `fp`: a restore of the newest point (to a new path, which
+    /// it returns), or a sync.
+    fn op_for(&mut self, fp: &str, source: &str) -> (bulwark_tests::Background, Option<PathBuf>) {
+        if !fp.ends_with("-restore") {
+            return (
+                self.fleet.cli_spawn(&["sync", source, "--wait", "--json"]),
+                None,
+            );
+        }
+        let newest = self.fleet.point_ids(source).last().copied().unwrap_or(1);
+        let to = self
+            .fleet
+            .scratch(&format!("killed-restore-{}", self.stats.kills));
+        let to_s = to.to_string_lossy().into_owned();
+        let op = self.fleet.cli_spawn(&[
+            "restore",
+            source,
+            "--point",
+            &newest.to_string(),
+            "--to",
+            &to_s,
+            "--wait",
+            "--json",
+        ]);
+        (op, Some(to))
+    }
+
+    /// Waits for the op a kill interrupted: a sync that succeeded acknowledged a
+    /// point; a restore that failed must leave nothing at its target path.
+    fn end_op(&mut self, op: bulwark_tests::Background, source: &str, target: Option<PathBuf>) {
+        let Some(to) = target else {
+            self.ack_from(op, source);
+            return;
+        };
+        let ok = op
+            .wait(Duration::from_secs(120))
+            .is_ok_and(|o| o.status.success());
+        if !ok && to.exists() {
+            self.stats.corrupt.push(format!(
+                "{source}: a restore killed mid-way left {}",
+                to.display()
+            ));
+        }
+        if to.is_dir() {
+            let _ = std::fs::remove_dir_all(&to);
+        } else {
+            let _ = std::fs::remove_file(&to);
+        }
     }
 
     /// A move (a drain of the node holding the sources) with the coordinator paused
@@ -566,10 +673,8 @@ impl Campaign {
         for s in [FP, NBD, LOGS] {
             let ids = self.fleet.point_ids(s);
             let listed: BTreeSet<u64> = ids.iter().copied().collect();
-            for p in self.acked.get(s).cloned().unwrap_or_default() {
-                if !listed.contains(&p) {
-                    self.stats.lost.push(format!("{s} point {p} (final)"));
-                }
+            for p in self.lost_points(s, &listed) {
+                self.stats.lost.push(format!("{s} point {p} (final)"));
             }
             for p in ids {
                 self.restore_matches(s, p);

@@ -45,6 +45,7 @@ impl NodeService {
             if !tx.send(Ok(header)) {
                 return;
             }
+            bulwark_common::failpoint::hit("node-mid-restore");
             loop {
                 let msg = match reader.next_item() {
                     Ok(None) => return,

@@ -206,6 +206,7 @@ impl Store {
         let victim_path = delta_path(&dir, id);
         let freed = victim.stored_bytes();
         boundary("prune: start")?;
+        bulwark_common::failpoint::hit("node-mid-prune");
         let updated_prev = if idx > 0 {
             let mut prev = points[idx - 1].clone();
             let merged = merge_deltas(&delta_path(&dir, prev.id), &victim_path, meta.geometry())?;
