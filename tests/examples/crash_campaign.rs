@@ -37,6 +37,8 @@ const LOGS: &str = "a-logs";
 const NBD: &str = "b-disk";
 const HOST_A: &str = "host-a";
 const HOST_B: &str = "host-b";
+const QCOW: &str = "c-vm";
+const SOURCES: [&str; 4] = [FP, NBD, QCOW, LOGS];
 
 /// Where the kill lands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -65,7 +67,17 @@ const FAILPOINTS: &[Victim] = &[
     Victim::AgentAt("agent-mid-sync"),
     Victim::AgentAt("agent-mid-ship"),
     Victim::AgentAt("agent-mid-restore"),
+    Victim::AgentAt("agent-qcow2-frozen"),
 ];
+
+/// The agent protecting `source`.
+fn agent_of(source: &str) -> &'static str {
+    if source == NBD || source == QCOW {
+        HOST_B
+    } else {
+        HOST_A
+    }
+}
 
 /// The fingerprint volume keeps its newest points only: its syncs prune.
 const KEEP: usize = 6;
@@ -93,6 +105,9 @@ struct Campaign {
     stats: Stats,
     moved: bool,
     log_dir: PathBuf,
+    /// The qcow2-bitmap source's image, and a directory for it and its raw copies.
+    qcow: PathBuf,
+    images: PathBuf,
     nbd_socket: PathBuf,
 }
 
@@ -202,6 +217,9 @@ impl Campaign {
             "bulwark-campaign-logs-{seed}-{}",
             std::process::id()
         ));
+        let images = tmp.with_extension("images");
+        std::fs::create_dir_all(&images).expect("image dir");
+        let qcow = bulwark_tests::qemu::random_qcow2(&images, SIZE);
         std::fs::create_dir_all(&tmp).expect("log dir");
         std::fs::write(tmp.join("app.log"), b"first line\n").expect("log file");
         let fleet = Fleet::builder()
@@ -218,6 +236,13 @@ impl Campaign {
                     "tracker = \"nbd-filter\"\nnbd_socket = \"{{root}}/{HOST_B}/nbd/{NBD}.sock\""
                 ),
             )
+            .agent_source(
+                HOST_B,
+                QCOW,
+                Some(&qcow),
+                SIZE,
+                "tracker = \"qcow2-bitmap\"",
+            )
             .start();
         let nbd_socket = fleet
             .root()
@@ -233,16 +258,18 @@ impl Campaign {
             stats: Stats::default(),
             moved: false,
             log_dir: tmp,
+            qcow,
+            images,
             nbd_socket,
         };
-        for s in [FP, NBD, LOGS] {
+        for s in SOURCES {
             c.refresh(s);
         }
         c.fleet.cli(&["retention", FP, "--keep", &KEEP.to_string()]);
         // The only step that writes the replica directly is a source's first sync:
         // kill the node there once, at the start.
         c.kill_node_at("node-before-replica-write", FP);
-        for s in [FP, NBD, LOGS] {
+        for s in SOURCES {
             c.converge(s);
         }
         c
@@ -258,7 +285,15 @@ impl Campaign {
 
     /// Records the hash of `source`'s data now (a new generation).
     fn refresh(&mut self, source: &str) {
-        let h = hash_path(&self.data_path(source));
+        let h = if source == QCOW {
+            let raw = self.images.join("now.raw");
+            bulwark_tests::qemu::qcow2_to_raw(&self.qcow, &raw);
+            let h = hash_path(&raw);
+            let _ = std::fs::remove_file(&raw);
+            h
+        } else {
+            hash_path(&self.data_path(source))
+        };
         self.current.insert(source.to_string(), h);
     }
 
@@ -281,10 +316,14 @@ impl Campaign {
                 }
                 f.sync_all().expect("fsync volume");
             }
-            NBD => {
+            NBD | QCOW => {
                 let url = format!("nbd+unix:///?socket={}", self.nbd_socket.display());
                 let mut cmd = Command::new("qemu-io");
-                cmd.args(["-f", "raw", &url]);
+                if source == NBD {
+                    cmd.args(["-f", "raw", &url]);
+                } else {
+                    cmd.args(["-f", "qcow2"]).arg(&self.qcow);
+                }
                 for _ in 0..self.rng.random_range(1..20u64) {
                     let off = self.rng.random_range(0..SIZE / 4096) * 4096;
                     let len = 4096 * self.rng.random_range(1..=32u64).min((SIZE - off) / 4096);
@@ -453,16 +492,11 @@ impl Campaign {
         let source = match victim {
             Victim::NodeAt("node-after-log-commit") | Victim::AgentAt("agent-mid-ship") => LOGS,
             Victim::NodeAt("node-mid-prune") => FP,
+            Victim::AgentAt("agent-qcow2-frozen") => QCOW,
             Victim::NodeAt(_)
             | Victim::AgentAt(_)
             | Victim::CoordinatorMoveCopied
-            | Victim::Random => {
-                if self.rng.random_bool(0.5) {
-                    FP
-                } else {
-                    NBD
-                }
-            }
+            | Victim::Random => [FP, NBD, QCOW][self.rng.random_range(0..3)],
         };
         println!("iteration {i}: {} on {source}", name(victim));
         self.mutate(source);
@@ -472,7 +506,7 @@ impl Campaign {
             Victim::CoordinatorMoveCopied => self.kill_coordinator_mid_move(),
             Victim::Random => self.kill_at_random(source),
         }
-        for s in [FP, NBD, LOGS] {
+        for s in SOURCES {
             self.converge(s);
             self.check(s);
         }
@@ -502,7 +536,7 @@ impl Campaign {
     /// Restarts the agent of `source` with `fp` armed, runs the op that reaches it,
     /// kills the agent there, restarts it clean.
     fn kill_agent_at(&mut self, fp: &'static str, source: &str) {
-        let agent = if source == NBD { HOST_B } else { HOST_A };
+        let agent = agent_of(source);
         let spec = format!("{fp}=pause");
         let status = self
             .fleet
@@ -623,7 +657,7 @@ impl Campaign {
         let op = self.fleet.cli_spawn(&["sync", source, "--wait", "--json"]);
         std::thread::sleep(Duration::from_millis(self.rng.random_range(0..400)));
         let node = self.fleet.source_node(source);
-        let agent = if source == NBD { HOST_B } else { HOST_A };
+        let agent = agent_of(source);
         let which = self.rng.random_range(0..3);
         self.stats.kills += 1;
         match which {
@@ -670,7 +704,7 @@ impl Campaign {
 
     /// Every point of every source restores to what its generation held.
     fn final_check(&mut self) {
-        for s in [FP, NBD, LOGS] {
+        for s in SOURCES {
             let ids = self.fleet.point_ids(s);
             let listed: BTreeSet<u64> = ids.iter().copied().collect();
             for p in self.lost_points(s, &listed) {
@@ -681,5 +715,6 @@ impl Campaign {
             }
         }
         let _ = std::fs::remove_dir_all(&self.log_dir);
+        let _ = std::fs::remove_dir_all(&self.images);
     }
 }
