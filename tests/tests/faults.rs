@@ -261,14 +261,21 @@ fn a_pool_disk_that_really_fills_up_refuses_cleanly_and_recovers_when_space_retu
 /// Restarts the node with the fault points `spec` armed (empty: none) and waits
 /// for the fleet.
 fn restart_node_with(fleet: &mut Fleet, spec: &str) {
+    restart_with(fleet, NODE, spec);
+    fleet.wait_ready();
+}
+
+/// Restarts node `node` with the fault points `spec` armed (empty: none) and
+/// waits until it is up.
+fn restart_with(fleet: &mut Fleet, node: &str, spec: &str) {
     let env: &[(&str, &str)] = if spec.is_empty() {
         &[]
     } else {
         &[("BULWARK_FAILPOINTS", spec)]
     };
-    let status = fleet.node(NODE).restart_with_env(env);
-    assert!(status.success(), "{NODE} did not stop cleanly: {status}");
-    fleet.wait_ready();
+    let status = fleet.node(node).restart_with_env(env);
+    assert!(status.success(), "{node} did not stop cleanly: {status}");
+    fleet.wait_nodes_up(&[node.to_string()]);
 }
 
 /// EIO injected at the node's journal write and journal fsync during a sync, and
@@ -357,4 +364,76 @@ fn injected_eio_on_write_and_fsync_refuses_the_sync_and_damages_nothing() {
     let id = json_u64(&r, "point");
     points.push((id, fleet.save_volume(SOURCE, &format!("p{id}.img"))));
     check_points(&fleet, &points, "at the end");
+}
+
+/// ENOSPC injected at the rename that publishes a moved source's copy on its new
+/// node. A sync renames nothing (its commit is one sled transaction); the node
+/// renames only there and where a prune merges a middle point's delta into its
+/// predecessor's, which retention does only across hours or days. The drain fails
+/// naming the rename and the error, the target raises `disk-full/<source>` and
+/// keeps nothing of the copy, the source stays where it was with every point
+/// restoring and still syncs there; without the fault a second drain moves it,
+/// every point restores from the new node, and the alert resolves.
+#[test]
+fn injected_enospc_on_the_rename_of_a_move_keeps_the_source_where_it_was() {
+    let mut fleet = Fleet::builder()
+        .node("node-1")
+        .node("node-2")
+        .agent("host-1", SOURCE, 4 * MIB)
+        .start();
+    let volume = fleet.volume(SOURCE);
+    fleet.sync(SOURCE);
+    let p1 = fleet.save_volume(SOURCE, "p1.img");
+    bulwark_tests::rewrite_random_blocks(&volume, 5);
+    fleet.sync(SOURCE);
+    let p2 = fleet.save_volume(SOURCE, "p2.img");
+    let from = fleet.source_node(SOURCE);
+    let to = if from == "node-1" { "node-2" } else { "node-1" };
+
+    restart_with(&mut fleet, to, "node-io-rename=errno(ENOSPC)");
+    let out = fleet.cli_as(fleet.admin(), &["drain", &from, "--json"]);
+    assert_eq!(out.status.code(), Some(1), "a drain that moved nothing");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("drain --json");
+    let error = json_str(&report["moves"][0], "error");
+    assert!(
+        error.contains("No space left on device") && error.contains("rename"),
+        "the failed move does not name the rename and the error: {report}"
+    );
+    fleet
+        .node(to)
+        .wait_for_log("failpoint node-io-rename reached", Duration::from_secs(10));
+    let alert = wait_alert(&fleet, &format!("disk-full/{SOURCE}"));
+    assert!(
+        json_str(&alert, "message").contains(&format!("stays on {from}")),
+        "{alert}"
+    );
+    fleet.node(to).assert_alive();
+    assert_eq!(fleet.source_node(SOURCE), from);
+    let target_dir = fleet.node_dir(to).join("disk1").join("bulwark");
+    let left: Vec<String> = std::fs::read_dir(&target_dir)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        left.is_empty(),
+        "the failed move left {left:?} in {}",
+        target_dir.display()
+    );
+    assert_eq!(fleet.point_ids(SOURCE), vec![1, 2]);
+    restore_all(&fleet, &[(1, &p1), (2, &p2)], "after the failed move");
+    bulwark_tests::rewrite_random_blocks(&volume, 5);
+    let r = fleet.sync(SOURCE);
+    assert_eq!(json_u64(&r, "point"), 3, "{r}");
+    let p3 = fleet.save_volume(SOURCE, "p3.img");
+
+    // Without the fault the move goes through.
+    restart_with(&mut fleet, to, "");
+    let report = fleet.cli_json(&["drain", &from, "--json"]);
+    assert_eq!(json_str(&report["moves"][0], "error"), "", "{report}");
+    assert_eq!(fleet.source_node(SOURCE), to);
+    restore_all(&fleet, &[(1, &p1), (2, &p2), (3, &p3)], "after the move");
+    wait_resolved(&fleet, &format!("disk-full/{SOURCE}"));
 }
