@@ -4,7 +4,20 @@
 
 use tonic::Status;
 
-use crate::store::StoreError;
+use crate::store::{DiskFault, StoreError};
+
+/// The status metadata that carries a [`DiskFault`] (its key) from the failed
+/// store call to the service that raises its alert.
+const DISK_FAULT: &str = "bulwark-disk-fault";
+
+/// The disk fault a status carries (see [`DISK_FAULT`]).
+pub(crate) fn disk_fault(status: &Status) -> Option<DiskFault> {
+    status
+        .metadata()
+        .get(DISK_FAULT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(DiskFault::from_key)
+}
 use crate::wire::ProtocolError;
 
 /// Counts a refusal by reason (see `bulwark_refusals_total`).
@@ -149,8 +162,22 @@ impl From<StoreError> for Status {
             StoreError::NoPoints(_) | StoreError::NoSuchPoint { .. } => {
                 Status::not_found(e.to_string())
             }
-            StoreError::Io { .. }
-            | StoreError::Meta(_)
+            // A pool disk that is full is out of a resource; one that fails, an
+            // internal error. Both carry the fault for the node's alert.
+            StoreError::Io { .. } => {
+                tracing::error!("store error: {e}");
+                let fault = e.disk_fault().unwrap_or(DiskFault::Failed);
+                let mut status = match fault {
+                    DiskFault::Full => Status::resource_exhausted(e.to_string()),
+                    DiskFault::Failed => Status::internal(e.to_string()),
+                };
+                status.metadata_mut().insert(
+                    DISK_FAULT,
+                    tonic::metadata::MetadataValue::from_static(fault.key()),
+                );
+                status
+            }
+            StoreError::Meta(_)
             | StoreError::Damaged { .. }
             | StoreError::Crashed(_)
             | StoreError::MissingDisk(_) => {
@@ -158,5 +185,50 @@ impl From<StoreError> for Status {
                 Status::internal(e.to_string())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io_error(errno: i32) -> StoreError {
+        StoreError::Io {
+            op: "write",
+            path: "/pool/bulwark/vol/journal".into(),
+            error: std::io::Error::from_raw_os_error(errno),
+        }
+    }
+
+    /// A full pool disk is out of a resource, a failing one an internal error;
+    /// both name the call and the file, and carry their fault for the alert.
+    #[test]
+    fn a_disk_fault_keeps_its_kind_through_the_status() {
+        let full = Status::from(io_error(libc::ENOSPC));
+        assert_eq!(full.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            full.message().contains("write /pool/bulwark/vol/journal")
+                && full.message().contains("No space left on device"),
+            "{}",
+            full.message()
+        );
+        assert_eq!(disk_fault(&full), Some(DiskFault::Full));
+        let quota = Status::from(io_error(libc::EDQUOT));
+        assert_eq!(disk_fault(&quota), Some(DiskFault::Full));
+        let eio = Status::from(io_error(libc::EIO));
+        assert_eq!(eio.code(), tonic::Code::Internal);
+        assert!(eio.message().contains("Input/output error"), "{eio:?}");
+        assert_eq!(disk_fault(&eio), Some(DiskFault::Failed));
+        // Not an I/O error: no fault.
+        let other = Status::from(StoreError::NoPoints("vol".into()));
+        assert_eq!(disk_fault(&other), None);
+        let full_allocation = Status::from(StoreError::AllocationFull {
+            source_name: "vol".into(),
+            need: 1,
+            allocated: 0,
+            used: 0,
+        });
+        assert_eq!(full_allocation.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(disk_fault(&full_allocation), None);
     }
 }

@@ -26,7 +26,7 @@ use tonic::Status;
 
 use crate::error::refused;
 use crate::node::admission::{Admission, Limits};
-use crate::store::{PointMeta, SourceLocks, Store, StoreError};
+use crate::store::{DiskFault, PointMeta, SourceLocks, Store, StoreError};
 use crate::wire::policy_from_proto;
 
 pub mod access;
@@ -37,6 +37,26 @@ pub mod moves;
 pub mod points;
 pub mod restore;
 pub mod sync;
+
+/// Why a source's last sync or ship failed, or its retention after a commit, when
+/// that is an alert (`<key>/<source>`) until a sync or ship of the source commits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Its recovery-point space (the logical allocation) is full.
+    Allocation,
+    /// A pool disk's file system failed a write, an fsync or a rename.
+    Disk(DiskFault),
+}
+
+impl Refusal {
+    /// The alert key's prefix.
+    pub fn key(self) -> &'static str {
+        match self {
+            Refusal::Allocation => "allocation-full",
+            Refusal::Disk(f) => f.key(),
+        }
+    }
+}
 
 /// A stream of replies to a client.
 pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -66,9 +86,10 @@ pub struct NodeService {
     /// Turns: node-wide syncs, per-agent caps, one sync per source, idle timeouts
     /// (see [`crate::node::admission`]).
     admission: Arc<Admission>,
-    /// Sources whose last sync was refused for space, with the refusal (an alert
-    /// until a sync of the source commits).
-    space_refusals: std::sync::Mutex<HashMap<String, String>>,
+    /// Sources whose last sync was refused for space, or failed on a pool disk,
+    /// with why and the alert's message (an alert until a sync of the source
+    /// commits).
+    space_refusals: std::sync::Mutex<HashMap<String, (Refusal, String)>>,
     /// Retention locks an officer lowered here, by source: (when, what), raised as
     /// an alert for a day.
     lock_lowered: std::sync::Mutex<HashMap<String, (i64, String)>>,
@@ -166,22 +187,25 @@ impl NodeService {
         self.peer_tls.revocations().clone()
     }
 
-    /// The refusals for space still standing, by source.
-    pub fn space_refusals(&self) -> HashMap<String, String> {
+    /// The refusals for space and disk faults still standing, by source.
+    pub fn space_refusals(&self) -> HashMap<String, (Refusal, String)> {
         self.space_refusals
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
 
-    fn note_refusal(&self, source: &str, refusal: Option<String>) {
+    fn note_refusal(&self, source: &str, refusal: Option<(Refusal, String)>) {
         let mut map = self
             .space_refusals
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         match refusal {
             Some(r) => {
-                refused("space");
+                refused(match r.0 {
+                    Refusal::Allocation => "space",
+                    Refusal::Disk(f) => f.key(),
+                });
                 map.insert(source.to_string(), r)
             }
             None => map.remove(source),
@@ -266,25 +290,52 @@ impl NodeService {
 
     /// After a sync or ship committed (the caller still holds the source's lock):
     /// retention prunes what it no longer keeps, and a space refusal is over. A prune
-    /// that fails is logged and retried later: the point is committed.
+    /// that fails is logged and retried later: the point is committed; one that
+    /// failed on a pool disk (a merge's write or rename) is an alert until the next
+    /// commit.
     async fn after_commit(&self, source: &str) {
         let store = self.store.clone();
         let name = source.to_string();
         let now = bulwark_common::time::now_ms();
-        match blocking(move || store.apply_retention(&name, now)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(source, "retention after the commit failed: {e}"),
-            Err(e) => tracing::warn!(source, "retention task: {e}"),
-        }
-        self.note_refusal(source, None);
+        let fault = match blocking(move || store.apply_retention(&name, now)).await {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => {
+                tracing::warn!(source, "retention after the commit failed: {e}");
+                e.disk_fault().map(|f| {
+                    let why = format!(
+                        "retention after the commit of {source}'s newest point failed on a pool disk: {e}; every point is kept, and retention tries again after the next sync"
+                    );
+                    (Refusal::Disk(f), why)
+                })
+            }
+            Err(e) => {
+                tracing::warn!(source, "retention task: {e}");
+                None
+            }
+        };
+        self.note_refusal(source, fault);
     }
 
-    /// After a sync or ship failed: counted, and a refusal for space is kept as an
-    /// alert until a sync of the source commits.
+    /// After a sync or ship failed: counted, and a refusal for space, or a fault of
+    /// a pool disk, is kept as an alert until a sync of the source commits.
     fn after_failure(&self, source: &str, status: &Status, started: std::time::Instant) {
         count_sync(source, None, started);
-        if status.code() == tonic::Code::ResourceExhausted {
-            self.note_refusal(source, Some(status.message().to_string()));
+        let refusal = match crate::error::disk_fault(status) {
+            Some(f) => Some((
+                Refusal::Disk(f),
+                format!(
+                    "a write of {source} failed on a pool disk: {}; it was rolled back, and every committed point is intact",
+                    status.message()
+                ),
+            )),
+            None if status.code() == tonic::Code::ResourceExhausted => Some((
+                Refusal::Allocation,
+                format!("sync refused: {}", status.message()),
+            )),
+            None => None,
+        };
+        if let Some(r) = refusal {
+            self.note_refusal(source, Some(r));
         }
     }
 }

@@ -213,10 +213,11 @@ async fn usage_report(
 }
 
 /// The conditions this node raises now: recovery-point space at 80% and 90% of its
-/// allocation, syncs refused for space, points a verify found damaged.
+/// allocation, syncs refused for space or failed on a pool disk (full or failing),
+/// points a verify found damaged.
 fn alerts(
     usage: &crate::store::PoolUsage,
-    refusals: &std::collections::HashMap<String, String>,
+    refusals: &std::collections::HashMap<String, (crate::node::Refusal, String)>,
     settle_failures: &std::collections::HashMap<String, String>,
     refused_sources: &std::collections::HashMap<String, String>,
 ) -> Vec<pb::Alert> {
@@ -263,12 +264,12 @@ fn alerts(
             ));
         }
     }
-    for (source, why) in refusals {
+    for (source, (kind, why)) in refusals {
         out.push(alert(
-            format!("allocation-full/{source}"),
+            format!("{}/{source}", kind.key()),
             "critical",
             source,
-            format!("sync refused: {why}"),
+            why.clone(),
         ));
     }
     for (source, why) in settle_failures {
@@ -331,5 +332,35 @@ mod tests {
         assert_eq!(out[0].severity, "critical");
         assert_eq!(out[0].subject, "vol");
         assert!(out[0].message.contains("point 2"), "{:?}", out[0]);
+    }
+
+    /// A sync refused for space and one failed on a full or failing pool disk are
+    /// critical alerts, each under its own key.
+    #[test]
+    fn refusals_and_disk_faults_are_critical_alerts() {
+        use crate::node::Refusal;
+        use crate::store::DiskFault;
+        let usage = crate::store::PoolUsage::default();
+        let refusals: std::collections::HashMap<String, (Refusal, String)> = [
+            (
+                "a".to_string(),
+                (Refusal::Allocation, "sync refused: full".to_string()),
+            ),
+            (
+                "b".to_string(),
+                (Refusal::Disk(DiskFault::Full), "no space".to_string()),
+            ),
+            (
+                "c".to_string(),
+                (Refusal::Disk(DiskFault::Failed), "EIO".to_string()),
+            ),
+        ]
+        .into();
+        let mut out = alerts(&usage, &refusals, &Default::default(), &Default::default());
+        out.sort_by(|x, y| x.key.cmp(&y.key));
+        let keys: Vec<&str> = out.iter().map(|a| a.key.as_str()).collect();
+        assert_eq!(keys, ["allocation-full/a", "disk-error/c", "disk-full/b"]);
+        assert!(out.iter().all(|a| a.severity == "critical"), "{out:?}");
+        assert_eq!(out[2].message, "no space");
     }
 }

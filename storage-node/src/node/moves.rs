@@ -144,10 +144,30 @@ impl NodeService {
         }
         let points = meta.points.len() as u64;
         let store = self.store.clone();
-        let import = blocking(move || store.import(meta)).await??;
-        let import = receive_files(import, &mut stream, &from, idle).await?;
-        let bytes = import.bytes();
-        let verified = blocking(move || import.commit()).await??;
+        let copied = async {
+            let import = blocking(move || store.import(meta)).await??;
+            let import = receive_files(import, &mut stream, &from, idle).await?;
+            let bytes = import.bytes();
+            let verified = blocking(move || import.commit()).await??;
+            Ok::<_, NodeError>((bytes, verified))
+        }
+        .await;
+        // A pool disk that failed the copy (full, failing) is an alert here until
+        // a move or sync of the source here commits.
+        let fault = match &copied {
+            Err(NodeError::Store(e)) => e.disk_fault().map(|f| {
+                let why = format!(
+                    "a move of {} to this node failed on a pool disk: {e}; nothing of the copy was kept, and the source stays on {}",
+                    from.source, from.node
+                );
+                (super::Refusal::Disk(f), why)
+            }),
+            _ => None,
+        };
+        if fault.is_some() || copied.is_ok() {
+            self.note_refusal(&from.source, fault);
+        }
+        let (bytes, verified) = copied?;
         tracing::info!(source = %from.source, from = %from.node, bytes, points, "data source copied in for a move and verified");
         Ok(pb::ImportResponse {
             bytes,

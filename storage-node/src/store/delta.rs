@@ -58,6 +58,9 @@ pub(super) struct DeltaAppender {
     pub(super) tail: Vec<u8>,
     /// The chunk, kept between appends (page-aligned).
     pub(super) chunk: Option<bytes::BytesMut>,
+    /// The I/O fault point of its writes: `node-io-journal-write` or
+    /// `node-io-delta-write` (see `bulwark_common::failpoint`).
+    pub(super) fault: &'static str,
 }
 
 /// Bytes of records built before they are written: below the allocator's mmap
@@ -74,10 +77,10 @@ impl DeltaAppender {
     /// (see `header.rs`): the file is then [`FILE_HEADER_LEN`] bytes long.
     pub(super) fn create(file: File, path: &Path, kind: DataFile) -> Result<DeltaAppender> {
         kind.write_header(&file, path)?;
-        let what = if kind == DataFile::Journal {
-            "journal"
+        let (what, fault) = if kind == DataFile::Journal {
+            ("journal", "node-io-journal-write")
         } else {
-            "delta"
+            ("delta", "node-io-delta-write")
         };
         Ok(DeltaAppender {
             file,
@@ -87,6 +90,7 @@ impl DeltaAppender {
             // writes again whole.
             tail: kind.header().to_vec(),
             chunk: None,
+            fault,
         })
     }
 
@@ -97,6 +101,7 @@ impl DeltaAppender {
         end: u64,
         records: impl Iterator<Item = (u64, Digest, Option<&'a [u8]>, usize)>,
     ) -> std::io::Result<()> {
+        bulwark_common::failpoint::io(self.fault)?;
         let mut page_start = end - self.tail.len() as u64;
         let mut buf = self
             .chunk

@@ -10,6 +10,7 @@ use bulwark_common::block::{
     DIGEST_LEN, DIRECT_ALIGN, Digest, DirectWriter, Geometry, aligned_buffer, open_direct,
     read_direct_at,
 };
+use bulwark_common::failpoint;
 use bytes::Bytes;
 
 use crate::uring::{self, Ring};
@@ -282,6 +283,7 @@ pub(super) fn write_replica(
     path: &Path,
     written: &dyn Fn() -> Result<()>,
 ) -> Result<()> {
+    failpoint::io("node-io-replica-write").map_err(io("write", path))?;
     if extents.len() > 1 && write_replica_ring(files, geometry, extents, path)? {
         return Ok(());
     }

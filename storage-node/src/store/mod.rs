@@ -68,7 +68,8 @@
 //!    oldest points pruned, or [`StoreError::AllocationFull`]) now, at receive time.
 //! 3. Commit: fdatasync `journal`; one sled transaction inserts point `N+1`, inserts
 //!    `settle[source] = {point: N+1, ...}`, removes `pending` and updates the
-//!    source's record; sled is flushed; only then is the sync acknowledged.
+//!    source's record; sled is flushed; only then is the sync acknowledged. A
+//!    commit whose fsync fails is rolled back at once (the journal deleted).
 //! 4. Settle ([`Store::settle`], run by the service after it replied, still under
 //!    the source's write lock): the journal is read back in groups of 4 MiB, every
 //!    record's BLAKE3 checked against its digest. For each group: the old digests
@@ -104,7 +105,11 @@
 //! cause (the node raises a critical alert `settle/<source>`), except restores and
 //! views of the points before the unsettled one, which the whole replica and
 //! their deltas still serve; the other sources are served. Each start of the node
-//! tries the settle again.
+//! tries the settle again. A settle that failed only because the pool disk's file
+//! system was full (`ENOSPC`, `EDQUOT`: [`DiskFault::Full`]) and was undone whole
+//! is tried again by the next operation on the source instead (the node's
+//! heartbeat applies the source's policy, so within a heartbeat of the space
+//! returning); until then it fails as above.
 //!
 //! Limits: the journal takes disk space beyond the source's allocation (up to the
 //! sync's size) until the point is settled. A node older than this format does not
@@ -320,6 +325,49 @@ pub mod crash {
 }
 
 use crash::boundary;
+
+/// What a failed I/O call on a pool disk says of the disk: the sync (or ship) it
+/// failed is rolled back, and the node raises an alert until one of the source
+/// commits (`storage-node/src/workers.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskFault {
+    /// The file system has no space left (`ENOSPC`, `EDQUOT`), whatever the
+    /// logical allocation admits.
+    Full,
+    /// Any other I/O error (`EIO`, `EROFS`, ...).
+    Failed,
+}
+
+impl DiskFault {
+    /// The alert's kind, and its key's prefix: `disk-full/<source>`,
+    /// `disk-error/<source>`.
+    pub fn key(self) -> &'static str {
+        match self {
+            DiskFault::Full => "disk-full",
+            DiskFault::Failed => "disk-error",
+        }
+    }
+
+    /// The fault a key names.
+    pub fn from_key(key: &str) -> Option<DiskFault> {
+        [DiskFault::Full, DiskFault::Failed]
+            .into_iter()
+            .find(|f| f.key() == key)
+    }
+}
+
+impl StoreError {
+    /// The disk fault an I/O error is (none for the other errors).
+    pub fn disk_fault(&self) -> Option<DiskFault> {
+        match self {
+            StoreError::Io { error, .. } => Some(match error.raw_os_error() {
+                Some(libc::ENOSPC | libc::EDQUOT) => DiskFault::Full,
+                _ => DiskFault::Failed,
+            }),
+            _ => None,
+        }
+    }
+}
 
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {

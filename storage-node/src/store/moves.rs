@@ -6,6 +6,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use bulwark_common::block::DIGEST_LEN;
+use bulwark_common::failpoint;
 use bulwark_common::name::SourceName;
 use serde::{Deserialize, Serialize};
 
@@ -158,7 +159,9 @@ impl Import {
                 dir.display()
             )));
         }
-        std::fs::rename(&self.staging, &dir).map_err(io("rename", &self.staging))?;
+        failpoint::io("node-io-rename")
+            .and_then(|()| std::fs::rename(&self.staging, &dir))
+            .map_err(io("rename", &self.staging))?;
         if let Some(parent) = dir.parent() {
             fsync_dir(parent)?;
         }

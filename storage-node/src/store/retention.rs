@@ -5,6 +5,7 @@ use std::fs::{File, OpenOptions};
 use std::path::Path;
 
 use bulwark_common::block::Geometry;
+use bulwark_common::failpoint;
 
 use super::*;
 
@@ -69,7 +70,9 @@ pub(super) fn merge_deltas(older: &Path, newer: &Path, geometry: Geometry) -> Re
     boundary("merge: written")?;
     out.sync_all().map_err(io("fsync", &tmp))?;
     boundary("merge: durable")?;
-    std::fs::rename(&tmp, older).map_err(io("rename", &tmp))?;
+    failpoint::io("node-io-rename")
+        .and_then(|()| std::fs::rename(&tmp, older))
+        .map_err(io("rename", &tmp))?;
     boundary("merge: renamed")?;
     if let Some(parent) = older.parent() {
         fsync_dir(parent)?;

@@ -26,6 +26,10 @@ pub(super) struct SettleFailure {
     /// The replica and digests were written back to the previous point, whole:
     /// the points before the unsettled one can still be read.
     pub(super) replica_whole: bool,
+    /// It failed only because the pool disk's file system was full, and the
+    /// replica is whole: the next operation on the source tries the settle again
+    /// (the space may be back) instead of failing with it.
+    pub(super) retry: bool,
 }
 
 impl SettleFailure {
@@ -126,9 +130,17 @@ impl Store {
         };
         let rec: Settle = decode(&v)?;
         match self.settle_now(name, &rec) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                // A settle that failed for want of space and was tried again.
+                self.settle_failed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(name);
+                Ok(())
+            }
             Err(e @ StoreError::Crashed(_)) => Err(e),
             Err(e) => {
+                let full = e.disk_fault() == Some(DiskFault::Full);
                 let mut cause = e.to_string();
                 let dir = source_dir(&rec.disk, &SourceName::parse(name)?);
                 let mut replica_whole = false;
@@ -154,7 +166,10 @@ impl Store {
                         )
                     }
                 }
-                Err(self.settle_failed(name, &rec, cause, replica_whole))
+                if full && replica_whole {
+                    cause.push_str("; the settle is tried again at the next operation on the source, once the pool disk has room");
+                }
+                Err(self.settle_failed(name, &rec, cause, replica_whole, full))
             }
         }
     }
@@ -193,11 +208,13 @@ impl Store {
         rec: &Settle,
         cause: String,
         replica_whole: bool,
+        full: bool,
     ) -> StoreError {
         let failure = SettleFailure {
             point: rec.point,
             cause,
             replica_whole,
+            retry: full && replica_whole,
         };
         let e = failure.error(name);
         self.settle_failed
@@ -207,10 +224,11 @@ impl Store {
         e
     }
 
-    /// The failed settle of a source, as its error.
+    /// The failed settle of a source, as its error; none for one that is tried
+    /// again (see [`SettleFailure::retry`]).
     pub(super) fn settle_failure(&self, name: &str) -> Option<StoreError> {
         let failed = self.settle_failed.lock().unwrap_or_else(|e| e.into_inner());
-        failed.get(name).map(|f| f.error(name))
+        failed.get(name).filter(|f| !f.retry).map(|f| f.error(name))
     }
 
     /// Sources whose settle failed, with the error (an alert each).

@@ -102,17 +102,22 @@ impl SyncTxn {
         r
     }
 
-    pub(super) fn open_files_now(&mut self) -> Result<()> {
-        let store = &self.store;
-        let name = &self.spec.source;
-        let dir = self.meta.dir();
-        let pending = Pending {
+    /// The sync's pending record.
+    fn pending(&self) -> Pending {
+        Pending {
             v: FORMAT_VERSION,
             new_point: self.new_point,
             fresh: self.fresh,
             disk: self.meta.disk.clone(),
             journal: !self.fresh,
-        };
+        }
+    }
+
+    pub(super) fn open_files_now(&mut self) -> Result<()> {
+        let store = &self.store;
+        let name = &self.spec.source;
+        let dir = self.meta.dir();
+        let pending = self.pending();
         // 1. The pending record (and, for a new source, its meta) is durable before
         //    any data file changes.
         let meta_bytes = encode(&self.meta)?;
@@ -327,18 +332,25 @@ impl SyncTxn {
             return Err(StoreError::Meta("sync files not open".into()));
         };
         failpoint::hit("node-before-commit");
-        match &files.journal {
-            Some(journal) => {
-                journal
-                    .file
-                    .sync_data()
-                    .map_err(io("fsync", &journal.path))?;
-                boundary("commit: journal durable")?;
+        let durable = match &files.journal {
+            Some(journal) => failpoint::io("node-io-journal-fsync")
+                .and_then(|()| journal.file.sync_data())
+                .map_err(io("fsync", &journal.path))
+                .and_then(|()| boundary("commit: journal durable")),
+            None => make_durable(&files.replica, &files.digests, &files.dir)
+                .and_then(|()| boundary("commit: data durable")),
+        };
+        if let Err(e) = durable {
+            // Rolled back at once, as `abort` does (the caller has no transaction
+            // left to abort): else the pending record would keep the journal on
+            // the disk until the source's next sync. Not after a simulated crash.
+            if !matches!(e, StoreError::Crashed(_)) {
+                drop(files);
+                if let Err(u) = self.store.roll_back(&self.spec.source, &self.pending()) {
+                    tracing::error!(source = %self.spec.source, "rolling back the sync whose commit failed: {u}");
+                }
             }
-            None => {
-                make_durable(&files.replica, &files.digests, &files.dir)?;
-                boundary("commit: data durable")?;
-            }
+            return Err(e);
         }
         let store = &self.store;
         let name = self.spec.source.clone();
@@ -388,14 +400,7 @@ impl SyncTxn {
             return Ok(()); // nothing was written
         };
         drop(files);
-        let pending = Pending {
-            v: FORMAT_VERSION,
-            new_point: self.new_point,
-            fresh: self.fresh,
-            disk: self.meta.disk.clone(),
-            journal: !self.fresh,
-        };
-        self.store.roll_back(&self.spec.source, &pending)
+        self.store.roll_back(&self.spec.source, &self.pending())
     }
 }
 
