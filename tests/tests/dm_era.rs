@@ -32,10 +32,20 @@ fn dm_era_here() -> bool {
     if !loop_devices("dm-era's origin and metadata") {
         return false;
     }
-    if !Path::new("/dev/mapper/control").exists() {
+    // The node alone proves nothing: dmsetup makes /dev/mapper/control when it is
+    // missing, and opening it then fails with ENODEV where the kernel has no
+    // device-mapper.
+    let control = Path::new("/dev/mapper/control");
+    if let Err(e) = OpenOptions::new().read(true).write(true).open(control) {
+        let absent = e.kind() == std::io::ErrorKind::NotFound
+            || matches!(e.raw_os_error(), Some(libc::ENODEV | libc::ENXIO));
+        assert!(absent, "cannot open {}: {e}", control.display());
         skip(
             "device-mapper",
-            "this kernel or container has no device-mapper (/dev/mapper/control is missing)",
+            &format!(
+                "this kernel or container has no device-mapper ({}: {e})",
+                control.display()
+            ),
         );
         return false;
     }
