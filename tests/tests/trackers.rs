@@ -183,18 +183,20 @@ fn writes_during_a_sync_land_in_the_next_point() {
     }
     let source = "busy-disk";
     let (mut fleet, socket) = filter_fleet(source);
-    // Slow the node down (100 ms after each batch of at most 1 MiB) so the writer
-    // below runs while the sync reads and sends.
+    // Slow the node down (1 s after each group of batches, of at most 16 MiB) so the
+    // writer below runs while the sync reads and sends: each sync has three groups or
+    // more, and a burst of writes has a second to end before the next.
     fleet
         .node("node-1")
-        .restart_with_env(&[("BULWARK_FAILPOINTS", "node-after-batch=sleep(100)")]);
+        .restart_with_env(&[("BULWARK_FAILPOINTS", "node-after-batch=sleep(1000)")]);
     fleet.wait_ready();
     let url = nbd_url(&socket);
 
     for round in 0..2u64 {
         if round == 1 {
-            // Make the second sync an incremental of many blocks.
-            let cmds: Vec<String> = (0..200u64)
+            // Make the second sync an incremental of many blocks (640 distinct ones,
+            // 40 MiB: three groups at the node).
+            let cmds: Vec<String> = (0..640u64)
                 .map(|i| format!("write -P 7 {} 65536", (i * 5 % 1024) * BLOCK_SIZE))
                 .collect();
             qemu_io("raw", &url, &cmds);
@@ -239,6 +241,7 @@ fn writes_during_a_sync_land_in_the_next_point() {
             .iter()
             .map(|&at| batches_after(&log, at))
             .collect();
+        eprintln!("sync {round}: batches the node applied after each burst of writes: {later:?}");
         assert!(
             later[0] > 0,
             "sync {round}: the first burst of writes did not end before the sync's last \
