@@ -334,8 +334,7 @@ mod tests {
     /// could write to.
     #[test]
     fn what_another_user_owns_is_refused() {
-        if euid() != 0 {
-            eprintln!("SKIP: not root, cannot give files to another user");
+        if !bulwark_common::testkit::have_root("this test gives files to another user") {
             return;
         }
         let nobody = 65534;

@@ -29,6 +29,7 @@
 //! - [`shutdown`] — SIGTERM and Ctrl-C as one cancellation token.
 //! - [`failpoint`] — named crash points the tests arm.
 //! - [`malloc`] — the allocator's tuning.
+//! - `testkit` (hidden) — for tests only: a skipped test says so in one fixed form.
 
 pub mod access;
 pub mod alloc;
@@ -48,6 +49,8 @@ pub mod retention;
 pub mod revocation;
 pub mod shutdown;
 pub mod telemetry;
+#[doc(hidden)]
+pub mod testkit;
 pub mod text;
 pub mod time;
 pub mod tls;

@@ -23,19 +23,10 @@ use tokio_util::sync::CancellationToken;
 
 const MIB: u64 = 1024 * 1024;
 
-/// Whether `tool` runs; if not, says why the calling test checks nothing.
+/// Whether `tool` (qemu-utils) is installed; if not, the calling test skips
+/// (`BULWARK-SKIP`, facility `tool`) and returns.
 fn have(tool: &str) -> bool {
-    let ok = Command::new(tool)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !ok {
-        eprintln!("skipping: {tool} is not on PATH");
-    }
-    ok
+    bulwark_common::testkit::have_tool(tool, "qemu-utils")
 }
 
 /// Runs a command and fails the test with its output if it does not succeed.

@@ -52,19 +52,10 @@ const MIB: usize = 1024 * 1024;
 const TRUST_DOMAIN: &str = "test.fleet";
 const EXPORT: &str = "vol@3";
 
-/// Whether `tool` runs; if not, says why the calling test checks nothing.
+/// Whether `tool` (qemu-utils) is installed; if not, the calling test skips
+/// (`BULWARK-SKIP`, facility `tool`) and returns.
 fn have(tool: &str) -> bool {
-    let ok = std::process::Command::new(tool)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !ok {
-        eprintln!("skipping: {tool} is not on PATH");
-    }
-    ok
+    bulwark_common::testkit::have_tool(tool, "qemu-utils")
 }
 
 // ---- Log capture: the server's warnings, for the tests that check them ----

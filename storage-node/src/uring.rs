@@ -346,16 +346,28 @@ mod tests {
 
     #[test]
     fn many_scattered_reads_and_writes_land_where_they_belong() {
-        let Ok(mut ring) = Ring::new() else {
-            eprintln!("SKIPPED: this kernel refuses io_uring");
-            return;
+        let mut ring = match Ring::new() {
+            Ok(r) => r,
+            Err(e) => {
+                bulwark_common::testkit::skip(
+                    "io_uring",
+                    &format!("this kernel refuses io_uring: {e}"),
+                );
+                return;
+            }
         };
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("f");
         let size = 8 << 20;
         std::fs::write(&path, pattern(size, 1)).expect("write");
         let Some(direct_w) = open_direct(&path, false) else {
-            eprintln!("SKIPPED: this file system refuses O_DIRECT");
+            bulwark_common::testkit::skip(
+                "o-direct",
+                &format!(
+                    "the file system of {} refuses O_DIRECT",
+                    dir.path().display()
+                ),
+            );
             return;
         };
         // More jobs than the depth, of several sizes, scattered and out of order.

@@ -93,13 +93,54 @@ pub fn file_hash(path: &Path) -> blake3::Hash {
     h.finalize()
 }
 
-/// `Ok` if the two files hold the same bytes; otherwise what differs (sizes, the
-/// first differing offset, how many 64 KiB blocks differ).
+/// The size in bytes of a regular file or a block device (whose metadata length is
+/// 0): how far the end is, found by seeking there.
+pub fn byte_size(path: &Path) -> Result<u64, String> {
+    let f = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    size_of(&f).map_err(|e| format!("cannot size {}: {e}", path.display()))
+}
+
+fn size_of(f: &File) -> std::io::Result<u64> {
+    std::io::Seek::seek(&mut &*f, std::io::SeekFrom::End(0))
+}
+
+/// The indices of the 64 KiB blocks in which two files (or block devices) of the
+/// same size differ; panics if they cannot be read or their sizes differ.
+pub fn differing_blocks(a: &Path, b: &Path) -> Vec<u64> {
+    let (la, lb) = (byte_size(a), byte_size(b));
+    let (la, lb) = (
+        la.unwrap_or_else(|e| panic!("{e}")),
+        lb.unwrap_or_else(|e| panic!("{e}")),
+    );
+    assert_eq!(la, lb, "{} and {} differ in size", a.display(), b.display());
+    let open =
+        |p: &Path| File::open(p).unwrap_or_else(|e| panic!("cannot open {}: {e}", p.display()));
+    let (fa, fb) = (open(a), open(b));
+    let bs = usize::try_from(BLOCK_SIZE).expect("block fits usize");
+    let (mut xa, mut xb) = (vec![0u8; bs], vec![0u8; bs]);
+    let mut out = Vec::new();
+    for block in 0..la.div_ceil(BLOCK_SIZE) {
+        let off = block * BLOCK_SIZE;
+        let n = usize::try_from(BLOCK_SIZE.min(la - off)).expect("block fits usize");
+        fa.read_exact_at(&mut xa[..n], off)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", a.display()));
+        fb.read_exact_at(&mut xb[..n], off)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", b.display()));
+        if xa[..n] != xb[..n] {
+            out.push(block);
+        }
+    }
+    out
+}
+
+/// `Ok` if the two files (or block devices) hold the same bytes; otherwise what
+/// differs (sizes, the first differing offset, how many 64 KiB blocks differ).
 pub fn compare_files(a: &Path, b: &Path) -> Result<(), String> {
     let fa = File::open(a).map_err(|e| format!("cannot open {}: {e}", a.display()))?;
     let fb = File::open(b).map_err(|e| format!("cannot open {}: {e}", b.display()))?;
-    let la = fa.metadata().map_err(|e| e.to_string())?.len();
-    let lb = fb.metadata().map_err(|e| e.to_string())?.len();
+    // The real sizes: a block device's metadata says 0 bytes.
+    let la = size_of(&fa).map_err(|e| format!("cannot size {}: {e}", a.display()))?;
+    let lb = size_of(&fb).map_err(|e| format!("cannot size {}: {e}", b.display()))?;
     let mut ra = std::io::BufReader::with_capacity(1 << 20, fa);
     let mut rb = std::io::BufReader::with_capacity(1 << 20, fb);
     let bs = usize::try_from(BLOCK_SIZE).expect("block fits usize");

@@ -13,12 +13,17 @@
 //! - [`hostile`]: what a host taken over sends, and proof that no point was lost.
 //! - [`otlp`]: a small OTLP collector the telemetry tests point daemons at.
 //! - [`qemu`]: whether a qemu-utils tool is installed, random qcow2 images.
+//! - [`loopdev`]: whether loop devices can be used, one attached over a file.
+//! - [`skip`]: a test that cannot run here says so in one fixed form
+//!   (`BULWARK-SKIP <test> facility=<facility>: <reason>`, also appended to
+//!   `$BULWARK_SKIP_LOG`), which `.ci/test` lists and CI checks.
 
 pub mod bins;
 pub mod files;
 pub mod fleet;
 pub mod grpc;
 pub mod hostile;
+pub mod loopdev;
 pub mod otlp;
 pub mod process;
 pub mod qemu;
@@ -27,9 +32,10 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 pub use bulwark_common::config::TlsFiles;
+pub use bulwark_common::testkit::{have_root, have_tool, on_path, skip};
 pub use files::{
-    assert_same_file, compare_files, dir_hashes, file_hash, rewrite_random_blocks,
-    write_random_file,
+    assert_same_file, byte_size, compare_files, differing_blocks, dir_hashes, file_hash,
+    rewrite_random_blocks, write_random_file,
 };
 pub use fleet::{Fleet, FleetBuilder, Pki};
 pub use process::{Background, Daemon};

@@ -4,16 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Whether `tool` (qemu-utils) runs; prints why the calling test skips if not.
+/// Whether `tool` (qemu-utils) is installed; where it is not, the calling test
+/// skips ([`crate::skip`], facility `tool`) and returns.
 pub fn have(tool: &str) -> bool {
-    let found = Command::new(tool)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        eprintln!("SKIP: {tool} is not installed (qemu-utils); this test needs it");
-    }
-    found
+    crate::have_tool(tool, "qemu-utils")
 }
 
 /// A qcow2 image `vm.qcow2` in `dir` holding `size` random bytes (through

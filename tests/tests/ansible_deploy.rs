@@ -12,7 +12,8 @@
 //! exists), and that `ansible-lint` passes.
 //!
 //! Needs root and `ansible-playbook` (found through `BULWARK_ANSIBLE_BIN`, then the CI
-//! venv /opt/bulwark-ci-venv/bin, then PATH); without them it prints why it skipped.
+//! venv /opt/bulwark-ci-venv/bin, then PATH); without them it skips, saying which is
+//! missing (`BULWARK-SKIP`).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -53,11 +54,6 @@ fn find_tool(name: &str) -> Option<PathBuf> {
         p.metadata()
             .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
     })
-}
-
-fn is_root() -> bool {
-    // /proc/self belongs to the process's effective uid.
-    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
 /// uid and gid of a local user, from /etc/passwd.
@@ -355,16 +351,16 @@ fn unit_lines(text: &str, root: &str) -> Vec<String> {
 #[test]
 fn ansible_deploys_a_working_fleet_idempotently() {
     let Some(playbook) = find_tool("ansible-playbook") else {
-        eprintln!(
-            "SKIPPED: ansible-playbook not found (set {ANSIBLE_BIN_ENV}, or install it in \
-             {CI_VENV_BIN} as .ci/run does, or put it on PATH)"
+        bulwark_tests::skip(
+            "ansible",
+            &format!(
+                "ansible-playbook not found (set {ANSIBLE_BIN_ENV}, or install it in \
+                 {CI_VENV_BIN} as .ci/run does, or put it on PATH)"
+            ),
         );
         return;
     };
-    if !is_root() {
-        eprintln!(
-            "SKIPPED: the roles create the `bulwark` system user and chown to it; run as root"
-        );
+    if !bulwark_tests::have_root("the roles create the `bulwark` system user and chown to it") {
         return;
     }
     let started = Instant::now();
@@ -524,11 +520,7 @@ fn ansible_deploys_a_working_fleet_idempotently() {
         )) && node2_unit.contains(&format!("RequiresMountsFor={disk}\n")),
         "node-2's unit:\n{node2_unit}"
     );
-    if Command::new("systemd-analyze")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
+    if bulwark_tests::on_path("systemd-analyze") {
         for unit in [
             "bulwark-coordinator",
             "bulwark-node",
@@ -550,7 +542,12 @@ fn ansible_deploys_a_working_fleet_idempotently() {
             );
         }
     } else {
-        eprintln!("systemd-analyze is not installed: the units are not verified");
+        // Not a skip of the test, which goes on; but a check it did not make.
+        bulwark_tests::skip(
+            "systemd-analyze",
+            "systemd-analyze is not installed: the units are not verified (the rest of \
+             the test runs)",
+        );
     }
 
     // ----- the deployed fleet works ------------------------------------------------

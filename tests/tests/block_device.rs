@@ -1,66 +1,22 @@
 //! A block device as a data source, and a block device as a restore target, with
-//! loop devices. Needs root and loop devices (`losetup`); elsewhere it says why it
-//! skipped.
+//! loop devices; and the size of a block device as the tests measure it. Needs root
+//! and loop devices (`losetup`); elsewhere each test skips, saying why
+//! (`BULWARK-SKIP`). A loop device that cannot be attached where they exist fails.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
-use bulwark_tests::{BLOCK_SIZE, Fleet, MIB, assert_same_file, json_u64, rewrite_random_blocks};
+use bulwark_tests::loopdev::{LoopDevice, loop_devices};
+use bulwark_tests::{
+    BLOCK_SIZE, Fleet, MIB, assert_same_file, byte_size, compare_files, json_u64,
+    rewrite_random_blocks,
+};
 use rand::RngCore;
 
 const SIZE: u64 = 32 * MIB;
 const SOURCE: &str = "host-1-disk";
-
-/// A loop device over a file; detached on drop.
-struct Loop {
-    dev: PathBuf,
-}
-
-impl Loop {
-    fn attach(backing: &Path) -> Result<Loop, String> {
-        let out = Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(backing)
-            .output()
-            .map_err(|e| format!("cannot run losetup: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "losetup failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        Ok(Loop {
-            dev: PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()),
-        })
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
-    }
-}
-
-/// Two loop devices of SIZE bytes, or why there are none.
-fn loops(dir: &Path) -> Result<(Loop, Loop), String> {
-    if !Path::new("/dev/loop-control").exists() {
-        return Err("no /dev/loop-control: this kernel or container has no loop devices".into());
-    }
-    let mut out = Vec::new();
-    for name in ["source.backing", "target.backing"] {
-        let path = dir.join(name);
-        File::create(&path)
-            .and_then(|f| f.set_len(SIZE))
-            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-        out.push(Loop::attach(&path)?);
-    }
-    let b = out.pop().ok_or("no loop device")?;
-    let a = out.pop().ok_or("no loop device")?;
-    Ok((a, b))
-}
 
 /// Copies the first `len` bytes of a device into a file.
 fn snapshot(dev: &Path, to: &Path, len: u64) {
@@ -71,17 +27,43 @@ fn snapshot(dev: &Path, to: &Path, len: u64) {
     std::fs::write(to, &buf).unwrap_or_else(|e| panic!("cannot write {}: {e}", to.display()));
 }
 
+/// The tests' size of a file or device is its real size: a block device's metadata
+/// says 0 bytes (which made a comparison of a restored file with a device fail), and
+/// the comparison of a device with its backing file holds.
+#[test]
+fn a_block_device_is_sized_and_compared_by_its_contents() {
+    if !loop_devices("sizing a block device") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let size = 3 * MIB + 4096;
+    let backing = tmp.path().join("dev.backing");
+    bulwark_tests::write_random_file(&backing, size);
+    let dev = LoopDevice::attach(&backing);
+    let meta = std::fs::metadata(&dev.dev).expect("stat the loop device");
+    assert_eq!(meta.len(), 0, "a block device's metadata length");
+    assert_eq!(byte_size(&dev.dev), Ok(size), "the device's size");
+    assert_eq!(byte_size(&backing), Ok(size), "a regular file's size");
+    compare_files(&dev.dev, &backing).expect("the device holds its backing file's bytes");
+    // A file one byte shorter is not the same.
+    let short = tmp.path().join("short");
+    std::fs::write(
+        &short,
+        &std::fs::read(&backing).expect("backing")[..size as usize - 1],
+    )
+    .expect("write the short copy");
+    let e = compare_files(&short, &dev.dev).expect_err("a shorter file differs");
+    assert!(e.contains(&format!("({size} bytes)")), "{e}");
+}
+
 #[test]
 fn block_device_source_and_restore_target() {
+    if !loop_devices("a block device source") {
+        return;
+    }
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (source, target) = match loops(tmp.path()) {
-        Ok(l) => l,
-        Err(why) => {
-            println!("SKIPPED block_device_source_and_restore_target: {why}");
-            eprintln!("SKIPPED block_device_source_and_restore_target: {why}");
-            return;
-        }
-    };
+    let source = LoopDevice::over_new_file(&tmp.path().join("source.backing"), SIZE);
+    let target = LoopDevice::over_new_file(&tmp.path().join("target.backing"), SIZE);
     // Random data on the source device, with a hole of zeros in the middle.
     {
         let mut data = vec![0u8; SIZE as usize];

@@ -4,10 +4,15 @@
 
 use std::time::Duration;
 
-use bulwark_tests::{Fleet, MIB, assert_same_file, json_u64, rewrite_random_blocks};
+use bulwark_tests::{
+    Fleet, MIB, assert_same_file, differing_blocks, json_u64, rewrite_random_blocks,
+};
 
 const SIZE: u64 = 64 * MIB;
 const SOURCE: &str = "host-1-data";
+
+/// Blocks [`fleet_with_a_first_point`] rewrites after point 1.
+const REWRITTEN: usize = 300;
 
 /// A fleet whose source has point 1 (its image saved, returned), then 300 random
 /// blocks rewritten (about 19 MiB), and the node restarted with `failpoints`.
@@ -19,8 +24,14 @@ fn fleet_with_a_first_point(failpoints: &str) -> (Fleet, std::path::PathBuf) {
     let r = fleet.sync(SOURCE);
     assert_eq!(json_u64(&r, "point"), 1, "first sync: {r}");
     let point1 = fleet.save_volume(SOURCE, "p1.img");
-    let touched = rewrite_random_blocks(&fleet.volume(SOURCE), 300);
-    assert_eq!(touched, 300);
+    rewrite_random_blocks(&fleet.volume(SOURCE), REWRITTEN);
+    // Read back from the disk, not the writer's own count: the syncs below are held
+    // to this.
+    assert_eq!(
+        differing_blocks(&point1, &fleet.volume(SOURCE)).len(),
+        REWRITTEN,
+        "blocks that differ from point 1 after the rewrite"
+    );
     let status = fleet
         .node("node-1")
         .restart_with_env(&[("BULWARK_FAILPOINTS", failpoints)]);
@@ -71,9 +82,15 @@ fn node_kill9_mid_sync_keeps_last_point() {
     fleet.restore(SOURCE, Some(1), &restored1, None);
     assert_same_file(&restored1, &point1, "restore of point 1 after the crash");
 
-    // The next sync completes and point 2 is the current volume.
+    // The next sync completes, sends again every block the rolled-back one had (the
+    // node's digests are point 1's again), and point 2 is the current volume.
     let r = fleet.sync(SOURCE);
     assert_eq!(json_u64(&r, "point"), 2, "sync after the crash: {r}");
+    assert_eq!(
+        json_u64(&r, "blocks_sent"),
+        REWRITTEN as u64,
+        "the sync after the rollback sends every changed block: {r}"
+    );
     assert_eq!(fleet.point_ids(SOURCE), vec![1, 2]);
     let restored2 = fleet.scratch("p2.img");
     fleet.restore(SOURCE, Some(2), &restored2, None);
@@ -99,6 +116,11 @@ fn node_kill9_mid_settle_keeps_the_new_point() {
         json_u64(&r, "point"),
         2,
         "the sync is acknowledged before its settle: {r}"
+    );
+    assert_eq!(
+        json_u64(&r, "blocks_sent"),
+        REWRITTEN as u64,
+        "the sync sends the changed blocks: {r}"
     );
     fleet.node("node-1").wait_for_log(
         "failpoint node-settle-group reached",

@@ -1,26 +1,22 @@
 //! The `dm-era` tracker on a real block device: the agent puts an era target in
 //! front of a loop device, writes through /dev/mapper are tracked by the kernel, and
 //! the sync sends exactly the written blocks. Needs root, loop devices,
-//! device-mapper, dmsetup and era_invalidate; elsewhere it prints why it skipped.
+//! device-mapper, dmsetup and era_invalidate; elsewhere it skips, saying which is
+//! missing (`BULWARK-SKIP`).
 
 use std::collections::BTreeSet;
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use bulwark_tests::{BLOCK_SIZE, Fleet, MIB, assert_same_file, json_str, json_u64};
+use bulwark_tests::loopdev::{LoopDevice, loop_devices};
+use bulwark_tests::{
+    BLOCK_SIZE, Fleet, MIB, assert_same_file, have_tool, json_str, json_u64, skip,
+};
 
 const SIZE: u64 = 64 * MIB;
 const SOURCE: &str = "era-disk";
-
-struct Loop(PathBuf);
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
-    }
-}
 
 struct EraDevice(String);
 
@@ -30,53 +26,43 @@ impl Drop for EraDevice {
     }
 }
 
-fn missing() -> Option<String> {
-    if !Path::new("/dev/loop-control").exists() {
-        return Some("no loop devices".into());
+/// Whether dm-era can run here; where not, the test skips (recorded with the
+/// missing facility) and returns.
+fn dm_era_here() -> bool {
+    if !loop_devices("dm-era's origin and metadata") {
+        return false;
     }
-    if !Path::new("/dev/mapper/control").exists() {
-        return Some("no device-mapper (/dev/mapper/control is missing)".into());
+    // The node alone proves nothing: dmsetup makes /dev/mapper/control when it is
+    // missing, and opening it then fails with ENODEV where the kernel has no
+    // device-mapper.
+    let control = Path::new("/dev/mapper/control");
+    if let Err(e) = OpenOptions::new().read(true).write(true).open(control) {
+        let absent = e.kind() == std::io::ErrorKind::NotFound
+            || matches!(e.raw_os_error(), Some(libc::ENODEV | libc::ENXIO));
+        assert!(absent, "cannot open {}: {e}", control.display());
+        skip(
+            "device-mapper",
+            &format!(
+                "this kernel or container has no device-mapper ({}: {e})",
+                control.display()
+            ),
+        );
+        return false;
     }
-    for tool in ["dmsetup", "era_invalidate", "losetup"] {
-        if Command::new(tool).arg("--version").output().is_err() {
-            return Some(format!("{tool} is not installed"));
-        }
-    }
-    None
-}
-
-fn attach(path: &Path, size: u64) -> Loop {
-    File::create(path)
-        .and_then(|f| f.set_len(size))
-        .expect("backing file");
-    let out = Command::new("losetup")
-        .args(["--find", "--show"])
-        .arg(path)
-        .output()
-        .expect("losetup");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Loop(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+    have_tool("dmsetup", "dmsetup") && have_tool("era_invalidate", "thin-provisioning-tools")
 }
 
 #[test]
 fn dm_era_sends_exactly_the_written_blocks() {
-    if let Some(why) = missing() {
-        println!("SKIPPED dm_era_sends_exactly_the_written_blocks: {why}");
+    if !dm_era_here() {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
-    let origin = attach(&tmp.path().join("origin"), SIZE);
-    let meta = attach(&tmp.path().join("meta"), 16 * MIB);
-    bulwark_tests::write_random_file(&tmp.path().join("seed"), SIZE);
-    std::fs::write(
-        &origin.0,
-        std::fs::read(tmp.path().join("seed")).expect("seed"),
-    )
-    .expect("fill the origin");
+    // The origin's backing file holds random data from the start; the metadata
+    // device is zeroed (a new sparse file), as the era target needs.
+    bulwark_tests::write_random_file(&tmp.path().join("origin"), SIZE);
+    let origin = LoopDevice::attach(&tmp.path().join("origin"));
+    let meta = LoopDevice::over_new_file(&tmp.path().join("meta"), 16 * MIB);
     let device = format!("bulwark-test-{}", std::process::id());
     let _era = EraDevice(device.clone());
     let mut fleet = Fleet::builder()
@@ -84,11 +70,11 @@ fn dm_era_sends_exactly_the_written_blocks() {
         .agent_source(
             "host-1",
             SOURCE,
-            Some(&origin.0),
+            Some(&origin.dev),
             SIZE,
             &format!(
                 "tracker = \"dm-era\"\nera_metadata = \"{}\"\nera_device = \"{device}\"",
-                meta.0.display()
+                meta.dev.display()
             ),
         )
         .start();
@@ -116,7 +102,15 @@ fn dm_era_sends_exactly_the_written_blocks() {
     assert_eq!(json_u64(&r, "blocks_sent"), want.len() as u64, "{r}");
     let out = fleet.scratch("era.img");
     fleet.restore(SOURCE, None, &out, None);
-    assert_same_file(&out, &origin.0, "restore of the dm-era source");
+    // Held to what the host sees: the era device, which is what it wrote through
+    // (and whose page cache has those writes). Its size is its real size
+    // (`compare_files` seeks to the end: a device's metadata says 0 bytes).
+    assert_eq!(
+        bulwark_tests::byte_size(&mapped),
+        Ok(SIZE),
+        "the era device's size"
+    );
+    assert_same_file(&out, &mapped, "restore of the dm-era source");
 
     // The record survives kill -9 of the agent (it is the kernel's).
     fleet.agent("host-1").kill9();

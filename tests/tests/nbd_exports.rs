@@ -79,26 +79,39 @@ fn write_commands(writes: &[(u64, u64)], pattern: u8) -> Vec<String> {
         .collect()
 }
 
-/// Whether a local unprivileged user can be used; if not, says why the test skips.
+/// Whether a local unprivileged user can be used (root, runuser, the user
+/// `nobody`); if not, the test skips, saying which is missing.
 fn can_run_as_nobody() -> bool {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    if !root {
-        eprintln!("SKIP: not running as root, so runuser cannot switch to another user");
+    if !bulwark_tests::have_root("runuser cannot switch to another user")
+        || !bulwark_tests::have_tool("runuser", "util-linux")
+    {
         return false;
     }
-    let runuser = Command::new("runuser")
-        .args(["-u", "nobody", "--", "true"])
+    let nobody = Command::new("id")
+        .args(["-u", "nobody"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    if !runuser {
-        eprintln!("SKIP: `runuser -u nobody -- true` fails (no runuser or no user nobody)");
+    if !nobody {
+        bulwark_tests::skip(
+            "user-nobody",
+            "there is no local user `nobody` to run qemu-io as",
+        );
+        return false;
     }
-    runuser
+    // Installed, root, and the user exists: past here a failure is the test's.
+    let out = Command::new("runuser")
+        .args(["-u", "nobody", "--", "true"])
+        .output()
+        .expect("cannot run runuser");
+    assert!(
+        out.status.success(),
+        "`runuser -u nobody -- true` failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    true
 }
 
 /// `qemu-io` as the user `nobody`.

@@ -11,8 +11,9 @@
 //! ship after T (batch 3's segment included); a new cluster made from them with
 //! `recovery_target_time = T` has batches 1 and 2 and not batch 3.
 //!
-//! Skipped, with the reason printed, when not root (PostgreSQL must run as another
-//! user) or when PostgreSQL, `runuser`, `tar` or an unprivileged user is missing.
+//! Skipped, saying which is missing (`BULWARK-SKIP`), when not root (PostgreSQL must
+//! run as another user) or when PostgreSQL, `runuser`, `tar` or an unprivileged
+//! user is missing.
 
 use std::fs::{File, Permissions};
 use std::os::unix::fs::PermissionsExt;
@@ -127,12 +128,6 @@ impl Pg {
     }
 }
 
-/// Whether a command can be found on `PATH`.
-fn on_path(name: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
-}
-
 /// Stdout of a command that exits 0, trimmed; `None` otherwise.
 fn output_of(program: &str, args: &[&str]) -> Option<String> {
     let out = Command::new(program).args(args).output().ok()?;
@@ -167,29 +162,42 @@ fn find_bindir() -> Option<PathBuf> {
     versions.pop().map(|(_, d)| d)
 }
 
-/// The PostgreSQL tools and user, or why the test cannot run here.
-fn prerequisites() -> Result<(PathBuf, String), String> {
-    if output_of("id", &["-u"]).as_deref() != Some("0") {
-        return Err(
-            "not running as root: the test starts PostgreSQL as an unprivileged user \
-                    with runuser, which needs root"
-                .into(),
-        );
+/// The PostgreSQL tools and user; `None` where one is missing (the test skips,
+/// recorded with the missing facility).
+fn prerequisites() -> Option<(PathBuf, String)> {
+    if !bulwark_tests::have_root(
+        "the test starts PostgreSQL as an unprivileged user with runuser, which needs root",
+    ) {
+        return None;
     }
-    for tool in ["runuser", "tar", "chown"] {
-        if !on_path(tool) {
-            return Err(format!("`{tool}` is not on PATH"));
+    for (tool, package) in [
+        ("runuser", "util-linux"),
+        ("tar", "tar"),
+        ("chown", "coreutils"),
+    ] {
+        if !bulwark_tests::have_tool(tool, package) {
+            return None;
         }
     }
-    let bin = find_bindir().ok_or(
-        "PostgreSQL is not installed (no initdb, pg_ctl, postgres and psql in \
-         `pg_config --bindir` or /usr/lib/postgresql/*/bin; Debian package `postgresql`)",
-    )?;
-    let user = ["postgres", "nobody"]
+    let Some(bin) = find_bindir() else {
+        bulwark_tests::skip(
+            "postgresql",
+            "PostgreSQL is not installed (no initdb, pg_ctl, postgres and psql in \
+             `pg_config --bindir` or /usr/lib/postgresql/*/bin; Debian package `postgresql`)",
+        );
+        return None;
+    };
+    let Some(user) = ["postgres", "nobody"]
         .into_iter()
         .find(|u| output_of("id", &["-u", u]).is_some_and(|id| id != "0"))
-        .ok_or("no unprivileged user (`postgres` or `nobody`) to run PostgreSQL as")?;
-    Ok((bin, user.to_string()))
+    else {
+        bulwark_tests::skip(
+            "user-nobody",
+            "no unprivileged user (`postgres` or `nobody`) to run PostgreSQL as",
+        );
+        return None;
+    };
+    Some((bin, user.to_string()))
 }
 
 /// A PostgreSQL server of a data directory. Dropping it stops the server
@@ -418,22 +426,13 @@ fn batch(fleet: &Fleet, primary: &Server, wal_dir: &Path, (n, rows): (u32, u32))
 #[test]
 fn postgres_restores_to_a_moment_between_batches() {
     let started = Instant::now();
-    let (bin, user) = match prerequisites() {
-        Ok(x) => x,
-        Err(why) => {
-            eprintln!("SKIPPED postgres_pitr: {why}");
-            return;
-        }
+    let Some((bin, user)) = prerequisites() else {
+        return;
     };
     // The daemons are built first: a failed build leaves no PostgreSQL directory.
     bulwark_tests::bins::bin_dir();
-    let dir = match PgDir::new() {
-        Ok(d) => d,
-        Err(why) => {
-            eprintln!("SKIPPED postgres_pitr: {why}");
-            return;
-        }
-    };
+    // Setting up the directory is no facility: its failure is the test's.
+    let dir = PgDir::new().unwrap_or_else(|why| panic!("the PostgreSQL directory: {why}"));
     let root = dir.path.clone();
     eprintln!(
         "PostgreSQL from {} as {user}, files in {}",

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bulwark_tests::{
-    BLOCK_SIZE, Fleet, MIB, Value, assert_same_file, json_str, json_u64, poll,
+    BLOCK_SIZE, Fleet, MIB, Value, assert_same_file, differing_blocks, json_str, json_u64, poll,
     rewrite_random_blocks,
 };
 use time::OffsetDateTime;
@@ -110,8 +110,14 @@ fn full_and_incremental_syncs_restore_every_point() {
 
     // Incremental syncs send exactly the rewritten blocks.
     for (_, source, changes) in SOURCES {
-        let touched = rewrite_random_blocks(&fleet.volume(source), changes);
-        assert_eq!(touched, changes);
+        rewrite_random_blocks(&fleet.volume(source), changes);
+        // What the rewrite changed, read back from the disk (not the writer's count).
+        let changed = differing_blocks(&images[&(source, 1)], &fleet.volume(source));
+        assert_eq!(
+            changed.len(),
+            changes,
+            "blocks of {source} that differ from point 1 after rewriting {changes}"
+        );
         let r = fleet.sync(source);
         assert_eq!(json_u64(&r, "point"), 2, "second sync of {source}: {r}");
         assert_eq!(
@@ -128,6 +134,17 @@ fn full_and_incremental_syncs_restore_every_point() {
             json_u64(&r, "bytes_sent"),
             changes as u64 * BLOCK_SIZE,
             "second sync of {source}: {r}"
+        );
+        // The node's own count of the blocks point 2 changed.
+        let listed = fleet.points(source);
+        let p2 = listed
+            .iter()
+            .find(|p| json_u64(p, "id") == 2)
+            .unwrap_or_else(|| panic!("no point 2 of {source}: {listed:?}"));
+        assert_eq!(
+            json_u64(p2, "blocks_changed"),
+            changed.len() as u64,
+            "point 2 of {source} changed the blocks that differ from point 1: {p2}"
         );
         images.insert(
             (source, 2),

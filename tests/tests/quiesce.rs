@@ -1,13 +1,16 @@
 //! Quiesce: pre/post hooks make `app` points; a failing or hanging hook gives a
 //! `crash` point with a warning, or a refused sync with `require_app_consistent`; a
 //! snapshot command makes the sync read a point-in-time view; fsfreeze freezes and
-//! thaws a real file system (on a loop device; skipped with a reason elsewhere).
+//! thaws a real file system (on a loop device; where root, loop devices or a tool
+//! is missing, it skips, saying which: `BULWARK-SKIP`; a failure to make or mount
+//! the file system where they exist fails the test).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use bulwark_tests::{Fleet, MIB, assert_same_file, json_str, json_u64};
+use bulwark_tests::loopdev::{LoopDevice, loop_devices};
+use bulwark_tests::{Fleet, MIB, assert_same_file, have_tool, json_str, json_u64};
 
 const SIZE: u64 = 4 * MIB;
 const AGENT: &str = "host-1";
@@ -131,10 +134,11 @@ fn hooks_snapshots_and_their_failures() {
     assert_eq!(json_u64(&r, "point"), 1);
 }
 
-/// A mounted ext4 file system on a loop device; unmounted and detached on drop.
+/// A mounted ext4 file system on a loop device; unmounted (and thawed, should a
+/// failed test leave it frozen) on drop, before its loop device is detached.
 struct Mounted {
-    dev: String,
     mount: PathBuf,
+    dev: LoopDevice,
 }
 
 impl Drop for Mounted {
@@ -145,58 +149,54 @@ impl Drop for Mounted {
             .stderr(std::process::Stdio::null())
             .status();
         let _ = Command::new("umount").arg(&self.mount).status();
-        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
     }
 }
 
-fn run(cmd: &mut Command) -> Result<String, String> {
+/// Runs `cmd`; panics with its output unless it succeeds.
+fn run(cmd: &mut Command) {
     let out = cmd
         .output()
-        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    } else {
-        Err(format!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
 }
 
-fn mounted_fs(dir: &Path) -> Result<Mounted, String> {
-    if !Path::new("/dev/loop-control").exists() {
-        return Err("no /dev/loop-control: no loop devices here".into());
-    }
-    let backing = dir.join("fs.backing");
-    std::fs::File::create(&backing)
-        .and_then(|f| f.set_len(32 * MIB))
-        .map_err(|e| e.to_string())?;
-    let dev = run(Command::new("losetup")
-        .args(["--find", "--show"])
-        .arg(&backing))?;
+/// Whether a file system on a loop device can be made, mounted, frozen and checked
+/// here; where something is missing, the test skips (recorded) and returns.
+fn file_systems_here() -> bool {
+    loop_devices("freezing a real file system")
+        && have_tool("mkfs.ext4", "e2fsprogs")
+        && have_tool("e2fsck", "e2fsprogs")
+        && have_tool("debugfs", "e2fsprogs")
+        && have_tool("mount", "mount")
+        && have_tool("fsfreeze", "util-linux")
+}
+
+/// A new ext4 file system of 32 MiB on a loop device, mounted in `dir`. Past
+/// [`file_systems_here`], any failure is the test's.
+fn mounted_fs(dir: &Path) -> Mounted {
+    let dev = LoopDevice::over_new_file(&dir.join("fs.backing"), 32 * MIB);
+    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&dev.dev));
     let mount = dir.join("mnt");
-    let m = Mounted {
-        dev: dev.clone(),
-        mount: mount.clone(),
-    };
-    std::fs::create_dir_all(&mount).map_err(|e| e.to_string())?;
-    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&dev))?;
-    run(Command::new("mount").arg(&dev).arg(&mount))?;
-    Ok(m)
+    std::fs::create_dir_all(&mount)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", mount.display()));
+    run(Command::new("mount").arg(&dev.dev).arg(&mount));
+    Mounted { mount, dev }
 }
 
 #[test]
 fn fsfreeze_freezes_and_thaws_a_real_file_system() {
+    if !file_systems_here() {
+        return;
+    }
     let tmp = tempfile::tempdir().expect("tempdir");
-    let fs = match mounted_fs(tmp.path()) {
-        Ok(m) => m,
-        Err(why) => {
-            println!("SKIPPED fsfreeze_freezes_and_thaws_a_real_file_system: {why}");
-            return;
-        }
-    };
+    let fs = mounted_fs(tmp.path());
     std::fs::write(fs.mount.join("data.txt"), b"committed before the point\n").expect("write");
-    let dev = PathBuf::from(&fs.dev);
+    let dev = fs.dev.dev.clone();
     let fleet = Fleet::builder()
         .node("node-1")
         .agent_source(

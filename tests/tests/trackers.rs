@@ -5,8 +5,8 @@
 //! re-check of the logged regions only; a clean stop keeps the record; kill -9 of the
 //! agent in the middle of a qcow2-bitmap sync frees the image.
 //!
-//! Needs qemu-io / qemu-img (qemu-utils); each test skips with a printed reason where
-//! they are missing.
+//! Needs qemu-io / qemu-img (qemu-utils); each test skips, saying which is missing
+//! (`BULWARK-SKIP`), where they are missing.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -161,6 +161,21 @@ fn nbd_filter_sends_exactly_the_written_blocks() {
     assert_eq!(json_u64(&r, "blocks_sent"), 0, "{r}");
 }
 
+/// How many batches the node applied (each says so at its `node-after-batch`
+/// failpoint) in the text of its log after byte `from`.
+fn batches_after(log: &str, from: usize) -> usize {
+    log.get(from..)
+        .unwrap_or_else(|| panic!("the node's log is shorter than {from} bytes"))
+        .matches("failpoint node-after-batch reached")
+        .count()
+}
+
+/// Writes made while a sync runs land in the next point, and none is lost. That the
+/// writes overlapped the sync is proven from the node's side: each burst of writes
+/// starts only after the node applied the sync's first batch (so after the agent
+/// froze its record, which comes before any batch is read), and at least one burst
+/// ends while the node still had batches of that sync to apply (so before its
+/// commit).
 #[test]
 fn writes_during_a_sync_land_in_the_next_point() {
     if !have("qemu-io") {
@@ -168,24 +183,37 @@ fn writes_during_a_sync_land_in_the_next_point() {
     }
     let source = "busy-disk";
     let (mut fleet, socket) = filter_fleet(source);
-    // Slow the node down so the writer below runs while the sync reads.
+    // Slow the node down (1 s after each group of batches, of at most 16 MiB) so the
+    // writer below runs while the sync reads and sends: each sync has three groups or
+    // more, and a burst of writes has a second to end before the next.
     fleet
         .node("node-1")
-        .restart_with_env(&[("BULWARK_FAILPOINTS", "node-after-batch=sleep(40)")]);
+        .restart_with_env(&[("BULWARK_FAILPOINTS", "node-after-batch=sleep(1000)")]);
     fleet.wait_ready();
     let url = nbd_url(&socket);
 
     for round in 0..2u64 {
         if round == 1 {
-            // Make the second sync an incremental of many blocks.
-            let cmds: Vec<String> = (0..200u64)
+            // Make the second sync an incremental of many blocks (640 distinct ones,
+            // 40 MiB: three groups at the node).
+            let cmds: Vec<String> = (0..640u64)
                 .map(|i| format!("write -P 7 {} 65536", (i * 5 % 1024) * BLOCK_SIZE))
                 .collect();
             qemu_io("raw", &url, &cmds);
         }
+        let log_before = fleet.node("node-1").log_since_start().len();
         let sync = fleet.cli_spawn(&["sync", source, "--wait", "--json"]);
-        std::thread::sleep(Duration::from_millis(300));
-        // Writes spread over the whole volume, each a new pattern, while the sync runs.
+        bulwark_tests::poll(
+            &format!("the node to apply the first batch of sync {round}"),
+            Duration::from_secs(60),
+            || match batches_after(&fleet.node("node-1").log_since_start(), log_before) {
+                0 => Err("no batch yet".to_string()),
+                _ => Ok(()),
+            },
+        );
+        // Writes spread over the whole volume, each a new pattern, while the sync
+        // runs; after each burst, how far the node's log had come.
+        let mut burst_ends = Vec::new();
         for burst in 0..8u64 {
             let cmds: Vec<String> = (0..40u64)
                 .map(|i| {
@@ -198,6 +226,7 @@ fn writes_during_a_sync_land_in_the_next_point() {
                 })
                 .collect();
             qemu_io("raw", &url, &cmds);
+            burst_ends.push(fleet.node("node-1").log_since_start().len());
         }
         let out = sync
             .wait(Duration::from_secs(300))
@@ -206,6 +235,18 @@ fn writes_during_a_sync_land_in_the_next_point() {
             out.status.success(),
             "sync during writes failed: {}",
             String::from_utf8_lossy(&out.stderr)
+        );
+        let log = fleet.node("node-1").log_since_start();
+        let later: Vec<usize> = burst_ends
+            .iter()
+            .map(|&at| batches_after(&log, at))
+            .collect();
+        eprintln!("sync {round}: batches the node applied after each burst of writes: {later:?}");
+        assert!(
+            later[0] > 0,
+            "sync {round}: the first burst of writes did not end before the sync's last \
+             batch (batches the node applied after each burst: {later:?}); the writes did \
+             not overlap the sync"
         );
     }
     // One more sync with no writer: the replica must now equal the volume exactly,

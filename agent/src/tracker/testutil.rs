@@ -3,16 +3,10 @@
 use std::path::Path;
 use std::process::Command;
 
-/// Whether `tool` runs here; where it does not, says so (the test then skips).
+/// Whether `tool` (qemu-utils) is installed; where it is not, the test skips
+/// (`BULWARK-SKIP`, facility `tool`) and returns.
 pub fn have(tool: &str) -> bool {
-    let found = Command::new(tool)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        eprintln!("SKIPPED: {tool} is not installed (qemu-utils); this test needs it");
-    }
-    found
+    bulwark_common::testkit::have_tool(tool, "qemu-utils")
 }
 
 /// Runs `name` with `args`: its standard output, or a panic with what it printed.
