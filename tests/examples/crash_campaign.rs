@@ -120,8 +120,7 @@ fn main() {
             .map_or(1, |d| d.as_secs()),
     );
     println!("crash campaign: {iterations} iterations, seed {seed}");
-    if Command::new("qemu-io").arg("--version").output().is_err() {
-        println!("BULWARK-SKIP crash_campaign facility=qemu-io: qemu-io is not installed");
+    if !bulwark_tests::have_tool("qemu-io", "qemu-utils") {
         return;
     }
     let mut c = Campaign::start(seed);
