@@ -100,18 +100,17 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-/// Runs `ops` and crashes at step `crash_at` (a write crashes after its log update
-/// when `phase` is 1, after its data write when 2). Err: a differing block the
-/// recovery would not re-check.
-fn run(ops: &[Op], crash_at: usize, phase: u8, mutation: Mutation) -> Result<(), String> {
+/// An activity log of `extents` slots over a fresh simulated device, and the
+/// simulated record it checkpoints.
+fn simulated(extents: u32) -> (Activity, SimDevice, Arc<SimRecord>) {
     let g = geometry();
     let cfg = ActivityConfig {
-        extents: 4,
+        extents,
         region_bytes: PER_REGION * BS,
         checkpoint: Duration::from_secs(60),
     };
-    let mut image = vec![0u8; ((1 + cfg.extents as u64) * SECTOR) as usize];
-    image[..SECTOR as usize].copy_from_slice(&header(cfg.extents, cfg.region_bytes, g));
+    let mut image = vec![0u8; ((1 + u64::from(extents)) * SECTOR) as usize];
+    image[..SECTOR as usize].copy_from_slice(&header(extents, cfg.region_bytes, g));
     let dev = SimDevice(Arc::new(Mutex::new((image.clone(), image))));
     let record = Arc::new(SimRecord {
         map: DirtyMap::new(g),
@@ -119,14 +118,22 @@ fn run(ops: &[Op], crash_at: usize, phase: u8, mutation: Mutation) -> Result<(),
         base: Mutex::new(1),
         durable: Mutex::new(None),
     });
-    record.write_checkpoint().map_err(|e| e.to_string())?;
-    let mut act = Activity::on_device(
+    let act = Activity::on_device(
         Box::new(dev.clone()),
         Path::new("sim.al"),
         g,
         cfg,
         record.clone(),
     );
+    (act, dev, record)
+}
+
+/// Runs `ops` and crashes at step `crash_at` (a write crashes after its log update
+/// when `phase` is 1, after its data write when 2). Err: a differing block the
+/// recovery would not re-check.
+fn run(ops: &[Op], crash_at: usize, phase: u8, mutation: Mutation) -> Result<(), String> {
+    let (mut act, dev, record) = simulated(4);
+    record.write_checkpoint().map_err(|e| e.to_string())?;
     act.mutation = mutation;
     // Point 1: the volume and the node both all zero.
     let mut volume = vec![0u8; BLOCKS as usize];
@@ -182,7 +189,8 @@ fn run(ops: &[Op], crash_at: usize, phase: u8, mutation: Mutation) -> Result<(),
     }
     // The crash: only what was synced of the log, only the durable checkpoint.
     let durable_log = lock(&dev.0).1.clone();
-    let hot = parse_log(&durable_log, Path::new("sim.al"), g).map_err(|e| e.to_string())?;
+    let hot =
+        parse_log(&durable_log, Path::new("sim.al"), geometry()).map_err(|e| e.to_string())?;
     let Some((_, mut recheck)) = lock(&record.durable).clone() else {
         return Ok(()); // no checkpoint: a full consistency check, nothing to prove
     };
@@ -243,27 +251,8 @@ fn evicting_before_a_checkpoint_is_caught() {
 #[test]
 fn concurrent_writers_never_lose_a_region() {
     let g = geometry();
-    let cfg = ActivityConfig {
-        extents: 8,
-        region_bytes: PER_REGION * BS,
-        checkpoint: Duration::from_secs(60),
-    };
-    let mut image = vec![0u8; ((1 + cfg.extents as u64) * SECTOR) as usize];
-    image[..SECTOR as usize].copy_from_slice(&header(cfg.extents, cfg.region_bytes, g));
-    let dev = SimDevice(Arc::new(Mutex::new((image.clone(), image))));
-    let record = Arc::new(SimRecord {
-        map: DirtyMap::new(g),
-        frozen: Mutex::new(None),
-        base: Mutex::new(1),
-        durable: Mutex::new(None),
-    });
-    let act = Arc::new(Activity::on_device(
-        Box::new(dev.clone()),
-        Path::new("sim.al"),
-        g,
-        cfg,
-        record.clone(),
-    ));
+    let (act, dev, record) = simulated(8);
+    let act = Arc::new(act);
     let stop = AtomicBool::new(false);
     let failures = Mutex::new(Vec::new());
     std::thread::scope(|s| {
