@@ -79,8 +79,16 @@ fn run(tool: &str, args: &[&str]) -> Result<String, ToolError> {
 
 /// Why dm-era cannot work on this host, if it cannot.
 pub fn unavailable() -> Option<String> {
-    if !Path::new("/dev/mapper/control").exists() {
-        return Some("this host has no device-mapper (/dev/mapper/control is missing)".into());
+    // dmsetup creates the node even where the kernel has no device-mapper: only an
+    // open of it says the kernel has one.
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/mapper/control")
+    {
+        return Some(format!(
+            "this host has no device-mapper (/dev/mapper/control: {e})"
+        ));
     }
     for (tool, package) in [
         ("dmsetup", "dmsetup"),
