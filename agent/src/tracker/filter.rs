@@ -465,3 +465,122 @@ impl Backend for TrackingBackend {
         r
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BS: u32 = 65536;
+
+    fn volume(dir: &Path, blocks: u64) -> (PathBuf, Geometry) {
+        let path = dir.join("vol.raw");
+        std::fs::write(&path, vec![0u8; (blocks * u64::from(BS)) as usize]).expect("volume");
+        (
+            path,
+            Geometry::new(blocks * u64::from(BS), BS).expect("geometry"),
+        )
+    }
+
+    fn cfg() -> Option<ActivityConfig> {
+        Some(ActivityConfig {
+            extents: 64,
+            region_bytes: 4 * u64::from(BS),
+            checkpoint: std::time::Duration::from_secs(3600),
+        })
+    }
+
+    /// The blocks a sync would read, and whether it compares (Recheck) or sends
+    /// (Dirty), or scans.
+    fn plan(t: &FilterTracker) -> (&'static str, Vec<(u64, u64)>) {
+        let f = t.begin(false, None).expect("begin");
+        let r = match f.plan {
+            Plan::Scan => ("scan", vec![]),
+            Plan::Dirty { blocks, .. } => ("dirty", blocks.runs().collect()),
+            Plan::Recheck { blocks, .. } => ("recheck", blocks.runs().collect()),
+        };
+        t.failed();
+        r
+    }
+
+    /// Writes through the tracker's backend, as the export does.
+    fn write(t: &FilterTracker, offset: u64, len: usize) {
+        t.backend()
+            .expect("backend")
+            .write_at(&vec![7u8; len], offset, false)
+            .expect("write");
+    }
+
+    #[test]
+    fn a_crash_costs_a_recheck_of_the_logged_regions_and_a_clean_stop_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        let (path, g) = volume(dir.path(), 64);
+        let t = FilterTracker::open("s", &path, g, &state, cfg()).expect("open");
+        assert_eq!(plan(&t).0, "scan", "no record yet: the first sync scans");
+        t.begin(false, None).expect("begin");
+        t.committed(1);
+        write(&t, 5 * u64::from(BS), 10);
+        write(&t, 40 * u64::from(BS), 10);
+        assert_eq!(plan(&t), ("dirty", vec![(5, 1), (40, 1)]));
+        drop(t); // a crash: no shutdown
+        let t = FilterTracker::open("s", &path, g, &state, cfg()).expect("reopen");
+        assert!(t.consistent());
+        // Regions of 4 blocks: blocks 4..8 and 40..44.
+        assert_eq!(t.recheck_bytes(), 8 * u64::from(BS));
+        assert_eq!(plan(&t), ("recheck", vec![(4, 4), (40, 4)]));
+        // A second crash before the re-check ran owes the same blocks.
+        drop(t);
+        let t = FilterTracker::open("s", &path, g, &state, cfg()).expect("reopen");
+        assert_eq!(plan(&t), ("recheck", vec![(4, 4), (40, 4)]));
+        t.begin(false, None).expect("begin");
+        t.committed(2);
+        assert_eq!(t.recheck_bytes(), 0);
+        write(&t, 20 * u64::from(BS), 10);
+        t.shutdown();
+        drop(t);
+        let t = FilterTracker::open("s", &path, g, &state, cfg()).expect("reopen");
+        assert_eq!(t.recheck_bytes(), 0, "a clean stop owes no re-check");
+        assert_eq!(plan(&t), ("dirty", vec![(20, 1)]));
+    }
+
+    #[test]
+    fn damage_or_a_missing_log_falls_back_to_a_scan_and_a_legacy_bitmap_is_used() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        let (path, g) = volume(dir.path(), 64);
+        let t = FilterTracker::open("s", &path, g, &state, cfg()).expect("open");
+        t.begin(false, None).expect("begin");
+        t.committed(1);
+        drop(t);
+        let ckpt = bitmap::checkpoint_path(&state, "s");
+        let mut raw = std::fs::read(&ckpt).expect("checkpoint");
+        raw[20] ^= 1;
+        std::fs::write(&ckpt, &raw).expect("damage");
+        let t = FilterTracker::open("s", &path, g, &state, cfg()).expect("reopen");
+        assert!(!t.consistent(), "a damaged checkpoint is not trusted");
+        t.begin(false, None).expect("begin");
+        t.committed(2);
+        drop(t);
+        std::fs::remove_file(activity::log_path(&state, "s")).expect("remove the log");
+        let t = FilterTracker::open("s", &path, g, &state, cfg()).expect("reopen");
+        assert!(
+            !t.consistent(),
+            "a checkpoint without its log is not trusted"
+        );
+        drop(t);
+        // A clean stop of an agent without the log (or an older one) left a bitmap.
+        let mut bits = Bitmap::new(64);
+        bits.set(9);
+        bitmap::save(&bitmap::saved_path(&state, "s"), 3, g, &bits).expect("save");
+        let t = FilterTracker::open("s", &path, g, &state, cfg()).expect("reopen");
+        assert_eq!(plan(&t), ("dirty", vec![(9, 1)]));
+        assert!(!bitmap::saved_path(&state, "s").exists(), "read once");
+        // Turning the log off removes the checkpoint and the log.
+        t.shutdown();
+        drop(t);
+        let t = FilterTracker::open("s", &path, g, &state, None).expect("log off");
+        assert!(!bitmap::checkpoint_path(&state, "s").exists());
+        assert!(!activity::log_path(&state, "s").exists());
+        assert_eq!(plan(&t), ("dirty", vec![(9, 1)]), "the record carried over");
+    }
+}
