@@ -228,7 +228,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
                 ));
             }
         };
-        total += Duration::from_secs_f64(secs);
+        // A number beyond what a Duration holds (e.g. "1e400"-long digit runs, or a
+        // sum of huge parts) is an error, not a panic (found by fuzz/ `config`).
+        total = Duration::try_from_secs_f64(secs)
+            .ok()
+            .and_then(|d| total.checked_add(d))
+            .ok_or_else(|| format!("invalid duration \"{s}\": too long"))?;
     }
     Ok(total)
 }
@@ -362,6 +367,18 @@ mod tests {
         assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
         assert!(parse_duration("5 fortnights").is_err());
         assert!(parse_duration("m").is_err());
+        // Found by the `config` fuzz target: these panicked in Duration.
+        let huge = format!("{}s", "9".repeat(400));
+        assert_eq!(
+            parse_duration(&huge),
+            Err(format!("invalid duration \"{huge}\": too long"))
+        );
+        let sum = "10000000000000000000s10000000000000000000s";
+        assert_eq!(
+            parse_duration(sum),
+            Err(format!("invalid duration \"{sum}\": too long"))
+        );
+        assert!(parse_duration("10999999999999999999999999999s").is_err());
     }
 
     #[derive(Debug, Deserialize)]

@@ -751,6 +751,37 @@ pub(crate) async fn send<W: AsyncWrite + Unpin>(wr: &mut W, bytes: &[u8]) -> io:
     wr.flush().await
 }
 
+/// The fuzz target `nbd_options` (fuzz/, cargo-fuzz): greeting and option haggling
+/// of a client whose bytes are `rd`, with `exports`; with `tls_required`, as a TLS
+/// listener before `NBD_OPT_STARTTLS`. `Ok(true)` when an export was chosen or
+/// STARTTLS acknowledged.
+pub(crate) async fn fuzz_haggle<R, W>(
+    rd: &mut BufReader<R>,
+    wr: &mut W,
+    exports: Arc<dyn ExportResolver>,
+    tls_required: bool,
+) -> Result<bool, NbdError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let shutdown = CancellationToken::new();
+    let Some(no_zeroes) = greet(rd, wr, &shutdown).await? else {
+        return Ok(false);
+    };
+    let client = Client {
+        exports,
+        certs: Arc::new(Vec::new()),
+        tls: if tls_required {
+            Tls::Required
+        } else {
+            Tls::Off
+        },
+    };
+    let haggled = haggle(rd, wr, &client, no_zeroes, &shutdown).await?;
+    Ok(!matches!(haggled, Haggled::Ended))
+}
+
 /// The handshake of one connection without TLS, up to what its transmission phase
 /// needs; `None` when the session ended during it.
 pub(crate) async fn handshake<R, W>(

@@ -23,6 +23,7 @@
 //! - [`splice`] — large write payloads moved through pipes instead of copied.
 //! - [`client`] — the blocking [`Client`] used from a reader thread.
 //! - [`limits`] — the connection cap and the handshake deadline of every listener.
+//! - `fuzzing` — entry points of the fuzz targets in `fuzz/` (hidden).
 //!
 //! What is implemented follows the protocol document (NetworkBlockDevice/nbd,
 //! `doc/proto.md`): fixed newstyle only, structured replies, `base:allocation`
@@ -35,6 +36,8 @@ mod blocking;
 mod buffers;
 pub mod client;
 mod conn;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handshake;
 pub mod limits;
 mod options;

@@ -216,7 +216,12 @@ impl NodeService {
         }
     }
 }
-fn verify_batch(
+
+/// Checks one `ExtentBatch` of a sync of a volume with `geometry`: its size, and
+/// each extent's alignment, range, checksum count and checksums. Public (hidden) for
+/// the fuzz target `sync_stream` (fuzz/), which drives a sync's steps in-process.
+#[doc(hidden)]
+pub fn verify_batch(
     batch: pb::ExtentBatch,
     geometry: Geometry,
     source: &str,

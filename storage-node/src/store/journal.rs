@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use bulwark_common::block::Digest;
+use bulwark_common::block::{Digest, Geometry};
 
 use super::*;
 
@@ -65,4 +65,17 @@ pub(super) fn next_group(
             digests,
         })
         .collect())
+}
+
+/// Reads the whole journal at `path` of a volume with `geometry` the way a settle
+/// does, group by group of up to `max_bytes` (at least one block each), checking
+/// every record; returns the blocks read. The entry point of the fuzz target
+/// `journal_record` (fuzz/, cargo-fuzz); not part of the store's API.
+#[doc(hidden)]
+pub fn read_journal(path: &Path, geometry: Geometry, max_bytes: u64) -> Result<u64> {
+    let mut reader = DeltaReader::open(path, geometry)?;
+    let zero = ZeroDigests::new(geometry);
+    let mut blocks = 0;
+    while !next_group(&mut reader, &zero, max_bytes.max(1), &mut blocks)?.is_empty() {}
+    Ok(blocks)
 }

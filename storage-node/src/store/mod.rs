@@ -477,6 +477,8 @@ mod view;
 
 pub use delta::{DeltaReader, DeltaRecord};
 pub use images::{BeforeImageReader, Prepared};
+#[doc(hidden)]
+pub use journal::read_journal;
 pub use moves::{ExportMeta, Import};
 pub use pool::{DiskUsage, OnFull, PoolPolicy, PoolUsage, SourcePolicy, SourceUsage};
 pub use records::{DeltaMeta, PointMeta, SourceMeta, min_replica_bytes};
