@@ -381,3 +381,30 @@ fn reopen(dir: &std::path::Path) -> Registry {
         }
     }
 }
+
+/// An agent's word on how much a re-check owes is only shown, and never more than
+/// its volume: a hostile agent cannot make `sources` print absurd figures.
+#[test]
+fn the_recheck_an_agent_reports_is_bounded_by_its_volume() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let reg = Registry::open(dir.path(), Duration::from_secs(60)).expect("open");
+    node(&reg, "n1", 100 << 30);
+    let mut s = spec("vm", 1 << 30);
+    s.recheck_bytes = u64::MAX;
+    let hello = pb::Hello {
+        sources: vec![s],
+        version: "t".into(),
+    };
+    reg.hello("host-1", &Hello::from(hello)).expect("hello");
+    assert_eq!(reg.source("vm").expect("vm").recheck_bytes, 1 << 30);
+    let report = pb::SyncReport {
+        source: "vm".into(),
+        result: None,
+        error: String::new(),
+        inconsistent: false,
+        recheck_bytes: (1 << 30) + 1,
+    };
+    reg.sync_report("host-1", &SyncReport::from(report))
+        .expect("report");
+    assert_eq!(reg.source("vm").expect("vm").recheck_bytes, 1 << 30);
+}
