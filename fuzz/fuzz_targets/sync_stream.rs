@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use arbitrary::Arbitrary;
 use bulwark_common::block::{Digest, Geometry};
-use bulwark_common::point::{Consistency, PointKind};
+use bulwark_common::point::Consistency;
 use bulwark_node::node::sync::verify_batch;
 use bulwark_node::store::{PoolDisk, RestoreItem, Store, SyncSpec};
 use bulwark_node::wire::SyncStart;
@@ -237,16 +237,7 @@ fn drive(
         .newest_point(name)
         .map_err(|e| e.to_string())?
         .map_or(0, |p| p.id);
-    let base_point = if start.want_digests {
-        newest
-    } else {
-        start.base_point
-    };
-    let kind = match start.kind {
-        _ if base_point == 0 => PointKind::Full,
-        Some(k) => k,
-        None => PointKind::Incremental,
-    };
+    let (base_point, kind) = start.base_and_kind(newest);
     let spec = SyncSpec {
         source: start.source.clone(),
         geometry: start.geometry,

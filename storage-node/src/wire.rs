@@ -54,6 +54,25 @@ pub struct SyncStart {
     pub deep: bool,
 }
 
+impl SyncStart {
+    /// The point this sync builds on, given the source's `newest` point here (0:
+    /// none): the newest for a check (`want_digests`), else the agent's base; and
+    /// the kind of point it makes (a source with no point yet gets a full one).
+    pub fn base_and_kind(&self, newest: u64) -> (u64, PointKind) {
+        let base = if self.want_digests {
+            newest
+        } else {
+            self.base_point
+        };
+        let kind = match self.kind {
+            _ if base == 0 => PointKind::Full,
+            Some(k) => k,
+            None => PointKind::Incremental,
+        };
+        (base, kind)
+    }
+}
+
 /// The first message of a sync stream (`None`: the stream ended).
 impl TryFrom<Option<pb::SyncMessage>> for SyncStart {
     type Error = ProtocolError;

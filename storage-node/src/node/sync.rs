@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bulwark_common::block::{DIGEST_LEN, Geometry};
-use bulwark_common::point::{Consistency, PointKind};
+use bulwark_common::point::Consistency;
 use bulwark_common::tls::Identity;
 use bulwark_proto as pb;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
@@ -150,17 +150,7 @@ impl NodeService {
         let newest = blocking(move || store.newest_point(&name))
             .await??
             .map_or(0, |p| p.id);
-        let base_point = if start.want_digests {
-            newest
-        } else {
-            start.base_point
-        };
-        let kind = match start.kind {
-            // A check of a source with no point yet copies everything: a full point.
-            _ if base_point == 0 => PointKind::Full,
-            Some(k) => k,
-            None => PointKind::Incremental,
-        };
+        let (base_point, kind) = start.base_and_kind(newest);
         let spec = SyncSpec {
             source: start.source.clone(),
             geometry: start.geometry,
