@@ -304,7 +304,11 @@ pub async fn renew(
         let _ = std::fs::remove_file(&cert_new);
         return Err(e.into());
     }
+    // Crash tests kill here: both new files durable, neither in place yet.
+    crate::failpoint::hit("renew-after-write");
     rename_into(&key_new, &files.key)?;
+    // And here: the new key in place beside the old certificate.
+    crate::failpoint::hit("renew-between-renames");
     rename_into(&cert_new, &files.cert)?;
     for d in [files.key.parent(), files.cert.parent()]
         .into_iter()

@@ -49,6 +49,10 @@ enum Victim {
     CoordinatorMoveCopied,
     /// The agent of the source, at this failpoint, during an op that reaches it.
     AgentAt(&'static str),
+    /// The agent or the node of the source, at this failpoint of its certificate
+    /// renewal (which runs at every start: the fleet's `renew_before` is longer than
+    /// any certificate's life).
+    RenewalAt(&'static str),
     /// A daemon at a random moment of a sync.
     Random,
 }
@@ -68,6 +72,8 @@ const FAILPOINTS: &[Victim] = &[
     Victim::AgentAt("agent-mid-ship"),
     Victim::AgentAt("agent-mid-restore"),
     Victim::AgentAt("agent-qcow2-frozen"),
+    Victim::RenewalAt("renew-after-write"),
+    Victim::RenewalAt("renew-between-renames"),
 ];
 
 /// The agent protecting `source`.
@@ -181,9 +187,19 @@ fn wait_for(mut reached: impl FnMut() -> bool, op: &mut bulwark_tests::Backgroun
     false
 }
 
+/// The node (`on_node`) or the agent called `name`.
+fn daemon_of<'a>(fleet: &'a mut Fleet, on_node: bool, name: &str) -> &'a mut bulwark_tests::Daemon {
+    if on_node {
+        fleet.node(name)
+    } else {
+        fleet.agent(name)
+    }
+}
+
 fn name(v: Victim) -> String {
     match v {
         Victim::NodeAt(f) | Victim::AgentAt(f) => f.to_string(),
+        Victim::RenewalAt(f) => f.to_string(),
         Victim::CoordinatorMoveCopied => "coordinator-move-copied".into(),
         Victim::Random => "random".into(),
     }
@@ -222,6 +238,7 @@ impl Campaign {
         std::fs::create_dir_all(&tmp).expect("log dir");
         std::fs::write(tmp.join("app.log"), b"first line\n").expect("log file");
         let fleet = Fleet::builder()
+            .renew_at_start()
             .node("node-1")
             .node("node-2")
             .agent(HOST_A, FP, SIZE)
@@ -495,6 +512,7 @@ impl Campaign {
             Victim::NodeAt(_)
             | Victim::AgentAt(_)
             | Victim::CoordinatorMoveCopied
+            | Victim::RenewalAt(_)
             | Victim::Random => [FP, NBD, QCOW][self.rng.random_range(0..3)],
         };
         println!("iteration {i}: {} on {source}", name(victim));
@@ -503,6 +521,7 @@ impl Campaign {
             Victim::NodeAt(fp) => self.kill_node_at(fp, source),
             Victim::AgentAt(fp) => self.kill_agent_at(fp, source),
             Victim::CoordinatorMoveCopied => self.kill_coordinator_mid_move(),
+            Victim::RenewalAt(fp) => self.kill_at_renewal(fp, source),
             Victim::Random => self.kill_at_random(source),
         }
         for s in SOURCES {
@@ -524,7 +543,10 @@ impl Campaign {
         self.ready();
         let (mut op, target) = self.op_for(fp, source);
         let reached = format!("failpoint {fp} reached");
-        let hit = wait_for(|| self.fleet.node(&node).log_contains(&reached), &mut op);
+        let hit = wait_for(
+            || self.fleet.node(&node).log_since_start().contains(&reached),
+            &mut op,
+        );
         self.count(fp, hit);
         self.fleet.node(&node).kill9();
         self.end_op(op, source, target);
@@ -545,11 +567,58 @@ impl Campaign {
         self.ready();
         let (mut op, target) = self.op_for(fp, source);
         let reached = format!("failpoint {fp} reached");
-        let hit = wait_for(|| self.fleet.agent(agent).log_contains(&reached), &mut op);
+        let hit = wait_for(
+            || self.fleet.agent(agent).log_since_start().contains(&reached),
+            &mut op,
+        );
         self.count(fp, hit);
         self.fleet.agent(agent).kill9();
         self.end_op(op, source, target);
         self.fleet.agent(agent).start();
+        self.ready();
+    }
+
+    /// Restarts the agent or the node of `source` with `fp` armed: its renewal
+    /// at start reaches it; kills it there, restarts it clean. The restarted daemon
+    /// must load a matching key and certificate (an interrupted renewal is finished
+    /// at load) and renew again; the convergence that follows proves it serves.
+    fn kill_at_renewal(&mut self, fp: &'static str, source: &str) {
+        let spec = format!("{fp}=pause");
+        let reached = format!("failpoint {fp} reached");
+        let on_node = self.rng.random_bool(0.5);
+        let daemon = if on_node {
+            self.fleet.source_node(source)
+        } else {
+            agent_of(source).to_string()
+        };
+        let status = daemon_of(&mut self.fleet, on_node, &daemon)
+            .restart_with_env(&[("BULWARK_FAILPOINTS", &spec)]);
+        assert!(status.success(), "{daemon} did not stop cleanly: {status}");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut hit = false;
+        while Instant::now() < deadline && !hit {
+            hit = daemon_of(&mut self.fleet, on_node, &daemon)
+                .log_since_start()
+                .contains(&reached);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.count(fp, hit);
+        daemon_of(&mut self.fleet, on_node, &daemon).kill9();
+        daemon_of(&mut self.fleet, on_node, &daemon).start();
+        let renewed = "certificate renewed";
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !daemon_of(&mut self.fleet, on_node, &daemon)
+            .log_since_start()
+            .contains(renewed)
+        {
+            if Instant::now() > deadline {
+                self.stats
+                    .corrupt
+                    .push(format!("{daemon}: no renewal after a kill at {fp}"));
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         self.ready();
     }
 
@@ -622,7 +691,8 @@ impl Campaign {
             || {
                 self.fleet
                     .coordinator()
-                    .log_contains("failpoint coordinator-move-copied reached")
+                    .log_since_start()
+                    .contains("failpoint coordinator-move-copied reached")
             },
             &mut op,
         );

@@ -143,12 +143,16 @@ pub fn toml_path(p: &Path) -> String {
 }
 
 fn tls_table(tls: &TlsFiles) -> String {
-    format!(
+    let mut t = format!(
         "[tls]\nca = {}\ncert = {}\nkey = {}\n",
         toml_path(&tls.ca),
         toml_path(&tls.cert),
         toml_path(&tls.key)
-    )
+    );
+    if let Some(d) = &tls.renew_before {
+        t.push_str(&format!("renew_before = \"{}s\"\n", d.0.as_secs()));
+    }
+    t
 }
 
 /// `coordinator.toml`.
@@ -283,6 +287,9 @@ pub struct FleetBuilder {
     /// Turn on token enrollment (the coordinator gets the CA key and an
     /// enrollment listener, and so also signs the revocation list's CRL).
     enrollment: bool,
+    /// Nodes and agents renew their certificates at every start (see
+    /// [`FleetBuilder::renew_at_start`]).
+    renew_at_start: bool,
     /// `sync_interval` of every data source (default `1h`: tests sync on command).
     sync_interval: String,
     /// Per agent: its sources as (name, size, an existing volume to use instead of a
@@ -299,6 +306,7 @@ impl Default for FleetBuilder {
             node_extra: String::new(),
             coordinator_extra: String::new(),
             enrollment: false,
+            renew_at_start: false,
             sync_interval: "1h".into(),
             agents: Vec::new(),
         }
@@ -341,6 +349,24 @@ impl FleetBuilder {
     pub fn enrollment(mut self) -> Self {
         self.enrollment = true;
         self
+    }
+
+    /// Nodes and agents renew their certificates at every start: their `[tls]`
+    /// has a `renew_before` longer than any certificate's life (and the coordinator
+    /// signs renewals, so this turns on [`FleetBuilder::enrollment`]).
+    pub fn renew_at_start(mut self) -> Self {
+        self.renew_at_start = true;
+        self.enrollment()
+    }
+
+    /// `tls` as issued, with the renewal rule of [`FleetBuilder::renew_at_start`].
+    fn renewing(&self, mut tls: TlsFiles) -> TlsFiles {
+        if self.renew_at_start {
+            tls.renew_before = Some(bulwark_common::config::HumanDuration(
+                std::time::Duration::from_secs(400 * 86_400),
+            ));
+        }
+        tls
     }
 
     /// Extra lines of every node's config: top-level keys, then optionally a
@@ -462,7 +488,7 @@ impl FleetBuilder {
         let mut nodes = Vec::new();
         for name in &self.nodes {
             let port = free_port();
-            let tls = pki.issue("node", name);
+            let tls = self.renewing(pki.issue("node", name));
             let dir = root.join(name);
             let config = dir.join("node.toml");
             let disk = dir.join("disk1");
@@ -494,7 +520,7 @@ impl FleetBuilder {
         let mut agents = Vec::new();
         let mut sources = Vec::new();
         for (name, srcs) in &self.agents {
-            let tls = pki.issue("agent", name);
+            let tls = self.renewing(pki.issue("agent", name));
             let dir = root.join(name);
             let state = dir.join("state");
             std::fs::create_dir_all(&state).expect("cannot create the agent's state dir");
