@@ -501,7 +501,9 @@ mod tests {
         assert!(!render().contains("a\\\"b"));
         let l = vec![("node", "n1"), ("disk", "/d1")];
         gauge_set_all("bulwark_forecast_days_until_full", &[(l.clone(), 3.5)]);
-        assert!(render().contains("bulwark_forecast_days_until_full{node=\"n1\",disk=\"/d1\"} 3.5\n"));
+        assert!(
+            render().contains("bulwark_forecast_days_until_full{node=\"n1\",disk=\"/d1\"} 3.5\n")
+        );
         gauge_set_all("bulwark_forecast_days_until_full", &[]);
         assert!(!render().contains("bulwark_forecast_days_until_full"));
     }

@@ -312,4 +312,40 @@ mod tests {
             panic!("{} does not load: {e}", path.display());
         }
     }
+
+    /// `forecast_warn_days` takes fractions; zero, negative or absurd values, and a
+    /// window too short to hold a trend, are refused naming the key and the file.
+    #[test]
+    fn forecast_settings_are_checked_at_load() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let load = |extra: &str| {
+            let path = dir.path().join("coordinator.toml");
+            std::fs::write(
+                &path,
+                format!(
+                    "listen = \"127.0.0.1:7440\"\ndata_dir = \"data\"\n{extra}\n[tls]\nca = \"ca.crt\"\ncert = \"c.crt\"\nkey = \"c.key\"\n"
+                ),
+            )
+            .expect("write");
+            super::CoordinatorConfig::load(&path).map_err(|e| e.to_string())
+        };
+        let d = load("").expect("defaults");
+        assert_eq!(d.forecast.warn_days, 14.0);
+        assert_eq!(d.forecast.window.as_secs(), 7 * 86_400);
+        let c = load("forecast_warn_days = 0.002\nforecast_window = \"1m\"").expect("fractions");
+        assert_eq!(c.forecast.warn_days, 0.002);
+        assert_eq!(c.forecast.window.as_secs(), 60);
+        for (extra, key) in [
+            ("forecast_warn_days = 0", "forecast_warn_days"),
+            ("forecast_warn_days = -3", "forecast_warn_days"),
+            ("forecast_warn_days = nan", "forecast_warn_days"),
+            ("forecast_window = \"2s\"", "forecast_window"),
+        ] {
+            let e = load(extra).expect_err(extra);
+            assert!(
+                e.contains(key) && e.contains("coordinator.toml"),
+                "{extra}: {e}"
+            );
+        }
+    }
 }

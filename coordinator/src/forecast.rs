@@ -151,7 +151,9 @@ impl Forecast {
     /// The sum of several figures (a group's sources, a node's disks): used,
     /// limits and growth add up; no growth at all when none of them has a trend.
     pub fn sum(parts: &[Forecast]) -> Forecast {
-        let used = parts.iter().fold(0u64, |a, p| a.saturating_add(p.used_bytes));
+        let used = parts
+            .iter()
+            .fold(0u64, |a, p| a.saturating_add(p.used_bytes));
         let limit = parts
             .iter()
             .fold(0u64, |a, p| a.saturating_add(p.limit_bytes));
@@ -232,7 +234,10 @@ mod tests {
             h.record(t, y as u64, &s);
         }
         assert_eq!(h.samples.len(), 126, "every sample is kept");
-        assert!(h.samples.iter().any(|(_, y)| *y > 40 * GIB), "the spike is in");
+        assert!(
+            h.samples.iter().any(|(_, y)| *y > 40 * GIB),
+            "the spike is in"
+        );
         let limit = 100 * GIB;
         let f = Forecast::of(&h, used, limit);
         let truth = (limit - used) as f64 / (2.0 * GIB as f64);

@@ -10,9 +10,9 @@ use bulwark_proto as pb;
 
 use crate::policy::{LockPolicy, Quota};
 use crate::registry::{
-    Alert, AlertRecord, Assignment, Command, DiskFigures, GroupRecord, Heartbeat, Hello, NodeRegistration,
-    Policy, Progress, Registration, Registry, RestoreCommand, SourceKind, SourceRecord, SourceSpec,
-    SourceUsage, SyncCommand, SyncOutcome, SyncReport, Usage,
+    Alert, AlertRecord, Assignment, Command, DiskFigures, GroupRecord, Heartbeat, Hello,
+    NodeRegistration, Policy, Progress, Registration, Registry, RestoreCommand, SourceKind,
+    SourceRecord, SourceSpec, SourceUsage, SyncCommand, SyncOutcome, SyncReport, Usage,
 };
 use crate::service::{
     AllocateOrder, LockOrder, LockTarget, QuotaOrder, RestoreOrder, RetentionOrder, SyncOrder,

@@ -29,11 +29,11 @@ pub struct ForecastReport {
     pub settings: ForecastSettings,
 }
 
-fn source_key(source: &str) -> String {
+pub(super) fn source_key(source: &str) -> String {
     format!("source/{source}")
 }
 
-fn disk_key(node: &str, path: &str) -> String {
+pub(super) fn disk_key(node: &str, path: &str) -> String {
     format!("disk/{node}/{path}")
 }
 
@@ -89,7 +89,7 @@ impl Registry {
         })
     }
 
-    fn record_sample(&self, key: &str, t_ms: i64, bytes: u64) -> Result<()> {
+    pub(super) fn record_sample(&self, key: &str, t_ms: i64, bytes: u64) -> Result<()> {
         let mut h = self.history(key)?;
         if h.record(t_ms, bytes, &self.forecast_settings) {
             self.forecast.insert(key.as_bytes(), enc(&h)?)?;
@@ -205,7 +205,11 @@ pub fn forecast_alerts(report: &ForecastReport) -> Vec<Alert> {
             ),
         ));
     }
-    for s in report.sources.iter().filter(|r| r.forecast.full_within(warn)) {
+    for s in report
+        .sources
+        .iter()
+        .filter(|r| r.forecast.full_within(warn))
+    {
         let f = &s.forecast;
         out.push(Alert::warning(
             format!("forecast/{}", s.name),
