@@ -193,7 +193,11 @@ fn exported(name: &str) -> bool {
 
 /// Checks every expression of `file`; returns the metric names they use.
 fn check(file: &Path, exprs: &[String], offences: &mut Vec<String>) -> BTreeSet<String> {
-    assert!(!exprs.is_empty(), "no expression found in {}", file.display());
+    assert!(
+        !exprs.is_empty(),
+        "no expression found in {}",
+        file.display()
+    );
     let mut used = BTreeSet::new();
     for e in exprs {
         let names = metric_names(e);
@@ -220,13 +224,21 @@ fn the_extractor_finds_metric_names_and_only_them() {
     );
     assert_eq!(
         names,
-        ["bulwark_sync_duration_seconds_bucket", "bulwark_x", "up", "m_total"]
+        [
+            "bulwark_sync_duration_seconds_bucket",
+            "bulwark_x",
+            "up",
+            "m_total"
+        ]
     );
     assert!(exported("bulwark_sync_duration_seconds_count"));
     assert!(!exported("bulwark_syncs_total_bucket"));
     assert!(!exported("bulwark_nothing"));
     let rules = "  - alert: A\n    expr: a_total > 1\n  - expr: |\n      sum(b)\n        / c\n    for: 5m\n  - expr: \"d{x=\\\"1\\\"}\"\n";
-    assert_eq!(rule_exprs(rules), ["a_total > 1", "sum(b) / c", "d{x=\\\"1\\\"}"]);
+    assert_eq!(
+        rule_exprs(rules),
+        ["a_total > 1", "sum(b) / c", "d{x=\\\"1\\\"}"]
+    );
 }
 
 #[test]
@@ -250,7 +262,10 @@ fn every_query_of_the_dashboards_and_rules_names_an_exported_family() {
         used.extend(check(&f, &exprs, &mut offences));
     }
     assert!(offences.is_empty(), "{}", offences.join("\n"));
-    assert!(panels >= 12 && rules >= 8, "{panels} queries, {rules} rules");
+    assert!(
+        panels >= 12 && rules >= 8,
+        "{panels} queries, {rules} rules"
+    );
     // The pictures operators expect: throughput, lag, syncs by outcome, pool fill,
     // the forecast, refusals and alerts.
     for family in [
