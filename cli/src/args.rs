@@ -78,6 +78,11 @@ pub enum Command {
     Remove(RemoveArgs),
     /// List alerts: open ones, and with --all the resolved ones too.
     Alerts(AlertsArgs),
+    /// Capacity forecast: per data source (recovery-point space against its
+    /// allocation), group, node and pool disk, the space used, the limit, the
+    /// growth per day (a trend over the coordinator's forecast_window that one-off
+    /// spikes do not sway) and the days until full; `-` where there is no trend.
+    Forecast(ListArgs),
     /// Re-read a data source's stored data on its node and check every checksum;
     /// damaged replica blocks are repaired from the agent when it still has them,
     /// and points that stay damaged are marked. Exits 1 when damage remains.

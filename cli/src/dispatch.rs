@@ -7,8 +7,8 @@ use clap::CommandFactory;
 use crate::admin::Admin;
 use crate::args::{Cli, Command};
 use crate::{
-    alerts, demo, docs, export, groups, nodes, pki, points, policy, restore, revocation, sources,
-    status, sync, tokens, workers,
+    alerts, demo, docs, export, forecast, groups, nodes, pki, points, policy, restore, revocation,
+    sources, status, sync, tokens, workers,
 };
 
 /// Runs a parsed command line.
@@ -43,6 +43,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Lock(a) => policy::lock(admin, &files, a).await,
         Command::Remove(a) => policy::remove(admin, a).await,
         Command::Alerts(a) => alerts::alerts(admin, a).await,
+        Command::Forecast(a) => forecast::forecast(admin, a.json).await,
         Command::Group(g) => groups::run(admin, g).await,
         Command::Token(t) => tokens::run(admin, t).await,
         Command::Revoke(a) => revocation::revoke(admin, a).await,

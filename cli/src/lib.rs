@@ -21,6 +21,8 @@ pub mod dispatch;
 pub mod docs;
 /// `bulwark export` and `bulwark mount`: a point read straight from its node.
 pub mod export;
+/// `bulwark forecast`: days until allocations and pool disks are full.
+pub mod forecast;
 /// `bulwark group ...`: protection groups.
 pub mod groups;
 /// The JSON shapes of a source, a point, a retention and a lock.

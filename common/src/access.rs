@@ -132,6 +132,7 @@ pub const RULES: &[(&str, Access)] = &[
         "/bulwark.v1.Coordinator/ListWorkers",
         Access::Roles(&[Admin]),
     ),
+    ("/bulwark.v1.Coordinator/Forecast", Access::Roles(&[Admin])),
     // Enrollment listener (no client certificate).
     ("/bulwark.v1.Enrollment/Enroll", Access::Token),
     // Node: the data path.

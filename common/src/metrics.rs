@@ -94,6 +94,21 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
         Kind::Gauge,
         "Open alerts, per severity (coordinator)",
     ),
+    (
+        "bulwark_forecast_days_until_full",
+        Kind::Gauge,
+        "Days until each pool disk is full at its growth trend, per node and disk (coordinator; absent without a forecast)",
+    ),
+    (
+        "bulwark_forecast_growth_bytes_per_day",
+        Kind::Gauge,
+        "Growth trend of each pool disk's used bytes, per node and disk (coordinator)",
+    ),
+    (
+        "bulwark_source_forecast_days_until_full",
+        Kind::Gauge,
+        "Days until each data source's recovery-point allocation is full at its growth trend (coordinator; absent without a forecast)",
+    ),
 ];
 
 type Labels = Vec<(String, String)>;
@@ -167,6 +182,20 @@ pub fn gauge_set(name: &str, l: &[(&str, &str)], v: f64) {
         },
         || Value::Gauge(0.0),
     );
+}
+
+/// Replaces every series of gauge family `name` with `series` at once (a scrape
+/// never sees the family half updated); series not listed are gone.
+pub fn gauge_set_all(name: &str, series: &[(Vec<(&str, &str)>, f64)]) {
+    let Some((name, Kind::Gauge)) = family(name) else {
+        debug_assert!(false, "gauge family {name} is not declared");
+        return;
+    };
+    let mut r = registry().lock().unwrap_or_else(|e| e.into_inner());
+    r.retain(|(n, _), _| *n != name);
+    for (l, v) in series {
+        r.insert((name, labels(l)), Value::Gauge(*v));
+    }
 }
 
 /// Records one observation (seconds) in a histogram.
@@ -470,5 +499,12 @@ mod tests {
         assert!(text.contains("bulwark_sync_duration_seconds_count{source=\"x\"} 1\n"));
         forget("bulwark_synced_bytes_total", "source", "a\"b");
         assert!(!render().contains("a\\\"b"));
+        let l = vec![("node", "n1"), ("disk", "/d1")];
+        gauge_set_all("bulwark_forecast_days_until_full", &[(l.clone(), 3.5)]);
+        assert!(
+            render().contains("bulwark_forecast_days_until_full{node=\"n1\",disk=\"/d1\"} 3.5\n")
+        );
+        gauge_set_all("bulwark_forecast_days_until_full", &[]);
+        assert!(!render().contains("bulwark_forecast_days_until_full"));
     }
 }

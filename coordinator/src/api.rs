@@ -201,6 +201,15 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
         Ok(Response::new(self.0.workers()))
     }
 
+    async fn forecast(
+        &self,
+        req: Request<pb::ForecastRequest>,
+    ) -> Result<Response<pb::ForecastResponse>, Status> {
+        require(&req, "Forecast", &[Role::Admin])?;
+        let report = self.0.forecast().await?;
+        Ok(Response::new(pb::ForecastResponse::from(&report)))
+    }
+
     async fn create_token(
         &self,
         req: Request<pb::CreateTokenRequest>,

@@ -53,6 +53,22 @@ pub struct CoordinatorToml {
     /// ping every 15 s). Optional; default 60s.
     #[serde(default = "default_stream_idle_timeout")]
     pub stream_idle_timeout: HumanDuration,
+    /// A pool disk or a source's recovery-point allocation forecast to be full in
+    /// fewer days than this raises a warning (`forecast/<node>/<disk>`,
+    /// `forecast/<source>`). Fractions allowed. Optional; default 14.
+    #[serde(default = "default_forecast_warn_days")]
+    pub forecast_warn_days: f64,
+    /// How far back the forecast's growth trend looks. Optional; default "7d".
+    #[serde(default = "default_forecast_window")]
+    pub forecast_window: HumanDuration,
+}
+
+fn default_forecast_warn_days() -> f64 {
+    crate::forecast::ForecastSettings::default().warn_days
+}
+
+fn default_forecast_window() -> HumanDuration {
+    HumanDuration(crate::forecast::ForecastSettings::default().window)
 }
 
 /// `[policy]` of coordinator.toml (see `bulwark_coordinator::policy`).
@@ -142,6 +158,7 @@ pub struct CoordinatorConfig {
     pub enrollment: Option<EnrollmentConfig>,
     pub policy: crate::policy::FleetPolicy,
     pub stream_idle_timeout: Duration,
+    pub forecast: crate::forecast::ForecastSettings,
 }
 
 impl CoordinatorConfig {
@@ -159,7 +176,9 @@ impl CoordinatorConfig {
                 "must be at least 20s (agents ping every 15 s)".to_string(),
             ));
         }
+        let forecast = forecast_settings(path, t.forecast_warn_days, t.forecast_window.0)?;
         Ok(CoordinatorConfig {
+            forecast,
             policy,
             stream_idle_timeout: t.stream_idle_timeout.0,
             listen,
@@ -220,6 +239,32 @@ impl CoordinatorConfig {
     }
 }
 
+/// Checks `forecast_warn_days` and `forecast_window`.
+fn forecast_settings(
+    path: &Path,
+    warn_days: f64,
+    window: Duration,
+) -> Result<crate::forecast::ForecastSettings, ConfigError> {
+    if !(warn_days.is_finite() && warn_days > 0.0 && warn_days <= 3650.0) {
+        return Err(ConfigError::invalid(
+            path,
+            "forecast_warn_days",
+            format!("{warn_days} is not a number of days above 0 and at most 3650"),
+        ));
+    }
+    if !(Duration::from_secs(10)..=Duration::from_secs(366 * 86_400)).contains(&window) {
+        return Err(ConfigError::invalid(
+            path,
+            "forecast_window",
+            format!(
+                "{} is not between 10s and 366d",
+                bulwark_common::time::format_duration_ms(window.as_millis() as u64)
+            ),
+        ));
+    }
+    Ok(crate::forecast::ForecastSettings { warn_days, window })
+}
+
 /// Checks `[policy]`.
 fn fleet_policy(path: &Path, p: PolicyToml) -> Result<crate::policy::FleetPolicy, ConfigError> {
     let d = crate::policy::FleetPolicy::default();
@@ -265,6 +310,42 @@ mod tests {
             .join("../deploy/examples/coordinator.toml");
         if let Err(e) = super::CoordinatorConfig::load(&path) {
             panic!("{} does not load: {e}", path.display());
+        }
+    }
+
+    /// `forecast_warn_days` takes fractions; zero, negative or absurd values, and a
+    /// window too short to hold a trend, are refused naming the key and the file.
+    #[test]
+    fn forecast_settings_are_checked_at_load() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let load = |extra: &str| {
+            let path = dir.path().join("coordinator.toml");
+            std::fs::write(
+                &path,
+                format!(
+                    "listen = \"127.0.0.1:7440\"\ndata_dir = \"data\"\n{extra}\n[tls]\nca = \"ca.crt\"\ncert = \"c.crt\"\nkey = \"c.key\"\n"
+                ),
+            )
+            .expect("write");
+            super::CoordinatorConfig::load(&path).map_err(|e| e.to_string())
+        };
+        let d = load("").expect("defaults");
+        assert_eq!(d.forecast.warn_days, 14.0);
+        assert_eq!(d.forecast.window.as_secs(), 7 * 86_400);
+        let c = load("forecast_warn_days = 0.002\nforecast_window = \"1m\"").expect("fractions");
+        assert_eq!(c.forecast.warn_days, 0.002);
+        assert_eq!(c.forecast.window.as_secs(), 60);
+        for (extra, key) in [
+            ("forecast_warn_days = 0", "forecast_warn_days"),
+            ("forecast_warn_days = -3", "forecast_warn_days"),
+            ("forecast_warn_days = nan", "forecast_warn_days"),
+            ("forecast_window = \"2s\"", "forecast_window"),
+        ] {
+            let e = load(extra).expect_err(extra);
+            assert!(
+                e.contains(key) && e.contains("coordinator.toml"),
+                "{extra}: {e}"
+            );
         }
     }
 }

@@ -2,6 +2,7 @@
 //!
 //! - [`config`] — `coordinator.toml`.
 //! - [`enroll`] — enrollment tokens and certificate signing.
+//! - [`forecast`] — capacity forecast: sample histories, Theil–Sen trend, days until full (pure).
 //! - [`error`] — `CoordinatorError`, and its one mapping to a gRPC `Status`.
 //! - [`placement`] — where a new source goes, and rebalance plans (pure).
 //! - [`policy`] — what the admin set against what agents propose (retention, space, quotas, groups).
@@ -19,6 +20,7 @@ pub mod api;
 pub mod config;
 pub mod enroll;
 pub mod error;
+pub mod forecast;
 pub mod placement;
 pub mod policy;
 pub mod records;

@@ -37,6 +37,17 @@ pub struct NodeRecord {
     /// When the certificate it last reported with expires (0 = unknown).
     #[serde(default)]
     pub cert_not_after_ms: i64,
+    /// Its pool disks as last reported (for the capacity forecast).
+    #[serde(default)]
+    pub disks: Vec<DiskFigures>,
+}
+
+/// One pool disk of a node, as its heartbeat reports it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct DiskFigures {
+    pub path: String,
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
 }
 
 /// What the sources placed on one node add up to.

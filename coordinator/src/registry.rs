@@ -10,6 +10,7 @@
 //! - `records` — the persisted records and their plain reads and writes;
 //! - `sources` — nodes, an agent's Hello, placement, assignments, sync reports;
 //! - `alerts` — conditions raised and resolved per origin;
+//! - `forecast` — usage histories, the capacity forecast and its alerts;
 //! - `groups` — protection groups and what members take from them;
 //! - `moves` — draining, and the durable steps of a move;
 //! - `sessions` — agents' live control streams and the commands on them (memory);
@@ -69,6 +70,7 @@ type Result<T, E = RegistryError> = std::result::Result<T, E>;
 
 mod admin;
 mod alerts;
+mod forecast;
 mod groups;
 mod moves;
 mod records;
@@ -79,6 +81,7 @@ mod tests;
 
 pub use crate::records::*;
 pub use alerts::Alert;
+pub use forecast::{ForecastReport, ForecastRow, disk_alert_key, forecast_alerts};
 pub use groups::paired;
 use records::{dec, enc};
 use sessions::Connection;
@@ -99,6 +102,9 @@ pub struct Registry {
     alerts: sled::Tree,
     groups: sled::Tree,
     quotas: sled::Tree,
+    /// Usage histories of the capacity forecast.
+    forecast: sled::Tree,
+    forecast_settings: crate::forecast::ForecastSettings,
     /// `[policy]` of coordinator.toml.
     fleet: FleetPolicy,
     node_timeout: Duration,
@@ -136,6 +142,8 @@ impl Registry {
             alerts: db.open_tree("alerts")?,
             groups: db.open_tree("groups")?,
             quotas: db.open_tree("quotas")?,
+            forecast: db.open_tree("forecast")?,
+            forecast_settings: Default::default(),
             fleet: FleetPolicy::default(),
             db,
             node_timeout,

@@ -37,7 +37,8 @@ pub async fn run(
         tokio::task::spawn_blocking(move || Registry::open(&dir, timeout))
             .await?
             .context("cannot open the registry")?
-            .with_fleet_policy(cfg.policy),
+            .with_fleet_policy(cfg.policy)
+            .with_forecast(cfg.forecast),
     );
     let revocations = open_revocations(&cfg, &registry, &identity)?;
     let mut workers = WorkerSet::new();
@@ -62,6 +63,7 @@ pub async fn run(
         identity: identity.clone(),
         revocations: revocations.clone(),
     });
+    workers.spawn(workers::Forecast(registry.clone()));
     if let Some(every) = cfg.scrub_interval {
         workers.spawn(workers::Scrub {
             svc: svc.clone(),

@@ -10,9 +10,9 @@ use bulwark_proto as pb;
 
 use crate::policy::{LockPolicy, Quota};
 use crate::registry::{
-    Alert, AlertRecord, Assignment, Command, GroupRecord, Heartbeat, Hello, NodeRegistration,
-    Policy, Progress, Registration, Registry, RestoreCommand, SourceKind, SourceRecord, SourceSpec,
-    SourceUsage, SyncCommand, SyncOutcome, SyncReport, Usage,
+    Alert, AlertRecord, Assignment, Command, DiskFigures, GroupRecord, Heartbeat, Hello,
+    NodeRegistration, Policy, Progress, Registration, Registry, RestoreCommand, SourceKind,
+    SourceRecord, SourceSpec, SourceUsage, SyncCommand, SyncOutcome, SyncReport, Usage,
 };
 use crate::service::{
     AllocateOrder, LockOrder, LockTarget, QuotaOrder, RestoreOrder, RetentionOrder, SyncOrder,
@@ -21,6 +21,9 @@ use crate::service::{
 pub use crate::error::ProtocolError;
 
 // ---- nodes ----
+
+/// The most pool disks of one node the coordinator keeps figures of.
+pub const MAX_DISKS: usize = 256;
 
 impl TryFrom<pb::RegisterNodeRequest> for NodeRegistration {
     type Error = ProtocolError;
@@ -64,6 +67,16 @@ impl From<pb::NodeHeartbeatRequest> for Heartbeat {
             health: hb.health,
             nbd_address: hb.nbd_address,
             sources: hb.sources.into_iter().map(SourceUsage::from).collect(),
+            disks: hb
+                .disks
+                .into_iter()
+                .take(MAX_DISKS)
+                .map(|d| DiskFigures {
+                    path: d.path,
+                    capacity_bytes: d.capacity_bytes,
+                    used_bytes: d.used_bytes,
+                })
+                .collect(),
             alerts: hb.alerts.into_iter().map(Alert::from).collect(),
         }
     }
@@ -549,6 +562,39 @@ impl From<crate::service::LocateView> for pb::LocateResponse {
             nbd_address: v.nbd_address,
             size_bytes: v.size_bytes,
             block_size: v.block_size,
+        }
+    }
+}
+
+// ---- forecast ----
+
+impl From<&crate::registry::ForecastRow> for pb::CapacityForecast {
+    fn from(r: &crate::registry::ForecastRow) -> Self {
+        let f = &r.forecast;
+        pb::CapacityForecast {
+            name: r.name.clone(),
+            node: r.node.clone(),
+            used_bytes: f.used_bytes,
+            limit_bytes: f.limit_bytes,
+            has_trend: f.growth_per_day.is_some(),
+            growth_bytes_per_day: f.growth_per_day.unwrap_or(0.0),
+            has_days: f.days_until_full.is_some(),
+            days_until_full: f.days_until_full.unwrap_or(0.0),
+            samples: u32::try_from(f.samples).unwrap_or(u32::MAX),
+        }
+    }
+}
+
+impl From<&crate::registry::ForecastReport> for pb::ForecastResponse {
+    fn from(r: &crate::registry::ForecastReport) -> Self {
+        let rows = |v: &[crate::registry::ForecastRow]| v.iter().map(Into::into).collect();
+        pb::ForecastResponse {
+            sources: rows(&r.sources),
+            groups: rows(&r.groups),
+            nodes: rows(&r.nodes),
+            disks: rows(&r.disks),
+            warn_days: r.settings.warn_days,
+            window_ms: r.settings.window_ms() as u64,
         }
     }
 }

@@ -5,6 +5,8 @@
 //!   copies, every 5 s;
 //! - `monitor` — the coordinator's own alerts (nodes down or unhealthy, expiring
 //!   certificates, inconsistent sources, revoked nodes);
+//! - `forecast` — the capacity forecast's alerts and metrics, and the tidying of
+//!   its histories, about once per sample spacing (`forecast_window` / 128);
 //! - `scrub` — verifies every source once per `scrub_interval`, when set;
 //! - `renewal` — renews the coordinator's own certificate (with `[enrollment]`).
 
@@ -187,6 +189,67 @@ impl Worker for Monitor {
             .report_alerts("coordinator", &alerts)
             .map_err(|e| format!("monitor: cannot record alerts: {e}"))
     }
+}
+
+/// The capacity forecast: raises and resolves `forecast/...` warnings, sets the
+/// `bulwark_forecast_*` gauges, and drops the histories of what is gone. The
+/// samples themselves are taken at each node heartbeat (`Registry::heartbeat`).
+pub struct Forecast(pub Arc<Registry>);
+
+impl Worker for Forecast {
+    fn name(&self) -> String {
+        "forecast".into()
+    }
+
+    fn period(&self) -> Duration {
+        Duration::from_millis(self.0.forecast_settings().spacing_ms() as u64)
+            .clamp(Duration::from_millis(500), Duration::from_secs(60))
+    }
+
+    async fn run(&mut self, _stop: &CancellationToken) -> Result<(), String> {
+        let registry = self.0.clone();
+        tokio::task::spawn_blocking(move || {
+            let report = registry.forecast_report()?;
+            registry.report_forecast_alerts(&report)?;
+            forecast_metrics(&report);
+            registry.prune_forecast_histories(&report)?;
+            Ok::<_, crate::registry::RegistryError>(())
+        })
+        .await
+        .map_err(|e| format!("forecast: {e}"))?
+        .map_err(|e| format!("forecast: {e}"))
+    }
+}
+
+/// The forecast as gauges: days until full (only where there is a forecast) and
+/// growth per pool disk, days until full per source.
+fn forecast_metrics(report: &crate::registry::ForecastReport) {
+    use bulwark_common::metrics::gauge_set_all;
+    fn disk(r: &crate::registry::ForecastRow) -> Vec<(&str, &str)> {
+        vec![("node", r.node.as_str()), ("disk", r.name.as_str())]
+    }
+    let days: Vec<_> = report
+        .disks
+        .iter()
+        .filter_map(|r| r.forecast.days_until_full.map(|d| (disk(r), d)))
+        .collect();
+    gauge_set_all("bulwark_forecast_days_until_full", &days);
+    let growth: Vec<_> = report
+        .disks
+        .iter()
+        .filter_map(|r| r.forecast.growth_per_day.map(|g| (disk(r), g)))
+        .collect();
+    gauge_set_all("bulwark_forecast_growth_bytes_per_day", &growth);
+    let sources: Vec<_> = report
+        .sources
+        .iter()
+        .filter_map(|r| {
+            r.forecast
+                .days_until_full
+                .map(|d| (vec![("source", r.name.as_str())], d))
+        })
+        .collect();
+    gauge_set_all("bulwark_source_forecast_days_until_full", &sources);
 }
 
 /// A warning per data source whose agent cannot vouch for its record of changes

@@ -23,6 +23,8 @@ pub struct Heartbeat {
     pub health: String,
     pub nbd_address: String,
     pub sources: Vec<SourceUsage>,
+    /// Its pool disks.
+    pub disks: Vec<DiskFigures>,
     /// Every condition the node raises now.
     pub alerts: Vec<Alert>,
 }
@@ -132,6 +134,7 @@ impl Registry {
             draining: false,
             health: String::new(),
             cert_not_after_ms: 0,
+            disks: Vec::new(),
         });
         rec.address = req.address.clone();
         rec.capacity_bytes = req.capacity_bytes;
@@ -160,7 +163,9 @@ impl Registry {
         rec.health = hb.health.clone();
         rec.last_seen_ms = now_ms();
         rec.nbd_address = hb.nbd_address.clone();
+        rec.disks = hb.disks.clone();
         self.nodes.insert(name.as_bytes(), enc(&rec)?)?;
+        self.record_usage(name, hb)?;
         // Whether a grouped volume's oldest point moved (then the log floors may).
         let mut floors_moved = false;
         for u in &hb.sources {

@@ -408,3 +408,109 @@ fn the_recheck_an_agent_reports_is_bounded_by_its_volume() {
         .expect("report");
     assert_eq!(reg.source("vm").expect("vm").recheck_bytes, 1 << 30);
 }
+
+/// A source whose points grew 1.2 GiB a day toward a 20 GiB allocation: the
+/// forecast is within 10% of the true 8.3 days, the history survives a reopen,
+/// `forecast/<source>` opens under 14 days and resolves when the allocation grows;
+/// the disk (41 days away) raises nothing.
+#[test]
+fn the_forecast_warns_before_an_allocation_fills_and_resolves_when_it_grows() {
+    const GIB: u64 = 1 << 30;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let open = || {
+        Registry::open(dir.path(), Duration::from_secs(60))
+            .expect("open")
+            .with_forecast(crate::forecast::ForecastSettings::default())
+    };
+    let reg = open();
+    node(&reg, "n1", 100 * GIB);
+    let regs = reg
+        .hello(
+            "a1",
+            &Hello::from(pb::Hello {
+                sources: vec![spec("s1", GIB)],
+                version: "t".into(),
+            }),
+        )
+        .expect("hello");
+    assert!(regs[0].assignment.is_some(), "{regs:?}");
+    let per_2h = 1.2 * GIB as f64 / 12.0;
+    let now = now_ms();
+    for i in (1..=24).rev() {
+        let t = now - i * 2 * 3_600_000;
+        let k = i as f64 * per_2h;
+        reg.record_sample(
+            &forecast::source_key("s1"),
+            t,
+            (10.0 * GIB as f64 - k) as u64,
+        )
+        .expect("sample");
+        reg.record_sample(
+            &forecast::disk_key("n1", "/d1"),
+            t,
+            (50.0 * GIB as f64 - k) as u64,
+        )
+        .expect("sample");
+    }
+    let beat = |points_alloc: u64| Heartbeat {
+        sources: vec![SourceUsage {
+            source: "s1".into(),
+            newest_point: 1,
+            allocated_bytes: points_alloc,
+            usage: Usage {
+                points_used_bytes: 10 * GIB,
+                points_alloc_bytes: points_alloc,
+                ..Default::default()
+            },
+        }],
+        disks: vec![DiskFigures {
+            path: "/d1".into(),
+            capacity_bytes: 100 * GIB,
+            used_bytes: 50 * GIB,
+        }],
+        ..Default::default()
+    };
+    reg.heartbeat("n1", &beat(20 * GIB)).expect("heartbeat");
+    let report = reg.forecast_report().expect("report");
+    let days = report.sources[0]
+        .forecast
+        .days_until_full
+        .expect("a forecast");
+    let truth = 10.0 / 1.2;
+    assert!((days - truth).abs() < truth * 0.1, "{days} vs {truth}");
+    let disk = report.disks[0]
+        .forecast
+        .days_until_full
+        .expect("a forecast");
+    assert!((disk - 50.0 / 1.2).abs() < 50.0 / 1.2 * 0.1, "{disk}");
+    assert_eq!(report.nodes[0].name, "n1");
+    reg.report_forecast_alerts(&report).expect("alerts");
+    let open_keys = |reg: &Registry| -> Vec<String> {
+        let mut k: Vec<String> = reg
+            .alerts(false)
+            .expect("alerts")
+            .into_iter()
+            .map(|a| a.key)
+            .filter(|k| k.starts_with("forecast/"))
+            .collect();
+        k.sort();
+        k
+    };
+    assert_eq!(open_keys(&reg), ["forecast/s1"]);
+    // A tiny threshold for the disk: its key names node and path.
+    let mut tight = report.clone();
+    tight.settings.warn_days = 60.0;
+    let keys: Vec<String> = forecast_alerts(&tight).into_iter().map(|a| a.key).collect();
+    assert_eq!(keys, ["forecast/n1/d1", "forecast/s1"]);
+
+    drop(reg);
+    let reg = open();
+    let again = reg.forecast_report().expect("report after a reopen");
+    assert_eq!(again.sources[0].forecast, report.sources[0].forecast);
+    reg.heartbeat("n1", &beat(200 * GIB)).expect("heartbeat");
+    let grown = reg.forecast_report().expect("report");
+    assert!(grown.sources[0].forecast.days_until_full.expect("days") > 100.0);
+    reg.report_forecast_alerts(&grown).expect("alerts");
+    assert!(open_keys(&reg).is_empty());
+    assert_eq!(reg.prune_forecast_histories(&grown).expect("prune"), 0);
+}

@@ -106,6 +106,16 @@ impl CoordinatorService {
         ))
     }
 
+    /// `Forecast`: the capacity forecast of every source, group, node and disk
+    /// (computed off the async threads: a pass is up to 128²/2 slopes a series).
+    pub async fn forecast(&self) -> Result<crate::registry::ForecastReport> {
+        let registry = self.registry.clone();
+        tokio::task::spawn_blocking(move || registry.forecast_report())
+            .await
+            .map_err(|e| CoordinatorError::Internal(format!("forecast: {e}")))?
+            .map_err(Into::into)
+    }
+
     /// `GetAssignment`: a node's, or the owning agent's only.
     pub fn get_assignment(&self, caller: &Identity, source: &str) -> Result<Assignment> {
         if caller.role == Role::Agent {
