@@ -24,9 +24,9 @@ fn workers_are_listed_with_their_runs_and_a_failure_is_kept_as_the_last_error() 
     fleet.sync("s1");
 
     // The coordinator's loops: all listed, none failed; those that run at start
-    // have run (monitor and scrub first wait one period).
+    // have run (monitor, scrub and forecast may first wait one period).
     let list = fleet.cli_json(&["workers", "--json"]);
-    for name in ["monitor", "scrub"] {
+    for name in ["monitor", "scrub", "forecast"] {
         let w = worker(&list, name);
         assert_eq!(json_u64(w, "failures"), 0, "{w}");
         assert!(json_u64(w, "period_ms") > 0, "{w}");
