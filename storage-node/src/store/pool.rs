@@ -25,6 +25,8 @@ pub struct PoolPolicy {
     /// the sync) from the disk's unallocated capacity; 0 = never.
     pub auto_grow_bytes: u64,
     pub on_full: OnFull,
+    /// How delta and journal records are compressed (`[pool] compression`).
+    pub compression: Compression,
 }
 
 /// What the coordinator asks of one source: allocation overrides (0 = default) and

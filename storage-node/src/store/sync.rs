@@ -158,6 +158,7 @@ impl SyncTxn {
                 open_rw(&p, Open::Truncate)?,
                 &p,
                 DataFile::Journal,
+                store.policy.compression,
             )?)
         };
         fsync_dir(&dir)?;
@@ -284,7 +285,6 @@ impl SyncTxn {
             // The new blocks, with their new digests, appended to the journal (made
             // durable at commit).
             let bs = geometry.block_size as usize;
-            let mut appended = 0u64;
             let blocks = extents.iter().flat_map(|e| {
                 e.digests.iter().enumerate().map(move |(i, d)| {
                     let data = &e.data[i * bs..((i + 1) * bs).min(e.data.len())];
@@ -293,13 +293,12 @@ impl SyncTxn {
             });
             let records = blocks.map(|(block, digest, data)| {
                 let data = (!is_zero(data)).then_some(data);
-                appended += record_len(data) as u64;
                 (block, digest, data, geometry.block_len(block) as usize)
             });
-            journal
-                .append(self.journal_len, records)
+            let appended = journal
+                .append(self.journal_len, records, None)
                 .map_err(io("write", &journal.path))?;
-            self.journal_len += appended;
+            self.journal_len += appended.stored;
             boundary("sync: journal written")?;
             self.times.delta += appending.elapsed();
         } else {
