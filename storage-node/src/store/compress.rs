@@ -35,9 +35,12 @@ impl Compression {
     }
 }
 
-/// zstd level 1: on before-images of real data it kept about 93% of the saving
-/// level 3 gives at about half its CPU (figures in the commit that made it the
-/// default); a settle and a sync's journal compress on the node's own CPU.
+/// zstd level 1. On 400 MB of this machine's `/usr` (binaries, libraries, docs) in
+/// 64 KiB blocks, compressed one block at a time as the node does (`zstd -b1 -e3
+/// -B65536`, December 7): level 1 kept 45.4% of the bytes at 196 MB/s, level 3
+/// 43.8% at 144 MB/s: level 3 saves 3.5% more space for 36% more CPU, and a
+/// sync's journal and a settle compress on the node's CPU, which full syncs here
+/// are already short of.
 impl Default for Compression {
     fn default() -> Compression {
         Compression::Zstd(1)
