@@ -1999,3 +1999,7 @@ fn data_files_without_a_header_are_read_as_format_version_0() {
     let merged = std::fs::read(delta_path(&src, 1)).expect("merged delta");
     assert_eq!(&merged[..8], b"BWKDELTA", "a merge writes the header");
 }
+
+/// Compressed records (see `compress_tests.rs`), with this file's helpers.
+#[path = "compress_tests.rs"]
+mod compression;
