@@ -364,3 +364,30 @@ fn a_hostile_frame_is_refused_without_allocating_what_it_claims() {
         .expect_err("too long");
     assert!(e.to_string().contains("does not fit the block"), "{e}");
 }
+
+#[test]
+fn a_syncs_journal_holds_compressed_records_and_settles_from_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open_with(dir.path(), Compression::Zstd(1));
+    let size = 24 * BS as usize;
+    let one = compressible(size, 1);
+    sync(&store, &vec![0u8; size], &one, 0);
+    let two = change(&one, 2, 2);
+    commit_unsettled(&store, &one, &two, 1, 3);
+    let g = Geometry::new(size as u64, BS).expect("g");
+    let journal = journal_path(&vol_dir(dir.path()));
+    let recs = records_of(&journal, g);
+    assert!(recs.iter().any(|r| r.2.is_some()), "compressed: {recs:?}");
+    let raw: u64 = FILE_HEADER_LEN
+        + recs
+            .iter()
+            .map(|r| 53 + r.1.map_or(0, |_| g.block_len(r.0)))
+            .sum::<u64>();
+    let len = std::fs::metadata(&journal).expect("journal").len();
+    assert!(
+        len < raw,
+        "the journal takes {len} bytes, raw it would take {raw}"
+    );
+    store.settle("vol").expect("settle");
+    check_all(&store, &[one, two], "settled from a compressed journal");
+}

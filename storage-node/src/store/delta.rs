@@ -195,14 +195,15 @@ impl DeltaAppender {
         })
     }
 
-    /// Appends `records` (block, digest, bytes or none for zeros, block length)
-    /// to the file, which is `end` bytes long, each compressed as the appender's
-    /// [`Compression`] says when that shrinks it; not yet durable. With `located`,
+    /// Appends `records` (block, digest, bytes or none for zeros, their zstd frame
+    /// if the caller made one, block length) to the file, which is `end` bytes
+    /// long; a record without a frame is compressed as the appender's
+    /// [`Compression`] says when that shrinks it. Not yet durable. With `located`,
     /// where each record's block went is pushed there (views of a point).
     pub(super) fn append<'a>(
         &mut self,
         end: u64,
-        records: impl Iterator<Item = (u64, Digest, Option<&'a [u8]>, usize)>,
+        records: impl Iterator<Item = (u64, Digest, Option<&'a [u8]>, Option<&'a [u8]>, usize)>,
         mut located: Option<&mut Vec<(u64, Stored)>>,
     ) -> std::io::Result<Appended> {
         bulwark_common::failpoint::io(self.fault)?;
@@ -215,8 +216,11 @@ impl DeltaAppender {
         buf.extend_from_slice(&self.tail);
         let mut scratch = std::mem::take(&mut self.scratch);
         let mut appended = Appended::default();
-        for (block, digest, data, len) in records {
-            let payload = Payload::of(data, self.compression, &mut scratch);
+        for (block, digest, data, frame, len) in records {
+            let payload = match (frame, data) {
+                (Some(f), Some(_)) => Payload::Zstd(f),
+                _ => Payload::of(data, self.compression, &mut scratch),
+            };
             let need = record_len(payload);
             if buf.len() + need > buf.capacity() {
                 // Write the whole pages built so far; the partial page moves to the

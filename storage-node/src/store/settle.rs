@@ -69,7 +69,13 @@ pub(super) fn append_before_images(
     let views = store.views_of(source);
     let mut located = Vec::new();
     let records = recs.iter().zip(&datas).map(|((block, digest), data)| {
-        (*block, *digest, *data, geometry.block_len(*block) as usize)
+        (
+            *block,
+            *digest,
+            *data,
+            None,
+            geometry.block_len(*block) as usize,
+        )
     });
     let added = delta
         .append(

@@ -158,7 +158,9 @@ impl SyncTxn {
                 open_rw(&p, Open::Truncate)?,
                 &p,
                 DataFile::Journal,
-                store.policy.compression,
+                // The blocks come compressed from the before-image reader's
+                // thread (`Prepared::frames`): the appender only writes.
+                Compression::Off,
             )?)
         };
         fsync_dir(&dir)?;
@@ -211,6 +213,7 @@ impl SyncTxn {
             replica_path,
             digests_path,
             geometry: self.spec.geometry,
+            compression: self.store.policy.compression,
         })
     }
 
@@ -291,9 +294,21 @@ impl SyncTxn {
                     (e.first_block + i as u64, *d, data)
                 })
             });
+            // One frame per block, in the same order (none past the end: raw).
+            let mut frames = group
+                .iter()
+                .flat_map(|p| p.frames.iter().map(Option::as_deref))
+                .chain(std::iter::repeat(None));
             let records = blocks.map(|(block, digest, data)| {
+                let frame = frames.next().flatten();
                 let data = (!is_zero(data)).then_some(data);
-                (block, digest, data, geometry.block_len(block) as usize)
+                (
+                    block,
+                    digest,
+                    data,
+                    frame,
+                    geometry.block_len(block) as usize,
+                )
             });
             let appended = journal
                 .append(self.journal_len, records, None)
