@@ -48,7 +48,7 @@ fn change(image: &[u8], seed: u64, every: usize) -> Vec<u8> {
     let mut next = image.to_vec();
     let bs = BS as usize;
     for (i, block) in next.chunks_mut(bs).enumerate() {
-        if (i + seed as usize) % every == 0 {
+        if (i + seed as usize).is_multiple_of(every) {
             let fresh = compressible(block.len(), seed * 1000 + i as u64);
             block.copy_from_slice(&fresh);
         }
