@@ -185,27 +185,7 @@ impl NodeConfig {
                 capacity_bytes: d.capacity.0,
             });
         }
-        let on_full = match t.pool.on_full.as_deref() {
-            None | Some("refuse") => crate::store::OnFull::Refuse,
-            Some("prune-oldest") => crate::store::OnFull::PruneOldest,
-            Some(other) => {
-                return Err(bad(
-                    "pool.on_full",
-                    format!("\"{other}\" is not one of \"refuse\", \"prune-oldest\""),
-                ));
-            }
-        };
-        let compression = match t.pool.compression.as_deref() {
-            None => crate::store::Compression::default(),
-            Some(s) => {
-                crate::store::Compression::parse(s).map_err(|m| bad("pool.compression", m))?
-            }
-        };
-        let pool_policy = crate::store::PoolPolicy {
-            auto_grow_bytes: t.pool.auto_grow.map_or(0, |b| b.0),
-            on_full,
-            compression,
-        };
+        let pool_policy = pool_policy(&t.pool, &bad)?;
         if t.heartbeat_interval.0 < Duration::from_millis(100) {
             return Err(bad("heartbeat_interval", "must be at least 100ms".into()));
         }
@@ -267,6 +247,32 @@ impl NodeConfig {
             tls: t.tls.relative_to(path),
         })
     }
+}
+
+/// `[pool]`'s policy keys (`on_full`, `auto_grow`, `compression`), checked.
+fn pool_policy(
+    pool: &PoolToml,
+    bad: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<crate::store::PoolPolicy, ConfigError> {
+    let on_full = match pool.on_full.as_deref() {
+        None | Some("refuse") => crate::store::OnFull::Refuse,
+        Some("prune-oldest") => crate::store::OnFull::PruneOldest,
+        Some(other) => {
+            return Err(bad(
+                "pool.on_full",
+                format!("\"{other}\" is not one of \"refuse\", \"prune-oldest\""),
+            ));
+        }
+    };
+    let compression = match pool.compression.as_deref() {
+        None => crate::store::Compression::default(),
+        Some(s) => crate::store::Compression::parse(s).map_err(|m| bad("pool.compression", m))?,
+    };
+    Ok(crate::store::PoolPolicy {
+        auto_grow_bytes: pool.auto_grow.map_or(0, |b| b.0),
+        on_full,
+        compression,
+    })
 }
 
 impl bulwark_common::daemon::DaemonConfig for NodeConfig {
