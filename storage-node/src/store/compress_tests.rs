@@ -391,3 +391,22 @@ fn a_syncs_journal_holds_compressed_records_and_settles_from_them() {
     store.settle("vol").expect("settle");
     check_all(&store, &[one, two], "settled from a compressed journal");
 }
+
+#[test]
+fn an_open_view_reads_the_compressed_before_images_a_later_settle_writes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open_with(dir.path(), Compression::Zstd(1));
+    let size = 24 * BS as usize + 300;
+    let mut images = Vec::new();
+    sync_more(&store, &mut images, 1, size);
+    // Open before point 2 exists: the settle of point 2 tells it where point 1's
+    // before-images went (compressed), before it overwrites the replica.
+    let view = store.open_view("vol", 1).expect("view");
+    sync_more(&store, &mut images, 2, size);
+    let p = store.points("vol").expect("points").remove(0);
+    assert!(p.stored_bytes() < p.logical_bytes(), "{p:?}");
+    assert!(
+        read_view(&view) == images[0],
+        "the view still shows point 1"
+    );
+}
