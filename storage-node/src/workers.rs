@@ -330,6 +330,39 @@ fn record_metrics(usage: &crate::store::PoolUsage) {
 mod tests {
     use super::*;
 
+    /// Each source's recovery points before and after compression are gauges
+    /// under the names other tools (dashboards) use.
+    #[test]
+    fn each_sources_logical_and_stored_bytes_are_gauges() {
+        let usage = crate::store::PoolUsage {
+            disks: Vec::new(),
+            sources: vec![crate::store::SourceUsage {
+                name: "gauged-vol".into(),
+                newest_point: 3,
+                points: 3,
+                used_bytes: 0,
+                allocated_bytes: 0,
+                replica_alloc_bytes: 0,
+                points_alloc_bytes: 0,
+                points_used_bytes: 1000,
+                points_logical_bytes: 3500,
+                damaged_points: 0,
+                oldest_point_ms: 0,
+                newest_point_ms: 0,
+            }],
+        };
+        record_metrics(&usage);
+        let text = bulwark_common::metrics::render();
+        for line in [
+            "# TYPE bulwark_source_logical_bytes gauge",
+            "bulwark_source_logical_bytes{source=\"gauged-vol\"} 3500",
+            "# TYPE bulwark_source_stored_bytes gauge",
+            "bulwark_source_stored_bytes{source=\"gauged-vol\"} 1000",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+        }
+    }
+
     /// A failed settle is a critical alert `settle/<source>` carrying the error.
     #[test]
     fn a_failed_settle_is_a_critical_alert() {
