@@ -22,6 +22,9 @@ pub fn source_json(s: &pb::SourceInfo) -> Value {
         "replica_alloc_bytes": s.replica_alloc_bytes,
         "points_alloc_bytes": s.points_alloc_bytes,
         "points_used_bytes": s.points_used_bytes,
+        // The recovery points' bytes before and after the node's compression.
+        "logical_bytes": s.points_logical_bytes,
+        "stored_bytes": s.points_used_bytes,
         "used_bytes": s.used_bytes, "points": s.points,
         "last_verify": if s.last_verify_ms > 0 { rfc3339_ms(s.last_verify_ms) } else { String::new() },
         "verify_result": s.verify_result,
@@ -48,6 +51,7 @@ pub fn point_json(p: &pb::Point) -> Value {
         "blocks_changed": p.blocks_changed,
         "bytes_changed": p.bytes_changed,
         "stored_bytes": p.stored_bytes,
+        "logical_bytes": p.logical_bytes,
         "damaged_blocks": p.damaged_blocks,
         "files_changed": p.files_changed,
         "lock": point_lock_json(p),

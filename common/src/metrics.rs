@@ -90,6 +90,16 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
         "Calls refused, per reason (role, no-rule, no-certificate, bad-certificate, revoked, enrollment, not-owner, not-assigned, stale-epoch, space, bad-input)",
     ),
     (
+        "bulwark_source_logical_bytes",
+        Kind::Gauge,
+        "Bytes of each data source's recovery points before the node's compression (node)",
+    ),
+    (
+        "bulwark_source_stored_bytes",
+        Kind::Gauge,
+        "Bytes each data source's recovery points take on the node's pool disk, compressed (node)",
+    ),
+    (
         "bulwark_alerts_active",
         Kind::Gauge,
         "Open alerts, per severity (coordinator)",

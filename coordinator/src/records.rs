@@ -196,6 +196,8 @@ pub struct Usage {
     pub used_bytes: u64,
     pub points: u64,
     pub oldest_point_ms: i64,
+    /// `points_used_bytes` before the node's compression (0 from a node before it).
+    pub points_logical_bytes: u64,
 }
 
 impl SourceRecord {

@@ -45,6 +45,7 @@ impl From<pb::SourceUsage> for SourceUsage {
                 replica_alloc_bytes: u.replica_alloc_bytes,
                 points_alloc_bytes: u.points_alloc_bytes,
                 points_used_bytes: u.points_used_bytes,
+                points_logical_bytes: u.points_logical_bytes,
                 used_bytes: u.used_bytes,
                 points: u.points,
                 oldest_point_ms: u.oldest_point_ms,
@@ -501,6 +502,8 @@ pub fn source_info(reg: &Registry, s: SourceRecord) -> pb::SourceInfo {
         replica_alloc_bytes: s.usage.replica_alloc_bytes,
         points_alloc_bytes: s.usage.points_alloc_bytes,
         points_used_bytes: s.usage.points_used_bytes,
+        // A node before compression reports none: its points are all raw.
+        points_logical_bytes: s.usage.points_logical_bytes.max(s.usage.points_used_bytes),
         used_bytes: s.usage.used_bytes,
         points: s.usage.points,
         last_verify_ms: s.last_verify_ms,

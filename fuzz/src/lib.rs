@@ -197,6 +197,7 @@ pub fn fix_records(file: &mut [u8], magic: &[u8; 8], geometry: Geometry, fixes: 
             let check = blake3::hash(&file[at..at + RECORD_HEADER]);
             file[at + RECORD_HEADER..data_at].copy_from_slice(&check.as_bytes()[..RECORD_CHECK]);
         }
-        at = data_at + if kind == 1 { len } else { 0 };
+        // Kinds 1 (raw) and 2 (a zstd frame of `len` bytes) carry bytes.
+        at = data_at + if kind == 1 || kind == 2 { len } else { 0 };
     }
 }

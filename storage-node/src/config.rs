@@ -102,6 +102,11 @@ pub struct PoolToml {
     /// `"prune-oldest"`.
     #[serde(default)]
     pub on_full: Option<String>,
+    /// How the node compresses the before-images and journal records it stores:
+    /// `"zstd:N"` (N = zstd level, 1 to 19) or `"off"`; a record that does not
+    /// shrink is kept raw. Optional; default `"zstd:1"`.
+    #[serde(default)]
+    pub compression: Option<String>,
 }
 
 /// One `[[pool.disks]]`.
@@ -180,20 +185,7 @@ impl NodeConfig {
                 capacity_bytes: d.capacity.0,
             });
         }
-        let on_full = match t.pool.on_full.as_deref() {
-            None | Some("refuse") => crate::store::OnFull::Refuse,
-            Some("prune-oldest") => crate::store::OnFull::PruneOldest,
-            Some(other) => {
-                return Err(bad(
-                    "pool.on_full",
-                    format!("\"{other}\" is not one of \"refuse\", \"prune-oldest\""),
-                ));
-            }
-        };
-        let pool_policy = crate::store::PoolPolicy {
-            auto_grow_bytes: t.pool.auto_grow.map_or(0, |b| b.0),
-            on_full,
-        };
+        let pool_policy = pool_policy(&t.pool, &bad)?;
         if t.heartbeat_interval.0 < Duration::from_millis(100) {
             return Err(bad("heartbeat_interval", "must be at least 100ms".into()));
         }
@@ -257,6 +249,32 @@ impl NodeConfig {
     }
 }
 
+/// `[pool]`'s policy keys (`on_full`, `auto_grow`, `compression`), checked.
+fn pool_policy(
+    pool: &PoolToml,
+    bad: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<crate::store::PoolPolicy, ConfigError> {
+    let on_full = match pool.on_full.as_deref() {
+        None | Some("refuse") => crate::store::OnFull::Refuse,
+        Some("prune-oldest") => crate::store::OnFull::PruneOldest,
+        Some(other) => {
+            return Err(bad(
+                "pool.on_full",
+                format!("\"{other}\" is not one of \"refuse\", \"prune-oldest\""),
+            ));
+        }
+    };
+    let compression = match pool.compression.as_deref() {
+        None => crate::store::Compression::default(),
+        Some(s) => crate::store::Compression::parse(s).map_err(|m| bad("pool.compression", m))?,
+    };
+    Ok(crate::store::PoolPolicy {
+        auto_grow_bytes: pool.auto_grow.map_or(0, |b| b.0),
+        on_full,
+        compression,
+    })
+}
+
 impl bulwark_common::daemon::DaemonConfig for NodeConfig {
     fn telemetry(&self) -> &bulwark_common::config::TelemetryConfig {
         &self.telemetry
@@ -272,6 +290,35 @@ mod tests {
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/node.toml");
         if let Err(e) = super::NodeConfig::load(&path) {
             panic!("{} does not load: {e}", path.display());
+        }
+    }
+
+    /// `[pool] compression` is parsed at load: a bad value is refused naming the
+    /// key and the value; absent is zstd level 1.
+    #[test]
+    fn pool_compression_is_checked_at_load() {
+        use crate::store::Compression;
+        let example =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/node.toml");
+        let text = std::fs::read_to_string(&example).expect("example");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("node.toml");
+        let with = |value: Option<&str>| {
+            let line = value.map_or(String::new(), |v| format!("compression = \"{v}\"\n"));
+            let t = text.replacen("[pool]\n", &format!("[pool]\n{line}"), 1);
+            std::fs::write(&path, t).expect("write");
+            super::NodeConfig::load(&path)
+        };
+        let c = |v| with(v).expect("loads").pool_policy.compression;
+        assert_eq!(c(None), Compression::Zstd(1));
+        assert_eq!(c(Some("off")), Compression::Off);
+        assert_eq!(c(Some("zstd:9")), Compression::Zstd(9));
+        for bad in ["zstd:0", "zstd:42", "gzip", "zstd:three"] {
+            let e = with(Some(bad)).expect_err(bad).to_string();
+            assert!(
+                e.contains("pool.compression") && e.contains(&format!("\"{bad}\"")),
+                "{bad}: {e}"
+            );
         }
     }
 }

@@ -247,6 +247,7 @@ pub fn point_to_proto(p: &PointMeta) -> pb::Point {
         blocks_changed: p.blocks_changed,
         bytes_changed: p.bytes_changed,
         stored_bytes: p.stored_bytes(),
+        logical_bytes: p.logical_bytes(),
         damaged_blocks: p.damaged.clone(),
         files_changed: p.files_changed,
         lock_mode: pb::LockMode::None as i32,

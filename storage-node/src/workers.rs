@@ -187,6 +187,7 @@ async fn usage_report(
                 replica_alloc_bytes: s.replica_alloc_bytes,
                 points_alloc_bytes: s.points_alloc_bytes,
                 points_used_bytes: s.points_used_bytes,
+                points_logical_bytes: s.points_logical_bytes,
                 oldest_point_ms: s.oldest_point_ms,
             })
             .collect(),
@@ -294,7 +295,8 @@ fn alerts(
 }
 
 /// The pool's figures as metrics (each heartbeat): capacity, allocation and use per
-/// disk, and each source's replica lag (age of its newest point).
+/// disk, and each source's replica lag (age of its newest point) and its recovery
+/// points' bytes before and after compression.
 fn record_metrics(usage: &crate::store::PoolUsage) {
     use bulwark_common::metrics as m;
     for d in &usage.disks {
@@ -306,6 +308,17 @@ fn record_metrics(usage: &crate::store::PoolUsage) {
     }
     let now = bulwark_common::time::now_ms();
     for s in &usage.sources {
+        let l = [("source", s.name.as_str())];
+        m::gauge_set(
+            "bulwark_source_logical_bytes",
+            &l,
+            s.points_logical_bytes as f64,
+        );
+        m::gauge_set(
+            "bulwark_source_stored_bytes",
+            &l,
+            s.points_used_bytes as f64,
+        );
         if s.newest_point_ms > 0 {
             let lag = (now - s.newest_point_ms).max(0) as f64 / 1000.0;
             m::gauge_set("bulwark_replica_lag_seconds", &[("source", &s.name)], lag);
@@ -316,6 +329,39 @@ fn record_metrics(usage: &crate::store::PoolUsage) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each source's recovery points before and after compression are gauges
+    /// under the names other tools (dashboards) use.
+    #[test]
+    fn each_sources_logical_and_stored_bytes_are_gauges() {
+        let usage = crate::store::PoolUsage {
+            disks: Vec::new(),
+            sources: vec![crate::store::SourceUsage {
+                name: "gauged-vol".into(),
+                newest_point: 3,
+                points: 3,
+                used_bytes: 0,
+                allocated_bytes: 0,
+                replica_alloc_bytes: 0,
+                points_alloc_bytes: 0,
+                points_used_bytes: 1000,
+                points_logical_bytes: 3500,
+                damaged_points: 0,
+                oldest_point_ms: 0,
+                newest_point_ms: 0,
+            }],
+        };
+        record_metrics(&usage);
+        let text = bulwark_common::metrics::render();
+        for line in [
+            "# TYPE bulwark_source_logical_bytes gauge",
+            "bulwark_source_logical_bytes{source=\"gauged-vol\"} 3500",
+            "# TYPE bulwark_source_stored_bytes gauge",
+            "bulwark_source_stored_bytes{source=\"gauged-vol\"} 1000",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+        }
+    }
 
     /// A failed settle is a critical alert `settle/<source>` carrying the error.
     #[test]

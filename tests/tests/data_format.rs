@@ -56,7 +56,7 @@ fn a_source_with_a_data_file_of_a_newer_format_is_refused_and_the_others_are_ser
     let message = json_str(&alert, "message");
     assert!(
         message.contains(&delta.display().to_string())
-            && message.contains("format version 9, this node reads 1"),
+            && message.contains("format version 9, this node reads 2"),
         "the alert names the file and the version: {alert}"
     );
     let (_, err) = fleet.cli_expect_fail(&["sync", OLD, "--wait", "--json"]);

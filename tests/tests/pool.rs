@@ -615,3 +615,66 @@ fn a_pool_that_prunes_when_full_keeps_the_newest_points() {
     let expected: Vec<(u64, &Path)> = images[2..].iter().map(|(i, p)| (*i, p.as_path())).collect();
     restore_all(&fleet, &expected, "prune-oldest");
 }
+
+/// The node compresses before-images by default (`[pool] compression`, zstd:1):
+/// a point whose delta holds compressible blocks reports fewer stored than logical
+/// bytes in `points --json` and `sources --json`, and restores byte for byte.
+#[test]
+fn compressible_before_images_are_stored_compressed_and_reported_both_ways() {
+    let fleet = Fleet::builder()
+        .node("node-1")
+        .agent("host-1", SOURCE, SIZE)
+        .start();
+    let volume = fleet.volume(SOURCE);
+    // Text, as logs and configuration files are.
+    let mut text = Vec::with_capacity(SIZE as usize);
+    let mut i = 0u64;
+    while (text.len() as u64) < SIZE {
+        text.extend_from_slice(format!("{i:09} a line of an ordinary log file\n").as_bytes());
+        i += 1;
+    }
+    text.truncate(SIZE as usize);
+    std::fs::write(&volume, &text).expect("write the volume");
+    fleet.sync(SOURCE);
+    let p1 = fleet.save_volume(SOURCE, "p1.img");
+    rewrite_random_blocks(&volume, 6);
+    fleet.sync(SOURCE);
+    let p2 = fleet.save_volume(SOURCE, "p2.img");
+    // Point 1's delta is written by the settle, just after the sync's answer.
+    let first = poll("point 1's delta", Duration::from_secs(20), || {
+        let points = fleet.points(SOURCE);
+        match points.iter().find(|p| json_u64(p, "id") == 1) {
+            Some(p) if json_u64(p, "stored_bytes") > 0 => Ok(p.clone()),
+            other => Err(format!("point 1: {other:?}")),
+        }
+    });
+    let first = &first;
+    let (stored, logical) = (
+        json_u64(first, "stored_bytes"),
+        json_u64(first, "logical_bytes"),
+    );
+    // Six before-images of 64 KiB blocks, raw: the file header and six records.
+    assert_eq!(logical, 16 + 6 * (BLOCK_SIZE + 53), "{first}");
+    assert!(stored < logical / 4, "{first}");
+    let delta = fleet
+        .node_source_dir("node-1", SOURCE)
+        .join("deltas")
+        .join(format!("{:020}.delta", 1));
+    assert_eq!(
+        std::fs::metadata(&delta).expect("delta").len(),
+        stored,
+        "stored bytes are the delta's length on disk"
+    );
+    poll(
+        "the node to report logical and stored bytes",
+        Duration::from_secs(20),
+        || {
+            let s = fleet.source_info(SOURCE);
+            match (json_u64(&s, "logical_bytes"), json_u64(&s, "stored_bytes")) {
+                (l, s) if (l, s) == (logical, stored) => Ok(()),
+                other => Err(format!("logical_bytes, stored_bytes = {other:?}")),
+            }
+        },
+    );
+    restore_all(&fleet, &[(1, p1.as_path()), (2, p2.as_path())], "zstd");
+}

@@ -1,5 +1,21 @@
 //! The delta record codec: encoding, appending and reading records of a delta file or
 //! the journal.
+//!
+//! A record is a 45-byte header (block index u64 LE; kind u8; length u32 LE; the
+//! block's digest), an 8-byte check (the first 8 bytes of BLAKE3 of the header),
+//! then its stored bytes. The kind says how the block is stored:
+//!
+//! - 0 ([`KIND_ZEROS`]): the block reads as zeros; no bytes follow; the length is
+//!   the block's.
+//! - 1 ([`KIND_RAW`]): the block's bytes follow; the length is the block's.
+//! - 2 ([`KIND_ZSTD`], data-file format version 2 on): one zstd frame follows; the
+//!   length is the frame's, at least 1 and less than the block's (a block that
+//!   does not shrink is stored raw). The frame must decode to exactly the block's
+//!   length, which the volume's geometry gives (the last block may be short).
+//!
+//! The digest is always over the block's LOGICAL bytes (after decompression), so a
+//! reader decompresses, into a buffer of the block's length and never more, and
+//! checks the digest as for a raw record.
 
 use std::fs::File;
 use std::io::{BufReader, Read};
@@ -9,34 +25,108 @@ use bulwark_common::block::{
     DIGEST_LEN, DIRECT_ALIGN, Digest, DirectWriter, Geometry, aligned_buffer,
 };
 
+use super::compress::{Compression, compress_block, decompress_block};
 use super::*;
 
 pub(super) const HEADER_LEN: usize = 8 + 1 + 4 + DIGEST_LEN;
 pub(super) const CHECK_LEN: usize = 8;
 
+/// A record's kinds (byte 8 of its header): zeros, raw bytes, a zstd frame.
+pub(super) const KIND_ZEROS: u8 = 0;
+pub(super) const KIND_RAW: u8 = 1;
+pub(super) const KIND_ZSTD: u8 = 2;
+
+/// What follows a record's header: nothing (zeros), the block's bytes, or a zstd
+/// frame of them.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Payload<'a> {
+    Zeros,
+    Raw(&'a [u8]),
+    Zstd(&'a [u8]),
+}
+
+impl<'a> Payload<'a> {
+    fn kind(self) -> u8 {
+        match self {
+            Payload::Zeros => KIND_ZEROS,
+            Payload::Raw(_) => KIND_RAW,
+            Payload::Zstd(_) => KIND_ZSTD,
+        }
+    }
+
+    /// The bytes stored after the header.
+    pub(super) fn stored(self) -> &'a [u8] {
+        match self {
+            Payload::Zeros => &[],
+            Payload::Raw(d) | Payload::Zstd(d) => d,
+        }
+    }
+
+    /// The payload of `data` (`None`: zeros) compressed with `c` into `scratch`
+    /// when that makes it smaller, else raw.
+    pub(super) fn of(
+        data: Option<&'a [u8]>,
+        c: Compression,
+        scratch: &'a mut Vec<u8>,
+    ) -> Payload<'a> {
+        match data {
+            None => Payload::Zeros,
+            Some(d) if compress_block(c, d, scratch) => Payload::Zstd(scratch),
+            Some(d) => Payload::Raw(d),
+        }
+    }
+}
+
+/// Where a record's block is in its file (for views of a point).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Stored {
+    /// It reads as zeros.
+    Zeros,
+    /// Its bytes are at this offset.
+    Raw { at: u64 },
+    /// A zstd frame of `len` bytes at this offset.
+    Zstd { at: u64, len: u32 },
+}
+
+/// Encodes one record of `block` (whose logical length is `len`) into `buf`.
 pub(super) fn encode_record(
     buf: &mut impl bytes::BufMut,
     block: u64,
     digest: Digest,
-    data: Option<&[u8]>,
+    payload: Payload<'_>,
     len: usize,
 ) {
+    let stored_len = match payload {
+        Payload::Zstd(f) => f.len(),
+        Payload::Zeros | Payload::Raw(_) => len,
+    };
     let mut header = [0u8; HEADER_LEN];
     header[..8].copy_from_slice(&block.to_le_bytes());
-    header[8] = u8::from(data.is_some());
-    header[9..13].copy_from_slice(&(len as u32).to_le_bytes());
+    header[8] = payload.kind();
+    header[9..13].copy_from_slice(&(stored_len as u32).to_le_bytes());
     header[13..].copy_from_slice(&digest.0);
     let check = blake3::hash(&header);
     buf.put_slice(&header);
     buf.put_slice(&check.as_bytes()[..CHECK_LEN]);
-    if let Some(d) = data {
-        buf.put_slice(d);
-    }
+    buf.put_slice(payload.stored());
 }
 
 /// Length of one encoded record.
-pub(super) fn record_len(data: Option<&[u8]>) -> usize {
+pub(super) fn record_len(payload: Payload<'_>) -> usize {
+    HEADER_LEN + CHECK_LEN + payload.stored().len()
+}
+
+/// Length of the record of `data` (`None`: zeros) were it stored raw: what a
+/// record counts in a delta's logical bytes.
+pub(super) fn logical_record_len(data: Option<&[u8]>) -> usize {
     HEADER_LEN + CHECK_LEN + data.map_or(0, <[u8]>::len)
+}
+
+/// Bytes an append wrote: as stored, and as they would be raw.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Appended {
+    pub(super) stored: u64,
+    pub(super) logical: u64,
 }
 
 /// Appends records to a delta file (a settle's before-images) or to a journal (a
@@ -61,6 +151,10 @@ pub(super) struct DeltaAppender {
     /// The I/O fault point of its writes: `node-io-journal-write` or
     /// `node-io-delta-write` (see `bulwark_common::failpoint`).
     pub(super) fault: &'static str,
+    /// How data records are compressed (see `compress.rs`).
+    pub(super) compression: Compression,
+    /// A record's zstd frame, kept between records.
+    pub(super) scratch: Vec<u8>,
 }
 
 /// Bytes of records built before they are written: below the allocator's mmap
@@ -75,7 +169,12 @@ pub(super) const DELTA_CHUNK: usize = if cfg!(test) {
 impl DeltaAppender {
     /// Starts a new, empty file of `kind` (a delta or the journal) with its header
     /// (see `header.rs`): the file is then [`FILE_HEADER_LEN`] bytes long.
-    pub(super) fn create(file: File, path: &Path, kind: DataFile) -> Result<DeltaAppender> {
+    pub(super) fn create(
+        file: File,
+        path: &Path,
+        kind: DataFile,
+        compression: Compression,
+    ) -> Result<DeltaAppender> {
         kind.write_header(&file, path)?;
         let (what, fault) = if kind == DataFile::Journal {
             ("journal", "node-io-journal-write")
@@ -91,16 +190,22 @@ impl DeltaAppender {
             tail: kind.header().to_vec(),
             chunk: None,
             fault,
+            compression,
+            scratch: Vec::new(),
         })
     }
 
-    /// Appends `records` (block, old digest, old bytes or none for zeros, block
-    /// length) to the file, which is `end` bytes long; not yet durable.
+    /// Appends `records` (block, digest, bytes or none for zeros, their zstd frame
+    /// if the caller made one, block length) to the file, which is `end` bytes
+    /// long; a record without a frame is compressed as the appender's
+    /// [`Compression`] says when that shrinks it. Not yet durable. With `located`,
+    /// where each record's block went is pushed there (views of a point).
     pub(super) fn append<'a>(
         &mut self,
         end: u64,
-        records: impl Iterator<Item = (u64, Digest, Option<&'a [u8]>, usize)>,
-    ) -> std::io::Result<()> {
+        records: impl Iterator<Item = (u64, Digest, Option<&'a [u8]>, Option<&'a [u8]>, usize)>,
+        mut located: Option<&mut Vec<(u64, Stored)>>,
+    ) -> std::io::Result<Appended> {
         bulwark_common::failpoint::io(self.fault)?;
         let mut page_start = end - self.tail.len() as u64;
         let mut buf = self
@@ -109,8 +214,14 @@ impl DeltaAppender {
             .unwrap_or_else(|| aligned_buffer(DELTA_CHUNK));
         buf.clear();
         buf.extend_from_slice(&self.tail);
-        for (block, digest, data, len) in records {
-            let need = record_len(data);
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let mut appended = Appended::default();
+        for (block, digest, data, frame, len) in records {
+            let payload = match (frame, data) {
+                (Some(f), Some(_)) => Payload::Zstd(f),
+                _ => Payload::of(data, self.compression, &mut scratch),
+            };
+            let need = record_len(payload);
             if buf.len() + need > buf.capacity() {
                 // Write the whole pages built so far; the partial page moves to the
                 // front and is written again with what follows it.
@@ -131,12 +242,29 @@ impl DeltaAppender {
                     buf = bigger;
                 }
             }
-            encode_record(&mut buf, block, digest, data, len);
+            if let Some(located) = located.as_deref_mut() {
+                let at = page_start + (buf.len() + HEADER_LEN + CHECK_LEN) as u64;
+                located.push((
+                    block,
+                    match payload {
+                        Payload::Zeros => Stored::Zeros,
+                        Payload::Raw(_) => Stored::Raw { at },
+                        Payload::Zstd(f) => Stored::Zstd {
+                            at,
+                            len: f.len() as u32,
+                        },
+                    },
+                ));
+            }
+            encode_record(&mut buf, block, digest, payload, len);
+            appended.stored += need as u64;
+            appended.logical += logical_record_len(data) as u64;
         }
+        self.scratch = scratch;
         self.writer.write_at(&self.file, &buf, page_start)?;
         self.tail = buf[buf.len() / DIRECT_ALIGN * DIRECT_ALIGN..].to_vec();
         self.chunk = Some(buf);
-        Ok(())
+        Ok(appended)
     }
 }
 
@@ -149,8 +277,14 @@ pub struct DeltaRecord {
     pub data: Option<Vec<u8>>,
     /// The data matches the digest (always, unless bad data was asked for).
     pub intact: bool,
-    /// Where the record's data starts in the file (`None`: the block reads as zeros).
+    /// Where the record's stored bytes start in the file (`None`: the block reads
+    /// as zeros).
     pub data_offset: Option<u64>,
+    /// A compressed record: its zstd frame's length (at `data_offset`).
+    pub compressed_len: Option<u32>,
+    /// A compressed record's frame as stored, when the reader keeps frames (a
+    /// merge copies it as it is) and its data was read.
+    pub frame: Option<Vec<u8>>,
 }
 
 /// Reads a delta file's records in order.
@@ -159,6 +293,8 @@ pub struct DeltaReader {
     pub(super) path: PathBuf,
     pub(super) geometry: Geometry,
     pub(super) at: u64,
+    /// Hand out compressed records' frames (see [`DeltaRecord::frame`]).
+    pub(super) keep_frames: bool,
 }
 
 impl DeltaReader {
@@ -180,6 +316,7 @@ impl DeltaReader {
             path: path.to_path_buf(),
             geometry,
             at: start,
+            keep_frames: false,
         })
     }
 
@@ -216,44 +353,79 @@ impl DeltaReader {
         let kind = head[8];
         let len = u32::from_le_bytes(head[9..13].try_into().unwrap_or([0; 4])) as u64;
         let digest = Digest::from_slice(&head[13..HEADER_LEN]).unwrap_or(Digest::UNWRITTEN);
-        if block >= self.geometry.block_count() || len != self.geometry.block_len(block) || kind > 1
-        {
+        if block >= self.geometry.block_count() || kind > KIND_ZSTD {
             return self.bad(tolerate_tail, "record names a block outside the volume");
         }
+        let block_len = self.geometry.block_len(block);
+        // A frame is never empty and always smaller than its block: so reading
+        // one takes at most a block, as a raw record does.
+        let len_ok = if kind == KIND_ZSTD {
+            len > 0 && len < block_len
+        } else {
+            len == block_len
+        };
+        if !len_ok {
+            return self.bad(
+                tolerate_tail,
+                &format!("record of block {block}: a stored length of {len} bytes does not fit the block's {block_len}"),
+            );
+        }
+        let has_data = kind != KIND_ZEROS;
         let mut intact = true;
-        let data = if kind == 1 && skip(block) {
+        let mut frame = None;
+        let data = if has_data && skip(block) {
             self.reader
                 .seek_relative(len as i64)
                 .map_err(io("seek", &self.path))?;
             None
-        } else if kind == 1 {
+        } else if has_data {
             let mut d = vec![0u8; len as usize];
             match read_full(&mut self.reader, &mut d) {
                 Ok(n) if n == d.len() => {}
                 Ok(_) => return self.bad(tolerate_tail, "torn record data"),
                 Err(e) => return Err(io("read", &self.path)(e)),
             }
-            if Digest::of(&d) != digest {
-                if !keep_bad_data {
-                    return self.bad(
-                        tolerate_tail,
-                        &format!("block {block}: record data does not match its checksum"),
-                    );
+            let plain = if kind == KIND_ZSTD {
+                let plain = decompress_block(&d, block_len as usize);
+                if self.keep_frames {
+                    frame = Some(d);
                 }
-                intact = false;
+                plain
+            } else {
+                Ok(d)
+            };
+            let checked = match plain {
+                Ok(d) if Digest::of(&d) == digest => Ok(d),
+                Ok(d) => Err((
+                    Some(d),
+                    "record data does not match its checksum".to_string(),
+                )),
+                // Nothing to hand out: the frame does not decode.
+                Err(why) => Err((None, why)),
+            };
+            match checked {
+                Ok(d) => Some(d),
+                Err((_, why)) if !keep_bad_data => {
+                    return self.bad(tolerate_tail, &format!("block {block}: {why}"));
+                }
+                Err((d, _)) => {
+                    intact = false;
+                    d
+                }
             }
-            Some(d)
         } else {
             None
         };
-        let data_offset = (kind == 1).then_some(self.at + head.len() as u64);
-        self.at += head.len() as u64 + if kind == 1 { len } else { 0 };
+        let data_offset = has_data.then_some(self.at + head.len() as u64);
+        self.at += head.len() as u64 + if has_data { len } else { 0 };
         Ok(Some(DeltaRecord {
             block,
             digest,
             data,
             intact,
             data_offset,
+            compressed_len: (kind == KIND_ZSTD).then_some(len as u32),
+            frame,
         }))
     }
 

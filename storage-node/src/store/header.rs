@@ -10,6 +10,13 @@
 //!
 //! # Compatibility
 //!
+//! Version 2 (compressed records: kind 2 in `delta.rs`) reads every file of
+//! versions 0 and 1 as it is: their records are all raw or zeros, which version 2
+//! keeps unchanged. A node writes version 2 into every new data file, whether it
+//! compresses or not (`[pool] compression = "off"` writes raw records into version 2
+//! files), and a merge rewrites older deltas as version 2, so a store holds files of
+//! several versions and records of both kinds side by side.
+//!
 //! Files written before the header existed have none: they are read as format
 //! version 0, which is the same record layout as version 1 without the header, and
 //! are never rewritten in place (a delta is replaced by its merge, a journal by the
@@ -42,8 +49,11 @@ use super::*;
 
 /// Bytes of a data file's header.
 pub(super) const FILE_HEADER_LEN: u64 = 16;
-/// The newest data-file format this node reads, and the one it writes.
-pub(super) const DATA_FORMAT_VERSION: u32 = 1;
+/// The newest data-file format this node reads, and the one it writes. Version 2
+/// added compressed records (kind 2, see `delta.rs`) to deltas and journals; the
+/// digests file's layout did not change. Versions 0 and 1 (raw records only) are
+/// read as they are.
+pub(super) const DATA_FORMAT_VERSION: u32 = 2;
 
 /// A kind of data file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -62,6 +62,11 @@ pub struct BeforeImageReader {
     pub(super) replica_path: PathBuf,
     pub(super) digests_path: PathBuf,
     pub(super) geometry: Geometry,
+    /// A sync's: how its new blocks are compressed for the journal, here, on the
+    /// reader's thread, so that the thread that appends them only writes (a
+    /// settle's reader compresses nothing: its before-images are compressed as
+    /// they are appended to the delta).
+    pub(super) compression: Compression,
 }
 
 /// A batch with what its before-images need (from [`BeforeImageReader::prepare`]).
@@ -76,6 +81,9 @@ pub struct Prepared {
     /// On the first batch of a round of reads (see
     /// [`BeforeImageReader::prepare_many`]): how long the round took.
     pub(super) round: Option<std::time::Duration>,
+    /// A sync's: per block of `extents`, in order, its zstd frame for the
+    /// journal when one was made and is smaller (`None`: zeros, or stored raw).
+    pub(super) frames: Vec<Option<Vec<u8>>>,
 }
 
 impl Prepared {
@@ -118,6 +126,9 @@ impl BeforeImageReader {
         }
         .into_iter();
         let read_time = started.elapsed();
+        let mut frames: Vec<Vec<Option<Vec<u8>>>> =
+            batches.iter().map(|e| self.journal_frames(e)).collect();
+        frames.reverse();
         Ok(batches
             .into_iter()
             .zip(recs)
@@ -127,8 +138,28 @@ impl BeforeImageReader {
                 old: old.by_ref().take(recs.len()).collect(),
                 recs,
                 round: (i == 0).then_some(read_time),
+                frames: frames.pop().unwrap_or_default(),
             })
             .collect())
+    }
+
+    /// The journal frames of a sync's `extents` (see [`Prepared::frames`]); none
+    /// for a settle, a first sync or with compression off.
+    fn journal_frames(&self, extents: &[VerifiedExtent]) -> Vec<Option<Vec<u8>>> {
+        if self.read_images || !self.keeps_deltas || self.compression == Compression::Off {
+            return Vec::new();
+        }
+        let bs = self.geometry.block_size as usize;
+        extents
+            .iter()
+            .flat_map(|e| e.data.chunks(bs))
+            .map(|data| {
+                let mut frame = Vec::new();
+                (!bulwark_common::block::is_zero(data)
+                    && compress::compress_block(self.compression, data, &mut frame))
+                .then_some(frame)
+            })
+            .collect()
     }
 
     /// The blocks of `extents` whose content changes, with their old digests: those
@@ -425,6 +456,7 @@ impl Store {
             replica_path,
             digests_path,
             geometry,
+            compression: Compression::Off,
         })
     }
 }

@@ -7,7 +7,8 @@
 //! replica writes), `settle.rs`, `recovery.rs` (open), `pool.rs` (placement, space),
 //! `retention.rs` (retention, prune, merge), `verify.rs`, `restore.rs`, `view.rs`
 //! (NBD views), `moves.rs` (export, import), `lock.rs` (retention locks), `logs.rs`
-//! (log sources). This file: the format and the crash argument below, the error
+//! (log sources), `compress.rs` (`[pool] compression`, one block compressed or
+//! decompressed). This file: the format and the crash argument below, the error
 //! type, [`Store`] and [`SourceLocks`].
 //!
 //! # What is on disk
@@ -40,10 +41,14 @@
 //!
 //! A delta file is (after its file header) a sequence of records (`delta.rs`): a
 //! 45-byte record header (block index u64 LE, kind u8: 0 = the block read as zeros, 1 =
-//! data follows; length u32 LE; the block's old digest), an 8-byte check (the first 8
-//! bytes of BLAKE3 of the header), then `length` bytes when kind is 1. A record is
-//! valid when its check matches and its data hashes to its digest; reading stops at the
-//! first invalid record (a torn tail).
+//! data follows, 2 = a zstd frame of the data follows; length u32 LE: the block's, or
+//! for kind 2 the frame's, smaller than the block's; the block's old digest), an
+//! 8-byte check (the first 8 bytes of BLAKE3 of the header), then `length` bytes when
+//! kind is 1 or 2. A record is valid when its check matches and its data (kind 2:
+//! decompressed into exactly the block's length, never more) hashes to its digest;
+//! reading stops at the first invalid record (a torn tail). Records are compressed
+//! as `[pool] compression` says (`compress.rs`), each kept raw when it does not
+//! shrink; a store may hold both kinds in one file.
 //!
 //! # Order of writes (the crash-safety argument)
 //!
@@ -445,6 +450,8 @@ use header::*;
 /// Paths, opening and durability of a source's files.
 mod files;
 use files::*;
+/// Compression of stored records.
+mod compress;
 /// The delta record codec.
 mod delta;
 use delta::*;
@@ -475,6 +482,7 @@ mod verify;
 /// Point views (NBD exports).
 mod view;
 
+pub use compress::Compression;
 pub use delta::{DeltaReader, DeltaRecord};
 pub use images::{BeforeImageReader, Prepared};
 #[doc(hidden)]

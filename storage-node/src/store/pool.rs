@@ -25,6 +25,8 @@ pub struct PoolPolicy {
     /// the sync) from the disk's unallocated capacity; 0 = never.
     pub auto_grow_bytes: u64,
     pub on_full: OnFull,
+    /// How delta and journal records are compressed (`[pool] compression`).
+    pub compression: Compression,
 }
 
 /// What the coordinator asks of one source: allocation overrides (0 = default) and
@@ -67,8 +69,11 @@ pub struct SourceUsage {
     pub allocated_bytes: u64,
     pub replica_alloc_bytes: u64,
     pub points_alloc_bytes: u64,
-    /// Bytes the points' deltas hold.
+    /// Bytes the points' deltas hold (on disk: compressed records count
+    /// compressed).
     pub points_used_bytes: u64,
+    /// The same bytes before compression (see [`PointMeta::logical_bytes`]).
+    pub points_logical_bytes: u64,
     /// Points a verify found damaged.
     pub damaged_points: u64,
     /// When the oldest and the newest point were made (0 = none).
@@ -218,6 +223,17 @@ impl Store {
         for s in self.all_sources()? {
             let points = self.points(&s.name)?;
             let used = used_bytes(&s.dir());
+            // Log chunks are stored as shipped: their logical bytes are their bytes.
+            let (points_used, points_logical) = match s.kind {
+                SourceKind::Volume => (
+                    points.iter().map(PointMeta::stored_bytes).sum(),
+                    points.iter().map(PointMeta::logical_bytes).sum(),
+                ),
+                SourceKind::Log => {
+                    let b = self.log_bytes(&s.name)?;
+                    (b, b)
+                }
+            };
             if let Some(d) = usage.disks.iter_mut().find(|d| d.path == s.disk) {
                 d.allocated_bytes += s.allocated_bytes();
                 d.used_bytes += used;
@@ -229,10 +245,8 @@ impl Store {
                 allocated_bytes: s.allocated_bytes(),
                 replica_alloc_bytes: s.replica_alloc_bytes,
                 points_alloc_bytes: s.points_alloc_bytes,
-                points_used_bytes: match s.kind {
-                    SourceKind::Volume => points.iter().map(PointMeta::stored_bytes).sum(),
-                    SourceKind::Log => self.log_bytes(&s.name)?,
-                },
+                points_used_bytes: points_used,
+                points_logical_bytes: points_logical,
                 damaged_points: points.iter().filter(|p| !p.damaged.is_empty()).count() as u64,
                 oldest_point_ms: points.first().map_or(0, |p| p.created_ms),
                 newest_point_ms: points.last().map_or(0, |p| p.created_ms),

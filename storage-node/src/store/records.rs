@@ -154,11 +154,22 @@ pub struct PointMeta {
 }
 
 impl PointMeta {
-    /// Bytes kept for this point (its delta; a log point's shipped bytes).
+    /// Bytes kept for this point (its delta's file, as stored: compressed records
+    /// count compressed; a log point's shipped bytes): what counts against the
+    /// source's recovery-point space.
     pub fn stored_bytes(&self) -> u64 {
         match self.kind {
             PointKind::Log => self.bytes_changed,
             _ => self.delta.map_or(0, |d| d.bytes),
+        }
+    }
+
+    /// [`PointMeta::stored_bytes`] before compression: the length its delta would
+    /// have with every record raw.
+    pub fn logical_bytes(&self) -> u64 {
+        match self.kind {
+            PointKind::Log => self.bytes_changed,
+            _ => self.delta.map_or(0, |d| d.logical_bytes()),
         }
     }
 }
@@ -167,7 +178,19 @@ impl PointMeta {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 pub struct DeltaMeta {
     pub records: u64,
+    /// The file's length, header included (compressed records as stored).
     pub bytes: u64,
+    /// The file's length were every record raw; absent in records of a node
+    /// before compression, whose deltas are all raw (then it is `bytes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logical_bytes: Option<u64>,
+}
+
+impl DeltaMeta {
+    /// The delta's bytes before compression (see [`DeltaMeta::logical_bytes`]).
+    pub fn logical_bytes(&self) -> u64 {
+        self.logical_bytes.unwrap_or(self.bytes)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -13,7 +13,14 @@ use super::*;
 /// pruned point's), over `older`: every record of `older`, then the records of
 /// `newer` for blocks `older` does not hold. Returns the merged delta's size.
 /// A damaged record is copied as it is, so the merged delta still shows the damage.
-pub(super) fn merge_deltas(older: &Path, newer: &Path, geometry: Geometry) -> Result<DeltaMeta> {
+/// A compressed record is copied as it is stored; a raw one is compressed with
+/// `compression` when that shrinks it (so older, raw deltas shrink as they merge).
+pub(super) fn merge_deltas(
+    older: &Path,
+    newer: &Path,
+    geometry: Geometry,
+    compression: Compression,
+) -> Result<DeltaMeta> {
     use std::io::Write;
     let tmp = older.with_extension("merge");
     let mut held = vec![0u64; geometry.block_count().div_ceil(64) as usize];
@@ -31,24 +38,28 @@ pub(super) fn merge_deltas(older: &Path, newer: &Path, geometry: Geometry) -> Re
     let mut meta = DeltaMeta {
         records: 0,
         bytes: FILE_HEADER_LEN,
+        logical_bytes: Some(FILE_HEADER_LEN),
     };
     let mut buf = Vec::new();
+    let mut scratch = Vec::new();
     let mut copy = |rec: DeltaRecord, w: &mut std::io::BufWriter<File>| -> Result<()> {
         buf.clear();
-        encode_record(
-            &mut buf,
-            rec.block,
-            rec.digest,
-            rec.data.as_deref(),
-            geometry.block_len(rec.block) as usize,
-        );
+        let len = geometry.block_len(rec.block) as usize;
+        let payload = match &rec.frame {
+            Some(f) => Payload::Zstd(f),
+            None => Payload::of(rec.data.as_deref(), compression, &mut scratch),
+        };
+        encode_record(&mut buf, rec.block, rec.digest, payload, len);
         w.write_all(&buf).map_err(io("write", &tmp))?;
         meta.records += 1;
         meta.bytes += buf.len() as u64;
+        let logical = (HEADER_LEN + CHECK_LEN) as u64 + rec.data_offset.map_or(0, |_| len as u64);
+        meta.logical_bytes = Some(meta.logical_bytes() + logical);
         Ok(())
     };
     if older.exists() {
         let mut r = DeltaReader::open(older, geometry)?;
+        r.keep_frames = true;
         while let Some(rec) = r.next_record_where(false, &|_| false, true)? {
             held[(rec.block / 64) as usize] |= 1 << (rec.block % 64);
             copy(rec, &mut w)?;
@@ -57,6 +68,7 @@ pub(super) fn merge_deltas(older: &Path, newer: &Path, geometry: Geometry) -> Re
     if newer.exists() {
         // A delta holds each block once, so `held` needs no update here.
         let mut r = DeltaReader::open(newer, geometry)?;
+        r.keep_frames = true;
         let skip = |b: u64| held[(b / 64) as usize] & (1 << (b % 64)) != 0;
         while let Some(rec) = r.next_record_where(false, &skip, true)? {
             if !skip(rec.block) {
@@ -212,7 +224,12 @@ impl Store {
         bulwark_common::failpoint::hit("node-mid-prune");
         let updated_prev = if idx > 0 {
             let mut prev = points[idx - 1].clone();
-            let merged = merge_deltas(&delta_path(&dir, prev.id), &victim_path, meta.geometry())?;
+            let merged = merge_deltas(
+                &delta_path(&dir, prev.id),
+                &victim_path,
+                meta.geometry(),
+                self.policy.compression,
+            )?;
             prev.delta = Some(merged);
             // Damage the victim's delta carried is now the predecessor's.
             for b in &victim.damaged {

@@ -45,7 +45,8 @@ impl SettleFailure {
 /// A settle group's before-images (from [`BeforeImageReader::prepare_many`])
 /// appended to the delta of `files`, which is `delta_len` bytes long, and made
 /// durable; the source's open views learn where they are. Returns the records and
-/// bytes appended. Only then may the group's blocks be overwritten.
+/// bytes appended (each compressed as the pool says, when that shrinks it). Only
+/// then may the group's blocks be overwritten.
 pub(super) fn append_before_images(
     store: &Store,
     source: &str,
@@ -53,7 +54,7 @@ pub(super) fn append_before_images(
     geometry: Geometry,
     group: &[Prepared],
     delta_len: u64,
-) -> Result<(u64, u64)> {
+) -> Result<(u64, Appended)> {
     let Some(delta) = files.delta.as_mut() else {
         return Err(StoreError::Meta("settle without a delta".into()));
     };
@@ -67,19 +68,21 @@ pub(super) fn append_before_images(
     // Open views learn where each record's bytes will be.
     let views = store.views_of(source);
     let mut located = Vec::new();
-    let mut added = 0u64;
-    for ((block, _), data) in recs.iter().zip(&datas) {
-        if !views.is_empty() {
-            let at = delta_len + added + (HEADER_LEN + CHECK_LEN) as u64;
-            located.push((*block, data.is_some().then_some(at)));
-        }
-        added += record_len(*data) as u64;
-    }
     let records = recs.iter().zip(&datas).map(|((block, digest), data)| {
-        (*block, *digest, *data, geometry.block_len(*block) as usize)
+        (
+            *block,
+            *digest,
+            *data,
+            None,
+            geometry.block_len(*block) as usize,
+        )
     });
-    delta
-        .append(delta_len, records)
+    let added = delta
+        .append(
+            delta_len,
+            records,
+            (!views.is_empty()).then_some(&mut located),
+        )
         .map_err(io("write", &delta_file_path))?;
     boundary("settle: before-images written")?;
     delta
@@ -278,6 +281,7 @@ impl Store {
                 delta_file,
                 &delta_file_path,
                 DataFile::Delta,
+                self.policy.compression,
             )?),
             journal: None,
             dir: dir.clone(),
@@ -288,6 +292,7 @@ impl Store {
         let mut delta = DeltaMeta {
             records: 0,
             bytes: FILE_HEADER_LEN,
+            logical_bytes: Some(FILE_HEADER_LEN),
         };
         let mut blocks = 0u64;
         loop {
@@ -300,7 +305,8 @@ impl Store {
             let (records, added) =
                 append_before_images(self, name, &mut files, geometry, &group, delta.bytes)?;
             delta.records += records;
-            delta.bytes += added;
+            delta.bytes += added.stored;
+            delta.logical_bytes = Some(delta.logical_bytes() + added.logical);
             let extents: Vec<&VerifiedExtent> = group.iter().flat_map(|p| &p.extents).collect();
             write_replica(&mut files, geometry, &extents, &replica_path, &|| {
                 boundary("settle: replica written")

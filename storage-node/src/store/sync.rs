@@ -158,6 +158,9 @@ impl SyncTxn {
                 open_rw(&p, Open::Truncate)?,
                 &p,
                 DataFile::Journal,
+                // The blocks come compressed from the before-image reader's
+                // thread (`Prepared::frames`): the appender only writes.
+                Compression::Off,
             )?)
         };
         fsync_dir(&dir)?;
@@ -210,6 +213,7 @@ impl SyncTxn {
             replica_path,
             digests_path,
             geometry: self.spec.geometry,
+            compression: self.store.policy.compression,
         })
     }
 
@@ -284,22 +288,32 @@ impl SyncTxn {
             // The new blocks, with their new digests, appended to the journal (made
             // durable at commit).
             let bs = geometry.block_size as usize;
-            let mut appended = 0u64;
             let blocks = extents.iter().flat_map(|e| {
                 e.digests.iter().enumerate().map(move |(i, d)| {
                     let data = &e.data[i * bs..((i + 1) * bs).min(e.data.len())];
                     (e.first_block + i as u64, *d, data)
                 })
             });
+            // One frame per block, in the same order (none past the end: raw).
+            let mut frames = group
+                .iter()
+                .flat_map(|p| p.frames.iter().map(Option::as_deref))
+                .chain(std::iter::repeat(None));
             let records = blocks.map(|(block, digest, data)| {
+                let frame = frames.next().flatten();
                 let data = (!is_zero(data)).then_some(data);
-                appended += record_len(data) as u64;
-                (block, digest, data, geometry.block_len(block) as usize)
+                (
+                    block,
+                    digest,
+                    data,
+                    frame,
+                    geometry.block_len(block) as usize,
+                )
             });
-            journal
-                .append(self.journal_len, records)
+            let appended = journal
+                .append(self.journal_len, records, None)
                 .map_err(io("write", &journal.path))?;
-            self.journal_len += appended;
+            self.journal_len += appended.stored;
             boundary("sync: journal written")?;
             self.times.delta += appending.elapsed();
         } else {

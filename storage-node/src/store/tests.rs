@@ -286,6 +286,7 @@ fn a_pool_that_prunes_when_full_drops_no_point_for_a_sync_that_cannot_fit_anyway
         PoolPolicy {
             auto_grow_bytes: 0,
             on_full: OnFull::PruneOldest,
+            ..PoolPolicy::default()
         },
     )
     .expect("open");
@@ -1718,6 +1719,7 @@ fn a_locked_point_outlives_retention_space_pressure_and_drop() {
         PoolPolicy {
             auto_grow_bytes: 0,
             on_full: OnFull::PruneOldest,
+            ..PoolPolicy::default()
         },
     )
     .expect("open");
@@ -1926,7 +1928,7 @@ fn a_data_file_of_a_newer_format_refuses_its_source_and_the_others_are_served() 
     let f = OpenOptions::new().write(true).open(&delta).expect("delta");
     f.write_all_at(&9u32.to_le_bytes(), 8).expect("version 9");
     drop(f);
-    assert_only_vol_refused(dir.path(), &delta, "format version 9, this node reads 1");
+    assert_only_vol_refused(dir.path(), &delta, "format version 9, this node reads 2");
     // The digests file too.
     let dir = tempfile::tempdir().expect("tempdir");
     two_sources(dir.path());
@@ -1935,9 +1937,9 @@ fn a_data_file_of_a_newer_format_refuses_its_source_and_the_others_are_served() 
         .write(true)
         .open(&digests)
         .expect("digests");
-    f.write_all_at(&2u32.to_le_bytes(), 8).expect("version 2");
+    f.write_all_at(&3u32.to_le_bytes(), 8).expect("version 3");
     drop(f);
-    assert_only_vol_refused(dir.path(), &digests, "format version 2, this node reads 1");
+    assert_only_vol_refused(dir.path(), &digests, "format version 3, this node reads 2");
 }
 
 #[test]
@@ -1997,3 +1999,7 @@ fn data_files_without_a_header_are_read_as_format_version_0() {
     let merged = std::fs::read(delta_path(&src, 1)).expect("merged delta");
     assert_eq!(&merged[..8], b"BWKDELTA", "a merge writes the header");
 }
+
+/// Compressed records (see `compress_tests.rs`), with this file's helpers.
+#[path = "compress_tests.rs"]
+mod compression;

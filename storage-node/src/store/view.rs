@@ -29,12 +29,12 @@ pub struct PointView {
 #[derive(Default)]
 pub(super) struct ViewState {
     pub(super) files: Vec<File>,
-    /// Block → (index in `files`, data offset; `None` = reads as zeros).
-    pub(super) map: HashMap<u64, (u32, Option<u64>)>,
+    /// Block → (index in `files`, where its record's bytes are).
+    pub(super) map: HashMap<u64, (u32, Stored)>,
 }
 
 impl ViewState {
-    pub(super) fn add(&mut self, file: File, recs: &[(u64, Option<u64>)]) {
+    pub(super) fn add(&mut self, file: File, recs: &[(u64, Stored)]) {
         let idx = self.files.len() as u32;
         let mut used = false;
         for (block, at) in recs {
@@ -62,7 +62,7 @@ impl PointView {
         self.geometry
     }
 
-    pub(super) fn add(&self, file: File, recs: &[(u64, Option<u64>)]) {
+    pub(super) fn add(&self, file: File, recs: &[(u64, Stored)]) {
         let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
         st.add(file, recs);
     }
@@ -96,14 +96,19 @@ impl PointView {
                         run = Some((at, i));
                     }
                 }
-                Some((file, data)) => {
+                Some((file, stored)) => {
                     flush(&mut run, at, buf)?;
-                    match data {
-                        None => buf[i..i + n].fill(0),
-                        Some(d) => {
-                            let within = at - block * bs;
-                            st.files[*file as usize]
-                                .read_exact_at(&mut buf[i..i + n], d + within)?;
+                    let within = at - block * bs;
+                    let file = &st.files[*file as usize];
+                    match *stored {
+                        Stored::Zeros => buf[i..i + n].fill(0),
+                        Stored::Raw { at: d } => {
+                            file.read_exact_at(&mut buf[i..i + n], d + within)?;
+                        }
+                        Stored::Zstd { at: d, len } => {
+                            let plain = read_compressed(file, d, len, g.block_len(block))?;
+                            let within = within as usize;
+                            buf[i..i + n].copy_from_slice(&plain[within..within + n]);
                         }
                     }
                 }
@@ -112,6 +117,21 @@ impl PointView {
         }
         flush(&mut run, end, buf)
     }
+}
+
+/// The block of `block_len` bytes whose zstd frame of `len` bytes is at `at` in
+/// `file` (its record was checked when the view was made or the settle wrote it;
+/// the frame is decoded into the block's length and never more: a frame that does
+/// not decode into it is an I/O error of the read).
+fn read_compressed(file: &File, at: u64, len: u32, block_len: u64) -> std::io::Result<Vec<u8>> {
+    let mut frame = vec![0u8; len.min(block_len as u32) as usize];
+    file.read_exact_at(&mut frame, at)?;
+    compress::decompress_block(&frame, block_len as usize).map_err(|why| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a compressed record at byte {at}: {why}"),
+        )
+    })
 }
 
 impl Store {
@@ -137,7 +157,12 @@ impl Store {
             let mut r = DeltaReader::open(&path, geometry)?;
             let mut recs = Vec::new();
             while let Some(rec) = r.next_record_where(false, &|_| true, false)? {
-                recs.push((rec.block, rec.data_offset));
+                let stored = match (rec.data_offset, rec.compressed_len) {
+                    (None, _) => Stored::Zeros,
+                    (Some(at), None) => Stored::Raw { at },
+                    (Some(at), Some(len)) => Stored::Zstd { at, len },
+                };
+                recs.push((rec.block, stored));
             }
             state.add(file, &recs);
         }
