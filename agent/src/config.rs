@@ -805,7 +805,7 @@ mod tests {
             std::fs::write(&path, text).expect("write");
             super::AgentConfig::load(&path).map(|c| c.sources[0].compress)
         };
-        let volume = "path = \"/dev/vdb\"\n";
+        let volume = "kind = \"volume\"\npath = \"/dev/vdb\"\n";
         for (line, want) in [
             ("", Compress::Off),
             ("compress = \"off\"\n", Compress::Off),
