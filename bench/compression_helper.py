@@ -207,6 +207,16 @@ def node_supports_compression(bin_dir, work):
         shutil.rmtree(work, ignore_errors=True)
 
 
+def settled(src, timeout=120):
+    """Waits for the node to settle the newest point (after the acknowledgement, the
+    journal goes into the replica and the before-images into the deltas)."""
+    t0 = now()
+    while os.path.exists(os.path.join(src, "journal")):
+        if now() - t0 > timeout:
+            raise RuntimeError(f"the node did not settle {src} within {timeout} s")
+        time.sleep(0.1)
+
+
 def bulwark_run(label, bin_dir, data_dir, work, states, node_compression, wire):
     log(f"== {label}: node compression {node_compression or 'off'}, wire compression {'zstd' if wire else 'off'}")
     f = Fleet(bin_dir, work, node_compression, wire)
@@ -222,6 +232,7 @@ def bulwark_run(label, bin_dir, data_dir, work, states, node_compression, wire):
             r = f.cli_json("sync", SOURCE, "--wait")
             secs = now() - t0
             src = src or f.source_dir()
+            settled(src)
             deltas = allocated(os.path.join(src, "deltas")) if os.path.isdir(os.path.join(src, "deltas")) else 0
             row = {
                 "day": day,

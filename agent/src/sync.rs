@@ -407,7 +407,9 @@ fn read_jobs(
 
 /// Reads `ranges` (runs of blocks, in increasing order) and sends the blocks to send
 /// as batches: with `digests`, those whose digest differs from the node's (the ranges
-/// then cover the whole volume); without, all of them.
+/// then cover the whole volume); without, all of them. With `compress`, extents
+/// that shrink go as zstd frames.
+#[allow(clippy::too_many_arguments)]
 fn send_blocks(
     volume: &dyn BlockSource,
     geometry: Geometry,
