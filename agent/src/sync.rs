@@ -205,6 +205,7 @@ impl DigestFeed {
     }
 }
 
+#[derive(Default)]
 struct ScanStats {
     blocks_scanned: u64,
     blocks_sent: u64,
@@ -255,7 +256,28 @@ struct BatchBuilder<'a> {
 /// default).
 const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(10);
 
-impl BatchBuilder<'_> {
+impl<'a> BatchBuilder<'a> {
+    fn new(
+        tx: &'a mpsc::Sender<pb::SyncMessage>,
+        compress: Compress,
+    ) -> Result<BatchBuilder<'a>, SyncError> {
+        let compressor = match compress {
+            Compress::Off => None,
+            Compress::Zstd => {
+                Some(zstd::bulk::Compressor::new(WIRE_ZSTD_LEVEL).map_err(SyncError::Compressor)?)
+            }
+        };
+        Ok(BatchBuilder {
+            extents: Vec::new(),
+            run: None,
+            bytes: 0,
+            tx,
+            last_sent: std::time::Instant::now(),
+            compressor,
+            wire_bytes: 0,
+        })
+    }
+
     /// Sends an empty batch when nothing went to the node for [`KEEPALIVE`].
     fn keepalive(&mut self) -> Result<(), SyncError> {
         if self.last_sent.elapsed() < KEEPALIVE {
@@ -422,27 +444,8 @@ fn send_blocks(
 ) -> Result<ScanStats, SyncError> {
     let bs = geometry.block_size as usize;
     let blocks_per_read = (MAX_BATCH_BYTES / bs).max(1) as u64;
-    let compressor = match compress {
-        Compress::Off => None,
-        Compress::Zstd => {
-            Some(zstd::bulk::Compressor::new(WIRE_ZSTD_LEVEL).map_err(SyncError::Compressor)?)
-        }
-    };
-    let mut batch = BatchBuilder {
-        extents: Vec::new(),
-        run: None,
-        bytes: 0,
-        tx,
-        last_sent: std::time::Instant::now(),
-        compressor,
-        wire_bytes: 0,
-    };
-    let mut stats = ScanStats {
-        blocks_scanned: 0,
-        blocks_sent: 0,
-        bytes_sent: 0,
-        wire_bytes: 0,
-    };
+    let mut batch = BatchBuilder::new(tx, compress)?;
+    let mut stats = ScanStats::default();
     let read_err = |e| SyncError::Volume {
         path: volume.describe(),
         error: e,
