@@ -31,7 +31,8 @@
 #   stored bytes of the ten points with compression <= 50% of without
 #   syncs (days 1-10) with compression at most 10% slower than without
 #   restores of every point byte-identical
-# Exit status: 0 when every target is met, 1 when one is missed, 2 on an error of
+# Exit status: 0 when every target is met, 1 when one is missed or could not be
+# measured (a node without `[pool] compression`), 2 on an error of
 # the benchmark itself.
 #
 # Environment (all optional):

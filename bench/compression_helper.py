@@ -407,10 +407,12 @@ def report(path):
         print(f"{r['label']:<42} {'-':>10} {mb(r['days'][-1]['repo_bytes']):>10} {syncs:>20.2f} {x['restore_s']:>17.2f}  {x['check']}")
     print()
     missed = False
+    unmeasured = False
 
     def target(text, ok):
-        nonlocal missed
+        nonlocal missed, unmeasured
         missed |= ok is False
+        unmeasured |= ok is None
         print(f"  {text:<78} {'PASS' if ok else ('FAIL' if ok is False else 'NOT MEASURED')}")
 
     print("targets:")
@@ -435,8 +437,8 @@ def report(path):
             wire = sum(x["wire_bytes"] for x in r["days"])
             print(f"  (wire zstd, {r['label']}: {mb(wire)} MB on the wire for {mb(sent)} MB changed, {100 * wire / max(sent, 1):.0f}%)")
     print()
-    print("RESULT: " + ("MISSED" if missed else "MET"))
-    sys.exit(1 if missed else 0)
+    print("RESULT: " + ("MISSED" if missed else "NOT ALL MEASURED" if unmeasured else "MET"))
+    sys.exit(1 if missed or unmeasured else 0)
 
 
 def main(argv):
