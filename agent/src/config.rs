@@ -147,6 +147,46 @@ pub struct SourceToml {
     /// Time between checkpoints of the dirty bitmap (default `60s`, 1s to 1h).
     #[serde(default)]
     pub bitmap_checkpoint: Option<HumanDuration>,
+    /// Compression of the sync stream: `"zstd"` or `"off"` (the default).
+    #[serde(default)]
+    pub compress: Option<String>,
+}
+
+/// How a volume source's changed blocks travel to the node (`compress`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compress {
+    /// Raw bytes.
+    #[default]
+    Off,
+    /// Each extent as a zstd frame when that is smaller (a fast level): for links
+    /// slower than the agent's CPU compresses.
+    Zstd,
+}
+
+/// `compress` of a source: only volume sources have a sync stream of blocks.
+fn compress_config(
+    s: &SourceToml,
+    kind: SourceKind,
+    bad: &impl Fn(String, String) -> ConfigError,
+    key: &impl Fn(&str) -> String,
+) -> Result<Compress, ConfigError> {
+    let c = match s.compress.as_deref() {
+        None | Some("off") => Compress::Off,
+        Some("zstd") => Compress::Zstd,
+        Some(other) => {
+            return Err(bad(
+                key("compress"),
+                format!("\"{other}\" is not a compression; use \"zstd\" or \"off\""),
+            ));
+        }
+    };
+    if c != Compress::Off && kind != SourceKind::Volume {
+        return Err(bad(
+            key("compress"),
+            "only used with kind = \"volume\"".into(),
+        ));
+    }
+    Ok(c)
 }
 
 fn default_tracker() -> String {
@@ -229,6 +269,8 @@ pub struct SourceConfig {
     pub group: Option<String>,
     /// The activity log of an `nbd-filter` source (`None`: off, or another tracker).
     pub activity: Option<ActivityConfig>,
+    /// `compress`: how changed blocks travel to the node.
+    pub compress: Compress,
 }
 
 /// Checked configuration.
@@ -347,6 +389,7 @@ fn source_config(
             )
         })?;
     let activity = activity_config(&s, block_size, bad, &key)?;
+    let compress = compress_config(&s, kind, bad, &key)?;
     if s.sync_interval.0 < Duration::from_secs(1) {
         return Err(bad(key("sync_interval"), "must be at least 1s".into()));
     }
@@ -378,6 +421,7 @@ fn source_config(
             g => g,
         },
         activity,
+        compress,
     })
 }
 
@@ -747,6 +791,47 @@ impl bulwark_common::daemon::DaemonConfig for AgentConfig {
 
 #[cfg(test)]
 mod tests {
+    /// `compress`: "zstd" or "off" (the default) on volume sources; anything else,
+    /// or compression of a log source, is refused naming the key.
+    #[test]
+    fn compress_is_typed_at_load() {
+        use super::Compress;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.toml");
+        let load = |source: &str| {
+            let text = format!(
+                "name = \"host-1\"\ncoordinator = \"https://127.0.0.1:7443\"\nstate_dir = \"/var/lib/bulwark\"\n[tls]\nca = \"ca.crt\"\ncert = \"a.crt\"\nkey = \"a.key\"\n[[sources]]\nname = \"data\"\n{source}"
+            );
+            std::fs::write(&path, text).expect("write");
+            super::AgentConfig::load(&path).map(|c| c.sources[0].compress)
+        };
+        let volume = "kind = \"volume\"\npath = \"/dev/vdb\"\n";
+        for (line, want) in [
+            ("", Compress::Off),
+            ("compress = \"off\"\n", Compress::Off),
+            ("compress = \"zstd\"\n", Compress::Zstd),
+        ] {
+            match load(&format!("{volume}{line}")) {
+                Ok(c) => assert_eq!(c, want, "{line:?}"),
+                Err(e) => panic!("{line:?}: {e}"),
+            }
+        }
+        let e = load(&format!("{volume}compress = \"lz4\"\n"))
+            .expect_err("lz4 is refused")
+            .to_string();
+        assert!(
+            e.contains("sources[0].compress") && e.contains("\"lz4\" is not a compression"),
+            "{e}"
+        );
+        let e = load("kind = \"log\"\npath = \"/var/log/app\"\ncompress = \"zstd\"\n")
+            .expect_err("a log source is refused")
+            .to_string();
+        assert!(
+            e.contains("sources[0].compress") && e.contains("only used with kind = \"volume\""),
+            "{e}"
+        );
+    }
+
     /// Two data sources on one VM's QMP socket are refused, naming the key.
     #[test]
     fn one_source_per_vm() {

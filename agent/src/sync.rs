@@ -38,7 +38,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
-use crate::config::SourceConfig;
+use crate::config::{Compress, SourceConfig};
 use crate::quiesce::Quiesced;
 use crate::tracker::{BlockSource, Plan, Tracker};
 
@@ -47,6 +47,8 @@ use crate::tracker::{BlockSource, Plan, Tracker};
 pub struct SyncOutcome {
     pub point: pb::Point,
     pub bytes_sent: u64,
+    /// Payload bytes on the wire (less than `bytes_sent` when compression saved).
+    pub wire_bytes: u64,
     pub blocks_sent: u64,
     pub blocks_scanned: u64,
     pub duration_ms: u64,
@@ -130,6 +132,9 @@ pub enum SyncError {
     Task(#[source] tokio::task::JoinError),
     #[error(transparent)]
     Quiesce(#[from] crate::quiesce::QuiesceError),
+    /// `compress = "zstd"`: the compressor could not be made.
+    #[error("cannot start the zstd compressor of the sync stream: {0}")]
+    Compressor(#[source] std::io::Error),
 }
 
 impl SyncError {
@@ -200,10 +205,33 @@ impl DigestFeed {
     }
 }
 
+#[derive(Default)]
 struct ScanStats {
     blocks_scanned: u64,
     blocks_sent: u64,
     bytes_sent: u64,
+    /// Payload bytes on the wire (after compression).
+    wire_bytes: u64,
+}
+
+/// The zstd level of `compress = "zstd"`: a fast one, as it runs in the sync's path.
+const WIRE_ZSTD_LEVEL: i32 = 1;
+
+/// Encodes an extent for the wire: a zstd frame when `compressor` is set and the
+/// frame is smaller than the raw bytes, else the raw bytes (the codec says which).
+fn encode_extent(compressor: Option<&mut zstd::bulk::Compressor<'static>>, e: &mut pb::Extent) {
+    let Some(c) = compressor else {
+        return;
+    };
+    let logical = e.data.len();
+    // A failure to compress only costs the saving: the extent goes raw.
+    if let Ok(frame) = c.compress(&e.data)
+        && frame.len() < logical
+    {
+        e.data = Bytes::from(frame);
+        e.codec = pb::Codec::Zstd as i32;
+        e.logical_len = logical as u64;
+    }
 }
 
 /// Collects changed blocks into batches of at most [`MAX_BATCH_BYTES`] of payload.
@@ -217,6 +245,10 @@ struct BatchBuilder<'a> {
     tx: &'a mpsc::Sender<pb::SyncMessage>,
     /// When a message last went to the node.
     last_sent: std::time::Instant,
+    /// The source's `compress = "zstd"`.
+    compressor: Option<zstd::bulk::Compressor<'static>>,
+    /// Payload bytes put on the wire so far.
+    wire_bytes: u64,
 }
 
 /// How often the sync stream carries something while the blocks read are all
@@ -224,7 +256,28 @@ struct BatchBuilder<'a> {
 /// default).
 const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(10);
 
-impl BatchBuilder<'_> {
+impl<'a> BatchBuilder<'a> {
+    fn new(
+        tx: &'a mpsc::Sender<pb::SyncMessage>,
+        compress: Compress,
+    ) -> Result<BatchBuilder<'a>, SyncError> {
+        let compressor = match compress {
+            Compress::Off => None,
+            Compress::Zstd => {
+                Some(zstd::bulk::Compressor::new(WIRE_ZSTD_LEVEL).map_err(SyncError::Compressor)?)
+            }
+        };
+        Ok(BatchBuilder {
+            extents: Vec::new(),
+            run: None,
+            bytes: 0,
+            tx,
+            last_sent: std::time::Instant::now(),
+            compressor,
+            wire_bytes: 0,
+        })
+    }
+
     /// Sends an empty batch when nothing went to the node for [`KEEPALIVE`].
     fn keepalive(&mut self) -> Result<(), SyncError> {
         if self.last_sent.elapsed() < KEEPALIVE {
@@ -243,6 +296,7 @@ impl BatchBuilder<'_> {
                 offset,
                 data: data.freeze(),
                 checksums,
+                ..Default::default()
             });
         }
     }
@@ -286,6 +340,7 @@ impl BatchBuilder<'_> {
             offset,
             data,
             checksums: digests,
+            ..Default::default()
         });
         if self.bytes >= MAX_BATCH_BYTES {
             self.flush()?;
@@ -297,6 +352,10 @@ impl BatchBuilder<'_> {
         self.close_run();
         if self.extents.is_empty() {
             return Ok(());
+        }
+        for e in &mut self.extents {
+            encode_extent(self.compressor.as_mut(), e);
+            self.wire_bytes += e.data.len() as u64;
         }
         let msg = pb::SyncMessage {
             msg: Some(pb::sync_message::Msg::Extents(pb::ExtentBatch {
@@ -370,7 +429,9 @@ fn read_jobs(
 
 /// Reads `ranges` (runs of blocks, in increasing order) and sends the blocks to send
 /// as batches: with `digests`, those whose digest differs from the node's (the ranges
-/// then cover the whole volume); without, all of them.
+/// then cover the whole volume); without, all of them. With `compress`, extents
+/// that shrink go as zstd frames.
+#[allow(clippy::too_many_arguments)]
 fn send_blocks(
     volume: &dyn BlockSource,
     geometry: Geometry,
@@ -379,21 +440,12 @@ fn send_blocks(
     tx: &mpsc::Sender<pb::SyncMessage>,
     stop: &AtomicBool,
     progress: &Progress,
+    compress: Compress,
 ) -> Result<ScanStats, SyncError> {
     let bs = geometry.block_size as usize;
     let blocks_per_read = (MAX_BATCH_BYTES / bs).max(1) as u64;
-    let mut batch = BatchBuilder {
-        extents: Vec::new(),
-        run: None,
-        bytes: 0,
-        tx,
-        last_sent: std::time::Instant::now(),
-    };
-    let mut stats = ScanStats {
-        blocks_scanned: 0,
-        blocks_sent: 0,
-        bytes_sent: 0,
-    };
+    let mut batch = BatchBuilder::new(tx, compress)?;
+    let mut stats = ScanStats::default();
     let read_err = |e| SyncError::Volume {
         path: volume.describe(),
         error: e,
@@ -485,6 +537,7 @@ fn send_blocks(
         Ok(())
     })?;
     batch.flush()?;
+    stats.wire_bytes = batch.wire_bytes;
     Ok(stats)
 }
 
@@ -734,6 +787,7 @@ async fn stream_sync(
     };
     let scan_tx = tx.clone();
     let stop_s = stop.clone();
+    let compress = source.compress;
     let span = tracing::info_span!("send_extents", base_point = ready.base_point);
     let sent = tokio::task::spawn_blocking(move || {
         let _span = span.enter();
@@ -745,6 +799,7 @@ async fn stream_sync(
             &scan_tx,
             &stop_s,
             &progress,
+            compress,
         )
     })
     .await
@@ -828,6 +883,7 @@ fn committed(point: pb::Point, damaged_blocks: u64, stats: &ScanStats) -> SyncOu
         consistency: Consistency::from_proto(point.consistency),
         point,
         bytes_sent: stats.bytes_sent,
+        wire_bytes: stats.wire_bytes,
         blocks_sent: stats.blocks_sent,
         blocks_scanned: stats.blocks_scanned,
         duration_ms: 0,

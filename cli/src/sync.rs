@@ -100,6 +100,7 @@ pub fn sync_json(r: &pb::SyncResult, agent: &str) -> Value {
         "point": r.point,
         "kind": kind_word(r.kind),
         "bytes_sent": r.bytes_sent,
+        "wire_bytes": r.wire_bytes,
         "blocks_sent": r.blocks_sent,
         "blocks_scanned": r.blocks_scanned,
         "blocks_read": r.blocks_read,

@@ -1,6 +1,8 @@
 //! Sequences of sync stream messages against an in-process store: `SyncBegin`s
 //! with any geometry, base and kind, `ExtentBatch`es of extents that are
 //! overlapping, unaligned, out of range, cut short or carry the wrong checksums,
+//! raw or zstd-compressed (with a wrong logical length, a frame that decodes to more
+//! than declared, bytes that are no frame, an unknown codec),
 //! `SyncCommit`s and empty messages, in any order. Each stream is driven through
 //! the steps the node's sync service takes (storage-node/src/node/sync.rs), minus
 //! gRPC and the coordinator: `SyncStart::try_from` (wire.rs), the registered
@@ -94,6 +96,25 @@ struct Ext {
     cut: u16,
     fill: u8,
     sums: Sums,
+    /// How the data goes on the wire (the agent's `compress`, or a hostile frame).
+    enc: Enc,
+}
+
+#[derive(Arbitrary, Debug)]
+enum Enc {
+    Raw,
+    /// One zstd frame, as `compress = "zstd"` sends it.
+    Zstd,
+    /// A zstd frame whose declared logical length is off by `delta` bytes.
+    ZstdWrongLen(i16),
+    /// A zstd frame of `extra` KiB more zeros than declared (a decompression bomb).
+    Bomb(u8),
+    /// Bytes that are no zstd frame.
+    Garbage,
+    /// A codec no node knows.
+    Unknown(i32),
+    /// Raw, with a logical length that differs from the data.
+    RawWithLen(u16),
 }
 
 #[derive(Arbitrary, Debug)]
@@ -163,10 +184,33 @@ fn extent(e: &Ext, g: Geometry) -> pb::Extent {
             }
         }
     }
+    let (data, codec, logical_len) = encode(&e.enc, data);
     pb::Extent {
         offset,
         data: data.into(),
         checksums: sums.into_iter().map(Into::into).collect(),
+        codec,
+        logical_len,
+    }
+}
+
+/// The wire form of `data` as `enc` says: (bytes, codec, logical length).
+fn encode(enc: &Enc, data: Vec<u8>) -> (Vec<u8>, i32, u64) {
+    let zstd = pb::Codec::Zstd as i32;
+    let len = data.len() as u64;
+    let frame = |d: &[u8]| zstd::bulk::compress(d, 1).expect("zstd compresses");
+    match *enc {
+        Enc::Raw => (data, 0, 0),
+        Enc::Zstd => (frame(&data), zstd, len),
+        Enc::ZstdWrongLen(delta) => (frame(&data), zstd, len.wrapping_add_signed(i64::from(delta))),
+        Enc::Bomb(extra) => {
+            let mut big = data;
+            big.resize(big.len() + (usize::from(extra) + 1) * 1024, 0);
+            (frame(&big), zstd, len)
+        }
+        Enc::Garbage => (data, zstd, len),
+        Enc::Unknown(c) => (data, c, len),
+        Enc::RawWithLen(l) => (data, 0, u64::from(l)),
     }
 }
 

@@ -102,6 +102,7 @@ async fn agent(
                     offset: 0,
                     data: data.into(),
                     checksums,
+                    ..Default::default()
                 }],
             })),
         },

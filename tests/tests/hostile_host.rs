@@ -614,6 +614,7 @@ fn idle_streams_of_one_host_do_not_starve_another() {
                 offset: 0,
                 data: data.into(),
                 checksums,
+                ..Default::default()
             }],
         };
         s.send(&rt, sync_msg(pb::sync_message::Msg::Extents(batch)));

@@ -97,6 +97,7 @@ fn batch(offset: u64, data: Vec<u8>, checksum: Vec<u8>) -> SyncMessage {
                 offset,
                 data: data.into(),
                 checksums: vec![checksum.into()],
+                ..Default::default()
             }],
         })),
     }

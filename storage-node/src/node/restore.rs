@@ -60,6 +60,7 @@ impl NodeService {
                             .iter()
                             .map(|d| bytes::Bytes::copy_from_slice(&d.0))
                             .collect(),
+                        ..Default::default()
                     }),
                     Ok(Some(RestoreItem::Zeros { offset, len })) => {
                         pb::restore_chunk::Msg::Zeros(pb::ZeroRun { offset, len })

@@ -207,9 +207,11 @@ impl NodeService {
     }
 }
 
-/// Checks one `ExtentBatch` of a sync of a volume with `geometry`: its size, and
-/// each extent's alignment, range, checksum count and checksums. Public (hidden) for
-/// the fuzz target `sync_stream` (fuzz/), which drives a sync's steps in-process.
+/// Checks one `ExtentBatch` of a sync of a volume with `geometry`: its size (on the
+/// wire and decoded), and each extent's codec, alignment, range, checksum count and
+/// checksums, decoding a compressed extent into at most its declared logical length
+/// first. Below this the store sees plain bytes. Public (hidden) for the fuzz target
+/// `sync_stream` (fuzz/), which drives a sync's steps in-process.
 #[doc(hidden)]
 pub fn verify_batch(
     batch: pb::ExtentBatch,
@@ -217,35 +219,112 @@ pub fn verify_batch(
     source: &str,
 ) -> Result<Vec<VerifiedExtent>, Status> {
     // The protocol's batches: at most MAX_BATCH_BYTES of payload, or one block when
-    // blocks are larger (the transport limit is the largest of any geometry).
+    // blocks are larger (the transport limit is the largest of any geometry). The
+    // limit holds for the bytes on the wire and for the bytes they decode to, so a
+    // batch never makes the node hold more than that.
     let limit = bulwark_common::block::batch_limit(geometry.block_size);
-    let payload = batch
-        .extents
-        .iter()
-        .fold(0usize, |n, e| n.saturating_add(e.data.len()));
-    if payload > limit {
-        tracing::warn!(source, payload, limit, "refused an oversized batch");
+    let (payload, logical) = batch.extents.iter().fold((0usize, 0u64), |(n, l), e| {
+        let len = if e.codec == pb::Codec::Raw as i32 {
+            e.data.len() as u64
+        } else {
+            e.logical_len
+        };
+        (n.saturating_add(e.data.len()), l.saturating_add(len))
+    });
+    if payload > limit || logical > limit as u64 {
+        tracing::warn!(
+            source,
+            payload,
+            logical,
+            limit,
+            "refused an oversized batch"
+        );
         return Err(Status::invalid_argument(format!(
-            "data source {source}: a batch of {payload} bytes; batches hold at most {limit}"
+            "data source {source}: a batch of {payload} bytes ({logical} decoded); batches hold at most {limit}"
         )));
     }
+    let mut decoder = None;
     batch
         .extents
         .into_iter()
         .map(|e| {
+            let refuse = |err: String| {
+                tracing::warn!(source, "refused extent: {err}");
+                Status::invalid_argument(format!("data source {source}: {err}"))
+            };
+            let data = decode_extent(&e, geometry, &mut decoder).map_err(refuse)?;
             let (first_block, digests) = geometry
-                .verify_extent(e.offset, &e.data, &e.checksums)
-                .map_err(|err| {
-                    tracing::warn!(source, "refused extent: {err}");
-                    Status::invalid_argument(format!("data source {source}: {err}"))
-                })?;
+                .verify_extent(e.offset, &data, &e.checksums)
+                .map_err(|err| refuse(err.to_string()))?;
             Ok(VerifiedExtent {
                 first_block,
-                data: e.data,
+                data,
                 digests,
             })
         })
         .collect()
+}
+
+/// The largest zstd window (log2) a node decodes: a batch's frame needs no more
+/// than its own size, at most 4 MiB.
+const WIRE_WINDOW_LOG_MAX: u32 = 23;
+
+/// The plain bytes of extent `e`: its data when raw; a zstd frame decoded into at
+/// most its `logical_len`, which must first name whole blocks of the volume with
+/// one checksum each, and which the frame must fill exactly.
+fn decode_extent(
+    e: &pb::Extent,
+    geometry: Geometry,
+    decoder: &mut Option<zstd::bulk::Decompressor<'static>>,
+) -> Result<bytes::Bytes, String> {
+    let at = e.offset;
+    match pb::Codec::try_from(e.codec) {
+        Ok(pb::Codec::Raw) if e.logical_len == 0 || e.logical_len == e.data.len() as u64 => {
+            Ok(e.data.clone())
+        }
+        Ok(pb::Codec::Raw) => Err(format!(
+            "the raw extent at offset {at} has {} bytes but declares {}",
+            e.data.len(),
+            e.logical_len
+        )),
+        Ok(pb::Codec::Zstd) => {
+            let want = e.logical_len;
+            let (_, blocks) = geometry
+                .check_extent(at, want)
+                .map_err(|err| format!("the compressed extent at offset {at}: {err}"))?;
+            if blocks != e.checksums.len() as u64 {
+                return Err(format!(
+                    "the compressed extent at offset {at} declares {want} bytes ({blocks} blocks) but has {} checksums",
+                    e.checksums.len()
+                ));
+            }
+            let d = match decoder {
+                Some(d) => d,
+                None => {
+                    let mut d = zstd::bulk::Decompressor::new()
+                        .map_err(|err| format!("cannot start a zstd decoder: {err}"))?;
+                    d.window_log_max(WIRE_WINDOW_LOG_MAX)
+                        .map_err(|err| format!("cannot bound the zstd decoder: {err}"))?;
+                    decoder.insert(d)
+                }
+            };
+            // The output buffer is `want` bytes: a frame that decodes to more fails.
+            let plain = d.decompress(&e.data, want as usize).map_err(|err| {
+                format!("the compressed extent at offset {at} does not decode into its declared {want} bytes: {err}")
+            })?;
+            if plain.len() as u64 != want {
+                return Err(format!(
+                    "the compressed extent at offset {at} decodes to {} bytes, not its declared {want}",
+                    plain.len()
+                ));
+            }
+            Ok(bytes::Bytes::from(plain))
+        }
+        Err(_) => Err(format!(
+            "the extent at offset {at} has an unknown codec {}",
+            e.codec
+        )),
+    }
 }
 
 async fn abort(txn: SyncTxn) {
