@@ -13,7 +13,7 @@
 #
 # Systems, in one run (bench/compression_helper.py):
 #   [1] Bulwark, compression off
-#   [2] Bulwark, node compression `[pool] compression = "zstd:3"`
+#   [2] Bulwark, node compression `[pool] compression` (the default zstd:1; BENCH_NODE_LEVEL)
 #   [3] Bulwark, node compression and `compress = "zstd"` on the wire
 #   restic (its default compression) and borg (`--compression zstd,3`), backing up
 #   the image file each day.

@@ -4,11 +4,13 @@
   run BIN DATA WORK OUT.json   replay the ten days of DATA (bench/compression_data.py)
                                through each system and write the figures to OUT.json:
                                Bulwark with compression off, with node compression
-                               (`[pool] compression = "zstd:3"`), and with that and
+                               (`[pool] compression`, the node's default `zstd:1` or BENCH_NODE_LEVEL), and with that and
                                `compress = "zstd"` on the wire; restic and borg.
   report OUT.json              print the table and the targets; exit 1 when one is
                                missed
 
+The Bulwark systems run side by side (every fleet up at once, each day's syncs in an
+order rotated day by day), so sync times compare within one moment of the machine.
 Each Bulwark run is a fresh fleet (coordinator, node, agent as real processes on
 127.0.0.1 with mTLS, release binaries from BIN) protecting DATA/base.img copied to
 WORK/volume.img: a full sync (day 0), then per day the day's changed blocks are
@@ -36,7 +38,8 @@ SOURCE = "bench-volume"
 NODE = "bench-node"
 AGENT = "bench-host"
 DAYS = 10
-NODE_LEVEL = "zstd:3"
+# The node's default level (storage-node/src/store/compress.rs); BENCH_NODE_LEVEL to try another.
+NODE_LEVEL = os.environ.get("BENCH_NODE_LEVEL", "zstd:1")
 
 
 def log(msg):
@@ -218,62 +221,86 @@ def settled(src, timeout=120):
         time.sleep(0.1)
 
 
-def bulwark_run(label, bin_dir, data_dir, work, states, node_compression, wire):
-    log(f"== {label}: node compression {node_compression or 'off'}, wire compression {'zstd' if wire else 'off'}")
-    f = Fleet(bin_dir, work, node_compression, wire)
-    subprocess.run(["cp", "--sparse=always", os.path.join(data_dir, "base.img"), f.volume], check=True)
-    days = []
+def bulwark_runs(plan, bin_dir, data_dir, work, states):
+    """The Bulwark systems of `plan` ((label, node compression, wire) each), side by
+    side: every fleet is up at once and each day's sync runs on every fleet in turn,
+    the order rotated day by day, so that the machine's drift (page cache, writeback,
+    other load; +-10% and more on this VM) falls on every system alike instead of on
+    whichever ran last."""
+    fleets = []
+    for i, (label, node_c, wire) in enumerate(plan):
+        log(f"== {label}: node compression {node_c or 'off'}, wire compression {'zstd' if wire else 'off'}")
+        f = Fleet(bin_dir, os.path.join(work, f"bulwark-{i}"), node_c, wire)
+        subprocess.run(["cp", "--sparse=always", os.path.join(data_dir, "base.img"), f.volume], check=True)
+        fleets.append(f)
+    days = [[] for _ in plan]
+    srcs = [None for _ in plan]
     try:
-        f.up()
-        src = None
+        for f in fleets:
+            f.up()
         for day in range(0, DAYS + 1):
-            if day > 0:
-                data.apply_patch(f.volume, os.path.join(data_dir, f"day-{day}.patch"))
-            t0 = now()
-            r = f.cli_json("sync", SOURCE, "--wait")
-            secs = now() - t0
-            src = src or f.source_dir()
-            settled(src)
-            deltas = allocated(os.path.join(src, "deltas")) if os.path.isdir(os.path.join(src, "deltas")) else 0
-            row = {
-                "day": day,
-                "point": r["point"],
-                "sync_s": secs,
-                "bytes_sent": r["bytes_sent"],
-                "wire_bytes": r.get("wire_bytes", r["bytes_sent"]),
-                "points_bytes": deltas,
-                "total_bytes": allocated(src),
-            }
-            days.append(row)
-            log(
-                f"day {day}: point {row['point']}, {row['bytes_sent'] / 1e6:.1f} MB changed, "
-                f"{row['wire_bytes'] / 1e6:.1f} MB on the wire, sync {secs:.2f} s; "
-                f"points {deltas / 1e6:.1f} MB, total {row['total_bytes'] / 1e6:.1f} MB"
-            )
-        points = [p["id"] for p in f.cli_json("points", SOURCE)]
-        restores = []
-        out = os.path.join(work, "restored.img")
-        for row in days:
-            if row["point"] not in points:
-                restores.append({"day": row["day"], "check": f"point {row['point']} was pruned"})
-                continue
-            if os.path.exists(out):
-                os.unlink(out)
-            if row["day"] == 0:
-                drop_caches()
-            t0 = now()
-            f.cli_json("restore", SOURCE, "--point", str(row["point"]), "--to", out, "--wait")
-            secs = now() - t0
-            got = data.sha256(out)
-            check = "ok" if got == states[str(row["day"])] else f"WRONG DATA (sha256 {got})"
-            restores.append({"day": row["day"], "restore_s": secs, "check": check})
-            log(f"restore of day {row['day']} (point {row['point']}): {secs:.2f} s, {check}")
+            for f in fleets:
+                if day > 0:
+                    data.apply_patch(f.volume, os.path.join(data_dir, f"day-{day}.patch"))
+            order = [(day + k) % len(plan) for k in range(len(plan))]
+            for i in order:
+                f = fleets[i]
+                t0 = now()
+                r = f.cli_json("sync", SOURCE, "--wait")
+                secs = now() - t0
+                srcs[i] = srcs[i] or f.source_dir()
+                settled(srcs[i])
+                deltas = allocated(os.path.join(srcs[i], "deltas")) if os.path.isdir(os.path.join(srcs[i], "deltas")) else 0
+                row = {
+                    "day": day,
+                    "point": r["point"],
+                    "sync_s": secs,
+                    "bytes_sent": r["bytes_sent"],
+                    "wire_bytes": r.get("wire_bytes", r["bytes_sent"]),
+                    "points_bytes": deltas,
+                    "total_bytes": allocated(srcs[i]),
+                }
+                days[i].append(row)
+                log(
+                    f"[{plan[i][0]}] day {day}: point {row['point']}, {row['bytes_sent'] / 1e6:.1f} MB changed, "
+                    f"{row['wire_bytes'] / 1e6:.1f} MB on the wire, sync {secs:.2f} s; "
+                    f"points {deltas / 1e6:.1f} MB, total {row['total_bytes'] / 1e6:.1f} MB"
+                )
+        runs = []
+        for i, (label, node_c, wire) in enumerate(plan):
+            restores = restore_all(fleets[i], days[i], work, states, label)
+            runs.append({"label": label, "node_compression": node_c, "wire": wire, "days": days[i], "restores": restores})
+        return runs
+    finally:
+        for f in fleets:
+            f.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def restore_all(f, days, work, states, label):
+    """Restores every point of fleet `f` and checks it against its state's SHA-256;
+    the oldest with the page cache dropped first."""
+    points = [p["id"] for p in f.cli_json("points", SOURCE)]
+    restores = []
+    out = os.path.join(work, "restored.img")
+    for row in days:
+        if row["point"] not in points:
+            restores.append({"day": row["day"], "check": f"point {row['point']} was pruned"})
+            continue
         if os.path.exists(out):
             os.unlink(out)
-        return {"label": label, "node_compression": node_compression, "wire": wire, "days": days, "restores": restores}
-    finally:
-        f.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        if row["day"] == 0:
+            drop_caches()
+        t0 = now()
+        f.cli_json("restore", SOURCE, "--point", str(row["point"]), "--to", out, "--wait")
+        secs = now() - t0
+        got = data.sha256(out)
+        check = "ok" if got == states[str(row["day"])] else f"WRONG DATA (sha256 {got})"
+        restores.append({"day": row["day"], "restore_s": secs, "check": check})
+        log(f"[{label}] restore of day {row['day']} (point {row['point']}): {secs:.2f} s, {check}")
+    if os.path.exists(out):
+        os.unlink(out)
+    return restores
 
 
 def peer_run(tool, data_dir, work, states):
@@ -347,8 +374,7 @@ def run(bin_dir, data_dir, work, out_path):
         plan.append((f"bulwark, node {NODE_LEVEL} + wire zstd", NODE_LEVEL, True))
     else:
         plan.append(("bulwark, wire zstd only", "", True))
-    for label, node_c, wire in plan:
-        runs.append(bulwark_run(label, bin_dir, data_dir, os.path.join(work, "bulwark"), states, node_c, wire))
+    runs.extend(bulwark_runs(plan, bin_dir, data_dir, os.path.join(work, "bulwark"), states))
     for tool in ("restic", "borg"):
         runs.append(peer_run(tool, data_dir, os.path.join(work, tool), states))
     result = {
