@@ -104,7 +104,8 @@ class Fleet:
 
         self.write("coordinator.toml", f'listen = "127.0.0.1:{cport}"\ndata_dir = "{work}/coordinator"\n' + tls("coordinator"))
         os.makedirs(f"{work}/node/disk1", exist_ok=True)
-        pool = f'[pool]\ncompression = "{node_compression}"\n' if node_compression else ""
+        # Always said: the node compresses by default (zstd:1), so "off" must be asked for.
+        pool = '[pool]\ncompression = "%s"\n' % (node_compression or "off")
         self.write(
             "node.toml",
             f'name = "{NODE}"\nlisten = "127.0.0.1:{nport}"\ncoordinator = "https://127.0.0.1:{cport}"\n'
