@@ -1005,6 +1005,17 @@ impl Fleet {
         out
     }
 
+    /// The open alert with `key` (`bulwark alerts --json`), if there is one.
+    pub fn open_alert(&self, key: &str) -> Option<Value> {
+        self.cli_json(&["alerts", "--json"])
+            .as_array()
+            .and_then(|a| {
+                a.iter()
+                    .find(|x| x.get("key").and_then(Value::as_str) == Some(key))
+                    .cloned()
+            })
+    }
+
     /// Runs the CLI as admin and parses its stdout as JSON; panics on failure.
     pub fn cli_json(&self, args: &[&str]) -> Value {
         let out = self.cli(args);

@@ -78,22 +78,12 @@ impl Drop for Tmpfs {
     }
 }
 
-/// Open alerts with `key`.
-fn open_alert(fleet: &Fleet, key: &str) -> Option<Value> {
-    fleet
-        .cli_json(&["alerts", "--json"])
-        .as_array()
-        .and_then(|a| {
-            a.iter()
-                .find(|x| x.get("key").and_then(Value::as_str) == Some(key))
-                .cloned()
-        })
-}
-
 /// Waits for the open alert `key`, and checks it is critical and about `SOURCE`.
 fn wait_alert(fleet: &Fleet, key: &str) -> Value {
     let alert = poll(&format!("alert {key}"), Duration::from_secs(30), || {
-        open_alert(fleet, key).ok_or_else(|| "not raised yet".to_string())
+        fleet
+            .open_alert(key)
+            .ok_or_else(|| "not raised yet".to_string())
     });
     assert_eq!(json_str(&alert, "severity"), "critical", "{alert}");
     assert_eq!(json_str(&alert, "subject"), SOURCE, "{alert}");
@@ -105,7 +95,7 @@ fn wait_resolved(fleet: &Fleet, key: &str) {
     poll(
         &format!("alert {key} to resolve"),
         Duration::from_secs(30),
-        || match open_alert(fleet, key) {
+        || match fleet.open_alert(key) {
             None => Ok(()),
             Some(a) => Err(format!("still open: {a}")),
         },

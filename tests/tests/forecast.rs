@@ -16,17 +16,6 @@ const SOURCE: &str = "host-1-data";
 const SIZE: u64 = 8 * MIB;
 const WARN_DAYS: f64 = 0.1;
 
-fn open_alert(fleet: &Fleet, key: &str) -> Option<Value> {
-    fleet
-        .cli_json(&["alerts", "--json"])
-        .as_array()
-        .and_then(|a| {
-            a.iter()
-                .find(|x| x.get("key").and_then(Value::as_str) == Some(key))
-                .cloned()
-        })
-}
-
 /// The row of `forecast --json` in `list` named `name`.
 fn row(f: &Value, list: &str, name: &str) -> Value {
     f.get(list)
@@ -97,10 +86,7 @@ fn a_growing_source_is_warned_before_it_fills_and_resolved_when_space_grows() {
                 n => Err(format!("{n} samples")),
             },
         );
-        open = (
-            open_alert(&fleet, &source_key),
-            open_alert(&fleet, &disk_key),
-        );
+        open = (fleet.open_alert(&source_key), fleet.open_alert(&disk_key));
         if open.0.is_some() && open.1.is_some() {
             break;
         }
@@ -176,7 +162,7 @@ fn a_growing_source_is_warned_before_it_fills_and_resolved_when_space_grows() {
     poll(
         "the disk's forecast warning to resolve",
         Duration::from_secs(60),
-        || match open_alert(&fleet, &disk_key) {
+        || match fleet.open_alert(&disk_key) {
             None => Ok(()),
             Some(a) => Err(format!("still open: {a}")),
         },
@@ -185,7 +171,7 @@ fn a_growing_source_is_warned_before_it_fills_and_resolved_when_space_grows() {
     poll(
         "the source's forecast warning to resolve",
         Duration::from_secs(60),
-        || match open_alert(&fleet, &source_key) {
+        || match fleet.open_alert(&source_key) {
             None => Ok(()),
             Some(a) => Err(format!("still open: {a}")),
         },

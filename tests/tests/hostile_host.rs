@@ -46,18 +46,12 @@ fn two_hosts(extra: impl FnOnce(FleetBuilder) -> FleetBuilder) -> Fleet {
     .start()
 }
 
-/// The open alert with `key`, if any.
-fn open_alert(fleet: &Fleet, key: &str) -> Option<Value> {
-    fleet
-        .cli_json(&["alerts", "--json"])
-        .as_array()
-        .and_then(|a| a.iter().find(|x| x["key"] == key).cloned())
-}
-
 /// Waits for the open alert `key`.
 fn wait_alert(fleet: &Fleet, key: &str) -> Value {
     poll(&format!("alert {key}"), Duration::from_secs(15), || {
-        open_alert(fleet, key).ok_or_else(|| format!("no open alert {key}"))
+        fleet
+            .open_alert(key)
+            .ok_or_else(|| format!("no open alert {key}"))
     })
 }
 
@@ -220,8 +214,9 @@ fn hostile_names_and_sizes_are_refused_and_create_nothing() {
             "source-refused/a1/{}",
             &blake3::hash(name.as_bytes()).to_hex()[..12]
         );
-        let alert =
-            open_alert(&fleet, &key).unwrap_or_else(|| panic!("no alert {key} for {name:?}"));
+        let alert = fleet
+            .open_alert(&key)
+            .unwrap_or_else(|| panic!("no alert {key} for {name:?}"));
         assert!(json_str(&alert, "message").contains(why), "{alert}");
         let status = refused_begin(&rt, &address, &fleet, sync_begin(name, 1, SIZE, 0));
         let code = match name {
@@ -421,7 +416,7 @@ fn a_group_claim_joins_nothing_pairs_with_no_other_host_and_pins_no_log() {
         all,
         "the admin allowed every agent into g2"
     );
-    assert!(open_alert(&fleet, "group-refused/a1-wal").is_none());
+    assert!(fleet.open_alert("group-refused/a1-wal").is_none());
 
     // a1's volume holds the group's oldest point. a2's log must keep what a2's
     // volume needs (from its oldest point on, and the ship before), not what a1's

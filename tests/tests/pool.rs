@@ -14,18 +14,6 @@ use serde_json::Value;
 const SOURCE: &str = "host-1-data";
 const SIZE: u64 = 4 * MIB;
 
-/// Open alerts with `key`.
-fn open_alert(fleet: &Fleet, key: &str) -> Option<Value> {
-    fleet
-        .cli_json(&["alerts", "--json"])
-        .as_array()
-        .and_then(|a| {
-            a.iter()
-                .find(|x| x.get("key").and_then(Value::as_str) == Some(key))
-                .cloned()
-        })
-}
-
 /// Restores every point in `expected` (id, saved volume) and compares.
 fn restore_all(fleet: &Fleet, expected: &[(u64, &Path)], tag: &str) {
     for (id, image) in expected {
@@ -53,7 +41,9 @@ fn a_full_allocation_refuses_cleanly_and_growing_it_lets_the_next_sync_succeed()
     fleet.sync(SOURCE);
     let p2 = fleet.save_volume(SOURCE, "p2.img");
     let alert = poll("the 90% alert", Duration::from_secs(20), || {
-        open_alert(&fleet, &format!("allocation-90/{SOURCE}")).ok_or("not yet".to_string())
+        fleet
+            .open_alert(&format!("allocation-90/{SOURCE}"))
+            .ok_or("not yet".to_string())
     });
     assert_eq!(json_str(&alert, "severity"), "critical", "{alert}");
     assert!(json_str(&alert, "message").contains("92%"), "{alert}");
@@ -75,7 +65,9 @@ fn a_full_allocation_refuses_cleanly_and_growing_it_lets_the_next_sync_succeed()
     );
     restore_all(&fleet, &[(1, &p1), (2, &p2)], "after the refusal");
     let alert = poll("the allocation-full alert", Duration::from_secs(20), || {
-        open_alert(&fleet, &format!("allocation-full/{SOURCE}")).ok_or("not yet".to_string())
+        fleet
+            .open_alert(&format!("allocation-full/{SOURCE}"))
+            .ok_or("not yet".to_string())
     });
     assert_eq!(json_str(&alert, "severity"), "critical", "{alert}");
     assert_eq!(json_str(&alert, "subject"), SOURCE, "{alert}");
@@ -100,7 +92,7 @@ fn a_full_allocation_refuses_cleanly_and_growing_it_lets_the_next_sync_succeed()
     poll(
         "the allocation-full alert to resolve",
         Duration::from_secs(20),
-        || match open_alert(&fleet, &format!("allocation-full/{SOURCE}")) {
+        || match fleet.open_alert(&format!("allocation-full/{SOURCE}")) {
             None => Ok(()),
             Some(a) => Err(format!("still open: {a}")),
         },
@@ -332,7 +324,9 @@ fn verify_repairs_damaged_replica_blocks_and_marks_points_it_cannot_repair() {
         "point 1 is not marked damaged: {points:?}"
     );
     let alert = poll("the damaged alert", Duration::from_secs(20), || {
-        open_alert(&fleet, &format!("damaged/{SOURCE}")).ok_or("not yet".to_string())
+        fleet
+            .open_alert(&format!("damaged/{SOURCE}"))
+            .ok_or("not yet".to_string())
     });
     assert_eq!(json_str(&alert, "severity"), "critical");
     // Point 1's saved image is what it would have restored to.
