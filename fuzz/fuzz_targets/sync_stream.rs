@@ -23,7 +23,7 @@ use arbitrary::Arbitrary;
 use bulwark_common::block::{Digest, Geometry};
 use bulwark_common::point::Consistency;
 use bulwark_node::node::sync::verify_batch;
-use bulwark_node::store::{PoolDisk, RestoreItem, Store, SyncSpec};
+use bulwark_node::store::{PoolDisk, RestoreItem, Store};
 use bulwark_node::wire::SyncStart;
 use bulwark_proto as pb;
 use libfuzzer_sys::fuzz_target;
@@ -202,7 +202,11 @@ fn encode(enc: &Enc, data: Vec<u8>) -> (Vec<u8>, i32, u64) {
     match *enc {
         Enc::Raw => (data, 0, 0),
         Enc::Zstd => (frame(&data), zstd, len),
-        Enc::ZstdWrongLen(delta) => (frame(&data), zstd, len.wrapping_add_signed(i64::from(delta))),
+        Enc::ZstdWrongLen(delta) => (
+            frame(&data),
+            zstd,
+            len.wrapping_add_signed(i64::from(delta)),
+        ),
         Enc::Bomb(extra) => {
             let mut big = data;
             big.resize(big.len() + (usize::from(extra) + 1) * 1024, 0);
@@ -281,15 +285,7 @@ fn drive(
         .newest_point(name)
         .map_err(|e| e.to_string())?
         .map_or(0, |p| p.id);
-    let (base_point, kind) = start.base_and_kind(newest);
-    let spec = SyncSpec {
-        source: start.source.clone(),
-        geometry: start.geometry,
-        base_point,
-        consistency: start.consistency,
-        kind,
-        policy: None,
-    };
+    let spec = start.spec(newest, None);
     let mut txn = store
         .begin_sync(spec)
         .map_err(|e| format!("refused: {e}"))?;

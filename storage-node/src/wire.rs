@@ -55,21 +55,29 @@ pub struct SyncStart {
 }
 
 impl SyncStart {
-    /// The point this sync builds on, given the source's `newest` point here (0:
-    /// none): the newest for a check (`want_digests`), else the agent's base; and
-    /// the kind of point it makes (a source with no point yet gets a full one).
-    pub fn base_and_kind(&self, newest: u64) -> (u64, PointKind) {
-        let base = if self.want_digests {
+    /// The store's sync for this start, given the source's `newest` point here (0:
+    /// none) and the coordinator's `policy`: its base is the newest point for a
+    /// check (`want_digests`), else the agent's base; its kind the agent's (a source
+    /// with no point yet gets a full one).
+    pub fn spec(&self, newest: u64, policy: Option<SourcePolicy>) -> crate::store::SyncSpec {
+        let base_point = if self.want_digests {
             newest
         } else {
             self.base_point
         };
         let kind = match self.kind {
-            _ if base == 0 => PointKind::Full,
+            _ if base_point == 0 => PointKind::Full,
             Some(k) => k,
             None => PointKind::Incremental,
         };
-        (base, kind)
+        crate::store::SyncSpec {
+            source: self.source.clone(),
+            geometry: self.geometry,
+            base_point,
+            consistency: self.consistency,
+            kind,
+            policy,
+        }
     }
 }
 

@@ -30,7 +30,7 @@ use super::access::not_moving;
 use super::{BoxStream, NodeService, StreamGuard, blocking, count_sync};
 use crate::error::NodeError;
 use crate::node::admission::{AgentTurn, Sender, SourceTurn, TurnKind, next_within};
-use crate::store::{Prepared, Store, SyncSpec, SyncTxn, VerifiedExtent};
+use crate::store::{Prepared, Store, SyncTxn, VerifiedExtent};
 use crate::wire::{SyncStart, point_to_proto, policy_from_proto};
 
 /// The source's write lock, held from admission to the end of the settle.
@@ -150,15 +150,8 @@ impl NodeService {
         let newest = blocking(move || store.newest_point(&name))
             .await??
             .map_or(0, |p| p.id);
-        let (base_point, kind) = start.base_and_kind(newest);
-        let spec = SyncSpec {
-            source: start.source.clone(),
-            geometry: start.geometry,
-            base_point,
-            consistency: start.consistency,
-            kind,
-            policy: a.policy.as_ref().map(policy_from_proto),
-        };
+        let spec = start.spec(newest, a.policy.as_ref().map(policy_from_proto));
+        let base_point = spec.base_point;
         let store = self.store.clone();
         let txn = blocking(move || store.begin_sync(spec)).await??;
         let digest_count = if start.want_digests && newest > 0 {
