@@ -1005,6 +1005,17 @@ impl Fleet {
         out
     }
 
+    /// Restores every point of `source` in `expected` (id, saved volume) and
+    /// compares it with the saved volume, byte for byte; `tag` names the moment.
+    pub fn restore_points(&self, source: &str, expected: &[(u64, &Path)], tag: &str) {
+        for (id, image) in expected {
+            let to = self.scratch(&format!("{tag}-restore-{id}.img"));
+            self.restore(source, Some(*id), &to, None);
+            crate::files::assert_same_file(&to, image, &format!("{tag}: point {id}"));
+            std::fs::remove_file(&to).expect("remove the restored file");
+        }
+    }
+
     /// The open alert with `key` (`bulwark alerts --json`), if there is one.
     pub fn open_alert(&self, key: &str) -> Option<Value> {
         self.cli_json(&["alerts", "--json"])

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use bulwark_tests::{Fleet, MIB, Value, assert_same_file, json_str, json_u64, poll};
+use bulwark_tests::{Fleet, MIB, Value, json_str, json_u64, poll};
 
 const SOURCE: &str = "host-1-data";
 const NODE: &str = "node-1";
@@ -102,16 +102,6 @@ fn wait_resolved(fleet: &Fleet, key: &str) {
     );
 }
 
-/// Restores every point in `expected` (id, saved volume) and compares.
-fn restore_all(fleet: &Fleet, expected: &[(u64, &Path)], tag: &str) {
-    for (id, image) in expected {
-        let to = fleet.scratch(&format!("{tag}-restore-{id}.img"));
-        fleet.restore(SOURCE, Some(*id), &to, None);
-        assert_same_file(&to, image, &format!("{tag}: point {id}"));
-        std::fs::remove_file(&to).expect("remove the restored file");
-    }
-}
-
 /// `bulwark verify SOURCE` reads every point and finds nothing damaged.
 fn verify_clean(fleet: &Fleet, tag: &str) {
     let v = fleet.cli_json(&["verify", SOURCE, "--json"]);
@@ -191,7 +181,7 @@ fn a_pool_disk_that_really_fills_up_refuses_cleanly_and_recovers_when_space_retu
         "the refused sync's journal was left on the full disk"
     );
     assert_eq!(fleet.point_ids(SOURCE), vec![1]);
-    restore_all(&fleet, &[(1, &p1)], "after ENOSPC");
+    fleet.restore_points(SOURCE, &[(1, &p1)], "after ENOSPC");
 
     // Space returns: the same changes sync.
     tmpfs.resize(64);
@@ -199,7 +189,7 @@ fn a_pool_disk_that_really_fills_up_refuses_cleanly_and_recovers_when_space_retu
     assert_eq!(json_u64(&r, "point"), 2, "{r}");
     let p2 = fleet.save_volume(SOURCE, "p2.img");
     wait_resolved(&fleet, &format!("disk-full/{SOURCE}"));
-    restore_all(&fleet, &[(1, &p1), (2, &p2)], "after space returned");
+    fleet.restore_points(SOURCE, &[(1, &p1), (2, &p2)], "after space returned");
 
     // About 26 MiB is used now (replica and point 1's delta). At 36 MiB, 6 MiB of
     // changes fit as a journal, but not again as before-images in the settle.
@@ -219,7 +209,7 @@ fn a_pool_disk_that_really_fills_up_refuses_cleanly_and_recovers_when_space_retu
         "{alert}"
     );
     fleet.node(NODE).assert_alive();
-    restore_all(&fleet, &[(1, &p1), (2, &p2)], "after the settle failed");
+    fleet.restore_points(SOURCE, &[(1, &p1), (2, &p2)], "after the settle failed");
     // Still no room: reading point 3 tries the settle again, which fails again.
     let to = fleet.scratch("p3-without-room.img");
     let (_, err) = fleet.cli_expect_fail(&[
@@ -236,14 +226,14 @@ fn a_pool_disk_that_really_fills_up_refuses_cleanly_and_recovers_when_space_retu
 
     // Room again: the next read settles the point, no restart needed.
     tmpfs.resize(128);
-    restore_all(&fleet, &[(3, &p3), (2, &p2), (1, &p1)], "after the settle");
+    fleet.restore_points(SOURCE, &[(3, &p3), (2, &p2), (1, &p1)], "after the settle");
     wait_resolved(&fleet, &format!("settle/{SOURCE}"));
     verify_clean(&fleet, "after the settle");
     assert_eq!(bulwark_tests::rewrite_random_blocks(&volume, 8), 8);
     let r = fleet.sync(SOURCE);
     assert_eq!(json_u64(&r, "point"), 4, "{r}");
     let p4 = fleet.save_volume(SOURCE, "p4.img");
-    restore_all(&fleet, &[(4, &p4), (1, &p1)], "at the end");
+    fleet.restore_points(SOURCE, &[(4, &p4), (1, &p1)], "at the end");
     fleet.node(NODE).assert_alive();
     drop(fleet);
     drop(tmpfs);
@@ -292,7 +282,7 @@ fn injected_eio_on_write_and_fsync_refuses_the_sync_and_damages_nothing() {
         let ids: Vec<u64> = points.iter().map(|(id, _)| *id).collect();
         assert_eq!(fleet.point_ids(SOURCE), ids, "{tag}");
         let refs: Vec<(u64, &Path)> = points.iter().map(|(id, p)| (*id, p.as_path())).collect();
-        restore_all(fleet, &refs, tag);
+        fleet.restore_points(SOURCE, &refs, tag);
         verify_clean(fleet, tag);
     };
 
@@ -345,7 +335,7 @@ fn injected_eio_on_write_and_fsync_refuses_the_sync_and_damages_nothing() {
     );
     fleet.node(NODE).assert_alive();
     let refs: Vec<(u64, &Path)> = points.iter().map(|(id, p)| (*id, p.as_path())).collect();
-    restore_all(&fleet, &refs, "after the settle's EIO");
+    fleet.restore_points(SOURCE, &refs, "after the settle's EIO");
     points.push((id, unsettled));
     restart_node_with(&mut fleet, "");
     wait_resolved(&fleet, &format!("settle/{SOURCE}"));
@@ -414,7 +404,7 @@ fn injected_enospc_on_the_rename_of_a_move_keeps_the_source_where_it_was() {
         target_dir.display()
     );
     assert_eq!(fleet.point_ids(SOURCE), vec![1, 2]);
-    restore_all(&fleet, &[(1, &p1), (2, &p2)], "after the failed move");
+    fleet.restore_points(SOURCE, &[(1, &p1), (2, &p2)], "after the failed move");
     bulwark_tests::rewrite_random_blocks(&volume, 5);
     let r = fleet.sync(SOURCE);
     assert_eq!(json_u64(&r, "point"), 3, "{r}");
@@ -425,6 +415,6 @@ fn injected_enospc_on_the_rename_of_a_move_keeps_the_source_where_it_was() {
     let report = fleet.cli_json(&["drain", &from, "--json"]);
     assert_eq!(json_str(&report["moves"][0], "error"), "", "{report}");
     assert_eq!(fleet.source_node(SOURCE), to);
-    restore_all(&fleet, &[(1, &p1), (2, &p2), (3, &p3)], "after the move");
+    fleet.restore_points(SOURCE, &[(1, &p1), (2, &p2), (3, &p3)], "after the move");
     wait_resolved(&fleet, &format!("disk-full/{SOURCE}"));
 }

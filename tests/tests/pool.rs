@@ -14,16 +14,6 @@ use serde_json::Value;
 const SOURCE: &str = "host-1-data";
 const SIZE: u64 = 4 * MIB;
 
-/// Restores every point in `expected` (id, saved volume) and compares.
-fn restore_all(fleet: &Fleet, expected: &[(u64, &Path)], tag: &str) {
-    for (id, image) in expected {
-        let to = fleet.scratch(&format!("{tag}-restore-{id}.img"));
-        fleet.restore(SOURCE, Some(*id), &to, None);
-        assert_same_file(&to, image, &format!("{tag}: point {id}"));
-        std::fs::remove_file(&to).expect("remove the restored file");
-    }
-}
-
 #[test]
 fn a_full_allocation_refuses_cleanly_and_growing_it_lets_the_next_sync_succeed() {
     // 420 KiB of recovery-point space holds one sync of 6 rewritten 64 KiB blocks
@@ -63,7 +53,7 @@ fn a_full_allocation_refuses_cleanly_and_growing_it_lets_the_next_sync_succeed()
         replica_before,
         "the refused sync changed the replica"
     );
-    restore_all(&fleet, &[(1, &p1), (2, &p2)], "after the refusal");
+    fleet.restore_points(SOURCE, &[(1, &p1), (2, &p2)], "after the refusal");
     let alert = poll("the allocation-full alert", Duration::from_secs(20), || {
         fleet
             .open_alert(&format!("allocation-full/{SOURCE}"))
@@ -77,7 +67,7 @@ fn a_full_allocation_refuses_cleanly_and_growing_it_lets_the_next_sync_succeed()
     let r = fleet.sync(SOURCE);
     assert_eq!(json_u64(&r, "point"), 3, "{r}");
     let p3 = fleet.save_volume(SOURCE, "p3.img");
-    restore_all(&fleet, &[(1, &p1), (2, &p2), (3, &p3)], "after growing");
+    fleet.restore_points(SOURCE, &[(1, &p1), (2, &p2), (3, &p3)], "after growing");
     poll(
         "the node to report the new allocation",
         Duration::from_secs(20),
@@ -162,7 +152,7 @@ fn thirty_syncs_with_keep_5_leave_5_points_and_give_the_space_back() {
         },
     );
     let expected: Vec<(u64, &Path)> = images.iter().map(|(i, p)| (*i, p.as_path())).collect();
-    restore_all(&fleet, &expected, "keep 5");
+    fleet.restore_points(SOURCE, &expected, "keep 5");
 
     // Four deltas remain (the newest point has none), each of at most 3 blocks.
     let files: Vec<String> = std::fs::read_dir(&deltas)
@@ -304,7 +294,7 @@ fn verify_repairs_damaged_replica_blocks_and_marks_points_it_cannot_repair() {
 
     // The repair was a deep check: a new point; every other point restores.
     assert_eq!(fleet.point_ids(SOURCE), vec![1, 2, 3, 4]);
-    restore_all(&fleet, &[(2, &p2), (3, &p3), (4, &p3)], "after the repair");
+    fleet.restore_points(SOURCE, &[(2, &p2), (3, &p3), (4, &p3)], "after the repair");
     let (_, err) = fleet.cli_expect_fail(&[
         "restore",
         SOURCE,
@@ -552,7 +542,7 @@ fn the_scheduled_scrub_finds_and_repairs_replica_damage() {
     );
     assert!(!json_str(&s, "last_verify").is_empty(), "{s}");
     assert_eq!(fleet.point_ids(SOURCE), vec![1, 2]);
-    restore_all(&fleet, &[(1, &p1), (2, &p1)], "after the scrub");
+    fleet.restore_points(SOURCE, &[(1, &p1), (2, &p1)], "after the scrub");
 }
 
 #[test]
@@ -575,7 +565,7 @@ fn a_pool_that_auto_grows_lets_the_sync_through_and_accounts_for_it() {
         images.push((i, fleet.save_volume(SOURCE, &format!("p{i}.img"))));
     }
     let expected: Vec<(u64, &Path)> = images.iter().map(|(i, p)| (*i, p.as_path())).collect();
-    restore_all(&fleet, &expected, "auto-grow");
+    fleet.restore_points(SOURCE, &expected, "auto-grow");
     poll("the grown allocation", Duration::from_secs(20), || {
         let s = fleet.source_info(SOURCE);
         match json_u64(&s, "points_alloc_bytes") {
@@ -607,7 +597,7 @@ fn a_pool_that_prunes_when_full_keeps_the_newest_points() {
     // Room for one point's before-images: each sync pruned the oldest.
     assert_eq!(fleet.point_ids(SOURCE), vec![3, 4]);
     let expected: Vec<(u64, &Path)> = images[2..].iter().map(|(i, p)| (*i, p.as_path())).collect();
-    restore_all(&fleet, &expected, "prune-oldest");
+    fleet.restore_points(SOURCE, &expected, "prune-oldest");
 }
 
 /// The node compresses before-images by default (`[pool] compression`, zstd:1):
@@ -670,5 +660,5 @@ fn compressible_before_images_are_stored_compressed_and_reported_both_ways() {
             }
         },
     );
-    restore_all(&fleet, &[(1, p1.as_path()), (2, p2.as_path())], "zstd");
+    fleet.restore_points(SOURCE, &[(1, p1.as_path()), (2, p2.as_path())], "zstd");
 }
