@@ -78,19 +78,9 @@ if ! command -v borg >/dev/null; then
 fi
 
 # ---------------------------------------------------------------- binaries
-if [[ -n "${BENCH_BIN_DIR:-}" ]]; then
-    BIN="$BENCH_BIN_DIR"
-    [[ "$BIN" = /* ]] || BIN="$PWD/$BIN"
-    echo "== using binaries in $BIN"
-else
-    echo "== cargo build --release --bins (in $ROOT)"
-    (cd "$ROOT" && cargo build --release --workspace --bins)
-    BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
-    [[ "$BIN" = /* ]] || BIN="$ROOT/$BIN"
-fi
-for b in bulwark bulwark-coordinator bulwark-node bulwark-agent; do
-    [[ -x "$BIN/$b" ]] || die "$BIN/$b is missing"
-done
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
+bench_binaries
 
 # ---------------------------------------------------------------- the states
 STAMP="seed $SEED, $IMAGE_MIB MiB"

@@ -60,18 +60,9 @@ command -v python3 >/dev/null || die "python3 is needed (for $HELPER)"
 command -v cargo >/dev/null || [[ -n "${BENCH_BIN_DIR:-}" ]] || die "cargo is needed (or set BENCH_BIN_DIR)"
 
 # ---------------------------------------------------------------- binaries
-if [[ -n "${BENCH_BIN_DIR:-}" ]]; then
-    BIN="$BENCH_BIN_DIR"
-    echo "== using binaries in $BIN"
-else
-    echo "== cargo build --release --bins (in $ROOT)"
-    (cd "$ROOT" && cargo build --release --workspace --bins)
-    BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
-    [[ "$BIN" = /* ]] || BIN="$ROOT/$BIN"
-fi
-for b in bulwark bulwark-coordinator bulwark-node bulwark-agent; do
-    [[ -x "$BIN/$b" ]] || die "$BIN/$b is missing"
-done
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
+bench_binaries
 
 # ---------------------------------------------------------------- work directory
 mkdir -p "$BENCH_DIR"

@@ -119,19 +119,9 @@ qemu-io -c 'help write' 2>/dev/null | grep -q -- '-s source_file' ||
 LOAD_START="$(load_line)"
 
 # ---------------------------------------------------------------- binaries
-if [[ -n "${BENCH_BIN_DIR:-}" ]]; then
-    BIN="$BENCH_BIN_DIR"
-    [[ "$BIN" = /* ]] || BIN="$PWD/$BIN"
-    echo "== using binaries in $BIN"
-else
-    echo "== cargo build --release --bins (in $ROOT)"
-    (cd "$ROOT" && cargo build --release --workspace --bins)
-    BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
-    [[ "$BIN" = /* ]] || BIN="$ROOT/$BIN"
-fi
-for b in bulwark bulwark-coordinator bulwark-node bulwark-agent; do
-    [[ -x "$BIN/$b" ]] || die "$BIN/$b is missing"
-done
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
+bench_binaries
 
 # ---------------------------------------------------------------- work directory
 mkdir -p "$BENCH_DIR"
