@@ -13,6 +13,7 @@
 //! - [`server`] — the daemon's lifecycle: open, serve, stop the workers, flush.
 //! - [`api`] — the `bulwark.v1.Coordinator` gRPC handlers: adapters over [`service`].
 //! - [`service`] — the domain operations.
+//! - [`state`] — the durable state behind one trait: sled (default) or etcd.
 //! - [`wire`] — requests parsed once into domain types (`ProtocolError`), and back.
 //! - [`workers`] — the background loops (schedule, moves, monitor, scrub) as workers.
 
@@ -29,5 +30,6 @@ pub mod revocation;
 pub mod schedule;
 pub mod server;
 pub mod service;
+pub mod state;
 pub mod wire;
 pub mod workers;
