@@ -23,6 +23,9 @@ pub use sled_state::SledState;
 /// Names are short ASCII words without `/`.
 pub type TreeName = &'static str;
 
+/// `(key, value)` pairs of a scan, in key order.
+pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// A state operation that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -113,7 +116,7 @@ pub trait StateStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// Every `(key, value)` of `tree` whose key starts with `prefix` (all of it for
     /// an empty prefix), in key order.
-    fn scan(&self, tree: TreeName, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StateError>;
+    fn scan(&self, tree: TreeName, prefix: &[u8]) -> Result<Entries, StateError>;
 
     /// Applies `txn.then` atomically if every condition of `txn.when` holds:
     /// `Ok(true)` applied, `Ok(false)` a condition failed and nothing changed.

@@ -10,7 +10,7 @@ use std::path::Path;
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
-use super::{Op, StateError, StateStore, TreeName, Txn};
+use super::{Entries, Op, StateError, StateStore, TreeName, Txn};
 
 /// The sled backend.
 pub struct SledState {
@@ -65,7 +65,7 @@ impl StateStore for SledState {
         Ok(v.map(|v| v.to_vec()))
     }
 
-    fn scan(&self, tree: TreeName, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StateError> {
+    fn scan(&self, tree: TreeName, prefix: &[u8]) -> Result<Entries, StateError> {
         self.tree(tree)?
             .scan_prefix(prefix)
             .map(|r| {
