@@ -107,6 +107,11 @@ pub struct PoolToml {
     /// shrink is kept raw. Optional; default `"zstd:1"`.
     #[serde(default)]
     pub compression: Option<String>,
+    /// How the node compresses a sync's journal records (kept until the sync's
+    /// settle): `"zstd:N"` or `"off"`. Optional; default `"off"`, because a
+    /// compressed journal slows every sync and saves space only until the settle.
+    #[serde(default)]
+    pub journal_compression: Option<String>,
 }
 
 /// One `[[pool.disks]]`.
@@ -249,7 +254,8 @@ impl NodeConfig {
     }
 }
 
-/// `[pool]`'s policy keys (`on_full`, `auto_grow`, `compression`), checked.
+/// `[pool]`'s policy keys (`on_full`, `auto_grow`, `compression`,
+/// `journal_compression`), checked.
 fn pool_policy(
     pool: &PoolToml,
     bad: &dyn Fn(&str, String) -> ConfigError,
@@ -268,10 +274,17 @@ fn pool_policy(
         None => crate::store::Compression::default(),
         Some(s) => crate::store::Compression::parse(s).map_err(|m| bad("pool.compression", m))?,
     };
+    let journal_compression = match pool.journal_compression.as_deref() {
+        None => crate::store::Compression::Off,
+        Some(s) => {
+            crate::store::Compression::parse(s).map_err(|m| bad("pool.journal_compression", m))?
+        }
+    };
     Ok(crate::store::PoolPolicy {
         auto_grow_bytes: pool.auto_grow.map_or(0, |b| b.0),
         on_full,
         compression,
+        journal_compression,
     })
 }
 
@@ -320,5 +333,29 @@ mod tests {
                 "{bad}: {e}"
             );
         }
+        // The journal is raw unless asked, whatever `compression` says.
+        assert_eq!(
+            with(None).expect("loads").pool_policy.journal_compression,
+            Compression::Off
+        );
+        let journal = |v: &str| {
+            let t = text.replacen(
+                "[pool]\n",
+                &format!("[pool]\njournal_compression = \"{v}\"\n"),
+                1,
+            );
+            std::fs::write(&path, t).expect("write");
+            super::NodeConfig::load(&path)
+        };
+        let p = journal("zstd:3").expect("loads").pool_policy;
+        assert_eq!(
+            (p.compression, p.journal_compression),
+            (Compression::Zstd(1), Compression::Zstd(3))
+        );
+        let e = journal("lz4").expect_err("lz4").to_string();
+        assert!(
+            e.contains("pool.journal_compression") && e.contains("\"lz4\""),
+            "{e}"
+        );
     }
 }

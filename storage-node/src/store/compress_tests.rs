@@ -3,8 +3,20 @@
 
 use super::*;
 
-/// A store in `dir` whose records are compressed as `c` says.
+/// A store in `dir` whose records are compressed as `c` says (the journal too).
 fn open_with(dir: &Path, c: Compression) -> Store {
+    open_policy(
+        dir,
+        PoolPolicy {
+            compression: c,
+            journal_compression: c,
+            ..PoolPolicy::default()
+        },
+    )
+}
+
+/// A store in `dir` with `policy`.
+fn open_policy(dir: &Path, policy: PoolPolicy) -> Store {
     std::fs::create_dir_all(dir.join("disk1")).expect("disk dir");
     let mut tries = 0;
     loop {
@@ -14,10 +26,7 @@ fn open_with(dir: &Path, c: Compression) -> Store {
                 path: dir.join("disk1"),
                 capacity_bytes: 1 << 40,
             }],
-            PoolPolicy {
-                compression: c,
-                ..PoolPolicy::default()
-            },
+            policy,
         );
         match r {
             // sled lets go of its lock a moment after the previous store drops.
@@ -390,6 +399,32 @@ fn a_syncs_journal_holds_compressed_records_and_settles_from_them() {
     );
     store.settle("vol").expect("settle");
     check_all(&store, &[one, two], "settled from a compressed journal");
+}
+
+/// The default policy: the journal stays raw (a sync compresses nothing), and the
+/// settle compresses the point's before-images all the same.
+#[test]
+fn by_default_the_journal_is_raw_and_the_settle_compresses() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open_policy(dir.path(), PoolPolicy::default());
+    let size = 24 * BS as usize;
+    let one = compressible(size, 1);
+    sync(&store, &vec![0u8; size], &one, 0);
+    let two = change(&one, 2, 2);
+    commit_unsettled(&store, &one, &two, 1, 3);
+    let g = Geometry::new(size as u64, BS).expect("g");
+    let recs = records_of(&journal_path(&vol_dir(dir.path())), g);
+    assert!(!recs.is_empty(), "the journal holds the sync's blocks");
+    assert!(recs.iter().all(|r| r.2.is_none()), "all raw: {recs:?}");
+    store.settle("vol").expect("settle");
+    let three = change(&two, 3, 3);
+    sync(&store, &two, &three, 2);
+    let points = store.points("vol").expect("points");
+    assert!(
+        points.iter().any(|p| p.stored_bytes() < p.logical_bytes()),
+        "the settle compressed no point: {points:?}"
+    );
+    check_all(&store, &[one, two, three], "raw journal, compressed points");
 }
 
 #[test]

@@ -213,7 +213,7 @@ impl SyncTxn {
             replica_path,
             digests_path,
             geometry: self.spec.geometry,
-            compression: self.store.policy.compression,
+            compression: self.store.policy.journal_compression,
         })
     }
 
