@@ -1,20 +1,79 @@
-//! The capacity forecast end to end: a source whose points grow steadily (sync
-//! after sync of incompressible rewritten blocks) gets a trend and a days-until-full
-//! from the coordinator, the warnings `forecast/<source>` and `forecast/<node>/<disk>`
-//! open under `forecast_warn_days`, the history survives a coordinator restart, and
-//! the warnings resolve when the disk gets more capacity and the allocation grows.
-//! The coordinator exports the forecast as gauges. (The accuracy of the maths — within
-//! 10% of the true days, robust to a spike, none when flat — is the unit tests' of
-//! `coordinator/src/forecast.rs` and `registry/tests.rs`.)
+//! The capacity forecast end to end: a source whose points grow steadily (a sync of
+//! incompressible rewritten blocks every two seconds) gets a trend and a
+//! days-until-full from the coordinator within 10% of the true value (the growth the
+//! test itself measured over the same window), the warnings `forecast/<source>` and
+//! `forecast/<node>/<disk>` open under `forecast_warn_days`, the history survives a
+//! coordinator restart, and the warnings resolve when the disk gets more capacity and
+//! the allocation grows while the source keeps growing. The coordinator exports the
+//! forecast as gauges. (Robustness to a spike and no forecast when flat are the unit
+//! tests' of `coordinator/src/forecast.rs` and `registry/tests.rs`.)
 
 use std::io::{Read, Write};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bulwark_tests::{Fleet, MIB, Value, free_port, json_str, poll, rewrite_random_blocks};
 
 const SOURCE: &str = "host-1-data";
 const SIZE: u64 = 8 * MIB;
 const WARN_DAYS: f64 = 0.1;
+/// One sync of new blocks every PERIOD.
+const PERIOD: Duration = Duration::from_secs(2);
+/// The coordinator's `forecast_window`, in seconds; the growth runs longer than
+/// this before the forecast is checked, so the window holds only steady growth.
+const WINDOW_S: u64 = 50;
+const WINDOW: Duration = Duration::from_secs(WINDOW_S);
+
+/// The source's `points_used_bytes` in `sources --json`.
+fn points_used(fleet: &Fleet) -> u64 {
+    let all = fleet.cli_json(&["sources", "--json"]);
+    all.as_array()
+        .and_then(|a| {
+            a.iter()
+                .find(|r| r.get("name").and_then(Value::as_str) == Some(SOURCE))
+        })
+        .and_then(|r| r.get("points_used_bytes").and_then(Value::as_u64))
+        .unwrap_or_else(|| panic!("no points_used_bytes of {SOURCE} in {all}"))
+}
+
+/// The least-squares slope of `(seconds, bytes)`, in bytes a day.
+fn slope_per_day(points: &[(f64, f64)]) -> f64 {
+    let n = points.len() as f64;
+    let (mt, mb) = points
+        .iter()
+        .fold((0.0, 0.0), |(a, b), (t, y)| (a + t / n, b + y / n));
+    let (num, den) = points.iter().fold((0.0, 0.0), |(a, b), (t, y)| {
+        (a + (t - mt) * (y - mb), b + (t - mt) * (t - mt))
+    });
+    num / den * 86_400.0
+}
+
+/// Keeps the source growing: a sync of 16 new blocks every PERIOD (at once when the
+/// last one overran).
+struct Growth {
+    start: Instant,
+    syncs: u32,
+}
+
+impl Growth {
+    fn due(&self) -> Instant {
+        self.start + PERIOD * self.syncs
+    }
+
+    /// Waits for the next slot and syncs.
+    fn step(&mut self, fleet: &Fleet, volume: &std::path::Path) {
+        std::thread::sleep(self.due().saturating_duration_since(Instant::now()));
+        rewrite_random_blocks(volume, 16);
+        fleet.sync(SOURCE);
+        self.syncs += 1;
+    }
+
+    /// Syncs only when one is due (inside a poll).
+    fn keep_up(&mut self, fleet: &Fleet, volume: &std::path::Path) {
+        if Instant::now() >= self.due() {
+            self.step(fleet, volume);
+        }
+    }
+}
 
 /// The row of `forecast --json` in `list` named `name`.
 fn row(f: &Value, list: &str, name: &str) -> Value {
@@ -49,52 +108,70 @@ fn metrics(addr: &str) -> String {
 #[test]
 fn a_growing_source_is_warned_before_it_fills_and_resolved_when_space_grows() {
     let metrics_addr = format!("127.0.0.1:{}", free_port());
-    // A 2-minute window sampled about every second (heartbeats every second).
+    // A 50-second window sampled about every second (heartbeats every second).
     let mut fleet = Fleet::builder()
         .coordinator_extra(&format!(
-            "forecast_warn_days = {WARN_DAYS}\nforecast_window = \"2m\"\nmetrics_listen = \"{metrics_addr}\""
+            "forecast_warn_days = {WARN_DAYS}\nforecast_window = \"{WINDOW_S}s\"\nmetrics_listen = \"{metrics_addr}\""
         ))
         .node_capacity("2GiB")
         .node("node-1")
         .agent_source("host-1", SOURCE, None, SIZE, "")
         .start();
-    fleet.cli(&["allocate", SOURCE, "--points", "64MiB"]);
+    fleet.cli(&["allocate", SOURCE, "--points", "128MiB"]);
     fleet.sync(SOURCE);
     let disk = fleet.node_dir("node-1").join("disk1").display().to_string();
     let disk_key = format!("forecast/node-1/{}", disk.trim_start_matches('/'));
     let source_key = format!("forecast/{SOURCE}");
 
-    // One MiB of new before-images a sync, one sync per sample (a heartbeat, about
-    // a second): about 84 GiB a day, so the source's 64 MiB is a few thousandths of
-    // a day away and the 2 GiB disk a few hundredths, both under WARN_DAYS.
+    // One MiB of new before-images a sync, a sync every two seconds: about 42 GiB a
+    // day, so the source's 128 MiB is a few thousandths of a day away and the 2 GiB
+    // disk a few hundredths, both under WARN_DAYS. After each sync the test records
+    // the source's points_used_bytes and the time: the growth it sees over the
+    // window is the truth the forecast (sampled at heartbeats, a Theil-Sen trend)
+    // is held to.
     let volume = fleet.volume(SOURCE);
-    let samples = |fleet: &Fleet| {
-        row(&fleet.cli_json(&["forecast", "--json"]), "sources", SOURCE)["samples"]
-            .as_u64()
-            .unwrap_or(0)
-    };
     let mut open = (None, None);
-    for _ in 0..40 {
-        rewrite_random_blocks(&volume, 16);
-        fleet.sync(SOURCE);
-        let before = samples(&fleet);
-        poll(
-            "the next usage sample",
-            Duration::from_secs(30),
-            || match samples(&fleet) {
-                n if n > before => Ok(()),
-                n => Err(format!("{n} samples")),
-            },
-        );
+    let mut growth = Growth {
+        start: Instant::now(),
+        syncs: 0,
+    };
+    let mut seen: Vec<(f64, f64)> = Vec::new();
+    for _ in 0..60 {
+        growth.step(&fleet, &volume);
+        seen.push((
+            growth.start.elapsed().as_secs_f64(),
+            points_used(&fleet) as f64,
+        ));
         open = (fleet.open_alert(&source_key), fleet.open_alert(&disk_key));
-        if open.0.is_some() && open.1.is_some() {
+        if open.0.is_some() && open.1.is_some() && growth.start.elapsed() > WINDOW + 2 * PERIOD {
             break;
         }
     }
     let (Some(src_alert), Some(disk_alert)) = open else {
         let f = fleet.cli_json(&["forecast", "--json"]);
-        panic!("after 40 syncs the warnings are not both open: {open:?}; forecast: {f}");
+        panic!("after 60 syncs the warnings are not both open: {open:?}; forecast: {f}");
     };
+    // The forecast's days against the true days: the same used and limit, at the
+    // growth the test measured over the window.
+    let f = fleet.cli_json(&["forecast", "--json"]);
+    let s = row(&f, "sources", SOURCE);
+    let now = growth.start.elapsed().as_secs_f64();
+    let recent: Vec<(f64, f64)> = seen
+        .iter()
+        .copied()
+        .filter(|(t, _)| *t >= now - WINDOW.as_secs_f64())
+        .collect();
+    let true_growth = slope_per_day(&recent);
+    let left = s["limit_bytes"].as_f64().expect("limit") - s["used_bytes"].as_f64().expect("used");
+    let truth = left / true_growth;
+    let days = num(&s, "days_until_full").unwrap_or_else(|| panic!("no forecast: {s}"));
+    // Heartbeats every second: the window holds dozens of samples, not a handful.
+    assert!(s["samples"].as_u64().is_some_and(|n| n >= 20), "{s}");
+    assert!(
+        (days - truth).abs() <= 0.10 * truth,
+        "forecast {days:.6} days, true {truth:.6} (growth {true_growth:.0} B/day over {} samples of the test); {s}",
+        recent.len()
+    );
     assert_eq!(json_str(&src_alert, "severity"), "warning", "{src_alert}");
     assert_eq!(json_str(&src_alert, "subject"), SOURCE, "{src_alert}");
     assert!(
@@ -103,14 +180,11 @@ fn a_growing_source_is_warned_before_it_fills_and_resolved_when_space_grows() {
     );
     assert_eq!(json_str(&disk_alert, "subject"), "node-1", "{disk_alert}");
 
-    let f = fleet.cli_json(&["forecast", "--json"]);
     assert_eq!(num(&f, "warn_days"), Some(WARN_DAYS), "{f}");
-    let s = row(&f, "sources", SOURCE);
-    let days = num(&s, "days_until_full").unwrap_or_else(|| panic!("no forecast: {s}"));
-    let growth = num(&s, "growth_bytes_per_day").expect("a trend");
-    assert!(days < WARN_DAYS && growth > 0.0, "{s}");
+    let trend = num(&s, "growth_bytes_per_day").expect("a trend");
+    assert!(days < WARN_DAYS && trend > 0.0, "{s}");
     assert_eq!(json_str(&s, "node"), "node-1", "{s}");
-    assert_eq!(s["limit_bytes"], 64 * MIB, "{s}");
+    assert_eq!(s["limit_bytes"], 128 * MIB, "{s}");
     let d = row(&f, "disks", &disk);
     assert!(
         num(&d, "days_until_full").is_some_and(|x| x < WARN_DAYS),
@@ -143,7 +217,7 @@ fn a_growing_source_is_warned_before_it_fills_and_resolved_when_space_grows() {
     // More capacity for the disk (the node restarted with a larger one) and more
     // space for the source, each well beyond what the trend fills in WARN_DAYS.
     let disk_growth = num(&d, "growth_bytes_per_day").expect("a disk trend");
-    let need = growth.max(disk_growth) * WARN_DAYS;
+    let need = trend.max(disk_growth) * WARN_DAYS;
     let used = d["used_bytes"].as_u64().expect("used_bytes");
     let capacity_mib = (used as f64 + 8.0 * need) as u64 / MIB + 4096;
     let points_mib = (s["used_bytes"].as_u64().unwrap_or(0) as f64 + 4.0 * need) as u64 / MIB + 64;
@@ -162,18 +236,24 @@ fn a_growing_source_is_warned_before_it_fills_and_resolved_when_space_grows() {
     poll(
         "the disk's forecast warning to resolve",
         Duration::from_secs(60),
-        || match fleet.open_alert(&disk_key) {
-            None => Ok(()),
-            Some(a) => Err(format!("still open: {a}")),
+        || {
+            growth.keep_up(&fleet, &volume);
+            match fleet.open_alert(&disk_key) {
+                None => Ok(()),
+                Some(a) => Err(format!("still open: {a}")),
+            }
         },
     );
     fleet.cli(&["allocate", SOURCE, "--points", &format!("{points_mib}MiB")]);
     poll(
         "the source's forecast warning to resolve",
         Duration::from_secs(60),
-        || match fleet.open_alert(&source_key) {
-            None => Ok(()),
-            Some(a) => Err(format!("still open: {a}")),
+        || {
+            growth.keep_up(&fleet, &volume);
+            match fleet.open_alert(&source_key) {
+                None => Ok(()),
+                Some(a) => Err(format!("still open: {a}")),
+            }
         },
     );
     let all = fleet.cli_json(&["alerts", "--all", "--json"]);
