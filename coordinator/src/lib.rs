@@ -2,6 +2,7 @@
 //!
 //! - [`config`] — `coordinator.toml`.
 //! - [`enroll`] — enrollment tokens and certificate signing.
+//! - [`leader`] — which coordinator leads; the follower gate and leader-only workers.
 //! - [`forecast`] — capacity forecast: sample histories, Theil–Sen trend, days until full (pure).
 //! - [`error`] — `CoordinatorError`, and its one mapping to a gRPC `Status`.
 //! - [`placement`] — where a new source goes, and rebalance plans (pure).
@@ -22,6 +23,7 @@ pub mod config;
 pub mod enroll;
 pub mod error;
 pub mod forecast;
+pub mod leader;
 pub mod placement;
 pub mod policy;
 pub mod records;
