@@ -35,9 +35,8 @@
 //! whole, so retention never makes the agent ship them again.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::fs::OpenOptions;
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -67,8 +66,23 @@ pub struct LogChunk {
     pub point: u64,
     /// Where it ends in the file (it starts where the previous chunk ends).
     pub end: u64,
-    /// BLAKE3 of its bytes, hex.
+    /// BLAKE3 of its bytes (the logical bytes, whatever the codec), hex.
     pub hash: String,
+    /// Where its stored bytes end in the copy (they start where the previous
+    /// chunk's end); absent when that is `end`, as in every copy whose chunks
+    /// before it are all raw (every copy of a node before log compression).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_end: Option<u64>,
+    /// How its bytes are stored (absent: raw).
+    #[serde(default, skip_serializing_if = "ChunkCodec::is_raw")]
+    pub codec: ChunkCodec,
+}
+
+impl LogChunk {
+    /// Where its stored bytes end in the copy.
+    pub fn stored_end(&self) -> u64 {
+        self.stored_end.unwrap_or(self.end)
+    }
 }
 
 /// One generation of a host log file.
@@ -93,9 +107,13 @@ pub struct LogFileMeta {
 }
 
 impl LogFileMeta {
-    /// Bytes held.
+    /// Bytes held (logical: the host file's length as shipped).
     pub fn length(&self) -> u64 {
         self.chunks.last().map_or(0, |c| c.end)
+    }
+    /// Bytes its copy holds (stored: compressed chunks as compressed).
+    pub fn stored_length(&self) -> u64 {
+        self.chunks.last().map_or(0, LogChunk::stored_end)
     }
     /// Its length as of point `q`.
     pub fn length_at(&self, q: u64) -> u64 {
@@ -140,36 +158,32 @@ pub fn valid_log_name(name: &str) -> bool {
         && !name.contains('\0')
 }
 
-fn hash_range(f: &File, path: &Path, start: u64, len: u64) -> Result<String> {
-    if len == 0 {
-        return Ok(String::new());
-    }
-    let mut buf = vec![0u8; len as usize];
-    f.read_exact_at(&mut buf, start).map_err(io("read", path))?;
-    Ok(blake3::hash(&buf).to_hex().to_string())
-}
-
-/// The anchors of the first `len` bytes of a file (see [`ANCHOR_LEN`]).
-pub fn anchors(f: &File, path: &Path, len: u64) -> Result<(String, String)> {
-    let n = len.min(ANCHOR_LEN);
-    Ok((hash_range(f, path, 0, n)?, hash_range(f, path, len - n, n)?))
-}
-
 /// One log file of a point, for a restore.
 #[derive(Debug, Clone)]
 pub struct LogRestoreFile {
+    pub source: String,
     pub name: String,
+    pub generation: u32,
     pub mtime_ns: i64,
     pub path: PathBuf,
-    /// Its chunks up to the point: `(start, end, hash)`.
-    pub pieces: Vec<(u64, u64, String)>,
+    /// Its chunks up to the point.
+    pub pieces: Vec<LogPiece>,
 }
 
 impl LogRestoreFile {
+    /// Its length (logical) as of the point.
     pub fn length(&self) -> u64 {
-        self.pieces.last().map_or(0, |p| p.1)
+        self.pieces.last().map_or(0, |p| p.end)
+    }
+    /// Opens its copy: [`LogCopy::read`] then gives each piece's bytes.
+    pub fn open(&self) -> Result<LogCopy> {
+        LogCopy::open(&self.path, &self.source, &self.name, self.generation)
     }
 }
+
+/// A chunk's codec and stored offsets; reading chunks back: [`LogCopy`].
+mod chunks;
+pub use chunks::{ChunkCodec, LogCopy, LogPiece, pieces};
 
 /// The ship itself: [`LogShip`].
 mod ship;
@@ -185,9 +199,21 @@ impl Store {
             .collect()
     }
 
-    /// Bytes a log source's copies hold.
+    /// Bytes a log source's copies hold (stored: what counts against its space).
     pub(super) fn log_bytes(&self, name: &str) -> Result<u64> {
-        Ok(self.log_files(name)?.iter().map(LogFileMeta::length).sum())
+        Ok(self
+            .log_files(name)?
+            .iter()
+            .map(LogFileMeta::stored_length)
+            .sum())
+    }
+
+    /// A log source's copies as `(stored, logical)` bytes.
+    pub(super) fn log_bytes_both(&self, name: &str) -> Result<(u64, u64)> {
+        Ok(self
+            .log_files(name)?
+            .iter()
+            .fold((0, 0), |(s, l), f| (s + f.stored_length(), l + f.length())))
     }
 
     /// The files of log point `point` (0 = newest), each as of that point.
@@ -207,33 +233,23 @@ impl Store {
             .log_files(name)?
             .into_iter()
             .filter(|f| visible(f, p.id))
-            .map(|f| {
-                let mut start = 0;
-                let pieces = f
-                    .chunks
-                    .iter()
-                    .take_while(|c| c.point <= p.id)
-                    .map(|c| {
-                        let piece = (start, c.end, c.hash.clone());
-                        start = c.end;
-                        piece
-                    })
-                    .collect();
-                LogRestoreFile {
-                    path: copy_path(&meta, f.id),
-                    name: f.name,
-                    mtime_ns: f.mtime_ns,
-                    pieces,
-                }
+            .map(|f| LogRestoreFile {
+                source: name.to_string(),
+                path: copy_path(&meta, f.id),
+                pieces: pieces(f.chunks.iter().take_while(|c| c.point <= p.id)),
+                name: f.name,
+                generation: f.generation,
+                mtime_ns: f.mtime_ns,
             })
             .collect();
         files.sort_by(|a, b| a.name.cmp(&b.name));
         Ok((p, files))
     }
 
-    /// Re-reads every stored piece of a log source and checks its BLAKE3. Returns
-    /// (pieces checked, bytes read, points whose restore would read a damaged
-    /// piece, with the ids of the damaged files).
+    /// Re-reads every stored piece of a log source, decodes it (a compressed piece
+    /// into exactly its length) and checks its BLAKE3. Returns (pieces checked,
+    /// stored bytes read, points whose restore would read a damaged piece, with the
+    /// ids of the damaged files).
     pub(super) fn verify_logs(&self, name: &str) -> Result<super::VerifyOutcome> {
         let meta = self
             .source(name)?
@@ -241,22 +257,16 @@ impl Store {
         let mut out = super::VerifyOutcome::default();
         let mut damaged: Vec<LogFileMeta> = Vec::new();
         for f in self.log_files(name)? {
-            let path = copy_path(&meta, f.id);
-            let file = File::open(&path).map_err(io("open", &path))?;
-            let mut start = 0;
+            let copy = LogCopy::open(&copy_path(&meta, f.id), name, &f.name, f.generation)?;
             let mut bad = false;
-            for c in &f.chunks {
-                let mut buf = vec![0u8; (c.end - start) as usize];
-                let ok = file.read_exact_at(&mut buf, start).is_ok()
-                    && blake3::hash(&buf).to_hex().as_str() == c.hash;
+            for p in pieces(&f.chunks) {
                 out.blocks_checked += 1;
-                out.bytes_read += buf.len() as u64;
-                if !ok {
+                out.bytes_read += p.stored_end.saturating_sub(p.stored_start);
+                if let Err(e) = copy.read(&p) {
                     tracing::error!(source = name, file = %f.name, generation = f.generation,
-                        at = start, "log piece does not match its checksum");
+                        at = p.start, "log piece damaged: {e}");
                     bad = true;
                 }
-                start = c.end;
             }
             if bad {
                 damaged.push(f);
@@ -319,7 +329,7 @@ impl Store {
         for f in &drop {
             let path = copy_path(meta, f.id);
             match std::fs::remove_file(&path) {
-                Ok(()) => freed += f.length(),
+                Ok(()) => freed += f.stored_length(),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(io("remove", &path)(e)),
             }
@@ -331,7 +341,7 @@ impl Store {
         Ok(freed)
     }
 
-    /// After a crash: cuts every copy back to its recorded length and removes copies
+    /// After a crash: cuts every copy back to its recorded (stored) length and removes copies
     /// no record names (a ship that did not commit).
     pub(super) fn recover_logs(&self, meta: &SourceMeta) -> Result<()> {
         let dir = meta.dir().join("logs");
@@ -341,7 +351,7 @@ impl Store {
         let files: HashMap<String, u64> = self
             .log_files(&meta.name)?
             .iter()
-            .map(|f| (format!("{:020}", f.id), f.length()))
+            .map(|f| (format!("{:020}", f.id), f.stored_length()))
             .collect();
         let mut changed = false;
         for e in entries.flatten() {

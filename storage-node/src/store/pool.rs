@@ -223,16 +223,13 @@ impl Store {
         for s in self.all_sources()? {
             let points = self.points(&s.name)?;
             let used = used_bytes(&s.dir());
-            // Log chunks are stored as shipped: their logical bytes are their bytes.
+            // Log sources: their copies, compressed chunks as stored and as shipped.
             let (points_used, points_logical) = match s.kind {
                 SourceKind::Volume => (
                     points.iter().map(PointMeta::stored_bytes).sum(),
                     points.iter().map(PointMeta::logical_bytes).sum(),
                 ),
-                SourceKind::Log => {
-                    let b = self.log_bytes(&s.name)?;
-                    (b, b)
-                }
+                SourceKind::Log => self.log_bytes_both(&s.name)?,
             };
             if let Some(d) = usage.disks.iter_mut().find(|d| d.path == s.disk) {
                 d.allocated_bytes += s.allocated_bytes();

@@ -14,8 +14,10 @@ use super::super::{
     SyncSpec, Tree, encode, fsync_dir, io, make_room, point_key,
 };
 use super::{
-    LogChunk, LogFileMeta, MAX_PIECE, SourceKind, anchors, copy_path, file_key, valid_log_name,
+    ChunkCodec, LogChunk, LogCopy, LogFileMeta, MAX_PIECE, SourceKind, copy_path, file_key, pieces,
+    valid_log_name,
 };
+use crate::store::compress;
 
 /// One file being appended in a ship.
 struct Open {
@@ -42,8 +44,13 @@ pub struct LogShip {
     started: HashSet<String>,
     open: Option<Open>,
     next_id: u64,
+    /// Payload bytes received (logical) and what they take in the copies.
     bytes: u64,
+    stored: u64,
+    /// Stored bytes of the source's copies (counted against its allocation).
     points_used: u64,
+    /// The frame of the piece being compressed.
+    frame: Vec<u8>,
     pub(super) done: bool,
 }
 
@@ -96,7 +103,7 @@ impl Store {
             .collect();
         let next_id = files.keys().max().map_or(1, |m| m + 1);
         let newest = self.newest_point(name)?.map_or(0, |p| p.id);
-        let points_used = files.values().map(LogFileMeta::length).sum();
+        let points_used = files.values().map(LogFileMeta::stored_length).sum();
         Ok(LogShip {
             store: self.clone(),
             meta,
@@ -110,7 +117,9 @@ impl Store {
             open: None,
             next_id,
             bytes: 0,
+            stored: 0,
             points_used,
+            frame: Vec::new(),
             done: false,
         })
     }
@@ -179,7 +188,7 @@ impl LogShip {
                 f.ino = ino;
                 f.mtime_ns = mtime_ns;
                 f.gone_at = 0;
-                self.committed_len.entry(id).or_insert(f.length());
+                self.committed_len.entry(id).or_insert(f.stored_length());
                 self.dirty.insert(id);
                 id
             }
@@ -240,7 +249,8 @@ impl LogShip {
         Ok(())
     }
 
-    /// Appends a piece of the file started last, after checking its BLAKE3.
+    /// Appends a piece of the file started last, after checking its BLAKE3: as one
+    /// zstd frame when the pool compresses and the frame is smaller, else raw.
     pub fn append(&mut self, data: &[u8], checksum: &[u8]) -> Result<()> {
         let Some(open) = &self.open else {
             return Err(StoreError::BadLog(
@@ -269,13 +279,20 @@ impl LogShip {
             return Ok(());
         }
         let more = data.len() as u64;
-        if self.points_used + more > self.meta.points_alloc_bytes {
+        let (stored, codec) =
+            if compress::compress_block(self.store.policy.compression, data, &mut self.frame) {
+                (&self.frame[..], ChunkCodec::Zstd)
+            } else {
+                (data, ChunkCodec::Raw)
+            };
+        let more_stored = stored.len() as u64;
+        if self.points_used + more_stored > self.meta.points_alloc_bytes {
             let base = self.new_point - 1;
             make_room(
                 &self.store,
                 &mut self.meta,
                 &mut self.points_used,
-                more,
+                more_stored,
                 base,
             )?;
         }
@@ -283,20 +300,23 @@ impl LogShip {
             .files
             .get_mut(&id)
             .ok_or_else(|| StoreError::Meta(format!("log file record {id} vanished")))?;
-        let at = f.length();
+        let (end, stored_end) = (f.length() + more, f.stored_length() + more_stored);
         let Some(open) = &self.open else {
             return Err(StoreError::Meta("log file closed".into()));
         };
         open.file
-            .write_all_at(data, at)
+            .write_all_at(stored, f.stored_length())
             .map_err(io("write", &open.path))?;
         f.chunks.push(LogChunk {
             point: self.new_point,
-            end: at + more,
+            end,
             hash: hash.to_hex().to_string(),
+            stored_end: (stored_end != end).then_some(stored_end),
+            codec,
         });
         self.bytes += more;
-        self.points_used += more;
+        self.stored += more_stored;
+        self.points_used += more_stored;
         Ok(())
     }
 
@@ -331,7 +351,8 @@ impl LogShip {
             let path = copy_path(&self.meta, *id);
             let file = File::open(&path).map_err(io("open", &path))?;
             file.sync_all().map_err(io("fsync", &path))?;
-            let (head, tail) = anchors(&file, &path, f.length())?;
+            let copy = LogCopy::open(&path, &self.meta.name, &f.name, f.generation)?;
+            let (head, tail) = copy.anchors(&pieces(&f.chunks))?;
             f.head_hash = head;
             f.tail_hash = tail;
             if f.chunks.last().is_some_and(|c| c.point == self.new_point)
@@ -352,6 +373,7 @@ impl LogShip {
             kind: PointKind::Log,
             blocks_changed: 0,
             bytes_changed: self.bytes,
+            log_stored_bytes: Some(self.stored),
             delta: None,
             damaged: Vec::new(),
             files_changed,

@@ -1,7 +1,9 @@
 //! Log sources: ships, restores, refusals, crash cuts, retention.
 
+use std::path::Path;
+
 use super::*;
-use crate::store::{PoolDisk, SourcePolicy};
+use crate::store::{Compression, PoolDisk, PoolPolicy, SourcePolicy};
 use bulwark_common::name::SourceName;
 use bulwark_common::point::PointKind;
 
@@ -9,17 +11,27 @@ fn wal() -> SourceName {
     SourceName::parse("wal").expect("a valid name")
 }
 
+/// A store in `dir` with the pool's default compression (zstd).
 fn store(dir: &Path) -> Store {
+    store_with(dir, Compression::default())
+}
+
+/// A store in `dir` whose log chunks are compressed as `c` says.
+fn store_with(dir: &Path, c: Compression) -> Store {
     let disk = dir.join("disk");
     std::fs::create_dir_all(&disk).expect("disk");
     // sled lets go of its lock a moment after a drop (see the store's tests).
     for _ in 0..500 {
-        match Store::open(
+        match Store::open_with(
             &dir.join("data"),
             vec![PoolDisk {
                 path: disk.clone(),
                 capacity_bytes: 1 << 40,
             }],
+            PoolPolicy {
+                compression: c,
+                ..PoolPolicy::default()
+            },
         ) {
             Err(StoreError::Meta(m)) if m.contains("could not acquire lock") => {
                 std::thread::sleep(std::time::Duration::from_millis(10));
@@ -46,8 +58,13 @@ fn contents(s: &Store, point: u64) -> Vec<(String, Vec<u8>)> {
     files
         .into_iter()
         .map(|f| {
-            let data = std::fs::read(&f.path).expect("read");
-            (f.name.clone(), data[..f.length() as usize].to_vec())
+            let copy = f.open().expect("open the copy");
+            let mut data = Vec::new();
+            for p in &f.pieces {
+                data.extend_from_slice(&copy.read(p).expect("read a piece"));
+            }
+            assert_eq!(data.len() as u64, f.length());
+            (f.name.clone(), data)
         })
         .collect()
 }
@@ -196,4 +213,304 @@ fn retention_keeps_files_still_needed_and_drops_deleted_ones() {
     assert_eq!(contents(&s, p3.id), vec![("a".into(), b"aaaA".to_vec())]);
     assert_eq!(contents(&s, p2.id), vec![("a".into(), b"aaa".to_vec())]);
     assert_eq!(s.log_bytes("wal").expect("bytes"), 4);
+}
+
+/// Text-like log lines: compressible, different from seed to seed.
+fn log_text(len: usize, seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 80);
+    let mut i = 0u64;
+    while out.len() < len {
+        out.extend_from_slice(
+            format!("2026-12-07T22:{:02}:{:02} seed {seed} line {i}: checkpoint complete, wrote {} buffers\n", i % 60, (i * 7) % 60, i * 13 % 997)
+                .as_bytes(),
+        );
+        i += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+/// Ships `data` appended to file `name` (whose node length is `at`) in pieces of
+/// at most `piece` bytes.
+fn ship_pieces(s: &Store, name: &str, at: u64, data: &[u8], piece: usize) -> PointMeta {
+    let mut t = s.begin_log_ship(&wal(), None).expect("begin");
+    t.start_file(name, at, false, 1, 2, 3, "").expect("start");
+    for p in data.chunks(piece) {
+        t.append(p, blake3::hash(p).as_bytes()).expect("append");
+    }
+    t.commit().expect("commit").0
+}
+
+/// Every point restores as `want[point - 1]` (a model of one file, `name`).
+fn check_points(s: &Store, name: &str, want: &[Vec<u8>], ctx: &str) {
+    for p in s.points("wal").expect("points") {
+        let got = contents(s, p.id);
+        assert_eq!(got.len(), 1, "{ctx}: point {}", p.id);
+        assert_eq!(got[0].0, name);
+        assert!(
+            got[0].1 == want[p.id as usize - 1],
+            "{ctx}: point {} restores byte for byte ({} bytes, want {})",
+            p.id,
+            got[0].1.len(),
+            want[p.id as usize - 1].len()
+        );
+    }
+    let v = s.verify_logs("wal").expect("verify");
+    assert!(v.damaged_points.is_empty(), "{ctx}: {v:?}");
+}
+
+/// Ships `sizes` of log text into `a.log`, one ship each (pieces of `piece`
+/// bytes), and pushes the file as of each new point onto `model`.
+fn ship_text(s: &Store, model: &mut Vec<Vec<u8>>, sizes: &[usize], piece: usize) {
+    for (i, n) in sizes.iter().enumerate() {
+        let mut file = model.last().cloned().unwrap_or_default();
+        let more = log_text(*n, model.len() as u64 * 100 + i as u64);
+        ship_pieces(s, "a.log", file.len() as u64, &more, piece);
+        file.extend_from_slice(&more);
+        model.push(file);
+    }
+}
+
+#[test]
+fn compressed_chunks_restore_byte_for_byte_at_every_point_and_take_less() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let s = store_with(dir.path(), Compression::Zstd(1));
+    let mut model = Vec::new();
+    // Pieces of one byte to a whole MAX_PIECE, ships smaller and larger than
+    // the anchors.
+    ship_text(&s, &mut model, &[1, 100, 5000, 300_000], 64 * 1024);
+    ship_text(&s, &mut model, &[MAX_PIECE + 17, 3000], MAX_PIECE);
+    check_points(&s, "a.log", &model, "zstd");
+    let f = &s.log_files("wal").expect("files")[0];
+    assert!(f.chunks.iter().any(|c| c.codec == ChunkCodec::Zstd));
+    assert!(
+        f.chunks.iter().any(|c| c.codec == ChunkCodec::Raw),
+        "a one-byte piece does not shrink"
+    );
+    let (stored, logical) = s.log_bytes_both("wal").expect("bytes");
+    let full = model.last().expect("shipped").len() as u64;
+    assert_eq!(logical, full);
+    assert!(stored * 4 < logical, "stored {stored} of {logical}");
+    let meta = s.source("wal").expect("meta").expect("some");
+    assert_eq!(
+        std::fs::metadata(copy_path(&meta, f.id))
+            .expect("stat")
+            .len(),
+        stored,
+        "the copy holds the stored bytes"
+    );
+    // Points and the source report both.
+    for p in s.points("wal").expect("points") {
+        assert_eq!(p.logical_bytes(), p.bytes_changed);
+        if p.bytes_changed > 1000 {
+            assert!(
+                p.stored_bytes() < p.logical_bytes(),
+                "point {}: {p:?}",
+                p.id
+            );
+        }
+    }
+    let u = s.usage().expect("usage");
+    let src = u.sources.iter().find(|x| x.name == "wal").expect("wal");
+    assert_eq!(
+        (src.points_used_bytes, src.points_logical_bytes),
+        (stored, logical)
+    );
+}
+
+#[test]
+fn a_copy_of_raw_and_compressed_chunks_restores_and_old_records_read() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut model = Vec::new();
+    {
+        let s = store_with(dir.path(), Compression::Off);
+        ship_text(&s, &mut model, &[10_000, 70_000], 32 * 1024);
+        let f = &s.log_files("wal").expect("files")[0];
+        assert!(
+            f.chunks
+                .iter()
+                .all(|c| c.codec == ChunkCodec::Raw && c.stored_end.is_none())
+        );
+        // A record of a node before log compression has neither field.
+        let json = String::from_utf8(encode(f).expect("encode")).expect("utf8");
+        assert!(
+            !json.contains("stored_end") && !json.contains("codec"),
+            "{json}"
+        );
+    }
+    {
+        let s = store_with(dir.path(), Compression::Zstd(3));
+        check_points(&s, "a.log", &model, "raw, read by a compressing store");
+        ship_text(&s, &mut model, &[50_000, 200_000], 64 * 1024);
+    }
+    let s = store_with(dir.path(), Compression::Off);
+    ship_text(&s, &mut model, &[40_000], 16 * 1024);
+    check_points(&s, "a.log", &model, "mixed");
+    let f = &s.log_files("wal").expect("files")[0];
+    let last = f.chunks.last().expect("chunks");
+    assert_eq!(last.codec, ChunkCodec::Raw);
+    assert!(
+        last.stored_end.is_some_and(|e| e < last.end),
+        "a raw chunk after compressed ones records where it is stored: {last:?}"
+    );
+    assert!(f.chunks.iter().any(|c| c.codec == ChunkCodec::Zstd));
+}
+
+#[test]
+fn anchors_are_over_the_logical_bytes_whatever_the_codec() {
+    let text = log_text(3 * MAX_PIECE / 2, 7);
+    let mut anchors = Vec::new();
+    for c in [Compression::Off, Compression::Zstd(1)] {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = store_with(dir.path(), c);
+        ship_pieces(&s, "a.log", 0, &text[..3000], 1000);
+        ship_pieces(&s, "a.log", 3000, &text[3000..], 100_000);
+        let t = s.begin_log_ship(&wal(), None).expect("begin");
+        let m = t.manifest();
+        anchors.push((m[0].head_hash.clone(), m[0].tail_hash.clone()));
+    }
+    let n = ANCHOR_LEN as usize;
+    let want = (
+        blake3::hash(&text[..n]).to_hex().to_string(),
+        blake3::hash(&text[text.len() - n..]).to_hex().to_string(),
+    );
+    assert_eq!(anchors[0], want, "off");
+    assert_eq!(anchors[1], want, "zstd");
+    // A tail anchor spanning a tiny raw chunk and a compressed one.
+    let dir = tempfile::tempdir().expect("tmp");
+    let s = store(dir.path());
+    ship_pieces(&s, "a.log", 0, &text[..100_000], 100_000);
+    ship_pieces(&s, "a.log", 100_000, &text[100_000..100_010], 100);
+    let f = &s.log_files("wal").expect("files")[0];
+    assert_eq!(
+        f.tail_hash,
+        blake3::hash(&text[100_010 - n..100_010])
+            .to_hex()
+            .to_string()
+    );
+}
+
+/// The copy of `a.log` and its second chunk (compressed).
+fn second_chunk(s: &Store) -> (PathBuf, LogPiece) {
+    let meta = s.source("wal").expect("meta").expect("some");
+    let f = &s.log_files("wal").expect("files")[0];
+    let p = pieces(&f.chunks)[1].clone();
+    assert_eq!(p.codec, ChunkCodec::Zstd);
+    (copy_path(&meta, f.id), p)
+}
+
+fn write_at(path: &Path, at: u64, data: &[u8]) {
+    let f = OpenOptions::new().write(true).open(path).expect("open");
+    std::os::unix::fs::FileExt::write_all_at(&f, data, at).expect("write");
+}
+
+#[test]
+fn a_damaged_compressed_chunk_fails_its_restore_and_its_verify() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let s = store(dir.path());
+    let mut model = Vec::new();
+    ship_text(&s, &mut model, &[50_000, 50_000, 50_000], MAX_PIECE);
+    let (path, p) = second_chunk(&s);
+    let mid = (p.stored_start + p.stored_end) / 2;
+    write_at(&path, mid, b"\xff\x00\xffdamage\x00\xff");
+    let (_, files) = s.log_restore("wal", 0).expect("restore");
+    let copy = files[0].open().expect("open");
+    assert!(
+        copy.read(&files[0].pieces[0]).is_ok(),
+        "the first piece is whole"
+    );
+    let e = copy
+        .read(&files[0].pieces[1])
+        .expect_err("damaged")
+        .to_string();
+    for want in ["log source wal", "a.log", "point 2", "bytes 50000..100000"] {
+        assert!(e.contains(want), "{want}: {e}");
+    }
+    let v = s.verify_logs("wal").expect("verify");
+    assert_eq!(
+        v.damaged_points.iter().map(|d| d.0).collect::<Vec<_>>(),
+        vec![1, 2, 3],
+        "every point that sees the file is marked (the store marks files)"
+    );
+    // From now on a restore of a marked point is refused up front.
+    let e = s.log_restore("wal", 2).expect_err("marked");
+    assert!(matches!(e, StoreError::PointDamaged { point: 2, .. }), "{e}");
+}
+
+#[test]
+fn hostile_frames_and_records_are_refused_within_the_pieces_length() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let s = store(dir.path());
+    let mut model = Vec::new();
+    ship_text(&s, &mut model, &[50_000, 50_000], MAX_PIECE);
+    let (path, p) = second_chunk(&s);
+    // A frame that decodes to 4 MiB in the piece's stored bytes (padded with a
+    // skippable frame): refused, never decoded past the piece's 50,000 bytes.
+    let mut bomb = Vec::new();
+    assert!(crate::store::compress::compress_block(
+        Compression::Zstd(19),
+        &vec![b'x'; 4 << 20],
+        &mut bomb
+    ));
+    let room = (p.stored_end - p.stored_start) as usize;
+    assert!(bomb.len() + 8 <= room, "{} in {room}", bomb.len());
+    let pad = room - bomb.len() - 8;
+    bomb.extend_from_slice(&0x184D_2A50u32.to_le_bytes());
+    bomb.extend_from_slice(&(pad as u32).to_le_bytes());
+    bomb.resize(room, 0);
+    write_at(&path, p.stored_start, &bomb);
+    let (_, files) = s.log_restore("wal", 0).expect("restore");
+    let copy = files[0].open().expect("open");
+    let e = copy
+        .read(&files[0].pieces[1])
+        .expect_err("bomb")
+        .to_string();
+    assert!(e.contains("a.log") && e.contains("point 2"), "{e}");
+    // Records whose lengths no ship makes.
+    let mut bad = files[0].pieces[1].clone();
+    bad.end = bad.start + MAX_PIECE as u64 + 1;
+    let e = copy.read(&bad).expect_err("too long").to_string();
+    assert!(e.contains("at most"), "{e}");
+    let mut bad = files[0].pieces[1].clone();
+    bad.stored_end = bad.end + 1;
+    let e = copy.read(&bad).expect_err("not smaller").to_string();
+    assert!(e.contains("cannot hold a compressed piece"), "{e}");
+    let mut bad = files[0].pieces[0].clone();
+    bad.codec = ChunkCodec::Raw;
+    bad.stored_end -= 1;
+    let e = copy.read(&bad).expect_err("raw, short").to_string();
+    assert!(e.contains("cannot hold a raw piece"), "{e}");
+}
+
+#[test]
+fn uncommitted_compressed_bytes_are_cut_at_open() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let s = store(dir.path());
+    let mut model = Vec::new();
+    ship_text(&s, &mut model, &[80_000, 80_000], 40_000);
+    let committed = s.log_files("wal").expect("files")[0].stored_length();
+    let mut t = s.begin_log_ship(&wal(), None).expect("begin");
+    t.start_file("a.log", 160_000, false, 1, 2, 3, "")
+        .expect("start");
+    let more = log_text(90_000, 99);
+    t.append(&more, blake3::hash(&more).as_bytes())
+        .expect("append");
+    // A crash: nothing undone.
+    t.done = true;
+    drop(t);
+    drop(s);
+    let s = store(dir.path());
+    let meta = s.source("wal").expect("meta").expect("some");
+    let f = &s.log_files("wal").expect("files")[0];
+    assert_eq!(
+        std::fs::metadata(copy_path(&meta, f.id))
+            .expect("stat")
+            .len(),
+        committed,
+        "cut at the stored length"
+    );
+    check_points(&s, "a.log", &model, "after the cut");
+    // The next ship appends at the logical length, its bytes after the cut.
+    ship_text(&s, &mut model, &[30_000], 8192);
+    check_points(&s, "a.log", &model, "after the next ship");
 }
