@@ -4,17 +4,20 @@
 //! # What is on disk
 //!
 //! In `<disk>/bulwark/<source>/logs/`, one file per *generation* of a host log file,
-//! named by a number (`<id>` zero-padded): the bytes the agent shipped, in order. A
-//! generation begins when the file is first shipped and is replaced by a new one
-//! when the agent finds the host's file rotated, truncated or rewritten and sends it
-//! anew; the old generation stays for the points that saw it.
+//! named by a number (`<id>` zero-padded): the pieces the agent shipped, in order,
+//! each as one zstd frame or raw (`logs/chunks.rs`: the stored bytes; every reader
+//! gets the logical ones through [`LogCopy`]). A generation begins when the file is
+//! first shipped and is replaced by a new one when the agent finds the host's file
+//! rotated, truncated or rewritten and sends it anew; the old generation stays for
+//! the points that saw it.
 //!
 //! In sled, tree `logfiles`, key `source ∖0 id`: a [`LogFileMeta`]: host name,
 //! generation, the ship that began it (`first_point`), the ship that replaced it
 //! (`replaced_at`, 0 = current), the ship after which the host no longer had it
 //! (`gone_at`), the host file's identity, and its *chunks*: for each piece shipped,
-//! the point that shipped it, where it ends, and its BLAKE3. The file as of point
-//! `Q` is every chunk shipped at or before `Q`.
+//! the point that shipped it, where it ends (in the file, and in the copy when that
+//! differs), how it is stored, and its BLAKE3. The file as of point `Q` is every
+//! chunk shipped at or before `Q`.
 //!
 //! # A ship (the crash-safety argument)
 //!
