@@ -434,7 +434,10 @@ fn a_damaged_compressed_chunk_fails_its_restore_and_its_verify() {
     );
     // From now on a restore of a marked point is refused up front.
     let e = s.log_restore("wal", 2).expect_err("marked");
-    assert!(matches!(e, StoreError::PointDamaged { point: 2, .. }), "{e}");
+    assert!(
+        matches!(e, StoreError::PointDamaged { point: 2, .. }),
+        "{e}"
+    );
 }
 
 #[test]
