@@ -517,3 +517,55 @@ fn uncommitted_compressed_bytes_are_cut_at_open() {
     ship_text(&s, &mut model, &[30_000], 8192);
     check_points(&s, "a.log", &model, "after the next ship");
 }
+
+#[test]
+fn a_move_carries_compressed_copies_as_stored() {
+    let from = tempfile::tempdir().expect("tmp");
+    let s = store(from.path());
+    let mut model = Vec::new();
+    ship_text(&s, &mut model, &[100_000, 7, 200_000], 64 * 1024);
+    let (meta, files) = s.export("wal").expect("export");
+    let to = tempfile::tempdir().expect("tmp");
+    let t = store_with(to.path(), Compression::Off);
+    let mut import = t.import(meta).expect("import");
+    for (name, path) in files {
+        let data = std::fs::read(&path).expect("read copy");
+        import
+            .write(&name, 0, &data, data.len() as u64)
+            .expect("write");
+    }
+    import.commit().expect("commit: every piece verified");
+    check_points(&t, "a.log", &model, "moved");
+    // A copy sent at its logical length is not the stored one: refused.
+    let (meta, _) = s.export("wal").expect("export");
+    let other = tempfile::tempdir().expect("tmp");
+    let u = store(other.path());
+    let mut import = u.import(meta).expect("import");
+    let logical = model.last().expect("shipped").len() as u64;
+    let e = import
+        .write(&copy_name(1), 0, b"x", logical)
+        .expect_err("wrong length");
+    assert!(e.to_string().contains("bytes"), "{e}");
+}
+
+#[test]
+fn pruning_a_compressed_generation_frees_its_stored_bytes() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let s = store(dir.path());
+    let b = log_text(300_000, 5);
+    let p1 = ship(&s, &[("a", 0, false, b"aaa"), ("b", 0, false, &b)]);
+    let stored_b = s.log_files("wal").expect("files")[1].stored_length();
+    assert!(stored_b * 4 < b.len() as u64, "{stored_b}");
+    assert_eq!(
+        s.points("wal").expect("points")[0].stored_bytes(),
+        stored_b + 3
+    );
+    let mut t = s.begin_log_ship(&wal(), None).expect("begin");
+    t.gone(&["b".to_string()]);
+    t.commit().expect("commit");
+    ship(&s, &[("a", 3, false, b"A")]);
+    assert_eq!(s.log_bytes("wal").expect("bytes"), stored_b + 4);
+    let freed = s.prune("wal", p1.id).expect("prune");
+    assert_eq!(freed, stored_b, "b's copy as stored");
+    assert_eq!(s.log_bytes_both("wal").expect("bytes"), (4, 4));
+}
