@@ -25,7 +25,7 @@ pub struct PoolPolicy {
     /// the sync) from the disk's unallocated capacity; 0 = never.
     pub auto_grow_bytes: u64,
     pub on_full: OnFull,
-    /// How delta and journal records are compressed (`[pool] compression`).
+    /// How delta and journal records and log pieces are compressed (`[pool] compression`).
     pub compression: Compression,
 }
 
