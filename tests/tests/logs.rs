@@ -3,7 +3,7 @@
 //! deleted on the host stay restorable; every log point restores to exactly the
 //! bytes the host had at that ship (nothing lost, nothing twice); and
 //! `restore --at` pairs the newest volume point at or before a moment with the
-//! first ship at or after it.
+//! first ship at or after it. Log text is stored compressed, and restored as sent.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -173,6 +173,34 @@ fn ships_appends_and_handles_rotation_truncation_and_rewrite() {
     let r = ship(&fleet);
     assert_eq!(json_u64(&r, "bytes_sent"), 1, "{r}");
     record(&r, &model);
+
+    // 8. Log text is stored compressed (the pool's default zstd:1): the point's
+    // stored bytes are under half its logical bytes, which are the bytes sent.
+    let text: Vec<u8> = (0..6000)
+        .flat_map(|i| {
+            format!(
+                "2026-12-07 22:00:{:02} LOG: checkpoint {i} complete\n",
+                i % 60
+            )
+            .into_bytes()
+        })
+        .collect();
+    append(&d.join("a.log"), &text);
+    model.get_mut("a.log").expect("a").extend_from_slice(&text);
+    let r = ship(&fleet);
+    assert_eq!(json_u64(&r, "bytes_sent"), text.len() as u64, "{r}");
+    record(&r, &model);
+    let point = json_u64(&r, "point");
+    let p = fleet
+        .points(LOG)
+        .into_iter()
+        .find(|p| json_u64(p, "id") == point)
+        .expect("the new point is listed");
+    assert_eq!(json_u64(&p, "logical_bytes"), text.len() as u64, "{p}");
+    assert!(
+        json_u64(&p, "stored_bytes") * 2 < text.len() as u64,
+        "log text is stored compressed: {p}"
+    );
 
     // Every point restores to exactly what the host had at its ship.
     let listed = fleet.points(LOG);

@@ -2,7 +2,6 @@
 //! [`crate::store::logs`]). A ship holds the source's write lock from Begin to the
 //! end, like a sync; the store work runs on one blocking thread that owns the ship.
 
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -215,29 +214,25 @@ impl NodeService {
                 if !send(pb::log_chunk::Msg::File(header)) {
                     return;
                 }
-                let file = match std::fs::File::open(&f.path) {
+                // Each piece as the host had it: decoded, checked (see `LogCopy`).
+                let copy = match f.open() {
                     Ok(x) => x,
                     Err(e) => {
-                        let _ = tx.send(Err(Status::internal(format!(
-                            "log file {} (copy {}): {e}",
-                            f.name,
-                            f.path.display()
-                        ))));
+                        let _ = tx.send(Err(Status::internal(format!("log file {}: {e}", f.name))));
                         return;
                     }
                 };
-                for (start, end, hash) in &f.pieces {
-                    let mut buf = vec![0u8; (end - start) as usize];
-                    if let Err(e) = file.read_exact_at(&mut buf, *start) {
-                        let _ = tx.send(Err(Status::internal(format!(
-                            "log file {} at byte {start}: {e}",
-                            f.name
-                        ))));
-                        return;
-                    }
+                for p in &f.pieces {
+                    let buf = match copy.read(p) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            let _ = tx.send(Err(Status::internal(e.to_string())));
+                            return;
+                        }
+                    };
                     let data = pb::LogData {
                         data: buf.into(),
-                        checksum: hex_to_bytes(hash),
+                        checksum: hex_to_bytes(&p.hash),
                     };
                     if !send(pb::log_chunk::Msg::Data(data)) {
                         return;

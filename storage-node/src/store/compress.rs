@@ -5,7 +5,8 @@
 use std::cell::RefCell;
 
 /// How the node compresses the records it writes (`[pool] compression` in
-/// node.toml): delta records (before-images) and journal records.
+/// node.toml, for delta records (before-images) and the pieces of log sources,
+/// `logs/chunks.rs`; `[pool] journal_compression` for journal records).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
     /// Records are kept raw.

@@ -7,7 +7,7 @@
 //! replica writes), `settle.rs`, `recovery.rs` (open), `pool.rs` (placement, space),
 //! `retention.rs` (retention, prune, merge), `verify.rs`, `restore.rs`, `view.rs`
 //! (NBD views), `moves.rs` (export, import), `lock.rs` (retention locks), `logs.rs`
-//! (log sources), `compress.rs` (`[pool] compression`, one block compressed or
+//! (log sources; a ship in `logs/ship.rs`), `compress.rs` (`[pool] compression`, one block compressed or
 //! decompressed). This file: the format and the crash argument below, the error
 //! type, [`Store`] and [`SourceLocks`].
 //!

@@ -49,7 +49,7 @@ impl Import {
             .log_files
             .iter()
             .find(|f| name == logs::copy_name(f.id))
-            .map(LogFileMeta::length);
+            .map(LogFileMeta::stored_length);
         let allowed = if self.meta.source.kind == SourceKind::Log {
             log_len.is_some()
         } else {

@@ -25,8 +25,9 @@ pub struct PoolPolicy {
     /// the sync) from the disk's unallocated capacity; 0 = never.
     pub auto_grow_bytes: u64,
     pub on_full: OnFull,
-    /// How delta records (before-images) are compressed (`[pool] compression`),
-    /// when a settle writes them and when retention merges them.
+    /// How delta records (before-images) and log pieces are compressed (`[pool]
+    /// compression`): when a settle writes them, when retention merges them, when
+    /// a log ship appends.
     pub compression: Compression,
     /// How a sync's journal records are compressed (`[pool] journal_compression`,
     /// off by default). The journal holds a sync's new blocks only until its
@@ -242,16 +243,13 @@ impl Store {
         for s in self.all_sources()? {
             let points = self.points(&s.name)?;
             let used = used_bytes(&s.dir());
-            // Log chunks are stored as shipped: their logical bytes are their bytes.
+            // Log sources: their copies, compressed chunks as stored and as shipped.
             let (points_used, points_logical) = match s.kind {
                 SourceKind::Volume => (
                     points.iter().map(PointMeta::stored_bytes).sum(),
                     points.iter().map(PointMeta::logical_bytes).sum(),
                 ),
-                SourceKind::Log => {
-                    let b = self.log_bytes(&s.name)?;
-                    (b, b)
-                }
+                SourceKind::Log => self.log_bytes_both(&s.name)?,
             };
             if let Some(d) = usage.disks.iter_mut().find(|d| d.path == s.disk) {
                 d.allocated_bytes += s.allocated_bytes();

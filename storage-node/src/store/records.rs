@@ -151,15 +151,20 @@ pub struct PointMeta {
     /// Log points: files that received bytes.
     #[serde(default)]
     pub files_changed: u64,
+    /// Log points: what the ship's `bytes_changed` take in the copies (compressed
+    /// chunks as compressed); absent in records of a node before log compression,
+    /// whose chunks are all raw (then it is `bytes_changed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_stored_bytes: Option<u64>,
 }
 
 impl PointMeta {
     /// Bytes kept for this point (its delta's file, as stored: compressed records
-    /// count compressed; a log point's shipped bytes): what counts against the
-    /// source's recovery-point space.
+    /// count compressed; a log point's shipped chunks as stored): what counts
+    /// against the source's recovery-point space.
     pub fn stored_bytes(&self) -> u64 {
         match self.kind {
-            PointKind::Log => self.bytes_changed,
+            PointKind::Log => self.log_stored_bytes.unwrap_or(self.bytes_changed),
             _ => self.delta.map_or(0, |d| d.bytes),
         }
     }

@@ -379,6 +379,7 @@ impl SyncTxn {
             delta: None,
             damaged: Vec::new(),
             files_changed: 0,
+            log_stored_bytes: None,
         };
         let settle = files.journal.as_ref().map(|_| Settle {
             v: FORMAT_VERSION,
