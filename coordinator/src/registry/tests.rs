@@ -373,7 +373,9 @@ fn reopen(dir: &std::path::Path) -> Registry {
     let mut tries = 0;
     loop {
         match Registry::open(dir, Duration::from_secs(60)) {
-            Err(RegistryError::Store(m)) if m.contains("could not acquire lock") && tries < 500 => {
+            Err(RegistryError::State(StateError::Unavailable(m)))
+                if m.contains("could not acquire lock") && tries < 500 =>
+            {
                 tries += 1;
                 std::thread::sleep(Duration::from_millis(10));
             }

@@ -148,3 +148,7 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+#[path = "sled_layout_tests.rs"]
+mod layout_tests;
