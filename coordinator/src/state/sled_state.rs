@@ -150,5 +150,5 @@ mod tests {
 }
 
 #[cfg(test)]
-#[path = "sled_layout_tests.rs"]
+#[path = "sled_state/tests.rs"]
 mod layout_tests;
