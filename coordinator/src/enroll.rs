@@ -502,6 +502,27 @@ mod tests {
         bulwark_common::revocation::CertFacts::parse(der[0].as_ref(), "test.fleet").expect("cert")
     }
 
+    /// Two enrollments that both checked one token before either used it up (two
+    /// coordinators, or two requests at once): the commit conditioned on the
+    /// record checked lets one through, and the token stays used once.
+    #[test]
+    fn of_two_enrollments_racing_with_one_token_one_wins() {
+        let s = setup();
+        let (token, _) = s
+            .enroller
+            .create("agent", "host-2", 60_000, &[], &[])
+            .expect("token");
+        let first = s.enroller.check(&token, "agent").expect("check");
+        let second = s.enroller.check(&token, "agent").expect("check");
+        let used = s.enroller.consume(first).expect("the first wins");
+        assert_eq!(used.name, "host-2");
+        let e = s.enroller.consume(second).expect_err("the second loses");
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        assert!(e.message().contains("just used"), "{e:?}");
+        let e = s.enroller.check(&token, "agent").err().expect("used up");
+        assert!(e.message().contains("already used"), "{e:?}");
+    }
+
     /// A request whose CSR does not check out is refused and leaves the token
     /// usable; the token is used up by the enrollment that succeeds.
     #[tokio::test]
