@@ -15,7 +15,7 @@ use serde::Deserialize;
 pub struct CoordinatorToml {
     /// Address to listen on for nodes, agents and the CLI (`127.0.0.1:7440`).
     pub listen: String,
-    /// Where the registry (sled) lives.
+    /// Where the registry (its sled state, `data_dir/registry`) lives.
     pub data_dir: PathBuf,
     /// A node that has not reported for this long is `down` and gets no new sources.
     #[serde(default = "default_node_timeout")]

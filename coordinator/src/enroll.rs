@@ -2,8 +2,8 @@
 //! CSR into a certificate, and renewal for processes that already have one.
 //!
 //! A token is `bwt1.<secret>.<CA fingerprint>`: the secret (16 random bytes, hex)
-//! is kept only as its BLAKE3 in the registry's `tokens` tree with the role, name,
-//! expiry and, once redeemed, when; the fingerprint (BLAKE3 of the CA certificate)
+//! is kept only as its BLAKE3 in the state's `tokens` tree ([`TOKENS`]) with the
+//! role, name, expiry and, once redeemed, when; the fingerprint (BLAKE3 of the CA certificate)
 //! lets the enrolling host check the coordinator before it trusts anything it says.
 //! The private key never leaves the host: it sends a CSR, and the certificate's
 //! names come from the token, never from the CSR or the request: a node's DNS names
@@ -15,7 +15,9 @@
 //! it enrolls the name again. Every certificate signed here dates from after the
 //! identity's revocation and is recorded with its serial, so a later revocation's
 //! CRL names it. A token is used up only once its CSR has been signed, so a bad
-//! request does not burn it.
+//! request does not burn it; using it up is one commit conditioned on the record
+//! checked, so of two enrollments racing with one token (even on two
+//! coordinators) one wins.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -26,8 +28,13 @@ use bulwark_proto as pb;
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
+use crate::state::{StateError, StateStore, TreeName, Txn};
+
 /// Prefix of every token (format version 1).
 pub const TOKEN_PREFIX: &str = "bwt1";
+
+/// The state tree of the tokens, by BLAKE3 of the secret (hex).
+pub const TOKENS: TreeName = "tokens";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct TokenRecord {
@@ -48,13 +55,14 @@ struct TokenRecord {
 /// A token checked and ready to be used up.
 struct Redeemable {
     key: String,
-    old: sled::IVec,
+    /// The record as checked: using it up is conditioned on it.
+    old: Vec<u8>,
     rec: TokenRecord,
 }
 
 /// Tokens and the CA signer (present when `[enrollment]` is configured).
 pub struct Enroller {
-    tokens: sled::Tree,
+    state: Arc<dyn StateStore>,
     signer: Signer,
     fingerprint: String,
     cert_days: i64,
@@ -76,6 +84,13 @@ fn enrollable(role: &str) -> Result<Role, Status> {
     }
 }
 
+/// A failure of the token store, as the caller sees it (the one mapping of
+/// `crate::error`: "not the leader" stays distinct from a store that fails).
+fn token_store(e: StateError) -> Status {
+    let st = Status::from(crate::registry::RegistryError::from(e));
+    Status::new(st.code(), format!("token store: {}", st.message()))
+}
+
 fn parse_ips(ips: &[String]) -> Result<Vec<IpAddr>, Status> {
     ips.iter()
         .map(|i| {
@@ -86,9 +101,9 @@ fn parse_ips(ips: &[String]) -> Result<Vec<IpAddr>, Status> {
 }
 
 impl Enroller {
-    /// Loads the CA key; `tokens` is the registry's tree.
+    /// Loads the CA key; tokens are kept in `state` (the registry's).
     pub fn new(
-        tokens: sled::Tree,
+        state: Arc<dyn StateStore>,
         ca_crt: &std::path::Path,
         ca_key: &std::path::Path,
         cert_days: i64,
@@ -97,7 +112,7 @@ impl Enroller {
         let fingerprint = bulwark_common::pki::ca_fingerprint(signer.ca_pem.as_bytes())
             .map_err(anyhow::Error::msg)?;
         Ok(Enroller {
-            tokens,
+            state,
             signer,
             fingerprint,
             cert_days,
@@ -186,10 +201,9 @@ impl Enroller {
         };
         let key = blake3::hash(secret_hex.as_bytes()).to_hex().to_string();
         let value = serde_json::to_vec(&rec).map_err(|e| Status::internal(e.to_string()))?;
-        self.tokens
-            .insert(key.as_bytes(), value)
-            .and_then(|_| self.tokens.flush().map(|_| ()))
-            .map_err(|e| Status::internal(format!("token store: {e}")))?;
+        self.state
+            .put(TOKENS, key.as_bytes(), value)
+            .map_err(token_store)?;
         tracing::info!(role, name, expires_ms, "enrollment token created");
         Ok((
             format!("{TOKEN_PREFIX}.{secret_hex}.{}", self.fingerprint),
@@ -211,9 +225,9 @@ impl Enroller {
         let key = blake3::hash(secret.as_bytes()).to_hex().to_string();
         let unknown = || Status::permission_denied("unknown enrollment token");
         let old = self
-            .tokens
-            .get(key.as_bytes())
-            .map_err(|e| Status::internal(e.to_string()))?
+            .state
+            .get(TOKENS, key.as_bytes())
+            .map_err(token_store)?
             .ok_or_else(unknown)?;
         let rec: TokenRecord =
             serde_json::from_slice(&old).map_err(|e| Status::internal(e.to_string()))?;
@@ -257,21 +271,15 @@ impl Enroller {
         let mut used = rec.clone();
         used.used_ms = bulwark_common::time::now_ms();
         let new = serde_json::to_vec(&used).map_err(|e| Status::internal(e.to_string()))?;
-        match self
-            .tokens
-            .compare_and_swap(key.as_bytes(), Some(old), Some(new))
-            .map_err(|e| Status::internal(e.to_string()))?
-        {
-            Ok(()) => {}
-            Err(_) => {
-                return Err(Status::permission_denied(
-                    "this token was just used by another enrollment",
-                ));
-            }
+        let swap =
+            Txn::new()
+                .when(TOKENS, key.as_bytes(), Some(old))
+                .put(TOKENS, key.as_bytes(), new);
+        if !self.state.commit(swap).map_err(token_store)? {
+            return Err(Status::permission_denied(
+                "this token was just used by another enrollment",
+            ));
         }
-        self.tokens
-            .flush()
-            .map_err(|e| Status::internal(e.to_string()))?;
         Ok(rec)
     }
 
@@ -460,7 +468,7 @@ mod tests {
             .expect("store"),
         );
         let enroller = Arc::new(
-            Enroller::new(registry.tree("tokens").expect("tree"), &crt, &key, 30)
+            Enroller::new(registry.state().clone(), &crt, &key, 30)
                 .expect("enroller")
                 .with_revocations(revocations.clone()),
         );
@@ -492,6 +500,27 @@ mod tests {
     fn facts(pem: &str) -> bulwark_common::revocation::CertFacts {
         let der = bulwark_common::tls::parse_certs_pem(pem.as_bytes()).expect("pem");
         bulwark_common::revocation::CertFacts::parse(der[0].as_ref(), "test.fleet").expect("cert")
+    }
+
+    /// Two enrollments that both checked one token before either used it up (two
+    /// coordinators, or two requests at once): the commit conditioned on the
+    /// record checked lets one through, and the token stays used once.
+    #[test]
+    fn of_two_enrollments_racing_with_one_token_one_wins() {
+        let s = setup();
+        let (token, _) = s
+            .enroller
+            .create("agent", "host-2", 60_000, &[], &[])
+            .expect("token");
+        let first = s.enroller.check(&token, "agent").expect("check");
+        let second = s.enroller.check(&token, "agent").expect("check");
+        let used = s.enroller.consume(first).expect("the first wins");
+        assert_eq!(used.name, "host-2");
+        let e = s.enroller.consume(second).expect_err("the second loses");
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        assert!(e.message().contains("just used"), "{e:?}");
+        let e = s.enroller.check(&token, "agent").err().expect("used up");
+        assert!(e.message().contains("already used"), "{e:?}");
     }
 
     /// A request whose CSR does not check out is refused and leaves the token

@@ -4,6 +4,7 @@
 use tonic::{Code, Status};
 
 use crate::registry::RegistryError;
+use crate::state::StateError;
 
 /// What a caller sent that cannot be used, whatever the state of the fleet: the
 /// words say what and how to put it right.
@@ -65,9 +66,14 @@ impl CoordinatorError {
 impl From<RegistryError> for Status {
     fn from(e: RegistryError) -> Status {
         match &e {
-            RegistryError::Store(_) => {
+            RegistryError::Store(_) | RegistryError::State(StateError::Unavailable(_)) => {
                 tracing::error!("{e}");
                 Status::internal(e.to_string())
+            }
+            // Another coordinator leads now: the caller tries it (or this one later).
+            RegistryError::State(StateError::Fenced(_)) => {
+                tracing::warn!("{e}");
+                Status::unavailable(e.to_string())
             }
             RegistryError::UnknownSource(_) | RegistryError::UnknownNode(_) => {
                 Status::not_found(e.to_string())

@@ -7,11 +7,11 @@
 //! - [`error`] — `CoordinatorError`, and its one mapping to a gRPC `Status`.
 //! - [`placement`] — where a new source goes, and rebalance plans (pure).
 //! - [`policy`] — what the admin set against what agents propose (retention, space, quotas, groups).
-//! - [`records`] — the records kept in sled (plain data, format version `v`).
-//! - [`registry`] — nodes, agents, sources, groups, alerts in sled; agents' live sessions.
+//! - [`records`] — the records kept in the state store (plain data, format version `v`).
+//! - [`registry`] — nodes, agents, sources, groups, alerts in the state store; agents' live sessions.
 //! - [`revocation`] — the fleet's revocation list and CRL.
 //! - [`schedule`] — the protection groups' slots (pure).
-//! - [`server`] — the daemon's lifecycle: open, serve, stop the workers, flush.
+//! - [`server`] — the daemon's lifecycle: open, serve, stop the workers.
 //! - [`api`] — the `bulwark.v1.Coordinator` gRPC handlers: adapters over [`service`].
 //! - [`service`] — the domain operations.
 //! - [`state`] — the durable state behind one trait: sled (default) or etcd.

@@ -1,4 +1,4 @@
-//! The records the coordinator keeps (JSON in sled, with a format version `v`):
+//! The records the coordinator keeps (JSON in the state store, with a format version `v`):
 //! nodes, agents, data sources, groups, alerts, assignments, and the admin's
 //! retention locks. Plain data: [`crate::registry`] stores them and
 //! [`crate::policy`] decides over them, and neither is needed to read them.

@@ -1,9 +1,14 @@
-//! The coordinator's registry: nodes, agents and data sources in sled, placement of
-//! new data sources, and the live control streams of connected agents.
+//! The coordinator's registry: nodes, agents and data sources in the state store
+//! ([`crate::state::StateStore`]; sled by default), placement of new data sources,
+//! and the live control streams of connected agents.
 //!
-//! Records are JSON with a format version `v`. Every change that placement depends
-//! on happens under one mutex, so two sources registered at once cannot both take the
-//! last free space of a node.
+//! Records are JSON with a format version `v`, one tree per kind (`nodes`, `agents`,
+//! `sources`, `alerts`, `groups`, `quotas`, `forecast`). Every change that placement
+//! depends on happens under one mutex, so two sources registered at once cannot both
+//! take the last free space of a node; only the leading coordinator writes (with
+//! etcd, fencing refuses a deposed leader's writes), so the mutex is enough.
+//! A change of one record that may race another writer without that mutex is one
+//! conditional [`Txn`] on the value it read (`records::update`).
 //!
 //! Its API takes and returns domain types (the wire is converted in
 //! [`crate::wire`]). By concern:
@@ -17,11 +22,12 @@
 //! - `admin` — quotas, retention, locks and removal as the admin sets them.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::policy::FleetPolicy;
+use crate::state::{SledState, StateError, StateStore, TreeName, Txn};
 use bulwark_common::time::now_ms;
 use bulwark_proto as pb;
 use serde::{Deserialize, Serialize};
@@ -34,8 +40,13 @@ pub const MAX_SOURCES_PER_AGENT: usize = 1024;
 /// A registry operation that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
+    /// A record that cannot be encoded or read back.
     #[error("registry store: {0}")]
     Store(String),
+    /// The state store failed (`Unavailable`), or refused a write because this
+    /// coordinator no longer leads (`Fenced`).
+    #[error(transparent)]
+    State(#[from] StateError),
     #[error("no data source named {0}")]
     UnknownSource(String),
     #[error("data source {source_name} belongs to agent {owner}, not {agent}")]
@@ -60,12 +71,6 @@ pub enum RegistryError {
     Locked(String),
 }
 
-impl From<sled::Error> for RegistryError {
-    fn from(e: sled::Error) -> Self {
-        RegistryError::Store(e.to_string())
-    }
-}
-
 type Result<T, E = RegistryError> = std::result::Result<T, E>;
 
 mod admin;
@@ -83,7 +88,7 @@ pub use crate::records::*;
 pub use alerts::Alert;
 pub use forecast::{ForecastReport, ForecastRow, disk_alert_key, forecast_alerts};
 pub use groups::paired;
-use records::{dec, enc};
+use records::{AGENTS, ALERTS, FORECAST, GROUPS, NODES, QUOTAS, SOURCES, dec, enc};
 use sessions::Connection;
 pub use sessions::{
     AgentResult, Command, CommandOutcome, Progress, RestoreCommand, RestorePart, SyncCommand,
@@ -95,19 +100,14 @@ pub use sources::{
 
 /// The registry.
 pub struct Registry {
-    db: sled::Db,
-    nodes: sled::Tree,
-    agents: sled::Tree,
-    sources: sled::Tree,
-    alerts: sled::Tree,
-    groups: sled::Tree,
-    quotas: sled::Tree,
-    /// Usage histories of the capacity forecast.
-    forecast: sled::Tree,
+    /// Every durable record (trees in `records`).
+    state: Arc<dyn StateStore>,
     forecast_settings: crate::forecast::ForecastSettings,
     /// `[policy]` of coordinator.toml.
     fleet: FleetPolicy,
     node_timeout: Duration,
+    /// Held by every change placement depends on (records across many keys).
+    // single-writer: the leader
     placement: Mutex<()>,
     connections: Mutex<HashMap<String, Connection>>,
     pending: Mutex<HashMap<u64, (String, oneshot::Sender<CommandOutcome>)>>,
@@ -121,38 +121,27 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Registry {
-    /// Opens the registry in `data_dir`.
+    /// Opens the registry in `data_dir`: the sled state at `data_dir/registry`.
     pub fn open(data_dir: &std::path::Path, node_timeout: Duration) -> Result<Registry> {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| RegistryError::Store(format!("{}: {e}", data_dir.display())))?;
-        let db = sled::Config::new()
-            .path(data_dir.join("registry"))
-            .cache_capacity(16 * 1024 * 1024)
-            .open()
-            .map_err(|e| {
-                RegistryError::Store(format!(
-                    "cannot open {}: {e}",
-                    data_dir.join("registry").display()
-                ))
-            })?;
-        Ok(Registry {
-            nodes: db.open_tree("nodes")?,
-            agents: db.open_tree("agents")?,
-            sources: db.open_tree("sources")?,
-            alerts: db.open_tree("alerts")?,
-            groups: db.open_tree("groups")?,
-            quotas: db.open_tree("quotas")?,
-            forecast: db.open_tree("forecast")?,
+        let state = SledState::open(&data_dir.join("registry"))?;
+        Ok(Registry::with_state(Arc::new(state), node_timeout))
+    }
+
+    /// The registry over `state` (any backend).
+    pub fn with_state(state: Arc<dyn StateStore>, node_timeout: Duration) -> Registry {
+        Registry {
+            state,
             forecast_settings: Default::default(),
             fleet: FleetPolicy::default(),
-            db,
             node_timeout,
             placement: Mutex::new(()),
             connections: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             progress: Mutex::new(HashMap::new()),
-        })
+        }
     }
 
     /// Sets the fleet's `[policy]`.
@@ -177,14 +166,9 @@ impl Registry {
         p.replica_alloc_bytes.saturating_add(p.points_alloc_bytes)
     }
 
-    /// Another tree of the registry's database (enrollment tokens).
-    pub fn tree(&self, name: &str) -> Result<sled::Tree> {
-        Ok(self.db.open_tree(name)?)
-    }
-
-    /// Makes every write so far durable.
-    pub fn flush(&self) -> Result<()> {
-        self.db.flush()?;
-        Ok(())
+    /// The state store under the registry (also holds enrollment tokens and the
+    /// revocation list, in trees of their own).
+    pub fn state(&self) -> &Arc<dyn StateStore> {
+        &self.state
     }
 }

@@ -12,7 +12,7 @@
 //! by the fleet CA when the coordinator holds its key (`[enrollment] ca_key`), and
 //! written to `data_dir/crl.der` and `data_dir/crl.pem` at every change and start.
 //!
-//! State: the registry's sled tree `revocations`, JSON records with a format
+//! State: the tree `revocations` of the registry's state store, JSON records with a format
 //! version `v`: `id/<role>/<name>` (the entries), `serial/<role>/<name>/<hex>`
 //! (certificates known), `version` (counts up with every change; also the CRL
 //! number). The version is at least the time of the change in Unix ms, so it keeps
@@ -35,7 +35,11 @@ use bulwark_proto as pb;
 use serde::{Deserialize, Serialize};
 use tonic::Status;
 
-use crate::registry::Registry;
+use crate::registry::{Registry, RegistryError};
+use crate::state::{StateError, StateStore, TreeName, Txn};
+
+/// The state tree of the list.
+pub const REVOCATIONS: TreeName = "revocations";
 
 /// A revoked identity as stored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -60,12 +64,19 @@ struct SerialRecord {
 
 const FORMAT_VERSION: u32 = 1;
 /// Serials remembered as seen, in memory, before the set starts again (each new one
-/// costs a sled read; the set only saves repeated reads).
+/// costs a state read; the set only saves repeated reads).
 const SEEN_CAP: usize = 100_000;
 
 fn store_err(e: impl std::fmt::Display) -> Status {
     tracing::error!("revocation list: {e}");
     Status::internal(format!("revocation list: {e}"))
+}
+
+/// A failure of the state store, with the code of the one mapping
+/// (`crate::error`): "not the leader" stays distinct from a store that fails.
+fn state_err(e: StateError) -> Status {
+    let st = Status::from(RegistryError::from(e));
+    Status::new(st.code(), format!("revocation list: {}", st.message()))
 }
 
 fn entry_key(role: Role, name: &str) -> String {
@@ -78,7 +89,7 @@ fn serial_prefix(role: Role, name: &str) -> String {
 
 /// The coordinator's revocation list (see the module docs).
 pub struct RevocationStore {
-    tree: sled::Tree,
+    state: Arc<dyn StateStore>,
     signer: Option<Signer>,
     data_dir: PathBuf,
     tls: Arc<Revocations>,
@@ -86,6 +97,7 @@ pub struct RevocationStore {
     current: RwLock<pb::RevocationList>,
     seen: Mutex<HashSet<String>>,
     /// One change at a time (version, entries and CRL move together).
+    // single-writer: the leader
     change: Mutex<()>,
 }
 
@@ -109,11 +121,8 @@ impl RevocationStore {
         data_dir: &Path,
         tls: Arc<Revocations>,
     ) -> Result<RevocationStore, String> {
-        let tree = registry
-            .tree("revocations")
-            .map_err(|e| format!("cannot open the revocation list: {e}"))?;
         let store = RevocationStore {
-            tree,
+            state: registry.state().clone(),
             signer,
             data_dir: data_dir.to_path_buf(),
             tls,
@@ -124,7 +133,7 @@ impl RevocationStore {
         };
         {
             let _g = lock(&store.change);
-            store.publish(false).map_err(|s| s.message().to_string())?;
+            store.publish(None).map_err(|s| s.message().to_string())?;
         }
         let n = store.list().revocations.len();
         if n > 0 {
@@ -199,8 +208,7 @@ impl RevocationStore {
             by: by.to_string(),
             serials,
         };
-        self.put_entry(&rec)?;
-        self.publish(true)?;
+        self.publish(Some(&rec))?;
         tracing::warn!(%role, name, by, serials = rec.serials.len(), "identity revoked: its certificates are refused and its connections cut");
         Ok(to_proto(rec))
     }
@@ -227,20 +235,26 @@ impl RevocationStore {
     fn note(&self, f: &CertFacts, how: &str) -> Result<(), Status> {
         let (role, name) = (f.identity.role, f.identity.name.as_str());
         let key = format!("{}{}", serial_prefix(role, name), f.serial);
-        if self.tree.get(&key).map_err(store_err)?.is_none() {
+        if self
+            .state
+            .get(REVOCATIONS, key.as_bytes())
+            .map_err(state_err)?
+            .is_none()
+        {
             let rec = SerialRecord {
                 v: FORMAT_VERSION,
                 not_before_ms: f.not_before_ms,
                 first_seen_ms: now_ms(),
                 how: how.to_string(),
             };
-            self.tree
-                .insert(key, serde_json::to_vec(&rec).map_err(store_err)?)
-                .map_err(store_err)?;
-            if how == "issued" {
-                // The CRL must be able to name what the coordinator handed out.
-                self.tree.flush().map_err(store_err)?;
-            }
+            // Durable on return: the CRL must be able to name what the coordinator
+            // handed out. Only if still absent: the first sighting is kept.
+            let txn = Txn::new().when(REVOCATIONS, key.as_bytes(), None).put(
+                REVOCATIONS,
+                key.as_bytes(),
+                serde_json::to_vec(&rec).map_err(store_err)?,
+            );
+            self.state.commit(txn).map_err(state_err)?;
         }
         let Some(at) = self.revoked_at(role, name) else {
             return Ok(());
@@ -253,8 +267,7 @@ impl RevocationStore {
             && !e.serials.contains(&f.serial)
         {
             e.serials.push(f.serial.clone());
-            self.put_entry(&e)?;
-            self.publish(true)?;
+            self.publish(Some(&e))?;
         }
         Ok(())
     }
@@ -263,8 +276,11 @@ impl RevocationStore {
     fn known_serials(&self, role: Role, name: &str, until_ms: i64) -> Result<Vec<String>, Status> {
         let prefix = serial_prefix(role, name);
         let mut out = Vec::new();
-        for item in self.tree.scan_prefix(prefix.as_bytes()) {
-            let (k, v) = item.map_err(store_err)?;
+        for (k, v) in self
+            .state
+            .scan(REVOCATIONS, prefix.as_bytes())
+            .map_err(state_err)?
+        {
             let rec: SerialRecord = match serde_json::from_slice(&v) {
                 Ok(r) => r,
                 Err(e) => {
@@ -280,28 +296,26 @@ impl RevocationStore {
     }
 
     fn entry(&self, role: Role, name: &str) -> Result<Option<EntryRecord>, Status> {
-        self.tree
-            .get(entry_key(role, name))
-            .map_err(store_err)?
+        self.state
+            .get(REVOCATIONS, entry_key(role, name).as_bytes())
+            .map_err(state_err)?
             .map(|v| serde_json::from_slice(&v).map_err(store_err))
             .transpose()
     }
 
-    fn put_entry(&self, rec: &EntryRecord) -> Result<(), Status> {
+    /// The write of `rec` added to `txn`.
+    fn put_entry(txn: Txn, rec: &EntryRecord) -> Result<Txn, Status> {
         let role: Role = rec.role.parse().map_err(store_err)?;
-        self.tree
-            .insert(
-                entry_key(role, &rec.name),
-                serde_json::to_vec(rec).map_err(store_err)?,
-            )
-            .map_err(store_err)?;
-        Ok(())
+        Ok(txn.put(
+            REVOCATIONS,
+            entry_key(role, &rec.name).as_bytes(),
+            serde_json::to_vec(rec).map_err(store_err)?,
+        ))
     }
 
     fn entries(&self) -> Result<Vec<EntryRecord>, Status> {
         let mut out = Vec::new();
-        for item in self.tree.scan_prefix(b"id/") {
-            let (_, v) = item.map_err(store_err)?;
+        for (_, v) in self.state.scan(REVOCATIONS, b"id/").map_err(state_err)? {
             let rec: EntryRecord = serde_json::from_slice(&v).map_err(store_err)?;
             if rec.v != FORMAT_VERSION {
                 return Err(store_err(format!(
@@ -317,26 +331,32 @@ impl RevocationStore {
         Ok(out)
     }
 
-    /// Builds the list (and CRL) from the tree, bumping the version when `changed`,
-    /// and puts it in force everywhere. Called under `change`.
-    fn publish(&self, changed: bool) -> Result<(), Status> {
+    /// Writes `changed` (an entry) with the version bumped, in one commit; then
+    /// builds the list (and CRL) from the tree and puts it in force everywhere.
+    /// Called under `change`.
+    fn publish(&self, changed: Option<&EntryRecord>) -> Result<(), Status> {
         let stored = self
-            .tree
-            .get(b"version")
-            .map_err(store_err)?
+            .state
+            .get(REVOCATIONS, b"version")
+            .map_err(state_err)?
             .and_then(|v| serde_json::from_slice::<u64>(&v).ok())
             .unwrap_or(0);
-        let version = if changed {
+        let version = if let Some(entry) = changed {
             let v = (stored + 1).max(u64::try_from(now_ms()).unwrap_or(0));
-            self.tree
-                .insert(b"version", serde_json::to_vec(&v).map_err(store_err)?)
-                .map_err(store_err)?;
+            // The entry and the version move together, durable before anyone is
+            // told (a commit is durable on return).
+            let txn = Txn::new().put(
+                REVOCATIONS,
+                b"version".as_slice(),
+                serde_json::to_vec(&v).map_err(store_err)?,
+            );
+            self.state
+                .commit(RevocationStore::put_entry(txn, entry)?)
+                .map_err(state_err)?;
             v
         } else {
             stored
         };
-        // Durable before anyone is told.
-        self.tree.flush().map_err(store_err)?;
         let entries = self.entries()?;
         let crl_der = match &self.signer {
             Some(signer) => self.write_crl(signer, version, &entries)?,
@@ -349,7 +369,7 @@ impl RevocationStore {
         };
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = list.clone();
         self.tls.set(list.clone()).map_err(store_err)?;
-        if changed {
+        if changed.is_some() {
             self.registry
                 .broadcast(crate::registry::Command::Revocations(list));
         }

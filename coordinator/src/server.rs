@@ -1,5 +1,6 @@
 //! Lifecycle of the coordinator, in order: load the identity, open the registry,
-//! serve the Coordinator service over mTLS, and on shutdown stop accepting and flush.
+//! serve the Coordinator service over mTLS, and on shutdown stop accepting (every
+//! state change is durable when made).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -71,7 +72,7 @@ pub async fn run(
         });
     }
     // The workers stop (last started first) as soon as shutdown begins, while the
-    // server drains its streams; the registry is flushed after both.
+    // server drains its streams (every state change is durable when made).
     let stopped = shutdown.clone();
     let workers_done = tokio::spawn(async move {
         stopped.cancelled().await;
@@ -81,7 +82,6 @@ pub async fn run(
     if let Err(e) = workers_done.await {
         tracing::warn!("stopping the workers: {e}");
     }
-    registry.flush()?;
     tracing::info!("coordinator stopped");
     Ok(())
 }
@@ -126,7 +126,7 @@ async fn start_enrollment(
 ) -> anyhow::Result<Arc<Enroller>> {
     let enroller = Arc::new(
         Enroller::new(
-            registry.tree("tokens")?,
+            registry.state().clone(),
             &cfg.tls.ca,
             &e.ca_key,
             e.cert_days,

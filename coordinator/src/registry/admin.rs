@@ -2,7 +2,8 @@
 //! and which agents may join a group from their config (see [`crate::policy`]).
 
 use super::{
-    FORMAT_VERSION, GroupRecord, Registry, RegistryError, Result, SourceRecord, dec, enc, lock,
+    AGENTS, FORMAT_VERSION, GROUPS, GroupRecord, QUOTAS, Registry, RegistryError, Result, SOURCES,
+    SourceRecord, Txn, enc, lock,
 };
 use crate::policy::{LockMode, LockPolicy, Quota, QuotaRecord};
 use bulwark_common::retention::Retention;
@@ -11,16 +12,13 @@ impl Registry {
     /// The quota of `agent`: its own, else the fleet default.
     pub fn quota_of(&self, agent: &str) -> Result<Quota> {
         Ok(self
-            .quotas
-            .get(agent)?
-            .map(|v| dec::<QuotaRecord>(&v))
-            .transpose()?
+            .read::<QuotaRecord>(QUOTAS, agent)?
             .map_or(self.fleet.quota, |r| r.quota))
     }
 
     /// Every agent's own quota.
     pub fn quotas(&self) -> Result<Vec<QuotaRecord>> {
-        self.quotas.iter().map(|r| dec(&r?.1)).collect()
+        self.read_all(QUOTAS)
     }
 
     /// Bytes allocated to `agent`'s sources.
@@ -45,13 +43,12 @@ impl Registry {
                     agent: agent.to_string(),
                     quota,
                 };
-                self.quotas.insert(agent.as_bytes(), enc(&rec)?)?;
+                self.write(QUOTAS, agent, &rec)?;
             }
             None => {
-                self.quotas.remove(agent)?;
+                self.state.delete(QUOTAS, agent.as_bytes())?;
             }
         }
-        self.db.flush()?;
         tracing::info!(agent, ?quota, "quota set");
         self.quota_of(agent)
     }
@@ -69,7 +66,6 @@ impl Registry {
         s.policy_refused = self.effective(&s).refused;
         self.put_source(&s)?;
         self.refresh_policy_alerts(&s.agent)?;
-        self.db.flush()?;
         tracing::info!(source, retention = %retention.map_or("unset".into(), |r| r.describe()), "admin retention set");
         Ok(s)
     }
@@ -88,7 +84,7 @@ impl Registry {
         if !remove {
             g.allow.push(pattern.to_string());
         }
-        self.groups.insert(g.name.as_bytes(), enc(&g)?)?;
+        self.write(GROUPS, &g.name, &g)?;
         let mut agents = std::collections::BTreeSet::new();
         for mut s in self.sources()? {
             let before = s.group.clone();
@@ -118,7 +114,6 @@ impl Registry {
             self.refresh_policy_alerts(&a)?;
         }
         self.update_log_floors()?;
-        self.db.flush()?;
         tracing::info!(group, pattern, remove, "group membership patterns changed");
         Ok(g)
     }
@@ -172,7 +167,6 @@ impl Registry {
         )?;
         s.admin_lock = lock;
         self.put_source(&s)?;
-        self.db.flush()?;
         Ok((s, lowered))
     }
 
@@ -190,14 +184,15 @@ impl Registry {
         })?;
         let lowered = check_lock_change(&format!("group {group}"), g.lock, lock, officer)?;
         g.lock = lock;
-        self.groups.insert(g.name.as_bytes(), enc(&g)?)?;
+        // The group's lock and its members' copies of it change together.
+        let mut txn = Txn::new().put(GROUPS, g.name.as_bytes(), enc(&g)?);
         let mut members = Vec::new();
         for mut s in self.sources()?.into_iter().filter(|s| s.group == g.name) {
             s.group_lock = lock;
-            self.put_source(&s)?;
+            txn = Registry::put_source_in(txn, &s)?;
             members.push(s);
         }
-        self.db.flush()?;
+        self.state.commit(txn)?;
         Ok((members, lowered))
     }
 
@@ -209,7 +204,6 @@ impl Registry {
         let mut s = self.source(source)?;
         s.state = if removing { "removing" } else { "ok" }.into();
         self.put_source(&s)?;
-        self.db.flush()?;
         Ok(())
     }
 
@@ -218,13 +212,13 @@ impl Registry {
     pub fn remove_source(&self, source: &str) -> Result<SourceRecord> {
         let _g = lock_guard(self);
         let s = self.source(source)?;
-        self.sources.remove(source)?;
-        if let Some(v) = self.agents.get(&s.agent)? {
-            let mut a: super::AgentRecord = dec(&v)?;
+        // The source and its agent's list of it go together.
+        let mut txn = Txn::new().delete(SOURCES, source.as_bytes());
+        if let Some(mut a) = self.read::<super::AgentRecord>(AGENTS, &s.agent)? {
             a.sources.retain(|n| n != source);
-            self.agents.insert(s.agent.as_bytes(), enc(&a)?)?;
+            txn = txn.put(AGENTS, s.agent.as_bytes(), enc(&a)?);
         }
-        self.db.flush()?;
+        self.state.commit(txn)?;
         tracing::info!(source, agent = %s.agent, "data source removed from the fleet");
         Ok(s)
     }

@@ -41,44 +41,57 @@ impl Registry {
     /// Takes the full list of conditions `origin` raises now: new ones are opened,
     /// standing ones refreshed, and open ones it no longer lists are resolved.
     pub fn report_alerts(&self, origin: &str, alerts: &[Alert]) -> Result<()> {
+        // Callers do not all hold `placement`: each change is conditioned on the
+        // record it read (`update`, and the resolve below).
         let now = now_ms();
         let mut listed = std::collections::HashSet::new();
         for a in alerts {
             listed.insert(a.key.clone());
-            let existing: Option<AlertRecord> =
-                self.alerts.get(&a.key)?.map(|v| dec(&v)).transpose()?;
-            let rec = match existing {
-                Some(mut r) if r.resolved_ms == 0 => {
-                    r.last_seen_ms = now;
-                    r.message = a.message.clone();
-                    r.severity = a.severity.clone();
-                    r
-                }
-                _ => {
-                    tracing::warn!(alert = %a.key, severity = %a.severity, subject = %a.subject, "{}", a.message);
-                    AlertRecord {
-                        v: FORMAT_VERSION,
-                        key: a.key.clone(),
-                        severity: a.severity.clone(),
-                        subject: a.subject.clone(),
-                        message: a.message.clone(),
-                        origin: origin.to_string(),
-                        first_seen_ms: now,
-                        last_seen_ms: now,
-                        resolved_ms: 0,
+            let mut opened = false;
+            self.update(ALERTS, &a.key, |existing: Option<AlertRecord>| {
+                opened = false;
+                Ok(Some(match existing {
+                    Some(mut r) if r.resolved_ms == 0 => {
+                        r.last_seen_ms = now;
+                        r.message = a.message.clone();
+                        r.severity = a.severity.clone();
+                        r
                     }
-                }
-            };
-            self.alerts.insert(a.key.as_bytes(), enc(&rec)?)?;
+                    _ => {
+                        opened = true;
+                        AlertRecord {
+                            v: FORMAT_VERSION,
+                            key: a.key.clone(),
+                            severity: a.severity.clone(),
+                            subject: a.subject.clone(),
+                            message: a.message.clone(),
+                            origin: origin.to_string(),
+                            first_seen_ms: now,
+                            last_seen_ms: now,
+                            resolved_ms: 0,
+                        }
+                    }
+                }))
+            })?;
+            if opened {
+                tracing::warn!(alert = %a.key, severity = %a.severity, subject = %a.subject, "{}", a.message);
+            }
         }
         let mut open: HashMap<String, u64> = HashMap::new();
-        for item in self.alerts.iter() {
-            let (k, v) = item?;
+        for (k, v) in self.state.scan(ALERTS, b"")? {
             let mut r: AlertRecord = dec(&v)?;
             if r.origin == origin && r.resolved_ms == 0 && !listed.contains(&r.key) {
                 r.resolved_ms = now;
-                tracing::info!(alert = %r.key, "alert resolved");
-                self.alerts.insert(k, enc(&r)?)?;
+                let txn =
+                    Txn::new()
+                        .when(ALERTS, k.clone(), Some(v))
+                        .put(ALERTS, k.clone(), enc(&r)?);
+                if self.state.commit(txn)? {
+                    tracing::info!(alert = %r.key, "alert resolved");
+                } else if let Some(now_r) = self.state.get(ALERTS, &k)? {
+                    // Changed meanwhile (raised again): as it is now.
+                    r = dec(&now_r)?;
+                }
             }
             if r.resolved_ms == 0 {
                 *open.entry(r.severity.clone()).or_default() += 1;
@@ -98,10 +111,7 @@ impl Registry {
     /// Alerts, open ones first, then (with `all`) resolved ones; newest first.
     pub fn alerts(&self, all: bool) -> Result<Vec<AlertRecord>> {
         let mut out: Vec<AlertRecord> = self
-            .alerts
-            .iter()
-            .map(|r| dec(&r?.1))
-            .collect::<Result<Vec<AlertRecord>>>()?
+            .read_all::<AlertRecord>(ALERTS)?
             .into_iter()
             .filter(|a| all || a.resolved_ms == 0)
             .collect();

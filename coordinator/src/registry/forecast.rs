@@ -79,7 +79,7 @@ impl Registry {
     }
 
     fn history(&self, key: &str) -> Result<History> {
-        Ok(match self.forecast.get(key)? {
+        Ok(match self.state.get(FORECAST, key.as_bytes())? {
             None => History::default(),
             // A history that cannot be read starts again rather than stop heartbeats.
             Some(v) => dec(&v).unwrap_or_else(|e| {
@@ -92,7 +92,7 @@ impl Registry {
     pub(super) fn record_sample(&self, key: &str, t_ms: i64, bytes: u64) -> Result<()> {
         let mut h = self.history(key)?;
         if h.record(t_ms, bytes, &self.forecast_settings) {
-            self.forecast.insert(key.as_bytes(), enc(&h)?)?;
+            self.state.put(FORECAST, key.as_bytes(), enc(&h)?)?;
         }
         Ok(())
     }
@@ -160,11 +160,15 @@ impl Registry {
             .chain(report.disks.iter().map(|r| disk_key(&r.node, &r.name)))
             .collect();
         let mut dropped = 0;
-        for item in self.forecast.iter() {
-            let (k, _) = item?;
+        for (k, v) in self.state.scan(FORECAST, b"")? {
             if !keep.contains(String::from_utf8_lossy(&k).as_ref()) {
-                self.forecast.remove(&k)?;
-                dropped += 1;
+                // Not under `placement`: a history a heartbeat wrote meanwhile stays.
+                let txn = Txn::new()
+                    .when(FORECAST, k.clone(), Some(v))
+                    .delete(FORECAST, k);
+                if self.state.commit(txn)? {
+                    dropped += 1;
+                }
             }
         }
         Ok(dropped)

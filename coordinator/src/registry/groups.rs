@@ -30,12 +30,12 @@ impl Registry {
         if name.is_empty() {
             return Ok(None);
         }
-        self.groups.get(name)?.map(|v| dec(&v)).transpose()
+        self.read(GROUPS, name)
     }
 
     /// Every protection group.
     pub fn groups(&self) -> Result<Vec<GroupRecord>> {
-        self.groups.iter().map(|r| dec(&r?.1)).collect()
+        self.read_all(GROUPS)
     }
 
     /// Creates or changes a group; its members take its retention.
@@ -61,7 +61,8 @@ impl Registry {
             g.allow = o.allow.clone();
             g.lock = o.lock;
         }
-        self.groups.insert(g.name.as_bytes(), enc(&g)?)?;
+        // The group and what its members take from it change together.
+        let mut txn = Txn::new().put(GROUPS, g.name.as_bytes(), enc(&g)?);
         for mut s in self.sources()?.into_iter().filter(|s| s.group == g.name) {
             s.group_retention = g.retention;
             s.group_replica_alloc = g.replica_alloc_bytes;
@@ -70,9 +71,9 @@ impl Registry {
             if old.as_ref().is_some_and(|o| o.interval_ms != g.interval_ms) {
                 s.next_sync_ms = 0;
             }
-            self.put_source(&s)?;
+            txn = Registry::put_source_in(txn, &s)?;
         }
-        self.db.flush()?;
+        self.state.commit(txn)?;
         Ok(g)
     }
 
@@ -91,13 +92,21 @@ impl Registry {
                 format!("the group still has sources: {}", members.join(", ")),
             ));
         }
-        if self.groups.remove(name)?.is_none() {
+        let Some(old) = self.state.get(GROUPS, name.as_bytes())? else {
             return Err(RegistryError::InvalidSource(
                 name.to_string(),
                 "no such group".into(),
             ));
+        };
+        let txn = Txn::new()
+            .when(GROUPS, name.as_bytes(), Some(old))
+            .delete(GROUPS, name.as_bytes());
+        if !self.state.commit(txn)? {
+            return Err(RegistryError::InvalidSource(
+                name.to_string(),
+                "the group changed while it was being deleted; try again".into(),
+            ));
         }
-        self.db.flush()?;
         Ok(())
     }
 
@@ -111,6 +120,7 @@ impl Registry {
                 RegistryError::InvalidSource(group.to_string(), "no such group".into())
             })?)
         };
+        let mut txn = Txn::new();
         for name in sources {
             let mut s = self.source(name)?;
             s.group = group.to_string();
@@ -121,10 +131,11 @@ impl Registry {
             s.group_lock = g.as_ref().and_then(|g| g.lock);
             s.next_sync_ms = 0;
             s.group_since_ms = now_ms();
-            self.put_source(&s)?;
+            txn = Registry::put_source_in(txn, &s)?;
         }
+        // Every source moves, or none: an unknown name leaves all where they were.
+        self.state.commit(txn)?;
         self.update_log_floors()?;
-        self.db.flush()?;
         Ok(())
     }
 

@@ -11,8 +11,7 @@ impl Registry {
             .node(node)?
             .ok_or_else(|| RegistryError::UnknownNode(node.to_string()))?;
         n.draining = draining;
-        self.nodes.insert(node.as_bytes(), enc(&n)?)?;
-        self.db.flush()?;
+        self.write(NODES, node, &n)?;
         Ok(n)
     }
 
@@ -30,7 +29,6 @@ impl Registry {
         s.moving_to = to.to_string();
         s.state = "moving".into();
         self.put_source(&s)?;
-        self.db.flush()?;
         Ok(s)
     }
 
@@ -53,7 +51,6 @@ impl Registry {
         s.state = "ok".into();
         s.usage = Usage::default();
         self.put_source(&s)?;
-        self.db.flush()?;
         Ok(s)
     }
 
@@ -68,7 +65,6 @@ impl Registry {
         }
         s.state = "ok".into();
         self.put_source(&s)?;
-        self.db.flush()?;
         Ok(to)
     }
 

@@ -115,11 +115,16 @@ impl Registry {
                     let _ = tx.send(Err(format!("agent {agent} disconnected before finishing")));
                 }
             }
-            if let Ok(Some(v)) = self.agents.get(agent)
-                && let Ok(mut rec) = dec::<AgentRecord>(&v)
-            {
-                rec.last_seen_ms = now_ms();
-                let _ = enc(&rec).map(|b| self.agents.insert(agent.as_bytes(), b));
+            // Not under `placement`: conditioned on the record read, so a Hello
+            // written meanwhile is not overwritten with the agent's old sources.
+            let seen = self.update(AGENTS, agent, |rec: Option<AgentRecord>| {
+                Ok(rec.map(|mut rec| {
+                    rec.last_seen_ms = now_ms();
+                    rec
+                }))
+            });
+            if let Err(e) = seen {
+                tracing::warn!(agent, "cannot record when the agent was last seen: {e}");
             }
         }
     }

@@ -140,8 +140,7 @@ impl Registry {
         rec.capacity_bytes = req.capacity_bytes;
         rec.version = req.version.clone();
         rec.last_seen_ms = now_ms();
-        self.nodes.insert(name.as_bytes(), enc(&rec)?)?;
-        self.db.flush()?;
+        self.write(NODES, name, &rec)?;
         tracing::info!(node = name, address = %req.address, capacity = req.capacity_bytes, "node registered");
         Ok(())
     }
@@ -164,7 +163,7 @@ impl Registry {
         rec.last_seen_ms = now_ms();
         rec.nbd_address = hb.nbd_address.clone();
         rec.disks = hb.disks.clone();
-        self.nodes.insert(name.as_bytes(), enc(&rec)?)?;
+        self.write(NODES, name, &rec)?;
         self.record_usage(name, hb)?;
         // Whether a grouped volume's oldest point moved (then the log floors may).
         let mut floors_moved = false;
@@ -275,7 +274,6 @@ impl Registry {
         }
         s.allocated_bytes = new_total;
         self.put_source(&s)?;
-        self.db.flush()?;
         tracing::info!(
             source,
             replica_alloc_bytes = replica,
@@ -363,17 +361,17 @@ impl Registry {
                     && n.cert_not_after_ms != not_after_ms
                 {
                     n.cert_not_after_ms = not_after_ms;
-                    self.nodes.insert(name.as_bytes(), enc(&n)?)?;
+                    self.write(NODES, name, &n)?;
                 }
             }
             bulwark_common::tls::Role::Agent => {
-                if let Some(v) = self.agents.get(name)? {
-                    let mut a: AgentRecord = dec(&v)?;
-                    if a.cert_not_after_ms != not_after_ms {
-                        a.cert_not_after_ms = not_after_ms;
-                        self.agents.insert(name.as_bytes(), enc(&a)?)?;
-                    }
-                }
+                self.update(AGENTS, name, |a: Option<AgentRecord>| {
+                    Ok(a.filter(|a| a.cert_not_after_ms != not_after_ms)
+                        .map(|mut a| {
+                            a.cert_not_after_ms = not_after_ms;
+                            a
+                        }))
+                })?;
             }
             _ => {}
         }
@@ -427,17 +425,16 @@ impl Registry {
             version: hello.version.clone(),
             sources: names,
             cert_not_after_ms: self
-                .agents
-                .get(agent)?
+                .state
+                .get(AGENTS, agent.as_bytes())?
                 .and_then(|v| dec::<AgentRecord>(&v).ok())
                 .map_or(0, |a| a.cert_not_after_ms),
         };
-        self.agents.insert(agent.as_bytes(), enc(&rec)?)?;
+        self.write(AGENTS, agent, &rec)?;
         self.report_alerts(&format!("hello/{agent}"), &refusals)?;
         self.refresh_policy_alerts(agent)?;
         // Sources may have joined groups (a log source then keeps its group's logs).
         self.update_log_floors()?;
-        self.db.flush()?;
         Ok(out)
     }
 

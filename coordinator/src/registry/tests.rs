@@ -373,7 +373,9 @@ fn reopen(dir: &std::path::Path) -> Registry {
     let mut tries = 0;
     loop {
         match Registry::open(dir, Duration::from_secs(60)) {
-            Err(RegistryError::Store(m)) if m.contains("could not acquire lock") && tries < 500 => {
+            Err(RegistryError::State(StateError::Unavailable(m)))
+                if m.contains("could not acquire lock") && tries < 500 =>
+            {
                 tries += 1;
                 std::thread::sleep(Duration::from_millis(10));
             }
@@ -513,4 +515,56 @@ fn the_forecast_warns_before_an_allocation_fills_and_resolves_when_it_grows() {
     reg.report_forecast_alerts(&grown).expect("alerts");
     assert!(open_keys(&reg).is_empty());
     assert_eq!(reg.prune_forecast_histories(&grown).expect("prune"), 0);
+}
+
+/// A backend that refuses every write as a deposed leader's (fencing), reading
+/// through to sled.
+#[derive(Debug)]
+struct Deposed(crate::state::SledState);
+
+impl StateStore for Deposed {
+    fn get(&self, tree: TreeName, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
+        self.0.get(tree, key)
+    }
+    fn scan(&self, tree: TreeName, prefix: &[u8]) -> Result<crate::state::Entries, StateError> {
+        self.0.scan(tree, prefix)
+    }
+    fn commit(&self, _: Txn) -> Result<bool, StateError> {
+        Err(StateError::Fenced("another coordinator leads".into()))
+    }
+    fn describe(&self) -> String {
+        "deposed".into()
+    }
+}
+
+/// Over any backend (`with_state`): what it has is read, and a write refused by
+/// fencing stays a "not the leader" error up to the gRPC status (`Unavailable`,
+/// not the `Internal` of a store that fails), and changes nothing.
+#[test]
+fn a_fenced_write_is_told_apart_from_a_failing_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let reg = Registry::open(dir.path(), Duration::from_secs(60)).expect("open");
+    node(&reg, "n1", 1 << 40);
+    drop(reg);
+    let sled = loop {
+        match crate::state::SledState::open(&dir.path().join("registry")) {
+            Err(StateError::Unavailable(m)) if m.contains("could not acquire lock") => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            r => break r.expect("sled"),
+        }
+    };
+    let reg = Registry::with_state(Arc::new(Deposed(sled)), Duration::from_secs(60));
+    assert_eq!(reg.nodes().expect("nodes").len(), 1);
+    let e = reg.set_draining("n1", true).expect_err("fenced");
+    assert!(
+        matches!(e, RegistryError::State(StateError::Fenced(_))),
+        "{e:?}"
+    );
+    let st = tonic::Status::from(e);
+    assert_eq!(st.code(), tonic::Code::Unavailable, "{st:?}");
+    assert!(st.message().contains("not the leader"), "{st:?}");
+    assert!(!reg.node("n1").expect("node").expect("n1").draining);
+    let failing = RegistryError::State(StateError::Unavailable("disk gone".into()));
+    assert_eq!(tonic::Status::from(failing).code(), tonic::Code::Internal);
 }

@@ -139,8 +139,20 @@ mod tests {
         let s = SledState::open(&dir.path().join("state")).expect("open");
         super::super::contract::check(&s);
         drop(s);
-        // Durable: what was committed is there after a reopen.
-        let s = SledState::open(&dir.path().join("state")).expect("reopen");
+        // Durable: what was committed is there after a reopen (retried while
+        // sled's flusher thread of the dropped handle still holds the file lock).
+        let mut tries = 0;
+        let s = loop {
+            match SledState::open(&dir.path().join("state")) {
+                Err(StateError::Unavailable(m))
+                    if m.contains("could not acquire lock") && tries < 500 =>
+                {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                r => break r.expect("reopen"),
+            }
+        };
         assert_eq!(
             s.get("nodes", b"n2").expect("get"),
             Some(b"two".to_vec()),
@@ -148,3 +160,7 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+#[path = "sled_state/tests.rs"]
+mod layout_tests;
