@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::policy::FleetPolicy;
-use crate::state::{SledState, StateError, StateStore, TreeName, Txn};
+use crate::state::{MAX_TXN_OPS, SledState, StateError, StateStore, TreeName, Txn};
 use bulwark_common::time::now_ms;
 use bulwark_proto as pb;
 use serde::{Deserialize, Serialize};

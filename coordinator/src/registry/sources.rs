@@ -163,8 +163,9 @@ impl Registry {
         rec.last_seen_ms = now_ms();
         rec.nbd_address = hb.nbd_address.clone();
         rec.disks = hb.disks.clone();
-        self.write(NODES, name, &rec)?;
-        self.record_usage(name, hb)?;
+        // The node's record and every source whose usage changed: one commit (one
+        // flush, one etcd round trip) per MAX_TXN_OPS records, not one per record.
+        let mut txn = Txn::new().put(NODES, name.as_bytes(), enc(&rec)?);
         // Whether a grouped volume's oldest point moved (then the log floors may).
         let mut floors_moved = false;
         for u in &hb.sources {
@@ -182,10 +183,17 @@ impl Registry {
                     s.last_point = u.newest_point;
                     s.usage = usage;
                     s.allocated_bytes = u.allocated_bytes;
-                    self.put_source(&s)?;
+                    txn = Self::put_source_in(txn, &s)?;
+                    if txn.then.len() >= MAX_TXN_OPS {
+                        self.state.commit(std::mem::take(&mut txn))?;
+                    }
                 }
             }
         }
+        if !txn.then.is_empty() {
+            self.state.commit(txn)?;
+        }
+        self.record_usage(name, hb)?;
         self.report_alerts(name, &hb.alerts)?;
         if floors_moved {
             self.update_log_floors()?;

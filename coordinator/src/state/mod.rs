@@ -19,6 +19,11 @@ mod sled_state;
 
 pub use sled_state::SledState;
 
+/// The most operations callers put in one [`Txn`]: etcd refuses transactions of
+/// more than `--max-txn-ops` (128 by default); a batch larger than this is split
+/// into several commits.
+pub const MAX_TXN_OPS: usize = 100;
+
 /// A tree of the state (a sled tree; an etcd key range `<prefix>/<tree>/`).
 /// Names are short ASCII words without `/`.
 pub type TreeName = &'static str;
