@@ -155,6 +155,24 @@ impl RevocationStore {
     }
 
     /// Its version (0 = nothing was ever revoked).
+    /// Puts in force a newer list another coordinator wrote into the shared state
+    /// (with etcd, a follower learns the leader's revocations this way); returns
+    /// whether it changed anything.
+    pub fn refresh(&self) -> Result<bool, Status> {
+        let stored = self
+            .state
+            .get(REVOCATIONS, b"version")
+            .map_err(state_err)?
+            .and_then(|v| serde_json::from_slice::<u64>(&v).ok())
+            .unwrap_or(0);
+        if stored <= self.version() {
+            return Ok(false);
+        }
+        let _g = lock(&self.change);
+        self.publish(None)?;
+        Ok(true)
+    }
+
     pub fn version(&self) -> u64 {
         self.current
             .read()

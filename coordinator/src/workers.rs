@@ -8,7 +8,12 @@
 //! - `forecast` — the capacity forecast's alerts and metrics, and the tidying of
 //!   its histories, about once per sample spacing (`forecast_window` / 128);
 //! - `scrub` — verifies every source once per `scrub_interval`, when set;
-//! - `renewal` — renews the coordinator's own certificate (with `[enrollment]`).
+//! - `renewal` — renews the coordinator's own certificate (with `[enrollment]`);
+//! - `revocations` — puts in force a newer revocation list another coordinator
+//!   wrote into the shared state (with etcd; a no-op alone), every 2 s.
+//!
+//! With etcd, every worker but `revocations` runs only while this coordinator
+//! leads (`leader::LeaderOnly`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -320,4 +325,32 @@ fn expiring_certificates(
             }
         })
         .collect()
+}
+
+/// Follows the revocation list in the shared state (see the module docs).
+pub struct Revocations(pub Arc<RevocationStore>);
+
+impl Worker for Revocations {
+    fn name(&self) -> String {
+        "revocations".into()
+    }
+
+    fn period(&self) -> Duration {
+        Duration::from_secs(2)
+    }
+
+    async fn run(&mut self, _stop: &CancellationToken) -> Result<(), String> {
+        let store = self.0.clone();
+        let changed = tokio::task::spawn_blocking(move || store.refresh())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|s| s.message().to_string())?;
+        if changed {
+            tracing::info!(
+                version = self.0.version(),
+                "revocation list in force, from the shared state"
+            );
+        }
+        Ok(())
+    }
 }
