@@ -47,6 +47,7 @@ fn etcd_state_meets_the_contract() {
 
     // 10,500 keys: eleven pages of a scan, in key order, nothing else in the tree.
     let n = 10_500usize;
+    let start = Instant::now();
     for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
         let mut t = Txn::new();
         for i in chunk {
@@ -58,13 +59,36 @@ fn etcd_state_meets_the_contract() {
         }
         assert!(s.commit(t).expect("commit 100 puts"));
     }
+    let committed = start.elapsed();
+    let start = Instant::now();
     let all = s.scan("sources", b"s").expect("scan 10,500 keys");
+    eprintln!(
+        "1 member: 105 commits of 100 puts in {committed:?}; a scan of {n} keys in {:?}",
+        start.elapsed()
+    );
     assert_eq!(all.len(), n, "a large scan lost or repeated keys");
     for (i, (k, v)) in all.iter().enumerate() {
         assert_eq!(k, &format!("s{i:06}").into_bytes());
         assert_eq!(v, &i.to_le_bytes().to_vec());
     }
     assert_eq!(s.scan("sources", b"s0001").expect("scan").len(), 100);
+
+    // One conditional commit at a time, each a round trip to a quorum.
+    let mut times: Vec<Duration> = (0..200)
+        .map(|i| {
+            let t = Instant::now();
+            let txn = Txn::new()
+                .when("alerts", format!("c{i}").into_bytes(), None)
+                .put("alerts", format!("c{i}").into_bytes(), b"x".to_vec());
+            assert!(s.commit(txn).expect("commit"));
+            t.elapsed()
+        })
+        .collect();
+    times.sort();
+    eprintln!(
+        "1 member: conditional commit p50 {:?} p99 {:?}",
+        times[100], times[197]
+    );
 
     // Another prefix is another state.
     let mut other = options(cluster.endpoints(), Duration::from_secs(5));
