@@ -11,8 +11,10 @@
 //! [`EtcdState::fenced`] adds `create_revision(<prefix>/leader) == mine` to every
 //! transaction and reads the leadership key when the transaction fails, so a failure
 //! of the fence is told apart from a failed condition and returned as
-//! [`StateError::Fenced`]. etcd limits a transaction to `--max-txn-ops` (128 by
-//! default) operations; a larger one fails with etcd's message.
+//! [`StateError::Fenced`]. Every transaction also carries a commit marker
+//! ([`marker`]), so a commit that got no answer is sent again to the next endpoint
+//! without risk of applying it twice. etcd limits a transaction to `--max-txn-ops`
+//! (128 by default) operations; a larger one fails with etcd's message.
 //!
 //! Every request has a deadline (`timeout`); a request that no endpoint answers in
 //! time (a cluster without quorum, or none reachable) fails with
@@ -21,10 +23,11 @@
 
 mod client;
 pub mod election;
+mod marker;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bulwark_proto::etcd::{
     Compare, DeleteRangeRequest, MemberListRequest, PutRequest, RangeRequest, RequestOp,
@@ -68,6 +71,7 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) struct Core {
     client: Arc<Client>,
     prefix: Vec<u8>,
+    markers: Arc<marker::Markers>,
     // Last: dropping it stops the thread the client's tasks run on.
     runner: Runner,
 }
@@ -150,6 +154,9 @@ impl EtcdState {
             core: Arc::new(Core {
                 client: Arc::new(client),
                 prefix: opts.prefix.trim_end_matches('/').as_bytes().to_vec(),
+                markers: Arc::new(marker::Markers::new(
+                    opts.prefix.trim_end_matches('/').as_bytes(),
+                )),
                 runner,
             }),
             fence: Fence::None,
@@ -317,12 +324,7 @@ impl EtcdState {
                 compare::CompareTarget::Create,
                 compare::TargetUnion::CreateRevision(rev),
             ));
-            failure.push(RequestOp {
-                request: Some(request_op::Request::RequestRange(RangeRequest {
-                    key: leader,
-                    ..Default::default()
-                })),
-            });
+            failure.push(range_op(leader));
         }
         // etcd refuses two operations on one key in a transaction; as in sled, the
         // last one wins.
@@ -359,6 +361,18 @@ impl EtcdState {
     }
 }
 
+/// etcd's default `--max-txn-ops`.
+const MAX_TXN_OPS: usize = 128;
+
+fn range_op(key: Vec<u8>) -> RequestOp {
+    RequestOp {
+        request: Some(request_op::Request::RequestRange(RangeRequest {
+            key,
+            ..Default::default()
+        })),
+    }
+}
+
 fn cmp(key: Vec<u8>, target: compare::CompareTarget, value: compare::TargetUnion) -> Compare {
     Compare {
         result: compare::CompareResult::Equal as i32,
@@ -388,27 +402,76 @@ impl StateStore for EtcdState {
 
     fn commit(&self, txn: Txn) -> Result<bool, StateError> {
         let fence = self.fence_revision()?;
-        let req = self.txn_request(txn, fence);
+        let mut req = self.txn_request(txn, fence);
+        // The commit marker makes sending it again harmless (see `marker`).
+        let markers = self.core.markers.clone();
+        let marker = markers.next();
+        let sent = Instant::now();
+        let room = MAX_TXN_OPS
+            .saturating_sub(req.success.len() + 1)
+            .min(marker::DELETE_PER_COMMIT);
+        let old = markers.take_settled(room);
+        req.compare.push(cmp(
+            marker.clone(),
+            compare::CompareTarget::Create,
+            compare::TargetUnion::CreateRevision(0),
+        ));
+        req.failure.push(range_op(marker.clone()));
+        req.success.extend(old.iter().map(|k| RequestOp {
+            request: Some(request_op::Request::RequestDeleteRange(
+                DeleteRangeRequest {
+                    key: k.clone(),
+                    ..Default::default()
+                },
+            )),
+        }));
         let client = self.core.client.clone();
+        let (m, key) = (markers.clone(), marker.clone());
         let r = self.core.runner.block_on(async move {
+            let lease = m.lease(&client).await?;
+            req.success.push(RequestOp {
+                request: Some(request_op::Request::RequestPut(PutRequest {
+                    key,
+                    lease,
+                    ..Default::default()
+                })),
+            });
             client
-                .call("commit", Retry::NotSent, |ch| {
+                .call("commit", Retry::Idempotent, |ch| {
                     let req = req.clone();
                     async move { kv(ch).txn(req).await.map(|r| r.into_inner()) }
                 })
                 .await
-        })??;
-        if r.succeeded {
+        })?;
+        // This commit's marker goes later in every case (a delayed send may yet
+        // create it); the old ones go now only if this commit deleted them.
+        markers.retire(sent, vec![marker]);
+        let r = match r {
+            Ok(r) if r.succeeded => return Ok(true),
+            Ok(r) => r,
+            Err(e) => {
+                markers.retire(sent, old);
+                return Err(e);
+            }
+        };
+        markers.retire(sent, old);
+        // The failure branch's reads: [the leadership key when fenced], the marker.
+        let mut reads: Vec<Option<bulwark_proto::etcd::KeyValue>> = r
+            .responses
+            .into_iter()
+            .filter_map(|op| match op.response {
+                Some(response_op::Response::ResponseRange(rr)) => Some(rr.kvs.into_iter().next()),
+                _ => None,
+            })
+            .collect();
+        if reads.pop().flatten().is_some() {
+            // An earlier send of this commit was applied.
             return Ok(true);
         }
         let Some(mine) = fence else {
             return Ok(false);
         };
-        let holder = r.responses.into_iter().find_map(|op| match op.response {
-            Some(response_op::Response::ResponseRange(rr)) => Some(rr.kvs.into_iter().next()),
-            _ => None,
-        });
-        match holder {
+        match reads.pop() {
             Some(Some(kv)) if kv.create_revision == mine => Ok(false),
             Some(Some(kv)) => Err(StateError::Fenced(format!(
                 "this coordinator led at revision {mine}; now {}",
