@@ -61,6 +61,222 @@ pub struct CoordinatorToml {
     /// How far back the forecast's growth trend looks. Optional; default "7d".
     #[serde(default = "default_forecast_window")]
     pub forecast_window: HumanDuration,
+    /// `[state]`: where the coordinator's state lives (sled in `data_dir`, the
+    /// default; or etcd, shared by several coordinators of which one leads).
+    #[serde(default)]
+    pub state: Option<StateToml>,
+}
+
+/// `[state]` of coordinator.toml.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateToml {
+    /// `"sled"` (default: one coordinator, state in `data_dir`) or `"etcd"`.
+    #[serde(default)]
+    pub backend: Option<String>,
+    /// etcd client URLs, `http://host:port` or `https://host:port`.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// Where Bulwark's keys live in etcd. Optional; default `"/bulwark"`.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// TLS to etcd: the CA of the members' certificates, and this coordinator's
+    /// client certificate and key. All three or none; required for https://.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// The leadership lease: a leader that cannot renew it for this long is
+    /// replaced. Whole seconds, 2s to 60s. Optional; default "5s".
+    #[serde(default)]
+    pub leader_lease: Option<HumanDuration>,
+    /// This coordinator's URL, where the others redirect writes while it leads
+    /// (`https://coord-1.example:7440`). Required with etcd.
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// An etcd request that no endpoint answers within this fails. 1s to 60s.
+    /// Optional; default "5s".
+    #[serde(default)]
+    pub request_timeout: Option<HumanDuration>,
+}
+
+/// Checked `[state]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateConfig {
+    /// One sled database in `data_dir`.
+    Sled,
+    /// An etcd cluster.
+    Etcd(EtcdStateConfig),
+}
+
+/// Checked `[state]` with `backend = "etcd"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdStateConfig {
+    pub options: crate::state::etcd::EtcdOptions,
+    pub leader_lease: Duration,
+    /// This coordinator's URL, as given (`https://host:port`).
+    pub advertise: String,
+}
+
+/// The default leadership lease.
+pub const DEFAULT_LEADER_LEASE: Duration = Duration::from_secs(5);
+
+/// Checks `[state]` (absent: sled).
+fn state_config(path: &Path, t: Option<StateToml>) -> Result<StateConfig, ConfigError> {
+    let t = t.unwrap_or_default();
+    let bad = |key: &str, msg: String| ConfigError::invalid(path, format!("state.{key}"), msg);
+    match t.backend.as_deref().unwrap_or("sled") {
+        "sled" => {
+            let etcd_keys = [
+                ("endpoints", !t.endpoints.is_empty()),
+                ("prefix", t.prefix.is_some()),
+                ("ca", t.ca.is_some()),
+                ("cert", t.cert.is_some()),
+                ("key", t.key.is_some()),
+                ("leader_lease", t.leader_lease.is_some()),
+                ("advertise", t.advertise.is_some()),
+                ("request_timeout", t.request_timeout.is_some()),
+            ];
+            match etcd_keys.iter().find(|(_, set)| *set) {
+                Some((key, _)) => Err(bad(
+                    key,
+                    "is only for backend = \"etcd\" (the backend is sled)".into(),
+                )),
+                None => Ok(StateConfig::Sled),
+            }
+        }
+        "etcd" => etcd_config(path, t).map(StateConfig::Etcd),
+        other => Err(bad(
+            "backend",
+            format!("\"{other}\" is not \"sled\" or \"etcd\""),
+        )),
+    }
+}
+
+/// Checks `[state]` with `backend = "etcd"`.
+fn etcd_config(path: &Path, t: StateToml) -> Result<EtcdStateConfig, ConfigError> {
+    let bad = |key: &str, msg: String| ConfigError::invalid(path, format!("state.{key}"), msg);
+    if t.endpoints.is_empty() {
+        return Err(bad(
+            "endpoints",
+            "is required with backend = \"etcd\" (e.g. [\"https://etcd-1:2379\"])".into(),
+        ));
+    }
+    for e in &t.endpoints {
+        check_endpoint(e).map_err(|m| bad("endpoints", format!("\"{e}\": {m}")))?;
+    }
+    let prefix = t.prefix.unwrap_or_else(|| "/bulwark".into());
+    if !prefix.starts_with('/')
+        || prefix.len() < 2
+        || prefix.ends_with('/')
+        || prefix.contains("//")
+        || !prefix.chars().all(|c| c.is_ascii_graphic())
+    {
+        return Err(bad(
+            "prefix",
+            format!(
+                "\"{prefix}\" is not a key prefix like \"/bulwark\" (starts with /, no trailing /, printable ASCII)"
+            ),
+        ));
+    }
+    let tls = match (t.ca, t.cert, t.key) {
+        (None, None, None) => None,
+        (Some(ca), Some(cert), Some(key)) => Some(crate::state::etcd::EtcdTls {
+            ca: resolve(path, &ca),
+            cert: resolve(path, &cert),
+            key: resolve(path, &key),
+        }),
+        (ca, cert, _) => {
+            let missing = if ca.is_none() {
+                "ca"
+            } else if cert.is_none() {
+                "cert"
+            } else {
+                "key"
+            };
+            return Err(bad(
+                missing,
+                "is missing: TLS to etcd takes ca, cert and key together".into(),
+            ));
+        }
+    };
+    let https = t.endpoints.iter().any(|e| e.starts_with("https://"));
+    let http = t.endpoints.iter().find(|e| e.starts_with("http://"));
+    match (&tls, https, http) {
+        (None, true, _) => {
+            return Err(bad(
+                "endpoints",
+                "an https:// endpoint needs ca, cert and key in [state]".into(),
+            ));
+        }
+        (Some(_), _, Some(e)) => {
+            return Err(bad(
+                "endpoints",
+                format!("\"{e}\" is http:// but ca, cert and key are set: use https://"),
+            ));
+        }
+        _ => {}
+    }
+    let leader_lease = t.leader_lease.map_or(DEFAULT_LEADER_LEASE, |d| d.0);
+    if leader_lease.subsec_nanos() != 0
+        || !(Duration::from_secs(2)..=Duration::from_secs(60)).contains(&leader_lease)
+    {
+        return Err(bad(
+            "leader_lease",
+            format!("{leader_lease:?} is not whole seconds from 2s to 60s"),
+        ));
+    }
+    let timeout = t
+        .request_timeout
+        .map_or(crate::state::etcd::DEFAULT_TIMEOUT, |d| d.0);
+    if !(Duration::from_secs(1)..=Duration::from_secs(60)).contains(&timeout) {
+        return Err(bad(
+            "request_timeout",
+            format!("{timeout:?} is not between 1s and 60s"),
+        ));
+    }
+    let advertise = t.advertise.ok_or_else(|| {
+        bad(
+            "advertise",
+            "is required with backend = \"etcd\": this coordinator's URL (https://host:port)"
+                .into(),
+        )
+    })?;
+    bulwark_common::tls::Target::parse(&advertise).map_err(|e| bad("advertise", e.to_string()))?;
+    Ok(EtcdStateConfig {
+        options: crate::state::etcd::EtcdOptions {
+            endpoints: t.endpoints,
+            prefix,
+            tls,
+            timeout,
+        },
+        leader_lease,
+        advertise,
+    })
+}
+
+/// `http://host:port` or `https://host:port`.
+fn check_endpoint(e: &str) -> Result<(), String> {
+    let rest = e
+        .strip_prefix("http://")
+        .or_else(|| e.strip_prefix("https://"))
+        .ok_or("not http:// or https://")?;
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = rest.rsplit_once(':').ok_or("no port")?;
+    if host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .is_empty()
+        || host.contains('/')
+    {
+        return Err("no host".into());
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!("\"{port}\" is not a port number")),
+    }
 }
 
 fn default_forecast_warn_days() -> f64 {
@@ -159,6 +375,8 @@ pub struct CoordinatorConfig {
     pub policy: crate::policy::FleetPolicy,
     pub stream_idle_timeout: Duration,
     pub forecast: crate::forecast::ForecastSettings,
+    /// `[state]`: sled (default) or etcd.
+    pub state: StateConfig,
 }
 
 impl CoordinatorConfig {
@@ -177,7 +395,9 @@ impl CoordinatorConfig {
             ));
         }
         let forecast = forecast_settings(path, t.forecast_warn_days, t.forecast_window.0)?;
+        let state = state_config(path, t.state)?;
         Ok(CoordinatorConfig {
+            state,
             forecast,
             policy,
             stream_idle_timeout: t.stream_idle_timeout.0,
@@ -345,6 +565,154 @@ mod tests {
             assert!(
                 e.contains(key) && e.contains("coordinator.toml"),
                 "{extra}: {e}"
+            );
+        }
+    }
+
+    fn load_state(dir: &std::path::Path, state: &str) -> Result<super::StateConfig, String> {
+        let path = dir.join("coordinator.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "listen = \"127.0.0.1:7440\"\ndata_dir = \"data\"\n[tls]\nca = \"ca.crt\"\ncert = \"c.crt\"\nkey = \"c.key\"\n{state}\n"
+            ),
+        )
+        .expect("write");
+        super::CoordinatorConfig::load(&path)
+            .map(|c| c.state)
+            .map_err(|e| e.to_string())
+    }
+
+    /// `[state]`: sled by default; etcd with its endpoints, prefix, TLS files
+    /// (relative to the config file), lease, timeout and advertised URL.
+    #[test]
+    fn state_backend_loads() {
+        use super::StateConfig;
+        use std::time::Duration;
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(load_state(dir.path(), ""), Ok(StateConfig::Sled));
+        assert_eq!(
+            load_state(dir.path(), "[state]\nbackend = \"sled\""),
+            Ok(StateConfig::Sled)
+        );
+        let c = load_state(
+            dir.path(),
+            "[state]\nbackend = \"etcd\"\nendpoints = [\"http://10.0.0.1:2379\", \"http://[::1]:2379\"]\nadvertise = \"https://c1.test:7440\"",
+        )
+        .expect("etcd defaults");
+        let StateConfig::Etcd(e) = c else {
+            panic!("not etcd: {c:?}")
+        };
+        assert_eq!(e.options.prefix, "/bulwark");
+        assert_eq!(e.options.endpoints.len(), 2);
+        assert_eq!(e.options.tls, None);
+        assert_eq!(e.options.timeout, Duration::from_secs(5));
+        assert_eq!(e.leader_lease, Duration::from_secs(5));
+        assert_eq!(e.advertise, "https://c1.test:7440");
+        let c = load_state(
+            dir.path(),
+            "[state]\nbackend = \"etcd\"\nendpoints = [\"https://e1:2379\"]\nprefix = \"/fleet-a\"\nca = \"etcd/ca.crt\"\ncert = \"etcd/c.crt\"\nkey = \"/abs/c.key\"\nleader_lease = \"10s\"\nrequest_timeout = \"2s\"\nadvertise = \"https://c1.test:7440\"",
+        )
+        .expect("etcd with TLS");
+        let StateConfig::Etcd(e) = c else {
+            panic!("not etcd: {c:?}")
+        };
+        let tls = e.options.tls.expect("tls");
+        assert_eq!(tls.ca, dir.path().join("etcd/ca.crt"));
+        assert_eq!(tls.key, std::path::PathBuf::from("/abs/c.key"));
+        assert_eq!(e.options.prefix, "/fleet-a");
+        assert_eq!(e.leader_lease, Duration::from_secs(10));
+        assert_eq!(e.options.timeout, Duration::from_secs(2));
+    }
+
+    /// Bad `[state]` values are refused naming the key and the value.
+    #[test]
+    fn bad_state_values_name_the_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let etcd = "backend = \"etcd\"\nadvertise = \"https://c1:7440\"";
+        let ok_ep = "endpoints = [\"http://e1:2379\"]";
+        for (state, key, value) in [
+            (
+                "backend = \"zookeeper\"".to_string(),
+                "state.backend",
+                "zookeeper",
+            ),
+            (
+                "endpoints = [\"http://e1:2379\"]".into(),
+                "state.endpoints",
+                "etcd",
+            ),
+            (etcd.into(), "state.endpoints", "required"),
+            (
+                format!("{etcd}\nendpoints = [\"e1:2379\"]"),
+                "state.endpoints",
+                "e1:2379",
+            ),
+            (
+                format!("{etcd}\nendpoints = [\"http://e1\"]"),
+                "state.endpoints",
+                "http://e1",
+            ),
+            (
+                format!("{etcd}\nendpoints = [\"http://e1:99999\"]"),
+                "state.endpoints",
+                "99999",
+            ),
+            (
+                format!("{etcd}\nendpoints = [\"https://e1:2379\"]"),
+                "state.endpoints",
+                "https://",
+            ),
+            (
+                format!("{etcd}\n{ok_ep}\nprefix = \"bulwark\""),
+                "state.prefix",
+                "bulwark",
+            ),
+            (
+                format!("{etcd}\n{ok_ep}\nprefix = \"/b/\""),
+                "state.prefix",
+                "/b/",
+            ),
+            (
+                format!("{etcd}\n{ok_ep}\nca = \"ca.crt\""),
+                "state.cert",
+                "ca, cert and key",
+            ),
+            (
+                format!("{etcd}\n{ok_ep}\nca = \"a\"\ncert = \"b\"\nkey = \"c\""),
+                "state.endpoints",
+                "http://e1:2379",
+            ),
+            (
+                format!("{etcd}\n{ok_ep}\nleader_lease = \"1s\""),
+                "state.leader_lease",
+                "1s",
+            ),
+            (
+                format!("{etcd}\n{ok_ep}\nleader_lease = \"2500ms\""),
+                "state.leader_lease",
+                "2.5s",
+            ),
+            (
+                format!("{etcd}\n{ok_ep}\nrequest_timeout = \"0s\""),
+                "state.request_timeout",
+                "0ns",
+            ),
+            (
+                format!("backend = \"etcd\"\n{ok_ep}"),
+                "state.advertise",
+                "required",
+            ),
+            (
+                format!("backend = \"etcd\"\n{ok_ep}\nadvertise = \"ftp://c1:7440\""),
+                "state.advertise",
+                "ftp://c1:7440",
+            ),
+        ] {
+            let e = load_state(dir.path(), &format!("[state]\n{state}")).expect_err(&state);
+            assert!(
+                e.contains(key) && e.contains(value) && e.contains("coordinator.toml"),
+                "{state}: {e}"
             );
         }
     }

@@ -8,6 +8,8 @@
 //!   config files, daemons, readiness waits, the CLI as admin or as anyone.
 //! - [`process`]: [`Daemon`] (start, stop by SIGTERM, kill -9, restart, wait for a log
 //!   line) and commands run with a deadline.
+//! - [`etcd`]: [`etcd::EtcdCluster`]: real 1- or 3-member etcd clusters (optionally
+//!   TLS with client certificates), members killed and restarted.
 //! - [`files`]: random volumes, in-place block rewrites, BLAKE3, comparisons.
 //! - [`grpc`]: raw gRPC clients with any certificate, and a TLS client without one.
 //! - [`hostile`]: what a host taken over sends, and proof that no point was lost.
@@ -19,6 +21,7 @@
 //!   `$BULWARK_SKIP_LOG`), which `.ci/test` lists and CI checks.
 
 pub mod bins;
+pub mod etcd;
 pub mod files;
 pub mod fleet;
 pub mod grpc;

@@ -4,7 +4,7 @@
 use super::{StateStore, Txn};
 
 /// Runs the contract against an empty store.
-pub(crate) fn check(s: &dyn StateStore) {
+pub fn check(s: &dyn StateStore) {
     assert_eq!(s.get("nodes", b"n1").expect("get"), None);
     s.put("nodes", b"n1", b"one".to_vec()).expect("put");
     s.put("nodes", b"n2", b"two".to_vec()).expect("put");

@@ -5,7 +5,7 @@
 //! backends implement [`StateStore`]:
 //! - [`SledState`] (the default): one embedded sled database in the data directory;
 //!   one coordinator, nothing else to run.
-//! - `EtcdState` (`[state] backend = "etcd"`): keys under a prefix in an etcd v3
+//! - [`EtcdState`] (`[state] backend = "etcd"`): keys under a prefix in an etcd v3
 //!   cluster, shared by several coordinators of which one leads. Every change is one
 //!   etcd transaction that also checks the writer still holds the leadership key
 //!   (*fencing*), so a deposed leader's write fails as a whole, never half-applied.
@@ -15,8 +15,10 @@
 //! [`Cmp`] in the same [`Txn`] rather than relying on a process-local lock, because
 //! with etcd the other writer may be another process.
 
+pub mod etcd;
 mod sled_state;
 
+pub use etcd::EtcdState;
 pub use sled_state::SledState;
 
 /// The most operations callers put in one [`Txn`]: etcd refuses transactions of
@@ -144,5 +146,7 @@ pub trait StateStore: Send + Sync + std::fmt::Debug + 'static {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod contract;
+/// The contract every backend meets, public (hidden) so that the etcd backend's
+/// tests in `tests/` run it against a real cluster.
+#[doc(hidden)]
+pub mod contract;
