@@ -37,6 +37,24 @@ pub enum Role {
     Follower { leader: Option<String>, why: String },
 }
 
+impl Role {
+    /// The gate's view of an election's role.
+    pub fn from_election(r: &crate::state::etcd::Role) -> Role {
+        use crate::state::etcd::Role as E;
+        match r {
+            E::Leader { .. } => Role::Leader,
+            E::Follower { leader } => Role::Follower {
+                leader: Some(leader.url.clone()),
+                why: format!("{} leads", leader.id),
+            },
+            E::NoLeader { why } => Role::Follower {
+                leader: None,
+                why: why.clone(),
+            },
+        }
+    }
+}
+
 /// A live view of this coordinator's [`Role`].
 #[derive(Debug, Clone)]
 pub struct LeaderView(watch::Receiver<Role>);
@@ -53,6 +71,22 @@ impl LeaderView {
     /// A view that follows `rx` (the election's).
     pub fn new(rx: watch::Receiver<Role>) -> LeaderView {
         LeaderView(rx)
+    }
+
+    /// A view that follows an etcd election's role (see `state::etcd::election`),
+    /// translated on a task of the current runtime.
+    pub fn follow(mut rx: watch::Receiver<crate::state::etcd::Role>) -> LeaderView {
+        let (tx, out) = watch::channel(Role::from_election(&rx.borrow_and_update()));
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let role = Role::from_election(&rx.borrow_and_update());
+                tracing::info!(?role, "coordinator role");
+                if tx.send(role).is_err() {
+                    break;
+                }
+            }
+        });
+        LeaderView(out)
     }
 
     /// The role now.
@@ -175,6 +209,16 @@ where
 pub struct LeaderOnly<W> {
     pub inner: W,
     pub view: LeaderView,
+}
+
+impl<W: Worker> LeaderOnly<W> {
+    /// `inner`, run only while `view` says this coordinator leads.
+    pub fn new(inner: W, view: &LeaderView) -> LeaderOnly<W> {
+        LeaderOnly {
+            inner,
+            view: view.clone(),
+        }
+    }
 }
 
 impl<W: Worker> Worker for LeaderOnly<W> {

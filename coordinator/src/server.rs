@@ -16,11 +16,14 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::CoordinatorApi;
-use crate::config::{CoordinatorConfig, EnrollmentConfig};
+use crate::config::{CoordinatorConfig, EnrollmentConfig, StateConfig};
 use crate::enroll::Enroller;
+use crate::leader::{LeaderGateLayer, LeaderOnly, LeaderView};
 use crate::registry::Registry;
 use crate::revocation::RevocationStore;
 use crate::service::CoordinatorService;
+use crate::state::etcd::Election;
+use crate::state::{EtcdState, SledState, StateStore};
 use crate::workers;
 
 /// How long each background worker gets to finish its run at shutdown.
@@ -33,11 +36,10 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let identity = TlsIdentity::load_as(&cfg.tls, Role::Coordinator, None)?;
-    let (dir, timeout) = (cfg.data_dir.clone(), cfg.node_timeout);
+    let backend = open_state(&cfg).await?;
+    let view = backend.view.clone();
     let registry = Arc::new(
-        tokio::task::spawn_blocking(move || Registry::open(&dir, timeout))
-            .await?
-            .context("cannot open the registry")?
+        Registry::with_state(backend.state.clone(), cfg.node_timeout)
             .with_fleet_policy(cfg.policy)
             .with_forecast(cfg.forecast),
     );
@@ -52,24 +54,37 @@ pub async fn run(
     if let Some(e) = &cfg.enrollment {
         let enroller =
             start_enrollment(&cfg, e, &registry, &identity, &revocations, &shutdown).await?;
-        workers.spawn(renewal(&cfg, &identity, enroller.clone()));
+        workers.spawn(LeaderOnly::new(
+            renewal(&cfg, &identity, enroller.clone()),
+            &view,
+        ));
         svc = svc.with_enroller(enroller);
     }
     let svc = Arc::new(svc);
-    workers.spawn(workers::Schedule(svc.clone()));
-    workers.spawn(workers::Moves(svc.clone()));
-    workers.spawn(workers::Monitor {
-        registry: registry.clone(),
-        timeout: cfg.node_timeout,
-        identity: identity.clone(),
-        revocations: revocations.clone(),
-    });
-    workers.spawn(workers::Forecast(registry.clone()));
+    // With etcd, only the leader runs the loops that decide (see `leader`).
+    workers.spawn(LeaderOnly::new(workers::Schedule(svc.clone()), &view));
+    workers.spawn(LeaderOnly::new(workers::Moves(svc.clone()), &view));
+    workers.spawn(LeaderOnly::new(
+        workers::Monitor {
+            registry: registry.clone(),
+            timeout: cfg.node_timeout,
+            identity: identity.clone(),
+            revocations: revocations.clone(),
+        },
+        &view,
+    ));
+    workers.spawn(LeaderOnly::new(workers::Forecast(registry.clone()), &view));
     if let Some(every) = cfg.scrub_interval {
-        workers.spawn(workers::Scrub {
-            svc: svc.clone(),
-            every,
-        });
+        workers.spawn(LeaderOnly::new(
+            workers::Scrub {
+                svc: svc.clone(),
+                every,
+            },
+            &view,
+        ));
+    }
+    if backend.election.is_some() {
+        workers.spawn(workers::Revocations(revocations.clone()));
     }
     // The workers stop (last started first) as soon as shutdown begins, while the
     // server drains its streams (every state change is durable when made).
@@ -78,12 +93,67 @@ pub async fn run(
         stopped.cancelled().await;
         workers.stop(WORKER_GRACE).await;
     });
-    serve(listener, &identity, &revocations, svc, &shutdown).await?;
+    serve(listener, &identity, &revocations, svc, view, &shutdown).await?;
     if let Err(e) = workers_done.await {
         tracing::warn!("stopping the workers: {e}");
     }
+    if let Some(election) = backend.election {
+        // Another coordinator may lead at once, rather than after the lease.
+        match tokio::task::spawn_blocking(move || election.resign()).await? {
+            Ok(()) => tracing::info!("leadership resigned"),
+            Err(e) => {
+                tracing::warn!("cannot resign the leadership (it lapses with its lease): {e}")
+            }
+        }
+    }
     tracing::info!("coordinator stopped");
     Ok(())
+}
+
+/// Where the state lives and who leads.
+struct Backend {
+    state: Arc<dyn StateStore>,
+    view: LeaderView,
+    /// With etcd: this coordinator's campaign.
+    election: Option<Election>,
+}
+
+/// Opens `[state]`: sled in `data_dir` (this coordinator always leads), or etcd
+/// (a campaign starts; every commit is fenced by the leadership it holds).
+async fn open_state(cfg: &CoordinatorConfig) -> anyhow::Result<Backend> {
+    match &cfg.state {
+        StateConfig::Sled => {
+            let dir = cfg.data_dir.clone();
+            let state = tokio::task::spawn_blocking(move || -> anyhow::Result<SledState> {
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+                Ok(SledState::open(&dir.join("registry"))?)
+            })
+            .await?
+            .context("cannot open the registry")?;
+            Ok(Backend {
+                state: Arc::new(state),
+                view: LeaderView::always(),
+                election: None,
+            })
+        }
+        StateConfig::Etcd(e) => {
+            let e = e.clone();
+            let (base, election) = tokio::task::spawn_blocking(move || {
+                let base = EtcdState::connect(&e.options)?;
+                let election = base.elect(&e.advertise, &e.advertise, e.leader_lease)?;
+                Ok::<_, crate::state::StateError>((base, election))
+            })
+            .await?
+            .context("cannot reach the etcd cluster of [state]")?;
+            tracing::info!(state = %base.describe(), role = %election.role(), "state in etcd");
+            Ok(Backend {
+                state: Arc::new(base.fenced(&election)),
+                view: LeaderView::follow(election.watch()),
+                election: Some(election),
+            })
+        }
+    }
 }
 
 /// The revocation list; signed as a CRL when the coordinator holds the CA key.
@@ -185,6 +255,7 @@ async fn serve(
     identity: &TlsIdentity,
     revocations: &Arc<RevocationStore>,
     svc: Arc<CoordinatorService>,
+    view: LeaderView,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     tracing::info!(listen = %listener.local_addr()?, "coordinator listening");
@@ -207,6 +278,7 @@ async fn serve(
     tls::server_builder()
         .layer(bulwark_common::telemetry::ServerTraceLayer)
         .layer(access)
+        .layer(LeaderGateLayer::new(view))
         .add_service(health_service)
         .add_service(
             pb::coordinator_server::CoordinatorServer::new(CoordinatorApi(svc))
