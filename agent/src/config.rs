@@ -7,7 +7,8 @@ use bulwark_common::block::{DEFAULT_BLOCK_SIZE, Geometry};
 use bulwark_common::config::{ByteSize, ConfigError, HumanDuration, TlsFiles, resolve};
 
 use crate::tracker::activity::ActivityConfig;
-use bulwark_common::tls::{Role, Target};
+use bulwark_common::failover::CoordinatorList;
+use bulwark_common::tls::Role;
 use bulwark_nbd::limits::Limits;
 use serde::Deserialize;
 
@@ -19,8 +20,15 @@ use crate::quiesce::QuiesceConfig;
 pub struct AgentToml {
     /// Name of this agent (the protected host) in the fleet; must match its certificate.
     pub name: String,
-    /// `https://host:port` of the coordinator. The agent only dials out.
-    pub coordinator: String,
+    /// `https://host:port` of the coordinator (a list of one; or `coordinators`).
+    /// The agent only dials out.
+    #[serde(default)]
+    pub coordinator: Option<String>,
+    /// The coordinators, `["https://a:7443", "https://b:7443"]`: tried in order,
+    /// moving on when one is unreachable or not the leader. Either this or
+    /// `coordinator`.
+    #[serde(default)]
+    pub coordinators: Option<Vec<String>>,
     /// Where the agent keeps its state (a lock file; later, tracker state).
     pub state_dir: PathBuf,
     /// The data sources this agent protects.
@@ -277,7 +285,7 @@ pub struct SourceConfig {
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub name: String,
-    pub coordinator: Target,
+    pub coordinators: CoordinatorList,
     pub state_dir: PathBuf,
     pub sources: Vec<SourceConfig>,
     /// `nbd_max_connections` and `nbd_handshake_timeout`, for every `nbd-filter`
@@ -299,8 +307,9 @@ impl AgentConfig {
                 format!("\"{}\" is not a valid name", t.name),
             ));
         }
-        let coordinator =
-            Target::parse(&t.coordinator).map_err(|m| bad("coordinator".into(), m.to_string()))?;
+        let coordinators =
+            CoordinatorList::from_keys(t.coordinator.as_deref(), t.coordinators.as_deref())
+                .map_err(|(key, m)| bad(key, m))?;
         let mut sources: Vec<SourceConfig> = Vec::new();
         for (i, s) in t.sources.into_iter().enumerate() {
             let source = source_config(path, i, s, &sources, &bad)?;
@@ -323,7 +332,7 @@ impl AgentConfig {
         })?;
         Ok(AgentConfig {
             name: t.name,
-            coordinator,
+            coordinators,
             state_dir: resolve(path, &t.state_dir),
             sources,
             nbd_limits,

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bulwark_common::config::{ByteSize, ConfigError, HumanDuration, TlsFiles, resolve};
+use bulwark_common::failover::CoordinatorList;
 use bulwark_common::tls::Target;
 use serde::Deserialize;
 
@@ -19,8 +20,14 @@ pub struct NodeToml {
     /// `https://host:port` agents dial, when it differs from `listen`.
     #[serde(default)]
     pub advertise: Option<String>,
-    /// `https://host:port` of the coordinator.
-    pub coordinator: String,
+    /// `https://host:port` of the coordinator (a list of one; or `coordinators`).
+    #[serde(default)]
+    pub coordinator: Option<String>,
+    /// The coordinators, `["https://a:7443", "https://b:7443"]`: tried in order,
+    /// moving on when one is unreachable or not the leader. Either this or
+    /// `coordinator`.
+    #[serde(default)]
+    pub coordinators: Option<Vec<String>>,
     /// Where the node keeps its metadata (sled).
     pub data_dir: PathBuf,
     /// Where to serve read-only NBD exports of recovery points (TLS only, admin
@@ -125,7 +132,7 @@ pub struct NodeConfig {
     pub name: String,
     pub listen: SocketAddr,
     pub advertise: Option<Target>,
-    pub coordinator: Target,
+    pub coordinators: CoordinatorList,
     pub data_dir: PathBuf,
     pub heartbeat_interval: Duration,
     pub nbd_listen: Option<SocketAddr>,
@@ -155,8 +162,9 @@ impl NodeConfig {
             .listen
             .parse()
             .map_err(|_| bad("listen", format!("\"{}\" is not host:port", t.listen)))?;
-        let coordinator =
-            Target::parse(&t.coordinator).map_err(|m| bad("coordinator", m.to_string()))?;
+        let coordinators =
+            CoordinatorList::from_keys(t.coordinator.as_deref(), t.coordinators.as_deref())
+                .map_err(|(key, m)| bad(&key, m))?;
         let advertise = t
             .advertise
             .as_deref()
@@ -234,7 +242,7 @@ impl NodeConfig {
             name: t.name,
             listen,
             advertise,
-            coordinator,
+            coordinators,
             data_dir: resolve(path, &t.data_dir),
             heartbeat_interval: t.heartbeat_interval.0,
             disks,
