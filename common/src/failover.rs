@@ -60,7 +60,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// be ASCII metadata is sent as an empty hint (clients then try their next address).
 pub fn not_leader(leader: &str) -> Status {
     let mut status = Status::unavailable(format!("not the leader; the leader is {leader}"));
-    let value = MetadataValue::try_from(leader).unwrap_or_else(|_| MetadataValue::from_static(""));
+    let printable = leader.bytes().all(|b| b.is_ascii_graphic());
+    let value = MetadataValue::try_from(leader)
+        .ok()
+        .filter(|_| printable)
+        .unwrap_or_else(|| MetadataValue::from_static(""));
     status.metadata_mut().insert(LEADER_METADATA, value);
     status
 }
@@ -722,3 +726,6 @@ impl HttpBody for Trailers {
         self.body.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests;
