@@ -800,6 +800,53 @@ impl bulwark_common::daemon::DaemonConfig for AgentConfig {
 
 #[cfg(test)]
 mod tests {
+    /// `coordinators = [...]` or `coordinator = "..."`, never both; errors name the
+    /// key and the entry.
+    #[test]
+    fn coordinators_are_a_list_or_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.toml");
+        let load = |lines: &str| {
+            let text = format!(
+                "name = \"host-1\"\n{lines}state_dir = \"/var/lib/bulwark\"\n[tls]\nca = \"ca.crt\"\ncert = \"a.crt\"\nkey = \"a.key\"\n"
+            );
+            std::fs::write(&path, text).expect("write");
+            super::AgentConfig::load(&path).map(|c| c.coordinators.to_string())
+        };
+        assert_eq!(
+            load("coordinator = \"https://a:7443\"\n").expect("one"),
+            "https://a:7443"
+        );
+        assert_eq!(
+            load("coordinators = [\"https://b:7443\", \"https://a:7443\"]\n").expect("two"),
+            "https://b:7443,https://a:7443"
+        );
+        for (lines, wants) in [
+            (
+                "coordinator = \"https://a:1\"\ncoordinators = [\"https://b:1\"]\n",
+                &["key `coordinators`", "both"][..],
+            ),
+            (
+                "coordinators = []\n",
+                &["key `coordinators`", "no coordinator"],
+            ),
+            ("", &["key `coordinators`", "no coordinator"]),
+            (
+                "coordinators = [\"https://a:1\", \"https://b\"]\n",
+                &["key `coordinators[1]`", "entry 1 (\"https://b\")"],
+            ),
+            (
+                "coordinators = [\"https://a:1\", \"https://a:1\"]\n",
+                &["key `coordinators[1]`", "entry 0 again"],
+            ),
+        ] {
+            let e = load(lines).expect_err(lines).to_string();
+            for w in wants {
+                assert!(e.contains(w), "{lines:?}: {e} (wants {w:?})");
+            }
+        }
+    }
+
     /// `compress`: "zstd" or "off" (the default) on volume sources; anything else,
     /// or compression of a log source, is refused naming the key.
     #[test]

@@ -329,4 +329,65 @@ mod tests {
             );
         }
     }
+
+    /// `coordinators = [...]` or `coordinator = "..."` (a list of one), never both;
+    /// a bad or repeated entry is named by its index and value.
+    #[test]
+    fn coordinators_are_a_list_or_one() {
+        let example =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/node.toml");
+        let text = std::fs::read_to_string(&example).expect("example");
+        let single = "coordinator = \"https://coordinator.example.net:7440\"\n";
+        assert!(text.contains(single), "the example sets one coordinator");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("node.toml");
+        let with = |lines: &str| {
+            std::fs::write(&path, text.replacen(single, lines, 1)).expect("write");
+            super::NodeConfig::load(&path)
+        };
+        let one = with(single).expect("one address");
+        assert_eq!(
+            one.coordinators.to_string(),
+            "https://coordinator.example.net:7440"
+        );
+        let two = with("coordinators = [\"https://a:7440\", \"https://b:7440\"]\n").expect("two");
+        assert_eq!(
+            two.coordinators.to_string(),
+            "https://a:7440,https://b:7440"
+        );
+        for (lines, wants) in [
+            (
+                format!("{single}coordinators = [\"https://a:7440\"]\n"),
+                &[
+                    "key `coordinators`",
+                    "both `coordinator` and `coordinators`",
+                ][..],
+            ),
+            (
+                "coordinators = []\n".into(),
+                &["key `coordinators`", "no coordinator address"],
+            ),
+            (
+                String::new(),
+                &["key `coordinators`", "no coordinator address"],
+            ),
+            (
+                "coordinators = [\"https://a:7440\", \"http://b:7440\"]\n".into(),
+                &["key `coordinators[1]`", "\"http://b:7440\"", "https://"],
+            ),
+            (
+                "coordinators = [\"https://a:7440\", \"https://A:7440\"]\n".into(),
+                &["key `coordinators[1]`", "is entry 0 again"],
+            ),
+            (
+                "coordinator = \"https://a\"\n".into(),
+                &["key `coordinator`", "host:port"],
+            ),
+        ] {
+            let e = with(&lines).expect_err(&lines).to_string();
+            for w in wants {
+                assert!(e.contains(w), "{lines:?}: {e} (wants {w:?})");
+            }
+        }
+    }
 }
