@@ -24,13 +24,14 @@ fn lists_parse_in_order_and_name_the_bad_entry() {
     assert_eq!(l.position("https://b:7444"), None);
     assert_eq!(l.position("not a url"), None);
     assert_eq!(
-        CoordinatorList::parse::<&str>(&[]).unwrap_err(),
+        CoordinatorList::parse::<&str>(&[]).expect_err("refused"),
         ListError::Empty
     );
-    let e = CoordinatorList::parse(&["https://a:1", "http://b:2"]).unwrap_err();
+    let e = CoordinatorList::parse(&["https://a:1", "http://b:2"]).expect_err("refused");
     assert_eq!(e.index(), Some(1));
     assert!(e.to_string().contains("entry 1 (\"http://b:2\")"), "{e}");
-    let e = CoordinatorList::parse(&["https://a:1", "https://b:2", "https://A:1"]).unwrap_err();
+    let e = CoordinatorList::parse(&["https://a:1", "https://b:2", "https://A:1"])
+        .expect_err("refused");
     assert_eq!(
         e,
         ListError::Duplicate {
@@ -42,10 +43,10 @@ fn lists_parse_in_order_and_name_the_bad_entry() {
     let c = CoordinatorList::parse_commas(" https://a:1 , https://b:2").expect("commas");
     assert_eq!(c.to_string(), "https://a:1,https://b:2");
     assert_eq!(
-        CoordinatorList::parse_commas(" ").unwrap_err(),
+        CoordinatorList::parse_commas(" ").expect_err("refused"),
         ListError::Empty
     );
-    let e = CoordinatorList::parse_commas("https://a:1,,https://b:2").unwrap_err();
+    let e = CoordinatorList::parse_commas("https://a:1,,https://b:2").expect_err("refused");
     assert_eq!(e.index(), Some(1), "{e}");
 }
 
@@ -64,22 +65,23 @@ fn config_keys_are_one_or_the_other() {
             .len(),
         1
     );
-    let (key, m) = CoordinatorList::from_keys(Some("https://a:1"), Some(&list)).unwrap_err();
+    let (key, m) =
+        CoordinatorList::from_keys(Some("https://a:1"), Some(&list)).expect_err("refused");
     assert_eq!(key, "coordinators");
     assert!(
         m.contains("`coordinator`") && m.contains("`coordinators`"),
         "{m}"
     );
-    let (key, _) = CoordinatorList::from_keys(None, None).unwrap_err();
+    let (key, _) = CoordinatorList::from_keys(None, None).expect_err("refused");
     assert_eq!(key, "coordinators");
-    let (key, m) = CoordinatorList::from_keys(None, Some(&[])).unwrap_err();
+    let (key, m) = CoordinatorList::from_keys(None, Some(&[])).expect_err("refused");
     assert_eq!(key, "coordinators");
     assert!(m.contains("no coordinator address"), "{m}");
     let bad = vec!["https://a:1".to_string(), "https://a".to_string()];
-    let (key, m) = CoordinatorList::from_keys(None, Some(&bad)).unwrap_err();
+    let (key, m) = CoordinatorList::from_keys(None, Some(&bad)).expect_err("refused");
     assert_eq!(key, "coordinators[1]");
     assert!(m.contains("\"https://a\""), "{m}");
-    let (key, _) = CoordinatorList::from_keys(Some("ftp://a:1"), None).unwrap_err();
+    let (key, _) = CoordinatorList::from_keys(Some("ftp://a:1"), None).expect_err("refused");
     assert_eq!(key, "coordinator");
 }
 
