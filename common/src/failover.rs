@@ -15,7 +15,9 @@
 //!   stream's trailers): the connection is cut and the next one goes to the address
 //!   the hint names if the list holds it, otherwise to the next address. A hint never
 //!   makes a client dial an address its operator did not configure (a coordinator's
-//!   key can be stolen too).
+//!   key can be stolen too). A call so refused whose request had been sent whole
+//!   (unary, server-streaming; at most 1 MiB) is re-sent once to the
+//!   hinted leader: the follower took nothing.
 //!
 //! Other `Unavailable` answers (an agent that went away during a relayed command) are
 //! answers, not signs of the wrong coordinator: they move nothing. With a list of one
@@ -418,23 +420,25 @@ impl Shared {
 
     /// An answer (given at `epoch`) was the not-leader status with `hint`: cut the
     /// connection; the next goes to the hinted address if configured, else the next.
-    fn not_leader(&self, epoch: u64, hint: Option<String>) {
+    /// Returns the hinted address when it is one of the list (and another one).
+    fn not_leader(&self, epoch: u64, hint: Option<String>) -> Option<usize> {
         if !self.several() {
-            return;
+            return None;
         }
         let mut s = self.state();
-        let Some(i) = s.current else { return };
+        let i = s.current?;
         if s.epoch != epoch {
-            return;
+            return None;
         }
         let here = self.target(i).clone();
         let onward = (i + 1) % self.list.len();
-        let (next, why) = match hint {
+        let (next, why, followed) = match hint {
             Some(url) => match self.list.position(&url) {
-                Some(j) if j != i => (j, format!("{here} is not the leader and named it")),
+                Some(j) if j != i => (j, format!("{here} is not the leader and named it"), true),
                 Some(_) => (
                     onward,
                     format!("{here} said it is not the leader, naming itself"),
+                    false,
                 ),
                 None => {
                     tracing::warn!(
@@ -446,10 +450,15 @@ impl Shared {
                     (
                         onward,
                         format!("{here} is not the leader and named an unlisted address"),
+                        false,
                     )
                 }
             },
-            None => (onward, format!("{here} is not the leader and knows none")),
+            None => (
+                onward,
+                format!("{here} is not the leader and knows none"),
+                false,
+            ),
         };
         tracing::info!(coordinator = %here, "{why}; switching to {}", self.target(next));
         s.next = next;
@@ -458,6 +467,7 @@ impl Shared {
         if let Some((_, kill)) = s.conn.take() {
             kill.cancel();
         }
+        followed.then_some(next)
     }
 }
 
@@ -670,16 +680,26 @@ impl tower::Service<http::Request<tonic::body::Body>> for CoordinatorChannel {
     }
 
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        if !self.shared.several() {
+            return Box::pin(tower::Service::call(&mut self.inner, req));
+        }
         let epoch = self.shared.epoch();
+        let (req, resend) = Resend::keep(req);
         let fut = tower::Service::call(&mut self.inner, req);
         let shared = self.shared.clone();
         Box::pin(async move {
             let resp = fut.await?;
-            if !shared.several() {
-                return Ok(resp);
-            }
-            if let Some(hint) = not_leader_in(resp.headers()) {
-                shared.not_leader(epoch, hint);
+            let hint = not_leader_in(resp.headers());
+            let leader = hint.and_then(|h| shared.not_leader(epoch, h));
+            let again = resend.finish();
+            if let (Some(j), Some(req)) = (leader, again) {
+                // The follower took nothing: the whole request goes to the leader it
+                // named, on a connection of its own (the shared one reconnects there).
+                let target = shared.target(j).clone();
+                tracing::info!(coordinator = %target, "call re-sent to the leader");
+                if let Ok(ch) = crate::tls::channel_lazy(&target, shared.tls.clone()) {
+                    return tower::ServiceExt::oneshot(ch, req).await;
+                }
             }
             Ok(resp.map(|body| {
                 tonic::body::Body::new(Trailers {
@@ -689,6 +709,130 @@ impl tower::Service<http::Request<tonic::body::Body>> for CoordinatorChannel {
                 })
             }))
         })
+    }
+}
+
+/// Most request bytes kept to re-send a call to the leader (calls to the coordinator
+/// are small; a longer stream is not re-sent).
+const RESEND_LIMIT: usize = 1 << 20;
+
+/// A copy of a request's head and body frames, kept until its answer comes, so that
+/// a call a follower refused can go to the leader whole.
+struct Resend {
+    head: http::request::Parts,
+    copy: Arc<Mutex<Copy>>,
+}
+
+#[derive(Default)]
+struct Copy {
+    frames: Vec<bytes::Bytes>,
+    bytes: usize,
+    /// The body ended (everything the caller sent is in `frames`).
+    ended: bool,
+    /// Not to be re-sent (too long, trailers, an error) or answered already.
+    spoilt: bool,
+}
+
+impl Resend {
+    fn keep(req: http::Request<tonic::body::Body>) -> (http::Request<tonic::body::Body>, Resend) {
+        let (parts, body) = req.into_parts();
+        let mut head = http::Request::new(()).into_parts().0;
+        head.method = parts.method.clone();
+        head.uri = parts.uri.clone();
+        head.version = parts.version;
+        head.headers = parts.headers.clone();
+        head.extensions = parts.extensions.clone();
+        let copy = Arc::new(Mutex::new(Copy::default()));
+        let tee = Tee {
+            body,
+            copy: copy.clone(),
+        };
+        let req = http::Request::from_parts(parts, tonic::body::Body::new(tee));
+        (req, Resend { head, copy })
+    }
+
+    /// The request again, if its whole body was sent before the answer came; either
+    /// way the copying stops.
+    fn finish(self) -> Option<http::Request<tonic::body::Body>> {
+        let mut c = self.copy.lock().unwrap_or_else(|e| e.into_inner());
+        let whole = c.ended && !c.spoilt;
+        c.spoilt = true;
+        let frames = std::mem::take(&mut c.frames);
+        whole.then(|| {
+            http::Request::from_parts(self.head, tonic::body::Body::new(Replay { frames }))
+        })
+    }
+}
+
+/// A request body that copies its frames into a [`Copy`] until the answer comes.
+struct Tee {
+    body: tonic::body::Body,
+    copy: Arc<Mutex<Copy>>,
+}
+
+impl HttpBody for Tee {
+    type Data = bytes::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.body).poll_frame(cx);
+        if let Poll::Ready(x) = &r {
+            let mut c = this.copy.lock().unwrap_or_else(|e| e.into_inner());
+            if !c.spoilt {
+                match x {
+                    None => c.ended = true,
+                    Some(Ok(f)) => match f.data_ref() {
+                        Some(d) if c.bytes + d.len() <= RESEND_LIMIT => {
+                            c.bytes += d.len();
+                            c.frames.push(d.clone());
+                        }
+                        _ => c.spoilt = true,
+                    },
+                    Some(Err(_)) => c.spoilt = true,
+                }
+                if c.spoilt {
+                    c.frames.clear();
+                }
+            }
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The copied frames, sent again.
+struct Replay {
+    frames: Vec<bytes::Bytes>,
+}
+
+impl HttpBody for Replay {
+    type Data = bytes::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        if this.frames.is_empty() {
+            return Poll::Ready(None);
+        }
+        Poll::Ready(Some(Ok(Frame::data(this.frames.remove(0)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.frames.is_empty()
     }
 }
 
