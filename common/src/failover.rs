@@ -391,8 +391,8 @@ impl Shared {
         }
     }
 
-    /// Connection `id` ended from the far side: with several addresses, the next
-    /// connection starts at the next one.
+    /// Connection `id` ended (the far side closed it, or it failed) without being
+    /// cut here: with several addresses, the next connection starts at the next one.
     fn lost(&self, id: u64) {
         let mut s = self.state();
         if s.conn.as_ref().is_none_or(|(c, _)| *c != id) {
@@ -493,6 +493,13 @@ impl Link {
             self.ended = true;
             self.shared.lost(self.id);
         }
+    }
+}
+
+/// A connection hyper closed (after the coordinator's GOAWAY, say) ends too.
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.end();
     }
 }
 

@@ -60,7 +60,8 @@ fn a_dead_coordinator_address_is_skipped_first_or_second() {
     // The order reversed: the coordinator moves to the first address; the second, where
     // the nodes and agents are connected, goes dead.
     fleet.move_coordinator(other);
-    let moved = format!("using coordinator {other_url}");
+    // Each lost its connection, started the next one at the next address, and says so.
+    let moved = format!("using coordinator {other_url} (the connection to {live} was lost)");
     fleet
         .agent("host-1")
         .wait_for_log(&moved, Duration::from_secs(30));
