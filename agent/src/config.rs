@@ -7,7 +7,8 @@ use bulwark_common::block::{DEFAULT_BLOCK_SIZE, Geometry};
 use bulwark_common::config::{ByteSize, ConfigError, HumanDuration, TlsFiles, resolve};
 
 use crate::tracker::activity::ActivityConfig;
-use bulwark_common::tls::{Role, Target};
+use bulwark_common::failover::CoordinatorList;
+use bulwark_common::tls::Role;
 use bulwark_nbd::limits::Limits;
 use serde::Deserialize;
 
@@ -19,8 +20,15 @@ use crate::quiesce::QuiesceConfig;
 pub struct AgentToml {
     /// Name of this agent (the protected host) in the fleet; must match its certificate.
     pub name: String,
-    /// `https://host:port` of the coordinator. The agent only dials out.
-    pub coordinator: String,
+    /// `https://host:port` of the coordinator (a list of one; or `coordinators`).
+    /// The agent only dials out.
+    #[serde(default)]
+    pub coordinator: Option<String>,
+    /// The coordinators, `["https://a:7443", "https://b:7443"]`: tried in order,
+    /// moving on when one is unreachable or not the leader. Either this or
+    /// `coordinator`.
+    #[serde(default)]
+    pub coordinators: Option<Vec<String>>,
     /// Where the agent keeps its state (a lock file; later, tracker state).
     pub state_dir: PathBuf,
     /// The data sources this agent protects.
@@ -277,7 +285,7 @@ pub struct SourceConfig {
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub name: String,
-    pub coordinator: Target,
+    pub coordinators: CoordinatorList,
     pub state_dir: PathBuf,
     pub sources: Vec<SourceConfig>,
     /// `nbd_max_connections` and `nbd_handshake_timeout`, for every `nbd-filter`
@@ -299,8 +307,9 @@ impl AgentConfig {
                 format!("\"{}\" is not a valid name", t.name),
             ));
         }
-        let coordinator =
-            Target::parse(&t.coordinator).map_err(|m| bad("coordinator".into(), m.to_string()))?;
+        let coordinators =
+            CoordinatorList::from_keys(t.coordinator.as_deref(), t.coordinators.as_deref())
+                .map_err(|(key, m)| bad(key, m))?;
         let mut sources: Vec<SourceConfig> = Vec::new();
         for (i, s) in t.sources.into_iter().enumerate() {
             let source = source_config(path, i, s, &sources, &bad)?;
@@ -323,7 +332,7 @@ impl AgentConfig {
         })?;
         Ok(AgentConfig {
             name: t.name,
-            coordinator,
+            coordinators,
             state_dir: resolve(path, &t.state_dir),
             sources,
             nbd_limits,
@@ -791,6 +800,53 @@ impl bulwark_common::daemon::DaemonConfig for AgentConfig {
 
 #[cfg(test)]
 mod tests {
+    /// `coordinators = [...]` or `coordinator = "..."`, never both; errors name the
+    /// key and the entry.
+    #[test]
+    fn coordinators_are_a_list_or_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.toml");
+        let load = |lines: &str| {
+            let text = format!(
+                "name = \"host-1\"\n{lines}state_dir = \"/var/lib/bulwark\"\n[tls]\nca = \"ca.crt\"\ncert = \"a.crt\"\nkey = \"a.key\"\n"
+            );
+            std::fs::write(&path, text).expect("write");
+            super::AgentConfig::load(&path).map(|c| c.coordinators.to_string())
+        };
+        assert_eq!(
+            load("coordinator = \"https://a:7443\"\n").expect("one"),
+            "https://a:7443"
+        );
+        assert_eq!(
+            load("coordinators = [\"https://b:7443\", \"https://a:7443\"]\n").expect("two"),
+            "https://b:7443,https://a:7443"
+        );
+        for (lines, wants) in [
+            (
+                "coordinator = \"https://a:1\"\ncoordinators = [\"https://b:1\"]\n",
+                &["key `coordinators`", "both"][..],
+            ),
+            (
+                "coordinators = []\n",
+                &["key `coordinators`", "no coordinator"],
+            ),
+            ("", &["key `coordinators`", "no coordinator"]),
+            (
+                "coordinators = [\"https://a:1\", \"https://b\"]\n",
+                &["key `coordinators[1]`", "entry 1 (\"https://b\")"],
+            ),
+            (
+                "coordinators = [\"https://a:1\", \"https://a:1\"]\n",
+                &["key `coordinators[1]`", "entry 0 again"],
+            ),
+        ] {
+            let e = load(lines).expect_err(lines).to_string();
+            for w in wants {
+                assert!(e.contains(w), "{lines:?}: {e} (wants {w:?})");
+            }
+        }
+    }
+
     /// `compress`: "zstd" or "off" (the default) on volume sources; anything else,
     /// or compression of a log source, is refused naming the key.
     #[test]

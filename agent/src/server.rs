@@ -7,6 +7,7 @@
 //! nbd-filter export is a private Unix socket or a TLS loopback port, see
 //! [`crate::export`]).
 
+use bulwark_common::failover::CoordinatorChannel;
 use bulwark_common::telemetry::TracedChannel;
 use std::collections::HashMap;
 use std::fs::File;
@@ -107,7 +108,7 @@ impl AgentError {
 /// Shared state of a running agent.
 pub struct Agent {
     cfg: AgentConfig,
-    coordinator: CoordinatorClient<TracedChannel>,
+    coordinator: CoordinatorClient<CoordinatorChannel>,
     /// Dials nodes with the agent's certificate, checking that the node answering
     /// is the one the coordinator assigned.
     identity: TlsIdentity,
@@ -728,8 +729,11 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
             return Err(e);
         }
     };
-    let channel = tls::channel_lazy(&cfg.coordinator, identity.client_config(Role::Coordinator)?)
-        .map_err(anyhow::Error::msg)?;
+    let channel = CoordinatorChannel::lazy(
+        &cfg.coordinators,
+        identity.client_config(Role::Coordinator)?,
+    )
+    .map_err(anyhow::Error::msg)?;
     let agent = Arc::new(Agent {
         coordinator: CoordinatorClient::new(channel),
         identity: identity.clone(),
@@ -849,7 +853,7 @@ async fn control_session(
         .control(ReceiverStream::new(rx))
         .await
         .map_err(|s| {
-            ControlError::Refused(tls::explain_status(&agent.cfg.coordinator.to_string(), &s))
+            ControlError::Refused(tls::explain_status(&agent.cfg.coordinators.to_string(), &s))
         })?
         .into_inner();
     *lock(&agent.control_tx) = Some(tx.clone());

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::anyhow;
 use bulwark_common::config::TlsFiles;
+use bulwark_common::failover::{CoordinatorChannel, CoordinatorList};
 use bulwark_common::telemetry::TracedChannel;
 use bulwark_common::tls::{self, Role, Target, TlsIdentity};
 use bulwark_proto as pb;
@@ -16,7 +17,8 @@ use clap::Args;
 /// How to reach the coordinator.
 #[derive(Args, Debug, Clone)]
 pub struct ConnArgs {
-    /// Coordinator address, https://host:port.
+    /// Coordinator address, https://host:port; several, comma-separated, are tried in
+    /// order (moving on when one is unreachable or not the leader).
     #[arg(long, env = "BULWARK_COORDINATOR", global = true)]
     pub coordinator: Option<String>,
     /// Fleet CA certificate (PEM).
@@ -79,22 +81,27 @@ pub async fn node_client(
 
 /// A connected admin client.
 pub struct Admin {
-    pub client: CoordinatorClient<TracedChannel>,
+    pub client: CoordinatorClient<CoordinatorChannel>,
+    /// The coordinator that answered (one of the list).
     pub target: String,
 }
 
 impl Admin {
-    /// Connects with the given files.
+    /// Connects with the given files to the first coordinator of `coordinator` (a
+    /// comma-separated list) that answers.
     pub async fn connect(coordinator: &str, files: &TlsFiles) -> anyhow::Result<Admin> {
         let identity = TlsIdentity::load(files)?;
-        let target = Target::parse(coordinator).map_err(|m| anyhow!("--coordinator: {m}"))?;
-        let channel = tls::channel(&target, identity.client_config(Role::Coordinator)?)
-            .await
-            .map_err(anyhow::Error::msg)?;
+        let list = CoordinatorList::parse_commas(coordinator)
+            .map_err(|m| anyhow!("--coordinator (or BULWARK_COORDINATOR): {m}"))?;
+        let channel =
+            CoordinatorChannel::connect(&list, identity.client_config(Role::Coordinator)?)
+                .await
+                .map_err(anyhow::Error::msg)?;
+        let target = channel.address().to_string();
         Ok(Admin {
             client: CoordinatorClient::new(channel)
                 .max_decoding_message_size(bulwark_common::MAX_MESSAGE_BYTES),
-            target: target.to_string(),
+            target,
         })
     }
 

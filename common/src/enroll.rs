@@ -266,7 +266,7 @@ pub type RenewSigner = Box<
 /// A [`RenewSigner`] that asks the coordinator (`Renew`, over this process's
 /// current identity).
 pub fn coordinator_signer(
-    client: pb::coordinator_client::CoordinatorClient<crate::telemetry::TracedChannel>,
+    client: pb::coordinator_client::CoordinatorClient<crate::failover::CoordinatorChannel>,
 ) -> RenewSigner {
     Box::new(move |csr_pem, dns, ips| {
         let mut client = client.clone();

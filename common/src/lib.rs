@@ -7,6 +7,8 @@
 //!   identity taken from a certificate's SPIFFE URI SAN, and role checks.
 //! - [`access`] — who may call which RPC: one table, enforced before every handler.
 //! - [`keyfile`] — key and certificate files, written without following planted links.
+//! - [`failover`] — several coordinators: the list a client dials in order, moving on
+//!   when one is unreachable or answers that it is not the leader (the leader hint).
 //! - [`enroll`] — a host's enrollment, and renewing a certificate once.
 //! - [`renewal`] — the `renewal` worker: a daemon renewing its own certificate.
 //! - [`config`] — TOML loading with errors that name the file and key; sizes and
@@ -37,6 +39,7 @@ pub mod block;
 pub mod config;
 pub mod daemon;
 pub mod enroll;
+pub mod failover;
 pub mod failpoint;
 pub mod keyfile;
 pub mod malloc;

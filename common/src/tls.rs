@@ -657,7 +657,7 @@ impl fmt::Display for Target {
     }
 }
 
-fn endpoint(target: &Target) -> Result<Endpoint, ConnectError> {
+pub(crate) fn endpoint(target: &Target) -> Result<Endpoint, ConnectError> {
     // An http:// URI: our connector does TLS itself, and tonic refuses https:// URIs
     // without its own TLS settings.
     let host = if target.host.contains(':') {
@@ -703,12 +703,40 @@ fn connector(
         let tls = tls.clone();
         let server_name = server_name.clone();
         async move {
-            let tcp = TcpStream::connect((addr.0.as_str(), addr.1)).await?;
-            tcp.set_nodelay(true)?;
-            let stream = tls.connect(server_name, tcp).await?;
+            let stream = dial_tls(&addr.0, addr.1, &tls, server_name).await?;
             Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
         }
     }))
+}
+
+/// TCP to `host:port`, then the TLS handshake as `server_name`.
+async fn dial_tls(
+    host: &str,
+    port: u16,
+    tls: &TlsConnector,
+    server_name: ServerName<'static>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect((host, port)).await?;
+    tcp.set_nodelay(true)?;
+    tls.connect(server_name, tcp).await
+}
+
+/// One TLS connection to `target` with `config` (the coordinator list's connector
+/// dials each address with it).
+pub(crate) async fn dial(
+    target: &Target,
+    config: Arc<ClientConfig>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let server_name = target
+        .server_name()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+    dial_tls(
+        &target.host,
+        target.port,
+        &TlsConnector::from(config),
+        server_name,
+    )
+    .await
 }
 
 /// A channel to `target` that connects on first use and reconnects after failures
@@ -737,9 +765,13 @@ pub async fn channel(
         })
 }
 
-fn explain_connect_error(target: &Target, e: &tonic::transport::Error) -> String {
+/// What to check when a connection to `target` failed with `e` (its whole chain).
+pub(crate) fn explain_connect_error(
+    target: &Target,
+    e: &(dyn std::error::Error + 'static),
+) -> String {
     let mut chain = e.to_string();
-    let mut src = std::error::Error::source(e);
+    let mut src = e.source();
     while let Some(s) = src {
         chain.push_str(": ");
         chain.push_str(&s.to_string());

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bulwark_common::config::{ByteSize, ConfigError, HumanDuration, TlsFiles, resolve};
+use bulwark_common::failover::CoordinatorList;
 use bulwark_common::tls::Target;
 use serde::Deserialize;
 
@@ -19,8 +20,14 @@ pub struct NodeToml {
     /// `https://host:port` agents dial, when it differs from `listen`.
     #[serde(default)]
     pub advertise: Option<String>,
-    /// `https://host:port` of the coordinator.
-    pub coordinator: String,
+    /// `https://host:port` of the coordinator (a list of one; or `coordinators`).
+    #[serde(default)]
+    pub coordinator: Option<String>,
+    /// The coordinators, `["https://a:7443", "https://b:7443"]`: tried in order,
+    /// moving on when one is unreachable or not the leader. Either this or
+    /// `coordinator`.
+    #[serde(default)]
+    pub coordinators: Option<Vec<String>>,
     /// Where the node keeps its metadata (sled).
     pub data_dir: PathBuf,
     /// Where to serve read-only NBD exports of recovery points (TLS only, admin
@@ -130,7 +137,7 @@ pub struct NodeConfig {
     pub name: String,
     pub listen: SocketAddr,
     pub advertise: Option<Target>,
-    pub coordinator: Target,
+    pub coordinators: CoordinatorList,
     pub data_dir: PathBuf,
     pub heartbeat_interval: Duration,
     pub nbd_listen: Option<SocketAddr>,
@@ -160,8 +167,9 @@ impl NodeConfig {
             .listen
             .parse()
             .map_err(|_| bad("listen", format!("\"{}\" is not host:port", t.listen)))?;
-        let coordinator =
-            Target::parse(&t.coordinator).map_err(|m| bad("coordinator", m.to_string()))?;
+        let coordinators =
+            CoordinatorList::from_keys(t.coordinator.as_deref(), t.coordinators.as_deref())
+                .map_err(|(key, m)| bad(&key, m))?;
         let advertise = t
             .advertise
             .as_deref()
@@ -239,7 +247,7 @@ impl NodeConfig {
             name: t.name,
             listen,
             advertise,
-            coordinator,
+            coordinators,
             data_dir: resolve(path, &t.data_dir),
             heartbeat_interval: t.heartbeat_interval.0,
             disks,
@@ -357,5 +365,66 @@ mod tests {
             e.contains("pool.journal_compression") && e.contains("\"lz4\""),
             "{e}"
         );
+    }
+
+    /// `coordinators = [...]` or `coordinator = "..."` (a list of one), never both;
+    /// a bad or repeated entry is named by its index and value.
+    #[test]
+    fn coordinators_are_a_list_or_one() {
+        let example =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/node.toml");
+        let text = std::fs::read_to_string(&example).expect("example");
+        let single = "coordinator = \"https://coordinator.example.net:7440\"\n";
+        assert!(text.contains(single), "the example sets one coordinator");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("node.toml");
+        let with = |lines: &str| {
+            std::fs::write(&path, text.replacen(single, lines, 1)).expect("write");
+            super::NodeConfig::load(&path)
+        };
+        let one = with(single).expect("one address");
+        assert_eq!(
+            one.coordinators.to_string(),
+            "https://coordinator.example.net:7440"
+        );
+        let two = with("coordinators = [\"https://a:7440\", \"https://b:7440\"]\n").expect("two");
+        assert_eq!(
+            two.coordinators.to_string(),
+            "https://a:7440,https://b:7440"
+        );
+        for (lines, wants) in [
+            (
+                format!("{single}coordinators = [\"https://a:7440\"]\n"),
+                &[
+                    "key `coordinators`",
+                    "both `coordinator` and `coordinators`",
+                ][..],
+            ),
+            (
+                "coordinators = []\n".into(),
+                &["key `coordinators`", "no coordinator address"],
+            ),
+            (
+                String::new(),
+                &["key `coordinators`", "no coordinator address"],
+            ),
+            (
+                "coordinators = [\"https://a:7440\", \"http://b:7440\"]\n".into(),
+                &["key `coordinators[1]`", "\"http://b:7440\"", "https://"],
+            ),
+            (
+                "coordinators = [\"https://a:7440\", \"https://A:7440\"]\n".into(),
+                &["key `coordinators[1]`", "is entry 0 again"],
+            ),
+            (
+                "coordinator = \"https://a\"\n".into(),
+                &["key `coordinator`", "host:port"],
+            ),
+        ] {
+            let e = with(&lines).expect_err(&lines).to_string();
+            for w in wants {
+                assert!(e.contains(w), "{lines:?}: {e} (wants {w:?})");
+            }
+        }
     }
 }

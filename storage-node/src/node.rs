@@ -11,7 +11,7 @@
 //! last answer cached in sled for when the coordinator is unreachable). Restores are
 //! also allowed to an agent the coordinator granted them to.
 
-use bulwark_common::telemetry::TracedChannel;
+use bulwark_common::failover::CoordinatorChannel;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -75,7 +75,7 @@ pub struct NodeService {
     name: String,
     store: Store,
     locks: Arc<SourceLocks>,
-    coordinator: CoordinatorClient<TracedChannel>,
+    coordinator: CoordinatorClient<CoordinatorChannel>,
     grants: std::sync::Mutex<HashMap<(String, String), locks::Grant>>,
     live_streams: Arc<AtomicU32>,
     /// Payload bytes applied by syncs since the node started.
@@ -131,7 +131,7 @@ impl NodeService {
     pub fn new(
         name: String,
         store: Store,
-        coordinator: CoordinatorClient<TracedChannel>,
+        coordinator: CoordinatorClient<CoordinatorChannel>,
         peer_tls: bulwark_common::tls::TlsIdentity,
     ) -> Result<NodeService, StoreError> {
         Ok(NodeService {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use bulwark_common::failover::CoordinatorChannel;
 use bulwark_common::renewal::{RENEWAL_CHECK, Renewal};
 use bulwark_common::tls::{self, Role, Target, TlsIdentity};
 use bulwark_common::worker::WorkerSet;
@@ -50,8 +51,11 @@ pub async fn run(
         host: local.ip().to_string(),
         port: local.port(),
     });
-    let channel = tls::channel_lazy(&cfg.coordinator, identity.client_config(Role::Coordinator)?)
-        .map_err(anyhow::Error::msg)?;
+    let channel = CoordinatorChannel::lazy(
+        &cfg.coordinators,
+        identity.client_config(Role::Coordinator)?,
+    )
+    .map_err(anyhow::Error::msg)?;
     let coordinator = CoordinatorClient::new(channel)
         .max_decoding_message_size(bulwark_common::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(bulwark_common::MAX_MESSAGE_BYTES);

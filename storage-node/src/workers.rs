@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bulwark_common::telemetry::TracedChannel;
+use bulwark_common::failover::CoordinatorChannel;
 use bulwark_common::worker::Worker;
 use bulwark_proto as pb;
 use bulwark_proto::coordinator_client::CoordinatorClient;
@@ -24,7 +24,7 @@ use crate::store::Store;
 pub struct Heartbeat {
     pub svc: Arc<NodeService>,
     pub store: Store,
-    pub client: CoordinatorClient<TracedChannel>,
+    pub client: CoordinatorClient<CoordinatorChannel>,
     /// The address the node advertises.
     pub address: String,
     pub nbd_address: Option<String>,
@@ -39,7 +39,7 @@ impl Heartbeat {
     pub fn new(
         svc: Arc<NodeService>,
         store: Store,
-        client: CoordinatorClient<TracedChannel>,
+        client: CoordinatorClient<CoordinatorChannel>,
         address: String,
         nbd_address: Option<String>,
         interval: Duration,

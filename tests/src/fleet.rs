@@ -295,6 +295,9 @@ pub struct FleetBuilder {
     /// Per agent: its sources as (name, size, an existing volume to use instead of a
     /// new random file).
     agents: Vec<(String, Vec<PlannedSource>)>,
+    /// The coordinator addresses nodes, agents and the CLI are given, `{coordinator}`
+    /// standing for the fleet's own (see [`FleetBuilder::coordinator_list`]).
+    coordinator_list: Option<Vec<String>>,
 }
 
 impl Default for FleetBuilder {
@@ -309,6 +312,7 @@ impl Default for FleetBuilder {
             renew_at_start: false,
             sync_interval: "1h".into(),
             agents: Vec::new(),
+            coordinator_list: None,
         }
     }
 }
@@ -340,6 +344,16 @@ impl FleetBuilder {
     /// Extra top-level lines of the coordinator's config (`scrub_interval`).
     pub fn coordinator_extra(mut self, extra: &str) -> Self {
         self.coordinator_extra = extra.to_string();
+        self
+    }
+
+    /// The coordinator addresses every node and agent (`coordinators = [...]`) and
+    /// the CLI (`--coordinator a,b`) are given, in this order; `{coordinator}` stands
+    /// for the fleet's own coordinator, the others are extra addresses (a free port
+    /// nothing listens on, say). Default: the fleet's coordinator alone, written as
+    /// `coordinator = "..."`.
+    pub fn coordinator_list(mut self, list: &[&str]) -> Self {
+        self.coordinator_list = Some(list.iter().map(|s| s.to_string()).collect());
         self
     }
 
@@ -485,6 +499,25 @@ impl FleetBuilder {
             Some(cport),
         );
 
+        let list: Vec<String> = match &self.coordinator_list {
+            Some(l) => l
+                .iter()
+                .map(|a| a.replace("{coordinator}", &coordinator_url))
+                .collect(),
+            None => vec![coordinator_url.clone()],
+        };
+        // A list of several replaces the one `coordinator = ` line the configs have.
+        let with_list = |text: String| {
+            if list.len() == 1 {
+                return text;
+            }
+            let quoted: Vec<String> = list.iter().map(|a| format!("\"{a}\"")).collect();
+            text.replacen(
+                &format!("coordinator = \"{coordinator_url}\"\n"),
+                &format!("coordinators = [{}]\n", quoted.join(", ")),
+                1,
+            )
+        };
         let mut nodes = Vec::new();
         for name in &self.nodes {
             let port = free_port();
@@ -495,7 +528,7 @@ impl FleetBuilder {
             std::fs::create_dir_all(&disk).expect("cannot create the node's disk");
             write_file(
                 &config,
-                &node_toml_with(
+                &with_list(node_toml_with(
                     name,
                     port,
                     &coordinator_url,
@@ -506,7 +539,7 @@ impl FleetBuilder {
                         .unwrap_or(&self.node_capacity),
                     &tls,
                     &self.node_extra,
-                ),
+                )),
             );
             nodes.push(Daemon::new(
                 name,
@@ -554,14 +587,14 @@ impl FleetBuilder {
             let config = dir.join("agent.toml");
             write_file(
                 &config,
-                &agent_toml_with(
+                &with_list(agent_toml_with(
                     name,
                     &coordinator_url,
                     &state,
                     &refs,
                     &self.sync_interval,
                     &tls,
-                ),
+                )),
             );
             agents.push(Daemon::new(
                 name,
@@ -578,6 +611,7 @@ impl FleetBuilder {
             root,
             pki,
             admin,
+            cli_coordinators: list.join(","),
             coordinator_url,
             enrollment_url,
             coordinator,
@@ -611,6 +645,8 @@ pub struct Fleet {
     root: PathBuf,
     pki: Pki,
     admin: TlsFiles,
+    /// What the CLI gets as `--coordinator` (the fleet's list, comma-separated).
+    cli_coordinators: String,
     coordinator_url: String,
     enrollment_url: Option<String>,
     coordinator: Daemon,
@@ -773,6 +809,40 @@ impl Fleet {
         for d in self.all_daemons() {
             d.assert_alive();
         }
+    }
+
+    /// Stops the coordinator and starts it again listening on `port` (its data kept),
+    /// then waits until it answers and the running nodes and agents are back: with a
+    /// [`FleetBuilder::coordinator_list`] holding both addresses they find it there.
+    pub fn move_coordinator(&mut self, port: u16) {
+        let old = self.coordinator_port();
+        self.coordinator.stop();
+        let config = self.coordinator.config_path().to_path_buf();
+        let text = std::fs::read_to_string(&config).expect("read coordinator.toml");
+        let from = format!("listen = \"127.0.0.1:{old}\"\n");
+        assert!(text.contains(&from), "coordinator.toml has no {from:?}");
+        write_file(
+            &config,
+            &text.replacen(&from, &format!("listen = \"127.0.0.1:{port}\"\n"), 1),
+        );
+        self.coordinator.set_port(Some(port));
+        self.coordinator_url = format!("https://127.0.0.1:{port}");
+        self.coordinator.start();
+        self.wait_coordinator();
+        let nodes: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|d| d.pid().is_some())
+            .map(|d| d.name().to_string())
+            .collect();
+        self.wait_nodes_up(&nodes);
+        let agents: Vec<String> = self
+            .agents
+            .iter()
+            .filter(|d| d.pid().is_some())
+            .map(|d| d.name().to_string())
+            .collect();
+        self.wait_agents_connected(&agents);
     }
 
     /// Starts the coordinator and waits until it answers; then the nodes, waiting until
@@ -946,7 +1016,7 @@ impl Fleet {
         let mut cmd = Command::new(bins::bin(CLI));
         scrub_env(&mut cmd);
         cmd.arg("--coordinator")
-            .arg(&self.coordinator_url)
+            .arg(&self.cli_coordinators)
             .arg("--ca")
             .arg(&id.ca)
             .arg("--cert")

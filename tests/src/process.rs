@@ -252,6 +252,11 @@ impl Daemon {
         self.port
     }
 
+    /// Says it listens on `port` from its next start (its config says so too).
+    pub fn set_port(&mut self, port: Option<u16>) {
+        self.port = port;
+    }
+
     /// The pid of the running process.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
