@@ -66,14 +66,21 @@ impl CoordinatorError {
 impl From<RegistryError> for Status {
     fn from(e: RegistryError) -> Status {
         match &e {
-            RegistryError::Store(_) | RegistryError::State(StateError::Unavailable(_)) => {
+            RegistryError::Store(_) => {
                 tracing::error!("{e}");
                 Status::internal(e.to_string())
             }
-            // Another coordinator leads now: the caller tries it (or this one later).
+            // The state store cannot be reached (with etcd: no quorum): every
+            // coordinator would say the same, so the caller retries later.
+            RegistryError::State(StateError::Unavailable(_)) => {
+                tracing::error!("{e}");
+                Status::unavailable(e.to_string())
+            }
+            // Another coordinator leads now: the not-leader answer, so the caller's
+            // failover tries its next coordinator.
             RegistryError::State(StateError::Fenced(_)) => {
                 tracing::warn!("{e}");
-                Status::unavailable(e.to_string())
+                bulwark_common::failover::no_leader(&e.to_string())
             }
             RegistryError::UnknownSource(_) | RegistryError::UnknownNode(_) => {
                 Status::not_found(e.to_string())

@@ -9,8 +9,8 @@
 //! - only the leader takes calls that change state or need its memory (agents'
 //!   control streams, node heartbeats, admin changes): [`LeaderGateLayer`] answers
 //!   them on a follower with `Unavailable` and the leader's URL in the
-//!   `bulwark-leader` metadata (the clients' failover goes there when it is one of
-//!   their configured coordinators);
+//!   `bulwark-leader` metadata (`bulwark_common::failover`: the clients go there
+//!   when it is one of their configured coordinators);
 //! - every coordinator answers the reads in [`FOLLOWER_METHODS`] from the shared
 //!   state, so `bulwark sources`, `alerts`, `status`, ... work whichever one is asked.
 //!
@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bulwark_common::failover;
 use bulwark_common::worker::Worker;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -100,25 +101,16 @@ impl LeaderView {
     }
 }
 
-/// The metadata key that carries the leader's URL in a follower's refusal.
-pub const LEADER_METADATA: &str = "bulwark-leader";
-
-/// The refusal a follower answers a leader-only call with.
+/// The refusal a follower answers a leader-only call with: the leader's URL in
+/// the `bulwark-leader` metadata (`bulwark_common::failover`, where the clients
+/// read it), or an empty hint and why when none is known.
 pub fn not_leader(role: &Role) -> Status {
     match role {
         Role::Leader => Status::internal("refused as a follower while leading"),
         Role::Follower {
             leader: Some(url), ..
-        } => {
-            let mut s = Status::unavailable(format!("not the leader; the leader is {url}"));
-            if let Ok(v) = url.parse() {
-                s.metadata_mut().insert(LEADER_METADATA, v);
-            }
-            s
-        }
-        Role::Follower { leader: None, why } => Status::unavailable(format!(
-            "no coordinator leads at the moment ({why}); this call needs the leader: retry shortly"
-        )),
+        } => failover::not_leader(url),
+        Role::Follower { leader: None, why } => failover::no_leader(why),
     }
 }
 
@@ -290,17 +282,15 @@ mod tests {
         });
         assert_eq!(s.code(), tonic::Code::Unavailable);
         assert_eq!(
-            s.metadata()
-                .get(LEADER_METADATA)
-                .and_then(|v| v.to_str().ok()),
-            Some("https://10.0.0.2:7443")
+            failover::leader_hint(&s),
+            Some(Some("https://10.0.0.2:7443".to_string()))
         );
         let s = not_leader(&Role::Follower {
             leader: None,
             why: "no etcd quorum".into(),
         });
         assert!(s.message().contains("no etcd quorum"), "{}", s.message());
-        assert!(s.metadata().get(LEADER_METADATA).is_none());
+        assert_eq!(failover::leader_hint(&s), Some(None));
     }
 
     #[tokio::test]
