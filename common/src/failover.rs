@@ -699,6 +699,11 @@ impl tower::Service<http::Request<tonic::body::Body>> for CoordinatorChannel {
             let hint = not_leader_in(resp.headers());
             let leader = hint.and_then(|h| shared.not_leader(epoch, h));
             let again = resend.finish();
+            if leader.is_some() && again.is_none() {
+                tracing::info!(
+                    "a not-leader answer came before the whole call was sent: not re-sent"
+                );
+            }
             if let (Some(j), Some(req)) = (leader, again) {
                 // The follower took nothing: the whole request goes to the leader it
                 // named, on a connection of its own (the shared one reconnects there).
@@ -801,6 +806,11 @@ impl HttpBody for Tee {
                     },
                     Some(Err(_)) => c.spoilt = true,
                 }
+                // The HTTP/2 client ends the stream with the last data frame when
+                // the body says it is over, without polling it for its end.
+                if !c.spoilt && this.body.is_end_stream() {
+                    c.ended = true;
+                }
                 if c.spoilt {
                     c.frames.clear();
                 }
@@ -810,7 +820,14 @@ impl HttpBody for Tee {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        let end = self.body.is_end_stream();
+        if end {
+            let mut c = self.copy.lock().unwrap_or_else(|e| e.into_inner());
+            if !c.spoilt {
+                c.ended = true;
+            }
+        }
+        end
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -817,6 +817,11 @@ pub fn explain_status(target: &str, status: &Status) -> String {
             "{target} refused this client's certificate (TLS alert {alert}): {CHECK_CERT}"
         );
     }
+    // A coordinator's not-leader answer (no leader known: e.g. etcd without quorum)
+    // may quote a transport error of its own; it is not a refused certificate.
+    if crate::failover::leader_hint(status).is_some() {
+        return format!("{target}: {msg}");
+    }
     // How a refused handshake reaches a TLS 1.3 client, depending on timing: an
     // unknown transport error, a cancelled call, or a reset or closed connection.
     let transport = status.code() == tonic::Code::Unknown

@@ -402,12 +402,21 @@ fn a_stopped_leader_is_deposed_and_lost_quorum_stops_changes_not_syncs() {
     c.etcd.kill(2);
     c.fleet
         .cli(&["allocate", "host-1-data", "--points", "88MiB"]);
-    c.fleet.sync("host-1-data");
+    let before = c.fleet.point_ids("host-1-data").len();
+    poll(
+        "a scheduled sync with one member down",
+        Duration::from_secs(60),
+        || match c.fleet.point_ids("host-1-data").len() {
+            n if n > before => Ok(()),
+            n => Err(format!("{n} points")),
+        },
+    );
 
     // Two down: no quorum. Changes are refused, saying why; the agent's scheduled
     // syncs still commit on the node, from the assignment it holds.
     c.etcd.kill(1);
     let lost = now();
+    let since_lost = Instant::now();
     std::thread::sleep(Duration::from_secs(8));
     let out = c.fleet.cli_as(
         c.fleet.admin(),
@@ -423,7 +432,15 @@ fn a_stopped_leader_is_deposed_and_lost_quorum_stops_changes_not_syncs() {
         err.contains("quorum") || err.contains("unreachable") || err.contains("no leader"),
         "the refusal does not say why: {err}"
     );
-    std::thread::sleep(Duration::from_secs(6));
+    // Long enough for a scheduled sync: each call an agent or node makes to a
+    // coordinator waits for that coordinator's etcd request timeout (5 s) before it
+    // falls back to what it holds.
+    let left = Duration::from_secs(30).saturating_sub(since_lost.elapsed());
+    std::thread::sleep(left);
+    assert!(
+        !err.contains("certificate"),
+        "a no-quorum refusal is explained as a certificate problem: {err}"
+    );
     let back = now();
     c.etcd.restart(1);
     c.etcd.restart(2);
