@@ -267,6 +267,27 @@ fn run(name: &str, state: Arc<dyn StateStore>, shape: &Shape) {
     print_hellos("from none", shape, &times, unplaced);
     let placed = shape.agents * shape.per_agent;
     seed(state.as_ref(), shape, placed, shape.total);
+    // What each decision reads: every source (the agent's count and quota, each
+    // node's load), and the nodes' figures built from them.
+    let reads = |f: &dyn Fn()| {
+        Figures::new(
+            (0..5)
+                .map(|_| {
+                    let t = Instant::now();
+                    f();
+                    t.elapsed().as_secs_f64() * 1000.0
+                })
+                .collect(),
+        )
+    };
+    let all = reads(&|| drop(reg.sources().expect("sources")));
+    let figures = reads(&|| drop(reg.node_figures().expect("node figures")));
+    println!(
+        "  reads at {}: every source {:.1} ms, node figures {:.1} ms (p50 of 5)",
+        shape.total,
+        all.pct(0.5),
+        figures.pct(0.5)
+    );
     let on = sources_by_node(&reg, shape.nodes);
     let hb = Figures::new(heartbeat_round(&reg, &on, 1));
     println!(
