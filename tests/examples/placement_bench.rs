@@ -399,7 +399,15 @@ fn main() {
                         continue;
                     };
                     let (state, election) = etcd_state(&cluster);
-                    run(b, Arc::new(state), &shape);
+                    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        run(b, Arc::new(state), &shape)
+                    }));
+                    if let Err(e) = ran {
+                        for i in 0..n {
+                            println!("etcd member {i}'s log:\n{}", cluster.log_tail(i, 40));
+                        }
+                        std::panic::resume_unwind(e);
+                    }
                     let _ = election.resign();
                 }
             }
