@@ -303,30 +303,31 @@ fn run(name: &str, state: Arc<dyn StateStore>, shape: &Shape) {
     let beater = {
         let (reg, stop) = (reg.clone(), stop.clone());
         std::thread::spawn(move || {
-            let (mut round, mut n) = (2, 0usize);
+            let (mut round, mut n, mut times) = (2, 0usize, Vec::new());
             while !stop.load(Ordering::Relaxed) {
                 let i = n % on.len();
-                reg.heartbeat(&node_name(i), &heartbeat(&on[i], round))
+                let hb = heartbeat(&on[i], round);
+                let t = Instant::now();
+                reg.heartbeat(&node_name(i), &hb)
                     .expect("heartbeat")
                     .expect("known node");
+                times.push(t.elapsed().as_secs_f64() * 1000.0);
                 n += 1;
                 round += u64::from(i + 1 == on.len());
             }
-            n
+            times
         })
     };
     let (times, unplaced) = hellos(&reg, shape, "c", 0..shape.late / 2);
     stop.store(true, Ordering::Relaxed);
-    let beats = beater.join().expect("heartbeat thread");
+    let beats = Figures::new(beater.join().expect("heartbeat thread"));
     print_hellos(
-        &format!(
-            "at {}, nodes heartbeating ({beats} heartbeats meanwhile)",
-            shape.total
-        ),
+        &format!("at {}, nodes heartbeating", shape.total),
         shape,
         &times,
         unplaced,
     );
+    println!("    heartbeats meanwhile (ms) {}", beats.line());
 }
 
 fn etcd_state(cluster: &EtcdCluster) -> (EtcdState, etcd::Election) {
