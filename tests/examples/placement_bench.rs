@@ -124,7 +124,7 @@ fn spec(name: String) -> SourceSpec {
     }
 }
 
-/// Sends every agent's Hello of `first..first+count` agents; returns the per-Hello
+/// Sends one Hello per agent of `agents` (named by `tag`); returns the per-Hello
 /// times (ms) and how many sources were not placed.
 fn hellos(
     reg: &Registry,
