@@ -565,6 +565,16 @@ fn a_fenced_write_is_told_apart_from_a_failing_store() {
     assert_eq!(st.code(), tonic::Code::Unavailable, "{st:?}");
     assert!(st.message().contains("not the leader"), "{st:?}");
     assert!(!reg.node("n1").expect("node").expect("n1").draining);
-    let failing = RegistryError::State(StateError::Unavailable("disk gone".into()));
-    assert_eq!(tonic::Status::from(failing).code(), tonic::Code::Internal);
+    // The fenced write carries the not-leader mark (clients move on); a store out of
+    // reach is Unavailable too, but without it (every coordinator would say the same).
+    assert_eq!(
+        bulwark_common::failover::leader_hint(&st),
+        Some(None),
+        "{st:?}"
+    );
+    let failing = tonic::Status::from(RegistryError::State(StateError::Unavailable(
+        "disk gone".into(),
+    )));
+    assert_eq!(failing.code(), tonic::Code::Unavailable, "{failing:?}");
+    assert_eq!(bulwark_common::failover::leader_hint(&failing), None);
 }
