@@ -210,6 +210,14 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
         Ok(Response::new(pb::ForecastResponse::from(&report)))
     }
 
+    async fn describe_coordinator(
+        &self,
+        req: Request<pb::DescribeCoordinatorRequest>,
+    ) -> Result<Response<pb::DescribeCoordinatorResponse>, Status> {
+        require(&req, "DescribeCoordinator", &[Role::Admin])?;
+        Ok(Response::new(self.0.describe_coordinator().await?))
+    }
+
     async fn create_token(
         &self,
         req: Request<pb::CreateTokenRequest>,

@@ -109,6 +109,16 @@ fn a_sled_coordinator_migrated_to_etcd_shows_the_same_fleet_and_keeps_syncing() 
         "token",
     );
     let before = snapshot(&fleet);
+    // `bulwark status`: one sled coordinator, leading; no etcd.
+    let st = fleet.cli_json(&["status", "--json"]);
+    assert_eq!(st["coordinators"][0]["leading"], true, "{st}");
+    assert!(
+        st["coordinators"][0]["backend"]
+            .as_str()
+            .is_some_and(|b| b.starts_with("sled ")),
+        "{st}"
+    );
+    assert!(st["etcd"].is_null(), "{st}");
 
     let data = fleet.coordinator_data_dir();
     let from = format!("sled:{}", data.display());
@@ -143,7 +153,11 @@ fn a_sled_coordinator_migrated_to_etcd_shows_the_same_fleet_and_keeps_syncing() 
     // The coordinator on etcd.
     let config = fleet.coordinator().config_path().to_path_buf();
     let toml = std::fs::read_to_string(&config).expect("coordinator.toml");
-    let endpoints: Vec<String> = etcd.endpoints().iter().map(|e| format!("\"{e}\"")).collect();
+    let endpoints: Vec<String> = etcd
+        .endpoints()
+        .iter()
+        .map(|e| format!("\"{e}\""))
+        .collect();
     std::fs::write(
         &config,
         format!(
@@ -170,12 +184,28 @@ fn a_sled_coordinator_migrated_to_etcd_shows_the_same_fleet_and_keeps_syncing() 
 
     // Syncs and restores go on (a write: it waits for this coordinator to lead).
     bulwark_tests::rewrite_random_blocks(&fleet.volume("s1"), 5);
-    poll("a sync on the etcd coordinator", Duration::from_secs(60), || {
-        fleet
-            .cli_json_try(&["sync", "s1", "--wait", "--json"])
-            .map(|_| ())
-    });
+    poll(
+        "a sync on the etcd coordinator",
+        Duration::from_secs(60),
+        || {
+            fleet
+                .cli_json_try(&["sync", "s1", "--wait", "--json"])
+                .map(|_| ())
+        },
+    );
     let image2 = fleet.save_volume("s1", "s1-after.img");
+    // `bulwark status` on etcd: the coordinator leads, the member answers.
+    let st = fleet.cli_json(&["status", "--json"]);
+    let me = &st["coordinators"][0];
+    assert_eq!(me["leading"], true, "{st}");
+    assert_eq!(me["leader_url"], fleet.coordinator_url(), "{st}");
+    assert_eq!(st["etcd"]["endpoints"][0]["healthy"], true, "{st}");
+    let out = String::from_utf8_lossy(&fleet.cli(&["status"]).stdout).into_owned();
+    eprintln!("{out}");
+    assert!(
+        out.contains("leader") && out.contains("etcd         1 of 1 endpoints answer"),
+        "{out}"
+    );
     let ids = fleet.point_ids("s1");
     assert!(ids.len() >= 3, "{ids:?}");
     let last = *ids.last().expect("a point");

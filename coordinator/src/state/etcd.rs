@@ -526,6 +526,30 @@ impl StateStore for EtcdState {
         }
     }
 
+    fn status(&self) -> super::BackendStatus {
+        let (role, leading) = match &self.fence {
+            Fence::Election(s) => (s.role().to_string(), s.leading().is_ok()),
+            Fence::None => ("not campaigning (no election)".to_string(), false),
+            Fence::Fixed(r) => (format!("fenced at revision {r}"), false),
+        };
+        let mut st = super::BackendStatus {
+            backend: self.describe(),
+            role,
+            leading,
+            ..Default::default()
+        };
+        match self.leader() {
+            Ok(Some(l)) => (st.leader_id, st.leader_url) = (l.id, l.url),
+            Ok(None) => {}
+            Err(e) => st.errors.push(format!("leadership key: {e}")),
+        }
+        match self.cluster_health() {
+            Ok((members, cluster)) => (st.members, st.cluster) = (members, cluster),
+            Err(e) => st.errors.push(format!("cluster: {e}")),
+        }
+        st
+    }
+
     fn describe(&self) -> String {
         format!(
             "etcd {} prefix {}",
