@@ -1,5 +1,5 @@
 //! The coordinators part of `bulwark status`: each configured coordinator asked
-//! on its own (`DescribeCoordinator`), one line each (address, reachable or why
+//! on its own (`GetCoordinatorStatus`), one line each (address, reachable or why
 //! not, its role), then the etcd cluster's health once.
 
 use bulwark_proto as pb;
@@ -10,7 +10,7 @@ use crate::admin::Admin;
 /// One configured coordinator's answer, or why there is none.
 pub struct Answer {
     pub address: String,
-    pub reply: Result<pb::DescribeCoordinatorResponse, String>,
+    pub reply: Result<pb::GetCoordinatorStatusResponse, String>,
 }
 
 /// Asks every coordinator of the admin's list, in list order.
@@ -20,7 +20,7 @@ pub async fn ask_all(admin: &Admin) -> Vec<Answer> {
         let address = target.to_string();
         let reply = match admin.connect_one(target).await {
             Ok(mut c) => c
-                .describe_coordinator(pb::DescribeCoordinatorRequest {})
+                .get_coordinator_status(pb::GetCoordinatorStatusRequest {})
                 .await
                 .map(|r| r.into_inner())
                 .map_err(|s| {
@@ -34,7 +34,7 @@ pub async fn ask_all(admin: &Admin) -> Vec<Answer> {
 }
 
 /// The etcd health of the first coordinator that reported one.
-fn etcd_of(answers: &[Answer]) -> Option<&pb::DescribeCoordinatorResponse> {
+fn etcd_of(answers: &[Answer]) -> Option<&pb::GetCoordinatorStatusResponse> {
     answers
         .iter()
         .filter_map(|a| a.reply.as_ref().ok())

@@ -134,7 +134,7 @@ pub const RULES: &[(&str, Access)] = &[
     ),
     ("/bulwark.v1.Coordinator/Forecast", Access::Roles(&[Admin])),
     (
-        "/bulwark.v1.Coordinator/DescribeCoordinator",
+        "/bulwark.v1.Coordinator/GetCoordinatorStatus",
         Access::Roles(&[Admin]),
     ),
     // Enrollment listener (no client certificate).

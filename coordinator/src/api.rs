@@ -210,12 +210,12 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
         Ok(Response::new(pb::ForecastResponse::from(&report)))
     }
 
-    async fn describe_coordinator(
+    async fn get_coordinator_status(
         &self,
-        req: Request<pb::DescribeCoordinatorRequest>,
-    ) -> Result<Response<pb::DescribeCoordinatorResponse>, Status> {
-        require(&req, "DescribeCoordinator", &[Role::Admin])?;
-        Ok(Response::new(self.0.describe_coordinator().await?))
+        req: Request<pb::GetCoordinatorStatusRequest>,
+    ) -> Result<Response<pb::GetCoordinatorStatusResponse>, Status> {
+        require(&req, "GetCoordinatorStatus", &[Role::Admin])?;
+        Ok(Response::new(self.0.get_coordinator_status().await?))
     }
 
     async fn create_token(

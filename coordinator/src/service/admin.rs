@@ -116,15 +116,15 @@ impl CoordinatorService {
             .map_err(Into::into)
     }
 
-    /// `DescribeCoordinator`: the state backend, this coordinator's part in the
+    /// `GetCoordinatorStatus`: the state backend, this coordinator's part in the
     /// leadership and, with etcd, the cluster's health (a few etcd round trips, off
     /// the async threads).
-    pub async fn describe_coordinator(&self) -> Result<pb::DescribeCoordinatorResponse> {
+    pub async fn get_coordinator_status(&self) -> Result<pb::GetCoordinatorStatusResponse> {
         let state = self.registry.state().clone();
         let st = tokio::task::spawn_blocking(move || state.status())
             .await
             .map_err(|e| CoordinatorError::Internal(format!("describe the state: {e}")))?;
-        Ok(pb::DescribeCoordinatorResponse {
+        Ok(pb::GetCoordinatorStatusResponse {
             coordinator: self.identity.me.name.clone(),
             backend: st.backend,
             role: st.role,
