@@ -296,13 +296,10 @@ pub fn run(m: &Migration) -> anyhow::Result<Vec<TreeCopied>> {
 /// The text `migrate` prints on success.
 pub fn summary(m: &Migration, report: &[TreeCopied]) -> String {
     let mut out = format!(
-        "copied {} into {}\n",
+        "copied {} into etcd {} prefix {}\n",
         m.data_dir.join("registry").display(),
-        format!(
-            "etcd {} prefix {}",
-            m.etcd.endpoints.join(","),
-            m.etcd.prefix
-        )
+        m.etcd.endpoints.join(","),
+        m.etcd.prefix
     );
     for t in report {
         out.push_str(&format!(
