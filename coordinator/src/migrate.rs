@@ -320,3 +320,62 @@ pub fn summary(m: &Migration, report: &[TreeCopied]) -> String {
     );
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_arguments_are_checked_and_say_what_is_wrong() {
+        assert_eq!(
+            parse_from("sled:/var/lib/c"),
+            Ok(PathBuf::from("/var/lib/c"))
+        );
+        assert!(
+            parse_from("/var/lib/c")
+                .expect_err("refused")
+                .contains("sled:DIR")
+        );
+        let t = Duration::from_secs(5);
+        let o = parse_to("etcd:http://a:1, http://b:2", "/bulwark", None, t).expect("ok");
+        assert_eq!(o.endpoints, vec!["http://a:1", "http://b:2"]);
+        assert!(
+            parse_to("http://a:1", "/b", None, t)
+                .expect_err("refused")
+                .contains("etcd:URL")
+        );
+        assert!(
+            parse_to("etcd:", "/b", None, t)
+                .expect_err("refused")
+                .contains("no etcd endpoint")
+        );
+        assert!(
+            parse_to("etcd:https://a:1", "/b", None, t)
+                .expect_err("refused")
+                .contains("--ca")
+        );
+        assert!(
+            parse_to("etcd:ftp://a", "/b", None, t)
+                .expect_err("refused")
+                .contains("ftp://a")
+        );
+        for bad in ["bulwark", "/", "/b/", "/a//b"] {
+            assert!(
+                parse_to("etcd:http://a:1", bad, None, t)
+                    .expect_err("refused")
+                    .contains("--prefix")
+            );
+        }
+    }
+
+    #[test]
+    fn a_missing_database_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let e = open_sled(dir.path()).expect_err("nothing there");
+        assert!(e.to_string().contains("no sled state at"), "{e}");
+        assert!(
+            !dir.path().join("registry").exists(),
+            "migrate created a database"
+        );
+    }
+}

@@ -215,3 +215,70 @@ fn a_sled_coordinator_migrated_to_etcd_shows_the_same_fleet_and_keeps_syncing() 
         bulwark_tests::assert_same_file(&to, img, &format!("s1 point {id} after the migration"));
     }
 }
+
+/// The copy in commits: 250 keys of one tree (three commits), a tree the
+/// coordinator does not know (a later version's: copied too), binary keys and
+/// values.
+#[test]
+fn migrate_copies_every_tree_in_commits() {
+    use bulwark_coordinator::migrate::{Migration, parse_to, run};
+    use bulwark_coordinator::state::{EtcdState, SledState, StateStore, Txn};
+    let Some(etcd) = EtcdCluster::start(1) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let db = SledState::open(&dir.path().join("registry")).expect("sled");
+        let mut t = Txn::new();
+        for i in 0..250u32 {
+            t = t.put("sources", format!("s{i:04}"), vec![i as u8; 300]);
+        }
+        assert!(
+            db.commit(t.put("later_tree", vec![0u8, 255, 1], vec![0xffu8, 0]))
+                .expect("commit")
+        );
+    }
+    // The handle's flusher lets go of sled's lock a moment after the drop.
+    let m0 = std::time::Instant::now();
+    let opts = parse_to(
+        &format!("etcd:{}", etcd.endpoints().join(",")),
+        "/migrated",
+        None,
+        Duration::from_secs(5),
+    )
+    .expect("target");
+    let m = Migration {
+        data_dir: dir.path().to_path_buf(),
+        etcd: opts.clone(),
+    };
+    let report = loop {
+        match run(&m) {
+            Err(e) if e.to_string().contains("locked") && m0.elapsed() < Duration::from_secs(5) => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            r => break r.expect("migrate"),
+        }
+    };
+    let keys: Vec<(String, usize)> = report.iter().map(|t| (t.tree.clone(), t.keys)).collect();
+    assert_eq!(
+        keys,
+        vec![("later_tree".to_string(), 1), ("sources".to_string(), 250)]
+    );
+    let e = EtcdState::connect(&opts).expect("connect");
+    let all = e.scan("sources", b"").expect("scan");
+    assert_eq!(all.len(), 250);
+    assert_eq!(all[249], (b"s0249".to_vec(), vec![249u8; 300]));
+    assert_eq!(
+        e.scan("later_tree", b"").expect("scan"),
+        vec![(vec![0u8, 255, 1], vec![0xffu8, 0])]
+    );
+    let (n, _) = e.keys_in_prefix(10).expect("keys");
+    assert_eq!(n, 251, "only the two trees' keys are under the prefix");
+    // Again into the same prefix: refused, nothing changed.
+    let err = run(&m).expect_err("a prefix with state");
+    assert!(
+        err.to_string().contains("already holds 251 key(s)"),
+        "{err}"
+    );
+    assert_eq!(e.scan("sources", b"").expect("scan").len(), 250);
+}
