@@ -73,7 +73,10 @@ fn a_sled_coordinator_migrated_to_etcd_shows_the_same_fleet_and_keeps_syncing() 
     let Some(etcd) = EtcdCluster::start(1) else {
         return;
     };
+    // A second coordinator address nothing listens on: `status` reports it.
+    let dead = format!("https://127.0.0.1:{}", bulwark_tests::free_port());
     let mut fleet = Fleet::builder()
+        .coordinator_list(&["{coordinator}", &dead])
         .enrollment()
         .coordinator_extra("node_timeout = \"2s\"")
         .node("node-1")
@@ -119,6 +122,15 @@ fn a_sled_coordinator_migrated_to_etcd_shows_the_same_fleet_and_keeps_syncing() 
         "{st}"
     );
     assert!(st["etcd"].is_null(), "{st}");
+    let other = &st["coordinators"][1];
+    assert_eq!(other["address"], dead.as_str(), "{st}");
+    assert_eq!(other["reachable"], false, "{st}");
+    assert!(
+        other["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("refused")),
+        "{st}"
+    );
 
     let data = fleet.coordinator_data_dir();
     let from = format!("sled:{}", data.display());
