@@ -84,6 +84,10 @@ pub struct Admin {
     pub client: CoordinatorClient<CoordinatorChannel>,
     /// The coordinator that answered (one of the list).
     pub target: String,
+    /// Every configured coordinator, and the TLS to reach them (`bulwark status`
+    /// asks each one).
+    pub list: CoordinatorList,
+    pub tls: std::sync::Arc<rustls::ClientConfig>,
 }
 
 impl Admin {
@@ -93,16 +97,31 @@ impl Admin {
         let identity = TlsIdentity::load(files)?;
         let list = CoordinatorList::parse_commas(coordinator)
             .map_err(|m| anyhow!("--coordinator (or BULWARK_COORDINATOR): {m}"))?;
-        let channel =
-            CoordinatorChannel::connect(&list, identity.client_config(Role::Coordinator)?)
-                .await
-                .map_err(anyhow::Error::msg)?;
+        let tls = identity.client_config(Role::Coordinator)?;
+        let channel = CoordinatorChannel::connect(&list, tls.clone())
+            .await
+            .map_err(anyhow::Error::msg)?;
         let target = channel.address().to_string();
         Ok(Admin {
             client: CoordinatorClient::new(channel)
                 .max_decoding_message_size(bulwark_common::MAX_MESSAGE_BYTES),
             target,
+            list,
+            tls,
         })
+    }
+
+    /// A client of the one coordinator at `target` (no failover to the others).
+    pub async fn connect_one(
+        &self,
+        target: &Target,
+    ) -> anyhow::Result<CoordinatorClient<CoordinatorChannel>> {
+        let list = CoordinatorList::parse(&[target.to_string()])
+            .map_err(|m| anyhow!("coordinator {target}: {m}"))?;
+        let channel = CoordinatorChannel::connect(&list, self.tls.clone())
+            .await
+            .map_err(anyhow::Error::msg)?;
+        Ok(CoordinatorClient::new(channel))
     }
 
     /// The coordinator's refusal, explained for people.

@@ -13,6 +13,8 @@ pub mod admin;
 pub mod alerts;
 /// The command line: `Cli` and its `Command`s.
 pub mod args;
+/// `bulwark status`: every configured coordinator asked on its own, and etcd's health.
+pub mod coordinators;
 /// `bulwark demo`: a whole fleet in this process.
 pub mod demo;
 /// `run`: a parsed command line to the module that carries it out.

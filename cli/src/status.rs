@@ -1,5 +1,6 @@
 //! `bulwark status`: one screen on the whole fleet — nodes, space, data sources
-//! by state, groups, open alerts.
+//! by state, groups, open alerts, and every configured coordinator's part (see
+//! [`crate::coordinators`]).
 
 use bulwark_common::config::format_size;
 use bulwark_common::time::rfc3339_ms;
@@ -46,7 +47,9 @@ pub async fn status(admin: &mut Admin, json: bool) -> anyhow::Result<()> {
         .filter(|s| s.last_sync_ms > 0)
         .min_by_key(|s| s.last_sync_ms);
     let never = sources.iter().filter(|s| s.last_sync_ms == 0).count();
+    let answers = crate::coordinators::ask_all(admin).await;
     if json {
+        let (coordinators, etcd) = crate::coordinators::to_json(&answers);
         return print_json(&json!({
             "coordinator": admin.target,
             "nodes": node_states, "capacity_bytes": capacity,
@@ -57,6 +60,7 @@ pub async fn status(admin: &mut Admin, json: bool) -> anyhow::Result<()> {
             })),
             "groups": groups.len(),
             "alerts": severities,
+            "coordinators": coordinators, "etcd": etcd,
         }));
     }
     let list = |m: &std::collections::BTreeMap<String, usize>| {
@@ -70,6 +74,7 @@ pub async fn status(admin: &mut Admin, json: bool) -> anyhow::Result<()> {
         }
     };
     println!("coordinator  {}", admin.target);
+    crate::coordinators::print(&answers);
     println!("nodes        {}", list(&node_states));
     println!(
         "space        {} allocated of {} ({:.0}%), {} used",

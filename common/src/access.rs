@@ -133,6 +133,10 @@ pub const RULES: &[(&str, Access)] = &[
         Access::Roles(&[Admin]),
     ),
     ("/bulwark.v1.Coordinator/Forecast", Access::Roles(&[Admin])),
+    (
+        "/bulwark.v1.Coordinator/GetCoordinatorStatus",
+        Access::Roles(&[Admin]),
+    ),
     // Enrollment listener (no client certificate).
     ("/bulwark.v1.Enrollment/Enroll", Access::Token),
     // Node: the data path.

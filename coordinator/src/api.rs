@@ -210,6 +210,14 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
         Ok(Response::new(pb::ForecastResponse::from(&report)))
     }
 
+    async fn get_coordinator_status(
+        &self,
+        req: Request<pb::GetCoordinatorStatusRequest>,
+    ) -> Result<Response<pb::GetCoordinatorStatusResponse>, Status> {
+        require(&req, "GetCoordinatorStatus", &[Role::Admin])?;
+        Ok(Response::new(self.0.get_coordinator_status().await?))
+    }
+
     async fn create_token(
         &self,
         req: Request<pb::CreateTokenRequest>,

@@ -130,6 +130,7 @@ pub const FOLLOWER_METHODS: &[&str] = &[
     "/bulwark.v1.Coordinator/ListQuotas",
     "/bulwark.v1.Coordinator/ListWorkers",
     "/bulwark.v1.Coordinator/Forecast",
+    "/bulwark.v1.Coordinator/GetCoordinatorStatus",
     "/grpc.health.v1.Health/Check",
     "/grpc.health.v1.Health/Watch",
 ];

@@ -3,6 +3,7 @@
 //! - [`config`] — `coordinator.toml`.
 //! - [`enroll`] — enrollment tokens and certificate signing.
 //! - [`leader`] — which coordinator leads; the follower gate and leader-only workers.
+//! - [`migrate`] — `bulwark-coordinator migrate`: a stopped coordinator's sled state copied into etcd.
 //! - [`forecast`] — capacity forecast: sample histories, Theil–Sen trend, days until full (pure).
 //! - [`error`] — `CoordinatorError`, and its one mapping to a gRPC `Status`.
 //! - [`placement`] — where a new source goes, and rebalance plans (pure).
@@ -24,6 +25,7 @@ pub mod enroll;
 pub mod error;
 pub mod forecast;
 pub mod leader;
+pub mod migrate;
 pub mod placement;
 pub mod policy;
 pub mod records;

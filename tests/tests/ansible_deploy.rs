@@ -683,3 +683,92 @@ fn ansible_deploys_a_working_fleet_idempotently() {
     }
     eprintln!("done after {:?}", started.elapsed());
 }
+
+/// The coordinator role with `bulwark_coordinator_state_backend: etcd` on two
+/// hosts: each coordinator.toml has `[state]` with the endpoints, prefix, lease,
+/// TLS files and its own `advertise`, and the daemon's config loader accepts it.
+/// Renders the template only (no deploy), so it needs neither root nor etcd.
+#[test]
+fn the_coordinator_role_renders_an_etcd_state_for_each_coordinator() {
+    let Some(playbook) = find_tool("ansible-playbook") else {
+        bulwark_tests::skip(
+            "ansible",
+            &format!("ansible-playbook not found (set {ANSIBLE_BIN_ENV}, or put it on PATH)"),
+        );
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("temporary directory");
+    let scratch = tmp.path();
+    let roles = ansible_dir().join("roles");
+    let out_dir = scratch.join("rendered");
+    std::fs::create_dir_all(&out_dir).expect("rendered dir");
+    let play = serde_json::json!([{
+        "hosts": "bulwark_coordinators",
+        "gather_facts": false,
+        "tasks": [
+            { "ansible.builtin.include_vars": { "file": roles.join("bulwark/defaults/main.yml") } },
+            { "ansible.builtin.include_vars": {
+                "file": roles.join("bulwark_coordinator/defaults/main.yml") } },
+            { "ansible.builtin.template": {
+                "src": roles.join("bulwark_coordinator/templates/coordinator.toml.j2"),
+                "dest": format!("{}/{{{{ inventory_hostname }}}}.toml", out_dir.display()),
+                "mode": "0644",
+            }},
+        ],
+    }]);
+    let inventory = serde_json::json!({ "all": {
+        "vars": {
+            "ansible_connection": "local",
+            "ansible_python_interpreter": "{{ ansible_playbook_python }}",
+        },
+        "children": { "bulwark_coordinators": { "hosts": {
+            "coord-1.example.net": {}, "coord-2.example.net": {},
+        }}},
+    }});
+    // Extra vars: above the include_vars of the role defaults, as inventory
+    // variables are above role defaults in a real run.
+    let extra = serde_json::json!({
+        "bulwark_root": scratch.join("root"),
+        "bulwark_coordinator_state_backend": "etcd",
+        "bulwark_coordinator_etcd_endpoints": ["https://etcd-1:2379", "https://etcd-2:2379", "https://etcd-3:2379"],
+        "bulwark_coordinator_etcd_prefix": "/bulwark-prod",
+        "bulwark_coordinator_leader_lease": "6s",
+        "bulwark_coordinator_etcd_ca": "/srv/etcd-pki/ca.crt",
+        "bulwark_coordinator_etcd_cert": "/srv/etcd-pki/client.crt",
+        "bulwark_coordinator_etcd_key": "/srv/etcd-pki/client.key",
+    });
+    for (name, v) in [
+        ("play.yml", &play),
+        ("inventory.yml", &inventory),
+        ("extra.json", &extra),
+    ] {
+        std::fs::write(scratch.join(name), v.to_string()).expect("write a playbook file");
+    }
+    let mut cmd = ansible_command(&playbook, scratch);
+    cmd.arg("-i")
+        .arg(scratch.join("inventory.yml"))
+        .arg(scratch.join("play.yml"))
+        .arg("-e")
+        .arg(format!("@{}", scratch.join("extra.json").display()));
+    let described = describe(&cmd);
+    let out = run(cmd, PLAYBOOK_TIMEOUT);
+    assert!(out.status.success(), "{}", show_output(&described, &out));
+    for host in ["coord-1.example.net", "coord-2.example.net"] {
+        let path = out_dir.join(format!("{host}.toml"));
+        let cfg = bulwark_coordinator::config::CoordinatorConfig::load(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let bulwark_coordinator::config::StateConfig::Etcd(e) = &cfg.state else {
+            panic!("{}: not the etcd backend: {:?}", path.display(), cfg.state);
+        };
+        assert_eq!(e.advertise, format!("https://{host}:7440"));
+        assert_eq!(e.options.endpoints.len(), 3);
+        assert_eq!(e.options.prefix, "/bulwark-prod");
+        assert_eq!(e.leader_lease, Duration::from_secs(6));
+        let tls = e.options.tls.as_ref().expect("etcd TLS files");
+        assert!(tls.ca.ends_with("etc/bulwark/pki/etcd-ca.crt"), "{tls:?}");
+        assert!(
+            tls.key.ends_with("etc/bulwark/pki/etcd-client.key"),
+            "{tls:?}"
+        );
+    }
+}

@@ -116,6 +116,43 @@ impl CoordinatorService {
             .map_err(Into::into)
     }
 
+    /// `GetCoordinatorStatus`: the state backend, this coordinator's part in the
+    /// leadership and, with etcd, the cluster's health (a few etcd round trips, off
+    /// the async threads).
+    pub async fn get_coordinator_status(&self) -> Result<pb::GetCoordinatorStatusResponse> {
+        let state = self.registry.state().clone();
+        let st = tokio::task::spawn_blocking(move || state.status())
+            .await
+            .map_err(|e| CoordinatorError::Internal(format!("describe the state: {e}")))?;
+        Ok(pb::GetCoordinatorStatusResponse {
+            coordinator: self.identity.me.name.clone(),
+            backend: st.backend,
+            role: st.role,
+            leading: st.leading,
+            leader_id: st.leader_id,
+            leader_url: st.leader_url,
+            etcd_endpoints: st
+                .members
+                .into_iter()
+                .map(|m| match m.status {
+                    Ok((version, raft_leader)) => pb::EtcdMemberHealth {
+                        endpoint: m.endpoint,
+                        version,
+                        raft_leader,
+                        error: String::new(),
+                    },
+                    Err(error) => pb::EtcdMemberHealth {
+                        endpoint: m.endpoint,
+                        error,
+                        ..Default::default()
+                    },
+                })
+                .collect(),
+            etcd_members: st.cluster,
+            etcd_errors: st.errors,
+        })
+    }
+
     /// `GetAssignment`: a node's, or the owning agent's only.
     pub fn get_assignment(&self, caller: &Identity, source: &str) -> Result<Assignment> {
         if caller.role == Role::Agent {

@@ -246,6 +246,43 @@ impl EtcdState {
         })?
     }
 
+    /// Keys under the prefix other than commit markers (`<prefix>/_txn/`): how
+    /// many, and the first `show` of them (for `migrate`, which copies only into an
+    /// empty prefix).
+    pub fn keys_in_prefix(&self, show: i64) -> Result<(i64, Vec<Vec<u8>>), StateError> {
+        let mut all = self.core.prefix.clone();
+        all.push(b'/');
+        let mut markers = all.clone();
+        markers.extend_from_slice(b"_txn/");
+        let spans = [
+            (all.clone(), markers.clone()),
+            (prefix_end(&markers), prefix_end(&all)),
+        ];
+        let client = self.core.client.clone();
+        self.core.runner.block_on(async move {
+            let (mut count, mut keys) = (0, Vec::new());
+            for (key, range_end) in spans {
+                let req = RangeRequest {
+                    key,
+                    range_end,
+                    limit: show,
+                    keys_only: true,
+                    ..Default::default()
+                };
+                let r = client
+                    .call("list the keys under the prefix", Retry::Idempotent, |ch| {
+                        let req = req.clone();
+                        async move { kv(ch).range(req).await.map(|r| r.into_inner()) }
+                    })
+                    .await?;
+                count += r.count;
+                keys.extend(r.kvs.into_iter().map(|kv| kv.key));
+            }
+            keys.truncate(usize::try_from(show).unwrap_or(0));
+            Ok((count, keys))
+        })?
+    }
+
     /// Every key-value in `[key, end)` (`end` empty: the one key), in pages.
     fn range(
         &self,
@@ -487,6 +524,30 @@ impl StateStore for EtcdState {
                 "this coordinator led at revision {mine}; etcd now has no leader"
             ))),
         }
+    }
+
+    fn status(&self) -> super::BackendStatus {
+        let (role, leading) = match &self.fence {
+            Fence::Election(s) => (s.role().to_string(), s.leading().is_ok()),
+            Fence::None => ("not campaigning (no election)".to_string(), false),
+            Fence::Fixed(r) => (format!("fenced at revision {r}"), false),
+        };
+        let mut st = super::BackendStatus {
+            backend: self.describe(),
+            role,
+            leading,
+            ..Default::default()
+        };
+        match self.leader() {
+            Ok(Some(l)) => (st.leader_id, st.leader_url) = (l.id, l.url),
+            Ok(None) => {}
+            Err(e) => st.errors.push(format!("leadership key: {e}")),
+        }
+        match self.cluster_health() {
+            Ok((members, cluster)) => (st.members, st.cluster) = (members, cluster),
+            Err(e) => st.errors.push(format!("cluster: {e}")),
+        }
+        st
     }
 
     fn describe(&self) -> String {

@@ -112,6 +112,26 @@ impl Txn {
     }
 }
 
+/// Where the state lives and who leads, as one coordinator sees it (`bulwark
+/// status`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackendStatus {
+    /// [`StateStore::describe`].
+    pub backend: String,
+    /// This coordinator's part: `leader ...`, `follower of ...`, `no leader: why`.
+    pub role: String,
+    /// Whether it leads now.
+    pub leading: bool,
+    /// The leader as the backend holds it (empty with sled, or when nobody leads).
+    pub leader_id: String,
+    pub leader_url: String,
+    /// With etcd: each endpoint's answer, and the members the cluster lists.
+    pub members: Vec<etcd::MemberHealth>,
+    pub cluster: Vec<String>,
+    /// With etcd: what could not be read (no quorum, unreachable).
+    pub errors: Vec<String>,
+}
+
 /// The coordinator's durable state (see the module docs).
 ///
 /// Calls block the calling thread for one round trip to the backend (a local sled
@@ -134,6 +154,17 @@ pub trait StateStore: Send + Sync + std::fmt::Debug + 'static {
     /// A short description for logs and `bulwark status` (`sled /var/lib/...`,
     /// `etcd https://a:2379,... prefix /bulwark`).
     fn describe(&self) -> String;
+
+    /// Where the state lives and who leads (one backend round trip or a few).
+    /// The default: an embedded store of one coordinator, which always leads.
+    fn status(&self) -> BackendStatus {
+        BackendStatus {
+            backend: self.describe(),
+            role: "leader (the only coordinator: embedded state)".into(),
+            leading: true,
+            ..BackendStatus::default()
+        }
+    }
 
     /// One put, no conditions.
     fn put(&self, tree: TreeName, key: &[u8], value: Vec<u8>) -> Result<(), StateError> {

@@ -94,6 +94,11 @@ impl Shared {
         }
     }
 
+    /// The role as last published.
+    pub(crate) fn role(&self) -> Role {
+        self.role.borrow().clone()
+    }
+
     fn set_role(&self, role: Role) {
         self.role.send_if_modified(|r| {
             if *r == role {
