@@ -49,9 +49,8 @@ use tonic::metadata::MetadataValue;
 use crate::telemetry::TracedChannel;
 use crate::tls::{ConnectError, Target, TargetError};
 
-/// The metadata key of the leader hint (ASCII): the leader's `https://host:port`, or
-/// empty when the answering coordinator knows no leader.
-pub const LEADER_METADATA: &str = "bulwark-leader";
+/// The metadata key of a not-leader answer (see [`not_leader`]).
+pub use crate::tls::LEADER_METADATA;
 
 /// How long one address of a list of several has to connect (TCP and TLS) before the
 /// next is tried. A list of one keeps the channel's own timeout (the same 10 s).

@@ -33,6 +33,10 @@ use crate::config::TlsFiles;
 use crate::pki::PkiError;
 use crate::revocation::{Revocations, Tracked};
 
+/// The metadata key of the leader hint (ASCII): the leader's `https://host:port`, or
+/// empty when the answering coordinator knows no leader.
+pub const LEADER_METADATA: &str = "bulwark-leader";
+
 pub use crate::pki::{
     CertError, Identity, Role, UnknownRole, dns_and_ip_sans, not_after_ms, not_before_ms,
     parse_certs_pem, spiffe_uri,
@@ -819,7 +823,8 @@ pub fn explain_status(target: &str, status: &Status) -> String {
     }
     // A coordinator's not-leader answer (no leader known: e.g. etcd without quorum)
     // may quote a transport error of its own; it is not a refused certificate.
-    if crate::failover::leader_hint(status).is_some() {
+    if status.code() == tonic::Code::Unavailable && status.metadata().get(LEADER_METADATA).is_some()
+    {
         return format!("{target}: {msg}");
     }
     // How a refused handshake reaches a TLS 1.3 client, depending on timing: an

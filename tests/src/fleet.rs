@@ -828,21 +828,7 @@ impl Fleet {
         self.coordinator.set_port(Some(port));
         self.coordinator_url = format!("https://127.0.0.1:{port}");
         self.coordinator.start();
-        self.wait_coordinator();
-        let nodes: Vec<String> = self
-            .nodes
-            .iter()
-            .filter(|d| d.pid().is_some())
-            .map(|d| d.name().to_string())
-            .collect();
-        self.wait_nodes_up(&nodes);
-        let agents: Vec<String> = self
-            .agents
-            .iter()
-            .filter(|d| d.pid().is_some())
-            .map(|d| d.name().to_string())
-            .collect();
-        self.wait_agents_connected(&agents);
+        self.wait_ready();
     }
 
     /// Starts the coordinator and waits until it answers; then the nodes, waiting until
