@@ -18,7 +18,6 @@
 //! writes carry the leadership it held and etcd refuses them once another leads.
 //! The gate only sends callers to the right place.
 
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -235,9 +234,6 @@ impl<W: Worker> Worker for LeaderOnly<W> {
     }
 }
 
-/// Shared handle for code that is not a layer or a worker (e.g. `bulwark status`).
-pub type SharedView = Arc<LeaderView>;
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -296,7 +292,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_worker_runs_only_while_leading() {
-        struct Count(Arc<std::sync::atomic::AtomicU32>);
+        struct Count(std::sync::Arc<std::sync::atomic::AtomicU32>);
         impl Worker for Count {
             fn name(&self) -> String {
                 "count".into()
@@ -309,7 +305,7 @@ mod tests {
                 Ok(())
             }
         }
-        let n = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let n = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
         let (tx, rx) = watch::channel(Role::Follower {
             leader: None,
             why: "starting".into(),

@@ -123,9 +123,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Registry {
     /// Opens the registry in `data_dir`: the sled state at `data_dir/registry`.
     pub fn open(data_dir: &std::path::Path, node_timeout: Duration) -> Result<Registry> {
-        std::fs::create_dir_all(data_dir)
-            .map_err(|e| RegistryError::Store(format!("{}: {e}", data_dir.display())))?;
-        let state = SledState::open(&data_dir.join("registry"))?;
+        let state = SledState::open_in(data_dir)?;
         Ok(Registry::with_state(Arc::new(state), node_timeout))
     }
 

@@ -154,18 +154,11 @@ impl RevocationStore {
             .clone()
     }
 
-    /// Its version (0 = nothing was ever revoked).
     /// Puts in force a newer list another coordinator wrote into the shared state
     /// (with etcd, a follower learns the leader's revocations this way); returns
     /// whether it changed anything.
     pub fn refresh(&self) -> Result<bool, Status> {
-        let stored = self
-            .state
-            .get(REVOCATIONS, b"version")
-            .map_err(state_err)?
-            .and_then(|v| serde_json::from_slice::<u64>(&v).ok())
-            .unwrap_or(0);
-        if stored <= self.version() {
+        if self.stored_version()? <= self.version() {
             return Ok(false);
         }
         let _g = lock(&self.change);
@@ -173,6 +166,17 @@ impl RevocationStore {
         Ok(true)
     }
 
+    /// The list's version in the state store (0 = nothing was ever revoked).
+    fn stored_version(&self) -> Result<u64, Status> {
+        Ok(self
+            .state
+            .get(REVOCATIONS, b"version")
+            .map_err(state_err)?
+            .and_then(|v| serde_json::from_slice::<u64>(&v).ok())
+            .unwrap_or(0))
+    }
+
+    /// Its version in force here (0 = nothing was ever revoked).
     pub fn version(&self) -> u64 {
         self.current
             .read()
@@ -353,12 +357,7 @@ impl RevocationStore {
     /// builds the list (and CRL) from the tree and puts it in force everywhere.
     /// Called under `change`.
     fn publish(&self, changed: Option<&EntryRecord>) -> Result<(), Status> {
-        let stored = self
-            .state
-            .get(REVOCATIONS, b"version")
-            .map_err(state_err)?
-            .and_then(|v| serde_json::from_slice::<u64>(&v).ok())
-            .unwrap_or(0);
+        let stored = self.stored_version()?;
         let version = if let Some(entry) = changed {
             let v = (stored + 1).max(u64::try_from(now_ms()).unwrap_or(0));
             // The entry and the version move together, durable before anyone is

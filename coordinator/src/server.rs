@@ -124,13 +124,9 @@ async fn open_state(cfg: &CoordinatorConfig) -> anyhow::Result<Backend> {
     match &cfg.state {
         StateConfig::Sled => {
             let dir = cfg.data_dir.clone();
-            let state = tokio::task::spawn_blocking(move || -> anyhow::Result<SledState> {
-                std::fs::create_dir_all(&dir)
-                    .with_context(|| format!("cannot create {}", dir.display()))?;
-                Ok(SledState::open(&dir.join("registry"))?)
-            })
-            .await?
-            .context("cannot open the registry")?;
+            let state = tokio::task::spawn_blocking(move || SledState::open_in(&dir))
+                .await?
+                .context("cannot open the registry")?;
             Ok(Backend {
                 state: Arc::new(state),
                 view: LeaderView::always(),

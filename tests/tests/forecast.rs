@@ -25,14 +25,10 @@ const WINDOW: Duration = Duration::from_secs(WINDOW_S);
 
 /// The source's `points_used_bytes` in `sources --json`.
 fn points_used(fleet: &Fleet) -> u64 {
-    let all = fleet.cli_json(&["sources", "--json"]);
-    all.as_array()
-        .and_then(|a| {
-            a.iter()
-                .find(|r| r.get("name").and_then(Value::as_str) == Some(SOURCE))
-        })
-        .and_then(|r| r.get("points_used_bytes").and_then(Value::as_u64))
-        .unwrap_or_else(|| panic!("no points_used_bytes of {SOURCE} in {all}"))
+    let info = fleet.source_info(SOURCE);
+    info["points_used_bytes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no points_used_bytes in {info}"))
 }
 
 /// The least-squares slope of `(seconds, bytes)`, in bytes a day.

@@ -42,6 +42,14 @@ impl SledState {
         })
     }
 
+    /// Opens the coordinator's database in `data_dir` (`data_dir/registry`,
+    /// creating the directory), where every version has kept it.
+    pub fn open_in(data_dir: &Path) -> Result<SledState, StateError> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| unavailable(&format!("cannot create {}", data_dir.display()), e))?;
+        SledState::open(&data_dir.join("registry"))
+    }
+
     fn tree(&self, name: TreeName) -> Result<sled::Tree, StateError> {
         self.db
             .open_tree(name)
