@@ -301,9 +301,23 @@ fn the_leader_killed_mid_drain_is_replaced_and_the_move_rolled_back() {
             Some(sources.len()),
             "with {down} down: {sources_now}"
         );
-        c.fleet
-            .cli(&["allocate", "host-2-data", "--points", "96MiB"]);
-        eprintln!("with {down} down: reads and changes work (leader {new})");
+        // A follower may name the stopped leader for a moment after etcd has a new
+        // one (it reads the key again within a third of the lease): retried.
+        let asked = Instant::now();
+        poll("a change through the list", Duration::from_secs(30), || {
+            let out = c.fleet.cli_as(
+                c.fleet.admin(),
+                &["allocate", "host-2-data", "--points", "96MiB"],
+            );
+            match out.status.success() {
+                true => Ok(()),
+                false => Err(String::from_utf8_lossy(&out.stderr).to_string()),
+            }
+        });
+        eprintln!(
+            "with {down} down: reads work, a change went through after {:?} (leader {new})",
+            asked.elapsed()
+        );
         c.daemon(&down).start();
         poll(
             &format!("{down} to answer again"),
@@ -398,10 +412,30 @@ fn a_stopped_leader_is_deposed_and_lost_quorum_stops_changes_not_syncs() {
         "the change through the list did not land: {info}"
     );
 
-    // One etcd member down: nothing to notice.
+    // One etcd member down: changes go on. Not yet "nothing to notice": in about one
+    // run in three here the leader's lease renewal did not get through etcd's own
+    // election in time, and nobody led for a few seconds (see docs/ARCHITECTURE.md,
+    // Known limits). The change is retried and the wait printed.
     c.etcd.kill(2);
-    c.fleet
-        .cli(&["allocate", "host-1-data", "--points", "88MiB"]);
+    let asked = Instant::now();
+    poll(
+        "a change with one etcd member down",
+        Duration::from_secs(60),
+        || {
+            let out = c.fleet.cli_as(
+                c.fleet.admin(),
+                &["allocate", "host-1-data", "--points", "88MiB"],
+            );
+            match out.status.success() {
+                true => Ok(()),
+                false => Err(String::from_utf8_lossy(&out.stderr).to_string()),
+            }
+        },
+    );
+    eprintln!(
+        "one etcd member down: a change went through after {:?}",
+        asked.elapsed()
+    );
     let before = c.fleet.point_ids("host-1-data").len();
     poll(
         "a scheduled sync with one member down",
